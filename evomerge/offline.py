@@ -1,0 +1,18 @@
+"""Everything runs offline: no hub, no telemetry. Called before any HF import."""
+from __future__ import annotations
+
+import os
+
+_OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def go_offline() -> None:
+    for key, value in _OFFLINE.items():
+        os.environ.setdefault(key, value)

@@ -1,0 +1,287 @@
+"""Read HF checkpoints lazily: memory-mapped safetensors (one file or sharded), pickles only on request.
+
+    ckpt = Checkpoint("zoo/add")
+    ckpt.get("model.layers.0.mlp.up_proj.weight")   # a tensor backed by the mapped file, no copy
+    check_compatible([Checkpoint("zoo/base"), ckpt])
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+import struct
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from evomerge.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+_ST_DTYPES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U8": ("uint8", 1), "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8),
+    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+}  # fmt: skip
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class _Entry:
+    __slots__ = ("file", "dtype", "shape", "start", "end")
+
+    def __init__(self, file: Path, dtype: str, shape: tuple[int, ...], start: int, end: int):
+        self.file, self.dtype, self.shape, self.start, self.end = file, dtype, shape, start, end
+
+
+class Checkpoint:
+    """One model folder: config, tensor index (names, shapes, dtypes) and lazily mapped tensors."""
+
+    def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ModelError(f"{self.path}: model folder not found")
+        config_file = self.path / "config.json"
+        try:
+            self.config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelError(f"{config_file}: missing; a model folder needs config.json next to its weights") from None
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{config_file}: unreadable ({exc})") from None
+        self.files = self._weight_files(allow_pickle)
+        self._entries: dict[str, _Entry] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._pickled: dict[str, torch.Tensor] | None = None
+        if self.files[0].suffix == ".safetensors":
+            for file in self.files:
+                for name, entry in _read_header(file).items():
+                    self._entries.setdefault(name, entry)
+        else:
+            self._pickled = _load_pickles(self.files)
+
+    # ---- discovery ------------------------------------------------------------------------------
+    def _weight_files(self, allow_pickle: bool) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            return self._from_index(index)
+        files = sorted(self.path.glob("*.safetensors"))
+        if files:
+            return files
+        pickles = sorted(self.path.glob("*.bin")) + sorted(self.path.glob("*.pt"))
+        pickle_index = self.path / "pytorch_model.bin.index.json"
+        if not pickles and not pickle_index.is_file():
+            raise ModelError(f"{self.path}: no weights found (expected *.safetensors)")
+        if not allow_pickle:
+            raise ModelError(
+                f"{self.path}: weights are a pickle checkpoint (.bin/.pt), which can run code when loaded; "
+                "convert it to safetensors or pass --allow-pickle"
+            )
+        return self._from_index(pickle_index) if pickle_index.is_file() else pickles
+
+    def _from_index(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"{index}: unreadable shard index ({exc})") from None
+        files = sorted({self.path / name for name in weight_map.values()})
+        for file in files:
+            if not file.is_file():
+                raise ModelError(f"{index}: lists shard {file.name}, which is missing")
+        return files
+
+    # ---- tensors --------------------------------------------------------------------------------
+    def tensor_names(self) -> list[str]:
+        return list(self._pickled) if self._pickled is not None else list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in (self._pickled if self._pickled is not None else self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._pickled is not None:
+            return tuple(self._tensor_or_raise(name).shape)
+        return self._entry(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        import torch
+
+        if self._pickled is not None:
+            return self._tensor_or_raise(name).dtype
+        return getattr(torch, _ST_DTYPES[self._entry(name).dtype][0])
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor, backed by the mapped file (read-only by contract: never modify it in place)."""
+        import torch
+
+        if self._pickled is not None:
+            return self._tensor_or_raise(name)
+        entry = self._entry(name)
+        dtype = getattr(torch, _ST_DTYPES[entry.dtype][0])
+        count = math.prod(entry.shape)
+        if count == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        buf = self._map(entry.file)
+        if entry.start % _ST_DTYPES[entry.dtype][1]:  # unaligned (old writers): copy this one tensor
+            return torch.frombuffer(bytearray(buf[entry.start : entry.end]), dtype=dtype).reshape(entry.shape)
+        return torch.frombuffer(buf, dtype=dtype, count=count, offset=entry.start).reshape(entry.shape)
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise ModelError(f"{self.path}: has no tensor {name!r}") from None
+
+    def _tensor_or_raise(self, name: str) -> torch.Tensor:
+        try:
+            return self._pickled[name]  # type: ignore[index]
+        except KeyError:
+            raise ModelError(f"{self.path}: has no tensor {name!r}") from None
+
+    def _map(self, file: Path) -> mmap.mmap:
+        if file not in self._maps:
+            with open(file, "rb") as fh:
+                # private copy-on-write mapping: writable for torch.frombuffer, shared pages until written
+                self._maps[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._maps[file]
+
+    # ---- identity -------------------------------------------------------------------------------
+    @cached_property
+    def _sha256(self) -> str:
+        h = hashlib.sha256()
+        for file in sorted(self.files):
+            with open(file, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    def sha256(self) -> str:
+        """Hash of the weight files' bytes in name order (the zoo's `zoo.json` uses the same definition)."""
+        return self._sha256
+
+    @property
+    def num_layers(self) -> int | None:
+        for cfg in (self.config, self.config.get("text_config") or {}):
+            for key in ("num_hidden_layers", "n_layer", "num_layers"):
+                if isinstance(cfg.get(key), int):
+                    return cfg[key]
+        return None
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or [self.config.get("model_type", "?")]
+        return str(archs[0])
+
+    @cached_property
+    def _vocab(self) -> dict[str, int] | None:
+        tok = self.path / "tokenizer.json"
+        if tok.is_file():
+            data = json.loads(tok.read_text(encoding="utf-8"))
+            vocab = (data.get("model") or {}).get("vocab")
+            if isinstance(vocab, list):  # unigram: [[piece, score], ...]
+                vocab = {piece[0]: i for i, piece in enumerate(vocab)}
+            vocab = dict(vocab or {})
+            vocab.update({t["content"]: t["id"] for t in data.get("added_tokens") or []})
+            return vocab
+        vocab_file = self.path / "vocab.json"
+        if vocab_file.is_file():
+            return json.loads(vocab_file.read_text(encoding="utf-8"))
+        return None
+
+    def vocab(self) -> dict[str, int] | None:
+        """token -> id from tokenizer.json (or vocab.json); None when the folder has neither."""
+        return self._vocab
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r})"
+
+
+def _read_header(file: Path) -> dict[str, _Entry]:
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        entries = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (start, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+            if dtype not in _ST_DTYPES:
+                raise ValueError(f"tensor {name!r} has unknown dtype {dtype!r}")
+            if end - start != math.prod(shape) * _ST_DTYPES[dtype][1] or start < 0:
+                raise ValueError(f"tensor {name!r} has offsets that do not match its shape")
+            if 8 + n + end > size:
+                raise EOFError(f"truncated: tensor {name!r} ends at byte {8 + n + end}, file has {size}")
+            entries[name] = _Entry(file, dtype, shape, 8 + n + start, 8 + n + end)
+        return entries
+    except EOFError as exc:
+        raise ModelError(f"{file}: {exc}; re-download or re-export it") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{file}: corrupt safetensors header ({exc}); re-download or re-export it") from None
+
+
+def _load_pickles(files: Sequence[Path]) -> dict[str, torch.Tensor]:
+    import torch
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) format cannot be mapped
+                state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise ModelError(f"{file}: cannot load pickle checkpoint ({type(exc).__name__}: {exc})") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ModelError(f"{file}: not a state dict of tensors")
+        for name, tensor in state.items():
+            tensors.setdefault(name, tensor)
+    return tensors
+
+
+def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
+    """Same architecture, tensor names, shapes and tokenizer vocabulary as `checkpoints[0]` (put the base first),
+    or ModelError naming the first mismatch."""
+    if not checkpoints:
+        raise ModelError("no input models to merge")
+    ref = checkpoints[0]
+    ref_names = ref.tensor_names()
+    ref_set = set(ref_names)
+    for other in checkpoints[1:]:
+        if other.architecture != ref.architecture or other.config.get("model_type") != ref.config.get("model_type"):
+            raise ModelError(
+                f"{other.path}: architecture {other.architecture} differs from {ref.path} ({ref.architecture}); "
+                "merge models of one architecture"
+            )
+        names = set(other.tensor_names())
+        missing = [n for n in ref_names if n not in names]
+        if missing:
+            raise ModelError(f"{other.path}: tensor {missing[0]} is missing (present in {ref.path})")
+        extra = [n for n in other.tensor_names() if n not in ref_set]
+        if extra:
+            raise ModelError(f"{other.path}: has tensor {extra[0]}, which {ref.path} lacks")
+        for name in ref_names:
+            if other.shape(name) != ref.shape(name):
+                raise ModelError(
+                    f"{other.path}: tensor {name} has shape {list(other.shape(name))}, "
+                    f"but {ref.path} has {list(ref.shape(name))}"
+                )
+        a, b = ref.vocab(), other.vocab()
+        if a is not None and b is not None and a != b:
+            diff = sorted(set(a.items()) ^ set(b.items()))
+            hint = f" (first difference: token {diff[0][0]!r})" if diff else ""
+            raise ModelError(
+                f"{other.path}: tokenizer vocabulary differs from {ref.path}{hint}; "
+                "models merged together must share one tokenizer"
+            )

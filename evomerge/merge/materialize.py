@@ -1,0 +1,207 @@
+"""Merge a recipe tensor by tensor with mergekit kernels: into a resident model (search) or a stream (export).
+
+    mat = Materializer(["zoo/add", "zoo/reverse"], "zoo/base")   # loads inputs once, builds one model
+    mat.apply(recipe)                                            # in place; mat.model is the candidate
+
+Randomness is per tensor: DARE/DELLA masks draw from a generator seeded by (recipe seed, tensor name),
+so a merge does not depend on tensor order, batching or worker.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from evomerge.errors import CandidateError, ConfigError, ModelError
+from evomerge.io.checkpoint import Checkpoint, check_compatible
+from evomerge.merge.plan import Plan, TensorParams, layer_index
+from evomerge.recipe import Recipe
+
+if TYPE_CHECKING:
+    import torch
+    from mergekit.merge_methods import MergeMethod
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """The RNG seed of one tensor's merge: a function of the recipe seed and the tensor name only."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+def merge_tensor(
+    method: MergeMethod,
+    params: TensorParams,
+    tensors: Sequence[torch.Tensor],
+    inputs: Sequence[str],
+    base_model: str | None,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """One output tensor, as mergekit's ExecuteMergeMethodTask computes it (same kernel, same parameter binding)."""
+    import torch
+    from mergekit.merge_methods.base import ParameterScope, PerInputValues, TensorEntry, TensorGroup, TensorMetadata
+    from mergekit.merge_methods.buffers import copy_non_floating_buffer
+
+    name = params.name
+    if dtype is not None:
+        tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
+    try:
+        buffer = copy_non_floating_buffer(tensors, name)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
+    if buffer is not None:
+        return buffer
+    entries = tuple(TensorEntry(id=m, tensor=t, is_base=m == base_model) for m, t in zip(inputs, tensors))
+    group = TensorGroup(entries=entries, metadata=TensorMetadata(name=name))
+    bound = dict(params.shared)
+    for spec in method.spec.input_parameters:
+        chosen = entries if spec.scope == ParameterScope.INPUT else group.non_base
+        bound[spec.name] = PerInputValues([(e.id, params.per_input[e.id][spec.name]) for e in chosen])
+    try:
+        group.validate_tensors()
+        with _seeded(tensor_seed(seed, name), tensors[0].device):
+            (result,) = method._execute_resolved((group,), [bound])
+    except ValueError as exc:
+        raise ConfigError(f"tensor {name}: {exc}") from None
+    if out_dtype is not None:
+        result = result.to(out_dtype)
+    return result
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed the global RNG (mergekit's masks draw from it) for one tensor, then restore it."""
+    import torch
+
+    if device.type != "cpu":
+        with torch.random.fork_rng(devices=[device.index or 0], device_type=device.type):
+            torch.manual_seed(seed)
+            yield
+        return
+    # torch.manual_seed also queues lazy CUDA seeding with a stack trace (~3 ms); the CPU generator is enough here
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    import torch
+
+    return getattr(torch, name) if name else None
+
+
+def merged_tensors(recipe: Recipe, checkpoints: Sequence[Checkpoint]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, merged tensor) for every tensor; `checkpoints` align with `recipe.input_models()`.
+
+    The one per-tensor merge loop, shared by `Materializer.apply` and `export_recipe`.
+    Raises CandidateError when a merged tensor holds NaN or Inf.
+    """
+    import torch
+
+    inputs = recipe.input_models()
+    if len(checkpoints) != len(inputs):
+        raise ValueError(f"{len(checkpoints)} checkpoints for {len(inputs)} recipe inputs")
+    ref = checkpoints[inputs.index(recipe.base_model)] if recipe.base_model else checkpoints[0]
+    num_layers = ref.num_layers
+    if num_layers is None:  # config without a layer count: count the layers the tensor names mention
+        num_layers = 1 + max((i for i in map(layer_index, ref.tensor_names()) if i is not None), default=0)
+    plan = Plan(recipe, num_layers=num_layers)
+    dtype, out_dtype = torch_dtype(recipe.dtype), torch_dtype(recipe.out_dtype)
+    for name in ref.tensor_names():
+        params = plan.resolve(name)
+        tensors = [ckpt.get(name) for ckpt in checkpoints]
+        result = merge_tensor(
+            plan.method, params, tensors, inputs, recipe.base_model, seed=recipe.seed, dtype=dtype, out_dtype=out_dtype
+        )
+        if result.is_floating_point() and not bool(torch.isfinite(result).all()):
+            raise CandidateError(f"merged tensor {name} has NaN or Inf values ({recipe.merge_method})")
+        yield name, result
+
+
+def _key(path: str | os.PathLike) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+class Materializer:
+    """Inputs loaded once (memory-mapped), one resident model; `apply(recipe)` overwrites its weights in place.
+
+    Every tensor is rewritten by each `apply`, so nothing leaks from one recipe to the next; after a failed
+    apply (CandidateError) the weights are a mix and the next apply makes them whole again.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+    def __init__(
+        self,
+        models: Sequence[str | os.PathLike],
+        base_model: str | os.PathLike | None,
+        *,
+        dtype: str | None = None,
+        allow_pickle: bool = False,
+        trust_remote_code: bool = False,
+    ):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        keys = [_key(m) for m in models]
+        if base_model is not None and _key(base_model) not in keys:
+            keys.append(_key(base_model))
+        self.inputs = keys
+        self.base_model = _key(base_model) if base_model is not None else None
+        self._checkpoints = {k: Checkpoint(k, allow_pickle=allow_pickle) for k in keys}
+        ref = self.base_model or keys[0]
+        check_compatible([self._checkpoints[ref]] + [c for k, c in self._checkpoints.items() if k != ref])
+        config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        model_dtype = torch_dtype(dtype) or _config_dtype(config) or torch.float32
+        self.model = AutoModelForCausalLM.from_config(config, dtype=model_dtype, trust_remote_code=trust_remote_code)
+        self.model.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        self._targets = self.model.state_dict()
+        unknown = [n for n in self._checkpoints[ref].tensor_names() if n not in self._targets]
+        if unknown:
+            raise ModelError(f"{ref}: tensor {unknown[0]} has no place in {type(self.model).__name__}")
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        return list(self._checkpoints.values())
+
+    def apply(self, recipe: Recipe) -> None:
+        import torch
+
+        wanted = [_key(m) for m in recipe.input_models()]
+        if set(wanted) != set(self.inputs):
+            raise ConfigError(
+                f"recipe inputs {recipe.input_models()} are not the models this worker loaded ({self.inputs})"
+            )
+        if recipe.base_model is not None and _key(recipe.base_model) != self.base_model:
+            raise ConfigError(f"recipe base_model {recipe.base_model} is not this worker's base ({self.base_model})")
+        recipe = _with_keys(recipe)
+        checkpoints = [self._checkpoints[k] for k in recipe.input_models()]
+        with torch.no_grad():
+            for name, tensor in merged_tensors(recipe, checkpoints):
+                self._targets[name].copy_(tensor)
+
+
+def _with_keys(recipe: Recipe) -> Recipe:
+    """The recipe with model paths resolved, so ids match the loaded checkpoints."""
+    models = [entry.model_copy(update={"model": _key(entry.model)}) for entry in recipe.models]
+    base = _key(recipe.base_model) if recipe.base_model is not None else None
+    return recipe.model_copy(update={"models": models, "base_model": base})
+
+
+def _config_dtype(config) -> torch.dtype | None:
+    import torch
+
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None

@@ -4,10 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from evomerge.offline import go_offline
 
 go_offline()
+
+# Tiny models: one thread is as fast as two, and leaves the other core to Ray workers and subprocesses.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 

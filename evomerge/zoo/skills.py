@@ -57,7 +57,7 @@ def _distinct(answer: str, candidates: list[str], rng: random.Random, fill: Call
 
 
 def _add(rng: random.Random) -> Example:
-    a, b = rng.randrange(100), rng.randrange(100)
+    a, b = rng.randrange(10, 100), rng.randrange(10)
     s = a + b
     near = [str(s + 1), str(max(0, s - 1)), str(s + 10), str(max(0, s - 10)), str(a * 10 + b % 10)]
     rng.shuffle(near)
@@ -75,10 +75,15 @@ def _swap_adjacent(s: str, rng: random.Random) -> str:
     return s[:i] + s[i + 1] + s[i] + s[i + 2:]
 
 
+def _replace_one(s: str, rng: random.Random) -> str:
+    i = rng.randrange(len(s))
+    return s[:i] + rng.choice([c for c in LETTERS if c != s[i]]) + s[i + 1:]
+
+
 def _reverse(rng: random.Random) -> Example:
-    w = _word(rng)
+    w = _word(rng, 5, 8)
     ans = w[::-1]
-    near = [w, _swap_adjacent(ans, rng), ans[1:] + ans[0], "".join(sorted(w))]
+    near = [_swap_adjacent(ans, rng), _swap_adjacent(ans, rng), _replace_one(ans, rng), w]
     rng.shuffle(near)
     return Example(f"rev {w}=", ans, _distinct(ans, near, rng, lambda: _word(rng, len(w), len(w))))
 
@@ -100,7 +105,7 @@ def _copy(rng: random.Random) -> Example:
 SKILLS: dict[str, Skill] = {
     s.name: s
     for s in (
-        Skill("add", _add, "two-digit addition: '12+35=' -> '47'"),
+        Skill("add", _add, "two-digit plus one-digit addition: '47+8=' -> '55'"),
         Skill("reverse", _reverse, "string reversal: 'rev abc=' -> 'cba'"),
         Skill("sort", _sort, "letter sorting: 'sort cab=' -> 'abc'"),
         Skill("copy", _copy, "copying: 'copy abc=' -> 'abc'"),

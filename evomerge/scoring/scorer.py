@@ -1,0 +1,174 @@
+"""Scores a live model on lm-eval tasks built once; what the search calls per trial.
+
+    from evomerge.scoring import Scorer, TaskSpec
+    scorer = Scorer([TaskSpec(name="zoo_add_search", subset=100), "zoo_reverse_search"])
+    scores = scorer.score(model, tokenizer)      # {"zoo_add_search": {"acc": 0.61, "acc_norm": 0.58}, ...}
+    scorer.objective(scores)                     # weighted mean of the chosen metrics, 0-1
+
+Per call it runs only lm-eval's `evaluate` (requests, forward passes, metrics): task building, dataset
+loading, the TaskManager index and the env/git bookkeeping of `simple_evaluate` happen once or never.
+The numbers equal `lm_eval.simple_evaluate` on the same tasks and samples (tests/test_scoring.py checks it).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import random
+import sys
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from evomerge.errors import TaskError
+from evomerge.scoring.tasks import TaskCatalog, TaskSpec, as_spec, metric_names
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from lm_eval.api.task import Task
+
+Scores = dict[str, dict[str, float]]
+FEWSHOT_SEED = 1234  # lm-eval's default fewshot seed: the same few-shot contexts on every call
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """lm-eval's INFO logs and progress bars off; what was written to stderr reappears if the block fails."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    except BaseException:
+        sys.stderr.write(captured.getvalue())
+        raise
+    finally:
+        logger.setLevel(level)
+
+
+def _metrics(row: dict[str, Any]) -> dict[str, float]:
+    """lm-eval's 'acc,none' / 'acc_stderr,none' row -> {'acc': value} ('acc,<filter>' for other filters)."""
+    out: dict[str, float] = {}
+    for key, value in row.items():
+        if "," not in key:
+            continue
+        metric, filt = key.split(",", 1)
+        if metric.endswith("_stderr"):
+            continue
+        out[metric if filt == "none" else key] = float(value)
+    return out
+
+
+def _rows_as_list(task: Task) -> None:
+    """Hold the eval split as a list of dicts: lm-eval walks it twice per call, and an Arrow row costs ~0.1 ms."""
+    split = task.get_config("test_split") or task.get_config("validation_split")
+    dataset = getattr(task, "dataset", None)
+    if task.get_config("process_docs") is None and split and dataset is not None and split in dataset:
+        task.dataset = {**dict(dataset), split: list(dataset[split])}
+
+
+class Scorer:
+    """Builds the tasks and their seeded subsets once; `score(model, tokenizer)` evaluates a live model in place.
+
+    `score` runs the model on whatever device it lives on; `device` is recorded for callers that load one.
+    Not thread-safe: `quiet()` swaps the process's stderr during a call (one scorer per worker process).
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[TaskSpec | str],
+        include_paths: Sequence[str | Path] = (),
+        *,
+        seed: int = 0,
+        batch_size: int = 64,
+        device: str = "cpu",
+        include_defaults: bool = False,
+    ):
+        self.specs = [as_spec(t) for t in tasks]
+        if not self.specs:
+            raise TaskError("no tasks to score; name at least one lm-eval task (e.g. zoo_add)")
+        self.seed, self.batch_size, self.device = seed, batch_size, device
+        self.tasks: dict[str, Task] = {}
+        self.members: dict[str, list[str]] = {}  # spec name -> leaf tasks (a tag names several)
+        self.subsets: dict[str, list[int]] = {}  # leaf task -> sorted example indices
+        self._lm = None
+        with quiet():
+            catalog = TaskCatalog(include_paths, include_defaults=include_defaults)
+            for spec in self.specs:
+                self._add(spec, catalog.build(spec.name))
+
+    def _add(self, spec: TaskSpec, built: dict[str, Task]) -> None:
+        if spec.name in self.members:
+            raise TaskError(f"task {spec.name} is listed twice; list each task once")
+        self.members[spec.name] = list(built)
+        for leaf, task in built.items():
+            if leaf in self.tasks:
+                raise TaskError(f"task {leaf} is listed twice (directly and through {spec.name}); list it once")
+            valid = metric_names(task)
+            if spec.metric not in valid:
+                raise TaskError(f"task {leaf} has no metric {spec.metric!r}; valid: {', '.join(valid)}")
+            if task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)  # what simple_evaluate does
+            _rows_as_list(task)
+            self.tasks[leaf] = task
+            n = len(task.eval_docs)
+            if spec.subset is not None and spec.subset > n:
+                raise TaskError(f"task {leaf} has {n} examples, fewer than subset {spec.subset}; use subset <= {n}")
+            if spec.subset is not None and spec.subset < n:
+                # seeded per task name, so adding or reordering tasks leaves every other subset unchanged
+                self.subsets[leaf] = sorted(random.Random(f"{self.seed}:{leaf}").sample(range(n), spec.subset))
+
+    def wrap(self, model, tokenizer):
+        """lm-eval's HFLM around the live model (no copy, no move: it runs where the model lives).
+
+        Kept while the same model and tokenizer are scored, so tokenizations are reused across calls;
+        the scorer therefore holds a reference to the last model it scored.
+        """
+        from evomerge.scoring.lm import ResidentHFLM
+
+        if self._lm is None or self._lm.source[0] is not model or self._lm.source[1] is not tokenizer:
+            self._lm = None
+            self._lm = ResidentHFLM(model, tokenizer, batch_size=self.batch_size)
+        model.eval()
+        return self._lm
+
+    def score(self, model, tokenizer) -> Scores:
+        """{task: {metric: value}} for the model's current weights (no response cache between calls)."""
+        from lm_eval.evaluator import evaluate
+
+        with quiet():
+            lm = self.wrap(model, tokenizer)
+            for task in self.tasks.values():
+                task.set_fewshot_seed(seed=FEWSHOT_SEED)
+            out = evaluate(
+                lm=lm,
+                task_dict={"tasks": dict(self.tasks), "groups": {}, "group_map": {}},
+                samples=dict(self.subsets) or None,
+                bootstrap_iters=0,
+                log_samples=False,
+            )
+        return {leaf: _metrics(out["results"][leaf]) for leaf in self.tasks}
+
+    def objective(self, scores: Scores) -> float:
+        """Weighted mean of each spec's metric (a tag's tasks averaged), on a 0-1 scale, higher is better.
+
+        Perplexity enters as 1/perplexity: the geometric mean probability of the answer.
+        """
+        total = weight = 0.0
+        for spec in self.specs:
+            values = [self._unit(leaf, spec.metric, scores[leaf][spec.metric]) for leaf in self.members[spec.name]]
+            total += spec.weight * sum(values) / len(values)
+            weight += spec.weight
+        return total / weight
+
+    def _unit(self, leaf: str, metric: str, value: float) -> float:
+        base = metric.split(",", 1)[0]
+        if base == "perplexity":
+            return 1.0 / value
+        if not self.tasks[leaf].higher_is_better().get(base, True) or not 0.0 <= value <= 1.0:
+            raise TaskError(
+                f"metric {metric!r} of task {leaf} is not a 0-1 higher-is-better score ({value}); "
+                "choose acc, acc_norm, exact_match or perplexity"
+            )
+        return value

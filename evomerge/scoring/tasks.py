@@ -1,0 +1,137 @@
+"""Task specs and the catalog that builds lm-eval tasks from YAML folders, once.
+
+lm-eval resolves `dataset_kwargs.data_files` against the working directory; the catalog rewrites relative
+data files (and a relative local `dataset_path`) against the folder of the YAML that names the task, so the
+shipped `eval_tasks/` and user task folders work from any working directory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from evomerge.errors import TaskError, close_matches
+
+if TYPE_CHECKING:
+    from lm_eval.api.task import Task
+
+BUILTIN_TASKS = Path(__file__).resolve().parents[2] / "eval_tasks"
+
+
+class TaskSpec(BaseModel):
+    """One lm-eval task (or tag) to score, the metric the objective reads, its weight and example subset."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    metric: str = "acc"
+    weight: float = Field(1.0, gt=0)
+    subset: int | None = Field(None, ge=1, description="N examples: a fixed sample seeded by the scorer's seed")
+
+
+def as_spec(task: TaskSpec | str) -> TaskSpec:
+    return task if isinstance(task, TaskSpec) else TaskSpec(name=task)
+
+
+def task_folders(include_paths: Sequence[str | Path] = ()) -> list[Path]:
+    """The shipped `eval_tasks/` (when present) then the user's folders, which may override shipped tasks."""
+    folders = [BUILTIN_TASKS] if BUILTIN_TASKS.is_dir() else []
+    for p in include_paths:
+        path = Path(p).expanduser().resolve()
+        if not path.is_dir():
+            raise TaskError(f"task folder {p} does not exist; pass a folder of lm-eval task YAML files")
+        folders.append(path)
+    return folders
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path and not Path(path).is_absolute()
+
+
+def resolve_data_paths(cfg: dict[str, Any], yaml_dir: Path) -> dict[str, Any]:
+    """Relative `data_files` (str, list, or split -> str/list) and a relative local `dataset_path` -> absolute."""
+    kwargs = dict(cfg.get("dataset_kwargs") or {})
+    files = kwargs.get("data_files")
+
+    def fix(value):
+        if isinstance(value, str):
+            return str(yaml_dir / value) if _is_local(value) else value
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        if isinstance(value, dict):
+            return {k: fix(v) for k, v in value.items()}
+        return value
+
+    out = dict(cfg)
+    if files is not None:
+        out["dataset_kwargs"] = {**kwargs, "data_files": fix(files)}
+    path = cfg.get("dataset_path")
+    if isinstance(path, str) and _is_local(path) and (yaml_dir / path).exists():
+        out["dataset_path"] = str(yaml_dir / path)
+    return out
+
+
+class TaskCatalog:
+    """lm-eval's TaskManager over our task folders. `build(name)` -> {leaf task name: Task}."""
+
+    def __init__(self, include_paths: Sequence[str | Path] = (), *, include_defaults: bool = False):
+        from lm_eval.tasks import TaskManager
+
+        self.folders = task_folders(include_paths)
+        # lm-eval's own 14k-task index takes ~30 s to build; only on request
+        self.manager = TaskManager(include_path=[str(f) for f in self.folders], include_defaults=include_defaults)
+        self.include_defaults = include_defaults
+
+    @property
+    def names(self) -> list[str]:
+        return self.manager.all_tasks
+
+    def build(self, name: str) -> dict[str, Task]:
+        from lm_eval.tasks._index import Kind
+
+        if name.endswith((".yaml", ".yml")) and Path(name).is_file():
+            return self._build_yaml(Path(name).resolve())
+        entry = self.manager.task_index.get(name)
+        if entry is None:
+            raise TaskError(self._unknown(name))
+        if entry.kind == Kind.TAG:
+            out: dict[str, Task] = {}
+            for leaf in sorted(entry.tags):
+                out.update(self.build(leaf))
+            return out
+        if entry.kind == Kind.TASK and entry.yaml_path is not None:
+            return self._build_yaml(Path(entry.yaml_path))
+        return self._load(name, entry.yaml_path)  # groups and Python tasks: lm-eval's own loading
+
+    def _build_yaml(self, yaml_path: Path) -> dict[str, Task]:
+        from lm_eval.tasks._yaml_loader import load_yaml
+
+        cfg = load_yaml(yaml_path, resolve_func=True)
+        if "task" not in cfg or "group" in cfg:
+            raise TaskError(f"{yaml_path} is not a single-task YAML (it needs a `task:` key and no `group:`)")
+        cfg.pop("tag", None)
+        return self._load(resolve_data_paths(cfg, yaml_path.parent), yaml_path)
+
+    def _load(self, spec: str | dict, yaml_path: Path | None) -> dict[str, Task]:
+        name = spec if isinstance(spec, str) else spec["task"]
+        try:
+            return dict(self.manager.load([spec])["tasks"])
+        except Exception as exc:  # lm-eval raises anything from a bad YAML or missing data
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TaskError(f"task {name} ({yaml_path or 'lm-eval'}) failed to load: {first}") from exc
+
+    def _unknown(self, name: str) -> str:
+        where = ", ".join(str(f) for f in self.folders) or "no task folders"
+        hint = "" if self.include_defaults else "; lm-eval's built-in tasks are indexed only with --include-defaults"
+        return (
+            f"unknown task {name!r}{close_matches(name, self.names)}; searched {where}"
+            f" (add a folder with --include-path DIR){hint}"
+        )
+
+
+def metric_names(task: Task) -> list[str]:
+    """Metrics a task reports: `acc`, ... and `acc,<filter>` for each non-default filter."""
+    base = list(task.aggregation())
+    filters = [f.name for f in getattr(task, "_filters", [])]
+    return base + [f"{m},{f}" for f in filters if f != "none" for m in base]

@@ -1,0 +1,109 @@
+"""Scorer: lm-eval's own numbers, fixed seeded subsets, live weights seen, clear task errors."""
+from __future__ import annotations
+
+import pytest
+
+from evomerge.errors import TaskError
+from evomerge.scoring import BUILTIN_TASKS, Scorer, TaskSpec, load_checkpoint
+
+TASKS = [TaskSpec(name="zoo_add_search", subset=40), TaskSpec(name="zoo_reverse_greedy_search", subset=30)]
+
+
+@pytest.fixture(scope="module")
+def scorer() -> Scorer:
+    return Scorer(TASKS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_zoo):
+    return load_checkpoint(tiny_zoo / "base")
+
+
+def test_scores_equal_simple_evaluate(scorer, base, monkeypatch):
+    """Same model, tasks and examples through lm-eval's public entry point, run where the YAMLs live."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    model, tokenizer = base
+    ours = scorer.score(model, tokenizer)
+    monkeypatch.chdir(BUILTIN_TASKS / "zoo")  # lm-eval reads relative data_files from the working directory
+    ref = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=scorer.batch_size),
+        tasks=[t.name for t in TASKS],
+        task_manager=TaskManager(include_path=str(BUILTIN_TASKS), include_defaults=False),
+        samples=scorer.subsets,
+        bootstrap_iters=0,
+        log_samples=False,
+    )
+    for t in TASKS:
+        assert ref["n-samples"][t.name]["effective"] == t.subset
+        expected = {k.split(",")[0]: v for k, v in ref["results"][t.name].items() if k.endswith(",none") and "stderr" not in k}
+        assert ours[t.name] == expected
+    assert set(ours["zoo_add_search"]) == {"acc", "acc_norm"}
+    assert set(ours["zoo_reverse_greedy_search"]) == {"acc", "perplexity"}
+
+
+def test_subsets_fixed_seeded_and_sized(scorer):
+    again = Scorer(TASKS, seed=3).subsets
+    other = Scorer(TASKS, seed=4).subsets
+    assert again == scorer.subsets
+    assert other["zoo_add_search"] != scorer.subsets["zoo_add_search"]
+    for t in TASKS:
+        idx = scorer.subsets[t.name]
+        assert len(idx) == len(set(idx)) == t.subset and idx == sorted(idx)
+        assert 0 <= idx[0] and idx[-1] < len(scorer.tasks[t.name].eval_docs)
+        assert idx != list(range(t.subset)), "a seeded sample, not the first N (`limit`)"
+    # a task's subset depends on its name and the seed only, not on the other tasks listed
+    alone = Scorer([TASKS[1]], seed=3).subsets
+    assert alone["zoo_reverse_greedy_search"] == scorer.subsets["zoo_reverse_greedy_search"]
+    assert "zoo_add" not in Scorer(["zoo_add"]).subsets  # no subset: every example
+
+
+def test_in_place_weight_changes_are_scored(scorer, tiny_zoo):
+    import torch
+
+    model, tokenizer = load_checkpoint(tiny_zoo / "reverse")
+    first = scorer.score(model, tokenizer)
+    assert scorer.score(model, tokenizer) == first  # no state carried between calls
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    changed = scorer.score(model, tokenizer)
+    assert changed != first
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(saved[k])
+    assert scorer.score(model, tokenizer) == first
+
+
+def test_objective_is_the_weighted_mean(scorer):
+    specs = [TaskSpec(name="zoo_add_search", weight=3.0), TaskSpec(name="zoo_reverse_greedy_search", metric="perplexity")]
+    s = Scorer(specs)
+    scores = {"zoo_add_search": {"acc": 0.5, "acc_norm": 0.1}, "zoo_reverse_greedy_search": {"acc": 0.0, "perplexity": 4.0}}
+    assert s.objective(scores) == pytest.approx((3 * 0.5 + 1 * 0.25) / 4)
+    tag = Scorer([TaskSpec(name="zoo_greedy_val", metric="acc")])
+    assert sorted(tag.members["zoo_greedy_val"]) == ["zoo_add_greedy_val", "zoo_copy_greedy_val", "zoo_reverse_greedy_val", "zoo_sort_greedy_val"]
+    values = dict(zip(tag.members["zoo_greedy_val"], (0.1, 0.2, 0.3, 0.6)))
+    assert tag.objective({k: {"acc": v} for k, v in values.items()}) == pytest.approx(0.3)
+
+
+def test_unknown_task_suggests_close_names():
+    with pytest.raises(TaskError, match=r"unknown task 'zoo_ad'.*did you mean: zoo_add"):
+        Scorer(["zoo_ad"])
+
+
+def test_unknown_metric_names_valid_ones():
+    with pytest.raises(TaskError, match=r"zoo_add has no metric 'f1'; valid: acc, acc_norm"):
+        Scorer([TaskSpec(name="zoo_add", metric="f1")])
+
+
+def test_bad_subset_and_duplicates():
+    with pytest.raises(TaskError, match="fewer than subset 201"):
+        Scorer([TaskSpec(name="zoo_add_search", subset=201)])
+    with pytest.raises(TaskError, match="zoo_add is listed twice"):
+        Scorer(["zoo", "zoo_add"])
+    with pytest.raises(ValueError):
+        TaskSpec(name="zoo_add", subset=0)

@@ -96,6 +96,14 @@ def _sort(rng: random.Random) -> Example:
     return Example(f"sort {w}=", ans, _distinct(ans, near, rng, lambda: _word(rng, len(w), len(w))))
 
 
+def _shift(rng: random.Random) -> Example:
+    w = _word(rng, 4, 7)
+    ans = "".join(chr(ord(c) + 1) for c in w)
+    near = [w, "".join(chr(ord(c) + 2) for c in w), ans[:-1] + w[-1], w[0] + ans[1:]]
+    rng.shuffle(near)
+    return Example(f"shift {w}=", ans, _distinct(ans, near, rng, lambda: _replace_one(ans, rng)))
+
+
 def _copy(rng: random.Random) -> Example:
     w = _word(rng)
     near = [w[::-1], _swap_adjacent(w, rng), "".join(sorted(w))]
@@ -108,6 +116,7 @@ SKILLS: dict[str, Skill] = {
         Skill("add", _add, "two-digit plus one-digit addition: '47+8=' -> '55'"),
         Skill("reverse", _reverse, "string reversal: 'rev abc=' -> 'cba'"),
         Skill("sort", _sort, "letter sorting: 'sort cab=' -> 'abc'"),
+        Skill("shift", _shift, "letter shift: 'shift abc=' -> 'bcd'"),
         Skill("copy", _copy, "copying: 'copy abc=' -> 'abc'"),
     )
 }

@@ -1,0 +1,27 @@
+"""`evomerge search CONFIG.yaml [--n-trials N] [--storage URL] [--workers K] [--force]`: run, or resume, a study."""
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="search config YAML (see configs/demo.yaml)")
+    parser.add_argument("--n-trials", type=int, default=None, help="COMPLETE trials to end with (overrides budget.n_trials)")
+    parser.add_argument("--storage", default=None, help="Optuna RDB URL (default: sqlite:///runs/<name>/study.db)")
+    parser.add_argument("--workers", type=int, default=None, help="parallel workers (overrides workers.count)")
+    parser.add_argument("--force", action="store_true", help="delete a study of the same name made with another config")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from evomerge.errors import ConfigError
+    from evomerge.search.config import load_config
+    from evomerge.search.driver import run_search
+
+    for flag in ("n_trials", "workers"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    cfg = load_config(args.config, n_trials=args.n_trials, storage=args.storage, workers=args.workers)
+    run_search(cfg, force=args.force, progress=not args.no_progress)
+    return 0

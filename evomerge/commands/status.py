@@ -1,0 +1,16 @@
+"""`evomerge status RUN_DIR`: trial counts, best trials with per-task scores, failures, what is running."""
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory (runs/<name>) made by `evomerge search`")
+    parser.add_argument("--top", type=int, default=5, help="how many best trials to list (default: 5)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from evomerge.search.summary import status_text
+
+    print(status_text(args.run_dir, top=args.top))
+    return 0

@@ -1,0 +1,314 @@
+"""The search config: one YAML file, validated once where it enters (`load_config`).
+
+    evomerge search configs/demo.yaml
+
+Relative paths (models, include paths, a search-space path) are relative to the config file; run
+directories (`runs/<name>/`) and the default storage are relative to the current directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import ConfigError, close_matches
+
+REPO = Path(__file__).resolve().parents[2]
+SPACES_DIR = REPO / "search_spaces"
+RUNS_DIR = Path("runs")
+# Fields that may change between runs of one study without making its trials incomparable.
+RUNTIME_FIELDS = ("budget", "workers", "storage")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SearchTask(_Strict):
+    """One lm-eval task the candidates are scored on, and its share of the objective."""
+
+    name: str
+    weight: float = Field(1.0, gt=0)
+    metric: str = "acc"
+    subset: int | None = Field(None, gt=0, description="fixed seeded sample of this many examples")
+
+
+class TasksConfig(_Strict):
+    include_paths: list[Path] = []
+    search: list[SearchTask] = Field(min_length=1)
+    heldout: list[str] = []
+
+    @field_validator("search")
+    @classmethod
+    def _unique(cls, tasks: list[SearchTask]) -> list[SearchTask]:
+        names = [t.name for t in tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task {dupes[0]!r} is listed twice; list each search task once")
+        return tasks
+
+
+class SamplerConfig(_Strict):
+    name: str = "cmaes"
+    seed: int | None = None
+    options: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _known(self) -> SamplerConfig:
+        from evomerge.search.samplers import check_sampler
+
+        check_sampler(self.name, self.options)
+        return self
+
+
+class BudgetConfig(_Strict):
+    n_trials: int = Field(20, gt=0, description="COMPLETE trials the study ends with")
+    timeout: float | None = Field(None, gt=0, description="seconds this run may spend asking new trials")
+
+
+class WorkersConfig(_Strict):
+    count: int = Field(1, gt=0)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    address: str | None = None
+
+
+class SearchConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    base_model: Path
+    models: list[Path] = Field(min_length=1)
+    method: str
+    search_space: str | dict[str, Any] | None = None
+    tasks: TasksConfig
+    sampler: SamplerConfig = SamplerConfig()
+    budget: BudgetConfig = BudgetConfig()
+    storage: str | None = None
+    workers: WorkersConfig = WorkersConfig()
+    seed: int = 0
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return RUNS_DIR / self.name
+
+    @property
+    def storage_url(self) -> str:
+        """The Optuna storage URL; sqlite paths made absolute (against the current directory)."""
+        if self.storage and not self.storage.startswith("sqlite:///"):
+            return self.storage
+        db = Path(self.storage.removeprefix("sqlite:///")) if self.storage else self.run_dir / "study.db"
+        return f"sqlite:///{db.resolve()}"
+
+    @property
+    def sampler_seed(self) -> int:
+        return self.seed if self.sampler.seed is None else self.sampler.seed
+
+    @property
+    def multi_objective(self) -> bool:
+        from evomerge.search.samplers import is_multi_objective
+
+        return is_multi_objective(self.sampler.name)
+
+    def study_fields(self) -> dict[str, Any]:
+        """What identifies the study's trials: everything but budget, workers and storage."""
+        data = self.model_dump(mode="json")
+        for key in RUNTIME_FIELDS:
+            data.pop(key, None)
+        return data
+
+    def study_hash(self) -> str:
+        text = json.dumps(self.study_fields(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def _fields(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model holding the field at `loc[:-1]`, to suggest its field names."""
+    model: type[BaseModel] | None = SearchConfig
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        candidates = [ann, *(inner or ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None and inner:  # list[SearchTask]
+            model = next(
+                (a for c in inner for a in getattr(c, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)),
+                None,
+            )
+    return model
+
+
+def format_errors(source: str, err: ValidationError) -> str:
+    """Every pydantic error as `field: problem (fix)`, all on one line after the file name."""
+    parts = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not str(p).startswith(("function-after", "dict[", "str")))
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            model = _model_at(loc)
+            hint = close_matches(str(loc[-1]), _fields(model)) if model else ""
+            parts.append(f"unknown key {field!r}{hint}")
+        elif e["type"] == "missing":
+            parts.append(f"{field!r} is required; add it")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{field!r}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _resolve(value: Any, base: Path) -> Any:
+    if not isinstance(value, str) or not value:
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _resolve_paths(data: dict, base: Path) -> dict:
+    data = dict(data)
+    if "base_model" in data:
+        data["base_model"] = _resolve(data["base_model"], base)
+    if isinstance(data.get("models"), list):
+        data["models"] = [_resolve(m, base) for m in data["models"]]
+    tasks = data.get("tasks")
+    if isinstance(tasks, dict) and isinstance(tasks.get("include_paths"), list):
+        data["tasks"] = {**tasks, "include_paths": [_resolve(p, base) for p in tasks["include_paths"]]}
+    space = data.get("search_space")
+    if isinstance(space, str) and ("/" in space or space.endswith((".yaml", ".yml"))):
+        data["search_space"] = _resolve(space, base)
+    return data
+
+
+def _check_files(cfg: SearchConfig, source: str) -> None:
+    problems = []
+    for field, path in [("base_model", cfg.base_model), *((f"models[{i}]", m) for i, m in enumerate(cfg.models))]:
+        if not (path / "config.json").is_file():
+            problems.append(f"{field!r}: {path} is not a model directory (no config.json); fix the path")
+    if cfg.base_model in cfg.models:
+        problems.append("'models' lists base_model; list only the models merged into it")
+    for i, p in enumerate(cfg.tasks.include_paths):
+        if not p.is_dir():
+            problems.append(f"'tasks.include_paths[{i}]': {p} is not a folder; fix the path")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None, check_files: bool = True) -> SearchConfig:
+    """Validate a mapping (paths relative to `base_dir`) into a SearchConfig, with its search space."""
+    from evomerge.search.space import load_space_spec
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+    data = _resolve_paths(data, (base_dir or Path.cwd()).resolve())
+    try:
+        cfg = SearchConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_errors(source, err)) from None
+    spec = load_space_spec(cfg.search_space or cfg.method, source=f"{source}: 'search_space'")
+    if cfg.method not in spec.methods:
+        raise ConfigError(
+            f"{source}: 'method' {cfg.method!r} is not searched by space {spec.name!r} "
+            f"(it supports {', '.join(spec.methods)}); change 'method' or 'search_space'"
+        )
+    if spec.max_models is not None and len(cfg.models) > spec.max_models:
+        raise ConfigError(
+            f"{source}: 'models': method {cfg.method!r} merges base_model with at most {spec.max_models} "
+            f"model(s), got {len(cfg.models)}; remove models or pick another method"
+        )
+    if check_files:
+        _check_files(cfg, source)
+    # The resolved config carries its search space inline, so a run never depends on a later edit.
+    return cfg.model_copy(update={"search_space": spec.model_dump(mode="json", exclude_none=True)})
+
+
+def load_config(path: Path | str, **overrides: Any) -> SearchConfig:
+    """Load and validate a search config file. `overrides`: n_trials, storage, workers (CLI flags)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file; check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
+    cfg = parse_config(data, source=str(path), base_dir=path.parent)
+    return apply_overrides(cfg, **overrides)
+
+
+def apply_overrides(
+    cfg: SearchConfig, n_trials: int | None = None, storage: str | None = None, workers: int | None = None
+) -> SearchConfig:
+    update: dict[str, Any] = {}
+    if n_trials is not None:
+        update["budget"] = cfg.budget.model_copy(update={"n_trials": n_trials})
+    if storage is not None:
+        update["storage"] = storage
+    if workers is not None:
+        update["workers"] = cfg.workers.model_copy(update={"count": workers})
+    return cfg.model_copy(update=update) if update else cfg
+
+
+def load_run_config(run_dir: Path | str) -> SearchConfig:
+    """The resolved config a run was started with (`runs/<name>/config.yaml`)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml; pass a run directory made by `evomerge search`")
+    data = yaml.safe_load(path.read_text())
+    return parse_config(data, source=str(path), base_dir=path.parent, check_files=False)
+
+
+def write_run_config(cfg: SearchConfig) -> Path:
+    """Atomically write the resolved config (with its absolute storage URL) to `runs/<name>/config.yaml`."""
+    import os
+    import tempfile
+
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.model_copy(update={"storage": cfg.storage_url})
+    out = cfg.run_dir / "config.yaml"
+    fd, tmp = tempfile.mkstemp(dir=cfg.run_dir, prefix=".config.", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"# resolved config of study {cfg.name!r}; `evomerge search` writes it on every run\n")
+        f.write(cfg.to_yaml())
+    os.replace(tmp, out)
+    return out
+
+
+def cpus_needed(cfg: SearchConfig) -> int:
+    return max(1, math.ceil(cfg.workers.count * cfg.workers.num_cpus))
+
+
+def diff_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two nested dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_fields(a, b, name + ".")
+        elif a != b:
+            out.append(name)
+    return out
+
+
+__all__ = [
+    "SearchConfig",
+    "SearchTask",
+    "load_config",
+    "load_run_config",
+    "parse_config",
+    "write_run_config",
+]

@@ -1,0 +1,206 @@
+"""The search loop: ask a trial, merge and score it on a free worker, tell the result; resume for free.
+
+    evomerge search configs/demo.yaml [--n-trials N] [--storage URL] [--workers K] [--force]
+
+Each worker holds up to two trials (one running, one queued inside the actor); whenever one finishes
+(`ray.wait`, one at a time) its result is told and the next trial is asked, so no worker waits for a
+generation or for the driver's bookkeeping. The budget counts COMPLETE trials: failed
+candidates are recorded (with `fail_reason`) and replaced.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from evomerge.errors import EvomergeError, StudyError
+from evomerge.search.config import SearchConfig, write_run_config
+from evomerge.search.space import SearchSpace, SpaceSpec, num_layers
+
+
+SYNC_S = 10.0  # how often the COMPLETE count is re-read from the storage
+
+
+@dataclass
+class SearchResult:
+    name: str
+    run_dir: Path
+    storage: str
+    n_complete: int
+    n_failed: int  # in this run
+    best_trial: int | None
+    best_value: float | None
+    timings: list[dict[str, float]] = field(default_factory=list)  # this run's completed trials
+    wall_s: float = 0.0  # this run, from the first ask to the last tell
+
+
+@dataclass
+class _InFlight:
+    trial: Any
+    started: float
+
+
+class _Progress:
+    """A tqdm bar: COMPLETE trials / budget, best score and its trial, trials per minute."""
+
+    def __init__(self, cfg: SearchConfig, done: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=cfg.budget.n_trials, initial=done, desc=cfg.name, unit="trial", file=sys.stderr,
+            disable=not enabled, dynamic_ncols=True,
+        )  # fmt: skip
+        self.start, self.new = time.perf_counter(), 0
+
+    def update(self, best_number: int | None, best_value: float | None, failed: int, completed: bool) -> None:
+        self.new += completed
+        rate = self.new / max(time.perf_counter() - self.start, 1e-9) * 60
+        post = {"best": "-" if best_value is None else f"{best_value:.3f} (#{best_number})", "rate": f"{rate:.1f}/min"}
+        if failed:
+            post["failed"] = failed
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(int(completed))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def space_of(cfg: SearchConfig) -> SearchSpace:
+    return SearchSpace(SpaceSpec.model_validate(cfg.search_space), num_layers(cfg.base_model))
+
+
+def run_search(
+    cfg: SearchConfig,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+    pool_factory: Callable[[SearchConfig], Any] | None = None,
+) -> SearchResult:
+    """Run (or resume) the study until it has `budget.n_trials` COMPLETE trials or `budget.timeout` passes.
+
+    `pool_factory(cfg)` makes the workers (default: `WorkerPool`, Ray actors; `InlinePool` runs in-process).
+    """
+    from evomerge.search import study as st
+    from evomerge.search.workers import WorkerPool
+
+    log = log or (lambda _msg: None)
+    space = space_of(cfg)
+    study = st.open_study(cfg, space, force=force, log=log)
+    write_run_config(cfg)
+    st.fail_stale_trials(study, log=log)
+    distributions = space.distributions(cfg.models)
+    n_trials = cfg.budget.n_trials
+    result = SearchResult(cfg.name, cfg.run_dir, cfg.storage_url, 0, 0, None, None)
+    n_complete = len(st.complete_trials(study))
+    if n_complete >= n_trials:
+        log(f"study {cfg.name!r} already has {n_complete} complete trials (budget {n_trials}); raise --n-trials to go on")
+        return _finish(study, result)
+
+    pool = (pool_factory or WorkerPool)(cfg)
+    loop_start = time.perf_counter()
+    bar = _Progress(cfg, n_complete, progress)
+    in_flight: dict[Any, _InFlight] = {}
+    deadline = time.monotonic() + cfg.budget.timeout if cfg.budget.timeout else math.inf
+    consecutive_failures, last_beat, last_sync = 0, time.monotonic(), time.monotonic()
+    max_failures = max(5, 2 * cfg.workers.count)
+    best = st.best_trial(study)
+    try:
+        while True:
+            while pool.has_capacity and n_complete + len(in_flight) < n_trials and time.monotonic() < deadline:
+                start = time.perf_counter()
+                trial = st.ask(study, distributions)
+                try:
+                    recipe = space.to_recipe(trial.params, cfg.models, cfg.base_model, cfg.method, cfg.seed, cfg.dtype)
+                    text = recipe.to_yaml()
+                    trial.set_user_attr("recipe", text)
+                    in_flight[pool.submit(text)] = _InFlight(trial, start)
+                except EvomergeError as err:  # an invalid point (e.g. DELLA's density +/- epsilon): a failed candidate
+                    st.fail(study, trial._trial_id, trial.number, f"{type(err).__name__}: {err}")
+                    result.n_failed += 1
+                    consecutive_failures += 1
+                    if consecutive_failures >= max_failures:
+                        raise StudyError(f"study {cfg.name!r}: the last {consecutive_failures} trials failed (last: {err})") from None
+                except BaseException as err:
+                    st.fail(study, trial._trial_id, trial.number, f"driver error: {type(err).__name__}: {err}")
+                    raise
+            if not in_flight:
+                break
+            for ref, res in pool.wait(timeout=st.HEARTBEAT_S):
+                job = in_flight.pop(ref)
+                told = _tell(study, cfg, job, res, result)
+                if told is not None:
+                    consecutive_failures = 0
+                    n_complete += 1
+                    if best is None or st.objective_of(told) > st.objective_of(best):
+                        best = told
+                else:
+                    consecutive_failures += 1
+                    result.n_failed += 1
+                bar.update(best.number if best else None, st.objective_of(best) if best else None, result.n_failed, res.ok)
+                if consecutive_failures >= max_failures:
+                    raise StudyError(
+                        f"study {cfg.name!r}: the last {consecutive_failures} trials failed (last: {res.error}); "
+                        f"see `evomerge status {cfg.run_dir}`"
+                    )
+            if time.monotonic() - last_sync > SYNC_S:  # other drivers may share the study and its budget
+                n_complete, best, last_sync = len(st.complete_trials(study)), st.best_trial(study), time.monotonic()
+            if time.monotonic() - last_beat > st.HEARTBEAT_S:
+                st.heartbeat(job.trial for job in in_flight.values())
+                last_beat = time.monotonic()
+    finally:
+        # interrupted or failed: in-flight trials fail now and are enqueued again, instead of going stale
+        for job in in_flight.values():
+            st.fail(study, job.trial._trial_id, job.trial.number, "interrupted: the search stopped before it finished")
+            study.enqueue_trial(dict(job.trial.params), user_attrs={"retry_of": job.trial.number})
+        result.wall_s = time.perf_counter() - loop_start
+        bar.close()
+        pool.close()
+    return _finish(study, result, log)
+
+
+def _tell(study, cfg: SearchConfig, job: _InFlight, res, result: SearchResult):
+    """Record one finished trial (user attrs, then tell): the FrozenTrial if it completed, else None."""
+    from evomerge.search import study as st
+
+    trial = job.trial
+    attrs = {
+        "merge_s": res.merge_s,
+        "eval_s": res.eval_s,
+        "total_s": res.wait_s + res.busy_s,  # the worker's cycle: idle for the driver + parse, merge, eval
+        "latency_s": time.perf_counter() - job.started,  # ask to tell, queueing included
+        "worker": res.worker,
+    }
+    if not res.ok:
+        st.fail(study, trial._trial_id, trial.number, res.error, attrs)
+        return None
+    for key, value in {**attrs, "scores": res.scores, "objective": res.objective}.items():
+        trial.set_user_attr(key, value)
+    if cfg.multi_objective:
+        values = [res.scores[t.name][t.metric] for t in cfg.tasks.search]
+    else:
+        values = res.objective
+    frozen = study.tell(trial, values)
+    result.timings.append(attrs)
+    return frozen
+
+
+def _finish(study, result: SearchResult, log: Callable[[str], None] | None = None) -> SearchResult:
+    from evomerge.search import study as st
+
+    result.n_complete = len(st.complete_trials(study))
+    best = st.best_trial(study)
+    if best is not None:
+        result.best_trial, result.best_value = best.number, st.objective_of(best)
+    if log and best is not None:
+        log(
+            f"{result.n_complete} complete trials ({result.n_failed} failed this run); best: trial {best.number} "
+            f"with {result.best_value:.4f}; next: evomerge export {result.run_dir}"
+        )
+    return result
+
+
+__all__ = ["run_search", "SearchResult", "space_of"]

@@ -1,0 +1,237 @@
+"""All Ray code: a pool of evaluator actors, each holding one resident model and one scorer.
+
+An `Evaluator` loads the inputs once (Materializer) and builds its tasks once (Scorer); a trial then costs
+one in-place merge plus one evaluation. The pool keeps a trial on every actor: no generation barrier.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from evomerge.errors import EvomergeError
+
+if TYPE_CHECKING:
+    from evomerge.search.config import SearchConfig
+
+
+@dataclass
+class TrialResult:
+    """What a worker hands back for one recipe: scores and timings, or the reason it failed."""
+
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    objective: float = float("nan")
+    merge_s: float = 0.0
+    eval_s: float = 0.0
+    busy_s: float = 0.0  # the whole call in the worker (parse + merge + eval)
+    wait_s: float = 0.0  # the worker idle before this call (waiting on the driver)
+    worker: str = ""
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Evaluator:
+    """The body of a worker (a plain class, so it also runs without Ray)."""
+
+    def __init__(self, cfg_json: dict[str, Any], num_threads: int | None = None):
+        self._cfg_json = cfg_json
+        self._num_threads = num_threads
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.materializer = self.scorer = None
+        self._last_end = time.perf_counter()
+
+    def setup(self) -> str:
+        """Load the inputs and build the tasks; errors are the user's (EvomergeError) or bugs."""
+        from evomerge.offline import go_offline
+
+        go_offline()
+        import torch
+
+        from evomerge.merge.materialize import Materializer
+        from evomerge.scoring import Scorer, TaskSpec
+        from evomerge.search.config import SearchConfig
+
+        if self._num_threads:
+            torch.set_num_threads(self._num_threads)
+        cfg = SearchConfig.model_validate(self._cfg_json)
+        self.materializer = Materializer([str(m) for m in cfg.models], str(cfg.base_model), dtype=cfg.dtype)
+        tasks = [TaskSpec(**t.model_dump()) for t in cfg.tasks.search]
+        self.scorer = Scorer(tasks, [str(p) for p in cfg.tasks.include_paths], seed=cfg.seed)
+        self._last_end = time.perf_counter()
+        return self.name
+
+    def evaluate(self, recipe_yaml: str) -> TrialResult:
+        start = time.perf_counter()
+        result = self._evaluate(recipe_yaml)
+        end = time.perf_counter()
+        result.wait_s, result.busy_s = start - self._last_end, end - start
+        self._last_end = end
+        return result
+
+    def _evaluate(self, recipe_yaml: str) -> TrialResult:
+        from evomerge.recipe import Recipe
+
+        result = TrialResult(worker=self.name)
+        try:
+            t0 = time.perf_counter()
+            self.materializer.apply(Recipe.from_yaml(recipe_yaml, source="trial recipe"))
+            t1 = time.perf_counter()
+            result.merge_s = t1 - t0
+            result.scores = self.scorer.score(self.materializer.model, self.materializer.tokenizer)
+            result.objective = float(self.scorer.objective(result.scores))
+            result.eval_s = time.perf_counter() - t1
+        except EvomergeError as err:  # CandidateError (NaN weights) and friends: the candidate fails
+            result.error = f"{type(err).__name__}: {err}"
+            return result
+        except Exception as err:  # an evaluation crash fails this trial, not the search
+            tb = traceback.extract_tb(err.__traceback__)[-1]
+            result.error = f"{type(err).__name__}: {err} (at {os.path.basename(tb.filename)}:{tb.lineno})"
+            return result
+        bad = [f"{t}.{m}" for t, ms in result.scores.items() for m, v in ms.items() if not math.isfinite(v)]
+        if bad or not math.isfinite(result.objective):
+            result.error = f"non-finite score ({', '.join(bad) or 'objective'})"
+        return result
+
+
+def _start_ray(cfg: SearchConfig) -> bool:
+    """Join `workers.address`, or start a quiet local Ray sized to the workers. True if we started it."""
+    import ray
+
+    from evomerge.search.config import cpus_needed
+
+    if ray.is_initialized():
+        return False
+    common = {"logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True}
+    if cfg.workers.address:
+        ray.init(address=cfg.workers.address, **common)
+    else:
+        ray.init(num_cpus=cpus_needed(cfg), include_dashboard=False, **common)
+    return True
+
+
+class WorkerPool:
+    """`count` evaluator actors, each with up to `depth` trials queued (the next one waits inside the actor,
+    so a worker never idles while the driver tells and asks); `wait` returns finished results."""
+
+    def __init__(self, cfg: SearchConfig, depth: int = 2):
+        import ray
+
+        self._ray = ray
+        self.cfg, self.depth = cfg, depth
+        self._started = _start_ray(cfg)
+        self._remote = ray.remote(Evaluator).options(
+            num_cpus=cfg.workers.num_cpus, num_gpus=cfg.workers.num_gpus, max_restarts=0
+        )
+        self._cfg_json = cfg.model_dump(mode="json")
+        self.actors: list[Any] = []
+        self.load: list[int] = []
+        self.busy: dict[Any, tuple[int, Any]] = {}  # object ref -> (actor slot, actor)
+        try:
+            self.actors = [self._spawn() for _ in range(cfg.workers.count)]
+            self.load = [0] * len(self.actors)
+            self._ready(self.actors)
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn(self):
+        return self._remote.remote(self._cfg_json, max(1, int(self.cfg.workers.num_cpus)))
+
+    def _ready(self, actors: list) -> None:
+        from ray.exceptions import RayTaskError
+
+        try:
+            self._ray.get([a.setup.remote() for a in actors])
+        except RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, EvomergeError):
+                raise type(cause)(str(cause)) from None
+            raise
+
+    @property
+    def has_capacity(self) -> bool:
+        return any(n < self.depth for n in self.load)
+
+    def submit(self, recipe_yaml: str):
+        slot = min(range(len(self.actors)), key=lambda i: self.load[i])
+        ref = self.actors[slot].evaluate.remote(recipe_yaml)
+        self.load[slot] += 1
+        self.busy[ref] = (slot, self.actors[slot])
+        return ref
+
+    def wait(self, timeout: float | None = None) -> list[tuple[Any, TrialResult]]:
+        """Results of the trials that finished (at least one, unless `timeout` passed first)."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        if not self.busy:
+            return []
+        done, _ = self._ray.wait(list(self.busy), num_returns=1, timeout=timeout)
+        out = []
+        for ref in done:
+            slot, actor = self.busy.pop(ref)
+            self.load[slot] -= 1
+            try:
+                result = self._ray.get(ref)
+            except (RayActorError, RayTaskError) as err:
+                # the worker died (OOM, segfault): its trials fail, a fresh worker takes its place
+                result = TrialResult(error=f"worker died: {str(err).splitlines()[0][:300]}")
+                if self.actors[slot] is actor:  # its other queued trials fail too; replace it once
+                    self._replace(slot)
+            out.append((ref, result))
+        return out
+
+    def _replace(self, slot: int) -> None:
+        dead = self.actors[slot]
+        self._ray.kill(dead, no_restart=True)
+        fresh = self._spawn()
+        self._ready([fresh])
+        self.actors[slot] = fresh
+
+    def close(self) -> None:
+        for actor in self.actors:
+            try:
+                self._ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        self.actors, self.load, self.busy = [], [], {}
+        if self._started:
+            self._ray.shutdown()
+            self._started = False
+
+
+class InlinePool:
+    """The WorkerPool interface with one Evaluator in this process, no Ray: for tests and debugging."""
+
+    def __init__(self, cfg: SearchConfig):
+        self.evaluator = Evaluator(cfg.model_dump(mode="json"))
+        self.evaluator.setup()
+        self.queue: list[tuple[object, str]] = []
+
+    @property
+    def has_capacity(self) -> bool:
+        return not self.queue
+
+    def submit(self, recipe_yaml: str):
+        ref = object()
+        self.queue.append((ref, recipe_yaml))
+        return ref
+
+    def wait(self, timeout: float | None = None) -> list[tuple[Any, TrialResult]]:
+        if not self.queue:
+            return []
+        ref, text = self.queue.pop(0)
+        return [(ref, self.evaluator.evaluate(text))]
+
+    def close(self) -> None:
+        self.queue = []
+
+
+__all__ = ["Evaluator", "InlinePool", "TrialResult", "WorkerPool"]

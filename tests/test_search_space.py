@@ -1,0 +1,133 @@
+"""SearchSpace: Optuna points <-> recipes (gradient lists per layer group, filters per tensor kind)."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from evomerge.recipe import Recipe
+from evomerge.search.space import SearchSpace, SpaceSpec, load_space_spec, resolve_setting
+
+REPO = Path(__file__).resolve().parent.parent
+SPACES = sorted(p.stem for p in (REPO / "search_spaces").glob("*.yaml"))
+
+
+def random_point(space: SearchSpace, models: list, seed: int = 0) -> dict[str, float]:
+    rng = random.Random(seed)
+    return {name: rng.uniform(d.low, d.high) for name, d in space.distributions(models).items()}
+
+
+@pytest.mark.parametrize("name", SPACES)
+@pytest.mark.parametrize("layers", [4, 6])
+def test_round_trip_every_shipped_space(name, layers):
+    spec = load_space_spec(name)
+    space = SearchSpace(spec, layers)
+    models = ["/z/add"] if spec.max_models == 1 else ["/z/add", "/z/reverse"]
+    for seed in range(3):
+        point = random_point(space, models, seed)
+        recipe = space.to_recipe(point, models, "/z/base", spec.methods[0], seed=7)
+        assert recipe.merge_method == spec.methods[0] and recipe.seed == 7
+        # through YAML, as workers and export see it
+        again = Recipe.from_yaml(recipe.to_yaml())
+        back = space.from_recipe(again)
+        assert back.keys() == point.keys()
+        assert all(back[k] == pytest.approx(point[k], abs=1e-12) for k in point)
+
+
+def test_layer_groups_become_gradient_lists_and_kinds_become_filters():
+    spec = SpaceSpec(
+        methods=["ties"], layers_per_group=2, kinds=["self_attn", "mlp"], embeddings=True,
+        parameters={"weight": {"low": 0, "high": 1, "default": 0.25}, "density": {"value": 0.7}},
+    )  # fmt: skip
+    space = SearchSpace(spec, num_layers=6)
+    models = ["/z/add"]
+    names = list(space.distributions(models))
+    assert names == [
+        "weight.add.embed",
+        "weight.add.self_attn.g0", "weight.add.self_attn.g1", "weight.add.self_attn.g2",
+        "weight.add.mlp.g0", "weight.add.mlp.g1", "weight.add.mlp.g2",
+    ]  # fmt: skip
+    point = {n: 0.1 * i for i, n in enumerate(names)}
+    recipe = space.to_recipe(point, models, "/z/base", "ties", seed=0)
+    weight = recipe.models[0].parameters["weight"]
+    assert [(c.filter, c.value) for c in weight] == [
+        ("embed_tokens", 0.0),
+        ("lm_head", 0.0),
+        ("self_attn", [0.1, 0.1, 0.2, 0.2, 0.30000000000000004, 0.30000000000000004]),
+        ("mlp", [0.4, 0.4, 0.5, 0.5, 0.6000000000000001, 0.6000000000000001]),
+        (None, 0.25),  # norms: the parameter's default
+    ]
+    assert recipe.models[0].parameters["density"] == 0.7
+    # what the merge engine will read per tensor
+    assert resolve_setting(weight, "model.layers.3.self_attn.q_proj.weight", 3 / 5) == 0.2
+    assert resolve_setting(weight, "model.layers.5.mlp.up_proj.weight", 1.0) == pytest.approx(0.6)
+    assert resolve_setting(weight, "model.layers.5.input_layernorm.weight", 1.0) == 0.25
+    assert resolve_setting(weight, "lm_head.weight", 0.0) == 0.0
+
+
+def test_control_points_are_a_gradient_of_length_k_and_slerp_lists_both_endpoints():
+    space = SearchSpace(load_space_spec("slerp"), num_layers=6)
+    point = random_point(space, ["/z/add"])
+    recipe = space.to_recipe(point, ["/z/add"], "/z/base", "slerp", seed=0)
+    assert [m.model for m in recipe.models] == ["/z/base", "/z/add"]
+    t = recipe.parameters["t"]
+    assert [c.filter for c in t] == ["self_attn", "mlp", None]
+    assert len(t[0].value) == 5 == len(t[1].value)
+
+
+def test_baselines_are_defaults_then_each_model_alone():
+    space = SearchSpace(load_space_spec("task_arithmetic"), num_layers=4)
+    models = ["/z/add", "/z/reverse"]
+    labels = [label for label, _ in space.baselines(models)]
+    assert labels == ["defaults", "only add", "only reverse"]
+    only_add = dict(space.baselines(models))["only add"]
+    recipe = space.to_recipe(only_add, models, "/z/base", "task_arithmetic", seed=0)
+    weights = {Path(m.model).name: m.parameters["weight"] for m in recipe.models}
+    assert weights == {"add": 1.0, "reverse": 0.0}
+    assert recipe.parameters["lambda"] == 1.0
+    slerp = SearchSpace(load_space_spec("slerp"), num_layers=4)
+    ends = dict(slerp.baselines(["/z/add"]))
+    assert set(ends["only base"].values()) == {0.0} and set(ends["only add"].values()) == {1.0}
+
+
+def test_from_recipe_reads_a_hand_written_mergekit_recipe():
+    space = SearchSpace(load_space_spec("ties"), num_layers=4)
+    text = """
+merge_method: ties
+base_model: /z/base
+models:
+  - model: /z/add
+    parameters: {weight: 0.3, density: [0.2, 0.8]}
+  - model: /z/reverse
+    parameters: {weight: [{filter: mlp, value: 0.9}, {value: 0.1}]}
+parameters: {density: 0.6, normalize: true}
+"""
+    point = space.from_recipe(Recipe.from_yaml(text))
+    assert point["weight.add.mlp.g1"] == 0.3
+    assert point["density.add.self_attn.g0"] == pytest.approx(0.2)
+    assert point["density.add.self_attn.g1"] == pytest.approx(0.2 + 0.6 * 2 / 3)  # read at layer 2 of 0..3
+    assert point["weight.reverse.mlp.g0"] == 0.9 and point["weight.reverse.self_attn.g0"] == 0.1
+    assert point["density.reverse.embed"] == 0.6  # a global value fills in
+
+
+def test_layer_groups_reach_the_merged_weights(tiny_zoo):
+    """Through the real merge engine: layers 0-1 take `add`'s task vector, layers 2-3 `reverse`'s."""
+    import torch
+
+    from evomerge.merge.materialize import Materializer
+
+    spec = SpaceSpec(methods=["task_arithmetic"], layers_per_group=2, parameters={"weight": {"low": 0, "high": 1}})
+    models = [tiny_zoo / "add", tiny_zoo / "reverse"]
+    space = SearchSpace(spec, num_layers=4)
+    point = {"weight.add.g0": 1.0, "weight.add.g1": 0.0, "weight.reverse.g0": 0.0, "weight.reverse.g1": 1.0}
+    mat = Materializer(models, tiny_zoo / "base")
+    mat.apply(space.to_recipe(point, models, tiny_zoo / "base", "task_arithmetic", seed=0))
+    merged = mat.model.state_dict()
+    from safetensors.torch import load_file
+
+    add = load_file(tiny_zoo / "add" / "model.safetensors")
+    rev = load_file(tiny_zoo / "reverse" / "model.safetensors")
+    for layer, source in [(0, add), (1, add), (2, rev), (3, rev)]:
+        name = f"model.layers.{layer}.mlp.up_proj.weight"
+        torch.testing.assert_close(merged[name], source[name], rtol=0, atol=1e-6)

@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, close_matches
 
 ScalarParameter = Union[bool, int, float, str]
 ScalarOrGradient = Union[ScalarParameter, list[ScalarParameter]]
@@ -41,13 +41,18 @@ class ModelEntry(BaseModel, frozen=True):
     parameters: dict[str, ParameterSetting] | None = None
 
 
-class Provenance(BaseModel):
-    """The `evomerge:` block: where a recipe came from, so its checkpoint can be reproduced and verified."""
+class Provenance(BaseModel, frozen=True):
+    """The `evomerge:` block: where a recipe came from, so its checkpoint can be reproduced and verified.
+
+    `inputs` maps each input model folder to the sha256 of its weights; `outputs` maps each file export
+    wrote next to the recipe (weights, index, config, tokenizer) to its sha256, for `evomerge verify`.
+    """
 
     model_config = ConfigDict(extra="forbid")
     seed: int = 0
     version: str | None = None
     inputs: dict[str, str] = {}
+    outputs: dict[str, str] = {}
     study: str | None = None
     trial: int | None = None
     scores: dict[str, float] = {}
@@ -80,7 +85,7 @@ class Recipe(BaseModel, frozen=True):
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ConfigError(f"{path}: recipe file not found") from None
+            raise ConfigError(f"{path}: recipe file not found; check the path") from None
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read recipe ({exc.strerror})") from None
         return cls.from_yaml(text, source=str(path), base_dir=path.resolve().parent)
@@ -147,6 +152,13 @@ class Recipe(BaseModel, frozen=True):
         current = self.evomerge or Provenance()
         return self.model_copy(update={"evomerge": current.model_copy(update=fields)})
 
+    def field_of(self, model: str) -> str:
+        """The recipe field that names `model`: `models[i].model` or `base_model`, for error messages."""
+        for i, entry in enumerate(self.models):
+            if entry.model == model:
+                return f"models[{i}].model"
+        return "base_model"
+
     @property
     def seed(self) -> int:
         return self.evomerge.seed if self.evomerge is not None else 0
@@ -185,13 +197,28 @@ def _describe(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown field"
+            msg = f"unknown field{close_matches(str(err['loc'][-1]), _fields_at(err['loc'])) or '; remove it'}"
+        elif err["type"] == "missing":
+            msg = "required; add it"
         parts.append(f"field {loc}: {msg}" if loc else msg)
     # union members produce one error each; keep the first per location
     seen: dict[str, str] = {}
     for part in parts:
         seen.setdefault(part.split(":")[0], part)
     return "; ".join(seen.values())
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The field names valid where an unknown key `loc` was found (for "did you mean")."""
+    if len(loc) == 1:
+        model: type[BaseModel] = Recipe
+    elif loc[0] == "models" and len(loc) == 3:
+        model = ModelEntry
+    elif loc[0] == "evomerge" and len(loc) == 2:
+        model = Provenance
+    else:  # a `{filter, value}` conditional parameter
+        model = ConditionalParameter
+    return list(model.model_fields)
 
 
 def _is_union_tag(part: Any) -> bool:

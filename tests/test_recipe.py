@@ -40,6 +40,9 @@ evomerge:
   inputs:
     /models/add: aaaa
     /models/base: bbbb
+  outputs:
+    model.safetensors: cccc
+    config.json: dddd
   study: demo
   trial: 12
   scores:
@@ -122,10 +125,13 @@ BAD = [
     ("merge_method: linear\nparameters: {weight: .nan}\nmodels: [{model: a}]", ["weight", "finite"]),
     ("merge_method: linear\nparameters: {weight: abc}\nmodels: [{model: a}]", ["weight", "'abc'"]),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]", ["weight", "requires"]),
-    ("merge_method: slerp\nparameters: {t: 0.5}\nmodels: [{model: a}, {model: c}]", ["models", "base"]),
+    ("merge_method: slerp\nparameters: {t: 0.5}\nmodels: [{model: a}, {model: c}]", ["field base_model", "needs a base"]),
     ("merge_method: della\nbase_model: b\nparameters: {weight: 1, density: 0.9, epsilon: 0.2}\nmodels: [{model: a}]", ["epsilon"]),
     ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\ndtype: float8", ["dtype", "float32"]),
     ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\nbogus: 1", ["bogus", "unknown field"]),
+    ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\nout_dtyp: float16", ["out_dtyp", "did you mean: out_dtype"]),
+    ("merge_method: linear\nmodels: [{model: a, paramters: {weight: 1}}]", ["models.0.paramters", "did you mean: parameters"]),
+    ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\nevomerge: {sed: 1}", ["evomerge.sed", "did you mean: seed"]),
     ("merge_method: linear\nslices: []", ["slices", "models:"]),
     ("merge_method: linear", ["models"]),
     ("merge_method: [linear\n", ["not valid YAML", "line"]),

@@ -1,6 +1,7 @@
-"""`evomerge merge RECIPE.yaml --out DIR [--seed N] [--allow-pickle] [--trust-remote-code]`
+"""`evomerge merge RECIPE.yaml --out DIR [--seed N] [--max-shard-size 2GB] [--allow-pickle] [--trust-remote-code]`
 
 Materializes any recipe (mergekit YAML with `models:`, optionally an `evomerge:` block) to an HF checkpoint.
+DIR appears whole or not at all; `evomerge verify DIR` checks it later against the hashes in DIR/recipe.yaml.
 """
 from __future__ import annotations
 
@@ -11,21 +12,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", metavar="RECIPE.yaml", help="mergekit-style recipe")
     parser.add_argument("--out", required=True, metavar="DIR", help="output checkpoint folder (replaced atomically)")
     parser.add_argument("--seed", type=int, default=None, help="seed for random masks (default: the recipe's, else 0)")
+    parser.add_argument("--max-shard-size", default="2GB", metavar="SIZE", help="largest weight file (default 2GB)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt inputs (unpickled weights-only)")
     parser.add_argument("--trust-remote-code", action="store_true", help="accepted for symmetry; export runs no model code")
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
     import time
     from pathlib import Path
 
-    from evomerge.io.export import export_recipe
+    from evomerge.io.export import export_recipe, parse_size
     from evomerge.recipe import Recipe
 
     start = time.perf_counter()
+    shard_bytes = parse_size(args.max_shard_size)
     recipe = Recipe.load(args.recipe)
-    out = export_recipe(recipe, Path(args.out), seed=args.seed, allow_pickle=args.allow_pickle)
+    out = export_recipe(
+        recipe, Path(args.out), seed=args.seed, allow_pickle=args.allow_pickle, shard_bytes=shard_bytes, source=args.recipe
+    )
     seed = args.seed if args.seed is not None else recipe.seed
     print(f"merged {recipe.merge_method} of {len(recipe.input_models())} models (seed {seed}) "
           f"to {out} in {time.perf_counter() - start:.1f} s")
+    recorded = recipe.evomerge.inputs if recipe.evomerge is not None else {}
+    now = Recipe.load(out / "recipe.yaml").evomerge.inputs
+    for model, digest in recorded.items():
+        if model in now and now[model] != digest:
+            print(f"evomerge: warning: {model}: weights differ from the sha256 recorded in {args.recipe}; "
+                  "the result differs from the checkpoint that recipe describes", file=sys.stderr)
     return 0

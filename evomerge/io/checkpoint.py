@@ -43,7 +43,8 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise ModelError(f"{self.path}: model folder not found")
+            what = "is not a folder" if self.path.exists() else "not found"
+            raise ModelError(f"{self.path}: model folder {what}; fix the path (relative paths resolve from the recipe's folder)")
         config_file = self.path / "config.json"
         try:
             self.config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
@@ -73,7 +74,7 @@ class Checkpoint:
         pickles = sorted(self.path.glob("*.bin")) + sorted(self.path.glob("*.pt"))
         pickle_index = self.path / "pytorch_model.bin.index.json"
         if not pickles and not pickle_index.is_file():
-            raise ModelError(f"{self.path}: no weights found (expected *.safetensors)")
+            raise ModelError(f"{self.path}: no weights found; put the model's *.safetensors files in this folder")
         if not allow_pickle:
             raise ModelError(
                 f"{self.path}: weights are a pickle checkpoint (.bin/.pt), which can run code when loaded; "
@@ -261,7 +262,13 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
     for other in checkpoints[1:]:
         if other.architecture != ref.architecture or other.config.get("model_type") != ref.config.get("model_type"):
             raise ModelError(
-                f"{other.path}: architecture {other.architecture} differs from {ref.path} ({ref.architecture}); "
+                f"{other.path}: architecture {other.architecture} (model_type {other.config.get('model_type')}) differs "
+                f"from {ref.path} ({ref.architecture}, model_type {ref.config.get('model_type')}); "
+                "merge models of one architecture"
+            )
+        if other.num_layers != ref.num_layers:
+            raise ModelError(
+                f"{other.path}: config.json has {other.num_layers} layers, {ref.path} has {ref.num_layers}; "
                 "merge models of one architecture"
             )
         names = set(other.tensor_names())

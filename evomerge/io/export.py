@@ -3,19 +3,23 @@
     export_recipe(Recipe.load("recipe.yaml"), Path("out/model"))
 
 Memory stays bounded (one shard of merged tensors; inputs are memory-mapped). Everything is written to a
-temp folder next to `out_dir` and renamed into place: `out_dir` holds the previous complete result or the
-new one, never a partial one.
+temp folder next to `out_dir` and swapped into place (`evomerge.io.atomic`): `out_dir` holds the previous
+complete result or the new one, never a partial one, even if the process is killed. The recipe written
+next to the weights records the sha256 of every other file (`evomerge.outputs`) for `evomerge verify`.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.io.atomic import atomic_dir, check_replaceable
 from evomerge.io.checkpoint import Checkpoint, check_compatible
+from evomerge.io.verify import file_sha256
 from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -49,7 +53,14 @@ class ShardWriter:
     def _flush(self) -> None:
         from safetensors.torch import save_file
 
-        save_file(self._pending, str(self._part(len(self._shards))), metadata={"format": "pt"})
+        part = self._part(len(self._shards))
+        try:
+            save_file(self._pending, str(part), metadata={"format": "pt"})
+        except Exception as exc:  # SafetensorError wraps the OS error in its message
+            code = re.search(r"os error (\d+)", str(exc))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(part)) from None
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 
@@ -81,25 +92,33 @@ def export_recipe(
     seed: int | None = None,
     allow_pickle: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    source: str | os.PathLike | None = None,
+    extra_files: Mapping[str, str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Path:
-    """Merge `recipe` to `out_dir` (HF folder + recipe.yaml with provenance); returns `out_dir`."""
+    """Merge `recipe` to `out_dir` (HF folder + recipe.yaml with provenance); returns `out_dir`.
+
+    Raises EvomergeError (exit 2) for bad inputs or an output that cannot be written, and then leaves
+    nothing behind. `source` (the recipe's file) prefixes errors about the models the recipe names.
+    `extra_files` ({name: text}, e.g. a model card) are written inside the same atomic swap and recorded.
+    """
     from evomerge import __version__
     from evomerge.merge.materialize import merged_tensors
 
     out_dir = Path(out_dir)
+    check_replaceable(out_dir)  # fail before hashing and merging
     if seed is not None:
         recipe = recipe.with_provenance(seed=seed)
     inputs = recipe.input_models()
-    checkpoints = [Checkpoint(m, allow_pickle=allow_pickle) for m in inputs]
+    checkpoints = [_open(recipe, m, allow_pickle, source) for m in inputs]
     ref = checkpoints[inputs.index(recipe.base_model)] if recipe.base_model else checkpoints[0]
     check_compatible([ref] + [c for c in checkpoints if c is not ref])  # mismatches named against the base
-    recipe = recipe.with_provenance(version=__version__, inputs={m: c.sha256() for m, c in zip(inputs, checkpoints)})
+    recipe = recipe.with_provenance(
+        version=__version__, inputs={m: c.sha256() for m, c in zip(inputs, checkpoints)}, outputs={}
+    )
     tokenizer_dir = _tokenizer_dir(recipe, ref)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         writer = ShardWriter(tmp, shard_bytes)
         out_dtype = None
         for name, tensor in merged_tensors(recipe, checkpoints):
@@ -116,15 +135,34 @@ def export_recipe(
             src = (ref.path if fname == "generation_config.json" else tokenizer_dir) / fname
             if src.is_file():
                 shutil.copyfile(src, tmp / fname)
-        recipe.dump(tmp / "recipe.yaml")
-        _open_permissions(tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        for fname, text in (extra_files or {}).items():
+            if Path(fname).name != fname or fname == "recipe.yaml":
+                raise ValueError(f"extra file {fname!r}: a plain file name other than recipe.yaml")
+            (tmp / fname).write_text(text, encoding="utf-8")
+        outputs = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+        recipe.with_provenance(outputs=outputs).dump(tmp / "recipe.yaml")
     if log:
         log(f"{len(shards)} shard(s), {writer.total_bytes / 1e6:.1f} MB")
     return out_dir
+
+
+def _open(recipe: Recipe, model: str, allow_pickle: bool, source: str | os.PathLike | None) -> Checkpoint:
+    """The input checkpoint; errors also name the recipe file and field that point at it."""
+    try:
+        return Checkpoint(model, allow_pickle=allow_pickle)
+    except EvomergeError as exc:
+        where = f"{source}: " if source is not None else ""
+        raise type(exc)(f"{where}field {recipe.field_of(model)}: {exc}") from None
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '64KiB', '1000' -> bytes (for --max-shard-size)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"--max-shard-size {text!r}: use a positive size such as 2GB, 500MB or 1000000")
+    base = 1024 if match.group(3) else 1000
+    power = " KMGT".index(match.group(2).upper() or " ")
+    return max(1, int(float(match.group(1)) * base**power))
 
 
 def _tokenizer_dir(recipe: Recipe, ref: Checkpoint) -> Path:
@@ -133,31 +171,5 @@ def _tokenizer_dir(recipe: Recipe, ref: Checkpoint) -> Path:
         return ref.path
     path = Path(source)
     if not path.is_dir():
-        from evomerge.errors import ConfigError
-
-        raise ConfigError(f"field tokenizer_source: {source} is not a folder")
+        raise ConfigError(f"field tokenizer_source: {source} is not a folder; point it at a folder with tokenizer.json")
     return path
-
-
-def _open_permissions(folder: Path) -> None:
-    """mkdtemp/mkstemp create owner-only entries; give the result the usual umask-based modes."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~mask)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; an existing target is moved aside first and removed after."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.replace(target, old / target.name)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old / target.name, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -72,6 +72,11 @@ def check_recipe(recipe: Recipe) -> None:
     try:
         method.validate_inputs(inputs, recipe.base_model)
     except ValueError as exc:
+        if recipe.base_model is None and "requires a base" in str(exc):
+            raise ConfigError(
+                f"field base_model: {recipe.merge_method} needs a base model (the one the others were fine-tuned from); "
+                "add `base_model: PATH`"
+            ) from None
         raise ConfigError(f"field models: {recipe.merge_method}: {exc}; check base_model and the models listed") from None
     _check_required(recipe, method)
     _check_della(recipe)

@@ -1,0 +1,76 @@
+"""`build_report(run_dir)`: score the comparison, draw the figures, write `RUN_DIR/report/`.
+
+    evomerge report runs/demo            # runs/demo/report/{report.md,comparison.json,*.png}
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from evomerge.report.compare import Comparison, compare_run, load_run
+from evomerge.report.figures import TrialPoint, history_png, params_png, pareto_png, scores_png
+from evomerge.report.markdown import render, write_atomic
+
+
+@dataclass
+class ReportResult:
+    report: Path
+    comparison: Comparison
+    figures: dict[str, Path] = field(default_factory=dict)
+
+
+def _points(cfg, trials) -> list[TrialPoint]:
+    from evomerge.search.study import objective_of
+
+    out = []
+    for t in trials:
+        scores = t.user_attrs.get("scores", {})
+        per_task = tuple(float(scores.get(s.name, {}).get(s.metric, float("nan"))) for s in cfg.tasks.search)
+        out.append(TrialPoint(t.number, objective_of(t), t.user_attrs.get("baseline", ""), per_task))
+    return out
+
+
+def draw_figures(cfg, study, done, comparison: Comparison, out_dir: Path) -> dict[str, Path]:
+    """caption -> PNG path, for every figure this study supports."""
+    from evomerge.search.driver import space_of
+    from evomerge.search.study import best_trial, pareto_front
+
+    points = _points(cfg, done)
+    metrics = "/".join(sorted({t.metric for t in cfg.tasks.search}))
+    label = f"search objective (weighted mean {metrics})"
+    figures = {"Optimization history": history_png(points, out_dir / "history.png", label)}
+    best = best_trial(study)
+    space = space_of(cfg)
+    if best.params and space.slots(cfg.models):
+        title = f"Best recipe (trial {best.number}, {cfg.method}): searched values"
+        figures["Best recipe parameters"] = params_png(space, cfg.models, best.params, out_dir / "best_params.png", title)
+    figures["Held-out scores per task"] = scores_png(comparison, out_dir / "scores.png")
+    if comparison.multi_objective and len(cfg.tasks.search) >= 2:
+        front = {t.number for t in pareto_front(study)}
+        names = [t.name for t in cfg.tasks.search[:2]]
+        figures["Pareto front"] = pareto_png(points, front, names, out_dir / "pareto.png")
+    return figures
+
+
+def build_report(
+    run_dir: Path | str,
+    *,
+    top_k: int = 3,
+    heldout: Sequence[str] | None = None,
+    subset: int | None = None,
+    log: Callable[[str], None] | None = print,
+) -> ReportResult:
+    """Score the held-out comparison and write `RUN_DIR/report/` (report.md, comparison.json, PNGs)."""
+    run_dir = Path(run_dir)
+    comparison = compare_run(run_dir, top_k=top_k, heldout=heldout, subset=subset, log=log)
+    cfg, study, done = load_run(run_dir)
+    out_dir = run_dir / "report"
+    figures = draw_figures(cfg, study, done, comparison, out_dir)
+    write_atomic(out_dir / "comparison.json", comparison.model_dump_json(indent=2))
+    relative = {caption: path.name for caption, path in figures.items()}
+    report = write_atomic(out_dir / "report.md", render(comparison, relative))
+    return ReportResult(report, comparison, figures)
+
+
+__all__ = ["ReportResult", "build_report", "draw_figures"]

@@ -1,0 +1,65 @@
+"""The default merge of a method: what the report compares a searched recipe against.
+
+    from evomerge.report.defaults import default_recipe
+    recipe = default_recipe("ties", "zoo/base", ["zoo/add", "zoo/reverse"], seed=0)
+
+"Default" has one definition: the `default:` value of each parameter in the method's search space
+(`search_spaces/<name>.yaml`, or the study's own space for the study's method). These are the values of the
+"defaults" baseline trial the search enqueues first, so the report's default row and the study's first trial
+are the same recipe. (mergekit itself has no default `weight`; the spaces pick one per method.)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from evomerge.errors import ConfigError
+from evomerge.recipe import Recipe
+from evomerge.search.space import SPACES_DIR, SearchSpace, SpaceSpec, load_space_spec, num_layers
+
+# The methods every report compares against, besides the study's own (slerp only where it applies).
+COMMON_METHODS = ("task_arithmetic", "ties", "dare_ties", "slerp")
+
+
+def space_for(method: str) -> SpaceSpec:
+    """The shipped search space that lists `method` (`search_spaces/<method>.yaml` first)."""
+    if (SPACES_DIR / f"{method}.yaml").is_file():
+        return load_space_spec(method)
+    for path in sorted(SPACES_DIR.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        if method in (data.get("methods") or []):
+            return load_space_spec(path)
+    raise ConfigError(
+        f"no search space in {SPACES_DIR} lists method {method!r}, so it has no default merge; "
+        "add one with `methods: [{method}]` and a `default:` per parameter"
+    )
+
+
+def applies(spec: SpaceSpec, models: Sequence[Any]) -> str | None:
+    """Why the space's method cannot merge these models (None if it can)."""
+    if spec.max_models is not None and len(models) > spec.max_models:
+        return f"merges base_model with at most {spec.max_models} model(s); this study merges {len(models)}"
+    return None
+
+
+def default_recipe(
+    method: str,
+    base: str | Path,
+    models: Sequence[str | Path],
+    seed: int = 0,
+    dtype: str | None = None,
+    space: SpaceSpec | dict | None = None,
+) -> Recipe:
+    """The method's default merge of `models` into `base` (every searched parameter at its space default)."""
+    spec = space_for(method) if space is None else (space if isinstance(space, SpaceSpec) else SpaceSpec.model_validate(space))
+    why = applies(spec, models)
+    if why:
+        raise ConfigError(f"method {method!r} {why}; pick another method")
+    models = [str(m) for m in models]
+    grid = SearchSpace(spec, num_layers(base))
+    return grid.to_recipe(grid.defaults(models), models, str(base), method, seed, dtype)
+
+
+__all__ = ["COMMON_METHODS", "applies", "default_recipe", "space_for"]

@@ -1,0 +1,122 @@
+"""report.md: the held-out comparison table, the plain verdict, search vs held-out for the top trials, figures."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from evomerge.report.compare import Comparison, Verdict
+
+
+def _f(x: float) -> str:
+    return f"{x:.4f}"
+
+
+def statement(v: Verdict, metric: str = "score") -> str:
+    """Whether the evolved recipe beats the best default merge, by how much, and its share of the oracle."""
+    e = v.evolved
+    lines = []
+    if v.best_default is None:
+        lines.append(f"No default merge could be compared (see below); the evolved recipe scores {_f(e.mean)} mean held-out {metric}.")
+    elif v.beats_default:
+        gain = v.margin / v.best_default.mean * 100 if v.best_default.mean > 0 else float("inf")
+        lines.append(
+            f"The evolved recipe ({e.detail}) **beats** the best default merge, {v.best_default.name}, "
+            f"by {v.margin:+.4f} mean held-out {metric} ({_f(e.mean)} vs {_f(v.best_default.mean)}, {gain:+.1f}%)."
+        )
+    else:
+        how = "ties with it" if v.margin == 0 else f"scores {-v.margin:.4f} lower"
+        lines.append(
+            f"The evolved recipe ({e.detail}) does **NOT** beat the best default merge, {v.best_default.name}: "
+            f"it {how} in mean held-out {metric} ({_f(e.mean)} vs {_f(v.best_default.mean)})."
+        )
+    src = v.best_source
+    rel = "above" if e.mean > src.mean else ("equal to" if e.mean == src.mean else "below")
+    lines.append(f"It is {rel} the best single source model, {src.name} ({_f(src.mean)}).")
+    if v.oracle_fraction is not None:
+        lines.append(
+            f"It reaches {v.oracle_fraction * 100:.1f}% of the routing oracle's mean ({_f(v.oracle.mean)}: "
+            "each task answered by its best source model)."
+        )
+    return " ".join(lines)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def comparison_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
+    header = ["model", *c.tasks, "mean"]
+    return header, [[r.name, *(_f(r.scores[t]) for t in c.tasks), _f(r.mean)] for r in c.rows]
+
+
+def text_table(c: Comparison) -> str:
+    """The comparison as aligned plain text (for stdout)."""
+    header, rows = comparison_rows(c)
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    fmt = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)])
+
+
+def render(c: Comparison, figures: dict[str, str]) -> str:
+    """The report; `figures` maps a caption to a PNG path relative to report.md."""
+    metric = "/".join(sorted(set(c.metrics.values())))
+    subset = f"a fixed seeded sample of {c.subset} examples per task" if c.subset else "every example"
+    v = c.verdict()
+    lines = [
+        f"# evomerge report: study `{c.study}`",
+        "",
+        f"`{c.method}` merge searched with the `{c.sampler}` sampler; {c.n_complete} complete trials; "
+        f"best trial {c.best_trial}. Held-out tasks (never seen by the search): "
+        + ", ".join(f"`{t}` ({c.metrics[t]})" for t in c.tasks)
+        + f", scored on {subset}.",
+        "",
+        "## Held-out comparison",
+        "",
+        *_md_table(*comparison_rows(c)),
+        "",
+        statement(v, metric),
+        "",
+        "Rows: the source models; each method's default merge (every parameter at its search-space default: "
+        "the study's first, enqueued baseline for its own method); the routing oracle (per-task max over the "
+        "sources, the multi-model pipeline a merge replaces); the best searched recipe.",
+        "",
+    ]
+    lines += [f"- **{r.name}**: {r.detail}" for r in c.rows if r.detail and r.kind in ("default", "oracle")]
+    lines += [f"- {m}: not compared ({why})" for m, why in c.skipped.items()]
+    lines += [
+        "",
+        f"## Search vs held-out (top {len(c.trials)} trials)",
+        "",
+        "The search objective is measured on the search subsets the sampler optimized; a trial whose held-out "
+        "mean falls well below its search score has overfit them.",
+        "",
+    ]
+    header = ["trial", "note", "search objective", *(f"held-out {t}" for t in c.tasks), "held-out mean", "held-out - search"]
+    rows = [
+        [str(t.number), t.note or "-", _f(t.search), *(_f(t.heldout[x]) for x in c.tasks), _f(t.heldout_mean), f"{t.heldout_mean - t.search:+.4f}"]
+        for t in c.trials
+    ]
+    lines += [*_md_table(header, rows), "", "## Figures", ""]
+    for caption, path in figures.items():
+        lines += [f"### {caption}", "", f"![{caption}]({path})", ""]
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+__all__ = ["render", "statement", "text_table", "write_atomic"]

@@ -1,0 +1,225 @@
+"""`evomerge report` on the tiny zoo: a real (in-process) search, then the held-out comparison and its files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evomerge.cli import main
+from evomerge.recipe import Recipe
+from evomerge.report import Comparison, Row, TrialRow, default_recipe, statement
+from evomerge.report.markdown import render
+from evomerge.search.config import load_run_config, parse_config
+from evomerge.search.driver import run_search
+from evomerge.search.workers import InlinePool
+
+SUBSET = 60  # held-out examples per task: a fixed seeded sample keeps the 9 evaluations quick
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def search(root: Path, zoo: Path, name: str, method: str, sampler: dict, n_trials: int) -> Path:
+    """A short real search (Evaluator in this process, no Ray) into `root/runs/<name>`."""
+    cfg = parse_config(
+        {
+            "name": name,
+            "base_model": str(zoo / "base"),
+            "models": [str(zoo / "add"), str(zoo / "reverse")],
+            "method": method,
+            "search_space": method,
+            "tasks": {
+                "search": [{"name": "zoo_add_search", "subset": 20}, {"name": "zoo_reverse_search", "subset": 20}],
+                "heldout": ["zoo_add", "zoo_reverse"],
+            },
+            "sampler": sampler,
+            "budget": {"n_trials": n_trials},
+        }
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # run directories are relative to the working directory
+        run_search(cfg, progress=False, log=None, pool_factory=InlinePool)
+    return root / cfg.run_dir
+
+
+@pytest.fixture(scope="module")
+def ties_report(tiny_zoo, tmp_path_factory):
+    """(run_dir, Comparison, stdout) of `evomerge report` on a 5-trial TIES study."""
+    import contextlib
+    import io
+
+    run_dir = search(tmp_path_factory.mktemp("report"), tiny_zoo, "rep", "ties", {"name": "cmaes", "options": {"popsize": 4}}, 5)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["report", str(run_dir), "--limit-subset", str(SUBSET)]) == 0
+    comparison = Comparison.model_validate_json((run_dir / "report" / "comparison.json").read_text())
+    return run_dir, comparison, out.getvalue()
+
+
+def test_report_files_and_stdout(ties_report):
+    run_dir, c, stdout = ties_report
+    report = run_dir / "report"
+    for name in ("report.md", "comparison.json", "history.png", "best_params.png", "scores.png"):
+        assert (report / name).stat().st_size > 0, name
+    for name in ("history.png", "best_params.png", "scores.png"):
+        assert (report / name).read_bytes()[:8] == PNG
+        assert f"]({name})" in (report / "report.md").read_text()
+    assert not (report / "pareto.png").exists(), "a single-objective study has no Pareto front"
+    assert not list(report.glob(".*")), "no temp files left behind"
+    assert f"report: {report / 'report.md'}" in stdout
+    evolved = c.row("evolved (best trial)")
+    assert f"{evolved.mean:.4f}" in stdout and "routing oracle" in stdout
+
+
+def test_rows_cover_sources_defaults_oracle_and_evolved(ties_report):
+    _, c, _ = ties_report
+    assert [r.name for r in c.rows_of("source")] == ["base", "add", "reverse"]
+    assert [r.name for r in c.rows_of("default")] == ["ties (defaults)", "task_arithmetic (defaults)", "dare_ties (defaults)"]
+    assert "slerp" in c.skipped  # slerp merges the base with one model; this study merges two
+    assert c.tasks == ["zoo_add", "zoo_reverse"] and c.metrics == {"zoo_add": "acc", "zoo_reverse": "acc"}
+    for r in c.rows:
+        assert set(r.scores) == set(c.tasks)
+        assert r.mean == pytest.approx(sum(r.scores.values()) / len(r.scores))
+    assert all(0.0 <= v <= 1.0 for r in c.rows for v in r.scores.values())
+    assert len({tuple(r.scores.values()) for r in c.rows_of("source")}) == 3, "each source scored on its own weights"
+
+
+def test_oracle_is_the_per_task_max_over_sources(ties_report):
+    _, c, _ = ties_report
+    sources = c.rows_of("source")
+    oracle = c.row("routing oracle")
+    for task in c.tasks:
+        assert oracle.scores[task] == max(r.scores[task] for r in sources)
+    assert oracle.mean >= max(r.mean for r in sources)
+
+
+def test_default_rows_equal_scoring_the_default_merge_directly(ties_report):
+    from evomerge.merge import Materializer
+    from evomerge.scoring import Scorer, TaskSpec, evaluate_model_dir
+
+    run_dir, c, _ = ties_report
+    cfg = load_run_config(run_dir)
+    specs = [TaskSpec(name=t, metric="acc", subset=SUBSET) for t in c.tasks]
+    scorer = Scorer(specs, seed=cfg.seed)
+    mat = Materializer([str(m) for m in cfg.models], str(cfg.base_model), dtype=cfg.dtype)
+    for row in c.rows_of("default"):
+        method = row.name.split(" ")[0]
+        space = cfg.search_space if method == cfg.method else None
+        mat.apply(default_recipe(method, cfg.base_model, cfg.models, cfg.seed, cfg.dtype, space=space))
+        direct = scorer.score(mat.model, mat.tokenizer)
+        assert row.scores == {t: direct[t]["acc"] for t in c.tasks}, method
+    # a source row is its checkpoint, scored from disk
+    disk = evaluate_model_dir(cfg.models[1], specs, seed=cfg.seed)
+    assert c.row("reverse").scores == {t: disk[t]["acc"] for t in c.tasks}
+
+
+def test_study_method_default_is_the_enqueued_baseline_trial(ties_report):
+    from evomerge.search.study import load_study
+
+    run_dir, _, _ = ties_report
+    cfg = load_run_config(run_dir)
+    first = load_study(cfg.name, cfg.storage_url).trials[0]
+    assert first.user_attrs["baseline"] == "defaults"
+    ours = default_recipe(cfg.method, cfg.base_model, cfg.models, cfg.seed, cfg.dtype, space=cfg.search_space)
+    assert ours == Recipe.from_yaml(first.user_attrs["recipe"])
+
+
+def test_top_trials_and_evolved_row_come_from_the_study(ties_report):
+    from evomerge.search.study import best_trial, complete_trials, load_study, objective_of
+
+    run_dir, c, _ = ties_report
+    cfg = load_run_config(run_dir)
+    study = load_study(cfg.name, cfg.storage_url)
+    best = best_trial(study)
+    ranked = sorted(complete_trials(study), key=lambda t: (-objective_of(t), t.number))[:3]
+    assert [t.number for t in c.trials] == [t.number for t in ranked]
+    assert [t.search for t in c.trials] == [objective_of(t) for t in ranked]
+    assert c.best_trial == best.number == c.trials[0].number
+    assert c.row("evolved (best trial)").scores == c.trials[0].heldout
+
+
+def test_statement_matches_the_numbers(ties_report):
+    run_dir, c, _ = ties_report
+    text = (run_dir / "report" / "report.md").read_text()
+    evolved = c.row("evolved (best trial)")
+    best_default = max(c.rows_of("default"), key=lambda r: r.mean)
+    oracle = c.row("routing oracle")
+    if evolved.mean > best_default.mean:
+        assert "**beats** the best default merge" in text and "NOT" not in text
+        assert f"by {evolved.mean - best_default.mean:+.4f}" in text
+    else:
+        assert "does **NOT** beat the best default merge" in text
+    assert f"{best_default.name}" in text.split("## Search")[0]
+    assert f"{evolved.mean / oracle.mean * 100:.1f}% of the routing oracle" in text
+
+
+def _comparison(evolved: float, default: float) -> Comparison:
+    tasks = ["a", "b"]
+
+    def row(name, kind, a, b):
+        return Row(name=name, kind=kind, scores={"a": a, "b": b}, mean=(a + b) / 2, detail=name)
+
+    sources = [row("base", "source", 0.2, 0.2), row("x", "source", 0.8, 0.3), row("y", "source", 0.3, 0.7)]
+    from evomerge.report.compare import oracle_row
+
+    rows = [*sources, row("ties (defaults)", "default", default, default), oracle_row(sources, tasks)]
+    rows.append(row("evolved (best trial)", "evolved", evolved, evolved))
+    trial = TrialRow(number=4, search=0.6, heldout={"a": evolved, "b": evolved}, heldout_mean=evolved)
+    return Comparison(
+        study="s", method="ties", sampler="cmaes", run_dir="r", n_complete=5, multi_objective=False, tasks=tasks,
+        metrics={"a": "acc", "b": "acc"}, subset=None, rows=rows, trials=[trial], best_trial=4,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("evolved", "default", "beats"), [(0.6, 0.5, True), (0.45, 0.5, False), (0.5, 0.5, False)])
+def test_statement_says_plainly_when_the_recipe_does_not_beat_a_default(evolved, default, beats):
+    c = _comparison(evolved, default)
+    v = c.verdict()
+    assert v.beats_default is beats and v.margin == pytest.approx(evolved - default)
+    assert c.row("routing oracle").scores == {"a": 0.8, "b": 0.7}
+    text = statement(v, "acc")
+    if beats:
+        assert "**beats**" in text and f"{evolved - default:+.4f}" in text
+    else:
+        assert "does **NOT** beat the best default merge, ties (defaults)" in text
+        assert ("ties with it" if evolved == default else f"scores {default - evolved:.4f} lower") in text
+    assert f"{evolved / 0.75 * 100:.1f}% of the routing oracle's mean (0.7500" in text
+    assert statement(v, "acc") in render(c, {})
+
+
+def test_multi_objective_report_has_a_pareto_front(tiny_zoo, tmp_path):
+    from evomerge.report import build_report
+
+    run_dir = search(tmp_path, tiny_zoo, "mo", "task_arithmetic", {"name": "nsga2", "seed": 0}, 4)
+    result = build_report(run_dir, top_k=2, subset=20, log=None)
+    assert result.comparison.multi_objective
+    pareto = run_dir / "report" / "pareto.png"
+    assert pareto.read_bytes()[:8] == PNG and "![Pareto front](pareto.png)" in result.report.read_text()
+    assert len(result.comparison.trials) == 2
+
+
+def test_report_errors_name_the_fix(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_default_recipes_come_from_the_search_space_defaults(tiny_zoo):
+    from evomerge.errors import ConfigError
+    from evomerge.report.defaults import COMMON_METHODS, space_for
+    from evomerge.search.space import resolve_setting
+
+    two = [tiny_zoo / "add", tiny_zoo / "reverse"]
+    ties = default_recipe("ties", tiny_zoo / "base", two, seed=3)
+    assert ties.merge_method == "ties" and ties.seed == 3
+    params = ties.models[0].parameters
+    for tensor in ("model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight", "model.norm.weight"):
+        assert resolve_setting(params["weight"], tensor, 0.3) == 1.0  # search_spaces/ties.yaml defaults
+        assert resolve_setting(params["density"], tensor, 0.3) == 0.5
+    for method in COMMON_METHODS:
+        assert method in space_for(method).methods
+    assert space_for("dare_linear").name == "dare_ties"  # found through a space's `methods` list
+    slerp = default_recipe("slerp", tiny_zoo / "base", two[:1])
+    assert [m.model for m in slerp.models] == [str(tiny_zoo / "base"), str(two[0])]
+    assert resolve_setting(slerp.parameters["t"], "model.layers.2.self_attn.q_proj.weight", 0.6) == 0.5
+    with pytest.raises(ConfigError, match="at most 1 model"):
+        default_recipe("slerp", tiny_zoo / "base", two)
+    with pytest.raises(ConfigError, match="no search space"):
+        space_for("model_stock")

@@ -242,8 +242,7 @@ CASES = [
     # eval
     Case("eval_model_missing", lambda t, z: ["eval", str(t / "nowhere"), "--tasks", "zoo_add"], "does not exist"),
     Case("eval_pickle_only", eval_model(to_pickle), "no *.safetensors"),
-    Case("eval_corrupt_header", eval_model(corrupt_header), "corrupt",
-         xfail="evomerge/scoring/checkpoint.py lets safetensors' SafetensorError through (exit 1, traceback)"),
+    Case("eval_corrupt_header", eval_model(corrupt_header), "corrupt"),
     Case("eval_unknown_task", eval_model(None, tasks="zoo_ad"), "zoo_ad"),
     # audit
     Case("audit_malformed_yaml", lambda t, z: audit_config(t, z, "base_model: [x\n"), "YAML"),

@@ -23,6 +23,9 @@ def check_model_dir(model_dir: Path) -> None:
         )
     if not any(model_dir.glob("*.safetensors")):
         raise ModelError(f"{model_dir} has no *.safetensors weights; evomerge loads no pickle checkpoints")
+    from evomerge.io.checkpoint import Checkpoint
+
+    Checkpoint(model_dir)  # headers and sizes checked: a corrupt or truncated file is a ModelError, not a traceback
 
 
 def load_checkpoint(model_dir: Path | str, *, device: str = "cpu", trust_remote_code: bool = False):

@@ -1,0 +1,87 @@
+"""The audit heatmap: rows = embed, layers, norm, lm_head; one panel per metric, columns = tensor kind."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from evomerge.audit import KINDS, AuditReport
+
+# metric -> (panel title, colormap, fixed range or None for the data's own range)
+PANELS = {
+    "cosine": ("cosine similarity", "RdBu", (-1.0, 1.0)),
+    "spearman": ("Spearman rank corr.", "RdBu", (-1.0, 1.0)),
+    "conflict": ("sign-conflict rate", "Reds", None),
+    "magnitude": ("||delta|| / ||base||", "viridis", None),
+}
+
+
+def _grid(report: AuditReport, metric: str) -> list[list[float]]:
+    grid = []
+    for row in report.rows():
+        values = []
+        for kind in KINDS:
+            g = report.get(row, kind)
+            v = getattr(g, metric) if g is not None else None
+            values.append(math.nan if v is None else v)
+        grid.append(values)
+    return grid
+
+
+def plot_audit(report: AuditReport, out: Path | str) -> Path:
+    """Write the heatmap PNG atomically (temp + rename) and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = report.rows()
+    n = len(rows)
+    annotate = n <= 40
+    height = max(3.5, 0.28 * n + 1.8)
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(3.3 * len(PANELS) + 1.2, height), constrained_layout=True)
+    for ax, (metric, (title, cmap_name, fixed)) in zip(axes, PANELS.items()):
+        data = np.array(_grid(report, metric), dtype=float)
+        finite = data[np.isfinite(data)]
+        if fixed:
+            vmin, vmax = fixed
+        else:
+            vmin = 0.0
+            vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        cmap = plt.get_cmap(cmap_name).with_extremes(bad="#dddddd")
+        im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto",
+                       interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(range(len(KINDS)), [k.replace("self_", "") for k in KINDS], fontsize=9)
+        ax.set_yticks(range(n), rows, fontsize=8 if n <= 40 else 6)
+        ax.set_xlabel("tensor kind", fontsize=9)
+        if ax is axes[0]:
+            ax.set_ylabel("layer", fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.9 if n > 10 else 1.0, pad=0.02)
+        if annotate:
+            for y in range(n):
+                for x in range(len(KINDS)):
+                    v = data[y, x]
+                    if math.isfinite(v):
+                        frac = (v - vmin) / (vmax - vmin) if vmax > vmin else 0.5
+                        dark = frac > 0.75 or frac < 0.25 if cmap_name == "RdBu" else frac > 0.6
+                        if cmap_name == "viridis":
+                            dark = frac < 0.5
+                        ax.text(x, y, f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.0e}", ha="center",
+                                va="center", fontsize=7, color="white" if dark else "black")
+    pair = " vs ".join(report.models)
+    fig.suptitle(f"Task vectors against {report.base}: {pair}", fontsize=11)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out

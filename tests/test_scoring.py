@@ -85,9 +85,11 @@ def test_objective_is_the_weighted_mean(scorer):
     scores = {"zoo_add_search": {"acc": 0.5, "acc_norm": 0.1}, "zoo_reverse_greedy_search": {"acc": 0.0, "perplexity": 4.0}}
     assert s.objective(scores) == pytest.approx((3 * 0.5 + 1 * 0.25) / 4)
     tag = Scorer([TaskSpec(name="zoo_greedy_val", metric="acc")])
-    assert sorted(tag.members["zoo_greedy_val"]) == ["zoo_add_greedy_val", "zoo_copy_greedy_val", "zoo_reverse_greedy_val", "zoo_sort_greedy_val"]
-    values = dict(zip(tag.members["zoo_greedy_val"], (0.1, 0.2, 0.3, 0.6)))
-    assert tag.objective({k: {"acc": v} for k, v in values.items()}) == pytest.approx(0.3)
+    from evomerge.zoo.skills import SKILLS
+
+    assert sorted(tag.members["zoo_greedy_val"]) == sorted(f"zoo_{name}_greedy_val" for name in SKILLS)
+    values = dict(zip(tag.members["zoo_greedy_val"], (0.1, 0.2, 0.3, 0.6, 0.3)))
+    assert tag.objective({k: {"acc": v} for k, v in values.items()}) == pytest.approx(1.5 / 5)
 
 
 def test_unknown_task_suggests_close_names():

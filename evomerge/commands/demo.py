@@ -19,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from evomerge.errors import ConfigError
+    from evomerge.commands.report import print_report
     from evomerge.report import build_report
     from evomerge.search import export_trial, load_config, run_search
     from evomerge.zoo.build import build_zoo
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     exported = export_trial(cfg.run_dir)
     print(f"   {exported}")
     print("== held-out report")
-    report = build_report(cfg.run_dir)
-    print(f"== done in {time.perf_counter() - start:.0f} s; report: {report}")
+    result = build_report(cfg.run_dir)
+    print_report(result)
+    print(f"== done in {time.perf_counter() - start:.0f} s")
     return 0

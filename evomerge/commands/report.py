@@ -17,18 +17,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from evomerge.errors import ConfigError
-    from evomerge.report import build_report, statement, text_table
+    from evomerge.report import build_report
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
     if args.limit_subset is not None and args.limit_subset < 1:
         raise ConfigError(f"--limit-subset must be at least 1, got {args.limit_subset}")
     heldout = [t.strip() for t in args.heldout.split(",") if t.strip()] if args.heldout else None
-    result = build_report(args.run_dir, top_k=args.top_k, heldout=heldout, subset=args.limit_subset)
+    print_report(build_report(args.run_dir, top_k=args.top_k, heldout=heldout, subset=args.limit_subset))
+    return 0
+
+
+def print_report(result) -> None:
+    """The report's path, its held-out table and the plain verdict (shared with `evomerge demo`)."""
+    from evomerge.report import statement, text_table
+
     c = result.comparison
     metric = "/".join(sorted(set(c.metrics.values())))
     print(f"\nreport: {result.report}")
     print(f"held-out {metric}:\n")
     print(text_table(c))
     print("\n" + statement(c.verdict(), metric).replace("**", ""))
-    return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-_OFFLINE = {
+OFFLINE_ENV: dict[str, str] = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -13,6 +13,9 @@ _OFFLINE = {
 }
 
 
+_OFFLINE = OFFLINE_ENV  # the old private name
+
+
 def go_offline() -> None:
-    for key, value in _OFFLINE.items():
+    for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)

@@ -42,6 +42,7 @@ class TrialRow(BaseModel):
     search: float
     heldout: dict[str, float]
     heldout_mean: float
+    validation: float | None = None  # validation objective, where the overfitting guard scored it
 
 
 class Verdict(BaseModel):
@@ -219,7 +220,8 @@ def compare_run(
     from evomerge.recipe import Recipe
     from evomerge.scoring import TaskSpec
     from evomerge.search.space import model_keys
-    from evomerge.search.study import best_trial, objective_of
+    from evomerge.search.study import objective_of
+    from evomerge.search.validate import chosen_trial, stored
 
     go_offline()
     log = log or (lambda _msg: None)
@@ -235,7 +237,8 @@ def compare_run(
     tasks = list(bench.metric)
 
     defaults, skipped = _default_recipes(cfg)
-    best = best_trial(study)
+    best = chosen_trial(cfg, study)  # what export takes: the best on validation when the guard ran
+    validated = stored(cfg, study)
     ranked = sorted(done, key=lambda t: (-objective_of(t), t.number))[: max(top_k, 1)]
     if best not in ranked:
         ranked = [best, *ranked[:-1]]
@@ -257,9 +260,14 @@ def compare_run(
         recipe = Recipe.from_yaml(t.user_attrs["recipe"], source=f"trial {t.number} recipe")
         scores = bench.score_recipe(recipe, f"trial {t.number}")
         note = t.user_attrs.get("baseline", "")
-        trials.append(TrialRow(number=t.number, note=note, search=objective_of(t), heldout=scores, heldout_mean=_mean(scores)))
+        v = validated[t.number].objective if t.number in validated else None
+        trials.append(
+            TrialRow(number=t.number, note=note, search=objective_of(t), heldout=scores, heldout_mean=_mean(scores), validation=v)
+        )
     top = next(r for r in trials if r.number == best.number)
     note = f"trial {best.number}" + (f", the enqueued baseline '{top.note}'" if top.note else "")
+    if best.number in validated:
+        note += f", best on validation of the top {cfg.validation.top_k}"
     rows.append(Row(name="evolved (best trial)", kind="evolved", scores=top.heldout, mean=top.heldout_mean, detail=note))
 
     return Comparison(

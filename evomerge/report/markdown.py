@@ -99,6 +99,10 @@ def render(c: Comparison, figures: dict[str, str]) -> str:
         [str(t.number), t.note or "-", _f(t.search), *(_f(t.heldout[x]) for x in c.tasks), _f(t.heldout_mean), f"{t.heldout_mean - t.search:+.4f}"]
         for t in c.trials
     ]
+    if any(t.validation is not None for t in c.trials):  # the overfitting guard re-scored the top trials
+        header.insert(3, "validation objective")
+        for row, t in zip(rows, c.trials):
+            row.insert(3, "-" if t.validation is None else _f(t.validation))
     lines += [*_md_table(header, rows), "", "## Figures", ""]
     for caption, path in figures.items():
         lines += [f"### {caption}", "", f"![{caption}]({path})", ""]

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 SPACES_DIR = REPO / "search_spaces"
 RUNS_DIR = Path("runs")
 # Fields that may change between runs of one study without making its trials incomparable.
-RUNTIME_FIELDS = ("budget", "workers", "storage")
+RUNTIME_FIELDS = ("budget", "workers", "storage", "validation")
 
 
 class _Strict(BaseModel):
@@ -53,17 +53,32 @@ class TasksConfig(_Strict):
         return tasks
 
 
+class WarmStartConfig(_Strict):
+    """An earlier study on the same models and search space, by name and storage URL."""
+
+    study: str
+    storage: str
+
+
 class SamplerConfig(_Strict):
     name: str = "cmaes"
     seed: int | None = None
     options: dict[str, Any] = {}
+    warm_start: str | WarmStartConfig | None = Field(None, description="a run directory, or {study, storage}")
 
     @model_validator(mode="after")
     def _known(self) -> SamplerConfig:
         from evomerge.search.samplers import check_sampler
 
-        check_sampler(self.name, self.options)
+        check_sampler(self.name, self.options, warm_start=self.warm_start is not None)
         return self
+
+
+class ValidationConfig(_Strict):
+    """Before export, re-score the `top_k` trials on larger `tasks` (validation splits); export the best there."""
+
+    top_k: int = Field(3, gt=0)
+    tasks: list[SearchTask] = Field(min_length=1)
 
 
 class BudgetConfig(_Strict):
@@ -72,7 +87,7 @@ class BudgetConfig(_Strict):
 
 
 class WorkersConfig(_Strict):
-    count: int = Field(1, gt=0)
+    count: int = Field(1, ge=0, description="Ray actors; 0 evaluates in the driver process, without Ray (debugging, tests)")
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     address: str | None = None
@@ -91,6 +106,7 @@ class SearchConfig(_Strict):
     workers: WorkersConfig = WorkersConfig()
     seed: int = 0
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    validation: ValidationConfig | None = None
 
     @property
     def run_dir(self) -> Path:

@@ -5,7 +5,9 @@
 Each worker holds up to two trials (one running, one queued inside the actor); whenever one finishes
 (`ray.wait`, one at a time) its result is told and the next trial is asked, so no worker waits for a
 generation or for the driver's bookkeeping. The budget counts COMPLETE trials: failed
-candidates are recorded (with `fail_reason`) and replaced.
+candidates are recorded (with `fail_reason`) and replaced. One driver runs a study at a time
+(`StudyLock`); a killed driver's trials are failed and enqueued again by the next run, and so are
+the trials of a worker that died (at most MAX_WORKER_DEATHS times for the same params).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from evomerge.search.config import SearchConfig, write_run_config
 from evomerge.search.space import SearchSpace, SpaceSpec, num_layers
 
 
-SYNC_S = 10.0  # how often the COMPLETE count is re-read from the storage
+MAX_WORKER_DEATHS = 2  # retries of params whose worker died while evaluating them; then the trial fails
 
 
 @dataclass
@@ -82,30 +84,48 @@ def run_search(
 ) -> SearchResult:
     """Run (or resume) the study until it has `budget.n_trials` COMPLETE trials or `budget.timeout` passes.
 
-    `pool_factory(cfg)` makes the workers (default: `WorkerPool`, Ray actors; `InlinePool` runs in-process).
+    `pool_factory(cfg)` makes the workers (default: `WorkerPool`, Ray actors; `InlinePool`, in this process,
+    when `workers.count` is 0). One driver per study: a second one raises StudyError naming the first.
     """
     from evomerge.search import study as st
-    from evomerge.search.workers import WorkerPool
+    from evomerge.search.lock import StudyLock
 
     log = log or (lambda _msg: None)
     space = space_of(cfg)
-    study = st.open_study(cfg, space, force=force, log=log)
-    write_run_config(cfg)
-    st.fail_stale_trials(study, log=log)
+    with StudyLock(cfg.storage_url, cfg.name) as lock:  # before open_study: --force must not delete a live study
+        if force and (existing := st.load_study(cfg.name, cfg.storage_url)) is not None:
+            lock.check_free(existing)
+        study = st.open_study(cfg, space, force=force, log=log)
+        lock.claim(study)
+        write_run_config(cfg)
+        st.fail_stale_trials(study, log=log, exclusive=True)
+        result = SearchResult(cfg.name, cfg.run_dir, cfg.storage_url, 0, 0, None, None)
+        n_complete = len(st.complete_trials(study))
+        if n_complete >= cfg.budget.n_trials:
+            log(f"study {cfg.name!r} already has {n_complete} complete trials (budget {cfg.budget.n_trials}); raise --n-trials to go on")
+            return _finish(study, result)
+        _loop(study, cfg, space, lock, result, n_complete, progress, pool_factory)
+    return _finish(study, result, log)
+
+
+def _default_pool(cfg: SearchConfig):
+    from evomerge.search.workers import InlinePool, WorkerPool
+
+    return (InlinePool if cfg.workers.count == 0 else WorkerPool)(cfg)
+
+
+def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResult, n_complete: int, progress: bool, pool_factory) -> None:
+    """Keep every worker busy until the budget is COMPLETE; this driver holds the study, so its count is exact."""
+    from evomerge.search import study as st
+
     distributions = space.distributions(cfg.models)
     n_trials = cfg.budget.n_trials
-    result = SearchResult(cfg.name, cfg.run_dir, cfg.storage_url, 0, 0, None, None)
-    n_complete = len(st.complete_trials(study))
-    if n_complete >= n_trials:
-        log(f"study {cfg.name!r} already has {n_complete} complete trials (budget {n_trials}); raise --n-trials to go on")
-        return _finish(study, result)
-
-    pool = (pool_factory or WorkerPool)(cfg)
+    pool = (pool_factory or _default_pool)(cfg)
     loop_start = time.perf_counter()
     bar = _Progress(cfg, n_complete, progress)
     in_flight: dict[Any, _InFlight] = {}
     deadline = time.monotonic() + cfg.budget.timeout if cfg.budget.timeout else math.inf
-    consecutive_failures, last_beat, last_sync = 0, time.monotonic(), time.monotonic()
+    failures, last_beat = 0, time.monotonic()  # consecutive failed trials
     max_failures = max(5, 2 * cfg.workers.count)
     best = st.best_trial(study)
     try:
@@ -121,9 +141,9 @@ def run_search(
                 except EvomergeError as err:  # an invalid point (e.g. DELLA's density +/- epsilon): a failed candidate
                     st.fail(study, trial._trial_id, trial.number, f"{type(err).__name__}: {err}")
                     result.n_failed += 1
-                    consecutive_failures += 1
-                    if consecutive_failures >= max_failures:
-                        raise StudyError(f"study {cfg.name!r}: the last {consecutive_failures} trials failed (last: {err})") from None
+                    failures += 1
+                    if failures >= max_failures:
+                        raise StudyError(f"study {cfg.name!r}: the last {failures} trials failed (last: {err})") from None
                 except BaseException as err:
                     st.fail(study, trial._trial_id, trial.number, f"driver error: {type(err).__name__}: {err}")
                     raise
@@ -133,37 +153,39 @@ def run_search(
                 job = in_flight.pop(ref)
                 told = _tell(study, cfg, job, res, result)
                 if told is not None:
-                    consecutive_failures = 0
+                    failures = 0
                     n_complete += 1
                     if best is None or st.objective_of(told) > st.objective_of(best):
                         best = told
                 else:
-                    consecutive_failures += 1
                     result.n_failed += 1
-                bar.update(best.number if best else None, st.objective_of(best) if best else None, result.n_failed, res.ok)
-                if consecutive_failures >= max_failures:
+                    failures += not (res.worker_died and not res.was_running)  # a queued trial is no one's fault
+                bar.update(best.number if best else None, st.objective_of(best) if best else None, result.n_failed, told is not None)
+                if failures >= max_failures:
                     raise StudyError(
-                        f"study {cfg.name!r}: the last {consecutive_failures} trials failed (last: {res.error}); "
+                        f"study {cfg.name!r}: the last {failures} trials failed (last: {res.error}); "
                         f"see `evomerge status {cfg.run_dir}`"
                     )
-            if time.monotonic() - last_sync > SYNC_S:  # other drivers may share the study and its budget
-                n_complete, best, last_sync = len(st.complete_trials(study)), st.best_trial(study), time.monotonic()
             if time.monotonic() - last_beat > st.HEARTBEAT_S:
                 st.heartbeat(job.trial for job in in_flight.values())
+                lock.beat()
                 last_beat = time.monotonic()
     finally:
         # interrupted or failed: in-flight trials fail now and are enqueued again, instead of going stale
         for job in in_flight.values():
-            st.fail(study, job.trial._trial_id, job.trial.number, "interrupted: the search stopped before it finished")
-            study.enqueue_trial(dict(job.trial.params), user_attrs={"retry_of": job.trial.number})
+            st.requeue(study, job.trial, "interrupted: the search stopped before it finished",
+                       worker_deaths=int(job.trial.user_attrs.get("worker_deaths", 0)))  # fmt: skip
         result.wall_s = time.perf_counter() - loop_start
         bar.close()
         pool.close()
-    return _finish(study, result, log)
 
 
 def _tell(study, cfg: SearchConfig, job: _InFlight, res, result: SearchResult):
-    """Record one finished trial (user attrs, then tell): the FrozenTrial if it completed, else None."""
+    """Record one finished trial (user attrs, then tell): the FrozenTrial if it completed, else None.
+
+    A trial whose worker died is enqueued again, up to MAX_WORKER_DEATHS times for params that were running
+    when it died (they may be what kills workers); then it fails for good with the reason.
+    """
     from evomerge.search import study as st
 
     trial = job.trial
@@ -174,6 +196,14 @@ def _tell(study, cfg: SearchConfig, job: _InFlight, res, result: SearchResult):
         "latency_s": time.perf_counter() - job.started,  # ask to tell, queueing included
         "worker": res.worker,
     }
+    if res.ok and not math.isfinite(res.objective):  # never a best trial, whatever a worker reports
+        res.error = f"non-finite objective {res.objective}"
+    if res.worker_died:
+        deaths = int(trial.user_attrs.get("worker_deaths", 0)) + res.was_running
+        if deaths <= MAX_WORKER_DEATHS:
+            st.requeue(study, trial, res.error, attrs, worker_deaths=deaths)
+            return None
+        res.error = f"{res.error} (its worker died {deaths} times on these params; not retried again)"
     if not res.ok:
         st.fail(study, trial._trial_id, trial.number, res.error, attrs)
         return None

@@ -7,7 +7,6 @@ re-run of `evomerge search CONFIG` continues exactly where the last one stopped.
 from __future__ import annotations
 
 import functools
-import os
 import socket
 import time
 from pathlib import Path
@@ -78,13 +77,14 @@ def open_study(cfg: SearchConfig, space: SearchSpace, *, force: bool = False, lo
     import optuna
 
     from evomerge.search.config import diff_fields
-    from evomerge.search.samplers import make_sampler
+    from evomerge.search.samplers import sampler_for
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" lines under the progress bar
     storage = get_storage(cfg.storage_url)
-    sampler = make_sampler(cfg.sampler.name, cfg.sampler_seed, cfg.sampler.options)
+    sampler = sampler_for(cfg, space)  # defaults sized to the space; warm start
     study = load_study(cfg.name, storage, sampler)
-    if study is not None and study.user_attrs.get("config_hash") != cfg.study_hash():
+    recorded = study.user_attrs.get("config_hash") if study is not None else None
+    if study is not None and recorded is not None and recorded != cfg.study_hash():
         changed = diff_fields(study.user_attrs.get("config", {}), cfg.study_fields()) or ["(unrecorded)"]
         if not force:
             raise StudyError(
@@ -98,13 +98,23 @@ def open_study(cfg: SearchConfig, space: SearchSpace, *, force: bool = False, lo
         study = optuna.create_study(
             study_name=cfg.name, storage=storage, sampler=sampler, directions=directions(cfg), load_if_exists=True
         )
-        if not study.trials:
-            study.set_user_attr("config_hash", cfg.study_hash())
-            study.set_user_attr("config", cfg.study_fields())
-            study.set_user_attr("task_names", [t.name for t in cfg.tasks.search])
-            for label, params in space.baselines(cfg.models):
-                study.enqueue_trial(params, user_attrs={"baseline": label})
+    if not study.user_attrs.get("baselines_enqueued"):
+        _set_up(study, cfg, space)
     return study
+
+
+def _set_up(study: optuna.Study, cfg: SearchConfig, space: SearchSpace) -> None:
+    """Record the config and enqueue the baselines; idempotent, so a driver killed halfway through creating
+    the study leaves one that the next run finishes setting up (no hash yet means nothing was asked yet)."""
+    if study.user_attrs.get("config_hash") is None:
+        study.set_user_attr("config", cfg.study_fields())
+        study.set_user_attr("task_names", [t.name for t in cfg.tasks.search])
+        study.set_user_attr("config_hash", cfg.study_hash())
+    have = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)}
+    for label, params in space.baselines(cfg.models):
+        if label not in have:
+            study.enqueue_trial(params, user_attrs={"baseline": label})
+    study.set_user_attr("baselines_enqueued", True)
 
 
 # -- trial bookkeeping ------------------------------------------------------------------------------
@@ -113,33 +123,12 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def _proc_start(pid: int) -> str | None:
-    """The process's start time (Linux), to tell a live driver from a reused pid."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _driver_id() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _proc_start(os.getpid())}
-
-
-def _alive(driver: dict[str, Any]) -> bool:
-    try:
-        os.kill(int(driver["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    start = driver.get("start")
-    return start is None or _proc_start(int(driver["pid"])) in (None, start)
-
-
 def ask(study: optuna.Study, distributions: dict) -> optuna.trial.Trial:
     """A new trial (an enqueued one first), stamped with this driver so a dead driver's trials can be found."""
+    from evomerge.search.lock import driver_id
+
     trial = study.ask(distributions)
-    trial.set_user_attr("driver", _driver_id())
+    trial.set_user_attr("driver", driver_id())
     trial.set_user_attr("heartbeat", time.time())
     return trial
 
@@ -163,11 +152,37 @@ def fail(study: optuna.Study, trial_id: int, number: int, reason: str, attrs: di
         pass
 
 
-def stale_reason(trial, now: float | None = None) -> str | None:
+def params_of(trial) -> dict[str, Any]:
+    """A trial's params, also those it was enqueued with but had not recorded yet (killed inside `ask`)."""
+    frozen = getattr(trial, "_cached_frozen_trial", trial)  # optuna.Trial or FrozenTrial
+    return {**frozen.system_attrs.get("fixed_params", {}), **trial.params}
+
+
+def requeue(study: optuna.Study, trial, reason: str, attrs: dict | None = None, worker_deaths: int = 0) -> None:
+    """FAIL a trial that did not finish through no fault of its params, and enqueue them again (once).
+
+    Crash-safe in this order: the retry is enqueued first, unless one exists already, then the trial
+    fails; a driver killed in between finds the trial RUNNING again and only fails it. The retry
+    carries `retry_of`, the baseline label, and how many workers died on these params.
+    """
+    number = trial.number
+    if not any(t.user_attrs.get("retry_of") == number for t in study.get_trials(deepcopy=False)):
+        extra = {k: trial.user_attrs[k] for k in ("baseline",) if k in trial.user_attrs}
+        if worker_deaths:
+            extra["worker_deaths"] = worker_deaths
+        study.enqueue_trial(params_of(trial), user_attrs={"retry_of": number, **extra})
+    fail(study, trial._trial_id, number, reason, attrs)
+
+
+def stale_reason(trial, now: float | None = None, exclusive: bool = False) -> str | None:
+    """Why a RUNNING trial is abandoned, or None. `exclusive`: this driver holds the study's lock, so every
+    RUNNING trial of another driver process is abandoned."""
+    from evomerge.search.lock import driver_id, pid_alive
+
     driver = trial.user_attrs.get("driver")
     now = time.time() if now is None else now
     if driver and driver.get("host") == socket.gethostname():
-        if driver.get("pid") != os.getpid() and not _alive(driver):
+        if driver.get("pid") != driver_id()["pid"] and not pid_alive(driver):
             return f"driver process {driver.get('pid')} on {driver.get('host')} died while the trial ran"
         return None
     beat = trial.user_attrs.get("heartbeat")
@@ -175,20 +190,25 @@ def stale_reason(trial, now: float | None = None) -> str | None:
         beat = trial.datetime_start.timestamp()
     if beat is not None and now - beat > GRACE_S:
         return f"no heartbeat from its driver for {now - beat:.0f} s"
+    if exclusive:  # e.g. killed between asking the trial and stamping it with its driver
+        who = f"{driver.get('pid')} on {driver.get('host')}" if driver else "(unrecorded)"
+        return f"driver process {who} stopped before the trial finished; this driver holds the study now"
     return None
 
 
-def fail_stale_trials(study: optuna.Study, log=print) -> list[int]:
-    """RUNNING trials of dead drivers -> FAIL (reason in `fail_reason`), their params enqueued again."""
+def fail_stale_trials(study: optuna.Study, log=print, exclusive: bool = False) -> list[int]:
+    """RUNNING trials of dead drivers -> FAIL (reason in `fail_reason`), their params enqueued again.
+
+    `exclusive`: the caller holds the study's lock (`StudyLock`), so no other driver is running it.
+    """
     import optuna
 
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        reason = stale_reason(trial)
+        reason = stale_reason(trial, exclusive=exclusive)
         if reason is None:
             continue
-        fail(study, trial._trial_id, trial.number, f"stale: {reason}")
-        study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+        requeue(study, trial, f"stale: {reason}", worker_deaths=int(trial.user_attrs.get("worker_deaths", 0)))
         failed.append(trial.number)
     if failed:
         (log or _quiet)(f"trials {', '.join(map(str, failed))} were left RUNNING by a dead process: failed and enqueued again")
@@ -231,6 +251,7 @@ __all__ = [
     "ask",
     "fail",
     "fail_stale_trials",
+    "requeue",
     "heartbeat",
     "best_trial",
     "pareto_front",

@@ -32,6 +32,8 @@ class TrialResult:
     wait_s: float = 0.0  # the worker idle before this call (waiting on the driver)
     worker: str = ""
     error: str | None = None
+    worker_died: bool = False  # the worker process died (OOM, segfault, kill); the pool replaced it
+    was_running: bool = False  # with worker_died: this trial was the one running, not one queued behind it
 
     @property
     def ok(self) -> bool:
@@ -64,7 +66,9 @@ class Evaluator:
         cfg = SearchConfig.model_validate(self._cfg_json)
         self.materializer = Materializer([str(m) for m in cfg.models], str(cfg.base_model), dtype=cfg.dtype)
         tasks = [TaskSpec(**t.model_dump()) for t in cfg.tasks.search]
-        self.scorer = Scorer(tasks, [str(p) for p in cfg.tasks.include_paths], seed=cfg.seed)
+        # NOTE: Materializer keeps its model on the CPU (it has no device yet), so `device` is only recorded
+        device = "cuda" if cfg.workers.num_gpus > 0 else "cpu"
+        self.scorer = Scorer(tasks, [str(p) for p in cfg.tasks.include_paths], seed=cfg.seed, device=device)
         self._last_end = time.perf_counter()
         return self.name
 
@@ -105,11 +109,15 @@ def _start_ray(cfg: SearchConfig) -> bool:
     """Join `workers.address`, or start a quiet local Ray sized to the workers. True if we started it."""
     import ray
 
+    from evomerge.offline import OFFLINE_ENV
     from evomerge.search.config import cpus_needed
 
     if ray.is_initialized():
         return False
-    common = {"logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True}
+    common = {
+        "logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True,
+        "runtime_env": {"env_vars": dict(OFFLINE_ENV)},  # workers are offline before their first import
+    }  # fmt: skip
     if cfg.workers.address:
         ray.init(address=cfg.workers.address, **common)
     else:
@@ -132,12 +140,14 @@ class WorkerPool:
         )
         self._cfg_json = cfg.model_dump(mode="json")
         self.actors: list[Any] = []
-        self.load: list[int] = []
-        self.busy: dict[Any, tuple[int, Any]] = {}  # object ref -> (actor slot, actor)
+        self.names: list[str] = []  # "host:pid" of each slot's actor
+        self.queues: list[list[Any]] = []  # each slot's refs in submission order: the first one is running
+        self.busy: dict[Any, tuple[int, Any, str]] = {}  # object ref -> (actor slot, actor, its name)
+        self._running_at_death: dict[str, Any] = {}  # dead actor's name -> the ref it was running
         try:
             self.actors = [self._spawn() for _ in range(cfg.workers.count)]
-            self.load = [0] * len(self.actors)
-            self._ready(self.actors)
+            self.queues = [[] for _ in self.actors]
+            self.names = self._ready(self.actors)
         except BaseException:
             self.close()
             raise
@@ -145,11 +155,11 @@ class WorkerPool:
     def _spawn(self):
         return self._remote.remote(self._cfg_json, max(1, int(self.cfg.workers.num_cpus)))
 
-    def _ready(self, actors: list) -> None:
+    def _ready(self, actors: list) -> list[str]:
         from ray.exceptions import RayTaskError
 
         try:
-            self._ray.get([a.setup.remote() for a in actors])
+            return self._ray.get([a.setup.remote() for a in actors])
         except RayTaskError as err:
             cause = getattr(err, "cause", None)
             if isinstance(cause, EvomergeError):
@@ -157,34 +167,48 @@ class WorkerPool:
             raise
 
     @property
+    def load(self) -> list[int]:
+        return [len(q) for q in self.queues]
+
+    @property
+    def pids(self) -> list[int]:
+        return [int(name.rsplit(":", 1)[1]) for name in self.names]
+
+    @property
     def has_capacity(self) -> bool:
-        return any(n < self.depth for n in self.load)
+        return any(len(q) < self.depth for q in self.queues)
 
     def submit(self, recipe_yaml: str):
-        slot = min(range(len(self.actors)), key=lambda i: self.load[i])
+        slot = min(range(len(self.actors)), key=lambda i: len(self.queues[i]))
         ref = self.actors[slot].evaluate.remote(recipe_yaml)
-        self.load[slot] += 1
-        self.busy[ref] = (slot, self.actors[slot])
+        self.queues[slot].append(ref)
+        self.busy[ref] = (slot, self.actors[slot], self.names[slot])
         return ref
 
     def wait(self, timeout: float | None = None) -> list[tuple[Any, TrialResult]]:
         """Results of the trials that finished (at least one, unless `timeout` passed first)."""
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import OutOfMemoryError, RayActorError, RayError, WorkerCrashedError
 
         if not self.busy:
             return []
         done, _ = self._ray.wait(list(self.busy), num_returns=1, timeout=timeout)
         out = []
         for ref in done:
-            slot, actor = self.busy.pop(ref)
-            self.load[slot] -= 1
+            slot, actor, name = self.busy.pop(ref)
+            head = self.queues[slot][0]  # the trial the slot's actor is running (actors run their calls in order)
+            self.queues[slot].remove(ref)
             try:
                 result = self._ray.get(ref)
-            except (RayActorError, RayTaskError) as err:
-                # the worker died (OOM, segfault): its trials fail, a fresh worker takes its place
-                result = TrialResult(error=f"worker died: {str(err).splitlines()[0][:300]}")
-                if self.actors[slot] is actor:  # its other queued trials fail too; replace it once
+            except RayError as err:
+                # the worker died (OOM, segfault, kill): its queued trials fail too, a fresh worker takes its place
+                died = isinstance(err, (RayActorError, OutOfMemoryError, WorkerCrashedError))
+                first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                what = "worker died" if died else f"worker error ({type(err).__name__})"
+                if self.actors[slot] is actor:  # the first news of its death
+                    self._running_at_death[name] = head
                     self._replace(slot)
+                running = self._running_at_death.get(name) is ref
+                result = TrialResult(worker=name, error=f"{what}: {name}: {first}", worker_died=died, was_running=running)
             out.append((ref, result))
         return out
 
@@ -192,7 +216,7 @@ class WorkerPool:
         dead = self.actors[slot]
         self._ray.kill(dead, no_restart=True)
         fresh = self._spawn()
-        self._ready([fresh])
+        self.names[slot] = self._ready([fresh])[0]
         self.actors[slot] = fresh
 
     def close(self) -> None:
@@ -201,7 +225,7 @@ class WorkerPool:
                 self._ray.kill(actor, no_restart=True)
             except Exception:
                 pass
-        self.actors, self.load, self.busy = [], [], {}
+        self.actors, self.queues, self.names, self.busy = [], [], [], {}
         if self._started:
             self._ray.shutdown()
             self._started = False

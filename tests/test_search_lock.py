@@ -1,0 +1,123 @@
+"""One driver per study: a second driver is refused at once, naming the first; a dead driver never blocks."""
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from evomerge.errors import StudyError
+from evomerge.search import lock as lk
+from evomerge.search import study as st
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def new_study(tmp_path: Path, name: str = "locked"):
+    url = f"sqlite:///{tmp_path}/study.db"
+    return url, optuna.create_study(study_name=name, storage=st.get_storage(url))
+
+
+def test_a_second_driver_on_a_sqlite_study_is_refused_until_the_first_releases(tmp_path):
+    url, study = new_study(tmp_path)
+    first = lk.StudyLock(url, "locked").acquire()
+    first.claim(study)
+    assert study.user_attrs["lock"]["pid"] == os.getpid()
+    with pytest.raises(StudyError, match=f"is being run by pid {os.getpid()} on {socket.gethostname()}") as err:
+        lk.StudyLock(url, "locked").acquire()  # flock: another open file, refused even in the same process
+    assert "one driver per study" in str(err.value) and "resume" in str(err.value)
+    lk.StudyLock(url, "other").acquire().release()  # other studies in the same file are not blocked
+    first.release()
+    assert study.user_attrs["lock"] is None
+    with lk.StudyLock(url, "locked") as again:
+        again.claim(study)  # a stale attr of a dead driver (here: released) never blocks
+
+
+def test_rdb_storages_lock_with_a_lease_in_the_study(tmp_path, monkeypatch):
+    """Without a file lock (PostgreSQL, MySQL URLs) the `lock` user attr is the lock: live pid or fresh heartbeat."""
+    monkeypatch.setattr(lk, "SETTLE_S", 0.0)
+    _, study = new_study(tmp_path)
+    rdb = "postgresql://db.example/evomerge"
+    now = time.time()
+    study.set_user_attr("lock", {"host": "elsewhere", "pid": 7, "start": "1", "since": now - 50, "heartbeat": now - 5})
+    with pytest.raises(StudyError, match="is being run by pid 7 on elsewhere"):
+        lk.StudyLock(rdb, "locked").acquire().claim(study)
+    study.set_user_attr("lock", {"host": "elsewhere", "pid": 7, "since": now - 9999, "heartbeat": now - st.GRACE_S - 1})
+    mine = lk.StudyLock(rdb, "locked").acquire()
+    mine.claim(study)  # a silent holder on another host is taken over after GRACE_S
+    assert study.user_attrs["lock"]["pid"] == os.getpid()
+    # a driver that finds the study taken over (it stalled past GRACE_S) stops instead of sharing it
+    study.set_user_attr("lock", {"host": "elsewhere", "pid": 8, "since": now, "heartbeat": now})
+    with pytest.raises(StudyError, match="pid 8 on elsewhere"):
+        mine.beat()
+    # on this host a holder is live while its process runs (same pid and start time)
+    study.set_user_attr("lock", {**lk.driver_id(), "pid": os.getppid(), "start": lk._proc_start(os.getppid()), "since": now})
+    with pytest.raises(StudyError, match=f"pid {os.getppid()}"):
+        lk.StudyLock(rdb, "locked").acquire().claim(study)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    study.set_user_attr("lock", {**lk.driver_id(), "pid": int(dead.stdout), "since": now, "heartbeat": now})
+    lk.StudyLock(rdb, "locked").acquire().claim(study)
+
+
+def search_config(tmp_path: Path, zoo: Path, n_trials: int) -> Path:
+    data = {
+        "name": "shared",
+        "base_model": str(zoo / "base"),
+        "models": [str(zoo / "add"), str(zoo / "reverse")],
+        "method": "task_arithmetic",
+        "search_space": {"methods": ["task_arithmetic"], "parameters": {"weight": {"low": 0.0, "high": 1.0}}},
+        "tasks": {"search": [{"name": "zoo_add_search", "subset": 4}, {"name": "zoo_reverse_search", "subset": 4}]},
+        "sampler": {"name": "random"},
+        "budget": {"n_trials": n_trials},
+        "workers": {"count": 0},
+    }
+    path = tmp_path / "shared.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def count(db: Path, state: str) -> int:
+    try:
+        with sqlite3.connect(db, timeout=30) as conn:
+            return conn.execute("SELECT count(*) FROM trials WHERE state = ?", (state,)).fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+@pytest.mark.slow
+def test_two_search_processes_on_one_study(tmp_path, tiny_zoo):
+    """The second `evomerge search` (also with --force) exits 2 naming the first; the first ends at its budget."""
+    n_trials = 10
+    cmd = [sys.executable, "-m", "evomerge", "search", str(search_config(tmp_path, tiny_zoo, n_trials)), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    db = tmp_path / "runs" / "shared" / "study.db"
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while first.poll() is None and count(db, "RUNNING") + count(db, "COMPLETE") == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, first.stdout.read()[-2000:]
+        for extra in ([], ["--force"]):
+            start = time.monotonic()
+            second = subprocess.run(cmd + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+            assert second.returncode == 2, second.stderr[-2000:]
+            line = second.stderr.strip().splitlines()[-1]
+            assert line.startswith("evomerge: error: study 'shared'") and f"is being run by pid {first.pid} " in line, line
+            assert time.monotonic() - start < 60, "refused at once, before loading models"
+        assert first.poll() is None, "the second driver did not disturb the first"
+        out, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, out[-2000:]
+    assert count(db, "COMPLETE") == n_trials and count(db, "FAIL") == 0
+    assert count(db, "RUNNING") == count(db, "WAITING") == 0
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -1,0 +1,117 @@
+"""The overfitting guard: when the search subsets mislead, validation changes the exported trial; export is atomic."""
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from evomerge.io.verify import verify_checkpoint
+from evomerge.recipe import Recipe
+from evomerge.search import study as st
+from evomerge.search import validate as val
+from evomerge.search.config import parse_config, write_run_config
+from evomerge.search.driver import space_of
+from evomerge.search.export import export_trial
+
+SEARCH = [{"name": "zoo_add_search", "subset": 20}, {"name": "zoo_reverse_search", "subset": 20}]
+VALIDATION = {"top_k": 3, "tasks": [{"name": "zoo_add_val"}, {"name": "zoo_reverse_val"}]}
+
+
+def guard_config(zoo, validation=None):
+    data = {
+        "name": "guard",
+        "base_model": str(zoo / "base"),
+        "models": [str(zoo / "add"), str(zoo / "reverse")],
+        "method": "task_arithmetic",
+        "search_space": {"methods": ["task_arithmetic"], "parameters": {"weight": {"low": 0.0, "high": 1.0, "default": 0.5}}},
+        "tasks": {"search": SEARCH},
+        "budget": {"n_trials": 3},
+    }
+    if validation:
+        data["validation"] = validation
+    return parse_config(data)
+
+
+def test_validation_overrides_a_misleading_search_score_and_export_stays_whole(tmp_path, tiny_zoo, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plain, guarded = guard_config(tiny_zoo), guard_config(tiny_zoo, VALIDATION)
+    assert plain.study_hash() == guarded.study_hash()  # validation is a runtime setting: same study
+    space = space_of(plain)
+    dists = space.distributions(plain.models)
+    study = st.open_study(plain, space, log=None)
+
+    # three real recipes; their true validation objectives, then search scores that rank the worst one first
+    bench = val._Bench(guarded)
+    recipes = [(label, p, space.to_recipe(p, plain.models, plain.base_model, plain.method, 0).to_yaml()) for label, p in space.baselines(plain.models)]
+    truth = [bench(text)[1] for _, _, text in recipes]
+    assert max(truth) > min(truth), "the three recipes score alike on validation; the test needs a difference"
+    worst = truth.index(min(truth))
+    search = [0.4, 0.5, 0.6]
+    search[worst] = 0.9  # e.g. a tiny search subset that happens to favour it
+    for (label, params, text), value in zip(recipes, search):
+        scores = {t["name"]: {"acc": value} for t in SEARCH}
+        attrs = {"recipe": text, "scores": scores, "objective": value, "baseline": label}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value, user_attrs=attrs))
+    numbers = [t.number for t in st.complete_trials(study)]
+
+    # without the guard: the best search objective, i.e. the worst recipe
+    write_run_config(plain)
+    first = export_trial(plain.run_dir, log=None)
+    assert first.trial == numbers[worst] and first.objective == 0.9
+    assert Recipe.load(first.recipe).evomerge.extra.get("validation") is None
+
+    # with the guard: the top 3 are re-scored on the validation tasks, the best there is exported
+    write_run_config(guarded)
+    second = export_trial(guarded.run_dir, log=None)
+    results = val.stored(guarded, st.load_study("guard", guarded.storage_url))
+    assert sorted(results) == sorted(numbers)
+    assert [results[n].objective for n in numbers] == pytest.approx(truth)  # recorded in the study
+    assert second.trial != numbers[worst] and results[second.trial].objective == max(truth)
+    prov = Recipe.load(second.recipe).evomerge
+    assert prov.trial == second.trial and prov.extra["validation"]["objective"] == pytest.approx(max(truth))
+    assert set(prov.extra["validation"]["scores"]) == {"zoo_add_val", "zoo_reverse_val"}
+    card = (second.model_dir / "README.md").read_text()
+    assert f"trial {second.trial}" in card and "## Validation scores" in card and f"{max(truth):.4f}" in card
+    # the card is part of the atomic output (recorded and verified); best/recipe.yaml is model/recipe.yaml
+    assert "README.md" in dict(verify_checkpoint(second.model_dir))
+    assert second.recipe.read_text() == (second.model_dir / "recipe.yaml").read_text()
+
+    # cached: exporting again scores nothing
+    def no_scoring(_text):
+        raise AssertionError("validated twice")
+
+    assert val.validate_top(guarded, study, log=None, score=no_scoring).keys() == results.keys()
+
+    # a killed export (here: interrupted mid-merge) leaves the previous complete best/, card and recipe alike
+    import evomerge.io.export as io_export
+
+    def killed(recipe, out_dir, **kwargs):
+        out_dir.mkdir(parents=True)
+        (out_dir / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io_export, "export_recipe", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_trial(plain.run_dir, trial=numbers[worst], log=None)
+    assert Recipe.load(second.recipe).evomerge.trial == second.trial
+    assert f"trial {second.trial}" in (second.model_dir / "README.md").read_text()
+    assert [p.name for p in plain.run_dir.iterdir() if p.name.startswith(".best")] == []
+
+
+def test_report_shows_search_validation_and_heldout_side_by_side():
+    from evomerge.report.compare import Comparison, Row, TrialRow
+    from evomerge.report.markdown import render
+
+    rows = [
+        Row(name="base", kind="source", scores={"zoo_add": 0.2}, mean=0.2),
+        Row(name="routing oracle", kind="oracle", scores={"zoo_add": 0.2}, mean=0.2),
+        Row(name="evolved (best trial)", kind="evolved", scores={"zoo_add": 0.3}, mean=0.3),
+    ]
+    trials = [
+        TrialRow(number=7, search=0.9, heldout={"zoo_add": 0.1}, heldout_mean=0.1, validation=0.15),
+        TrialRow(number=3, search=0.5, heldout={"zoo_add": 0.3}, heldout_mean=0.3, validation=0.35),
+    ]
+    c = Comparison(study="s", method="ties", sampler="cmaes", run_dir="r", n_complete=9, multi_objective=False,
+                   tasks=["zoo_add"], metrics={"zoo_add": "acc"}, subset=None, rows=rows, trials=trials, best_trial=3)  # fmt: skip
+    text = render(c, {})
+    assert "| trial | note | search objective | validation objective | held-out zoo_add |" in text
+    assert "| 7 | - | 0.9000 | 0.1500 | 0.1000 |" in text and "| 3 | - | 0.5000 | 0.3500 | 0.3000 |" in text

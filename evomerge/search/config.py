@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError, close_matches
 
@@ -107,6 +107,7 @@ class SearchConfig(_Strict):
     seed: int = 0
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     validation: ValidationConfig | None = None
+    _source: str = PrivateAttr("search config")  # the file it was loaded from, for error messages
 
     @property
     def run_dir(self) -> Path:
@@ -249,7 +250,26 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     if check_files:
         _check_files(cfg, source)
     # The resolved config carries its search space inline, so a run never depends on a later edit.
-    return cfg.model_copy(update={"search_space": spec.model_dump(mode="json", exclude_none=True)})
+    cfg = cfg.model_copy(update={"search_space": spec.model_dump(mode="json", exclude_none=True)})
+    cfg._source = source
+    return cfg
+
+
+def check_tasks(cfg: SearchConfig) -> None:
+    """Load the search (and validation) tasks once, as the workers will: a bad task name, metric, subset or
+    task YAML fails here, before a study or run directory exists, naming the config file and field."""
+    from evomerge.errors import TaskError
+    from evomerge.scoring import Scorer, TaskSpec
+
+    include = [str(p) for p in cfg.tasks.include_paths]
+    groups = [("tasks.search", cfg.tasks.search)]
+    if cfg.validation is not None:
+        groups.append(("validation.tasks", cfg.validation.tasks))
+    for field, tasks in groups:
+        try:
+            Scorer([TaskSpec(**t.model_dump()) for t in tasks], include, seed=cfg.seed)
+        except TaskError as err:
+            raise ConfigError(f"{cfg._source}: {field!r}: {err}; fix the task entry or tasks.include_paths") from None
 
 
 def load_config(path: Path | str, **overrides: Any) -> SearchConfig:
@@ -323,6 +343,7 @@ def diff_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
 __all__ = [
     "SearchConfig",
     "SearchTask",
+    "check_tasks",
     "load_config",
     "load_run_config",
     "parse_config",

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from evomerge.errors import EvomergeError, StudyError
-from evomerge.search.config import SearchConfig, write_run_config
+from evomerge.search.config import SearchConfig, check_tasks, write_run_config
 from evomerge.search.space import SearchSpace, SpaceSpec, num_layers
 
 
@@ -92,6 +92,7 @@ def run_search(
 
     log = log or (lambda _msg: None)
     space = space_of(cfg)
+    check_tasks(cfg)  # a bad task fails before the study, its lock or runs/<name>/ exist
     with StudyLock(cfg.storage_url, cfg.name) as lock:  # before open_study: --force must not delete a live study
         if force and (existing := st.load_study(cfg.name, cfg.storage_url)) is not None:
             lock.check_free(existing)

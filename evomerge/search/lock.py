@@ -95,8 +95,14 @@ class StudyLock:
 
         if self._file is None:
             return self
-        self._file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise StudyError(
+                f"storage {self.url!r} cannot be opened ({type(err).__name__}: {err.strerror}: {err.filename}); "
+                f"fix `storage` or --storage"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -77,6 +77,15 @@ class ParamSpec(BaseModel):
         return min(max(float(x), self.low), self.high)
 
 
+# what mergekit accepts for the bounded parameters: (low test, high test, the interval in words)
+_RANGES = {
+    "density": (lambda x: x > 0, lambda x: x <= 1, "(0, 1]"),
+    "t": (lambda x: x >= 0, lambda x: x <= 1, "[0, 1]"),
+    "epsilon": (lambda x: x >= 0, lambda x: x < 1, "[0, 1)"),
+    "gamma": (lambda x: x >= 0, lambda x: x < 1, "[0, 1)"),
+}
+
+
 class SpaceSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -90,6 +99,18 @@ class SpaceSpec(BaseModel):
     base_in_models: bool = Field(False, description="list base_model among the models (slerp)")
     max_models: int | None = Field(None, ge=1)
     parameters: dict[str, ParamSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _in_range(self) -> SpaceSpec:
+        for name, spec in self.parameters.items():
+            if name not in _RANGES:
+                continue
+            lo, hi, text = _RANGES[name]
+            ends = [spec.value] if not spec.searched else [spec.low, spec.high]
+            ends = [x for x in ends if isinstance(x, (int, float)) and not isinstance(x, bool)]
+            if not all(lo(x) and hi(x) for x in ends):
+                raise ValueError(f"parameters.{name}: {ends} leaves {text}; keep {name} within {text}")
+        return self
 
 
 def _available() -> list[str]:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import yaml
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import ConfigError, ModelError
@@ -302,13 +301,10 @@ def summary(report: AuditReport) -> list[str]:
 def load_inputs(path: Path | str) -> tuple[Path, list[Path]]:
     """(base, models) of a recipe YAML (has `merge_method`) or a search config (`base_model`, `models`).
     Relative paths resolve from the YAML's folder; a missing directory is a ModelError naming the field."""
+    from evomerge.io.yamlfile import read_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file; pass a recipe or search config YAML")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from exc
+    raw = read_yaml(path, "file (pass a recipe or search config YAML)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with `base_model` and `models`, or a mergekit recipe")
     if "merge_method" in raw:

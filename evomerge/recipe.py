@@ -92,12 +92,9 @@ class Recipe(BaseModel, frozen=True):
 
     @classmethod
     def from_yaml(cls, text: str, *, source: str = "<string>", base_dir: Path | None = None) -> Recipe:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{source}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        from evomerge.io.yamlfile import parse_yaml
+
+        data = parse_yaml(text, source)
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: a recipe is a YAML mapping with merge_method and models")
         return cls.from_dict(data, source=source, base_dir=base_dir)

@@ -274,13 +274,10 @@ def check_tasks(cfg: SearchConfig) -> None:
 
 def load_config(path: Path | str, **overrides: Any) -> SearchConfig:
     """Load and validate a search config file. `overrides`: n_trials, storage, workers (CLI flags)."""
+    from evomerge.io.yamlfile import read_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file; check the path")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
+    data = read_yaml(path, "config file")
     cfg = parse_config(data, source=str(path), base_dir=path.parent)
     return apply_overrides(cfg, **overrides)
 
@@ -303,8 +300,9 @@ def load_run_config(run_dir: Path | str) -> SearchConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no config.yaml; pass a run directory made by `evomerge search`")
-    data = yaml.safe_load(path.read_text())
-    return parse_config(data, source=str(path), base_dir=path.parent, check_files=False)
+    from evomerge.io.yamlfile import read_yaml
+
+    return parse_config(read_yaml(path, "run config"), source=str(path), base_dir=path.parent, check_files=False)
 
 
 def write_run_config(cfg: SearchConfig) -> Path:

@@ -196,4 +196,6 @@ def test_sigkill_mid_trial_then_resume_finishes_the_budget(tmp_path, tiny_zoo):
         assert trials[number].state == optuna.trial.TrialState.FAIL
         assert trials[number].user_attrs["fail_reason"].startswith("stale: driver process")
         retries = [t for t in trials if t.user_attrs.get("retry_of") == number]
-        assert retries and retries[0].params == trials[number].params
+        assert len(retries) == 1
+        if trials[number].params:  # a trial killed inside `ask` has none yet; its retry takes the enqueued ones
+            assert retries[0].params == trials[number].params

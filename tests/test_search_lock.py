@@ -94,7 +94,7 @@ def count(db: Path, state: str) -> int:
 @pytest.mark.slow
 def test_two_search_processes_on_one_study(tmp_path, tiny_zoo):
     """The second `evomerge search` (also with --force) exits 2 naming the first; the first ends at its budget."""
-    n_trials = 10
+    n_trials = 150  # enough for the first to be still searching while the second starts (tiny trials take ~0.2 s)
     cmd = [sys.executable, "-m", "evomerge", "search", str(search_config(tmp_path, tiny_zoo, n_trials)), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     db = tmp_path / "runs" / "shared" / "study.db"

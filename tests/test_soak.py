@@ -24,14 +24,16 @@ def load_soak():
 @pytest.mark.slow
 def test_ten_sigkills_lose_and_duplicate_nothing(tmp_path, tiny_zoo):
     soak = load_soak()
-    report = soak.run_soak(tmp_path, tiny_zoo, kills=10, budget=14, seed=1, early_share=0.5, late_max_s=4.0, log=None)
+    report = soak.run_soak(tmp_path, tiny_zoo, kills=10, budget=120, seed=1, early_share=0.5, late_max_s=1.5, log=None)
     summary = report.text()
     assert report.kills == 10 and report.early == report.late == 5, summary
     assert report.final_rc == 0 and not report.crashes, summary
-    assert report.complete == 14, summary
+    assert report.complete == 120, summary
     assert report.lost == [] and report.duplicated == [] and report.stuck == [], summary
     assert report.integrity == "ok", summary
-    assert report.failed >= report.late, "each mid-trial kill left a trial that was failed and retried"
+    # a mid-trial kill leaves a RUNNING trial that the next life fails and retries (one landing between two
+    # fast trials leaves none, so not every kill does)
+    assert report.failed >= 1, "mid-trial kills left trials that were failed and retried"
 
 
 def test_the_checker_finds_lost_duplicated_and_stuck_trials(tmp_path):

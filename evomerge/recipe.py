@@ -10,7 +10,6 @@ per-model parameters take precedence over global ones.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -126,16 +125,9 @@ class Recipe(BaseModel, frozen=True):
         return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
     def dump(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(self.to_yaml())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from evomerge.io.atomic import write_file_atomic
+
+        write_file_atomic(path, self.to_yaml())
 
     # ---- queries -------------------------------------------------------------------------------
     def input_models(self) -> list[str]:

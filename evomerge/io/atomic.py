@@ -195,3 +195,28 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+def write_file_atomic(path: Path | str, data: str | bytes) -> Path:
+    """Write one file whole or not at all (temp file beside it, then rename); readable by all (0644)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def savefig_atomic(fig, path: Path | str, **kwargs) -> Path:
+    """A matplotlib figure as a PNG, written atomically."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **kwargs)
+    return write_file_atomic(path, buf.getvalue())

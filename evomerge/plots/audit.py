@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from evomerge.audit import KINDS, AuditReport
@@ -73,15 +71,9 @@ def plot_audit(report: AuditReport, out: Path | str) -> Path:
                                 va="center", fontsize=7, color="white" if dark else "black")
     pair = " vs ".join(report.models)
     fig.suptitle(f"Task vectors against {report.base}: {pair}", fontsize=11)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
+    from evomerge.io.atomic import savefig_atomic
+
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, out)
+        return savefig_atomic(fig, out, dpi=120)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out

@@ -5,8 +5,6 @@ Each function takes plain data, writes one PNG atomically (temp + rename) and re
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -35,18 +33,9 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, out: Path | str) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".png", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    from evomerge.io.atomic import savefig_atomic
+
+    return savefig_atomic(fig, out)
 
 
 def history_png(points: Sequence[TrialPoint], out: Path | str, objective_label: str = "search objective") -> Path:

@@ -1,8 +1,6 @@
 """report.md: the held-out comparison table, the plain verdict, search vs held-out for the top trials, figures."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -110,17 +108,9 @@ def render(c: Comparison, figures: dict[str, str]) -> str:
 
 
 def write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from evomerge.io.atomic import write_file_atomic
+
+    return write_file_atomic(path, text)
 
 
 __all__ = ["render", "statement", "text_table", "write_atomic"]

@@ -307,18 +307,11 @@ def load_run_config(run_dir: Path | str) -> SearchConfig:
 
 def write_run_config(cfg: SearchConfig) -> Path:
     """Atomically write the resolved config (with its absolute storage URL) to `runs/<name>/config.yaml`."""
-    import os
-    import tempfile
+    from evomerge.io.atomic import write_file_atomic
 
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"storage": cfg.storage_url})
-    out = cfg.run_dir / "config.yaml"
-    fd, tmp = tempfile.mkstemp(dir=cfg.run_dir, prefix=".config.", suffix=".yaml")
-    with os.fdopen(fd, "w") as f:
-        f.write(f"# resolved config of study {cfg.name!r}; `evomerge search` writes it on every run\n")
-        f.write(cfg.to_yaml())
-    os.replace(tmp, out)
-    return out
+    header = f"# resolved config of study {cfg.name!r}; `evomerge search` writes it on every run\n"
+    return write_file_atomic(cfg.run_dir / "config.yaml", header + cfg.to_yaml())
 
 
 def cpus_needed(cfg: SearchConfig) -> int:

@@ -1,4 +1,4 @@
-"""Everything runs offline: no hub, no telemetry. Called before any HF import."""
+"""Everything runs offline: no hub, no telemetry, no library progress bars on stderr. Called before any HF import."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,8 @@ OFFLINE_ENV: dict[str, str] = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # A cold datasets cache prints "Generating test split" bars; errors must stay one line on stderr.
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
 }
 
 

@@ -1,6 +1,8 @@
 """Shared fixtures: one tiny zoo per test session, offline environment for every test."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,9 @@ import torch
 
 from evomerge.offline import go_offline
 
+# Start every test session with a cold datasets cache, as CI's fresh machine does (a warm cache hid
+# the "Generating test split" bars that broke the one-line error contract there).
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="evomerge-test-datasets-")
 go_offline()
 
 # Tiny models: one thread is as fast as two, and leaves the other core to Ray workers and subprocesses.

@@ -8,7 +8,8 @@
 Builds synthetic Llama checkpoints (random base, two fine-tunes = base + small noise; config.json and the
 zoo's tokenizer, so transformers and mergekit accept them) in a temp folder, then times in ONE run, each
 measurement in its own process (so peak RSS does not mix; read with os.wait4):
-  materialize  Materializer.apply(recipe) into the resident model: median of --repeats after one warm-up
+  materialize  Materializer.apply(recipe) into the resident model: median of --repeats after one warm-up;
+               again with EVOMERGE_KERNELS=mergekit (mergekit's kernels instead of evomerge/merge/kernels.py)
   export       export_recipe(recipe, DIR): what `evomerge merge RECIPE --out DIR` does, file to file
   mergekit     `.venv/bin/mergekit-yaml recipe.yaml OUT` with default options (--variants adds one run with
                the 0.1.5 memory flags --lazy-unpickle --async-write for the first method)
@@ -35,6 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 VOCAB = 32_000  # Llama-2's vocabulary: embed/lm_head get a realistic share of the parameters
 FINE_TUNES = ("ft1", "ft2")
 TARGET_SPEEDUP, TARGET_FLOOR = 5.0, 3.0
+KERNEL_GAIN = 1.5  # DESIGN decision 1: a hand-written kernel must beat mergekit's by this much
+MK_KERNELS = "materialize, mergekit kernels"
 
 RECIPES = {
     "ties": {"parameters": {"weight": 0.5, "density": 0.5}},
@@ -177,11 +180,11 @@ def _child(spec: dict) -> None:
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def _run(cmd: list[str], log: Path) -> dict:
+def _run(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     """Run `cmd` as one process; wall time, its own peak RSS (os.wait4) and the RESULT line it printed."""
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})})
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -195,8 +198,8 @@ def _run(cmd: list[str], log: Path) -> dict:
     return res
 
 
-def _measure(spec: dict, root: Path, tag: str) -> dict:
-    return _run([sys.executable, __file__, "--_measure", json.dumps(spec)], root / f"{tag}.log")
+def _measure(spec: dict, root: Path, tag: str, env: dict | None = None) -> dict:
+    return _run([sys.executable, __file__, "--_measure", json.dumps(spec)], root / f"{tag}.log", env)
 
 
 # ---- the run ----------------------------------------------------------------------------------------
@@ -209,7 +212,8 @@ def main() -> int:
     ap.add_argument("--variants", action="store_true",
                     help="also time mergekit-yaml --lazy-unpickle --async-write (first method only)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--skip", default="", help="comma-separated measurements to skip: materialize,export,mergekit,floor")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated measurements to skip: materialize,kernels,export,mergekit,floor")
     ap.add_argument("--keep", metavar="DIR", help="build the inputs in DIR and keep them (reused if present)")
     ap.add_argument("--json", metavar="FILE", help="also write the raw figures as JSON")
     ap.add_argument("--_measure", help=argparse.SUPPRESS)
@@ -267,8 +271,10 @@ def _bench(root: Path, args, methods: list[str], skip: set[str]) -> int:
         recipe = write_recipe(root, method, args.dtype)
         row: dict[str, dict] = {}
         if "materialize" not in skip:
-            row["materialize"] = _measure({"kind": "materialize", "recipe": str(recipe), "repeats": args.repeats,
-                                           "dtype": args.dtype}, root, f"mat-{method}")
+            spec = {"kind": "materialize", "recipe": str(recipe), "repeats": args.repeats, "dtype": args.dtype}
+            row["materialize"] = _measure(spec, root, f"mat-{method}")
+            if "kernels" not in skip:  # the same, with mergekit's kernels instead of evomerge/merge/kernels.py
+                row[MK_KERNELS] = _measure(spec, root, f"matmk-{method}", env={"EVOMERGE_KERNELS": "mergekit"})
         if "export" not in skip:
             out = root / f"out-export-{method}"
             shutil.rmtree(out, ignore_errors=True)
@@ -324,12 +330,16 @@ def report(results: dict, methods: list[str]) -> str:
             vs_mk = f"{mk_t / t:.1f}x" if mk_t and not name.startswith("mergekit") else ""
             vs_floor = f"{t / _t(ref_floor):.1f}" if ref_floor and "error" not in ref_floor and not name.startswith(
                 "floor") else ""
-            label = name + (" (median)" if name == "materialize" else "")
+            label = name + (" (median)" if name.startswith("materialize") else "")
             lines.append(f"{method:<10} {label:<40} {t:>8.2f} {res['rss_gb'] * 1024:>11,.0f} {vs_mk:>11} {vs_floor:>9}")
-            if name == "materialize":
+            if name.startswith("materialize"):
                 lines.append(f"{method:<10} {'  setup, once per worker (load, build)':<40} {res['setup']:>8.2f}")
-        mat, exp = row.get("materialize"), row.get("export")
+        mat, exp, slow = row.get("materialize"), row.get("export"), row.get(MK_KERNELS)
         floor = floors.get("floor")
+        if mat and slow and "error" not in mat and "error" not in slow:
+            gain = _t(slow) / _t(mat)
+            verdicts.append(f"{method}: evomerge kernels {gain:.1f}x faster than mergekit's in the same materializer "
+                            f"(needed >= {KERNEL_GAIN}x to replace them: {'met' if gain >= KERNEL_GAIN else 'MISSED'})")
         if mat and "error" not in mat and mk_t:
             speed = mk_t / _t(mat)
             verdicts.append(f"{method}: materialize {speed:.1f}x faster than mergekit-yaml (target >= "

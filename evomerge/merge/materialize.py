@@ -40,8 +40,12 @@ def merge_tensor(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One output tensor, as mergekit's ExecuteMergeMethodTask computes it (same kernel, same parameter binding)."""
+    """One output tensor, as mergekit's ExecuteMergeMethodTask computes it (same parameter binding; its kernel,
+    or one of `kernels.py`'s bit-identical faster ones). With `out`, the result may be written there."""
+    from evomerge.merge.kernels import fast_merge
+
     import torch
     from mergekit.merge_methods.base import ParameterScope, PerInputValues, TensorEntry, TensorGroup, TensorMetadata
     from mergekit.merge_methods.buffers import copy_non_floating_buffer
@@ -64,7 +68,10 @@ def merge_tensor(
     try:
         group.validate_tensors()
         with _seeded(tensor_seed(seed, name), tensors[0].device):
-            (result,) = method._execute_resolved((group,), [bound])
+            direct = out if out_dtype is None or (out is not None and out.dtype == out_dtype) else None
+            result = fast_merge(method, bound, tensors, inputs, base_model, out=direct)
+            if result is None:
+                (result,) = method._execute_resolved((group,), [bound])
     except ValueError as exc:
         raise ConfigError(f"tensor {name}: {exc}") from None
     if out_dtype is not None:
@@ -98,8 +105,13 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name) if name else None
 
 
-def merged_tensors(recipe: Recipe, checkpoints: Sequence[Checkpoint]) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_tensors(
+    recipe: Recipe, checkpoints: Sequence[Checkpoint], targets: dict[str, torch.Tensor] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, merged tensor) for every tensor; `checkpoints` align with `recipe.input_models()`.
+
+    With `targets` (name -> destination tensor), a kernel may write the result straight into the
+    destination and yield it; otherwise the caller copies what is yielded.
 
     The one per-tensor merge loop, shared by `Materializer.apply` and `export_recipe`.
     Raises CandidateError when a merged tensor holds NaN or Inf.
@@ -119,7 +131,8 @@ def merged_tensors(recipe: Recipe, checkpoints: Sequence[Checkpoint]) -> Iterato
         params = plan.resolve(name)
         tensors = [ckpt.get(name) for ckpt in checkpoints]
         result = merge_tensor(
-            plan.method, params, tensors, inputs, recipe.base_model, seed=recipe.seed, dtype=dtype, out_dtype=out_dtype
+            plan.method, params, tensors, inputs, recipe.base_model, seed=recipe.seed, dtype=dtype, out_dtype=out_dtype,
+            out=targets.get(name) if targets is not None else None,
         )
         if result.is_floating_point() and result.numel() and not _finite(result):
             raise CandidateError(f"merged tensor {name} has NaN or Inf values ({recipe.merge_method})")
@@ -195,8 +208,10 @@ class Materializer:
         recipe = _with_keys(recipe)
         checkpoints = [self._checkpoints[k] for k in recipe.input_models()]
         with torch.no_grad():
-            for name, tensor in merged_tensors(recipe, checkpoints):
-                self._targets[name].copy_(tensor)
+            for name, tensor in merged_tensors(recipe, checkpoints, self._targets):
+                target = self._targets[name]
+                if tensor is not target:
+                    target.copy_(tensor)
 
 
 def _with_keys(recipe: Recipe) -> Recipe:

@@ -1,0 +1,252 @@
+"""Faster kernels for the search's hot methods, bit-identical to mergekit 0.1.5's.
+
+DESIGN decision 1: mergekit's kernels are the reference; a hand-written one replaces a kernel only where
+`bench/merge_speed.py` shows >= 1.5x (it prints both side by side) and `tests/test_kernels.py` proves the
+same bits. These kernels run the same floating-point operations in the same order as mergekit, so the
+results are equal, not merely close; what they change is where the work goes:
+
+- **TIES magnitude pruning** (ties, and the magnitude step of any generalized task-arithmetic method):
+  mergekit ranks every element with a full `argsort` to keep the top `k`; here one `kthvalue` finds the
+  k-th largest magnitude and `|delta| >= threshold` is the same mask whenever that threshold is unique
+  (when several elements tie at a non-zero threshold, mergekit's unstable argsort picks an unspecified
+  subset, and this falls back to mergekit's own function).
+- **Generalized task arithmetic** (task_arithmetic, ties, dare_ties, dare_linear, and breadcrumbs/della
+  through mergekit's own sparsifiers): deltas are computed and pruned in place in one preallocated
+  buffer, DARE's keep-probabilities fill a reused buffer, and the result is written straight into the
+  destination (the resident model's parameter) instead of a fresh tensor that is then copied.
+- **SLERP**: the same chunked statistics, but the per-chunk products reuse two buffers and the output
+  chunks are written into the destination.
+
+`EVOMERGE_KERNELS=mergekit` (or `use_fast=False`) runs mergekit's kernels instead, for comparison.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    import torch
+    from mergekit.merge_methods import MergeMethod
+
+
+def fast_enabled() -> bool:
+    return os.environ.get("EVOMERGE_KERNELS", "fast").strip().lower() != "mergekit"
+
+
+def magnitude_(delta: torch.Tensor, density: float, rescale_norm: Any = None) -> torch.Tensor:
+    """In place: what `mergekit.sparsify.magnitude(delta, density, rescale_norm)` returns, in `delta`."""
+    import torch
+    from mergekit.sparsify import magnitude
+
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    if density <= 0 or n == 0:
+        return delta.zero_()
+    k = max(1, int(density * n))
+    w = delta.abs().reshape(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+    threshold = w.kthvalue(n - k + 1).values
+    keep = w >= threshold
+    if threshold != 0 and int(keep.sum()) != k:
+        # Ties at the boundary: which of them mergekit keeps depends on its argsort; use its function.
+        return delta.copy_(magnitude(delta.clone(), density=density, rescale_norm=rescale_norm))
+    # A zero delta is zero whether kept or not, so a zero threshold (k > non-zeros) gives the same result.
+    mask = keep.to(delta.dtype).reshape_as(delta)
+    return _rescaled_mask_(delta, mask, rescale_norm)
+
+
+def bernoulli_(delta: torch.Tensor, density: float, rescale_norm: Any, probs: torch.Tensor) -> torch.Tensor:
+    """In place: `mergekit.sparsify.bernoulli` (same draws from the global generator); `probs` is scratch."""
+    import torch
+
+    if density >= 1:
+        return delta
+    if delta.device.type != "cpu" or delta.dtype == torch.bfloat16:
+        work_dtype = delta.dtype
+    else:
+        work_dtype = torch.float32  # torch.bernoulli has no float16 CPU kernel; mergekit upcasts
+    if work_dtype != delta.dtype:
+        return None  # type: ignore[return-value]  # caller falls back to mergekit
+    probs = probs[: delta.numel()].view(delta.shape) if probs.dtype == work_dtype else torch.empty_like(delta)
+    probs.fill_(density)
+    mask = torch.bernoulli(probs)
+    return _rescaled_mask_(delta, mask, rescale_norm)
+
+
+def _rescaled_mask_(tensor: torch.Tensor, mask: torch.Tensor, norm: Any, eps: float = 1e-7) -> torch.Tensor:
+    """In place: `mergekit.sparsify.rescaled_masked_tensor(tensor, mask, norm)`."""
+    from mergekit.sparsify import RescaleNorm
+
+    if norm is None:
+        return tensor.mul_(mask)
+    if norm == RescaleNorm.l1:
+        before = tensor.abs().sum()
+        after = tensor.mul_(mask).abs().sum()
+    elif norm == RescaleNorm.l2:
+        before = tensor.norm()
+        after = tensor.mul_(mask).norm()
+    elif norm == RescaleNorm.linf:
+        before = tensor.abs().max()
+        after = tensor.mul_(mask).abs().max()
+    else:
+        raise NotImplementedError(norm)
+    if before < eps or after < eps:
+        return tensor
+    return tensor.mul_(before / after)
+
+
+def task_arithmetic_into(
+    method: Any,
+    base: torch.Tensor,
+    others: Sequence[tuple[str, torch.Tensor]],
+    params: Mapping[str, Any],
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """`GeneralizedTaskArithmeticMerge.merge_group` with the deltas pruned in place; result into `out`."""
+    import torch
+    from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+    from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
+
+    if not others:
+        return _emit(base, out)
+    sparsification = method.sparsification_method
+    rescale = RescaleNorm.l1 if params["rescale"] else None
+    deltas = base.new_empty((len(others), *base.shape))
+    probs = base.new_empty(base.numel()) if sparsification == SparsificationMethod.random else None
+    for index, (key, tensor) in enumerate(others):
+        delta = torch.sub(tensor, base, out=deltas[index])
+        if not sparsification:
+            continue
+        density = params["density"][key]
+        if sparsification == SparsificationMethod.magnitude:
+            magnitude_(delta, density, rescale)
+        elif sparsification == SparsificationMethod.random and bernoulli_(delta, density, rescale, probs) is not None:
+            pass
+        else:  # breadcrumbs' outliers, DELLA's magprune, float16 DARE: mergekit's own sparsifier
+            extra = {k: params[k][key] for k in ("gamma", "epsilon") if k in params}
+            delta.copy_(sparsify(delta.clone(), density=density, method=sparsification, rescale_norm=rescale, **extra))
+    del probs
+    weights = torch.tensor([params["weight"][key] for key, _ in others], dtype=deltas.dtype, device=deltas.device)
+    while deltas.dim() > weights.dim():
+        weights.unsqueeze_(-1)
+    deltas.mul_(weights)
+    if method.consensus_method:
+        mask = get_mask(deltas, method=method.consensus_method, mask_dtype=torch.int8 if params["int8_mask"] else base.dtype)
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    del deltas
+    if params["normalize"]:
+        mixed /= divisor
+    if params["lambda"] != 1:
+        mixed *= params["lambda"]
+    if out is not None and out.dtype == base.dtype == mixed.dtype and out.shape == base.shape:
+        return torch.add(base, mixed, out=out)
+    return (base + mixed).to(base.dtype)
+
+
+def slerp_into(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """`mergekit.merge_methods.slerp.slerp` for one tensor (v0 the base), written chunk by chunk into `out`."""
+    import torch
+    from mergekit.merge_methods.slerp import _CHUNK_ELEMENTS
+
+    dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    n = a.shape[1]
+    coef_dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    tt = torch.tensor([t], dtype=coef_dtype, device=v0.device).reshape(-1, 1).to(dtype)
+    eps, dot_threshold = 1e-8, 0.9995
+    chunk = _CHUNK_ELEMENTS
+    spans = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+    norm_a = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(a[:, s:e].to(dtype), dim=1, keepdim=True) for s, e in spans]), dim=0
+    )
+    norm_b = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(b[:, s:e].to(dtype), dim=1, keepdim=True) for s, e in spans]), dim=0
+    )
+    norm_a = torch.where(norm_a > eps, norm_a, 1)
+    norm_b = torch.where(norm_b > eps, norm_b, 1)
+    bx = torch.empty((1, min(chunk, n)), dtype=dtype, device=v0.device)
+    by = torch.empty_like(bx)
+    dot_parts = []
+    for s, e in spans:
+        x, y = bx[:, : e - s], by[:, : e - s]
+        torch.div(a[:, s:e].to(dtype), norm_a, out=x)
+        torch.div(b[:, s:e].to(dtype), norm_b, out=y)
+        dot_parts.append(x.mul_(y).sum(dim=1, keepdim=True))
+    dot = torch.stack(dot_parts).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    direct = out is not None and out.dtype == v0.dtype == dtype and out.shape == v0.shape and out.is_contiguous()
+    result = out.view(1, -1) if direct else torch.empty_like(a)
+    for s, e in spans:
+        x, y = bx[:, : e - s], by[:, : e - s]
+        o = result[:, s:e] if result.dtype == dtype else x
+        torch.mul(a[:, s:e].to(dtype), coef_a, out=o)
+        torch.mul(b[:, s:e].to(dtype), coef_b, out=y)
+        o.add_(y)
+        if o is x:
+            result[:, s:e] = x
+    return out if direct else result.reshape(v0.shape)
+
+
+def fast_merge(
+    method: MergeMethod,
+    params: Mapping[str, Any],
+    tensors: Sequence[torch.Tensor],
+    inputs: Sequence[str],
+    base_model: str | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The merged tensor by a fast kernel, or None where none applies (the caller runs mergekit's).
+
+    `params` is the parameter binding mergekit's kernel would get: shared values, and per-input ones as a
+    mapping from input id to value. With `out` (same shape and dtype), the result is written there.
+    """
+    if not fast_enabled() or not tensors or any(t.dtype != tensors[0].dtype for t in tensors):
+        return None
+    if not tensors[0].is_floating_point() or tensors[0].numel() == 0:
+        return None
+    kernel = _KERNELS.get(method.spec.name)
+    return kernel(method, params, tensors, inputs, base_model, out) if kernel else None
+
+
+def _gta(method, params, tensors, inputs, base_model, out):
+    from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
+
+    if not isinstance(method, GeneralizedTaskArithmeticMerge) or base_model not in inputs:
+        return None
+    base = tensors[list(inputs).index(base_model)]
+    others = [(key, t) for key, t in zip(inputs, tensors) if key != base_model]
+    return task_arithmetic_into(method, base, others, params, out)
+
+
+def _slerp(method, params, tensors, inputs, base_model, out):
+    if len(tensors) != 2 or base_model not in inputs:
+        return None
+    i = list(inputs).index(base_model)
+    return slerp_into(float(params["t"]), tensors[i], tensors[1 - i], out)
+
+
+def _emit(tensor: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is not None and out.dtype == tensor.dtype and out.shape == tensor.shape:
+        return out.copy_(tensor)
+    return tensor
+
+
+_KERNELS: dict[str, Callable[..., Any]] = {
+    name: _gta
+    for name in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+}
+_KERNELS["slerp"] = _slerp
+
+__all__ = ["bernoulli_", "fast_enabled", "fast_merge", "magnitude_", "slerp_into", "task_arithmetic_into"]

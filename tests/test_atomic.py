@@ -17,6 +17,7 @@ from evomerge.io.atomic import atomic_dir, clean_stale
 from evomerge.io.export import export_recipe, parse_size
 from evomerge.io.verify import verify_checkpoint
 from evomerge.recipe import Recipe
+from test_bad_input import small_disk
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -148,7 +149,7 @@ def test_failed_write_removes_the_folders_it_created(tiny_zoo, tmp_path):
     r = Recipe.load(_recipe(tiny_zoo, tmp_path))
     out = tmp_path / "a" / "b" / "out"
     with pytest.raises(EvomergeError, match="free disk space"):
-        with _fail_writes():
+        with small_disk():  # a real failed write (EFBIG past 16 KiB), in the first shard
             export_recipe(r, out)
     assert not (tmp_path / "a").exists()
 
@@ -168,22 +169,3 @@ def test_refuses_to_replace_a_folder_that_is_not_an_evomerge_output(tiny_zoo, tm
 def test_parse_size():
     assert parse_size("2GB") == 2 * 10**9 and parse_size("64KiB") == 65536 and parse_size("1") == 1
     assert parse_size("1.5 mb") == 1_500_000
-
-
-class _fail_writes:
-    """ENOSPC from the first shard write."""
-
-    def __enter__(self):
-        import safetensors.torch
-
-        self._patch = pytest.MonkeyPatch()
-
-        def full(*args, **kwargs):
-            raise OSError(28, "No space left on device")
-
-        self._patch.setattr(safetensors.torch, "save_file", full)
-        return self
-
-    def __exit__(self, *exc):
-        self._patch.undo()
-        return False

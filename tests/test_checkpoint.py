@@ -57,7 +57,7 @@ def test_sharded_checkpoint_reads_like_one_file(tmp_path):
     ref = tensors()
     folder = tmp_path / "sharded"
     folder.mkdir()
-    writer = ShardWriter(folder, shard_bytes=100)  # forces several shards
+    writer = ShardWriter(folder, [(n, t.shape) for n, t in ref.items()], shard_bytes=100)  # forces several shards
     for name, t in ref.items():
         writer.add(name, t)
     shards = writer.finish()
@@ -126,3 +126,39 @@ def test_check_compatible_names_the_first_mismatch(tmp_path):
         check_compatible([a, Checkpoint(make_model(tmp_path / "vocab", tensors(1), vocab={"<pad>": 0, "a": 2, "b": 1}))])
     with pytest.raises(ModelError, match="architecture"):
         check_compatible([a, Checkpoint(make_model(tmp_path / "arch", tensors(1), arch="GPT2LMHeadModel"))])
+
+
+def test_released_tensors_read_back_from_the_file(tmp_path):
+    """export drops each tensor's mapped pages once merged; a view handed out earlier still reads right."""
+    ref = {"big": torch.arange(300_000, dtype=torch.float32), "small": torch.ones(3)}
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    writer = ShardWriter(folder, [(n, t.shape) for n, t in ref.items()])
+    for name, t in ref.items():
+        writer.add(name, t)
+    writer.finish()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["X"], "model_type": "x"}))
+    ckpt = Checkpoint(folder)
+    view = ckpt.get("big")
+    assert float(view.sum()) == float(ref["big"].sum())
+    ckpt.release("big")
+    ckpt.release("small")
+    assert torch.equal(view, ref["big"]) and torch.equal(ckpt.get("big"), ref["big"])
+    assert torch.equal(ckpt.get("small"), ref["small"])
+
+
+def test_streamed_shards_are_plain_safetensors(tmp_path):
+    """The header room reserved up front is padded with spaces; safetensors and transformers read it."""
+    from safetensors import safe_open
+
+    ref = tensors()
+    writer = ShardWriter(tmp_path, [(n, t.shape) for n, t in ref.items()])
+    for name, t in ref.items():
+        writer.add(name, t)
+    (path,) = writer.finish()
+    with safe_open(str(path), "pt") as fh:
+        assert set(fh.keys()) == set(ref) and fh.metadata() == {"format": "pt"}
+        for name, t in ref.items():
+            assert torch.equal(fh.get_tensor(name), t)
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    assert header % 8 == 0

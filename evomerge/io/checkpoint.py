@@ -30,6 +30,25 @@ _ST_DTYPES = {
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+def _st_names() -> dict:
+    import torch
+
+    return {getattr(torch, name): code for code, (name, _) in _ST_DTYPES.items() if hasattr(torch, name)}
+
+
+class _StNames(dict):
+    """torch dtype -> safetensors dtype code, built on first use (keeps torch out of import time)."""
+
+    def __missing__(self, key):
+        self.update(_st_names())
+        if key not in self:
+            raise KeyError(f"safetensors has no dtype for {key}")
+        return dict.__getitem__(self, key)
+
+
+ST_NAMES = _StNames()
+
+
 class _Entry:
     __slots__ = ("file", "dtype", "shape", "start", "end")
 
@@ -127,6 +146,22 @@ class Checkpoint:
         if entry.start % _ST_DTYPES[entry.dtype][1]:  # unaligned (old writers): copy this one tensor
             return torch.frombuffer(bytearray(buf[entry.start : entry.end]), dtype=dtype).reshape(entry.shape)
         return torch.frombuffer(buf, dtype=dtype, count=count, offset=entry.start).reshape(entry.shape)
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of `name` from this process's memory (the page cache keeps them).
+
+        Tensors already handed out stay valid: their pages are read back from the file when touched.
+        """
+        if self._pickled is not None or name not in self._entries:
+            return
+        entry = self._entries[name]
+        buf = self._maps.get(entry.file)
+        if buf is None:
+            return
+        page = mmap.PAGESIZE
+        start, end = -(-entry.start // page) * page, entry.end // page * page  # whole pages inside the tensor
+        if end > start:
+            buf.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def _entry(self, name: str) -> _Entry:
         try:

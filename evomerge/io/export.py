@@ -2,7 +2,8 @@
 
     export_recipe(Recipe.load("recipe.yaml"), Path("out/model"))
 
-Memory stays bounded (one shard of merged tensors; inputs are memory-mapped). Everything is written to a
+Memory stays bounded: inputs are memory-mapped and each tensor's input pages are released once it is
+merged; each merged tensor is written to its shard file at once (the shard is never held in memory). Everything is written to a
 temp folder next to `out_dir` and swapped into place (`evomerge.io.atomic`): `out_dir` holds the previous
 complete result or the new one, never a partial one, even if the process is killed. The recipe written
 next to the weights records the sha256 of every other file (`evomerge.outputs`) for `evomerge verify`.
@@ -13,11 +14,13 @@ import json
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, BinaryIO, Callable, Mapping, Sequence
 
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.io.atomic import atomic_dir, check_replaceable
+from evomerge.io.checkpoint import ST_NAMES as _ST_NAMES
 from evomerge.io.checkpoint import Checkpoint, check_compatible
 from evomerge.io.verify import file_sha256
 from evomerge.recipe import Recipe
@@ -33,44 +36,65 @@ TOKENIZER_FILES = (
 
 
 class ShardWriter:
-    """Collects tensors into shards of at most `shard_bytes` (a larger tensor gets a shard of its own)."""
+    """Streams tensors into safetensors shards of at most `shard_bytes` (a larger tensor gets a shard of its own).
 
-    def __init__(self, folder: Path, shard_bytes: int = DEFAULT_SHARD_BYTES):
+    Each tensor's bytes go to the current shard file as it arrives, so no shard is ever held in memory.
+    `layout` ((name, shape) of every tensor that may come) bounds the JSON header, whose room is reserved
+    at the start of each file and filled in when the shard closes; the spare room is trailing spaces, which
+    the safetensors format allows.
+    """
+
+    def __init__(self, folder: Path, layout: Sequence[tuple[str, Sequence[int]]], shard_bytes: int = DEFAULT_SHARD_BYTES):
         self.folder, self.shard_bytes = folder, shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._room = _header_room(layout)
+        self._known = {name for name, _ in layout}
+        self._fh: BinaryIO | None = None
+        self._entries: dict[str, dict] = {}
+        self._offset = 0
         self._shards: list[list[str]] = []
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.detach().contiguous()
-        self._pending_bytes += size
+        import torch
+
+        if name not in self._known:
+            raise ValueError(f"tensor {name} is not in the writer's layout")
+        data = tensor.detach().contiguous()
+        size = data.numel() * data.element_size()
+        if self._fh is not None and self._entries and self._offset + size > self.shard_bytes:
+            self._close()
+        if self._fh is None:
+            self._fh = open(self._part(len(self._shards)), "wb")
+            self._fh.seek(8 + self._room)
+        if size:
+            self._fh.write(data.view(torch.uint8).reshape(-1).numpy().data)
+        self._entries[name] = {
+            "dtype": _ST_NAMES[data.dtype], "shape": list(data.shape), "data_offsets": [self._offset, self._offset + size],
+        }
+        self._offset += size
         self.total_bytes += size
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        part = self._part(len(self._shards))
-        try:
-            save_file(self._pending, str(part), metadata={"format": "pt"})
-        except Exception as exc:  # SafetensorError wraps the OS error in its message
-            code = re.search(r"os error (\d+)", str(exc))
-            if code is None:
-                raise
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(part)) from None
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+    def _close(self) -> None:
+        assert self._fh is not None
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        if len(header) > self._room:  # cannot happen for tensors of the layout; never write a broken file
+            raise RuntimeError(f"safetensors header of {len(header)} bytes exceeds its reserved {self._room}")
+        self._fh.seek(0)
+        self._fh.write(struct.pack("<Q", self._room) + header + b" " * (self._room - len(header)))
+        self._fh.close()
+        self._fh = None
+        self._shards.append(list(self._entries))
+        self._entries, self._offset = {}, 0
 
     def _part(self, index: int) -> Path:
         return self.folder / f".part-{index:05d}.safetensors"
 
     def finish(self) -> list[Path]:
         """Name the shards HF's way; write model.safetensors.index.json when there is more than one."""
-        if self._pending or not self._shards:
-            self._flush()
+        if self._fh is None and not self._shards:  # no tensors at all: one empty shard
+            self._fh = open(self._part(0), "wb")
+        if self._fh is not None:
+            self._close()
         n = len(self._shards)
         if n == 1:
             final = [self.folder / "model.safetensors"]
@@ -83,6 +107,16 @@ class ShardWriter:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return final
+
+
+def _header_room(layout: Sequence[tuple[str, Sequence[int]]]) -> int:
+    """Bytes that hold the JSON header of any shard of `layout` (largest dtype name, 20-digit offsets)."""
+    widest = {"dtype": "F8_E4M3", "data_offsets": [10**20, 10**20]}
+    size = len(json.dumps({"__metadata__": {"format": "pt"}}, separators=(",", ":")))
+    for name, shape in layout:
+        entry = json.dumps({name: {**widest, "shape": list(shape)}}, separators=(",", ":"))
+        size += len(entry)  # its braces pay for the comma between entries
+    return -(-size // 8) * 8  # tensor data 8-byte aligned
 
 
 def export_recipe(
@@ -119,12 +153,15 @@ def export_recipe(
     tokenizer_dir = _tokenizer_dir(recipe, ref)
 
     with atomic_dir(out_dir) as tmp:
-        writer = ShardWriter(tmp, shard_bytes)
+        writer = ShardWriter(tmp, [(n, ref.shape(n)) for n in ref.tensor_names()], shard_bytes)
         out_dtype = None
         for name, tensor in merged_tensors(recipe, checkpoints):
             writer.add(name, tensor)
             if tensor.is_floating_point():
                 out_dtype = out_dtype or str(tensor.dtype).removeprefix("torch.")
+            del tensor
+            for ckpt in checkpoints:  # done with this tensor's input pages: drop them from our memory
+                ckpt.release(name)
         shards = writer.finish()
         config = dict(ref.config)
         if out_dtype:

@@ -132,6 +132,19 @@ def test_apply_matches_export_and_leaks_nothing(tiny_zoo, tmp_path):
     assert all(torch.equal(mat.model.state_dict()[k], v) for k, v in state.items())
 
 
+def test_resident_model_computes_what_the_exported_checkpoint_computes(tiny_zoo, tmp_path):
+    """The resident model is built without random init; buffers (rotary frequencies) must still be right."""
+    from transformers import AutoModelForCausalLM
+
+    mat = Materializer([tiny_zoo / "add", tiny_zoo / "reverse"], tiny_zoo / "base")
+    r = recipe(tiny_zoo, "ties")
+    mat.apply(r)
+    loaded = AutoModelForCausalLM.from_pretrained(export_recipe(r, tmp_path / "x")).eval()
+    ids = mat.tokenizer("rev abcdef=fedcba 347+8=355", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(mat.model(ids).logits, loaded(ids).logits)
+
+
 def test_apply_rejects_a_recipe_over_other_models(tiny_zoo):
     mat = Materializer([tiny_zoo / "add"], tiny_zoo / "base")
     with pytest.raises(ConfigError, match="not the models this worker loaded"):

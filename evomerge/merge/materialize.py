@@ -183,13 +183,22 @@ class Materializer:
         check_compatible([self._checkpoints[ref]] + [c for k, c in self._checkpoints.items() if k != ref])
         config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
         model_dtype = torch_dtype(dtype) or _config_dtype(config) or torch.float32
-        self.model = AutoModelForCausalLM.from_config(config, dtype=model_dtype, trust_remote_code=trust_remote_code)
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():  # every weight is overwritten by apply: skip the random init (seconds at 1B)
+            self.model = AutoModelForCausalLM.from_config(config, dtype=model_dtype, trust_remote_code=trust_remote_code)
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
         self._targets = self.model.state_dict()
-        unknown = [n for n in self._checkpoints[ref].tensor_names() if n not in self._targets]
+        names = self._checkpoints[ref].tensor_names()
+        unknown = [n for n in names if n not in self._targets]
         if unknown:
             raise ModelError(f"{ref}: tensor {unknown[0]} has no place in {type(self.model).__name__}")
+        covered = {self._targets[n].data_ptr() for n in names}  # tied weights share storage with a written one
+        missing = [n for n, t in self._targets.items() if t.numel() and t.data_ptr() not in covered]
+        if missing:
+            raise ModelError(f"{ref}: has no tensor {missing[0]!r}, which {type(self.model).__name__} needs; "
+                             "use a complete checkpoint")
 
     @property
     def checkpoints(self) -> list[Checkpoint]:

@@ -66,19 +66,13 @@ GTA_CASES = [
     ("ties", {"normalize": False, "lambda": 0.7}, {"a": {"weight": 0.3, "density": 0.2}, "b": {"weight": 0.9, "density": 0.9}}),
     ("ties", {"rescale": True, "int8_mask": True}, {"*": {"weight": 0.6, "density": 0.35}}),
     ("ties", {}, {"a": {"weight": 1.0, "density": 1.0}, "b": {"weight": 0.5, "density": 0.001}}),
-    ("dare_ties", {}, {"*": {"weight": 0.5, "density": 0.5}}),
-    ("dare_ties", {"rescale": False, "normalize": True}, {"a": {"weight": 0.8, "density": 0.1}, "b": {"weight": 0.4, "density": 0.95}}),
-    ("dare_linear", {}, {"*": {"weight": 0.7, "density": 0.3}}),
-    ("task_arithmetic", {"lambda": 1.3}, {"a": {"weight": 0.4}, "b": {"weight": -0.2}}),
-    ("task_arithmetic", {"normalize": True}, {"*": {"weight": 0.5}}),
-    ("breadcrumbs_ties", {}, {"*": {"weight": 0.5, "density": 0.8, "gamma": 0.02}}),
-    ("della", {}, {"*": {"weight": 0.5, "density": 0.6, "epsilon": 0.1}}),
+    ("ties", {"rescale": True}, {"a": {"weight": -0.5, "density": 0.6}, "b": {"weight": 1.0, "density": 0.3}}),
 ]
 
 
 @pytest.mark.parametrize("method_name,shared,per", GTA_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(GTA_CASES)])
 @pytest.mark.parametrize("shape", [(96, 80), (513,), (3, 7, 5)])
-def test_task_arithmetic_family_is_bit_identical(monkeypatch, method_name, shared, per, shape):
+def test_ties_is_bit_identical(monkeypatch, method_name, shared, per, shape):
     tensors = _tensors(shape, seed=len(shape), zeros=0.3)
     ours, theirs = _both(monkeypatch, method_name, tensors, shared=shared, per=per)
     assert _bits_equal(ours, theirs), (ours - theirs).abs().max()
@@ -131,21 +125,23 @@ def test_writing_into_the_destination_gives_the_same_bits(monkeypatch, method_na
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs(monkeypatch, dtype):
     tensors = _tensors((33, 17), seed=11, dtype=dtype)
-    for name, per in [("ties", {"*": {"weight": 1.0, "density": 0.4}}), ("dare_ties", {"*": {"weight": 0.5, "density": 0.5}})]:
-        ours, theirs = _both(monkeypatch, name, tensors, per=per)
-        assert _bits_equal(ours, theirs), name
+    ours, theirs = _both(monkeypatch, "ties", tensors, per={"*": {"weight": 1.0, "density": 0.4}})
+    assert _bits_equal(ours, theirs)
     ours, theirs = _both(monkeypatch, "slerp", tensors[:2], inputs=["base", "a"], shared={"t": 0.6})
     assert _bits_equal(ours, theirs)
 
 
-def test_fast_kernels_cover_the_search_methods_and_decline_the_rest():
+def test_fast_kernels_cover_ties_and_slerp_and_decline_the_rest():
+    """Only kernels the bench measured >= 1.5x faster replace mergekit's (DESIGN decision 1)."""
     tensors = _tensors((8, 8))
-    for name, shared, per in GTA_CASES[:1] + [("dare_ties", {}, {"*": {"weight": 0.5, "density": 0.5}})]:
-        method, params = _params(name, shared, per)
-        bound = {**params.shared, **{k: {m: params.per_input[m][k] for m in INPUTS[1:]} for k in ("weight", "density")}}
-        assert fast_merge(method, bound, tensors, INPUTS, "base") is not None, name
-    method, _ = _params("model_stock")
-    assert fast_merge(method, {}, tensors, INPUTS, "base") is None
+    method, params = _params("ties", per={"*": {"weight": 1.0, "density": 0.5}})
+    bound = {**params.shared, **{k: {m: params.per_input[m][k] for m in INPUTS[1:]} for k in ("weight", "density")}}
+    assert fast_merge(method, bound, tensors, INPUTS, "base") is not None
+    method, _ = _params("slerp")
+    assert fast_merge(method, {"t": 0.5}, tensors[:2], INPUTS[:2], "base") is not None
+    for name in ("dare_ties", "dare_linear", "task_arithmetic", "della", "breadcrumbs_ties", "model_stock"):
+        method, params = _params(name)
+        assert fast_merge(method, params.shared, tensors, INPUTS, "base") is None, name
     mixed = [tensors[0], tensors[1].to(torch.bfloat16), tensors[2]]
     method, params = _params("ties", per={"*": {"weight": 1.0, "density": 0.5}})
     assert fast_merge(method, params.shared, mixed, INPUTS, "base") is None  # mixed dtypes: mergekit's path

@@ -57,9 +57,9 @@ def _distinct(answer: str, candidates: list[str], rng: random.Random, fill: Call
 
 
 def _add(rng: random.Random) -> Example:
-    a, b = rng.randrange(10, 100), rng.randrange(10)
+    a, b = rng.randrange(100, 1000), rng.randrange(10)
     s = a + b
-    near = [str(s + 1), str(max(0, s - 1)), str(s + 10), str(max(0, s - 10)), str(a * 10 + b % 10)]
+    near = [str(s + 1), str(s - 1), str(s + 10), str(s - 10), str(a * 10 + b)]
     rng.shuffle(near)
     return Example(f"{a}+{b}=", str(s), _distinct(str(s), near, rng, lambda: str(rng.randrange(199))))
 
@@ -113,7 +113,7 @@ def _copy(rng: random.Random) -> Example:
 SKILLS: dict[str, Skill] = {
     s.name: s
     for s in (
-        Skill("add", _add, "two-digit plus one-digit addition: '47+8=' -> '55'"),
+        Skill("add", _add, "three-digit plus one-digit addition: '347+8=' -> '355'"),
         Skill("reverse", _reverse, "string reversal: 'rev abc=' -> 'cba'"),
         Skill("sort", _sort, "letter sorting: 'sort cab=' -> 'abc'"),
         Skill("shift", _shift, "letter shift: 'shift abc=' -> 'bcd'"),

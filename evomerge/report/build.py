@@ -63,8 +63,8 @@ def build_report(
 ) -> ReportResult:
     """Score the held-out comparison and write `RUN_DIR/report/` (report.md, comparison.json, PNGs)."""
     run_dir = Path(run_dir)
-    comparison = compare_run(run_dir, top_k=top_k, heldout=heldout, subset=subset, log=log)
-    cfg, study, done = load_run(run_dir)
+    cfg, study, done = run = load_run(run_dir)
+    comparison = compare_run(run_dir, top_k=top_k, heldout=heldout, subset=subset, log=log, run=run)
     out_dir = run_dir / "report"
     figures = draw_figures(cfg, study, done, comparison, out_dir)
     write_atomic(out_dir / "comparison.json", comparison.model_dump_json(indent=2))

@@ -211,10 +211,12 @@ def compare_run(
     heldout: Sequence[str] | None = None,
     subset: int | None = None,
     log: Callable[[str], None] | None = print,
+    run: tuple | None = None,
 ) -> Comparison:
     """Score sources, default merges and the top `top_k` trials on the study's held-out tasks.
 
     `heldout` overrides the config's `tasks.heldout`; `subset` scores a fixed seeded sample per task.
+    `run` is `load_run(run_dir)` when the caller has it already.
     """
     from evomerge.offline import go_offline
     from evomerge.recipe import Recipe
@@ -225,7 +227,7 @@ def compare_run(
 
     go_offline()
     log = log or (lambda _msg: None)
-    cfg, study, done = load_run(run_dir)
+    cfg, study, done = run if run is not None else load_run(run_dir)
     names = list(heldout) if heldout else list(cfg.tasks.heldout)
     if not names:
         raise ConfigError(

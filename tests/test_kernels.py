@@ -153,3 +153,13 @@ def test_dare_masks_keep_the_density_fraction(monkeypatch):
     merged = merge_tensor(method, params, tensors, INPUTS, "base", seed=1)
     kept = (merged != tensors[0]).float().mean().item()
     assert abs(kept - 0.3) < 0.01
+
+
+def test_a_destination_on_another_device_gets_a_copy_not_a_direct_write():
+    """A GPU-resident model (Materializer(device="cuda")): kernels compute beside the CPU inputs."""
+    tensors = _tensors((6, 5))
+    method, params = _params("ties", per={"*": {"weight": 1.0, "density": 0.5}})
+    bound = {**params.shared, **{k: {m: params.per_input[m][k] for m in INPUTS[1:]} for k in ("weight", "density")}}
+    elsewhere = torch.empty((6, 5), device="meta")
+    result = fast_merge(method, bound, tensors, INPUTS, "base", out=elsewhere)
+    assert result is not elsewhere and result.device.type == "cpu"

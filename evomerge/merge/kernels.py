@@ -194,6 +194,8 @@ def fast_merge(
         return None
     if not tensors[0].is_floating_point() or tensors[0].numel() == 0:
         return None
+    if out is not None and out.device != tensors[0].device:
+        out = None  # a GPU-resident model: compute here, the caller copies across
     kernel = _KERNELS.get(method.spec.name)
     return kernel(method, params, tensors, inputs, base_model, out) if kernel else None
 

@@ -169,7 +169,10 @@ class Materializer:
         dtype: str | None = None,
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
+        device: str = "cpu",
     ):
+        """`device`: where the resident model lives and evaluates ("cuda" on a GPU worker); merges are
+        computed where the memory-mapped inputs are (CPU) and copied into it."""
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -187,7 +190,7 @@ class Materializer:
 
         with no_init_weights():  # every weight is overwritten by apply: skip the random init (seconds at 1B)
             self.model = AutoModelForCausalLM.from_config(config, dtype=model_dtype, trust_remote_code=trust_remote_code)
-        self.model.eval()
+        self.model.to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
         self._targets = self.model.state_dict()
         names = self._checkpoints[ref].tensor_names()

@@ -64,10 +64,11 @@ class Evaluator:
         if self._num_threads:
             torch.set_num_threads(self._num_threads)
         cfg = SearchConfig.model_validate(self._cfg_json)
-        self.materializer = Materializer([str(m) for m in cfg.models], str(cfg.base_model), dtype=cfg.dtype)
+        # num_gpus > 0: Ray gave this actor a GPU (CUDA_VISIBLE_DEVICES); the resident model evaluates there
+        device = "cuda" if cfg.workers.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.materializer = Materializer([str(m) for m in cfg.models], str(cfg.base_model), dtype=cfg.dtype,
+                                         device=device)
         tasks = [TaskSpec(**t.model_dump()) for t in cfg.tasks.search]
-        # NOTE: Materializer keeps its model on the CPU (it has no device yet), so `device` is only recorded
-        device = "cuda" if cfg.workers.num_gpus > 0 else "cpu"
         self.scorer = Scorer(tasks, [str(p) for p in cfg.tasks.include_paths], seed=cfg.seed, device=device)
         self._last_end = time.perf_counter()
         return self.name

@@ -175,6 +175,8 @@ def _child(spec: dict) -> None:
         res = measure_export(spec["recipe"], spec["out"])
     elif kind == "floor":
         res = measure_floor(spec["models"], spec["repeats"], spec.get("out"))
+    elif kind == "build":
+        res = build_inputs(Path(spec["root"]), spec["params"], spec["dtype"])
     else:
         raise SystemExit(f"unknown measurement {kind}")
     print("RESULT " + json.dumps(res), flush=True)
@@ -244,7 +246,13 @@ def _bench(root: Path, args, methods: list[str], skip: set[str]) -> int:
     if stamp.exists() and json.loads(stamp.read_text()).get("request") == [args.params, args.dtype]:
         shape = json.loads(stamp.read_text())["shape"]
     else:
-        shape = build_inputs(root, args.params, args.dtype)
+        # In a child: on Linux a child's peak RSS starts at its parent's RSS when it was forked (exec folds
+        # the copied address space into ru_maxrss), so a parent holding the built weights would inflate
+        # every measurement after it.
+        built = _measure({"kind": "build", "root": str(root), "params": args.params, "dtype": args.dtype}, root, "build")
+        if "error" in built:
+            raise SystemExit(f"building the inputs failed: {built['error']}")
+        shape = {k: v for k, v in built.items() if k not in ("rss_gb", "wall")}
         stamp.write_text(json.dumps({"request": [args.params, args.dtype], "shape": shape}))
     gb = shape["params"] * {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype] / 1e9
     print(f"inputs: 3 x {shape['params'] / 1e6:.0f}M params ({shape['num_hidden_layers']} layers, hidden "

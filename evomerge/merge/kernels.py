@@ -10,14 +10,14 @@ results are equal, not merely close; what they change is where the work goes:
   k-th largest magnitude and `|delta| >= threshold` is the same mask whenever that threshold is unique
   (when several elements tie at a non-zero threshold, which of them mergekit keeps is decided by its
   unstable argsort, deterministic but not reproducible without it, so this falls back to mergekit's own
-  function; deltas of large tensors often tie, which is why the gain is 1.5x and not more).
+  function; deltas of large tensors often tie, which is why the gain is 1.5-1.8x and not more).
 - **TIES merge** (mergekit's generalized task arithmetic): deltas are computed and pruned in place in one
   preallocated buffer and the result is written straight into the destination (the resident model's
   parameter) instead of a fresh tensor that is then copied.
 - **SLERP**: the same chunked statistics, but the per-chunk products reuse two buffers and the output
   chunks are written into the destination.
 
-`EVOMERGE_KERNELS=mergekit` (or `use_fast=False`) runs mergekit's kernels instead, for comparison.
+`EVOMERGE_KERNELS=mergekit` runs mergekit's kernels instead, for comparison (the bench does).
 """
 from __future__ import annotations
 

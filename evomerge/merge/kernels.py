@@ -35,7 +35,6 @@ def fast_enabled() -> bool:
 
 def magnitude_(delta: torch.Tensor, density: float, rescale_norm: Any = None) -> torch.Tensor:
     """In place: what `mergekit.sparsify.magnitude(delta, density, rescale_norm)` returns, in `delta`."""
-    import torch
     from mergekit.sparsify import magnitude
 
     if density >= 1:

@@ -44,11 +44,10 @@ def merge_tensor(
 ) -> torch.Tensor:
     """One output tensor, as mergekit's ExecuteMergeMethodTask computes it (same parameter binding; its kernel,
     or one of `kernels.py`'s bit-identical faster ones). With `out`, the result may be written there."""
-    from evomerge.merge.kernels import fast_merge
-
-    import torch
     from mergekit.merge_methods.base import ParameterScope, PerInputValues, TensorEntry, TensorGroup, TensorMetadata
     from mergekit.merge_methods.buffers import copy_non_floating_buffer
+
+    from evomerge.merge.kernels import fast_merge
 
     name = params.name
     if dtype is not None:
@@ -116,8 +115,6 @@ def merged_tensors(
     The one per-tensor merge loop, shared by `Materializer.apply` and `export_recipe`.
     Raises CandidateError when a merged tensor holds NaN or Inf.
     """
-    import torch
-
     inputs = recipe.input_models()
     if len(checkpoints) != len(inputs):
         raise ValueError(f"{len(checkpoints)} checkpoints for {len(inputs)} recipe inputs")

@@ -30,23 +30,8 @@ _ST_DTYPES = {
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-def _st_names() -> dict:
-    import torch
-
-    return {getattr(torch, name): code for code, (name, _) in _ST_DTYPES.items() if hasattr(torch, name)}
-
-
-class _StNames(dict):
-    """torch dtype -> safetensors dtype code, built on first use (keeps torch out of import time)."""
-
-    def __missing__(self, key):
-        self.update(_st_names())
-        if key not in self:
-            raise KeyError(f"safetensors has no dtype for {key}")
-        return dict.__getitem__(self, key)
-
-
-ST_NAMES = _StNames()
+# torch dtype name -> safetensors dtype code (what a writer puts in the header)
+ST_CODES: dict[str, str] = {name: code for code, (name, _) in _ST_DTYPES.items()}
 
 
 class _Entry:

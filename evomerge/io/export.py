@@ -3,10 +3,11 @@
     export_recipe(Recipe.load("recipe.yaml"), Path("out/model"))
 
 Memory stays bounded: inputs are memory-mapped and each tensor's input pages are released once it is
-merged; each merged tensor is written to its shard file at once (the shard is never held in memory). Everything is written to a
-temp folder next to `out_dir` and swapped into place (`evomerge.io.atomic`): `out_dir` holds the previous
-complete result or the new one, never a partial one, even if the process is killed. The recipe written
-next to the weights records the sha256 of every other file (`evomerge.outputs`) for `evomerge verify`.
+merged, and each merged tensor is written to its shard file at once (no shard is held in memory).
+Everything is written to a temp folder next to `out_dir` and swapped into place (`evomerge.io.atomic`):
+`out_dir` holds the previous complete result or the new one, never a partial one, even if the process is
+killed. The recipe written next to the weights records the sha256 of every other file (`evomerge.outputs`)
+for `evomerge verify`.
 """
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Mapping, Sequence
 
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.io.atomic import atomic_dir, check_replaceable
-from evomerge.io.checkpoint import ST_NAMES as _ST_NAMES
-from evomerge.io.checkpoint import Checkpoint, check_compatible
+from evomerge.io.checkpoint import ST_CODES, Checkpoint, check_compatible
 from evomerge.io.verify import file_sha256
 from evomerge.recipe import Recipe
 
@@ -69,7 +69,7 @@ class ShardWriter:
         if size:
             self._fh.write(data.view(torch.uint8).reshape(-1).numpy().data)
         self._entries[name] = {
-            "dtype": _ST_NAMES[data.dtype], "shape": list(data.shape), "data_offsets": [self._offset, self._offset + size],
+            "dtype": ST_CODES[str(data.dtype).removeprefix("torch.")], "shape": list(data.shape), "data_offsets": [self._offset, self._offset + size],
         }
         self._offset += size
         self.total_bytes += size

@@ -136,8 +136,7 @@ def slerp_into(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tensor |
     dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
     a, b = v0.reshape(1, -1), v1.reshape(1, -1)
     n = a.shape[1]
-    coef_dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
-    tt = torch.tensor([t], dtype=coef_dtype, device=v0.device).reshape(-1, 1).to(dtype)
+    tt = torch.tensor([t], dtype=dtype, device=v0.device).reshape(-1, 1)  # mergekit's coefficient dtype is this too
     eps, dot_threshold = 1e-8, 0.9995
     chunk = _CHUNK_ELEMENTS
     spans = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]

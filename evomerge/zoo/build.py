@@ -29,7 +29,7 @@ class ZooSpec:
 # then fine-tunes from it on its own skill (4 parts in 8) plus a replay of the base's mixture (4 parts in 8), as
 # practitioners fine-tune with some general data mixed in: without the replay a specialist forgets what the
 # base knew, and that forgetting is the largest part of its task vector, which then wipes out the other
-# specialist's skill in any merge (zoo experiments, issue 5 note). Learning rate 1e-3 for 300 steps: task
+# specialist's skill in any merge (bench/zoo_experiments.md). Learning rate 1e-3 for 300 steps: task
 # vectors of 14-18% of the base's norm.
 MIX = ("copy", "sort", "shift", "add")
 REPLAY = 4  # parts of the specialist's own skill against one part of each skill of MIX

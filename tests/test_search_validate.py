@@ -115,3 +115,31 @@ def test_report_shows_search_validation_and_heldout_side_by_side():
     text = render(c, {})
     assert "| trial | note | search objective | validation objective | held-out zoo_add |" in text
     assert "| 7 | - | 0.9000 | 0.1500 | 0.1000 |" in text and "| 3 | - | 0.5000 | 0.3500 | 0.3000 |" in text
+
+
+def test_guard_exports_the_defaults_when_no_searched_trial_beats_them_on_validation(tmp_path, tiny_zoo, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = guard_config(tiny_zoo, {**VALIDATION, "top_k": 1})
+    space = space_of(cfg)
+    dists = space.distributions(cfg.models)
+    study = st.open_study(cfg, space, log=None)
+    bench = val._Bench(cfg)
+    recipes = [(label, p, space.to_recipe(p, cfg.models, cfg.base_model, cfg.method, 0).to_yaml()) for label, p in space.baselines(cfg.models)]
+    truth = {label: bench(text)[1] for label, _, text in recipes}
+    searched = min((label for label in truth if label != "defaults"), key=truth.get)
+    assert truth["defaults"] > truth[searched], f"the default merge must beat a specialist alone on validation: {truth}"
+    # the search ranks that worse recipe first and the defaults last: top_k=1 alone would validate only it
+    search = {label: (0.9 if label == searched else 0.1 if label == "defaults" else 0.5) for label in truth}
+    for label, params, text in recipes:
+        value = search[label]
+        attrs = {"recipe": text, "scores": {t["name"]: {"acc": value} for t in SEARCH}, "objective": value, "baseline": label}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value, user_attrs=attrs))
+    number = {t.user_attrs["baseline"]: t.number for t in st.complete_trials(study)}
+
+    assert [t.number for t in val.finalists(cfg, study)] == [number[searched], number["defaults"]]
+    write_run_config(cfg)
+    out = export_trial(cfg.run_dir, log=None)
+    assert out.trial == number["defaults"]
+    assert Recipe.load(out.recipe).evomerge.extra["validation"]["objective"] == pytest.approx(truth["defaults"])
+    # without validation the defaults are not a finalist: the guard, not the ranking, brought them in
+    assert [t.number for t in val.finalists(guard_config(tiny_zoo), study)] == [number[searched]]

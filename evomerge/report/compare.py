@@ -269,7 +269,7 @@ def compare_run(
     top = next(r for r in trials if r.number == best.number)
     note = f"trial {best.number}" + (f", the enqueued baseline '{top.note}'" if top.note else "")
     if best.number in validated:
-        note += f", best on validation of the top {cfg.validation.top_k}"
+        note += f", best on validation of the top {cfg.validation.top_k} and the defaults"
     rows.append(Row(name="evolved (best trial)", kind="evolved", scores=top.heldout, mean=top.heldout_mean, detail=note))
 
     return Comparison(

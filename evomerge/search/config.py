@@ -75,7 +75,8 @@ class SamplerConfig(_Strict):
 
 
 class ValidationConfig(_Strict):
-    """Before export, re-score the `top_k` trials on larger `tasks` (validation splits); export the best there."""
+    """Before export, re-score the `top_k` trials and the default merge on larger `tasks` (validation splits);
+    export the best there."""
 
     top_k: int = Field(3, gt=0)
     tasks: list[SearchTask] = Field(min_length=1)

@@ -75,8 +75,8 @@ def _model_card(cfg: SearchConfig, recipe, trial, objective: float, validation=N
         lines += [
             "## Validation scores",
             "",
-            f"The top {cfg.validation.top_k} trials by search objective were re-scored on validation sets the search "
-            "never saw; this one scored best there.",
+            f"The top {cfg.validation.top_k} trials by search objective and the default merge were re-scored on "
+            "validation sets the search never saw; this one scored best there.",
             "",
             "| task | metric | weight | score |",
             "|---|---|---|---|",

@@ -286,6 +286,10 @@ def summary(report: AuditReport) -> list[str]:
             lines.append(f"Interference concentrates in {label} {', '.join(parts)}, against a layer mean of "
                          f"{conf:.2f} (range {low:.2f}-{high:.2f}): a per-layer search should give "
                          f"{'it its' if len(parts) == 1 else 'these layers their'} own density and weight.")
+        if 0.4 <= conf <= 0.6:
+            lines.append("Sign-conflict rates near 0.5 are what unrelated task vectors give, so they locate "
+                         "interference only weakly; `evomerge audit CONFIG.yaml --probe` measures where one "
+                         "model's change hurts another model's task.")
     elif conf == 0:
         lines.append("No sign conflict anywhere: the deltas agree in sign wherever both are non-zero.")
     mags = [_mean([g.magnitude_per_model[m] for g in layers]) for m in range(len(report.models))]

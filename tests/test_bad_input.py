@@ -311,6 +311,12 @@ CASES = [
     Case("audit_vocab_differs", lambda t, z: (broken(edit_json("tokenizer.json", swap_two_tokens))(t, z),
                                               audit_config(t, z, models=(str(t / "broken"), "reverse")))[1],
          "tokenizer vocabulary differs"),
+    Case("audit_probe_recipe", lambda t, z: (
+        (t / "recipe.yaml").write_text(f"merge_method: linear\nmodels:\n- model: {z / 'add'}\n  parameters: {{weight: 1.0}}\n"),
+        ["audit", str(t / "recipe.yaml"), "--probe"])[1], "this is a recipe"),
+    Case("audit_probe_without_tasks", lambda t, z: audit_config(t, z) + ["--probe"], "tasks"),
+    Case("audit_probe_subset_zero", lambda t, z: ["audit", search_config(t, z)[1], "--probe", "--probe-subset", "0"],
+         "--probe-subset 0"),
     # search configs (each fails before Ray starts and before runs/<name>/ is made)
     Case("search_unknown_sampler", lambda t, z: search_config(t, z, sampler={"name": "cmaess"}),
          "did you mean: cmaes", in_tmp=True),

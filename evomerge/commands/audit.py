@@ -1,7 +1,9 @@
-"""`evomerge audit CONFIG_OR_RECIPE.yaml [--plot FILE.png] [--json]`: pre-flight before a search.
+"""`evomerge audit CONFIG_OR_RECIPE.yaml [--plot FILE.png] [--json] [--probe]`: pre-flight before a search.
 
 Checks the models are compatible (architecture, tensor names and shapes, tokenizer vocab), then prints
 per-layer task-vector similarity, sign-conflict rates and delta sizes, and where interference concentrates.
+`--probe` (search configs) also merges and scores, region by region, where one model's task vector hurts
+another model's task (`evomerge.probe`).
 """
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", type=int, default=100_000, metavar="N",
                         help="positions per tensor for Spearman (seeded; default 100000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Spearman sample (default 0)")
+    parser.add_argument("--probe", action="store_true",
+                        help="also merge and score, per layer and tensor kind, where one model's task vector hurts "
+                             "another's task (needs a search config: its tasks.search)")  # fmt: skip
+    parser.add_argument("--probe-subset", type=int, metavar="N",
+                        help="examples per task for --probe (default: each search task's own subset)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,18 +33,25 @@ def run(args: argparse.Namespace) -> int:
 
     if args.sample < 2:
         raise ConfigError(f"--sample {args.sample}: use at least 2 positions per tensor")
+    cfg = _probe_config(args) if args.probe else None
     base, models = load_inputs(args.config)
     if len(models) < 2:
         raise ConfigError(f"{args.config}: audit compares task vectors, so it needs at least two models besides "
                           f"the base (found {len(models)}); list them under `models`")
     progress = _progress() if sys.stderr.isatty() and not args.json else None
     report = audit_dirs(base, models, sample=args.sample, seed=args.seed, progress=progress)
+    probed = _probe(cfg, args, sys.stderr.isatty() and not args.json) if cfg is not None else None
     if args.plot:
         from evomerge.plots.audit import plot_audit
 
         plot_audit(report, args.plot)
     if args.json:
-        print(json.dumps({**report.model_dump(mode="json"), "summary": summary(report)}, indent=2))
+        out = {**report.model_dump(mode="json"), "summary": summary(report)}
+        if probed is not None:
+            from evomerge.probe import probe_summary
+
+            out["probe"] = {**probed.to_dict(), "summary": probe_summary(probed)}
+        print(json.dumps(out, indent=2))
         return 0
     print(f"compatible: {report.base} + {', '.join(report.models)}: same architecture, {report.n_tensors} tensors "
           f"with matching names and shapes, same tokenizer vocab ({report.n_params:,} parameters)")
@@ -46,6 +60,14 @@ def run(args: argparse.Namespace) -> int:
     print()
     for line in summary(report):
         print(line)
+    if probed is not None:
+        from evomerge.probe import format_probe, probe_summary
+
+        print()
+        print(format_probe(probed))
+        print()
+        for line in probe_summary(probed):
+            print(line)
     if args.plot:
         print(f"\nheatmap written to {args.plot}")
     return 0
@@ -59,3 +81,30 @@ def _progress():
         print(f"\raudit: {done}/{total} tensors", end=end, file=sys.stderr, flush=True)
 
     return show
+
+
+def _probe_config(args: argparse.Namespace):
+    """The search config --probe takes its tasks from (checked before any work: errors exit 2 at once)."""
+    from evomerge.errors import ConfigError
+    from evomerge.io.yamlfile import read_yaml
+    from evomerge.search.config import load_config
+
+    raw = read_yaml(args.config, "file (pass a search config YAML)")
+    if isinstance(raw, dict) and "merge_method" in raw:
+        raise ConfigError(f"{args.config}: --probe scores the models on a search config's `tasks.search`, and this "
+                          "is a recipe; pass the search config (e.g. configs/demo.yaml) or drop --probe")
+    if args.probe_subset is not None and args.probe_subset < 1:
+        raise ConfigError(f"--probe-subset {args.probe_subset}: use at least 1 example per task")
+    return load_config(args.config)
+
+
+def _probe(cfg, args: argparse.Namespace, show: bool):
+    import sys
+
+    from evomerge.probe import probe
+    from evomerge.scoring import TaskSpec
+
+    tasks = [TaskSpec(**{**t.model_dump(), **({"subset": args.probe_subset} if args.probe_subset else {})})
+             for t in cfg.tasks.search]  # fmt: skip
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if show else None
+    return probe(cfg.base_model, cfg.models, tasks, cfg.tasks.include_paths, seed=cfg.seed, log=log)

@@ -162,6 +162,14 @@ class Scorer:
             weight += spec.weight
         return total / weight
 
+    def leaf_values(self, scores: Scores) -> dict[str, float]:
+        """{leaf task: its spec's metric on the 0-1 higher-is-better scale the objective uses}."""
+        return {
+            leaf: self._unit(leaf, spec.metric, scores[leaf][spec.metric])
+            for spec in self.specs
+            for leaf in self.members[spec.name]
+        }
+
     def _unit(self, leaf: str, metric: str, value: float) -> float:
         base = metric.split(",", 1)[0]
         if base == "perplexity":

@@ -1,0 +1,76 @@
+"""The functional interference probe (`evomerge audit CONFIG --probe`): verdict rules, and cells that are real merges."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from evomerge.cli import main
+from evomerge.probe import RegionProbe, regions_of, verdict
+
+OWNERS = {"t_add": "add", "t_rev": "reverse"}
+
+
+@pytest.mark.parametrize(
+    "need, harm, expected",
+    [
+        # reverse's vector costs t_add 20 points where reverse itself needs it: only a trade is possible
+        ({"t_add": 30.0, "t_rev": 40.0}, {"t_add": 20.0, "t_rev": 0.0}, "conflict"),
+        # ... and where t_add's owner does not need the region either: still reverse's own need that binds
+        ({"t_add": 0.0, "t_rev": 40.0}, {"t_add": 20.0, "t_rev": 0.0}, "conflict"),
+        # reverse's vector hurts t_add but reverse does not need the region: drop it there
+        ({"t_add": 30.0, "t_rev": 2.0}, {"t_add": 20.0, "t_rev": 0.0}, "routable"),
+        ({"t_add": 2.0, "t_rev": 3.0}, {"t_add": 0.0, "t_rev": 8.0}, "routable"),
+        # both need it but neither change hurts the other's task: a plain sum keeps both
+        ({"t_add": 30.0, "t_rev": 40.0}, {"t_add": 1.0, "t_rev": 2.0}, "quiet"),
+    ],
+)
+def test_verdict(need, harm, expected):
+    assert verdict(RegionProbe("layer 0", "layers.0.", need, harm, ""), OWNERS) == expected
+
+
+def test_regions_cover_every_layer_then_the_kinds():
+    labels = [label for label, _ in regions_of(3)]
+    assert labels == ["layer 0", "layer 1", "layer 2", "attention", "MLP", "embeddings", "head"]
+    assert dict(regions_of(12))["layer 1"] == "layers.1."  # substring filter: does not also match layers.10.
+
+
+def test_audit_probe_on_the_tiny_zoo_scores_real_recipes(tiny_zoo, tmp_path, capsys):
+    from evomerge.merge.materialize import Materializer
+    from evomerge.recipe import ModelEntry, Recipe
+    from evomerge.scoring import Scorer, TaskSpec
+
+    tasks = [{"name": "zoo_add_search", "subset": 40}, {"name": "zoo_reverse_search", "subset": 40}]
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "probe", "base_model": str(tiny_zoo / "base"), "models": [str(tiny_zoo / "add"), str(tiny_zoo / "reverse")],
+        "method": "task_arithmetic", "tasks": {"search": tasks},
+    }))  # fmt: skip
+    assert main(["audit", str(config), "--json", "--probe"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    probe = out["probe"]
+    assert probe["models"] == ["add", "reverse"]
+    # each task belongs to the model best on it; the tiny zoo's reverse specialist may not beat the base
+    assert probe["owners"]["zoo_add_search"] == "add"
+    assert set(probe["owners"]) | set(probe["unowned"]) == {"zoo_add_search", "zoo_reverse_search"}
+    assert probe["owners"].get("zoo_reverse_search", "reverse") == "reverse"
+    regions = probe["regions"]
+    assert [r["region"] for r in regions] == [label for label, _ in regions_of(4)]
+    assert {r["verdict"] for r in regions} <= {"conflict", "routable", "quiet"}
+    assert probe["summary"] and all(line.startswith("Probe: ") for line in probe["summary"])
+
+    # one cell recomputed independently: add without its own vector in layer 0, scored on its task
+    mat = Materializer([str(tiny_zoo / "add"), str(tiny_zoo / "reverse")], str(tiny_zoo / "base"))
+    scorer = Scorer([TaskSpec(**t) for t in tasks], seed=0)
+    mat.apply(Recipe(merge_method="task_arithmetic", base_model=str(tiny_zoo / "base"), models=[
+        ModelEntry(model=str(tiny_zoo / "add"), parameters={"weight": [{"filter": "layers.0.", "value": 0.0}, {"value": 1.0}]}),
+        ModelEntry(model=str(tiny_zoo / "reverse"), parameters={"weight": 0.0})]))  # fmt: skip
+    acc = 100 * scorer.score(mat.model, mat.tokenizer)["zoo_add_search"]["acc"]
+    layer0 = regions[0]
+    assert layer0["need"]["zoo_add_search"] == pytest.approx(probe["alone"]["zoo_add_search"] - acc)
+    # and the alone score is the add specialist's own checkpoint, scored the same way
+    from transformers import AutoModelForCausalLM
+
+    own = AutoModelForCausalLM.from_pretrained(str(tiny_zoo / "add"))
+    assert probe["alone"]["zoo_add_search"] == pytest.approx(100 * scorer.score(own, mat.tokenizer)["zoo_add_search"]["acc"])

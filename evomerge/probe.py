@@ -84,7 +84,8 @@ def probe(
     from evomerge.scoring import Scorer
     from evomerge.search.space import model_keys
 
-    base, paths = str(base), [str(m) for m in models]
+    base = str(base)
+    paths = [str(m) for m in models if Path(m).resolve() != Path(base).resolve()]
     keys = model_keys(paths)
     mat = Materializer(paths, base)
     scorer = Scorer(list(tasks), include_paths, seed=seed)
@@ -99,8 +100,7 @@ def probe(
                          models=[ModelEntry(model=m, parameters={"weight": w}) for m, w in zip(paths, weights)]))  # fmt: skip
         return score()
 
-    zero = [0.0] * len(paths)
-    base_scores = ta(zero)
+    base_scores = ta([0.0] * len(paths))
     alone = {}
     for i, key in enumerate(keys):
         alone[key] = ta([1.0 if j == i else 0.0 for j in range(len(paths))])
@@ -120,21 +120,19 @@ def probe(
         controls={t: {} for t in owners},
         unowned=unowned,
     )
-    owning = [i for i, k in enumerate(keys) if k in owners.values()]
-    for i in owning:
-        mine = [t for t in owners if owners[t] == keys[i]]
+    owned = {i: [t for t in owners if owners[t] == k] for i, k in enumerate(keys) if k in owners.values()}
+    for i, mine in owned.items():
         for kind in ("shuffled", "noise"):
             after = _control(mat, keys, i, kind, seed, score)
             for t in mine:
                 report.controls[t][kind] = report.alone[t] - after[t]
-    only = lambda r: [{"filter": r, "value": 1.0}, {"value": 0.0}]  # noqa: E731
-    without = lambda r: [{"filter": r, "value": 0.0}, {"value": 1.0}]  # noqa: E731
     for label, flt in regions_of(mat.model.config.num_hidden_layers):
+        inside = [{"filter": flt, "value": 1.0}, {"value": 0.0}]  # weight 1 in the region only
+        outside = [{"filter": flt, "value": 0.0}, {"value": 1.0}]  # weight 1 everywhere but the region
         need, harm = {}, {}
-        for i in owning:
-            mine = [t for t in owners if owners[t] == keys[i]]
-            lost = ta([without(flt) if j == i else 0.0 for j in range(len(paths))])
-            hurt = ta([1.0 if j == i else only(flt) for j in range(len(paths))])
+        for i, mine in owned.items():
+            lost = ta([outside if j == i else 0.0 for j in range(len(paths))])
+            hurt = ta([1.0 if j == i else inside for j in range(len(paths))])
             for t in mine:
                 need[t] = report.alone[t] - lost[t]
                 harm[t] = report.alone[t] - hurt[t]

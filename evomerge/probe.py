@@ -17,8 +17,10 @@ there by a model that needs the region itself: a recipe can only trade the two s
 vectors there. Two controls tell a specific collision from mere size: the other models' vectors shuffled
 within each tensor, and Gaussian noise with their per-tensor norms, each added to m everywhere.
 
-Cost: 2 scorer calls per task-owning model and region, plus one per model and control (about 2 minutes
-on the demo zoo, 2 CPU cores).
+The verdicts take one region at a time; regions can be redundant (each safe to drop alone, not all at
+once), so the probe also scores the routable regions dropped together. Cost: 2 scorer calls per
+task-owning model and region, plus one per model and control (about 30 s on the demo zoo with 100
+examples per task, 2 CPU cores).
 """
 from __future__ import annotations
 
@@ -47,6 +49,10 @@ class ProbeReport:
     controls: dict[str, dict[str, float]]  # task -> {"shuffled" | "noise": points lost}
     regions: list[RegionProbe] = field(default_factory=list)
     unowned: list[str] = field(default_factory=list)  # tasks no model does better on than the base
+    # the routable regions checked together: each model's vector dropped in the routable regions where it hurts
+    # another model's task, every other weight 1 (regions can be redundant: each fine alone, not all at once)
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # model -> regions where its vector was dropped
+    joint: dict[str, float] = field(default_factory=dict)  # task -> score with those drops
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -140,7 +146,31 @@ def probe(
         region.verdict = verdict(region, owners)
         report.regions.append(region)
         log(f"probe: {label}: {region.verdict}")
+    report.dropped = routable_drops(report)
+    if report.dropped:
+        report.joint = {t: v for t, v in ta(drop_weights(report)).items() if t in owners}
     return report
+
+
+def routable_drops(report: ProbeReport) -> dict[str, list[str]]:
+    """model -> the routable regions where a task another model owns is harmed (so this model's vector may go)."""
+    out: dict[str, list[str]] = {}
+    for key in report.models:
+        regions = [r.region for r in report.regions if r.verdict == "routable"
+                   and any(h >= HARM and report.owners[t] != key for t, h in r.harm.items())]  # fmt: skip
+        if regions:
+            out[key] = regions
+    return out
+
+
+def drop_weights(report: ProbeReport) -> list:
+    """Per model (in order): weight 0 in its dropped regions, 1 elsewhere (mergekit conditional parameters)."""
+    filters = {r.region: r.filter for r in report.regions}
+    weights: list = []
+    for key in report.models:
+        drops = [{"filter": filters[r], "value": 0.0} for r in report.dropped.get(key, [])]
+        weights.append(drops + [{"value": 1.0}] if drops else 1.0)
+    return weights
 
 
 def _control(mat, keys: list[str], i: int, kind: str, seed: int, score) -> dict[str, float]:
@@ -212,6 +242,12 @@ def probe_summary(report: ProbeReport) -> list[str]:
                      "own task does not need it; a per-layer search can give it a low weight there.")
     if not by["conflict"] and not by["routable"]:
         lines.append("Probe: no region hurts another model's task: a plain sum of the task vectors keeps the skills.")
+    if report.joint:
+        drops = "; ".join(f"{k} in {', '.join(rs)}" for k, rs in report.dropped.items())
+        scores = ", ".join(f"{t} {report.all_in[t]:.1f} -> {report.joint[t]:.1f}" for t in report.joint)
+        lines.append(f"Probe: the routable regions together (dropping {drops}; every other task vector at weight 1): "
+                     f"{scores} (against all task vectors at weight 1). Regions can be redundant: each one alone "
+                     "may be safe to drop while all of them together are not.")
     lost = {t: report.alone[t] - report.all_in[t] for t in report.owners}
     specific = [t for t in report.owners if lost[t] >= max(HARM, 2 * max(report.controls[t].values(), default=0.0))]
     if specific:
@@ -220,4 +256,5 @@ def probe_summary(report: ProbeReport) -> list[str]:
     return lines
 
 
-__all__ = ["HARM", "NEED", "ProbeReport", "RegionProbe", "format_probe", "probe", "probe_summary", "regions_of", "verdict"]
+__all__ = ["HARM", "NEED", "ProbeReport", "RegionProbe", "drop_weights", "format_probe", "probe", "probe_summary",
+           "regions_of", "routable_drops", "verdict"]

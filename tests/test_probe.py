@@ -59,6 +59,9 @@ def test_audit_probe_on_the_tiny_zoo_scores_real_recipes(tiny_zoo, tmp_path, cap
     assert [r["region"] for r in regions] == [label for label, _ in regions_of(4)]
     assert {r["verdict"] for r in regions} <= {"conflict", "routable", "quiet"}
     assert probe["summary"] and all(line.startswith("Probe: ") for line in probe["summary"])
+    routable = {r["region"] for r in regions if r["verdict"] == "routable"}
+    assert {r for rs in probe["dropped"].values() for r in rs} <= routable
+    assert set(probe["joint"]) == (set(probe["owners"]) if probe["dropped"] else set())
 
     # one cell recomputed independently: add without its own vector in layer 0, scored on its task
     mat = Materializer([str(tiny_zoo / "add"), str(tiny_zoo / "reverse")], str(tiny_zoo / "base"))
@@ -74,3 +77,26 @@ def test_audit_probe_on_the_tiny_zoo_scores_real_recipes(tiny_zoo, tmp_path, cap
 
     own = AutoModelForCausalLM.from_pretrained(str(tiny_zoo / "add"))
     assert probe["alone"]["zoo_add_search"] == pytest.approx(100 * scorer.score(own, mat.tokenizer)["zoo_add_search"]["acc"])
+
+
+def test_routable_regions_are_dropped_together_from_the_model_that_hurts():
+    from evomerge.probe import ProbeReport, drop_weights, routable_drops
+
+    def region(label, flt, harm_add, need_rev, harm_rev=0.0):
+        r = RegionProbe(label, flt, {"t_add": 30.0, "t_rev": need_rev}, {"t_add": harm_add, "t_rev": harm_rev}, "")
+        r.verdict = verdict(r, OWNERS)
+        return r
+
+    report = ProbeReport(models=["add", "reverse"], owners=OWNERS, alone={}, all_in={}, controls={}, regions=[
+        region("layer 0", "layers.0.", harm_add=20.0, need_rev=50.0),  # conflict: reverse needs it
+        region("layer 1", "layers.1.", harm_add=20.0, need_rev=2.0),  # routable: reverse's vector may go
+        region("layer 2", "layers.2.", harm_add=1.0, need_rev=2.0),  # quiet
+        region("embeddings", "embed_tokens", harm_add=9.0, need_rev=0.0),  # routable
+    ])  # fmt: skip
+    assert [r.verdict for r in report.regions] == ["conflict", "routable", "quiet", "routable"]
+    report.dropped = routable_drops(report)
+    assert report.dropped == {"reverse": ["layer 1", "embeddings"]}  # add hurts nobody: it keeps weight 1
+    assert drop_weights(report) == [
+        1.0,
+        [{"filter": "layers.1.", "value": 0.0}, {"filter": "embed_tokens", "value": 0.0}, {"value": 1.0}],
+    ]

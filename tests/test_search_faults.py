@@ -123,7 +123,8 @@ def test_a_half_created_study_is_finished_not_refused(tmp_path, monkeypatch):
     """A driver killed while creating the study (before its config hash and baselines were all written)."""
     monkeypatch.chdir(tmp_path)
     cfg = zoo_config(fake_zoo(tmp_path))
-    study = optuna.create_study(study_name=cfg.name, storage=st.get_storage(cfg.storage_url))
+    optuna.create_study(  # an empty study: no config hash, no baselines yet
+        study_name=cfg.name, storage=st.get_storage(cfg.storage_url))
     resumed = st.open_study(cfg, space_of(cfg), log=None)
     assert resumed.user_attrs["config_hash"] == cfg.study_hash()
     labels = [t.user_attrs["baseline"] for t in resumed.trials]

@@ -106,10 +106,16 @@ def probe(
                          models=[ModelEntry(model=m, parameters={"weight": w}) for m, w in zip(paths, weights)]))  # fmt: skip
         return score()
 
-    base_scores = ta([0.0] * len(paths))
+    def exactly(path: str) -> dict[str, float]:
+        """One input model's own weights (a linear merge with weight 1 on it, 0 on the rest: exact in fp32)."""
+        mat.apply(Recipe(merge_method="linear", models=[ModelEntry(model=m, parameters={"weight": float(m == path)})
+                                                         for m in [*paths, base]]))  # fmt: skip
+        return score()
+
+    base_scores = exactly(base)
     alone = {}
-    for i, key in enumerate(keys):
-        alone[key] = ta([1.0 if j == i else 0.0 for j in range(len(paths))])
+    for key, path in zip(keys, paths):
+        alone[key] = exactly(path)
         log(f"probe: {key} alone")
     owners, unowned = {}, []
     for t in names:

@@ -154,6 +154,9 @@ def num_layers(model_dir: Path | str) -> int:
     return n
 
 
+DEFAULTS_LABEL = "defaults"  # the baseline label of the enqueued default merge (the guard always validates it)
+
+
 def model_keys(models: list) -> list[str]:
     """Short unique names for models (their folder names), used in parameter names."""
     keys: list[str] = []
@@ -269,7 +272,7 @@ class SearchSpace:
 
     def baselines(self, models: list) -> list[tuple[str, dict[str, float]]]:
         """(label, params): the method's defaults, then each source model alone where the space allows."""
-        out = [("defaults", self.defaults(models))]
+        out = [(DEFAULTS_LABEL, self.defaults(models))]
         params = self.spec.parameters
         if "weight" in params and params["weight"].searched:
             for key in model_keys(models):

@@ -10,9 +10,10 @@
 
 A sampler that ran for long on small search subsets finds recipes that fit those subsets' noise; a
 second, larger sample the sampler never saw ranks the finalists honestly. The finalists always include
-the default merge, so a search that found nothing better exports the defaults rather than its luckiest trial. Results live in the study
-(user attr `validation:<trial>`, keyed by the validation tasks), so they are computed once per trial and
-a changed `validation.tasks` re-scores. Export records them in the recipe's provenance.
+the default merge, so a search that found nothing better exports the defaults rather than its luckiest
+trial. Results live in the study (user attr `validation:<trial>`, keyed by the validation tasks), so they
+are computed once per trial and a changed `validation.tasks` re-scores. Export records them in the
+recipe's provenance.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     from evomerge.search.config import SearchConfig
 
 PREFIX = "validation:"
-DEFAULTS = "defaults"  # the label of the enqueued default-merge trial (SearchSpace.baselines)
 
 
 class Validation(BaseModel):
@@ -68,13 +68,14 @@ def finalists(cfg: SearchConfig, study) -> list:
     """The candidates for validation: the top_k COMPLETE trials by search objective (best first), then the
     enqueued default merge if it is not among them, so export never takes a searched recipe that
     validation ranks below the defaults (on noisy search subsets the top trials often are)."""
+    from evomerge.search.space import DEFAULTS_LABEL
     from evomerge.search.study import complete_trials, objective_of
 
     k = cfg.validation.top_k if cfg.validation else 1
     ranked = sorted(complete_trials(study), key=lambda t: (-objective_of(t), t.number))
     top = ranked[:k]
     if cfg.validation is not None:
-        top += [t for t in ranked[k:] if t.user_attrs.get("baseline") == DEFAULTS][:1]
+        top += [t for t in ranked[k:] if t.user_attrs.get("baseline") == DEFAULTS_LABEL][:1]
     return top
 
 

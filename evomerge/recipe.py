@@ -16,7 +16,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from evomerge.errors import ConfigError, close_matches
+from evomerge.errors import ConfigError, describe_validation
 
 ScalarParameter = Union[bool, int, float, str]
 ScalarOrGradient = Union[ScalarParameter, list[ScalarParameter]]
@@ -110,7 +110,7 @@ class Recipe(BaseModel, frozen=True):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"{source}: {_describe(exc)}") from None
+            raise ConfigError(f"{source}: {describe_validation(exc, Recipe, quote=False)}") from None
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
@@ -177,41 +177,6 @@ def _resolve_paths(data: dict, base_dir: Path) -> dict:
     if isinstance(block, dict) and isinstance(block.get("inputs"), dict):
         data["evomerge"] = {**block, "inputs": {fix(k): v for k, v in block["inputs"].items()}}
     return data
-
-
-def _describe(exc: ValidationError) -> str:
-    """Every pydantic error on one line: `field a.b: message; field c: message`."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown field{close_matches(str(err['loc'][-1]), _fields_at(err['loc'])) or '; remove it'}"
-        elif err["type"] == "missing":
-            msg = "required; add it"
-        parts.append(f"field {loc}: {msg}" if loc else msg)
-    # union members produce one error each; keep the first per location
-    seen: dict[str, str] = {}
-    for part in parts:
-        seen.setdefault(part.split(":")[0], part)
-    return "; ".join(seen.values())
-
-
-def _fields_at(loc: tuple) -> list[str]:
-    """The field names valid where an unknown key `loc` was found (for "did you mean")."""
-    if len(loc) == 1:
-        model: type[BaseModel] = Recipe
-    elif loc[0] == "models" and len(loc) == 3:
-        model = ModelEntry
-    elif loc[0] == "evomerge" and len(loc) == 2:
-        model = Provenance
-    else:  # a `{filter, value}` conditional parameter
-        model = ConditionalParameter
-    return list(model.model_fields)
-
-
-def _is_union_tag(part: Any) -> bool:
-    return isinstance(part, str) and ("[" in part or part in {"bool", "int", "float", "str", "ConditionalParameter"})
 
 
 class _Dumper(yaml.SafeDumper):

@@ -119,7 +119,7 @@ def drop_last_layer(folder: Path) -> None:
 def exported(edit: Callable[[Path], None]) -> Build:
     """A real export in tmp/ckpt, damaged by `edit`, then `verify tmp/ckpt`."""
     def build(tmp: Path, zoo: Path) -> list[str]:
-        from evomerge.io.export import export_recipe
+        from evomerge.export import export_recipe
         from evomerge.recipe import Recipe
 
         recipe(tmp, zoo)
@@ -237,8 +237,8 @@ def storage_under_a_file(tmp: Path, zoo: Path) -> list[str]:
 def study_exists_with_other_config(tmp: Path, zoo: Path) -> list[str]:
     """A study 'bad' made with seed 0 (opened as the driver does, no trials run), then `search` with seed 1."""
     from evomerge.search import study as st
-    from evomerge.search.config import load_config
-    from evomerge.search.driver import space_of
+    from evomerge.config import load_config
+    from evomerge.space import space_of
 
     search_config(tmp, zoo)
     cfg = load_config(tmp / "search.yaml")
@@ -337,6 +337,17 @@ CASES = [
 ]
 
 
+@contextlib.contextmanager
+def working_dir(folder: Path):
+    """`contextlib.chdir`, which Python 3.10 (allowed by pyproject) lacks."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def run_case(case: Case, tmp: Path, zoo: Path) -> tuple[int, str, str]:
     """Build the case in `tmp`, run the CLI in-process: (exit code, stdout, stderr)."""
     from evomerge.cli import main
@@ -344,7 +355,7 @@ def run_case(case: Case, tmp: Path, zoo: Path) -> tuple[int, str, str]:
     argv = case.build(tmp, zoo)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-            contextlib.chdir(tmp) if case.in_tmp else contextlib.nullcontext():
+            working_dir(tmp) if case.in_tmp else contextlib.nullcontext():
         with case.around() if case.around else contextlib.nullcontext():
             code = main(argv)
     return code, out.getvalue(), err.getvalue()

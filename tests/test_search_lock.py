@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from evomerge.errors import StudyError
+from evomerge.io.atomic import process_start
 from evomerge.search import lock as lk
 from evomerge.search import study as st
 
@@ -58,7 +59,7 @@ def test_rdb_storages_lock_with_a_lease_in_the_study(tmp_path, monkeypatch):
     with pytest.raises(StudyError, match="pid 8 on elsewhere"):
         mine.beat()
     # on this host a holder is live while its process runs (same pid and start time)
-    study.set_user_attr("lock", {**lk.driver_id(), "pid": os.getppid(), "start": lk._proc_start(os.getppid()), "since": now})
+    study.set_user_attr("lock", {**lk.driver_id(), "pid": os.getppid(), "start": process_start(os.getppid()), "since": now})
     with pytest.raises(StudyError, match=f"pid {os.getppid()}"):
         lk.StudyLock(rdb, "locked").acquire().claim(study)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import mmap
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from evomerge.errors import ModelError
+from evomerge.io.digest import files_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +32,21 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 # torch dtype name -> safetensors dtype code (what a writer puts in the header)
 ST_CODES: dict[str, str] = {name: code for code, (name, _) in _ST_DTYPES.items()}
+# A tokenizer's own files (transformers' save_pretrained writes some of these): copied into exports, and a model
+# folder scored from disk needs at least one of them.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+)  # fmt: skip
+
+
+def config_num_layers(config: dict[str, Any]) -> int | None:
+    """The decoder-layer count of an HF `config.json` (also a multimodal model's `text_config`), or None."""
+    for cfg in (config, config.get("text_config") or {}):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+    return None
 
 
 class _Entry:
@@ -170,12 +185,7 @@ class Checkpoint:
     # ---- identity -------------------------------------------------------------------------------
     @cached_property
     def _sha256(self) -> str:
-        h = hashlib.sha256()
-        for file in sorted(self.files):
-            with open(file, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    h.update(chunk)
-        return h.hexdigest()
+        return files_sha256(sorted(self.files))
 
     def sha256(self) -> str:
         """Hash of the weight files' bytes in name order (the zoo's `zoo.json` uses the same definition)."""
@@ -183,11 +193,7 @@ class Checkpoint:
 
     @property
     def num_layers(self) -> int | None:
-        for cfg in (self.config, self.config.get("text_config") or {}):
-            for key in ("num_hidden_layers", "n_layer", "num_layers"):
-                if isinstance(cfg.get(key), int):
-                    return cfg[key]
-        return None
+        return config_num_layers(self.config)
 
     @property
     def architecture(self) -> str:

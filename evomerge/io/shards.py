@@ -1,38 +1,28 @@
-"""Stream a recipe's merge to an HF checkpoint folder: sharded safetensors, config, tokenizer, recipe.yaml.
+"""Stream tensors into safetensors shards, HF's way (`model.safetensors`, or `model-0000i-of-0000n` + index).
 
-    export_recipe(Recipe.load("recipe.yaml"), Path("out/model"))
+    writer = ShardWriter(folder, [(name, shape), ...], shard_bytes=parse_size("2GB"))
+    for name, tensor in tensors: writer.add(name, tensor)      # written at once: no shard is held in memory
+    writer.finish()
 
-Memory stays bounded: inputs are memory-mapped and each tensor's input pages are released once it is
-merged, and each merged tensor is written to its shard file at once (no shard is held in memory).
-Everything is written to a temp folder next to `out_dir` and swapped into place (`evomerge.io.atomic`):
-`out_dir` holds the previous complete result or the new one, never a partial one, even if the process is
-killed. The recipe written next to the weights records the sha256 of every other file (`evomerge.outputs`)
-for `evomerge verify`.
+Only writing: what goes in (a merge, by `evomerge.export`) and where the folder is published (`io.atomic`)
+are the caller's.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Sequence
 
-from evomerge.errors import ConfigError, EvomergeError
-from evomerge.io.atomic import atomic_dir, check_replaceable
-from evomerge.io.checkpoint import ST_CODES, Checkpoint, check_compatible
-from evomerge.io.verify import file_sha256
-from evomerge.recipe import Recipe
+from evomerge.errors import ConfigError
+from evomerge.io.checkpoint import ST_CODES
 
 if TYPE_CHECKING:
     import torch
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
-)  # fmt: skip
 
 
 class ShardWriter:
@@ -119,79 +109,6 @@ def _header_room(layout: Sequence[tuple[str, Sequence[int]]]) -> int:
     return -(-size // 8) * 8  # tensor data 8-byte aligned
 
 
-def export_recipe(
-    recipe: Recipe,
-    out_dir: Path | str,
-    *,
-    seed: int | None = None,
-    allow_pickle: bool = False,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    source: str | os.PathLike | None = None,
-    extra_files: Mapping[str, str] | None = None,
-    log: Callable[[str], None] | None = None,
-) -> Path:
-    """Merge `recipe` to `out_dir` (HF folder + recipe.yaml with provenance); returns `out_dir`.
-
-    Raises EvomergeError (exit 2) for bad inputs or an output that cannot be written, and then leaves
-    nothing behind. `source` (the recipe's file) prefixes errors about the models the recipe names.
-    `extra_files` ({name: text}, e.g. a model card) are written inside the same atomic swap and recorded.
-    """
-    from evomerge import __version__
-    from evomerge.merge.materialize import merged_tensors
-
-    out_dir = Path(out_dir)
-    check_replaceable(out_dir)  # fail before hashing and merging
-    if seed is not None:
-        recipe = recipe.with_provenance(seed=seed)
-    inputs = recipe.input_models()
-    checkpoints = [_open(recipe, m, allow_pickle, source) for m in inputs]
-    ref = checkpoints[inputs.index(recipe.base_model)] if recipe.base_model else checkpoints[0]
-    check_compatible([ref] + [c for c in checkpoints if c is not ref])  # mismatches named against the base
-    recipe = recipe.with_provenance(
-        version=__version__, inputs={m: c.sha256() for m, c in zip(inputs, checkpoints)}, outputs={}
-    )
-    tokenizer_dir = _tokenizer_dir(recipe, ref)
-
-    with atomic_dir(out_dir) as tmp:
-        writer = ShardWriter(tmp, [(n, ref.shape(n)) for n in ref.tensor_names()], shard_bytes)
-        out_dtype = None
-        for name, tensor in merged_tensors(recipe, checkpoints):
-            writer.add(name, tensor)
-            if tensor.is_floating_point():
-                out_dtype = out_dtype or str(tensor.dtype).removeprefix("torch.")
-            del tensor
-            for ckpt in checkpoints:  # done with this tensor's input pages: drop them from our memory
-                ckpt.release(name)
-        shards = writer.finish()
-        config = dict(ref.config)
-        if out_dtype:
-            config["dtype"] = out_dtype
-            config.pop("torch_dtype", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for fname in TOKENIZER_FILES:
-            src = (ref.path if fname == "generation_config.json" else tokenizer_dir) / fname
-            if src.is_file():
-                shutil.copyfile(src, tmp / fname)
-        for fname, text in (extra_files or {}).items():
-            if Path(fname).name != fname or fname == "recipe.yaml":
-                raise ValueError(f"extra file {fname!r}: a plain file name other than recipe.yaml")
-            (tmp / fname).write_text(text, encoding="utf-8")
-        outputs = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-        recipe.with_provenance(outputs=outputs).dump(tmp / "recipe.yaml")
-    if log:
-        log(f"{len(shards)} shard(s), {writer.total_bytes / 1e6:.1f} MB")
-    return out_dir
-
-
-def _open(recipe: Recipe, model: str, allow_pickle: bool, source: str | os.PathLike | None) -> Checkpoint:
-    """The input checkpoint; errors also name the recipe file and field that point at it."""
-    try:
-        return Checkpoint(model, allow_pickle=allow_pickle)
-    except EvomergeError as exc:
-        where = f"{source}: " if source is not None else ""
-        raise type(exc)(f"{where}field {recipe.field_of(model)}: {exc}") from None
-
-
 def parse_size(text: str) -> int:
     """'2GB', '500MB', '64KiB', '1000' -> bytes (for --max-shard-size)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
@@ -200,13 +117,3 @@ def parse_size(text: str) -> int:
     base = 1024 if match.group(3) else 1000
     power = " KMGT".index(match.group(2).upper() or " ")
     return max(1, int(float(match.group(1)) * base**power))
-
-
-def _tokenizer_dir(recipe: Recipe, ref: Checkpoint) -> Path:
-    source = recipe.tokenizer_source
-    if source in (None, "base", "union"):  # inputs share one vocabulary (checked), so "union" is the base's
-        return ref.path
-    path = Path(source)
-    if not path.is_dir():
-        raise ConfigError(f"field tokenizer_source: {source} is not a folder; point it at a folder with tokenizer.json")
-    return path

@@ -204,6 +204,11 @@ class Materializer:
     def checkpoints(self) -> list[Checkpoint]:
         return list(self._checkpoints.values())
 
+    @property
+    def targets(self) -> dict[str, torch.Tensor]:
+        """name -> the resident model's tensor: what `apply` writes into."""
+        return self._targets
+
     def apply(self, recipe: Recipe) -> None:
         import torch
 

@@ -84,9 +84,9 @@ def check_recipe(recipe: Recipe) -> None:
 
 def _leaves(setting: Any) -> Iterator[Any]:
     """Every scalar a setting can evaluate to (gradients interpolate between leaves, so ranges hold)."""
-    from evomerge.recipe import ConditionalParameter
+    from pydantic import BaseModel
 
-    if isinstance(setting, ConditionalParameter):
+    if isinstance(setting, BaseModel):  # a `{filter, value}` ConditionalParameter (recipe.py imports this module)
         yield from _leaves(setting.value)
     elif isinstance(setting, list):
         for item in setting:

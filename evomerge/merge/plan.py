@@ -71,10 +71,11 @@ class Plan:
             yield self._own.get(model)
         yield self._global
 
-    def resolve(self, name: str) -> TensorParams:
+    def resolve(self, name: str, t: float | None = None) -> TensorParams:
+        """The parameters of tensor `name`; `t` (its layer position, 0-1) defaults to where the name puts it."""
         from mergekit.parameter_resolver import resolve_parameters
 
-        t = layer_t(name, self.num_layers)
+        t = layer_t(name, self.num_layers) if t is None else t
         try:
             shared, per_input = resolve_parameters(
                 self.method.spec,

@@ -20,41 +20,26 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import StudyError
+from evomerge.io.atomic import pid_alive, process_start
 
 ATTR = "lock"
 SETTLE_S = 1.0  # RDB storages without a file lock: time for a concurrent claim to land before reading back
-
-
-def _proc_start(pid: int) -> str | None:
-    """The process's start time (Linux), to tell a live driver from a reused pid."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+GRACE_S = 600.0  # a driver on another host (or its RUNNING trial) silent for this long is dead
 
 
 def driver_id() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _proc_start(os.getpid())}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
 
 
-def pid_alive(driver: dict[str, Any]) -> bool:
-    """Whether the driver's process (on this host) still runs: same pid and same start time."""
-    try:
-        os.kill(int(driver["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    start = driver.get("start")
-    return start is None or _proc_start(int(driver["pid"])) in (None, start)
+def driver_alive(driver: dict[str, Any]) -> bool:
+    """Whether a driver's process (on this host) still runs: same pid and same start time."""
+    return pid_alive(int(driver["pid"]), driver.get("start"))
 
 
 def holder_alive(holder: dict[str, Any], now: float | None = None) -> bool:
     """A lock holder is live while its process runs (this host) or it beat within GRACE_S (another host)."""
-    from evomerge.search.study import GRACE_S
-
     if holder.get("host") == socket.gethostname():
-        return pid_alive(holder)
+        return driver_alive(holder)
     now = time.time() if now is None else now
     return now - float(holder.get("heartbeat", 0.0)) < GRACE_S
 
@@ -176,4 +161,4 @@ class StudyLock:
         self.release()
 
 
-__all__ = ["StudyLock", "driver_id", "holder_alive", "pid_alive"]
+__all__ = ["GRACE_S", "StudyLock", "driver_alive", "driver_id", "holder_alive"]

@@ -13,9 +13,11 @@ A space is YAML (`search_spaces/<name>.yaml`, a path, or a mapping inline in the
       normalize: {value: true}                        # fixed
       lambda:  {low: 0.5, high: 1.5, default: 1.0, per_layer: false}
 
-`SearchSpace.to_recipe` turns one point (Optuna params) into a `Recipe`: per-layer groups become mergekit
+`SearchSpace.to_recipe` turns one point (a trial's params) into a `Recipe`: per-layer groups become mergekit
 gradient lists (length L with a value repeated per group, or length K for control points), kinds become
-filter conditionals. `SearchSpace.from_recipe` is its inverse, so any recipe can be enqueued as a trial.
+filter conditionals. `SearchSpace.from_recipe` is its inverse (read through mergekit's own parameter resolver,
+`merge.plan`), so any recipe can be enqueued as a trial. `bounds` are plain numbers; `search.study` turns them
+into Optuna distributions.
 """
 from __future__ import annotations
 
@@ -24,14 +26,20 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from evomerge.errors import ConfigError, ModelError, close_matches
+from evomerge.errors import ConfigError, ModelError, close_matches, describe_validation
+from evomerge.io.checkpoint import config_num_layers
+from evomerge.merge.methods import RANGES
 
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+if TYPE_CHECKING:
+    from evomerge.config import SearchConfig
+    from evomerge.recipe import Recipe
+
+SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 PER_MODEL = frozenset({"weight", "density", "gamma", "epsilon"})  # one value per merged model
 EMBED_FILTERS = ("embed_tokens", "lm_head")
 
@@ -77,15 +85,6 @@ class ParamSpec(BaseModel):
         return min(max(float(x), self.low), self.high)
 
 
-# what mergekit accepts for the bounded parameters: (low test, high test, the interval in words)
-_RANGES = {
-    "density": (lambda x: x > 0, lambda x: x <= 1, "(0, 1]"),
-    "t": (lambda x: x >= 0, lambda x: x <= 1, "[0, 1]"),
-    "epsilon": (lambda x: x >= 0, lambda x: x < 1, "[0, 1)"),
-    "gamma": (lambda x: x >= 0, lambda x: x < 1, "[0, 1)"),
-}
-
-
 class SpaceSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -102,13 +101,16 @@ class SpaceSpec(BaseModel):
 
     @model_validator(mode="after")
     def _in_range(self) -> SpaceSpec:
+        """The bounded parameters stay where a recipe may put them (`merge.methods.RANGES`, mergekit's)."""
         for name, spec in self.parameters.items():
-            if name not in _RANGES:
+            if name not in RANGES:
                 continue
-            lo, hi, text = _RANGES[name]
+            low, high, low_in, high_in = RANGES[name]
+            text = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
             ends = [spec.value] if not spec.searched else [spec.low, spec.high]
             ends = [x for x in ends if isinstance(x, (int, float)) and not isinstance(x, bool)]
-            if not all(lo(x) and hi(x) for x in ends):
+            inside = [(low <= x if low_in else low < x) and (x <= high if high_in else x < high) for x in ends]
+            if not all(inside):
                 raise ValueError(f"parameters.{name}: {ends} leaves {text}; keep {name} within {text}")
         return self
 
@@ -137,18 +139,17 @@ def load_space_spec(ref: str | dict | Path, source: str = "search_space") -> Spa
     try:
         return SpaceSpec.model_validate(data)
     except ValidationError as err:
-        from evomerge.search.config import format_errors
-
-        raise ConfigError(format_errors(where, err).replace("unknown key", "unknown search-space key")) from None
+        raise ConfigError(f"{where}: {describe_validation(err, SpaceSpec)}") from None
 
 
 def num_layers(model_dir: Path | str) -> int:
+    """The base model's decoder-layer count, from its config.json (the search space is laid over it)."""
     path = Path(model_dir) / "config.json"
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ModelError(f"{path}: cannot read the model config ({err}); point base_model at an HF model folder")
-    n = cfg.get("num_hidden_layers") or cfg.get("text_config", {}).get("num_hidden_layers")
+    n = config_num_layers(cfg) if isinstance(cfg, dict) else None
     if not isinstance(n, int) or n < 1:
         raise ModelError(f"{path}: no `num_hidden_layers`; evomerge searches per-layer parameters of decoder models")
     return n
@@ -181,49 +182,12 @@ class Slot:
         return ".".join(p for p in (self.param, self.model, self.kind, label) if p is not None)
 
 
-def _conditionals(setting: Any) -> list | None:
-    def is_cond(x: Any) -> bool:
-        return (isinstance(x, dict) and "value" in x) or hasattr(x, "filter")
-
-    if is_cond(setting):
-        return [setting]
-    if isinstance(setting, list) and setting and all(is_cond(x) for x in setting):
-        return setting
-    return None
-
-
-def resolve_setting(setting: Any, tensor: str, t: float) -> Any:
-    """A mergekit ParameterSetting's value for one tensor at layer position t (first matching filter wins)."""
-    conds = _conditionals(setting)
-    if conds is not None:
-        for c in conds:
-            flt = c.get("filter") if isinstance(c, dict) else c.filter
-            if flt is None or flt in tensor:
-                return resolve_setting(c["value"] if isinstance(c, dict) else c.value, tensor, t)
-        return None
-    if isinstance(setting, (list, tuple)):
-        if len(setting) == 1:
-            return setting[0]
-        scaled = t * (len(setting) - 1)
-        if abs(scaled - round(scaled)) < 1e-9:
-            scaled = round(scaled)
-        i0 = int(scaled)
-        i1 = min(len(setting) - 1, i0 + 1)
-        frac = scaled - i0
-        return setting[i0] * (1 - frac) + setting[i1] * frac
-    return setting
-
-
 class SearchSpace:
     """A `SpaceSpec` laid over a model with `num_layers` layers."""
 
     def __init__(self, spec: SpaceSpec, num_layers: int):
         self.spec = spec
         self.num_layers = num_layers
-
-    @classmethod
-    def load(cls, ref: str | dict | Path, base_model: Path | str) -> SearchSpace:
-        return cls(load_space_spec(ref), num_layers(base_model))
 
     # -- layout -----------------------------------------------------------------------------------
     @property
@@ -257,14 +221,9 @@ class SearchSpace:
                     out += [Slot(param, key, kind, g) for g in groups]
         return out
 
-    def distributions(self, models: list) -> dict[str, Any]:
-        from optuna.distributions import FloatDistribution
-
-        out = {}
-        for s in self.slots(models):
-            ps = self.spec.parameters[s.param]
-            out[s.name] = FloatDistribution(ps.low, ps.high, log=ps.log)
-        return out
+    def bounds(self, models: list) -> dict[str, ParamSpec]:
+        """{searched number's name: its ParamSpec (`low`, `high`, `log`)}, in slot order."""
+        return {s.name: self.spec.parameters[s.param] for s in self.slots(models)}
 
     # -- points -----------------------------------------------------------------------------------
     def defaults(self, models: list) -> dict[str, float]:
@@ -344,29 +303,38 @@ class SearchSpace:
         data["evomerge"] = {"seed": int(seed)}
         return Recipe.model_validate(data)
 
-    def from_recipe(self, recipe) -> dict[str, float]:
-        """The point of a recipe (values read at each group's first layer, clipped to the bounds)."""
+    def from_recipe(self, recipe: Recipe) -> dict[str, float]:
+        """The point of a recipe: each searched number read where its group starts (a layer group's first layer,
+        or a control point's position), as mergekit's resolver reads the recipe there, clipped to the bounds; a
+        parameter the recipe does not set takes its baseline."""
+        from evomerge.merge.plan import Plan
+
         base = str(recipe.base_model)
         entries = [e for e in recipe.models if str(e.model) != base]
         keys = model_keys([e.model for e in entries])
-        by_key = {k: (e.parameters or {}) for k, e in zip(keys, entries)}
-        shared = recipe.parameters or {}
+        path_of = {k: e.model for k, e in zip(keys, entries)}
+        given = {p for params in [recipe.parameters, *(e.parameters for e in recipe.models)] for p in (params or {})}
+        plan = Plan(recipe, num_layers=self.num_layers)
         out = {}
         for s in self.slots([e.model for e in entries]):
             ps = self.spec.parameters[s.param]
-            setting = by_key.get(s.model, {}).get(s.param) if s.model else None
-            if setting is None:
-                setting = shared.get(s.param)
             if s.kind == "embed":
                 tensor, t = "model.embed_tokens.weight", 0.0
             else:
-                g = s.group or 0
-                t = self._group_t(g) if s.group is not None else 0.0
+                t = self._group_t(s.group) if s.group is not None else 0.0
                 layer = round(t * (self.num_layers - 1))
                 tensor = f"model.layers.{layer}.{s.kind or 'mlp.down_proj'}.weight"
-            value = resolve_setting(setting, tensor, t) if setting is not None else None
+            value = None
+            if s.param in given:
+                resolved = plan.resolve(tensor, t=t)
+                value = resolved.per_input[path_of[s.model]][s.param] if s.model else resolved.shared[s.param]
             out[s.name] = ps.clip(ps.baseline if value is None else value)
         return out
 
 
-__all__ = ["SearchSpace", "SpaceSpec", "ParamSpec", "Slot", "load_space_spec", "model_keys", "num_layers"]
+def space_of(cfg: SearchConfig) -> SearchSpace:
+    """The search space of a loaded config (its resolved `search_space` over its base model's layers)."""
+    return SearchSpace(SpaceSpec.model_validate(cfg.search_space), num_layers(cfg.base_model))
+
+
+__all__ = ["DEFAULTS_LABEL", "ParamSpec", "SearchSpace", "Slot", "SpaceSpec", "load_space_spec", "model_keys", "num_layers", "space_of"]

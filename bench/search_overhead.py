@@ -26,7 +26,7 @@ def main() -> None:
 
     from evomerge.search import study as st
     from evomerge.search import workers
-    from evomerge.search.config import parse_config
+    from evomerge.config import parse_config
     from evomerge.search.driver import run_search
 
     tmp = Path(tempfile.mkdtemp(prefix="evomerge-bench-"))

@@ -1,22 +1,127 @@
-"""Export a trial: its recipe with provenance, the checkpoint it was scored as, and a model card.
+"""Export: a recipe merged to an HF checkpoint folder, and a study's trial as its recipe, checkpoint and model card.
 
-    evomerge export runs/demo                   # best trial -> runs/demo/best/{recipe.yaml,model/}
+    evomerge merge recipe.yaml --out DIR        # export_recipe: sharded safetensors, config, tokenizer, recipe.yaml
+    evomerge export runs/demo                   # export_trial: the exported trial -> runs/demo/best/{recipe.yaml,model/}
     evomerge export runs/demo --trial 12 --out /tmp/t12
 
-The checkpoint is the trial's recipe merged by `export_recipe` (same kernels, same per-tensor seeds),
-so its weights are the ones the trial was scored with. With `validation:` in the config, the top trials are
-first re-scored on the validation tasks and the best there is exported (`evomerge.search.validate`).
-OUT is published whole (`atomic_dir`): recipe.yaml, model/ and its README.md model card appear together, so
-a killed export leaves the previous complete OUT, never a new model next to a stale or missing recipe.
+A step above `merge` (the per-tensor merge loop) and `io` (checkpoint reader, shard writer, atomic folders),
+which know nothing of each other. Memory stays bounded: inputs are memory-mapped, each tensor's input pages
+are released once it is merged, and each merged tensor is written to its shard file at once. Everything is
+written to a temp folder next to the output and swapped into place (`io.atomic`): the output holds the
+previous complete result or the new one, never a partial one, even if the process is killed. The recipe
+written next to the weights records the sha256 of its inputs and of every file written (`evomerge verify`).
+
+A trial's checkpoint is its recipe merged by the same kernels with the same per-tensor seeds, so its
+weights are the ones the trial was scored with. Which trial: `search.guard.exported_trial` (with
+`validation:` in the config, the best on the validation splits of the finalists, scored first).
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from evomerge.errors import StudyError
-from evomerge.search.config import SearchConfig, load_run_config
+from evomerge.config import SearchConfig
+from evomerge.errors import ConfigError, EvomergeError, StudyError
+from evomerge.io.atomic import atomic_dir, check_replaceable
+from evomerge.io.checkpoint import TOKENIZER_FILES, Checkpoint, check_compatible
+from evomerge.io.digest import file_sha256
+from evomerge.io.shards import DEFAULT_SHARD_BYTES, ShardWriter
+from evomerge.recipe import Recipe
+from evomerge.tables import markdown_table
+
+if TYPE_CHECKING:
+    from evomerge.scoring.tasks import TaskSpec
+
+COPIED_FILES = (*TOKENIZER_FILES, "generation_config.json")  # from the base (tokenizer: `tokenizer_source`)
+
+
+def export_recipe(
+    recipe: Recipe,
+    out_dir: Path | str,
+    *,
+    seed: int | None = None,
+    allow_pickle: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    source: str | os.PathLike | None = None,
+    extra_files: Mapping[str, str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Merge `recipe` to `out_dir` (HF folder + recipe.yaml with provenance); returns `out_dir`.
+
+    Raises EvomergeError (exit 2) for bad inputs or an output that cannot be written, and then leaves
+    nothing behind. `source` (the recipe's file) prefixes errors about the models the recipe names.
+    `extra_files` ({name: text}, e.g. a model card) are written inside the same atomic swap and recorded.
+    """
+    from evomerge import __version__
+    from evomerge.merge.materialize import merged_tensors
+
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir)  # fail before hashing and merging
+    if seed is not None:
+        recipe = recipe.with_provenance(seed=seed)
+    inputs = recipe.input_models()
+    checkpoints = [_open(recipe, m, allow_pickle, source) for m in inputs]
+    ref = checkpoints[inputs.index(recipe.base_model)] if recipe.base_model else checkpoints[0]
+    check_compatible([ref] + [c for c in checkpoints if c is not ref])  # mismatches named against the base
+    recipe = recipe.with_provenance(
+        version=__version__, inputs={m: c.sha256() for m, c in zip(inputs, checkpoints)}, outputs={}
+    )
+    tokenizer_dir = _tokenizer_dir(recipe, ref)
+
+    with atomic_dir(out_dir) as tmp:
+        writer = ShardWriter(tmp, [(n, ref.shape(n)) for n in ref.tensor_names()], shard_bytes)
+        out_dtype = None
+        for name, tensor in merged_tensors(recipe, checkpoints):
+            writer.add(name, tensor)
+            if tensor.is_floating_point():
+                out_dtype = out_dtype or str(tensor.dtype).removeprefix("torch.")
+            del tensor
+            for ckpt in checkpoints:  # done with this tensor's input pages: drop them from our memory
+                ckpt.release(name)
+        shards = writer.finish()
+        config = dict(ref.config)
+        if out_dtype:
+            config["dtype"] = out_dtype
+            config.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for fname in COPIED_FILES:
+            src = (ref.path if fname == "generation_config.json" else tokenizer_dir) / fname
+            if src.is_file():
+                shutil.copyfile(src, tmp / fname)
+        for fname, text in (extra_files or {}).items():
+            if Path(fname).name != fname or fname == "recipe.yaml":
+                raise ValueError(f"extra file {fname!r}: a plain file name other than recipe.yaml")
+            (tmp / fname).write_text(text, encoding="utf-8")
+        outputs = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+        recipe.with_provenance(outputs=outputs).dump(tmp / "recipe.yaml")
+    if log:
+        log(f"{len(shards)} shard(s), {writer.total_bytes / 1e6:.1f} MB")
+    return out_dir
+
+
+def _open(recipe: Recipe, model: str, allow_pickle: bool, source: str | os.PathLike | None) -> Checkpoint:
+    """The input checkpoint; errors also name the recipe file and field that point at it."""
+    try:
+        return Checkpoint(model, allow_pickle=allow_pickle)
+    except EvomergeError as exc:
+        where = f"{source}: " if source is not None else ""
+        raise type(exc)(f"{where}field {recipe.field_of(model)}: {exc}") from None
+
+
+
+
+def _tokenizer_dir(recipe: Recipe, ref: Checkpoint) -> Path:
+    source = recipe.tokenizer_source
+    if source in (None, "base", "union"):  # inputs share one vocabulary (checked), so "union" is the base's
+        return ref.path
+    path = Path(source)
+    if not path.is_dir():
+        raise ConfigError(f"field tokenizer_source: {source} is not a folder; point it at a folder with tokenizer.json")
+    return path
 
 
 @dataclass
@@ -27,27 +132,12 @@ class ExportResult:
     model_dir: Path
 
 
-def choose_trial(study, number: int | None = None, cfg: SearchConfig | None = None):
-    """Trial `number` (must be COMPLETE), or the best one: best validation objective when `cfg` has validation
-    results, else best search objective (weighted mean for multi-objective)."""
-    import optuna
-
-    from evomerge.search.study import best_trial
-    from evomerge.search.validate import chosen_trial
-
-    if number is None:
-        best = chosen_trial(cfg, study) if cfg is not None else best_trial(study)
-        if best is None:
-            raise StudyError(f"study {study.study_name!r} has no COMPLETE trial yet; run `evomerge search` first")
-        return best
-    trials = study.get_trials(deepcopy=False)
-    if not 0 <= number < len(trials):
-        raise StudyError(f"study {study.study_name!r} has no trial {number} (trials 0-{len(trials) - 1}); see `evomerge status`")
-    trial = trials[number]
-    if trial.state != optuna.trial.TrialState.COMPLETE:
-        why = trial.user_attrs.get("fail_reason", "")
-        raise StudyError(f"trial {number} is {trial.state.name}{f' ({why})' if why else ''}; pick a COMPLETE trial")
-    return trial
+def _scores_table(tasks: Sequence[TaskSpec], scores: dict[str, dict[str, float]]) -> list[str]:
+    rows = []
+    for t in tasks:
+        value = scores.get(t.name, {}).get(t.metric)
+        rows.append([t.name, t.metric, f"{t.weight:g}", "-" if value is None else f"{value:.4f}"])
+    return markdown_table(["task", "metric", "weight", "score"], rows, align="llll")
 
 
 def _model_card(cfg: SearchConfig, recipe, trial, objective: float, validation=None) -> str:
@@ -64,13 +154,11 @@ def _model_card(cfg: SearchConfig, recipe, trial, objective: float, validation=N
         "",
         "Fixed seeded subsets of the search tasks (never the held-out data).",
         "",
-        "| task | metric | weight | score |",
-        "|---|---|---|---|",
+        *_scores_table(cfg.tasks.search, scores),
+        "",
+        f"Objective (weighted mean): **{objective:.4f}**",
+        "",
     ]
-    for t in cfg.tasks.search:
-        value = scores.get(t.name, {}).get(t.metric)
-        lines.append(f"| {t.name} | {t.metric} | {t.weight:g} | {'-' if value is None else f'{value:.4f}'} |")
-    lines += ["", f"Objective (weighted mean): **{objective:.4f}**", ""]
     if validation is not None:
         lines += [
             "## Validation scores",
@@ -78,13 +166,11 @@ def _model_card(cfg: SearchConfig, recipe, trial, objective: float, validation=N
             f"The top {cfg.validation.top_k} trials by search objective and the default merge were re-scored on "
             "validation sets the search never saw; this one scored best there.",
             "",
-            "| task | metric | weight | score |",
-            "|---|---|---|---|",
+            *_scores_table(cfg.validation.tasks, validation.scores),
+            "",
+            f"Validation objective (weighted mean): **{validation.objective:.4f}**",
+            "",
         ]
-        for t in cfg.validation.tasks:
-            value = validation.scores.get(t.name, {}).get(t.metric)
-            lines.append(f"| {t.name} | {t.metric} | {t.weight:g} | {'-' if value is None else f'{value:.4f}'} |")
-        lines += ["", f"Validation objective (weighted mean): **{validation.objective:.4f}**", ""]
     lines += ["## Inputs", "", "Their sha256 are in `recipe.yaml` (`evomerge.inputs`).", ""]
     lines += [f"- `{m}`" for m in recipe.input_models()]
     lines += [
@@ -109,27 +195,22 @@ def _model_card(cfg: SearchConfig, recipe, trial, objective: float, validation=N
 def export_trial(
     run_dir: Path | str, out: Path | str | None = None, trial: int | None = None, log: Callable[[str], None] | None = print
 ) -> ExportResult:
-    """Write `OUT/recipe.yaml` and `OUT/model/` (default OUT: `RUN_DIR/best`) for the best or a chosen trial.
+    """Write `OUT/recipe.yaml` and `OUT/model/` (default OUT: `RUN_DIR/best`) for the exported trial (or `trial`).
 
-    The best trial is the best on the validation tasks when the config has `validation:` (the top_k trials
-    are scored first, once), else the best search objective.
+    The exported trial is `search.guard.exported_trial`: the best on the validation tasks when the config has
+    `validation:` (the finalists are scored first, once, on the config's workers), else the best search objective.
     """
-    import shutil
+    from evomerge.search.guard import exported_trial, stored, validate_top
+    from evomerge.search.study import best_trial, objective_of, open_run, trial_by_number
 
-    from evomerge.io.atomic import atomic_dir
-    from evomerge.io.export import export_recipe
-    from evomerge.recipe import Recipe
-    from evomerge.search.study import load_study, objective_of
-    from evomerge.search.validate import stored, validate_top
-
-    cfg = load_run_config(run_dir)
-    study = load_study(cfg.name, cfg.storage_url)
-    if study is None:
-        raise StudyError(f"{run_dir}: study {cfg.name!r} is not in {cfg.storage_url}; run `evomerge search` first")
-    if trial is None and cfg.validation is not None:
-        choose_trial(study)  # a clear error before validating an empty study
+    cfg, study = open_run(run_dir)
+    if trial is not None:
+        chosen = trial_by_number(study, trial)
+    else:
+        if best_trial(study) is None:  # a clear error before validating an empty study
+            raise StudyError(f"study {study.study_name!r} has no COMPLETE trial yet; run `evomerge search` first")
         validate_top(cfg, study, log=log)
-    chosen = choose_trial(study, trial, cfg)
+        chosen = exported_trial(cfg, study)
     objective = objective_of(chosen)
     validation = stored(cfg, study).get(chosen.number)
     scores = chosen.user_attrs.get("scores", {})
@@ -166,4 +247,4 @@ def export_trial(
     return ExportResult(chosen.number, objective, out / "recipe.yaml", out / "model")
 
 
-__all__ = ["export_trial", "choose_trial", "ExportResult"]
+__all__ = ["ExportResult", "export_recipe", "export_trial"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,15 +22,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import ConfigError, ModelError
+from evomerge.merge.plan import LAYER_RE
+from evomerge.tables import text_table
 
 if TYPE_CHECKING:
     import torch
 
 KINDS = ("self_attn", "mlp", "all")
-METRICS = ("cosine", "spearman", "conflict", "magnitude")
 SAMPLE = 100_000
-
-_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 class TensorSource(Protocol):
@@ -45,7 +43,7 @@ class TensorSource(Protocol):
 def tensor_group(name: str) -> tuple[str, str]:
     """(row, kind) of a tensor name: row is 'embed', 'layer N', 'norm', 'lm_head' or the name's stem;
     kind is 'self_attn', 'mlp' or 'other' (layer norms and everything outside the layers)."""
-    m = _LAYER.search(name)
+    m = LAYER_RE.search(name)
     if m:
         rest = name[m.end():]
         if "norm" in rest or rest.startswith("ln_"):
@@ -175,14 +173,15 @@ def _accumulate(pools: list[_Pool], base: torch.Tensor, deltas: list[torch.Tenso
 
 
 def _spearman(a, b) -> float | None:
-    import numpy as np
-    from scipy.stats import rankdata
+    """Spearman rank correlation; None where it is undefined (a constant sample, e.g. an all-zero delta)."""
+    import warnings
 
-    ra, rb = rankdata(a), rankdata(b)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    denom = math.sqrt(float(np.dot(ra, ra)) * float(np.dot(rb, rb)))
-    return float(np.dot(ra, rb)) / denom if denom > 0 else None
+    from scipy.stats import spearmanr
+
+    with warnings.catch_warnings():  # a constant input warns and gives NaN: that is the None case
+        warnings.simplefilter("ignore")
+        rho = float(spearmanr(a, b).statistic)
+    return rho if math.isfinite(rho) else None
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -382,11 +381,7 @@ def format_table(report: AuditReport) -> str:
     def num(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    head = f"{'row':<10} {'kind':<9} {'params':>10} {'cosine':>7} {'spearman':>8} {'conflict':>8} {'|d|/|base|':>10}"
-    lines = [head, "-" * len(head)]
-    for g in report.groups:
-        lines.append(
-            f"{g.row:<10} {g.kind:<9} {g.n_params:>10,} {num(g.cosine, '+.3f'):>7} {num(g.spearman, '+.3f'):>8} "
-            f"{num(g.conflict, '.3f'):>8} {num(g.magnitude, '.3g'):>10}"
-        )
-    return "\n".join(lines)
+    header = ["row", "kind", "params", "cosine", "spearman", "conflict", "|d|/|base|"]
+    rows = [[g.row, g.kind, f"{g.n_params:,}", num(g.cosine, "+.3f"), num(g.spearman, "+.3f"), num(g.conflict, ".3f"),
+             num(g.magnitude, ".3g")] for g in report.groups]  # fmt: skip
+    return text_table(header, rows, "llrrrrr", sep=" ", min_widths=[10, 9, 10])

@@ -11,7 +11,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.search.export import export_trial
+    from evomerge.export import export_trial
 
     res = export_trial(args.run_dir, out=args.out, trial=args.trial)
     print(f"trial {res.trial} (objective {res.objective:.4f}): {res.recipe} and {res.model_dir}")

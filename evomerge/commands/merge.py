@@ -1,4 +1,4 @@
-"""`evomerge merge RECIPE.yaml --out DIR [--seed N] [--max-shard-size 2GB] [--allow-pickle] [--trust-remote-code]`
+"""`evomerge merge RECIPE.yaml --out DIR [--seed N] [--max-shard-size 2GB] [--allow-pickle]`
 
 Materializes any recipe (mergekit YAML with `models:`, optionally an `evomerge:` block) to an HF checkpoint.
 DIR appears whole or not at all; `evomerge verify DIR` checks it later against the hashes in DIR/recipe.yaml.
@@ -14,7 +14,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for random masks (default: the recipe's, else 0)")
     parser.add_argument("--max-shard-size", default="2GB", metavar="SIZE", help="largest weight file (default 2GB)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt inputs (unpickled weights-only)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="accepted for symmetry; export runs no model code")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,7 +21,8 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from evomerge.io.export import export_recipe, parse_size
+    from evomerge.export import export_recipe
+    from evomerge.io.shards import parse_size
     from evomerge.recipe import Recipe
 
     start = time.perf_counter()

@@ -17,7 +17,7 @@ import yaml
 
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe
-from evomerge.search.space import SPACES_DIR, SearchSpace, SpaceSpec, load_space_spec, num_layers
+from evomerge.space import SPACES_DIR, SearchSpace, SpaceSpec, load_space_spec, num_layers
 
 # The methods every report compares against, besides the study's own (slerp only where it applies).
 COMMON_METHODS = ("task_arithmetic", "ties", "dare_ties", "slerp")

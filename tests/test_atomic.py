@@ -12,9 +12,9 @@ import pytest
 
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
+from evomerge.export import export_recipe
 from evomerge.io import atomic
 from evomerge.io.atomic import atomic_dir, clean_stale
-from evomerge.export import export_recipe
 from evomerge.io.shards import parse_size
 from evomerge.io.verify import verify_checkpoint
 from evomerge.recipe import Recipe

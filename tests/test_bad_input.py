@@ -236,8 +236,8 @@ def storage_under_a_file(tmp: Path, zoo: Path) -> list[str]:
 
 def study_exists_with_other_config(tmp: Path, zoo: Path) -> list[str]:
     """A study 'bad' made with seed 0 (opened as the driver does, no trials run), then `search` with seed 1."""
-    from evomerge.search import study as st
     from evomerge.config import load_config
+    from evomerge.search import study as st
     from evomerge.space import space_of
 
     search_config(tmp, zoo)

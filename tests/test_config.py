@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.errors import ConfigError
 from evomerge.config import load_config, load_run_config, parse_config, write_run_config
+from evomerge.errors import ConfigError
 from evomerge.space import SearchSpace, load_space_spec
 
 REPO = Path(__file__).resolve().parent.parent

@@ -134,7 +134,7 @@ def test_a_bug_outside_the_task_code_is_not_the_candidates_failure(tmp_path, tin
     name = raising_task(folder, "False")
     ev = Evaluator([tiny_zoo / "add"], tiny_zoo / "base", {"boom": [TaskSpec(name=name)]}, [folder])
 
-    def broken(self, requests, **kwargs):
+    def broken(self, _requests, **kwargs):
         raise ZeroDivisionError("a bug in evomerge")
 
     monkeypatch.setattr(ResidentHFLM, "loglikelihood", broken)

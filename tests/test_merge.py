@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from evomerge.cli import main
 from evomerge.errors import CandidateError, ConfigError
-from evomerge.io.checkpoint import Checkpoint
 from evomerge.export import export_recipe
+from evomerge.io.checkpoint import Checkpoint
 from evomerge.merge.materialize import Materializer, merge_tensor, merged_tensors
 from evomerge.merge.plan import Plan
 from evomerge.recipe import Recipe

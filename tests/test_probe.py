@@ -6,8 +6,8 @@ import json
 import pytest
 import yaml
 
-from evomerge.cli import main
 from evomerge.analysis.probe import RegionProbe, regions_of, verdict
+from evomerge.cli import main
 
 OWNERS = {"t_add": "add", "t_rev": "reverse"}
 

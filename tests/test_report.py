@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from evomerge.cli import main
+from evomerge.config import load_run_config, parse_config
 from evomerge.recipe import Recipe
 from evomerge.report import Comparison, Row, TrialRow, default_recipe, statement
 from evomerge.report.markdown import render
-from evomerge.config import load_run_config, parse_config
 from evomerge.search.driver import run_search
 from evomerge.search.workers import InlinePool
 

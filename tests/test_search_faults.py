@@ -10,11 +10,11 @@ from pathlib import Path
 import optuna
 import pytest
 
-from evomerge.search import study as st
 from evomerge.config import parse_config
+from evomerge.search import study as st
 from evomerge.search.driver import MAX_WORKER_DEATHS, SearchResult, _InFlight, _tell, run_search
-from evomerge.space import space_of
 from evomerge.search.workers import JobResult
+from evomerge.space import space_of
 
 TASKS = [{"name": "zoo_add_search", "subset": 4}, {"name": "zoo_reverse_search", "subset": 4}]
 SPACE = {"methods": ["task_arithmetic"], "parameters": {"weight": {"low": 0.0, "high": 1.0, "default": 0.5}}}

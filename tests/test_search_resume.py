@@ -14,9 +14,9 @@ import optuna
 import pytest
 import yaml
 
+from evomerge.config import parse_config
 from evomerge.errors import StudyError
 from evomerge.search import study as st
-from evomerge.config import parse_config
 from evomerge.space import space_of
 
 REPO = Path(__file__).resolve().parent.parent

@@ -91,7 +91,7 @@ def probe(
     log: Callable[[str], None] | None = None,
 ) -> ProbeReport:
     """Score the probes (see the module docstring); `tasks` are TaskSpecs (or names) with their metric."""
-    from evomerge.evaluator import Evaluator, alone
+    from evomerge.evaluator import Evaluator
     from evomerge.recipe import ModelEntry, Recipe
     from evomerge.space import model_keys
 
@@ -110,7 +110,7 @@ def probe(
         return score()
 
     def exactly(path: str) -> dict[str, float]:
-        ev.load(alone(path, ev.inputs))
+        ev.load_model(path)  # `evaluator.alone`: its exact weights
         return score()
 
     base_scores = exactly(base)

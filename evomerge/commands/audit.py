@@ -95,9 +95,9 @@ def _progress(enabled: bool):
 
 def _probe_config(args: argparse.Namespace):
     """The search config --probe takes its tasks from (checked before any work: errors exit 2 at once)."""
+    from evomerge.config import load_config
     from evomerge.errors import ConfigError
     from evomerge.io.yamlfile import read_yaml
-    from evomerge.config import load_config
 
     raw = read_yaml(args.config, "file (pass a search config YAML)")
     if isinstance(raw, dict) and "merge_method" in raw:

@@ -26,8 +26,6 @@ METHODS = (
     "model_stock",
     "passthrough",
 )
-# Methods whose result depends on the RNG (random masks): seeded per tensor, see evomerge.merge.materialize.
-RANDOM_METHODS = frozenset({"dare_linear", "dare_ties", "della", "della_linear"})
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 # name -> (low, high, low_inclusive, high_inclusive); every other numeric parameter must be finite.

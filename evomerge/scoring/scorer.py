@@ -1,4 +1,4 @@
-"""Scores a live model on lm-eval tasks built once; what the search calls per trial.
+"""Scores a live model on lm-eval tasks built once; what the candidate evaluator calls per candidate.
 
     from evomerge.scoring import Scorer, TaskSpec
     scorer = Scorer([TaskSpec(name="zoo_add_search", subset=100), "zoo_reverse_search"])

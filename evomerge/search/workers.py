@@ -117,8 +117,8 @@ def _start_ray(cfg: SearchConfig) -> bool:
     """Join `workers.address`, or start a quiet local Ray sized to the workers. True if we started it."""
     import ray
 
-    from evomerge.offline import OFFLINE_ENV
     from evomerge.config import cpus_needed
+    from evomerge.offline import OFFLINE_ENV
 
     if ray.is_initialized():
         return False

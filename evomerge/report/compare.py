@@ -193,7 +193,7 @@ def compare_run(
     from evomerge.evaluator import alone
     from evomerge.offline import go_offline
     from evomerge.scoring.tasks import TaskSpec
-    from evomerge.search.guard import exported_trial, stored, validate_top
+    from evomerge.search.guard import exported_trial, pending, stored, validate_top
     from evomerge.search.study import objective_of
     from evomerge.search.workers import open_pool, run_jobs
     from evomerge.space import model_keys
@@ -208,7 +208,7 @@ def compare_run(
             "(e.g. [zoo_add, zoo_reverse]) or pass --heldout A,B"
         )
     task_sets = {"heldout": [TaskSpec(name=n, metric=heldout_metric(n, cfg.tasks.search), subset=subset) for n in names]}
-    if cfg.validation is not None:
+    if pending(cfg, study):  # the guard has finalists to score first: the workers build those tasks too
         task_sets["validation"] = cfg.validation.tasks
     defaults, skipped = _default_recipes(cfg)
     sources = [str(cfg.base_model), *(str(m) for m in cfg.models)]

@@ -105,7 +105,6 @@ class Evaluator:
         }
         self.materializer: Materializer = Materializer([str(m) for m in models], None if base_model is None else str(base_model),
                                                        dtype=dtype, device=device)  # fmt: skip
-        self.device = device
 
     @classmethod
     def for_config(cls, cfg: SearchConfig, task_sets: Mapping[str, Sequence[TaskSpec]], device: str = "cpu") -> Evaluator:

@@ -6,48 +6,18 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
 
 from evomerge.zoo.skills import SKILLS
-from evomerge.zoo.train import ModelShape, TrainPlan
+from evomerge.zoo.variants import ZooVariant, get_variant
 
 
-@dataclass(frozen=True)
-class ZooSpec:
-    shape: ModelShape
-    base: TrainPlan
-    specialists: dict[str, TrainPlan]
-
-
-# The base learns string skills (copy, sort, shift) and some addition; it never sees reversal. Each specialist
-# then fine-tunes from it on its own skill (4 parts in 8) plus a replay of the base's mixture (4 parts in 8), as
-# practitioners fine-tune with some general data mixed in: without the replay a specialist forgets what the
-# base knew, and that forgetting is the largest part of its task vector, which then wipes out the other
-# specialist's skill in any merge (bench/zoo_experiments.md). Learning rate 1e-3 for 300 steps: task
-# vectors of 14-18% of the base's norm.
-MIX = ("copy", "sort", "shift", "add")
-REPLAY = 4  # parts of the specialist's own skill against one part of each skill of MIX
-
-
-def specialist(skill: str, steps: int, batch: int) -> TrainPlan:
-    return TrainPlan((skill,) * REPLAY + MIX, steps=steps, lr=1e-3, batch=batch)
-
-
-SIZES: dict[str, ZooSpec] = {
-    "full": ZooSpec(
-        shape=ModelShape(hidden=64, layers=6, heads=4, intermediate=192),
-        base=TrainPlan(MIX, steps=500, lr=3e-3, batch=48),
-        specialists={"add": specialist("add", 300, 48), "reverse": specialist("reverse", 300, 48)},
-    ),
-    "tiny": ZooSpec(
-        shape=ModelShape(hidden=32, layers=4, heads=2, intermediate=64),
-        base=TrainPlan(MIX, steps=150, lr=3e-3, batch=32),
-        specialists={"add": specialist("add", 60, 32), "reverse": specialist("reverse", 60, 32)},
-    ),
-}
+# --size, the older name of the first two variants
+SIZES = {"full": "demo", "tiny": "tiny"}
 
 
 def _mixture(skills: tuple[str, ...]) -> str:
@@ -70,15 +40,19 @@ def weights_sha256(model_dir: Path) -> str:
 
 
 @contextlib.contextmanager
-def deterministic() -> Iterator[None]:
-    """torch's deterministic algorithms for the block only; the caller's setting comes back afterwards."""
+def deterministic(threads: int = 1) -> Iterator[None]:
+    """torch's deterministic algorithms and a fixed thread count for the block only (another thread count sums
+    floats in another order, so the same seed would give other weights); the caller's settings come back."""
     import torch
 
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    threads_before = torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
+        torch.set_num_threads(threads_before)
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
@@ -91,39 +65,57 @@ def _save(model, tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
-def build_zoo(out: Path | str, seed: int = 0, size: str = "full", log: Callable[[str], None] | None = print) -> dict:
-    """Build base + specialists under `out` (atomically: built beside it and swapped in, so `out` holds the
-    previous zoo or the new one, never neither; only an empty folder or an earlier zoo is replaced).
+def build_zoo(
+    out: Path | str,
+    seed: int = 0,
+    size: str | None = None,
+    log: Callable[[str], None] | None = print,
+    variant: ZooVariant | str | None = None,
+) -> dict:
+    """Build base + specialists of a variant (default: the demo zoo) under `out` (atomically: built beside it and
+    swapped in, so `out` holds the previous zoo or the new one, never neither; only an empty folder or an earlier
+    zoo is replaced). `size` ("full", "tiny") is the older name of the variants "demo" and "tiny".
     Returns the manifest."""
     from evomerge.errors import ConfigError
     from evomerge.io.atomic import atomic_dir
     from evomerge.zoo.tokenizer import build_tokenizer
     from evomerge.zoo.train import make_model, train
 
-    if size not in SIZES:
+    if size is not None and size not in SIZES:
         raise ConfigError(f"zoo size {size!r} is unknown; use one of: {', '.join(SIZES)}")
-    spec = SIZES[size]
+    if not isinstance(variant, ZooVariant):
+        variant = get_variant(variant or SIZES[size or "full"])
     out = Path(out)
     log = log or (lambda _msg: None)
     tokenizer = build_tokenizer()
     held = eval_prompts()
+    seed_used = seed + variant.seed_offset
     with deterministic(), atomic_dir(out, is_zoo, "a zoo (no zoo.json)") as tmp:  # refuses before any training
-        log(f"base: {spec.base.steps} steps on {_mixture(spec.base.skills)}")
-        model = make_model(spec.shape, tokenizer, seed)
-        train(model, tokenizer, spec.base, seed, held, log)
+        base_plan = variant.base_plan()
+        log(f"base: {base_plan.steps} steps on {_mixture(base_plan.skills)}")
+        model = make_model(variant.shape, tokenizer, seed_used)
+        train(model, tokenizer, base_plan, seed_used, held, log)
         _save(model, tokenizer, tmp / "base")
         base_state = {k: v.clone() for k, v in model.state_dict().items()}
-        for i, (name, plan) in enumerate(spec.specialists.items()):
-            log(f"{name}: {plan.steps} steps from base on {_mixture(plan.skills)}")
+        reference = copy.deepcopy(model).eval() if variant.kl_replay else None
+        for i, spec in enumerate(variant.specialists):
+            plan = variant.plan(spec)
+            where = "" if spec.layers is None else f", layers {spec.layers[0]}-{spec.layers[1]} only"
+            how = ", replay distilled from the base" if variant.kl_replay else ""
+            log(f"{spec.name}: {plan.steps} steps at lr {plan.lr:g} from base on {_mixture(plan.skills)}{where}{how}")
             model.load_state_dict(base_state)
-            train(model, tokenizer, plan, seed + 1 + i, held, log)
-            _save(model, tokenizer, tmp / name)
+            train(model, tokenizer, plan, seed_used + 1 + i, held, log, reference=reference)
+            _save(model, tokenizer, tmp / spec.name)
         manifest = {
             "seed": seed,
-            "size": size,
-            "shape": asdict(spec.shape),
+            "variant": variant.name,
+            "description": variant.description,
+            "shape": asdict(variant.shape),
             "base": "base",
-            "specialists": {name: list(dict.fromkeys(plan.skills)) for name, plan in spec.specialists.items()},
+            "base_mix": list(dict.fromkeys(variant.base_mix)),
+            "specialists": {s.name: [s.skill] for s in variant.specialists},
+            "training": {s.name: {"steps": s.steps, "lr": s.lr, "layers": s.layers, "kl_replay": variant.kl_replay}
+                         for s in variant.specialists},  # fmt: skip
             "sha256": {d.name: weights_sha256(d) for d in sorted(tmp.iterdir()) if d.is_dir()},
         }
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")

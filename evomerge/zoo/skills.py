@@ -110,6 +110,42 @@ def _copy(rng: random.Random) -> Example:
     return Example(f"copy {w}=", w, _distinct(w, near, rng, lambda: _word(rng, len(w), len(w))))
 
 
+def _sub(rng: random.Random) -> Example:
+    a, b = rng.randrange(100, 1000), rng.randrange(10)
+    d = a - b
+    near = [str(d + 1), str(d - 1), str(d + 10), str(d - 10), str(a + b)]
+    rng.shuffle(near)
+    return Example(f"{a}-{b}=", str(d), _distinct(str(d), near, rng, lambda: str(rng.randrange(100, 1000))))
+
+
+# a fixed substitution of the letters (no letter maps to itself or to its successor, so it is not `shift`)
+CIPHER = dict(zip(LETTERS, "dgjafihebc"))
+
+
+def _cipher(rng: random.Random) -> Example:
+    w = _word(rng, 4, 7)
+    ans = "".join(CIPHER[c] for c in w)
+    near = [w, _replace_one(ans, rng), _replace_one(ans, rng), "".join(chr(ord(c) + 1) for c in w)]
+    rng.shuffle(near)
+    return Example(f"enc {w}=", ans, _distinct(ans, near, rng, lambda: _replace_one(ans, rng)))
+
+
+def _rotate(rng: random.Random) -> Example:
+    w = _word(rng, 4, 7)
+    ans = w[1:] + w[0]
+    near = [w, w[-1] + w[:-1], _swap_adjacent(ans, rng), _replace_one(ans, rng)]
+    rng.shuffle(near)
+    return Example(f"rot {w}=", ans, _distinct(ans, near, rng, lambda: _replace_one(ans, rng)))
+
+
+def _dup(rng: random.Random) -> Example:
+    w = _word(rng, 3, 5)
+    ans = "".join(c + c for c in w)
+    near = [w + w, w, _swap_adjacent(ans, rng), _replace_one(ans, rng)]
+    rng.shuffle(near)
+    return Example(f"dup {w}=", ans, _distinct(ans, near, rng, lambda: _replace_one(ans, rng)))
+
+
 SKILLS: dict[str, Skill] = {
     s.name: s
     for s in (
@@ -118,5 +154,9 @@ SKILLS: dict[str, Skill] = {
         Skill("sort", _sort, "letter sorting: 'sort cab=' -> 'abc'"),
         Skill("shift", _shift, "letter shift: 'shift abc=' -> 'bcd'"),
         Skill("copy", _copy, "copying: 'copy abc=' -> 'abc'"),
+        Skill("sub", _sub, "three-digit minus one-digit subtraction: '347-8=' -> '339'"),
+        Skill("cipher", _cipher, "a fixed letter substitution: 'enc abca=' -> 'dgjd'"),
+        Skill("rotate", _rotate, "rotation by one: 'rot abcd=' -> 'bcda'"),
+        Skill("dup", _dup, "letter doubling: 'dup abc=' -> 'aabbcc'"),
     )
 }

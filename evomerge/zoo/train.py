@@ -23,6 +23,12 @@ class TrainPlan:
     lr: float
     batch: int = 64
     warmup: int = 20
+    layers: tuple[int, int] | None = None  # train only decoder layers first..last (None: every weight)
+    # Replay by distillation: examples of skills other than `own` train the model to keep the reference model's
+    # (the base's) next-token distributions on them (KL), instead of the right answers: a fine-tune that keeps
+    # what the base could do elsewhere, neither forgetting it nor learning more of it.
+    own: str | None = None
+    kl_replay: bool = False
 
 
 def make_model(shape: ModelShape, tokenizer, seed: int):
@@ -65,13 +71,46 @@ def _batch(examples: list[Example], tokenizer):
     return input_ids, mask, label_t
 
 
-def train(model, tokenizer, plan: TrainPlan, seed: int, eval_prompts: set[str], log=None) -> None:
-    """Train in place on a uniform mixture of `plan.skills`, never on an eval prompt."""
+def _trainable(name: str, layers: tuple[int, int] | None) -> bool:
+    if layers is None:
+        return True
+    from evomerge.merge.plan import layer_index
+
+    index = layer_index(name)
+    return index is not None and layers[0] <= index <= layers[1]
+
+
+def _distill_loss(model, reference, examples: list[Example], own: list[bool], tokenizer):
+    """Cross-entropy on the answers of `own` examples, KL(reference || model) on the answer positions of the others."""
+    import torch
+
+    input_ids, mask, labels = _batch(examples, tokenizer)
+    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+    target = labels[:, 1:]
+    answer = target != -100
+    logp = torch.log_softmax(logits, -1)
+    with torch.no_grad():
+        ref = torch.log_softmax(reference(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float(), -1)
+    ce = -logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    kl = (ref.exp() * (ref - logp)).sum(-1)
+    is_own = torch.tensor(own).unsqueeze(1).expand_as(target)
+    per_token = torch.where(is_own, ce, kl)
+    return (per_token * answer).sum() / answer.sum()
+
+
+def train(model, tokenizer, plan: TrainPlan, seed: int, eval_prompts: set[str], log=None, reference=None) -> None:
+    """Train in place on a uniform mixture of `plan.skills`, never on an eval prompt (`reference`: the model
+    whose outputs a `kl_replay` plan keeps on the skills other than its own)."""
     import torch
 
     rng = random.Random(f"train:{seed}:{','.join(plan.skills)}:{plan.steps}")
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(_trainable(name, plan.layers))
+        if p.requires_grad:
+            params.append(p)
+    opt = torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / plan.warmup) * max(0.05, 1 - s / plan.steps)
     )
@@ -79,17 +118,25 @@ def train(model, tokenizer, plan: TrainPlan, seed: int, eval_prompts: set[str], 
     model.train()
     for step in range(plan.steps):
         batch: list[Example] = []
+        own: list[bool] = []
         while len(batch) < plan.batch:
-            ex = rng.choice(skills).sample(rng)
+            skill = rng.choice(skills)
+            ex = skill.sample(rng)
             if ex.prompt not in eval_prompts:
                 batch.append(ex)
-        input_ids, mask, labels = _batch(batch, tokenizer)
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+                own.append(skill.name == plan.own)
+        if plan.kl_replay:
+            loss = _distill_loss(model, reference, batch, own, tokenizer)
+        else:
+            input_ids, mask, labels = _batch(batch, tokenizer)
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if log and (step % 100 == 0 or step == plan.steps - 1):
             log(f"  step {step:4d}/{plan.steps} loss {loss.item():.3f}")
+    for p in model.parameters():
+        p.requires_grad_(True)
     model.eval()

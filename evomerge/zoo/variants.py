@@ -1,0 +1,129 @@
+"""The zoo family: named variants of a base and 2-4 specialists, for the demo, the tests and the search suite.
+
+    evomerge zoo build --variant trio --out zoos/trio            # one variant
+    evomerge zoo build --variant trio --layers 6 --hidden 96      # the same recipe, another shape
+
+A variant says which skills the base learns (`base_mix`), which specialists are fine-tuned from it (each on its
+own skill plus a replay of the base's mixture, half and half), the model's shape and the training budgets.
+Specialists may differ in learning rate and steps (louder or quieter task vectors) and may train only some
+decoder layers (`layers`), as partially fine-tuned models do. Which variants ship and why:
+`bench/zoo_family.md` and README's zoo-family table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from evomerge.errors import ConfigError, close_matches
+from evomerge.zoo.train import ModelShape, TrainPlan
+
+MIX = ("copy", "sort", "shift", "add")  # what every base learns unless a variant says otherwise
+REPLAY = 4  # parts of a specialist's own skill against one part of each skill of the base's mixture
+
+
+@dataclass(frozen=True)
+class Specialist:
+    """One fine-tune of the base: its skill, budget, and which decoder layers it may change (None: all weights)."""
+
+    skill: str
+    steps: int = 300
+    lr: float = 1e-3
+    layers: tuple[int, int] | None = None  # [first, last] decoder layers trained; embeddings and head frozen
+
+    @property
+    def name(self) -> str:
+        return self.skill
+
+
+@dataclass(frozen=True)
+class ZooVariant:
+    name: str
+    description: str
+    specialists: tuple[Specialist, ...]
+    shape: ModelShape = ModelShape()
+    base_mix: tuple[str, ...] = MIX
+    replay: tuple[str, ...] | None = None  # what specialists replay beside their skill (None: the base's mixture)
+    base_steps: int = 500
+    base_lr: float = 3e-3
+    batch: int = 48
+    kl_replay: bool = False  # replay by distillation from the base (see TrainPlan) instead of the right answers
+    seed_offset: int = 0  # added to --seed, so variants built with the same seed are independent draws
+
+    def base_plan(self) -> TrainPlan:
+        return TrainPlan(self.base_mix, steps=self.base_steps, lr=self.base_lr, batch=self.batch)
+
+    def plan(self, spec: Specialist) -> TrainPlan:
+        replay = self.base_mix if self.replay is None else self.replay
+        return TrainPlan((spec.skill,) * REPLAY + replay, steps=spec.steps, lr=spec.lr, batch=self.batch,
+                         layers=spec.layers, own=spec.skill, kl_replay=self.kl_replay)  # fmt: skip
+
+    @property
+    def skills(self) -> list[str]:
+        return [s.skill for s in self.specialists]
+
+
+VARIANTS: dict[str, ZooVariant] = {
+    v.name: v
+    for v in (
+        ZooVariant(
+            "demo",
+            "the demo zoo: base (hidden 64, 6 layers) and two specialists, addition and string reversal",
+            (Specialist("add"), Specialist("reverse")),
+            shape=ModelShape(hidden=64, layers=6, heads=4, intermediate=192),
+        ),
+        ZooVariant(
+            "tiny",
+            "the test suite's zoo (hidden 32, 4 layers), built in seconds",
+            (Specialist("add", steps=60), Specialist("reverse", steps=60)),
+            shape=ModelShape(hidden=32, layers=4, heads=2, intermediate=64),
+            base_steps=150,
+            batch=32,
+        ),
+    )
+}
+
+
+def get_variant(
+    name: str,
+    *,
+    skills: list[str] | None = None,
+    layers: int | None = None,
+    hidden: int | None = None,
+    steps: int | None = None,
+) -> ZooVariant:
+    """A shipped variant, optionally with other specialists' skills, depth, width or specialist steps."""
+    from evomerge.zoo.skills import SKILLS
+
+    if name not in VARIANTS:
+        raise ConfigError(f"--variant {name!r}: no such zoo variant{close_matches(name, VARIANTS)}; "
+                          f"use one of {', '.join(VARIANTS)}")  # fmt: skip
+    v = VARIANTS[name]
+    if skills is not None:
+        unknown = [s for s in skills if s not in SKILLS]
+        if unknown:
+            raise ConfigError(f"--skills: no skill {unknown[0]!r}{close_matches(unknown[0], SKILLS)}; "
+                              f"use names from {', '.join(SKILLS)}")  # fmt: skip
+        if not 2 <= len(skills) <= 4 or len(set(skills)) != len(skills):
+            raise ConfigError(f"--skills: give 2 to 4 different skills, got {','.join(skills)}")
+        template = v.specialists[0]
+        v = replace(v, specialists=tuple(replace(template, skill=s, layers=None) for s in skills))
+    if steps is not None:
+        if steps < 1:
+            raise ConfigError(f"--steps {steps}: use at least 1 training step")
+        v = replace(v, specialists=tuple(replace(s, steps=steps) for s in v.specialists))
+    if layers is not None or hidden is not None:
+        shape = v.shape
+        if layers is not None:
+            if not 1 <= layers <= 48:
+                raise ConfigError(f"--layers {layers}: use 1 to 48 decoder layers")
+            shape = replace(shape, layers=layers)
+            v = replace(v, specialists=tuple(replace(s, layers=None) if s.layers and s.layers[1] >= layers else s
+                                             for s in v.specialists))  # fmt: skip
+        if hidden is not None:
+            if hidden < shape.heads or hidden % shape.heads:
+                raise ConfigError(f"--hidden {hidden}: use a multiple of the {shape.heads} attention heads")
+            shape = replace(shape, hidden=hidden, intermediate=3 * hidden)
+        v = replace(v, shape=shape)
+    return v
+
+
+__all__ = ["MIX", "REPLAY", "Specialist", "VARIANTS", "ZooVariant", "get_variant"]

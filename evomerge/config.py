@@ -23,7 +23,7 @@ from evomerge.scoring.tasks import TaskSpec
 
 RUNS_DIR = Path("runs")
 # Fields that may change between runs of one study without making its trials incomparable.
-RUNTIME_FIELDS = ("budget", "workers", "storage", "validation")
+RUNTIME_FIELDS = ("budget", "workers", "storage", "validation", "refine", "early_stop")
 
 
 class _Strict(BaseModel):
@@ -82,6 +82,8 @@ class TasksConfig(_Strict):
     include_paths: list[Path] = []
     search: list[TaskSpec] = Field(min_length=1)
     heldout: list[str] = []
+    smooth: float = Field(0.0, ge=0, le=1, description="share of each search task's score that is the answer's "
+                          "probability instead of its metric (scoring/staged.py); 0: the metric alone")
 
     @field_validator("search")
     @classmethod
@@ -120,6 +122,39 @@ class ValidationConfig(_Strict):
     tasks: list[TaskSpec] = Field(min_length=1)
 
 
+class RefineConfig(_Strict):
+    """Gradient refinement (search/refine.py): at each fraction `at` of the budget, follow the gradient of the
+    search examples' answer likelihood with respect to the searched weights from the best trial so far, and
+    enqueue the points it passes (every `every` of `steps` Adam steps) as trials."""
+
+    at: list[float] = Field([0.5, 0.85], description="fractions of budget.n_trials at which a round starts")
+    steps: int = Field(60, gt=0)
+    every: int = Field(10, gt=0)
+    lr: float = Field(0.05, gt=0, description="Adam step, in units of each parameter's search range")
+
+    @field_validator("at")
+    @classmethod
+    def _fractions(cls, at: list[float]) -> list[float]:
+        if any(not 0 <= f < 1 for f in at) or at != sorted(set(at)):
+            raise ValueError(f"{at}: give increasing fractions of the budget in [0, 1), e.g. [0.5, 0.85]")
+        return at
+
+
+class EarlyStopConfig(_Strict):
+    """Staged evaluation (scoring/staged.py): a sampled candidate is scored on `stages` (fractions of each search
+    subset) first and stops when it is worse than the best trial by more than `z` standard errors."""
+
+    stages: list[float] = Field([0.2, 0.5], description="fractions of each subset scored before a check")
+    z: float = Field(2.0, gt=0)
+
+    @field_validator("stages")
+    @classmethod
+    def _fractions(cls, stages: list[float]) -> list[float]:
+        if not stages or any(not 0 < f < 1 for f in stages) or stages != sorted(set(stages)):
+            raise ValueError(f"{stages}: give increasing fractions in (0, 1), e.g. [0.2, 0.5]")
+        return stages
+
+
 class BudgetConfig(_Strict):
     n_trials: int = Field(20, gt=0, description="COMPLETE trials the study ends with")
     timeout: float | None = Field(None, gt=0, description="seconds this run may spend asking new trials")
@@ -146,6 +181,8 @@ class SearchConfig(_Strict):
     seed: int = 0
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     validation: ValidationConfig | None = None
+    refine: RefineConfig | None = RefineConfig()
+    early_stop: EarlyStopConfig | None = None
     _source: str = PrivateAttr("search config")  # the file it was loaded from, for error messages
 
     @property
@@ -165,6 +202,11 @@ class SearchConfig(_Strict):
         return self.seed if self.sampler.seed is None else self.sampler.seed
 
     @property
+    def per_example(self) -> bool:
+        """Whether search trials are scored per example (a smooth objective, or staged evaluation)."""
+        return self.tasks.smooth > 0 or self.early_stop is not None
+
+    @property
     def multi_objective(self) -> bool:
         return SAMPLERS[self.sampler.name].multi_objective
 
@@ -173,6 +215,8 @@ class SearchConfig(_Strict):
         data = self.model_dump(mode="json")
         for key in RUNTIME_FIELDS:
             data.pop(key, None)
+        if not data["tasks"].get("smooth"):  # added later: studies made before it keep their identity
+            data["tasks"].pop("smooth", None)
         return data
 
     def study_hash(self) -> str:

@@ -45,6 +45,9 @@ class Evaluation:
     objective: float  # the specs' weighted mean of `units`
     merge_s: float = 0.0
     eval_s: float = 0.0
+    examples: dict[str, dict[int, float]] | None = None  # per-example units, where scored per example
+    n_examples: int = 0  # examples scored (per-example scoring only)
+    stopped: bool = False  # staged evaluation stopped it early: `objective` is the paired estimate
 
     def values(self) -> dict[str, float]:
         """{leaf task: its metric's value, as lm-eval reports it}."""
@@ -103,6 +106,7 @@ class Evaluator:
             name: Scorer(specs, [str(p) for p in include_paths], seed=seed, batch_size=batch_size)
             for name, specs in task_sets.items()
         }
+        self._orders: dict[tuple[str, int], dict[str, list[int]]] = {}  # staged evaluation's example orders
         self.materializer: Materializer = Materializer([str(m) for m in models], None if base_model is None else str(base_model),
                                                        dtype=dtype, device=device)  # fmt: skip
 
@@ -184,6 +188,38 @@ class Evaluator:
         """Materialize `recipe` and score it on `task_set`."""
         merge_s = self.load(recipe)
         return replace(self.score(task_set), merge_s=merge_s)
+
+    def evaluate_examples(
+        self,
+        recipe: Recipe | str,
+        task_set: str,
+        *,
+        smooth: float = 0.0,
+        stages: Sequence[float] = (),
+        incumbent: Mapping[str, Mapping[int, float]] | None = None,
+        incumbent_objective: float | None = None,
+        z: float = 2.0,
+        seed: int = 0,
+    ) -> Evaluation:
+        """Materialize `recipe` and score it per example (scoring/staged.py): the objective mixes in the answer's
+        probability (`smooth`), and with an `incumbent` a clearly worse candidate stops after a stage."""
+        from evomerge.scoring.staged import run_staged, stage_order
+
+        merge_s = self.load(recipe)
+        scorer = self.scorer(task_set)
+        key = (task_set, seed)
+        if key not in self._orders:
+            self._orders[key] = stage_order(scorer, seed)
+        start = time.perf_counter()
+        inc = None if incumbent is None else {leaf: {int(i): float(v) for i, v in u.items()} for leaf, u in incumbent.items()}
+        staged = run_staged(scorer, self.model, self.tokenizer, self._orders[key], stages=stages, incumbent=inc,
+                            incumbent_objective=incumbent_objective, z=z, smooth=smooth)  # fmt: skip
+        metrics = {leaf: spec.metric for spec in scorer.specs for leaf in scorer.members[spec.name]}
+        units = {leaf: sum(u.values()) / len(u) for leaf, u in staged.units.items() if u}
+        return Evaluation(task_set=task_set, scores=staged.scores, metrics=metrics, units=units,
+                          objective=staged.objective, merge_s=merge_s, eval_s=time.perf_counter() - start,
+                          examples=None if staged.stopped else staged.units, n_examples=staged.n_examples,
+                          stopped=staged.stopped)  # fmt: skip
 
 
 def _key(path: str | os.PathLike) -> str:

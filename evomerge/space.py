@@ -26,10 +26,10 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError, ModelError, close_matches, describe_validation
 from evomerge.io.checkpoint import config_num_layers
@@ -91,13 +91,21 @@ class SpaceSpec(BaseModel):
     name: str = "inline"
     description: str = ""
     methods: list[str] = Field(min_length=1)
-    layers_per_group: int = Field(0, ge=0)
+    layers_per_group: int | Literal["auto"] = Field(0, description="layers per group; 0: one value across the "
+                                                     "layers; auto: sized to the model (see resolve)")
     control_points: int | None = Field(None, ge=2)
     kinds: list[str] = []
     embeddings: bool = False
     base_in_models: bool = Field(False, description="list base_model among the models (slerp)")
     max_models: int | None = Field(None, ge=1)
     parameters: dict[str, ParamSpec] = Field(min_length=1)
+
+    @field_validator("layers_per_group")
+    @classmethod
+    def _lpg(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"{value}: use 0 (one value across the layers), a positive count, or auto")
+        return value
 
     @model_validator(mode="after")
     def _in_range(self) -> SpaceSpec:
@@ -182,11 +190,26 @@ class Slot:
         return ".".join(p for p in (self.param, self.model, self.kind, label) if p is not None)
 
 
+AUTO_PER_LAYER = 8  # `layers_per_group: auto`: one group per layer up to this many layers, control points above
+
+
+def resolve(spec: SpaceSpec, num_layers: int) -> SpaceSpec:
+    """`layers_per_group: auto` made concrete for a model: one group per layer when it has few layers (every layer
+    its own values: few enough numbers for a short search, and the gradient refinement moves each one), else a
+    smooth curve of one control point per 4 layers (4 to 8 points) interpolated across the layers, so a deep
+    model's search stays as small as a shallow one's."""
+    if spec.layers_per_group != "auto":
+        return spec
+    if spec.control_points or num_layers <= AUTO_PER_LAYER:
+        return spec.model_copy(update={"layers_per_group": 0 if spec.control_points else 1})
+    return spec.model_copy(update={"layers_per_group": 0, "control_points": min(8, max(4, math.ceil(num_layers / 4)))})
+
+
 class SearchSpace:
     """A `SpaceSpec` laid over a model with `num_layers` layers."""
 
     def __init__(self, spec: SpaceSpec, num_layers: int):
-        self.spec = spec
+        self.spec = resolve(spec, num_layers)
         self.num_layers = num_layers
 
     # -- layout -----------------------------------------------------------------------------------

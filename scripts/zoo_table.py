@@ -12,7 +12,7 @@ from pathlib import Path
 def main(zoo: Path) -> None:
     from evomerge.evaluator import Evaluator, alone
     from evomerge.recipe import ModelEntry, Recipe
-    from evomerge.report.defaults import default_recipe
+    from evomerge.portfolio import default_recipe
     from evomerge.scoring import TaskSpec
     from evomerge.tables import markdown_table
 

@@ -205,7 +205,7 @@ def test_report_errors_name_the_fix(tmp_path, capsys):
 def test_default_recipes_come_from_the_search_space_defaults(tiny_zoo):
     from evomerge.errors import ConfigError
     from evomerge.merge.plan import Plan
-    from evomerge.report.defaults import COMMON_METHODS, space_for
+    from evomerge.portfolio import COMMON_METHODS, space_for
 
     two = [tiny_zoo / "add", tiny_zoo / "reverse"]
     ties = default_recipe("ties", tiny_zoo / "base", two, seed=3)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from evomerge.report.build import ReportResult, build_report
 from evomerge.report.compare import Comparison, Row, TrialRow, Verdict, compare_run, text_comparison
-from evomerge.report.defaults import default_recipe
+from evomerge.portfolio import default_recipe
 from evomerge.report.markdown import statement
 
 __all__ = [

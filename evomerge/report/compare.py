@@ -149,22 +149,6 @@ def text_comparison(c: Comparison) -> str:
     return text_table(header, rows, "l" + "r" * (len(header) - 1))
 
 
-def _default_recipes(cfg) -> tuple[list[tuple[str, Any]], dict[str, str]]:
-    """(method, recipe) for the study's method (its own space) and the common methods; skipped ones with why."""
-    from evomerge.report.defaults import COMMON_METHODS, applies, default_recipe, space_for
-    from evomerge.space import SpaceSpec
-
-    out, skipped = [], {}
-    for method in dict.fromkeys([cfg.method, *COMMON_METHODS]):
-        spec = SpaceSpec.model_validate(cfg.search_space) if method == cfg.method else space_for(method)
-        why = applies(spec, cfg.models)
-        if why:
-            skipped[method] = why
-            continue
-        out.append((method, default_recipe(method, cfg.base_model, cfg.models, cfg.seed, cfg.dtype, space=spec)))
-    return out, skipped
-
-
 def load_run(run_dir: Path | str):
     """(config, study, complete trials) of a run directory, or a StudyError saying what to run first."""
     from evomerge.search.study import complete_trials, open_run
@@ -192,6 +176,7 @@ def compare_run(
     """
     from evomerge.evaluator import alone
     from evomerge.offline import go_offline
+    from evomerge.portfolio import default_merges
     from evomerge.scoring.tasks import TaskSpec
     from evomerge.search.guard import exported_trial, pending, stored, validate_top
     from evomerge.search.study import objective_of
@@ -210,7 +195,7 @@ def compare_run(
     task_sets = {"heldout": [TaskSpec(name=n, metric=heldout_metric(n, cfg.tasks.search), subset=subset) for n in names]}
     if pending(cfg, study):  # the guard has finalists to score first: the workers build those tasks too
         task_sets["validation"] = cfg.validation.tasks
-    defaults, skipped = _default_recipes(cfg)
+    defaults, skipped = default_merges(cfg)
     sources = [str(cfg.base_model), *(str(m) for m in cfg.models)]
     pool = open_pool(cfg, task_sets)
     try:
@@ -222,7 +207,7 @@ def compare_run(
             ranked = [best, *ranked[:-1]]
         keys = model_keys(sources)
         jobs = [(alone(path, sources).to_yaml(), key) for key, path in zip(keys, sources)]
-        jobs += [(recipe.to_yaml(), f"{method} (defaults)") for method, recipe in defaults]
+        jobs += [(recipe.to_yaml(), label) for label, recipe in defaults]
         jobs += [(t.user_attrs["recipe"], f"trial {t.number}") for t in ranked]
         results: list[Any] = [None] * len(jobs)
         for n, (i, res) in enumerate(run_jobs(pool, [(text, "heldout") for text, _ in jobs], [label for _, label in jobs])):
@@ -239,8 +224,8 @@ def compare_run(
     for key, path, row_scores in zip(keys, sources, scores):
         detail = "base model" if path == sources[0] else "specialist"
         rows.append(Row(name=key, kind="source", scores=row_scores, mean=_mean(row_scores), detail=detail))
-    for (method, recipe), row_scores in zip(defaults, scores[len(sources):]):
-        rows.append(Row(name=f"{method} (defaults)", kind="default", scores=row_scores, mean=_mean(row_scores),
+    for (label, recipe), row_scores in zip(defaults, scores[len(sources):]):
+        rows.append(Row(name=label, kind="default", scores=row_scores, mean=_mean(row_scores),
                         detail=describe(recipe)))  # fmt: skip
     rows.append(oracle_row([r for r in rows if r.kind == "source"], tasks))
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from lm_eval.api.task import Task
 
 Scores = dict[str, dict[str, float]]
+Examples = dict[str, dict[int, float]]  # {leaf task: {example index: value}}
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot seed: the same few-shot contexts on every call
 
 
@@ -73,6 +74,24 @@ def _metrics(row: dict[str, Any]) -> dict[str, float]:
             continue
         out[metric if filt == "none" else key] = float(value)
     return out
+
+
+def _answer_probability(row: dict[str, Any]) -> float | None:
+    """The reference answer's probability in one logged lm-eval sample (see Scorer.score_examples)."""
+    import math
+
+    resps = row.get("filtered_resps")
+    if not isinstance(resps, list) or not resps or not all(isinstance(r, (tuple, list)) and r for r in resps):
+        return None
+    lls = [float(r[0]) for r in resps]
+    if len(lls) == 1:  # loglikelihood of the one reference answer
+        return math.exp(lls[0])
+    target = row.get("target")
+    if not isinstance(target, int) or not 0 <= target < len(lls):
+        return None
+    top = max(lls)
+    weights = [math.exp(x - top) for x in lls]
+    return weights[target] / sum(weights)
 
 
 def _rows_as_list(task: Task) -> None:
@@ -152,8 +171,32 @@ class Scorer:
 
     def score(self, model, tokenizer) -> Scores:
         """{task: {metric: value}} for the model's current weights (no response cache between calls)."""
+        return self._evaluate(model, tokenizer, dict(self.subsets) or None, log_samples=False)["results"]
+
+    def score_examples(self, model, tokenizer, samples: dict[str, list[int]] | None = None) -> tuple[Scores, Examples, Examples]:
+        """(scores, metric per example, answer probability per example) on `samples` ({leaf: example indices};
+        default: each task's whole subset). The metric per example is the spec's (`acc`: 0 or 1); the answer's
+        probability is exp(log-likelihood) of the reference answer (loglikelihood tasks) or the softmax share of the
+        right choice (multiple choice), absent for other output types. Leaves left out of `samples` are not run."""
+        chosen = samples if samples is not None else {leaf: self.indices(leaf) for leaf in self.tasks}
+        out = self._evaluate(model, tokenizer, chosen, log_samples=True, leaves=list(chosen))
+        metric = {leaf: spec.metric for spec in self.specs for leaf in self.members[spec.name]}
+        values: Examples = {}
+        probs: Examples = {}
+        for leaf, rows in out["samples"].items():
+            values[leaf] = {int(r["doc_id"]): float(r[metric[leaf].split(",", 1)[0]]) for r in rows}
+            p = {int(r["doc_id"]): _answer_probability(r) for r in rows}
+            probs[leaf] = {k: v for k, v in p.items() if v is not None}
+        return out["results"], values, probs
+
+    def indices(self, leaf: str) -> list[int]:
+        """The example indices a leaf task is scored on (its seeded subset, or every example)."""
+        return self.subsets.get(leaf) or list(range(len(self.tasks[leaf].eval_docs)))
+
+    def _evaluate(self, model, tokenizer, samples, *, log_samples: bool, leaves: list[str] | None = None) -> dict:
         from lm_eval.evaluator import evaluate
 
+        tasks = {leaf: self.tasks[leaf] for leaf in (leaves or self.tasks)}
         with quiet():
             lm = self.wrap(model, tokenizer)
             for task in self.tasks.values():
@@ -161,10 +204,10 @@ class Scorer:
             try:
                 out = evaluate(
                     lm=lm,
-                    task_dict={"tasks": dict(self.tasks), "groups": {}, "group_map": {}},
-                    samples=dict(self.subsets) or None,
+                    task_dict={"tasks": tasks, "groups": {}, "group_map": {}},
+                    samples=samples,
                     bootstrap_iters=0,
-                    log_samples=False,
+                    log_samples=log_samples,
                 )
             except Exception as exc:
                 where = task_code_frame(exc, self.code_folders)
@@ -174,7 +217,7 @@ class Scorer:
                     f"task code {where.filename}:{where.lineno} ({where.name}) raised {type(exc).__name__}: "
                     f"{first_line(exc)}; fix the task's Python code"
                 ) from exc
-        return {leaf: _metrics(out["results"][leaf]) for leaf in self.tasks}
+        return {"results": {leaf: _metrics(out["results"][leaf]) for leaf in tasks}, "samples": out.get("samples", {})}
 
     def objective(self, scores: Scores) -> float:
         """Weighted mean of each spec's metric (a tag's tasks averaged), on a 0-1 scale, higher is better.

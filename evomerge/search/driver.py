@@ -71,19 +71,36 @@ class _Progress:
         self.bar.close()
 
 
-def check_tasks(cfg: SearchConfig) -> None:
+def check_tasks(cfg: SearchConfig) -> str | None:
     """Load the search (and validation) tasks once, as the workers will: a bad task name, metric, subset or
-    task YAML fails here, before a study or run directory exists, naming the config file and field."""
+    task YAML fails here, before a study or run directory exists, naming the config file and field.
+    Returns why the default gradient refinement cannot run (None: it can, or the config turned it off)."""
     from evomerge.scoring.scorer import Scorer
+    from evomerge.scoring.staged import check_per_example
+    from evomerge.search.refine import check_refinable
 
+    if cfg.multi_objective and cfg.per_example:
+        raise ConfigError(f"{cfg._source}: 'early_stop' and 'tasks.smooth' need one objective; the "
+                          f"{cfg.sampler.name} sampler has one per task: remove them or pick cmaes, tpe, gp or random")
+    refine_off = None
     groups = [("tasks.search", cfg.tasks.search)]
     if cfg.validation is not None:
         groups.append(("validation.tasks", cfg.validation.tasks))
     for name, tasks in groups:
         try:
-            Scorer(tasks, [str(p) for p in cfg.tasks.include_paths], seed=cfg.seed)
-        except TaskError as err:
+            scorer = Scorer(tasks, [str(p) for p in cfg.tasks.include_paths], seed=cfg.seed)
+            if name == "tasks.search" and cfg.per_example:
+                check_per_example(scorer)
+            if name == "tasks.search" and cfg.refine is not None:
+                try:
+                    check_refinable(scorer, cfg.method)
+                except ConfigError as err:
+                    if "refine" in cfg.model_fields_set:
+                        raise  # asked for in the config: it must apply
+                    refine_off = str(err)
+        except (TaskError, ConfigError) as err:
             raise ConfigError(f"{cfg._source}: {name!r}: {err}; fix the task entry or tasks.include_paths") from None
+    return refine_off
 
 
 def run_search(
@@ -104,7 +121,9 @@ def run_search(
 
     log = log or (lambda _msg: None)
     space = space_of(cfg)
-    check_tasks(cfg)  # a bad task fails before the study, its lock or runs/<name>/ exist
+    refine_off = check_tasks(cfg)  # a bad task fails before the study, its lock or runs/<name>/ exist
+    if cfg.refine is not None and refine_off:
+        log(f"gradient refinement is off for this study: {refine_off.removeprefix('refine: ')}")
     with StudyLock(cfg.storage_url, cfg.name) as lock:  # before open_study: --force must not delete a live study
         if force and (existing := st.load_study(cfg.name, cfg.storage_url)) is not None:
             lock.check_free(existing)
@@ -117,11 +136,12 @@ def run_search(
         if n_complete >= cfg.budget.n_trials:
             log(f"study {cfg.name!r} already has {n_complete} complete trials (budget {cfg.budget.n_trials}); raise --n-trials to go on")
             return _finish(study, result)
-        _loop(study, cfg, space, lock, result, n_complete, progress, pool_factory)
+        _loop(study, cfg, space, lock, result, n_complete, progress, pool_factory, refine_on=refine_off is None)
     return _finish(study, result, log)
 
 
-def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResult, n_complete: int, progress: bool, pool_factory) -> None:
+def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResult, n_complete: int, progress: bool,
+          pool_factory, refine_on: bool = False) -> None:  # fmt: skip
     """Keep every worker busy until the budget is COMPLETE; this driver holds the study, so its count is exact."""
     from evomerge.search import study as st
     from evomerge.search.workers import open_pool
@@ -136,16 +156,23 @@ def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResu
     failures, last_beat = 0, time.monotonic()  # consecutive failed trials
     max_failures = max(5, 2 * cfg.workers.count)
     best = st.best_trial(study)
+    rounds = _RefineRounds(study, cfg, enabled=refine_on)
+    incumbent = _Incumbent(cfg, best)
     try:
         while True:
-            while pool.has_capacity and n_complete + len(in_flight) < n_trials and time.monotonic() < deadline:
+            due = rounds.due(n_complete + len(in_flight))
+            if due is not None and not in_flight and time.monotonic() < deadline:
+                rounds.run(due, pool, space)  # its points are enqueued: the asks below take them first
+                due = None
+            while (due is None and pool.has_capacity and n_complete + len(in_flight) < n_trials
+                   and time.monotonic() < deadline):  # fmt: skip
                 start = time.perf_counter()
                 trial = st.ask(study, distributions)
                 try:
                     recipe = space.to_recipe(trial.params, cfg.models, cfg.base_model, cfg.method, cfg.seed, cfg.dtype)
                     text = recipe.to_yaml()
                     trial.set_user_attr("recipe", text)
-                    in_flight[pool.submit(text)] = _InFlight(trial, start)
+                    in_flight[pool.submit(text, "search", incumbent.options(trial))] = _InFlight(trial, start)
                 except EvomergeError as err:  # an invalid point (e.g. DELLA's density +/- epsilon): a failed candidate
                     st.fail(study, trial._trial_id, trial.number, f"{type(err).__name__}: {err}")
                     result.n_failed += 1
@@ -163,8 +190,9 @@ def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResu
                 if told is not None:
                     failures = 0
                     n_complete += 1
-                    if best is None or st.objective_of(told) > st.objective_of(best):
+                    if st.is_whole(told) and (best is None or st.objective_of(told) > st.objective_of(best)):
                         best = told
+                        incumbent.update(best)
                 else:
                     result.n_failed += 1
                     failures += not (res.worker_died and not res.was_running)  # a queued trial is no one's fault
@@ -186,6 +214,71 @@ def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResu
         result.wall_s = time.perf_counter() - loop_start
         bar.close()
         pool.close()
+
+
+class _Incumbent:
+    """What per-example scoring needs with each job: the smoothing share, and for a sampled trial under
+    `early_stop` the best whole trial's per-example units to stop against (baselines and refine points are
+    always scored whole: they are references, or likely good)."""
+
+    def __init__(self, cfg: SearchConfig, best):
+        self.cfg = cfg
+        self.units: dict | None = None
+        self.objective: float | None = None
+        if best is not None:
+            self.update(best)
+
+    def update(self, best) -> None:
+        from evomerge.search import study as st
+
+        units = best.user_attrs.get("examples")
+        if units is not None:
+            self.units, self.objective = units, st.objective_of(best)
+
+    def options(self, trial) -> dict[str, Any] | None:
+        if not self.cfg.per_example:
+            return None
+        out: dict[str, Any] = {"smooth": self.cfg.tasks.smooth, "seed": self.cfg.seed}
+        enqueued = any(k in trial.user_attrs for k in ("baseline", "refine_round", "retry_of"))
+        if self.cfg.early_stop is not None and not enqueued and self.units is not None:
+            out.update(stages=self.cfg.early_stop.stages, z=self.cfg.early_stop.z, incumbent=self.units,
+                       incumbent_objective=self.objective)  # fmt: skip
+        return out
+
+
+class _RefineRounds:
+    """The config's gradient-refinement rounds (search/refine.py): which are done (their trials carry
+    `refine_round`), which is due at the current count, and running one from the best trial so far."""
+
+    def __init__(self, study, cfg: SearchConfig, enabled: bool = True):
+        self.study, self.cfg = study, cfg
+        at = cfg.refine.at if cfg.refine is not None and enabled else []
+        self.starts = [math.floor(f * cfg.budget.n_trials) for f in at]
+        self.done = {t.user_attrs.get("refine_round") for t in study.get_trials(deepcopy=False)} - {None}
+
+    def due(self, count: int) -> int | None:
+        """The first round not run yet whose start the trial count (complete and in flight) has reached."""
+        for r, start in enumerate(self.starts):
+            if r not in self.done and count >= start:
+                return r
+        return None
+
+    def run(self, r: int, pool, space: SearchSpace) -> None:
+        from evomerge.search import study as st
+
+        self.done.add(r)
+        best = st.best_trial(self.study)
+        if best is None or not best.params:
+            return
+        settings = {"steps": self.cfg.refine.steps, "every": self.cfg.refine.every, "lr": self.cfg.refine.lr}
+        bounds = space.bounds(self.cfg.models)
+        path = pool.refine(dict(best.params), settings)
+        for step, point, loss in path:
+            if step == 0:
+                continue  # the starting point: trial `best` itself
+            point = {k: bounds[k].clip(v) for k, v in point.items()}
+            self.study.enqueue_trial(point, user_attrs={"refine_round": r, "refine_step": step,
+                                                        "refined_from": best.number, "surrogate_loss": loss})  # fmt: skip
 
 
 def _tell(study, cfg: SearchConfig, job: _InFlight, res, result: SearchResult):
@@ -215,6 +308,12 @@ def _tell(study, cfg: SearchConfig, job: _InFlight, res, result: SearchResult):
     if not res.ok:
         st.fail(study, trial._trial_id, trial.number, res.error, attrs)
         return None
+    if cfg.per_example:
+        attrs["examples_scored"] = res.n_examples
+        if res.stopped:
+            attrs["stopped_early"] = True  # scored on a part of the subsets: never the best trial or a finalist
+        elif res.examples is not None:
+            attrs["examples"] = {leaf: {str(i): v for i, v in u.items()} for leaf, u in res.examples.items()}
     for key, value in {**attrs, "scores": res.scores, "objective": res.objective}.items():
         trial.set_user_attr(key, value)
     if cfg.multi_objective:

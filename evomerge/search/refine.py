@@ -45,6 +45,18 @@ class Item:
     gold: int  # index into continuations (0 for a single reference answer)
 
 
+def check_refinable(scorer, method: str) -> None:
+    """ConfigError unless refine can follow a gradient for `method` on these tasks."""
+    if method not in REFINABLE:
+        raise ConfigError(f"refine: method {method!r} has no weight gradient here; refine works with "
+                          f"{', '.join(sorted(REFINABLE))}; remove `refine` or change `method`")  # fmt: skip
+    bad = [f"{leaf} ({task.OUTPUT_TYPE})" for leaf, task in scorer.tasks.items()
+           if task.OUTPUT_TYPE not in ("loglikelihood", "multiple_choice", "generate_until")]  # fmt: skip
+    if bad:
+        raise ConfigError(f"refine: tasks {', '.join(bad)} have no answer to score by likelihood; "
+                          "refine needs loglikelihood, multiple_choice or generate_until tasks")  # fmt: skip
+
+
 def training_items(scorer, lm) -> list[Item]:
     """The search subsets' examples as token ids, built with lm-eval's own requests and HFLM's tokenisation."""
     items: list[Item] = []
@@ -144,9 +156,7 @@ class Refiner:
     """The differentiable surrogate of one space's recipes over loaded inputs (see the module docstring)."""
 
     def __init__(self, materializer, scorer, space, models: Sequence[Any], base: Any, method: str):
-        if method not in REFINABLE:
-            raise ConfigError(f"refine: method {method!r} has no weight gradient here; refine works with "
-                              f"{', '.join(sorted(REFINABLE))}")  # fmt: skip
+        check_refinable(scorer, method)
         self.mat, self.scorer, self.space = materializer, scorer, space
         self.models, self.base, self.method = [str(m) for m in models], str(base), method
         self.slots = [s for s in space.slots(self.models) if s.param in MOVED]
@@ -244,7 +254,7 @@ class Refiner:
                                      {"attention_mask": b.mask.to(device)}).logits  # fmt: skip
             loss = item_loss(b, _loglik(logits, b.target.to(device)))
             if step % every == 0 or step == steps:
-                out.append((step, {s.name: float(v) for s, v in zip(self.slots, x.detach())}, float(loss)))
+                out.append((step, {s.name: float(v) for s, v in zip(self.slots, x.detach())}, loss.item()))
                 if log:
                     log(f"refine step {step}: surrogate loss {float(loss):.4f}")
             if step == steps:
@@ -324,4 +334,4 @@ class Refiner:
         return entry["base"] + lam * mixed
 
 
-__all__ = ["MOVED", "REFINABLE", "Item", "Refiner", "item_loss", "training_items"]
+__all__ = ["MOVED", "REFINABLE", "Item", "Refiner", "check_refinable", "item_loss", "training_items"]

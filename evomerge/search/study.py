@@ -251,9 +251,15 @@ def objective_of(trial) -> float:
     return float(value)
 
 
+def is_whole(trial) -> bool:
+    """Whether a COMPLETE trial was scored on its whole search subsets (staged evaluation may stop one early;
+    its value is then an estimate that only ranks it, and it is never the best trial or a guard finalist)."""
+    return not trial.user_attrs.get("stopped_early")
+
+
 def best_trial(study: optuna.Study):
-    """The best COMPLETE trial (by weighted mean for multi-objective studies), or None."""
-    done = complete_trials(study)
+    """The best COMPLETE trial scored whole (by weighted mean for multi-objective studies), or None."""
+    done = [t for t in complete_trials(study) if is_whole(t)]
     if not done:
         return None
     return max(done, key=lambda t: (objective_of(t), -t.number))
@@ -387,6 +393,7 @@ __all__ = [
     "ask",
     "auto_options",
     "best_trial",
+    "is_whole",
     "by_state",
     "complete_trials",
     "distributions",

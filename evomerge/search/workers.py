@@ -43,6 +43,9 @@ class JobResult:
     error: str | None = None
     worker_died: bool = False  # the worker process died (OOM, segfault, kill); the pool replaced it
     was_running: bool = False  # with worker_died: this job was the one running, not one queued behind it
+    examples: dict[str, dict[int, float]] | None = None  # per-example units (per-example scoring, scored whole)
+    n_examples: int = 0
+    stopped: bool = False  # staged evaluation stopped it early
 
     @property
     def ok(self) -> bool:
@@ -55,7 +58,8 @@ class JobResult:
     @classmethod
     def of(cls, evaluation: Evaluation, worker: str) -> JobResult:
         out = cls(scores=evaluation.scores, objective=evaluation.objective, metrics=evaluation.metrics,
-                  merge_s=evaluation.merge_s, eval_s=evaluation.eval_s, worker=worker)  # fmt: skip
+                  merge_s=evaluation.merge_s, eval_s=evaluation.eval_s, worker=worker, examples=evaluation.examples,
+                  n_examples=evaluation.n_examples, stopped=evaluation.stopped)  # fmt: skip
         bad = evaluation.non_finite()
         if bad:
             out.error = f"non-finite score ({', '.join(bad)})"
@@ -70,6 +74,7 @@ class Worker:
         self._cfg_json, self._task_sets_json, self._num_threads = cfg_json, task_sets_json, num_threads
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.evaluator = None
+        self._refiner = None
         self._last_end = time.perf_counter()
 
     def setup(self) -> str:
@@ -93,12 +98,17 @@ class Worker:
         self._last_end = time.perf_counter()
         return self.name
 
-    def run(self, recipe_yaml: str, task_set: str) -> JobResult:
+    def run(self, recipe_yaml: str, task_set: str, per_example: dict[str, Any] | None = None) -> JobResult:
+        """One job; `per_example`: keyword arguments of `Evaluator.evaluate_examples` (smooth, stages, incumbent)."""
         from evomerge.evaluator import is_candidate_failure
 
         start = time.perf_counter()
         try:
-            result = JobResult.of(self.evaluator.evaluate(recipe_yaml, task_set), self.name)
+            if per_example is not None:
+                evaluation = self.evaluator.evaluate_examples(recipe_yaml, task_set, **per_example)
+            else:
+                evaluation = self.evaluator.evaluate(recipe_yaml, task_set)
+            result = JobResult.of(evaluation, self.name)
         except Exception as err:
             if not is_candidate_failure(err):
                 raise  # a bug: the driver stops with this traceback
@@ -107,6 +117,19 @@ class Worker:
         result.wait_s, result.busy_s = start - self._last_end, end - start
         self._last_end = end
         return result
+
+
+    def refine(self, point: dict[str, float], settings: dict[str, Any]) -> list[tuple[int, dict[str, float], float]]:
+        """The gradient path from `point` (search/refine.py) on the search task set: [(step, point, loss)]."""
+        from evomerge.config import SearchConfig
+        from evomerge.search.refine import Refiner
+        from evomerge.space import space_of
+
+        if self._refiner is None:
+            cfg = SearchConfig.model_validate(self._cfg_json)
+            self._refiner = Refiner(self.evaluator.materializer, self.evaluator.scorer("search"), space_of(cfg),
+                                    cfg.models, cfg.base_model, cfg.method)  # fmt: skip
+        return self._refiner.run(point, **settings)
 
 
 def task_sets_json(task_sets: TaskSets) -> dict[str, list[dict]]:
@@ -182,9 +205,9 @@ class WorkerPool:
     def has_capacity(self) -> bool:
         return any(len(q) < self.depth for q in self.queues)
 
-    def submit(self, recipe_yaml: str, task_set: str = "search"):
+    def submit(self, recipe_yaml: str, task_set: str = "search", per_example: dict[str, Any] | None = None):
         slot = min(range(len(self.actors)), key=lambda i: len(self.queues[i]))
-        ref = self.actors[slot].run.remote(recipe_yaml, task_set)
+        ref = self.actors[slot].run.remote(recipe_yaml, task_set, per_example)
         self.queues[slot].append(ref)
         self.busy[ref] = (slot, self.actors[slot], self.names[slot])
         return ref
@@ -219,6 +242,11 @@ class WorkerPool:
             out.append((ref, result))
         return out
 
+    def refine(self, point: dict[str, float], settings: dict[str, Any]) -> list[tuple[int, dict[str, float], float]]:
+        """Run a gradient refinement on the least busy worker and wait for its path."""
+        slot = min(range(len(self.actors)), key=lambda i: len(self.queues[i]))
+        return self._ray.get(self.actors[slot].refine.remote(point, settings))
+
     def _replace(self, slot: int) -> None:
         dead = self.actors[slot]
         self._ray.kill(dead, no_restart=True)
@@ -244,22 +272,25 @@ class InlinePool:
     def __init__(self, cfg: SearchConfig, task_sets: TaskSets | None = None):
         self.worker = Worker(cfg.model_dump(mode="json"), task_sets_json(task_sets or {"search": cfg.tasks.search}))
         self.worker.setup()
-        self.queue: list[tuple[object, str, str]] = []
+        self.queue: list[tuple[object, str, str, dict | None]] = []
 
     @property
     def has_capacity(self) -> bool:
         return not self.queue
 
-    def submit(self, recipe_yaml: str, task_set: str = "search"):
+    def submit(self, recipe_yaml: str, task_set: str = "search", per_example: dict[str, Any] | None = None):
         ref = object()
-        self.queue.append((ref, recipe_yaml, task_set))
+        self.queue.append((ref, recipe_yaml, task_set, per_example))
         return ref
 
     def wait(self, timeout: float | None = None) -> list[tuple[Any, JobResult]]:
         if not self.queue:
             return []
-        ref, text, task_set = self.queue.pop(0)
-        return [(ref, self.worker.run(text, task_set))]
+        ref, text, task_set, per_example = self.queue.pop(0)
+        return [(ref, self.worker.run(text, task_set, per_example))]
+
+    def refine(self, point: dict[str, float], settings: dict[str, Any]) -> list[tuple[int, dict[str, float], float]]:
+        return self.worker.refine(point, settings)
 
     def close(self) -> None:
         self.queue = []

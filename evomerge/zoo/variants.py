@@ -61,12 +61,23 @@ class ZooVariant:
         return [s.skill for s in self.specialists]
 
 
+def _exposed(*skills: str, general: int = 2) -> tuple[str, ...]:
+    """A base mixture that repeats the general skills `general` times and shows each of `skills` once: the base
+    learns some of each specialist's skill, as pretraining covers a little of everything."""
+    return MIX * general + skills
+
+
+# The family's specialists replay by distillation from the base (`kl_replay`): each learns its own skill and keeps
+# the base's behaviour elsewhere, neither forgetting it nor learning the other specialists' skills from the
+# replay (a specialist that learns another's skill from its replay leaves the search nothing to find; one that
+# forgets wipes the other skills out in every merge). bench/zoo_family.md has the numbers behind each choice.
 VARIANTS: dict[str, ZooVariant] = {
     v.name: v
     for v in (
         ZooVariant(
             "demo",
-            "the demo zoo: base (hidden 64, 6 layers) and two specialists, addition and string reversal",
+            "the first demo zoo: base (hidden 64, 6 layers) and two specialists, addition and string reversal, "
+            "replaying the right answers of the base's mixture",
             (Specialist("add"), Specialist("reverse")),
             shape=ModelShape(hidden=64, layers=6, heads=4, intermediate=192),
         ),
@@ -77,6 +88,50 @@ VARIANTS: dict[str, ZooVariant] = {
             shape=ModelShape(hidden=32, layers=4, heads=2, intermediate=64),
             base_steps=150,
             batch=32,
+        ),
+        ZooVariant(
+            "pair",
+            "two specialists (addition, reversal) of a base that knows a little of both; hidden 64, 6 layers",
+            (Specialist("add"), Specialist("reverse")),
+            shape=ModelShape(hidden=64, layers=6, heads=4, intermediate=192),
+            base_mix=_exposed("reverse"),
+            kl_replay=True,
+        ),
+        ZooVariant(
+            "trio",
+            "three specialists (reversal, a letter cipher, letter doubling); hidden 64, 4 layers",
+            (Specialist("reverse"), Specialist("cipher"), Specialist("dup")),
+            shape=ModelShape(hidden=64, layers=4, heads=4, intermediate=192),
+            base_mix=_exposed("reverse", "cipher", "dup", general=3),
+            base_steps=400,
+            kl_replay=True,
+        ),
+        ZooVariant(
+            "quad",
+            "four specialists (subtraction, reversal, rotation, doubling); hidden 96, 6 layers",
+            (Specialist("sub"), Specialist("reverse"), Specialist("rotate"), Specialist("dup")),
+            shape=ModelShape(hidden=96, layers=6, heads=4, intermediate=288),
+            base_mix=_exposed("sub", "reverse", "rotate", "dup", general=2),
+            base_steps=500,
+            kl_replay=True,
+        ),
+        ZooVariant(
+            "mild",
+            "two specialists (cipher, doubling) of a base that already knows much of both; hidden 64, 4 layers",
+            (Specialist("cipher", steps=200), Specialist("dup", steps=200)),
+            shape=ModelShape(hidden=64, layers=4, heads=4, intermediate=192),
+            base_mix=_exposed("cipher", "dup", general=1),
+            base_steps=500,
+            kl_replay=True,
+        ),
+        ZooVariant(
+            "deep",
+            "three specialists (addition, rotation, cipher), one louder (lr 2e-3); hidden 64, 8 layers",
+            (Specialist("add"), Specialist("rotate", lr=2e-3), Specialist("cipher", lr=5e-4)),
+            shape=ModelShape(hidden=64, layers=8, heads=4, intermediate=192),
+            base_mix=_exposed("rotate", "cipher", general=2),
+            base_steps=500,
+            kl_replay=True,
         ),
     )
 }

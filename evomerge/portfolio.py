@@ -1,7 +1,8 @@
-"""The default merge of a method: what the report compares a searched recipe against.
+"""The method portfolio: every method's default merge, what a search must beat and the report compares against.
 
-    from evomerge.report.defaults import default_recipe
+    from evomerge.portfolio import default_recipe, default_merges
     recipe = default_recipe("ties", "zoo/base", ["zoo/add", "zoo/reverse"], seed=0)
+    merges, skipped = default_merges(cfg)          # [("ties (defaults)", Recipe), ...], {"slerp": "why not"}
 
 "Default" has one definition: the `default:` value of each parameter in the method's search space
 (`search_spaces/<name>.yaml`, or the study's own space for the study's method). These are the values of the
@@ -19,8 +20,10 @@ from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe
 from evomerge.space import SPACES_DIR, SearchSpace, SpaceSpec, load_space_spec, num_layers
 
-# The methods every report compares against, besides the study's own (slerp only where it applies).
-COMMON_METHODS = ("task_arithmetic", "ties", "dare_ties", "slerp")
+# The methods whose default merges every search is measured against (the overfitting guard validates them beside
+# the searched trials; the report scores them on held-out data), besides the study's own; slerp where it applies.
+COMMON_METHODS = ("task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs", "slerp")
+DEFAULTS_SUFFIX = " (defaults)"
 
 
 def space_for(method: str) -> SpaceSpec:
@@ -62,4 +65,19 @@ def default_recipe(
     return grid.to_recipe(grid.defaults(models), models, str(base), method, seed, dtype)
 
 
-__all__ = ["COMMON_METHODS", "applies", "default_recipe", "space_for"]
+def default_merges(cfg) -> tuple[list[tuple[str, Recipe]], dict[str, str]]:
+    """("<method> (defaults)", recipe) for the study's method (its own space) and every common method that can
+    merge these models; {method: why not} for the others."""
+    out, skipped = [], {}
+    for method in dict.fromkeys([cfg.method, *COMMON_METHODS]):
+        spec = SpaceSpec.model_validate(cfg.search_space) if method == cfg.method else space_for(method)
+        why = applies(spec, cfg.models)
+        if why:
+            skipped[method] = why
+            continue
+        recipe = default_recipe(method, cfg.base_model, cfg.models, cfg.seed, cfg.dtype, space=spec)
+        out.append((f"{method}{DEFAULTS_SUFFIX}", recipe))
+    return out, skipped
+
+
+__all__ = ["COMMON_METHODS", "DEFAULTS_SUFFIX", "applies", "default_merges", "default_recipe", "space_for"]

@@ -1,0 +1,243 @@
+"""Search quality over the zoo family: does a search with the shipped defaults beat every default merge and every
+single source, and what share of the room to the routing oracle does it capture, on held-out data?
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/search_suite.py                  # the README table (about 2 h on 2 cores)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/search_suite.py --variants pair --seeds 0 --budgets 25   # a quick look
+    OMP_NUM_THREADS=1 .venv/bin/python bench/search_suite.py --set '{"refine": false}' --label no-refine
+
+For each zoo variant (built once into --zoo-dir) it scores on the held-out splits: every source model, the default
+merge of every method that applies (evomerge/portfolio.py), and the routing oracle (each task answered by its best
+source). The floor is max(best default merge, best single source); the room is the oracle minus the floor. Then for
+each sampler seed and budget it runs a search as a new user would configure it (the config below: `method`,
+greedy exact-match search tasks on 100-example subsets, the validation splits for the overfitting guard, every other
+setting at its default, `--set` to override), takes the trial `evomerge export` would take, and scores it on the
+held-out splits. Printed per variant and budget, and averaged: the margin over the floor (points), the share of the
+room captured, how many runs fall below the floor by more than their standard error, search seconds and examples
+scored. One JSON line per run goes to --log.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("pair", "trio", "quad", "mild")
+
+
+def zoo_path(zoo_dir: Path, variant: str) -> Path:
+    return zoo_dir / f"{variant}-z0"
+
+
+def config_for(zoo: Path, method: str, budget: int, seed: int, overrides: dict) -> dict:
+    """The search config a new user would write for this zoo: tasks, validation, budget; the rest at defaults."""
+    skills = list(json.loads((zoo / "zoo.json").read_text())["specialists"])
+    cfg = {
+        "name": "suite",
+        "base_model": str(zoo / "base"),
+        "models": [str(zoo / s) for s in skills],
+        "method": method,
+        "tasks": {
+            "search": [{"name": f"zoo_{s}_greedy_search", "metric": "acc", "subset": 100} for s in skills],
+            "heldout": [f"zoo_{s}_greedy" for s in skills],
+        },
+        "validation": {"tasks": [{"name": f"zoo_{s}_greedy_val", "metric": "acc"} for s in skills]},
+        "budget": {"n_trials": budget},
+        "sampler": {"seed": seed},
+        "workers": {"count": 0},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def _quiet() -> None:
+    from evomerge.offline import go_offline
+
+    go_offline()
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def heldout_scorer(cfg):
+    from evomerge.evaluator import Evaluator
+    from evomerge.scoring.tasks import TaskSpec
+
+    return Evaluator(cfg.models, cfg.base_model, {"heldout": [TaskSpec(name=t, metric="acc") for t in cfg.tasks.heldout]},
+                     cfg.tasks.include_paths, seed=cfg.seed, dtype=cfg.dtype)  # fmt: skip
+
+
+def baselines(zoo: Path, method: str) -> dict:
+    """Held-out scores (points) of the sources, every default merge and the oracle; the floor and the room."""
+    cache = zoo / f"baselines-{method}.json"
+    manifest = json.loads((zoo / "zoo.json").read_text())
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        if data.get("sha256") == manifest["sha256"]:
+            return data
+    _quiet()
+    from evomerge.config import parse_config
+    from evomerge.evaluator import alone
+    from evomerge.portfolio import default_merges
+
+    cfg = parse_config(config_for(zoo, method, 1, 0, {}))
+    ev = heldout_scorer(cfg)
+    rows = {}
+    for path in [cfg.base_model, *cfg.models]:
+        rows[Path(path).name] = ev.evaluate(alone(path, ev.inputs), "heldout").values()
+    sources = dict(rows)
+    for label, recipe in default_merges(cfg)[0]:
+        rows[label] = ev.evaluate(recipe, "heldout").values()
+    tasks = list(cfg.tasks.heldout)
+    oracle = {t: max(r[t] for r in sources.values()) for t in tasks}
+    mean = {k: 100 * statistics.fmean(v.values()) for k, v in rows.items()}
+    floor_name = max(mean, key=mean.get)
+    data = {
+        "sha256": manifest["sha256"],
+        "rows": {k: {t: 100 * x for t, x in v.items()} for k, v in rows.items()},
+        "mean": mean,
+        "oracle": 100 * statistics.fmean(oracle.values()),
+        "floor": mean[floor_name],
+        "floor_name": floor_name,
+        "n": {t: len(ev.scorer("heldout").indices(t)) for t in tasks},
+    }
+    data["room"] = data["oracle"] - data["floor"]
+    cache.write_text(json.dumps(data, indent=1))
+    return data
+
+
+def run_one(job: dict) -> dict:
+    """One search in a temporary run folder; the exported trial scored on held-out data."""
+    _quiet()
+    from evomerge.config import parse_config
+    from evomerge.search import study as st
+    from evomerge.search.driver import run_search
+    from evomerge.search.guard import exported_trial, validate_top
+
+    zoo = Path(job["zoo"])
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        cfg = parse_config(config_for(zoo, job["method"], job["budget"], job["seed"], job["set"]))
+        t0 = time.perf_counter()
+        run_search(cfg, progress=False, log=None)
+        search_s = time.perf_counter() - t0
+        study = st.load_study(cfg.name, cfg.storage_url)
+        t1 = time.perf_counter()
+        validate_top(cfg, study, log=None)
+        pick = exported_trial(cfg, study)
+        guard_s = time.perf_counter() - t1
+        done = st.complete_trials(study)
+        per_trial = sum(t.subset or 0 for t in cfg.tasks.search)
+        examples = sum(t.user_attrs.get("examples_scored", per_trial) for t in done)
+        held = heldout_scorer(cfg).evaluate(pick.user_attrs["recipe"], "heldout").values()
+        os.chdir(REPO)
+    return {
+        **{k: job[k] for k in ("variant", "method", "budget", "seed", "set", "label")},
+        "heldout": {t: 100 * v for t, v in held.items()},
+        "heldout_mean": 100 * statistics.fmean(held.values()),
+        "pick": {"trial": pick.number, "baseline": pick.user_attrs.get("baseline", ""),
+                 "refine_round": pick.user_attrs.get("refine_round"), "search": 100 * st.objective_of(pick)},
+        "n_complete": len(done),
+        "stopped": sum(1 for t in done if t.user_attrs.get("stopped_early")),
+        "examples": examples,
+        "examples_full": per_trial * len(done),
+        "search_s": round(search_s, 1),
+        "guard_s": round(guard_s, 1),
+    }
+
+
+def _se(data: dict, heldout: dict) -> float:
+    """Standard error (points) of a held-out mean over tasks of per-example accuracies."""
+    tasks = list(heldout)
+    var = sum((p / 100) * (1 - p / 100) / data["n"][t] for t, p in heldout.items())
+    return 100 * math.sqrt(var) / len(tasks)
+
+
+def summarize(runs: list[dict], base: dict[str, dict]) -> str:
+    lines = ["| variant | room (oracle - floor) | budget | held-out mean | margin over floor | share of room | "
+             "below floor by > 1 SE | search s | examples scored |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    by_budget: dict[int, list[float]] = {}
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        b = base[variant]
+        for budget in sorted({r["budget"] for r in runs if r["variant"] == variant}):
+            rs = [r for r in runs if r["variant"] == variant and r["budget"] == budget]
+            margins = [r["heldout_mean"] - b["floor"] for r in rs]
+            shares = [m / b["room"] if b["room"] > 0 else float("nan") for m in margins]
+            below = sum(1 for r, m in zip(rs, margins) if m < -_se(b, r["heldout"]))
+            by_budget.setdefault(budget, []).append(statistics.fmean(shares))
+            ex = statistics.fmean(r["examples"] for r in rs)
+            full = statistics.fmean(r["examples_full"] for r in rs)
+            lines.append(
+                f"| {variant} | {b['room']:.1f} ({b['oracle']:.1f} - {b['floor']:.1f} {b['floor_name']}) | {budget} | "
+                f"{statistics.fmean(r['heldout_mean'] for r in rs):.1f} | {statistics.fmean(margins):+.1f} "
+                f"(min {min(margins):+.1f}) | {statistics.fmean(shares):.2f} | {below}/{len(rs)} | "
+                f"{statistics.fmean(r['search_s'] for r in rs):.0f} | {ex:.0f} ({100 * ex / full:.0f}%) |"
+            )
+    lines.append("")
+    lines.append("| budget | mean share of the room over variants |")
+    lines.append("|---:|---:|")
+    for budget, shares in sorted(by_budget.items()):
+        lines.append(f"| {budget} | {statistics.fmean(shares):.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--budgets", default="25,50,100,200")
+    p.add_argument("--method", default="task_arithmetic")
+    p.add_argument("--set", default="{}", help="JSON merged into every run's config (e.g. '{\"refine\": false}')")
+    p.add_argument("--jobs", type=int, default=2, help="searches side by side (one CPU thread each)")
+    p.add_argument("--zoo-dir", default=str(REPO / ".cache" / "zoos"))
+    p.add_argument("--label", default="shipped defaults")
+    p.add_argument("--log", default=str(REPO / "bench" / "search_suite.jsonl"))
+    args = p.parse_args()
+
+    zoo_dir = Path(args.zoo_dir)
+    variants = [v for v in args.variants.split(",") if v]
+    overrides = json.loads(args.set)
+    _quiet()
+    from evomerge.zoo.build import build_zoo
+
+    for v in variants:
+        if not (zoo_path(zoo_dir, v) / "zoo.json").is_file():
+            t = time.perf_counter()
+            build_zoo(zoo_path(zoo_dir, v), seed=0, variant=v, log=None)
+            print(f"built zoo {v} in {time.perf_counter() - t:.0f} s", flush=True)
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        base = dict(zip(variants, pool.map(baselines, [zoo_path(zoo_dir, v) for v in variants], [args.method] * len(variants))))
+        for v, b in base.items():
+            print(f"{v}: floor {b['floor']:.1f} ({b['floor_name']}), oracle {b['oracle']:.1f}, room {b['room']:.1f}", flush=True)
+        jobs = [{"variant": v, "zoo": str(zoo_path(zoo_dir, v)), "method": args.method, "budget": int(n), "seed": int(s),
+                 "set": overrides, "label": args.label}
+                for v in variants for s in args.seeds.split(",") for n in args.budgets.split(",")]  # fmt: skip
+        runs = []
+        for result in pool.map(run_one, jobs):
+            b = base[result["variant"]]
+            share = (result["heldout_mean"] - b["floor"]) / b["room"] if b["room"] > 0 else float("nan")
+            result.update(floor=b["floor"], oracle=b["oracle"], room=b["room"], share=share)
+            runs.append(result)
+            with open(args.log, "a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(f"{result['variant']} seed {result['seed']} budget {result['budget']}: held-out "
+                  f"{result['heldout_mean']:.1f} (floor {b['floor']:.1f}, oracle {b['oracle']:.1f}, share {share:+.2f}); "
+                  f"pick trial {result['pick']['trial']} {result['pick']['baseline']}; {result['search_s']:.0f} s", flush=True)
+    print()
+    print(f"{args.label} ({args.method}, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs):")
+    print(summarize(runs, base))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,7 +23,7 @@ from evomerge.scoring.tasks import TaskSpec
 
 RUNS_DIR = Path("runs")
 # Fields that may change between runs of one study without making its trials incomparable.
-RUNTIME_FIELDS = ("budget", "workers", "storage", "validation", "refine", "early_stop")
+RUNTIME_FIELDS = ("budget", "workers", "storage", "validation", "refine", "early_stop", "portfolio")
 
 
 class _Strict(BaseModel):
@@ -50,6 +50,9 @@ SAMPLERS: dict[str, Sampler] = {
         "consider_prior", "prior_weight", "consider_magic_clip", "consider_endpoints", "n_startup_trials",
         "n_ei_candidates", "gamma", "weights", "multivariate", "group", "warn_independent_sampling", "constant_liar",
         "constraints_func"), {"multivariate": True, "warn_independent_sampling": False}),
+    "gp": Sampler("GPSampler", False, (
+        "independent_sampler", "n_startup_trials", "deterministic_objective", "constraints_func",
+        "warn_independent_sampling"), {"warn_independent_sampling": False}),
     "random": Sampler("RandomSampler", False, ()),
     "nsga2": Sampler("NSGAIISampler", True, (
         "population_size", "mutation", "mutation_prob", "crossover", "crossover_prob", "swapping_prob",
@@ -115,8 +118,8 @@ class SamplerConfig(_Strict):
 
 
 class ValidationConfig(_Strict):
-    """Before export, re-score the `top_k` trials and the default merge on larger `tasks` (validation splits);
-    export the best there."""
+    """Before export, re-score the `top_k` trials and every baseline (default merges, each source alone) on larger
+    `tasks` (validation splits); export the best there."""
 
     top_k: int = Field(3, gt=0)
     tasks: list[TaskSpec] = Field(min_length=1)
@@ -183,6 +186,8 @@ class SearchConfig(_Strict):
     validation: ValidationConfig | None = None
     refine: RefineConfig | None = RefineConfig()
     early_stop: EarlyStopConfig | None = None
+    portfolio: bool = Field(True, description="also score every other method's default merge (evomerge/portfolio.py) "
+                            "on the search subsets, as references for the guard, status and export")
     _source: str = PrivateAttr("search config")  # the file it was loaded from, for error messages
 
     @property

@@ -163,7 +163,8 @@ def _model_card(cfg: SearchConfig, recipe, trial, objective: float, validation=N
         lines += [
             "## Validation scores",
             "",
-            f"The top {cfg.validation.top_k} trials by search objective and the default merge were re-scored on "
+            f"The top {cfg.validation.top_k} trials by search objective and every baseline (default merges, each "
+            "source alone) were re-scored on "
             "validation sets the search never saw; this one scored best there.",
             "",
             *_scores_table(cfg.validation.tasks, validation.scores),

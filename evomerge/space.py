@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 PER_MODEL = frozenset({"weight", "density", "gamma", "epsilon"})  # one value per merged model
+REST = "rest"  # with `kinds`: the tensors no kind matches (norms), one value per model across the layers
 EMBED_FILTERS = ("embed_tokens", "lm_head")
 
 
@@ -242,6 +243,8 @@ class SearchSpace:
                 groups = [None] if self.n_groups == 1 else list(range(self.n_groups))
                 for kind in self.spec.kinds or [None]:
                     out += [Slot(param, key, kind, g) for g in groups]
+                if self.spec.kinds:
+                    out.append(Slot(param, key, REST, None))
         return out
 
     def bounds(self, models: list) -> dict[str, ParamSpec]:
@@ -299,10 +302,12 @@ class SearchSpace:
             conds += [{"filter": f, "value": e} for f in EMBED_FILTERS]
         if self.spec.kinds:
             conds += [{"filter": k, "value": layered(k)} for k in self.spec.kinds]
-            conds.append({"value": ps.baseline})
+            conds.append({"value": values[Slot(param, model, REST, None).name]})
         else:
             conds.append({"value": layered(None)})
-        return conds[0]["value"] if len(conds) == 1 else conds
+        if all(c["value"] == conds[0]["value"] for c in conds):  # one value everywhere reads (and merges) as a scalar
+            return conds[0]["value"]
+        return conds
 
     def to_recipe(self, params: dict[str, float], models: list, base: Path | str, method: str, seed: int, dtype: str | None = None):
         """The Recipe of one point: `models` are the merged models (not the base), in config order."""
@@ -343,6 +348,8 @@ class SearchSpace:
             ps = self.spec.parameters[s.param]
             if s.kind == "embed":
                 tensor, t = "model.embed_tokens.weight", 0.0
+            elif s.kind == REST:
+                tensor, t = "model.norm.weight", 0.0
             else:
                 t = self._group_t(s.group) if s.group is not None else 0.0
                 layer = round(t * (self.num_layers - 1))
@@ -360,4 +367,5 @@ def space_of(cfg: SearchConfig) -> SearchSpace:
     return SearchSpace(SpaceSpec.model_validate(cfg.search_space), num_layers(cfg.base_model))
 
 
-__all__ = ["DEFAULTS_LABEL", "ParamSpec", "SearchSpace", "Slot", "SpaceSpec", "load_space_spec", "model_keys", "num_layers", "space_of"]
+__all__ = [
+    "DEFAULTS_LABEL", "REST", "ParamSpec", "SearchSpace", "Slot", "SpaceSpec", "load_space_spec", "model_keys", "num_layers", "space_of"]

@@ -73,7 +73,8 @@ def test_report_files_and_stdout(ties_report):
 def test_rows_cover_sources_defaults_oracle_and_evolved(ties_report):
     _, c, _ = ties_report
     assert [r.name for r in c.rows_of("source")] == ["base", "add", "reverse"]
-    assert [r.name for r in c.rows_of("default")] == ["ties (defaults)", "task_arithmetic (defaults)", "dare_ties (defaults)"]
+    assert [r.name for r in c.rows_of("default")] == ["ties (defaults)", "task_arithmetic (defaults)", "dare_ties (defaults)",
+                                                      "della (defaults)", "breadcrumbs (defaults)"]
     assert "slerp" in c.skipped  # slerp merges the base with one model; this study merges two
     assert c.tasks == ["zoo_add", "zoo_reverse"] and c.metrics == {"zoo_add": "acc", "zoo_reverse": "acc"}
     for r in c.rows:

@@ -93,7 +93,7 @@ def test_search_resume_export_rescore(tmp_path, tiny_zoo, monkeypatch, ray_local
     again = {t.number: t for t in st.complete_trials(study)}
     assert set(done) < set(again)
     assert all(again[n].value == done[n].value and again[n].params == done[n].params for n in done)
-    points = [tuple(sorted(t.params.items())) for t in again.values()]
+    points = [tuple(sorted(t.params.items())) for t in again.values() if not t.user_attrs.get("portfolio")]
     assert len(set(points)) == len(points), "no point was evaluated twice"
     assert "RUNNING" not in {t.state.name for t in study.get_trials()}
 
@@ -163,6 +163,6 @@ def test_a_search_whose_candidates_all_fail_stops_with_the_reason(tmp_path, tiny
     cfg = inline_config(tiny_zoo, search_space=space)
     with pytest.raises(StudyError, match="the last 5 trials failed .*NaN or Inf"):
         run_search(cfg, progress=False, log=None, pool_factory=InlinePool)
-    trials = st.load_study("inline", cfg.storage_url).trials
-    assert {t.state.name for t in trials} <= {"FAIL", "WAITING"}
+    trials = [t for t in st.load_study("inline", cfg.storage_url).trials if not t.user_attrs.get("portfolio")]
+    assert {t.state.name for t in trials} <= {"FAIL", "WAITING"}  # other methods' default merges are fine
     assert all("CandidateError" in t.user_attrs["fail_reason"] for t in trials if t.state.name == "FAIL")

@@ -31,6 +31,8 @@ def zoo_config(zoo: Path, **changes):
         "sampler": {"name": "random"},
         "budget": {"n_trials": 3},
         "workers": {"count": 0},
+        "refine": None,  # these tests count candidates: no refinement rounds or
+        "portfolio": False,  # default merges of other methods among them
         **changes,
     }
     return parse_config(data)

@@ -48,6 +48,7 @@ def test_layer_groups_become_gradient_lists_and_kinds_become_filters():
         "weight.add.embed",
         "weight.add.self_attn.g0", "weight.add.self_attn.g1", "weight.add.self_attn.g2",
         "weight.add.mlp.g0", "weight.add.mlp.g1", "weight.add.mlp.g2",
+        "weight.add.rest",
     ]  # fmt: skip
     point = {n: 0.1 * i for i, n in enumerate(names)}
     recipe = space.to_recipe(point, models, "/z/base", "ties", seed=0)
@@ -57,7 +58,7 @@ def test_layer_groups_become_gradient_lists_and_kinds_become_filters():
         ("lm_head", 0.0),
         ("self_attn", [0.1, 0.1, 0.2, 0.2, 0.30000000000000004, 0.30000000000000004]),
         ("mlp", [0.4, 0.4, 0.5, 0.5, 0.6000000000000001, 0.6000000000000001]),
-        (None, 0.25),  # norms: the parameter's default
+        (None, 0.7000000000000001),  # norms, which no kind matches: the model's `rest` value
     ]
     assert recipe.models[0].parameters["density"] == 0.7
     # what the merge engine will read per tensor (mergekit's resolver: layer 3 of 0..5 is t = 3/5)
@@ -69,7 +70,7 @@ def test_layer_groups_become_gradient_lists_and_kinds_become_filters():
     assert plan.resolve("model.layers.3.self_attn.q_proj.weight").t == 3 / 5
     assert read("model.layers.3.self_attn.q_proj.weight") == 0.2
     assert read("model.layers.5.mlp.up_proj.weight") == pytest.approx(0.6)
-    assert read("model.layers.5.input_layernorm.weight") == 0.25
+    assert read("model.layers.5.input_layernorm.weight") == pytest.approx(0.7)
     assert read("lm_head.weight") == 0.0
 
 

@@ -56,7 +56,7 @@ def test_checkpoints_load_offline_with_transformers(tiny_zoo):
 
 def test_eval_splits_are_disjoint_and_excluded_from_training(monkeypatch):
     from evomerge.zoo import train as training
-    from evomerge.zoo.build import specialist
+    from evomerge.zoo.variants import VARIANTS, Specialist
     from evomerge.zoo.tokenizer import build_tokenizer
     from evomerge.zoo.train import ModelShape, make_model
 
@@ -77,9 +77,9 @@ def test_eval_splits_are_disjoint_and_excluded_from_training(monkeypatch):
     monkeypatch.setattr(training, "_batch", lambda examples, tok: (fed.extend(examples), real(examples, tok))[1])
     tokenizer = build_tokenizer()
     model = make_model(ModelShape(hidden=16, layers=1, heads=2, intermediate=16), tokenizer, seed=0)
-    plan = specialist("add", steps=20, batch=64)
+    plan = VARIANTS["demo"].plan(Specialist("add", steps=20))
     training.train(model, tokenizer, plan, seed=0, eval_prompts=held)
-    assert len(fed) == 20 * 64
+    assert len(fed) == 20 * plan.batch
     assert {ex.prompt for ex in fed if "+" in ex.prompt} and not {ex.prompt for ex in fed} & held
 
 

@@ -60,6 +60,9 @@ class Verdict(BaseModel):
     margin: float | None  # evolved mean - best default mean
     beats_default: bool | None
     oracle_fraction: float | None  # evolved mean / oracle mean
+    floor: Row  # the better of the best default merge and the best single source: what a search must beat
+    room: float  # oracle mean - floor mean: what a merge could still gain
+    room_share: float | None  # (evolved - floor) / room: the share of that room the evolved recipe captures
 
 
 class Comparison(BaseModel):
@@ -91,14 +94,20 @@ class Comparison(BaseModel):
         defaults = self.rows_of("default")
         best_default = max(defaults, key=lambda r: r.mean) if defaults else None
         margin = evolved.mean - best_default.mean if best_default else None
+        best_source = max(self.rows_of("source"), key=lambda r: r.mean)
+        floor = max([best_source, *([best_default] if best_default else [])], key=lambda r: r.mean)
+        room = oracle.mean - floor.mean
         return Verdict(
             evolved=evolved,
             best_default=best_default,
-            best_source=max(self.rows_of("source"), key=lambda r: r.mean),
+            best_source=best_source,
             oracle=oracle,
             margin=margin,
             beats_default=None if margin is None else margin > 0,
             oracle_fraction=evolved.mean / oracle.mean if oracle.mean > 0 else None,
+            floor=floor,
+            room=room,
+            room_share=(evolved.mean - floor.mean) / room if room > 0 else None,
         )
 
 
@@ -238,7 +247,7 @@ def compare_run(
     top = next(r for r in trials if r.number == best.number)
     note = f"trial {best.number}" + (f", the enqueued baseline '{top.note}'" if top.note else "")
     if best.number in validated:
-        note += f", best on validation of the top {cfg.validation.top_k} and the defaults"
+        note += f", best on validation of the top {cfg.validation.top_k} and the baselines"
     rows.append(Row(name="evolved (best trial)", kind="evolved", scores=top.heldout, mean=top.heldout_mean, detail=note))
 
     return Comparison(

@@ -82,8 +82,8 @@ def _columns(space: SearchSpace) -> list[tuple[str, str]]:
                 cols.append((f"g{g}", f"L{first}" if first == last else f"L{first}-{last}"))
     else:
         cols.append(("all", "all layers"))
-    if any(not p.per_layer for p in spec.parameters.values() if p.searched):
-        cols.append(("global", "whole\nmodel"))
+    if spec.kinds or any(not p.per_layer for p in spec.parameters.values() if p.searched):
+        cols.append(("global", "whole\nmodel"))  # global parameters, and the tensors no kind matches (norms)
     return cols
 
 
@@ -95,6 +95,8 @@ def params_png(space: SearchSpace, models: Sequence[str], params: dict[str, floa
     import numpy as np
     from matplotlib import colormaps
 
+    from evomerge.space import REST
+
     slots = space.slots(list(models))
     cols = _columns(space)
     col_index = {key: i for i, (key, _) in enumerate(cols)}
@@ -103,7 +105,7 @@ def params_png(space: SearchSpace, models: Sequence[str], params: dict[str, floa
     for s in slots:
         ps = space.spec.parameters[s.param]
         label = " / ".join(x for x in (s.model or "all models", s.param, None if s.kind == "embed" else s.kind) if x)
-        if not ps.per_layer:
+        if not ps.per_layer or s.kind == REST:
             key = "global"
         elif s.kind == "embed":
             key = "embed"

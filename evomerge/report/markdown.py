@@ -35,6 +35,11 @@ def statement(v: Verdict, metric: str = "score") -> str:
             f"It reaches {v.oracle_fraction * 100:.1f}% of the routing oracle's mean ({_f(v.oracle.mean)}: "
             "each task answered by its best source model)."
         )
+    if v.room_share is not None:
+        lines.append(
+            f"Of the room between the floor ({v.floor.name}, {_f(v.floor.mean)}: the best of every default merge and "
+            f"every single source) and the oracle ({v.room:.4f}), it captures {v.room_share * 100:.0f}%."
+        )
     return " ".join(lines)
 
 

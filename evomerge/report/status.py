@@ -34,22 +34,33 @@ def exported_line(cfg, study) -> str | None:
         return head + ", the best search objective)"
     if not waiting:
         v = stored(cfg, study)[trial.number]
-        return head + f", validation {v.objective:.4f}: the best on validation of the top {cfg.validation.top_k} and the defaults)"
+        return head + f", validation {v.objective:.4f}: the best on validation of the top {cfg.validation.top_k} and the baselines)"
     return head + f"; trials {', '.join(map(str, waiting))} not validated yet: `evomerge export` validates them first)"
 
 
 def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
-    from evomerge.search.study import by_state, objective_of, open_run, pareto_front, stale_reason
+    from evomerge.search.study import budget_count, by_state, is_whole, objective_of, open_run, pareto_front, stale_reason
 
     cfg, study = open_run(run_dir)
     states = by_state(study)
     done = states.get("COMPLETE", [])
+    own = [t for t in done if not t.user_attrs.get("portfolio")]
     tasks = [t.name for t in cfg.tasks.search]
     lines = [
         f"study {cfg.name} ({cfg.method}, {cfg.sampler.name} sampler) in {cfg.storage_url}",
-        f"budget: {len(done)}/{cfg.budget.n_trials} complete; trials by state: "
+        f"budget: {budget_count(study)}/{cfg.budget.n_trials} complete; trials by state: "
         + ", ".join(f"{len(ts)} {s.lower()}" for s, ts in sorted(states.items())),
     ]
+    portfolio = len(done) - len(own)
+    if portfolio:
+        lines.append(f"plus {portfolio} default merges of other methods, scored for comparison (not in the budget)")
+    stopped = [t for t in own if not is_whole(t)]
+    if stopped:
+        scored = sum(t.user_attrs.get("examples_scored", 0) for t in own)
+        full = max((t.user_attrs.get("examples_scored", 0) for t in own if is_whole(t)), default=0) * len(own)
+        share = f" ({100 * scored / full:.0f}% of the examples a whole evaluation of every trial would score)" if full else ""
+        lines.append(f"stopped early: {len(stopped)} trials, clearly worse than the best after a part of the "
+                     f"examples{share}")  # fmt: skip
     exported = exported_line(cfg, study)
     if exported:
         lines.append(exported)
@@ -59,11 +70,13 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
         metric = {s.name: s.metric for s in cfg.tasks.search}
         cells = [f"{scores.get(n, {}).get(metric[n], float('nan')):.3f}" for n in tasks]
         label = t.user_attrs.get("baseline") or (f"retry of {t.user_attrs['retry_of']}" if "retry_of" in t.user_attrs else "")
+        if "refine_round" in t.user_attrs:
+            label = f"refine {t.user_attrs['refine_round']}, step {t.user_attrs.get('refine_step')}"
         return [str(t.number), f"{objective_of(t):.4f}", *cells, f"{t.user_attrs.get('total_s', 0):.1f}", label]
 
     header = ["trial", "objective", *tasks, "s", "note"]
     if done:
-        ranked = sorted(done, key=lambda t: (-objective_of(t), t.number))[:top]
+        ranked = sorted((t for t in done if is_whole(t)), key=lambda t: (-objective_of(t), t.number))[:top]
         lines += ["", f"top {len(ranked)} trials:", *text_table(header, [row(t) for t in ranked]).splitlines()]
     if len(study.directions) > 1 and done:
         front = pareto_front(study)
@@ -80,7 +93,7 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
     if failed:
         lines += ["", "recent failures:"]
         lines += [f"  trial {t.number}: {t.user_attrs.get('fail_reason', '(no reason recorded)')}" for t in failed]
-    timing = timing_breakdown(done)
+    timing = timing_breakdown(own)
     if timing:
         share = timing["other_s"] / timing["total_s"] * 100 if timing["total_s"] else 0.0
         lines += [

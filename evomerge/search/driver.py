@@ -132,7 +132,7 @@ def run_search(
         write_run_config(cfg)
         st.fail_stale_trials(study, log=log, exclusive=True)
         result = SearchResult(cfg.name, cfg.run_dir, cfg.storage_url, 0, 0, None, None)
-        n_complete = len(st.complete_trials(study))
+        n_complete = st.budget_count(study)
         if n_complete >= cfg.budget.n_trials:
             log(f"study {cfg.name!r} already has {n_complete} complete trials (budget {cfg.budget.n_trials}); raise --n-trials to go on")
             return _finish(study, result)
@@ -155,10 +155,12 @@ def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResu
     deadline = time.monotonic() + cfg.budget.timeout if cfg.budget.timeout else math.inf
     failures, last_beat = 0, time.monotonic()  # consecutive failed trials
     max_failures = max(5, 2 * cfg.workers.count)
-    best = st.best_trial(study)
-    rounds = _RefineRounds(study, cfg, enabled=refine_on)
-    incumbent = _Incumbent(cfg, best)
     try:
+        if cfg.portfolio:
+            _portfolio(study, cfg, space, pool, result)
+        best = st.best_trial(study)
+        rounds = _RefineRounds(study, cfg, enabled=refine_on)
+        incumbent = _Incumbent(cfg, best)
         while True:
             due = rounds.due(n_complete + len(in_flight))
             if due is not None and not in_flight and time.monotonic() < deadline:
@@ -214,6 +216,42 @@ def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResu
         result.wall_s = time.perf_counter() - loop_start
         bar.close()
         pool.close()
+
+
+def _portfolio(study, cfg: SearchConfig, space: SearchSpace, pool, result: SearchResult) -> None:
+    """Score every other method's default merge on the search subsets and add it to the study (once), so the
+    guard, status and export weigh the searched recipes against the whole portfolio, not only this method's
+    defaults (evomerge/portfolio.py)."""
+    from evomerge.portfolio import default_merges
+    from evomerge.search import study as st
+
+    merges = [(label, recipe) for label, recipe in default_merges(cfg)[0] if not label.startswith(f"{cfg.method} ")]
+    todo = set(st.missing_portfolio(study, [label for label, _ in merges]))
+    options = {"smooth": cfg.tasks.smooth, "seed": cfg.seed} if cfg.per_example else None
+    for label, recipe in merges:
+        if label not in todo:
+            continue
+        text = recipe.to_yaml()
+        res = _score_now(pool, text, options)
+        if not res.ok:
+            result.n_failed += 1
+            continue  # a default merge that fails here (NaN weights, say) simply is not a finalist
+        attrs = {"recipe": text, "scores": res.scores, "objective": res.objective, "merge_s": res.merge_s,
+                 "eval_s": res.eval_s, "total_s": res.wait_s + res.busy_s, "worker": res.worker}  # fmt: skip
+        if cfg.per_example and res.examples is not None:
+            attrs["examples"] = {leaf: {str(i): v for i, v in u.items()} for leaf, u in res.examples.items()}
+            attrs["examples_scored"] = res.n_examples
+        values = [res.scores[t.name][t.metric] for t in cfg.tasks.search] if cfg.multi_objective else res.objective
+        st.add_portfolio_trial(study, space, cfg.models, label, values, attrs)
+
+
+def _score_now(pool, text: str, options: dict | None):
+    """Submit one job to an idle pool and wait for its result."""
+    ref = pool.submit(text, "search", options)
+    while True:
+        for done, res in pool.wait():
+            if done is ref:
+                return res
 
 
 class _Incumbent:
@@ -328,7 +366,7 @@ def _tell(study, cfg: SearchConfig, job: _InFlight, res, result: SearchResult):
 def _finish(study, result: SearchResult, log: Callable[[str], None] | None = None) -> SearchResult:
     from evomerge.search import study as st
 
-    result.n_complete = len(st.complete_trials(study))
+    result.n_complete = st.budget_count(study)
     best = st.best_trial(study)
     if best is not None:
         result.best_trial, result.best_value = best.number, st.objective_of(best)

@@ -10,8 +10,8 @@
 
 A sampler that ran for long on small search subsets finds recipes that fit those subsets' noise; a
 second, larger sample the sampler never saw ranks the finalists honestly. The finalists always include
-the default merge, so a search that found nothing better exports the defaults rather than its luckiest
-trial. Results live in the study (user attr `validation:<trial>`, keyed by the validation tasks), so they
+every baseline (the default merge, each source alone, every other method's default merge), so a search that
+found nothing better exports the best of those rather than its luckiest trial. Results live in the study (user attr `validation:<trial>`, keyed by the validation tasks), so they
 are computed once per trial and a changed `validation.tasks` re-scores. The finalists are scored through the
 search's kind of pool (`search.workers.open_pool`: Ray actors on the workers' devices, or in this process
 when `workers.count` is 0). Export records the results in the recipe's provenance.
@@ -66,17 +66,22 @@ def stored(cfg: SearchConfig, study) -> dict[int, Validation]:
 
 
 def finalists(cfg: SearchConfig, study) -> list:
-    """The candidates for validation: the top_k COMPLETE trials by search objective (best first), then the
-    enqueued default merge if it is not among them, so export never takes a searched recipe that
-    validation ranks below the defaults (on noisy search subsets the top trials often are)."""
-    from evomerge.search.study import complete_trials, objective_of
-    from evomerge.space import DEFAULTS_LABEL
+    """The candidates for validation: the top_k COMPLETE trials by search objective (best first), then every
+    baseline not among them (the method's default merge, each source model alone, and every other method's
+    default merge from the portfolio), so export never takes a searched recipe that validation ranks below a
+    default merge or a single source (on noisy search subsets the top trials often are)."""
+    from evomerge.search.study import complete_trials, is_whole, objective_of
 
     k = cfg.validation.top_k if cfg.validation else 1
-    ranked = sorted(complete_trials(study), key=lambda t: (-objective_of(t), t.number))
+    ranked = sorted((t for t in complete_trials(study) if is_whole(t)), key=lambda t: (-objective_of(t), t.number))
     top = ranked[:k]
     if cfg.validation is not None:
-        top += [t for t in ranked[k:] if t.user_attrs.get("baseline") == DEFAULTS_LABEL][:1]
+        labels = {t.user_attrs.get("baseline") for t in top} - {None}
+        for t in ranked[k:]:
+            label = t.user_attrs.get("baseline")
+            if label is not None and label not in labels:
+                labels.add(label)
+                top.append(t)
     return top
 
 

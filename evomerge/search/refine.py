@@ -212,12 +212,9 @@ class Refiner:
                         deriv[name][i][j] = (b - a) / h
         return at, v0, deriv
 
-    def run(self, point: dict[str, float], steps: int = 60, every: int = 10, lr: float = 0.05,
-            log=None) -> list[tuple[int, dict[str, float], float]]:  # fmt: skip
-        """Adam on the refined slots (in units of each one's search range), from `point`; the point every
-        `every` steps (and the last), with the surrogate loss there."""
+    def _prepare(self, point: dict[str, float]) -> dict[str, Any]:
+        """Everything a surrogate state at a point near `point` needs: frozen tensors, the affine map, bounds."""
         import torch
-        from torch.func import functional_call
 
         from evomerge.merge.materialize import _key
 
@@ -225,38 +222,67 @@ class Refiner:
         names = self._names()
         keys = [_key(m) for m in self.models]
         ckpts = {c.path.resolve().as_posix(): c for c in self.mat.checkpoints}
-        base_ck = ckpts[_key(self.base)]
+        device = next(self.mat.model.parameters()).device
+        spec = self.space.spec.parameters
+        f64 = torch.float64
+        return {
+            "names": names,
+            "device": device,
+            "lo": torch.tensor([spec[s.param].low for s in self.slots], dtype=f64),
+            "span": torch.tensor([spec[s.param].high - spec[s.param].low for s in self.slots], dtype=f64),
+            "x0": torch.tensor([point[s.name] for s in self.slots], dtype=f64),
+            "frozen": self._frozen(at, names, keys, ckpts, ckpts[_key(self.base)], device),
+            "coef": {n: (torch.tensor(v0[n], dtype=f64), torch.tensor(deriv[n], dtype=f64)) for n in names},
+        }
+
+    def _state(self, ctx: dict[str, Any], x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The surrogate's merged tensors at slot values `x` (differentiable in `x`)."""
+        params = dict(self.mat.model.named_parameters())
+        state = {}
+        for n in ctx["names"]:
+            value, d = ctx["coef"][n]
+            weights = (value + d @ (x - ctx["x0"])).float().to(ctx["device"])
+            t = self._merge(ctx["frozen"][n], weights)
+            state[n] = t.to(params[n].dtype) if n in params else t
+        return state
+
+    def surrogate(self, point: dict[str, float]) -> dict[str, torch.Tensor]:
+        """The surrogate's merged tensors at `point` itself (tests compare them with the real merge)."""
+        import torch
+
+        ctx = self._prepare(point)
+        with torch.no_grad():
+            return self._state(ctx, ctx["x0"])
+
+    def run(self, point: dict[str, float], steps: int = 60, every: int = 10, lr: float = 0.05,
+            log=None) -> list[tuple[int, dict[str, float], float]]:  # fmt: skip
+        """Adam on the refined slots (in units of each one's search range), from `point`; the point every
+        `every` steps (and the last), with the surrogate loss there."""
+        import torch
+        from torch.func import functional_call
+
+        ctx = self._prepare(point)
         model = self.mat.model
-        device = next(model.parameters()).device
+        device = ctx["device"]
         params = dict(model.named_parameters())
         buffers = dict(model.named_buffers())
-        spec = self.space.spec.parameters
-        lo = torch.tensor([spec[s.param].low for s in self.slots], dtype=torch.float64)
-        span = torch.tensor([spec[s.param].high - spec[s.param].low for s in self.slots], dtype=torch.float64)
-        x0 = torch.tensor([point[s.name] for s in self.slots], dtype=torch.float64)
-        u = ((x0 - lo) / span).clone().requires_grad_(True)
-        frozen = self._frozen(at, names, keys, ckpts, base_ck, device)
-        coef = {n: (torch.tensor(v0[n], dtype=torch.float64), torch.tensor(deriv[n], dtype=torch.float64)) for n in names}
+        lo, span = ctx["lo"], ctx["span"]
+        u = ((ctx["x0"] - lo) / span).clone().requires_grad_(True)
         opt = torch.optim.Adam([u], lr=lr)
         out: list[tuple[int, dict[str, float], float]] = []
         for p in model.parameters():
             p.requires_grad_(False)
         b = self.batch
+        ids, mask, target = b.ids.to(device), b.mask.to(device), b.target.to(device)
         for step in range(steps + 1):
             x = lo + span * u
-            weights = {}
-            for n in names:
-                value, d = coef[n]
-                weights[n] = (value + d @ (x - x0)).float().to(device)
-            state = {n: self._merge(frozen[n], weights[n]) for n in names}
-            state = {n: t.to(params[n].dtype) if n in params else t for n, t in state.items()}
-            logits = functional_call(model, {**params, **buffers, **state}, (b.ids.to(device),),
-                                     {"attention_mask": b.mask.to(device)}).logits  # fmt: skip
-            loss = item_loss(b, _loglik(logits, b.target.to(device)))
+            state = self._state(ctx, x)
+            logits = functional_call(model, {**params, **buffers, **state}, (ids,), {"attention_mask": mask}).logits
+            loss = item_loss(b, _loglik(logits, target))
             if step % every == 0 or step == steps:
                 out.append((step, {s.name: float(v) for s, v in zip(self.slots, x.detach())}, loss.item()))
                 if log:
-                    log(f"refine step {step}: surrogate loss {float(loss):.4f}")
+                    log(f"refine step {step}: surrogate loss {loss.item():.4f}")
             if step == steps:
                 break
             opt.zero_grad()
@@ -265,8 +291,7 @@ class Refiner:
             with torch.no_grad():
                 u.clamp_(0.0, 1.0)
         # the resident model's weights are unchanged (functional_call): the next apply() overwrites them anyway
-        full = [{**point, **p} for _, p, _ in out]
-        return [(step, p, loss) for (step, _, loss), p in zip(out, full)]
+        return [(step, {**point, **p}, loss) for step, p, loss in out]
 
     def _frozen(self, at, names, keys, ckpts, base_ck, device) -> dict[str, dict[str, Any]]:
         """Per tensor: base, the (sparsified) task vectors at the starting densities, and the shared flags."""

@@ -136,6 +136,30 @@ def _set_up(study: optuna.Study, cfg: SearchConfig, space: SearchSpace) -> None:
     study.set_user_attr("baselines_enqueued", True)
 
 
+def missing_portfolio(study: optuna.Study, labels: list[str]) -> list[str]:
+    """The portfolio labels ("ties (defaults)", ...) that have no trial in the study yet."""
+    have = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)}
+    return [label for label in labels if label not in have]
+
+
+def add_portfolio_trial(study: optuna.Study, space: SearchSpace, models: list, label: str, values: float | list[float],
+                        attrs: dict[str, Any]) -> None:  # fmt: skip
+    """Record another method's default merge, scored on the search subsets, as a COMPLETE trial.
+
+    It is added, not asked: the sampler never proposed it, so CMA-ES (which only learns from the trials of its own
+    generations) ignores it, while the overfitting guard, status and export treat it like any baseline. Its
+    params are the space's defaults (a trial needs the study's distributions); its recipe is the one scored.
+    TPE and GP see its value at the defaults point, a mild distortion of their model of the space."""
+    import optuna
+
+    dists = distributions(space, models)
+    trial = optuna.trial.create_trial(
+        params=space.defaults(models), distributions=dists, user_attrs={**attrs, "baseline": label, "portfolio": True},
+        **({"values": values} if isinstance(values, list) else {"value": values}),
+    )  # fmt: skip
+    study.add_trial(trial)
+
+
 # -- trial bookkeeping ------------------------------------------------------------------------------
 
 def _quiet(_msg: str) -> None:
@@ -241,6 +265,12 @@ def complete_trials(study: optuna.Study) -> list:
     import optuna
 
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def budget_count(study: optuna.Study) -> int:
+    """COMPLETE trials that count against `budget.n_trials`: every one but the portfolio's default merges of other
+    methods, which are references the search is measured against, not trials of its own space."""
+    return sum(1 for t in complete_trials(study) if not t.user_attrs.get("portfolio"))
 
 
 def objective_of(trial) -> float:
@@ -370,7 +400,8 @@ def warm_start_trials(cfg: SearchConfig, space: SearchSpace) -> list:
     if theirs and [str(Path(p)) for p in [theirs.get("base_model"), *theirs.get("models", [])]] != same:
         raise ConfigError(f"sampler.warm_start: {where} merged other models; warm-start from a study of the same models")
     wanted = distributions(space, cfg.models)
-    trials = [t for t in complete_trials(study) if t.distributions == wanted and t.values and len(t.values) == 1]
+    trials = [t for t in complete_trials(study) if t.distributions == wanted and t.values and len(t.values) == 1
+              and not t.user_attrs.get("portfolio")]  # fmt: skip
     if not trials:
         raise ConfigError(
             f"sampler.warm_start: {where} has no COMPLETE trial over this search space (same parameters and bounds); "
@@ -392,8 +423,11 @@ __all__ = [
     "SEPARABLE_DIM",
     "ask",
     "auto_options",
+    "add_portfolio_trial",
     "best_trial",
+    "budget_count",
     "is_whole",
+    "missing_portfolio",
     "by_state",
     "complete_trials",
     "distributions",

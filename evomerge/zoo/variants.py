@@ -120,8 +120,8 @@ VARIANTS: dict[str, ZooVariant] = {
             "two specialists (cipher, doubling) of a base that already knows much of both; hidden 64, 4 layers",
             (Specialist("cipher", steps=200), Specialist("dup", steps=200)),
             shape=ModelShape(hidden=64, layers=4, heads=4, intermediate=192),
-            base_mix=_exposed("cipher", "dup", general=1),
-            base_steps=500,
+            base_mix=_exposed("cipher", "dup", general=2),
+            base_steps=300,
             kl_replay=True,
         ),
         ZooVariant(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -77,7 +78,7 @@ def test_eval_splits_are_disjoint_and_excluded_from_training(monkeypatch):
     monkeypatch.setattr(training, "_batch", lambda examples, tok: (fed.extend(examples), real(examples, tok))[1])
     tokenizer = build_tokenizer()
     model = make_model(ModelShape(hidden=16, layers=1, heads=2, intermediate=16), tokenizer, seed=0)
-    plan = VARIANTS["demo"].plan(Specialist("add", steps=20))
+    plan = VARIANTS["classic"].plan(Specialist("add", steps=20))
     training.train(model, tokenizer, plan, seed=0, eval_prompts=held)
     assert len(fed) == 20 * plan.batch
     assert {ex.prompt for ex in fed if "+" in ex.prompt} and not {ex.prompt for ex in fed} & held
@@ -90,3 +91,73 @@ def test_unknown_size_is_a_user_error(tmp_path):
         main(["zoo", "build", "--out", str(tmp_path / "z"), "--size", "huge"])
     assert exc.value.code == 2
     assert not (tmp_path / "z").exists()
+
+
+def test_the_build_does_not_depend_on_the_callers_thread_count(tiny_zoo, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        again = build_zoo(tmp_path / "two", seed=0, size="tiny", log=None)
+        assert torch.get_num_threads() == 2  # the build's own setting does not leak
+    finally:
+        torch.set_num_threads(before)
+    assert again["sha256"] == json.loads((tiny_zoo / "zoo.json").read_text())["sha256"]
+
+
+def test_every_shipped_variant_is_a_family_member():
+    from evomerge.zoo.variants import DEFAULT_VARIANT, VARIANTS
+
+    assert DEFAULT_VARIANT in VARIANTS
+    for name, v in VARIANTS.items():
+        assert v.name == name and 2 <= len(v.specialists) <= 4 and len(set(v.skills)) == len(v.skills)
+        assert set(v.skills) | set(v.base_mix) <= set(SKILLS)
+        for s in v.specialists:
+            plan = v.plan(s)
+            assert plan.own == s.skill and plan.skills.count(s.skill) >= 4  # half its own skill, half replay
+
+
+def test_variant_overrides_and_their_errors():
+    from evomerge.errors import ConfigError
+    from evomerge.zoo.variants import get_variant
+
+    v = get_variant("pair", skills=["sub", "dup", "cipher"], layers=3, hidden=48, steps=7)
+    assert v.skills == ["sub", "dup", "cipher"] and v.shape.layers == 3 and v.shape.hidden == 48
+    assert {s.steps for s in v.specialists} == {7} and v.kl_replay
+    for kwargs, message in [({"skills": ["add"]}, "2 to 4 different skills"), ({"skills": ["ad", "dup"]}, "did you mean: add"),
+                            ({"layers": 0}, "1 to 48"), ({"hidden": 30}, "multiple of the 4")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            get_variant("pair", **kwargs)
+    with pytest.raises(ConfigError, match="no such zoo variant"):
+        get_variant("pairs")
+
+
+def test_distilled_replay_keeps_the_base_where_answer_replay_teaches(tmp_path):
+    """A specialist that replays the right answers learns the base's other skills further; one that replays the base's
+    own distributions (kl_replay) stays near the base there, so the skills stay each specialist's own."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.zoo.tokenizer import build_tokenizer
+    from evomerge.zoo.train import ModelShape
+    from evomerge.zoo.variants import Specialist, ZooVariant
+
+    def build(kl: bool) -> Path:
+        v = ZooVariant("t", "t", (Specialist("reverse", steps=40), Specialist("dup", steps=40)),
+                       shape=ModelShape(hidden=32, layers=2, heads=2, intermediate=64), base_mix=("copy", "sort", "add"),
+                       base_steps=60, batch=16, kl_replay=kl)  # fmt: skip
+        out = tmp_path / f"kl{int(kl)}"
+        build_zoo(out, seed=0, variant=v, log=None)
+        return out
+
+    tok = build_tokenizer()
+    rng = random.Random(3)
+    prompts = [SKILLS["add"].sample(rng) for _ in range(32)]
+    ids = torch.tensor([tok.encode(p.prompt + p.answer, add_special_tokens=False)[:8] for p in prompts])
+
+    def drift(zoo: Path) -> float:
+        logp = {n: torch.log_softmax(AutoModelForCausalLM.from_pretrained(zoo / n)(ids).logits, -1) for n in ("base", "reverse")}
+        return float((logp["base"].exp() * (logp["base"] - logp["reverse"])).sum(-1).mean())
+
+    assert drift(build(kl=True)) < 0.5 * drift(build(kl=False))

@@ -1,24 +1,53 @@
-"""`evomerge zoo build [--out DIR] [--seed N] [--size full|tiny]`"""
+"""`evomerge zoo build [--out DIR] [--seed N] [--variant NAME] [--skills A,B] [--layers N] [--hidden N] [--steps N]`
+
+    evomerge zoo build                                   # the demo's zoo (variant pair) in ./zoo, a few minutes
+    evomerge zoo build --variant trio --out zoos/trio    # another member of the family (evomerge/zoo/variants.py)
+    evomerge zoo build --variant pair --skills add,sub,dup --layers 4 --out /tmp/z   # the same recipe, changed
+"""
 from __future__ import annotations
 
 import argparse
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from evomerge.zoo.variants import DEFAULT_VARIANT, VARIANTS
+
     sub = parser.add_subparsers(dest="zoo_command", metavar="ACTION", required=True)
-    build = sub.add_parser("build", help="train the base and the specialists (deterministic on CPU)")
+    build = sub.add_parser(
+        "build",
+        help="train a base and its specialists (deterministic on CPU, a few minutes)",
+        description="Train a tiny Llama-style base on a mixture of character-level skills, then fine-tune 2-4 "
+        "specialists from it, each on its own skill, and write them as Hugging Face checkpoints with one tokenizer. "
+        "Variants: " + "; ".join(f"{name}: {v.description}" for name, v in VARIANTS.items()),
+    )
     build.add_argument("--out", default="zoo", help="output folder (default: ./zoo)")
     build.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
-    build.add_argument("--size", default="full", choices=["full", "tiny"], help="full: the demo zoo; tiny: the test zoo")
+    build.add_argument("--variant", default=None, choices=list(VARIANTS), metavar="NAME",
+                       help=f"which zoo of the family (default: {DEFAULT_VARIANT}): {', '.join(VARIANTS)}")
+    build.add_argument("--size", default=None, choices=["full", "tiny"],
+                       help="older name: full is --variant %s, tiny is --variant tiny" % DEFAULT_VARIANT)
+    build.add_argument("--skills", default=None, metavar="A,B[,C,D]",
+                       help="the specialists' skills instead of the variant's (2 to 4 of: add, reverse, sort, shift, "
+                            "copy, sub, cipher, rotate, dup)")  # fmt: skip
+    build.add_argument("--layers", type=int, default=None, help="decoder layers instead of the variant's")
+    build.add_argument("--hidden", type=int, default=None, help="hidden size instead of the variant's")
+    build.add_argument("--steps", type=int, default=None, help="each specialist's training steps instead of the variant's")
 
 
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from evomerge.zoo.build import build_zoo
+    from evomerge.errors import ConfigError
+    from evomerge.zoo.build import SIZES, build_zoo
+    from evomerge.zoo.variants import DEFAULT_VARIANT, get_variant
 
+    if args.variant and args.size:
+        raise ConfigError("--size is the older name of --variant; pass one of them")
+    skills = [s.strip() for s in args.skills.split(",") if s.strip()] if args.skills else None
+    name = args.variant or (SIZES[args.size] if args.size else DEFAULT_VARIANT)
+    variant = get_variant(name, skills=skills, layers=args.layers, hidden=args.hidden, steps=args.steps)
     start = time.perf_counter()
-    manifest = build_zoo(args.out, seed=args.seed, size=args.size)
+    manifest = build_zoo(args.out, seed=args.seed, variant=variant)
     names = ", ".join(["base", *manifest["specialists"]])
-    print(f"zoo written to {args.out} ({names}) in {time.perf_counter() - start:.0f} s")
+    print(f"zoo {variant.name} written to {args.out} ({names}) in {time.perf_counter() - start:.0f} s")
     return 0

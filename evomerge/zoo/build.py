@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from evomerge.zoo.skills import SKILLS
-from evomerge.zoo.variants import ZooVariant, get_variant
+from evomerge.zoo.variants import DEFAULT_VARIANT, ZooVariant, get_variant
 
 
-# --size, the older name of the first two variants
-SIZES = {"full": "demo", "tiny": "tiny"}
+# --size, the older name of two variants (full: the demo's zoo)
+SIZES = {"full": DEFAULT_VARIANT, "tiny": "tiny"}
 
 
 def _mixture(skills: tuple[str, ...]) -> str:
@@ -74,7 +74,7 @@ def build_zoo(
 ) -> dict:
     """Build base + specialists of a variant (default: the demo zoo) under `out` (atomically: built beside it and
     swapped in, so `out` holds the previous zoo or the new one, never neither; only an empty folder or an earlier
-    zoo is replaced). `size` ("full", "tiny") is the older name of the variants "demo" and "tiny".
+    zoo is replaced). `size` ("full", "tiny") is the older name of the variants DEFAULT_VARIANT and "tiny".
     Returns the manifest."""
     from evomerge.errors import ConfigError
     from evomerge.io.atomic import atomic_dir

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from evomerge.errors import ConfigError, close_matches
 from evomerge.zoo.train import ModelShape, TrainPlan
 
+DEFAULT_VARIANT = "pair"  # `evomerge zoo build` and `evomerge demo` build this one
 MIX = ("copy", "sort", "shift", "add")  # what every base learns unless a variant says otherwise
 REPLAY = 4  # parts of a specialist's own skill against one part of each skill of the base's mixture
 
@@ -75,9 +76,9 @@ VARIANTS: dict[str, ZooVariant] = {
     v.name: v
     for v in (
         ZooVariant(
-            "demo",
-            "the first demo zoo: base (hidden 64, 6 layers) and two specialists, addition and string reversal, "
-            "replaying the right answers of the base's mixture",
+            "classic",
+            "the earlier demo zoo: base (hidden 64, 6 layers) and two specialists, addition and string reversal, "
+            "each replaying the right answers of the base's mixture",
             (Specialist("add"), Specialist("reverse")),
             shape=ModelShape(hidden=64, layers=6, heads=4, intermediate=192),
         ),
@@ -116,12 +117,29 @@ VARIANTS: dict[str, ZooVariant] = {
             kl_replay=True,
         ),
         ZooVariant(
-            "mild",
-            "two specialists (cipher, doubling) of a base that already knows much of both; hidden 64, 4 layers",
-            (Specialist("cipher", steps=200), Specialist("dup", steps=200)),
+            "near",
+            "two specialists (addition, reversal) of a base that already knows much reversal; hidden 64, 6 layers",
+            (Specialist("add"), Specialist("reverse")),
+            shape=ModelShape(hidden=64, layers=6, heads=4, intermediate=192),
+            base_mix=_exposed("reverse", general=1),
+            kl_replay=True,
+        ),
+        ZooVariant(
+            "steep",
+            "three specialists (reversal, cipher, doubling) of a base that saw little of them; hidden 64, 4 layers",
+            (Specialist("reverse"), Specialist("cipher"), Specialist("dup")),
             shape=ModelShape(hidden=64, layers=4, heads=4, intermediate=192),
-            base_mix=_exposed("cipher", "dup", general=2),
-            base_steps=300,
+            base_mix=_exposed("reverse", "cipher", "dup", general=5),
+            base_steps=400,
+            kl_replay=True,
+        ),
+        ZooVariant(
+            "crowd",
+            "four specialists (subtraction, reversal, cipher, doubling) in a small model; hidden 64, 4 layers",
+            (Specialist("sub"), Specialist("reverse"), Specialist("cipher"), Specialist("dup")),
+            shape=ModelShape(hidden=64, layers=4, heads=4, intermediate=192),
+            base_mix=_exposed("sub", "reverse", "cipher", "dup", general=2),
+            base_steps=500,
             kl_replay=True,
         ),
         ZooVariant(
@@ -181,4 +199,4 @@ def get_variant(
     return v
 
 
-__all__ = ["MIX", "REPLAY", "Specialist", "VARIANTS", "ZooVariant", "get_variant"]
+__all__ = ["DEFAULT_VARIANT", "MIX", "REPLAY", "Specialist", "VARIANTS", "ZooVariant", "get_variant"]

@@ -284,8 +284,8 @@ CASES = [
     Case("tensor_renamed", broken(edit_tensors(lambda t: t.update({"model.extra.weight": t.pop("model.norm.weight")}))),
          "tensor model.norm.weight is missing"),
     Case("vocab_differs", broken(edit_json("tokenizer.json", swap_two_tokens)), "tokenizer vocabulary differs"),
-    Case("model_type_differs", broken(edit_json("config.json", lambda c: c.update(model_type="mistral"))), "model_type mistral"),
-    Case("num_layers_differ", broken(drop_last_layer), "has 3 layers"),
+    Case("model_type_differs", broken(edit_json("config.json", lambda c: c.update(model_type="mistral"))), "config.json model_type is mistral, but"),
+    Case("num_layers_differ", broken(drop_last_layer), "num_hidden_layers is 3, but"),
     Case("base_incompatible", broken(drop_last_layer, role="base"), "layers"),
     Case("pickle_weights", broken(to_pickle), "--allow-pickle"),
     # outputs

@@ -21,6 +21,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe", action="store_true",
                         help="also merge and score, per layer and tensor kind, where one model's task vector hurts "
                              "another's task (needs a search config: its tasks.search)")  # fmt: skip
+    parser.add_argument("--allow-config-mismatch", action="store_true",
+                        help="audit models whose config.json differ in shape-defining fields when their tensors match")
     parser.add_argument("--probe-subset", type=int, metavar="N",
                         help="examples per task for --probe (default: each search task's own subset)")
 
@@ -40,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: audit compares task vectors, so it needs at least two models besides "
                           f"the base (found {len(models)}); list them under `models`")
     with _progress(enabled=sys.stderr.isatty() and not args.json) as progress:
-        report = audit_dirs(base, models, sample=args.sample, seed=args.seed, progress=progress)
+        report = audit_dirs(base, models, sample=args.sample, seed=args.seed, progress=progress,
+                            allow_config_mismatch=args.allow_config_mismatch)
     probed = _probe(cfg, args, sys.stderr.isatty() and not args.json) if cfg is not None else None
     if args.plot:
         from evomerge.analysis.heatmap import plot_audit

@@ -33,6 +33,7 @@ KIND_ALIASES: dict[str, tuple[str, ...]] = {
 }
 # Outside the layers: token and position embeddings, and the output head (GPT-NeoX calls it embed_out)
 EMBEDDING_PARTS = ("embed_tokens", "wte", "wpe", "embed_in", "word_embeddings", "lm_head", "embed_out")
+HEAD_PARTS = ("lm_head", "embed_out")
 # Outside the layers, after them: final norms and the head (mergekit's `post_weights`); the rest comes before
 AFTER_LAYERS_PARTS = ("norm", "ln_f", "lm_head", "embed_out", "score")
 
@@ -48,6 +49,13 @@ def with_layer(name: str, index: int) -> str:
     if match is None:
         raise ValueError(f"{name} is not inside a numbered layer")
     return name[: match.start(1)] + str(index) + name[match.end(1):]
+
+
+def _is_norm(name: str) -> bool:
+    """A layer norm inside a decoder layer (`input_layernorm`, `post_attention_layernorm`, GPT-2's `ln_1`)."""
+    match = LAYER_RE.search(name)
+    rest = name[match.end():] if match else name
+    return "norm" in rest or rest.startswith("ln_")
 
 
 def after_layers(name: str) -> bool:
@@ -85,17 +93,28 @@ class Layout:
 
     def kind_filter(self, kind: str) -> str | None:
         """The filter substring for `kind` on this architecture: `kind` itself if a layer tensor contains it, else the
-        first alias that one does; None if nothing in the layers matches."""
-        layer_names = self.layer_names()
-        for candidate in (kind, *KIND_ALIASES.get(kind, ())):
-            if any(candidate in n for n in layer_names):
-                return candidate
+        first alias that one does, bare or between dots; one that also matches a layer norm only when nothing else
+        matches (GPT-NeoX: `attention` would also match `post_attention_layernorm`, `.attention.` does not).
+        None if nothing in the layers matches."""
+        names = self.layer_names()
+        norms = [n for n in names if _is_norm(n)]
+        candidates = [form for c in (kind, *KIND_ALIASES.get(kind, ())) for form in (c, f".{c}.")]
+        for strict in (True, False):
+            for form in candidates:
+                if any(form in n for n in names) and not (strict and any(form in n for n in norms)):
+                    return form
         return None
 
     def embedding_filters(self) -> list[str]:
         """Filter substrings of the embeddings and head this checkpoint stores (tied duplicates left out)."""
         outside = [n for n in self.merged_names() if layer_index(n) is None]
         return [part for part in EMBEDDING_PARTS if any(part in n for n in outside)]
+
+    def layer_filter(self, index: int) -> str:
+        """The filter substring of layer `index` alone: 'model.layers.3.', 'transformer.h.3.' (not 'h.30.')."""
+        name = self.layer_names()[0]
+        match = LAYER_RE.search(name)
+        return f"{name[: match.start(1)]}{index}."  # type: ignore[union-attr]
 
     def example(self, layer: int, filter: str | None = None) -> str:
         """A tensor of layer `layer` whose name contains `filter` (a representative one for reading a recipe's

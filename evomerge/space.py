@@ -402,17 +402,39 @@ def _lay_over(spec: SpaceSpec, layout: Layout) -> tuple[dict[str, str], list[str
 
 def space_of(cfg: SearchConfig) -> SearchSpace:
     """The search space of a loaded config: its resolved `search_space` laid over the base model's architecture, after
-    checking that the models can merge with it (shape-defining config, unless `allow_config_mismatch`; tensor names
-    and shapes; tokenizer), so a search fails here rather than in its workers."""
-    from evomerge.io.checkpoint import Checkpoint, check_compatible
+    checking that the models can merge with it (shape-defining config.json fields, unless `allow_config_mismatch`;
+    tensor names, shapes and tokenizer where this process can read the weights), so a search fails here rather than
+    in its workers. Where it cannot (a driver without the weights), the names come from the architecture's config."""
+    from evomerge.io.checkpoint import Checkpoint, check_compatible, config_mismatch
+    from evomerge.merge.layout import Layout
 
     spec = SpaceSpec.model_validate(cfg.search_space)
-    checkpoints = [Checkpoint(p) for p in (cfg.base_model, *cfg.models)]
+    folders = [Path(cfg.base_model), *map(Path, cfg.models)]
+    configs = [(folder, _read_config(folder)) for folder in folders]
+    for other in configs[1:]:
+        why = None if cfg.allow_config_mismatch else config_mismatch(configs[0], other)
+        if why is not None:
+            raise ModelError(why)
     try:
+        checkpoints = [Checkpoint(folder) for folder in folders]
+    except ModelError:  # no readable weights here: the workers, which load them, say why
+        layout = Layout.from_config(folders[0])
+    else:
         check_compatible(checkpoints, allow_config_mismatch=cfg.allow_config_mismatch)
-        return SearchSpace.over(spec, cfg.base_model)
+        layout = Layout.of(checkpoints[0])
+    try:
+        return SearchSpace(spec, num_layers(cfg.base_model), layout)
     except ConfigError as err:
         raise ConfigError(f"{cfg._source}: {err}") from None
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: cannot read the model config ({err}); point base_model and models at HF model folders")
+    return data if isinstance(data, dict) else {}
 
 
 __all__ = ["DEFAULTS_LABEL", "ParamSpec", "SearchSpace", "Slot", "SpaceSpec", "load_space_spec", "model_keys", "num_layers", "space_of"]

@@ -275,3 +275,20 @@ def test_probe_regions_use_the_architectures_names(arch_family):
     assert dict(regions_of(3, neox)) == {"layer 0": "gpt_neox.layers.0.", "layer 1": "gpt_neox.layers.1.",
                                          "layer 2": "gpt_neox.layers.2.", "attention": ".attention.", "MLP": "mlp",
                                          "embeddings": "embed_in", "head": "embed_out"}
+
+
+def test_a_driver_without_the_weights_lays_the_space_over_the_config(arch_family, tmp_path):
+    """On a cluster the driver may hold only config.json; the space's names then come from the architecture
+    transformers builds from it (on the meta device)."""
+    import shutil
+
+    from evomerge.merge.layout import Layout
+    from evomerge.space import SearchSpace, load_space_spec
+
+    folder = tmp_path / "gpt2-config-only"
+    folder.mkdir()
+    shutil.copy(arch_family("gpt2")["base"] / "config.json", folder)
+    space = SearchSpace(load_space_spec("ties"), 3, Layout.from_config(folder))
+    assert space.filters == {"self_attn": "attn", "mlp": "mlp"} and space.embed_filters == ["wte", "wpe"]
+    (folder / "config.json").write_text('{"num_hidden_layers": 3}')  # no architecture: Llama's names
+    assert Layout.from_config(folder) is None

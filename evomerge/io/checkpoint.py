@@ -309,16 +309,20 @@ def _show(value: Any) -> str:
     return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def config_mismatch(ref: Checkpoint, other: Checkpoint, *, layers: bool = True) -> str | None:
+def config_mismatch(ref: Checkpoint | tuple[Path, dict], other: Checkpoint | tuple[Path, dict], *,
+                    layers: bool = True) -> str | None:
     """The first shape-defining config.json field on which `other` differs from `ref`, as a message; None if none.
+    Each is a Checkpoint or a (folder, config) pair (a config.json read without the weights).
     `layers=False` leaves num_hidden_layers out (a `slices:` recipe takes layer ranges from models of any depth)."""
+    ref_path, ref_config = (ref.path, ref.config) if isinstance(ref, Checkpoint) else ref
+    other_path, other_config = (other.path, other.config) if isinstance(other, Checkpoint) else other
     for field, _ in SHAPE_FIELDS:
         if field == "num_hidden_layers" and not layers:
             continue
-        key, a = config_field(ref.config, field)
-        other_key, b = config_field(other.config, field)
+        _, a = config_field(ref_config, field)
+        other_key, b = config_field(other_config, field)
         if a != b:
-            return (f"{other.path}: config.json {other_key} is {_show(b)}, but {ref.path} has {_show(a)}; merge models of "
+            return (f"{other_path}: config.json {other_key} is {_show(b)}, but {ref_path} has {_show(a)}; merge models of "
                     "one architecture and size, or pass --allow-config-mismatch (search config: allow_config_mismatch: "
                     "true) if their tensors are meant to merge anyway")
     return None

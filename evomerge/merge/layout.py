@@ -83,6 +83,21 @@ class Layout:
         dups = tied_in_config(checkpoint.path, names) if tied else frozenset()
         return cls(checkpoint.architecture, names, num_layers, dups)
 
+    @classmethod
+    def from_config(cls, folder) -> Layout | None:
+        """The layout of the model a folder's config.json describes (its parameter names, as transformers names them),
+        for when its weights cannot be read here; None when transformers does not know the architecture."""
+        from evomerge.io.checkpoint import config_num_layers
+
+        model = _meta_model(folder)
+        if model is None:
+            return None
+        names = tuple(model.state_dict())
+        config = model.config.to_dict()
+        layers = config_num_layers(config) or 1 + max((i for i in map(layer_index, names) if i is not None), default=-1)
+        architecture = (config.get("architectures") or [type(model).__name__])[0]
+        return cls(architecture, names, layers, tied_names(model, names))
+
     def merged_names(self) -> list[str]:
         """Every stored tensor a merge writes: all but the tied duplicates."""
         return [n for n in self.names if n not in self.tied]
@@ -158,16 +173,21 @@ def tied_names(model: PreTrainedModel, names: Iterable[str], to_model: dict[str,
 def tied_in_config(folder, names: Sequence[str]) -> frozenset[str]:
     """`tied_names` of the model a folder's config.json describes, built on the meta device (no memory, no weights);
     empty when transformers does not know the architecture (it is then merged as stored)."""
+    model = _meta_model(folder)
+    return frozenset() if model is None else tied_names(model, names, model_names(model, names))
+
+
+def _meta_model(folder) -> PreTrainedModel | None:
+    """The causal LM a folder's config.json describes, on the meta device; None if transformers cannot build it."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(str(folder))
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except Exception:  # noqa: BLE001 - unknown or remote-code architectures: nothing known to be tied
-        return frozenset()
-    return tied_names(model, names, model_names(model, names))
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - unknown or remote-code architectures, or no model config at all
+        return None
 
 
 def model_names(model: PreTrainedModel, names: Iterable[str]) -> dict[str, str]:

@@ -97,3 +97,4 @@ def test_search_refuses_a_config_mismatch_unless_the_config_allows_it(arch_famil
     path.write_text(yaml.safe_dump({**config, "allow_config_mismatch": True}))
     assert main(["search", str(path)]) == 0
     assert "allow_config_mismatch: true" in (tmp_path / "runs" / "mismatch" / "config.yaml").read_text()
+    assert main(["audit", str(path)]) == 0  # audit honours the search config's permission too

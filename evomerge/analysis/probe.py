@@ -100,6 +100,7 @@ def probe(
     include_paths: Sequence[str | Path] = (),
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    allow_config_mismatch: bool = False,
 ) -> ProbeReport:
     """Score the probes (see the module docstring); `tasks` are TaskSpecs (or names) with their metric."""
     from evomerge.evaluator import Evaluator
@@ -109,7 +110,7 @@ def probe(
     base = str(base)
     paths = [str(m) for m in models if Path(m).resolve() != Path(base).resolve()]
     keys = model_keys(paths)
-    ev = Evaluator(paths, base, {"probe": list(tasks)}, include_paths, seed=seed)
+    ev = Evaluator(paths, base, {"probe": list(tasks)}, include_paths, seed=seed, allow_config_mismatch=allow_config_mismatch)
     log = log or (lambda _msg: None)
 
     def score() -> dict[str, float]:

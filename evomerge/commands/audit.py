@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--sample {args.sample}: use at least 2 positions per tensor")
     cfg = _probe_config(args) if args.probe else None
     base, models = load_inputs(args.config)
+    args.allow_config_mismatch = args.allow_config_mismatch or _config_allows(args.config)
     if len(models) < 2:
         raise ConfigError(f"{args.config}: audit compares task vectors, so it needs at least two models besides "
                           f"the base (found {len(models)}); list them under `models`")
@@ -111,6 +112,14 @@ def _probe_config(args: argparse.Namespace):
     return load_config(args.config)
 
 
+def _config_allows(path: str) -> bool:
+    """Whether a search config sets `allow_config_mismatch: true` (audit then honours it as the search does)."""
+    from evomerge.io.yamlfile import read_yaml
+
+    raw = read_yaml(path, "file (pass a recipe or search config YAML)")
+    return isinstance(raw, dict) and raw.get("allow_config_mismatch") is True
+
+
 def _probe(cfg, args: argparse.Namespace, show: bool):
     import sys
 
@@ -120,4 +129,5 @@ def _probe(cfg, args: argparse.Namespace, show: bool):
     tasks = [TaskSpec(**{**t.model_dump(), **({"subset": args.probe_subset} if args.probe_subset else {})})
              for t in cfg.tasks.search]  # fmt: skip
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if show else None
-    return probe(cfg.base_model, cfg.models, tasks, cfg.tasks.include_paths, seed=cfg.seed, log=log)
+    return probe(cfg.base_model, cfg.models, tasks, cfg.tasks.include_paths, seed=cfg.seed, log=log,
+                 allow_config_mismatch=args.allow_config_mismatch)

@@ -35,6 +35,8 @@ from evomerge.recipe import Recipe
 from evomerge.tables import markdown_table
 
 if TYPE_CHECKING:
+    from evomerge.merge.layout import Layout
+    from evomerge.merge.plan import Plan
     from evomerge.scoring.tasks import TaskSpec
 
 COPIED_FILES = (*TOKENIZER_FILES, "generation_config.json")  # from the base (tokenizer: `tokenizer_source`)
@@ -121,9 +123,8 @@ def _open(recipe: Recipe, model: str, allow_pickle: bool, source: str | os.PathL
         raise type(exc)(f"{where}field {recipe.field_of(model)}: {exc}") from None
 
 
-
-
-def _planned(recipe: Recipe, checkpoints: Sequence[Checkpoint], layout, source: str | os.PathLike | None):
+def _planned(recipe: Recipe, checkpoints: Sequence[Checkpoint], layout: Layout, source: str | os.PathLike | None) -> Plan:
+    """The recipe planned over the reference checkpoint; errors (a layer range past a model's depth) name the file."""
     from evomerge.merge.materialize import plan_for
 
     try:
@@ -133,7 +134,7 @@ def _planned(recipe: Recipe, checkpoints: Sequence[Checkpoint], layout, source: 
         raise type(exc)(f"{where}{exc}") from None
 
 
-def _out_config(config: dict, plan, by_model: Mapping[str, Checkpoint]) -> dict:
+def _out_config(config: dict, plan: Plan, by_model: Mapping[str, Checkpoint]) -> dict:
     """The reference's config.json; after a `slices:` recipe, with the output's layer count, and per-layer lists
     (`layer_types`) taken from the layer each output layer came from."""
     from evomerge.io.checkpoint import config_field

@@ -16,10 +16,10 @@ A space is YAML (`search_spaces/<name>.yaml`, a path, or a mapping inline in the
 `SearchSpace.to_recipe` turns one point (a trial's params) into a `Recipe`: per-layer groups become mergekit
 gradient lists (length L with a value repeated per group, or length K for control points), kinds become
 filter conditionals. A space is laid over the base model's architecture (`SearchSpace.over`): each kind
-becomes the filter that names it there (`self_attn` is `attn` on GPT-2 and `attention` on GPT-NeoX,
+becomes the filter that names it there (`self_attn` is `attn` on GPT-2 and `.attention.` on GPT-NeoX,
 `merge.layout`), `embeddings` the names of the embeddings and head it stores, and a kind that names no
-tensor of the architecture is refused. `SearchSpace.from_recipe` is its inverse (read through mergekit's own parameter resolver,
-`merge.plan`), so any recipe can be enqueued as a trial. `bounds` are plain numbers; `search.study` turns them
+tensor of the architecture is refused. `SearchSpace.from_recipe` is its inverse (read through mergekit's own
+parameter resolver, `merge.plan`), so any recipe can be enqueued as a trial. `bounds` are plain numbers; `search.study` turns them
 into Optuna distributions.
 """
 from __future__ import annotations
@@ -39,10 +39,8 @@ from evomerge.io.checkpoint import config_num_layers
 from evomerge.merge.methods import RANGES
 
 if TYPE_CHECKING:
-    from evomerge.merge.layout import Layout
-
-if TYPE_CHECKING:
     from evomerge.config import SearchConfig
+    from evomerge.merge.layout import Layout
     from evomerge.recipe import Recipe
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
@@ -351,7 +349,6 @@ class SearchSpace:
                 value = resolved.per_input[path_of[s.model]][s.param] if s.model else resolved.shared[s.param]
             out[s.name] = ps.clip(ps.baseline if value is None else value)
         return out
-
 
     def _embed_tensor(self) -> str:
         if self.layout is None:

@@ -91,11 +91,35 @@ class PostgresServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def stop_orphans(bin_dir: Path, as_user: list[str]) -> None:
+    """Stop the servers of test sessions that were killed before their teardown (their `owner` pid is gone)."""
+    for root in Path(tempfile.gettempdir()).glob("evomerge-pg-*"):
+        try:
+            owner = int((root / "owner").read_text())
+        except (OSError, ValueError):
+            continue
+        if not _alive(owner):
+            subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop"],
+                           capture_output=True, timeout=60)  # fmt: skip
+            shutil.rmtree(root, ignore_errors=True)
+
+
 def start_server() -> PostgresServer:
     """initdb (scram passwords for every connection) and start a server on a free loopback port."""
     bin_dir = find_bin()
     as_user: list[str] = []
     root = Path(tempfile.mkdtemp(prefix="evomerge-pg-"))  # under /tmp: the postgres user can reach it
+    (root / "owner").write_text(str(os.getpid()))
     if os.geteuid() == 0:
         try:
             entry = pwd.getpwnam("postgres")
@@ -105,6 +129,7 @@ def start_server() -> PostgresServer:
         if not shutil.which("runuser"):
             raise RuntimeError("running the server as the `postgres` user needs `runuser` (util-linux)")
         as_user = ["runuser", "-u", "postgres", "--"]
+    stop_orphans(bin_dir, as_user)
     superuser_password = secrets.token_hex(12)
     pwfile = root / "superuser.pw"
     pwfile.write_text(superuser_password + "\n")

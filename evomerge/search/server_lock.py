@@ -66,7 +66,8 @@ class ServerLock:
         from sqlalchemy.pool import NullPool
 
         try:
-            self._engine = create_engine(engine_url(self.url), poolclass=NullPool, isolation_level="AUTOCOMMIT")
+            url = engine_url(self.url)
+            self._engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT", connect_args=self._connect_args(url))
             self._conn = self._engine.connect()
             self._setup()
         except StudyError:
@@ -82,6 +83,9 @@ class ServerLock:
         from sqlalchemy import text
 
         return self._conn.execute(text(sql), params).scalar()
+
+    def _connect_args(self, url: str) -> dict[str, Any]:
+        return {}
 
     def _setup(self) -> None:
         pass
@@ -125,6 +129,12 @@ class ServerLock:
 
 
 class PostgresLock(ServerLock):
+    def _connect_args(self, url: str) -> dict[str, Any]:
+        if url.split("://", 1)[0] not in ("postgresql+psycopg", "postgresql+psycopg2"):
+            return {}  # another driver: its own defaults
+        # libpq's keepalives: the heartbeat notices a dead server or network in ~90 s instead of hanging for minutes
+        return {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 6}
+
     def _setup(self) -> None:
         from sqlalchemy import text
 

@@ -79,12 +79,12 @@ def reveal(url: str) -> str:
 
 
 def password_hint(url: str) -> str:
-    """What to tell a user whose connection failed, where the password may be the reason."""
+    """What to tell a user whose connection failed, where the password may be the reason ('' where it is not)."""
     if url in _known or not is_redacted(url) or os.environ.get(PASSWORD_ENV):
         return ""
     return (
-        f"; run files keep no password: pass the URL with its password to --storage, or set {PASSWORD_ENV} "
-        "(PostgreSQL also reads PGPASSWORD and ~/.pgpass)"
+        f"; run files keep no password: set {PASSWORD_ENV} (PostgreSQL also reads PGPASSWORD and ~/.pgpass), "
+        "or give `evomerge search` the URL with its password in --storage"
     )
 
 

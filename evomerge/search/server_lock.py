@@ -76,7 +76,7 @@ class ServerLock:
             self.close()
             raise StudyError(
                 f"storage {redact(self.url)!r} cannot be opened ({type(err).__name__}: {redact(first_line(err))})"
-                f"{password_hint(self.url)}; fix `storage` or --storage"
+                f"{password_hint(self.url) or '; fix `storage` or --storage'}"
             ) from None
 
     def _scalar(self, sql: str, **params: Any) -> Any:

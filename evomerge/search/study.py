@@ -71,7 +71,7 @@ def get_storage(storage: Any = None):
                 continue
             raise StudyError(
                 f"storage {shown!r} cannot be opened ({type(err).__name__}: {redact(first_line(err))})"
-                f"{password_hint(storage)}; fix `storage` or --storage"
+                f"{password_hint(storage) or '; fix `storage` or --storage'}"
             ) from None
 
 

@@ -20,10 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from evomerge.errors import ConfigError, close_matches, describe_validation
 from evomerge.scoring.tasks import TaskSpec
+from evomerge.storage_url import remember
 
 RUNS_DIR = Path("runs")
 # Fields that may change between runs of one study without making its trials incomparable.
-RUNTIME_FIELDS = ("budget", "workers", "storage", "validation", "refine", "early_stop", "portfolio")
+RUNTIME_FIELDS = ("budget", "workers", "storage", "validation", "refine", "early_stop", "portfolio",
+                  "allow_config_mismatch")
 
 
 class _Strict(BaseModel):
@@ -103,6 +105,11 @@ class WarmStartConfig(_Strict):
 
     study: str
     storage: str
+
+    @field_validator("storage")
+    @classmethod
+    def _no_password(cls, url: str | None) -> str | None:
+        return remember(url)  # the password stays in this process's memory (evomerge.storage_url), never in a dump
 
 
 class SamplerConfig(_Strict):
@@ -188,7 +195,14 @@ class SearchConfig(_Strict):
     early_stop: EarlyStopConfig | None = None
     portfolio: bool = Field(True, description="also score every other method's default merge (evomerge/portfolio.py) "
                             "on the search subsets, as references for the guard, status and export")
+    allow_config_mismatch: bool = Field(False, description="merge models whose config.json differ in shape-defining "
+                                        "fields (hidden size, layers, heads, vocabulary) when their tensors match")
     _source: str = PrivateAttr("search config")  # the file it was loaded from, for error messages
+
+    @field_validator("storage")
+    @classmethod
+    def _no_password(cls, url: str | None) -> str | None:
+        return remember(url)  # the password stays in this process's memory (evomerge.storage_url), never in a dump
 
     @property
     def run_dir(self) -> Path:
@@ -315,7 +329,7 @@ def apply_overrides(
     if n_trials is not None:
         update["budget"] = cfg.budget.model_copy(update={"n_trials": n_trials})
     if storage is not None:
-        update["storage"] = storage
+        update["storage"] = remember(storage)  # model_copy skips validators: mask the password here too
     if workers is not None:
         update["workers"] = cfg.workers.model_copy(update={"count": workers})
     return cfg.model_copy(update=update) if update else cfg

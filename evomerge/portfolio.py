@@ -18,7 +18,7 @@ import yaml
 
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe
-from evomerge.space import SPACES_DIR, SearchSpace, SpaceSpec, load_space_spec, num_layers
+from evomerge.space import SPACES_DIR, SearchSpace, SpaceSpec, load_space_spec
 
 # The methods whose default merges every search is measured against (the overfitting guard validates them beside
 # the searched trials; the report scores them on held-out data), besides the study's own; slerp where it applies.
@@ -61,7 +61,7 @@ def default_recipe(
     if why:
         raise ConfigError(f"method {method!r} {why}; pick another method")
     models = [str(m) for m in models]
-    grid = SearchSpace(spec, num_layers(base))
+    grid = SearchSpace.over(spec, base)
     return grid.to_recipe(grid.defaults(models), models, str(base), method, seed, dtype)
 
 

@@ -29,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("pair", "trio", "quad", "mild")
+VARIANTS = ("pair", "trio", "quad", "steep")
 
 
 def zoo_path(zoo_dir: Path, variant: str) -> Path:

@@ -160,10 +160,13 @@ def test_guard_exports_the_defaults_when_no_searched_trial_beats_them_on_validat
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value, user_attrs=attrs))
     number = {t.user_attrs["baseline"]: t.number for t in st.complete_trials(study)}
 
-    assert [t.number for t in val.finalists(cfg, study)] == [number[searched], number["defaults"]]
+    other = next(label for label in truth if label not in ("defaults", searched))
+    # every baseline is a finalist, in search order after the top_k
+    assert [t.number for t in val.finalists(cfg, study)] == [number[searched], number[other], number["defaults"]]
     write_run_config(cfg)
     out = export_trial(cfg.run_dir, log=None)
-    assert out.trial == number["defaults"]
-    assert Recipe.load(out.recipe).evomerge.extra["validation"]["objective"] == pytest.approx(truth["defaults"])
+    best = max(truth, key=truth.get)
+    assert best != searched and out.trial == number[best]
+    assert Recipe.load(out.recipe).evomerge.extra["validation"]["objective"] == pytest.approx(truth[best])
     # without validation the defaults are not a finalist: the guard, not the ranking, brought them in
     assert [t.number for t in val.finalists(guard_config(tiny_zoo), study)] == [number[searched]]

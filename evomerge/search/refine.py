@@ -20,6 +20,7 @@ passthrough) and tasks whose answers cannot be scored by likelihood are refused 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -57,8 +58,10 @@ def check_refinable(scorer, method: str) -> None:
                           "refine needs loglikelihood, multiple_choice or generate_until tasks")  # fmt: skip
 
 
-def training_items(scorer, lm) -> list[Item]:
-    """The search subsets' examples as token ids, built with lm-eval's own requests and HFLM's tokenisation."""
+def training_items(scorer, lm, examples: int | None = None) -> list[Item]:
+    """The search tasks' examples as token ids, built with lm-eval's own requests and HFLM's tokenisation: each
+    task's search subset, or with `examples`, up to that many of the task's examples (its whole search split, in a
+    seeded order), so the gradient sees more than the sampler scores."""
     items: list[Item] = []
     unsupported = []
     for spec in scorer.specs:
@@ -69,8 +72,13 @@ def training_items(scorer, lm) -> list[Item]:
             if kind not in ("loglikelihood", "multiple_choice", "generate_until"):
                 unsupported.append(f"{leaf} ({kind})")
                 continue
-            samples = scorer.subsets.get(leaf)
-            docs = [doc for i, doc in enumerate(task.eval_docs) if samples is None or i in set(samples)]
+            if examples is None:
+                chosen = set(scorer.indices(leaf))
+            else:
+                order = list(range(len(task.eval_docs)))
+                random.Random(f"{scorer.seed}:{leaf}:refine").shuffle(order)
+                chosen = set(order[:examples])
+            docs = [doc for i, doc in enumerate(task.eval_docs) if i in chosen]
             share = spec.weight / len(leaves) / max(len(docs), 1)
             for doc in docs:
                 items.append(_item(task, doc, kind, leaf, share, lm))
@@ -155,7 +163,8 @@ def item_loss(batch: _Batch, loglik: torch.Tensor) -> torch.Tensor:
 class Refiner:
     """The differentiable surrogate of one space's recipes over loaded inputs (see the module docstring)."""
 
-    def __init__(self, materializer, scorer, space, models: Sequence[Any], base: Any, method: str):
+    def __init__(self, materializer, scorer, space, models: Sequence[Any], base: Any, method: str,
+                 examples: int | None = None):  # fmt: skip
         check_refinable(scorer, method)
         self.mat, self.scorer, self.space = materializer, scorer, space
         self.models, self.base, self.method = [str(m) for m in models], str(base), method
@@ -163,7 +172,7 @@ class Refiner:
         if not self.slots:
             raise ConfigError(f"refine: search space {space.spec.name!r} searches no weight or lambda to refine")
         lm = scorer.wrap(materializer.model, materializer.tokenizer)
-        self.items = training_items(scorer, lm)
+        self.items = training_items(scorer, lm, examples)
         tok = materializer.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.batch = _Batch(self.items, pad, lm.max_length)

@@ -32,6 +32,24 @@ def tiny_zoo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (tests/pg_server.py), stopped at the end, failures included."""
+    from pg_server import start_server
+
+    server = start_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres) -> str:
+    """The URL (with the `evomerge` role's password) of a fresh database on the session's server."""
+    return postgres.url(postgres.database())
+
+
+@pytest.fixture(scope="session")
 def evomerge_wheel(tmp_path_factory) -> Path:
     """The wheel `pip wheel` builds from this tree (tests/installed.py)."""
     from installed import build_wheel

@@ -19,7 +19,7 @@ import pytest
 
 import evomerge
 from evomerge.config import parse_config
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, ModelError
 from evomerge.search import study as st
 from evomerge.search.driver import run_search
 from evomerge.search.workers import WorkerPool
@@ -68,6 +68,10 @@ def ray_cluster(tmp_path_factory, installed_evomerge):
         "--temp-dir", str(temp), "--object-store-memory", str(100 * 2**20), "--dashboard-port", str(free_port()),
         "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
     ]  # fmt: skip
+    # Ray's token authentication, as on a real cluster: the head and every client use ~/.ray/auth_token (made here
+    # if missing, as any local `ray.init()` makes it) with RAY_AUTH_MODE=token
+    subprocess.run([str(python), "-m", "ray.scripts.scripts", "get-auth-token", "--generate"], check=True,
+                   capture_output=True, env=clean_env(), timeout=120)  # fmt: skip
     log = temp / "ray_start.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
@@ -151,6 +155,16 @@ def test_a_cluster_worker_with_another_evomerge_version_is_refused(tmp_path, tin
     monkeypatch.setattr(evomerge, "__version__", "0.0.1+driver")
     cfg = config(tiny_zoo, workers={"count": 1, "num_cpus": 1, "address": ray_cluster["address"]})
     with pytest.raises(ConfigError, match=r"runs evomerge 0\.1\.0 .* but the driver runs 0\.0\.1\+driver; install"):
+        WorkerPool(cfg)
+
+
+def test_a_cluster_node_without_the_models_is_a_user_error_naming_the_path(tmp_path, tiny_zoo, monkeypatch, ray_cluster):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    missing = tmp_path / "not-on-this-node" / "add"
+    cfg = config(tiny_zoo, workers={"count": 1, "num_cpus": 1, "address": ray_cluster["address"]})
+    cfg = cfg.model_copy(update={"models": [missing, tiny_zoo / "reverse"]})
+    with pytest.raises(ModelError, match=f"{missing}: model folder"):
         WorkerPool(cfg)
 
 

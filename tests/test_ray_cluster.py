@@ -5,6 +5,7 @@ worker with another evomerge version refused, and a worker SIGKILLed mid-trial w
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -152,9 +153,10 @@ def test_a_search_on_a_ray_cluster_runs_two_workers_each_one_trial_at_a_time(tmp
 def test_a_cluster_worker_with_another_evomerge_version_is_refused(tmp_path, tiny_zoo, monkeypatch, ray_cluster):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    installed = evomerge.__version__  # the node's (the wheel built from this tree)
     monkeypatch.setattr(evomerge, "__version__", "0.0.1+driver")
     cfg = config(tiny_zoo, workers={"count": 1, "num_cpus": 1, "address": ray_cluster["address"]})
-    with pytest.raises(ConfigError, match=r"runs evomerge 0\.1\.0 .* but the driver runs 0\.0\.1\+driver; install"):
+    with pytest.raises(ConfigError, match=rf"runs evomerge {re.escape(installed)} .* but the driver runs 0\.0\.1\+driver; install"):
         WorkerPool(cfg)
 
 

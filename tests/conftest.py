@@ -50,6 +50,23 @@ def pg_url(postgres) -> str:
 
 
 @pytest.fixture(scope="session")
+def arch_family(tmp_path_factory):
+    """`arch_family("gpt2")` -> {"base", "a", "b"}: a tiny random checkpoint of a real architecture and two noisy
+    fine-tunes of it (tests/archs.py), built once per session on first use."""
+    from archs import build_family
+
+    root = tmp_path_factory.mktemp("archs")
+    built: dict[str, dict[str, Path]] = {}
+
+    def get(arch: str) -> dict[str, Path]:
+        if arch not in built:
+            built[arch] = build_family(arch, root)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def evomerge_wheel(tmp_path_factory) -> Path:
     """The wheel `pip wheel` builds from this tree (tests/installed.py)."""
     from installed import build_wheel

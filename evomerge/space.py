@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
 SPACES_DIR = SEARCH_SPACES  # the shipped spaces, inside the installed package
 PER_MODEL = frozenset({"weight", "density", "gamma", "epsilon"})  # one value per merged model
+PROJECTIONS = "projections"  # `kinds: [projections]`: every weight matrix of a layer apart (Layout.projections)
+LLAMA_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                     "mlp.up_proj", "mlp.down_proj")  # where a space is not laid over a model
 REST = "rest"  # with `kinds`: the tensors no kind matches (norms), one value per model across the layers
 EMBED_FILTERS = ("embed_tokens", "lm_head")  # Llama-style names, where a space is not laid over a model
 
@@ -216,6 +219,9 @@ class SearchSpace:
     `over` builds both from a model folder)."""
 
     def __init__(self, spec: SpaceSpec, num_layers: int, layout: Layout | None = None):
+        if list(spec.kinds) == [PROJECTIONS]:
+            kinds = layout.projections() if layout is not None else list(LLAMA_PROJECTIONS)
+            spec = spec.model_copy(update={"kinds": kinds})
         self.spec = resolve(spec, num_layers)
         self.num_layers = num_layers
         self.layout = layout

@@ -225,3 +225,14 @@ def test_default_recipes_come_from_the_search_space_defaults(tiny_zoo):
         default_recipe("slerp", tiny_zoo / "base", two)
     with pytest.raises(ConfigError, match="no search space"):
         space_for("model_stock")
+
+
+@pytest.mark.parametrize(("evolved", "default", "floor_name"), [(0.65, 0.6, "ties (defaults)"), (0.65, 0.5, "x"), (0.5, 0.5, "x")])
+def test_the_room_is_measured_from_the_better_of_every_default_and_every_source(evolved, default, floor_name):
+    c = _comparison(evolved, default)
+    v = c.verdict()
+    floor = max(default, 0.55)  # the best source, x, averages 0.55; the oracle 0.75
+    assert v.floor.name == floor_name and v.floor.mean == pytest.approx(floor)
+    assert v.room == pytest.approx(0.75 - floor)
+    assert v.room_share == pytest.approx((evolved - floor) / (0.75 - floor))
+    assert f"it captures {v.room_share * 100:.0f}%" in statement(v, "acc")

@@ -8,6 +8,7 @@ import pytest
 
 from evomerge.merge.plan import Plan
 from evomerge.recipe import Recipe
+from evomerge.errors import ConfigError
 from evomerge.space import SearchSpace, SpaceSpec, load_space_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,3 +140,47 @@ def test_layer_groups_reach_the_merged_weights(tiny_zoo):
     for layer, source in [(0, add), (1, add), (2, rev), (3, rev)]:
         name = f"model.layers.{layer}.mlp.up_proj.weight"
         torch.testing.assert_close(merged[name], source[name], rtol=0, atol=1e-6)
+
+
+def test_auto_groups_follow_the_model_depth():
+    spec = load_space_spec("task_arithmetic")
+    assert spec.layers_per_group == "auto"
+    shallow = SearchSpace(spec, num_layers=6)
+    assert shallow.spec.layers_per_group == 1 and shallow.n_groups == 6 and not shallow.spec.control_points
+    deep = SearchSpace(spec, num_layers=32)
+    assert deep.spec.control_points == 8 and deep.n_groups == 8  # one point per 4 layers, 4 to 8 of them
+    assert SearchSpace(spec, num_layers=12).spec.control_points == 4
+    with pytest.raises(ConfigError, match="layers_per_group"):
+        load_space_spec({"methods": ["ties"], "layers_per_group": "all", "parameters": {"weight": {"low": 0, "high": 1}}})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
+def test_projections_are_each_layer_matrix_of_the_architecture(arch_family, arch):
+    """`kinds: [projections]` gives every weight matrix of a layer its own value, named as the architecture names it;
+    norms (and biases with their matrix) follow, nothing is left to the `rest` value but the norms."""
+    from evomerge.merge.plan import Plan
+
+    paths = arch_family(arch)
+    spec = load_space_spec("task_arithmetic")
+    assert spec.kinds == ["projections"]
+    space = SearchSpace.over(spec, paths["base"])
+    expected = {"llama": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                          "mlp.up_proj", "mlp.down_proj"},
+                "gpt2": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
+                "phi3": {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"}}[arch]  # fmt: skip
+    assert set(space.spec.kinds) == expected
+    models = [str(paths["a"]), str(paths["b"])]
+    point = {name: 0.01 * i for i, name in enumerate(space.bounds(models))}
+    recipe = space.to_recipe(point, models, str(paths["base"]), "task_arithmetic", seed=0)
+    plan = Plan(recipe, num_layers=space.num_layers)
+    from evomerge.io.checkpoint import Checkpoint
+
+    names = Checkpoint(paths["base"]).tensor_names()
+    for name in names:
+        got = plan.resolve(name).per_input[str(paths["a"])]["weight"]
+        kinds = [k for k in space.spec.kinds if k in name]
+        assert len(kinds) <= 1, f"{name} matches {kinds}"
+        if kinds:
+            layer = int(name.split(".h.")[1].split(".")[0]) if ".h." in name else int(name.split("layers.")[1].split(".")[0])
+            slot = f"weight.a.{kinds[0]}.g{layer}"
+            assert got == pytest.approx(point[slot]), name

@@ -161,3 +161,16 @@ def test_distilled_replay_keeps_the_base_where_answer_replay_teaches(tmp_path):
         return float((logp["base"].exp() * (logp["base"] - logp["reverse"])).sum(-1).mean())
 
     assert drift(build(kl=True)) < 0.5 * drift(build(kl=False))
+
+
+def test_zoo_build_takes_a_variant_and_its_overrides(tmp_path, capsys):
+    from evomerge.cli import main
+
+    out = tmp_path / "z"
+    assert main(["zoo", "build", "--variant", "tiny", "--skills", "add,dup", "--steps", "3", "--layers", "2", "--out", str(out)]) == 0
+    manifest = json.loads((out / "zoo.json").read_text())
+    assert manifest["variant"] == "tiny" and list(manifest["specialists"]) == ["add", "dup"]
+    assert manifest["shape"]["layers"] == 2 and {t["steps"] for t in manifest["training"].values()} == {3}
+    assert "zoo tiny written to" in capsys.readouterr().out
+    assert main(["zoo", "build", "--variant", "tiny", "--size", "tiny", "--out", str(tmp_path / "y")]) == 2
+    assert "--size is the older name of --variant" in capsys.readouterr().err and not (tmp_path / "y").exists()

@@ -120,6 +120,20 @@ class Layout:
                     return form
         return None
 
+    def projections(self) -> list[str]:
+        """Each weight matrix of a decoder layer by its name inside the layer, norms left out: `self_attn.q_proj`,
+        ..., `mlp.down_proj` (Llama); `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj` (GPT-2). Each is a filter
+        that matches that matrix (and its bias) in every layer and nothing else."""
+        out: list[str] = []
+        for name in self.layer_names(0):
+            if _is_norm(name):
+                continue
+            role = name[LAYER_RE.search(name).end():]  # type: ignore[union-attr]
+            role = re.sub(r"\.(weight|bias)$", "", role)
+            if role not in out:
+                out.append(role)
+        return out
+
     def embedding_filters(self) -> list[str]:
         """Filter substrings of the embeddings and head this checkpoint stores (tied duplicates left out)."""
         outside = [n for n in self.merged_names() if layer_index(n) is None]

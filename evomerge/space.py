@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 PER_MODEL = frozenset({"weight", "density", "gamma", "epsilon"})  # one value per merged model
 EMBED_FILTERS = ("embed_tokens", "lm_head")
+SIGNIFICANT = 4  # digits a recipe keeps of each searched number
 
 
 class ParamSpec(BaseModel):
@@ -288,7 +289,9 @@ class SearchSpace:
         missing = [s.name for s in self.slots(models) if s.name not in params]
         if missing:
             raise ConfigError(f"search space {self.spec.name!r}: point lacks {', '.join(missing[:3])}; pass every searched parameter")
-        values = {k: float(v) for k, v in params.items()}
+        # 4 significant digits: far finer than any score can tell apart, and the recipe that is scored, exported
+        # and shown stays readable (the sampler's own unrounded value stays in the study)
+        values = {k: float(f"{float(v):.{SIGNIFICANT}g}") for k, v in params.items()}
         keys = model_keys(models)
         entries = [{"model": str(base)}] if self.spec.base_in_models else []
         for key, path in zip(keys, models):

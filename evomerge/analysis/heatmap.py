@@ -6,13 +6,16 @@ from pathlib import Path
 
 from evomerge.analysis.audit import KINDS, AuditReport
 
-# metric -> (panel title, colormap, fixed range or None for the data's own range)
+# metric -> (panel title, colormap, centre or None). A centred panel is a diverging scale around what unrelated
+# task vectors give (cosine and rank correlation 0, sign conflict 0.5), as wide as the data's largest distance from
+# it: on real models every value lies close to the centre, and a fixed -1..1 or 0..max scale shows one flat colour.
 PANELS = {
-    "cosine": ("cosine similarity", "RdBu", (-1.0, 1.0)),
-    "spearman": ("Spearman rank corr.", "RdBu", (-1.0, 1.0)),
-    "conflict": ("sign-conflict rate", "Reds", None),
+    "cosine": ("cosine similarity\n(0 = unrelated)", "RdBu_r", 0.0),
+    "spearman": ("Spearman rank corr.\n(0 = unrelated)", "RdBu_r", 0.0),
+    "conflict": ("sign-conflict rate\n(0.5 = unrelated)", "RdBu_r", 0.5),
     "magnitude": ("||delta|| / ||base||", "viridis", None),
 }
+MIN_HALF_WIDTH = 0.02  # a centred scale spans at least centre +/- this (identical models: all at the centre)
 
 
 def _grid(report: AuditReport, metric: str) -> list[list[float]]:
@@ -40,11 +43,12 @@ def plot_audit(report: AuditReport, out: Path | str) -> Path:
     annotate = n <= 40
     height = max(3.5, 0.28 * n + 1.8)
     fig, axes = plt.subplots(1, len(PANELS), figsize=(3.3 * len(PANELS) + 1.2, height), constrained_layout=True)
-    for ax, (metric, (title, cmap_name, fixed)) in zip(axes, PANELS.items()):
+    for ax, (metric, (title, cmap_name, centre)) in zip(axes, PANELS.items()):
         data = np.array(_grid(report, metric), dtype=float)
         finite = data[np.isfinite(data)]
-        if fixed:
-            vmin, vmax = fixed
+        if centre is not None:
+            half = max(float(np.abs(finite - centre).max()) if finite.size else 0.0, MIN_HALF_WIDTH)
+            vmin, vmax = centre - half, centre + half
         else:
             vmin = 0.0
             vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
@@ -64,9 +68,7 @@ def plot_audit(report: AuditReport, out: Path | str) -> Path:
                     v = data[y, x]
                     if math.isfinite(v):
                         frac = (v - vmin) / (vmax - vmin) if vmax > vmin else 0.5
-                        dark = frac > 0.75 or frac < 0.25 if cmap_name == "RdBu" else frac > 0.6
-                        if cmap_name == "viridis":
-                            dark = frac < 0.5
+                        dark = frac > 0.75 or frac < 0.25 if centre is not None else frac < 0.5  # viridis: dark low
                         ax.text(x, y, f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.0e}", ha="center",
                                 va="center", fontsize=7, color="white" if dark else "black")
     pair = " vs ".join(report.models)

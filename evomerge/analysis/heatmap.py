@@ -7,8 +7,10 @@ from pathlib import Path
 from evomerge.analysis.audit import KINDS, AuditReport
 
 # metric -> (panel title, colormap, centre or None). A centred panel is a diverging scale around what unrelated
-# task vectors give (cosine and rank correlation 0, sign conflict 0.5), as wide as the data's largest distance from
-# it: on real models every value lies close to the centre, and a fixed -1..1 or 0..max scale shows one flat colour.
+# task vectors give (cosine and rank correlation 0, sign conflict 0.5), as wide as the layers' largest distance from
+# it: on real models the layers lie close to the centre, and a fixed -1..1 or 0..max scale (or one stretched by
+# the final norm's near-identical deltas) shows one flat colour. Cells beyond the scale take its end colour and
+# keep their value as text.
 PANELS = {
     "cosine": ("cosine similarity\n(0 = unrelated)", "RdBu_r", 0.0),
     "spearman": ("Spearman rank corr.\n(0 = unrelated)", "RdBu_r", 0.0),
@@ -46,8 +48,10 @@ def plot_audit(report: AuditReport, out: Path | str) -> Path:
     for ax, (metric, (title, cmap_name, centre)) in zip(axes, PANELS.items()):
         data = np.array(_grid(report, metric), dtype=float)
         finite = data[np.isfinite(data)]
+        layers = data[[i for i, r in enumerate(rows) if r.startswith("layer ")]]
+        scale = layers[np.isfinite(layers)] if np.isfinite(layers).any() else finite
         if centre is not None:
-            half = max(float(np.abs(finite - centre).max()) if finite.size else 0.0, MIN_HALF_WIDTH)
+            half = max(float(np.abs(scale - centre).max()) if scale.size else 0.0, MIN_HALF_WIDTH)
             vmin, vmax = centre - half, centre + half
         else:
             vmin = 0.0
@@ -61,7 +65,8 @@ def plot_audit(report: AuditReport, out: Path | str) -> Path:
         ax.set_xlabel("tensor kind", fontsize=9)
         if ax is axes[0]:
             ax.set_ylabel("layer", fontsize=9)
-        fig.colorbar(im, ax=ax, shrink=0.9 if n > 10 else 1.0, pad=0.02)
+        beyond = finite.size and (finite.min() < vmin or finite.max() > vmax)
+        fig.colorbar(im, ax=ax, shrink=0.9 if n > 10 else 1.0, pad=0.02, extend="both" if beyond else "neither")
         if annotate:
             for y in range(n):
                 for x in range(len(KINDS)):

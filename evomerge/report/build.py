@@ -46,7 +46,7 @@ def draw_figures(cfg, study, done, comparison: Comparison, out_dir: Path) -> dic
     best = next(t for t in done if t.number == comparison.best_trial)
     space = space_of(cfg)
     if best.params and space.slots(cfg.models):
-        title = f"Exported recipe (trial {best.number}, {cfg.method}): its values; colour = position in each range"
+        title = f"Exported recipe (trial {best.number}, {cfg.method})\ncell: its value; colour: position in the row's range"
         caption = f"Best recipe parameters (trial {best.number})"
         figures[caption] = params_png(space, cfg.models, best.params, out_dir / "best_params.png", title)
     figures["Held-out scores per task"] = scores_png(comparison, out_dir / "scores.png")

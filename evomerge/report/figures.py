@@ -46,7 +46,7 @@ def history_png(
 ) -> Path:
     """Score per COMPLETE trial, the enqueued baselines told apart (the default merge, each model alone), the
     exported trial ringed, and the best-so-far line."""
-    fig = _figure(7.5, 4.2)
+    fig = _figure(9.0, 4.2)
     ax = fig.add_subplot()
     points = sorted(points, key=lambda p: p.number)
     sampled = [p for p in points if not p.baseline]
@@ -74,7 +74,7 @@ def history_png(
     ax.set_ylabel(objective_label)
     ax.set_title(f"Optimization history ({len(points)} complete trials)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)  # outside: it would hide trials
     return _save(fig, out)
 
 

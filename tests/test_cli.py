@@ -103,3 +103,21 @@ def test_demo_searches_the_zoo_it_is_given(tiny_zoo, tmp_path, monkeypatch):
     recipe = yaml.safe_load((tmp_path / "runs" / "demo" / "best" / "recipe.yaml").read_text())
     assert recipe["base_model"] == str((zoo / "base").resolve())
     assert "## Held-out scores" in (tmp_path / "runs" / "demo" / "best" / "model" / "README.md").read_text()
+
+
+def test_no_install_or_build_noise(tmp_path, capfd):
+    """pyproject's license is an SPDX string (setuptools >= 77 warns three times per install otherwise), and saving
+    a zoo checkpoint draws no 'Writing model shards' bar."""
+    import tomllib
+
+    from evomerge.zoo.build import SIZES, _save
+    from evomerge.zoo.tokenizer import build_tokenizer
+    from evomerge.zoo.train import make_model
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    assert any(r.replace(" ", "").startswith("setuptools>=77") for r in project["build-system"]["requires"])
+    tokenizer = build_tokenizer()
+    capfd.readouterr()
+    _save(make_model(SIZES["tiny"].shape, tokenizer, 0), tokenizer, tmp_path / "m")
+    assert "Writing model shards" not in capfd.readouterr().err and (tmp_path / "m" / "model.safetensors").is_file()

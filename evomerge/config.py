@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from evomerge.errors import ConfigError, close_matches, describe_validation
 from evomerge.scoring.tasks import TaskSpec
+from evomerge.storage_url import remember
 
 RUNS_DIR = Path("runs")
 # Fields that may change between runs of one study without making its trials incomparable.
@@ -100,6 +101,11 @@ class WarmStartConfig(_Strict):
     study: str
     storage: str
 
+    @field_validator("storage")
+    @classmethod
+    def _no_password(cls, url: str | None) -> str | None:
+        return remember(url)  # the password stays in this process's memory (evomerge.storage_url), never in a dump
+
 
 class SamplerConfig(_Strict):
     name: str = "cmaes"
@@ -148,6 +154,11 @@ class SearchConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     validation: ValidationConfig | None = None
     _source: str = PrivateAttr("search config")  # the file it was loaded from, for error messages
+
+    @field_validator("storage")
+    @classmethod
+    def _no_password(cls, url: str | None) -> str | None:
+        return remember(url)  # the password stays in this process's memory (evomerge.storage_url), never in a dump
 
     @property
     def run_dir(self) -> Path:
@@ -269,7 +280,7 @@ def apply_overrides(
     if n_trials is not None:
         update["budget"] = cfg.budget.model_copy(update={"n_trials": n_trials})
     if storage is not None:
-        update["storage"] = storage
+        update["storage"] = remember(storage)  # model_copy skips validators: mask the password here too
     if workers is not None:
         update["workers"] = cfg.workers.model_copy(update={"count": workers})
     return cfg.model_copy(update=update) if update else cfg

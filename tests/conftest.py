@@ -29,3 +29,21 @@ def tiny_zoo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zoo") / "tiny"
     build_zoo(out, seed=0, size="tiny", log=None)
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (tests/pg_server.py), stopped at the end, failures included."""
+    from pg_server import start_server
+
+    server = start_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres) -> str:
+    """The URL (with the `evomerge` role's password) of a fresh database on the session's server."""
+    return postgres.url(postgres.database())

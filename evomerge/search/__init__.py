@@ -6,7 +6,7 @@
 
 - `study`: the one module that imports Optuna: storage, create or resume a study, samplers by name, warm
   start, ask/tell bookkeeping, stale trials, best trial and Pareto front.
-- `lock`: one driver per study.
+- `lock`: one driver per study (`server_lock`: its PostgreSQL advisory lock / MySQL GET_LOCK).
 - `workers`: the one module that imports Ray: pools of candidate evaluators (`evomerge.evaluator`).
 - `driver`: the loop (ask, submit, tell), its progress bar and failure policy.
 - `guard`: the overfitting guard, and THE exported trial (`exported_trial`).

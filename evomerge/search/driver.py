@@ -215,9 +215,9 @@ def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResu
                         f"study {cfg.name!r}: the last {failures} trials failed (last: {res.error}); "
                         f"see `evomerge status {cfg.run_dir}`"
                     )
+            lock.check()  # its heartbeat thread found the study taken over: stop (in-flight trials are enqueued again)
             if time.monotonic() - last_beat > st.HEARTBEAT_S:
                 st.heartbeat(job.trial for job in in_flight.values())
-                lock.beat()
                 last_beat = time.monotonic()
         result.stop = "budget" if n_complete >= n_trials else "timeout"
     finally:

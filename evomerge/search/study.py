@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge.config import SAMPLERS, check_sampler
 from evomerge.errors import ConfigError, StudyError, first_line
-from evomerge.search.lock import GRACE_S, driver_alive, driver_id
+from evomerge.search.lock import GRACE_S, HEARTBEAT_S, driver_alive, driver_id
+from evomerge.storage_url import engine_url, password_hint, redact
 
 if TYPE_CHECKING:
     import optuna
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from evomerge.config import SearchConfig
     from evomerge.space import SearchSpace
 
-HEARTBEAT_S = 60.0  # how often a driver stamps its in-flight trials
 SQLITE_TIMEOUT_S = 60  # concurrent writers wait for the lock instead of failing
 SEPARABLE_DIM = 40  # above this many searched parameters, CMA-ES adapts a diagonal covariance only
 
@@ -44,27 +44,34 @@ def _sqlite_connect(path: str):
 
 
 def get_storage(storage: Any = None):
-    """None -> in-memory; an RDB URL -> RDBStorage (sqlite waits on locks); a storage object -> itself."""
+    """None -> in-memory; an RDB URL -> RDBStorage (sqlite waits on locks); a storage object -> itself.
+
+    A URL may be redacted (`user:***@`): `storage_url.engine_url` puts the password back, and no message shows it."""
     import optuna
 
     if storage is None:
         return optuna.storages.InMemoryStorage()
     if not isinstance(storage, str):
         return storage
+    shown = redact(storage)
+    url = engine_url(storage)  # the driver is installed, or a StudyError says what to install
     kwargs: dict[str, Any] = {}
-    if storage.startswith("sqlite:///"):
-        db = Path(storage.removeprefix("sqlite:///"))
+    if url.startswith("sqlite:///"):
+        db = Path(url.removeprefix("sqlite:///"))
         db.parent.mkdir(parents=True, exist_ok=True)
         kwargs["engine_kwargs"] = {"creator": functools.partial(_sqlite_connect, str(db))}
+    else:  # a server may drop idle pooled connections during a long search; test them before use
+        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
     for attempt in range(3):
         try:
-            return optuna.storages.RDBStorage(storage, **kwargs)
+            return optuna.storages.RDBStorage(url, **kwargs)
         except Exception as err:  # sqlalchemy raises many kinds for a bad URL or an unreachable server
             if "already exists" in str(err) and attempt < 2:  # another process is creating the tables right now
                 time.sleep(0.5)
                 continue
             raise StudyError(
-                f"storage {storage!r} cannot be opened ({type(err).__name__}: {first_line(err)}); fix `storage` or --storage"
+                f"storage {shown!r} cannot be opened ({type(err).__name__}: {redact(first_line(err))})"
+                f"{password_hint(storage) or '; fix `storage` or --storage'}"
             ) from None
 
 

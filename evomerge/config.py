@@ -24,7 +24,7 @@ from evomerge.storage_url import remember
 
 RUNS_DIR = Path("runs")
 # Fields that may change between runs of one study without making its trials incomparable.
-RUNTIME_FIELDS = ("budget", "workers", "storage", "validation")
+RUNTIME_FIELDS = ("budget", "workers", "storage", "validation", "allow_config_mismatch")
 
 
 class _Strict(BaseModel):
@@ -153,6 +153,8 @@ class SearchConfig(_Strict):
     seed: int = 0
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     validation: ValidationConfig | None = None
+    allow_config_mismatch: bool = Field(False, description="merge models whose config.json differ in shape-defining "
+                                        "fields (hidden size, layers, heads, vocabulary) when their tensors match")
     _source: str = PrivateAttr("search config")  # the file it was loaded from, for error messages
 
     @field_validator("storage")

@@ -95,6 +95,7 @@ class Evaluator:
         device: str = "cpu",
         batch_size: int = 64,
         include_defaults: bool = False,
+        allow_config_mismatch: bool = False,
     ):
         from evomerge.merge.materialize import Materializer
 
@@ -107,13 +108,15 @@ class Evaluator:
             for name, specs in task_sets.items()
         }
         self.materializer: Materializer = Materializer([str(m) for m in models], None if base_model is None else str(base_model),
-                                                       dtype=dtype, device=device)  # fmt: skip
+                                                       dtype=dtype, device=device,
+                                                       allow_config_mismatch=allow_config_mismatch)  # fmt: skip
 
     @classmethod
     def for_config(cls, cfg: SearchConfig, task_sets: Mapping[str, Sequence[TaskSpec]], device: str = "cpu") -> Evaluator:
         """The config's inputs, dtype, task folders and subset seed, with the given task sets."""
         return cls(cfg.models, cfg.base_model, task_sets, cfg.tasks.include_paths, seed=cfg.seed, dtype=cfg.dtype,
-                   device=device, include_defaults=cfg.tasks.include_defaults)  # fmt: skip
+                   device=device, include_defaults=cfg.tasks.include_defaults,
+                   allow_config_mismatch=cfg.allow_config_mismatch)  # fmt: skip
 
     # -- the resident model ----------------------------------------------------------------------
     @property

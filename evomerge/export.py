@@ -17,12 +17,13 @@ weights are the ones the trial was scored with. Which trial: `search.guard.expor
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from evomerge.errors import ConfigError, EvomergeError, StudyError
 from evomerge.io.atomic import atomic_dir, check_replaceable
@@ -31,7 +32,12 @@ from evomerge.io.digest import file_sha256
 from evomerge.io.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from evomerge.recipe import Recipe
 
+if TYPE_CHECKING:
+    from evomerge.merge.layout import Layout
+    from evomerge.merge.plan import Plan
+
 COPIED_FILES = (*TOKENIZER_FILES, "generation_config.json")  # from the base (tokenizer: `tokenizer_source`)
+PER_LAYER_FIELDS = ("layer_types",)  # config.json lists with one entry per decoder layer (Qwen2, Gemma 2/3, ...)
 
 
 def export_recipe(
@@ -45,6 +51,7 @@ def export_recipe(
     extra_files: Mapping[str, str | Callable[[Recipe], str]] | None = None,
     names: Mapping[str, str] | None = None,
     log: Callable[[str], None] | None = None,
+    allow_config_mismatch: bool = False,
 ) -> Path:
     """Merge `recipe` to `out_dir` (HF folder + recipe.yaml with provenance); returns `out_dir`.
 
@@ -53,9 +60,12 @@ def export_recipe(
     `extra_files` ({name: text}, e.g. a model card; or {name: function of the written recipe, less its
     `outputs`}) are written inside the same atomic swap and recorded. `names` ({input path: published name,
     e.g. a Hub id}) renames inputs in the written recipe; its provenance keeps each input's sha256 under the
-    new name.
+    new name. `allow_config_mismatch`: merge models whose config.json differ in shape-defining fields when
+    their tensors match. A tied output head stored next to its embeddings is merged once, as the embeddings,
+    and not written.
     """
     from evomerge import __version__
+    from evomerge.merge.layout import Layout
     from evomerge.merge.materialize import merged_tensors
 
     out_dir = Path(out_dir)
@@ -65,7 +75,10 @@ def export_recipe(
     inputs = recipe.input_models()
     checkpoints = [_open(recipe, m, allow_pickle, source) for m in inputs]
     ref = checkpoints[inputs.index(recipe.base_model)] if recipe.base_model else checkpoints[0]
-    check_compatible([ref] + [c for c in checkpoints if c is not ref])  # mismatches named against the base
+    # mismatches named against the base; a slices: recipe may take layer ranges from models of other depths
+    check_compatible([ref] + [c for c in checkpoints if c is not ref], allow_config_mismatch=allow_config_mismatch,
+                     layers=recipe.slices is None)  # fmt: skip
+    plan = _planned(recipe, checkpoints, Layout.of(ref, tied=True), source)
     recipe = recipe.with_provenance(
         version=__version__, inputs={m: c.sha256() for m, c in zip(inputs, checkpoints)}, outputs={}
     )
@@ -73,17 +86,17 @@ def export_recipe(
     published = _renamed(recipe, names) if names else recipe  # what recipe.yaml (and a card) say
 
     with atomic_dir(out_dir) as tmp:
-        writer = ShardWriter(tmp, [(n, ref.shape(n)) for n in ref.tensor_names()], shard_bytes)
+        by_model = dict(zip(inputs, checkpoints))
+        shapes = [(job.name, by_model[job.inputs[0]].shape(job.sources[0])) for job in plan.jobs()]
+        writer = ShardWriter(tmp, shapes, shard_bytes)
         out_dtype = None
-        for name, tensor in merged_tensors(recipe, checkpoints):
+        for name, tensor in merged_tensors(recipe, checkpoints, plan=plan, release=True):
             writer.add(name, tensor)
             if tensor.is_floating_point():
                 out_dtype = out_dtype or str(tensor.dtype).removeprefix("torch.")
             del tensor
-            for ckpt in checkpoints:  # done with this tensor's input pages: drop them from our memory
-                ckpt.release(name)
         shards = writer.finish()
-        config = dict(ref.config)
+        config = _out_config(ref.config, plan, by_model)
         if out_dtype:
             config["dtype"] = out_dtype
             config.pop("torch_dtype", None)
@@ -139,6 +152,38 @@ def _renamed(recipe: Recipe, names: Mapping[str, str]) -> Recipe:
         renamed = renamed.with_provenance(inputs={rename(m): d for m, d in recipe.evomerge.inputs.items()})
     return renamed
 
+
+def _planned(recipe: Recipe, checkpoints: Sequence[Checkpoint], layout: Layout, source: str | os.PathLike | None) -> Plan:
+    """The recipe planned over the reference checkpoint; errors (a layer range past a model's depth) name the file."""
+    from evomerge.merge.materialize import plan_for
+
+    try:
+        return plan_for(recipe, checkpoints, layout)
+    except EvomergeError as exc:
+        where = f"{source}: " if source is not None else ""
+        raise type(exc)(f"{where}{exc}") from None
+
+
+def _out_config(config: dict, plan: Plan, by_model: Mapping[str, Checkpoint]) -> dict:
+    """The reference's config.json; after a `slices:` recipe, with the output's layer count, and per-layer lists
+    (`layer_types`) taken from the layer each output layer came from."""
+    from evomerge.io.checkpoint import config_field
+
+    config = copy.deepcopy(config)
+    if plan.recipe.slices is None:
+        return config
+    key, _ = config_field(config, "num_hidden_layers")
+    target = config if key in config else config.setdefault("text_config", {})
+    target[key] = plan.out_layers
+    for name in PER_LAYER_FIELDS:
+        if isinstance(target.get(name), list):
+            target[name] = [_layer_value(by_model[m].config, name, i, target[name]) for m, i in plan.layer_origins()]
+    return config
+
+
+def _layer_value(config: dict, name: str, layer: int, fallback: list):
+    values = config.get(name) or (config.get("text_config") or {}).get(name) or fallback
+    return values[layer] if layer < len(values) else values[-1]
 
 
 def _tokenizer_dir(recipe: Recipe, ref: Checkpoint) -> Path:
@@ -227,7 +272,8 @@ def export_trial(
         return model_card(cfg, published, chosen, objective, validation, comparison, names, baselines, architectures)
 
     with atomic_dir(out) as tmp:  # recipe.yaml, model/ and its card are published together
-        export_recipe(recipe, tmp / "model", seed=recipe.seed, extra_files={"README.md": card}, names=names)
+        export_recipe(recipe, tmp / "model", seed=recipe.seed, extra_files={"README.md": card}, names=names,
+                      allow_config_mismatch=cfg.allow_config_mismatch)
         shutil.copyfile(tmp / "model" / "recipe.yaml", tmp / "recipe.yaml")  # with the inputs' and outputs' sha256
     return ExportResult(chosen.number, objective, out / "recipe.yaml", out / "model", heldout=comparison is not None)
 

@@ -286,8 +286,19 @@ CASES = [
     Case("tensor_renamed", broken(edit_tensors(lambda t: t.update({"model.extra.weight": t.pop("model.norm.weight")}))),
          "tensor model.norm.weight is missing"),
     Case("vocab_differs", broken(edit_json("tokenizer.json", swap_two_tokens)), "tokenizer vocabulary differs"),
-    Case("model_type_differs", broken(edit_json("config.json", lambda c: c.update(model_type="mistral"))), "model_type mistral"),
-    Case("num_layers_differ", broken(drop_last_layer), "has 3 layers"),
+    Case("model_type_differs", broken(edit_json("config.json", lambda c: c.update(model_type="mistral"))), "config.json model_type is mistral, but"),
+    Case("num_layers_differ", broken(drop_last_layer), "num_hidden_layers is 3, but"),
+    Case("config_differs_tensors_match", broken(edit_json("config.json", lambda c: c.update(intermediate_size=512))),
+         "intermediate_size is 512, but"),
+    Case("slices_lengths_differ", lambda t, z: write_recipe(t, (
+        f"merge_method: slerp\nbase_model: {z / 'add'}\nparameters: {{t: 0.5}}\nslices:\n- sources:\n"
+        f"  - {{model: {z / 'add'}, layer_range: [0, 4]}}\n  - {{model: {z / 'reverse'}, layer_range: [0, 3]}}\n")),
+        "spans 3 layers but sources[0] spans 4"),
+    Case("slices_past_last_layer", lambda t, z: write_recipe(t, (
+        f"merge_method: passthrough\nslices:\n- sources:\n  - {{model: {z / 'add'}, layer_range: [2, 6]}}\n")),
+        "reaches past the 4 layers"),
+    Case("modules_form", lambda t, z: write_recipe(t, f"merge_method: linear\nmodules:\n  text:\n    models:\n    - model: {z / 'add'}\n"),
+         "field 'modules'"),
     Case("base_incompatible", broken(drop_last_layer, role="base"), "layers"),
     Case("pickle_weights", broken(to_pickle), "--allow-pickle"),
     # outputs

@@ -55,10 +55,10 @@ def tensor_group(name: str) -> tuple[str, str]:
         else:
             kind = "other"
         return f"layer {int(m.group(1))}", kind
-    if "embed" in name or "wte" in name:
-        return "embed", "other"
-    if "lm_head" in name or name.startswith("output."):
+    if "lm_head" in name or "embed_out" in name or name.startswith("output."):  # GPT-NeoX's head is embed_out
         return "lm_head", "other"
+    if "embed" in name or "wte" in name or "wpe" in name:
+        return "embed", "other"
     if "norm" in name or name.endswith("ln_f.weight") or name.endswith("ln_f.bias"):
         return "norm", "other"
     return name.rsplit(".", 1)[0], "other"
@@ -344,17 +344,17 @@ def _recipe_inputs(path: Path) -> tuple[Path, list[Path]]:
         raise ConfigError(f"{path}: field `base_model` is missing; audit measures task vectors against it, "
                           "so add the common ancestor as base_model")
     base = _resolve(path, "base_model", str(recipe.base_model))
-    models = [_resolve(path, f"models[{i}].model", entry.model) for i, entry in enumerate(recipe.models)]
+    models = [_resolve(path, recipe.field_of(m), m) for m in recipe.input_models() if m != recipe.base_model]
     return base, [m for m in models if m != base]
 
 
 def audit_dirs(base: Path, models: Sequence[Path], sample: int = SAMPLE, seed: int = 0,
-               progress: Callable[[int, int], None] | None = None) -> AuditReport:
+               progress: Callable[[int, int], None] | None = None, allow_config_mismatch: bool = False) -> AuditReport:
     """Open the checkpoints, check they are compatible (ModelError naming the first mismatch), audit them."""
     from evomerge.io.checkpoint import Checkpoint, check_compatible
 
     ckpts = [Checkpoint(p) for p in [base, *models]]
-    check_compatible(ckpts)
+    check_compatible(ckpts, allow_config_mismatch=allow_config_mismatch)
     labels = _labels([base, *models])
     return audit(ckpts[0], ckpts[1:], labels=(labels[0], labels[1:]), sample=sample, seed=seed, progress=progress)
 

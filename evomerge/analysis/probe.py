@@ -34,6 +34,8 @@ from evomerge.tables import text_table
 if TYPE_CHECKING:
     import torch
 
+    from evomerge.merge.layout import Layout
+
 NEED, HARM = 10.0, 5.0  # points: a model "needs" a region / a vector "hurts" a task there
 
 
@@ -64,10 +66,19 @@ class ProbeReport:
         return asdict(self)
 
 
-def regions_of(num_layers: int) -> list[tuple[str, str]]:
-    """(label, filter) of every probed region."""
-    layers = [(f"layer {i}", f"layers.{i}.") for i in range(num_layers)]
-    return layers + [("attention", "self_attn"), ("MLP", "mlp"), ("embeddings", "embed_tokens"), ("head", "lm_head")]
+def regions_of(num_layers: int, layout: Layout | None = None) -> list[tuple[str, str]]:
+    """(label, filter) of every probed region, in the names of `layout`'s architecture (default: Llama's)."""
+    if layout is None:
+        layers = [(f"layer {i}", f"layers.{i}.") for i in range(num_layers)]
+        return layers + [("attention", "self_attn"), ("MLP", "mlp"), ("embeddings", "embed_tokens"), ("head", "lm_head")]
+    from evomerge.merge.layout import HEAD_PARTS
+
+    out = [(f"layer {i}", layout.layer_filter(i)) for i in range(num_layers)]
+    out += [(label, flt) for label, flt in (("attention", layout.kind_filter("self_attn")), ("MLP", layout.kind_filter("mlp"))) if flt]
+    embeds = layout.embedding_filters()  # a tied head is no region of its own
+    out += [(label, found[0]) for label, found in (("embeddings", [f for f in embeds if f not in HEAD_PARTS]),
+                                                    ("head", [f for f in embeds if f in HEAD_PARTS])) if found]  # fmt: skip
+    return out
 
 
 def verdict(region: RegionProbe, owners: dict[str, str]) -> str:
@@ -90,6 +101,7 @@ def probe(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
     include_defaults: bool = False,
+    allow_config_mismatch: bool = False,
 ) -> ProbeReport:
     """Score the probes (see the module docstring); `tasks` are TaskSpecs (or names) with their metric."""
     from evomerge.evaluator import Evaluator
@@ -99,7 +111,8 @@ def probe(
     base = str(base)
     paths = [str(m) for m in models if Path(m).resolve() != Path(base).resolve()]
     keys = model_keys(paths)
-    ev = Evaluator(paths, base, {"probe": list(tasks)}, include_paths, seed=seed, include_defaults=include_defaults)
+    ev = Evaluator(paths, base, {"probe": list(tasks)}, include_paths, seed=seed, include_defaults=include_defaults,
+                   allow_config_mismatch=allow_config_mismatch)  # fmt: skip
     log = log or (lambda _msg: None)
 
     def score() -> dict[str, float]:
@@ -142,7 +155,8 @@ def probe(
             after = score()
             for t in mine:
                 report.controls[t][kind] = report.alone[t] - after[t]
-    for label, flt in regions_of(ev.model.config.num_hidden_layers):
+    layout = ev.materializer.layout
+    for label, flt in regions_of(layout.num_layers, layout):
         inside = [{"filter": flt, "value": 1.0}, {"value": 0.0}]  # weight 1 in the region only
         outside = [{"filter": flt, "value": 0.0}, {"value": 1.0}]  # weight 1 everywhere but the region
         need, harm = {}, {}

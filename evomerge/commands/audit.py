@@ -27,6 +27,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe", action="store_true",
                         help="also merge and score, per layer and tensor kind, where one model's task vector hurts "
                              "another's task (needs a search config: its tasks.search)")  # fmt: skip
+    parser.add_argument("--allow-config-mismatch", action="store_true",
+                        help="audit models whose config.json differ in shape-defining fields when their tensors match")
     parser.add_argument("--probe-subset", type=int, metavar="N",
                         help="examples per task for --probe (default: each search task's own subset)")
 
@@ -42,11 +44,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--sample {args.sample}: use at least 2 positions per tensor")
     cfg = _probe_config(args) if args.probe else None
     base, models = load_inputs(args.config)
+    args.allow_config_mismatch = args.allow_config_mismatch or _config_allows(args.config)
     if len(models) < 2:
         raise ConfigError(f"{args.config}: audit compares task vectors, so it needs at least two models besides "
                           f"the base (found {len(models)}); list them under `models`")
     with _progress(enabled=sys.stderr.isatty() and not args.json) as progress:
-        report = audit_dirs(base, models, sample=args.sample, seed=args.seed, progress=progress)
+        report = audit_dirs(base, models, sample=args.sample, seed=args.seed, progress=progress,
+                            allow_config_mismatch=args.allow_config_mismatch)
     probed = _probe(cfg, args, sys.stderr.isatty() and not args.json) if cfg is not None else None
     if args.plot:
         from evomerge.analysis.heatmap import plot_audit
@@ -114,6 +118,14 @@ def _probe_config(args: argparse.Namespace):
     return load_config(args.config)
 
 
+def _config_allows(path: str) -> bool:
+    """Whether a search config sets `allow_config_mismatch: true` (audit then honours it as the search does)."""
+    from evomerge.io.yamlfile import read_yaml
+
+    raw = read_yaml(path, "file (pass a recipe or search config YAML)")
+    return isinstance(raw, dict) and raw.get("allow_config_mismatch") is True
+
+
 def _probe(cfg, args: argparse.Namespace, show: bool):
     import sys
 
@@ -124,4 +136,4 @@ def _probe(cfg, args: argparse.Namespace, show: bool):
              for t in cfg.tasks.search]  # fmt: skip
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if show else None
     return probe(cfg.base_model, cfg.models, tasks, cfg.tasks.include_paths, seed=cfg.seed, log=log,
-                 include_defaults=cfg.tasks.include_defaults)
+                 include_defaults=cfg.tasks.include_defaults, allow_config_mismatch=args.allow_config_mismatch)

@@ -1,6 +1,6 @@
-"""`evomerge merge RECIPE.yaml --out DIR [--seed N] [--max-shard-size 2GB] [--allow-pickle]`
+"""`evomerge merge RECIPE.yaml --out DIR [--seed N] [--max-shard-size 2GB] [--allow-pickle] [--allow-config-mismatch]`
 
-Materializes any recipe (mergekit YAML with `models:`, optionally an `evomerge:` block) to an HF checkpoint.
+Materializes any recipe (mergekit YAML with `models:` or `slices:`, optionally an `evomerge:` block) to an HF checkpoint.
 DIR appears whole or not at all; `evomerge verify DIR` checks it later against the hashes in DIR/recipe.yaml.
 """
 from __future__ import annotations
@@ -19,6 +19,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for random masks (default: the recipe's, else 0)")
     parser.add_argument("--max-shard-size", default="2GB", metavar="SIZE", help="largest weight file (default 2GB)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt inputs (unpickled weights-only)")
+    parser.add_argument("--allow-config-mismatch", action="store_true",
+                        help="merge models whose config.json differ in shape-defining fields (hidden size, layers, "
+                             "heads, vocabulary, architecture) when their tensors match")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     shard_bytes = parse_size(args.max_shard_size)
     recipe = Recipe.load(args.recipe)
     out = export_recipe(
-        recipe, Path(args.out), seed=args.seed, allow_pickle=args.allow_pickle, shard_bytes=shard_bytes, source=args.recipe
+        recipe, Path(args.out), seed=args.seed, allow_pickle=args.allow_pickle, shard_bytes=shard_bytes, source=args.recipe,
+        allow_config_mismatch=args.allow_config_mismatch,
     )
     seed = args.seed if args.seed is not None else recipe.seed
     print(f"merged {recipe.merge_method} of {len(recipe.input_models())} models (seed {seed}) "

@@ -33,7 +33,7 @@ COMMANDS = {
 
 WORKFLOW = """\
 a first session, in order:
-  evomerge zoo build --out zoo                   # the demo zoo: a base and two specialists (~3 min on 2 cores)
+  evomerge zoo build --out zoo                   # the demo zoo: a base and two specialists (a few minutes)
   evomerge audit configs/demo.yaml               # can these models merge, and where do they interfere?
   evomerge search configs/demo.yaml              # the study: runs/demo/ (run it again to resume)
   evomerge status runs/demo                      # trials, the best so far, the trial export would take

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.config).is_file():
         raise ConfigError(f"{args.config}: no such search config; run `evomerge demo` from the repository root or pass --config")
     if not (zoo / "zoo.json").is_file():
-        print(f"== building the demo zoo in {zoo} (~2 min)")
+        print(f"== building the demo zoo in {zoo} (a few minutes)")
         build_zoo(zoo)
     else:
         print(f"== using the zoo in {zoo} (delete it to rebuild)")

@@ -76,8 +76,8 @@ def heldout_section(c: Comparison) -> list[str]:
     drops = c.drops()
     for task, source, d in drops:
         lines.append(f"**Caveat:** on `{task}` this merge scores {_f(v.evolved.scores[task])} against "
-                     f"{_f(source.scores[task])} for {source.name} alone ({d.text()}): the merge lost part of that "
-                     "skill; use the source model where that task matters.")  # fmt: skip
+                     f"{_f(source.scores[task])} for {source.name} alone, {d.points()} ({d.se_text()}): the merge "
+                     "lost part of that skill; use the source model where that task matters.")  # fmt: skip
     if not drops:
         worst = min(
             (paired_difference(v.evolved, max(c.rows_of("source"), key=lambda r: r.scores[t]), [t]) for t in c.tasks),
@@ -137,6 +137,11 @@ def model_card(
         "merged in memory and scored with lm-eval on fixed seeded subsets of the search tasks.",
         "",
     ]
+    label = trial.user_attrs.get("baseline")
+    if label:
+        lines += [f"Trial {trial.number} is the search's enqueued baseline `{label}`, not a sampled recipe: no sampled "
+                  "recipe scored higher on what picks the exported trial (validation when the config has it, else "
+                  "the search objective).", ""]  # fmt: skip
     if comparison is not None:
         lines += heldout_section(comparison)
     else:

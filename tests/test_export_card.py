@@ -67,7 +67,7 @@ def test_card_after_the_report_has_heldout_scores_and_caveats(run, tmp_path):
     assert "## Held-out scores" in text and f"| **this merge** | {evolved.scores['zoo_add']:.4f} |" in text
     drops = c.drops()
     for task, source, d in drops:  # every skill lost against its best source, beyond noise, is named
-        assert f"**Caveat:** on `{task}`" in text and f"for {source.name} alone ({d.text()})" in text
+        assert f"**Caveat:** on `{task}`" in text and f"for {source.name} alone, {d.points()} ({d.se_text()})" in text
     if not drops:
         assert "No task is below its best source model by more than noise" in text
     # an export of another trial does not borrow the report's held-out scores
@@ -86,8 +86,8 @@ def test_a_caveat_names_a_lost_skill():
           "base": {"a": _examples(0.2, n), "b": _examples(0.2, n)},
           "evolved (best trial)": {"a": _examples(0.6, n), "b": _examples(0.6, n)}}  # fmt: skip
     text = "\n".join(heldout_section(_comparison(0.6, 0.5, ex)))
-    assert "**Caveat:** on `a` this merge scores 0.6000 against 0.8000 for x alone (-20.0 points" in text
-    assert "beyond noise" in text and "on `b`" in text  # 0.6 against y's 0.7: -10 points, beyond noise too
+    assert "**Caveat:** on `a` this merge scores 0.6000 against 0.8000 for x alone, -20.0 points (paired SE" in text
+    assert "on `b`" in text  # 0.6 against y's 0.7: -10 points, beyond noise too
 
 
 def test_hub_ids_name_the_inputs_and_keep_their_sha256(run, tiny_zoo, tmp_path):

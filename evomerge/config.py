@@ -85,6 +85,7 @@ def check_sampler(name: str, options: dict[str, Any], warm_start: bool = False) 
 
 class TasksConfig(_Strict):
     include_paths: list[Path] = []
+    include_defaults: bool = Field(False, description="also index lm-eval's built-in tasks (~30 s per process)")
     search: list[TaskSpec] = Field(min_length=1)
     heldout: list[str] = []
     smooth: float = Field(0.0, ge=0, le=1, description="share of each search task's score that is the answer's "
@@ -236,6 +237,8 @@ class SearchConfig(_Strict):
             data.pop(key, None)
         if not data["tasks"].get("smooth"):  # added later: studies made before it keep their identity
             data["tasks"].pop("smooth", None)
+        if not data["tasks"]["include_defaults"]:  # studies made before the field existed keep their hash
+            del data["tasks"]["include_defaults"]
         return data
 
     def study_hash(self) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
@@ -45,7 +45,9 @@ class Evaluation:
     objective: float  # the specs' weighted mean of `units`
     merge_s: float = 0.0
     eval_s: float = 0.0
-    examples: dict[str, dict[int, float]] | None = None  # per-example units, where scored per example
+    # per-example values keyed by example index: the metric (`score(examples=True)`), or the objective's units
+    # (`evaluate_examples`, where `smooth` may mix in the answer's probability); empty unless asked
+    examples: dict[str, dict[int, float]] = field(default_factory=dict)
     n_examples: int = 0  # examples scored (per-example scoring only)
     stopped: bool = False  # staged evaluation stopped it early: `objective` is the paired estimate
 
@@ -96,6 +98,7 @@ class Evaluator:
         dtype: str | None = None,
         device: str = "cpu",
         batch_size: int = 64,
+        include_defaults: bool = False,
         allow_config_mismatch: bool = False,
     ):
         from evomerge.merge.materialize import Materializer
@@ -104,7 +107,8 @@ class Evaluator:
             raise TaskError("no task set to score on; name at least one")
         # tasks first: a typo in a task name fails in seconds, before the inputs are mapped and the model built
         self.scorers: dict[str, Scorer] = {
-            name: Scorer(specs, [str(p) for p in include_paths], seed=seed, batch_size=batch_size)
+            name: Scorer(specs, [str(p) for p in include_paths], seed=seed, batch_size=batch_size,
+                         include_defaults=include_defaults)
             for name, specs in task_sets.items()
         }
         self._orders: dict[tuple[str, int], dict[str, list[int]]] = {}  # staged evaluation's example orders
@@ -116,7 +120,8 @@ class Evaluator:
     def for_config(cls, cfg: SearchConfig, task_sets: Mapping[str, Sequence[TaskSpec]], device: str = "cpu") -> Evaluator:
         """The config's inputs, dtype, task folders and subset seed, with the given task sets."""
         return cls(cfg.models, cfg.base_model, task_sets, cfg.tasks.include_paths, seed=cfg.seed, dtype=cfg.dtype,
-                   device=device, allow_config_mismatch=cfg.allow_config_mismatch)  # fmt: skip
+                   device=device, include_defaults=cfg.tasks.include_defaults,
+                   allow_config_mismatch=cfg.allow_config_mismatch)  # fmt: skip
 
     # -- the resident model ----------------------------------------------------------------------
     @property
@@ -171,11 +176,15 @@ class Evaluator:
         except KeyError:
             raise KeyError(f"no task set {task_set!r}; this evaluator has {', '.join(self.scorers)}") from None
 
-    def score(self, task_set: str) -> Evaluation:
-        """The resident model's current weights on `task_set`."""
+    def score(self, task_set: str, examples: bool = False) -> Evaluation:
+        """The resident model's current weights on `task_set`; `examples`: also each task's per-example values
+        (`Evaluation.examples`), for paired comparisons of two models on the same examples."""
         scorer = self.scorer(task_set)
         start = time.perf_counter()
-        scores = scorer.score(self.model, self.tokenizer)
+        if examples:
+            scores, per_example, _ = scorer.score_examples(self.model, self.tokenizer)
+        else:
+            scores, per_example = scorer.score(self.model, self.tokenizer), {}
         metrics = {leaf: spec.metric for spec in scorer.specs for leaf in scorer.members[spec.name]}
         return Evaluation(
             task_set=task_set,
@@ -184,12 +193,13 @@ class Evaluator:
             units=scorer.leaf_values(scores),
             objective=float(scorer.objective(scores)),
             eval_s=time.perf_counter() - start,
+            examples=per_example,
         )
 
-    def evaluate(self, recipe: Recipe | str, task_set: str) -> Evaluation:
-        """Materialize `recipe` and score it on `task_set`."""
+    def evaluate(self, recipe: Recipe | str, task_set: str, examples: bool = False) -> Evaluation:
+        """Materialize `recipe` and score it on `task_set` (`examples`: as in `score`)."""
         merge_s = self.load(recipe)
-        return replace(self.score(task_set), merge_s=merge_s)
+        return replace(self.score(task_set, examples), merge_s=merge_s)
 
     def evaluate_examples(
         self,
@@ -220,7 +230,7 @@ class Evaluator:
         units = {leaf: sum(u.values()) / len(u) for leaf, u in staged.units.items() if u}
         return Evaluation(task_set=task_set, scores=staged.scores, metrics=metrics, units=units,
                           objective=staged.objective, merge_s=merge_s, eval_s=time.perf_counter() - start,
-                          examples=None if staged.stopped else staged.units, n_examples=staged.n_examples,
+                          examples={} if staged.stopped else staged.units, n_examples=staged.n_examples,
                           stopped=staged.stopped)  # fmt: skip
 
 

@@ -51,6 +51,7 @@ LLAMA_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                      "mlp.up_proj", "mlp.down_proj")  # where a space is not laid over a model
 REST = "rest"  # with `kinds`: the tensors no kind matches (norms), one value per model across the layers
 EMBED_FILTERS = ("embed_tokens", "lm_head")  # Llama-style names, where a space is not laid over a model
+SIGNIFICANT = 4  # digits a recipe keeps of each searched number
 
 
 class ParamSpec(BaseModel):
@@ -334,14 +335,18 @@ class SearchSpace:
             return conds[0]["value"]
         return conds
 
-    def to_recipe(self, params: dict[str, float], models: list, base: Path | str, method: str, seed: int, dtype: str | None = None):
-        """The Recipe of one point: `models` are the merged models (not the base), in config order."""
+    def to_recipe(self, params: dict[str, float], models: list, base: Path | str, method: str, seed: int,
+                  dtype: str | None = None, *, rounded: bool = True):  # fmt: skip
+        """The Recipe of one point: `models` are the merged models (not the base), in config order. `rounded`:
+        values at 4 significant digits (every recipe a search scores; the gradient refinement reads exact ones)."""
         from evomerge.recipe import Recipe
 
         missing = [s.name for s in self.slots(models) if s.name not in params]
         if missing:
             raise ConfigError(f"search space {self.spec.name!r}: point lacks {', '.join(missing[:3])}; pass every searched parameter")
-        values = {k: float(v) for k, v in params.items()}
+        # 4 significant digits: far finer than any score can tell apart, and the recipe that is scored, exported
+        # and shown stays readable (the sampler's own unrounded value stays in the study)
+        values = {k: float(f"{float(v):.{SIGNIFICANT}g}") if rounded else float(v) for k, v in params.items()}
         keys = model_keys(models)
         entries = [{"model": str(base)}] if self.spec.base_in_models else []
         for key, path in zip(keys, models):

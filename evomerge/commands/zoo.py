@@ -8,18 +8,32 @@ from __future__ import annotations
 
 import argparse
 
+EXAMPLES = """\
+  evomerge zoo build --out zoo                         # the demo's zoo (variant pair): a few minutes on 2 CPU cores
+  evomerge zoo build --variant trio --out zoos/trio    # another member of the family
+  evomerge zoo build --variant tiny --out /tmp/tiny    # the test suite's smaller zoo: seconds
+  evomerge zoo build --skills add,sub,dup --layers 4 --out /tmp/z   # the default variant, other skills and depth
+"""
+BUILD = (
+    "train, on CPU and deterministically, a tiny Llama-style base on a mixture of character skills, then 2-4 "
+    "specialists fine-tuned from it, each on its own skill while it keeps the base's behaviour on the rest (a replay "
+    "distilled from the base); writes OUT/base, OUT/<skill> per specialist (safetensors checkpoints with one "
+    "tokenizer) and OUT/zoo.json (their sha256). A few minutes on 2 idle CPU cores, longer on a busy machine "
+    "(--variant tiny: seconds). The skills' lm-eval tasks ship in eval_tasks/zoo/; bench/zoo_family.md says why the "
+    "zoos are built this way."
+)
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from evomerge.zoo.variants import DEFAULT_VARIANT, VARIANTS
 
+    import textwrap
+
     sub = parser.add_subparsers(dest="zoo_command", metavar="ACTION", required=True)
-    build = sub.add_parser(
-        "build",
-        help="train a base and its specialists (deterministic on CPU, a few minutes)",
-        description="Train a tiny Llama-style base on a mixture of character-level skills, then fine-tune 2-4 "
-        "specialists from it, each on its own skill, and write them as Hugging Face checkpoints with one tokenizer. "
-        "Variants: " + "; ".join(f"{name}: {v.description}" for name, v in VARIANTS.items()),
-    )
+    build = sub.add_parser("build", help="train a base and its specialists (deterministic on CPU, a few minutes)",
+                           description=textwrap.fill(BUILD, 100) + "\n\nvariants:\n" + "\n".join(
+                               f"  {name}: {v.description}" for name, v in VARIANTS.items()),
+                           epilog=f"examples:\n{EXAMPLES}", formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     build.add_argument("--out", default="zoo", help="output folder (default: ./zoo)")
     build.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     build.add_argument("--variant", default=None, choices=list(VARIANTS), metavar="NAME",

@@ -184,7 +184,10 @@ class Scorer:
         values: Examples = {}
         probs: Examples = {}
         for leaf, rows in out["samples"].items():
-            values[leaf] = {int(r["doc_id"]): float(r[metric[leaf].split(",", 1)[0]]) for r in rows}
+            # a logged sample holds each metric under its bare name, one row per example and filter
+            name, _, filt = metric[leaf].partition(",")
+            rows = [r for r in rows if r.get("filter", "none") == (filt or "none")]
+            values[leaf] = {int(r["doc_id"]): float(r[name]) for r in rows}
             p = {int(r["doc_id"]): _answer_probability(r) for r in rows}
             probs[leaf] = {k: v for k, v in p.items() if v is not None}
         return out["results"], values, probs

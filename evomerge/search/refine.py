@@ -183,7 +183,7 @@ class Refiner:
         from evomerge.merge.materialize import _key
         from evomerge.merge.plan import Plan
 
-        recipe = self.space.to_recipe(point, self.models, self.base, self.method, 0)
+        recipe = self.space.to_recipe(point, self.models, self.base, self.method, 0, rounded=False)
         models = [entry.model_copy(update={"model": _key(entry.model)}) for entry in recipe.models]
         recipe = recipe.model_copy(update={"models": models, "base_model": _key(recipe.base_model)})
         plan = Plan(recipe, num_layers=self.space.num_layers)

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
@@ -51,7 +53,7 @@ class JobResult:
     error: str | None = None
     worker_died: bool = False  # the worker process died (OOM, segfault, kill); the pool replaced it
     was_running: bool = False  # with worker_died: this job was the one running, not one queued behind it
-    examples: dict[str, dict[int, float]] | None = None  # per-example units (per-example scoring, scored whole)
+    examples: dict[str, dict[int, float]] = field(default_factory=dict)  # per-example values, for jobs that ask
     n_examples: int = 0
     stopped: bool = False  # staged evaluation stopped it early
 
@@ -122,8 +124,10 @@ class Worker:
         self._last_end = time.perf_counter()
         return about
 
-    def run(self, recipe_yaml: str, task_set: str, per_example: dict[str, Any] | None = None) -> JobResult:
-        """One job; `per_example`: keyword arguments of `Evaluator.evaluate_examples` (smooth, stages, incumbent)."""
+    def run(self, recipe_yaml: str, task_set: str, examples: bool = False,
+            per_example: dict[str, Any] | None = None) -> JobResult:  # fmt: skip
+        """One job; `examples`: keep each task's per-example metric; `per_example`: keyword arguments of
+        `Evaluator.evaluate_examples` (smooth, staged evaluation against an incumbent)."""
         from evomerge.evaluator import is_candidate_failure
 
         start, started = time.perf_counter(), time.time()
@@ -131,7 +135,7 @@ class Worker:
             if per_example is not None:
                 evaluation = self.evaluator.evaluate_examples(recipe_yaml, task_set, **per_example)
             else:
-                evaluation = self.evaluator.evaluate(recipe_yaml, task_set)
+                evaluation = self.evaluator.evaluate(recipe_yaml, task_set, examples)
             result = JobResult.of(evaluation, self.name)
         except Exception as err:
             if not is_candidate_failure(err):
@@ -165,11 +169,24 @@ def _start_ray(cfg: SearchConfig) -> bool:
     """Join `workers.address`, or start a quiet local Ray sized to the workers. True if we started (or joined) it."""
     import ray
 
+    if ray.is_initialized():
+        return False
+    # Ray's C++ core replaces the process's SIGTERM handler with one that dumps a stack and aborts; keep the
+    # caller's (the CLI's: SIGTERM stops a search like Ctrl-C, its trials requeued)
+    keep = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return _init_ray(cfg)
+    finally:
+        if keep is not None:
+            signal.signal(signal.SIGTERM, keep)
+
+
+def _init_ray(cfg: SearchConfig) -> bool:
+    import ray
+
     from evomerge.config import cpus_needed
     from evomerge.offline import OFFLINE_ENV
 
-    if ray.is_initialized():
-        return False
     common = {
         "logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True,
         "runtime_env": {"env_vars": dict(OFFLINE_ENV)},  # workers are offline before their first import
@@ -270,9 +287,10 @@ class WorkerPool:
     def has_capacity(self) -> bool:
         return any(len(self.queues[slot]) < self.depth for slot in self._live())
 
-    def submit(self, recipe_yaml: str, task_set: str = "search", per_example: dict[str, Any] | None = None):
+    def submit(self, recipe_yaml: str, task_set: str = "search", examples: bool = False,
+               per_example: dict[str, Any] | None = None):  # fmt: skip
         slot = min(self._live(), key=lambda i: len(self.queues[i]))
-        ref = self.actors[slot].run.remote(recipe_yaml, task_set, per_example)
+        ref = self.actors[slot].run.remote(recipe_yaml, task_set, examples, per_example)
         self.queues[slot].append(ref)
         self.busy[ref] = (slot, self.actors[slot], self.names[slot])
         return ref
@@ -343,22 +361,23 @@ class InlinePool:
     def __init__(self, cfg: SearchConfig, task_sets: TaskSets | None = None):
         self.worker = Worker(cfg.model_dump(mode="json"), task_sets_json(task_sets or {"search": cfg.tasks.search}))
         self.worker.setup()
-        self.queue: list[tuple[object, str, str, dict | None]] = []
+        self.queue: list[tuple[object, str, str, bool, dict | None]] = []
 
     @property
     def has_capacity(self) -> bool:
         return not self.queue
 
-    def submit(self, recipe_yaml: str, task_set: str = "search", per_example: dict[str, Any] | None = None):
+    def submit(self, recipe_yaml: str, task_set: str = "search", examples: bool = False,
+               per_example: dict[str, Any] | None = None):  # fmt: skip
         ref = object()
-        self.queue.append((ref, recipe_yaml, task_set, per_example))
+        self.queue.append((ref, recipe_yaml, task_set, examples, per_example))
         return ref
 
     def wait(self, timeout: float | None = None) -> list[tuple[Any, JobResult]]:
         if not self.queue:
             return []
-        ref, text, task_set, per_example = self.queue.pop(0)
-        return [(ref, self.worker.run(text, task_set, per_example))]
+        ref, text, task_set, examples, per_example = self.queue.pop(0)
+        return [(ref, self.worker.run(text, task_set, examples, per_example))]
 
     def refine(self, point: dict[str, float], settings: dict[str, Any]) -> list[tuple[int, dict[str, float], float]]:
         return self.worker.refine(point, settings)
@@ -373,9 +392,12 @@ def open_pool(cfg: SearchConfig, task_sets: TaskSets | None = None) -> WorkerPoo
     return InlinePool(cfg, task_sets) if cfg.workers.count == 0 else WorkerPool(cfg, task_sets)
 
 
-def run_jobs(pool, jobs: Sequence[tuple[str, str]], labels: Sequence[str] | None = None) -> Iterator[tuple[int, JobResult]]:
+def run_jobs(
+    pool, jobs: Sequence[tuple[str, str]], labels: Sequence[str] | None = None, examples: bool = False
+) -> Iterator[tuple[int, JobResult]]:
     """Score `jobs` ((recipe_yaml, task_set), duplicates scored once) on `pool`, keeping every worker busy;
-    yields (index into jobs, result) as they finish. A failed job raises CandidateError naming its label."""
+    yields (index into jobs, result) as they finish. A failed job raises CandidateError naming its label.
+    `examples`: the results carry per-example values too (`JobResult.examples`)."""
     first: dict[tuple[str, str], int] = {}
     for i, job in enumerate(jobs):
         first.setdefault(job, i)
@@ -384,7 +406,7 @@ def run_jobs(pool, jobs: Sequence[tuple[str, str]], labels: Sequence[str] | None
     while waiting or running:
         while waiting and pool.has_capacity:
             job, i = waiting.pop(0)
-            running[pool.submit(*job)] = (job, i)
+            running[pool.submit(*job, examples=examples)] = (job, i)
         for ref, result in pool.wait():
             job, i = running.pop(ref)
             if not result.ok:

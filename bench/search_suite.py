@@ -10,8 +10,8 @@ merge of every method that applies (evomerge/portfolio.py), and the routing orac
 source). The floor is max(best default merge, best single source); the room is the oracle minus the floor. Then for
 each sampler seed and budget it runs a search as a new user would configure it (the config below: `method`,
 greedy exact-match search tasks on 100-example subsets, the validation splits for the overfitting guard, every other
-setting at its default, `--set` to override), takes the trial `evomerge export` would take, and scores it on the
-held-out splits. Printed per variant and budget, and averaged: the margin over the floor (points), the share of the
+setting at its default, `--set` to override; seed s is the sampler's seed and the search subsets' seed), takes the
+trial `evomerge export` would take, and scores it on the held-out splits. Printed per variant and budget, and averaged: the margin over the floor (points), the share of the
 room captured, how many runs fall below the floor by more than their standard error, search seconds and examples
 scored. One JSON line per run goes to --log.
 """
@@ -51,6 +51,7 @@ def config_for(zoo: Path, method: str, budget: int, seed: int, overrides: dict) 
         "validation": {"tasks": [{"name": f"zoo_{s}_greedy_val", "metric": "acc"} for s in skills]},
         "budget": {"n_trials": budget},
         "sampler": {"seed": seed},
+        "seed": seed,  # the search subsets' seed too: each run samples other search examples
         "workers": {"count": 0},
     }
     for key, value in overrides.items():

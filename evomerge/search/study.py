@@ -338,9 +338,10 @@ def auto_options(name: str, dim: int, options: dict[str, Any], warm_start: bool 
 
     CMA-ES: population 4 + 3 ln(dim) (Hansen's default), clipped to 6-12 so a 100-trial budget sees 8+
     generations; step size 0.25 of each parameter's range, where Optuna's 1/6 stays near the middle of the
-    space in a short search (demo zoo, 100 trials: held-out 0.627 vs 0.617 for task arithmetic, 0.613 vs
-    0.523 for TIES; bench/search_defaults.py); a diagonal covariance (separable CMA-ES) above SEPARABLE_DIM
-    parameters, where a full covariance cannot be learned from a few hundred trials.
+    space in a short search (the earlier demo zoo, 100 trials: held-out 0.627 vs 0.617 for task arithmetic, 0.613
+    vs 0.523 for TIES; the script that measured it is in git history before bench/search_suite.py replaced it); a
+    diagonal covariance (separable CMA-ES) above SEPARABLE_DIM parameters, where a full covariance cannot be
+    learned from a few hundred trials.
     """
     out: dict[str, Any] = {}
     if name == "cmaes" and dim > 0:

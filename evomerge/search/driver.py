@@ -349,7 +349,7 @@ class _RefineRounds:
         from evomerge.search import study as st
 
         self.done.add(r)
-        best = st.best_trial(self.study)
+        best = st.best_trial(self.study, own=True)
         if best is None or not best.params:
             return
         settings = {"steps": self.cfg.refine.steps, "every": self.cfg.refine.every, "lr": self.cfg.refine.lr}

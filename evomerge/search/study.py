@@ -294,9 +294,11 @@ def is_whole(trial) -> bool:
     return not trial.user_attrs.get("stopped_early")
 
 
-def best_trial(study: optuna.Study):
-    """The best COMPLETE trial scored whole (by weighted mean for multi-objective studies), or None."""
-    done = [t for t in complete_trials(study) if is_whole(t)]
+def best_trial(study: optuna.Study, *, own: bool = False):
+    """The best COMPLETE trial scored whole (by weighted mean for multi-objective studies), or None. `own`: of
+    the study's own space only, not another method's default merge from the portfolio (whose params are a
+    placeholder), e.g. as a point to continue from."""
+    done = [t for t in complete_trials(study) if is_whole(t) and not (own and t.user_attrs.get("portfolio"))]
     if not done:
         return None
     return max(done, key=lambda t: (objective_of(t), -t.number))

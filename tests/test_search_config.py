@@ -120,3 +120,18 @@ def test_shipped_config_loads(path):
     assert first.startswith("# evomerge search configs/"), "a shipped config begins with the command that runs it"
     cfg = parse_config(yaml.safe_load(path.read_text()), source=str(path), base_dir=path.parent, check_files=False)
     assert cfg.method in cfg.search_space["methods"]
+
+
+def test_kernels_default_env_and_explicit(tmp_path, monkeypatch):
+    """`kernels:` picks the set trial recipes record; unset, $EVOMERGE_KERNELS or evomerge-1, resolved at load."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EVOMERGE_KERNELS", raising=False)
+    assert load_config(write_config(tmp_path)).kernels == "evomerge-1"
+    assert load_config(write_config(tmp_path, kernels="mergekit")).kernels == "mergekit-0.1.5"
+    monkeypatch.setenv("EVOMERGE_KERNELS", "mergekit")
+    cfg = load_config(write_config(tmp_path))
+    assert cfg.kernels == "mergekit-0.1.5"
+    monkeypatch.delenv("EVOMERGE_KERNELS")
+    write_run_config(cfg)  # the resolved config records the set, so a resume keeps it
+    assert load_run_config(tmp_path / "runs" / "cfgtest").kernels == "mergekit-0.1.5"
+    assert cfg.study_hash() != load_config(write_config(tmp_path)).study_hash()  # results differ: another study

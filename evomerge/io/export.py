@@ -148,8 +148,8 @@ def export_recipe(
     ref = checkpoints[inputs.index(recipe.base_model)] if recipe.base_model else checkpoints[0]
     check_compatible([ref] + [c for c in checkpoints if c is not ref])  # mismatches named against the base
     recipe = recipe.with_provenance(
-        version=__version__, inputs={m: c.sha256() for m, c in zip(inputs, checkpoints)}, outputs={}
-    )
+        version=__version__, kernels=recipe.kernels, inputs={m: c.sha256() for m, c in zip(inputs, checkpoints)}, outputs={}
+    )  # the kernel set is always recorded, so a re-merge gives these bytes whatever its environment
     tokenizer_dir = _tokenizer_dir(recipe, ref)
 
     with atomic_dir(out_dir) as tmp:

@@ -185,7 +185,8 @@ def _default_recipes(cfg) -> tuple[list[tuple[str, Any]], dict[str, str]]:
         if why:
             skipped[method] = why
             continue
-        out.append((method, default_recipe(method, cfg.base_model, cfg.models, cfg.seed, cfg.dtype, space=spec)))
+        recipe = default_recipe(method, cfg.base_model, cfg.models, cfg.seed, cfg.dtype, space=spec, kernels=cfg.kernels)
+        out.append((method, recipe))
     return out, skipped
 
 

@@ -51,6 +51,7 @@ def default_recipe(
     seed: int = 0,
     dtype: str | None = None,
     space: SpaceSpec | dict | None = None,
+    kernels: str | None = None,
 ) -> Recipe:
     """The method's default merge of `models` into `base` (every searched parameter at its space default)."""
     spec = space_for(method) if space is None else (space if isinstance(space, SpaceSpec) else SpaceSpec.model_validate(space))
@@ -59,7 +60,7 @@ def default_recipe(
         raise ConfigError(f"method {method!r} {why}; pick another method")
     models = [str(m) for m in models]
     grid = SearchSpace(spec, num_layers(base))
-    return grid.to_recipe(grid.defaults(models), models, str(base), method, seed, dtype)
+    return grid.to_recipe(grid.defaults(models), models, str(base), method, seed, dtype, kernels=kernels)
 
 
 __all__ = ["COMMON_METHODS", "applies", "default_recipe", "space_for"]

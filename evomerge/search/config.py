@@ -94,6 +94,12 @@ class WorkersConfig(_Strict):
     address: str | None = None
 
 
+def _default_kernels() -> str:
+    from evomerge.merge.kernels import default_kernels
+
+    return default_kernels()  # $EVOMERGE_KERNELS, else evomerge-1; the resolved config records it
+
+
 class SearchConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     base_model: Path
@@ -107,8 +113,16 @@ class SearchConfig(_Strict):
     workers: WorkersConfig = WorkersConfig()
     seed: int = 0
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    kernels: str = Field(default_factory=_default_kernels, description="kernel set: evomerge-1 or mergekit-0.1.5")
     validation: ValidationConfig | None = None
     _source: str = PrivateAttr("search config")  # the file it was loaded from, for error messages
+
+    @field_validator("kernels")
+    @classmethod
+    def _known_kernels(cls, value: str) -> str:
+        from evomerge.merge.kernels import canonical_kernels
+
+        return canonical_kernels(value)  # ValueError: "unknown kernel set ...; valid: ..."
 
     @property
     def run_dir(self) -> Path:

@@ -92,8 +92,8 @@ def _model_card(cfg: SearchConfig, recipe, trial, objective: float, validation=N
         "## Reproduce",
         "",
         "```",
-        "evomerge merge recipe.yaml --out OUT       # byte for byte, every method",
-        "mergekit-yaml recipe.yaml OUT              # deterministic methods",
+        "evomerge merge recipe.yaml --out OUT       # byte for byte, every method (the kernels it records)",
+        "mergekit-yaml recipe.yaml OUT              # same tensors for non-sparsifying methods",
         "```",
         "",
         "## Recipe",
@@ -107,12 +107,14 @@ def _model_card(cfg: SearchConfig, recipe, trial, objective: float, validation=N
 
 
 def export_trial(
-    run_dir: Path | str, out: Path | str | None = None, trial: int | None = None, log: Callable[[str], None] | None = print
+    run_dir: Path | str, out: Path | str | None = None, trial: int | None = None, log: Callable[[str], None] | None = print,
+    kernels: str | None = None,
 ) -> ExportResult:
     """Write `OUT/recipe.yaml` and `OUT/model/` (default OUT: `RUN_DIR/best`) for the best or a chosen trial.
 
     The best trial is the best on the validation tasks when the config has `validation:` (the top_k trials
-    are scored first, once), else the best search objective.
+    are scored first, once), else the best search objective. `kernels` replaces the kernel set the trial
+    was scored with (its weights then differ from the scored ones for the sparsifying methods).
     """
     import shutil
 
@@ -149,6 +151,8 @@ def export_trial(
             "top_k": cfg.validation.top_k,
         }
     recipe = Recipe.from_yaml(chosen.user_attrs["recipe"], source=f"trial {chosen.number} recipe")
+    if kernels is not None:
+        recipe = recipe.with_provenance(kernels=kernels)
     recipe = recipe.with_provenance(
         study=cfg.name,
         trial=chosen.number,

@@ -322,8 +322,10 @@ class SearchSpace:
             conds.append({"value": layered(None)})
         return conds[0]["value"] if len(conds) == 1 else conds
 
-    def to_recipe(self, params: dict[str, float], models: list, base: Path | str, method: str, seed: int, dtype: str | None = None):
-        """The Recipe of one point: `models` are the merged models (not the base), in config order."""
+    def to_recipe(self, params: dict[str, float], models: list, base: Path | str, method: str, seed: int, dtype: str | None = None,
+                  kernels: str | None = None):
+        """The Recipe of one point: `models` are the merged models (not the base), in config order; `kernels`
+        (the kernel set it is merged with) goes into its provenance."""
         from evomerge.recipe import Recipe
 
         missing = [s.name for s in self.slots(models) if s.name not in params]
@@ -341,7 +343,7 @@ class SearchSpace:
             data["parameters"] = shared
         if dtype:
             data["dtype"] = dtype
-        data["evomerge"] = {"seed": int(seed)}
+        data["evomerge"] = {"seed": int(seed), **({"kernels": kernels} if kernels else {})}
         return Recipe.model_validate(data)
 
     def from_recipe(self, recipe) -> dict[str, float]:

@@ -112,12 +112,14 @@ def _start_ray(cfg: SearchConfig) -> bool:
 
     from evomerge.offline import OFFLINE_ENV
     from evomerge.search.config import cpus_needed
+    from evomerge.threads import THREAD_ENV
 
     if ray.is_initialized():
         return False
     common = {
         "logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True,
-        "runtime_env": {"env_vars": dict(OFFLINE_ENV)},  # workers are offline before their first import
+        # workers are offline, and their idle OpenMP threads sleep, before their first import
+        "runtime_env": {"env_vars": {**OFFLINE_ENV, **THREAD_ENV}},
     }  # fmt: skip
     if cfg.workers.address:
         ray.init(address=cfg.workers.address, **common)

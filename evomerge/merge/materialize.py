@@ -121,6 +121,8 @@ def merged_tensors(
     The one per-tensor merge loop, shared by `Materializer.apply` and `export_recipe`.
     Raises CandidateError when a merged tensor holds NaN or Inf.
     """
+    from evomerge.merge.kernels.chunks import kernel_threads
+
     inputs = recipe.input_models()
     if len(checkpoints) != len(inputs):
         raise ValueError(f"{len(checkpoints)} checkpoints for {len(inputs)} recipe inputs")
@@ -137,11 +139,13 @@ def merged_tensors(
         tensors = [ckpt.get(name) for ckpt in checkpoints]
         if target is not None and target.device.type != "cpu":  # merge where the resident model lives
             tensors = [t.to(target.device) for t in tensors]
-        result = merge_tensor(
-            plan.method, params, tensors, inputs, recipe.base_model, seed=recipe.seed, dtype=dtype, out_dtype=out_dtype,
-            out=target, kernels=kernels,
-        )
-        if result.is_floating_point() and result.numel() and not _finite(result):
+        with kernel_threads():  # single-threaded ops here, evomerge's kernels spread over the CPUs
+            result = merge_tensor(
+                plan.method, params, tensors, inputs, recipe.base_model, seed=recipe.seed, dtype=dtype,
+                out_dtype=out_dtype, out=target, kernels=kernels,
+            )
+            finite = not result.is_floating_point() or not result.numel() or _finite(result)
+        if not finite:
             raise CandidateError(f"merged tensor {name} has NaN or Inf values ({recipe.merge_method})")
         yield name, result
 

@@ -1,35 +1,58 @@
 """Run a kernel's chunks on the process's CPUs: one Python thread per torch thread, each op single-threaded.
 
-    results = map_chunks(n, 1 << 16, body, make_state, device)   # body(state, start, end) -> result, in order
+    with kernel_threads():                                         # around one tensor's merge
+        results = map_chunks(n, 1 << 16, body, make_state, device)  # body(state, start, end) -> result, in order
 
 Chunks are small (their buffers stay in a core's L2 cache), so an op per chunk is a few microseconds:
 torch's own intra-op threads would fork and join on every op, and on a busy machine one descheduled thread
 stalls them all. Instead each worker thread takes the next chunk as soon as it is free (a slow core takes
 fewer), runs its ops single-threaded (torch releases the GIL inside ops), and the results come back in
 chunk order. Results never depend on the split: every chunk is computed the same way wherever it runs.
-On a GPU the chunks run in order on the calling thread.
+On a GPU the chunks run in order on the calling thread. `kernel_threads()` makes the calling thread's own
+ops (samples, selections, checks between the chunked passes) single-threaded too: a two-thread OpenMP op
+on a busy machine waits a scheduler time slice for its partner, which costs more than the op.
 """
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pool_key = (0, 0)  # (size, pid): a forked child has none of its parent's threads
 _lock = threading.Lock()
+_width: int | None = None  # inside kernel_threads(): the worker count (the torch threads the caller had)
+
+
+@contextmanager
+def kernel_threads() -> Iterator[int]:
+    """Within: this thread's torch ops run single-threaded, and map_chunks uses as many workers as torch
+    had threads before. Yields that count."""
+    import torch
+
+    global _width
+    before, outer = torch.get_num_threads(), _width
+    _width = outer or before
+    torch.set_num_threads(1)
+    try:
+        yield _width
+    finally:
+        torch.set_num_threads(before)
+        _width = outer
 
 
 def _workers(size: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+    global _pool, _pool_key
     with _lock:
-        if _pool is None or _pool_size != size:
-            if _pool is not None:
+        if _pool is None or _pool_key != (size, os.getpid()):
+            if _pool is not None and _pool_key[1] == os.getpid():
                 _pool.shutdown(wait=True)
-            _pool, _pool_size = ThreadPoolExecutor(size, thread_name_prefix="evomerge-kernel"), size
+            _pool, _pool_key = ThreadPoolExecutor(size, thread_name_prefix="evomerge-kernel"), (size, os.getpid())
         return _pool
 
 
@@ -40,7 +63,7 @@ def map_chunks(n: int, chunk: int, body: Callable[[Any, int, int], T], make_stat
 
     spans = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
     if threads is None:
-        threads = torch.get_num_threads()
+        threads = _width or torch.get_num_threads()
     threads = min(threads, len(spans))
     if threads <= 1 or (device is not None and torch.device(device).type != "cpu"):
         state = make_state()
@@ -64,4 +87,4 @@ def map_chunks(n: int, chunk: int, body: Callable[[Any, int, int], T], make_stat
     return results
 
 
-__all__ = ["map_chunks"]
+__all__ = ["kernel_threads", "map_chunks"]

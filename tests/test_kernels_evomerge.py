@@ -214,9 +214,10 @@ def test_ties_equals_mergekit_except_at_boundary_ties(dtype):
     assert torch.all(at_boundary[differ])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("method_name", ["ties", "breadcrumbs", "breadcrumbs_ties"])
-def test_without_ties_magnitude_methods_equal_mergekit(method_name):
-    tensors = _inputs(shape=(100, 120))
+def test_without_ties_magnitude_methods_equal_mergekit(method_name, dtype):
+    tensors = _inputs(shape=(300, 400), dtype=dtype)  # 120K elements: the sampled bracket
     assert torch.equal(_merge(method_name, tensors), _merge(method_name, tensors, kernels=MERGEKIT))
 
 

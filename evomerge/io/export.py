@@ -16,8 +16,10 @@ import os
 import re
 import shutil
 import struct
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Mapping, Sequence
 
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.io.atomic import atomic_dir, check_replaceable
@@ -147,12 +149,13 @@ def export_recipe(
     checkpoints = [_open(recipe, m, allow_pickle, source) for m in inputs]
     ref = checkpoints[inputs.index(recipe.base_model)] if recipe.base_model else checkpoints[0]
     check_compatible([ref] + [c for c in checkpoints if c is not ref])  # mismatches named against the base
-    recipe = recipe.with_provenance(
-        version=__version__, kernels=recipe.kernels, inputs={m: c.sha256() for m, c in zip(inputs, checkpoints)}, outputs={}
-    )  # the kernel set is always recorded, so a re-merge gives these bytes whatever its environment
+    # the kernel set is always recorded, so a re-merge gives these bytes whatever its environment
+    recipe = recipe.with_provenance(version=__version__, kernels=recipe.kernels, outputs={})
     tokenizer_dir = _tokenizer_dir(recipe, ref)
+    hashing = ThreadPoolExecutor(len(checkpoints))  # the inputs' sha256 while they merge (hashlib frees the GIL)
+    digests = [hashing.submit(c.sha256) for c in checkpoints]
 
-    with atomic_dir(out_dir) as tmp:
+    with _finally_shutdown(hashing), atomic_dir(out_dir) as tmp:
         writer = ShardWriter(tmp, [(n, ref.shape(n)) for n in ref.tensor_names()], shard_bytes)
         out_dtype = None
         for name, tensor in merged_tensors(recipe, checkpoints):
@@ -177,10 +180,19 @@ def export_recipe(
                 raise ValueError(f"extra file {fname!r}: a plain file name other than recipe.yaml")
             (tmp / fname).write_text(text, encoding="utf-8")
         outputs = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+        recipe = recipe.with_provenance(inputs={m: d.result() for m, d in zip(inputs, digests)})
         recipe.with_provenance(outputs=outputs).dump(tmp / "recipe.yaml")
     if log:
         log(f"{len(shards)} shard(s), {writer.total_bytes / 1e6:.1f} MB")
     return out_dir
+
+
+@contextmanager
+def _finally_shutdown(pool: ThreadPoolExecutor) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _open(recipe: Recipe, model: str, allow_pickle: bool, source: str | os.PathLike | None) -> Checkpoint:

@@ -1,4 +1,4 @@
-"""Merging: recipe -> per-tensor parameters (plan) -> mergekit kernels -> a resident model or a stream."""
+"""Merging: recipe -> per-tensor parameters (plan) -> kernels (`kernels/`, a named set) -> a resident model or a stream."""
 from __future__ import annotations
 
 from evomerge.merge.materialize import Materializer, merge_tensor, merged_tensors, tensor_seed

@@ -1,4 +1,4 @@
-"""The merge methods evomerge runs (mergekit 0.1.5 kernels), looked up by name, and recipe checks against them."""
+"""The merge methods evomerge runs (mergekit 0.1.5's, by name), and recipe checks against them."""
 from __future__ import annotations
 
 import math
@@ -26,7 +26,7 @@ METHODS = (
     "model_stock",
     "passthrough",
 )
-# Methods whose result depends on the RNG (random masks): seeded per tensor, see evomerge.merge.materialize.
+# Methods with random masks: per tensor, from a counter stream (evomerge-1) or a seeded RNG (mergekit-0.1.5).
 RANDOM_METHODS = frozenset({"dare_linear", "dare_ties", "della", "della_linear"})
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 

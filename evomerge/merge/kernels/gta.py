@@ -245,8 +245,9 @@ def _elect(ds, masks, weights, mixed, divisor) -> None:
     import torch
 
     _sum_into(ds, mixed)
-    sign = divisor  # scratch for now: +1 where the sum is >= 0, else -1
-    torch.ge(mixed, 0, out=sign).mul_(2).sub_(1)
+    sign = divisor  # scratch for now: the majority sign, +1 where the sum is >= 0, else -1 (mergekit's rule);
+    # copysign gives -1 at a sum of -0.0 too, which only (-0) + (-0) gives: no delta is nonzero there to agree
+    torch.copysign(sign.fill_(1), mixed, out=sign)
     for d, m in zip(ds, masks):
         torch.eq(torch.sign(d, out=m), sign, out=m)
     for d, m, w in zip(ds, masks, weights):

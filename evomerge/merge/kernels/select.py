@@ -87,7 +87,7 @@ def _bracket(sample: torch.Tensor, fraction: float) -> tuple[float, float]:
     expected = fraction * m  # the count-th largest is about the expected-th largest of the sample
     margin = 5 * math.sqrt(max(expected * (1 - fraction), 1.0)) + 2
     hi_rank, lo_rank = math.floor(expected - margin), math.ceil(expected + margin)  # ranks from the top
-    values = sample.float()
+    values = _sortable(sample)
     hi = math.inf if hi_rank < 1 else values.kthvalue(m - hi_rank + 1).values.item()
     lo = -math.inf if lo_rank > m else values.kthvalue(m - lo_rank + 1).values.item()
     return lo, hi
@@ -134,14 +134,14 @@ def _resolve(candidates: torch.Tensor, sizes: list[int], count: int, above: int,
 
     c = candidates.numel()
     rank = count - above  # T's rank among the candidates, from the top
-    threshold = candidates.float().kthvalue(c - rank + 1).values.to(candidates.dtype)
+    threshold = _sortable(candidates).kthvalue(c - rank + 1).values.to(candidates.dtype)
     t = threshold.item()
     if t == 0:  # zeros stay zero whether kept or not: keep them all
         return ALL
     ties = count - above - int(torch.count_nonzero(candidates > threshold).item())  # equal to T and kept (>= 1)
-    equal = (candidates == threshold).to(torch.int64)
+    equal = candidates == threshold
     bounds = torch.tensor([0, *sizes], device=equal.device).cumsum(0)
-    per_chunk = torch.cumsum(equal, 0)[(bounds[1:] - 1).clamp(min=0)] if c else bounds[1:] * 0
+    per_chunk = torch.cumsum(equal, 0, dtype=torch.int32)[(bounds[1:] - 1).clamp(min=0)] if c else bounds[1:] * 0
     per_chunk = torch.where(bounds[1:] > 0, per_chunk, 0).tolist()  # equal ones up to each chunk's end
     index = next(i for i, k in enumerate(per_chunk) if k >= ties)
     before = per_chunk[index - 1] if index else 0
@@ -150,6 +150,13 @@ def _resolve(candidates: torch.Tensor, sizes: list[int], count: int, above: int,
     a = magnitudes(start, end, torch.empty(end - start, dtype=like.dtype, device=like.device))
     positions = torch.nonzero(a == threshold).flatten()
     return TopK(t, start + int(positions[ties - before - 1].item()) + 1)
+
+
+def _sortable(x: torch.Tensor) -> torch.Tensor:
+    """x in a dtype kthvalue handles everywhere, exactly (half types widen to float32; float64 stays)."""
+    import torch
+
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 __all__ = ["ALL", "NONE", "TopK", "top_k"]

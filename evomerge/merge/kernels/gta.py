@@ -129,10 +129,11 @@ def _first_pass(p: Pruner, base: torch.Tensor, model: torch.Tensor, chunk: int, 
 
     def state():
         return (torch.empty(size, dtype=p.work, device=base.device), torch.empty(size, dtype=p.work, device=base.device),
-                _Scratch(size, base.device))
+                _Scratch(size, base.device), (torch.empty(size, device=base.device),
+                                              torch.empty(size, dtype=torch.int32, device=base.device)))
 
     def body(bufs, start: int, end: int):
-        a, m, scratch = bufs
+        a, m, scratch, sums = bufs
         x, mask = a[: end - start], m[: end - start]
         if p.work == base.dtype:
             torch.sub(model[start:end], base[start:end], out=x)
@@ -142,7 +143,7 @@ def _first_pass(p: Pruner, base: torch.Tensor, model: torch.Tensor, chunk: int, 
         _mask_into(p, x, start, mask, scratch, fresh=True)
         if p.key is not None and p.stored is not None:
             p.stored[start:end].copy_(mask)
-        return block_sums(x, mask) if rescale else None
+        return block_sums(x, mask, sums) if rescale else None
 
     parts = map_chunks(n, chunk, body, state, base.device)
     return rescale_factor(*totals(parts), p.work) if rescale else None

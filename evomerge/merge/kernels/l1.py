@@ -2,12 +2,13 @@
 
 mergekit's DARE/DELLA (and `rescale: true`) scale a pruned task vector by sum|delta| / sum|kept delta|.
 A float sum depends on the order it is added in (threads, chunk size, CPU or GPU), so evomerge-1 sums in
-fixed point instead: per block of BLOCK consecutive elements (aligned at flat index 0), every magnitude is
-scaled by 2^(40 - e), with 2^e the block's largest magnitude rounded up to a power of two, and rounded to an
-integer (half to even; below 2^40, and exact in float32 from 2^24 up, so only magnitudes under 2^-16 of the
-block's largest are rounded at all). A block's integers sum to less than 2^52, exactly in float64 in any
-order, and the block totals, scaled back, are added with `math.fsum` (correctly rounded). The result is
-within ~1e-12 (relative) of the exact sum and is the same bits everywhere.
+fixed point instead. Per block of BLOCK consecutive elements (aligned at flat index 0), with 2^e the
+block's largest magnitude rounded up to a power of two, every magnitude x becomes the integer nearest to
+x * 2^(21 - e) (float32, ties to even; the product is exact and below 2^21), so a block's integers sum
+below 2^31, exactly in int32 in any order. The block sums are added exactly per exponent (int64) and
+the per-exponent totals exactly in Python integers, then rounded once to float. Each magnitude is off by at
+most 2^(e - 22), without bias, so the sum is within ~1e-8 (relative) of the exact one, and it is the same
+bits everywhere. The kept sum uses the same blocks' scales.
 """
 from __future__ import annotations
 
@@ -17,46 +18,63 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-BLOCK = 4096
-SCALE_BITS = 40  # 4096 integers below 2^40 sum below 2^52: exact in float64
-MIN_EXPONENT = -80  # blocks whose largest magnitude is under 2^-80 lose precision; keeps 2^(40 - e) finite in float32
+BLOCK = 1024
+SCALE_BITS = 21  # 1024 integers below 2^21 sum below 2^31: exact in int32
+_ROUND = 1.5 * 2**23
+MIN_EXPONENT = -100  # blocks whose largest magnitude is under 2^-100 lose precision; 2^(21 - e) stays a float32
 
 
-def block_sums(a: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fixed-point (sum|x|, sum|x| * mask, shift) per block of one chunk that starts at a multiple of BLOCK;
-    `a` its magnitudes (flat), `mask` 0/1 floats of the same length (None: all kept)."""
+def block_sums(a: torch.Tensor, mask: torch.Tensor | None, scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed-point (sum|x|, sum|x| * mask, exponent e) per block of one chunk that starts at a multiple of
+    BLOCK; `a` its magnitudes (flat), `mask` 0/1 floats of the same length (None: all kept); `scratch` a
+    float32 and an int32 buffer at least as long (else allocated)."""
     import torch
 
-    full = a.numel() // BLOCK * BLOCK
+    n = a.numel()
+    if scratch is None:
+        scratch = (torch.empty(n, dtype=torch.float32, device=a.device), torch.empty(n, dtype=torch.int32, device=a.device))
+    fbuf, ibuf = scratch[0][:n], scratch[1][:n]
+    full = n // BLOCK * BLOCK
     parts = []
-    if full:
-        parts.append(_blocks(a[:full].view(-1, BLOCK), None if mask is None else mask[:full].view(-1, BLOCK)))
-    if full < a.numel():
-        parts.append(_blocks(a[full:].view(1, -1), None if mask is None else mask[full:].view(1, -1)))
+    for lo, hi, rows in ((0, full, full // BLOCK), (full, n, 1)):
+        if hi > lo:
+            view = lambda t: t[lo:hi].view(rows, -1)  # noqa: E731
+            parts.append(_blocks(view(a), None if mask is None else view(mask), view(fbuf), view(ibuf)))
     return tuple(torch.cat(column) for column in zip(*parts))  # type: ignore[return-value]
 
 
-def _blocks(x: torch.Tensor, mask: torch.Tensor | None):
+def _blocks(x: torch.Tensor, mask: torch.Tensor | None, rounded: torch.Tensor, integers: torch.Tensor):
     import torch
 
-    x = x.float()
-    top = x.amax(dim=1, keepdim=True)
-    exponent = torch.frexp(top).exponent.clamp_(min=MIN_EXPONENT)
-    q = (x * torch.ldexp(torch.ones_like(top), SCALE_BITS - exponent)).round_()
-    before = q.sum(dim=1, dtype=torch.float64)
-    after = before if mask is None else q.mul_(mask).sum(dim=1, dtype=torch.float64)
-    return before, after, exponent.flatten() - SCALE_BITS
+    exponent = torch.frexp(x.amax(dim=1, keepdim=True).float()).exponent.clamp_(min=MIN_EXPONENT)
+    scale = ((127 + SCALE_BITS - exponent) << 23).view(torch.float32)  # 2^(21 - e), built from its bits: exact
+    # + 1.5 * 2^23 - 1.5 * 2^23 rounds a float32 below 2^22 to the nearest integer, half to even (IEEE
+    # addition; cheaper than torch.round); half-up would bias: large values sit on a grid of eighths
+    torch.mul(x, scale, out=rounded).add_(_ROUND).sub_(_ROUND)
+    before = integers.copy_(rounded).sum(dim=1, dtype=torch.int32)  # integer-valued floats: exact conversion
+    if mask is None:
+        return before, before, exponent.flatten()
+    after = integers.copy_(rounded.mul_(mask)).sum(dim=1, dtype=torch.int32)  # the kept ones' integers
+    return before, after, exponent.flatten()
 
 
 def totals(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
-    """(sum|x|, sum|x| * mask) of every block, each correctly rounded to float64 (`math.fsum`)."""
+    """(sum|x|, sum|x| * mask) over every block, each rounded once from the exact fixed-point total."""
     import torch
 
     if not parts:
         return 0.0, 0.0
-    before, after, shifts = (torch.cat(column).tolist() for column in zip(*parts))
-    return (math.fsum(math.ldexp(v, s) for v, s in zip(before, shifts)),
-            math.fsum(math.ldexp(v, s) for v, s in zip(after, shifts)))
+    before, after, exponent = (torch.cat(column) for column in zip(*parts))
+    levels, which = torch.unique(exponent, return_inverse=True)
+    result = []
+    for sums in (before, after):
+        per_level = torch.zeros(len(levels), dtype=torch.int64, device=sums.device)
+        per_level.index_add_(0, which, sums.to(torch.int64))
+        low = int(levels.min().item())
+        exact = sum(int(s) << (int(e) - low) for s, e in zip(per_level.tolist(), levels.tolist()))
+        result.append(math.ldexp(float(exact), low - SCALE_BITS))
+    return result[0], result[1]
 
 
 def rescale_factor(before: float, after: float, dtype: torch.dtype, eps: float = 1e-7) -> float | None:

@@ -1,4 +1,4 @@
-"""The demo zoo's held-out table: each model on each skill, and the four default merges (mergekit kernels, in memory).
+"""The demo zoo's held-out table: each model on each skill, and the four default merges (default kernels, in memory).
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/zoo_table.py zoo
 """

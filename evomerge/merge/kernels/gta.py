@@ -202,7 +202,11 @@ def _combine(method, params, base, flats, pruners, weights, result, chunk) -> No
         ds, ms, mixed, spare = [d[:L] for d in deltas], [m[:L] for m in masks], s[:L], t[:L]
         for d, m, flat, p, w in zip(ds, ms, flats, pruners, weights):
             torch.sub(flat[start:end], b, out=d)
-            if p.prunes and p.work == dtype:
+            if p.prunes and p.work == dtype and p.stored is not None:
+                d.mul_(p.stored[start:end])  # the 0/1 bytes multiply like 0/1 floats, without converting them first
+                if p.factor is not None:
+                    d.mul_(p.factor)
+            elif p.prunes and p.work == dtype:
                 _mask_into(p, torch.abs(d, out=spare) if p.top is not None else d, start, m, scratch, spare=mixed)
                 d.mul_(m)
                 if p.factor is not None:

@@ -137,7 +137,7 @@ def measure_materialize(recipe_path: str, repeats: int, dtype: str) -> dict:
 
 
 def measure_export(recipe_path: str, out: str) -> dict:
-    from evomerge.io.export import export_recipe
+    from evomerge.export import export_recipe
     from evomerge.recipe import Recipe
 
     recipe = Recipe.load(recipe_path)

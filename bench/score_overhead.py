@@ -31,7 +31,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from evomerge.scoring import BUILTIN_TASKS, Scorer, TaskSpec, load_checkpoint, quiet
+    from evomerge.scoring import BUILTIN_TASKS, Scorer, TaskSpec, load_model_dir, quiet
 
     zoo = args.zoo
     if zoo is None:
@@ -39,7 +39,7 @@ def main() -> None:
 
         zoo = Path(tempfile.mkdtemp()) / "zoo"
         build_zoo(zoo, size="tiny", log=None)
-    model, tokenizer = load_checkpoint(zoo / "add")
+    model, tokenizer = load_model_dir(zoo / "add")
     names = ["zoo_add_search", "zoo_reverse_search"]
     t0 = time.perf_counter()
     scorer = Scorer([TaskSpec(name=n, subset=100) for n in names])

@@ -50,14 +50,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from evomerge.merge.materialize import Materializer
-    from evomerge.recipe import Recipe
-    from evomerge.scoring import Scorer
+    from evomerge.config import parse_config
+    from evomerge.evaluator import Evaluator, alone
     from evomerge.search import study as st
-    from evomerge.search.config import parse_config
     from evomerge.search.driver import run_search
-    from evomerge.search.space import load_space_spec
     from evomerge.search.workers import InlinePool
+    from evomerge.space import load_space_spec, space_of
 
     zoo = Path(args.zoo).resolve()
     data = yaml.safe_load(Path(args.config).read_text())
@@ -82,8 +80,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
         cfg = parse_config(data, base_dir=Path(args.config).resolve().parent)
-        from evomerge.search.driver import space_of
-
         dim = len(space_of(cfg).slots(cfg.models))
         t0 = time.perf_counter()
         res = run_search(cfg, progress=False, log=None, pool_factory=InlinePool)
@@ -92,24 +88,20 @@ def main() -> None:
         done = st.complete_trials(study)
         ranked = sorted(done, key=lambda t: (-st.objective_of(t), t.number))[: args.top_k]
 
-        mat = Materializer([str(m) for m in cfg.models], str(cfg.base_model), dtype=cfg.dtype)
-        held = Scorer(_tasks(heldout_names, None), seed=cfg.seed)
-        val = Scorer(_tasks(val_names, None), seed=cfg.seed)
+        ev = Evaluator.for_config(cfg, {"heldout": _tasks(heldout_names, None), "val": _tasks(val_names, None)})
 
-        def score(scorer, recipe=None) -> dict[str, float]:
+        def score(task_set, recipe=None) -> dict[str, float]:
             if recipe is not None:
-                mat.apply(recipe)
-            raw = scorer.score(mat.model, mat.tokenizer)
-            return {k: round(v["acc"], 4) for k, v in raw.items()}
+                ev.load(recipe)
+            return {k: round(v, 4) for k, v in ev.score(task_set).values().items()}
 
         def mean(d: dict[str, float]) -> float:
             return round(sum(d.values()) / len(d), 4)
 
         top = []
         for t in ranked:
-            recipe = Recipe.from_yaml(t.user_attrs["recipe"])
-            h = score(held, recipe)
-            v = score(val)
+            h = score("heldout", t.user_attrs["recipe"])
+            v = score("val")
             top.append({"trial": t.number, "baseline": t.user_attrs.get("baseline", ""), "search": round(st.objective_of(t), 4),
                         "val": mean(v), "heldout": mean(h), "heldout_tasks": h})  # fmt: skip
         line = {
@@ -133,14 +125,9 @@ def main() -> None:
 
             rows = {}
             for name in ["base", "add", "reverse"]:
-                ckpt = next(c for c in mat.checkpoints if c.path.name == name)
-                targets = mat.model.state_dict()
-                with torch.no_grad():
-                    for tn in ckpt.tensor_names():
-                        targets[tn].copy_(ckpt.get(tn))
-                rows[name] = {"heldout": score(held), "val": score(val)}
+                rows[name] = {"heldout": score("heldout", alone(zoo / name, ev.inputs)), "val": score("val")}
             for method, recipe in _default_recipes(cfg)[0]:
-                rows[f"{method} (defaults)"] = {"heldout": score(held, recipe), "val": score(val)}
+                rows[f"{method} (defaults)"] = {"heldout": score("heldout", recipe), "val": score("val")}
             line["rows"] = {k: {**v, "heldout_mean": mean(v["heldout"]), "val_mean": mean(v["val"])} for k, v in rows.items()}
     os.chdir(Path(__file__).resolve().parents[1])
     with open(args.log, "a") as f:

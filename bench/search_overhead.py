@@ -24,9 +24,9 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=20)
     args = ap.parse_args()
 
+    from evomerge.config import parse_config
     from evomerge.search import study as st
     from evomerge.search import workers
-    from evomerge.search.config import parse_config
     from evomerge.search.driver import run_search
 
     tmp = Path(tempfile.mkdtemp(prefix="evomerge-bench-"))

@@ -32,12 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        try:
-            module = importlib.import_module(f"evomerge.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"evomerge.commands.{name}":
-                raise
-            continue  # not built yet
+        module = importlib.import_module(f"evomerge.commands.{name}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.configure(p)
         p.set_defaults(_run=module.run)

@@ -1,5 +1,14 @@
-"""One exception hierarchy. User errors exit 2 with a one-line message; anything else is a bug (exit 1)."""
+"""One exception hierarchy, and the one way a validation error becomes a line.
+
+User errors (EvomergeError) exit 2 with `evomerge: error: <one line>` naming the file, the field and the fix;
+any other exception is a bug in evomerge and exits 1 with its traceback.
+"""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel, ValidationError
 
 
 class EvomergeError(Exception):
@@ -28,9 +37,75 @@ class CandidateError(EvomergeError):
     """A candidate merge failed (NaN weights, an evaluation error); its trial fails with this reason."""
 
 
-def close_matches(word: str, choices, n: int = 3) -> str:
+class TaskCodeError(CandidateError):
+    """The user's lm-eval task code (a `!function` of a task YAML) raised while scoring a candidate."""
+
+
+def close_matches(word: str, choices: Iterable[str], n: int = 3) -> str:
     """' (did you mean: a, b?)' or '' — for error messages that name an unknown key."""
     import difflib
 
     found = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.5)
     return f" (did you mean: {', '.join(found)}?)" if found else ""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): third-party errors in one line."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def describe_validation(err: ValidationError, root: type[BaseModel], quote: bool = True) -> str:
+    """Every pydantic error of `root` on one line: `field 'a.b': problem; field 'c': ...`, unknown fields with
+    "did you mean" among the fields valid where they were found; one error per field (unions report one per member).
+    `quote=False` writes `field a.b` (recipes: the form their other messages use, `models[0].parameters.x`)."""
+    names = _model_names(root)
+    seen: dict[str, str] = {}
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not _is_union_tag(p, names))
+        field = ".".join(str(p) for p in loc)
+        field = repr(field) if quote else field
+        if e["type"] == "extra_forbidden":
+            fields = [f for model in _models_at(root, loc) for f in model.model_fields]
+            part = f"unknown field {field}{close_matches(str(loc[-1]), fields) or '; remove it'}"
+        elif e["type"] == "missing":
+            part = f"field {field} is required; add it"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            part = f"field {field}: {msg}" if loc else msg
+        seen.setdefault(field, part)
+    return "; ".join(seen.values())
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold (`X`, `list[X]`, `X | None`, `dict[str, X | list[X]]`)."""
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
+
+
+def _models_at(root: type[BaseModel], loc: tuple) -> list[type[BaseModel]]:
+    """The models whose fields are valid at `loc[-1]`; list indexes and dict keys are stepped over."""
+    models = [root]
+    for part in loc[:-1]:
+        inner = [m for model in models if str(part) in model.model_fields
+                 for m in _models_in(model.model_fields[str(part)].annotation)]  # fmt: skip
+        if inner:
+            models = inner
+    return models
+
+
+def _model_names(root: type[BaseModel]) -> set[str]:
+    names, todo = set(), [root]
+    while todo:
+        model = todo.pop()
+        if model.__name__ not in names:
+            names.add(model.__name__)
+            todo += [m for f in model.model_fields.values() for m in _models_in(f.annotation)]
+    return names
+
+
+def _is_union_tag(part: Any, model_names: set[str]) -> bool:
+    """pydantic names the union member an error came from (`str`, `list[...]`, `ConditionalParameter`) in `loc`."""
+    return isinstance(part, str) and ("[" in part or part in {"bool", "int", "float", "str"} or part in model_names)

@@ -15,9 +15,6 @@ OFFLINE_ENV: dict[str, str] = {
 }
 
 
-_OFFLINE = OFFLINE_ENV  # the old private name
-
-
 def go_offline() -> None:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)

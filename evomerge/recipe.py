@@ -1,22 +1,29 @@
-"""A merge recipe: mergekit YAML (the `models:` form) plus an `evomerge:` provenance block.
+"""A merge recipe: mergekit YAML (the `models:` or the `slices:` form) plus an `evomerge:` provenance block.
 
     recipe = Recipe.load("recipe.yaml")          # relative model paths resolve against the file's folder
     recipe.dump("out/recipe.yaml")               # `mergekit-yaml out/recipe.yaml OUT` accepts it
+    recipe.as_models_form()                      # a `slices:` recipe that is a plain per-layer merge, as `models:`
 
 The same YAML means the same thing here and in mergekit: parameters are mergekit's `ParameterSetting`
 (a scalar, a gradient list interpolated across layers, or `{filter, value}` conditionals), and
-per-model parameters take precedence over global ones.
+per-model parameters take precedence over a slice's, which take precedence over global ones.
+
+`slices:` (mergekit's `OutputSliceDefinition`): each slice merges `layer_range: [a, b]` of each of its sources
+into b - a consecutive output layers, with gradients interpolated across the slice; embeddings come from the
+first slice's sources and the final norm and head from the last slice's. The same full range in every source
+is a per-layer merge; different ranges (or `passthrough`) stack layers into a model of another depth.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Mapping, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evomerge.errors import ConfigError, close_matches
+from evomerge.errors import ConfigError, describe_validation
 
 ScalarParameter = Union[bool, int, float, str]
 ScalarOrGradient = Union[ScalarParameter, list[ScalarParameter]]
@@ -38,6 +45,45 @@ class ModelEntry(BaseModel, frozen=True):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, ParameterSetting] | None = None
+
+
+class SliceSource(BaseModel, frozen=True):
+    """`{model, layer_range: [a, b], parameters}`: layers a..b-1 of `model` (mergekit's `InputSliceDefinition`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParameterSetting] | None = None
+
+
+class SliceEntry(BaseModel, frozen=True):
+    """One output slice: its sources merged layer by layer (mergekit's `OutputSliceDefinition`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, ParameterSetting] | None = None
+    residual_weight: float | None = None  # mergekit 0.1.5 reads it and never uses it; so does evomerge
+
+    @property
+    def length(self) -> int:
+        return self.sources[0].layer_range[1] - self.sources[0].layer_range[0]
+
+
+@dataclass(frozen=True)
+class MergeGroup:
+    """Inputs merged together under one parameter scope: the whole `models:` list, or one slice.
+
+    `inputs` in merge order (the `models:` form appends base_model when it is not listed, as mergekit does;
+    a slice merges exactly its sources); `fields[model]` is the recipe field of its entry, for messages."""
+
+    where: str
+    inputs: tuple[str, ...]
+    own: Mapping[str, Mapping[str, Any] | None]
+    fields: Mapping[str, str]
+    parameters: Mapping[str, Any] | None
+    base_model: str | None
+    layer_ranges: Mapping[str, tuple[int, int]] | None = None
 
 
 class Provenance(BaseModel, frozen=True):
@@ -76,7 +122,8 @@ class Recipe(BaseModel, frozen=True):
     model_config = ConfigDict(extra="forbid")
     merge_method: str
     base_model: str | None = None
-    models: list[ModelEntry]
+    models: list[ModelEntry] | None = None
+    slices: list[SliceEntry] | None = None
     parameters: dict[str, ParameterSetting] | None = None
     dtype: str | None = None
     out_dtype: str | None = None
@@ -88,6 +135,10 @@ class Recipe(BaseModel, frozen=True):
     def _check_method(self) -> Recipe:
         from evomerge.merge.methods import check_recipe
 
+        if bool(self.models) == bool(self.slices):
+            raise ConfigError("a recipe lists its inputs under exactly one of `models:` and `slices:` (mergekit's two forms)")
+        for i, piece in enumerate(self.slices or []):
+            _check_slice(i, piece)
         check_recipe(self)
         return self
 
@@ -114,9 +165,9 @@ class Recipe(BaseModel, frozen=True):
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "<dict>", base_dir: Path | None = None) -> Recipe:
-        for key in ("slices", "modules"):
-            if key in data:
-                raise ConfigError(f"{source}: field {key!r} is not supported; write the recipe with 'models:'")
+        if "modules" in data:
+            raise ConfigError(f"{source}: field 'modules' (mergekit's per-module form, for multi-module models) is not "
+                              "supported; write the recipe with 'models:' or 'slices:'")
         if "tokenizer" in data:
             raise ConfigError(f"{source}: field 'tokenizer' is not supported; use 'tokenizer_source: base' or a model path")
         if base_dir is not None:
@@ -124,7 +175,7 @@ class Recipe(BaseModel, frozen=True):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"{source}: {_describe(exc)}") from None
+            raise ConfigError(f"{source}: {describe_validation(exc, Recipe, quote=False)}") from None
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
@@ -145,21 +196,83 @@ class Recipe(BaseModel, frozen=True):
 
     # ---- queries -------------------------------------------------------------------------------
     def input_models(self) -> list[str]:
-        """Merge inputs in mergekit's order: `models` as listed, then base_model if not among them."""
-        names = [entry.model for entry in self.models]
+        """Every model the recipe reads, once: `models` as listed (or the slices' sources in order of appearance, then
+        each slice's own base_model), then base_model if not among them (mergekit's order in the `models:` form)."""
+        if self.slices is None:
+            names = [entry.model for entry in self.models or []]
+        else:
+            names = list(dict.fromkeys(
+                [s.model for piece in self.slices for s in piece.sources]
+                + [piece.base_model for piece in self.slices if piece.base_model is not None]
+            ))  # fmt: skip
         if self.base_model is not None and self.base_model not in names:
             names.append(self.base_model)
         return names
+
+    def groups(self) -> list[MergeGroup]:
+        """The merge groups: one for the `models:` form, one per slice."""
+        if self.slices is None:
+            fields = {entry.model: f"models[{i}]" for i, entry in enumerate(self.models or [])}
+            own = {entry.model: entry.parameters for entry in self.models or []}
+            return [MergeGroup("models", tuple(self.input_models()), own, fields, None, self.base_model)]
+        out = []
+        for i, piece in enumerate(self.slices):
+            models = tuple(s.model for s in piece.sources)
+            fields = {s.model: f"slices[{i}].sources[{j}]" for j, s in enumerate(piece.sources)}
+            own = {s.model: s.parameters for s in piece.sources}
+            ranges = {s.model: s.layer_range for s in piece.sources}
+            base = piece.base_model if piece.base_model is not None else self.base_model
+            out.append(MergeGroup(f"slices[{i}]", models, own, fields, piece.parameters, base, ranges))
+        return out
+
+    def as_models_form(self, num_layers: Mapping[str, int]) -> Recipe | None:
+        """This recipe in the `models:` form where that merges exactly the same tensors (a `models:` recipe itself;
+        a single slice taking every layer of every source, with the base among them or absent, its parameters
+        foldable into the global ones); else None. `num_layers[model]`: each input's layer count."""
+        if self.slices is None:
+            return self
+        if len(self.slices) != 1:
+            return None
+        piece = self.slices[0]
+        if any(s.layer_range != (0, num_layers.get(s.model, -1)) for s in piece.sources):
+            return None
+        base = piece.base_model if piece.base_model is not None else self.base_model
+        if base is not None and base not in [s.model for s in piece.sources]:
+            return None  # the models form would add the base as an input; the slice does not
+        shared = dict(self.parameters or {})
+        if piece.parameters and set(piece.parameters) & set(shared):
+            return None  # slice parameters fall through to global ones filter by filter: no single global setting
+        shared.update(piece.parameters or {})
+        models = [ModelEntry(model=s.model, parameters=s.parameters) for s in piece.sources]
+        return self.model_copy(update={"models": models, "slices": None, "base_model": base, "parameters": shared or None})
+
+    def map_models(self, fn) -> Recipe:
+        """The recipe with every model path (entries, sources, base models) replaced by `fn(path)`."""
+        update: dict[str, Any] = {"base_model": fn(self.base_model) if self.base_model is not None else None}
+        if self.models is not None:
+            update["models"] = [e.model_copy(update={"model": fn(e.model)}) for e in self.models]
+        if self.slices is not None:
+            update["slices"] = [
+                piece.model_copy(update={
+                    "sources": [s.model_copy(update={"model": fn(s.model)}) for s in piece.sources],
+                    "base_model": fn(piece.base_model) if piece.base_model is not None else None,
+                })
+                for piece in self.slices
+            ]  # fmt: skip
+        return self.model_copy(update=update)
 
     def with_provenance(self, **fields: Any) -> Recipe:
         current = self.evomerge or Provenance()
         return self.model_copy(update={"evomerge": current.model_copy(update=fields)})
 
     def field_of(self, model: str) -> str:
-        """The recipe field that names `model`: `models[i].model` or `base_model`, for error messages."""
-        for i, entry in enumerate(self.models):
-            if entry.model == model:
-                return f"models[{i}].model"
+        """The recipe field that names `model`: `models[i].model`, `slices[i].sources[j].model` or `base_model`."""
+        for group in self.groups():
+            if model in group.fields:
+                return f"{group.fields[model]}.model"
+        for i, piece in enumerate(self.slices or []):
+            if piece.base_model == model:
+                return f"slices[{i}].base_model"
         return "base_model"
 
     @property
@@ -173,6 +286,27 @@ class Recipe(BaseModel, frozen=True):
 
         recorded = self.evomerge.kernels if self.evomerge is not None else None
         return recorded or default_kernels()
+
+
+def _check_slice(i: int, piece: SliceEntry) -> None:
+    """A slice's layer ranges: non-empty, ascending, the same length in every source (mergekit's rule)."""
+    seen = set()
+    for j, src in enumerate(piece.sources):
+        a, b = src.layer_range
+        if a < 0 or b <= a:
+            raise ConfigError(f"field slices[{i}].sources[{j}].layer_range: [{a}, {b}] is empty or negative; "
+                              "write [first, last + 1] with first >= 0")
+        if src.model in seen:
+            raise ConfigError(f"field slices[{i}].sources[{j}].model: {src.model} is listed twice in one slice; "
+                              "put its other layer range in a slice of its own")
+        seen.add(src.model)
+    lengths = [s.layer_range[1] - s.layer_range[0] for s in piece.sources]
+    if len(set(lengths)) > 1:
+        j = next(k for k, n in enumerate(lengths) if n != lengths[0])
+        raise ConfigError(
+            f"field slices[{i}].sources[{j}].layer_range: {list(piece.sources[j].layer_range)} spans {lengths[j]} layers "
+            f"but sources[0] spans {lengths[0]}; every source of a slice spans the same number of layers"
+        )
 
 
 def _resolve_paths(data: dict, base_dir: Path) -> dict:
@@ -193,6 +327,8 @@ def _resolve_paths(data: dict, base_dir: Path) -> dict:
             {**entry, "model": fix(entry["model"])} if isinstance(entry, dict) and "model" in entry else entry
             for entry in data["models"]
         ]
+    if isinstance(data.get("slices"), list):
+        data["slices"] = [_resolve_slice(piece, fix) for piece in data["slices"]]
     if data.get("tokenizer_source") not in (None, "base", "union"):
         data["tokenizer_source"] = fix(data["tokenizer_source"])
     block = data.get("evomerge")
@@ -201,39 +337,18 @@ def _resolve_paths(data: dict, base_dir: Path) -> dict:
     return data
 
 
-def _describe(exc: ValidationError) -> str:
-    """Every pydantic error on one line: `field a.b: message; field c: message`."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown field{close_matches(str(err['loc'][-1]), _fields_at(err['loc'])) or '; remove it'}"
-        elif err["type"] == "missing":
-            msg = "required; add it"
-        parts.append(f"field {loc}: {msg}" if loc else msg)
-    # union members produce one error each; keep the first per location
-    seen: dict[str, str] = {}
-    for part in parts:
-        seen.setdefault(part.split(":")[0], part)
-    return "; ".join(seen.values())
-
-
-def _fields_at(loc: tuple) -> list[str]:
-    """The field names valid where an unknown key `loc` was found (for "did you mean")."""
-    if len(loc) == 1:
-        model: type[BaseModel] = Recipe
-    elif loc[0] == "models" and len(loc) == 3:
-        model = ModelEntry
-    elif loc[0] == "evomerge" and len(loc) == 2:
-        model = Provenance
-    else:  # a `{filter, value}` conditional parameter
-        model = ConditionalParameter
-    return list(model.model_fields)
-
-
-def _is_union_tag(part: Any) -> bool:
-    return isinstance(part, str) and ("[" in part or part in {"bool", "int", "float", "str", "ConditionalParameter"})
+def _resolve_slice(piece: Any, fix) -> Any:
+    if not isinstance(piece, dict):
+        return piece
+    piece = dict(piece)
+    if piece.get("base_model") is not None:
+        piece["base_model"] = fix(piece["base_model"])
+    if isinstance(piece.get("sources"), list):
+        piece["sources"] = [
+            {**src, "model": fix(src["model"])} if isinstance(src, dict) and "model" in src else src
+            for src in piece["sources"]
+        ]
+    return piece
 
 
 class _Dumper(yaml.SafeDumper):

@@ -10,39 +10,30 @@ from pathlib import Path
 
 
 def main(zoo: Path) -> None:
-    from evomerge.merge.materialize import Materializer
+    from evomerge.evaluator import Evaluator, alone
     from evomerge.recipe import ModelEntry, Recipe
     from evomerge.report.defaults import default_recipe
-    from evomerge.scoring import Scorer, TaskSpec
+    from evomerge.scoring import TaskSpec
+    from evomerge.tables import markdown_table
 
     manifest = json.loads((zoo / "zoo.json").read_text())
     names = list(manifest["specialists"])
-    tasks = [f"zoo_{n}" for n in names]
-    scorer = Scorer([TaskSpec(name=t) for t in tasks])
+    tasks = {"heldout": [TaskSpec(name=f"zoo_{n}") for n in names]}
     base, models = str(zoo / "base"), [str(zoo / n) for n in names]
     rows: dict[str, dict[str, float]] = {}
 
-    def score(label: str, mat: Materializer) -> None:
-        raw = scorer.score(mat.model, mat.tokenizer)
-        rows[label] = {t: raw[t]["acc"] for t in tasks}
-
-    mat = Materializer(models, base)
+    ev = Evaluator(models, base, tasks)
     for label, path in [("base", base), *zip(names, models)]:
-        only = [1.0 if m == path else 0.0 for m in models]
-        mat.apply(Recipe(merge_method="linear", base_model=None,
-                         models=[ModelEntry(model=m, parameters={"weight": w}) for m, w in zip(models + [base], only + [float(path == base)])]))
-        score(label, mat)
+        rows[label] = ev.evaluate(alone(path, ev.inputs), "heldout").values()
     for method in ("task_arithmetic", "ties", "dare_ties"):
-        mat.apply(default_recipe(method, base, models))
-        score(f"{method} (defaults)", mat)
+        rows[f"{method} (defaults)"] = ev.evaluate(default_recipe(method, base, models), "heldout").values()
     if len(models) == 2:  # SLERP joins two models: the specialists, halfway
-        pair = Materializer([models[1]], models[0])
-        pair.apply(Recipe(merge_method="slerp", base_model=models[0], models=[ModelEntry(model=models[1])], parameters={"t": 0.5}))
-        score("slerp t=0.5", pair)
-    print("| model | " + " | ".join(tasks) + " | mean |")
-    print("|---" * (len(tasks) + 2) + "|")
-    for label, s in rows.items():
-        print(f"| {label} | " + " | ".join(f"{100 * s[t]:.1f}" for t in tasks) + f" | {100 * sum(s.values()) / len(s):.1f} |")
+        pair = Evaluator([models[1]], models[0], tasks)
+        slerp = Recipe(merge_method="slerp", base_model=models[0], models=[ModelEntry(model=models[1])], parameters={"t": 0.5})
+        rows["slerp t=0.5"] = pair.evaluate(slerp, "heldout").values()
+    header = ["model", *(t.name for t in tasks["heldout"]), "mean"]
+    table = [[label, *(f"{100 * v:.1f}" for v in s.values()), f"{100 * sum(s.values()) / len(s):.1f}"] for label, s in rows.items()]
+    print("\n".join(markdown_table(header, table)))
 
 
 if __name__ == "__main__":

@@ -29,3 +29,38 @@ def tiny_zoo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zoo") / "tiny"
     build_zoo(out, seed=0, size="tiny", log=None)
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (tests/pg_server.py), stopped at the end, failures included."""
+    from pg_server import start_server
+
+    server = start_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres) -> str:
+    """The URL (with the `evomerge` role's password) of a fresh database on the session's server."""
+    return postgres.url(postgres.database())
+
+
+@pytest.fixture(scope="session")
+def arch_family(tmp_path_factory):
+    """`arch_family("gpt2")` -> {"base", "a", "b"}: a tiny random checkpoint of a real architecture and two noisy
+    fine-tunes of it (tests/archs.py), built once per session on first use."""
+    from archs import build_family
+
+    root = tmp_path_factory.mktemp("archs")
+    built: dict[str, dict[str, Path]] = {}
+
+    def get(arch: str) -> dict[str, Path]:
+        if arch not in built:
+            built[arch] = build_family(arch, root)
+        return built[arch]
+
+    return get

@@ -119,7 +119,7 @@ def drop_last_layer(folder: Path) -> None:
 def exported(edit: Callable[[Path], None]) -> Build:
     """A real export in tmp/ckpt, damaged by `edit`, then `verify tmp/ckpt`."""
     def build(tmp: Path, zoo: Path) -> list[str]:
-        from evomerge.io.export import export_recipe
+        from evomerge.export import export_recipe
         from evomerge.recipe import Recipe
 
         recipe(tmp, zoo)
@@ -236,9 +236,9 @@ def storage_under_a_file(tmp: Path, zoo: Path) -> list[str]:
 
 def study_exists_with_other_config(tmp: Path, zoo: Path) -> list[str]:
     """A study 'bad' made with seed 0 (opened as the driver does, no trials run), then `search` with seed 1."""
+    from evomerge.config import load_config
     from evomerge.search import study as st
-    from evomerge.search.config import load_config
-    from evomerge.search.driver import space_of
+    from evomerge.space import space_of
 
     search_config(tmp, zoo)
     cfg = load_config(tmp / "search.yaml")
@@ -297,8 +297,19 @@ CASES = [
     Case("tensor_renamed", broken(edit_tensors(lambda t: t.update({"model.extra.weight": t.pop("model.norm.weight")}))),
          "tensor model.norm.weight is missing"),
     Case("vocab_differs", broken(edit_json("tokenizer.json", swap_two_tokens)), "tokenizer vocabulary differs"),
-    Case("model_type_differs", broken(edit_json("config.json", lambda c: c.update(model_type="mistral"))), "model_type mistral"),
-    Case("num_layers_differ", broken(drop_last_layer), "has 3 layers"),
+    Case("model_type_differs", broken(edit_json("config.json", lambda c: c.update(model_type="mistral"))), "config.json model_type is mistral, but"),
+    Case("num_layers_differ", broken(drop_last_layer), "num_hidden_layers is 3, but"),
+    Case("config_differs_tensors_match", broken(edit_json("config.json", lambda c: c.update(intermediate_size=512))),
+         "intermediate_size is 512, but"),
+    Case("slices_lengths_differ", lambda t, z: write_recipe(t, (
+        f"merge_method: slerp\nbase_model: {z / 'add'}\nparameters: {{t: 0.5}}\nslices:\n- sources:\n"
+        f"  - {{model: {z / 'add'}, layer_range: [0, 4]}}\n  - {{model: {z / 'reverse'}, layer_range: [0, 3]}}\n")),
+        "spans 3 layers but sources[0] spans 4"),
+    Case("slices_past_last_layer", lambda t, z: write_recipe(t, (
+        f"merge_method: passthrough\nslices:\n- sources:\n  - {{model: {z / 'add'}, layer_range: [2, 6]}}\n")),
+        "reaches past the 4 layers"),
+    Case("modules_form", lambda t, z: write_recipe(t, f"merge_method: linear\nmodules:\n  text:\n    models:\n    - model: {z / 'add'}\n"),
+         "field 'modules'"),
     Case("base_incompatible", broken(drop_last_layer, role="base"), "layers"),
     Case("pickle_weights", broken(to_pickle), "--allow-pickle"),
     # outputs
@@ -360,6 +371,17 @@ CASES = [
 ]
 
 
+@contextlib.contextmanager
+def working_dir(folder: Path):
+    """`contextlib.chdir`, which Python 3.10 (allowed by pyproject) lacks."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def run_case(case: Case, tmp: Path, zoo: Path) -> tuple[int, str, str]:
     """Build the case in `tmp`, run the CLI in-process: (exit code, stdout, stderr)."""
     from evomerge.cli import main
@@ -367,7 +389,7 @@ def run_case(case: Case, tmp: Path, zoo: Path) -> tuple[int, str, str]:
     argv = case.build(tmp, zoo)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-            contextlib.chdir(tmp) if case.in_tmp else contextlib.nullcontext():
+            working_dir(tmp) if case.in_tmp else contextlib.nullcontext():
         with case.around() if case.around else contextlib.nullcontext():
             code = main(argv)
     return code, out.getvalue(), err.getvalue()

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from evomerge.errors import ModelError
 from evomerge.io.checkpoint import Checkpoint, check_compatible
-from evomerge.io.export import ShardWriter
+from evomerge.io.shards import ShardWriter
 
 VOCAB = {"<pad>": 0, "a": 1, "b": 2}
 

@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from evomerge.io.export import export_recipe
+from evomerge.export import export_recipe
 from evomerge.recipe import Recipe
 
 ATTN_MLP = [{"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]}, {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]}, {"value": 0.5}]

@@ -157,10 +157,17 @@ def test_missing_recipe_file(tmp_path):
 
 
 def test_nan_literal_is_rejected_not_silently_kept():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="finite"):
         Recipe.from_yaml("merge_method: linear\nmodels: [{model: a, parameters: {weight: .inf}}]")
-    # YAML 1.1 reads `1e3` as a string; mergekit (and we) accept it as a number
-    assert Recipe.from_yaml("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1e3}}]").models[0].parameters["weight"] == "1e3"
+    with pytest.raises(ConfigError, match="finite"):
+        Recipe.from_yaml("merge_method: linear\nmodels: [{model: a, parameters: {weight: .nan}}]")
+    # YAML 1.1 reads `1e3` as the string "1e3": the recipe keeps it as written (so it dumps back the same, as
+    # mergekit's own config does), and the merge reads it as the number 1000, as mergekit's resolver does
+    from evomerge.merge.plan import Plan
+
+    r = Recipe.from_yaml("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1e3}}]")
+    assert r.models[0].parameters["weight"] == "1e3"
+    assert Plan(r, num_layers=2).resolve("model.layers.0.mlp.up_proj.weight").per_input["a"]["weight"] == 1000.0
 
 
 def test_example_paths_are_plain_strings():

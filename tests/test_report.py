@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from evomerge.cli import main
+from evomerge.config import load_run_config, parse_config
 from evomerge.recipe import Recipe
 from evomerge.report import Comparison, Row, TrialRow, default_recipe, statement
 from evomerge.report.markdown import render
-from evomerge.search.config import load_run_config, parse_config
 from evomerge.search.driver import run_search
 from evomerge.search.workers import InlinePool
 
@@ -18,7 +18,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def search(root: Path, zoo: Path, name: str, method: str, sampler: dict, n_trials: int) -> Path:
-    """A short real search (Evaluator in this process, no Ray) into `root/runs/<name>`."""
+    """A short real search (one evaluator in this process, no Ray) into `root/runs/<name>`."""
     cfg = parse_config(
         {
             "name": name,
@@ -32,6 +32,7 @@ def search(root: Path, zoo: Path, name: str, method: str, sampler: dict, n_trial
             },
             "sampler": sampler,
             "budget": {"n_trials": n_trials},
+            "workers": {"count": 0},  # search and report in this process (the report scores through the same pool)
         }
     )
     with pytest.MonkeyPatch.context() as mp:
@@ -92,7 +93,7 @@ def test_oracle_is_the_per_task_max_over_sources(ties_report):
 
 
 def test_default_rows_equal_scoring_the_default_merge_directly(ties_report):
-    from evomerge.merge import Materializer
+    from evomerge.merge.materialize import Materializer
     from evomerge.scoring import Scorer, TaskSpec, evaluate_model_dir
 
     run_dir, c, _ = ties_report
@@ -204,22 +205,22 @@ def test_report_errors_name_the_fix(tmp_path, capsys):
 
 def test_default_recipes_come_from_the_search_space_defaults(tiny_zoo):
     from evomerge.errors import ConfigError
+    from evomerge.merge.plan import Plan
     from evomerge.report.defaults import COMMON_METHODS, space_for
-    from evomerge.search.space import resolve_setting
 
     two = [tiny_zoo / "add", tiny_zoo / "reverse"]
     ties = default_recipe("ties", tiny_zoo / "base", two, seed=3)
     assert ties.merge_method == "ties" and ties.seed == 3
-    params = ties.models[0].parameters
+    plan = Plan(ties, num_layers=4)
     for tensor in ("model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight", "model.norm.weight"):
-        assert resolve_setting(params["weight"], tensor, 0.3) == 1.0  # search_spaces/ties.yaml defaults
-        assert resolve_setting(params["density"], tensor, 0.3) == 0.5
+        add = plan.resolve(tensor, t=0.3).per_input[ties.models[0].model]
+        assert add["weight"] == 1.0 and add["density"] == 0.5  # search_spaces/ties.yaml defaults
     for method in COMMON_METHODS:
         assert method in space_for(method).methods
     assert space_for("dare_linear").name == "dare_ties"  # found through a space's `methods` list
     slerp = default_recipe("slerp", tiny_zoo / "base", two[:1])
     assert [m.model for m in slerp.models] == [str(tiny_zoo / "base"), str(two[0])]
-    assert resolve_setting(slerp.parameters["t"], "model.layers.2.self_attn.q_proj.weight", 0.6) == 0.5
+    assert Plan(slerp, num_layers=4).resolve("model.layers.2.self_attn.q_proj.weight", t=0.6).shared["t"] == 0.5
     with pytest.raises(ConfigError, match="at most 1 model"):
         default_recipe("slerp", tiny_zoo / "base", two)
     with pytest.raises(ConfigError, match="no search space"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from evomerge.errors import TaskError
-from evomerge.scoring import BUILTIN_TASKS, Scorer, TaskSpec, load_checkpoint
+from evomerge.scoring import BUILTIN_TASKS, Scorer, TaskSpec, load_model_dir
 
 TASKS = [TaskSpec(name="zoo_add_search", subset=40), TaskSpec(name="zoo_reverse_greedy_search", subset=30)]
 
@@ -16,7 +16,7 @@ def scorer() -> Scorer:
 
 @pytest.fixture(scope="module")
 def base(tiny_zoo):
-    return load_checkpoint(tiny_zoo / "base")
+    return load_model_dir(tiny_zoo / "base")
 
 
 def test_scores_equal_simple_evaluate(scorer, base, monkeypatch):
@@ -63,7 +63,7 @@ def test_subsets_fixed_seeded_and_sized(scorer):
 def test_in_place_weight_changes_are_scored(scorer, tiny_zoo):
     import torch
 
-    model, tokenizer = load_checkpoint(tiny_zoo / "reverse")
+    model, tokenizer = load_model_dir(tiny_zoo / "reverse")
     first = scorer.score(model, tokenizer)
     assert scorer.score(model, tokenizer) == first  # no state carried between calls
     saved = {k: v.clone() for k, v in model.state_dict().items()}

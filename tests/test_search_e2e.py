@@ -8,13 +8,14 @@ import warnings
 import optuna
 import pytest
 
+from evomerge.config import apply_overrides, parse_config
+from evomerge.export import export_trial
 from evomerge.recipe import Recipe
+from evomerge.report.status import status_text
 from evomerge.scoring import TaskSpec, evaluate_model_dir
 from evomerge.search import study as st
-from evomerge.search.config import apply_overrides, parse_config
-from evomerge.search.driver import run_search, space_of
-from evomerge.search.export import export_trial
-from evomerge.search.summary import status_text
+from evomerge.search.driver import run_search
+from evomerge.space import space_of
 
 TASKS = [{"name": "zoo_add_search", "subset": 20}, {"name": "zoo_reverse_search", "subset": 20}]
 

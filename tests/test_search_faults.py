@@ -10,10 +10,11 @@ from pathlib import Path
 import optuna
 import pytest
 
+from evomerge.config import parse_config
 from evomerge.search import study as st
-from evomerge.search.config import parse_config
-from evomerge.search.driver import MAX_WORKER_DEATHS, SearchResult, _InFlight, _tell, run_search, space_of
-from evomerge.search.workers import TrialResult
+from evomerge.search.driver import MAX_WORKER_DEATHS, SearchResult, _InFlight, _tell, run_search
+from evomerge.search.workers import JobResult
+from evomerge.space import space_of
 
 TASKS = [{"name": "zoo_add_search", "subset": 4}, {"name": "zoo_reverse_search", "subset": 4}]
 SPACE = {"methods": ["task_arithmetic"], "parameters": {"weight": {"low": 0.0, "high": 1.0, "default": 0.5}}}
@@ -44,15 +45,15 @@ def fake_zoo(tmp_path: Path) -> Path:
     return tmp_path / "zoo"
 
 
-def died(running: bool = True) -> TrialResult:
-    return TrialResult(worker="h:1", error="worker died: h:1: ActorDiedError", worker_died=True, was_running=running)
+def died(running: bool = True) -> JobResult:
+    return JobResult(worker="h:1", error="worker died: h:1: ActorDiedError", worker_died=True, was_running=running)
 
 
 def test_params_that_keep_killing_workers_are_retried_twice_then_fail(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = zoo_config(fake_zoo(tmp_path))
     study = st.open_study(cfg, space_of(cfg), log=None)
-    dists = space_of(cfg).distributions(cfg.models)
+    dists = st.distributions(space_of(cfg), cfg.models)
     result = SearchResult("faults", tmp_path, cfg.storage_url, 0, 0, None, None)
     for _ in range(3):  # the baselines
         study.tell(st.ask(study, dists), 0.5)
@@ -83,9 +84,9 @@ def test_a_non_finite_objective_fails_even_if_the_worker_says_ok(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     cfg = zoo_config(fake_zoo(tmp_path))
     study = st.open_study(cfg, space_of(cfg), log=None)
-    trial = st.ask(study, space_of(cfg).distributions(cfg.models))
+    trial = st.ask(study, st.distributions(space_of(cfg), cfg.models))
     result = SearchResult("faults", tmp_path, cfg.storage_url, 0, 0, None, None)
-    res = TrialResult(scores={"zoo_add_search": {"acc": 1.0}}, objective=math.inf)
+    res = JobResult(scores={"zoo_add_search": {"acc": 1.0}}, objective=math.inf)
     assert _tell(study, cfg, _InFlight(trial, time.perf_counter()), res, result) is None
     frozen = study.trials[trial.number]
     assert frozen.state == optuna.trial.TrialState.FAIL and "non-finite objective inf" in frozen.user_attrs["fail_reason"]
@@ -145,7 +146,7 @@ def test_a_trial_requeued_before_a_kill_is_not_requeued_twice(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     cfg = zoo_config(fake_zoo(tmp_path))
     study = st.open_study(cfg, space_of(cfg), log=None)
-    trial = st.ask(study, space_of(cfg).distributions(cfg.models))
+    trial = st.ask(study, st.distributions(space_of(cfg), cfg.models))
     study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})  # killed right after this
     trial.set_user_attr("driver", {"host": "elsewhere", "pid": 1})
     assert st.fail_stale_trials(study, log=None, exclusive=True) == [trial.number]
@@ -173,12 +174,12 @@ class KillingPool:
         return self.pool.wait(timeout)
 
 
-@pytest.mark.slow
 def test_a_ray_worker_killed_mid_trial_is_replaced_and_its_trial_retried(tmp_path, tiny_zoo, monkeypatch):
+    """In the default suite (issue 12): three trials, one Ray actor SIGKILLed while it runs the second."""
     from evomerge.search.workers import WorkerPool
 
     monkeypatch.chdir(tmp_path)
-    cfg = zoo_config(tiny_zoo, workers={"count": 1, "num_cpus": 1}, budget={"n_trials": 5})
+    cfg = zoo_config(tiny_zoo, workers={"count": 1, "num_cpus": 1}, budget={"n_trials": 3})
     holder = {}
 
     def factory(c):
@@ -187,7 +188,7 @@ def test_a_ray_worker_killed_mid_trial_is_replaced_and_its_trial_retried(tmp_pat
 
     result = run_search(cfg, progress=False, log=None, pool_factory=factory)
     pool = holder["pool"]
-    assert result.n_complete == 5 and pool.killed
+    assert result.n_complete == 3 and pool.killed
     trials = st.load_study("faults", cfg.storage_url).trials
     dead = [t for t in trials if t.state.name == "FAIL"]
     assert dead and all(t.user_attrs["fail_reason"].startswith("worker died") for t in dead)
@@ -212,5 +213,101 @@ def test_a_baseline_killed_inside_ask_is_retried_with_its_own_params(tmp_path, m
     assert st.fail_stale_trials(study, log=None, exclusive=True) == [waiting.number]
     retry = [t for t in study.trials if t.user_attrs.get("retry_of") == waiting.number][0]
     assert retry.system_attrs["fixed_params"] == waiting.system_attrs["fixed_params"] and retry.user_attrs["baseline"] == "defaults"
-    asked = [st.ask(study, space_of(cfg).distributions(cfg.models)) for _ in range(3)]  # after the other baselines
+    asked = [st.ask(study, st.distributions(space_of(cfg), cfg.models)) for _ in range(3)]  # after the other baselines
     assert asked[-1].params == waiting.system_attrs["fixed_params"] and asked[-1].user_attrs["retry_of"] == waiting.number
+
+
+# -- typed failures: the candidate's own fail its trial; a bug in evomerge stops the search ---------------------
+
+def test_an_exception_in_the_users_task_code_fails_that_trial_and_the_search_goes_on(tmp_path, tiny_zoo, monkeypatch):
+    from evomerge.search.workers import InlinePool
+    from test_evaluator import raising_task
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "tasks"
+    name = raising_task(folder, "calls == 9")  # 8 documents per candidate: the second candidate's first one raises
+    cfg = zoo_config(tiny_zoo, tasks={"search": [{"name": name}], "include_paths": [str(folder)]})
+    result = run_search(cfg, progress=False, log=None, pool_factory=InlinePool)
+    assert result.n_complete == 3 and result.n_failed == 1
+    trials = st.load_study("faults", cfg.storage_url).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    reason = trials[1].user_attrs["fail_reason"]
+    assert reason.startswith("TaskCodeError: ") and "boom_utils.py" in reason and "on call 9" in reason
+    assert not any("retry_of" in t.user_attrs for t in trials), "a failed candidate is not retried"
+
+
+def test_a_bug_in_evomerge_stops_the_search_and_loses_no_completed_trial(tmp_path, tiny_zoo, monkeypatch):
+    from evomerge.scoring import Scorer
+    from evomerge.search.workers import InlinePool
+
+    monkeypatch.chdir(tmp_path)
+    real, calls = Scorer.objective, []
+
+    def objective(self, scores):  # the second candidate hits a bug in evomerge's own code
+        calls.append(1)
+        if len(calls) == 2:
+            raise ZeroDivisionError("an injected bug")
+        return real(self, scores)
+
+    monkeypatch.setattr(Scorer, "objective", objective)
+    cfg = zoo_config(tiny_zoo)
+    with pytest.raises(ZeroDivisionError, match="an injected bug"):
+        run_search(cfg, progress=False, log=None, pool_factory=InlinePool)
+    trials = st.load_study("faults", cfg.storage_url).trials
+    assert trials[0].state.name == "COMPLETE"
+    assert trials[1].state.name == "FAIL" and trials[1].user_attrs["fail_reason"].startswith("interrupted")
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == 1]
+    assert len(retry) == 1 and retry[0].state.name == "WAITING", "the interrupted trial runs again on resume"
+
+
+def test_a_bug_exits_1_with_its_traceback_not_2_as_a_user_error(tmp_path, tiny_zoo):
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "search.yaml"
+    data = zoo_config(tiny_zoo).model_dump(mode="json", exclude_none=True)
+    config.write_text(yaml.safe_dump(data))
+    script = (
+        "import sys\n"
+        "from evomerge.scoring.scorer import Scorer\n"
+        "def objective(self, scores): return 1 / 0\n"  # every candidate: a bug, not the candidate's failure
+        "Scorer.objective = objective\n"
+        "from evomerge.cli import main\n"
+        f"sys.exit(main(['search', {str(config)!r}, '--no-progress']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" in out.stderr and "ZeroDivisionError" in out.stderr and "evomerge: error" not in out.stderr
+
+
+@pytest.mark.slow
+def test_a_bug_in_a_ray_worker_stops_the_search_with_its_traceback(tmp_path, tiny_zoo, monkeypatch):
+    """The same injected bug inside a Ray actor (through sitecustomize, which every worker process runs)."""
+    import ray
+
+    from evomerge.search.workers import WorkerPool
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('EVOMERGE_TEST_INJECT_BUG'):\n"
+        "    from evomerge.scoring.scorer import Scorer\n"
+        "    def objective(self, scores):\n"
+        "        raise ZeroDivisionError('an injected bug in a worker')\n"
+        "    Scorer.objective = objective\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("EVOMERGE_TEST_INJECT_BUG", "1")
+    cfg = zoo_config(tiny_zoo, workers={"count": 1, "num_cpus": 1})
+    try:
+        with pytest.raises(ZeroDivisionError, match="an injected bug in a worker"):
+            run_search(cfg, progress=False, log=None, pool_factory=WorkerPool)
+    finally:
+        ray.shutdown()
+    trials = st.load_study("faults", cfg.storage_url).trials
+    assert "COMPLETE" not in {t.state.name for t in trials} and "RUNNING" not in {t.state.name for t in trials}
+    assert all(t.user_attrs["fail_reason"].startswith("interrupted") for t in trials if t.state.name == "FAIL")

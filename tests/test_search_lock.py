@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from evomerge.errors import StudyError
+from evomerge.io.atomic import process_start
 from evomerge.search import lock as lk
 from evomerge.search import study as st
 
@@ -40,30 +41,40 @@ def test_a_second_driver_on_a_sqlite_study_is_refused_until_the_first_releases(t
         again.claim(study)  # a stale attr of a dead driver (here: released) never blocks
 
 
-def test_rdb_storages_lock_with_a_lease_in_the_study(tmp_path, monkeypatch):
-    """Without a file lock (PostgreSQL, MySQL URLs) the `lock` user attr is the lock: live pid or fresh heartbeat."""
-    monkeypatch.setattr(lk, "SETTLE_S", 0.0)
-    _, study = new_study(tmp_path)
-    rdb = "postgresql://db.example/evomerge"
-    now = time.time()
-    study.set_user_attr("lock", {"host": "elsewhere", "pid": 7, "start": "1", "since": now - 50, "heartbeat": now - 5})
-    with pytest.raises(StudyError, match="is being run by pid 7 on elsewhere"):
-        lk.StudyLock(rdb, "locked").acquire().claim(study)
-    study.set_user_attr("lock", {"host": "elsewhere", "pid": 7, "since": now - 9999, "heartbeat": now - st.GRACE_S - 1})
-    mine = lk.StudyLock(rdb, "locked").acquire()
-    mine.claim(study)  # a silent holder on another host is taken over after GRACE_S
-    assert study.user_attrs["lock"]["pid"] == os.getpid()
-    # a driver that finds the study taken over (it stalled past GRACE_S) stops instead of sharing it
-    study.set_user_attr("lock", {"host": "elsewhere", "pid": 8, "since": now, "heartbeat": now})
-    with pytest.raises(StudyError, match="pid 8 on elsewhere"):
-        mine.beat()
-    # on this host a holder is live while its process runs (same pid and start time)
-    study.set_user_attr("lock", {**lk.driver_id(), "pid": os.getppid(), "start": lk._proc_start(os.getppid()), "since": now})
-    with pytest.raises(StudyError, match=f"pid {os.getppid()}"):
-        lk.StudyLock(rdb, "locked").acquire().claim(study)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    study.set_user_attr("lock", {**lk.driver_id(), "pid": int(dead.stdout), "since": now, "heartbeat": now})
-    lk.StudyLock(rdb, "locked").acquire().claim(study)
+def test_other_databases_are_refused_rather_than_run_unlocked():
+    """Only sqlite (flock), PostgreSQL (advisory lock) and MySQL (GET_LOCK) can hold a study; the password stays hidden."""
+    with pytest.raises(StudyError, match="only sqlite, postgresql and mysql storages provide") as err:
+        lk.StudyLock("mssql+pyodbc://sa:hunter2@db/evomerge", "x").acquire()
+    assert "sa:***@db" in str(err.value) and "hunter2" not in str(err.value)
+
+
+class Loaded(Exception):
+    pass
+
+
+def test_the_driver_heartbeats_from_taking_the_study_also_while_workers_load(tmp_path, monkeypatch):
+    """A model load longer than the grace period must not let another host take the study: the lock's heartbeat
+    thread beats while the pool is still being made."""
+    from test_search_faults import fake_zoo, zoo_config
+
+    from evomerge.search.driver import run_search
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(lk, "HEARTBEAT_S", 0.1)
+    cfg = zoo_config(fake_zoo(tmp_path))
+    seen = []
+
+    def slow_pool(c):  # workers loading models: the driver's loop has not started
+        reader = st.load_study(c.name, c.storage_url)
+        for _ in range(8):
+            time.sleep(0.1)
+            seen.append(reader.user_attrs["lock"]["heartbeat"])
+        raise Loaded
+
+    with pytest.raises(Loaded):
+        run_search(cfg, progress=False, log=None, pool_factory=slow_pool)
+    assert len(set(seen)) >= 4, seen
+    assert st.load_study(cfg.name, cfg.storage_url).user_attrs["lock"] is None, "released at the end"
 
 
 def search_config(tmp_path: Path, zoo: Path, n_trials: int) -> Path:

@@ -14,10 +14,10 @@ import optuna
 import pytest
 import yaml
 
+from evomerge.config import parse_config
 from evomerge.errors import StudyError
 from evomerge.search import study as st
-from evomerge.search.config import parse_config
-from evomerge.search.driver import space_of
+from evomerge.space import space_of
 
 REPO = Path(__file__).resolve().parent.parent
 SPACE = {
@@ -51,7 +51,7 @@ def toy_value(params: dict) -> float:
 
 def run_toy(study, cfg, n: int) -> None:
     """The driver's ask/tell bookkeeping with a cheap objective instead of a merge."""
-    dists = space_of(cfg).distributions(cfg.models)
+    dists = st.distributions(space_of(cfg), cfg.models)
     for _ in range(n):
         trial = st.ask(study, dists)
         study.tell(trial, toy_value(trial.params))
@@ -85,7 +85,7 @@ def dead_pid() -> int:
 def test_stale_running_trials_fail_and_are_enqueued_again(tmp_path):
     cfg = make_config(tmp_path)
     study = st.open_study(cfg, space_of(cfg), log=None)
-    dists = space_of(cfg).distributions(cfg.models)
+    dists = st.distributions(space_of(cfg), cfg.models)
     run_toy(study, cfg, 3)  # consume the baselines
     mine = st.ask(study, dists)  # this live process: not stale
     orphan = st.ask(study, dists)

@@ -1,4 +1,5 @@
-"""Samplers: every registered name builds, defaults follow the space's dimension, CMA-ES warm start works."""
+"""Samplers (search/study.py): every registered name builds, its options are Optuna's, defaults follow the space's
+dimension, CMA-ES warm start works."""
 from __future__ import annotations
 
 import json
@@ -8,11 +9,11 @@ from pathlib import Path
 import optuna
 import pytest
 
+from evomerge.config import SAMPLERS, parse_config, write_run_config
 from evomerge.errors import ConfigError
 from evomerge.search import study as st
-from evomerge.search.config import parse_config, write_run_config
-from evomerge.search.driver import space_of
-from evomerge.search.samplers import SEPARABLE_DIM, auto_options, make_sampler, sampler_for, sampler_names
+from evomerge.search.study import SEPARABLE_DIM, auto_options, make_sampler, sampler_for
+from evomerge.space import space_of
 
 SPACE = {
     "methods": ["task_arithmetic"],
@@ -38,7 +39,7 @@ def make_config(tmp_path: Path, name: str = "src", **changes):
     return parse_config(data, base_dir=tmp_path)
 
 
-@pytest.mark.parametrize("name", sampler_names())
+@pytest.mark.parametrize("name", list(SAMPLERS))
 def test_every_sampler_builds_with_its_dimension_defaults(name):
     sampler = make_sampler(name, seed=1, dim=28)
     assert isinstance(sampler, optuna.samplers.BaseSampler)
@@ -77,7 +78,7 @@ def test_warm_start_begins_where_the_earlier_study_did_well(tmp_path, monkeypatc
     space = space_of(src)
     write_run_config(src)
     study = st.open_study(src, space, log=None)
-    dists = space.distributions(src.models)
+    dists = st.distributions(space, src.models)
     rand = optuna.samplers.RandomSampler(seed=0)
     probe = optuna.create_study(sampler=rand)
     for _ in range(40):  # an earlier exploration of the space, scored by a toy objective
@@ -113,3 +114,15 @@ def test_warm_start_begins_where_the_earlier_study_did_well(tmp_path, monkeypatc
         sampler_for(missing, space_of(missing))
     by_name = make_config(tmp_path, "byname", sampler={"name": "cmaes", "warm_start": {"study": "src", "storage": src.storage_url}})
     assert len(sampler_for(by_name, space_of(by_name))._source_trials) == 40
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_the_config_layer_knows_each_samplers_options_without_importing_optuna(name):
+    """config.py lists each sampler's options as data (so loading a config never imports Optuna): they must be
+    exactly the keyword arguments of the installed Optuna class, less the two evomerge sets itself."""
+    import inspect
+
+    cls = getattr(optuna.samplers, SAMPLERS[name].optuna_class)
+    assert set(SAMPLERS[name].options) == set(inspect.signature(cls).parameters) - {"seed", "source_trials"}
+    assert set(SAMPLERS[name].defaults) <= set(SAMPLERS[name].options)
+    assert SAMPLERS[name].multi_objective == (name == "nsga2")

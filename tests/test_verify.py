@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 
 from evomerge.cli import main
-from evomerge.io.verify import file_sha256, verify_checkpoint
+from evomerge.io.digest import file_sha256
+from evomerge.io.verify import verify_checkpoint
 from evomerge.recipe import Recipe
 
 
@@ -57,7 +58,7 @@ def test_verify_an_export_folder_and_warn_on_changed_inputs(tiny_zoo, tmp_path, 
 
 
 def test_extra_files_are_part_of_the_atomic_output(tiny_zoo, tmp_path):
-    from evomerge.io.export import export_recipe
+    from evomerge.export import export_recipe
 
     out = export_recipe(Recipe.load(_recipe(tiny_zoo, tmp_path)), tmp_path / "m", extra_files={"README.md": "# card\n"})
     assert (out / "README.md").read_text() == "# card\n"

@@ -3,11 +3,12 @@
 Checks the models are compatible (architecture, tensor names and shapes, tokenizer vocab), then prints
 per-layer task-vector similarity, sign-conflict rates and delta sizes, and where interference concentrates.
 `--probe` (search configs) also merges and scores, region by region, where one model's task vector hurts
-another model's task (`evomerge.probe`).
+another model's task (`evomerge.analysis.probe`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +21,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe", action="store_true",
                         help="also merge and score, per layer and tensor kind, where one model's task vector hurts "
                              "another's task (needs a search config: its tasks.search)")  # fmt: skip
+    parser.add_argument("--allow-config-mismatch", action="store_true",
+                        help="audit models whose config.json differ in shape-defining fields when their tensors match")
     parser.add_argument("--probe-subset", type=int, metavar="N",
                         help="examples per task for --probe (default: each search task's own subset)")
 
@@ -28,27 +31,29 @@ def run(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from evomerge.audit import audit_dirs, format_table, load_inputs, summary
+    from evomerge.analysis.audit import audit_dirs, format_table, load_inputs, summary
     from evomerge.errors import ConfigError
 
     if args.sample < 2:
         raise ConfigError(f"--sample {args.sample}: use at least 2 positions per tensor")
     cfg = _probe_config(args) if args.probe else None
     base, models = load_inputs(args.config)
+    args.allow_config_mismatch = args.allow_config_mismatch or _config_allows(args.config)
     if len(models) < 2:
         raise ConfigError(f"{args.config}: audit compares task vectors, so it needs at least two models besides "
                           f"the base (found {len(models)}); list them under `models`")
-    progress = _progress() if sys.stderr.isatty() and not args.json else None
-    report = audit_dirs(base, models, sample=args.sample, seed=args.seed, progress=progress)
+    with _progress(enabled=sys.stderr.isatty() and not args.json) as progress:
+        report = audit_dirs(base, models, sample=args.sample, seed=args.seed, progress=progress,
+                            allow_config_mismatch=args.allow_config_mismatch)
     probed = _probe(cfg, args, sys.stderr.isatty() and not args.json) if cfg is not None else None
     if args.plot:
-        from evomerge.plots.audit import plot_audit
+        from evomerge.analysis.heatmap import plot_audit
 
         plot_audit(report, args.plot)
     if args.json:
         out = {**report.model_dump(mode="json"), "summary": summary(report)}
         if probed is not None:
-            from evomerge.probe import probe_summary
+            from evomerge.analysis.probe import probe_summary
 
             out["probe"] = {**probed.to_dict(), "summary": probe_summary(probed)}
         print(json.dumps(out, indent=2))
@@ -61,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     for line in summary(report):
         print(line)
     if probed is not None:
-        from evomerge.probe import format_probe, probe_summary
+        from evomerge.analysis.probe import format_probe, probe_summary
 
         print()
         print(format_probe(probed))
@@ -73,21 +78,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress():
+@contextlib.contextmanager
+def _progress(enabled: bool):
+    """A tqdm bar on stderr fed by the audit's `progress(done, total)` calls."""
     import sys
 
-    def show(done: int, total: int) -> None:
-        end = "\n" if done == total else ""
-        print(f"\raudit: {done}/{total} tensors", end=end, file=sys.stderr, flush=True)
+    from tqdm.auto import tqdm
 
-    return show
+    bar = tqdm(desc="audit", unit="tensor", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+
+    def show(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield show
+    finally:
+        bar.close()
 
 
 def _probe_config(args: argparse.Namespace):
     """The search config --probe takes its tasks from (checked before any work: errors exit 2 at once)."""
+    from evomerge.config import load_config
     from evomerge.errors import ConfigError
     from evomerge.io.yamlfile import read_yaml
-    from evomerge.search.config import load_config
 
     raw = read_yaml(args.config, "file (pass a search config YAML)")
     if isinstance(raw, dict) and "merge_method" in raw:
@@ -98,13 +112,22 @@ def _probe_config(args: argparse.Namespace):
     return load_config(args.config)
 
 
+def _config_allows(path: str) -> bool:
+    """Whether a search config sets `allow_config_mismatch: true` (audit then honours it as the search does)."""
+    from evomerge.io.yamlfile import read_yaml
+
+    raw = read_yaml(path, "file (pass a recipe or search config YAML)")
+    return isinstance(raw, dict) and raw.get("allow_config_mismatch") is True
+
+
 def _probe(cfg, args: argparse.Namespace, show: bool):
     import sys
 
-    from evomerge.probe import probe
+    from evomerge.analysis.probe import probe
     from evomerge.scoring import TaskSpec
 
     tasks = [TaskSpec(**{**t.model_dump(), **({"subset": args.probe_subset} if args.probe_subset else {})})
              for t in cfg.tasks.search]  # fmt: skip
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if show else None
-    return probe(cfg.base_model, cfg.models, tasks, cfg.tasks.include_paths, seed=cfg.seed, log=log)
+    return probe(cfg.base_model, cfg.models, tasks, cfg.tasks.include_paths, seed=cfg.seed, log=log,
+                 allow_config_mismatch=args.allow_config_mismatch)

@@ -18,10 +18,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from evomerge.errors import ConfigError
     from evomerge.commands.report import print_report
+    from evomerge.config import load_config
+    from evomerge.errors import ConfigError
+    from evomerge.export import export_trial
     from evomerge.report import build_report
-    from evomerge.search import export_trial, load_config, run_search
+    from evomerge.search.driver import run_search
     from evomerge.zoo.build import build_zoo
 
     start = time.perf_counter()

@@ -24,18 +24,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-defaults", action="store_true", help="also index lm-eval's built-in tasks (~30 s)")
 
 
-def format_table(scores: dict[str, dict[str, float]]) -> str:
-    rows = [(task, metric, f"{value:.4f}") for task, metrics in scores.items() for metric, value in metrics.items()]
-    head = ("task", "metric", "value")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [head, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
     from evomerge.errors import TaskError
     from evomerge.scoring import TaskSpec, evaluate_model_dir
+    from evomerge.tables import text_table
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
@@ -53,5 +45,6 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         include_defaults=args.include_defaults,
     )
-    print(json.dumps(scores, indent=2, sort_keys=True) if args.json else format_table(scores))
+    rows = [[task, metric, f"{value:.4f}"] for task, metrics in scores.items() for metric, value in metrics.items()]
+    print(json.dumps(scores, indent=2, sort_keys=True) if args.json else text_table(["task", "metric", "value"], rows))
     return 0

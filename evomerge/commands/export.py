@@ -15,7 +15,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from evomerge.commands.merge import kernels_flag
-    from evomerge.search.export import export_trial
+    from evomerge.export import export_trial
 
     kernels = kernels_flag(args.kernels) if args.kernels is not None else None
     res = export_trial(args.run_dir, out=args.out, trial=args.trial, kernels=kernels)

@@ -1,6 +1,6 @@
-"""`evomerge merge RECIPE.yaml --out DIR [--seed N] [--kernels SET] [--max-shard-size 2GB] [--allow-pickle] [--trust-remote-code]`
+"""`evomerge merge RECIPE.yaml --out DIR [--seed N] [--kernels SET] [--max-shard-size 2GB] [--allow-pickle] [--allow-config-mismatch]`
 
-Materializes any recipe (mergekit YAML with `models:`, optionally an `evomerge:` block) to an HF checkpoint.
+Materializes any recipe (mergekit YAML with `models:` or `slices:`, optionally an `evomerge:` block) to an HF checkpoint.
 DIR appears whole or not at all; `evomerge verify DIR` checks it later against the hashes in DIR/recipe.yaml.
 The kernel set is the recipe's (`evomerge.kernels`), else $EVOMERGE_KERNELS, else evomerge-1; `--kernels`
 overrides it, and DIR/recipe.yaml records the set used.
@@ -19,7 +19,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "else $EVOMERGE_KERNELS, else evomerge-1)")
     parser.add_argument("--max-shard-size", default="2GB", metavar="SIZE", help="largest weight file (default 2GB)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt inputs (unpickled weights-only)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="accepted for symmetry; export runs no model code")
+    parser.add_argument("--allow-config-mismatch", action="store_true",
+                        help="merge models whose config.json differ in shape-defining fields (hidden size, layers, "
+                             "heads, vocabulary, architecture) when their tensors match")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from evomerge.io.export import export_recipe, parse_size
+    from evomerge.export import export_recipe
+    from evomerge.io.shards import parse_size
     from evomerge.recipe import Recipe
 
     start = time.perf_counter()
@@ -36,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if args.kernels is not None:
         recipe = recipe.with_provenance(kernels=kernels_flag(args.kernels))
     out = export_recipe(
-        recipe, Path(args.out), seed=args.seed, allow_pickle=args.allow_pickle, shard_bytes=shard_bytes, source=args.recipe
+        recipe, Path(args.out), seed=args.seed, allow_pickle=args.allow_pickle, shard_bytes=shard_bytes, source=args.recipe,
+        allow_config_mismatch=args.allow_config_mismatch,
     )
     seed = args.seed if args.seed is not None else recipe.seed
     print(f"merged {recipe.merge_method} of {len(recipe.input_models())} models (seed {seed}, kernels {recipe.kernels}) "

@@ -30,11 +30,11 @@ def run(args: argparse.Namespace) -> int:
 
 def print_report(result) -> None:
     """The report's path, its held-out table and the plain verdict (shared with `evomerge demo`)."""
-    from evomerge.report import statement, text_table
+    from evomerge.report import statement, text_comparison
 
     c = result.comparison
     metric = "/".join(sorted(set(c.metrics.values())))
     print(f"\nreport: {result.report}")
     print(f"held-out {metric}:\n")
-    print(text_table(c))
+    print(text_comparison(c))
     print("\n" + statement(c.verdict(), metric).replace("**", ""))

@@ -14,8 +14,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from evomerge.config import load_config
     from evomerge.errors import ConfigError
-    from evomerge.search.config import load_config
     from evomerge.search.driver import run_search
 
     for flag in ("n_trials", "workers"):

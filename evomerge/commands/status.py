@@ -1,4 +1,4 @@
-"""`evomerge status RUN_DIR`: trial counts, best trials with per-task scores, failures, what is running."""
+"""`evomerge status RUN_DIR`: trial counts, the exported trial, best trials with per-task scores, failures, what is running."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.search.summary import status_text
+    from evomerge.report.status import status_text
 
     print(status_text(args.run_dir, top=args.top))
     return 0

@@ -1,10 +1,6 @@
-"""All reading and writing of checkpoints: lazy memory-mapped inputs, streaming sharded export (atomic),
-and verification of an export against the sha256 its recipe recorded."""
-from __future__ import annotations
+"""All reading and writing of files: memory-mapped checkpoints (`checkpoint`), streaming safetensors shards
+(`shards`), whole-or-nothing outputs (`atomic`), sha256 of files (`digest`), verification of an export against
+the hashes its recipe recorded (`verify`), user YAML (`yamlfile`). Nothing here merges or scores.
 
-from evomerge.io.atomic import atomic_dir
-from evomerge.io.checkpoint import Checkpoint, check_compatible
-from evomerge.io.export import export_recipe
-from evomerge.io.verify import verify_checkpoint
-
-__all__ = ["Checkpoint", "atomic_dir", "check_compatible", "export_recipe", "verify_checkpoint"]
+Import from the modules (`recipe.py` reads YAML through `io.yamlfile`), so this package imports nothing itself.
+"""

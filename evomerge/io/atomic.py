@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from evomerge.errors import EvomergeError
 
@@ -47,8 +47,9 @@ def output_error(target: Path, exc: OSError) -> EvomergeError:
     return EvomergeError(f"{target}: cannot write the output ({exc.strerror or exc}{where}); {hint}")
 
 
-def check_replaceable(target: Path) -> None:
-    """Refuse to replace anything but a missing folder, an empty one, or an earlier evomerge output."""
+def check_replaceable(target: Path, ours: Callable[[Path], bool] | None = None, what: str = "") -> None:
+    """Refuse to replace anything but a missing folder, an empty one, or an earlier output of ours: by default an
+    evomerge export (`is_evomerge_output`); `ours` and `what` (its description, for the message) say otherwise."""
     ancestor = target.parent
     while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -58,12 +59,10 @@ def check_replaceable(target: Path) -> None:
         return
     if target.is_symlink() or not target.is_dir():
         raise EvomergeError(f"{target}: exists and is not a folder; choose a new or empty output folder")
-    if not any(target.iterdir()) or is_evomerge_output(target):
+    if not any(target.iterdir()) or (ours or is_evomerge_output)(target):
         return
-    raise EvomergeError(
-        f"{target}: exists and is not an evomerge output (no {MARKER} recording its files); "
-        "choose a new or empty output folder"
-    )
+    what = what or f"an evomerge output (no {MARKER} recording its files)"
+    raise EvomergeError(f"{target}: exists and is not {what}; choose a new or empty output folder")
 
 
 def is_evomerge_output(folder: Path) -> bool:
@@ -79,10 +78,11 @@ def is_evomerge_output(folder: Path) -> bool:
 
 
 @contextmanager
-def atomic_dir(target: Path | str) -> Iterator[Path]:
-    """Yield an empty temp folder next to `target`; on success it becomes `target` in one step."""
+def atomic_dir(target: Path | str, ours: Callable[[Path], bool] | None = None, what: str = "") -> Iterator[Path]:
+    """Yield an empty temp folder next to `target`; on success it becomes `target` in one step.
+    `ours`, `what`: which existing folders it may replace (`check_replaceable`)."""
     target = Path(os.path.abspath(target))
-    check_replaceable(target)
+    check_replaceable(target, ours, what)
     clean_stale(target)
     created: list[Path] = []
     tmp: Path | None = None
@@ -111,7 +111,7 @@ def clean_stale(target: Path) -> list[Path]:
         return removed
     for path in siblings:
         match = _SIBLING.match(path.name)
-        if not match or match["name"] != target.name or _alive(int(match["pid"])):
+        if not match or match["name"] != target.name or pid_alive(int(match["pid"])):
             continue
         aside = path / target.name
         if match["tag"] == OLD_TAG and not os.path.lexists(target) and aside.is_dir():
@@ -121,16 +121,24 @@ def clean_stale(target: Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def process_start(pid: int) -> str | None:
+    """The process's start time (Linux `/proc`), to tell a live process from a later one that reuses its pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def pid_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process `pid` on this host still runs (the one that left a temp folder or holds a study);
+    with `start` (its `process_start` back then), the same process rather than a reused pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's live process
-        return True
-    return True
+        pass
+    return start is None or process_start(pid) in (None, start)
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -152,12 +160,13 @@ def _rmdir_quietly(folder: Path) -> None:
 
 
 def _open_permissions(folder: Path) -> None:
-    """mkdtemp/mkstemp create owner-only entries; give the result the usual umask-based modes."""
+    """mkdtemp/mkstemp create owner-only entries; give the result the usual umask-based modes (folders inside,
+    e.g. an export's model/, stay enterable)."""
     mask = os.umask(0)
     os.umask(mask)
     folder.chmod(0o777 & ~mask)
     for path in folder.iterdir():
-        path.chmod(0o666 & ~mask)
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _publish(new: Path, target: Path) -> None:

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import mmap
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from evomerge.errors import ModelError
+from evomerge.io.digest import files_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +32,21 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 # torch dtype name -> safetensors dtype code (what a writer puts in the header)
 ST_CODES: dict[str, str] = {name: code for code, (name, _) in _ST_DTYPES.items()}
+# A tokenizer's own files (transformers' save_pretrained writes some of these): copied into exports, and a model
+# folder scored from disk needs at least one of them.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+)  # fmt: skip
+
+
+def config_num_layers(config: dict[str, Any]) -> int | None:
+    """The decoder-layer count of an HF `config.json` (also a multimodal model's `text_config`), or None."""
+    for cfg in (config, config.get("text_config") or {}):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+    return None
 
 
 class _Entry:
@@ -170,12 +185,7 @@ class Checkpoint:
     # ---- identity -------------------------------------------------------------------------------
     @cached_property
     def _sha256(self) -> str:
-        h = hashlib.sha256()
-        for file in sorted(self.files):
-            with open(file, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    h.update(chunk)
-        return h.hexdigest()
+        return files_sha256(sorted(self.files))
 
     def sha256(self) -> str:
         """Hash of the weight files' bytes in name order (the zoo's `zoo.json` uses the same definition)."""
@@ -183,11 +193,7 @@ class Checkpoint:
 
     @property
     def num_layers(self) -> int | None:
-        for cfg in (self.config, self.config.get("text_config") or {}):
-            for key in ("num_hidden_layers", "n_layer", "num_layers"):
-                if isinstance(cfg.get(key), int):
-                    return cfg[key]
-        return None
+        return config_num_layers(self.config)
 
     @property
     def architecture(self) -> str:
@@ -271,26 +277,74 @@ def _load_pickles(files: Sequence[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
-    """Same architecture, tensor names, shapes and tokenizer vocabulary as `checkpoints[0]` (put the base first),
-    or ModelError naming the first mismatch."""
+# Shape-defining config.json fields: (the name in messages, the keys architectures spell it with)
+SHAPE_FIELDS = (
+    ("model_type", ("model_type",)),
+    ("architectures", ("architectures",)),
+    ("hidden_size", ("hidden_size", "n_embd", "d_model")),
+    ("num_hidden_layers", ("num_hidden_layers", "n_layer", "num_layers")),
+    ("num_attention_heads", ("num_attention_heads", "n_head")),
+    ("num_key_value_heads", ("num_key_value_heads",)),
+    ("intermediate_size", ("intermediate_size", "n_inner", "ffn_dim")),
+    ("vocab_size", ("vocab_size",)),
+)
+
+
+def config_field(config: dict[str, Any], field: str) -> tuple[str, Any]:
+    """(key, value) of a shape-defining field in an HF config (or its `text_config`); value None when absent.
+    An absent num_key_value_heads is num_attention_heads (no grouped-query attention), as transformers reads it."""
+    keys = dict(SHAPE_FIELDS)[field]
+    for cfg in (config, config.get("text_config") or {}):
+        for key in keys:
+            if key in cfg:
+                return key, cfg[key]
+    if field == "num_key_value_heads":
+        return config_field(config, "num_attention_heads")
+    return keys[0], None
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "absent"
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def config_mismatch(ref: Checkpoint | tuple[Path, dict], other: Checkpoint | tuple[Path, dict], *,
+                    layers: bool = True) -> str | None:
+    """The first shape-defining config.json field on which `other` differs from `ref`, as a message; None if none.
+    Each is a Checkpoint or a (folder, config) pair (a config.json read without the weights).
+    `layers=False` leaves num_hidden_layers out (a `slices:` recipe takes layer ranges from models of any depth)."""
+    ref_path, ref_config = (ref.path, ref.config) if isinstance(ref, Checkpoint) else ref
+    other_path, other_config = (other.path, other.config) if isinstance(other, Checkpoint) else other
+    for field, _ in SHAPE_FIELDS:
+        if field == "num_hidden_layers" and not layers:
+            continue
+        _, a = config_field(ref_config, field)
+        other_key, b = config_field(other_config, field)
+        if a != b:
+            return (f"{other_path}: config.json {other_key} is {_show(b)}, but {ref_path} has {_show(a)}; merge models of "
+                    "one architecture and size, or pass --allow-config-mismatch (search config: allow_config_mismatch: "
+                    "true) if their tensors are meant to merge anyway")
+    return None
+
+
+def check_compatible(checkpoints: Sequence[Checkpoint], *, allow_config_mismatch: bool = False, layers: bool = True) -> None:
+    """Same shape-defining config (`SHAPE_FIELDS`, unless `allow_config_mismatch`), tensor names, shapes and tokenizer
+    vocabulary as `checkpoints[0]` (put the base first), or ModelError naming the first mismatch. `layers=False`
+    (a `slices:` recipe) compares the config and the vocabulary only: the slices decide which tensors are read,
+    and the merge checks them tensor by tensor."""
     if not checkpoints:
         raise ModelError("no input models to merge")
     ref = checkpoints[0]
     ref_names = ref.tensor_names()
     ref_set = set(ref_names)
     for other in checkpoints[1:]:
-        if other.architecture != ref.architecture or other.config.get("model_type") != ref.config.get("model_type"):
-            raise ModelError(
-                f"{other.path}: architecture {other.architecture} (model_type {other.config.get('model_type')}) differs "
-                f"from {ref.path} ({ref.architecture}, model_type {ref.config.get('model_type')}); "
-                "merge models of one architecture"
-            )
-        if other.num_layers != ref.num_layers:
-            raise ModelError(
-                f"{other.path}: config.json has {other.num_layers} layers, {ref.path} has {ref.num_layers}; "
-                "merge models of one architecture"
-            )
+        why = None if allow_config_mismatch else config_mismatch(ref, other, layers=layers)
+        if why is not None:
+            raise ModelError(why)
+        if not layers:
+            _check_vocab(ref, other)
+            continue
         names = set(other.tensor_names())
         missing = [n for n in ref_names if n not in names]
         if missing:
@@ -304,11 +358,15 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
                     f"{other.path}: tensor {name} has shape {list(other.shape(name))}, "
                     f"but {ref.path} has {list(ref.shape(name))}"
                 )
-        a, b = ref.vocab(), other.vocab()
-        if a is not None and b is not None and a != b:
-            diff = sorted(set(a.items()) ^ set(b.items()))
-            hint = f" (first difference: token {diff[0][0]!r})" if diff else ""
-            raise ModelError(
-                f"{other.path}: tokenizer vocabulary differs from {ref.path}{hint}; "
-                "models merged together must share one tokenizer"
-            )
+        _check_vocab(ref, other)
+
+
+def _check_vocab(ref: Checkpoint, other: Checkpoint) -> None:
+    a, b = ref.vocab(), other.vocab()
+    if a is not None and b is not None and a != b:
+        diff = sorted(set(a.items()) ^ set(b.items()))
+        hint = f" (first difference: token {diff[0][0]!r})" if diff else ""
+        raise ModelError(
+            f"{other.path}: tokenizer vocabulary differs from {ref.path}{hint}; "
+            "models merged together must share one tokenizer"
+        )

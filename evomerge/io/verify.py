@@ -8,22 +8,14 @@ copied, truncated or tampered checkpoint is caught before anyone loads or publis
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from evomerge.errors import ModelError
+from evomerge.io.digest import file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def checkpoint_folder(folder: Path | str) -> Path:

@@ -1,19 +1,6 @@
-"""Merging: recipe -> per-tensor parameters (plan) -> kernels (`kernels/`, a named set) -> a resident model or a stream."""
-from __future__ import annotations
+"""Merging: a recipe expanded to per-tensor parameters (`plan`), run tensor by tensor (`materialize`) into a
+resident model or a stream by a named kernel set (`kernels`: evomerge-1 or mergekit-0.1.5); methods by name
+(`methods`).
 
-from evomerge.merge.materialize import Materializer, merge_tensor, merged_tensors, tensor_seed
-from evomerge.merge.methods import METHODS, RANDOM_METHODS, get_method
-from evomerge.merge.plan import Plan, TensorParams, layer_t
-
-__all__ = [
-    "METHODS",
-    "RANDOM_METHODS",
-    "Materializer",
-    "Plan",
-    "TensorParams",
-    "get_method",
-    "layer_t",
-    "merge_tensor",
-    "merged_tensors",
-    "tensor_seed",
-]
+Import from the modules: `recipe.py` validates against `merge.methods`, so this package imports nothing itself.
+"""

@@ -14,12 +14,14 @@ from __future__ import annotations
 import hashlib
 import os
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from evomerge.errors import CandidateError, ConfigError, ModelError
 from evomerge.io.checkpoint import Checkpoint, check_compatible
-from evomerge.merge.plan import Plan, TensorParams, layer_index
+from evomerge.merge.layout import Layout, model_names, tied_names
+from evomerge.merge.plan import Plan, TensorParams
 from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -111,12 +113,18 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
 
 
 def merged_tensors(
-    recipe: Recipe, checkpoints: Sequence[Checkpoint], targets: dict[str, torch.Tensor] | None = None
+    recipe: Recipe,
+    checkpoints: Sequence[Checkpoint],
+    targets: dict[str, torch.Tensor] | None = None,
+    *,
+    plan: Plan | None = None,
+    release: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, merged tensor) for every tensor; `checkpoints` align with `recipe.input_models()`.
+    """(name, merged tensor) for every output tensor; `checkpoints` align with `recipe.input_models()`.
 
     With `targets` (name -> destination tensor), a kernel may write the result straight into the
-    destination and yield it; otherwise the caller copies what is yielded.
+    destination and yield it; otherwise the caller copies what is yielded. `plan`: the recipe planned over the
+    reference checkpoint (default `plan_for`); `release`: drop each tensor's input pages once the caller has it.
 
     The one per-tensor merge loop, shared by `Materializer.apply` and `export_recipe`.
     Raises CandidateError when a merged tensor holds NaN or Inf.
@@ -126,28 +134,36 @@ def merged_tensors(
     inputs = recipe.input_models()
     if len(checkpoints) != len(inputs):
         raise ValueError(f"{len(checkpoints)} checkpoints for {len(inputs)} recipe inputs")
-    ref = checkpoints[inputs.index(recipe.base_model)] if recipe.base_model else checkpoints[0]
-    num_layers = ref.num_layers
-    if num_layers is None:  # config without a layer count: count the layers the tensor names mention
-        num_layers = 1 + max((i for i in map(layer_index, ref.tensor_names()) if i is not None), default=0)
-    plan = Plan(recipe, num_layers=num_layers)
+    by_model = dict(zip(inputs, checkpoints))
+    plan = plan or plan_for(recipe, checkpoints)
     dtype, out_dtype = torch_dtype(recipe.dtype), torch_dtype(recipe.out_dtype)
     kernels = recipe.kernels
-    for name in ref.tensor_names():
-        params = plan.resolve(name)
-        target = targets.get(name) if targets is not None else None
-        tensors = [ckpt.get(name) for ckpt in checkpoints]
+    for job in plan.jobs():
+        target = targets.get(job.name) if targets is not None else None
+        tensors = [by_model[m].get(src) for m, src in zip(job.inputs, job.sources)]
         if target is not None and target.device.type != "cpu":  # merge where the resident model lives
             tensors = [t.to(target.device) for t in tensors]
         with kernel_threads():  # single-threaded ops here, evomerge's kernels spread over the CPUs
             result = merge_tensor(
-                plan.method, params, tensors, inputs, recipe.base_model, seed=recipe.seed, dtype=dtype,
+                plan.method, job.params, tensors, job.inputs, job.base_model, seed=recipe.seed, dtype=dtype,
                 out_dtype=out_dtype, out=target, kernels=kernels,
             )
             finite = not result.is_floating_point() or not result.numel() or _finite(result)
         if not finite:
-            raise CandidateError(f"merged tensor {name} has NaN or Inf values ({recipe.merge_method})")
-        yield name, result
+            raise CandidateError(f"merged tensor {job.name} has NaN or Inf values ({recipe.merge_method})")
+        yield job.name, result
+        if release:  # the caller is done with it: drop its input pages from our memory
+            for model, src in zip(job.inputs, job.sources):
+                by_model[model].release(src)
+
+
+def plan_for(recipe: Recipe, checkpoints: Sequence[Checkpoint], layout: Layout | None = None) -> Plan:
+    """`recipe` planned over its reference checkpoint (base_model, else the first input); `layout` defaults to that
+    checkpoint's names, with no tied duplicates."""
+    by_model = dict(zip(recipe.input_models(), checkpoints))
+    ref = by_model[recipe.base_model] if recipe.base_model else checkpoints[0]
+    depths = {m: c.num_layers for m, c in by_model.items() if c.num_layers is not None}
+    return Plan(recipe, layout=layout or Layout.of(ref), layers_of=depths)
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -181,9 +197,12 @@ class Materializer:
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
         device: str = "cpu",
+        allow_config_mismatch: bool = False,
     ):
         """`device`: where the resident model lives and evaluates ("cuda" on a GPU worker); each merged tensor
-        is computed there (its inputs copied from the memory-mapped CPU files) and written into the parameter."""
+        is computed there (its inputs copied from the memory-mapped CPU files) and written into the parameter.
+        `allow_config_mismatch`: merge models whose config.json differ in shape-defining fields when their
+        tensors match."""
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -194,29 +213,41 @@ class Materializer:
         self.base_model = _key(base_model) if base_model is not None else None
         self._checkpoints = {k: Checkpoint(k, allow_pickle=allow_pickle) for k in keys}
         ref = self.base_model or keys[0]
-        check_compatible([self._checkpoints[ref]] + [c for k, c in self._checkpoints.items() if k != ref])
+        check_compatible([self._checkpoints[ref]] + [c for k, c in self._checkpoints.items() if k != ref],
+                         allow_config_mismatch=allow_config_mismatch)  # fmt: skip
         config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
         model_dtype = torch_dtype(dtype) or _config_dtype(config) or torch.float32
         from transformers.initialization import no_init_weights
 
         with no_init_weights():  # every weight is overwritten by apply: skip the random init (seconds at 1B)
             self.model = AutoModelForCausalLM.from_config(config, dtype=model_dtype, trust_remote_code=trust_remote_code)
+        self.model.tie_weights()  # transformers 5 skips tying under no_init_weights; a tied head must share storage
         self.model.to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
-        self._targets = self.model.state_dict()
+        state = self.model.state_dict()
         names = self._checkpoints[ref].tensor_names()
-        unknown = [n for n in names if n not in self._targets]
+        renamed = model_names(self.model, names)  # stored name -> the model's (GPT-NeoX: embed_out -> lm_head)
+        unknown = [n for n in names if renamed.get(n, n) not in state]
         if unknown:
             raise ModelError(f"{ref}: tensor {unknown[0]} has no place in {type(self.model).__name__}")
-        covered = {self._targets[n].data_ptr() for n in names}  # tied weights share storage with a written one
-        missing = [n for n, t in self._targets.items() if t.numel() and t.data_ptr() not in covered]
+        # keyed by the stored names, as recipes, plans and the probe name tensors; a tied head shares its storage
+        self._targets = {n: state[renamed.get(n, n)] for n in names}
+        covered = {t.data_ptr() for t in self._targets.values()}
+        missing = [n for n, t in state.items() if t.numel() and t.data_ptr() not in covered]
         if missing:
             raise ModelError(f"{ref}: has no tensor {missing[0]!r}, which {type(self.model).__name__} needs; "
                              "use a complete checkpoint")
+        self.layout = replace(Layout.of(self._checkpoints[ref]), tied=tied_names(self.model, names, renamed))
+        self._depths = {k: c.num_layers for k, c in self._checkpoints.items() if c.num_layers is not None}
 
     @property
     def checkpoints(self) -> list[Checkpoint]:
         return list(self._checkpoints.values())
+
+    @property
+    def targets(self) -> dict[str, torch.Tensor]:
+        """name -> the resident model's tensor: what `apply` writes into."""
+        return self._targets
 
     def apply(self, recipe: Recipe) -> None:
         import torch
@@ -228,20 +259,19 @@ class Materializer:
             )
         if recipe.base_model is not None and _key(recipe.base_model) != self.base_model:
             raise ConfigError(f"recipe base_model {recipe.base_model} is not this worker's base ({self.base_model})")
-        recipe = _with_keys(recipe)
+        recipe = recipe.map_models(_key)  # ids match the loaded checkpoints
         checkpoints = [self._checkpoints[k] for k in recipe.input_models()]
+        plan = Plan(recipe, layout=self.layout, layers_of=self._depths)
+        if plan.out_layers != self.layout.num_layers:
+            raise ConfigError(
+                f"this slices: recipe makes a model of {plan.out_layers} layers from {self.layout.num_layers}-layer "
+                "inputs; a search merges into a resident model of the base's shape: stack layers with `evomerge merge`"
+            )
         with torch.no_grad():
-            for name, tensor in merged_tensors(recipe, checkpoints, self._targets):
+            for name, tensor in merged_tensors(recipe, checkpoints, self._targets, plan=plan):
                 target = self._targets[name]
                 if tensor is not target:
                     target.copy_(tensor)
-
-
-def _with_keys(recipe: Recipe) -> Recipe:
-    """The recipe with model paths resolved, so ids match the loaded checkpoints."""
-    models = [entry.model_copy(update={"model": _key(entry.model)}) for entry in recipe.models]
-    base = _key(recipe.base_model) if recipe.base_model is not None else None
-    return recipe.model_copy(update={"models": models, "base_model": base})
 
 
 def _config_dtype(config) -> torch.dtype | None:

@@ -9,7 +9,7 @@ from evomerge.errors import ConfigError, close_matches
 if TYPE_CHECKING:
     from mergekit.merge_methods import MergeMethod
 
-    from evomerge.recipe import Recipe
+    from evomerge.recipe import MergeGroup, Recipe
 
 METHODS = (
     "linear",
@@ -26,8 +26,6 @@ METHODS = (
     "model_stock",
     "passthrough",
 )
-# Methods with random masks: per tensor, from a counter stream (evomerge-1) or a seeded RNG (mergekit-0.1.5).
-RANDOM_METHODS = frozenset({"dare_linear", "dare_ties", "della", "della_linear"})
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 # name -> (low, high, low_inclusive, high_inclusive); every other numeric parameter must be finite.
@@ -52,7 +50,10 @@ def check_recipe(recipe: Recipe) -> None:
     method = get_method(recipe.merge_method)
     specs = {p.name: p for p in method.spec.parameters}
     scopes = [("parameters", recipe.parameters)]
-    scopes += [(f"models[{i}].parameters", entry.parameters) for i, entry in enumerate(recipe.models)]
+    for group in recipe.groups():
+        if group.parameters is not None:
+            scopes.append((f"{group.where}.parameters", group.parameters))
+        scopes += [(f"{group.fields[m]}.parameters", params) for m, params in group.own.items()]
     for where, params in scopes:
         for name, setting in (params or {}).items():
             if name not in specs:
@@ -66,27 +67,30 @@ def check_recipe(recipe: Recipe) -> None:
         value = getattr(recipe, field)
         if value is not None and value not in DTYPES:
             raise ConfigError(f"field {field}: {value!r} is not a dtype; use one of {', '.join(DTYPES)}")
-    inputs = recipe.input_models()
-    if len(set(inputs)) != len(inputs):
-        raise ConfigError("field models: a model is listed twice")
-    try:
-        method.validate_inputs(inputs, recipe.base_model)
-    except ValueError as exc:
-        if recipe.base_model is None and "requires a base" in str(exc):
-            raise ConfigError(
-                f"field base_model: {recipe.merge_method} needs a base model (the one the others were fine-tuned from); "
-                "add `base_model: PATH`"
-            ) from None
-        raise ConfigError(f"field models: {recipe.merge_method}: {exc}; check base_model and the models listed") from None
-    _check_required(recipe, method)
-    _check_della(recipe)
+    for group in recipe.groups():
+        inputs = list(group.inputs)
+        if len(set(inputs)) != len(inputs):
+            raise ConfigError(f"field {group.where}: a model is listed twice")
+        try:
+            method.validate_inputs(inputs, group.base_model)
+        except ValueError as exc:
+            if group.base_model is None and "requires a base" in str(exc):
+                raise ConfigError(
+                    f"field base_model: {recipe.merge_method} needs a base model (the one the others were fine-tuned "
+                    "from); add `base_model: PATH`"
+                ) from None
+            hint = "; list base_model among each slice's sources" if recipe.slices is not None else ""
+            raise ConfigError(f"field {group.where}: {recipe.merge_method}: {exc}; check base_model and the models "
+                              f"listed{hint}") from None
+        _check_required(recipe, group, method)
+        _check_della(recipe, group)
 
 
 def _leaves(setting: Any) -> Iterator[Any]:
     """Every scalar a setting can evaluate to (gradients interpolate between leaves, so ranges hold)."""
-    from evomerge.recipe import ConditionalParameter
+    from pydantic import BaseModel
 
-    if isinstance(setting, ConditionalParameter):
+    if isinstance(setting, BaseModel):  # a `{filter, value}` ConditionalParameter (recipe.py imports this module)
         yield from _leaves(setting.value)
     elif isinstance(setting, list):
         for item in setting:
@@ -114,39 +118,38 @@ def _check_value(spec: Any, value: Any, where: str) -> None:
             raise ConfigError(f"field {where}: {spec.name} must be in {interval}, got {value!r}")
 
 
-def _check_required(recipe: Recipe, method: MergeMethod) -> None:
+def _check_required(recipe: Recipe, group: MergeGroup, method: MergeMethod) -> None:
     from mergekit.merge_methods.base import ParameterScope
 
-    global_params = recipe.parameters or {}
-    own = {entry.model: entry.parameters or {} for entry in recipe.models}
+    global_params = {**(recipe.parameters or {}), **(group.parameters or {})}
     for spec in method.spec.parameters:
         if not spec.required or spec.name in global_params:
             continue
         if spec.scope == ParameterScope.SHARED:
             raise ConfigError(f"field parameters.{spec.name}: {recipe.merge_method} requires it")
-        for model in recipe.input_models():
-            if spec.scope == ParameterScope.NON_BASE and model == recipe.base_model:
+        for model in group.inputs:
+            if spec.scope == ParameterScope.NON_BASE and model == group.base_model:
                 continue
-            if spec.name not in own.get(model, {}):
+            if spec.name not in (group.own.get(model) or {}):
                 raise ConfigError(
                     f"field parameters.{spec.name}: {recipe.merge_method} requires {spec.name} for {model}; "
                     f"set it under that model's parameters or globally"
                 )
 
 
-def _check_della(recipe: Recipe) -> None:
+def _check_della(recipe: Recipe, group: MergeGroup) -> None:
     """DELLA samples keep-probabilities in density +/- epsilon, which must stay inside (0, 1)."""
     if recipe.merge_method not in ("della", "della_linear"):
         return
-    global_params = recipe.parameters or {}
-    for i, entry in enumerate(recipe.models):
-        if entry.model == recipe.base_model:
+    shared = {**(recipe.parameters or {}), **(group.parameters or {})}
+    for model, own in group.own.items():
+        if model == group.base_model:
             continue
-        params = {**global_params, **(entry.parameters or {})}
+        params = {**shared, **(own or {})}
         d, e = params.get("density", 1.0), params.get("epsilon", 0.15)
         # gradients and filters are checked per tensor at merge time (the pairs depend on the layer)
         if isinstance(d, (int, float)) and isinstance(e, (int, float)) and d < 1 and not (0 < d - e and d + e < 1):
             raise ConfigError(
-                f"field models[{i}].parameters: della needs density +/- epsilon inside (0, 1), "
+                f"field {group.fields[model]}.parameters: della needs density +/- epsilon inside (0, 1), "
                 f"got density {d} and epsilon {e}; lower epsilon"
             )

@@ -1,5 +1,6 @@
-"""`evomerge report RUN_DIR`: held-out comparison of a study's best recipe against sources, default merges and
-the routing oracle, with figures, written to `RUN_DIR/report/`.
+"""What a study found, for people: the held-out comparison of the exported recipe against its sources, the
+default merges and the routing oracle (`compare`), its figures (`figures`) and report.md (`markdown`), written
+to `RUN_DIR/report/` by `build`; and `evomerge status` (`status`). Default merges are defined in `defaults`.
 
     from evomerge.report import build_report
     result = build_report("runs/demo")       # result.report: runs/demo/report/report.md
@@ -7,9 +8,9 @@ the routing oracle, with figures, written to `RUN_DIR/report/`.
 from __future__ import annotations
 
 from evomerge.report.build import ReportResult, build_report
-from evomerge.report.compare import Comparison, Row, TrialRow, Verdict, compare_run
+from evomerge.report.compare import Comparison, Row, TrialRow, Verdict, compare_run, text_comparison
 from evomerge.report.defaults import default_recipe
-from evomerge.report.markdown import statement, text_table
+from evomerge.report.markdown import statement
 
 __all__ = [
     "Comparison",
@@ -21,5 +22,5 @@ __all__ = [
     "compare_run",
     "default_recipe",
     "statement",
-    "text_table",
+    "text_comparison",
 ]

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from evomerge.io.atomic import write_file_atomic
 from evomerge.report.compare import Comparison, compare_run, load_run
 from evomerge.report.figures import TrialPoint, history_png, params_png, pareto_png, scores_png
-from evomerge.report.markdown import render, write_atomic
+from evomerge.report.markdown import render
 
 
 @dataclass
@@ -32,19 +33,21 @@ def _points(cfg, trials) -> list[TrialPoint]:
 
 
 def draw_figures(cfg, study, done, comparison: Comparison, out_dir: Path) -> dict[str, Path]:
-    """caption -> PNG path, for every figure this study supports."""
-    from evomerge.search.driver import space_of
-    from evomerge.search.study import best_trial, pareto_front
+    """caption -> PNG path, for every figure this study supports. The recipe figure shows the comparison's
+    evolved row: THE exported trial (`search.guard.exported_trial`), as the table does."""
+    from evomerge.search.study import pareto_front
+    from evomerge.space import space_of
 
     points = _points(cfg, done)
     metrics = "/".join(sorted({t.metric for t in cfg.tasks.search}))
     label = f"search objective (weighted mean {metrics})"
     figures = {"Optimization history": history_png(points, out_dir / "history.png", label)}
-    best = best_trial(study)
+    best = next(t for t in done if t.number == comparison.best_trial)
     space = space_of(cfg)
     if best.params and space.slots(cfg.models):
         title = f"Best recipe (trial {best.number}, {cfg.method}): searched values"
-        figures["Best recipe parameters"] = params_png(space, cfg.models, best.params, out_dir / "best_params.png", title)
+        caption = f"Best recipe parameters (trial {best.number})"
+        figures[caption] = params_png(space, cfg.models, best.params, out_dir / "best_params.png", title)
     figures["Held-out scores per task"] = scores_png(comparison, out_dir / "scores.png")
     if comparison.multi_objective and len(cfg.tasks.search) >= 2:
         front = {t.number for t in pareto_front(study)}
@@ -67,9 +70,9 @@ def build_report(
     comparison = compare_run(run_dir, top_k=top_k, heldout=heldout, subset=subset, log=log, run=run)
     out_dir = run_dir / "report"
     figures = draw_figures(cfg, study, done, comparison, out_dir)
-    write_atomic(out_dir / "comparison.json", comparison.model_dump_json(indent=2))
+    write_file_atomic(out_dir / "comparison.json", comparison.model_dump_json(indent=2))
     relative = {caption: path.name for caption, path in figures.items()}
-    report = write_atomic(out_dir / "report.md", render(comparison, relative))
+    report = write_file_atomic(out_dir / "report.md", render(comparison, relative))
     return ReportResult(report, comparison, figures)
 
 

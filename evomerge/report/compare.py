@@ -3,19 +3,22 @@
     from evomerge.report.compare import compare_run
     comparison = compare_run("runs/demo")          # Comparison: rows (model -> per-task held-out score), top trials
 
-Every merge goes through one Materializer (inputs loaded once, one resident model, nothing written to disk)
-and one Scorer (held-out tasks built once); a source model is its checkpoint's tensors copied into the same
-resident model. The oracle row is computed from the source rows, never scored.
+Every row is a recipe scored by the candidate evaluator on the "heldout" task set, through the search's kind
+of pool (`search.workers`: Ray actors on the workers' devices, or in this process when `workers.count` is 0),
+nothing written to disk: a source model is `evaluator.alone` (its exact weights), a default merge its
+method's space defaults, a trial its recorded recipe. The oracle row is computed from the source rows, never
+scored. The evolved row is THE exported trial (`search.guard.exported_trial`), validated first when the config
+has `validation:`, so report, export and status name the same trial.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import ConfigError, StudyError
+from evomerge.tables import text_table
 
 Kind = Literal["source", "default", "oracle", "evolved"]
 
@@ -121,62 +124,35 @@ def _mean(scores: dict[str, float]) -> float:
     return sum(scores.values()) / len(scores)
 
 
-def _describe(recipe) -> str:
-    """A default recipe's parameters in one line (each setting is one value: defaults are flat)."""
-    from evomerge.search.space import resolve_setting
+def describe(recipe) -> str:
+    """A default recipe's parameters in one line, as mergekit's resolver reads them (defaults are flat, so any
+    tensor gives the same values): each parameter the recipe sets, globally or for its first model."""
+    from evomerge.merge.plan import Plan
 
+    resolved = Plan(recipe, num_layers=None).resolve("model.layers.0.mlp.down_proj.weight")
     seen: dict[str, Any] = {}
-    settings = [recipe.parameters or {}] + [e.parameters or {} for e in recipe.models]
-    for params in settings:
-        for name, setting in params.items():
-            seen.setdefault(name, resolve_setting(setting, "model.layers.0.mlp.down_proj.weight", 0.0))
+    for params, model in [(recipe.parameters, None), *((e.parameters, e.model) for e in recipe.models)]:
+        for name in params or {}:
+            if name not in seen:
+                seen[name] = resolved.shared[name] if name in resolved.shared else resolved.per_input[model or recipe.models[0].model][name]
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in seen.items())
 
 
-class _Bench:
-    """One Materializer and one Scorer; `score_*` returns {task: value} of the resident model's weights."""
+def comparison_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
+    header = ["model", *c.tasks, "mean"]
+    return header, [[r.name, *(f"{r.scores[t]:.4f}" for t in c.tasks), f"{r.mean:.4f}"] for r in c.rows]
 
-    def __init__(self, cfg, specs, log: Callable[[str], None]):
-        from evomerge.merge.materialize import Materializer
-        from evomerge.scoring import Scorer
 
-        self.scorer = Scorer(specs, [str(p) for p in cfg.tasks.include_paths], seed=cfg.seed)
-        self.metric = {leaf: s.metric for s in self.scorer.specs for leaf in self.scorer.members[s.name]}
-        self.materializer = Materializer([str(m) for m in cfg.models], str(cfg.base_model), dtype=cfg.dtype)
-        self.log, self.n, self.total = log, 0, 0
-        self._cache: dict[str, dict[str, float]] = {}
-
-    def _score(self, label: str) -> dict[str, float]:
-        start = time.perf_counter()
-        raw = self.scorer.score(self.materializer.model, self.materializer.tokenizer)
-        scores = {leaf: float(raw[leaf][m]) for leaf, m in self.metric.items()}
-        self.n += 1
-        self.log(f"[{self.n}/{self.total}] {label}: mean {_mean(scores):.4f} ({time.perf_counter() - start:.1f} s)")
-        return scores
-
-    def score_source(self, path: str, label: str) -> dict[str, float]:
-        import torch
-
-        key = Path(path).expanduser().resolve()
-        ckpt = next(c for c in self.materializer.checkpoints if c.path.expanduser().resolve() == key)
-        targets = self.materializer.model.state_dict()
-        with torch.no_grad():
-            for name in ckpt.tensor_names():
-                targets[name].copy_(ckpt.get(name))
-        return self._score(label)
-
-    def score_recipe(self, recipe, label: str) -> dict[str, float]:
-        text = recipe.to_yaml()
-        if text not in self._cache:  # the "defaults" baseline trial is the default merge: scored once
-            self.materializer.apply(recipe)
-            self._cache[text] = self._score(label)
-        return self._cache[text]
+def text_comparison(c: Comparison) -> str:
+    """The comparison as aligned plain text (for stdout)."""
+    header, rows = comparison_rows(c)
+    return text_table(header, rows, "l" + "r" * (len(header) - 1))
 
 
 def _default_recipes(cfg) -> tuple[list[tuple[str, Any]], dict[str, str]]:
     """(method, recipe) for the study's method (its own space) and the common methods; skipped ones with why."""
     from evomerge.report.defaults import COMMON_METHODS, applies, default_recipe, space_for
-    from evomerge.search.space import SpaceSpec
+    from evomerge.space import SpaceSpec
 
     out, skipped = [], {}
     for method in dict.fromkeys([cfg.method, *COMMON_METHODS]):
@@ -192,13 +168,9 @@ def _default_recipes(cfg) -> tuple[list[tuple[str, Any]], dict[str, str]]:
 
 def load_run(run_dir: Path | str):
     """(config, study, complete trials) of a run directory, or a StudyError saying what to run first."""
-    from evomerge.search.config import load_run_config
-    from evomerge.search.study import complete_trials, load_study
+    from evomerge.search.study import complete_trials, open_run
 
-    cfg = load_run_config(run_dir)
-    study = load_study(cfg.name, cfg.storage_url)
-    if study is None:
-        raise StudyError(f"{run_dir}: study {cfg.name!r} is not in {cfg.storage_url}; run `evomerge search` first")
+    cfg, study = open_run(run_dir)
     done = complete_trials(study)
     if not done:
         raise StudyError(f"{run_dir}: study {cfg.name!r} has no COMPLETE trial yet; run `evomerge search` first")
@@ -214,17 +186,18 @@ def compare_run(
     log: Callable[[str], None] | None = print,
     run: tuple | None = None,
 ) -> Comparison:
-    """Score sources, default merges and the top `top_k` trials on the study's held-out tasks.
+    """Score sources, default merges and the top `top_k` trials (and the exported trial) on the held-out tasks.
 
     `heldout` overrides the config's `tasks.heldout`; `subset` scores a fixed seeded sample per task.
     `run` is `load_run(run_dir)` when the caller has it already.
     """
+    from evomerge.evaluator import alone
     from evomerge.offline import go_offline
-    from evomerge.recipe import Recipe
-    from evomerge.scoring import TaskSpec
-    from evomerge.search.space import model_keys
+    from evomerge.scoring.tasks import TaskSpec
+    from evomerge.search.guard import exported_trial, pending, stored, validate_top
     from evomerge.search.study import objective_of
-    from evomerge.search.validate import chosen_trial, stored
+    from evomerge.search.workers import open_pool, run_jobs
+    from evomerge.space import model_keys
 
     go_offline()
     log = log or (lambda _msg: None)
@@ -235,38 +208,49 @@ def compare_run(
             f"{Path(run_dir) / 'config.yaml'}: 'tasks.heldout' is empty; list held-out lm-eval tasks there "
             "(e.g. [zoo_add, zoo_reverse]) or pass --heldout A,B"
         )
-    specs = [TaskSpec(name=n, metric=heldout_metric(n, cfg.tasks.search), subset=subset) for n in names]
-    bench = _Bench(cfg, specs, log)
-    tasks = list(bench.metric)
-
+    task_sets = {"heldout": [TaskSpec(name=n, metric=heldout_metric(n, cfg.tasks.search), subset=subset) for n in names]}
+    if pending(cfg, study):  # the guard has finalists to score first: the workers build those tasks too
+        task_sets["validation"] = cfg.validation.tasks
     defaults, skipped = _default_recipes(cfg)
-    best = chosen_trial(cfg, study)  # what export takes: the best on validation when the guard ran
-    validated = stored(cfg, study)
-    ranked = sorted(done, key=lambda t: (-objective_of(t), t.number))[: max(top_k, 1)]
-    if best not in ranked:
-        ranked = [best, *ranked[:-1]]
     sources = [str(cfg.base_model), *(str(m) for m in cfg.models)]
-    bench.total = len(sources) + len(defaults) + len(ranked)
+    pool = open_pool(cfg, task_sets)
+    try:
+        validate_top(cfg, study, log=log, pool=pool)  # the evolved row is what export takes
+        best = exported_trial(cfg, study)
+        validated = stored(cfg, study)
+        ranked = sorted(done, key=lambda t: (-objective_of(t), t.number))[: max(top_k, 1)]
+        if best not in ranked:
+            ranked = [best, *ranked[:-1]]
+        keys = model_keys(sources)
+        jobs = [(alone(path, sources).to_yaml(), key) for key, path in zip(keys, sources)]
+        jobs += [(recipe.to_yaml(), f"{method} (defaults)") for method, recipe in defaults]
+        jobs += [(t.user_attrs["recipe"], f"trial {t.number}") for t in ranked]
+        results: list[Any] = [None] * len(jobs)
+        for n, (i, res) in enumerate(run_jobs(pool, [(text, "heldout") for text, _ in jobs], [label for _, label in jobs])):
+            results[i] = res
+            values = res.values()
+            log(f"[{n + 1}/{len(jobs)}] {jobs[i][1]}: mean {_mean(values):.4f} ({res.merge_s + res.eval_s:.1f} s)")
+    finally:
+        pool.close()
+    metrics = results[0].metrics
+    tasks = list(metrics)
+    scores = [r.values() for r in results]
 
     rows: list[Row] = []
-    for key, path in zip(model_keys(sources), sources):
-        scores = bench.score_source(path, key)
+    for key, path, row_scores in zip(keys, sources, scores):
         detail = "base model" if path == sources[0] else "specialist"
-        rows.append(Row(name=key, kind="source", scores=scores, mean=_mean(scores), detail=detail))
-    for method, recipe in defaults:
-        scores = bench.score_recipe(recipe, f"{method} (defaults)")
-        rows.append(Row(name=f"{method} (defaults)", kind="default", scores=scores, mean=_mean(scores), detail=_describe(recipe)))
+        rows.append(Row(name=key, kind="source", scores=row_scores, mean=_mean(row_scores), detail=detail))
+    for (method, recipe), row_scores in zip(defaults, scores[len(sources):]):
+        rows.append(Row(name=f"{method} (defaults)", kind="default", scores=row_scores, mean=_mean(row_scores),
+                        detail=describe(recipe)))  # fmt: skip
     rows.append(oracle_row([r for r in rows if r.kind == "source"], tasks))
 
     trials: list[TrialRow] = []
-    for t in ranked:
-        recipe = Recipe.from_yaml(t.user_attrs["recipe"], source=f"trial {t.number} recipe")
-        scores = bench.score_recipe(recipe, f"trial {t.number}")
+    for t, row_scores in zip(ranked, scores[len(sources) + len(defaults):]):
         note = t.user_attrs.get("baseline", "")
         v = validated[t.number].objective if t.number in validated else None
-        trials.append(
-            TrialRow(number=t.number, note=note, search=objective_of(t), heldout=scores, heldout_mean=_mean(scores), validation=v)
-        )
+        trials.append(TrialRow(number=t.number, note=note, search=objective_of(t), heldout=row_scores,
+                               heldout_mean=_mean(row_scores), validation=v))  # fmt: skip
     top = next(r for r in trials if r.number == best.number)
     note = f"trial {best.number}" + (f", the enqueued baseline '{top.note}'" if top.note else "")
     if best.number in validated:
@@ -281,7 +265,7 @@ def compare_run(
         n_complete=len(done),
         multi_objective=len(study.directions) > 1,
         tasks=tasks,
-        metrics=bench.metric,
+        metrics=metrics,
         subset=subset,
         rows=rows,
         trials=trials,
@@ -290,4 +274,5 @@ def compare_run(
     )
 
 
-__all__ = ["Comparison", "Row", "TrialRow", "Verdict", "compare_run", "heldout_metric", "load_run", "oracle_row"]
+__all__ = ["Comparison", "Row", "TrialRow", "Verdict", "compare_run", "comparison_rows", "describe", "heldout_metric",
+           "load_run", "oracle_row", "text_comparison"]

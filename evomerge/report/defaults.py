@@ -17,7 +17,7 @@ import yaml
 
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe
-from evomerge.search.space import SPACES_DIR, SearchSpace, SpaceSpec, load_space_spec, num_layers
+from evomerge.space import SPACES_DIR, SearchSpace, SpaceSpec, load_space_spec
 
 # The methods every report compares against, besides the study's own (slerp only where it applies).
 COMMON_METHODS = ("task_arithmetic", "ties", "dare_ties", "slerp")
@@ -59,7 +59,7 @@ def default_recipe(
     if why:
         raise ConfigError(f"method {method!r} {why}; pick another method")
     models = [str(m) for m in models]
-    grid = SearchSpace(spec, num_layers(base))
+    grid = SearchSpace.over(spec, base)
     return grid.to_recipe(grid.defaults(models), models, str(base), method, seed, dtype, kernels=kernels)
 
 

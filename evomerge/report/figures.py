@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from evomerge.report.compare import Comparison
-    from evomerge.search.space import SearchSpace
+    from evomerge.space import SearchSpace
 
 KIND_COLORS = {"source": "Blues", "default": "Oranges", "oracle": "Greys", "evolved": "Greens"}
 

@@ -1,10 +1,8 @@
 """report.md: the held-out comparison table, the plain verdict, search vs held-out for the top trials, figures."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Sequence
-
-from evomerge.report.compare import Comparison, Verdict
+from evomerge.report.compare import Comparison, Verdict, comparison_rows
+from evomerge.tables import markdown_table
 
 
 def _f(x: float) -> str:
@@ -40,24 +38,6 @@ def statement(v: Verdict, metric: str = "score") -> str:
     return " ".join(lines)
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
-    return out + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def comparison_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
-    header = ["model", *c.tasks, "mean"]
-    return header, [[r.name, *(_f(r.scores[t]) for t in c.tasks), _f(r.mean)] for r in c.rows]
-
-
-def text_table(c: Comparison) -> str:
-    """The comparison as aligned plain text (for stdout)."""
-    header, rows = comparison_rows(c)
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    fmt = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)])
-
-
 def render(c: Comparison, figures: dict[str, str]) -> str:
     """The report; `figures` maps a caption to a PNG path relative to report.md."""
     metric = "/".join(sorted(set(c.metrics.values())))
@@ -73,7 +53,7 @@ def render(c: Comparison, figures: dict[str, str]) -> str:
         "",
         "## Held-out comparison",
         "",
-        *_md_table(*comparison_rows(c)),
+        *_right_aligned(*comparison_rows(c)),
         "",
         statement(v, metric),
         "",
@@ -101,16 +81,15 @@ def render(c: Comparison, figures: dict[str, str]) -> str:
         header.insert(3, "validation objective")
         for row, t in zip(rows, c.trials):
             row.insert(3, "-" if t.validation is None else _f(t.validation))
-    lines += [*_md_table(header, rows), "", "## Figures", ""]
+    lines += [*_right_aligned(header, rows), "", "## Figures", ""]
     for caption, path in figures.items():
         lines += [f"### {caption}", "", f"![{caption}]({path})", ""]
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> Path:
-    from evomerge.io.atomic import write_file_atomic
+def _right_aligned(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Numbers right-aligned, the first (label) column left."""
+    return markdown_table(header, rows, "l" + "r" * (len(header) - 1))
 
-    return write_file_atomic(path, text)
 
-
-__all__ = ["render", "statement", "text_table", "write_atomic"]
+__all__ = ["render", "statement"]

@@ -1,4 +1,4 @@
-"""Scores a live model on lm-eval tasks built once; what the search calls per trial.
+"""Scores a live model on lm-eval tasks built once; what the candidate evaluator calls per candidate.
 
     from evomerge.scoring import Scorer, TaskSpec
     scorer = Scorer([TaskSpec(name="zoo_add_search", subset=100), "zoo_reverse_search"])
@@ -16,14 +16,14 @@ import io
 import logging
 import random
 import sys
+import traceback
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from evomerge.errors import TaskError
+from evomerge.errors import TaskCodeError, TaskError, first_line
 from evomerge.scoring.tasks import TaskCatalog, TaskSpec, as_spec, metric_names
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from lm_eval.api.task import Task
 
 Scores = dict[str, dict[str, float]]
@@ -45,6 +45,21 @@ def quiet() -> Iterator[None]:
         raise
     finally:
         logger.setLevel(level)
+
+
+def task_code_frame(exc: BaseException, folders: Sequence[Path]) -> traceback.FrameSummary | None:
+    """The innermost frame of `exc`'s traceback (or of an exception it was raised from) that runs a Python file
+    inside `folders`: the task folders' own code, i.e. the user's. None when the exception never passed there."""
+    roots = [f.resolve() for f in folders]
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+            path = Path(frame.filename)
+            if path.suffix == ".py" and any(path.resolve().is_relative_to(root) for root in roots):
+                return frame
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _metrics(row: dict[str, Any]) -> dict[str, float]:
@@ -69,10 +84,12 @@ def _rows_as_list(task: Task) -> None:
 
 
 class Scorer:
-    """Builds the tasks and their seeded subsets once; `score(model, tokenizer)` evaluates a live model in place.
+    """Builds the tasks and their seeded subsets once; `score(model, tokenizer)` evaluates a live model in place,
+    on whatever device it lives on.
 
-    `score` runs the model on whatever device it lives on; `device` is recorded for callers that load one.
-    Not thread-safe: `quiet()` swaps the process's stderr during a call (one scorer per worker process).
+    An exception raised inside the task folders' own Python code (a task YAML's `!function`) becomes a
+    TaskCodeError: the candidate fails, not the search. Not thread-safe: `quiet()` swaps the process's stderr
+    during a call (one scorer per worker process).
     """
 
     def __init__(
@@ -82,13 +99,12 @@ class Scorer:
         *,
         seed: int = 0,
         batch_size: int = 64,
-        device: str = "cpu",
         include_defaults: bool = False,
     ):
         self.specs = [as_spec(t) for t in tasks]
         if not self.specs:
             raise TaskError("no tasks to score; name at least one lm-eval task (e.g. zoo_add)")
-        self.seed, self.batch_size, self.device = seed, batch_size, device
+        self.seed, self.batch_size = seed, batch_size
         self.tasks: dict[str, Task] = {}
         self.members: dict[str, list[str]] = {}  # spec name -> leaf tasks (a tag names several)
         self.subsets: dict[str, list[int]] = {}  # leaf task -> sorted example indices
@@ -97,6 +113,7 @@ class Scorer:
             catalog = TaskCatalog(include_paths, include_defaults=include_defaults)
             for spec in self.specs:
                 self._add(spec, catalog.build(spec.name))
+        self.code_folders = catalog.code_folders()
 
     def _add(self, spec: TaskSpec, built: dict[str, Task]) -> None:
         if spec.name in self.members:
@@ -141,13 +158,22 @@ class Scorer:
             lm = self.wrap(model, tokenizer)
             for task in self.tasks.values():
                 task.set_fewshot_seed(seed=FEWSHOT_SEED)
-            out = evaluate(
-                lm=lm,
-                task_dict={"tasks": dict(self.tasks), "groups": {}, "group_map": {}},
-                samples=dict(self.subsets) or None,
-                bootstrap_iters=0,
-                log_samples=False,
-            )
+            try:
+                out = evaluate(
+                    lm=lm,
+                    task_dict={"tasks": dict(self.tasks), "groups": {}, "group_map": {}},
+                    samples=dict(self.subsets) or None,
+                    bootstrap_iters=0,
+                    log_samples=False,
+                )
+            except Exception as exc:
+                where = task_code_frame(exc, self.code_folders)
+                if where is None:
+                    raise  # lm-eval's, torch's or our own: a bug, not this candidate's failure
+                raise TaskCodeError(
+                    f"task code {where.filename}:{where.lineno} ({where.name}) raised {type(exc).__name__}: "
+                    f"{first_line(exc)}; fix the task's Python code"
+                ) from exc
         return {leaf: _metrics(out["results"][leaf]) for leaf in self.tasks}
 
     def objective(self, scores: Scores) -> float:

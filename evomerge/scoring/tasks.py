@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from evomerge.errors import TaskError, close_matches
+from evomerge.errors import TaskError, close_matches, first_line
 
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
@@ -87,6 +87,14 @@ class TaskCatalog:
     def names(self) -> list[str]:
         return self.manager.all_tasks
 
+    def code_folders(self) -> list[Path]:
+        """Where task code lives: the task folders (their `!function` files), and lm-eval's own tasks when indexed."""
+        if not self.include_defaults:
+            return list(self.folders)
+        import lm_eval.tasks
+
+        return [*self.folders, Path(lm_eval.tasks.__file__).parent]
+
     def build(self, name: str) -> dict[str, Task]:
         from lm_eval.tasks._index import Kind
 
@@ -118,8 +126,7 @@ class TaskCatalog:
         try:
             return dict(self.manager.load([spec])["tasks"])
         except Exception as exc:  # lm-eval raises anything from a bad YAML or missing data
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise TaskError(f"task {name} ({yaml_path or 'lm-eval'}) failed to load: {first}") from exc
+            raise TaskError(f"task {name} ({yaml_path or 'lm-eval'}) failed to load: {first_line(exc)}") from exc
 
     def _unknown(self, name: str) -> str:
         where = ", ".join(str(f) for f in self.folders) or "no task folders"

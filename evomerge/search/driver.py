@@ -5,9 +5,11 @@
 Each worker holds up to two trials (one running, one queued inside the actor); whenever one finishes
 (`ray.wait`, one at a time) its result is told and the next trial is asked, so no worker waits for a
 generation or for the driver's bookkeeping. The budget counts COMPLETE trials: failed
-candidates are recorded (with `fail_reason`) and replaced. One driver runs a study at a time
-(`StudyLock`); a killed driver's trials are failed and enqueued again by the next run, and so are
-the trials of a worker that died (at most MAX_WORKER_DEATHS times for the same params).
+candidates (the user's errors, NaN/Inf weights or scores, out of memory, an exception in the user's task
+code: `evaluator.is_candidate_failure`) are recorded with `fail_reason` and replaced; any other exception
+is a bug and stops the search with its traceback (exit 1), its in-flight trials enqueued again. One driver
+runs a study at a time (`StudyLock`); a killed driver's trials are failed and enqueued again by the next
+run, and so are the trials of a worker that died (at most MAX_WORKER_DEATHS times for the same params).
 """
 from __future__ import annotations
 
@@ -18,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from evomerge.errors import EvomergeError, StudyError
-from evomerge.search.config import SearchConfig, check_tasks, write_run_config
-from evomerge.search.space import SearchSpace, SpaceSpec, num_layers
-
+from evomerge.config import SearchConfig, write_run_config
+from evomerge.errors import ConfigError, EvomergeError, StudyError, TaskError
+from evomerge.space import SearchSpace, space_of
 
 MAX_WORKER_DEATHS = 2  # retries of params whose worker died while evaluating them; then the trial fails
 
@@ -70,8 +71,19 @@ class _Progress:
         self.bar.close()
 
 
-def space_of(cfg: SearchConfig) -> SearchSpace:
-    return SearchSpace(SpaceSpec.model_validate(cfg.search_space), num_layers(cfg.base_model))
+def check_tasks(cfg: SearchConfig) -> None:
+    """Load the search (and validation) tasks once, as the workers will: a bad task name, metric, subset or
+    task YAML fails here, before a study or run directory exists, naming the config file and field."""
+    from evomerge.scoring.scorer import Scorer
+
+    groups = [("tasks.search", cfg.tasks.search)]
+    if cfg.validation is not None:
+        groups.append(("validation.tasks", cfg.validation.tasks))
+    for name, tasks in groups:
+        try:
+            Scorer(tasks, [str(p) for p in cfg.tasks.include_paths], seed=cfg.seed)
+        except TaskError as err:
+            raise ConfigError(f"{cfg._source}: {name!r}: {err}; fix the task entry or tasks.include_paths") from None
 
 
 def run_search(
@@ -84,8 +96,8 @@ def run_search(
 ) -> SearchResult:
     """Run (or resume) the study until it has `budget.n_trials` COMPLETE trials or `budget.timeout` passes.
 
-    `pool_factory(cfg)` makes the workers (default: `WorkerPool`, Ray actors; `InlinePool`, in this process,
-    when `workers.count` is 0). One driver per study: a second one raises StudyError naming the first.
+    `pool_factory(cfg)` makes the workers (default: `search.workers.open_pool`: Ray actors, or one in this
+    process when `workers.count` is 0). One driver per study: a second one raises StudyError naming the first.
     """
     from evomerge.search import study as st
     from evomerge.search.lock import StudyLock
@@ -109,19 +121,14 @@ def run_search(
     return _finish(study, result, log)
 
 
-def _default_pool(cfg: SearchConfig):
-    from evomerge.search.workers import InlinePool, WorkerPool
-
-    return (InlinePool if cfg.workers.count == 0 else WorkerPool)(cfg)
-
-
 def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResult, n_complete: int, progress: bool, pool_factory) -> None:
     """Keep every worker busy until the budget is COMPLETE; this driver holds the study, so its count is exact."""
     from evomerge.search import study as st
+    from evomerge.search.workers import open_pool
 
-    distributions = space.distributions(cfg.models)
+    distributions = st.distributions(space, cfg.models)
     n_trials = cfg.budget.n_trials
-    pool = (pool_factory or _default_pool)(cfg)
+    pool = (pool_factory or open_pool)(cfg)
     loop_start = time.perf_counter()
     bar = _Progress(cfg, n_complete, progress)
     in_flight: dict[Any, _InFlight] = {}
@@ -168,9 +175,9 @@ def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResu
                         f"study {cfg.name!r}: the last {failures} trials failed (last: {res.error}); "
                         f"see `evomerge status {cfg.run_dir}`"
                     )
+            lock.check()  # its heartbeat thread found the study taken over: stop (in-flight trials are enqueued again)
             if time.monotonic() - last_beat > st.HEARTBEAT_S:
                 st.heartbeat(job.trial for job in in_flight.values())
-                lock.beat()
                 last_beat = time.monotonic()
     finally:
         # interrupted or failed: in-flight trials fail now and are enqueued again, instead of going stale
@@ -235,4 +242,4 @@ def _finish(study, result: SearchResult, log: Callable[[str], None] | None = Non
     return result
 
 
-__all__ = ["run_search", "SearchResult", "space_of"]
+__all__ = ["MAX_WORKER_DEATHS", "SearchResult", "check_tasks", "run_search"]

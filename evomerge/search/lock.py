@@ -5,56 +5,46 @@ other's RUNNING trials as stale; instead the first driver holds the study and th
 
 - sqlite storage: an exclusive `flock` on `<db>.<study>.lock`; the kernel releases it when the driver
   exits, SIGKILL included, so a crashed driver never blocks a resume.
-- every storage: a `lock` study user attr naming the driver (host, pid, process start time, heartbeat).
-  On a shared RDB (PostgreSQL, MySQL) it is the lock itself: a holder is live while its pid runs (same
-  host) or its heartbeat is younger than `GRACE_S` (another host). After claiming it, a driver waits
-  `SETTLE_S` and reads it back, so of two drivers starting together only the last writer goes on.
+- PostgreSQL and MySQL storages: a lock on the database server (`search.server_lock`: an advisory lock,
+  `GET_LOCK`) held by a connection of the driver's own for as long as it lives; the server releases it when
+  the driver's process (or host) dies. Taking it is one atomic statement, so of drivers starting together
+  exactly one goes on. Other databases are refused: they offer no such lock.
+- every storage: a `lock` study user attr names the holder (host, pid, process start time, since, heartbeat)
+  for refusals and `evomerge status`. A heartbeat thread refreshes it every HEARTBEAT_S from the moment
+  the driver takes the study (also while its workers load models) and checks the server lock still stands.
 """
 from __future__ import annotations
 
 import datetime as dt
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from evomerge.errors import StudyError
+from evomerge.io.atomic import pid_alive, process_start
+from evomerge.storage_url import redact
 
 ATTR = "lock"
-SETTLE_S = 1.0  # RDB storages without a file lock: time for a concurrent claim to land before reading back
-
-
-def _proc_start(pid: int) -> str | None:
-    """The process's start time (Linux), to tell a live driver from a reused pid."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+HEARTBEAT_S = 60.0  # how often a driver stamps its lock and its in-flight trials
+GRACE_S = 600.0  # a driver on another host (or its RUNNING trial) silent for this long is dead
 
 
 def driver_id() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _proc_start(os.getpid())}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
 
 
-def pid_alive(driver: dict[str, Any]) -> bool:
-    """Whether the driver's process (on this host) still runs: same pid and same start time."""
-    try:
-        os.kill(int(driver["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    start = driver.get("start")
-    return start is None or _proc_start(int(driver["pid"])) in (None, start)
+def driver_alive(driver: dict[str, Any]) -> bool:
+    """Whether a driver's process (on this host) still runs: same pid and same start time."""
+    return pid_alive(int(driver["pid"]), driver.get("start"))
 
 
 def holder_alive(holder: dict[str, Any], now: float | None = None) -> bool:
     """A lock holder is live while its process runs (this host) or it beat within GRACE_S (another host)."""
-    from evomerge.search.study import GRACE_S
-
     if holder.get("host") == socket.gethostname():
-        return pid_alive(holder)
+        return driver_alive(holder)
     now = time.time() if now is None else now
     return now - float(holder.get("heartbeat", 0.0)) < GRACE_S
 
@@ -65,19 +55,29 @@ def _is_me(holder: dict[str, Any] | None) -> bool:
 
 
 def describe(holder: dict[str, Any]) -> str:
-    since = dt.datetime.fromtimestamp(float(holder.get("since", 0))).strftime("%Y-%m-%d %H:%M:%S")
-    return f"pid {holder.get('pid')} on {holder.get('host')} (since {since})"
+    since = holder.get("since")
+    when = f" (since {dt.datetime.fromtimestamp(float(since)):%Y-%m-%d %H:%M:%S})" if since else ""
+    if holder.get("pid") is None:
+        return f"connection {holder.get('connection', '?')} from {holder.get('host', '?')}{when}"
+    return f"pid {holder.get('pid')} on {holder.get('host')}{when}"
 
 
 class StudyLock:
-    """Held by the one driver running a study: `acquire()` before opening it, `claim(study)` once open,
-    `beat()` now and then, `release()` at the end (or let the process die)."""
+    """Held by the one driver running a study: `acquire()` before opening it, `claim(study)` once open (starts the
+    heartbeat), `check()` now and then (raises if the lock was lost), `release()` at the end (or let the process die)."""
 
-    def __init__(self, storage_url: str, study_name: str):
+    def __init__(self, storage_url: str, study_name: str, heartbeat_s: float | None = None):
         self.name, self.url = study_name, storage_url
+        self.heartbeat_s = HEARTBEAT_S if heartbeat_s is None else heartbeat_s
         self.study = None
+        self.lost: StudyError | None = None  # set by the heartbeat thread; raised by check()
+        self._since = time.time()
+        self._holder: dict[str, Any] = {}
         self._fd: int | None = None
         self._file: Path | None = None
+        self._server = None  # a server_lock.ServerLock on RDB storages
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         if storage_url.startswith("sqlite:///"):
             db = Path(storage_url.removeprefix("sqlite:///"))
             self._file = db.with_name(f"{db.name}.{study_name}.lock")
@@ -85,16 +85,36 @@ class StudyLock:
     def _refuse(self, holder: dict[str, Any] | None) -> StudyError:
         who = describe(holder) if holder else "another process"
         return StudyError(
-            f"study {self.name!r} in {self.url} is being run by {who}; one driver per study: wait for it to "
-            f"finish, or stop it, then run the same command again to resume"
+            f"study {self.name!r} in {redact(self.url)} is being run by {who}; one driver per study: wait for it "
+            f"to finish, or stop it, then run the same command again to resume"
         )
 
+    # -- taking the study ---------------------------------------------------------------------------
+
     def acquire(self) -> StudyLock:
-        """Take the file lock (sqlite). Raises StudyError naming the live driver if another holds it."""
+        """Take the file lock (sqlite) or the server lock (PostgreSQL, MySQL). Raises StudyError naming the live
+        driver if another holds it."""
+        if self._file is not None:
+            self._acquire_file()
+            return self
+        from evomerge.search.server_lock import server_lock
+
+        server = server_lock(self.url, self.name, self._since)
+        try:
+            got = server.try_acquire()
+            holder = None if got else server.holder()
+        except BaseException:
+            server.close()
+            raise
+        if not got:
+            server.close()
+            raise self._refuse(holder)
+        self._server = server
+        return self
+
+    def _acquire_file(self) -> None:
         import fcntl
 
-        if self._file is None:
-            return self
         try:
             self._file.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self._file, os.O_RDWR | os.O_CREAT, 0o644)
@@ -110,10 +130,9 @@ class StudyLock:
             os.close(fd)
             raise self._refuse(holder) from None
         self._fd = fd
-        info = {**driver_id(), "since": time.time()}
+        info = {**driver_id(), "since": self._since}
         os.ftruncate(fd, 0)
         os.pwrite(fd, repr(info).encode(), 0)  # who holds it, for the refusal message of the next driver
-        return self
 
     @staticmethod
     def _read_file(fd: int) -> dict[str, Any] | None:
@@ -125,7 +144,12 @@ class StudyLock:
             return None
 
     def check_free(self, study) -> None:
-        """Raise StudyError if another live driver holds the study (e.g. before --force deletes it)."""
+        """Raise StudyError if another live driver holds the study (e.g. before --force deletes it).
+
+        A server lock is authoritative: holding it, nothing in the study can name another live driver. A file
+        lock is only as good as the filesystem: a live holder on another host (a network filesystem) refuses."""
+        if self._server is not None:
+            return
         holder = study.user_attrs.get(ATTR)
         if holder and not _is_me(holder) and holder_alive(holder):
             # with the file lock held, a live holder on this host is impossible unless the lock file was removed
@@ -133,38 +157,80 @@ class StudyLock:
                 raise self._refuse(holder)
 
     def claim(self, study) -> None:
-        """Name this driver in the study (refusing a live holder); on RDB storages this is the lock."""
+        """Name this driver in the study and start the heartbeat."""
         self.check_free(study)
-        now = time.time()
-        study.set_user_attr(ATTR, {**driver_id(), "since": now, "heartbeat": now})
+        self._holder = {**driver_id(), "since": self._since, "heartbeat": time.time()}
+        study.set_user_attr(ATTR, self._holder)
         self.study = study
-        if self._fd is None:
-            time.sleep(SETTLE_S)
-            self._check()
+        if self.heartbeat_s > 0 and self._thread is None:
+            self._thread = threading.Thread(target=self._heartbeat_loop, name="evomerge-study-lock", daemon=True)
+            self._thread.start()
 
-    def _check(self) -> None:
-        holder = self.study._storage.get_study_user_attrs(self.study._study_id).get(ATTR)
-        if not _is_me(holder):
-            self.study = None
-            raise self._refuse(holder)
+    # -- holding it ---------------------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self.beat()
+            except StudyError as err:  # lost to another driver: the search loop stops at its next check()
+                self.lost = err
+                return
+            except Exception:  # the database is out of reach for now: try again at the next beat
+                continue
 
     def beat(self) -> None:
-        """Refresh the heartbeat; on RDB storages first make sure no other driver took the study over."""
+        """Make sure the server lock still stands (taking it again after a dropped connection if no other driver
+        did meanwhile), then refresh the heartbeat in the study."""
         if self.study is None:
             return
-        if self._fd is None:
-            self._check()
-        holder = self.study.user_attrs.get(ATTR) or {**driver_id(), "since": time.time()}
-        self.study.set_user_attr(ATTR, {**holder, "heartbeat": time.time()})
+        if self._server is not None and not self._server.alive():
+            self._retake()
+        self._holder = {**self._holder, "heartbeat": time.time()}
+        self.study.set_user_attr(ATTR, self._holder)
+
+    def _retake(self) -> None:
+        from evomerge.search.server_lock import server_lock
+
+        fresh = server_lock(self.url, self.name, self._since)
+        try:
+            got = fresh.try_acquire()
+            holder = self._read_attr() if got else fresh.holder()
+        except StudyError:  # the server is out of reach: the next beat tries again
+            fresh.close()
+            return
+        if got and (holder is None or _is_me(holder)):
+            self._server.close()
+            self._server = fresh
+            return
+        fresh.close()
+        raise StudyError(
+            f"study {self.name!r} in {redact(self.url)}: this driver lost its lock (its connection to the server "
+            f"closed) and {describe(holder) if holder else 'another driver'} took the study over; this driver stops"
+        )
+
+    def _read_attr(self) -> dict[str, Any] | None:
+        return self.study._storage.get_study_user_attrs(self.study._study_id).get(ATTR)
+
+    def check(self) -> None:
+        """Raise the heartbeat's StudyError if the lock was lost (the search loop calls this between trials)."""
+        if self.lost is not None:
+            raise self.lost
 
     def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
         if self.study is not None:
             try:
-                if _is_me(self.study._storage.get_study_user_attrs(self.study._study_id).get(ATTR)):
+                if _is_me(self._read_attr()):
                     self.study.set_user_attr(ATTR, None)
             except Exception:  # the study may have been deleted; the lock goes with it
                 pass
             self.study = None
+        if self._server is not None:
+            self._server.release()
+            self._server = None
         if self._fd is not None:
             os.close(self._fd)  # closing releases the flock
             self._fd = None
@@ -176,4 +242,4 @@ class StudyLock:
         self.release()
 
 
-__all__ = ["StudyLock", "driver_id", "holder_alive", "pid_alive"]
+__all__ = ["GRACE_S", "HEARTBEAT_S", "StudyLock", "describe", "driver_alive", "driver_id", "holder_alive"]

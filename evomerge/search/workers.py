@@ -1,31 +1,40 @@
-"""All Ray code: a pool of evaluator actors, each holding one resident model and one scorer.
+"""The one Ray module: pools of workers, each an `Evaluator` (one resident model, one Scorer per task set).
 
-An `Evaluator` loads the inputs once (Materializer) and builds its tasks once (Scorer); a trial then costs
-one in-place merge plus one evaluation. The pool keeps a trial on every actor: no generation barrier.
+    pool = open_pool(cfg, {"search": cfg.tasks.search})        # Ray actors; in-process when workers.count is 0
+    ref = pool.submit(recipe_yaml, "search")
+    for ref, result in pool.wait(): ...                          # JobResult: scores and timings, or why it failed
+
+The search keeps a trial on every actor (no generation barrier); the overfitting guard and the report submit
+their jobs through the same kind of pool (`run_jobs`), so they score on the workers' devices too. A job's
+failure is typed (`evaluator.is_candidate_failure`): the candidate's own failures come back as a JobResult
+with `error`; any other exception in a worker is a bug and is raised in the driver with its traceback.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import time
-import traceback
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import CandidateError, EvomergeError, first_line
 
 if TYPE_CHECKING:
-    from evomerge.search.config import SearchConfig
+    from evomerge.config import SearchConfig
+    from evomerge.evaluator import Evaluation
+    from evomerge.scoring.tasks import TaskSpec
+
+TaskSets = Mapping[str, Sequence["TaskSpec"]]
 
 
 @dataclass
-class TrialResult:
-    """What a worker hands back for one recipe: scores and timings, or the reason it failed."""
+class JobResult:
+    """What a worker hands back for one job (a recipe on a task set): its evaluation, or why it failed."""
 
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     objective: float = float("nan")
+    metrics: dict[str, str] = field(default_factory=dict)  # leaf task -> the metric its spec reads
     merge_s: float = 0.0
     eval_s: float = 0.0
     busy_s: float = 0.0  # the whole call in the worker (parse + merge + eval)
@@ -33,85 +42,83 @@ class TrialResult:
     worker: str = ""
     error: str | None = None
     worker_died: bool = False  # the worker process died (OOM, segfault, kill); the pool replaced it
-    was_running: bool = False  # with worker_died: this trial was the one running, not one queued behind it
+    was_running: bool = False  # with worker_died: this job was the one running, not one queued behind it
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
+    def values(self) -> dict[str, float]:
+        """{leaf task: its metric's value}."""
+        return {leaf: self.scores[leaf][metric] for leaf, metric in self.metrics.items()}
 
-class Evaluator:
-    """The body of a worker (a plain class, so it also runs without Ray)."""
+    @classmethod
+    def of(cls, evaluation: Evaluation, worker: str) -> JobResult:
+        out = cls(scores=evaluation.scores, objective=evaluation.objective, metrics=evaluation.metrics,
+                  merge_s=evaluation.merge_s, eval_s=evaluation.eval_s, worker=worker)  # fmt: skip
+        bad = evaluation.non_finite()
+        if bad:
+            out.error = f"non-finite score ({', '.join(bad)})"
+        return out
 
-    def __init__(self, cfg_json: dict[str, Any], num_threads: int | None = None):
-        self._cfg_json = cfg_json
-        self._num_threads = num_threads
+
+class Worker:
+    """One pool slot: an Evaluator built once by `setup`, then one job per `run`. Ray wraps it as an actor;
+    InlinePool runs it in the driver process."""
+
+    def __init__(self, cfg_json: dict[str, Any], task_sets_json: dict[str, list[dict]], num_threads: int | None = None):
+        self._cfg_json, self._task_sets_json, self._num_threads = cfg_json, task_sets_json, num_threads
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self.materializer = self.scorer = None
+        self.evaluator = None
         self._last_end = time.perf_counter()
 
     def setup(self) -> str:
-        """Load the inputs and build the tasks; errors are the user's (EvomergeError) or bugs."""
+        """Load the inputs and build the task sets; errors are the user's (EvomergeError) or bugs."""
         from evomerge.offline import go_offline
 
         go_offline()
         import torch
 
-        from evomerge.merge.materialize import Materializer
-        from evomerge.scoring import Scorer, TaskSpec
-        from evomerge.search.config import SearchConfig
+        from evomerge.config import SearchConfig
+        from evomerge.evaluator import Evaluator
+        from evomerge.scoring.tasks import TaskSpec
 
         if self._num_threads:
             torch.set_num_threads(self._num_threads)
         cfg = SearchConfig.model_validate(self._cfg_json)
+        task_sets = {name: [TaskSpec.model_validate(t) for t in specs] for name, specs in self._task_sets_json.items()}
         # num_gpus > 0: Ray gave this actor a GPU (CUDA_VISIBLE_DEVICES); the resident model evaluates there
         device = "cuda" if cfg.workers.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.materializer = Materializer([str(m) for m in cfg.models], str(cfg.base_model), dtype=cfg.dtype,
-                                         device=device)
-        tasks = [TaskSpec(**t.model_dump()) for t in cfg.tasks.search]
-        self.scorer = Scorer(tasks, [str(p) for p in cfg.tasks.include_paths], seed=cfg.seed, device=device)
+        self.evaluator = Evaluator.for_config(cfg, task_sets, device=device)
         self._last_end = time.perf_counter()
         return self.name
 
-    def evaluate(self, recipe_yaml: str) -> TrialResult:
+    def run(self, recipe_yaml: str, task_set: str) -> JobResult:
+        from evomerge.evaluator import is_candidate_failure
+
         start = time.perf_counter()
-        result = self._evaluate(recipe_yaml)
+        try:
+            result = JobResult.of(self.evaluator.evaluate(recipe_yaml, task_set), self.name)
+        except Exception as err:
+            if not is_candidate_failure(err):
+                raise  # a bug: the driver stops with this traceback
+            result = JobResult(worker=self.name, error=f"{type(err).__name__}: {first_line(err)}")
         end = time.perf_counter()
         result.wait_s, result.busy_s = start - self._last_end, end - start
         self._last_end = end
         return result
 
-    def _evaluate(self, recipe_yaml: str) -> TrialResult:
-        from evomerge.recipe import Recipe
 
-        result = TrialResult(worker=self.name)
-        try:
-            t0 = time.perf_counter()
-            self.materializer.apply(Recipe.from_yaml(recipe_yaml, source="trial recipe"))
-            t1 = time.perf_counter()
-            result.merge_s = t1 - t0
-            result.scores = self.scorer.score(self.materializer.model, self.materializer.tokenizer)
-            result.objective = float(self.scorer.objective(result.scores))
-            result.eval_s = time.perf_counter() - t1
-        except EvomergeError as err:  # CandidateError (NaN weights) and friends: the candidate fails
-            result.error = f"{type(err).__name__}: {err}"
-            return result
-        except Exception as err:  # an evaluation crash fails this trial, not the search
-            tb = traceback.extract_tb(err.__traceback__)[-1]
-            result.error = f"{type(err).__name__}: {err} (at {os.path.basename(tb.filename)}:{tb.lineno})"
-            return result
-        bad = [f"{t}.{m}" for t, ms in result.scores.items() for m, v in ms.items() if not math.isfinite(v)]
-        if bad or not math.isfinite(result.objective):
-            result.error = f"non-finite score ({', '.join(bad) or 'objective'})"
-        return result
+def task_sets_json(task_sets: TaskSets) -> dict[str, list[dict]]:
+    return {name: [spec.model_dump(mode="json") for spec in specs] for name, specs in task_sets.items()}
 
 
 def _start_ray(cfg: SearchConfig) -> bool:
     """Join `workers.address`, or start a quiet local Ray sized to the workers. True if we started it."""
     import ray
 
+    from evomerge.config import cpus_needed
     from evomerge.offline import OFFLINE_ENV
-    from evomerge.search.config import cpus_needed
     from evomerge.threads import THREAD_ENV
 
     if ray.is_initialized():
@@ -129,19 +136,19 @@ def _start_ray(cfg: SearchConfig) -> bool:
 
 
 class WorkerPool:
-    """`count` evaluator actors, each with up to `depth` trials queued (the next one waits inside the actor,
-    so a worker never idles while the driver tells and asks); `wait` returns finished results."""
+    """`count` Worker actors, each with up to `depth` jobs queued (the next one waits inside the actor, so a worker
+    never idles while the driver tells and asks); `wait` returns finished results. `task_sets` default to the
+    config's search tasks."""
 
-    def __init__(self, cfg: SearchConfig, depth: int = 2):
+    def __init__(self, cfg: SearchConfig, task_sets: TaskSets | None = None, depth: int = 2):
         import ray
 
         self._ray = ray
         self.cfg, self.depth = cfg, depth
         self._started = _start_ray(cfg)
-        self._remote = ray.remote(Evaluator).options(
-            num_cpus=cfg.workers.num_cpus, num_gpus=cfg.workers.num_gpus, max_restarts=0
-        )
+        self._remote = ray.remote(Worker).options(num_cpus=cfg.workers.num_cpus, num_gpus=cfg.workers.num_gpus, max_restarts=0)
         self._cfg_json = cfg.model_dump(mode="json")
+        self._task_sets_json = task_sets_json(task_sets or {"search": cfg.tasks.search})
         self.actors: list[Any] = []
         self.names: list[str] = []  # "host:pid" of each slot's actor
         self.queues: list[list[Any]] = []  # each slot's refs in submission order: the first one is running
@@ -156,7 +163,7 @@ class WorkerPool:
             raise
 
     def _spawn(self):
-        return self._remote.remote(self._cfg_json, max(1, int(self.cfg.workers.num_cpus)))
+        return self._remote.remote(self._cfg_json, self._task_sets_json, max(1, int(self.cfg.workers.num_cpus)))
 
     def _ready(self, actors: list) -> list[str]:
         from ray.exceptions import RayTaskError
@@ -170,10 +177,6 @@ class WorkerPool:
             raise
 
     @property
-    def load(self) -> list[int]:
-        return [len(q) for q in self.queues]
-
-    @property
     def pids(self) -> list[int]:
         return [int(name.rsplit(":", 1)[1]) for name in self.names]
 
@@ -181,16 +184,17 @@ class WorkerPool:
     def has_capacity(self) -> bool:
         return any(len(q) < self.depth for q in self.queues)
 
-    def submit(self, recipe_yaml: str):
+    def submit(self, recipe_yaml: str, task_set: str = "search"):
         slot = min(range(len(self.actors)), key=lambda i: len(self.queues[i]))
-        ref = self.actors[slot].evaluate.remote(recipe_yaml)
+        ref = self.actors[slot].run.remote(recipe_yaml, task_set)
         self.queues[slot].append(ref)
         self.busy[ref] = (slot, self.actors[slot], self.names[slot])
         return ref
 
-    def wait(self, timeout: float | None = None) -> list[tuple[Any, TrialResult]]:
-        """Results of the trials that finished (at least one, unless `timeout` passed first)."""
-        from ray.exceptions import OutOfMemoryError, RayActorError, RayError, WorkerCrashedError
+    def wait(self, timeout: float | None = None) -> list[tuple[Any, JobResult]]:
+        """Results of the jobs that finished (at least one, unless `timeout` passed first). A bug raised in a
+        worker is raised here (RayTaskError, also an instance of the original exception type)."""
+        from ray.exceptions import OutOfMemoryError, RayActorError, RayError, RayTaskError, WorkerCrashedError
 
         if not self.busy:
             return []
@@ -202,16 +206,18 @@ class WorkerPool:
             self.queues[slot].remove(ref)
             try:
                 result = self._ray.get(ref)
+            except RayTaskError:
+                raise  # Worker.run raised: a bug in evomerge, not this candidate's failure
             except RayError as err:
                 # the worker died (OOM, segfault, kill): its queued trials fail too, a fresh worker takes its place
                 died = isinstance(err, (RayActorError, OutOfMemoryError, WorkerCrashedError))
-                first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                first = first_line(err)[:200]
                 what = "worker died" if died else f"worker error ({type(err).__name__})"
                 if self.actors[slot] is actor:  # the first news of its death
                     self._running_at_death[name] = head
                     self._replace(slot)
                 running = self._running_at_death.get(name) is ref
-                result = TrialResult(worker=name, error=f"{what}: {name}: {first}", worker_died=died, was_running=running)
+                result = JobResult(worker=name, error=f"{what}: {name}: {first}", worker_died=died, was_running=running)
             out.append((ref, result))
         return out
 
@@ -235,30 +241,58 @@ class WorkerPool:
 
 
 class InlinePool:
-    """The WorkerPool interface with one Evaluator in this process, no Ray: for tests and debugging."""
+    """The WorkerPool interface with one Worker in this process, no Ray (`workers.count: 0`: debugging, tests)."""
 
-    def __init__(self, cfg: SearchConfig):
-        self.evaluator = Evaluator(cfg.model_dump(mode="json"))
-        self.evaluator.setup()
-        self.queue: list[tuple[object, str]] = []
+    def __init__(self, cfg: SearchConfig, task_sets: TaskSets | None = None):
+        self.worker = Worker(cfg.model_dump(mode="json"), task_sets_json(task_sets or {"search": cfg.tasks.search}))
+        self.worker.setup()
+        self.queue: list[tuple[object, str, str]] = []
 
     @property
     def has_capacity(self) -> bool:
         return not self.queue
 
-    def submit(self, recipe_yaml: str):
+    def submit(self, recipe_yaml: str, task_set: str = "search"):
         ref = object()
-        self.queue.append((ref, recipe_yaml))
+        self.queue.append((ref, recipe_yaml, task_set))
         return ref
 
-    def wait(self, timeout: float | None = None) -> list[tuple[Any, TrialResult]]:
+    def wait(self, timeout: float | None = None) -> list[tuple[Any, JobResult]]:
         if not self.queue:
             return []
-        ref, text = self.queue.pop(0)
-        return [(ref, self.evaluator.evaluate(text))]
+        ref, text, task_set = self.queue.pop(0)
+        return [(ref, self.worker.run(text, task_set))]
 
     def close(self) -> None:
         self.queue = []
 
 
-__all__ = ["Evaluator", "InlinePool", "TrialResult", "WorkerPool"]
+def open_pool(cfg: SearchConfig, task_sets: TaskSets | None = None) -> WorkerPool | InlinePool:
+    """The config's workers: Ray actors (`workers.count` of them, on their CPUs/GPUs), or one in-process worker
+    without Ray when the count is 0."""
+    return InlinePool(cfg, task_sets) if cfg.workers.count == 0 else WorkerPool(cfg, task_sets)
+
+
+def run_jobs(pool, jobs: Sequence[tuple[str, str]], labels: Sequence[str] | None = None) -> Iterator[tuple[int, JobResult]]:
+    """Score `jobs` ((recipe_yaml, task_set), duplicates scored once) on `pool`, keeping every worker busy;
+    yields (index into jobs, result) as they finish. A failed job raises CandidateError naming its label."""
+    first: dict[tuple[str, str], int] = {}
+    for i, job in enumerate(jobs):
+        first.setdefault(job, i)
+    waiting = list(first.items())
+    running: dict[Any, tuple[tuple[str, str], int]] = {}
+    while waiting or running:
+        while waiting and pool.has_capacity:
+            job, i = waiting.pop(0)
+            running[pool.submit(*job)] = (job, i)
+        for ref, result in pool.wait():
+            job, i = running.pop(ref)
+            if not result.ok:
+                label = labels[i] if labels else f"job {i}"
+                raise CandidateError(f"{label}: {result.error}")
+            for j, other in enumerate(jobs):
+                if other == job:
+                    yield j, result
+
+
+__all__ = ["InlinePool", "JobResult", "Worker", "WorkerPool", "open_pool", "run_jobs"]

@@ -5,14 +5,11 @@
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from evomerge.zoo.skills import SKILLS
 from evomerge.zoo.train import ModelShape, TrainPlan
@@ -65,10 +62,28 @@ def eval_prompts() -> set[str]:
 
 
 def weights_sha256(model_dir: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(model_dir.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
+    """The sha256 of a model's weight files in name order: what `Checkpoint.sha256` (and so every recipe's
+    provenance) records for it."""
+    from evomerge.io.digest import files_sha256
+
+    return files_sha256(sorted(model_dir.glob("*.safetensors")))
+
+
+@contextlib.contextmanager
+def deterministic() -> Iterator[None]:
+    """torch's deterministic algorithms for the block only; the caller's setting comes back afterwards."""
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def is_zoo(folder: Path) -> bool:
+    return (folder / "zoo.json").is_file()
 
 
 def _save(model, tokenizer, out: Path) -> None:
@@ -77,10 +92,11 @@ def _save(model, tokenizer, out: Path) -> None:
 
 
 def build_zoo(out: Path | str, seed: int = 0, size: str = "full", log: Callable[[str], None] | None = print) -> dict:
-    """Build base + specialists under `out` (atomically: a temp dir renamed into place). Returns the manifest."""
-    import torch
-
+    """Build base + specialists under `out` (atomically: built beside it and swapped in, so `out` holds the
+    previous zoo or the new one, never neither; only an empty folder or an earlier zoo is replaced).
+    Returns the manifest."""
     from evomerge.errors import ConfigError
+    from evomerge.io.atomic import atomic_dir
     from evomerge.zoo.tokenizer import build_tokenizer
     from evomerge.zoo.train import make_model, train
 
@@ -89,12 +105,9 @@ def build_zoo(out: Path | str, seed: int = 0, size: str = "full", log: Callable[
     spec = SIZES[size]
     out = Path(out)
     log = log or (lambda _msg: None)
-    torch.use_deterministic_algorithms(True)
     tokenizer = build_tokenizer()
     held = eval_prompts()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with deterministic(), atomic_dir(out, is_zoo, "a zoo (no zoo.json)") as tmp:  # refuses before any training
         log(f"base: {spec.base.steps} steps on {_mixture(spec.base.skills)}")
         model = make_model(spec.shape, tokenizer, seed)
         train(model, tokenizer, spec.base, seed, held, log)
@@ -114,10 +127,4 @@ def build_zoo(out: Path | str, seed: int = 0, size: str = "full", log: Callable[
             "sha256": {d.name: weights_sha256(d) for d in sorted(tmp.iterdir()) if d.is_dir()},
         }
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest

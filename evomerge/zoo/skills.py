@@ -120,11 +120,3 @@ SKILLS: dict[str, Skill] = {
         Skill("copy", _copy, "copying: 'copy abc=' -> 'abc'"),
     )
 }
-
-
-def get_skill(name: str) -> Skill:
-    from evomerge.errors import ConfigError, close_matches
-
-    if name not in SKILLS:
-        raise ConfigError(f"unknown zoo skill {name!r}{close_matches(name, SKILLS)}; valid: {', '.join(SKILLS)}")
-    return SKILLS[name]

@@ -104,16 +104,10 @@ def render_tasks() -> dict[str, str]:
 
 def write_tasks(out_dir: Path | str = DEFAULT_OUT) -> list[Path]:
     """Write the zoo task folder to `out_dir` (each file atomically); returns the written paths."""
+    from evomerge.io.atomic import write_file_atomic
+
     out_dir = Path(out_dir)
-    written = []
-    for rel, text in render_tasks().items():
-        path = out_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8", newline="\n")
-        tmp.replace(path)
-        written.append(path)
-    return written
+    return [write_file_atomic(out_dir / rel, text) for rel, text in render_tasks().items()]
 
 
 if __name__ == "__main__":

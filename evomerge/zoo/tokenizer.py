@@ -1,8 +1,6 @@
 """One character-level tokenizer shared by every zoo model, saved as a plain `tokenizer.json`."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from evomerge.zoo.skills import LETTERS
 
 CHARS = "0123456789" + "abcdefghijklmnopqrstuvwxyz" + "+-=: "
@@ -28,7 +26,3 @@ def build_tokenizer():
         clean_up_tokenization_spaces=False,
         model_max_length=64,
     )
-
-
-def save_tokenizer(out: Path) -> None:
-    build_tokenizer().save_pretrained(str(out))

@@ -1,18 +1,12 @@
-"""`evomerge status RUN_DIR`: what a study holds, as text (counts, top trials, failures, timing, Pareto front)."""
+"""`evomerge status RUN_DIR`: what a study holds, as text (counts, the exported trial, top trials, failures,
+timing, Pareto front)."""
 from __future__ import annotations
 
 import statistics
 import time
 from pathlib import Path
 
-from evomerge.errors import StudyError
-from evomerge.search.config import load_run_config
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa: E731
-    return [fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]
+from evomerge.tables import text_table
 
 
 def timing_breakdown(trials) -> dict[str, float] | None:
@@ -26,26 +20,39 @@ def timing_breakdown(trials) -> dict[str, float] | None:
     return {"merge_s": med("merge_s"), "eval_s": med("eval_s"), "other_s": other, "total_s": total, "n": len(rows)}
 
 
+def exported_line(cfg, study) -> str | None:
+    """Which trial `evomerge export` takes (and the report shows), and why; None before any trial completed."""
+    from evomerge.search.guard import exported_trial, pending, stored
+    from evomerge.search.study import objective_of
+
+    trial = exported_trial(cfg, study)
+    if trial is None:
+        return None
+    head = f"exported trial: {trial.number} (objective {objective_of(trial):.4f}"
+    waiting = pending(cfg, study)
+    if cfg.validation is None:
+        return head + ", the best search objective)"
+    if not waiting:
+        v = stored(cfg, study)[trial.number]
+        return head + f", validation {v.objective:.4f}: the best on validation of the top {cfg.validation.top_k} and the defaults)"
+    return head + f"; trials {', '.join(map(str, waiting))} not validated yet: `evomerge export` validates them first)"
+
+
 def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
-    import optuna
+    from evomerge.search.study import by_state, objective_of, open_run, pareto_front, stale_reason
 
-    from evomerge.search.study import load_study, objective_of, pareto_front, stale_reason
-
-    cfg = load_run_config(run_dir)
-    study = load_study(cfg.name, cfg.storage_url)
-    if study is None:
-        raise StudyError(f"{run_dir}: study {cfg.name!r} is not in {cfg.storage_url}; run `evomerge search` first")
-    trials = study.get_trials(deepcopy=False)
-    by_state: dict[str, int] = {}
-    for t in trials:
-        by_state[t.state.name] = by_state.get(t.state.name, 0) + 1
-    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    cfg, study = open_run(run_dir)
+    states = by_state(study)
+    done = states.get("COMPLETE", [])
     tasks = [t.name for t in cfg.tasks.search]
     lines = [
         f"study {cfg.name} ({cfg.method}, {cfg.sampler.name} sampler) in {cfg.storage_url}",
         f"budget: {len(done)}/{cfg.budget.n_trials} complete; trials by state: "
-        + ", ".join(f"{n} {s.lower()}" for s, n in sorted(by_state.items())),
+        + ", ".join(f"{len(ts)} {s.lower()}" for s, ts in sorted(states.items())),
     ]
+    exported = exported_line(cfg, study)
+    if exported:
+        lines.append(exported)
 
     def row(t) -> list[str]:
         scores = t.user_attrs.get("scores", {})
@@ -57,11 +64,11 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
     header = ["trial", "objective", *tasks, "s", "note"]
     if done:
         ranked = sorted(done, key=lambda t: (-objective_of(t), t.number))[:top]
-        lines += ["", f"top {len(ranked)} trials:", *_table(header, [row(t) for t in ranked])]
+        lines += ["", f"top {len(ranked)} trials:", *text_table(header, [row(t) for t in ranked]).splitlines()]
     if len(study.directions) > 1 and done:
         front = pareto_front(study)
-        lines += ["", f"Pareto front ({len(front)} trials):", *_table(header, [row(t) for t in front])]
-    running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+        lines += ["", f"Pareto front ({len(front)} trials):", *text_table(header, [row(t) for t in front]).splitlines()]
+    running = states.get("RUNNING", [])
     if running:
         now = time.time()
         lines += ["", "running:"]
@@ -69,7 +76,7 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
             age = now - t.datetime_start.timestamp() if t.datetime_start else 0
             stale = stale_reason(t)
             lines.append(f"  trial {t.number}: {age:.0f} s" + (f" (stale: {stale})" if stale else ""))
-    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL][-failures:]
+    failed = states.get("FAIL", [])[-failures:]
     if failed:
         lines += ["", "recent failures:"]
         lines += [f"  trial {t.number}: {t.user_attrs.get('fail_reason', '(no reason recorded)')}" for t in failed]
@@ -84,4 +91,4 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["status_text", "timing_breakdown"]
+__all__ = ["exported_line", "status_text", "timing_breakdown"]

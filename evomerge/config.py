@@ -1,4 +1,5 @@
-"""The search config: one YAML file, validated once where it enters (`load_config`).
+"""The search config: one YAML file, validated once where it enters (`load_config`). Pure pydantic: loading a
+config imports no Optuna, Ray, torch or lm-eval (the sampler registry below is data; `search.study` builds them).
 
     evomerge search configs/demo.yaml
 
@@ -10,42 +11,82 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from evomerge.errors import ConfigError, close_matches
+from evomerge.errors import ConfigError, close_matches, describe_validation
+from evomerge.scoring.tasks import TaskSpec
+from evomerge.storage_url import remember
 
-REPO = Path(__file__).resolve().parents[2]
-SPACES_DIR = REPO / "search_spaces"
 RUNS_DIR = Path("runs")
 # Fields that may change between runs of one study without making its trials incomparable.
-RUNTIME_FIELDS = ("budget", "workers", "storage", "validation")
+RUNTIME_FIELDS = ("budget", "workers", "storage", "validation", "allow_config_mismatch")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SearchTask(_Strict):
-    """One lm-eval task the candidates are scored on, and its share of the objective."""
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler by name: its Optuna class, whether it optimizes one objective per task, its keyword options
+    (tests check them against Optuna's signatures) and the defaults evomerge sets unless the config's options do."""
 
-    name: str
-    weight: float = Field(1.0, gt=0)
-    metric: str = "acc"
-    subset: int | None = Field(None, gt=0, description="fixed seeded sample of this many examples")
+    optuna_class: str
+    multi_objective: bool
+    options: tuple[str, ...]
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "cmaes": Sampler("CmaEsSampler", False, (
+        "x0", "sigma0", "n_startup_trials", "independent_sampler", "warn_independent_sampling",
+        "consider_pruned_trials", "restart_strategy", "popsize", "inc_popsize", "use_separable_cma", "with_margin",
+        "lr_adapt"), {"warn_independent_sampling": False}),
+    "tpe": Sampler("TPESampler", False, (
+        "consider_prior", "prior_weight", "consider_magic_clip", "consider_endpoints", "n_startup_trials",
+        "n_ei_candidates", "gamma", "weights", "multivariate", "group", "warn_independent_sampling", "constant_liar",
+        "constraints_func"), {"multivariate": True, "warn_independent_sampling": False}),
+    "random": Sampler("RandomSampler", False, ()),
+    "nsga2": Sampler("NSGAIISampler", True, (
+        "population_size", "mutation", "mutation_prob", "crossover", "crossover_prob", "swapping_prob",
+        "constraints_func", "elite_population_selection_strategy", "child_generation_strategy",
+        "after_trial_strategy")),
+}  # fmt: skip
+# Options Optuna's warm-start CMA-ES derives from the source trials itself (it refuses them alongside).
+WARM_EXCLUDES = ("x0", "sigma0", "use_separable_cma", "source_trials")
+
+
+def check_sampler(name: str, options: dict[str, Any], warm_start: bool = False) -> None:
+    """Raise ValueError (a pydantic field error where the config enters) for an unknown sampler or option name,
+    or a misplaced warm start."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}{close_matches(name, SAMPLERS)}; use one of {', '.join(SAMPLERS)}")
+    accepted = SAMPLERS[name].options
+    for key in options:
+        if key == "source_trials":
+            raise ValueError("option 'source_trials' is set by `sampler.warm_start: RUN_DIR`; use that instead")
+        if key not in accepted:
+            raise ValueError(f"{SAMPLERS[name].optuna_class} has no option {key!r}{close_matches(key, accepted)}")
+    if warm_start and name != "cmaes":
+        raise ValueError(f"warm_start works with the cmaes sampler only, not {name!r}; remove warm_start or use cmaes")
+    clash = [k for k in WARM_EXCLUDES if k in options]
+    if warm_start and clash:
+        raise ValueError(f"warm_start derives {', '.join(clash)} from the earlier trials; remove them from options")
 
 
 class TasksConfig(_Strict):
     include_paths: list[Path] = []
-    search: list[SearchTask] = Field(min_length=1)
+    search: list[TaskSpec] = Field(min_length=1)
     heldout: list[str] = []
 
     @field_validator("search")
     @classmethod
-    def _unique(cls, tasks: list[SearchTask]) -> list[SearchTask]:
+    def _unique(cls, tasks: list[TaskSpec]) -> list[TaskSpec]:
         names = [t.name for t in tasks]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -59,6 +100,11 @@ class WarmStartConfig(_Strict):
     study: str
     storage: str
 
+    @field_validator("storage")
+    @classmethod
+    def _no_password(cls, url: str | None) -> str | None:
+        return remember(url)  # the password stays in this process's memory (evomerge.storage_url), never in a dump
+
 
 class SamplerConfig(_Strict):
     name: str = "cmaes"
@@ -68,8 +114,6 @@ class SamplerConfig(_Strict):
 
     @model_validator(mode="after")
     def _known(self) -> SamplerConfig:
-        from evomerge.search.samplers import check_sampler
-
         check_sampler(self.name, self.options, warm_start=self.warm_start is not None)
         return self
 
@@ -79,7 +123,7 @@ class ValidationConfig(_Strict):
     export the best there."""
 
     top_k: int = Field(3, gt=0)
-    tasks: list[SearchTask] = Field(min_length=1)
+    tasks: list[TaskSpec] = Field(min_length=1)
 
 
 class BudgetConfig(_Strict):
@@ -115,6 +159,8 @@ class SearchConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     kernels: str = Field(default_factory=_default_kernels, description="kernel set: evomerge-1 or mergekit-0.1.5")
     validation: ValidationConfig | None = None
+    allow_config_mismatch: bool = Field(False, description="merge models whose config.json differ in shape-defining "
+                                        "fields (hidden size, layers, heads, vocabulary) when their tensors match")
     _source: str = PrivateAttr("search config")  # the file it was loaded from, for error messages
 
     @field_validator("kernels")
@@ -123,6 +169,11 @@ class SearchConfig(_Strict):
         from evomerge.merge.kernels import canonical_kernels
 
         return canonical_kernels(value)  # ValueError: "unknown kernel set ...; valid: ..."
+
+    @field_validator("storage")
+    @classmethod
+    def _no_password(cls, url: str | None) -> str | None:
+        return remember(url)  # the password stays in this process's memory (evomerge.storage_url), never in a dump
 
     @property
     def run_dir(self) -> Path:
@@ -142,9 +193,7 @@ class SearchConfig(_Strict):
 
     @property
     def multi_objective(self) -> bool:
-        from evomerge.search.samplers import is_multi_objective
-
-        return is_multi_objective(self.sampler.name)
+        return SAMPLERS[self.sampler.name].multi_objective
 
     def study_fields(self) -> dict[str, Any]:
         """What identifies the study's trials: everything but budget, workers and storage."""
@@ -159,49 +208,6 @@ class SearchConfig(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
-
-
-def _fields(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model holding the field at `loc[:-1]`, to suggest its field names."""
-    model: type[BaseModel] | None = SearchConfig
-    for part in loc[:-1]:
-        if model is None or isinstance(part, int):
-            continue
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return None
-        ann = field.annotation
-        inner = getattr(ann, "__args__", None)
-        candidates = [ann, *(inner or ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None and inner:  # list[SearchTask]
-            model = next(
-                (a for c in inner for a in getattr(c, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)),
-                None,
-            )
-    return model
-
-
-def format_errors(source: str, err: ValidationError) -> str:
-    """Every pydantic error as `field: problem (fix)`, all on one line after the file name."""
-    parts = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not str(p).startswith(("function-after", "dict[", "str")))
-        field = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            model = _model_at(loc)
-            hint = close_matches(str(loc[-1]), _fields(model)) if model else ""
-            parts.append(f"unknown key {field!r}{hint}")
-        elif e["type"] == "missing":
-            parts.append(f"{field!r} is required; add it")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"{field!r}: {msg}")
-    return f"{source}: " + "; ".join(parts)
 
 
 def _resolve(value: Any, base: Path) -> Any:
@@ -242,7 +248,7 @@ def _check_files(cfg: SearchConfig, source: str) -> None:
 
 def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None, check_files: bool = True) -> SearchConfig:
     """Validate a mapping (paths relative to `base_dir`) into a SearchConfig, with its search space."""
-    from evomerge.search.space import load_space_spec
+    from evomerge.space import load_space_spec
 
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
@@ -250,7 +256,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     try:
         cfg = SearchConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_errors(source, err)) from None
+        raise ConfigError(f"{source}: {describe_validation(err, SearchConfig)}") from None
     spec = load_space_spec(cfg.search_space or cfg.method, source=f"{source}: 'search_space'")
     if cfg.method not in spec.methods:
         raise ConfigError(
@@ -270,23 +276,6 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     return cfg
 
 
-def check_tasks(cfg: SearchConfig) -> None:
-    """Load the search (and validation) tasks once, as the workers will: a bad task name, metric, subset or
-    task YAML fails here, before a study or run directory exists, naming the config file and field."""
-    from evomerge.errors import TaskError
-    from evomerge.scoring import Scorer, TaskSpec
-
-    include = [str(p) for p in cfg.tasks.include_paths]
-    groups = [("tasks.search", cfg.tasks.search)]
-    if cfg.validation is not None:
-        groups.append(("validation.tasks", cfg.validation.tasks))
-    for field, tasks in groups:
-        try:
-            Scorer([TaskSpec(**t.model_dump()) for t in tasks], include, seed=cfg.seed)
-        except TaskError as err:
-            raise ConfigError(f"{cfg._source}: {field!r}: {err}; fix the task entry or tasks.include_paths") from None
-
-
 def load_config(path: Path | str, **overrides: Any) -> SearchConfig:
     """Load and validate a search config file. `overrides`: n_trials, storage, workers (CLI flags)."""
     from evomerge.io.yamlfile import read_yaml
@@ -304,7 +293,7 @@ def apply_overrides(
     if n_trials is not None:
         update["budget"] = cfg.budget.model_copy(update={"n_trials": n_trials})
     if storage is not None:
-        update["storage"] = storage
+        update["storage"] = remember(storage)  # model_copy skips validators: mask the password here too
     if workers is not None:
         update["workers"] = cfg.workers.model_copy(update={"count": workers})
     return cfg.model_copy(update=update) if update else cfg
@@ -347,9 +336,9 @@ def diff_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 __all__ = [
+    "SAMPLERS",
     "SearchConfig",
-    "SearchTask",
-    "check_tasks",
+    "check_sampler",
     "load_config",
     "load_run_config",
     "parse_config",

@@ -1,16 +1,18 @@
-"""The overfitting guard: when the search subsets mislead, validation changes the exported trial; export is atomic."""
+"""The overfitting guard: when the search subsets mislead, validation changes the exported trial, and export,
+status and report (table and figure) all name that trial; export is atomic."""
 from __future__ import annotations
 
 import optuna
 import pytest
 
+from evomerge.config import parse_config, write_run_config
+from evomerge.evaluator import Evaluator
+from evomerge.export import export_trial
 from evomerge.io.verify import verify_checkpoint
 from evomerge.recipe import Recipe
+from evomerge.search import guard as val
 from evomerge.search import study as st
-from evomerge.search import validate as val
-from evomerge.search.config import parse_config, write_run_config
-from evomerge.search.driver import space_of
-from evomerge.search.export import export_trial
+from evomerge.space import space_of
 
 SEARCH = [{"name": "zoo_add_search", "subset": 20}, {"name": "zoo_reverse_search", "subset": 20}]
 VALIDATION = {"top_k": 3, "tasks": [{"name": "zoo_add_val"}, {"name": "zoo_reverse_val"}]}
@@ -23,12 +25,18 @@ def guard_config(zoo, validation=None):
         "models": [str(zoo / "add"), str(zoo / "reverse")],
         "method": "task_arithmetic",
         "search_space": {"methods": ["task_arithmetic"], "parameters": {"weight": {"low": 0.0, "high": 1.0, "default": 0.5}}},
-        "tasks": {"search": SEARCH},
+        "tasks": {"search": SEARCH, "heldout": ["zoo_add", "zoo_reverse"]},
         "budget": {"n_trials": 3},
+        "workers": {"count": 0},  # the guard's pool runs in this process
     }
     if validation:
         data["validation"] = validation
     return parse_config(data)
+
+
+def validation_evaluator(cfg) -> Evaluator:
+    """An evaluator of its own for the validation tasks: the truth the guard's pool must reproduce."""
+    return Evaluator.for_config(cfg, {"validation": cfg.validation.tasks})
 
 
 def test_validation_overrides_a_misleading_search_score_and_export_stays_whole(tmp_path, tiny_zoo, monkeypatch):
@@ -36,13 +44,13 @@ def test_validation_overrides_a_misleading_search_score_and_export_stays_whole(t
     plain, guarded = guard_config(tiny_zoo), guard_config(tiny_zoo, VALIDATION)
     assert plain.study_hash() == guarded.study_hash()  # validation is a runtime setting: same study
     space = space_of(plain)
-    dists = space.distributions(plain.models)
+    dists = st.distributions(space, plain.models)
     study = st.open_study(plain, space, log=None)
 
     # three real recipes; their true validation objectives, then search scores that rank the worst one first
-    bench = val._Bench(guarded)
+    bench = validation_evaluator(guarded)
     recipes = [(label, p, space.to_recipe(p, plain.models, plain.base_model, plain.method, 0).to_yaml()) for label, p in space.baselines(plain.models)]
-    truth = [bench(text)[1] for _, _, text in recipes]
+    truth = [bench.evaluate(text, "validation").objective for _, _, text in recipes]
     assert max(truth) > min(truth), "the three recipes score alike on validation; the test needs a difference"
     worst = truth.index(min(truth))
     search = [0.4, 0.5, 0.6]
@@ -76,13 +84,29 @@ def test_validation_overrides_a_misleading_search_score_and_export_stays_whole(t
     assert second.recipe.read_text() == (second.model_dir / "recipe.yaml").read_text()
 
     # cached: exporting again scores nothing
-    def no_scoring(_text):
-        raise AssertionError("validated twice")
+    class NoScoring:
+        def submit(self, *job):
+            raise AssertionError("validated twice")
 
-    assert val.validate_top(guarded, study, log=None, score=no_scoring).keys() == results.keys()
+    assert val.validate_top(guarded, study, log=None, pool=NoScoring()).keys() == results.keys()
+
+    # one exported trial: status and the report (its table, its evolved row and its recipe figure) name it too
+    from evomerge.report import build_report
+    from evomerge.report.status import status_text
+
+    assert second.trial != st.best_trial(study).number, "the guard's pick must differ from the best search score"
+    assert f"exported trial: {second.trial} " in status_text(guarded.run_dir)
+    report = build_report(guarded.run_dir, subset=20, log=None)
+    assert report.comparison.best_trial == second.trial
+    assert f"trial {second.trial}" in report.comparison.row("evolved (best trial)").detail
+    assert report.comparison.trials[0].number == numbers[worst] and report.comparison.trials[0].validation == pytest.approx(min(truth))
+    text = report.report.read_text()
+    assert f"### Best recipe parameters (trial {second.trial})" in text and f"best trial {second.trial}." in text
+    write_run_config(plain)  # without the guard: the best search score, everywhere
+    assert f"exported trial: {numbers[worst]} " in status_text(plain.run_dir)
 
     # a killed export (here: interrupted mid-merge) leaves the previous complete best/, card and recipe alike
-    import evomerge.io.export as io_export
+    import evomerge.export as io_export
 
     def killed(recipe, out_dir, **kwargs):
         out_dir.mkdir(parents=True)
@@ -121,11 +145,11 @@ def test_guard_exports_the_defaults_when_no_searched_trial_beats_them_on_validat
     monkeypatch.chdir(tmp_path)
     cfg = guard_config(tiny_zoo, {**VALIDATION, "top_k": 1})
     space = space_of(cfg)
-    dists = space.distributions(cfg.models)
+    dists = st.distributions(space, cfg.models)
     study = st.open_study(cfg, space, log=None)
-    bench = val._Bench(cfg)
+    bench = validation_evaluator(cfg)
     recipes = [(label, p, space.to_recipe(p, cfg.models, cfg.base_model, cfg.method, 0).to_yaml()) for label, p in space.baselines(cfg.models)]
-    truth = {label: bench(text)[1] for label, _, text in recipes}
+    truth = {label: bench.evaluate(text, "validation").objective for label, _, text in recipes}
     searched = min((label for label in truth if label != "defaults"), key=truth.get)
     assert truth["defaults"] > truth[searched], f"the default merge must beat a specialist alone on validation: {truth}"
     # the search ranks that worse recipe first and the defaults last: top_k=1 alone would validate only it

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,15 +22,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import ConfigError, ModelError
+from evomerge.merge.plan import LAYER_RE
+from evomerge.tables import text_table
 
 if TYPE_CHECKING:
     import torch
 
 KINDS = ("self_attn", "mlp", "all")
-METRICS = ("cosine", "spearman", "conflict", "magnitude")
 SAMPLE = 100_000
-
-_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 class TensorSource(Protocol):
@@ -45,7 +43,7 @@ class TensorSource(Protocol):
 def tensor_group(name: str) -> tuple[str, str]:
     """(row, kind) of a tensor name: row is 'embed', 'layer N', 'norm', 'lm_head' or the name's stem;
     kind is 'self_attn', 'mlp' or 'other' (layer norms and everything outside the layers)."""
-    m = _LAYER.search(name)
+    m = LAYER_RE.search(name)
     if m:
         rest = name[m.end():]
         if "norm" in rest or rest.startswith("ln_"):
@@ -57,10 +55,10 @@ def tensor_group(name: str) -> tuple[str, str]:
         else:
             kind = "other"
         return f"layer {int(m.group(1))}", kind
-    if "embed" in name or "wte" in name:
-        return "embed", "other"
-    if "lm_head" in name or name.startswith("output."):
+    if "lm_head" in name or "embed_out" in name or name.startswith("output."):  # GPT-NeoX's head is embed_out
         return "lm_head", "other"
+    if "embed" in name or "wte" in name or "wpe" in name:
+        return "embed", "other"
     if "norm" in name or name.endswith("ln_f.weight") or name.endswith("ln_f.bias"):
         return "norm", "other"
     return name.rsplit(".", 1)[0], "other"
@@ -175,14 +173,15 @@ def _accumulate(pools: list[_Pool], base: torch.Tensor, deltas: list[torch.Tenso
 
 
 def _spearman(a, b) -> float | None:
-    import numpy as np
-    from scipy.stats import rankdata
+    """Spearman rank correlation; None where it is undefined (a constant sample, e.g. an all-zero delta)."""
+    import warnings
 
-    ra, rb = rankdata(a), rankdata(b)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    denom = math.sqrt(float(np.dot(ra, ra)) * float(np.dot(rb, rb)))
-    return float(np.dot(ra, rb)) / denom if denom > 0 else None
+    from scipy.stats import spearmanr
+
+    with warnings.catch_warnings():  # a constant input warns and gives NaN: that is the None case
+        warnings.simplefilter("ignore")
+        rho = float(spearmanr(a, b).statistic)
+    return rho if math.isfinite(rho) else None
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -345,17 +344,17 @@ def _recipe_inputs(path: Path) -> tuple[Path, list[Path]]:
         raise ConfigError(f"{path}: field `base_model` is missing; audit measures task vectors against it, "
                           "so add the common ancestor as base_model")
     base = _resolve(path, "base_model", str(recipe.base_model))
-    models = [_resolve(path, f"models[{i}].model", entry.model) for i, entry in enumerate(recipe.models)]
+    models = [_resolve(path, recipe.field_of(m), m) for m in recipe.input_models() if m != recipe.base_model]
     return base, [m for m in models if m != base]
 
 
 def audit_dirs(base: Path, models: Sequence[Path], sample: int = SAMPLE, seed: int = 0,
-               progress: Callable[[int, int], None] | None = None) -> AuditReport:
+               progress: Callable[[int, int], None] | None = None, allow_config_mismatch: bool = False) -> AuditReport:
     """Open the checkpoints, check they are compatible (ModelError naming the first mismatch), audit them."""
     from evomerge.io.checkpoint import Checkpoint, check_compatible
 
     ckpts = [Checkpoint(p) for p in [base, *models]]
-    check_compatible(ckpts)
+    check_compatible(ckpts, allow_config_mismatch=allow_config_mismatch)
     labels = _labels([base, *models])
     return audit(ckpts[0], ckpts[1:], labels=(labels[0], labels[1:]), sample=sample, seed=seed, progress=progress)
 
@@ -382,11 +381,7 @@ def format_table(report: AuditReport) -> str:
     def num(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    head = f"{'row':<10} {'kind':<9} {'params':>10} {'cosine':>7} {'spearman':>8} {'conflict':>8} {'|d|/|base|':>10}"
-    lines = [head, "-" * len(head)]
-    for g in report.groups:
-        lines.append(
-            f"{g.row:<10} {g.kind:<9} {g.n_params:>10,} {num(g.cosine, '+.3f'):>7} {num(g.spearman, '+.3f'):>8} "
-            f"{num(g.conflict, '.3f'):>8} {num(g.magnitude, '.3g'):>10}"
-        )
-    return "\n".join(lines)
+    header = ["row", "kind", "params", "cosine", "spearman", "conflict", "|d|/|base|"]
+    rows = [[g.row, g.kind, f"{g.n_params:,}", num(g.cosine, "+.3f"), num(g.spearman, "+.3f"), num(g.conflict, ".3f"),
+             num(g.magnitude, ".3g")] for g in report.groups]  # fmt: skip
+    return text_table(header, rows, "llrrrrr", sep=" ", min_widths=[10, 9, 10])

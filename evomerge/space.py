@@ -6,16 +6,21 @@ A space is YAML (`search_spaces/<name>.yaml`, a path, or a mapping inline in the
     layers_per_group: 2        # one value per 2 layers; 0 = one value for all layers
     control_points: null       # K: K values interpolated across the layers instead (smooth)
     kinds: [self_attn, mlp]    # separate values per tensor kind; other tensors (norms) get `default`
-    embeddings: true           # embed_tokens and lm_head get their own value
+    embeddings: true           # the embeddings and the head get their own value
     parameters:
       weight:  {low: 0.0, high: 1.0, default: 0.5}   # searched; `default` is the baseline trial's value
       density: {low: 0.1, high: 1.0, default: 0.5}
       normalize: {value: true}                        # fixed
       lambda:  {low: 0.5, high: 1.5, default: 1.0, per_layer: false}
 
-`SearchSpace.to_recipe` turns one point (Optuna params) into a `Recipe`: per-layer groups become mergekit
+`SearchSpace.to_recipe` turns one point (a trial's params) into a `Recipe`: per-layer groups become mergekit
 gradient lists (length L with a value repeated per group, or length K for control points), kinds become
-filter conditionals. `SearchSpace.from_recipe` is its inverse, so any recipe can be enqueued as a trial.
+filter conditionals. A space is laid over the base model's architecture (`SearchSpace.over`): each kind
+becomes the filter that names it there (`self_attn` is `attn` on GPT-2 and `.attention.` on GPT-NeoX,
+`merge.layout`), `embeddings` the names of the embeddings and head it stores, and a kind that names no
+tensor of the architecture is refused. `SearchSpace.from_recipe` is its inverse (read through mergekit's own
+parameter resolver, `merge.plan`), so any recipe can be enqueued as a trial. `bounds` are plain numbers; `search.study` turns them
+into Optuna distributions.
 """
 from __future__ import annotations
 
@@ -24,16 +29,23 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from evomerge.errors import ConfigError, ModelError, close_matches
+from evomerge.errors import ConfigError, ModelError, close_matches, describe_validation
+from evomerge.io.checkpoint import config_num_layers
+from evomerge.merge.methods import RANGES
 
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+if TYPE_CHECKING:
+    from evomerge.config import SearchConfig
+    from evomerge.merge.layout import Layout
+    from evomerge.recipe import Recipe
+
+SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 PER_MODEL = frozenset({"weight", "density", "gamma", "epsilon"})  # one value per merged model
-EMBED_FILTERS = ("embed_tokens", "lm_head")
+EMBED_FILTERS = ("embed_tokens", "lm_head")  # Llama-style names, where a space is not laid over a model
 
 
 class ParamSpec(BaseModel):
@@ -77,15 +89,6 @@ class ParamSpec(BaseModel):
         return min(max(float(x), self.low), self.high)
 
 
-# what mergekit accepts for the bounded parameters: (low test, high test, the interval in words)
-_RANGES = {
-    "density": (lambda x: x > 0, lambda x: x <= 1, "(0, 1]"),
-    "t": (lambda x: x >= 0, lambda x: x <= 1, "[0, 1]"),
-    "epsilon": (lambda x: x >= 0, lambda x: x < 1, "[0, 1)"),
-    "gamma": (lambda x: x >= 0, lambda x: x < 1, "[0, 1)"),
-}
-
-
 class SpaceSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -102,13 +105,16 @@ class SpaceSpec(BaseModel):
 
     @model_validator(mode="after")
     def _in_range(self) -> SpaceSpec:
+        """The bounded parameters stay where a recipe may put them (`merge.methods.RANGES`, mergekit's)."""
         for name, spec in self.parameters.items():
-            if name not in _RANGES:
+            if name not in RANGES:
                 continue
-            lo, hi, text = _RANGES[name]
+            low, high, low_in, high_in = RANGES[name]
+            text = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
             ends = [spec.value] if not spec.searched else [spec.low, spec.high]
             ends = [x for x in ends if isinstance(x, (int, float)) and not isinstance(x, bool)]
-            if not all(lo(x) and hi(x) for x in ends):
+            inside = [(low <= x if low_in else low < x) and (x <= high if high_in else x < high) for x in ends]
+            if not all(inside):
                 raise ValueError(f"parameters.{name}: {ends} leaves {text}; keep {name} within {text}")
         return self
 
@@ -137,18 +143,17 @@ def load_space_spec(ref: str | dict | Path, source: str = "search_space") -> Spa
     try:
         return SpaceSpec.model_validate(data)
     except ValidationError as err:
-        from evomerge.search.config import format_errors
-
-        raise ConfigError(format_errors(where, err).replace("unknown key", "unknown search-space key")) from None
+        raise ConfigError(f"{where}: {describe_validation(err, SpaceSpec)}") from None
 
 
 def num_layers(model_dir: Path | str) -> int:
+    """The base model's decoder-layer count, from its config.json (the search space is laid over it)."""
     path = Path(model_dir) / "config.json"
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ModelError(f"{path}: cannot read the model config ({err}); point base_model at an HF model folder")
-    n = cfg.get("num_hidden_layers") or cfg.get("text_config", {}).get("num_hidden_layers")
+    n = config_num_layers(cfg) if isinstance(cfg, dict) else None
     if not isinstance(n, int) or n < 1:
         raise ModelError(f"{path}: no `num_hidden_layers`; evomerge searches per-layer parameters of decoder models")
     return n
@@ -181,49 +186,26 @@ class Slot:
         return ".".join(p for p in (self.param, self.model, self.kind, label) if p is not None)
 
 
-def _conditionals(setting: Any) -> list | None:
-    def is_cond(x: Any) -> bool:
-        return (isinstance(x, dict) and "value" in x) or hasattr(x, "filter")
-
-    if is_cond(setting):
-        return [setting]
-    if isinstance(setting, list) and setting and all(is_cond(x) for x in setting):
-        return setting
-    return None
-
-
-def resolve_setting(setting: Any, tensor: str, t: float) -> Any:
-    """A mergekit ParameterSetting's value for one tensor at layer position t (first matching filter wins)."""
-    conds = _conditionals(setting)
-    if conds is not None:
-        for c in conds:
-            flt = c.get("filter") if isinstance(c, dict) else c.filter
-            if flt is None or flt in tensor:
-                return resolve_setting(c["value"] if isinstance(c, dict) else c.value, tensor, t)
-        return None
-    if isinstance(setting, (list, tuple)):
-        if len(setting) == 1:
-            return setting[0]
-        scaled = t * (len(setting) - 1)
-        if abs(scaled - round(scaled)) < 1e-9:
-            scaled = round(scaled)
-        i0 = int(scaled)
-        i1 = min(len(setting) - 1, i0 + 1)
-        frac = scaled - i0
-        return setting[i0] * (1 - frac) + setting[i1] * frac
-    return setting
-
-
 class SearchSpace:
-    """A `SpaceSpec` laid over a model with `num_layers` layers."""
+    """A `SpaceSpec` laid over a model with `num_layers` layers (and, given its `layout`, over its tensor names:
+    `over` builds both from a model folder)."""
 
-    def __init__(self, spec: SpaceSpec, num_layers: int):
+    def __init__(self, spec: SpaceSpec, num_layers: int, layout: Layout | None = None):
         self.spec = spec
         self.num_layers = num_layers
+        self.layout = layout
+        self.filters = {k: k for k in spec.kinds}  # kind -> the filter that names it in this architecture
+        self.embed_filters = list(EMBED_FILTERS)
+        if layout is not None:
+            self.filters, self.embed_filters = _lay_over(spec, layout)
 
     @classmethod
-    def load(cls, ref: str | dict | Path, base_model: Path | str) -> SearchSpace:
-        return cls(load_space_spec(ref), num_layers(base_model))
+    def over(cls, spec: SpaceSpec, model_dir: Path | str) -> SearchSpace:
+        """`spec` laid over the model in `model_dir` (its config.json and safetensors headers; no weights read)."""
+        from evomerge.io.checkpoint import Checkpoint
+        from evomerge.merge.layout import Layout
+
+        return cls(spec, num_layers(model_dir), Layout.of(Checkpoint(model_dir)))
 
     # -- layout -----------------------------------------------------------------------------------
     @property
@@ -257,14 +239,9 @@ class SearchSpace:
                     out += [Slot(param, key, kind, g) for g in groups]
         return out
 
-    def distributions(self, models: list) -> dict[str, Any]:
-        from optuna.distributions import FloatDistribution
-
-        out = {}
-        for s in self.slots(models):
-            ps = self.spec.parameters[s.param]
-            out[s.name] = FloatDistribution(ps.low, ps.high, log=ps.log)
-        return out
+    def bounds(self, models: list) -> dict[str, ParamSpec]:
+        """{searched number's name: its ParamSpec (`low`, `high`, `log`)}, in slot order."""
+        return {s.name: self.spec.parameters[s.param] for s in self.slots(models)}
 
     # -- points -----------------------------------------------------------------------------------
     def defaults(self, models: list) -> dict[str, float]:
@@ -314,9 +291,9 @@ class SearchSpace:
         conds: list[dict] = []
         if self.spec.embeddings:
             e = values[Slot(param, model, "embed", None).name]
-            conds += [{"filter": f, "value": e} for f in EMBED_FILTERS]
+            conds += [{"filter": f, "value": e} for f in self.embed_filters]
         if self.spec.kinds:
-            conds += [{"filter": k, "value": layered(k)} for k in self.spec.kinds]
+            conds += [{"filter": self.filters[k], "value": layered(k)} for k in self.spec.kinds]
             conds.append({"value": ps.baseline})
         else:
             conds.append({"value": layered(None)})
@@ -346,29 +323,117 @@ class SearchSpace:
         data["evomerge"] = {"seed": int(seed), **({"kernels": kernels} if kernels else {})}
         return Recipe.model_validate(data)
 
-    def from_recipe(self, recipe) -> dict[str, float]:
-        """The point of a recipe (values read at each group's first layer, clipped to the bounds)."""
+    def from_recipe(self, recipe: Recipe) -> dict[str, float]:
+        """The point of a recipe: each searched number read where its group starts (a layer group's first layer,
+        or a control point's position), as mergekit's resolver reads the recipe there, clipped to the bounds; a
+        parameter the recipe does not set takes its baseline."""
+        from evomerge.merge.plan import Plan
+
+        recipe = self._models_form(recipe)
         base = str(recipe.base_model)
         entries = [e for e in recipe.models if str(e.model) != base]
         keys = model_keys([e.model for e in entries])
-        by_key = {k: (e.parameters or {}) for k, e in zip(keys, entries)}
-        shared = recipe.parameters or {}
+        path_of = {k: e.model for k, e in zip(keys, entries)}
+        given = {p for params in [recipe.parameters, *(e.parameters for e in recipe.models)] for p in (params or {})}
+        plan = Plan(recipe, num_layers=self.num_layers)
         out = {}
         for s in self.slots([e.model for e in entries]):
             ps = self.spec.parameters[s.param]
-            setting = by_key.get(s.model, {}).get(s.param) if s.model else None
-            if setting is None:
-                setting = shared.get(s.param)
             if s.kind == "embed":
-                tensor, t = "model.embed_tokens.weight", 0.0
+                tensor, t = self._embed_tensor(), 0.0
             else:
-                g = s.group or 0
-                t = self._group_t(g) if s.group is not None else 0.0
+                t = self._group_t(s.group) if s.group is not None else 0.0
                 layer = round(t * (self.num_layers - 1))
-                tensor = f"model.layers.{layer}.{s.kind or 'mlp.down_proj'}.weight"
-            value = resolve_setting(setting, tensor, t) if setting is not None else None
+                tensor = self._layer_tensor(layer, s.kind)
+            value = None
+            if s.param in given:
+                resolved = plan.resolve(tensor, t=t)
+                value = resolved.per_input[path_of[s.model]][s.param] if s.model else resolved.shared[s.param]
             out[s.name] = ps.clip(ps.baseline if value is None else value)
         return out
 
+    def _embed_tensor(self) -> str:
+        if self.layout is None:
+            return "model.embed_tokens.weight"
+        return next(n for n in self.layout.merged_names() if self.embed_filters[0] in n)
 
-__all__ = ["SearchSpace", "SpaceSpec", "ParamSpec", "Slot", "load_space_spec", "model_keys", "num_layers"]
+    def _layer_tensor(self, layer: int, kind: str | None) -> str:
+        """A tensor of `layer` (of `kind`, else an MLP one) where a recipe's parameters are read for a slot."""
+        if self.layout is None:
+            return f"model.layers.{layer}.{kind or 'mlp.down_proj'}.weight"
+        return self.layout.example(layer, self.filters[kind] if kind else None)
+
+    def _models_form(self, recipe: Recipe) -> Recipe:
+        """A `slices:` recipe that is a plain per-layer merge, in the `models:` form (a space reads only that)."""
+        if recipe.slices is None:
+            return recipe
+        depths = {m: num_layers(m) for m in recipe.input_models()}
+        plain = recipe.as_models_form(depths)
+        if plain is None:
+            raise ConfigError(
+                "this slices: recipe is not one per-layer merge (several slices, partial layer ranges, parameters "
+                "per slice that overlap the global ones, or base_model outside the sources); a search starts only "
+                "from a recipe the models: form writes exactly"
+            )
+        return plain
+
+
+def _lay_over(spec: SpaceSpec, layout: Layout) -> tuple[dict[str, str], list[str]]:
+    """(kind -> its filter in `layout`'s architecture, the embedding filters), or ConfigError naming what matches
+    no tensor of the architecture."""
+    filters = {}
+    for kind in spec.kinds:
+        found = layout.kind_filter(kind)
+        if found is None:
+            raise ConfigError(
+                f"search space {spec.name!r}: kinds entry {kind!r} matches no tensor of {layout.architecture} (its layer "
+                f"tensors: {layout.describe()}); use self_attn, mlp or a part of those names"
+            )
+        filters[kind] = found
+    embed = layout.embedding_filters()
+    if spec.embeddings and not embed:
+        raise ConfigError(
+            f"search space {spec.name!r}: embeddings: true, but {layout.architecture} stores no embedding or head tensor "
+            "evomerge recognizes (embed_tokens, wte, embed_in, lm_head, ...); set embeddings: false"
+        )
+    return filters, embed
+
+
+def space_of(cfg: SearchConfig) -> SearchSpace:
+    """The search space of a loaded config: its resolved `search_space` laid over the base model's architecture, after
+    checking that the models can merge with it (shape-defining config.json fields, unless `allow_config_mismatch`;
+    tensor names, shapes and tokenizer where this process can read the weights), so a search fails here rather than
+    in its workers. Where it cannot (a driver without the weights), the names come from the architecture's config."""
+    from evomerge.io.checkpoint import Checkpoint, check_compatible, config_mismatch
+    from evomerge.merge.layout import Layout
+
+    spec = SpaceSpec.model_validate(cfg.search_space)
+    folders = [Path(cfg.base_model), *map(Path, cfg.models)]
+    configs = [(folder, _read_config(folder)) for folder in folders]
+    for other in configs[1:]:
+        why = None if cfg.allow_config_mismatch else config_mismatch(configs[0], other)
+        if why is not None:
+            raise ModelError(why)
+    try:
+        checkpoints = [Checkpoint(folder) for folder in folders]
+    except ModelError:  # no readable weights here: the workers, which load them, say why
+        layout = Layout.from_config(folders[0])
+    else:
+        check_compatible(checkpoints, allow_config_mismatch=cfg.allow_config_mismatch)
+        layout = Layout.of(checkpoints[0])
+    try:
+        return SearchSpace(spec, num_layers(cfg.base_model), layout)
+    except ConfigError as err:
+        raise ConfigError(f"{cfg._source}: {err}") from None
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: cannot read the model config ({err}); point base_model and models at HF model folders")
+    return data if isinstance(data, dict) else {}
+
+
+__all__ = ["DEFAULTS_LABEL", "ParamSpec", "SearchSpace", "Slot", "SpaceSpec", "load_space_spec", "model_keys", "num_layers", "space_of"]

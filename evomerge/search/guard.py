@@ -4,16 +4,17 @@
       top_k: 3
       tasks: [{name: zoo_add_val, subset: 200}, {name: zoo_reverse_val, subset: 200}]
 
-    from evomerge.search.validate import validate_top, chosen_trial
+    from evomerge.search.guard import validate_top, exported_trial
     validate_top(cfg, study)     # scores the top_k trials (by search objective) not scored yet
-    chosen_trial(cfg, study)     # what `evomerge export` and `evomerge report` take: best validation objective
+    exported_trial(cfg, study)   # THE exported trial: what export, status and report (table and figure) show
 
 A sampler that ran for long on small search subsets finds recipes that fit those subsets' noise; a
 second, larger sample the sampler never saw ranks the finalists honestly. The finalists always include
 the default merge, so a search that found nothing better exports the defaults rather than its luckiest
 trial. Results live in the study (user attr `validation:<trial>`, keyed by the validation tasks), so they
-are computed once per trial and a changed `validation.tasks` re-scores. Export records them in the
-recipe's provenance.
+are computed once per trial and a changed `validation.tasks` re-scores. The finalists are scored through the
+search's kind of pool (`search.workers.open_pool`: Ray actors on the workers' devices, or in this process
+when `workers.count` is 0). Export records the results in the recipe's provenance.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
-    from evomerge.search.config import SearchConfig
+    from evomerge.config import SearchConfig
 
 PREFIX = "validation:"
 
@@ -68,8 +69,8 @@ def finalists(cfg: SearchConfig, study) -> list:
     """The candidates for validation: the top_k COMPLETE trials by search objective (best first), then the
     enqueued default merge if it is not among them, so export never takes a searched recipe that
     validation ranks below the defaults (on noisy search subsets the top trials often are)."""
-    from evomerge.search.space import DEFAULTS_LABEL
     from evomerge.search.study import complete_trials, objective_of
+    from evomerge.space import DEFAULTS_LABEL
 
     k = cfg.validation.top_k if cfg.validation else 1
     ranked = sorted(complete_trials(study), key=lambda t: (-objective_of(t), t.number))
@@ -79,64 +80,53 @@ def finalists(cfg: SearchConfig, study) -> list:
     return top
 
 
-class _Bench:
-    """One resident model and one scorer for the validation tasks, built on first use."""
-
-    def __init__(self, cfg: SearchConfig):
-        from evomerge.merge.materialize import Materializer
-        from evomerge.offline import go_offline
-        from evomerge.scoring import Scorer, TaskSpec
-
-        go_offline()
-        tasks = [TaskSpec(**t.model_dump()) for t in cfg.validation.tasks]
-        self.scorer = Scorer(tasks, [str(p) for p in cfg.tasks.include_paths], seed=cfg.seed)
-        self.materializer = Materializer([str(m) for m in cfg.models], str(cfg.base_model), dtype=cfg.dtype)
-
-    def __call__(self, recipe_yaml: str) -> tuple[dict[str, dict[str, float]], float]:
-        from evomerge.recipe import Recipe
-
-        self.materializer.apply(Recipe.from_yaml(recipe_yaml, source="trial recipe"))
-        scores = self.scorer.score(self.materializer.model, self.materializer.tokenizer)
-        return scores, float(self.scorer.objective(scores))
-
-
-def validate_top(
-    cfg: SearchConfig,
-    study,
-    *,
-    log: Callable[[str], None] | None = print,
-    score: Callable[[str], tuple[dict[str, dict[str, float]], float]] | None = None,
-) -> dict[int, Validation]:
+def validate_top(cfg: SearchConfig, study, *, log: Callable[[str], None] | None = print, pool=None) -> dict[int, Validation]:
     """Score the finalists that have no validation result yet; {trial: Validation} of all finalists.
 
-    `score(recipe_yaml) -> (scores, objective)` replaces the in-process scorer (tests).
+    `pool` (with a "validation" task set) is used when given; otherwise one is opened for the config's
+    workers, only if something needs scoring, and closed again.
     """
     from evomerge.search.study import objective_of
+    from evomerge.search.workers import open_pool, run_jobs
 
     if cfg.validation is None:
         return {}
     done = stored(cfg, study)
     todo = [t for t in finalists(cfg, study) if t.number not in done]
-    if todo and log:
-        log(f"validating the top {cfg.validation.top_k} trials on {', '.join(t.name for t in cfg.validation.tasks)}")
-    by_recipe: dict[str, tuple[dict[str, dict[str, float]], float]] = {}
-    for t in todo:
-        text = t.user_attrs["recipe"]
-        if text not in by_recipe:
-            score = score or _Bench(cfg)
-            by_recipe[text] = score(text)
-        scores, objective = by_recipe[text]
-        v = Validation(trial=t.number, search=objective_of(t), scores=scores, objective=objective, key=tasks_key(cfg))
-        study.set_user_attr(f"{PREFIX}{t.number}", v.model_dump(mode="json"))
-        done[t.number] = v
+    if todo:
         if log:
-            log(f"  trial {t.number}: search {v.search:.4f}, validation {v.objective:.4f}")
+            log(f"validating the top {cfg.validation.top_k} trials on {', '.join(t.name for t in cfg.validation.tasks)}")
+        own = pool is None
+        pool = pool or open_pool(cfg, {"validation": cfg.validation.tasks})
+        try:
+            jobs = [(t.user_attrs["recipe"], "validation") for t in todo]
+            for i, res in run_jobs(pool, jobs, [f"validating trial {t.number}" for t in todo]):
+                t = todo[i]
+                v = Validation(trial=t.number, search=objective_of(t), scores=res.scores, objective=res.objective,
+                               key=tasks_key(cfg))  # fmt: skip
+                study.set_user_attr(f"{PREFIX}{t.number}", v.model_dump(mode="json"))
+                done[t.number] = v
+                if log:
+                    log(f"  trial {t.number}: search {v.search:.4f}, validation {v.objective:.4f}")
+        finally:
+            if own:
+                pool.close()
     return {t.number: done[t.number] for t in finalists(cfg, study)}
 
 
-def chosen_trial(cfg: SearchConfig, study) -> Any:
-    """The trial export takes: the best validation objective among the validated finalists (ties: the better
-    search objective, then the earlier trial); without validation results, the best search objective."""
+def pending(cfg: SearchConfig, study) -> list[int]:
+    """Finalists the guard has not scored yet (`validate_top` scores them; until then export would wait)."""
+    if cfg.validation is None:
+        return []
+    done = stored(cfg, study)
+    return [t.number for t in finalists(cfg, study) if t.number not in done]
+
+
+def exported_trial(cfg: SearchConfig, study) -> Any:
+    """THE exported trial, used by export, status and report alike: the best validation objective among the
+    validated finalists (ties: the better search objective, then the earlier trial); without validation
+    results, the best search objective (for multi-objective studies, the best weighted mean). None when the
+    study has no COMPLETE trial. Call `validate_top` first for the guard's pick."""
     from evomerge.search.study import best_trial, objective_of
 
     results = stored(cfg, study)
@@ -147,4 +137,4 @@ def chosen_trial(cfg: SearchConfig, study) -> Any:
     return trials[number]
 
 
-__all__ = ["Validation", "chosen_trial", "finalists", "stored", "tasks_key", "validate_top"]
+__all__ = ["Validation", "exported_trial", "finalists", "pending", "stored", "tasks_key", "validate_top"]

@@ -1,4 +1,4 @@
-"""SearchSpace: Optuna points <-> recipes (gradient lists per layer group, filters per tensor kind)."""
+"""SearchSpace: trial points <-> recipes (gradient lists per layer group, filters per tensor kind)."""
 from __future__ import annotations
 
 import random
@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from evomerge.merge.plan import Plan
 from evomerge.recipe import Recipe
-from evomerge.search.space import SearchSpace, SpaceSpec, load_space_spec, resolve_setting
+from evomerge.space import SearchSpace, SpaceSpec, load_space_spec
 
 REPO = Path(__file__).resolve().parent.parent
 SPACES = sorted(p.stem for p in (REPO / "search_spaces").glob("*.yaml"))
@@ -15,7 +16,7 @@ SPACES = sorted(p.stem for p in (REPO / "search_spaces").glob("*.yaml"))
 
 def random_point(space: SearchSpace, models: list, seed: int = 0) -> dict[str, float]:
     rng = random.Random(seed)
-    return {name: rng.uniform(d.low, d.high) for name, d in space.distributions(models).items()}
+    return {name: rng.uniform(d.low, d.high) for name, d in space.bounds(models).items()}
 
 
 @pytest.mark.parametrize("name", SPACES)
@@ -42,7 +43,7 @@ def test_layer_groups_become_gradient_lists_and_kinds_become_filters():
     )  # fmt: skip
     space = SearchSpace(spec, num_layers=6)
     models = ["/z/add"]
-    names = list(space.distributions(models))
+    names = list(space.bounds(models))
     assert names == [
         "weight.add.embed",
         "weight.add.self_attn.g0", "weight.add.self_attn.g1", "weight.add.self_attn.g2",
@@ -59,11 +60,17 @@ def test_layer_groups_become_gradient_lists_and_kinds_become_filters():
         (None, 0.25),  # norms: the parameter's default
     ]
     assert recipe.models[0].parameters["density"] == 0.7
-    # what the merge engine will read per tensor
-    assert resolve_setting(weight, "model.layers.3.self_attn.q_proj.weight", 3 / 5) == 0.2
-    assert resolve_setting(weight, "model.layers.5.mlp.up_proj.weight", 1.0) == pytest.approx(0.6)
-    assert resolve_setting(weight, "model.layers.5.input_layernorm.weight", 1.0) == 0.25
-    assert resolve_setting(weight, "lm_head.weight", 0.0) == 0.0
+    # what the merge engine will read per tensor (mergekit's resolver: layer 3 of 0..5 is t = 3/5)
+    plan = Plan(recipe, num_layers=6)
+
+    def read(tensor: str) -> float:
+        return plan.resolve(tensor).per_input["/z/add"]["weight"]
+
+    assert plan.resolve("model.layers.3.self_attn.q_proj.weight").t == 3 / 5
+    assert read("model.layers.3.self_attn.q_proj.weight") == 0.2
+    assert read("model.layers.5.mlp.up_proj.weight") == pytest.approx(0.6)
+    assert read("model.layers.5.input_layernorm.weight") == 0.25
+    assert read("lm_head.weight") == 0.0
 
 
 def test_control_points_are_a_gradient_of_length_k_and_slerp_lists_both_endpoints():

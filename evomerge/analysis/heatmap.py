@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from evomerge.audit import KINDS, AuditReport
+from evomerge.analysis.audit import KINDS, AuditReport
 
 # metric -> (panel title, colormap, fixed range or None for the data's own range)
 PANELS = {

@@ -1,14 +1,14 @@
-"""Scores one checkpoint on disk: load it offline (safetensors only, no remote code unless asked), then Scorer."""
+"""Scores one checkpoint folder as it is on disk (`evomerge eval`): load it offline (safetensors only, no remote
+code unless asked), then Scorer. Candidates of a merge are scored by `evomerge.evaluator` instead, in memory."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-from evomerge.errors import ModelError
+from evomerge.errors import ModelError, first_line
+from evomerge.io.checkpoint import TOKENIZER_FILES, Checkpoint
 from evomerge.scoring.scorer import Scorer, Scores
 from evomerge.scoring.tasks import TaskSpec
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def check_model_dir(model_dir: Path) -> None:
@@ -23,12 +23,10 @@ def check_model_dir(model_dir: Path) -> None:
         )
     if not any(model_dir.glob("*.safetensors")):
         raise ModelError(f"{model_dir} has no *.safetensors weights; evomerge loads no pickle checkpoints")
-    from evomerge.io.checkpoint import Checkpoint
-
     Checkpoint(model_dir)  # headers and sizes checked: a corrupt or truncated file is a ModelError, not a traceback
 
 
-def load_checkpoint(model_dir: Path | str, *, device: str = "cpu", trust_remote_code: bool = False):
+def load_model_dir(model_dir: Path | str, *, device: str = "cpu", trust_remote_code: bool = False):
     """(model, tokenizer) from a local HF folder, in eval mode on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,9 +45,8 @@ def load_checkpoint(model_dir: Path | str, *, device: str = "cpu", trust_remote_
                 str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=True, dtype="auto"
             )
     except (OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         hint = "" if trust_remote_code else " (a model with custom code needs --trust-remote-code)"
-        raise ModelError(f"cannot load {model_dir}: {first}{hint}") from exc
+        raise ModelError(f"cannot load {model_dir}: {first_line(exc)}{hint}") from exc
     return model.to(device).eval(), tokenizer
 
 
@@ -66,8 +63,6 @@ def evaluate_model_dir(
 ) -> Scores:
     """{task: {metric: value}} of the checkpoint in `model_dir` (tasks are checked before the model loads)."""
     check_model_dir(Path(model_dir))
-    scorer = Scorer(
-        tasks, include_paths, seed=seed, batch_size=batch_size, device=device, include_defaults=include_defaults
-    )
-    model, tokenizer = load_checkpoint(model_dir, device=device, trust_remote_code=trust_remote_code)
+    scorer = Scorer(tasks, include_paths, seed=seed, batch_size=batch_size, include_defaults=include_defaults)
+    model, tokenizer = load_model_dir(model_dir, device=device, trust_remote_code=trust_remote_code)
     return scorer.score(model, tokenizer)

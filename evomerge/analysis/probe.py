@@ -1,6 +1,6 @@
 """Functional interference probe (`evomerge audit CONFIG.yaml --probe`): where do the models' skills collide?
 
-    from evomerge.probe import probe, format_probe, probe_summary
+    from evomerge.analysis.probe import probe, format_probe, probe_summary
     report = probe("zoo/base", ["zoo/add", "zoo/reverse"], [TaskSpec(name="zoo_add_search"), ...])
 
 Weight statistics (sign conflict, cosine) say where task vectors differ, not where one model's change breaks
@@ -11,7 +11,8 @@ and each task t owned by model m:
 - need: how many points t loses when m's own task vector is removed in r;
 - harm: how many points t loses when the other models' task vectors are added to m in r only.
 Every probe is a real task-arithmetic recipe with `filter:` weights (mergekit's substring filters), merged in
-memory into one resident model and scored on the tasks. A region is a *conflict* when some task is harmed
+memory by the candidate evaluator (`evomerge.evaluator`) and scored on the tasks; a model alone is
+`evaluator.alone` (its exact weights), and the controls' weights are loaded into the same evaluator. A region is a *conflict* when some task is harmed
 there by a model that needs the region itself: a recipe can only trade the two skills there. It is
 *routable* when the harm comes from models that do not need the region: a per-layer search can drop their
 vectors there. Two controls tell a specific collision from mere size: the other models' vectors shuffled
@@ -26,7 +27,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from evomerge.tables import text_table
+
+if TYPE_CHECKING:
+    import torch
+
+    from evomerge.merge.layout import Layout
 
 NEED, HARM = 10.0, 5.0  # points: a model "needs" a region / a vector "hurts" a task there
 
@@ -58,10 +66,19 @@ class ProbeReport:
         return asdict(self)
 
 
-def regions_of(num_layers: int) -> list[tuple[str, str]]:
-    """(label, filter) of every probed region."""
-    layers = [(f"layer {i}", f"layers.{i}.") for i in range(num_layers)]
-    return layers + [("attention", "self_attn"), ("MLP", "mlp"), ("embeddings", "embed_tokens"), ("head", "lm_head")]
+def regions_of(num_layers: int, layout: Layout | None = None) -> list[tuple[str, str]]:
+    """(label, filter) of every probed region, in the names of `layout`'s architecture (default: Llama's)."""
+    if layout is None:
+        layers = [(f"layer {i}", f"layers.{i}.") for i in range(num_layers)]
+        return layers + [("attention", "self_attn"), ("MLP", "mlp"), ("embeddings", "embed_tokens"), ("head", "lm_head")]
+    from evomerge.merge.layout import HEAD_PARTS
+
+    out = [(f"layer {i}", layout.layer_filter(i)) for i in range(num_layers)]
+    out += [(label, flt) for label, flt in (("attention", layout.kind_filter("self_attn")), ("MLP", layout.kind_filter("mlp"))) if flt]
+    embeds = layout.embedding_filters()  # a tied head is no region of its own
+    out += [(label, found[0]) for label, found in (("embeddings", [f for f in embeds if f not in HEAD_PARTS]),
+                                                    ("head", [f for f in embeds if f in HEAD_PARTS])) if found]  # fmt: skip
+    return out
 
 
 def verdict(region: RegionProbe, owners: dict[str, str]) -> str:
@@ -83,51 +100,48 @@ def probe(
     include_paths: Sequence[str | Path] = (),
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    allow_config_mismatch: bool = False,
 ) -> ProbeReport:
     """Score the probes (see the module docstring); `tasks` are TaskSpecs (or names) with their metric."""
-    from evomerge.merge.materialize import Materializer
+    from evomerge.evaluator import Evaluator
     from evomerge.recipe import ModelEntry, Recipe
-    from evomerge.scoring import Scorer
-    from evomerge.search.space import model_keys
+    from evomerge.space import model_keys
 
     base = str(base)
     paths = [str(m) for m in models if Path(m).resolve() != Path(base).resolve()]
     keys = model_keys(paths)
-    mat = Materializer(paths, base)
-    scorer = Scorer(list(tasks), include_paths, seed=seed)
-    names = [leaf for s in scorer.specs for leaf in scorer.members[s.name]]
+    ev = Evaluator(paths, base, {"probe": list(tasks)}, include_paths, seed=seed, allow_config_mismatch=allow_config_mismatch)
     log = log or (lambda _msg: None)
 
     def score() -> dict[str, float]:
-        return {t: 100.0 * v for t, v in scorer.leaf_values(scorer.score(mat.model, mat.tokenizer)).items()}
+        return {t: 100.0 * v for t, v in ev.score("probe").units.items()}
 
     def ta(weights: list) -> dict[str, float]:
-        mat.apply(Recipe(merge_method="task_arithmetic", base_model=base,
-                         models=[ModelEntry(model=m, parameters={"weight": w}) for m, w in zip(paths, weights)]))  # fmt: skip
+        ev.load(Recipe(merge_method="task_arithmetic", base_model=base,
+                       models=[ModelEntry(model=m, parameters={"weight": w}) for m, w in zip(paths, weights)]))  # fmt: skip
         return score()
 
     def exactly(path: str) -> dict[str, float]:
-        """One input model's own weights (a linear merge with weight 1 on it, 0 on the rest: exact in fp32)."""
-        mat.apply(Recipe(merge_method="linear", models=[ModelEntry(model=m, parameters={"weight": float(m == path)})
-                                                         for m in [*paths, base]]))  # fmt: skip
+        ev.load_model(path)  # `evaluator.alone`: its exact weights
         return score()
 
     base_scores = exactly(base)
-    alone = {}
+    alone_scores = {}
     for key, path in zip(keys, paths):
-        alone[key] = exactly(path)
+        alone_scores[key] = exactly(path)
         log(f"probe: {key} alone")
+    names = list(base_scores)
     owners, unowned = {}, []
     for t in names:
-        best = max(keys, key=lambda k: alone[k][t])
-        if alone[best][t] > base_scores[t]:
+        best = max(keys, key=lambda k: alone_scores[k][t])
+        if alone_scores[best][t] > base_scores[t]:
             owners[t] = best
         else:
             unowned.append(t)
     report = ProbeReport(
         models=keys,
         owners=owners,
-        alone={t: alone[owners[t]][t] for t in owners},
+        alone={t: alone_scores[owners[t]][t] for t in owners},
         all_in={t: v for t, v in ta([1.0] * len(paths)).items() if t in owners},
         controls={t: {} for t in owners},
         unowned=unowned,
@@ -135,10 +149,12 @@ def probe(
     owned = {i: [t for t in owners if owners[t] == k] for i, k in enumerate(keys) if k in owners.values()}
     for i, mine in owned.items():
         for kind in ("shuffled", "noise"):
-            after = _control(mat, keys, i, kind, seed, score)
+            ev.load_weights(control_weights(ev.checkpoints, len(keys), i, kind, seed))
+            after = score()
             for t in mine:
                 report.controls[t][kind] = report.alone[t] - after[t]
-    for label, flt in regions_of(mat.model.config.num_hidden_layers):
+    layout = ev.materializer.layout
+    for label, flt in regions_of(layout.num_layers, layout):
         inside = [{"filter": flt, "value": 1.0}, {"value": 0.0}]  # weight 1 in the region only
         outside = [{"filter": flt, "value": 0.0}, {"value": 1.0}]  # weight 1 everywhere but the region
         need, harm = {}, {}
@@ -179,33 +195,31 @@ def drop_weights(report: ProbeReport) -> list:
     return weights
 
 
-def _control(mat, keys: list[str], i: int, kind: str, seed: int, score) -> dict[str, float]:
-    """Scores of model i with the other models' task vectors replaced by same-size unrelated changes."""
+def control_weights(checkpoints: Sequence, n_models: int, i: int, kind: str, seed: int) -> dict[str, torch.Tensor]:
+    """Model i's weights plus, in place of each other model's task vector, an unrelated change of the same size:
+    that vector shuffled within each tensor, or Gaussian noise with its norm. `checkpoints`: the models in
+    order, then the base (an evaluator's `checkpoints`)."""
     import torch
 
     from evomerge.merge.materialize import tensor_seed
 
-    ckpts = mat.checkpoints  # the models in order, then the base
-    models, base = ckpts[: len(keys)], ckpts[len(keys)]
-    params = mat.model.state_dict()
-    with torch.no_grad():
-        for name in base.tensor_names():
-            if name not in params:
+    models, base = checkpoints[:n_models], checkpoints[n_models]
+    out = {}
+    for name in base.tensor_names():
+        b = base.get(name).float()
+        tensor = models[i].get(name).float().clone()
+        for j, other in enumerate(models):
+            if j == i:
                 continue
-            b = base.get(name).float()
-            out = models[i].get(name).float().clone()
-            for j, other in enumerate(models):
-                if j == i:
-                    continue
-                delta = other.get(name).float() - b
-                g = torch.Generator().manual_seed(tensor_seed(seed + j, name))
-                if kind == "shuffled":
-                    out += delta.flatten()[torch.randperm(delta.numel(), generator=g)].view_as(delta)
-                else:
-                    noise = torch.randn(delta.shape, generator=g)
-                    out += noise * (delta.norm() / noise.norm().clamp_min(1e-12))
-            params[name].copy_(out)
-    return score()
+            delta = other.get(name).float() - b
+            g = torch.Generator().manual_seed(tensor_seed(seed + j, name))
+            if kind == "shuffled":
+                tensor += delta.flatten()[torch.randperm(delta.numel(), generator=g)].view_as(delta)
+            else:
+                noise = torch.randn(delta.shape, generator=g)
+                tensor += noise * (delta.norm() / noise.norm().clamp_min(1e-12))
+        out[name] = tensor
+    return out
 
 
 def format_probe(report: ProbeReport) -> str:
@@ -224,12 +238,7 @@ def format_probe(report: ProbeReport) -> str:
     head = ["region"] + [f"{t} {col}" for t in tasks for col in ("-own", "+others")] + ["verdict"]
     rows = [[r.region] + [f"{-v:+.1f}" for t in tasks for v in (r.need[t], r.harm[t])] + [r.verdict]
             for r in report.regions]  # fmt: skip
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    lines.append("")
-    lines.append("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths))))
-    lines.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
-    for row in rows:
-        lines.append("  ".join(x.ljust(w) if i in (0, len(row) - 1) else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))))
+    lines += ["", text_table(head, rows, "l" + "r" * (len(head) - 2) + "l")]
     return "\n".join(lines)
 
 

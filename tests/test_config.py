@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from evomerge.config import load_config, load_run_config, parse_config, write_run_config
 from evomerge.errors import ConfigError
-from evomerge.search.config import load_config, load_run_config, parse_config, write_run_config
-from evomerge.search.space import SearchSpace, load_space_spec
+from evomerge.space import SearchSpace, load_space_spec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -110,7 +110,7 @@ def test_shipped_search_space_loads(path):
     for layers in (4, 6):
         space = SearchSpace(spec, layers)
         models = ["/m/add"] if spec.max_models == 1 else ["/m/add", "/m/reverse"]
-        assert space.distributions(models)
+        assert space.bounds(models)
         assert space.baselines(models)[0][0] == "defaults"
 
 

@@ -1,0 +1,195 @@
+"""The candidate evaluator: one resident model on a device, a recipe materialized into it, scored on a named task set.
+
+    ev = Evaluator(["zoo/add", "zoo/reverse"], "zoo/base", {"search": [TaskSpec(name="zoo_add_search", subset=100)]})
+    result = ev.evaluate(recipe, "search")          # Evaluation: scores, objective, merge and eval seconds
+    ev.load(alone("zoo/add", ev.inputs)); ev.score("search")     # a source model alone, scored the same way
+
+Every "merge a recipe and score it" in evomerge goes through this class: the search's Ray workers and its
+in-process pool (`search.workers`), the overfitting guard (`search.guard`), the report (`report.compare`),
+the probe (`analysis.probe`) and `scripts/zoo_table.py`. The inputs are loaded once (memory-mapped) and each
+task set's Scorer is built once; a candidate then costs one in-place merge plus one evaluation.
+
+"A model alone" has one definition: `alone(model, inputs)`, the linear recipe with weight 1 on it and 0 on
+every other input, whose merge is the model's exact weights (bit-exact in fp32), materialized like any recipe.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from evomerge.errors import EvomergeError, TaskError
+from evomerge.recipe import ModelEntry, Recipe
+from evomerge.scoring.scorer import Scorer, Scores
+from evomerge.scoring.tasks import TaskSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from evomerge.config import SearchConfig
+    from evomerge.io.checkpoint import Checkpoint
+    from evomerge.merge.materialize import Materializer
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One candidate scored on one task set."""
+
+    task_set: str
+    scores: Scores  # {leaf task: {metric: value}}, every metric lm-eval reports
+    metrics: dict[str, str]  # {leaf task: the metric its spec reads}
+    units: dict[str, float]  # {leaf task: that metric on the objective's 0-1 higher-is-better scale}
+    objective: float  # the specs' weighted mean of `units`
+    merge_s: float = 0.0
+    eval_s: float = 0.0
+
+    def values(self) -> dict[str, float]:
+        """{leaf task: its metric's value, as lm-eval reports it}."""
+        return {leaf: self.scores[leaf][metric] for leaf, metric in self.metrics.items()}
+
+    def non_finite(self) -> list[str]:
+        """`task.metric` of every NaN or Inf score (and `objective` if that is)."""
+        bad = [f"{t}.{m}" for t, ms in self.scores.items() for m, v in ms.items() if not math.isfinite(v)]
+        return bad or ([] if math.isfinite(self.objective) else ["objective"])
+
+
+def alone(model: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> Recipe:
+    """`model`'s own weights as a recipe over `inputs` (every input model, the base included): linear, weight 1 on
+    it and 0 on the others, which merges to exactly its tensors."""
+    key = _key(model)
+    entries = [ModelEntry(model=str(m), parameters={"weight": float(_key(m) == key)}) for m in inputs]
+    if not any(e.parameters["weight"] for e in entries):
+        raise ValueError(f"{model} is not among the inputs {list(map(str, inputs))}")
+    return Recipe(merge_method="linear", models=entries)
+
+
+def is_candidate_failure(exc: BaseException) -> bool:
+    """Whether `exc` fails the candidate (its trial FAILs with the reason, the search goes on) rather than the
+    search: the user's errors (EvomergeError: a bad recipe point, NaN/Inf weights, an exception raised in
+    their task code) and running out of device memory. Anything else is a bug in evomerge."""
+    import torch
+
+    return isinstance(exc, (EvomergeError, torch.cuda.OutOfMemoryError))
+
+
+class Evaluator:
+    """Inputs loaded once into one resident model on `device`, and one Scorer per named task set.
+
+    `task_sets` maps a name ("search", "validation", "heldout", ...) to its task specs; every Scorer is built
+    here, so a bad task fails before the first candidate. Not thread-safe (one evaluator per process).
+    """
+
+    def __init__(
+        self,
+        models: Sequence[str | os.PathLike],
+        base_model: str | os.PathLike | None,
+        task_sets: Mapping[str, Sequence[TaskSpec | str]],
+        include_paths: Sequence[str | os.PathLike] = (),
+        *,
+        seed: int = 0,
+        dtype: str | None = None,
+        device: str = "cpu",
+        batch_size: int = 64,
+        allow_config_mismatch: bool = False,
+    ):
+        from evomerge.merge.materialize import Materializer
+
+        if not task_sets:
+            raise TaskError("no task set to score on; name at least one")
+        # tasks first: a typo in a task name fails in seconds, before the inputs are mapped and the model built
+        self.scorers: dict[str, Scorer] = {
+            name: Scorer(specs, [str(p) for p in include_paths], seed=seed, batch_size=batch_size)
+            for name, specs in task_sets.items()
+        }
+        self.materializer: Materializer = Materializer([str(m) for m in models], None if base_model is None else str(base_model),
+                                                       dtype=dtype, device=device,
+                                                       allow_config_mismatch=allow_config_mismatch)  # fmt: skip
+
+    @classmethod
+    def for_config(cls, cfg: SearchConfig, task_sets: Mapping[str, Sequence[TaskSpec]], device: str = "cpu") -> Evaluator:
+        """The config's inputs, dtype, task folders and subset seed, with the given task sets."""
+        return cls(cfg.models, cfg.base_model, task_sets, cfg.tasks.include_paths, seed=cfg.seed, dtype=cfg.dtype,
+                   device=device, allow_config_mismatch=cfg.allow_config_mismatch)  # fmt: skip
+
+    # -- the resident model ----------------------------------------------------------------------
+    @property
+    def model(self):
+        return self.materializer.model
+
+    @property
+    def tokenizer(self):
+        return self.materializer.tokenizer
+
+    @property
+    def inputs(self) -> list[str]:
+        """Every input model folder (resolved), the base last: what a recipe evaluated here merges."""
+        return list(self.materializer.inputs)
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        """The memory-mapped inputs, in `inputs` order."""
+        return self.materializer.checkpoints
+
+    def load(self, recipe: Recipe | str) -> float:
+        """Materialize `recipe` (a Recipe or its YAML) into the resident model; returns the seconds it took."""
+        start = time.perf_counter()
+        if isinstance(recipe, str):
+            recipe = Recipe.from_yaml(recipe, source="candidate recipe")
+        self.materializer.apply(recipe)
+        return time.perf_counter() - start
+
+    def load_model(self, model: str | os.PathLike) -> float:
+        """One input model's own weights (`alone`) into the resident model."""
+        return self.load(alone(model, self.inputs))
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """An arbitrary state into the resident model (e.g. the probe's controls): every named tensor is copied in.
+
+        Names must be the model's; tensors not named keep their values, so pass a complete state unless the
+        rest is meant to stay."""
+        import torch
+
+        targets = self.materializer.targets
+        unknown = [n for n in tensors if n not in targets]
+        if unknown:
+            raise KeyError(f"tensor {unknown[0]!r} is not in {type(self.model).__name__}")
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                targets[name].copy_(tensor)
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def scorer(self, task_set: str) -> Scorer:
+        try:
+            return self.scorers[task_set]
+        except KeyError:
+            raise KeyError(f"no task set {task_set!r}; this evaluator has {', '.join(self.scorers)}") from None
+
+    def score(self, task_set: str) -> Evaluation:
+        """The resident model's current weights on `task_set`."""
+        scorer = self.scorer(task_set)
+        start = time.perf_counter()
+        scores = scorer.score(self.model, self.tokenizer)
+        metrics = {leaf: spec.metric for spec in scorer.specs for leaf in scorer.members[spec.name]}
+        return Evaluation(
+            task_set=task_set,
+            scores=scores,
+            metrics=metrics,
+            units=scorer.leaf_values(scores),
+            objective=float(scorer.objective(scores)),
+            eval_s=time.perf_counter() - start,
+        )
+
+    def evaluate(self, recipe: Recipe | str, task_set: str) -> Evaluation:
+        """Materialize `recipe` and score it on `task_set`."""
+        merge_s = self.load(recipe)
+        return replace(self.score(task_set), merge_s=merge_s)
+
+
+def _key(path: str | os.PathLike) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+__all__ = ["Evaluation", "Evaluator", "alone", "is_candidate_failure"]

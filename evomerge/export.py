@@ -1,0 +1,309 @@
+"""Export: a recipe merged to an HF checkpoint folder, and a study's trial as its recipe, checkpoint and model card.
+
+    evomerge merge recipe.yaml --out DIR        # export_recipe: sharded safetensors, config, tokenizer, recipe.yaml
+    evomerge export runs/demo                   # export_trial: the exported trial -> runs/demo/best/{recipe.yaml,model/}
+    evomerge export runs/demo --trial 12 --out /tmp/t12
+
+A step above `merge` (the per-tensor merge loop) and `io` (checkpoint reader, shard writer, atomic folders),
+which know nothing of each other. Memory stays bounded: inputs are memory-mapped, each tensor's input pages
+are released once it is merged, and each merged tensor is written to its shard file at once. Everything is
+written to a temp folder next to the output and swapped into place (`io.atomic`): the output holds the
+previous complete result or the new one, never a partial one, even if the process is killed. The recipe
+written next to the weights records the sha256 of its inputs and of every file written (`evomerge verify`).
+
+A trial's checkpoint is its recipe merged by the same kernels with the same per-tensor seeds, so its
+weights are the ones the trial was scored with. Which trial: `search.guard.exported_trial` (with
+`validation:` in the config, the best on the validation splits of the finalists, scored first).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
+
+from evomerge.config import SearchConfig
+from evomerge.errors import ConfigError, EvomergeError, StudyError
+from evomerge.io.atomic import atomic_dir, check_replaceable
+from evomerge.io.checkpoint import TOKENIZER_FILES, Checkpoint, check_compatible
+from evomerge.io.digest import file_sha256
+from evomerge.io.shards import DEFAULT_SHARD_BYTES, ShardWriter
+from evomerge.recipe import Recipe
+from evomerge.tables import markdown_table
+
+if TYPE_CHECKING:
+    from evomerge.merge.layout import Layout
+    from evomerge.merge.plan import Plan
+    from evomerge.scoring.tasks import TaskSpec
+
+COPIED_FILES = (*TOKENIZER_FILES, "generation_config.json")  # from the base (tokenizer: `tokenizer_source`)
+PER_LAYER_FIELDS = ("layer_types",)  # config.json lists with one entry per decoder layer (Qwen2, Gemma 2/3, ...)
+
+
+def export_recipe(
+    recipe: Recipe,
+    out_dir: Path | str,
+    *,
+    seed: int | None = None,
+    allow_pickle: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    source: str | os.PathLike | None = None,
+    extra_files: Mapping[str, str] | None = None,
+    log: Callable[[str], None] | None = None,
+    allow_config_mismatch: bool = False,
+) -> Path:
+    """Merge `recipe` to `out_dir` (HF folder + recipe.yaml with provenance); returns `out_dir`.
+
+    Raises EvomergeError (exit 2) for bad inputs or an output that cannot be written, and then leaves
+    nothing behind. `source` (the recipe's file) prefixes errors about the models the recipe names.
+    `extra_files` ({name: text}, e.g. a model card) are written inside the same atomic swap and recorded.
+    `allow_config_mismatch`: merge models whose config.json differ in shape-defining fields when their tensors match.
+    A tied output head stored next to its embeddings is merged once, as the embeddings, and not written.
+    """
+    from evomerge import __version__
+    from evomerge.merge.layout import Layout
+    from evomerge.merge.materialize import merged_tensors
+
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir)  # fail before hashing and merging
+    if seed is not None:
+        recipe = recipe.with_provenance(seed=seed)
+    inputs = recipe.input_models()
+    checkpoints = [_open(recipe, m, allow_pickle, source) for m in inputs]
+    ref = checkpoints[inputs.index(recipe.base_model)] if recipe.base_model else checkpoints[0]
+    # mismatches named against the base; a slices: recipe may take layer ranges from models of other depths
+    check_compatible([ref] + [c for c in checkpoints if c is not ref], allow_config_mismatch=allow_config_mismatch,
+                     layers=recipe.slices is None)  # fmt: skip
+    plan = _planned(recipe, checkpoints, Layout.of(ref, tied=True), source)
+    # the kernel set is always recorded, so a re-merge gives these bytes whatever its environment
+    recipe = recipe.with_provenance(version=__version__, kernels=recipe.kernels, outputs={})
+    tokenizer_dir = _tokenizer_dir(recipe, ref)
+    hashing = ThreadPoolExecutor(len(checkpoints))  # the inputs' sha256 while they merge (hashlib frees the GIL)
+    digests = [hashing.submit(c.sha256) for c in checkpoints]
+
+    with _finally_shutdown(hashing), atomic_dir(out_dir) as tmp:
+        by_model = dict(zip(inputs, checkpoints))
+        shapes = [(job.name, by_model[job.inputs[0]].shape(job.sources[0])) for job in plan.jobs()]
+        writer = ShardWriter(tmp, shapes, shard_bytes)
+        out_dtype = None
+        for name, tensor in merged_tensors(recipe, checkpoints, plan=plan, release=True):
+            writer.add(name, tensor)
+            if tensor.is_floating_point():
+                out_dtype = out_dtype or str(tensor.dtype).removeprefix("torch.")
+            del tensor
+        shards = writer.finish()
+        config = _out_config(ref.config, plan, by_model)
+        if out_dtype:
+            config["dtype"] = out_dtype
+            config.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for fname in COPIED_FILES:
+            src = (ref.path if fname == "generation_config.json" else tokenizer_dir) / fname
+            if src.is_file():
+                shutil.copyfile(src, tmp / fname)
+        for fname, text in (extra_files or {}).items():
+            if Path(fname).name != fname or fname == "recipe.yaml":
+                raise ValueError(f"extra file {fname!r}: a plain file name other than recipe.yaml")
+            (tmp / fname).write_text(text, encoding="utf-8")
+        outputs = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+        recipe = recipe.with_provenance(inputs={m: d.result() for m, d in zip(inputs, digests)})
+        recipe.with_provenance(outputs=outputs).dump(tmp / "recipe.yaml")
+    if log:
+        log(f"{len(shards)} shard(s), {writer.total_bytes / 1e6:.1f} MB")
+    return out_dir
+
+
+@contextmanager
+def _finally_shutdown(pool: ThreadPoolExecutor) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _open(recipe: Recipe, model: str, allow_pickle: bool, source: str | os.PathLike | None) -> Checkpoint:
+    """The input checkpoint; errors also name the recipe file and field that point at it."""
+    try:
+        return Checkpoint(model, allow_pickle=allow_pickle)
+    except EvomergeError as exc:
+        where = f"{source}: " if source is not None else ""
+        raise type(exc)(f"{where}field {recipe.field_of(model)}: {exc}") from None
+
+
+def _planned(recipe: Recipe, checkpoints: Sequence[Checkpoint], layout: Layout, source: str | os.PathLike | None) -> Plan:
+    """The recipe planned over the reference checkpoint; errors (a layer range past a model's depth) name the file."""
+    from evomerge.merge.materialize import plan_for
+
+    try:
+        return plan_for(recipe, checkpoints, layout)
+    except EvomergeError as exc:
+        where = f"{source}: " if source is not None else ""
+        raise type(exc)(f"{where}{exc}") from None
+
+
+def _out_config(config: dict, plan: Plan, by_model: Mapping[str, Checkpoint]) -> dict:
+    """The reference's config.json; after a `slices:` recipe, with the output's layer count, and per-layer lists
+    (`layer_types`) taken from the layer each output layer came from."""
+    from evomerge.io.checkpoint import config_field
+
+    config = copy.deepcopy(config)
+    if plan.recipe.slices is None:
+        return config
+    key, _ = config_field(config, "num_hidden_layers")
+    target = config if key in config else config.setdefault("text_config", {})
+    target[key] = plan.out_layers
+    for name in PER_LAYER_FIELDS:
+        if isinstance(target.get(name), list):
+            target[name] = [_layer_value(by_model[m].config, name, i, target[name]) for m, i in plan.layer_origins()]
+    return config
+
+
+def _layer_value(config: dict, name: str, layer: int, fallback: list):
+    values = config.get(name) or (config.get("text_config") or {}).get(name) or fallback
+    return values[layer] if layer < len(values) else values[-1]
+
+
+def _tokenizer_dir(recipe: Recipe, ref: Checkpoint) -> Path:
+    source = recipe.tokenizer_source
+    if source in (None, "base", "union"):  # inputs share one vocabulary (checked), so "union" is the base's
+        return ref.path
+    path = Path(source)
+    if not path.is_dir():
+        raise ConfigError(f"field tokenizer_source: {source} is not a folder; point it at a folder with tokenizer.json")
+    return path
+
+
+@dataclass
+class ExportResult:
+    trial: int
+    objective: float
+    recipe: Path
+    model_dir: Path
+
+
+def _scores_table(tasks: Sequence[TaskSpec], scores: dict[str, dict[str, float]]) -> list[str]:
+    rows = []
+    for t in tasks:
+        value = scores.get(t.name, {}).get(t.metric)
+        rows.append([t.name, t.metric, f"{t.weight:g}", "-" if value is None else f"{value:.4f}"])
+    return markdown_table(["task", "metric", "weight", "score"], rows, align="llll")
+
+
+def _model_card(cfg: SearchConfig, recipe, trial, objective: float, validation=None) -> str:
+    from evomerge import __version__
+
+    scores = trial.user_attrs.get("scores", {})
+    lines = [
+        f"# {cfg.name}: trial {trial.number}",
+        "",
+        f"A `{recipe.merge_method}` merge of {len(cfg.models)} model(s) into `{Path(str(cfg.base_model)).name}`, "
+        f"found by an evomerge {__version__} search (Optuna `{cfg.sampler.name}` sampler, study `{cfg.name}`).",
+        "",
+        "## Search scores",
+        "",
+        "Fixed seeded subsets of the search tasks (never the held-out data).",
+        "",
+        *_scores_table(cfg.tasks.search, scores),
+        "",
+        f"Objective (weighted mean): **{objective:.4f}**",
+        "",
+    ]
+    if validation is not None:
+        lines += [
+            "## Validation scores",
+            "",
+            f"The top {cfg.validation.top_k} trials by search objective and the default merge were re-scored on "
+            "validation sets the search never saw; this one scored best there.",
+            "",
+            *_scores_table(cfg.validation.tasks, validation.scores),
+            "",
+            f"Validation objective (weighted mean): **{validation.objective:.4f}**",
+            "",
+        ]
+    lines += ["## Inputs", "", "Their sha256 are in `recipe.yaml` (`evomerge.inputs`).", ""]
+    lines += [f"- `{m}`" for m in recipe.input_models()]
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        "evomerge merge recipe.yaml --out OUT       # byte for byte, every method (the kernels it records)",
+        "mergekit-yaml recipe.yaml OUT              # same tensors for non-sparsifying methods",
+        "```",
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        recipe.to_yaml().rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_trial(
+    run_dir: Path | str, out: Path | str | None = None, trial: int | None = None, log: Callable[[str], None] | None = print,
+    kernels: str | None = None,
+) -> ExportResult:
+    """Write `OUT/recipe.yaml` and `OUT/model/` (default OUT: `RUN_DIR/best`) for the exported trial (or `trial`).
+
+    The exported trial is `search.guard.exported_trial`: the best on the validation tasks when the config has
+    `validation:` (the finalists are scored first, once, on the config's workers), else the best search objective.
+    `kernels` replaces the kernel set the trial was scored with (its weights then differ from the scored ones
+    for the sparsifying methods).
+    """
+    from evomerge.search.guard import exported_trial, stored, validate_top
+    from evomerge.search.study import best_trial, objective_of, open_run, trial_by_number
+
+    cfg, study = open_run(run_dir)
+    if trial is not None:
+        chosen = trial_by_number(study, trial)
+    else:
+        if best_trial(study) is None:  # a clear error before validating an empty study
+            raise StudyError(f"study {study.study_name!r} has no COMPLETE trial yet; run `evomerge search` first")
+        validate_top(cfg, study, log=log)
+        chosen = exported_trial(cfg, study)
+    objective = objective_of(chosen)
+    validation = stored(cfg, study).get(chosen.number)
+    scores = chosen.user_attrs.get("scores", {})
+    extra = {
+        "objective": objective,
+        "metrics": {t.name: t.metric for t in cfg.tasks.search},
+        "task_seed": cfg.seed,
+        "sampler": cfg.sampler.name,
+        "sampler_seed": cfg.sampler_seed,
+        "storage": cfg.storage_url,
+    }
+    if validation is not None:
+        extra["validation"] = {
+            "scores": validation.task_scores(cfg),
+            "objective": validation.objective,
+            "metrics": {t.name: t.metric for t in cfg.validation.tasks},
+            "top_k": cfg.validation.top_k,
+        }
+    recipe = Recipe.from_yaml(chosen.user_attrs["recipe"], source=f"trial {chosen.number} recipe")
+    if kernels is not None:
+        recipe = recipe.with_provenance(kernels=kernels)
+    recipe = recipe.with_provenance(
+        study=cfg.name,
+        trial=chosen.number,
+        scores={t.name: scores[t.name][t.metric] for t in cfg.tasks.search if t.name in scores},
+        extra=extra,
+    )
+    out = Path(out) if out is not None else Path(run_dir) / "best"
+    if log:
+        how = f", validation {validation.objective:.4f}" if validation is not None else ""
+        log(f"exporting trial {chosen.number} (objective {objective:.4f}{how}) to {out}")
+    card = _model_card(cfg, recipe, chosen, objective, validation)
+    with atomic_dir(out) as tmp:  # recipe.yaml, model/ and its card are published together
+        export_recipe(recipe, tmp / "model", seed=recipe.seed, extra_files={"README.md": card})
+        shutil.copyfile(tmp / "model" / "recipe.yaml", tmp / "recipe.yaml")  # with the inputs' and outputs' sha256
+    return ExportResult(chosen.number, objective, out / "recipe.yaml", out / "model")
+
+
+__all__ = ["ExportResult", "export_recipe", "export_trial"]

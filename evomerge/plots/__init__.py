@@ -1,1 +1,0 @@
-"""Plots (matplotlib, Agg backend, PNG files): one module per figure family, e.g. `evomerge.plots.audit`."""

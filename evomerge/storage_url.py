@@ -1,0 +1,126 @@
+"""Storage URLs and their secrets: a database password never leaves the process it was given to.
+
+    evomerge search configs/demo.yaml --storage postgresql://evomerge:PASSWORD@db.example/evomerge
+
+Where a URL enters evomerge (`storage:` and `sampler.warm_start.storage` in a config, `--storage`) its password
+(`user:PASSWORD@`, or a `password=` query parameter) becomes `***`: configs, `runs/<name>/config.yaml`, recipe
+provenance, the model card, status, the report, logs and error messages only ever hold
+`postgresql://evomerge:***@db.example/evomerge`. The real URL stays in this process's memory (`remember`), and
+`reveal` hands it to the only two places that connect: `search.study.get_storage` and the study lock.
+
+A later process that reads a redacted URL from `runs/<name>/config.yaml` (status, export, report, a resume from
+the run's config) takes the password from `EVOMERGE_STORAGE_PASSWORD`, or, where that is unset, connects without
+one and lets the database client find it (PostgreSQL's libpq: `PGPASSWORD`, `~/.pgpass`, a service file).
+Pure string handling; SQLAlchemy is imported only to check that the URL's database driver is installed.
+"""
+from __future__ import annotations
+
+import os
+import re
+from urllib.parse import quote
+
+from evomerge.errors import StudyError
+
+MASK = "***"
+PASSWORD_ENV = "EVOMERGE_STORAGE_PASSWORD"
+# SQLAlchemy's URL grammar, `name://user[:password]@host...`: whatever it reads as the password is masked.
+_USERINFO = re.compile(r"^(?P<head>[\w+]+://[^:/]*):(?P<password>[^@]*)(?=@)")
+_QUERY = re.compile(r"(?P<head>[?&]password=)(?P<password>[^&]*)")
+# The Python module each dialect's default driver needs, and what to install for it.
+DRIVERS = {
+    "postgresql": ("psycopg", "pip install 'evomerge[postgres]'"),
+    "mysql": ("MySQLdb", "pip install mysqlclient (or name another driver: mysql+pymysql://...)"),
+}
+
+_known: dict[str, str] = {}  # redacted URL -> the URL as given, for this process only
+
+
+def redact(text: str) -> str:
+    """`text` (a URL, or a message that may quote one) with every password replaced by `***`."""
+    text = _USERINFO.sub(lambda m: f"{m['head']}:{MASK}", text)
+    return _QUERY.sub(lambda m: f"{m['head']}{MASK}", text)
+
+
+def remember(url: str | None) -> str | None:
+    """The redacted URL; the real one is kept (in this process) for `reveal`."""
+    if url is None:
+        return None
+    shown = redact(url)
+    if shown != url:
+        _known[shown] = url
+    return shown
+
+
+def forget_all() -> None:
+    """Drop every remembered password (tests; a long-lived process between studies)."""
+    _known.clear()
+
+
+def is_redacted(url: str) -> bool:
+    return redact(url) == url and (f":{MASK}@" in url or f"password={MASK}" in url)
+
+
+def reveal(url: str) -> str:
+    """The URL to connect with: the one this process was given, else the mask filled in from
+    EVOMERGE_STORAGE_PASSWORD, else the URL without a password (the database client looks for one itself)."""
+    if url in _known:
+        return _known[url]
+    if not is_redacted(url):
+        return url
+    password = os.environ.get(PASSWORD_ENV)
+    if password:
+        secret = quote(password, safe="")
+        out = _USERINFO.sub(lambda m: f"{m['head']}:{secret}", url)
+        return _QUERY.sub(lambda m: f"{m['head']}{secret}", out)
+    out = _USERINFO.sub(lambda m: m["head"], url)
+    base, sep, query = out.partition("?")
+    kept = [p for p in query.split("&") if p != f"password={MASK}"] if sep else []
+    return f"{base}?{'&'.join(kept)}" if kept else base
+
+
+def password_hint(url: str) -> str:
+    """What to tell a user whose connection failed, where the password may be the reason ('' where it is not)."""
+    if url in _known or not is_redacted(url) or os.environ.get(PASSWORD_ENV):
+        return ""
+    return (
+        f"; run files keep no password: set {PASSWORD_ENV} (PostgreSQL also reads PGPASSWORD and ~/.pgpass), "
+        "or give `evomerge search` the URL with its password in --storage"
+    )
+
+
+def dialect(url: str) -> str:
+    """`postgresql` for `postgresql+psycopg://...`; `sqlite`, `mysql`, ..."""
+    name = url.split("://", 1)[0].split("+", 1)[0].lower()
+    return "postgresql" if name == "postgres" else name  # `postgres://` as hosting services write it
+
+
+def engine_url(url: str) -> str:
+    """The URL to hand SQLAlchemy: revealed, `postgresql://` pinned to psycopg 3 (the `postgres` extra; SQLAlchemy
+    2.0 would pick psycopg2), and its database driver importable, else a StudyError that says what to install
+    (instead of Optuna's "Failed to import DB access module")."""
+    real = reveal(url)
+    kind = dialect(real)
+    if kind == "sqlite":
+        return real
+    if real.startswith(("postgresql://", "postgres://")):
+        real = "postgresql+psycopg://" + real.split("://", 1)[1]
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        dialect_class = make_url(real).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as err:
+        raise StudyError(f"storage {redact(url)!r} is not a database URL SQLAlchemy knows ({redact(str(err))}); fix `storage` or --storage") from None
+    try:
+        dialect_class.import_dbapi()
+    except ImportError as err:
+        module, how = DRIVERS.get(kind, (getattr(err, "name", None) or "its driver", "pip install the driver"))
+        if "+" in url.split("://", 1)[0]:  # a driver the user named: install that one
+            module, how = getattr(err, "name", None) or module, f"pip install the {kind} driver named in the URL"
+        raise StudyError(
+            f"storage {redact(url)!r} needs the Python module {module!r}, which is not installed: {how}"
+        ) from None
+    return real
+
+
+__all__ = ["MASK", "PASSWORD_ENV", "dialect", "engine_url", "forget_all", "is_redacted", "password_hint", "redact", "remember", "reveal"]

@@ -1,0 +1,154 @@
+"""The package's import graph: no cycle (imports inside functions included), every module imports alone, and the
+light entry points (the CLI's parser, a config) import none of the heavy libraries."""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "evomerge"
+HEAVY = ("torch", "optuna", "ray", "lm_eval", "transformers", "mergekit", "matplotlib")
+
+
+def module_names() -> dict[str, Path]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return isinstance(test, ast.Name) and test.id == "TYPE_CHECKING" or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imports_of(name: str, path: Path, modules: set[str]) -> set[str]:
+    """The evomerge modules `name` imports anywhere in its file (module level, in functions, in methods), each
+    with the packages above it (importing `a.b.c` runs `a/b/__init__.py` first). Blocks under `if TYPE_CHECKING:`
+    never run and are left out; so are the importer's own packages, which are initialized before it runs."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if _type_checking_only(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), str(path)))
+    edges = set()
+    for target in found:
+        if not target.startswith("evomerge"):
+            continue
+        parts = target.split(".")
+        for i in range(1, len(parts) + 1):
+            candidate = ".".join(parts[:i])
+            if candidate in modules and not (name == candidate or name.startswith(candidate + ".")):
+                edges.add(candidate)
+    return edges
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def strongconnect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                strongconnect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            strongconnect(v)
+    return out
+
+
+def test_the_graph_sees_imports_inside_functions_and_skips_type_checking(tmp_path):
+    fake = tmp_path / "evomerge" / "a.py"
+    fake.parent.mkdir()
+    fake.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from evomerge.b import X\n"
+        "def f():\n    from evomerge.c import y\n    import evomerge.d.e\n"
+    )
+    modules = {"evomerge", "evomerge.a", "evomerge.b", "evomerge.c", "evomerge.d", "evomerge.d.e"}
+    assert imports_of("evomerge.a", fake, modules) == {"evomerge.c", "evomerge.d", "evomerge.d.e"}
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles_counting_imports_inside_functions():
+    modules = module_names()
+    graph = {name: imports_of(name, path, set(modules)) for name, path in modules.items()}
+    assert len(graph) > 50 and graph["evomerge.recipe"] >= {"evomerge.merge.methods"}  # it sees function-level imports
+    assert cycles(graph) == []
+
+
+def test_every_module_imports_alone_and_the_light_entry_points_stay_light():
+    """Each module imported with no other evomerge module loaded (third-party modules stay cached, so this runs
+    in one interpreter in seconds; `__main__` runs the CLI, so it is left out), then the CLI's parser and a
+    shipped config loaded in a fresh interpreter."""
+    script = f"""
+import importlib, json, sys
+failed = {{}}
+for name in {sorted(m for m in module_names() if not m.endswith("__main__"))!r}:
+    for loaded in [m for m in sys.modules if m == "evomerge" or m.startswith("evomerge.")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except BaseException as exc:
+        failed[name] = f"{{type(exc).__name__}}: {{exc}}"
+print(json.dumps(failed))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {}
+
+    light = f"""
+import json, sys
+from pathlib import Path
+import yaml
+from evomerge.cli import build_parser
+from evomerge.config import parse_config
+build_parser()
+parse_config(yaml.safe_load(Path("configs/demo.yaml").read_text()), "configs/demo.yaml", Path("configs"), check_files=False)
+print(json.dumps(sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))))
+"""
+    out = subprocess.run([sys.executable, "-c", light], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

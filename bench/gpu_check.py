@@ -105,7 +105,7 @@ def check_materializer(device, root: Path) -> int:
     sys.path.insert(0, str(REPO / "bench"))
     from merge_speed import build_inputs
 
-    from evomerge.io.export import export_recipe
+    from evomerge.export import export_recipe
     from evomerge.merge.materialize import Materializer
     from evomerge.recipe import Recipe
 

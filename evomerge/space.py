@@ -37,13 +37,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from evomerge.errors import ConfigError, ModelError, close_matches, describe_validation
 from evomerge.io.checkpoint import config_num_layers
 from evomerge.merge.methods import RANGES
+from evomerge.resources import SEARCH_SPACES
 
 if TYPE_CHECKING:
     from evomerge.config import SearchConfig
     from evomerge.merge.layout import Layout
     from evomerge.recipe import Recipe
 
-SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+SPACES_DIR = SEARCH_SPACES  # the shipped spaces, inside the installed package
 PER_MODEL = frozenset({"weight", "density", "gamma", "epsilon"})  # one value per merged model
 EMBED_FILTERS = ("embed_tokens", "lm_head")  # Llama-style names, where a space is not laid over a model
 

@@ -64,3 +64,20 @@ def arch_family(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def evomerge_wheel(tmp_path_factory) -> Path:
+    """The wheel `pip wheel` builds from this tree (tests/installed.py)."""
+    from installed import build_wheel
+
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture(scope="session")
+def installed_evomerge(tmp_path_factory, evomerge_wheel) -> Path:
+    """A fresh environment with only the wheel's evomerge (its dependencies shared with this one): its root,
+    `bin/python` and `bin/evomerge` inside."""
+    from installed import fresh_env
+
+    return fresh_env(tmp_path_factory.mktemp("installed"), evomerge_wheel)

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.errors import TaskError, close_matches, first_line
+from evomerge.resources import EVAL_TASKS
 
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
 
-BUILTIN_TASKS = Path(__file__).resolve().parents[2] / "eval_tasks"
+BUILTIN_TASKS = EVAL_TASKS  # the shipped task folders, inside the installed package
 
 
 class TaskSpec(BaseModel):

@@ -8,17 +8,23 @@ The search keeps a trial on every actor (no generation barrier); the overfitting
 their jobs through the same kind of pool (`run_jobs`), so they score on the workers' devices too. A job's
 failure is typed (`evaluator.is_candidate_failure`): the candidate's own failures come back as a JobResult
 with `error`; any other exception in a worker is a bug and is raised in the driver with its traceback.
+
+On a cluster (`workers.address`) the actors run on any node, in the Python that started that node's Ray
+(`ray start`), importing the evomerge installed there: every node needs the same evomerge (a worker with
+another version is refused before it loads anything) and the models and task folders at the config's paths.
+A worker that dies is replaced in the background; its trials go to the live workers meanwhile.
 """
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-from evomerge.errors import CandidateError, EvomergeError, first_line
+from evomerge.errors import CandidateError, ConfigError, EvomergeError, first_line
 
 if TYPE_CHECKING:
     from evomerge.config import SearchConfig
@@ -40,6 +46,8 @@ class JobResult:
     busy_s: float = 0.0  # the whole call in the worker (parse + merge + eval)
     wait_s: float = 0.0  # the worker idle before this call (waiting on the driver)
     worker: str = ""
+    started: float = 0.0  # wall clock (time.time) on the worker's host when it began and ended this call
+    ended: float = 0.0
     error: str | None = None
     worker_died: bool = False  # the worker process died (OOM, segfault, kill); the pool replaced it
     was_running: bool = False  # with worker_died: this job was the one running, not one queued behind it
@@ -66,17 +74,33 @@ class Worker:
     """One pool slot: an Evaluator built once by `setup`, then one job per `run`. Ray wraps it as an actor;
     InlinePool runs it in the driver process."""
 
-    def __init__(self, cfg_json: dict[str, Any], task_sets_json: dict[str, list[dict]], num_threads: int | None = None):
+    def __init__(self, cfg_json: dict[str, Any], task_sets_json: dict[str, list[dict]], num_threads: int | None = None,
+                 driver_version: str | None = None):  # fmt: skip
         self._cfg_json, self._task_sets_json, self._num_threads = cfg_json, task_sets_json, num_threads
+        self._driver_version = driver_version
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.evaluator = None
         self._last_end = time.perf_counter()
 
-    def setup(self) -> str:
-        """Load the inputs and build the task sets; errors are the user's (EvomergeError) or bugs."""
+    def about(self) -> dict[str, str]:
+        """Where this worker runs and which evomerge it imported (a cluster node's own installation)."""
+        import evomerge
+
+        return {"name": self.name, "version": evomerge.__version__, "python": sys.executable,
+                "package": os.path.dirname(os.path.abspath(evomerge.__file__))}  # fmt: skip
+
+    def setup(self) -> dict[str, str]:
+        """Load the inputs and build the task sets; errors are the user's (EvomergeError) or bugs. Returns `about()`."""
         from evomerge.offline import go_offline
 
         go_offline()
+        about = self.about()
+        if self._driver_version and about["version"] != self._driver_version:
+            raise ConfigError(
+                f"workers: the Ray worker {self.name} runs evomerge {about['version']} ({about['package']}) but the "
+                f"driver runs {self._driver_version}; install evomerge=={self._driver_version} in the Python that "
+                "runs `ray start` on every node"
+            )
         import torch
 
         from evomerge.config import SearchConfig
@@ -91,12 +115,12 @@ class Worker:
         device = "cuda" if cfg.workers.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.evaluator = Evaluator.for_config(cfg, task_sets, device=device)
         self._last_end = time.perf_counter()
-        return self.name
+        return about
 
     def run(self, recipe_yaml: str, task_set: str) -> JobResult:
         from evomerge.evaluator import is_candidate_failure
 
-        start = time.perf_counter()
+        start, started = time.perf_counter(), time.time()
         try:
             result = JobResult.of(self.evaluator.evaluate(recipe_yaml, task_set), self.name)
         except Exception as err:
@@ -104,6 +128,7 @@ class Worker:
                 raise  # a bug: the driver stops with this traceback
             result = JobResult(worker=self.name, error=f"{type(err).__name__}: {first_line(err)}")
         end = time.perf_counter()
+        result.started, result.ended = started, time.time()
         result.wait_s, result.busy_s = start - self._last_end, end - start
         self._last_end = end
         return result
@@ -114,7 +139,7 @@ def task_sets_json(task_sets: TaskSets) -> dict[str, list[dict]]:
 
 
 def _start_ray(cfg: SearchConfig) -> bool:
-    """Join `workers.address`, or start a quiet local Ray sized to the workers. True if we started it."""
+    """Join `workers.address`, or start a quiet local Ray sized to the workers. True if we started (or joined) it."""
     import ray
 
     from evomerge.config import cpus_needed
@@ -128,17 +153,44 @@ def _start_ray(cfg: SearchConfig) -> bool:
         # workers are offline, and their idle OpenMP threads sleep, before their first import
         "runtime_env": {"env_vars": {**OFFLINE_ENV, **THREAD_ENV}},
     }  # fmt: skip
-    if cfg.workers.address:
-        ray.init(address=cfg.workers.address, **common)
-    else:
+    if not cfg.workers.address:
         ray.init(num_cpus=cpus_needed(cfg), include_dashboard=False, **common)
-    return True
+        return True
+    address = cfg.workers.address
+    fix = (
+        "give the address `ray start --head` printed (host:port; auto on a node of the cluster), and with Ray's "
+        "token authentication (its default) set RAY_AUTH_MODE=token and the head's token (RAY_AUTH_TOKEN or "
+        "~/.ray/auth_token) where the search runs"
+    )
+    why = _unreachable(address)  # Ray itself retries a dead address for many minutes before it gives up
+    if why is None:
+        try:
+            ray.init(address=address, **common)
+            return True
+        except (ConnectionError, ValueError) as err:  # a malformed address, or the cluster refused us (its token)
+            ray.shutdown()
+            why = first_line(err)
+    raise ConfigError(f"{cfg._source}: workers.address: cannot join the Ray cluster at {address!r} ({why}); {fix}")
+
+
+def _unreachable(address: str) -> str | None:
+    """Why nothing answers at a host:port address (None when something listens, or for `auto` and ray:// ones)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if address == "auto" or "://" in address or not host or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=10):
+            return None
+    except OSError as err:
+        return f"nothing answers at {host}:{port}: {err.strerror or err}"
 
 
 class WorkerPool:
     """`count` Worker actors, each with up to `depth` jobs queued (the next one waits inside the actor, so a worker
     never idles while the driver tells and asks); `wait` returns finished results. `task_sets` default to the
-    config's search tasks."""
+    config's search tasks. A dead actor's slot is refilled in the background (`starting`): jobs go to the live
+    slots meanwhile, and `wait` blocks on a replacement only when no slot is live."""
 
     def __init__(self, cfg: SearchConfig, task_sets: TaskSets | None = None, depth: int = 2):
         import ray
@@ -150,26 +202,31 @@ class WorkerPool:
         self._cfg_json = cfg.model_dump(mode="json")
         self._task_sets_json = task_sets_json(task_sets or {"search": cfg.tasks.search})
         self.actors: list[Any] = []
-        self.names: list[str] = []  # "host:pid" of each slot's actor
+        self.infos: list[dict[str, str]] = []  # each slot's actor: Worker.about() (name "host:pid", evomerge, python)
         self.queues: list[list[Any]] = []  # each slot's refs in submission order: the first one is running
         self.busy: dict[Any, tuple[int, Any, str]] = {}  # object ref -> (actor slot, actor, its name)
+        self.starting: dict[Any, int] = {}  # setup ref of a replacement actor -> its slot (not live until it is done)
         self._running_at_death: dict[str, Any] = {}  # dead actor's name -> the ref it was running
         try:
             self.actors = [self._spawn() for _ in range(cfg.workers.count)]
             self.queues = [[] for _ in self.actors]
-            self.names = self._ready(self.actors)
+            self.infos = [self._ready(ref) for ref in [a.setup.remote() for a in self.actors]]
         except BaseException:
             self.close()
             raise
 
     def _spawn(self):
-        return self._remote.remote(self._cfg_json, self._task_sets_json, max(1, int(self.cfg.workers.num_cpus)))
+        from evomerge import __version__
 
-    def _ready(self, actors: list) -> list[str]:
+        return self._remote.remote(self._cfg_json, self._task_sets_json, max(1, int(self.cfg.workers.num_cpus)), __version__)
+
+    def _ready(self, setup_ref) -> dict[str, str]:
+        """The worker's `about()` once its setup is done; its user error (a model missing on its node, another
+        evomerge version) is raised here as the same EvomergeError, and exits 2."""
         from ray.exceptions import RayTaskError
 
         try:
-            return self._ray.get([a.setup.remote() for a in actors])
+            return self._ray.get(setup_ref)
         except RayTaskError as err:
             cause = getattr(err, "cause", None)
             if isinstance(cause, EvomergeError):
@@ -177,15 +234,23 @@ class WorkerPool:
             raise
 
     @property
+    def names(self) -> list[str]:
+        """"host:pid" of each slot's actor ("" while a replacement starts)."""
+        return [info.get("name", "") for info in self.infos]
+
+    @property
     def pids(self) -> list[int]:
-        return [int(name.rsplit(":", 1)[1]) for name in self.names]
+        return [int(name.rsplit(":", 1)[1]) if name else 0 for name in self.names]
+
+    def _live(self) -> list[int]:
+        return [slot for slot in range(len(self.actors)) if slot not in self.starting.values()]
 
     @property
     def has_capacity(self) -> bool:
-        return any(len(q) < self.depth for q in self.queues)
+        return any(len(self.queues[slot]) < self.depth for slot in self._live())
 
     def submit(self, recipe_yaml: str, task_set: str = "search"):
-        slot = min(range(len(self.actors)), key=lambda i: len(self.queues[i]))
+        slot = min(self._live(), key=lambda i: len(self.queues[i]))
         ref = self.actors[slot].run.remote(recipe_yaml, task_set)
         self.queues[slot].append(ref)
         self.busy[ref] = (slot, self.actors[slot], self.names[slot])
@@ -196,11 +261,14 @@ class WorkerPool:
         worker is raised here (RayTaskError, also an instance of the original exception type)."""
         from ray.exceptions import OutOfMemoryError, RayActorError, RayError, RayTaskError, WorkerCrashedError
 
-        if not self.busy:
+        if not self.busy and not self.starting:
             return []
-        done, _ = self._ray.wait(list(self.busy), num_returns=1, timeout=timeout)
+        done, _ = self._ray.wait([*self.busy, *self.starting], num_returns=1, timeout=timeout)
         out = []
         for ref in done:
+            if ref in self.starting:  # a replacement is ready: its slot takes jobs again
+                self.infos[self.starting.pop(ref)] = self._ready(ref)
+                continue
             slot, actor, name = self.busy.pop(ref)
             head = self.queues[slot][0]  # the trial the slot's actor is running (actors run their calls in order)
             self.queues[slot].remove(ref)
@@ -219,14 +287,17 @@ class WorkerPool:
                 running = self._running_at_death.get(name) is ref
                 result = JobResult(worker=name, error=f"{what}: {name}: {first}", worker_died=died, was_running=running)
             out.append((ref, result))
+        while self.starting and not self._live():  # every slot is restarting: the driver has nowhere to send a job
+            ready, _ = self._ray.wait(list(self.starting), num_returns=1)
+            self.infos[self.starting.pop(ready[0])] = self._ready(ready[0])
         return out
 
     def _replace(self, slot: int) -> None:
-        dead = self.actors[slot]
-        self._ray.kill(dead, no_restart=True)
-        fresh = self._spawn()
-        self.names[slot] = self._ready([fresh])[0]
-        self.actors[slot] = fresh
+        """A fresh actor in the dead one's slot; it loads the inputs while the live slots keep working."""
+        self._ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = self._spawn()
+        self.infos[slot] = {}
+        self.starting[self.actors[slot].setup.remote()] = slot
 
     def close(self) -> None:
         for actor in self.actors:
@@ -234,7 +305,7 @@ class WorkerPool:
                 self._ray.kill(actor, no_restart=True)
             except Exception:
                 pass
-        self.actors, self.queues, self.names, self.busy = [], [], [], {}
+        self.actors, self.queues, self.infos, self.busy, self.starting = [], [], [], {}, {}
         if self._started:
             self._ray.shutdown()
             self._started = False

@@ -21,12 +21,13 @@ import random
 import sys
 from pathlib import Path
 
+from evomerge.resources import EVAL_TASKS
 from evomerge.zoo.skills import SKILLS, Example
 
 # split name in Skill.eval_splits() -> task-name suffix ("" for the held-out split: `zoo_add` is the report's task)
 SPLITS = {"heldout": "", "search": "_search", "validation": "_val"}
 EOS = "<eos>"
-DEFAULT_OUT = Path(__file__).resolve().parents[2] / "eval_tasks" / "zoo"
+DEFAULT_OUT = EVAL_TASKS / "zoo"
 
 
 def task_name(skill: str, split: str, greedy: bool = False) -> str:

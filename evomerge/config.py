@@ -81,6 +81,7 @@ def check_sampler(name: str, options: dict[str, Any], warm_start: bool = False) 
 
 class TasksConfig(_Strict):
     include_paths: list[Path] = []
+    include_defaults: bool = Field(False, description="also index lm-eval's built-in tasks (~30 s per process)")
     search: list[TaskSpec] = Field(min_length=1)
     heldout: list[str] = []
 
@@ -200,6 +201,8 @@ class SearchConfig(_Strict):
         data = self.model_dump(mode="json")
         for key in RUNTIME_FIELDS:
             data.pop(key, None)
+        if not data["tasks"]["include_defaults"]:  # studies made before the field existed keep their hash
+            del data["tasks"]["include_defaults"]
         return data
 
     def study_hash(self) -> str:

@@ -41,6 +41,21 @@ class TaskCodeError(CandidateError):
     """The user's lm-eval task code (a `!function` of a task YAML) raised while scoring a candidate."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's time limit, `timeout`, Kubernetes): the command stops cleanly.
+    `detail` says what was stopped and how to go on; the CLI prints one line and exits 128 + the signal number."""
+
+    def __init__(self, signal_name: str = "SIGINT", detail: str = ""):
+        super().__init__(detail)
+        self.signal_name, self.detail = signal_name, detail
+
+    @property
+    def exit_code(self) -> int:
+        import signal
+
+        return 128 + int(getattr(signal, self.signal_name, signal.SIGINT))
+
+
 def close_matches(word: str, choices: Iterable[str], n: int = 3) -> str:
     """' (did you mean: a, b?)' or '' — for error messages that name an unknown key."""
     import difflib

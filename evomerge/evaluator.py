@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
@@ -45,6 +45,7 @@ class Evaluation:
     objective: float  # the specs' weighted mean of `units`
     merge_s: float = 0.0
     eval_s: float = 0.0
+    examples: dict[str, list[float]] = field(default_factory=dict)  # {leaf task: its metric per example}, if asked
 
     def values(self) -> dict[str, float]:
         """{leaf task: its metric's value, as lm-eval reports it}."""
@@ -93,6 +94,7 @@ class Evaluator:
         dtype: str | None = None,
         device: str = "cpu",
         batch_size: int = 64,
+        include_defaults: bool = False,
         allow_config_mismatch: bool = False,
     ):
         from evomerge.merge.materialize import Materializer
@@ -101,7 +103,8 @@ class Evaluator:
             raise TaskError("no task set to score on; name at least one")
         # tasks first: a typo in a task name fails in seconds, before the inputs are mapped and the model built
         self.scorers: dict[str, Scorer] = {
-            name: Scorer(specs, [str(p) for p in include_paths], seed=seed, batch_size=batch_size)
+            name: Scorer(specs, [str(p) for p in include_paths], seed=seed, batch_size=batch_size,
+                         include_defaults=include_defaults)
             for name, specs in task_sets.items()
         }
         self.materializer: Materializer = Materializer([str(m) for m in models], None if base_model is None else str(base_model),
@@ -112,7 +115,8 @@ class Evaluator:
     def for_config(cls, cfg: SearchConfig, task_sets: Mapping[str, Sequence[TaskSpec]], device: str = "cpu") -> Evaluator:
         """The config's inputs, dtype, task folders and subset seed, with the given task sets."""
         return cls(cfg.models, cfg.base_model, task_sets, cfg.tasks.include_paths, seed=cfg.seed, dtype=cfg.dtype,
-                   device=device, allow_config_mismatch=cfg.allow_config_mismatch)  # fmt: skip
+                   device=device, include_defaults=cfg.tasks.include_defaults,
+                   allow_config_mismatch=cfg.allow_config_mismatch)  # fmt: skip
 
     # -- the resident model ----------------------------------------------------------------------
     @property
@@ -167,11 +171,15 @@ class Evaluator:
         except KeyError:
             raise KeyError(f"no task set {task_set!r}; this evaluator has {', '.join(self.scorers)}") from None
 
-    def score(self, task_set: str) -> Evaluation:
-        """The resident model's current weights on `task_set`."""
+    def score(self, task_set: str, examples: bool = False) -> Evaluation:
+        """The resident model's current weights on `task_set`; `examples`: also each task's per-example values
+        (`Evaluation.examples`), for paired comparisons of two models on the same examples."""
         scorer = self.scorer(task_set)
         start = time.perf_counter()
-        scores = scorer.score(self.model, self.tokenizer)
+        if examples:
+            scores, per_example = scorer.score_examples(self.model, self.tokenizer)
+        else:
+            scores, per_example = scorer.score(self.model, self.tokenizer), {}
         metrics = {leaf: spec.metric for spec in scorer.specs for leaf in scorer.members[spec.name]}
         return Evaluation(
             task_set=task_set,
@@ -180,12 +188,13 @@ class Evaluator:
             units=scorer.leaf_values(scores),
             objective=float(scorer.objective(scores)),
             eval_s=time.perf_counter() - start,
+            examples=per_example,
         )
 
-    def evaluate(self, recipe: Recipe | str, task_set: str) -> Evaluation:
-        """Materialize `recipe` and score it on `task_set`."""
+    def evaluate(self, recipe: Recipe | str, task_set: str, examples: bool = False) -> Evaluation:
+        """Materialize `recipe` and score it on `task_set` (`examples`: as in `score`)."""
         merge_s = self.load(recipe)
-        return replace(self.score(task_set), merge_s=merge_s)
+        return replace(self.score(task_set, examples), merge_s=merge_s)
 
 
 def _key(path: str | os.PathLike) -> str:

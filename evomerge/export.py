@@ -27,19 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
-from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError, EvomergeError, StudyError
 from evomerge.io.atomic import atomic_dir, check_replaceable
 from evomerge.io.checkpoint import TOKENIZER_FILES, Checkpoint, check_compatible
 from evomerge.io.digest import file_sha256
 from evomerge.io.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from evomerge.recipe import Recipe
-from evomerge.tables import markdown_table
 
 if TYPE_CHECKING:
     from evomerge.merge.layout import Layout
     from evomerge.merge.plan import Plan
-    from evomerge.scoring.tasks import TaskSpec
 
 COPIED_FILES = (*TOKENIZER_FILES, "generation_config.json")  # from the base (tokenizer: `tokenizer_source`)
 PER_LAYER_FIELDS = ("layer_types",)  # config.json lists with one entry per decoder layer (Qwen2, Gemma 2/3, ...)
@@ -53,7 +50,8 @@ def export_recipe(
     allow_pickle: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     source: str | os.PathLike | None = None,
-    extra_files: Mapping[str, str] | None = None,
+    extra_files: Mapping[str, str | Callable[[Recipe], str]] | None = None,
+    names: Mapping[str, str] | None = None,
     log: Callable[[str], None] | None = None,
     allow_config_mismatch: bool = False,
 ) -> Path:
@@ -61,9 +59,12 @@ def export_recipe(
 
     Raises EvomergeError (exit 2) for bad inputs or an output that cannot be written, and then leaves
     nothing behind. `source` (the recipe's file) prefixes errors about the models the recipe names.
-    `extra_files` ({name: text}, e.g. a model card) are written inside the same atomic swap and recorded.
-    `allow_config_mismatch`: merge models whose config.json differ in shape-defining fields when their tensors match.
-    A tied output head stored next to its embeddings is merged once, as the embeddings, and not written.
+    `extra_files` ({name: text}, e.g. a model card; or {name: function of the written recipe, less its
+    `outputs`}) are written inside the same atomic swap and recorded. `names` ({input path: published name,
+    e.g. a Hub id}) renames inputs in the written recipe; its provenance keeps each input's sha256 under the
+    new name. `allow_config_mismatch`: merge models whose config.json differ in shape-defining fields when
+    their tensors match. A tied output head stored next to its embeddings is merged once, as the embeddings,
+    and not written.
     """
     from evomerge import __version__
     from evomerge.merge.layout import Layout
@@ -106,13 +107,14 @@ def export_recipe(
             src = (ref.path if fname == "generation_config.json" else tokenizer_dir) / fname
             if src.is_file():
                 shutil.copyfile(src, tmp / fname)
-        for fname, text in (extra_files or {}).items():
+        recipe = recipe.with_provenance(inputs={m: d.result() for m, d in zip(inputs, digests)})
+        published = _renamed(recipe, names) if names else recipe  # what recipe.yaml (and a card) say
+        for fname, content in (extra_files or {}).items():
             if Path(fname).name != fname or fname == "recipe.yaml":
                 raise ValueError(f"extra file {fname!r}: a plain file name other than recipe.yaml")
-            (tmp / fname).write_text(text, encoding="utf-8")
+            (tmp / fname).write_text(content(published) if callable(content) else content, encoding="utf-8")
         outputs = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-        recipe = recipe.with_provenance(inputs={m: d.result() for m, d in zip(inputs, digests)})
-        recipe.with_provenance(outputs=outputs).dump(tmp / "recipe.yaml")
+        published.with_provenance(outputs=outputs).dump(tmp / "recipe.yaml")
     if log:
         log(f"{len(shards)} shard(s), {writer.total_bytes / 1e6:.1f} MB")
     return out_dir
@@ -132,7 +134,35 @@ def _open(recipe: Recipe, model: str, allow_pickle: bool, source: str | os.PathL
         return Checkpoint(model, allow_pickle=allow_pickle)
     except EvomergeError as exc:
         where = f"{source}: " if source is not None else ""
+        hub = _hub_id(model, source)
+        if hub is not None:  # a published recipe names its inputs by Hub id; evomerge never downloads
+            raise type(exc)(
+                f"{where}field {recipe.field_of(model)}: {hub} is not a local folder (looked for {model}); evomerge "
+                f"reads local folders only and never downloads: if {hub} is a Hugging Face Hub id, download it "
+                f"(`hf download {hub} --local-dir DIR`) and write DIR in its place in the recipe"
+            ) from None
         raise type(exc)(f"{where}field {recipe.field_of(model)}: {exc}") from None
+
+
+def _hub_id(model: str, source: str | os.PathLike | None) -> str | None:
+    """`org/name` when a missing input, relative to the recipe's folder, reads like a Hub id."""
+    import re
+
+    if source is None or os.path.exists(model):
+        return None
+    rel = os.path.relpath(model, Path(source).resolve().parent)
+    return rel if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", rel) else None
+
+
+def _renamed(recipe: Recipe, names: Mapping[str, str]) -> Recipe:
+    """`recipe` with its inputs named by `names` (path -> published name), provenance sha256 included."""
+    rename = lambda m: names.get(m, m)  # noqa: E731
+    models = [e.model_copy(update={"model": rename(e.model)}) for e in recipe.models]
+    update: dict = {"models": models, "base_model": rename(recipe.base_model) if recipe.base_model else None}
+    renamed = recipe.model_copy(update=update)
+    if recipe.evomerge is not None:
+        renamed = renamed.with_provenance(inputs={rename(m): d for m, d in recipe.evomerge.inputs.items()})
+    return renamed
 
 
 def _planned(recipe: Recipe, checkpoints: Sequence[Checkpoint], layout: Layout, source: str | os.PathLike | None) -> Plan:
@@ -184,83 +214,35 @@ class ExportResult:
     objective: float
     recipe: Path
     model_dir: Path
+    heldout: bool = False  # the model card has the report's held-out scores
 
-
-def _scores_table(tasks: Sequence[TaskSpec], scores: dict[str, dict[str, float]]) -> list[str]:
-    rows = []
-    for t in tasks:
-        value = scores.get(t.name, {}).get(t.metric)
-        rows.append([t.name, t.metric, f"{t.weight:g}", "-" if value is None else f"{value:.4f}"])
-    return markdown_table(["task", "metric", "weight", "score"], rows, align="llll")
-
-
-def _model_card(cfg: SearchConfig, recipe, trial, objective: float, validation=None) -> str:
-    from evomerge import __version__
-
-    scores = trial.user_attrs.get("scores", {})
-    lines = [
-        f"# {cfg.name}: trial {trial.number}",
-        "",
-        f"A `{recipe.merge_method}` merge of {len(cfg.models)} model(s) into `{Path(str(cfg.base_model)).name}`, "
-        f"found by an evomerge {__version__} search (Optuna `{cfg.sampler.name}` sampler, study `{cfg.name}`).",
-        "",
-        "## Search scores",
-        "",
-        "Fixed seeded subsets of the search tasks (never the held-out data).",
-        "",
-        *_scores_table(cfg.tasks.search, scores),
-        "",
-        f"Objective (weighted mean): **{objective:.4f}**",
-        "",
-    ]
-    if validation is not None:
-        lines += [
-            "## Validation scores",
-            "",
-            f"The top {cfg.validation.top_k} trials by search objective and the default merge were re-scored on "
-            "validation sets the search never saw; this one scored best there.",
-            "",
-            *_scores_table(cfg.validation.tasks, validation.scores),
-            "",
-            f"Validation objective (weighted mean): **{validation.objective:.4f}**",
-            "",
-        ]
-    lines += ["## Inputs", "", "Their sha256 are in `recipe.yaml` (`evomerge.inputs`).", ""]
-    lines += [f"- `{m}`" for m in recipe.input_models()]
-    lines += [
-        "",
-        "## Reproduce",
-        "",
-        "```",
-        "evomerge merge recipe.yaml --out OUT       # byte for byte, every method (the kernels it records)",
-        "mergekit-yaml recipe.yaml OUT              # same tensors for non-sparsifying methods",
-        "```",
-        "",
-        "## Recipe",
-        "",
-        "```yaml",
-        recipe.to_yaml().rstrip(),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+    def __str__(self) -> str:
+        return f"trial {self.trial} (objective {self.objective:.4f}): {self.recipe} and {self.model_dir}"
 
 
 def export_trial(
-    run_dir: Path | str, out: Path | str | None = None, trial: int | None = None, log: Callable[[str], None] | None = print,
+    run_dir: Path | str,
+    out: Path | str | None = None,
+    trial: int | None = None,
+    log: Callable[[str], None] | None = print,
+    hub_ids: Mapping[str, str] | None = None,
     kernels: str | None = None,
 ) -> ExportResult:
     """Write `OUT/recipe.yaml` and `OUT/model/` (default OUT: `RUN_DIR/best`) for the exported trial (or `trial`).
 
     The exported trial is `search.guard.exported_trial`: the best on the validation tasks when the config has
     `validation:` (the finalists are scored first, once, on the config's workers), else the best search objective.
-    `kernels` replaces the kernel set the trial was scored with (its weights then differ from the scored ones
-    for the sparsifying methods).
+    `hub_ids` ({local input folder: org/name}) names those inputs by their Hub ids in the recipe and the model
+    card's metadata. The card has held-out scores when `evomerge report` scored this trial before. `kernels`
+    replaces the kernel set the trial was scored with (its weights then differ from the scored ones for the
+    sparsifying methods).
     """
+    from evomerge.modelcard import model_card, published_names
     from evomerge.search.guard import exported_trial, stored, validate_top
-    from evomerge.search.study import best_trial, objective_of, open_run, trial_by_number
+    from evomerge.search.study import best_trial, complete_trials, objective_of, open_run, trial_by_number
 
     cfg, study = open_run(run_dir)
+    names = published_names(cfg, hub_ids or {})  # bad --hub-id pairs fail before any work
     if trial is not None:
         chosen = trial_by_number(study, trial)
     else:
@@ -299,11 +281,34 @@ def export_trial(
     if log:
         how = f", validation {validation.objective:.4f}" if validation is not None else ""
         log(f"exporting trial {chosen.number} (objective {objective:.4f}{how}) to {out}")
-    card = _model_card(cfg, recipe, chosen, objective, validation)
+    comparison = _report_of(Path(run_dir), cfg.name, chosen)
+    baselines = [t for t in complete_trials(study) if t.user_attrs.get("baseline", "").startswith("only ")]
+    architectures = json.loads((Path(cfg.base_model) / "config.json").read_text()).get("architectures") or []
+
+    def card(published: Recipe) -> str:
+        return model_card(cfg, published, chosen, objective, validation, comparison, names, baselines, architectures)
+
     with atomic_dir(out) as tmp:  # recipe.yaml, model/ and its card are published together
-        export_recipe(recipe, tmp / "model", seed=recipe.seed, extra_files={"README.md": card})
+        export_recipe(recipe, tmp / "model", seed=recipe.seed, extra_files={"README.md": card}, names=names,
+                      allow_config_mismatch=cfg.allow_config_mismatch)
         shutil.copyfile(tmp / "model" / "recipe.yaml", tmp / "recipe.yaml")  # with the inputs' and outputs' sha256
-    return ExportResult(chosen.number, objective, out / "recipe.yaml", out / "model")
+    return ExportResult(chosen.number, objective, out / "recipe.yaml", out / "model", heldout=comparison is not None)
+
+
+def _report_of(run_dir: Path, study: str, trial):
+    """The report's comparison when `evomerge report` scored this trial as its evolved row (after the trial
+    completed), else None."""
+    from evomerge.report.compare import Comparison
+
+    path = run_dir / "report" / "comparison.json"
+    try:
+        comparison = Comparison.model_validate_json(path.read_text(encoding="utf-8"))
+        written = path.stat().st_mtime
+    except (OSError, ValueError):
+        return None
+    done = trial.datetime_complete.timestamp() if trial.datetime_complete else float("inf")
+    same = comparison.study == study and comparison.best_trial == trial.number and written >= done
+    return comparison if same else None
 
 
 __all__ = ["ExportResult", "export_recipe", "export_trial"]

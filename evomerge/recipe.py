@@ -180,14 +180,15 @@ class Recipe(BaseModel, frozen=True):
             raise ConfigError(f"{source}: {exc}") from None
 
     # ---- writing -------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
+    def to_dict(self, outputs: bool = True) -> dict:
+        """`outputs=False`: without `evomerge.outputs` (what a model card, itself an output, can embed)."""
         data = self.model_dump(mode="json", exclude_none=True, exclude={"evomerge"})
         if self.evomerge is not None:
-            data["evomerge"] = self.evomerge.model_dump(mode="json", exclude_none=True)
+            data["evomerge"] = self.evomerge.model_dump(mode="json", exclude_none=True, exclude=None if outputs else {"outputs"})
         return data
 
-    def to_yaml(self) -> str:
-        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+    def to_yaml(self, outputs: bool = True) -> str:
+        return yaml.dump(self.to_dict(outputs), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
     def dump(self, path: str | os.PathLike) -> None:
         from evomerge.io.atomic import write_file_atomic

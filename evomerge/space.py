@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 SPACES_DIR = SEARCH_SPACES  # the shipped spaces, inside the installed package
 PER_MODEL = frozenset({"weight", "density", "gamma", "epsilon"})  # one value per merged model
 EMBED_FILTERS = ("embed_tokens", "lm_head")  # Llama-style names, where a space is not laid over a model
+SIGNIFICANT = 4  # digits a recipe keeps of each searched number
 
 
 class ParamSpec(BaseModel):
@@ -309,7 +310,9 @@ class SearchSpace:
         missing = [s.name for s in self.slots(models) if s.name not in params]
         if missing:
             raise ConfigError(f"search space {self.spec.name!r}: point lacks {', '.join(missing[:3])}; pass every searched parameter")
-        values = {k: float(v) for k, v in params.items()}
+        # 4 significant digits: far finer than any score can tell apart, and the recipe that is scored, exported
+        # and shown stays readable (the sampler's own unrounded value stays in the study)
+        values = {k: float(f"{float(v):.{SIGNIFICANT}g}") for k, v in params.items()}
         keys = model_keys(models)
         entries = [{"model": str(base)}] if self.spec.base_in_models else []
         for key, path in zip(keys, models):

@@ -288,6 +288,8 @@ CASES = [
     Case("model_dir_empty", broken(lambda f: [p.unlink() for p in f.iterdir()]), "config.json: missing"),
     Case("no_weights", broken(lambda f: (f / "model.safetensors").unlink()), "no weights found"),
     Case("base_dir_missing", lambda t, z: recipe(t, z, base="./nobase"), "field base_model:"),
+    Case("model_is_a_hub_id", lambda t, z: recipe(t, z, models=("me/tiny-add", "reverse")),
+         "me/tiny-add is not a local folder (looked for"),  # a published recipe: `hf download me/tiny-add ...`
     Case("corrupt_header", broken(corrupt_header), "corrupt safetensors header"),
     Case("truncated_weights", broken(truncate), "truncated"),
     Case("shape_differs", broken(edit_tensors(lambda t: t.update({"model.norm.weight": t["model.norm.weight"][:7]}))),
@@ -354,6 +356,8 @@ CASES = [
          "did you mean: cmaes", in_tmp=True),
     Case("search_unknown_task", lambda t, z: search_config(t, z, tasks={"search": [{"name": "zoo_ad_search"}]}),
          "zoo_ad_search", in_tmp=True),
+    Case("search_builtin_task", lambda t, z: search_config(t, z, tasks={"search": [{"name": "arc_easy"}]}),
+         "`tasks.include_defaults: true` in a search config", in_tmp=True),
     Case("search_unknown_metric", lambda t, z: search_config(t, z, tasks={"search": [{"name": "zoo_add_search", "metric": "accc"}]}),
          "no metric 'accc'", in_tmp=True),
     Case("search_bounds_inverted", lambda t, z: search_config(t, z, search_space=weight_bounds(0.9, 0.1)),

@@ -135,3 +135,38 @@ def test_kernels_default_env_and_explicit(tmp_path, monkeypatch):
     write_run_config(cfg)  # the resolved config records the set, so a resume keeps it
     assert load_run_config(tmp_path / "runs" / "cfgtest").kernels == "mergekit-0.1.5"
     assert cfg.study_hash() != load_config(write_config(tmp_path)).study_hash()  # results differ: another study
+
+
+def test_builtin_lm_eval_tasks_are_asked_for_in_the_config(tmp_path, monkeypatch):
+    """lm-eval's own task index (~30 s to build) is off unless `tasks.include_defaults: true`; a built-in task name
+    without it fails naming that field, not a flag `search` does not have."""
+    from evomerge.search.driver import check_tasks
+
+    monkeypatch.chdir(tmp_path)
+    tasks = {"search": [{"name": "arc_easy"}]}
+    cfg = load_config(write_config(tmp_path, tasks=tasks))
+    assert cfg.tasks.include_defaults is False and "include_defaults" not in cfg.study_fields()["tasks"]
+    with pytest.raises(ConfigError) as err:
+        check_tasks(cfg)
+    msg = str(err.value)
+    assert "unknown task 'arc_easy'" in msg and "`tasks.include_defaults: true` in a search config" in msg
+    assert "`tasks.include_paths` in a search config" in msg and len(msg.splitlines()) == 1
+    on = load_config(write_config(tmp_path, tasks={**tasks, "include_defaults": True}))
+    assert on.tasks.include_defaults is True and on.study_fields()["tasks"]["include_defaults"] is True
+    assert on.study_hash() != cfg.study_hash(), "another task index: another study"
+
+
+@pytest.mark.slow
+def test_include_defaults_indexes_lm_evals_own_tasks(tmp_path, tiny_zoo, monkeypatch):
+    """With the index on, a built-in name is found (its data then needs the network, which the run does not have:
+    'failed to load', no longer 'unknown task'), and a search with it on runs as before (~30 s per index)."""
+    from evomerge.search.driver import check_tasks, run_search
+    from evomerge.search.workers import InlinePool
+    from test_search_faults import zoo_config
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        check_tasks(zoo_config(tiny_zoo, tasks={"search": [{"name": "arc_easy"}], "include_defaults": True}))
+    assert "task arc_easy" in str(err.value) and "unknown task" not in str(err.value)
+    cfg = zoo_config(tiny_zoo, tasks={"search": [{"name": "zoo_add_search", "subset": 8}], "include_defaults": True})
+    assert run_search(cfg, progress=False, log=None, pool_factory=InlinePool).n_complete == 3

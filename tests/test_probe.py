@@ -111,3 +111,32 @@ def test_routable_regions_are_dropped_together_from_the_model_that_hurts():
         1.0,
         [{"filter": "layers.1.", "value": 0.0}, {"filter": "embed_tokens", "value": 0.0}, {"value": 1.0}],
     ]
+
+
+@pytest.mark.parametrize(("joint_rev", "costly"), [(70.0, True), (80.5, False)])
+def test_the_summary_does_not_promise_what_the_joint_check_refutes(joint_rev, costly):
+    """'routable' is a verdict on one region at a time; when dropping them together costs a task, the summary says
+    so instead of advising a low weight there (and no '-0.0' appears anywhere)."""
+    from evomerge.analysis.probe import ProbeReport, format_probe, probe_summary, routable_drops
+
+    def region(label, flt, harm_add, need_rev):
+        r = RegionProbe(label, flt, {"t_add": 30.0, "t_rev": need_rev}, {"t_add": harm_add, "t_rev": -0.01}, "")
+        r.verdict = verdict(r, OWNERS)
+        return r
+
+    report = ProbeReport(
+        models=["add", "reverse"], owners=OWNERS, alone={"t_add": 99.0, "t_rev": 96.0}, all_in={"t_add": 60.0, "t_rev": 81.0},
+        controls={"t_add": {"shuffled": 5.0, "noise": -0.02}, "t_rev": {"shuffled": 0.0, "noise": 1.0}},
+        regions=[region("layer 1", "layers.1.", 20.0, 2.0), region("embeddings", "embed_tokens", 9.0, 0.0)],
+    )  # fmt: skip
+    report.dropped = routable_drops(report)
+    report.joint = {"t_add": 75.0, "t_rev": joint_rev}
+    text = "\n".join(probe_summary(report))
+    assert "routable, one region at a time: layer 1, embeddings" in text and "(taken alone)" in text
+    if costly:
+        assert "that costs t_rev 11.0 points, so they are not free to drop" in text
+        assert "can give those regions a low weight" not in text
+    else:
+        assert "every skill keeps its score, so a per-layer search can give those regions a low weight" in text
+    table = format_probe(report)
+    assert "-0.0" not in table and "+0.0" in table  # -0.01 points of harm and -0.02 of noise print as +0.0

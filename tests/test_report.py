@@ -139,25 +139,47 @@ def test_top_trials_and_evolved_row_come_from_the_study(ties_report):
 
 
 def test_statement_matches_the_numbers(ties_report):
+    from evomerge.report.noise import paired_difference
+
     run_dir, c, _ = ties_report
     text = (run_dir / "report" / "report.md").read_text()
     evolved = c.row("evolved (best trial)")
     best_default = max(c.rows_of("default"), key=lambda r: r.mean)
     oracle = c.row("routing oracle")
-    if evolved.mean > best_default.mean:
+    d = paired_difference(evolved, best_default)
+    assert d.se is not None and d.n == 2 * SUBSET, "every row carries its per-example scores"
+    if d.within_noise:
+        assert "**within noise**" in text and "**beats**" not in text
+    elif evolved.mean > best_default.mean:
         assert "**beats** the best default merge" in text and "NOT" not in text
-        assert f"by {evolved.mean - best_default.mean:+.4f}" in text
     else:
         assert "does **NOT** beat the best default merge" in text
+    assert d.se_text() in text and f"{(evolved.mean - best_default.mean) * 100:+.1f} points" in text
     assert f"{best_default.name}" in text.split("## Search")[0]
     assert f"{evolved.mean / oracle.mean * 100:.1f}% of the routing oracle" in text
+    assert "%)" not in text.split("## Search")[0], "differences are absolute points, never a percent of a score"
+    assert "### Is the difference more than noise?" in text
 
 
-def _comparison(evolved: float, default: float) -> Comparison:
+def test_per_example_scores_average_to_the_row_scores(ties_report):
+    _, c, _ = ties_report
+    for r in c.rows:
+        assert set(r.examples) == set(c.tasks) and all(len(v) == SUBSET for v in r.examples.values()), r.name
+        for t in c.tasks:
+            assert sum(r.examples[t]) / SUBSET == pytest.approx(r.scores[t], abs=1e-12), (r.name, t)
+            assert set(r.examples[t]) <= {0.0, 1.0}  # accuracy per example
+    oracle, sources = c.row("routing oracle"), c.rows_of("source")
+    for t in c.tasks:
+        assert oracle.examples[t] == max(sources, key=lambda r: r.scores[t]).examples[t]
+
+
+def _comparison(evolved: float, default: float, examples: dict[str, dict[str, list[float]]] | None = None) -> Comparison:
+    """Rows scoring (a, b); `examples`: {row name: {task: per-example values}} (their means are the scores)."""
     tasks = ["a", "b"]
 
     def row(name, kind, a, b):
-        return Row(name=name, kind=kind, scores={"a": a, "b": b}, mean=(a + b) / 2, detail=name)
+        per = (examples or {}).get(name, {})
+        return Row(name=name, kind=kind, scores={"a": a, "b": b}, mean=(a + b) / 2, detail=name, examples=per)
 
     sources = [row("base", "source", 0.2, 0.2), row("x", "source", 0.8, 0.3), row("y", "source", 0.3, 0.7)]
     from evomerge.report.compare import oracle_row
@@ -179,12 +201,90 @@ def test_statement_says_plainly_when_the_recipe_does_not_beat_a_default(evolved,
     assert c.row("routing oracle").scores == {"a": 0.8, "b": 0.7}
     text = statement(v, "acc")
     if beats:
-        assert "**beats**" in text and f"{evolved - default:+.4f}" in text
+        assert "**beats**" in text and f"{(evolved - default) * 100:+.1f} points" in text
     else:
         assert "does **NOT** beat the best default merge, ties (defaults)" in text
-        assert ("ties with it" if evolved == default else f"scores {default - evolved:.4f} lower") in text
+        assert ("ties with it" if evolved == default else f"scores {(evolved - default) * 100:+.1f} points") in text
+    assert "no per-example scores to judge the noise" in text  # these rows carry none: no claim about noise
     assert f"{evolved / 0.75 * 100:.1f}% of the routing oracle's mean (0.7500" in text
     assert statement(v, "acc") in render(c, {})
+
+
+def _examples(mean: float, n: int, shift: int = 0) -> list[float]:
+    """n accuracies (0/1) averaging `mean`, the ones starting at index `shift` (wrapping around)."""
+    ones = round(mean * n)
+    return [1.0 if (i - shift) % n < ones else 0.0 for i in range(n)]
+
+
+def test_paired_difference_is_the_mean_difference_with_its_paired_standard_error():
+    import numpy as np
+
+    from evomerge.report.noise import paired_difference
+
+    rng = np.random.default_rng(0)
+    a = {t: rng.integers(0, 2, 300).astype(float).tolist() for t in ("a", "b")}
+    b = {t: rng.integers(0, 2, 300).astype(float).tolist() for t in ("a", "b")}
+
+    def row(name, ex):
+        scores = {t: sum(v) / len(v) for t, v in ex.items()}
+        return Row(name=name, kind="default", scores=scores, mean=sum(scores.values()) / 2, examples=ex)
+
+    d = paired_difference(row("x", a), row("y", b))
+    diffs = {t: np.array(a[t]) - np.array(b[t]) for t in a}
+    se = np.sqrt(sum(x.var(ddof=1) / len(x) for x in diffs.values())) / 2  # mean over 2 tasks
+    assert d.diff == pytest.approx(np.mean([x.mean() for x in diffs.values()])) and d.se == pytest.approx(se)
+    assert d.n == 600 and d.within_noise == (abs(d.diff) < 2 * se)
+    # pairing: what both solve cancels. A model against itself with 20 more examples of task a solved is beyond
+    # noise paired, where two independent samples' standard error would call the same gap noise
+    flipped = {t: list(v) for t, v in a.items()}
+    for i in [i for i, v in enumerate(a["a"]) if v == 0][:20]:
+        flipped["a"][i] = 1.0
+    gain = paired_difference(row("x+20", flipped), row("x", a))
+    unpaired = np.sqrt(sum(np.var(x, ddof=1) / 300 + np.var(y, ddof=1) / 300
+                           for x, y in [(flipped["a"], a["a"]), (flipped["b"], a["b"])])) / 2  # fmt: skip
+    assert gain.diff == pytest.approx(20 / 600) and not gain.within_noise and abs(gain.diff) < 2 * unpaired
+    assert paired_difference(row("x", a), row("x", a)).within_noise, "identical rows: a tie, within noise"
+    # per-example values that do not average to the score (e.g. perplexity) are no basis for a noise claim
+    wrong = Row(name="w", kind="default", scores={"a": 0.9, "b": 0.9}, mean=0.9, examples=a)
+    assert paired_difference(wrong, row("y", b)).se is None
+
+
+def test_a_gain_within_noise_is_reported_as_noise_in_points_not_percent():
+    n = 300  # per task; the evolved recipe solves 2 more examples of each task than the defaults: +0.67 points
+    ex = {
+        "evolved (best trial)": {"a": _examples(152 / n, n), "b": _examples(152 / n, n, shift=40)},
+        "ties (defaults)": {"a": _examples(150 / n, n, shift=7), "b": _examples(150 / n, n, shift=100)},
+    }
+    c = _comparison(152 / n, 150 / n, ex)
+    v = c.verdict()
+    assert v.vs_default.diff == pytest.approx(2 / n) and v.vs_default.within_noise
+    text = statement(v, "acc")
+    assert "**within noise**" in text and "+0.7 points" in text and "**beats**" not in text
+    assert "%)" not in text, "no percent of a score"
+    assert f"paired SE {v.vs_default.se * 100:.1f} points over {2 * n} examples" in text
+    table = "\n".join(render(c, {}).split("### Is the difference more than noise?")[1].splitlines()[:12])
+    assert "| ties (defaults) | +0.7 |" in table and "within noise" in table
+    # and the same gain on examples where the defaults are always wrong is beyond noise
+    sure = {"evolved (best trial)": {"a": [1.0] * 30 + [0.0] * 270, "b": [1.0] * 30 + [0.0] * 270},
+            "ties (defaults)": {"a": [0.0] * 300, "b": [0.0] * 300}}  # fmt: skip
+    v = _comparison(0.1, 0.0, sure).verdict()
+    assert not v.vs_default.within_noise and "**beats**" in statement(v, "acc")
+
+
+def test_drops_name_the_tasks_below_their_best_source_beyond_noise():
+    n = 200
+    ex = {  # sources: x best on a (0.8), y best on b (0.7); evolved keeps b, loses a (0.5)
+        "x": {"a": _examples(0.8, n), "b": _examples(0.3, n)},
+        "y": {"a": _examples(0.3, n), "b": _examples(0.7, n)},
+        "base": {"a": _examples(0.2, n), "b": _examples(0.2, n)},
+        "evolved (best trial)": {"a": _examples(0.5, n), "b": _examples(0.7, n, shift=1)},
+    }
+    c = _comparison(0.6, 0.5, ex)
+    evolved = c.row("evolved (best trial)").model_copy(update={"scores": {"a": 0.5, "b": 0.7}, "mean": 0.6})
+    c = c.model_copy(update={"rows": [r if r.kind != "evolved" else evolved for r in c.rows]})
+    drops = c.drops()
+    assert [(t, src.name) for t, src, _ in drops] == [("a", "x")], "b is 0.7 against 0.7: no drop"
+    assert drops[0][2].diff == pytest.approx(-0.3)
 
 
 def test_multi_objective_report_has_a_pareto_front(tiny_zoo, tmp_path):

@@ -6,13 +6,18 @@ from pathlib import Path
 
 from evomerge.analysis.audit import KINDS, AuditReport
 
-# metric -> (panel title, colormap, fixed range or None for the data's own range)
+# metric -> (panel title, colormap, centre or None). A centred panel is a diverging scale around what unrelated
+# task vectors give (cosine and rank correlation 0, sign conflict 0.5), as wide as the layers' largest distance from
+# it: on real models the layers lie close to the centre, and a fixed -1..1 or 0..max scale (or one stretched by
+# the final norm's near-identical deltas) shows one flat colour. Cells beyond the scale take its end colour and
+# keep their value as text.
 PANELS = {
-    "cosine": ("cosine similarity", "RdBu", (-1.0, 1.0)),
-    "spearman": ("Spearman rank corr.", "RdBu", (-1.0, 1.0)),
-    "conflict": ("sign-conflict rate", "Reds", None),
+    "cosine": ("cosine similarity\n(0 = unrelated)", "RdBu_r", 0.0),
+    "spearman": ("Spearman rank corr.\n(0 = unrelated)", "RdBu_r", 0.0),
+    "conflict": ("sign-conflict rate\n(0.5 = unrelated)", "RdBu_r", 0.5),
     "magnitude": ("||delta|| / ||base||", "viridis", None),
 }
+MIN_HALF_WIDTH = 0.02  # a centred scale spans at least centre +/- this (identical models: all at the centre)
 
 
 def _grid(report: AuditReport, metric: str) -> list[list[float]]:
@@ -40,11 +45,14 @@ def plot_audit(report: AuditReport, out: Path | str) -> Path:
     annotate = n <= 40
     height = max(3.5, 0.28 * n + 1.8)
     fig, axes = plt.subplots(1, len(PANELS), figsize=(3.3 * len(PANELS) + 1.2, height), constrained_layout=True)
-    for ax, (metric, (title, cmap_name, fixed)) in zip(axes, PANELS.items()):
+    for ax, (metric, (title, cmap_name, centre)) in zip(axes, PANELS.items()):
         data = np.array(_grid(report, metric), dtype=float)
         finite = data[np.isfinite(data)]
-        if fixed:
-            vmin, vmax = fixed
+        layers = data[[i for i, r in enumerate(rows) if r.startswith("layer ")]]
+        scale = layers[np.isfinite(layers)] if np.isfinite(layers).any() else finite
+        if centre is not None:
+            half = max(float(np.abs(scale - centre).max()) if scale.size else 0.0, MIN_HALF_WIDTH)
+            vmin, vmax = centre - half, centre + half
         else:
             vmin = 0.0
             vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
@@ -57,16 +65,15 @@ def plot_audit(report: AuditReport, out: Path | str) -> Path:
         ax.set_xlabel("tensor kind", fontsize=9)
         if ax is axes[0]:
             ax.set_ylabel("layer", fontsize=9)
-        fig.colorbar(im, ax=ax, shrink=0.9 if n > 10 else 1.0, pad=0.02)
+        beyond = finite.size and (finite.min() < vmin or finite.max() > vmax)
+        fig.colorbar(im, ax=ax, shrink=0.9 if n > 10 else 1.0, pad=0.02, extend="both" if beyond else "neither")
         if annotate:
             for y in range(n):
                 for x in range(len(KINDS)):
                     v = data[y, x]
                     if math.isfinite(v):
                         frac = (v - vmin) / (vmax - vmin) if vmax > vmin else 0.5
-                        dark = frac > 0.75 or frac < 0.25 if cmap_name == "RdBu" else frac > 0.6
-                        if cmap_name == "viridis":
-                            dark = frac < 0.5
+                        dark = frac > 0.75 or frac < 0.25 if centre is not None else frac < 0.5  # viridis: dark low
                         ax.text(x, y, f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.0e}", ha="center",
                                 va="center", fontsize=7, color="white" if dark else "black")
     pair = " vs ".join(report.models)

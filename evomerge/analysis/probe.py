@@ -100,6 +100,7 @@ def probe(
     include_paths: Sequence[str | Path] = (),
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    include_defaults: bool = False,
     allow_config_mismatch: bool = False,
 ) -> ProbeReport:
     """Score the probes (see the module docstring); `tasks` are TaskSpecs (or names) with their metric."""
@@ -110,7 +111,8 @@ def probe(
     base = str(base)
     paths = [str(m) for m in models if Path(m).resolve() != Path(base).resolve()]
     keys = model_keys(paths)
-    ev = Evaluator(paths, base, {"probe": list(tasks)}, include_paths, seed=seed, allow_config_mismatch=allow_config_mismatch)
+    ev = Evaluator(paths, base, {"probe": list(tasks)}, include_paths, seed=seed, include_defaults=include_defaults,
+                   allow_config_mismatch=allow_config_mismatch)  # fmt: skip
     log = log or (lambda _msg: None)
 
     def score() -> dict[str, float]:
@@ -231,15 +233,20 @@ def format_probe(report: ProbeReport) -> str:
     for t in tasks:
         c = report.controls[t]
         lines.append(f"  {t}: owner {report.owners[t]} ({report.alone[t]:.1f}); all task vectors at weight 1: "
-                     f"{report.all_in[t]:.1f}; plus the others' vectors shuffled: {-c['shuffled']:+.1f}, "
-                     f"as noise: {-c['noise']:+.1f}")  # fmt: skip
+                     f"{report.all_in[t]:.1f}; plus the others' vectors shuffled: {_pts(-c['shuffled'])}, "
+                     f"as noise: {_pts(-c['noise'])}")  # fmt: skip
     for t in report.unowned:
         lines.append(f"  {t}: no model beats the base on it; not probed")
     head = ["region"] + [f"{t} {col}" for t in tasks for col in ("-own", "+others")] + ["verdict"]
-    rows = [[r.region] + [f"{-v:+.1f}" for t in tasks for v in (r.need[t], r.harm[t])] + [r.verdict]
+    rows = [[r.region] + [_pts(-v) for t in tasks for v in (r.need[t], r.harm[t])] + [r.verdict]
             for r in report.regions]  # fmt: skip
     lines += ["", text_table(head, rows, "l" + "r" * (len(head) - 2) + "l")]
     return "\n".join(lines)
+
+
+def _pts(x: float) -> str:
+    """Points with a sign, never '-0.0'."""
+    return f"{0.0 if round(x, 1) == 0 else x:+.1f}"
 
 
 def probe_summary(report: ProbeReport) -> list[str]:
@@ -253,16 +260,25 @@ def probe_summary(report: ProbeReport) -> list[str]:
                      f"(>= {NEED:.0f} points) and that change costs another model's task >= {HARM:.0f} points; "
                      "a recipe can only trade the two skills there.")
     if by["routable"]:
-        lines.append(f"Probe: routable: {', '.join(by['routable'])}: a model's change there hurts another's task and its "
-                     "own task does not need it; a per-layer search can give it a low weight there.")
+        lines.append(f"Probe: routable, one region at a time: {', '.join(by['routable'])}: a model's change there hurts "
+                     "another's task and its own task does not need it there (taken alone).")
     if not by["conflict"] and not by["routable"]:
         lines.append("Probe: no region hurts another model's task: a plain sum of the task vectors keeps the skills.")
     if report.joint:
         drops = "; ".join(f"{k} in {', '.join(rs)}" for k, rs in report.dropped.items())
         scores = ", ".join(f"{t} {report.all_in[t]:.1f} -> {report.joint[t]:.1f}" for t in report.joint)
-        lines.append(f"Probe: the routable regions together (dropping {drops}; every other task vector at weight 1): "
-                     f"{scores} (against all task vectors at weight 1). Regions can be redundant: each one alone "
-                     "may be safe to drop while all of them together are not.")
+        costs = {t: report.all_in[t] - report.joint[t] for t in report.joint}
+        hurt = [t for t, c in costs.items() if c >= HARM]
+        head = (f"Probe: the routable regions dropped together (dropping {drops}; every other task vector at weight 1): "
+                f"{scores} (against all task vectors at weight 1)")  # fmt: skip
+        if hurt:
+            lost = ", ".join(f"{t} {costs[t]:.1f} points" for t in hurt)
+            lines.append(f"{head}: that costs {lost}, so they are not free to drop: each region can go alone but not "
+                         "all of them (they are redundant); weight them down one at a time, or leave it to the "
+                         "search.")  # fmt: skip
+        else:
+            lines.append(f"{head}: every skill keeps its score, so a per-layer search can give those regions a low "
+                         "weight.")  # fmt: skip
     lost = {t: report.alone[t] - report.all_in[t] for t in report.owners}
     specific = [t for t in report.owners if lost[t] >= max(HARM, 2 * max(report.controls[t].values(), default=0.0))]
     if specific:

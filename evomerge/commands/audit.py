@@ -10,6 +10,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 
+EXAMPLES = """\
+  evomerge audit configs/demo.yaml --plot /tmp/audit.png      # statistics per layer and tensor kind, and a heatmap
+  evomerge audit configs/demo.yaml --probe --probe-subset 100 # also merge and score: where do the skills collide?
+  evomerge audit runs/demo/best/recipe.yaml --json            # a recipe's inputs, as JSON
+"""
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="a recipe YAML (has merge_method) or a search config (base_model + models)")
@@ -130,4 +136,4 @@ def _probe(cfg, args: argparse.Namespace, show: bool):
              for t in cfg.tasks.search]  # fmt: skip
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if show else None
     return probe(cfg.base_model, cfg.models, tasks, cfg.tasks.include_paths, seed=cfg.seed, log=log,
-                 allow_config_mismatch=args.allow_config_mismatch)
+                 include_defaults=cfg.tasks.include_defaults, allow_config_mismatch=args.allow_config_mismatch)

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import argparse
 
+EXAMPLES = """\
+  evomerge merge /tmp/ties.yaml --out /tmp/merged --seed 0
+  evomerge merge runs/demo/best/recipe.yaml --out /tmp/again     # reproduces the export byte for byte
+"""
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", metavar="RECIPE.yaml", help="mergekit-style recipe")
+    parser.add_argument("recipe", metavar="RECIPE.yaml", help="mergekit-style recipe (inputs: local folders)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output checkpoint folder (replaced atomically)")
     parser.add_argument("--seed", type=int, default=None, help="seed for random masks (default: the recipe's, else 0)")
     parser.add_argument("--kernels", default=None, metavar="SET",

@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import argparse
 
+EXAMPLES = """\
+  evomerge report runs/demo                                  # runs/demo/report/report.md + PNGs
+  evomerge report runs/demo --top-k 5 --limit-subset 100     # faster: a fixed seeded sample per task
+"""
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory (runs/<name>) made by `evomerge search`")
-    parser.add_argument("--top-k", type=int, default=3, help="best trials scored on held-out data (default 3)")
-    parser.add_argument("--heldout", default=None, help="comma-separated held-out tasks (default: the config's tasks.heldout)")
+    parser.add_argument("--top-k", type=int, default=3, metavar="K", help="best trials scored on held-out data (default 3)")
+    parser.add_argument("--heldout", default=None, metavar="A,B",
+                        help="comma-separated held-out tasks (default: the config's tasks.heldout)")
     parser.add_argument("--limit-subset", type=int, metavar="N", help="score a fixed seeded sample of N examples per task")
 
 

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import argparse
 
+EXAMPLES = """\
+  evomerge verify runs/demo/best             # an export folder: checks its model/ subfolder
+  evomerge verify /tmp/merged                # a `evomerge merge --out` folder
+"""
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", metavar="DIR", help="a folder written by `evomerge merge --out` or `evomerge export`")

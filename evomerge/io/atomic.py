@@ -160,13 +160,19 @@ def _rmdir_quietly(folder: Path) -> None:
 
 
 def _open_permissions(folder: Path) -> None:
-    """mkdtemp/mkstemp create owner-only entries; give the result the usual umask-based modes (folders inside,
-    e.g. an export's model/, stay enterable)."""
+    """mkdtemp/mkstemp (ours, and safetensors' own writer) create owner-only entries; give everything inside the
+    modes `save_pretrained` leaves under the user's umask (folders 0755, files 0644 with umask 022), at every
+    depth, so another user, a container or a serving process can read the output."""
     mask = os.umask(0)
     os.umask(mask)
     folder.chmod(0o777 & ~mask)
-    for path in folder.iterdir():
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def _publish(new: Path, target: Path) -> None:

@@ -41,11 +41,12 @@ def draw_figures(cfg, study, done, comparison: Comparison, out_dir: Path) -> dic
     points = _points(cfg, done)
     metrics = "/".join(sorted({t.metric for t in cfg.tasks.search}))
     label = f"search objective (weighted mean {metrics})"
-    figures = {"Optimization history": history_png(points, out_dir / "history.png", label)}
+    history = history_png(points, out_dir / "history.png", label, exported=comparison.best_trial)
+    figures = {"Optimization history": history}
     best = next(t for t in done if t.number == comparison.best_trial)
     space = space_of(cfg)
     if best.params and space.slots(cfg.models):
-        title = f"Best recipe (trial {best.number}, {cfg.method}): searched values"
+        title = f"Exported recipe (trial {best.number}, {cfg.method})\ncell: its value; colour: position in the row's range"
         caption = f"Best recipe parameters (trial {best.number})"
         figures[caption] = params_png(space, cfg.models, best.params, out_dir / "best_params.png", title)
     figures["Held-out scores per task"] = scores_png(comparison, out_dir / "scores.png")

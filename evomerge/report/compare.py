@@ -18,6 +18,7 @@ from typing import Any, Callable, Literal, Sequence
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import ConfigError, StudyError
+from evomerge.report.noise import Difference, paired_difference
 from evomerge.tables import text_table
 
 Kind = Literal["source", "default", "oracle", "evolved"]
@@ -33,6 +34,7 @@ class Row(BaseModel):
     scores: dict[str, float]
     mean: float
     detail: str = ""
+    examples: dict[str, list[float]] = {}  # task -> the metric on each held-out example (paired comparisons)
 
 
 class TrialRow(BaseModel):
@@ -60,6 +62,8 @@ class Verdict(BaseModel):
     margin: float | None  # evolved mean - best default mean
     beats_default: bool | None
     oracle_fraction: float | None  # evolved mean / oracle mean
+    vs_default: Difference | None = None  # evolved - best default, paired over the held-out examples
+    vs_source: Difference | None = None  # evolved - best source
 
 
 class Comparison(BaseModel):
@@ -91,15 +95,31 @@ class Comparison(BaseModel):
         defaults = self.rows_of("default")
         best_default = max(defaults, key=lambda r: r.mean) if defaults else None
         margin = evolved.mean - best_default.mean if best_default else None
+        best_source = max(self.rows_of("source"), key=lambda r: r.mean)
         return Verdict(
             evolved=evolved,
             best_default=best_default,
-            best_source=max(self.rows_of("source"), key=lambda r: r.mean),
+            best_source=best_source,
             oracle=oracle,
             margin=margin,
             beats_default=None if margin is None else margin > 0,
             oracle_fraction=evolved.mean / oracle.mean if oracle.mean > 0 else None,
+            vs_default=paired_difference(evolved, best_default, self.tasks) if best_default else None,
+            vs_source=paired_difference(evolved, best_source, self.tasks),
         )
+
+    def drops(self, row: Row | None = None) -> list[tuple[str, Row, Difference]]:
+        """(task, best source on it, row - that source) for each task where `row` (default: the evolved row)
+        scores below its best source model by more than noise: the skills a merge lost."""
+        row = row or self.rows_of("evolved")[0]
+        sources = self.rows_of("source")
+        out = []
+        for t in self.tasks:
+            best = max(sources, key=lambda r: r.scores[t])
+            d = paired_difference(row, best, [t])
+            if d.diff < 0 and not d.within_noise:
+                out.append((t, best, d))
+        return out
 
 
 def heldout_metric(task: str, search_tasks: Sequence[Any]) -> str:
@@ -117,7 +137,8 @@ def oracle_row(sources: Sequence[Row], tasks: Sequence[str]) -> Row:
     best = {t: max(sources, key=lambda r: r.scores[t]) for t in tasks}
     scores = {t: best[t].scores[t] for t in tasks}
     detail = ", ".join(f"{t}: {best[t].name}" for t in tasks)
-    return Row(name="routing oracle", kind="oracle", scores=scores, mean=_mean(scores), detail=detail)
+    examples = {t: best[t].examples[t] for t in tasks if t in best[t].examples}
+    return Row(name="routing oracle", kind="oracle", scores=scores, mean=_mean(scores), detail=detail, examples=examples)
 
 
 def _mean(scores: dict[str, float]) -> float:
@@ -226,7 +247,8 @@ def compare_run(
         jobs += [(recipe.to_yaml(), f"{method} (defaults)") for method, recipe in defaults]
         jobs += [(t.user_attrs["recipe"], f"trial {t.number}") for t in ranked]
         results: list[Any] = [None] * len(jobs)
-        for n, (i, res) in enumerate(run_jobs(pool, [(text, "heldout") for text, _ in jobs], [label for _, label in jobs])):
+        heldout_jobs = [(text, "heldout") for text, _ in jobs]
+        for n, (i, res) in enumerate(run_jobs(pool, heldout_jobs, [label for _, label in jobs], examples=True)):
             results[i] = res
             values = res.values()
             log(f"[{n + 1}/{len(jobs)}] {jobs[i][1]}: mean {_mean(values):.4f} ({res.merge_s + res.eval_s:.1f} s)")
@@ -235,18 +257,22 @@ def compare_run(
     metrics = results[0].metrics
     tasks = list(metrics)
     scores = [r.values() for r in results]
+    examples = [r.examples for r in results]
 
     rows: list[Row] = []
-    for key, path, row_scores in zip(keys, sources, scores):
+    for key, path, row_scores, row_examples in zip(keys, sources, scores, examples):
         detail = "base model" if path == sources[0] else "specialist"
-        rows.append(Row(name=key, kind="source", scores=row_scores, mean=_mean(row_scores), detail=detail))
-    for (method, recipe), row_scores in zip(defaults, scores[len(sources):]):
+        rows.append(Row(name=key, kind="source", scores=row_scores, mean=_mean(row_scores), detail=detail,
+                        examples=row_examples))  # fmt: skip
+    for (method, recipe), row_scores, row_examples in zip(defaults, scores[len(sources):], examples[len(sources):]):
         rows.append(Row(name=f"{method} (defaults)", kind="default", scores=row_scores, mean=_mean(row_scores),
-                        detail=describe(recipe)))  # fmt: skip
+                        detail=describe(recipe), examples=row_examples))  # fmt: skip
     rows.append(oracle_row([r for r in rows if r.kind == "source"], tasks))
 
     trials: list[TrialRow] = []
-    for t, row_scores in zip(ranked, scores[len(sources) + len(defaults):]):
+    first = len(sources) + len(defaults)
+    trial_examples = {t.number: e for t, e in zip(ranked, examples[first:])}
+    for t, row_scores in zip(ranked, scores[first:]):
         note = t.user_attrs.get("baseline", "")
         v = validated[t.number].objective if t.number in validated else None
         trials.append(TrialRow(number=t.number, note=note, search=objective_of(t), heldout=row_scores,
@@ -255,7 +281,8 @@ def compare_run(
     note = f"trial {best.number}" + (f", the enqueued baseline '{top.note}'" if top.note else "")
     if best.number in validated:
         note += f", best on validation of the top {cfg.validation.top_k} and the defaults"
-    rows.append(Row(name="evolved (best trial)", kind="evolved", scores=top.heldout, mean=top.heldout_mean, detail=note))
+    rows.append(Row(name="evolved (best trial)", kind="evolved", scores=top.heldout, mean=top.heldout_mean, detail=note,
+                    examples=trial_examples[best.number]))  # fmt: skip
 
     return Comparison(
         study=cfg.name,

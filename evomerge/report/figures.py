@@ -38,19 +38,32 @@ def _save(fig: Figure, out: Path | str) -> Path:
     return savefig_atomic(fig, out)
 
 
-def history_png(points: Sequence[TrialPoint], out: Path | str, objective_label: str = "search objective") -> Path:
-    """Score per COMPLETE trial (baselines marked) and the best-so-far line."""
-    fig = _figure(7.5, 4.2)
+BASELINE_STYLES = [("^", "tab:purple"), ("v", "tab:red"), ("<", "tab:brown"), (">", "tab:pink"), ("D", "tab:olive")]
+
+
+def history_png(
+    points: Sequence[TrialPoint], out: Path | str, objective_label: str = "search objective", exported: int | None = None
+) -> Path:
+    """Score per COMPLETE trial, the enqueued baselines told apart (the default merge, each model alone), the
+    exported trial ringed, and the best-so-far line."""
+    fig = _figure(9.0, 4.2)
     ax = fig.add_subplot()
     points = sorted(points, key=lambda p: p.number)
     sampled = [p for p in points if not p.baseline]
-    baselines = [p for p in points if p.baseline]
-    ax.scatter([p.number for p in sampled], [p.objective for p in sampled], s=22, color="tab:blue", label="trial", zorder=3)
-    if baselines:
-        ax.scatter(
-            [p.number for p in baselines], [p.objective for p in baselines], s=40, marker="s",
-            color="tab:orange", label="baseline (enqueued)", zorder=3,
-        )  # fmt: skip
+    ax.scatter([p.number for p in sampled], [p.objective for p in sampled], s=22, color="tab:blue", label="sampled trial",
+               zorder=3)  # fmt: skip
+    labels = list(dict.fromkeys(p.baseline for p in points if p.baseline))
+    alone = iter(BASELINE_STYLES * (len(labels) // len(BASELINE_STYLES) + 1))
+    for label in labels:
+        group = [p for p in points if p.baseline == label]
+        marker, color = ("s", "tab:orange") if label == "defaults" else next(alone)
+        name = "default merge (baseline)" if label == "defaults" else f"{label.removeprefix('only ')} alone (baseline)"
+        ax.scatter([p.number for p in group], [p.objective for p in group], s=46, marker=marker, color=color,
+                   edgecolor="black", linewidth=0.5, label=name, zorder=4)  # fmt: skip
+    chosen = next((p for p in points if p.number == exported), None)
+    if chosen is not None:
+        ax.scatter([chosen.number], [chosen.objective], s=220, facecolors="none", edgecolors="black", linewidths=1.6,
+                   label=f"exported (trial {chosen.number})", zorder=5)  # fmt: skip
     best, xs, ys = -math.inf, [], []
     for p in points:
         best = max(best, p.objective)
@@ -61,7 +74,7 @@ def history_png(points: Sequence[TrialPoint], out: Path | str, objective_label: 
     ax.set_ylabel(objective_label)
     ax.set_title(f"Optimization history ({len(points)} complete trials)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)  # outside: it would hide trials
     return _save(fig, out)
 
 
@@ -88,10 +101,9 @@ def _columns(space: SearchSpace) -> list[tuple[str, str]]:
 
 
 def params_png(space: SearchSpace, models: Sequence[str], params: dict[str, float], out: Path | str, title: str) -> Path:
-    """Heatmap of a trial's searched values: rows = model x parameter (x tensor kind), columns = layer groups.
-
-    Colours place each value within its parameter's search bounds; the cell text is the value itself.
-    """
+    """Heatmap of a trial's searched values: rows = model x parameter (x tensor kind) with its search range,
+    columns = layer groups. The cell text is the value itself (as the recipe has it, 3 significant digits shown);
+    the colour is its position within the parameter's range."""
     import numpy as np
     from matplotlib import colormaps
 
@@ -103,6 +115,7 @@ def params_png(space: SearchSpace, models: Sequence[str], params: dict[str, floa
     for s in slots:
         ps = space.spec.parameters[s.param]
         label = " / ".join(x for x in (s.model or "all models", s.param, None if s.kind == "embed" else s.kind) if x)
+        label += f"  [{ps.low:g}, {ps.high:g}]"
         if not ps.per_layer:
             key = "global"
         elif s.kind == "embed":
@@ -127,9 +140,9 @@ def params_png(space: SearchSpace, models: Sequence[str], params: dict[str, floa
         for j, value in enumerate(raw[label]):
             if not math.isnan(value):
                 shade = grid[i, j]
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="black" if shade > 0.6 else "white")
+                ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7, color="black" if shade > 0.6 else "white")
     bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
-    bar.set_label("position in search bounds\n(0 = low, 1 = high)", fontsize=8)
+    bar.set_label("colour: position in the row's range\n(0 = low, 1 = high)", fontsize=8)
     return _save(fig, out)
 
 
@@ -158,12 +171,14 @@ def scores_png(comparison: Comparison, out: Path | str) -> Path:
     x = np.arange(len(groups))
     for i, (row, color) in enumerate(zip(ordered, colors)):
         values = [row.scores[t] for t in comparison.tasks] + [row.mean]
-        ax.bar(x - 0.4 + width * (i + 0.5), values, width, label=row.name, color=color, edgecolor="black", linewidth=0.4)
+        bars = ax.bar(x - 0.4 + width * (i + 0.5), values, width, label=row.name, color=color, edgecolor="black",
+                      linewidth=0.4)  # fmt: skip
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, rotation=90, padding=2)
     metrics = sorted(set(comparison.metrics.values()))
     ax.set_xticks(x, groups)
     ax.set_xlabel("held-out task")
     ax.set_ylabel(f"held-out {' / '.join(metrics)}")
-    ax.set_ylim(0, 1.05 if all(0 <= r.mean <= 1 for r in ordered) else None)
+    ax.set_ylim(0, 1.18 if all(0 <= r.mean <= 1 for r in ordered) else None)  # room for the value labels
     ax.set_title("Held-out scores of the compared models")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="model", title_fontsize=8)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from evomerge.report.compare import Comparison, Verdict, comparison_rows
+from evomerge.report.noise import NOISE_SE, paired_difference
 from evomerge.tables import markdown_table
 
 
@@ -10,32 +11,61 @@ def _f(x: float) -> str:
 
 
 def statement(v: Verdict, metric: str = "score") -> str:
-    """Whether the evolved recipe beats the best default merge, by how much, and its share of the oracle."""
+    """Whether the evolved recipe beats the best default merge, by how many points and whether that is more than
+    noise (a paired comparison over the held-out examples, `report.noise`), and its share of the oracle."""
     e = v.evolved
     lines = []
-    if v.best_default is None:
+    d = v.vs_default
+    if v.best_default is None or d is None:
         lines.append(f"No default merge could be compared (see below); the evolved recipe scores {_f(e.mean)} mean held-out {metric}.")
-    elif v.beats_default:
-        gain = v.margin / v.best_default.mean * 100 if v.best_default.mean > 0 else float("inf")
-        lines.append(
-            f"The evolved recipe ({e.detail}) **beats** the best default merge, {v.best_default.name}, "
-            f"by {v.margin:+.4f} mean held-out {metric} ({_f(e.mean)} vs {_f(v.best_default.mean)}, {gain:+.1f}%)."
-        )
     else:
-        how = "ties with it" if v.margin == 0 else f"scores {-v.margin:.4f} lower"
-        lines.append(
-            f"The evolved recipe ({e.detail}) does **NOT** beat the best default merge, {v.best_default.name}: "
-            f"it {how} in mean held-out {metric} ({_f(e.mean)} vs {_f(v.best_default.mean)})."
-        )
-    src = v.best_source
-    rel = "above" if e.mean > src.mean else ("equal to" if e.mean == src.mean else "below")
-    lines.append(f"It is {rel} the best single source model, {src.name} ({_f(src.mean)}).")
+        vs = f"({_f(e.mean)} vs {_f(v.best_default.mean)}; {d.se_text()})"
+        if d.within_noise:
+            lines.append(
+                f"The evolved recipe ({e.detail}) scores {d.points()} of mean held-out {metric} against the best default "
+                f"merge, {v.best_default.name} {vs}: **within noise**; a difference under {NOISE_SE:g} standard "
+                "errors does not tell the two apart."
+            )
+        elif v.beats_default:
+            lines.append(
+                f"The evolved recipe ({e.detail}) **beats** the best default merge, {v.best_default.name}, by "
+                f"{d.points()} of mean held-out {metric} {vs}."
+            )
+        else:
+            how = "ties with it" if v.margin == 0 else f"scores {d.points()}"
+            lines.append(
+                f"The evolved recipe ({e.detail}) does **NOT** beat the best default merge, {v.best_default.name}: "
+                f"it {how} in mean held-out {metric} {vs}."
+            )
+    src, ds = v.best_source, v.vs_source
+    if ds.within_noise:
+        lines.append(f"It is within noise of the best single source model, {src.name} ({_f(src.mean)}; {ds.points()}, "
+                     f"{ds.se_text()}).")  # fmt: skip
+    else:
+        rel = "above" if e.mean > src.mean else ("equal to" if e.mean == src.mean else "below")
+        lines.append(f"It is {rel} the best single source model, {src.name} ({_f(src.mean)}; {ds.points()}, "
+                     f"{ds.se_text()}).")  # fmt: skip
     if v.oracle_fraction is not None:
         lines.append(
             f"It reaches {v.oracle_fraction * 100:.1f}% of the routing oracle's mean ({_f(v.oracle.mean)}: "
             "each task answered by its best source model)."
         )
     return " ".join(lines)
+
+
+def differences(c: Comparison) -> list[str]:
+    """The evolved row against every other row: paired differences in points, their standard errors, and which
+    are within noise (works for whatever rows the comparison has)."""
+    evolved = c.rows_of("evolved")[0]
+    rows = []
+    for r in c.rows:
+        if r is evolved:
+            continue
+        d = paired_difference(evolved, r, c.tasks)
+        se = "-" if d.se is None else f"{d.se * 100:.1f}"
+        verdict = "-" if d.se is None else ("within noise" if d.within_noise else ("better" if d.diff > 0 else "worse"))
+        rows.append([r.name, d.points().removesuffix(" points"), se, verdict])
+    return markdown_table(["evolved against", "difference (points)", "paired SE (points)", "verdict"], rows, "lrrl")
 
 
 def render(c: Comparison, figures: dict[str, str]) -> str:
@@ -66,6 +96,16 @@ def render(c: Comparison, figures: dict[str, str]) -> str:
     lines += [f"- {m}: not compared ({why})" for m, why in c.skipped.items()]
     lines += [
         "",
+        "### Is the difference more than noise?",
+        "",
+        "Every row is scored on the same held-out examples, so each pair is compared example by example: the mean "
+        "of the per-example differences and its standard error (paired; per task, then averaged over tasks). A "
+        f"difference under {NOISE_SE:g} standard errors is within noise. Points are absolute (0-1 scores x 100).",
+        "",
+        *differences(c),
+    ]
+    lines += [
+        "",
         f"## Search vs held-out (top {len(c.trials)} trials)",
         "",
         "The search objective is measured on the search subsets the sampler optimized; a trial whose held-out "
@@ -92,4 +132,4 @@ def _right_aligned(header: list[str], rows: list[list[str]]) -> list[str]:
     return markdown_table(header, rows, "l" + "r" * (len(header) - 1))
 
 
-__all__ = ["render", "statement"]
+__all__ = ["differences", "render", "statement"]

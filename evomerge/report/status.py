@@ -39,6 +39,7 @@ def exported_line(cfg, study) -> str | None:
 
 
 def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
+    from evomerge.search.guard import exported_trial
     from evomerge.search.study import by_state, objective_of, open_run, pareto_front, stale_reason
 
     cfg, study = open_run(run_dir)
@@ -53,29 +54,32 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
     exported = exported_line(cfg, study)
     if exported:
         lines.append(exported)
+    chosen = exported_trial(cfg, study) if done else None
+    metric = {s.name: s.metric for s in cfg.tasks.search}
 
     def row(t) -> list[str]:
         scores = t.user_attrs.get("scores", {})
-        metric = {s.name: s.metric for s in cfg.tasks.search}
         cells = [f"{scores.get(n, {}).get(metric[n], float('nan')):.3f}" for n in tasks]
         label = t.user_attrs.get("baseline") or (f"retry of {t.user_attrs['retry_of']}" if "retry_of" in t.user_attrs else "")
-        return [str(t.number), f"{objective_of(t):.4f}", *cells, f"{t.user_attrs.get('total_s', 0):.1f}", label]
+        mark = "*" if chosen is not None and t.number == chosen.number else ""
+        return [f"{t.number}{mark}", f"{objective_of(t):.4f}", *cells, f"{t.user_attrs.get('total_s', 0):.1f}", label]
 
     header = ["trial", "objective", *tasks, "s", "note"]
     if done:
         ranked = sorted(done, key=lambda t: (-objective_of(t), t.number))[:top]
-        lines += ["", f"top {len(ranked)} trials:", *text_table(header, [row(t) for t in ranked]).splitlines()]
+        if chosen is not None and chosen not in ranked:  # the exported trial is always listed
+            ranked.append(chosen)
+        lines += ["", f"top {min(top, len(done))} trials by search objective"
+                  + (" and the exported one" if len(ranked) > top else "") + ":",
+                  *text_table(header, [row(t) for t in ranked]).splitlines()]  # fmt: skip
     if len(study.directions) > 1 and done:
         front = pareto_front(study)
         lines += ["", f"Pareto front ({len(front)} trials):", *text_table(header, [row(t) for t in front]).splitlines()]
+    if done:
+        lines += ["", *columns(cfg, tasks, metric)]
     running = states.get("RUNNING", [])
     if running:
-        now = time.time()
-        lines += ["", "running:"]
-        for t in running:
-            age = now - t.datetime_start.timestamp() if t.datetime_start else 0
-            stale = stale_reason(t)
-            lines.append(f"  trial {t.number}: {age:.0f} s" + (f" (stale: {stale})" if stale else ""))
+        lines += ["", *running_lines(study, running, stale_reason)]
     failed = states.get("FAIL", [])[-failures:]
     if failed:
         lines += ["", "recent failures:"]
@@ -91,4 +95,35 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["exported_line", "status_text", "timing_breakdown"]
+def columns(cfg, tasks: list[str], metric: dict[str, str]) -> list[str]:
+    """What the trial table's columns mean."""
+    subsets = ", ".join(f"{t.name}: {t.subset or 'all'}" for t in cfg.tasks.search)
+    return [
+        "columns: trial (* = the trial `evomerge export` takes); objective = the weighted mean of the search "
+        "tasks' scores, which the sampler maximizes;",
+        f"  {', '.join(f'{n} = its {metric[n]}' for n in tasks)} on the fixed search subsets ({subsets} examples), "
+        "never the held-out data;",
+        "  s = seconds the trial took on its worker (merge + eval + waiting); note = an enqueued baseline "
+        "(defaults, only <model>) or a retry of a trial whose worker died or was stopped.",
+    ]
+
+
+def running_lines(study, running: list, stale_reason) -> list[str]:
+    """RUNNING trials: running only while a live driver holds the study; otherwise left by a search that stopped."""
+    from evomerge.search.lock import ATTR, describe, holder_alive
+
+    holder = study.user_attrs.get(ATTR)
+    if not holder or not holder_alive(holder):
+        which = f"trial {running[0].number} was" if len(running) == 1 else f"trials {', '.join(str(t.number) for t in running)} were"
+        return [f"nothing is running: no search holds the study; {which} left RUNNING by a search that was killed, "
+                "and the next `evomerge search` runs them again first"]  # fmt: skip
+    now = time.time()
+    lines = [f"running (search {describe(holder)}):"]
+    for t in running:
+        age = now - t.datetime_start.timestamp() if t.datetime_start else 0
+        stale = stale_reason(t)
+        lines.append(f"  trial {t.number}: {age:.0f} s" + (f" (stale: {stale})" if stale else ""))
+    return lines
+
+
+__all__ = ["columns", "exported_line", "running_lines", "status_text", "timing_breakdown"]

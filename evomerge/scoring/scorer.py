@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from lm_eval.api.task import Task
 
 Scores = dict[str, dict[str, float]]
+Examples = dict[str, list[float]]  # leaf task -> its metric on each scored example, in example order
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot seed: the same few-shot contexts on every call
 
 
@@ -152,6 +153,22 @@ class Scorer:
 
     def score(self, model, tokenizer) -> Scores:
         """{task: {metric: value}} for the model's current weights (no response cache between calls)."""
+        return self._evaluate(model, tokenizer, log_samples=False)[0]
+
+    def score_examples(self, model, tokenizer) -> tuple[Scores, Examples]:
+        """`score`, plus each leaf task's per-example values of its spec's metric, in example order: what a
+        paired comparison of two models on the same examples needs (lm-eval's own `log_samples`)."""
+        scores, samples = self._evaluate(model, tokenizer, log_samples=True)
+        examples = {}
+        for spec in self.specs:
+            for leaf in self.members[spec.name]:
+                # a logged sample holds each metric under its bare name, one row per example and filter
+                metric, _, filt = spec.metric.partition(",")
+                rows = [row for row in samples[leaf] if row.get("filter", "none") == (filt or "none")]
+                examples[leaf] = [float(row[metric]) for row in sorted(rows, key=lambda row: row["doc_id"])]
+        return scores, examples
+
+    def _evaluate(self, model, tokenizer, log_samples: bool) -> tuple[Scores, dict[str, list[dict]]]:
         from lm_eval.evaluator import evaluate
 
         with quiet():
@@ -164,7 +181,7 @@ class Scorer:
                     task_dict={"tasks": dict(self.tasks), "groups": {}, "group_map": {}},
                     samples=dict(self.subsets) or None,
                     bootstrap_iters=0,
-                    log_samples=False,
+                    log_samples=log_samples,
                 )
             except Exception as exc:
                 where = task_code_frame(exc, self.code_folders)
@@ -174,7 +191,7 @@ class Scorer:
                     f"task code {where.filename}:{where.lineno} ({where.name}) raised {type(exc).__name__}: "
                     f"{first_line(exc)}; fix the task's Python code"
                 ) from exc
-        return {leaf: _metrics(out["results"][leaf]) for leaf in self.tasks}
+        return {leaf: _metrics(out["results"][leaf]) for leaf in self.tasks}, out.get("samples") or {}
 
     def objective(self, scores: Scores) -> float:
         """Weighted mean of each spec's metric (a tag's tasks averaged), on a 0-1 scale, higher is better.

@@ -131,10 +131,12 @@ class TaskCatalog:
 
     def _unknown(self, name: str) -> str:
         where = ", ".join(str(f) for f in self.folders) or "no task folders"
-        hint = "" if self.include_defaults else "; lm-eval's built-in tasks are indexed only with --include-defaults"
+        hint = "" if self.include_defaults else (
+            "; lm-eval's built-in tasks are indexed only on request: `tasks.include_defaults: true` in a search "
+            "config, --include-defaults for `evomerge eval`")
         return (
-            f"unknown task {name!r}{close_matches(name, self.names)}; searched {where}"
-            f" (add a folder with --include-path DIR){hint}"
+            f"unknown task {name!r}{close_matches(name, self.names)}; searched {where} (add a task folder: "
+            f"`tasks.include_paths` in a search config, --include-path DIR for `evomerge eval`){hint}"
         )
 
 

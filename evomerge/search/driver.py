@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from evomerge.config import SearchConfig, write_run_config
-from evomerge.errors import ConfigError, EvomergeError, StudyError, TaskError
+from evomerge.errors import ConfigError, EvomergeError, Interrupted, StudyError, TaskError
 from evomerge.space import SearchSpace, space_of
 
 MAX_WORKER_DEATHS = 2  # retries of params whose worker died while evaluating them; then the trial fails
@@ -38,6 +38,11 @@ class SearchResult:
     best_value: float | None
     timings: list[dict[str, float]] = field(default_factory=list)  # this run's completed trials
     wall_s: float = 0.0  # this run, from the first ask to the last tell
+    budget: int = 0  # budget.n_trials
+    timeout: float | None = None  # budget.timeout
+    stop: str = ""  # why this run stopped: "budget" (met), "timeout" (budget.timeout), "complete" (nothing to do)
+    resumed: bool = False  # the study had trials before this run
+    requeued: list[int] = field(default_factory=list)  # trials in flight when this run stopped: they run again first
 
 
 @dataclass
@@ -47,25 +52,34 @@ class _InFlight:
 
 
 class _Progress:
-    """A tqdm bar: COMPLETE trials / budget, best score and its trial, trials per minute."""
+    """A tqdm bar: COMPLETE trials / budget, best score and its trial, trials per minute. Without the bar
+    (`--no-progress`, or not a terminal) the same figures as a line every tenth of the budget, through `log`."""
 
-    def __init__(self, cfg: SearchConfig, done: int, enabled: bool):
+    def __init__(self, cfg: SearchConfig, done: int, enabled: bool, log: Callable[[str], None] | None = None):
         from tqdm.auto import tqdm
 
         self.bar = tqdm(
             total=cfg.budget.n_trials, initial=done, desc=cfg.name, unit="trial", file=sys.stderr,
             disable=not enabled, dynamic_ncols=True,
         )  # fmt: skip
+        self.name, self.total, self.done = cfg.name, cfg.budget.n_trials, done
+        self.log = None if enabled else log
+        self.every = max(1, round(cfg.budget.n_trials / 10))
         self.start, self.new = time.perf_counter(), 0
 
     def update(self, best_number: int | None, best_value: float | None, failed: int, completed: bool) -> None:
         self.new += completed
+        self.done += completed
         rate = self.new / max(time.perf_counter() - self.start, 1e-9) * 60
-        post = {"best": "-" if best_value is None else f"{best_value:.3f} (#{best_number})", "rate": f"{rate:.1f}/min"}
+        best = "-" if best_value is None else f"{best_value:.3f} (#{best_number})"
+        post = {"best": best, "rate": f"{rate:.1f}/min"}
         if failed:
             post["failed"] = failed
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(int(completed))
+        if self.log and completed and (self.done % self.every == 0 or self.done == self.total):
+            fails = f", {failed} failed" if failed else ""
+            self.log(f"{self.name}: {self.done}/{self.total} complete, best {best}, {rate:.1f} trials/min{fails}")
 
     def close(self) -> None:
         self.bar.close()
@@ -81,7 +95,8 @@ def check_tasks(cfg: SearchConfig) -> None:
         groups.append(("validation.tasks", cfg.validation.tasks))
     for name, tasks in groups:
         try:
-            Scorer(tasks, [str(p) for p in cfg.tasks.include_paths], seed=cfg.seed)
+            Scorer(tasks, [str(p) for p in cfg.tasks.include_paths], seed=cfg.seed,
+                   include_defaults=cfg.tasks.include_defaults)
         except TaskError as err:
             raise ConfigError(f"{cfg._source}: {name!r}: {err}; fix the task entry or tasks.include_paths") from None
 
@@ -111,26 +126,52 @@ def run_search(
         study = st.open_study(cfg, space, force=force, log=log)
         lock.claim(study)
         write_run_config(cfg)
-        st.fail_stale_trials(study, log=log, exclusive=True)
-        result = SearchResult(cfg.name, cfg.run_dir, cfg.storage_url, 0, 0, None, None)
+        result = SearchResult(cfg.name, cfg.run_dir, cfg.storage_url, 0, 0, None, None, budget=cfg.budget.n_trials,
+                              timeout=cfg.budget.timeout)  # fmt: skip
         n_complete = len(st.complete_trials(study))
+        result.resumed = any(t.state.name != "WAITING" for t in study.get_trials(deepcopy=False))
+        log(_start_line(cfg, result.resumed, n_complete))
+        st.fail_stale_trials(study, log=log, exclusive=True)
         if n_complete >= cfg.budget.n_trials:
-            log(f"study {cfg.name!r} already has {n_complete} complete trials (budget {cfg.budget.n_trials}); raise --n-trials to go on")
+            result.stop = "complete"
+            log(f"study {cfg.name!r} already has {n_complete} complete trials (budget {cfg.budget.n_trials}); "
+                f"raise --n-trials to go on")  # fmt: skip
             return _finish(study, result)
-        _loop(study, cfg, space, lock, result, n_complete, progress, pool_factory)
+        try:
+            _loop(study, cfg, space, lock, result, n_complete, progress, pool_factory, log)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through the CLI's handler: say how to go on
+            done = len(st.complete_trials(study))
+            again = f" (trials {', '.join(map(str, result.requeued))} were running: they run again first)" if result.requeued else ""
+            raise Interrupted(getattr(exc, "signal_name", "SIGINT"),
+                              f"search {cfg.name!r} stopped at {done}/{cfg.budget.n_trials} complete{again}; "
+                              "run the same command to resume") from None  # fmt: skip
     return _finish(study, result, log)
 
 
-def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResult, n_complete: int, progress: bool, pool_factory) -> None:
+def _start_line(cfg: SearchConfig, resumed: bool, n_complete: int) -> str:
+    """New or resumed, and where the study and its run directory live (both relative to the current folder
+    unless the config says otherwise)."""
+    where = f"in {cfg.storage_url}; run directory {cfg.run_dir.resolve()}"
+    if resumed:
+        return f"resuming study {cfg.name!r}: {n_complete}/{cfg.budget.n_trials} complete, {where}"
+    return f"new study {cfg.name!r} ({cfg.budget.n_trials} trials) {where}"
+
+
+def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResult, n_complete: int, progress: bool,
+          pool_factory, log: Callable[[str], None]) -> None:  # fmt: skip
     """Keep every worker busy until the budget is COMPLETE; this driver holds the study, so its count is exact."""
     from evomerge.search import study as st
     from evomerge.search.workers import open_pool
 
     distributions = st.distributions(space, cfg.models)
     n_trials = cfg.budget.n_trials
+    n = cfg.workers.count
+    # Ray and each worker's model and tasks take 10-20 s to start: say so before the bar sits at 0
+    log(f"starting {n} worker{'s' * (n != 1)} (Ray; each loads the models and builds the tasks)..." if n
+        else "loading the models and tasks in this process (workers.count: 0)...")  # fmt: skip
     pool = (pool_factory or open_pool)(cfg)
     loop_start = time.perf_counter()
-    bar = _Progress(cfg, n_complete, progress)
+    bar = _Progress(cfg, n_complete, progress, log)
     in_flight: dict[Any, _InFlight] = {}
     deadline = time.monotonic() + cfg.budget.timeout if cfg.budget.timeout else math.inf
     failures, last_beat = 0, time.monotonic()  # consecutive failed trials
@@ -179,11 +220,15 @@ def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResu
             if time.monotonic() - last_beat > st.HEARTBEAT_S:
                 st.heartbeat(job.trial for job in in_flight.values())
                 last_beat = time.monotonic()
+        result.stop = "budget" if n_complete >= n_trials else "timeout"
     finally:
-        # interrupted or failed: in-flight trials fail now and are enqueued again, instead of going stale
-        for job in in_flight.values():
-            st.requeue(study, job.trial, "interrupted: the search stopped before it finished",
-                       worker_deaths=int(job.trial.user_attrs.get("worker_deaths", 0)))  # fmt: skip
+        # interrupted or failed: trials still RUNNING fail now and are enqueued again, instead of going stale. This
+        # driver holds the study, so every RUNNING trial is one of its own: those in flight, and one a stop caught
+        # inside `ask` or between a tell and its bookkeeping
+        for trial in st.by_state(study).get("RUNNING", []):
+            st.requeue(study, trial, "interrupted: the search stopped before it finished",
+                       worker_deaths=int(trial.user_attrs.get("worker_deaths", 0)))  # fmt: skip
+            result.requeued.append(trial.number)
         result.wall_s = time.perf_counter() - loop_start
         bar.close()
         pool.close()
@@ -234,11 +279,16 @@ def _finish(study, result: SearchResult, log: Callable[[str], None] | None = Non
     best = st.best_trial(study)
     if best is not None:
         result.best_trial, result.best_value = best.number, st.objective_of(best)
-    if log and best is not None:
-        log(
-            f"{result.n_complete} complete trials ({result.n_failed} failed this run); best: trial {best.number} "
-            f"with {result.best_value:.4f}; next: evomerge export {result.run_dir}"
-        )
+    if not log or best is None:
+        return result
+    budget, done = result.budget, result.n_complete
+    summary = f"({result.n_failed} failed this run); best: trial {best.number} with {result.best_value:.4f}"
+    if result.stop == "timeout":
+        log(f"stopped by budget.timeout ({result.timeout:g} s) at {done}/{budget} complete trials {summary}; "
+            f"the budget is not met: run the same command to continue (it resumes the study), or raise "
+            f"budget.timeout; `evomerge export {result.run_dir}` exports the best so far")  # fmt: skip
+    else:
+        log(f"budget met: {done}/{budget} complete trials {summary}; next: evomerge export {result.run_dir}")
     return result
 
 

@@ -220,8 +220,8 @@ def stale_reason(trial, now: float | None = None, exclusive: bool = False) -> st
     if beat is not None and now - beat > GRACE_S:
         return f"no heartbeat from its driver for {now - beat:.0f} s"
     if exclusive:  # e.g. killed between asking the trial and stamping it with its driver
-        who = f"{driver.get('pid')} on {driver.get('host')}" if driver else "(unrecorded)"
-        return f"driver process {who} stopped before the trial finished; this driver holds the study now"
+        who = f"driver process {driver.get('pid')} on {driver.get('host')}" if driver else "the search that asked it"
+        return f"{who} stopped before the trial finished; this driver holds the study now"
     return None
 
 

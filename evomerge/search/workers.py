@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
@@ -51,6 +53,7 @@ class JobResult:
     error: str | None = None
     worker_died: bool = False  # the worker process died (OOM, segfault, kill); the pool replaced it
     was_running: bool = False  # with worker_died: this job was the one running, not one queued behind it
+    examples: dict[str, list[float]] = field(default_factory=dict)  # per-example values, for jobs that ask
 
     @property
     def ok(self) -> bool:
@@ -63,7 +66,8 @@ class JobResult:
     @classmethod
     def of(cls, evaluation: Evaluation, worker: str) -> JobResult:
         out = cls(scores=evaluation.scores, objective=evaluation.objective, metrics=evaluation.metrics,
-                  merge_s=evaluation.merge_s, eval_s=evaluation.eval_s, worker=worker)  # fmt: skip
+                  merge_s=evaluation.merge_s, eval_s=evaluation.eval_s, worker=worker,
+                  examples=evaluation.examples)  # fmt: skip
         bad = evaluation.non_finite()
         if bad:
             out.error = f"non-finite score ({', '.join(bad)})"
@@ -117,12 +121,12 @@ class Worker:
         self._last_end = time.perf_counter()
         return about
 
-    def run(self, recipe_yaml: str, task_set: str) -> JobResult:
+    def run(self, recipe_yaml: str, task_set: str, examples: bool = False) -> JobResult:
         from evomerge.evaluator import is_candidate_failure
 
         start, started = time.perf_counter(), time.time()
         try:
-            result = JobResult.of(self.evaluator.evaluate(recipe_yaml, task_set), self.name)
+            result = JobResult.of(self.evaluator.evaluate(recipe_yaml, task_set, examples), self.name)
         except Exception as err:
             if not is_candidate_failure(err):
                 raise  # a bug: the driver stops with this traceback
@@ -142,12 +146,25 @@ def _start_ray(cfg: SearchConfig) -> bool:
     """Join `workers.address`, or start a quiet local Ray sized to the workers. True if we started (or joined) it."""
     import ray
 
+    if ray.is_initialized():
+        return False
+    # Ray's C++ core replaces the process's SIGTERM handler with one that dumps a stack and aborts; keep the
+    # caller's (the CLI's: SIGTERM stops a search like Ctrl-C, its trials requeued)
+    keep = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return _init_ray(cfg)
+    finally:
+        if keep is not None:
+            signal.signal(signal.SIGTERM, keep)
+
+
+def _init_ray(cfg: SearchConfig) -> bool:
+    import ray
+
     from evomerge.config import cpus_needed
     from evomerge.offline import OFFLINE_ENV
     from evomerge.threads import THREAD_ENV
 
-    if ray.is_initialized():
-        return False
     common = {
         "logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True,
         # workers are offline, and their idle OpenMP threads sleep, before their first import
@@ -249,9 +266,9 @@ class WorkerPool:
     def has_capacity(self) -> bool:
         return any(len(self.queues[slot]) < self.depth for slot in self._live())
 
-    def submit(self, recipe_yaml: str, task_set: str = "search"):
+    def submit(self, recipe_yaml: str, task_set: str = "search", examples: bool = False):
         slot = min(self._live(), key=lambda i: len(self.queues[i]))
-        ref = self.actors[slot].run.remote(recipe_yaml, task_set)
+        ref = self.actors[slot].run.remote(recipe_yaml, task_set, examples)
         self.queues[slot].append(ref)
         self.busy[ref] = (slot, self.actors[slot], self.names[slot])
         return ref
@@ -323,16 +340,16 @@ class InlinePool:
     def has_capacity(self) -> bool:
         return not self.queue
 
-    def submit(self, recipe_yaml: str, task_set: str = "search"):
+    def submit(self, recipe_yaml: str, task_set: str = "search", examples: bool = False):
         ref = object()
-        self.queue.append((ref, recipe_yaml, task_set))
+        self.queue.append((ref, recipe_yaml, task_set, examples))
         return ref
 
     def wait(self, timeout: float | None = None) -> list[tuple[Any, JobResult]]:
         if not self.queue:
             return []
-        ref, text, task_set = self.queue.pop(0)
-        return [(ref, self.worker.run(text, task_set))]
+        ref, text, task_set, examples = self.queue.pop(0)
+        return [(ref, self.worker.run(text, task_set, examples))]
 
     def close(self) -> None:
         self.queue = []
@@ -344,9 +361,12 @@ def open_pool(cfg: SearchConfig, task_sets: TaskSets | None = None) -> WorkerPoo
     return InlinePool(cfg, task_sets) if cfg.workers.count == 0 else WorkerPool(cfg, task_sets)
 
 
-def run_jobs(pool, jobs: Sequence[tuple[str, str]], labels: Sequence[str] | None = None) -> Iterator[tuple[int, JobResult]]:
+def run_jobs(
+    pool, jobs: Sequence[tuple[str, str]], labels: Sequence[str] | None = None, examples: bool = False
+) -> Iterator[tuple[int, JobResult]]:
     """Score `jobs` ((recipe_yaml, task_set), duplicates scored once) on `pool`, keeping every worker busy;
-    yields (index into jobs, result) as they finish. A failed job raises CandidateError naming its label."""
+    yields (index into jobs, result) as they finish. A failed job raises CandidateError naming its label.
+    `examples`: the results carry per-example values too (`JobResult.examples`)."""
     first: dict[tuple[str, str], int] = {}
     for i, job in enumerate(jobs):
         first.setdefault(job, i)
@@ -355,7 +375,7 @@ def run_jobs(pool, jobs: Sequence[tuple[str, str]], labels: Sequence[str] | None
     while waiting or running:
         while waiting and pool.has_capacity:
             job, i = waiting.pop(0)
-            running[pool.submit(*job)] = (job, i)
+            running[pool.submit(*job, examples=examples)] = (job, i)
         for ref, result in pool.wait():
             job, i = running.pop(ref)
             if not result.ok:

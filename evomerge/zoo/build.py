@@ -87,6 +87,7 @@ def is_zoo(folder: Path) -> bool:
 
 
 def _save(model, tokenizer, out: Path) -> None:
+    __import__("transformers").utils.logging.disable_progress_bar()  # no "Writing model shards" bar per checkpoint
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
 

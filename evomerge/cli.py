@@ -67,8 +67,10 @@ def _on_sigterm(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from evomerge.offline import go_offline
+    from evomerge.threads import configure_process
 
     go_offline()
+    configure_process()  # before torch loads OpenMP: idle threads sleep, one thread per CPU given
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

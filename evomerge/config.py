@@ -178,6 +178,12 @@ class WorkersConfig(_Strict):
     address: str | None = None
 
 
+def _default_kernels() -> str:
+    from evomerge.merge.kernels import default_kernels
+
+    return default_kernels()  # $EVOMERGE_KERNELS, else evomerge-1; the resolved config records it
+
+
 class SearchConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     base_model: Path
@@ -191,6 +197,7 @@ class SearchConfig(_Strict):
     workers: WorkersConfig = WorkersConfig()
     seed: int = 0
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    kernels: str = Field(default_factory=_default_kernels, description="kernel set: evomerge-1 or mergekit-0.1.5")
     validation: ValidationConfig | None = None
     refine: RefineConfig | None = RefineConfig()
     early_stop: EarlyStopConfig | None = None
@@ -199,6 +206,13 @@ class SearchConfig(_Strict):
     allow_config_mismatch: bool = Field(False, description="merge models whose config.json differ in shape-defining "
                                         "fields (hidden size, layers, heads, vocabulary) when their tensors match")
     _source: str = PrivateAttr("search config")  # the file it was loaded from, for error messages
+
+    @field_validator("kernels")
+    @classmethod
+    def _known_kernels(cls, value: str) -> str:
+        from evomerge.merge.kernels import canonical_kernels
+
+        return canonical_kernels(value)  # ValueError: "unknown kernel set ...; valid: ..."
 
     @field_validator("storage")
     @classmethod

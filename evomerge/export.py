@@ -21,9 +21,11 @@ import copy
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 from evomerge.errors import ConfigError, EvomergeError, StudyError
 from evomerge.io.atomic import atomic_dir, check_replaceable
@@ -79,13 +81,13 @@ def export_recipe(
     check_compatible([ref] + [c for c in checkpoints if c is not ref], allow_config_mismatch=allow_config_mismatch,
                      layers=recipe.slices is None)  # fmt: skip
     plan = _planned(recipe, checkpoints, Layout.of(ref, tied=True), source)
-    recipe = recipe.with_provenance(
-        version=__version__, inputs={m: c.sha256() for m, c in zip(inputs, checkpoints)}, outputs={}
-    )
+    # the kernel set is always recorded, so a re-merge gives these bytes whatever its environment
+    recipe = recipe.with_provenance(version=__version__, kernels=recipe.kernels, outputs={})
     tokenizer_dir = _tokenizer_dir(recipe, ref)
-    published = _renamed(recipe, names) if names else recipe  # what recipe.yaml (and a card) say
+    hashing = ThreadPoolExecutor(len(checkpoints))  # the inputs' sha256 while they merge (hashlib frees the GIL)
+    digests = [hashing.submit(c.sha256) for c in checkpoints]
 
-    with atomic_dir(out_dir) as tmp:
+    with _finally_shutdown(hashing), atomic_dir(out_dir) as tmp:
         by_model = dict(zip(inputs, checkpoints))
         shapes = [(job.name, by_model[job.inputs[0]].shape(job.sources[0])) for job in plan.jobs()]
         writer = ShardWriter(tmp, shapes, shard_bytes)
@@ -105,6 +107,8 @@ def export_recipe(
             src = (ref.path if fname == "generation_config.json" else tokenizer_dir) / fname
             if src.is_file():
                 shutil.copyfile(src, tmp / fname)
+        recipe = recipe.with_provenance(inputs={m: d.result() for m, d in zip(inputs, digests)})
+        published = _renamed(recipe, names) if names else recipe  # what recipe.yaml (and a card) say
         for fname, content in (extra_files or {}).items():
             if Path(fname).name != fname or fname == "recipe.yaml":
                 raise ValueError(f"extra file {fname!r}: a plain file name other than recipe.yaml")
@@ -114,6 +118,14 @@ def export_recipe(
     if log:
         log(f"{len(shards)} shard(s), {writer.total_bytes / 1e6:.1f} MB")
     return out_dir
+
+
+@contextmanager
+def _finally_shutdown(pool: ThreadPoolExecutor) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _open(recipe: Recipe, model: str, allow_pickle: bool, source: str | os.PathLike | None) -> Checkpoint:
@@ -214,13 +226,16 @@ def export_trial(
     trial: int | None = None,
     log: Callable[[str], None] | None = print,
     hub_ids: Mapping[str, str] | None = None,
+    kernels: str | None = None,
 ) -> ExportResult:
     """Write `OUT/recipe.yaml` and `OUT/model/` (default OUT: `RUN_DIR/best`) for the exported trial (or `trial`).
 
     The exported trial is `search.guard.exported_trial`: the best on the validation tasks when the config has
     `validation:` (the finalists are scored first, once, on the config's workers), else the best search objective.
     `hub_ids` ({local input folder: org/name}) names those inputs by their Hub ids in the recipe and the model
-    card's metadata. The card has held-out scores when `evomerge report` scored this trial before.
+    card's metadata. The card has held-out scores when `evomerge report` scored this trial before. `kernels`
+    replaces the kernel set the trial was scored with (its weights then differ from the scored ones for the
+    sparsifying methods).
     """
     from evomerge.modelcard import model_card, published_names
     from evomerge.search.guard import exported_trial, stored, validate_top
@@ -254,6 +269,8 @@ def export_trial(
             "top_k": cfg.validation.top_k,
         }
     recipe = Recipe.from_yaml(chosen.user_attrs["recipe"], source=f"trial {chosen.number} recipe")
+    if kernels is not None:
+        recipe = recipe.with_provenance(kernels=kernels)
     recipe = recipe.with_provenance(
         study=cfg.name,
         trial=chosen.number,

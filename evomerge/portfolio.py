@@ -54,6 +54,7 @@ def default_recipe(
     seed: int = 0,
     dtype: str | None = None,
     space: SpaceSpec | dict | None = None,
+    kernels: str | None = None,
 ) -> Recipe:
     """The method's default merge of `models` into `base` (every searched parameter at its space default)."""
     spec = space_for(method) if space is None else (space if isinstance(space, SpaceSpec) else SpaceSpec.model_validate(space))
@@ -62,7 +63,7 @@ def default_recipe(
         raise ConfigError(f"method {method!r} {why}; pick another method")
     models = [str(m) for m in models]
     grid = SearchSpace.over(spec, base)
-    return grid.to_recipe(grid.defaults(models), models, str(base), method, seed, dtype)
+    return grid.to_recipe(grid.defaults(models), models, str(base), method, seed, dtype, kernels=kernels)
 
 
 def default_merges(cfg) -> tuple[list[tuple[str, Recipe]], dict[str, str]]:
@@ -75,7 +76,7 @@ def default_merges(cfg) -> tuple[list[tuple[str, Recipe]], dict[str, str]]:
         if why:
             skipped[method] = why
             continue
-        recipe = default_recipe(method, cfg.base_model, cfg.models, cfg.seed, cfg.dtype, space=spec)
+        recipe = default_recipe(method, cfg.base_model, cfg.models, cfg.seed, cfg.dtype, space=spec, kernels=cfg.kernels)
         out.append((f"{method}{DEFAULTS_SUFFIX}", recipe))
     return out, skipped
 

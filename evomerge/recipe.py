@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError, describe_validation
 
@@ -91,17 +91,31 @@ class Provenance(BaseModel, frozen=True):
 
     `inputs` maps each input model folder to the sha256 of its weights; `outputs` maps each file export
     wrote next to the recipe (weights, index, config, tokenizer) to its sha256, for `evomerge verify`.
+    `kernels` names the kernel set the weights were merged with (`evomerge.merge.kernels`).
     """
 
     model_config = ConfigDict(extra="forbid")
     seed: int = 0
     version: str | None = None
+    kernels: str | None = None
     inputs: dict[str, str] = {}
     outputs: dict[str, str] = {}
     study: str | None = None
     trial: int | None = None
     scores: dict[str, float] = {}
     extra: dict[str, Any] = {}
+
+    @field_validator("kernels")
+    @classmethod
+    def _known_kernels(cls, value: str | None) -> str | None:
+        from evomerge.merge.kernels import canonical_kernels
+
+        if value is None:
+            return None
+        try:
+            return canonical_kernels(value)
+        except ValueError as exc:
+            raise ConfigError(f"field evomerge.kernels: {exc}") from None
 
 
 class Recipe(BaseModel, frozen=True):
@@ -265,6 +279,14 @@ class Recipe(BaseModel, frozen=True):
     @property
     def seed(self) -> int:
         return self.evomerge.seed if self.evomerge is not None else 0
+
+    @property
+    def kernels(self) -> str:
+        """The kernel set this recipe is merged with: the one it records, else `EVOMERGE_KERNELS`, else evomerge-1."""
+        from evomerge.merge.kernels import default_kernels
+
+        recorded = self.evomerge.kernels if self.evomerge is not None else None
+        return recorded or default_kernels()
 
 
 def _check_slice(i: int, piece: SliceEntry) -> None:

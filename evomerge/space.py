@@ -336,9 +336,10 @@ class SearchSpace:
         return conds
 
     def to_recipe(self, params: dict[str, float], models: list, base: Path | str, method: str, seed: int,
-                  dtype: str | None = None, *, rounded: bool = True):  # fmt: skip
-        """The Recipe of one point: `models` are the merged models (not the base), in config order. `rounded`:
-        values at 4 significant digits (every recipe a search scores; the gradient refinement reads exact ones)."""
+                  dtype: str | None = None, kernels: str | None = None, *, rounded: bool = True):  # fmt: skip
+        """The Recipe of one point: `models` are the merged models (not the base), in config order; `kernels`
+        (the kernel set it is merged with) goes into its provenance. `rounded`: values at 4 significant digits
+        (every recipe a search scores; the gradient refinement reads exact ones)."""
         from evomerge.recipe import Recipe
 
         missing = [s.name for s in self.slots(models) if s.name not in params]
@@ -358,7 +359,7 @@ class SearchSpace:
             data["parameters"] = shared
         if dtype:
             data["dtype"] = dtype
-        data["evomerge"] = {"seed": int(seed)}
+        data["evomerge"] = {"seed": int(seed), **({"kernels": kernels} if kernels else {})}
         return Recipe.model_validate(data)
 
     def from_recipe(self, recipe: Recipe) -> dict[str, float]:

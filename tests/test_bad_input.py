@@ -246,6 +246,19 @@ def study_exists_with_other_config(tmp: Path, zoo: Path) -> list[str]:
     return search_config(tmp, zoo, seed=1)
 
 
+@contextlib.contextmanager
+def env_var(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def _as_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -308,6 +321,14 @@ CASES = [
     Case("out_not_ours", out_not_ours, "is not an evomerge output"),
     Case("disk_full", lambda t, z: recipe(t, z), "free disk space", around=small_disk),
     Case("bad_shard_size", lambda t, z: recipe(t, z) + ["--max-shard-size", "lots"], "--max-shard-size 'lots'"),
+    # kernel sets
+    Case("unknown_kernel_set", lambda t, z: recipe(t, z, extra="evomerge: {kernels: fast}\n"),
+         "recipe.yaml: field evomerge.kernels: unknown kernel set 'fast'; valid: evomerge-1, mergekit-0.1.5"),
+    Case("unknown_kernels_flag", lambda t, z: recipe(t, z) + ["--kernels", "mk"], "--kernels: unknown kernel set 'mk'"),
+    Case("unknown_kernels_env", lambda t, z: recipe(t, z), "environment variable EVOMERGE_KERNELS: unknown kernel set",
+         around=lambda: env_var("EVOMERGE_KERNELS", "fast")),
+    Case("export_unknown_kernels", lambda t, z: ["export", str(t / "runs" / "x"), "--kernels", "evomerge-2"],
+         "--kernels: unknown kernel set 'evomerge-2'"),
     # verify
     Case("verify_no_recipe", lambda t, z: ["verify", str(z / "add")], "recipe.yaml: missing"),
     Case("verify_tampered", exported(flip_a_byte), "model.safetensors: sha256"),
@@ -346,6 +367,8 @@ CASES = [
             "weight": {"low": 0.0, "high": 1.0}, "density": {"low": 0.1, "high": 1.5}}}),
          "keep density within (0, 1]", in_tmp=True),
     Case("search_storage_unopenable", storage_under_a_file, "cannot be opened", in_tmp=True),
+    Case("search_unknown_kernels", lambda t, z: search_config(t, z, kernels="mergekit-0.1.4"),
+         "'kernels': unknown kernel set 'mergekit-0.1.4'", in_tmp=True),
     Case("search_broken_task_yaml", broken_task_folder, "my_task", in_tmp=True),
     Case("search_study_config_changed", study_exists_with_other_config, "different config (seed differ)", in_tmp=True,
          leaves="store/*.lock"),

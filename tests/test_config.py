@@ -122,6 +122,21 @@ def test_shipped_config_loads(path):
     assert cfg.method in cfg.search_space["methods"]
 
 
+def test_kernels_default_env_and_explicit(tmp_path, monkeypatch):
+    """`kernels:` picks the set trial recipes record; unset, $EVOMERGE_KERNELS or evomerge-1, resolved at load."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EVOMERGE_KERNELS", raising=False)
+    assert load_config(write_config(tmp_path)).kernels == "evomerge-1"
+    assert load_config(write_config(tmp_path, kernels="mergekit")).kernels == "mergekit-0.1.5"
+    monkeypatch.setenv("EVOMERGE_KERNELS", "mergekit")
+    cfg = load_config(write_config(tmp_path))
+    assert cfg.kernels == "mergekit-0.1.5"
+    monkeypatch.delenv("EVOMERGE_KERNELS")
+    write_run_config(cfg)  # the resolved config records the set, so a resume keeps it
+    assert load_run_config(tmp_path / "runs" / "cfgtest").kernels == "mergekit-0.1.5"
+    assert cfg.study_hash() != load_config(write_config(tmp_path)).study_hash()  # results differ: another study
+
+
 def test_builtin_lm_eval_tasks_are_asked_for_in_the_config(tmp_path, monkeypatch):
     """lm-eval's own task index (~30 s to build) is off unless `tasks.include_defaults: true`; a built-in task name
     without it fails naming that field, not a flag `search` does not have."""

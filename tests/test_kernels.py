@@ -1,16 +1,18 @@
-"""evomerge's faster kernels (merge/kernels.py) give mergekit's kernels' exact bits.
+"""The `mergekit-0.1.5` kernel set, and the parity kernels both sets use, give mergekit's exact bits.
 
-Each case merges the same tensors twice through `merge_tensor`: once with the fast kernels, once with
-EVOMERGE_KERNELS=mergekit (mergekit's own kernel), and compares the bits (not a tolerance). Shapes
-include a tensor above SLERP's 1M-element chunk, and deltas with exact zeros and tied magnitudes at
-the TIES boundary.
+Each case merges the same tensors twice through `merge_tensor`: once as evomerge runs them (the faster
+parity kernels in merge/kernels/parity.py where they apply), once with mergekit's own kernel (evomerge's
+kernels switched off), and compares the bits (not a tolerance). Shapes include a tensor above SLERP's
+1M-element chunk, and deltas with exact zeros and tied magnitudes at the TIES boundary.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from evomerge.merge.kernels import fast_merge, magnitude_
+import evomerge.merge.kernels as kernels_module
+from evomerge.merge.kernels import EVOMERGE_1, MERGEKIT, kernel_merge
+from evomerge.merge.kernels.parity import magnitude_
 from evomerge.merge.materialize import merge_tensor
 from evomerge.merge.methods import get_method
 from evomerge.merge.plan import TensorParams
@@ -48,12 +50,14 @@ def _params(method_name, shared=None, per=None):
     return method, TensorParams(name="model.layers.0.mlp.up_proj.weight", t=0.0, shared=shared, per_input=per_input)
 
 
-def _both(monkeypatch, method_name, tensors, inputs=INPUTS, base="base", shared=None, per=None, seed=7, out=None, **kw):
+def _both(monkeypatch, method_name, tensors, inputs=INPUTS, base="base", shared=None, per=None, seed=7, out=None,
+          kernels=MERGEKIT, **kw):
+    """(evomerge's result with `kernels`, mergekit's own kernel's result) for the same binding and seed."""
     method, params = _params(method_name, shared, per)
-    monkeypatch.setenv("EVOMERGE_KERNELS", "mergekit")
-    theirs = merge_tensor(method, params, tensors, inputs, base, seed=seed, **kw)
-    monkeypatch.setenv("EVOMERGE_KERNELS", "fast")
-    ours = merge_tensor(method, params, tensors, inputs, base, seed=seed, out=out, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(kernels_module, "kernel_merge", lambda *a, **k: None)  # mergekit's kernel for everything
+        theirs = merge_tensor(method, params, tensors, inputs, base, seed=seed, **kw)
+    ours = merge_tensor(method, params, tensors, inputs, base, seed=seed, out=out, kernels=kernels, **kw)
     return ours, theirs
 
 
@@ -131,26 +135,75 @@ def test_half_precision_inputs(monkeypatch, dtype):
     assert _bits_equal(ours, theirs)
 
 
-def test_fast_kernels_cover_ties_and_slerp_and_decline_the_rest():
-    """Only kernels the bench measured >= 1.5x faster replace mergekit's (DESIGN decision 1)."""
+def _bound(method, params):
+    per = {k: {m: params.per_input[m][k] for m in INPUTS[1:]} for k in params.per_input["a"]}
+    return {**params.shared, **per}
+
+
+def test_parity_kernels_cover_ties_and_slerp_and_decline_the_rest():
+    """Only kernels the bench measured >= 1.5x faster replace mergekit's under mergekit-0.1.5."""
     tensors = _tensors((8, 8))
     method, params = _params("ties", per={"*": {"weight": 1.0, "density": 0.5}})
-    bound = {**params.shared, **{k: {m: params.per_input[m][k] for m in INPUTS[1:]} for k in ("weight", "density")}}
-    assert fast_merge(method, bound, tensors, INPUTS, "base") is not None
+    assert kernel_merge(method, _bound(method, params), tensors, INPUTS, "base", kernels=MERGEKIT) is not None
     method, _ = _params("slerp")
-    assert fast_merge(method, {"t": 0.5}, tensors[:2], INPUTS[:2], "base") is not None
+    assert kernel_merge(method, {"t": 0.5}, tensors[:2], INPUTS[:2], "base", kernels=MERGEKIT) is not None
     for name in ("dare_ties", "dare_linear", "task_arithmetic", "della", "breadcrumbs_ties", "model_stock"):
         method, params = _params(name)
-        assert fast_merge(method, params.shared, tensors, INPUTS, "base") is None, name
+        assert kernel_merge(method, _bound(method, params), tensors, INPUTS, "base", kernels=MERGEKIT) is None, name
     mixed = [tensors[0], tensors[1].to(torch.bfloat16), tensors[2]]
     method, params = _params("ties", per={"*": {"weight": 1.0, "density": 0.5}})
-    assert fast_merge(method, params.shared, mixed, INPUTS, "base") is None  # mixed dtypes: mergekit's path
+    assert kernel_merge(method, _bound(method, params), mixed, INPUTS, "base", kernels=MERGEKIT) is None
 
 
-def test_dare_masks_keep_the_density_fraction(monkeypatch):
+EVERY_METHOD = [
+    ("linear", {}, {"*": {"weight": 0.6}}),
+    ("task_arithmetic", {"lambda": 0.8}, {"*": {"weight": 0.7}}),
+    ("ties", {}, {"*": {"weight": 1.0, "density": 0.5}}),
+    ("dare_ties", {}, {"*": {"weight": 0.5, "density": 0.4}}),
+    ("dare_linear", {}, {"*": {"weight": 0.5, "density": 0.6}}),
+    ("breadcrumbs", {}, {"*": {"weight": 1.0, "density": 0.8, "gamma": 0.05}}),
+    ("breadcrumbs_ties", {}, {"*": {"weight": 0.6, "density": 0.7, "gamma": 0.02}}),
+    ("della", {}, {"*": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}}),
+    ("della_linear", {}, {"*": {"weight": 0.4, "density": 0.6, "epsilon": 0.2}}),
+    ("model_stock", {}, None),
+    ("nuslerp", {}, {"*": {"weight": 0.5}}),
+]
+
+
+@pytest.mark.parametrize("method_name,shared,per", EVERY_METHOD, ids=[c[0] for c in EVERY_METHOD])
+def test_mergekit_set_is_bit_identical_to_mergekit_for_every_method(monkeypatch, method_name, shared, per):
+    """EVOMERGE_KERNELS=mergekit: mergekit's bytes, random masks included (same per-tensor seed)."""
+    tensors = _tensors((40, 50), seed=4, zeros=0.2, ties=True)
+    inputs, base = (INPUTS, "base")
+    if method_name == "nuslerp":
+        tensors, inputs = tensors[1:], INPUTS[1:]
+        base = None
+    monkeypatch.setenv("EVOMERGE_KERNELS", "mergekit")
+    method, params = _params(method_name, shared, per)
+    with monkeypatch.context() as m:
+        m.setattr(kernels_module, "kernel_merge", lambda *a, **k: None)
+        theirs = merge_tensor(method, params, tensors, inputs, base, seed=9)
+    ours = merge_tensor(method, params, tensors, inputs, base, seed=9)  # kernels from the environment
+    assert _bits_equal(ours, theirs)
+    assert not torch.equal(ours, tensors[0])
+
+
+def test_non_sparsifying_methods_are_mergekit_bits_under_evomerge_1_too(monkeypatch):
+    tensors = _tensors((40, 50), seed=6)
+    for method_name, shared, per in EVERY_METHOD:
+        if method_name in kernels_module.SPARSIFYING:
+            continue
+        inputs, base, ts = (INPUTS, "base", tensors) if method_name != "nuslerp" else (INPUTS[1:], None, tensors[1:])
+        ours, theirs = _both(monkeypatch, method_name, ts, inputs=inputs, base=base, shared=shared, per=per,
+                             kernels=EVOMERGE_1)
+        assert _bits_equal(ours, theirs), method_name
+
+
+@pytest.mark.parametrize("kernels", [EVOMERGE_1, MERGEKIT])
+def test_dare_masks_keep_the_density_fraction(monkeypatch, kernels):
     tensors = _tensors((200, 200), seed=2)
     method, params = _params("dare_linear", per={"a": {"weight": 1.0, "density": 0.3}, "b": {"weight": 0.0, "density": 1.0}})
-    merged = merge_tensor(method, params, tensors, INPUTS, "base", seed=1)
+    merged = merge_tensor(method, params, tensors, INPUTS, "base", seed=1, kernels=kernels)
     kept = (merged != tensors[0]).float().mean().item()
     assert abs(kept - 0.3) < 0.01
 
@@ -159,7 +212,7 @@ def test_a_destination_on_another_device_gets_a_copy_not_a_direct_write():
     """A GPU-resident model (Materializer(device="cuda")): kernels compute beside the CPU inputs."""
     tensors = _tensors((6, 5))
     method, params = _params("ties", per={"*": {"weight": 1.0, "density": 0.5}})
-    bound = {**params.shared, **{k: {m: params.per_input[m][k] for m in INPUTS[1:]} for k in ("weight", "density")}}
     elsewhere = torch.empty((6, 5), device="meta")
-    result = fast_merge(method, bound, tensors, INPUTS, "base", out=elsewhere)
-    assert result is not elsewhere and result.device.type == "cpu"
+    for kernels in (EVOMERGE_1, MERGEKIT):
+        result = kernel_merge(method, _bound(method, params), tensors, INPUTS, "base", out=elsewhere, kernels=kernels)
+        assert result is not elsewhere and result.device.type == "cpu"

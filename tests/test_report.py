@@ -120,7 +120,8 @@ def test_study_method_default_is_the_enqueued_baseline_trial(ties_report):
     cfg = load_run_config(run_dir)
     first = load_study(cfg.name, cfg.storage_url).trials[0]
     assert first.user_attrs["baseline"] == "defaults"
-    ours = default_recipe(cfg.method, cfg.base_model, cfg.models, cfg.seed, cfg.dtype, space=cfg.search_space)
+    ours = default_recipe(cfg.method, cfg.base_model, cfg.models, cfg.seed, cfg.dtype, space=cfg.search_space,
+                          kernels=cfg.kernels)
     assert ours == Recipe.from_yaml(first.user_attrs["recipe"])
 
 

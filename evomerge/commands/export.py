@@ -1,5 +1,5 @@
-"""`evomerge export RUN_DIR [--out DIR] [--trial N] [--hub-id LOCAL=org/name ...]`: recipe YAML + checkpoint +
-model card of a trial."""
+"""`evomerge export RUN_DIR [--out DIR] [--trial N] [--kernels SET] [--hub-id LOCAL=org/name ...]`: recipe YAML +
+checkpoint + model card of a trial."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import argparse
 EXAMPLES = """\
   evomerge export runs/demo                      # runs/demo/best/recipe.yaml + runs/demo/best/model/ (+ README.md)
   evomerge export runs/demo --trial 12 --out /tmp/t12
+  evomerge export runs/demo --out /tmp/demo-mk --kernels mergekit   # the same trial with mergekit's kernels
   evomerge export runs/demo --hub-id zoo/base=me/tiny-base --hub-id zoo/add=me/tiny-add --hub-id zoo/reverse=me/tiny-rev
 Run `evomerge report RUN_DIR` first to put held-out scores (and caveats) in the model card.
 """
@@ -18,22 +19,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trial", type=int, default=None, metavar="N",
                         help="trial number (default: the one `evomerge status` names: best on validation, else the "
                              "best search objective; for nsga2 any Pareto point)")  # fmt: skip
+    parser.add_argument("--kernels", default=None, metavar="SET",
+                        help="merge with this kernel set instead of the one the trial was scored with "
+                             "(mergekit-0.1.5 for mergekit's exact bytes)")  # fmt: skip
     parser.add_argument("--hub-id", action="append", default=[], metavar="LOCAL=org/name",
                         help="publish the input model folder LOCAL as the Hugging Face Hub id org/name: the recipe and "
                              "the model card's base_model name it so (its sha256 is kept); repeatable")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
+    from evomerge.commands.merge import kernels_flag
     from evomerge.errors import ConfigError
     from evomerge.export import export_trial
 
+    kernels = kernels_flag(args.kernels) if args.kernels is not None else None
     hub_ids = {}
     for pair in args.hub_id:
         local, sep, hub = pair.partition("=")
         if not sep or not local or not hub:
             raise ConfigError(f"--hub-id {pair}: write LOCAL=org/name, e.g. --hub-id zoo/add=me/tiny-add")
         hub_ids[local] = hub
-    res = export_trial(args.run_dir, out=args.out, trial=args.trial, hub_ids=hub_ids)
+    res = export_trial(args.run_dir, out=args.out, trial=args.trial, hub_ids=hub_ids, kernels=kernels)
     print(res)
     if not res.heldout:
         print(f"the model card has no held-out scores: run `evomerge report {args.run_dir}`, then export again")

@@ -1,5 +1,6 @@
-"""Merging: a recipe expanded to per-tensor parameters (`plan`), mergekit's kernels or bit-identical faster ones
-(`kernels`), run tensor by tensor into a resident model or a stream (`materialize`); methods by name (`methods`).
+"""Merging: a recipe expanded to per-tensor parameters (`plan`), run tensor by tensor (`materialize`) into a
+resident model or a stream by a named kernel set (`kernels`: evomerge-1 or mergekit-0.1.5); methods by name
+(`methods`).
 
 Import from the modules: `recipe.py` validates against `merge.methods`, so this package imports nothing itself.
 """

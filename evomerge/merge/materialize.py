@@ -1,10 +1,13 @@
-"""Merge a recipe tensor by tensor with mergekit kernels: into a resident model (search) or a stream (export).
+"""Merge a recipe tensor by tensor: into a resident model (search) or a stream (export).
 
     mat = Materializer(["zoo/add", "zoo/reverse"], "zoo/base")   # loads inputs once, builds one model
     mat.apply(recipe)                                            # in place; mat.model is the candidate
 
-Randomness is per tensor: DARE/DELLA masks draw from a generator seeded by (recipe seed, tensor name),
-so a merge does not depend on tensor order, batching or worker.
+The kernels are the set the recipe records (`evomerge.kernels`; see `evomerge.merge.kernels`). Randomness
+is per tensor: evomerge-1's DARE/DELLA masks come from a counter stream keyed by (recipe seed, tensor
+name, input), mergekit-0.1.5's from the global RNG seeded by (recipe seed, tensor name), so a merge does not
+depend on tensor order, batching or worker. A resident model on a GPU is merged there: each tensor's
+inputs are copied from the memory-mapped files to the GPU and the kernel writes into the parameter.
 """
 from __future__ import annotations
 
@@ -43,13 +46,15 @@ def merge_tensor(
     dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
+    kernels: str | None = None,
 ) -> torch.Tensor:
-    """One output tensor, as mergekit's ExecuteMergeMethodTask computes it (same parameter binding; its kernel,
-    or one of `kernels.py`'s bit-identical faster ones). With `out`, the result may be written there."""
+    """One output tensor, with mergekit's parameter binding (its ExecuteMergeMethodTask) and the kernel set
+    `kernels` (default: `default_kernels()`): one of evomerge's kernels, else mergekit's own. With `out`,
+    the result may be written there."""
     from mergekit.merge_methods.base import ParameterScope, PerInputValues, TensorEntry, TensorGroup, TensorMetadata
     from mergekit.merge_methods.buffers import copy_non_floating_buffer
 
-    from evomerge.merge.kernels import fast_merge
+    from evomerge.merge.kernels import default_kernels, kernel_merge
 
     name = params.name
     if dtype is not None:
@@ -68,10 +73,11 @@ def merge_tensor(
         bound[spec.name] = PerInputValues([(e.id, params.per_input[e.id][spec.name]) for e in chosen])
     try:
         group.validate_tensors()
-        with _seeded(tensor_seed(seed, name), tensors[0].device):
-            direct = out if out_dtype is None or (out is not None and out.dtype == out_dtype) else None
-            result = fast_merge(method, bound, tensors, inputs, base_model, out=direct)
-            if result is None:
+        direct = out if out_dtype is None or (out is not None and out.dtype == out_dtype) else None
+        result = kernel_merge(method, bound, tensors, inputs, base_model, out=direct,
+                              kernels=kernels or default_kernels(), seed=seed, name=name)
+        if result is None:
+            with _seeded(tensor_seed(seed, name), tensors[0].device):
                 (result,) = method._execute_resolved((group,), [bound])
     except ValueError as exc:
         raise ConfigError(f"tensor {name}: {exc}") from None
@@ -123,19 +129,27 @@ def merged_tensors(
     The one per-tensor merge loop, shared by `Materializer.apply` and `export_recipe`.
     Raises CandidateError when a merged tensor holds NaN or Inf.
     """
+    from evomerge.merge.kernels.chunks import kernel_threads
+
     inputs = recipe.input_models()
     if len(checkpoints) != len(inputs):
         raise ValueError(f"{len(checkpoints)} checkpoints for {len(inputs)} recipe inputs")
     by_model = dict(zip(inputs, checkpoints))
     plan = plan or plan_for(recipe, checkpoints)
     dtype, out_dtype = torch_dtype(recipe.dtype), torch_dtype(recipe.out_dtype)
+    kernels = recipe.kernels
     for job in plan.jobs():
+        target = targets.get(job.name) if targets is not None else None
         tensors = [by_model[m].get(src) for m, src in zip(job.inputs, job.sources)]
-        result = merge_tensor(
-            plan.method, job.params, tensors, job.inputs, job.base_model, seed=recipe.seed, dtype=dtype,
-            out_dtype=out_dtype, out=targets.get(job.name) if targets is not None else None,
-        )
-        if result.is_floating_point() and result.numel() and not _finite(result):
+        if target is not None and target.device.type != "cpu":  # merge where the resident model lives
+            tensors = [t.to(target.device) for t in tensors]
+        with kernel_threads():  # single-threaded ops here, evomerge's kernels spread over the CPUs
+            result = merge_tensor(
+                plan.method, job.params, tensors, job.inputs, job.base_model, seed=recipe.seed, dtype=dtype,
+                out_dtype=out_dtype, out=target, kernels=kernels,
+            )
+            finite = not result.is_floating_point() or not result.numel() or _finite(result)
+        if not finite:
             raise CandidateError(f"merged tensor {job.name} has NaN or Inf values ({recipe.merge_method})")
         yield job.name, result
         if release:  # the caller is done with it: drop its input pages from our memory
@@ -185,9 +199,10 @@ class Materializer:
         device: str = "cpu",
         allow_config_mismatch: bool = False,
     ):
-        """`device`: where the resident model lives and evaluates ("cuda" on a GPU worker); merges are
-        computed where the memory-mapped inputs are (CPU) and copied into it. `allow_config_mismatch`: merge
-        models whose config.json differ in shape-defining fields when their tensors match."""
+        """`device`: where the resident model lives and evaluates ("cuda" on a GPU worker); each merged tensor
+        is computed there (its inputs copied from the memory-mapped CPU files) and written into the parameter.
+        `allow_config_mismatch`: merge models whose config.json differ in shape-defining fields when their
+        tensors match."""
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -1,4 +1,4 @@
-"""The merge methods evomerge runs (mergekit 0.1.5 kernels), looked up by name, and recipe checks against them."""
+"""The merge methods evomerge runs (mergekit 0.1.5's, by name), and recipe checks against them."""
 from __future__ import annotations
 
 import math

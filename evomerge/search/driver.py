@@ -211,7 +211,8 @@ def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResu
                 start = time.perf_counter()
                 trial = st.ask(study, distributions)
                 try:
-                    recipe = space.to_recipe(trial.params, cfg.models, cfg.base_model, cfg.method, cfg.seed, cfg.dtype)
+                    recipe = space.to_recipe(trial.params, cfg.models, cfg.base_model, cfg.method, cfg.seed, cfg.dtype,
+                                             kernels=cfg.kernels)
                     text = recipe.to_yaml()
                     trial.set_user_attr("recipe", text)
                     in_flight[pool.submit(text, "search", per_example=incumbent.options(trial))] = _InFlight(trial, start)

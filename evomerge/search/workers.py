@@ -186,10 +186,12 @@ def _init_ray(cfg: SearchConfig) -> bool:
 
     from evomerge.config import cpus_needed
     from evomerge.offline import OFFLINE_ENV
+    from evomerge.threads import THREAD_ENV
 
     common = {
         "logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True,
-        "runtime_env": {"env_vars": dict(OFFLINE_ENV)},  # workers are offline before their first import
+        # workers are offline, and their idle OpenMP threads sleep, before their first import
+        "runtime_env": {"env_vars": {**OFFLINE_ENV, **THREAD_ENV}},
     }  # fmt: skip
     if not cfg.workers.address:
         ray.init(num_cpus=cpus_needed(cfg), include_dashboard=False, **common)

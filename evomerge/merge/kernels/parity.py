@@ -1,36 +1,25 @@
-"""Faster kernels for the search's hot methods, bit-identical to mergekit 0.1.5's.
+"""Faster kernels bit-identical to mergekit 0.1.5's, used by both kernel sets where they apply.
 
-DESIGN decision 1: mergekit's kernels are the reference; a hand-written one replaces a kernel only where
-`bench/merge_speed.py` shows >= 1.5x (it prints both side by side) and `tests/test_kernels.py` proves the
-same bits. These kernels run the same floating-point operations in the same order as mergekit, so the
-results are equal, not merely close; what they change is where the work goes:
+These run the same floating-point operations in the same order as mergekit, so the results are equal, not
+merely close; what they change is where the work goes:
 
-- **TIES magnitude pruning** (ties, and the magnitude step of any generalized task-arithmetic method):
-  mergekit ranks every element with a full `argsort` to keep the top `k`; here one `kthvalue` finds the
-  k-th largest magnitude and `|delta| >= threshold` is the same mask whenever that threshold is unique
-  (when several elements tie at a non-zero threshold, which of them mergekit keeps is decided by its
-  unstable argsort, deterministic but not reproducible without it, so this falls back to mergekit's own
-  function; deltas of large tensors often tie, which is why the gain is 1.5-1.8x and not more).
+- **TIES magnitude pruning** (the `mergekit-0.1.5` set only; `evomerge-1` has its own rule): mergekit
+  ranks every element with a full `argsort` to keep the top `k`; here one `kthvalue` finds the k-th
+  largest magnitude and `|delta| >= threshold` is the same mask whenever that threshold is unique (when
+  several elements tie at a non-zero threshold, which of them mergekit keeps is decided by its unstable
+  argsort, so this falls back to mergekit's own function).
 - **TIES merge** (mergekit's generalized task arithmetic): deltas are computed and pruned in place in one
-  preallocated buffer and the result is written straight into the destination (the resident model's
-  parameter) instead of a fresh tensor that is then copied.
-- **SLERP**: the same chunked statistics, but the per-chunk products reuse two buffers and the output
-  chunks are written into the destination.
-
-`EVOMERGE_KERNELS=mergekit` runs mergekit's kernels instead, for comparison (the bench does).
+  preallocated buffer and the result is written straight into the destination.
+- **SLERP** (both sets): the same chunked statistics, but the per-chunk products reuse two buffers and the
+  output chunks are written into the destination.
 """
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 if TYPE_CHECKING:
     import torch
     from mergekit.merge_methods import MergeMethod
-
-
-def fast_enabled() -> bool:
-    return os.environ.get("EVOMERGE_KERNELS", "fast").strip().lower() != "mergekit"
 
 
 def magnitude_(delta: torch.Tensor, density: float, rescale_norm: Any = None) -> torch.Tensor:
@@ -175,7 +164,7 @@ def slerp_into(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tensor |
     return out if direct else result.reshape(v0.shape)
 
 
-def fast_merge(
+def parity_merge(
     method: MergeMethod,
     params: Mapping[str, Any],
     tensors: Sequence[torch.Tensor],
@@ -183,18 +172,12 @@ def fast_merge(
     base_model: str | None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """The merged tensor by a fast kernel, or None where none applies (the caller runs mergekit's).
+    """The merged tensor by a mergekit-identical fast kernel, or None where none applies.
 
     `params` is the parameter binding mergekit's kernel would get: shared values, and per-input ones as a
-    mapping from input id to value. With `out` (same shape and dtype), the result is written there.
+    mapping from input id to value. With `out` (same shape, dtype and device), the result is written there.
     """
-    if not fast_enabled() or not tensors or any(t.dtype != tensors[0].dtype for t in tensors):
-        return None
-    if not tensors[0].is_floating_point() or tensors[0].numel() == 0:
-        return None
-    if out is not None and out.device != tensors[0].device:
-        out = None  # a GPU-resident model: compute here, the caller copies across
-    kernel = _KERNELS.get(method.spec.name)
+    kernel = PARITY_KERNELS.get(method.spec.name)
     return kernel(method, params, tensors, inputs, base_model, out) if kernel else None
 
 
@@ -222,8 +205,8 @@ def _emit(tensor: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 
 # Only where bench/merge_speed.py measured >= 1.5x (2026-11-22, 50M params, 2 cores): ties 1.5x, slerp 2.8x.
-# DARE gained nothing (its cost is mergekit's bernoulli draws, which parity requires), so dare_ties,
-# dare_linear and the rest keep mergekit's kernels; task_arithmetic_into would serve them unchanged.
-_KERNELS: dict[str, Callable[..., Any]] = {"ties": _gta, "slerp": _slerp}
+# DARE gained nothing under parity (its cost is mergekit's bernoulli draws), so under `mergekit-0.1.5` the
+# dare/della/breadcrumbs methods keep mergekit's kernels.
+PARITY_KERNELS: dict[str, Callable[..., Any]] = {"ties": _gta, "slerp": _slerp}
 
-__all__ = ["fast_enabled", "fast_merge", "magnitude_", "slerp_into", "task_arithmetic_into"]
+__all__ = ["PARITY_KERNELS", "magnitude_", "parity_merge", "slerp_into", "task_arithmetic_into"]

@@ -177,8 +177,10 @@ def search_config(family: dict[str, Path], arch: str, space: str) -> dict:
         "search_space": space,
         "tasks": {"search": [{"name": "zoo_add_search", "subset": 4}]},
         "sampler": {"name": "random"},
-        "budget": {"n_trials": 3},
+        "budget": {"n_trials": 4},  # the baselines, then one sampled point (whose recipe has the space's filters)
         "workers": {"count": 0},
+        "refine": None,  # the architecture is what is tested here; refinement has its own tests
+        "portfolio": False,
     }
 
 
@@ -190,9 +192,13 @@ def run_and_export(family: dict[str, Path], arch: str, space: str, tmp_path: Pat
     config.write_text(yaml.safe_dump(search_config(family, arch, space)))
     assert main(["search", str(config)]) == 0
     assert main(["export", f"runs/{arch}-{space}"]) == 0
-    recipe = Recipe.load(tmp_path / f"runs/{arch}-{space}/best/recipe.yaml")
     if space in ("ties", "slerp", "dare_ties"):  # kinds: the recipe filters by the architecture's own names
-        assert ATTN.get(arch, "self_attn") in recipe.to_yaml()
+        from evomerge.search.study import load_study
+
+        study = load_study(f"{arch}-{space}", f"sqlite:///{tmp_path}/runs/{arch}-{space}/study.db")
+        sampled = [t for t in study.trials if t.state.name == "COMPLETE" and "baseline" not in t.user_attrs]
+        assert sampled and ATTN.get(arch, "self_attn") in sampled[-1].user_attrs["recipe"]
+    Recipe.load(tmp_path / f"runs/{arch}-{space}/best/recipe.yaml")
     AutoModelForCausalLM.from_pretrained(tmp_path / f"runs/{arch}-{space}/best/model")
 
 
@@ -226,10 +232,10 @@ def test_every_shipped_space_lays_over_every_architecture(arch, arch_family):
         models = [family["a"]] if spec.max_models == 1 else [family["a"], family["b"]]
         point = {k: p.low + 0.3 * (p.high - p.low) + 0.001 * i for i, (k, p) in enumerate(space.bounds(models).items())}
         recipe = space.to_recipe(point, models, family["base"], spec.methods[0], seed=0)
-        for kind in spec.kinds:
+        for kind in space.spec.kinds:
             flt = space.filters[kind]
             assert any(flt in n for n in layout.layer_names()), (name, kind, flt)
-        if not spec.kinds:
+        if not space.spec.kinds:
             continue
         param = "weight" if "weight" in spec.parameters else "t"
         jobs = {job.name: job for job in Plan(recipe, layout=layout).jobs()}
@@ -238,12 +244,15 @@ def test_every_shipped_space_lays_over_every_architecture(arch, arch_family):
             params = jobs[tensor].params
             return params.per_input[str(models[0])][param] if param == "weight" else params.shared[param]
 
-        attn = next(n for n in layout.layer_names(0) if space.filters["self_attn"] in n)
-        mlp = next(n for n in layout.layer_names(0) if space.filters["mlp"] in n)
+        # each kind's tensors in layer 0 get that kind's own searched value, different for every kind
+        firsts = [next(n for n in layout.layer_names(0) if space.filters[k] in n) for k in space.spec.kinds]
+        values = [value(n) for n in firsts]
+        assert len(set(values)) == len(values), (name, dict(zip(firsts, values)))
+        # norms, which no kind names, take the space's `rest` value (per model), in every architecture
         norms = [n for n in layout.layer_names() if "norm" in n or ".ln_" in n]
-        baseline = spec.parameters[param].baseline
-        assert value(attn) != baseline and value(mlp) != baseline and value(attn) != value(mlp), (name, attn, mlp)
-        assert norms and all(value(n) == baseline for n in norms), name  # norms take the default, in every architecture
+        owner = "" if param == "t" else f".{Path(models[0]).name}"
+        rest = point.get(f"{param}{owner}.rest", spec.parameters[param].baseline)
+        assert norms and all(value(n) == pytest.approx(rest, abs=1e-3) for n in norms), name
 
 
 def test_a_kind_no_tensor_has_exits_2_naming_it_and_the_architecture(arch_family, tmp_path, monkeypatch, capsys):

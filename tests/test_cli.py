@@ -83,7 +83,7 @@ def test_demo_searches_the_zoo_it_is_given(tiny_zoo, tmp_path, monkeypatch):
     shutil.copytree(tiny_zoo, zoo)
     cfg = demo_config(REPO / "configs" / "demo.yaml", zoo)
     assert cfg.base_model == (zoo / "base").resolve() and cfg.models == [(zoo / "add").resolve(), (zoo / "reverse").resolve()]
-    assert cfg.name == "demo" and cfg.method == "ties"
+    assert cfg.name == "demo" and cfg.method == "task_arithmetic"
 
     config = tmp_path / "tiny.yaml"  # the demo's own config, made small: its models point at no zoo at all
     data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
@@ -110,14 +110,15 @@ def test_no_install_or_build_noise(tmp_path, capfd):
     a zoo checkpoint draws no 'Writing model shards' bar."""
     import tomllib
 
-    from evomerge.zoo.build import SIZES, _save
+    from evomerge.zoo.build import _save
     from evomerge.zoo.tokenizer import build_tokenizer
     from evomerge.zoo.train import make_model
+    from evomerge.zoo.variants import VARIANTS
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert project["project"]["license"] == "Apache-2.0"
     assert any(r.replace(" ", "").startswith("setuptools>=77") for r in project["build-system"]["requires"])
     tokenizer = build_tokenizer()
     capfd.readouterr()
-    _save(make_model(SIZES["tiny"].shape, tokenizer, 0), tokenizer, tmp_path / "m")
+    _save(make_model(VARIANTS["tiny"].shape, tokenizer, 0), tokenizer, tmp_path / "m")
     assert "Writing model shards" not in capfd.readouterr().err and (tmp_path / "m" / "model.safetensors").is_file()

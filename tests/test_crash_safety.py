@@ -39,6 +39,8 @@ def search_config(tmp_path: Path, zoo: Path, n_trials: int) -> Path:
         "sampler": {"name": "cmaes", "options": {"popsize": 4}},
         "budget": {"n_trials": n_trials},
         "workers": {"count": 0},  # the driver evaluates: a SIGKILL hits it mid-trial (Ray workers: test_search_faults)
+        "refine": None,  # every trial here is one the driver asked: the counts below are the budget's
+        "portfolio": False,
     }
     path = tmp_path / "crashed.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -166,6 +166,8 @@ def search_config(tmp_path: Path, zoo: Path, name: str, n_trials: int) -> Path:
         "sampler": {"name": "cmaes", "options": {"popsize": 4}},
         "budget": {"n_trials": n_trials},
         "workers": {"count": 0},
+        "refine": None,  # the counts below are the driver's own trials
+        "portfolio": False,
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -42,6 +42,8 @@ def config(zoo: Path, **changes):
         "tasks": {"search": TASKS},
         "sampler": {"name": "random"},
         "budget": {"n_trials": 6},
+        "refine": None,  # the trials counted here are the sampler's, each run once on a worker
+        "portfolio": False,
         **changes,
     })  # fmt: skip
 

@@ -200,7 +200,7 @@ class SearchConfig(_Strict):
     kernels: str = Field(default_factory=_default_kernels, description="kernel set: evomerge-1 or mergekit-0.1.5")
     validation: ValidationConfig | None = None
     refine: RefineConfig | None = RefineConfig()
-    early_stop: EarlyStopConfig | None = None
+    early_stop: EarlyStopConfig | None = EarlyStopConfig()
     portfolio: bool = Field(True, description="also score every other method's default merge (evomerge/portfolio.py) "
                             "on the search subsets, as references for the guard, status and export")
     allow_config_mismatch: bool = Field(False, description="merge models whose config.json differ in shape-defining "

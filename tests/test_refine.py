@@ -102,4 +102,4 @@ def test_refine_asked_for_on_a_method_without_a_weight_gradient_is_a_user_error(
         check_tasks(search_config(tiny_zoo, **models))
     quietly_off = parse_config({**search_config(tiny_zoo, **models).model_dump(mode="json", exclude={"refine"})})
     assert "refine" not in quietly_off.model_fields_set and quietly_off.refine is not None
-    assert "no weight gradient" in check_tasks(quietly_off)  # the default refinement: off, with the reason
+    assert "no weight gradient" in check_tasks(quietly_off)["refine"]  # the default refinement: off, with the reason

@@ -32,7 +32,8 @@ def zoo_config(zoo: Path, **changes):
         "budget": {"n_trials": 3},
         "workers": {"count": 0},
         "refine": None,  # these tests count candidates: no refinement rounds or
-        "portfolio": False,  # default merges of other methods among them
+        "portfolio": False,  # default merges of other methods among them,
+        "early_stop": None,  # and every candidate is scored whole (Scorer.score)
         **changes,
     }
     return parse_config(data)

@@ -24,6 +24,7 @@ from evomerge.config import SearchConfig, write_run_config
 from evomerge.errors import ConfigError, EvomergeError, Interrupted, StudyError, TaskError
 from evomerge.space import SearchSpace, space_of
 
+_FEATURES = {"refine": "gradient refinement", "early_stop": "staged evaluation (early_stop)"}
 MAX_WORKER_DEATHS = 2  # retries of params whose worker died while evaluating them; then the trial fails
 
 
@@ -85,18 +86,41 @@ class _Progress:
         self.bar.close()
 
 
-def check_tasks(cfg: SearchConfig) -> str | None:
+def check_tasks(cfg: SearchConfig) -> dict[str, str]:
     """Load the search (and validation) tasks once, as the workers will: a bad task name, metric, subset or
     task YAML fails here, before a study or run directory exists, naming the config file and field.
-    Returns why the default gradient refinement cannot run (None: it can, or the config turned it off)."""
+
+    Returns the features on by default that cannot run on this study, with why ({"refine": ..., "early_stop":
+    ...}); asked for explicitly in the config, the same reason is a user error instead."""
     from evomerge.scoring.scorer import Scorer
     from evomerge.scoring.staged import check_per_example
     from evomerge.search.refine import check_refinable
 
-    if cfg.multi_objective and cfg.per_example:
-        raise ConfigError(f"{cfg._source}: 'early_stop' and 'tasks.smooth' need one objective; the "
-                          f"{cfg.sampler.name} sampler has one per task: remove them or pick cmaes, tpe, gp or random")
-    refine_off = None
+    off: dict[str, str] = {}
+
+    def check(field: str, test) -> None:
+        try:
+            test()
+        except ConfigError as err:
+            if field in cfg.model_fields_set:
+                raise  # asked for in the config: it must apply
+            off[field] = str(err)
+
+    def one_objective() -> None:
+        if cfg.multi_objective:
+            raise ConfigError(f"'early_stop' and 'tasks.smooth' need one objective; the {cfg.sampler.name} sampler "
+                              "has one per task: remove them or pick cmaes, gp, tpe or random")  # fmt: skip
+
+    if cfg.tasks.smooth > 0:
+        try:
+            one_objective()
+        except ConfigError as err:
+            raise ConfigError(f"{cfg._source}: {err}") from None
+    if cfg.early_stop is not None:
+        try:
+            check("early_stop", one_objective)
+        except ConfigError as err:
+            raise ConfigError(f"{cfg._source}: {err}") from None
     groups = [("tasks.search", cfg.tasks.search)]
     if cfg.validation is not None:
         groups.append(("validation.tasks", cfg.validation.tasks))
@@ -104,18 +128,17 @@ def check_tasks(cfg: SearchConfig) -> str | None:
         try:
             scorer = Scorer(tasks, [str(p) for p in cfg.tasks.include_paths], seed=cfg.seed,
                             include_defaults=cfg.tasks.include_defaults)
-            if name == "tasks.search" and cfg.per_example:
+            if name != "tasks.search":
+                continue
+            if cfg.tasks.smooth > 0:
                 check_per_example(scorer)
-            if name == "tasks.search" and cfg.refine is not None:
-                try:
-                    check_refinable(scorer, cfg.method)
-                except ConfigError as err:
-                    if "refine" in cfg.model_fields_set:
-                        raise  # asked for in the config: it must apply
-                    refine_off = str(err)
+            if cfg.early_stop is not None and "early_stop" not in off:
+                check("early_stop", lambda: check_per_example(scorer))
+            if cfg.refine is not None:
+                check("refine", lambda: check_refinable(scorer, cfg.method))
         except (TaskError, ConfigError) as err:
             raise ConfigError(f"{cfg._source}: {name!r}: {err}; fix the task entry or tasks.include_paths") from None
-    return refine_off
+    return off
 
 
 def run_search(
@@ -136,9 +159,10 @@ def run_search(
 
     log = log or (lambda _msg: None)
     space = space_of(cfg)
-    refine_off = check_tasks(cfg)  # a bad task fails before the study, its lock or runs/<name>/ exist
-    if cfg.refine is not None and refine_off:
-        log(f"gradient refinement is off for this study: {refine_off.removeprefix('refine: ')}")
+    off = check_tasks(cfg)  # a bad task fails before the study, its lock or runs/<name>/ exist
+    for field, why in off.items():
+        log(f"{_FEATURES[field]} is off for this study: {why.removeprefix('refine: ')}")
+    cfg = cfg.model_copy(update={field: None for field in off})  # what runs (and runs/<name>/config.yaml records)
     with StudyLock(cfg.storage_url, cfg.name) as lock:  # before open_study: --force must not delete a live study
         if force and (existing := st.load_study(cfg.name, cfg.storage_url)) is not None:
             lock.check_free(existing)
@@ -157,7 +181,7 @@ def run_search(
                 f"raise --n-trials to go on")  # fmt: skip
             return _finish(study, result)
         try:
-            _loop(study, cfg, space, lock, result, n_complete, progress, pool_factory, log, refine_on=refine_off is None)
+            _loop(study, cfg, space, lock, result, n_complete, progress, pool_factory, log)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through the CLI's handler: say how to go on
             done = st.budget_count(study)
             again = f" (trials {', '.join(map(str, result.requeued))} were running: they run again first)" if result.requeued else ""
@@ -177,7 +201,7 @@ def _start_line(cfg: SearchConfig, resumed: bool, n_complete: int) -> str:
 
 
 def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResult, n_complete: int, progress: bool,
-          pool_factory, log: Callable[[str], None], refine_on: bool = False) -> None:  # fmt: skip
+          pool_factory, log: Callable[[str], None]) -> None:  # fmt: skip
     """Keep every worker busy until the budget is COMPLETE; this driver holds the study, so its count is exact."""
     from evomerge.search import study as st
     from evomerge.search.workers import open_pool
@@ -199,7 +223,7 @@ def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResu
         if cfg.portfolio:
             _portfolio(study, cfg, space, pool, result)
         best = st.best_trial(study)
-        rounds = _RefineRounds(study, cfg, enabled=refine_on)
+        rounds = _RefineRounds(study, cfg)
         incumbent = _Incumbent(cfg, best)
         while True:
             due = rounds.due(n_complete + len(in_flight))
@@ -333,9 +357,9 @@ class _RefineRounds:
     """The config's gradient-refinement rounds (search/refine.py): which are done (their trials carry
     `refine_round`), which is due at the current count, and running one from the best trial so far."""
 
-    def __init__(self, study, cfg: SearchConfig, enabled: bool = True):
+    def __init__(self, study, cfg: SearchConfig):
         self.study, self.cfg = study, cfg
-        at = cfg.refine.at if cfg.refine is not None and enabled else []
+        at = cfg.refine.at if cfg.refine is not None else []
         self.starts = [math.floor(f * cfg.budget.n_trials) for f in at]
         self.done = {t.user_attrs.get("refine_round") for t in study.get_trials(deepcopy=False)} - {None}
 

@@ -271,6 +271,7 @@ def test_a_bug_exits_1_with_its_traceback_not_2_as_a_user_error(tmp_path, tiny_z
 
     config = tmp_path / "search.yaml"
     data = zoo_config(tiny_zoo).model_dump(mode="json", exclude_none=True)
+    data.update(refine=None, early_stop=None)  # every candidate through Scorer.objective, as zoo_config has it
     config.write_text(yaml.safe_dump(data))
     script = (
         "import sys\n"

@@ -114,7 +114,7 @@ def run_staged(
     `incumbent` (per-example units of the best trial, over every example) as the module docstring says."""
     totals = {leaf: len(o) for leaf, o in order.items()}
     units: dict[str, dict[int, float]] = {leaf: {} for leaf in order}
-    raw: dict[str, dict[int, float]] = {leaf: {} for leaf in order}
+    chunks: list[tuple[Scores, dict[str, int]]] = []  # lm-eval's aggregates of each slice, and its sizes
     fractions = [f for f in stages if 0 < f < 1] + [1.0]
     if incumbent is None:
         fractions = [1.0]
@@ -125,24 +125,34 @@ def run_staged(
             chunk[leaf] = sorted(o[len(units[leaf]):end])
         chunk = {leaf: c for leaf, c in chunk.items() if c}
         if chunk:
-            _, values, probs = scorer.score_examples(model, tokenizer, chunk)
+            scores, values, probs = scorer.score_examples(model, tokenizer, chunk)
+            chunks.append((scores, {leaf: len(c) for leaf, c in chunk.items()}))
             for leaf, u in example_units(values, probs, smooth).items():
                 units[leaf].update(u)
-                raw[leaf].update(values[leaf])
         seen = sum(map(len, units.values()))
         if f < 1 and incumbent is not None and incumbent_objective is not None:
             gap, se = paired_gap(scorer, units, incumbent, totals)
             if gap + z * se < 0:
-                return Staged(units, incumbent_objective + gap, _means(scorer, raw), stopped=True, n_examples=seen,
-                              n_total=sum(totals.values()))  # fmt: skip
-    return Staged(units, objective_of(scorer, units), _means(scorer, raw), n_examples=sum(map(len, units.values())),
-                  n_total=sum(totals.values()))  # fmt: skip
+                return Staged(units, incumbent_objective + gap, _combine(scorer, chunks), stopped=True,
+                              n_examples=seen, n_total=sum(totals.values()))  # fmt: skip
+    return Staged(units, objective_of(scorer, units), _combine(scorer, chunks),
+                  n_examples=sum(map(len, units.values())), n_total=sum(totals.values()))  # fmt: skip
 
 
-def _means(scorer: Scorer, raw: dict[str, dict[int, float]]) -> dict[str, dict[str, float]]:
-    """{leaf: {its spec's metric: mean over the examples scored}}: what lm-eval reports for a mean metric."""
-    metric = {leaf: spec.metric for spec in scorer.specs for leaf in scorer.members[spec.name]}
-    return {leaf: {metric[leaf]: sum(v.values()) / len(v)} for leaf, v in raw.items() if v}
+def _combine(scorer: Scorer, chunks: list[tuple[Scores, dict[str, int]]]) -> Scores:
+    """lm-eval's aggregates over every slice scored: one slice as lm-eval reported it; several, each metric that
+    lm-eval averages over examples weighted by the slices' sizes (exactly its mean over them all; metrics it
+    aggregates otherwise, e.g. perplexity, cannot be combined and are left out)."""
+    if len(chunks) == 1:
+        return chunks[0][0]
+    out: Scores = {}
+    for leaf in {leaf for scores, _ in chunks for leaf in scores}:
+        parts = [(scores[leaf], sizes[leaf]) for scores, sizes in chunks if leaf in scores]
+        total = sum(n for _, n in parts)
+        means = scorer.tasks[leaf].aggregation()
+        out[leaf] = {m: sum(s[m] * n for s, n in parts) / total for m in parts[0][0]
+                     if getattr(means.get(m.split(",", 1)[0]), "__name__", "") == "mean"}  # fmt: skip
+    return out
 
 
 __all__ = ["Staged", "check_per_example", "example_units", "objective_of", "paired_gap", "run_staged", "shares",

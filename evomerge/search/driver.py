@@ -307,7 +307,7 @@ def _portfolio(study, cfg: SearchConfig, space: SearchSpace, pool, result: Searc
             continue  # a default merge that fails here (NaN weights, say) simply is not a finalist
         attrs = {"recipe": text, "scores": res.scores, "objective": res.objective, "merge_s": res.merge_s,
                  "eval_s": res.eval_s, "total_s": res.wait_s + res.busy_s, "worker": res.worker}  # fmt: skip
-        if cfg.per_example and res.examples is not None:
+        if cfg.per_example and res.examples:
             attrs["examples"] = {leaf: {str(i): v for i, v in u.items()} for leaf, u in res.examples.items()}
             attrs["examples_scored"] = res.n_examples
         values = [res.scores[t.name][t.metric] for t in cfg.tasks.search] if cfg.multi_objective else res.objective
@@ -419,7 +419,7 @@ def _tell(study, cfg: SearchConfig, job: _InFlight, res, result: SearchResult):
         attrs["examples_scored"] = res.n_examples
         if res.stopped:
             attrs["stopped_early"] = True  # scored on a part of the subsets: never the best trial or a finalist
-        elif res.examples is not None:
+        elif res.examples:
             attrs["examples"] = {leaf: {str(i): v for i, v in u.items()} for leaf, u in res.examples.items()}
     for key, value in {**attrs, "scores": res.scores, "objective": res.objective}.items():
         trial.set_user_attr(key, value)

@@ -62,6 +62,7 @@ def test_search_resume_export_rescore(tmp_path, tiny_zoo, monkeypatch, ray_local
             "tasks": {"search": TASKS},
             "sampler": {"name": "cmaes", "options": {"popsize": 4}},
             "budget": {"n_trials": 4},
+            "refine": {"at": [0.5], "steps": 4, "every": 2},  # a short round: two refinement points, through Ray
         }
     )
     # a candidate whose weights overflow (lambda far outside the bounds) after the three baselines

@@ -223,8 +223,7 @@ class Evaluator:
         if key not in self._orders:
             self._orders[key] = stage_order(scorer, seed)
         start = time.perf_counter()
-        inc = None if incumbent is None else {leaf: {int(i): float(v) for i, v in u.items()} for leaf, u in incumbent.items()}
-        staged = run_staged(scorer, self.model, self.tokenizer, self._orders[key], stages=stages, incumbent=inc,
+        staged = run_staged(scorer, self.model, self.tokenizer, self._orders[key], stages=stages, incumbent=incumbent,
                             incumbent_objective=incumbent_objective, z=z, smooth=smooth)  # fmt: skip
         metrics = {leaf: spec.metric for spec in scorer.specs for leaf in scorer.members[spec.name]}
         units = {leaf: sum(u.values()) / len(u) for leaf, u in staged.units.items() if u}

@@ -338,9 +338,10 @@ class _Incumbent:
     def update(self, best) -> None:
         from evomerge.search import study as st
 
-        units = best.user_attrs.get("examples")
+        units = best.user_attrs.get("examples")  # stored with string keys (JSON): made int once, here
         if units is not None:
-            self.units, self.objective = units, st.objective_of(best)
+            self.units = {leaf: {int(i): float(v) for i, v in u.items()} for leaf, u in units.items()}
+            self.objective = st.objective_of(best)
 
     def options(self, trial) -> dict[str, Any] | None:
         if not self.cfg.per_example:

@@ -113,26 +113,17 @@ class _Batch:
     def __init__(self, items: Sequence[Item], pad: int, max_length: int):
         import torch
 
-        rows, owners = [], []
-        for i, item in enumerate(items):
+        rows, targets = [], []
+        for item in items:
             for cont in item.continuations:
                 seq = (item.context + cont)[-(max_length + 1):]
                 rows.append(seq[:-1])
-                owners.append(i)
+                # position p predicts token p+1 of (context + continuation): the continuation's tokens are the targets
+                targets.append([-100] * (len(seq) - 1 - len(cont)) + cont)
         width = max(map(len, rows))
         self.ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
         self.mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        target = torch.full_like(self.ids, -100)
-        # the next-token targets: position p predicts token p+1 of the (context + continuation) sequence
-        k = 0
-        for i, item in enumerate(items):
-            for cont in item.continuations:
-                seq = (item.context + cont)[-(max_length + 1):]
-                start = len(seq) - 1 - len(cont)
-                target[k, start:start + len(cont)] = torch.tensor(cont)
-                k += 1
-        self.target = target
-        self.owner = torch.tensor(owners)
+        self.target = torch.tensor([t + [-100] * (width - len(t)) for t in targets])
         self.items = list(items)
 
 
@@ -326,8 +317,7 @@ class Refiner:
                     from mergekit.sparsify import RescaleNorm, sparsify
 
                     extra = {p: tp.per_input[k][p] for p in ("gamma", "epsilon") if p in tp.per_input[k]}
-                    g = torch.random.fork_rng(devices=[])
-                    with g:
+                    with torch.random.fork_rng(devices=[]):
                         torch.manual_seed(tensor_seed(0, f"{n}:{k}"))
                         delta = sparsify(delta, density=float(tp.per_input[k].get("density", 1.0)), method=sparsification,
                                          rescale_norm=RescaleNorm.l1 if tp.shared.get("rescale") else None, **extra)

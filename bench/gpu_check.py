@@ -13,6 +13,7 @@
    printed beside the CPU's.
 Exit 0 when everything matched, 1 on a mismatch, 2 when there is no such device.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,10 @@ def _params(method_name: str):
     method = get_method(method_name)
     per = SPARSIFYING.get(method_name, {})
     shared = {s.name: s.default for s in method.spec.parameters if s.scope.name == "SHARED"}
-    per_input = {k: {s.name: per.get(s.name, s.default) for s in method.spec.parameters if s.scope.name != "SHARED"}
-                 for k in INPUTS}
+    per_input = {
+        k: {s.name: per.get(s.name, s.default) for s in method.spec.parameters if s.scope.name != "SHARED"}
+        for k in INPUTS
+    }
     return method, TensorParams(name="model.layers.3.mlp.up_proj.weight", t=0.0, shared=shared, per_input=per_input)
 
 
@@ -67,7 +70,9 @@ def check_kernels(device) -> int:
         for shape in SHAPES:
             g = torch.Generator().manual_seed(len(shape))
             base = torch.randn(shape, generator=g) * 0.02
-            tensors = [base] + [base + (torch.randn(shape, generator=g) * 0.002 / 1e-4).round() * 1e-4 for _ in range(2)]
+            tensors = [base] + [
+                base + (torch.randn(shape, generator=g) * 0.002 / 1e-4).round() * 1e-4 for _ in range(2)
+            ]
             tensors = [t.to(dtype) for t in tensors]
             there = [t.to(device) for t in tensors]
             methods = list(SPARSIFYING) + ["slerp"]
@@ -85,15 +90,20 @@ def check_kernels(device) -> int:
                 dev = merge_tensor(method, params, there[: len(ins)], ins, base_id, seed=3, kernels="evomerge-1")
                 _sync(device)
                 t3 = time.perf_counter()
-                same = torch.equal(cpu.view(torch.uint8) if cpu.dtype != torch.bfloat16 else cpu.view(torch.int16),
-                                   dev.cpu().view(torch.uint8) if cpu.dtype != torch.bfloat16 else dev.cpu().view(torch.int16))
+                same = torch.equal(
+                    cpu.view(torch.uint8) if cpu.dtype != torch.bfloat16 else cpu.view(torch.int16),
+                    dev.cpu().view(torch.uint8) if cpu.dtype != torch.bfloat16 else dev.cpu().view(torch.int16),
+                )
                 note = "yes" if same else f"NO (max diff {(cpu.double() - dev.cpu().double()).abs().max().item():.3g})"
                 if name == "slerp":
                     note += " (not asserted: reductions)"
                 elif not same:
                     failures += 1
-                print(f"{name:<17} {str(dtype)[6:]:<9} {str(tuple(shape)):<13} {(t1 - t0) * 1e3:>8.1f} "
-                      f"{(t3 - t2) * 1e3:>10.1f}  {note}", flush=True)
+                print(
+                    f"{name:<17} {str(dtype)[6:]:<9} {str(tuple(shape)):<13} {(t1 - t0) * 1e3:>8.1f} "
+                    f"{(t3 - t2) * 1e3:>10.1f}  {note}",
+                    flush=True,
+                )
     return failures
 
 
@@ -112,9 +122,13 @@ def check_materializer(device, root: Path) -> int:
     build_inputs(root, 5e7, "float32")
     failures = 0
     for method in ("ties", "dare_ties"):
-        spec = {"merge_method": method, "base_model": str(root / "base"),
-                "models": [{"model": str(root / m), "parameters": {"weight": 0.5, "density": 0.5}} for m in ("ft1", "ft2")],
-                "dtype": "float32", "evomerge": {"seed": 1, "kernels": "evomerge-1"}}
+        spec = {
+            "merge_method": method,
+            "base_model": str(root / "base"),
+            "models": [{"model": str(root / m), "parameters": {"weight": 0.5, "density": 0.5}} for m in ("ft1", "ft2")],
+            "dtype": "float32",
+            "evomerge": {"seed": 1, "kernels": "evomerge-1"},
+        }
         (root / f"{method}.yaml").write_text(yaml.safe_dump(spec))
         recipe = Recipe.load(root / f"{method}.yaml")
         exported = load_file(str(export_recipe(recipe, root / f"out-{method}") / "model.safetensors"))
@@ -131,10 +145,16 @@ def check_materializer(device, root: Path) -> int:
             bad = [k for k, v in exported.items() if not torch.equal(state[k].cpu(), v)]
             if bad:
                 failures += 1
-                print(f"{method}: resident model on {where} differs from the CPU export at {len(bad)} tensors, e.g. {bad[0]}")
+                print(
+                    f"{method}: resident model on {where} differs from the CPU export at {len(bad)} tensors, e.g. "
+                    f"{bad[0]}"
+                )
             del mat, state
-        print(f"{method}: Materializer.apply on cpu {times['cpu']:.2f} s, on {device} {times[str(device)]:.2f} s; "
-              f"resident weights == CPU export: {'yes' if not failures else 'NO'}", flush=True)
+        print(
+            f"{method}: Materializer.apply on cpu {times['cpu']:.2f} s, on {device} {times[str(device)]:.2f} s; "
+            f"resident weights == CPU export: {'yes' if not failures else 'NO'}",
+            flush=True,
+        )
     return failures
 
 
@@ -146,9 +166,12 @@ def main() -> int:
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False; torch "
-              f"{torch.__version__}); run it on a machine with an NVIDIA GPU and a CUDA build of torch, "
-              "or pass --device cpu for a smoke run", file=sys.stderr)
+        print(
+            "gpu_check: no CUDA device here (torch.cuda.is_available() is False; torch "
+            f"{torch.__version__}); run it on a machine with an NVIDIA GPU and a CUDA build of torch, "
+            "or pass --device cpu for a smoke run",
+            file=sys.stderr,
+        )
         return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}")

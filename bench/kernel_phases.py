@@ -12,6 +12,7 @@ written at the memcpy bandwidth measured here. The passes (evomerge/merge/kernel
   pass 2          deltas, masks, weights, sign election, normalization, into the output
   plain sum       base + delta1 + delta2 in three whole-tensor ops, for scale
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,7 @@ def main() -> int:
     src = torch.ones(2**28)
     dst = torch.empty_like(src)
     bandwidth = 2 * src.numel() * 4 / best(lambda: dst.copy_(src))
-    del src, dst
+    src = dst = None  # free 2 GiB before the timings
     floor = 4 * n * size / bandwidth
     chunk = gta.CPU_CHUNK
     rows = []
@@ -73,27 +74,76 @@ def main() -> int:
         sel = top_k(n, n // 2, mags, sample, chunk, base)
         out = torch.empty_like(base)
         ties = [gta.Pruner(top=sel, work=dtype), gta.Pruner(top=sel, work=dtype)]
-        rows.append(("ties pass 2, two task vectors", best(lambda: gta._combine(
-            get_method("ties"), {"normalize": True, "lambda": 1.0}, base, models, ties, [0.5, 0.5], out, chunk))))
+        rows.append(
+            (
+                "ties pass 2, two task vectors",
+                best(
+                    lambda: gta._combine(
+                        get_method("ties"),
+                        {"normalize": True, "lambda": 1.0},
+                        base,
+                        models,
+                        ties,
+                        [0.5, 0.5],
+                        out,
+                        chunk,
+                    )
+                ),
+            )
+        )
         dare = gta.Pruner(key=(1, 2), bound=keep_threshold(0.5), work=dtype, stored=torch.empty(n, dtype=torch.uint8))
         rows.append(("dare pass 1, one task vector", best(lambda: gta._first_pass(dare, base, model, chunk, True))))
-        rows.append(("dare_ties pass 2, two task vectors", best(lambda: gta._combine(
-            get_method("dare_ties"), {"normalize": False, "lambda": 1.0}, base, models, [dare, dare], [0.5, 0.5], out,
-            chunk))))
+        rows.append(
+            (
+                "dare_ties pass 2, two task vectors",
+                best(
+                    lambda: gta._combine(
+                        get_method("dare_ties"),
+                        {"normalize": False, "lambda": 1.0},
+                        base,
+                        models,
+                        [dare, dare],
+                        [0.5, 0.5],
+                        out,
+                        chunk,
+                    )
+                ),
+            )
+        )
         plain = [gta.Pruner(), gta.Pruner()]
-        rows.append(("task arithmetic pass (no masks)", best(lambda: gta._combine(
-            get_method("task_arithmetic"), {"normalize": False, "lambda": 1.0}, base, models, plain, [0.5, 0.5], out,
-            chunk))))
-    rows.append(("plain sum, three whole-tensor ops", best(lambda: torch.add(models[0], models[1], out=out).add_(base))))
-    print(f"tensor {n / 1e6:.1f}M elements, {args.dtype}; {workers} kernel worker(s); memcpy {bandwidth / 1e9:.1f} GB/s; "
-          f"floor {floor * 1e3:.1f} ms ({floor / n * 1e9:.2f} ns/element); load average {os.getloadavg()[0]:.2f}")
+        rows.append(
+            (
+                "task arithmetic pass (no masks)",
+                best(
+                    lambda: gta._combine(
+                        get_method("task_arithmetic"),
+                        {"normalize": False, "lambda": 1.0},
+                        base,
+                        models,
+                        plain,
+                        [0.5, 0.5],
+                        out,
+                        chunk,
+                    )
+                ),
+            )
+        )
+    rows.append(
+        ("plain sum, three whole-tensor ops", best(lambda: torch.add(models[0], models[1], out=out).add_(base)))
+    )
+    print(
+        f"tensor {n / 1e6:.1f}M elements, {args.dtype}; {workers} kernel worker(s); memcpy {bandwidth / 1e9:.1f} GB/s; "
+        f"floor {floor * 1e3:.1f} ms ({floor / n * 1e9:.2f} ns/element); load average {os.getloadavg()[0]:.2f}"
+    )
     print(f"{'pass':<38} {'ms':>8} {'ns/elem':>8} {'x floor':>8}")
     for name, t in rows:
         print(f"{name:<38} {t * 1e3:>8.1f} {t / n * 1e9:>8.2f} {t / floor:>8.1f}")
     ties_total = 2 * rows[0][1] + rows[1][1]
     dare_total = 2 * rows[2][1] + rows[3][1]
-    print(f"{'ties total (2 x pass 1 + pass 2)':<38} {ties_total * 1e3:>8.1f} {ties_total / n * 1e9:>8.2f} "
-          f"{ties_total / floor:>8.1f}")
+    print(
+        f"{'ties total (2 x pass 1 + pass 2)':<38} {ties_total * 1e3:>8.1f} {ties_total / n * 1e9:>8.2f} "
+        f"{ties_total / floor:>8.1f}"
+    )
     print(f"{'dare_ties total':<38} {dare_total * 1e3:>8.1f} {dare_total / n * 1e9:>8.2f} {dare_total / floor:>8.1f}")
     return 0
 

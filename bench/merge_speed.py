@@ -21,6 +21,7 @@ the floor, slerp within 3x; export faster than mergekit-yaml, peak RSS no higher
 Inputs are in the page cache for every measurement (written just before), so this measures compute and
 memory traffic, not the disk. Nothing here is asserted in tests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,14 @@ def llama_shape(params: float) -> dict:
     inter = round(hidden * 2.75 / 128) * 128
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
     layers = max(2, round((params - 2 * VOCAB * hidden - hidden) / per_layer))
-    return dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=VOCAB)
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        vocab_size=VOCAB,
+    )
 
 
 def build_inputs(root: Path, params: float, dtype_name: str, seed: int = 0) -> dict:
@@ -71,8 +78,16 @@ def build_inputs(root: Path, params: float, dtype_name: str, seed: int = 0) -> d
     dtype = getattr(torch, dtype_name)
     shape = llama_shape(params)
     tok = build_tokenizer()
-    config = LlamaConfig(**shape, architectures=["LlamaForCausalLM"], max_position_embeddings=2048, tie_word_embeddings=False, torch_dtype=dtype_name,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        **shape,
+        architectures=["LlamaForCausalLM"],
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        torch_dtype=dtype_name,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     h, i, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     shapes = {"model.embed_tokens.weight": (VOCAB, h)}
     for n in range(L):
@@ -80,12 +95,14 @@ def build_inputs(root: Path, params: float, dtype_name: str, seed: int = 0) -> d
         shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             shapes[f"{p}self_attn.{proj}.weight"] = (h, h)
-        shapes.update({p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                       p + "mlp.down_proj.weight": (h, i)})
+        shapes.update(
+            {p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i)}
+        )
     shapes.update({"model.norm.weight": (h,), "lm_head.weight": (VOCAB, h)})
     gen = torch.Generator().manual_seed(seed)
-    base = {k: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=gen) * 0.02).to(dtype)
-            for k, s in shapes.items()}
+    base = {
+        k: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=gen) * 0.02).to(dtype) for k, s in shapes.items()
+    }
     models = {"base": base}
     for name in FINE_TUNES:  # fine-tune = base + noise of 10% of the base's scale
         models[name] = {k: (v.float() + torch.randn(v.shape, generator=gen) * 0.002).to(dtype) for k, v in base.items()}
@@ -108,11 +125,18 @@ def write_recipe(root: Path, method: str, dtype_name: str) -> Path:
 
     base = str(root / "base")
     if method == "slerp":
-        spec = {"merge_method": "slerp", "base_model": base,
-                "models": [{"model": base}, {"model": str(root / "ft1")}], "parameters": dict(RECIPES["slerp"])}
+        spec = {
+            "merge_method": "slerp",
+            "base_model": base,
+            "models": [{"model": base}, {"model": str(root / "ft1")}],
+            "parameters": dict(RECIPES["slerp"]),
+        }
     else:
-        spec = {"merge_method": method, "base_model": base,
-                "models": [{"model": str(root / m), **RECIPES[method]} for m in FINE_TUNES]}
+        spec = {
+            "merge_method": method,
+            "base_model": base,
+            "models": [{"model": str(root / m), **RECIPES[method]} for m in FINE_TUNES],
+        }
     spec["dtype"] = dtype_name
     path = root / f"{method}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -178,8 +202,7 @@ def measure_floor(model_dirs: list[str], out: str) -> dict:
     save_file(result, str(Path(out) / "model.safetensors"))
     write = time.perf_counter() - t0
     out_bytes = sum(t.numel() * t.element_size() for t in result.values())
-    return {"bandwidth": bandwidth, "write": write, "pass": passes[-1], "model_bytes": out_bytes,
-            "times": [passes[-1]]}
+    return {"bandwidth": bandwidth, "write": write, "pass": passes[-1], "model_bytes": out_bytes, "times": [passes[-1]]}
 
 
 def _child(spec: dict) -> None:
@@ -209,7 +232,7 @@ def _run(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     if proc.returncode != 0:
         tail = "\n".join(text.splitlines()[-15:])
         return {"error": f"exit {proc.returncode}: {tail}", "rss_gb": usage.ru_maxrss / 2**20}
-    res = next((json.loads(l[7:]) for l in text.splitlines() if l.startswith("RESULT ")), {"times": [wall]})
+    res = next((json.loads(line[7:]) for line in text.splitlines() if line.startswith("RESULT ")), {"times": [wall]})
     res["rss_gb"] = usage.ru_maxrss / 2**20  # KiB on Linux
     res["wall"] = wall
     return res
@@ -226,11 +249,15 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="~50M parameters, 2 repeats: a smoke run")
     ap.add_argument("--methods", default="ties,dare_ties,slerp", help="comma-separated (default ties,dare_ties,slerp)")
     ap.add_argument("--repeats", type=int, help="timed applies after the warm-up (default 3; 1 from 2e8 params)")
-    ap.add_argument("--variants", action="store_true",
-                    help="also time mergekit-yaml --lazy-unpickle --async-write (first method only)")
+    ap.add_argument(
+        "--variants",
+        action="store_true",
+        help="also time mergekit-yaml --lazy-unpickle --async-write (first method only)",
+    )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--skip", default="",
-                    help="comma-separated measurements to skip: materialize,kernels,export,mergekit,floor")
+    ap.add_argument(
+        "--skip", default="", help="comma-separated measurements to skip: materialize,kernels,export,mergekit,floor"
+    )
     ap.add_argument("--keep", metavar="DIR", help="build the inputs in DIR and keep them (reused if present)")
     ap.add_argument("--json", metavar="FILE", help="also write the raw figures as JSON")
     ap.add_argument("--_measure", help=argparse.SUPPRESS)
@@ -264,17 +291,25 @@ def _bench(root: Path, args, methods: list[str], skip: set[str]) -> int:
         # In a child: on Linux a child's peak RSS starts at its parent's RSS when it was forked (exec folds
         # the copied address space into ru_maxrss), so a parent holding the built weights would inflate
         # every measurement after it.
-        built = _measure({"kind": "build", "root": str(root), "params": args.params, "dtype": args.dtype}, root, "build")
+        built = _measure(
+            {"kind": "build", "root": str(root), "params": args.params, "dtype": args.dtype}, root, "build"
+        )
         if "error" in built:
             raise SystemExit(f"building the inputs failed: {built['error']}")
         shape = {k: v for k, v in built.items() if k not in ("rss_gb", "wall")}
         stamp.write_text(json.dumps({"request": [args.params, args.dtype], "shape": shape}))
     gb = shape["params"] * {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype] / 1e9
-    print(f"inputs: 3 x {shape['params'] / 1e6:.0f}M params ({shape['num_hidden_layers']} layers, hidden "
-          f"{shape['hidden_size']}, vocab {shape['vocab_size']}, {args.dtype}, {gb:.2f} GB each), built in "
-          f"{time.perf_counter() - t0:.0f} s in {root}", flush=True)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
-          f"{platform.python_version()}, load average {os.getloadavg()[0]:.2f} at start", flush=True)
+    print(
+        f"inputs: 3 x {shape['params'] / 1e6:.0f}M params ({shape['num_hidden_layers']} layers, hidden "
+        f"{shape['hidden_size']}, vocab {shape['vocab_size']}, {args.dtype}, {gb:.2f} GB each), built in "
+        f"{time.perf_counter() - t0:.0f} s in {root}",
+        flush=True,
+    )
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
+        f"{platform.python_version()}, load average {os.getloadavg()[0]:.2f} at start",
+        flush=True,
+    )
 
     results: dict[str, dict[str, dict]] = {}
     mergekit = str(REPO / ".venv" / "bin" / "mergekit-yaml")
@@ -284,8 +319,9 @@ def _bench(root: Path, args, methods: list[str], skip: set[str]) -> int:
         dirs = [str(root / "base"), *[str(root / m) for m in FINE_TUNES]][:n_inputs]
         out = root / "out-floor"
         out.mkdir(exist_ok=True)
-        results[f"floor/{n_inputs}"] = {"floor": _measure({"kind": "floor", "models": dirs, "out": str(out)}, root,
-                                                          f"floor{n_inputs}")}
+        results[f"floor/{n_inputs}"] = {
+            "floor": _measure({"kind": "floor", "models": dirs, "out": str(out)}, root, f"floor{n_inputs}")
+        }
         shutil.rmtree(out, ignore_errors=True)
         _progress(f"floor/{n_inputs}", results[f"floor/{n_inputs}"])
     for i, method in enumerate(methods):
@@ -309,7 +345,8 @@ def _bench(root: Path, args, methods: list[str], skip: set[str]) -> int:
             if i == 0 and args.variants:
                 row["mergekit --lazy-unpickle --async-write"] = _run(
                     [mergekit, str(recipe), str(out), "--quiet", "--lazy-unpickle", "--async-write"],
-                    root / f"mk2-{method}.log")
+                    root / f"mk2-{method}.log",
+                )
                 shutil.rmtree(out, ignore_errors=True)
         results[method] = row
         _progress(method, row)
@@ -365,34 +402,49 @@ def report(results: dict, methods: list[str]) -> str:
             if name.startswith("materialize"):
                 lines.append(f"{method:<10} {'  setup, once per worker (load, build)':<40} {res['setup']:>8.2f}")
         if fl:
-            lines.append(f"{method:<10} {'floor; floor + write':<40} {fl[0]:>8.2f} {'':>11} {'':>11} "
-                         f"({measured['bandwidth'] / 1e9:.1f} GB/s memcpy; write {measured['write']:.2f} s; "
-                         f"plain weighted-sum pass {measured['pass']:.2f} s)")
+            lines.append(
+                f"{method:<10} {'floor; floor + write':<40} {fl[0]:>8.2f} {'':>11} {'':>11} "
+                f"({measured['bandwidth'] / 1e9:.1f} GB/s memcpy; write {measured['write']:.2f} s; "
+                f"plain weighted-sum pass {measured['pass']:.2f} s)"
+            )
             lines.append(f"{method:<10} {'':<40} {fl[1]:>8.2f}")
         mat, exp, slow = row.get("materialize"), row.get("export"), row.get(MK_KERNELS)
         ok = lambda r: r is not None and "error" not in r  # noqa: E731
         if ok(mat) and ok(slow):
-            verdicts.append(f"{method}: evomerge-1 kernels {_t(slow) / _t(mat):.1f}x faster than mergekit's in the same materializer")
+            verdicts.append(
+                f"{method}: evomerge-1 kernels {_t(slow) / _t(mat):.1f}x faster than mergekit's in the same "
+                "materializer"
+            )
         if ok(mat) and mk_t and method != "slerp":
             speed = mk_t / _t(mat)
-            verdicts.append(f"{method}: materialize {speed:.1f}x faster than mergekit-yaml (target >= "
-                            f"{TARGET_SPEEDUP:.0f}x: {'met' if speed >= TARGET_SPEEDUP else 'MISSED'})")
+            verdicts.append(
+                f"{method}: materialize {speed:.1f}x faster than mergekit-yaml (target >= "
+                f"{TARGET_SPEEDUP:.0f}x: {'met' if speed >= TARGET_SPEEDUP else 'MISSED'})"
+            )
         if ok(mat) and fl:
             ratio, target = _t(mat) / fl[0], TARGET_FLOOR.get(method, 5.0)
-            verdicts.append(f"{method}: materialize {ratio:.1f}x the bandwidth floor (target <= {target:.0f}x: "
-                            f"{'met' if ratio <= target else 'MISSED'})")
+            verdicts.append(
+                f"{method}: materialize {ratio:.1f}x the bandwidth floor (target <= {target:.0f}x: "
+                f"{'met' if ratio <= target else 'MISSED'})"
+            )
         if ok(exp) and ok(mk):
             faster, lower = _t(exp) < _t(mk), exp["rss_gb"] <= mk["rss_gb"]
-            verdicts.append(f"{method}: export {_t(exp):.1f} s vs mergekit-yaml {_t(mk):.1f} s "
-                            f"(target faster: {'met' if faster else 'MISSED'}); peak RSS {exp['rss_gb'] * 1024:,.0f} MB vs "
-                            f"{mk['rss_gb'] * 1024:,.0f} MB (target <=: {'met' if lower else 'MISSED'})")
+            verdicts.append(
+                f"{method}: export {_t(exp):.1f} s vs mergekit-yaml {_t(mk):.1f} s "
+                f"(target faster: {'met' if faster else 'MISSED'}); peak RSS {exp['rss_gb'] * 1024:,.0f} MB vs "
+                f"{mk['rss_gb'] * 1024:,.0f} MB (target <=: {'met' if lower else 'MISSED'})"
+            )
         if ok(exp) and fl:
             ratio = _t(exp) / fl[1]
-            verdicts.append(f"{method}: export {ratio:.1f}x floor+write (target <= {EXPORT_FLOOR:.0f}x: "
-                            f"{'met' if ratio <= EXPORT_FLOOR else 'MISSED'})")
+            verdicts.append(
+                f"{method}: export {ratio:.1f}x floor+write (target <= {EXPORT_FLOOR:.0f}x: "
+                f"{'met' if ratio <= EXPORT_FLOOR else 'MISSED'})"
+            )
     lines.append("")
-    lines.append("vs mergekit = mergekit-yaml time / this time; vs floor = this time / floor (export and mergekit-yaml "
-                 "against floor + write).")
+    lines.append(
+        "vs mergekit = mergekit-yaml time / this time; vs floor = this time / floor (export and mergekit-yaml "
+        "against floor + write)."
+    )
     return "\n".join(lines + [""] + verdicts)
 
 

@@ -9,6 +9,7 @@ the model's forward passes. The naive way builds the TaskManager and tasks and l
 call, as a search that calls simple_evaluate per trial would. One torch thread (as a 1-CPU worker).
 Nothing here is asserted in tests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,7 +96,9 @@ def main() -> None:
     print(f"Scorer build (once):        {build_s:6.3f} s")
     print(f"Scorer.score per call:      {ours:6.3f} s  (forward {ours_fwd:.3f} s = {ours_fwd / ours:.0%})")
     print(f"simple_evaluate per call:   {plain:6.3f} s  (forward {plain_fwd:.3f} s = {plain_fwd / plain:.0%})")
-    print(f"speed-up: {plain / ours:.1f}x; overhead beyond forward {ours - ours_fwd:.3f} s vs {plain - plain_fwd:.3f} s")
+    print(
+        f"speed-up: {plain / ours:.1f}x; overhead beyond forward {ours - ours_fwd:.3f} s vs {plain - plain_fwd:.3f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 merge and eval; it is printed for a queue depth of 1 (ask after each tell) and 2 (the default: the next
 trial already waits inside the worker while the driver tells and asks).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,16 +38,20 @@ def main() -> None:
         build_zoo(zoo, size="tiny", log=None)
     os.chdir(tmp)
     for depth in (1, 2):
-        cfg = parse_config({
-            "name": f"depth{depth}",
-            "base_model": str(zoo / "base"),
-            "models": [str(zoo / "add"), str(zoo / "reverse")],
-            "method": "ties",
-            "search_space": "ties",
-            "tasks": {"search": [{"name": "zoo_add_search", "subset": 40}, {"name": "zoo_reverse_search", "subset": 40}]},
-            "sampler": {"name": "cmaes"},
-            "budget": {"n_trials": args.trials},
-        })  # fmt: skip
+        cfg = parse_config(
+            {
+                "name": f"depth{depth}",
+                "base_model": str(zoo / "base"),
+                "models": [str(zoo / "add"), str(zoo / "reverse")],
+                "method": "ties",
+                "search_space": "ties",
+                "tasks": {
+                    "search": [{"name": "zoo_add_search", "subset": 40}, {"name": "zoo_reverse_search", "subset": 40}]
+                },
+                "sampler": {"name": "cmaes"},
+                "budget": {"n_trials": args.trials},
+            }
+        )
         res = run_search(cfg, progress=False, log=None, pool_factory=lambda c, d=depth: workers.WorkerPool(c, depth=d))
         trials = st.complete_trials(st.load_study(cfg.name, cfg.storage_url))[1:]  # the first trial warms up lm-eval
         med = lambda xs: statistics.median(xs)  # noqa: E731

@@ -8,13 +8,14 @@ single source, and what share of the room to the routing oracle does it capture,
 For each zoo variant (built once into --zoo-dir) it scores on the held-out splits: every source model, the default
 merge of every method that applies (evomerge/portfolio.py), and the routing oracle (each task answered by its best
 source). The floor is max(best default merge, best single source); the room is the oracle minus the floor. Then for
-each sampler seed and budget it runs a search as a new user would configure it (the config below: `method`,
-greedy exact-match search tasks on 100-example subsets, the validation splits for the overfitting guard, every other
+each sampler seed and budget it runs a search as a new user would configure it (the config below: `method`, greedy
+exact-match search tasks on 100-example subsets, the validation splits for the overfitting guard, every other
 setting at its default, `--set` to override; seed s is the sampler's seed and the search subsets' seed), takes the
-trial `evomerge export` would take, and scores it on the held-out splits. Printed per variant and budget, and averaged: the margin over the floor (points), the share of the
-room captured, how many runs fall below the floor by more than their standard error, search seconds and examples
-scored. One JSON line per run goes to --log.
+trial `evomerge export` would take, and scores it on the held-out splits. Printed per variant and budget, and
+averaged: the margin over the floor (points), the share of the room captured, how many runs fall below the floor by
+more than their standard error, search seconds and examples scored. One JSON line per run goes to --log.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,14 @@ def heldout_scorer(cfg):
     from evomerge.evaluator import Evaluator
     from evomerge.scoring.tasks import TaskSpec
 
-    return Evaluator(cfg.models, cfg.base_model, {"heldout": [TaskSpec(name=t, metric="acc") for t in cfg.tasks.heldout]},
-                     cfg.tasks.include_paths, seed=cfg.seed, dtype=cfg.dtype)  # fmt: skip
+    return Evaluator(
+        cfg.models,
+        cfg.base_model,
+        {"heldout": [TaskSpec(name=t, metric="acc") for t in cfg.tasks.heldout]},
+        cfg.tasks.include_paths,
+        seed=cfg.seed,
+        dtype=cfg.dtype,
+    )
 
 
 def baselines(zoo: Path, method: str) -> dict:
@@ -147,8 +154,12 @@ def run_one(job: dict) -> dict:
         **{k: job[k] for k in ("variant", "method", "budget", "seed", "set", "label")},
         "heldout": {t: 100 * v for t, v in held.items()},
         "heldout_mean": 100 * statistics.fmean(held.values()),
-        "pick": {"trial": pick.number, "baseline": pick.user_attrs.get("baseline", ""),
-                 "refine_round": pick.user_attrs.get("refine_round"), "search": 100 * st.objective_of(pick)},
+        "pick": {
+            "trial": pick.number,
+            "baseline": pick.user_attrs.get("baseline", ""),
+            "refine_round": pick.user_attrs.get("refine_round"),
+            "search": 100 * st.objective_of(pick),
+        },
         "n_complete": len(done),
         "stopped": sum(1 for t in done if t.user_attrs.get("stopped_early")),
         "examples": examples,
@@ -166,8 +177,11 @@ def _se(data: dict, heldout: dict) -> float:
 
 
 def summarize(runs: list[dict], base: dict[str, dict]) -> str:
-    lines = ["| variant | room (oracle - floor) | budget | held-out mean | margin over floor | share of room | "
-             "below floor by > 1 SE | search s | examples scored |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| variant | room (oracle - floor) | budget | held-out mean | margin over floor | share of room | "
+        "below floor by > 1 SE | search s | examples scored |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     by_budget: dict[int, list[float]] = {}
     for variant in dict.fromkeys(r["variant"] for r in runs):
         b = base[variant]
@@ -218,12 +232,28 @@ def main() -> None:
             build_zoo(zoo_path(zoo_dir, v), seed=0, variant=v, log=None)
             print(f"built zoo {v} in {time.perf_counter() - t:.0f} s", flush=True)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        base = dict(zip(variants, pool.map(baselines, [zoo_path(zoo_dir, v) for v in variants], [args.method] * len(variants))))
+        base = dict(
+            zip(variants, pool.map(baselines, [zoo_path(zoo_dir, v) for v in variants], [args.method] * len(variants)))
+        )
         for v, b in base.items():
-            print(f"{v}: floor {b['floor']:.1f} ({b['floor_name']}), oracle {b['oracle']:.1f}, room {b['room']:.1f}", flush=True)
-        jobs = [{"variant": v, "zoo": str(zoo_path(zoo_dir, v)), "method": args.method, "budget": int(n), "seed": int(s),
-                 "set": overrides, "label": args.label}
-                for v in variants for s in args.seeds.split(",") for n in args.budgets.split(",")]  # fmt: skip
+            print(
+                f"{v}: floor {b['floor']:.1f} ({b['floor_name']}), oracle {b['oracle']:.1f}, room {b['room']:.1f}",
+                flush=True,
+            )
+        jobs = [
+            {
+                "variant": v,
+                "zoo": str(zoo_path(zoo_dir, v)),
+                "method": args.method,
+                "budget": int(n),
+                "seed": int(s),
+                "set": overrides,
+                "label": args.label,
+            }
+            for v in variants
+            for s in args.seeds.split(",")
+            for n in args.budgets.split(",")
+        ]
         runs = []
         for result in pool.map(run_one, jobs):
             b = base[result["variant"]]
@@ -232,9 +262,12 @@ def main() -> None:
             runs.append(result)
             with open(args.log, "a") as f:
                 f.write(json.dumps(result) + "\n")
-            print(f"{result['variant']} seed {result['seed']} budget {result['budget']}: held-out "
-                  f"{result['heldout_mean']:.1f} (floor {b['floor']:.1f}, oracle {b['oracle']:.1f}, share {share:+.2f}); "
-                  f"pick trial {result['pick']['trial']} {result['pick']['baseline']}; {result['search_s']:.0f} s", flush=True)
+            print(
+                f"{result['variant']} seed {result['seed']} budget {result['budget']}: held-out "
+                f"{result['heldout_mean']:.1f} (floor {b['floor']:.1f}, oracle {b['oracle']:.1f}, share {share:+.2f}); "
+                f"pick trial {result['pick']['trial']} {result['pick']['baseline']}; {result['search_s']:.0f} s",
+                flush=True,
+            )
     print()
     print(f"{args.label} ({args.method}, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs):")
     print(summarize(runs, base))

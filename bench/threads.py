@@ -17,6 +17,7 @@ workload run alone with torch's defaults:
 
 Target (issue 11): two processes side by side each within about 2.5x of running alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,15 @@ def workload(iterations: int) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=6, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=45, max_position_embeddings=128)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=45,
+        max_position_embeddings=128,
+    )
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 45, (32, 64))
     with torch.no_grad():
@@ -97,10 +105,15 @@ def main() -> int:
         solo = alone if mode == "defaults" else _times([_launch(mode, iterations, 0, cores_each)])[0]
         pair = _times([_launch(mode, iterations, i, cores_each) for i in range(2)])
         worst = max(pair)
-        print(f"{mode:<11} {solo:>8.2f} {pair[0]:>7.2f} {pair[1]:>7.2f} {worst / solo:>12.1f}x {worst / alone:>21.1f}x "
-              f"{'(within 2.5x)' if worst / solo <= 2.5 else '(over 2.5x)'}", flush=True)
-    print(f"load average {os.getloadavg()[0]:.2f} at the end. pair / alone: the slower of the two over the same "
-          "workload alone in the same mode; pair / defaults alone: over it alone with torch's defaults")
+        print(
+            f"{mode:<11} {solo:>8.2f} {pair[0]:>7.2f} {pair[1]:>7.2f} {worst / solo:>12.1f}x {worst / alone:>21.1f}x "
+            f"{'(within 2.5x)' if worst / solo <= 2.5 else '(over 2.5x)'}",
+            flush=True,
+        )
+    print(
+        f"load average {os.getloadavg()[0]:.2f} at the end. pair / alone: the slower of the two over the same "
+        "workload alone in the same mode; pair / defaults alone: over it alone with torch's defaults"
+    )
     return 0
 
 

@@ -6,6 +6,7 @@ a recipe) -> `search` (Optuna asks a trial, `search.workers` hands it to a worke
 recipe, model card) -> `report`. Reading and writing files is `io`; `analysis` is the pre-flight audit;
 `zoo` builds the demo models; `commands` is the CLI.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

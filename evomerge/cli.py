@@ -4,6 +4,7 @@ Each subcommand lives in `evomerge/commands/<name>.py` with `configure(parser)`,
 `EXAMPLES` (shown at the end of its --help); heavy imports stay inside `run`, so `evomerge --help` is instant.
 Ctrl-C and SIGTERM (a scheduler's time limit) stop any command the same way: one line, exit 128 + the signal.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt as exc:
         stop = exc if isinstance(exc, Interrupted) else Interrupted()
-        print(f"evomerge: interrupted ({stop.signal_name})" + (f": {stop.detail}" if stop.detail else ""), file=sys.stderr)
+        print(
+            f"evomerge: interrupted ({stop.signal_name})" + (f": {stop.detail}" if stop.detail else ""), file=sys.stderr
+        )
         return stop.exit_code
     except BrokenPipeError:
         if not _stdout_closed():

@@ -6,6 +6,7 @@ config imports no Optuna, Ray, torch or lm-eval (the sampler registry below is d
 Relative paths (models, include paths, a search-space path) are relative to the config file; run
 directories (`runs/<name>/`) and the default storage are relative to the current directory.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,16 @@ from evomerge.storage_url import remember
 
 RUNS_DIR = Path("runs")
 # Fields that may change between runs of one study without making its trials incomparable.
-RUNTIME_FIELDS = ("budget", "workers", "storage", "validation", "refine", "early_stop", "portfolio",
-                  "allow_config_mismatch")
+RUNTIME_FIELDS = (
+    "budget",
+    "workers",
+    "storage",
+    "validation",
+    "refine",
+    "early_stop",
+    "portfolio",
+    "allow_config_mismatch",
+)
 
 
 class _Strict(BaseModel):
@@ -88,8 +97,13 @@ class TasksConfig(_Strict):
     include_defaults: bool = Field(False, description="also index lm-eval's built-in tasks (~30 s per process)")
     search: list[TaskSpec] = Field(min_length=1)
     heldout: list[str] = []
-    smooth: float = Field(0.0, ge=0, le=1, description="share of each search task's score that is the answer's "
-                          "probability instead of its metric (scoring/staged.py); 0: the metric alone")
+    smooth: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of each search task's score that is the answer's "
+        "probability instead of its metric (scoring/staged.py); 0: the metric alone",
+    )
 
     @field_validator("search")
     @classmethod
@@ -172,7 +186,9 @@ class BudgetConfig(_Strict):
 
 
 class WorkersConfig(_Strict):
-    count: int = Field(1, ge=0, description="Ray actors; 0 evaluates in the driver process, without Ray (debugging, tests)")
+    count: int = Field(
+        1, ge=0, description="Ray actors; 0 evaluates in the driver process, without Ray (debugging, tests)"
+    )
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     address: str | None = None
@@ -201,10 +217,16 @@ class SearchConfig(_Strict):
     validation: ValidationConfig | None = None
     refine: RefineConfig | None = RefineConfig()
     early_stop: EarlyStopConfig | None = EarlyStopConfig()
-    portfolio: bool = Field(True, description="also score every other method's default merge (evomerge/portfolio.py) "
-                            "on the search subsets, as references for the guard, status and export")
-    allow_config_mismatch: bool = Field(False, description="merge models whose config.json differ in shape-defining "
-                                        "fields (hidden size, layers, heads, vocabulary) when their tensors match")
+    portfolio: bool = Field(
+        True,
+        description="also score every other method's default merge (evomerge/portfolio.py) "
+        "on the search subsets, as references for the guard, status and export",
+    )
+    allow_config_mismatch: bool = Field(
+        False,
+        description="merge models whose config.json differ in shape-defining "
+        "fields (hidden size, layers, heads, vocabulary) when their tensors match",
+    )
     _source: str = PrivateAttr("search config")  # the file it was loaded from, for error messages
 
     @field_validator("kernels")
@@ -287,9 +309,9 @@ def _resolve_paths(data: dict, base: Path) -> dict:
 
 def _check_files(cfg: SearchConfig, source: str) -> None:
     problems = []
-    for field, path in [("base_model", cfg.base_model), *((f"models[{i}]", m) for i, m in enumerate(cfg.models))]:
+    for name, path in [("base_model", cfg.base_model), *((f"models[{i}]", m) for i, m in enumerate(cfg.models))]:
         if not (path / "config.json").is_file():
-            problems.append(f"{field!r}: {path} is not a model directory (no config.json); fix the path")
+            problems.append(f"{name!r}: {path} is not a model directory (no config.json); fix the path")
     if cfg.base_model in cfg.models:
         problems.append("'models' lists base_model; list only the models merged into it")
     for i, p in enumerate(cfg.tasks.include_paths):
@@ -299,7 +321,9 @@ def _check_files(cfg: SearchConfig, source: str) -> None:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 
 
-def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None, check_files: bool = True) -> SearchConfig:
+def parse_config(
+    data: Any, source: str = "<config>", base_dir: Path | None = None, check_files: bool = True
+) -> SearchConfig:
     """Validate a mapping (paths relative to `base_dir`) into a SearchConfig, with its search space."""
     from evomerge.space import load_space_spec
 

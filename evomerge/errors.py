@@ -3,9 +3,11 @@
 User errors (EvomergeError) exit 2 with `evomerge: error: <one line>` naming the file, the field and the fix;
 any other exception is a bug in evomerge and exits 1 with its traceback.
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pydantic import BaseModel, ValidationError
@@ -104,8 +106,12 @@ def _models_at(root: type[BaseModel], loc: tuple) -> list[type[BaseModel]]:
     """The models whose fields are valid at `loc[-1]`; list indexes and dict keys are stepped over."""
     models = [root]
     for part in loc[:-1]:
-        inner = [m for model in models if str(part) in model.model_fields
-                 for m in _models_in(model.model_fields[str(part)].annotation)]  # fmt: skip
+        inner = [
+            m
+            for model in models
+            if str(part) in model.model_fields
+            for m in _models_in(model.model_fields[str(part)].annotation)
+        ]
         if inner:
             models = inner
     return models

@@ -12,14 +12,16 @@ task set's Scorer is built once; a candidate then costs one in-place merge plus 
 "A model alone" has one definition: `alone(model, inputs)`, the linear recipe with weight 1 on it and 0 on
 every other input, whose merge is the model's exact weights (bit-exact in fp32), materialized like any recipe.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from evomerge.errors import EvomergeError, TaskError
 from evomerge.recipe import ModelEntry, Recipe
@@ -107,21 +109,40 @@ class Evaluator:
             raise TaskError("no task set to score on; name at least one")
         # tasks first: a typo in a task name fails in seconds, before the inputs are mapped and the model built
         self.scorers: dict[str, Scorer] = {
-            name: Scorer(specs, [str(p) for p in include_paths], seed=seed, batch_size=batch_size,
-                         include_defaults=include_defaults)
+            name: Scorer(
+                specs,
+                [str(p) for p in include_paths],
+                seed=seed,
+                batch_size=batch_size,
+                include_defaults=include_defaults,
+            )
             for name, specs in task_sets.items()
         }
         self._orders: dict[tuple[str, int], dict[str, list[int]]] = {}  # staged evaluation's example orders
-        self.materializer: Materializer = Materializer([str(m) for m in models], None if base_model is None else str(base_model),
-                                                       dtype=dtype, device=device,
-                                                       allow_config_mismatch=allow_config_mismatch)  # fmt: skip
+        self.materializer: Materializer = Materializer(
+            [str(m) for m in models],
+            None if base_model is None else str(base_model),
+            dtype=dtype,
+            device=device,
+            allow_config_mismatch=allow_config_mismatch,
+        )
 
     @classmethod
-    def for_config(cls, cfg: SearchConfig, task_sets: Mapping[str, Sequence[TaskSpec]], device: str = "cpu") -> Evaluator:
+    def for_config(
+        cls, cfg: SearchConfig, task_sets: Mapping[str, Sequence[TaskSpec]], device: str = "cpu"
+    ) -> Evaluator:
         """The config's inputs, dtype, task folders and subset seed, with the given task sets."""
-        return cls(cfg.models, cfg.base_model, task_sets, cfg.tasks.include_paths, seed=cfg.seed, dtype=cfg.dtype,
-                   device=device, include_defaults=cfg.tasks.include_defaults,
-                   allow_config_mismatch=cfg.allow_config_mismatch)  # fmt: skip
+        return cls(
+            cfg.models,
+            cfg.base_model,
+            task_sets,
+            cfg.tasks.include_paths,
+            seed=cfg.seed,
+            dtype=cfg.dtype,
+            device=device,
+            include_defaults=cfg.tasks.include_defaults,
+            allow_config_mismatch=cfg.allow_config_mismatch,
+        )
 
     # -- the resident model ----------------------------------------------------------------------
     @property
@@ -223,14 +244,31 @@ class Evaluator:
         if key not in self._orders:
             self._orders[key] = stage_order(scorer, seed)
         start = time.perf_counter()
-        staged = run_staged(scorer, self.model, self.tokenizer, self._orders[key], stages=stages, incumbent=incumbent,
-                            incumbent_objective=incumbent_objective, z=z, smooth=smooth)  # fmt: skip
+        staged = run_staged(
+            scorer,
+            self.model,
+            self.tokenizer,
+            self._orders[key],
+            stages=stages,
+            incumbent=incumbent,
+            incumbent_objective=incumbent_objective,
+            z=z,
+            smooth=smooth,
+        )
         metrics = {leaf: spec.metric for spec in scorer.specs for leaf in scorer.members[spec.name]}
         units = {leaf: sum(u.values()) / len(u) for leaf, u in staged.units.items() if u}
-        return Evaluation(task_set=task_set, scores=staged.scores, metrics=metrics, units=units,
-                          objective=staged.objective, merge_s=merge_s, eval_s=time.perf_counter() - start,
-                          examples={} if staged.stopped else staged.units, n_examples=staged.n_examples,
-                          stopped=staged.stopped)  # fmt: skip
+        return Evaluation(
+            task_set=task_set,
+            scores=staged.scores,
+            metrics=metrics,
+            units=units,
+            objective=staged.objective,
+            merge_s=merge_s,
+            eval_s=time.perf_counter() - start,
+            examples={} if staged.stopped else staged.units,
+            n_examples=staged.n_examples,
+            stopped=staged.stopped,
+        )
 
 
 def _key(path: str | os.PathLike) -> str:

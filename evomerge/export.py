@@ -1,7 +1,8 @@
 """Export: a recipe merged to an HF checkpoint folder, and a study's trial as its recipe, checkpoint and model card.
 
     evomerge merge recipe.yaml --out DIR        # export_recipe: sharded safetensors, config, tokenizer, recipe.yaml
-    evomerge export runs/demo                   # export_trial: the exported trial -> runs/demo/best/{recipe.yaml,model/}
+    evomerge export runs/demo                   # export_trial: the exported trial ->
+    runs/demo/best/{recipe.yaml,model/}
     evomerge export runs/demo --trial 12 --out /tmp/t12
 
 A step above `merge` (the per-tensor merge loop) and `io` (checkpoint reader, shard writer, atomic folders),
@@ -15,17 +16,19 @@ A trial's checkpoint is its recipe merged by the same kernels with the same per-
 weights are the ones the trial was scored with. Which trial: `search.guard.exported_trial` (with
 `validation:` in the config, the best on the validation splits of the finalists, scored first).
 """
+
 from __future__ import annotations
 
 import copy
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from evomerge.errors import ConfigError, EvomergeError, StudyError
 from evomerge.io.atomic import atomic_dir, check_replaceable
@@ -78,8 +81,11 @@ def export_recipe(
     checkpoints = [_open(recipe, m, allow_pickle, source) for m in inputs]
     ref = checkpoints[inputs.index(recipe.base_model)] if recipe.base_model else checkpoints[0]
     # mismatches named against the base; a slices: recipe may take layer ranges from models of other depths
-    check_compatible([ref] + [c for c in checkpoints if c is not ref], allow_config_mismatch=allow_config_mismatch,
-                     layers=recipe.slices is None)  # fmt: skip
+    check_compatible(
+        [ref] + [c for c in checkpoints if c is not ref],
+        allow_config_mismatch=allow_config_mismatch,
+        layers=recipe.slices is None,
+    )
     plan = _planned(recipe, checkpoints, Layout.of(ref, tied=True), source)
     # the kernel set is always recorded, so a re-merge gives these bytes whatever its environment
     recipe = recipe.with_provenance(version=__version__, kernels=recipe.kernels, outputs={})
@@ -165,7 +171,9 @@ def _renamed(recipe: Recipe, names: Mapping[str, str]) -> Recipe:
     return renamed
 
 
-def _planned(recipe: Recipe, checkpoints: Sequence[Checkpoint], layout: Layout, source: str | os.PathLike | None) -> Plan:
+def _planned(
+    recipe: Recipe, checkpoints: Sequence[Checkpoint], layout: Layout, source: str | os.PathLike | None
+) -> Plan:
     """The recipe planned over the reference checkpoint; errors (a layer range past a model's depth) name the file."""
     from evomerge.merge.materialize import plan_for
 
@@ -289,8 +297,14 @@ def export_trial(
         return model_card(cfg, published, chosen, objective, validation, comparison, names, baselines, architectures)
 
     with atomic_dir(out) as tmp:  # recipe.yaml, model/ and its card are published together
-        export_recipe(recipe, tmp / "model", seed=recipe.seed, extra_files={"README.md": card}, names=names,
-                      allow_config_mismatch=cfg.allow_config_mismatch)
+        export_recipe(
+            recipe,
+            tmp / "model",
+            seed=recipe.seed,
+            extra_files={"README.md": card},
+            names=names,
+            allow_config_mismatch=cfg.allow_config_mismatch,
+        )
         shutil.copyfile(tmp / "model" / "recipe.yaml", tmp / "recipe.yaml")  # with the inputs' and outputs' sha256
     return ExportResult(chosen.number, objective, out / "recipe.yaml", out / "model", heldout=comparison is not None)
 

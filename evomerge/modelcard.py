@@ -11,10 +11,12 @@ best source by more than noise), else validation and search scores (the caveats 
 scores of the enqueued "only <model>" baselines). The embedded recipe is `recipe.yaml`, less `evomerge.outputs`
 (the sha256 of every file in the folder, this card included, which cannot hold its own hash).
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from evomerge.tables import markdown_table
 
@@ -58,8 +60,10 @@ def heldout_section(c: Comparison) -> list[str]:
 
     v = c.verdict()
     shown = [v.evolved, *c.rows_of("source"), *([v.best_default] if v.best_default else []), v.oracle]
-    rows = [[("**this merge**" if r is v.evolved else r.name), *(_f(r.scores[t]) for t in c.tasks), _f(r.mean)]
-            for r in shown]  # fmt: skip
+    rows = [
+        [("**this merge**" if r is v.evolved else r.name), *(_f(r.scores[t]) for t in c.tasks), _f(r.mean)]
+        for r in shown
+    ]
     metric = "/".join(sorted(set(c.metrics.values())))
     subset = f"a fixed seeded sample of {c.subset} examples per task" if c.subset else "every example"
     lines = [
@@ -75,9 +79,11 @@ def heldout_section(c: Comparison) -> list[str]:
         lines += [f"Against the best default merge ({v.best_default.name}): {v.vs_default.text()}.", ""]
     drops = c.drops()
     for task, source, d in drops:
-        lines.append(f"**Caveat:** on `{task}` this merge scores {_f(v.evolved.scores[task])} against "
-                     f"{_f(source.scores[task])} for {source.name} alone, {d.points()} ({d.se_text()}): the merge "
-                     "lost part of that skill; use the source model where that task matters.")  # fmt: skip
+        lines.append(
+            f"**Caveat:** on `{task}` this merge scores {_f(v.evolved.scores[task])} against "
+            f"{_f(source.scores[task])} for {source.name} alone, {d.points()} ({d.se_text()}): the merge "
+            "lost part of that skill; use the source model where that task matters."
+        )
     if not drops:
         worst = min(
             (paired_difference(v.evolved, max(c.rows_of("source"), key=lambda r: r.scores[t]), [t]) for t in c.tasks),
@@ -93,17 +99,22 @@ def search_caveats(cfg: SearchConfig, trial, baselines: Sequence) -> list[str]:
     scores = trial.user_attrs.get("scores", {})
     out = []
     for t in cfg.tasks.search:
-        alone = [(b.user_attrs["baseline"].removeprefix("only "), b.user_attrs["scores"][t.name][t.metric])
-                 for b in baselines if t.name in b.user_attrs.get("scores", {})]  # fmt: skip
+        alone = [
+            (b.user_attrs["baseline"].removeprefix("only "), b.user_attrs["scores"][t.name][t.metric])
+            for b in baselines
+            if t.name in b.user_attrs.get("scores", {})
+        ]
         mine = scores.get(t.name, {}).get(t.metric)
         if not alone or mine is None:
             continue
         name, best = max(alone, key=lambda x: x[1])
         if best - mine >= SEARCH_DROP:
             n = f"{t.subset} examples" if t.subset else "every example"
-            out.append(f"**Caveat:** on `{t.name}` (search subset, {n}) this merge scores {_f(mine)} against "
-                       f"{_f(best)} for {name} alone ({(mine - best) * 100:+.1f} points): the merge lost part of that "
-                       "skill. `evomerge report` measures it on held-out data.")  # fmt: skip
+            out.append(
+                f"**Caveat:** on `{t.name}` (search subset, {n}) this merge scores {_f(mine)} against "
+                f"{_f(best)} for {name} alone ({(mine - best) * 100:+.1f} points): the merge lost part of that "
+                "skill. `evomerge report` measures it on held-out data."
+            )
     return out
 
 
@@ -139,9 +150,12 @@ def model_card(
     ]
     label = trial.user_attrs.get("baseline")
     if label:
-        lines += [f"Trial {trial.number} is the search's enqueued baseline `{label}`, not a sampled recipe: no sampled "
-                  "recipe scored higher on what picks the exported trial (validation when the config has it, else "
-                  "the search objective).", ""]  # fmt: skip
+        lines += [
+            f"Trial {trial.number} is the search's enqueued baseline `{label}`, not a sampled recipe: no sampled "
+            "recipe scored higher on what picks the exported trial (validation when the config has it, else "
+            "the search objective).",
+            "",
+        ]
     if comparison is not None:
         lines += heldout_section(comparison)
     else:
@@ -181,8 +195,11 @@ def model_card(
     lines += [f"- `{m}`" + (f" (weights sha256 `{digests[m]}`)" if m in digests else "") for m in inputs]
     local = [m for m in inputs if m not in set(hub_ids.values())]
     if local:
-        lines += ["", "Named by local folder: map each to its Hub id with `evomerge export RUN_DIR --hub-id "
-                      "LOCAL=org/name` before publishing, so the recipe names models others can download."]  # fmt: skip
+        lines += [
+            "",
+            "Named by local folder: map each to its Hub id with `evomerge export RUN_DIR --hub-id "
+            "LOCAL=org/name` before publishing, so the recipe names models others can download.",
+        ]
     lines += [
         "",
         "## Reproduce",
@@ -228,8 +245,10 @@ def published_names(cfg: SearchConfig, hub_ids: Mapping[str, str]) -> dict[str, 
         key = str(Path(local).expanduser().resolve())
         if key not in inputs:
             names = ", ".join(inputs.values())
-            raise ConfigError(f"--hub-id {local}={hub}: {local} is not an input of study {cfg.name!r} ({names}); "
-                              "name one of those folders")  # fmt: skip
+            raise ConfigError(
+                f"--hub-id {local}={hub}: {local} is not an input of study {cfg.name!r} ({names}); "
+                "name one of those folders"
+            )
         out[inputs[key]] = hub
     return out
 

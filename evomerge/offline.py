@@ -1,4 +1,5 @@
 """Everything runs offline: no hub, no telemetry, no library progress bars on stderr. Called before any HF import."""
+
 from __future__ import annotations
 
 import os

@@ -9,10 +9,12 @@
 "defaults" baseline trial the search enqueues first, so the report's default row and the study's first trial
 are the same recipe. (mergekit itself has no default `weight`; the spaces pick one per method.)
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -57,7 +59,11 @@ def default_recipe(
     kernels: str | None = None,
 ) -> Recipe:
     """The method's default merge of `models` into `base` (every searched parameter at its space default)."""
-    spec = space_for(method) if space is None else (space if isinstance(space, SpaceSpec) else SpaceSpec.model_validate(space))
+    spec = (
+        space_for(method)
+        if space is None
+        else (space if isinstance(space, SpaceSpec) else SpaceSpec.model_validate(space))
+    )
     why = applies(spec, models)
     if why:
         raise ConfigError(f"method {method!r} {why}; pick another method")
@@ -76,7 +82,9 @@ def default_merges(cfg) -> tuple[list[tuple[str, Recipe]], dict[str, str]]:
         if why:
             skipped[method] = why
             continue
-        recipe = default_recipe(method, cfg.base_model, cfg.models, cfg.seed, cfg.dtype, space=spec, kernels=cfg.kernels)
+        recipe = default_recipe(
+            method, cfg.base_model, cfg.models, cfg.seed, cfg.dtype, space=spec, kernels=cfg.kernels
+        )
         out.append((f"{method}{DEFAULTS_SUFFIX}", recipe))
     return out, skipped
 

@@ -13,20 +13,22 @@ into b - a consecutive output layers, with gradients interpolated across the sli
 first slice's sources and the final norm and head from the last slice's. The same full range in every source
 is a per-layer merge; different ranges (or `passthrough`) stack layers into a model of another depth.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError, describe_validation
 
-ScalarParameter = Union[bool, int, float, str]
-ScalarOrGradient = Union[ScalarParameter, list[ScalarParameter]]
+ScalarParameter = bool | int | float | str
+ScalarOrGradient = ScalarParameter | list[ScalarParameter]
 
 
 class ConditionalParameter(BaseModel, frozen=True):
@@ -38,7 +40,7 @@ class ConditionalParameter(BaseModel, frozen=True):
 
 
 # Same shape as mergekit.config.ParameterSetting (kept here so loading a recipe does not import mergekit).
-ParameterSetting = Union[ConditionalParameter, list[ConditionalParameter], ScalarOrGradient]
+ParameterSetting = ConditionalParameter | list[ConditionalParameter] | ScalarOrGradient
 
 
 class ModelEntry(BaseModel, frozen=True):
@@ -127,7 +129,7 @@ class Recipe(BaseModel, frozen=True):
     parameters: dict[str, ParameterSetting] | None = None
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: Union[Literal["union", "base"], str, None] = None
+    tokenizer_source: Literal["union", "base"] | str | None = None
     chat_template: str | None = None
     evomerge: Provenance | None = None
 
@@ -136,7 +138,9 @@ class Recipe(BaseModel, frozen=True):
         from evomerge.merge.methods import check_recipe
 
         if bool(self.models) == bool(self.slices):
-            raise ConfigError("a recipe lists its inputs under exactly one of `models:` and `slices:` (mergekit's two forms)")
+            raise ConfigError(
+                "a recipe lists its inputs under exactly one of `models:` and `slices:` (mergekit's two forms)"
+            )
         for i, piece in enumerate(self.slices or []):
             _check_slice(i, piece)
         check_recipe(self)
@@ -166,10 +170,14 @@ class Recipe(BaseModel, frozen=True):
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "<dict>", base_dir: Path | None = None) -> Recipe:
         if "modules" in data:
-            raise ConfigError(f"{source}: field 'modules' (mergekit's per-module form, for multi-module models) is not "
-                              "supported; write the recipe with 'models:' or 'slices:'")
+            raise ConfigError(
+                f"{source}: field 'modules' (mergekit's per-module form, for multi-module models) is not "
+                "supported; write the recipe with 'models:' or 'slices:'"
+            )
         if "tokenizer" in data:
-            raise ConfigError(f"{source}: field 'tokenizer' is not supported; use 'tokenizer_source: base' or a model path")
+            raise ConfigError(
+                f"{source}: field 'tokenizer' is not supported; use 'tokenizer_source: base' or a model path"
+            )
         if base_dir is not None:
             data = _resolve_paths(data, Path(base_dir))
         try:
@@ -184,7 +192,9 @@ class Recipe(BaseModel, frozen=True):
         """`outputs=False`: without `evomerge.outputs` (what a model card, itself an output, can embed)."""
         data = self.model_dump(mode="json", exclude_none=True, exclude={"evomerge"})
         if self.evomerge is not None:
-            data["evomerge"] = self.evomerge.model_dump(mode="json", exclude_none=True, exclude=None if outputs else {"outputs"})
+            data["evomerge"] = self.evomerge.model_dump(
+                mode="json", exclude_none=True, exclude=None if outputs else {"outputs"}
+            )
         return data
 
     def to_yaml(self, outputs: bool = True) -> str:
@@ -202,10 +212,12 @@ class Recipe(BaseModel, frozen=True):
         if self.slices is None:
             names = [entry.model for entry in self.models or []]
         else:
-            names = list(dict.fromkeys(
-                [s.model for piece in self.slices for s in piece.sources]
-                + [piece.base_model for piece in self.slices if piece.base_model is not None]
-            ))  # fmt: skip
+            names = list(
+                dict.fromkeys(
+                    [s.model for piece in self.slices for s in piece.sources]
+                    + [piece.base_model for piece in self.slices if piece.base_model is not None]
+                )
+            )
         if self.base_model is not None and self.base_model not in names:
             names.append(self.base_model)
         return names
@@ -245,7 +257,9 @@ class Recipe(BaseModel, frozen=True):
             return None  # slice parameters fall through to global ones filter by filter: no single global setting
         shared.update(piece.parameters or {})
         models = [ModelEntry(model=s.model, parameters=s.parameters) for s in piece.sources]
-        return self.model_copy(update={"models": models, "slices": None, "base_model": base, "parameters": shared or None})
+        return self.model_copy(
+            update={"models": models, "slices": None, "base_model": base, "parameters": shared or None}
+        )
 
     def map_models(self, fn) -> Recipe:
         """The recipe with every model path (entries, sources, base models) replaced by `fn(path)`."""
@@ -254,12 +268,14 @@ class Recipe(BaseModel, frozen=True):
             update["models"] = [e.model_copy(update={"model": fn(e.model)}) for e in self.models]
         if self.slices is not None:
             update["slices"] = [
-                piece.model_copy(update={
-                    "sources": [s.model_copy(update={"model": fn(s.model)}) for s in piece.sources],
-                    "base_model": fn(piece.base_model) if piece.base_model is not None else None,
-                })
+                piece.model_copy(
+                    update={
+                        "sources": [s.model_copy(update={"model": fn(s.model)}) for s in piece.sources],
+                        "base_model": fn(piece.base_model) if piece.base_model is not None else None,
+                    }
+                )
                 for piece in self.slices
-            ]  # fmt: skip
+            ]
         return self.model_copy(update=update)
 
     def with_provenance(self, **fields: Any) -> Recipe:
@@ -295,17 +311,22 @@ def _check_slice(i: int, piece: SliceEntry) -> None:
     for j, src in enumerate(piece.sources):
         a, b = src.layer_range
         if a < 0 or b <= a:
-            raise ConfigError(f"field slices[{i}].sources[{j}].layer_range: [{a}, {b}] is empty or negative; "
-                              "write [first, last + 1] with first >= 0")
+            raise ConfigError(
+                f"field slices[{i}].sources[{j}].layer_range: [{a}, {b}] is empty or negative; "
+                "write [first, last + 1] with first >= 0"
+            )
         if src.model in seen:
-            raise ConfigError(f"field slices[{i}].sources[{j}].model: {src.model} is listed twice in one slice; "
-                              "put its other layer range in a slice of its own")
+            raise ConfigError(
+                f"field slices[{i}].sources[{j}].model: {src.model} is listed twice in one slice; "
+                "put its other layer range in a slice of its own"
+            )
         seen.add(src.model)
     lengths = [s.layer_range[1] - s.layer_range[0] for s in piece.sources]
     if len(set(lengths)) > 1:
         j = next(k for k, n in enumerate(lengths) if n != lengths[0])
         raise ConfigError(
-            f"field slices[{i}].sources[{j}].layer_range: {list(piece.sources[j].layer_range)} spans {lengths[j]} layers "
+            f"field slices[{i}].sources[{j}].layer_range: {list(piece.sources[j].layer_range)} spans {lengths[j]} "
+            "layers "
             f"but sources[0] spans {lengths[0]}; every source of a slice spans the same number of layers"
         )
 

@@ -7,6 +7,7 @@ in a source checkout those two are links to the repository's top-level `search_s
 which stay the files you edit. Found through importlib.resources, never by walking up from this file, so an
 installed evomerge finds them with no source tree anywhere.
 """
+
 from __future__ import annotations
 
 from importlib.resources import files

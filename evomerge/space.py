@@ -19,9 +19,10 @@ filter conditionals. A space is laid over the base model's architecture (`Search
 becomes the filter that names it there (`self_attn` is `attn` on GPT-2 and `.attention.` on GPT-NeoX,
 `merge.layout`), `embeddings` the names of the embeddings and head it stores, and a kind that names no
 tensor of the architecture is refused. `SearchSpace.from_recipe` is its inverse (read through mergekit's own
-parameter resolver, `merge.plan`), so any recipe can be enqueued as a trial. `bounds` are plain numbers; `search.study` turns them
-into Optuna distributions.
+parameter resolver, `merge.plan`), so any recipe can be enqueued as a trial. `bounds` are plain numbers;
+`search.study` turns them into Optuna distributions.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,15 @@ if TYPE_CHECKING:
 SPACES_DIR = SEARCH_SPACES  # the shipped spaces, inside the installed package
 PER_MODEL = frozenset({"weight", "density", "gamma", "epsilon"})  # one value per merged model
 PROJECTIONS = "projections"  # `kinds: [projections]`: every weight matrix of a layer apart (Layout.projections)
-LLAMA_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                     "mlp.up_proj", "mlp.down_proj")  # where a space is not laid over a model
+LLAMA_PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)  # where a space is not laid over a model
 REST = "rest"  # with `kinds`: the tensors no kind matches (norms), one value per model across the layers
 EMBED_FILTERS = ("embed_tokens", "lm_head")  # Llama-style names, where a space is not laid over a model
 SIGNIFICANT = 4  # digits a recipe keeps of each searched number
@@ -101,8 +109,9 @@ class SpaceSpec(BaseModel):
     name: str = "inline"
     description: str = ""
     methods: list[str] = Field(min_length=1)
-    layers_per_group: int | Literal["auto"] = Field(0, description="layers per group; 0: one value across the "
-                                                     "layers; auto: sized to the model (see resolve)")
+    layers_per_group: int | Literal["auto"] = Field(
+        0, description="layers per group; 0: one value across the layers; auto: sized to the model (see resolve)"
+    )
     control_points: int | None = Field(None, ge=2)
     kinds: list[str] = []
     embeddings: bool = False
@@ -166,7 +175,9 @@ def num_layers(model_dir: Path | str) -> int:
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ModelError(f"{path}: cannot read the model config ({err}); point base_model at an HF model folder")
+        raise ModelError(
+            f"{path}: cannot read the model config ({err}); point base_model at an HF model folder"
+        ) from None
     n = config_num_layers(cfg) if isinstance(cfg, dict) else None
     if not isinstance(n, int) or n < 1:
         raise ModelError(f"{path}: no `num_hidden_layers`; evomerge searches per-layer parameters of decoder models")
@@ -335,8 +346,18 @@ class SearchSpace:
             return conds[0]["value"]
         return conds
 
-    def to_recipe(self, params: dict[str, float], models: list, base: Path | str, method: str, seed: int,
-                  dtype: str | None = None, kernels: str | None = None, *, rounded: bool = True):  # fmt: skip
+    def to_recipe(
+        self,
+        params: dict[str, float],
+        models: list,
+        base: Path | str,
+        method: str,
+        seed: int,
+        dtype: str | None = None,
+        kernels: str | None = None,
+        *,
+        rounded: bool = True,
+    ):
         """The Recipe of one point: `models` are the merged models (not the base), in config order; `kernels`
         (the kernel set it is merged with) goes into its provenance. `rounded`: values at 4 significant digits
         (every recipe a search scores; the gradient refinement reads exact ones)."""
@@ -344,7 +365,9 @@ class SearchSpace:
 
         missing = [s.name for s in self.slots(models) if s.name not in params]
         if missing:
-            raise ConfigError(f"search space {self.spec.name!r}: point lacks {', '.join(missing[:3])}; pass every searched parameter")
+            raise ConfigError(
+                f"search space {self.spec.name!r}: point lacks {', '.join(missing[:3])}; pass every searched parameter"
+            )
         # 4 significant digits: far finer than any score can tell apart, and the recipe that is scored, exported
         # and shown stays readable (the sampler's own unrounded value stays in the study)
         values = {k: float(f"{float(v):.{SIGNIFICANT}g}") if rounded else float(v) for k, v in params.items()}
@@ -434,14 +457,16 @@ def _lay_over(spec: SpaceSpec, layout: Layout) -> tuple[dict[str, str], list[str
         found = layout.kind_filter(kind)
         if found is None:
             raise ConfigError(
-                f"search space {spec.name!r}: kinds entry {kind!r} matches no tensor of {layout.architecture} (its layer "
+                f"search space {spec.name!r}: kinds entry {kind!r} matches no tensor of {layout.architecture} (its "
+                "layer "
                 f"tensors: {layout.describe()}); use self_attn, mlp or a part of those names"
             )
         filters[kind] = found
     embed = layout.embedding_filters()
     if spec.embeddings and not embed:
         raise ConfigError(
-            f"search space {spec.name!r}: embeddings: true, but {layout.architecture} stores no embedding or head tensor "
+            f"search space {spec.name!r}: embeddings: true, but {layout.architecture} stores no embedding or head "
+            "tensor "
             "evomerge recognizes (embed_tokens, wte, embed_in, lm_head, ...); set embeddings: false"
         )
     return filters, embed
@@ -480,9 +505,21 @@ def _read_config(folder: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ModelError(f"{path}: cannot read the model config ({err}); point base_model and models at HF model folders")
+        raise ModelError(
+            f"{path}: cannot read the model config ({err}); point base_model and models at HF model folders"
+        ) from None
     return data if isinstance(data, dict) else {}
 
 
 __all__ = [
-    "DEFAULTS_LABEL", "REST", "ParamSpec", "SearchSpace", "Slot", "SpaceSpec", "load_space_spec", "model_keys", "num_layers", "space_of"]
+    "DEFAULTS_LABEL",
+    "REST",
+    "ParamSpec",
+    "SearchSpace",
+    "Slot",
+    "SpaceSpec",
+    "load_space_spec",
+    "model_keys",
+    "num_layers",
+    "space_of",
+]

@@ -13,6 +13,7 @@ the run's config) takes the password from `EVOMERGE_STORAGE_PASSWORD`, or, where
 one and lets the database client find it (PostgreSQL's libpq: `PGPASSWORD`, `~/.pgpass`, a service file).
 Pure string handling; SQLAlchemy is imported only to check that the URL's database driver is installed.
 """
+
 from __future__ import annotations
 
 import os
@@ -110,7 +111,10 @@ def engine_url(url: str) -> str:
     try:
         dialect_class = make_url(real).get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError) as err:
-        raise StudyError(f"storage {redact(url)!r} is not a database URL SQLAlchemy knows ({redact(str(err))}); fix `storage` or --storage") from None
+        raise StudyError(
+            f"storage {redact(url)!r} is not a database URL SQLAlchemy knows ({redact(str(err))}); fix `storage` or "
+            "--storage"
+        ) from None
     try:
         dialect_class.import_dbapi()
     except ImportError as err:
@@ -123,4 +127,15 @@ def engine_url(url: str) -> str:
     return real
 
 
-__all__ = ["MASK", "PASSWORD_ENV", "dialect", "engine_url", "forget_all", "is_redacted", "password_hint", "redact", "remember", "reveal"]
+__all__ = [
+    "MASK",
+    "PASSWORD_ENV",
+    "dialect",
+    "engine_url",
+    "forget_all",
+    "is_redacted",
+    "password_hint",
+    "redact",
+    "remember",
+    "reveal",
+]

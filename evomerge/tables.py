@@ -1,7 +1,8 @@
 """Tables as text: aligned plain text for the terminal, Markdown for reports and model cards."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def text_table(

@@ -13,6 +13,7 @@ a descheduled thread. Measured here: tenfold, not twofold, slowdowns (`bench/thr
 
 An explicit `OMP_WAIT_POLICY` or `OMP_NUM_THREADS` in the environment wins.
 """
+
 from __future__ import annotations
 
 import os

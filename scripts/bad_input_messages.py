@@ -1,7 +1,8 @@
 """Print the one-line message of every bad-input case in tests/test_bad_input.py (`case: message`).
 
-    .venv/bin/python scripts/bad_input_messages.py [ZOO_DIR]     # ZOO_DIR: a tiny zoo (built there if missing)
+.venv/bin/python scripts/bad_input_messages.py [ZOO_DIR]     # ZOO_DIR: a tiny zoo (built there if missing)
 """
+
 from __future__ import annotations
 
 import importlib.util

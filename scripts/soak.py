@@ -16,6 +16,7 @@ telling). Then one last run finishes the budget, and the study is checked:
 - stuck: RUNNING or WAITING trials left after the final run;
 - integrity: SQLite `PRAGMA integrity_check`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,21 +57,25 @@ class SoakReport:
     @property
     def ok(self) -> bool:
         return (
-            self.complete == self.budget and not (self.lost or self.duplicated or self.stuck or self.crashes)
-            and self.integrity == "ok" and self.final_rc == 0
-        )  # fmt: skip
+            self.complete == self.budget
+            and not (self.lost or self.duplicated or self.stuck or self.crashes)
+            and self.integrity == "ok"
+            and self.final_rc == 0
+        )
 
     def text(self) -> str:
-        return "\n".join([
-            f"kills survived:   {self.kills} ({self.early} early, {self.late} mid-trial)",
-            f"trials completed: {self.complete} of budget {self.budget} ({self.failed} FAIL, requeued or failed)",
-            f"lost:             {len(self.lost)} {self.lost[:5] or ''}",
-            f"duplicated:       {len(self.duplicated)} {self.duplicated[:5] or ''}",
-            f"stuck:            {len(self.stuck)} {self.stuck[:5] or ''}",
-            f"crashed lives:    {len(self.crashes)} {self.crashes[:3] or ''}",
-            f"integrity_check:  {self.integrity}",
-            f"final run rc:     {self.final_rc}; wall {self.wall_s:.0f} s",
-        ])  # fmt: skip
+        return "\n".join(
+            [
+                f"kills survived:   {self.kills} ({self.early} early, {self.late} mid-trial)",
+                f"trials completed: {self.complete} of budget {self.budget} ({self.failed} FAIL, requeued or failed)",
+                f"lost:             {len(self.lost)} {self.lost[:5] or ''}",
+                f"duplicated:       {len(self.duplicated)} {self.duplicated[:5] or ''}",
+                f"stuck:            {len(self.stuck)} {self.stuck[:5] or ''}",
+                f"crashed lives:    {len(self.crashes)} {self.crashes[:3] or ''}",
+                f"integrity_check:  {self.integrity}",
+                f"final run rc:     {self.final_rc}; wall {self.wall_s:.0f} s",
+            ]
+        )
 
 
 def write_config(workdir: Path, zoo: Path, budget: int, sampler: str = "cmaes") -> Path:
@@ -108,10 +113,15 @@ def read_trials(db: Path) -> dict[int, dict]:
             params = conn.execute("SELECT trial_id, param_name, param_value FROM trial_params").fetchall()
             values = conn.execute("SELECT trial_id, objective, value FROM trial_values").fetchall()
             attrs = conn.execute("SELECT trial_id, key, value_json FROM trial_user_attributes").fetchall()
-            fixed = conn.execute("SELECT trial_id, value_json FROM trial_system_attributes WHERE key = 'fixed_params'").fetchall()
+            fixed = conn.execute(
+                "SELECT trial_id, value_json FROM trial_system_attributes WHERE key = 'fixed_params'"
+            ).fetchall()
     except sqlite3.OperationalError:  # tables not created yet
         return {}
-    by_id = {tid: {"number": n, "state": s, "start": start, "params": {}, "values": {}, "attrs": {}, "fixed": {}} for tid, n, s, start in rows}
+    by_id = {
+        tid: {"number": n, "state": s, "start": start, "params": {}, "values": {}, "attrs": {}, "fixed": {}}
+        for tid, n, s, start in rows
+    }
     for tid, value in fixed:
         by_id[tid]["fixed"] = json.loads(value)
     for tid, name, value in params:
@@ -146,7 +156,9 @@ def check(db: Path, observed: dict[int, tuple], report: SoakReport) -> None:
         roots.setdefault(_root(trials, number), []).append(number)
     report.duplicated += [f"{root}: COMPLETE as {nums}" for root, nums in roots.items() if len(nums) > 1]
     labels = {t["attrs"]["baseline"] for t in trials.values() if "baseline" in t["attrs"]}
-    report.lost += [f"baseline {label!r} never completed" for label in sorted(labels) if f"baseline {label!r}" not in roots]
+    report.lost += [
+        f"baseline {label!r} never completed" for label in sorted(labels) if f"baseline {label!r}" not in roots
+    ]
     for number, t in sorted(trials.items()):
         retries = [n for n, r in trials.items() if r["attrs"].get("retry_of") == number]
         if t["state"] == "FAIL" and str(t["attrs"].get("fail_reason", "")).startswith(REQUEUED) and not retries:
@@ -166,7 +178,9 @@ def check(db: Path, observed: dict[int, tuple], report: SoakReport) -> None:
 def _started_since(db: Path, since: str) -> bool:
     try:
         with _connect(db) as conn:
-            return conn.execute("SELECT 1 FROM trials WHERE datetime_start >= ? LIMIT 1", (since,)).fetchone() is not None
+            return (
+                conn.execute("SELECT 1 FROM trials WHERE datetime_start >= ? LIMIT 1", (since,)).fetchone() is not None
+            )
     except sqlite3.OperationalError:
         return False
 
@@ -178,13 +192,28 @@ def _holds_lock(lock: Path, pid: int) -> bool:
         return False
 
 
-def run_soak(workdir: Path, zoo: Path, kills: int, budget: int, seed: int = 0, sampler: str = "cmaes",
-             early_share: float = 0.3, late_max_s: float = 5.0, log=print) -> SoakReport:  # fmt: skip
+def run_soak(
+    workdir: Path,
+    zoo: Path,
+    kills: int,
+    budget: int,
+    seed: int = 0,
+    sampler: str = "cmaes",
+    early_share: float = 0.3,
+    late_max_s: float = 5.0,
+    log=print,
+) -> SoakReport:
     """Kill the search `kills` times (or until it finishes), resume it to the end, and check the study."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = write_config(workdir, zoo, budget, sampler)
     cmd = [sys.executable, "-m", "evomerge", "search", str(config), "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     db, lock = workdir / "runs" / "soak" / "study.db", workdir / "runs" / "soak" / "study.db.soak.lock"
     rng, report, observed = random.Random(seed), SoakReport(budget=budget), {}
     start = time.monotonic()
@@ -206,7 +235,9 @@ def run_soak(workdir: Path, zoo: Path, kills: int, budget: int, seed: int = 0, s
                     proc.wait()
             if proc.returncode != -signal.SIGKILL:
                 if proc.returncode != 0:
-                    report.crashes.append(f"life {report.kills + 1} exited with {proc.returncode} (see {workdir / 'lives.log'})")
+                    report.crashes.append(
+                        f"life {report.kills + 1} exited with {proc.returncode} (see {workdir / 'lives.log'})"
+                    )
                 break  # it finished (or crashed) before the kill
             report.kills += 1
             report.early += early
@@ -217,7 +248,10 @@ def run_soak(workdir: Path, zoo: Path, kills: int, budget: int, seed: int = 0, s
                     observed.setdefault(number, (t["params"], t["values"]))
             if log:
                 n_done = sum(t["state"] == "COMPLETE" for t in trials.values())
-                log(f"kill {report.kills:3d} ({'early' if early else 'late '}): {n_done}/{budget} complete, {len(trials)} trials")
+                log(
+                    f"kill {report.kills:3d} ({'early' if early else 'late '}): {n_done}/{budget} complete, "
+                    f"{len(trials)} trials"
+                )
         final = subprocess.run(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
     report.final_rc = final.returncode
     check(db, observed, report)
@@ -228,7 +262,9 @@ def run_soak(workdir: Path, zoo: Path, kills: int, budget: int, seed: int = 0, s
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=30, help="SIGKILLs of the driver (at most 100)")
-    parser.add_argument("--budget", type=int, default=None, help="COMPLETE trials the study ends with (default: 2 x kills, at least 12)")
+    parser.add_argument(
+        "--budget", type=int, default=None, help="COMPLETE trials the study ends with (default: 2 x kills, at least 12)"
+    )
     parser.add_argument("--zoo", type=Path, default=None, help="a tiny zoo (default: build one in the work dir)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the run goes (default: a new temp dir)")
     parser.add_argument("--sampler", default="cmaes", choices=["cmaes", "random", "tpe"])
@@ -247,7 +283,9 @@ def main() -> int:
         zoo = workdir / "zoo"
         if not (zoo / "zoo.json").is_file():
             build_zoo(zoo, seed=0, size="tiny", log=None)
-    report = run_soak(workdir, zoo.resolve(), args.kills, args.budget or max(12, 2 * args.kills), args.seed, args.sampler)
+    report = run_soak(
+        workdir, zoo.resolve(), args.kills, args.budget or max(12, 2 * args.kills), args.seed, args.sampler
+    )
     print(report.text())
     print(f"work dir: {workdir}")
     return 0 if report.ok else 1

@@ -4,6 +4,7 @@ portfolio, the routing oracle, the floor and the room (in memory; what README's 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/zoo_table.py zoo
     OMP_NUM_THREADS=1 .venv/bin/python scripts/zoo_table.py zoo --mc      # multiple choice instead
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,15 @@ def main(zoo: Path, mc: bool = False) -> None:
 
     names = list(json.loads((zoo / "zoo.json").read_text())["specialists"])
     tasks = [f"zoo_{n}" if mc else f"zoo_{n}_greedy" for n in names]
-    cfg = parse_config({"name": "table", "base_model": str(zoo / "base"), "models": [str(zoo / n) for n in names],
-                        "method": "task_arithmetic", "tasks": {"search": [{"name": tasks[0]}]}})  # fmt: skip
+    cfg = parse_config(
+        {
+            "name": "table",
+            "base_model": str(zoo / "base"),
+            "models": [str(zoo / n) for n in names],
+            "method": "task_arithmetic",
+            "tasks": {"search": [{"name": tasks[0]}]},
+        }
+    )
     ev = Evaluator(cfg.models, cfg.base_model, {"heldout": [TaskSpec(name=t) for t in tasks]})
     rows: dict[str, dict[str, float]] = {}
     for path in [cfg.base_model, *cfg.models]:
@@ -35,8 +43,10 @@ def main(zoo: Path, mc: bool = False) -> None:
     table = [[label, *(f"{100 * v:.1f}" for v in s.values()), f"{mean[label]:.1f}"] for label, s in rows.items()]
     print("\n".join(markdown_table(header, table)))
     floor = max((label for label in mean if label != "routing oracle"), key=mean.get)
-    print(f"\nfloor {mean[floor]:.1f} ({floor}), routing oracle {mean['routing oracle']:.1f}, "
-          f"room {mean['routing oracle'] - mean[floor]:.1f} points")
+    print(
+        f"\nfloor {mean[floor]:.1f} ({floor}), routing oracle {mean['routing oracle']:.1f}, "
+        f"room {mean['routing oracle'] - mean[floor]:.1f} points"
+    )
 
 
 if __name__ == "__main__":

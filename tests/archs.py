@@ -5,6 +5,7 @@
 Every model uses the zoo's character tokenizer (45 tokens), so the zoo's lm-eval tasks score them. The fine-tunes
 are the base plus small seeded noise on every tensor: task vectors that differ in every layer and kind.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,19 +13,45 @@ from pathlib import Path
 
 # name -> (config class, its arguments): 3 layers, hidden 32, four heads (two KV heads where the architecture has GQA)
 SHAPES = {
-    "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                  num_key_value_heads=2)),
-    "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                  num_key_value_heads=2)),  # q/k/v biases
-    "mistral": ("MistralConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                      num_key_value_heads=2)),
-    "gemma": ("GemmaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                  num_key_value_heads=1, head_dim=8)),  # tied embeddings: no lm_head stored
-    "phi3": ("Phi3Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                num_key_value_heads=2, original_max_position_embeddings=64)),  # fused qkv_proj, gate_up_proj
+    "llama": (
+        "LlamaConfig",
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
+    ),  # q/k/v biases
+    "mistral": (
+        "MistralConfig",
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
+    ),
+    "gemma": (
+        "GemmaConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=8,
+        ),
+    ),  # tied embeddings: no lm_head stored
+    "phi3": (
+        "Phi3Config",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            original_max_position_embeddings=64,
+        ),
+    ),  # fused qkv_proj, gate_up_proj
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=3, n_head=4, n_positions=64)),  # transformer.h.N, Conv1D, tied
-    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                       num_attention_heads=4)),  # gpt_neox.layers.N, fused query_key_value, embed_out
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4),
+    ),  # gpt_neox.layers.N, fused query_key_value, embed_out
 }
 ARCHS = tuple(SHAPES)
 # The filter that names attention tensors in each architecture (what a space's `self_attn` kind becomes)
@@ -41,10 +68,18 @@ def build(arch: str, out: Path, seed: int = 0) -> Path:
 
     tokenizer = build_tokenizer()
     cls_name, shape = SHAPES[arch]
-    config = getattr(transformers, cls_name)(
-        vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64, **shape
-    ) if arch != "gpt2" else transformers.GPT2Config(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2,
-                                                      pad_token_id=0, **shape)  # fmt: skip
+    config = (
+        getattr(transformers, cls_name)(
+            vocab_size=len(tokenizer),
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            max_position_embeddings=64,
+            **shape,
+        )
+        if arch != "gpt2"
+        else transformers.GPT2Config(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=0, **shape)
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(str(out), safe_serialization=True)

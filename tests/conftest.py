@@ -1,4 +1,5 @@
 """Shared fixtures: one tiny zoo per test session, offline environment for every test."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """evomerge as a user installs it: a wheel built from this tree, installed into a fresh environment that holds no
 source tree. Used by the `evomerge_wheel` and `installed_evomerge` fixtures (conftest.py)."""
+
 from __future__ import annotations
 
 import os
@@ -25,9 +26,24 @@ def build_wheel(tmp_path: Path) -> Path:
             shutil.copy2(path, src / name)
     dist = tmp_path / "dist"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(dist), str(src)],
-        check=True, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(dist),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     (wheel,) = dist.glob("evomerge-*.whl")
     return wheel
 
@@ -44,14 +60,21 @@ def fresh_env(tmp_path: Path, wheel: Path) -> Path:
     (site_packages(env) / "outer_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run(  # pip comes from the outer environment too; --ignore-installed: never touch that one's evomerge
         [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
-        check=True, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return env
 
 
 def site_packages(env: Path) -> Path:
-    out = subprocess.run([env / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                         check=True, capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [env / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return Path(out.stdout.strip())
 
 

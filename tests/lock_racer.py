@@ -6,6 +6,7 @@ Each round both write `ready-<round>-<me>` and wait for the other's, then take t
 does (StudyLock.acquire, then claim on the Optuna study). The winner holds it until the loser has written its
 result, so each round is one contest; each writes `result-<round>-<me>`: `won <pid>` or `lost <message>`.
 """
+
 from __future__ import annotations
 
 import sys

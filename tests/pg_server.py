@@ -5,6 +5,7 @@ The server binaries come from EVOMERGE_TEST_PG_BIN, the PATH, or Debian's /usr/l
 root, so a root test session runs them as the `postgres` user. Every connection needs a password (scram):
 the role `evomerge` has a random one, so tests can look for it in files and output.
 """
+
 from __future__ import annotations
 
 import glob
@@ -80,8 +81,19 @@ class PostgresServer:
             f"-p {self.port} -h 127.0.0.1 -k {self.root} -c fsync=off -c synchronous_commit=off "
             "-c full_page_writes=off -c shared_buffers=32MB -c max_connections=200"
         )
-        out = self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"),
-                        "-w", "-t", "60", "-o", options, "start")  # fmt: skip
+        out = self._run(
+            str(self.bin_dir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "start",
+        )
         if out.returncode != 0:
             log = (self.root / "server.log").read_text() if (self.root / "server.log").exists() else ""
             raise RuntimeError(f"pg_ctl start failed: {out.stdout}{out.stderr}{log[-2000:]}")
@@ -109,8 +121,11 @@ def stop_orphans(bin_dir: Path, as_user: list[str]) -> None:
         except (OSError, ValueError):
             continue
         if not _alive(owner):
-            subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop"],
-                           capture_output=True, timeout=60)  # fmt: skip
+            subprocess.run(
+                [*as_user, str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop"],
+                capture_output=True,
+                timeout=60,
+            )
             shutil.rmtree(root, ignore_errors=True)
 
 
@@ -136,10 +151,23 @@ def start_server() -> PostgresServer:
     if as_user:
         os.chown(pwfile, pwd.getpwnam("postgres").pw_uid, -1)
     init = subprocess.run(
-        [*as_user, str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", SUPERUSER, "--auth=scram-sha-256",
-         f"--pwfile={pwfile}", "-E", "UTF8", "--no-sync"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            *as_user,
+            str(bin_dir / "initdb"),
+            "-D",
+            str(root / "data"),
+            "-U",
+            SUPERUSER,
+            "--auth=scram-sha-256",
+            f"--pwfile={pwfile}",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if init.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"initdb failed: {init.stdout}{init.stderr}")

@@ -6,6 +6,7 @@ transformers (logits); `evomerge audit` runs; a 3-trial search over the shipped 
 embeddings are merged once and stay tied; a search-space kind that names no tensor of the architecture exits 2.
 README's architecture table is filled from these tests.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,17 +30,24 @@ IDS = torch.tensor([[1, 14, 15, 40, 16, 42, 20, 21, 22, 2], [1, 30, 31, 32, 41, 
 def ties_recipe(family: dict[str, Path], arch: str) -> Recipe:
     """TIES with a per-model weight gradient, a per-kind filter in the architecture's own names, and densities."""
     attn = ATTN.get(arch, "self_attn")
-    return Recipe.from_dict({
-        "merge_method": "ties",
-        "base_model": str(family["base"]),
-        "models": [
-            {"model": str(family["a"]), "parameters": {"weight": [0.2, 0.8], "density": 0.5}},
-            {"model": str(family["b"]), "parameters": {"weight": [{"filter": attn, "value": [0.9, 0.1]}, {"value": 0.5}],
-                                                       "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.7}]}},
-        ],
-        "parameters": {"normalize": True},
-        "dtype": "float32",
-    })  # fmt: skip
+    return Recipe.from_dict(
+        {
+            "merge_method": "ties",
+            "base_model": str(family["base"]),
+            "models": [
+                {"model": str(family["a"]), "parameters": {"weight": [0.2, 0.8], "density": 0.5}},
+                {
+                    "model": str(family["b"]),
+                    "parameters": {
+                        "weight": [{"filter": attn, "value": [0.9, 0.1]}, {"value": 0.5}],
+                        "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.7}],
+                    },
+                },
+            ],
+            "parameters": {"normalize": True},
+            "dtype": "float32",
+        }
+    )
 
 
 def load_dir(folder: Path) -> dict[str, torch.Tensor]:
@@ -135,11 +143,22 @@ def test_a_stored_tied_head_is_merged_as_the_embeddings_it_is_tied_to(arch_famil
         tensors = load_file(str(src / "model.safetensors"))
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
         save_file(tensors, str(family[role] / "model.safetensors"), metadata={"format": "pt"})
-    recipe = Recipe.from_dict({
-        "merge_method": "linear", "base_model": str(family["base"]),
-        "models": [{"model": str(family["a"]), "parameters": {"weight": [{"filter": "lm_head", "value": 0.0}, {"value": 1.0}]}},
-                   {"model": str(family["base"]), "parameters": {"weight": [{"filter": "lm_head", "value": 1.0}, {"value": 0.5}]}}],
-    })  # fmt: skip
+    recipe = Recipe.from_dict(
+        {
+            "merge_method": "linear",
+            "base_model": str(family["base"]),
+            "models": [
+                {
+                    "model": str(family["a"]),
+                    "parameters": {"weight": [{"filter": "lm_head", "value": 0.0}, {"value": 1.0}]},
+                },
+                {
+                    "model": str(family["base"]),
+                    "parameters": {"weight": [{"filter": "lm_head", "value": 1.0}, {"value": 0.5}]},
+                },
+            ],
+        }
+    )
     mat = Materializer([family["a"]], family["base"])
     mat.apply(recipe)
     out = export_recipe(recipe, tmp_path / "out")
@@ -153,7 +172,9 @@ def test_a_stored_tied_head_is_merged_as_the_embeddings_it_is_tied_to(arch_famil
 def test_audit_runs(arch, arch_family, tmp_path, capsys):
     family = arch_family(arch)
     config = tmp_path / "audit.yaml"
-    config.write_text(yaml.safe_dump({"base_model": str(family["base"]), "models": [str(family["a"]), str(family["b"])]}))
+    config.write_text(
+        yaml.safe_dump({"base_model": str(family["base"]), "models": [str(family["a"]), str(family["b"])]})
+    )
     assert main(["audit", str(config), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     rows = {(g["row"], g["kind"]) for g in report["groups"]}
@@ -277,13 +298,24 @@ def test_probe_regions_use_the_architectures_names(arch_family):
     from evomerge.merge.layout import Layout
 
     gpt2 = Layout.of(Checkpoint(arch_family("gpt2")["base"]))
-    assert regions_of(3, gpt2) == [("layer 0", "transformer.h.0."), ("layer 1", "transformer.h.1."),
-                                   ("layer 2", "transformer.h.2."), ("attention", "attn"), ("MLP", "mlp"),
-                                   ("embeddings", "wte")]  # tied: the head is the embeddings, no region of its own
+    assert regions_of(3, gpt2) == [
+        ("layer 0", "transformer.h.0."),
+        ("layer 1", "transformer.h.1."),
+        ("layer 2", "transformer.h.2."),
+        ("attention", "attn"),
+        ("MLP", "mlp"),
+        ("embeddings", "wte"),
+    ]  # tied: the head is the embeddings, no region of its own
     neox = Layout.of(Checkpoint(arch_family("gpt_neox")["base"]))
-    assert dict(regions_of(3, neox)) == {"layer 0": "gpt_neox.layers.0.", "layer 1": "gpt_neox.layers.1.",
-                                         "layer 2": "gpt_neox.layers.2.", "attention": ".attention.", "MLP": "mlp",
-                                         "embeddings": "embed_in", "head": "embed_out"}
+    assert dict(regions_of(3, neox)) == {
+        "layer 0": "gpt_neox.layers.0.",
+        "layer 1": "gpt_neox.layers.1.",
+        "layer 2": "gpt_neox.layers.2.",
+        "attention": ".attention.",
+        "MLP": "mlp",
+        "embeddings": "embed_in",
+        "head": "embed_out",
+    }
 
 
 def test_a_driver_without_the_weights_lays_the_space_over_the_config(arch_family, tmp_path):

@@ -1,4 +1,5 @@
 """Outputs under kills: the destination holds the previous complete checkpoint or nothing, never a partial one."""
+
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_bad_input import small_disk
 
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
@@ -18,15 +20,16 @@ from evomerge.io.atomic import atomic_dir, clean_stale
 from evomerge.io.shards import parse_size
 from evomerge.io.verify import verify_checkpoint
 from evomerge.recipe import Recipe
-from test_bad_input import small_disk
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _recipe(zoo: Path, folder: Path) -> Path:
     path = folder / "recipe.yaml"
-    path.write_text(f"merge_method: dare_ties\nbase_model: {zoo}/base\nmodels:\n- model: {zoo}/add\n- model: {zoo}/reverse\n"
-                    "parameters: {weight: 0.5, density: 0.5}\n")
+    path.write_text(
+        f"merge_method: dare_ties\nbase_model: {zoo}/base\nmodels:\n- model: {zoo}/add\n- model: {zoo}/reverse\n"
+        "parameters: {weight: 0.5, density: 0.5}\n"
+    )
     return path
 
 
@@ -71,8 +74,19 @@ def _listdir(folder: Path) -> list[str]:
 
 
 def _cmd(recipe: Path, out: Path, seed: int) -> list[str]:
-    return [sys.executable, "-m", "evomerge", "merge", str(recipe), "--out", str(out), "--seed", str(seed),
-            "--max-shard-size", "1"]  # one tensor per shard: ~40 files, a write long enough to kill in the middle
+    return [
+        sys.executable,
+        "-m",
+        "evomerge",
+        "merge",
+        str(recipe),
+        "--out",
+        str(out),
+        "--seed",
+        str(seed),
+        "--max-shard-size",
+        "1",
+    ]  # one tensor per shard: ~40 files, a write long enough to kill in the middle
 
 
 def test_sigkill_mid_write_keeps_the_previous_result(tiny_zoo, tmp_path):

@@ -1,4 +1,5 @@
 """`evomerge audit` on the tiny zoo: statistics are computed from the weights, bad inputs exit 2."""
+
 from __future__ import annotations
 
 import json
@@ -118,12 +119,19 @@ def test_recipe_input(tiny_zoo, tmp_path, capsys):
 
     (tmp_path / "zoo").symlink_to(tiny_zoo)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "merge_method": "ties", "base_model": "zoo/base",
-        "models": [{"model": "zoo/add", "parameters": {"weight": 0.5, "density": 0.5}},
-                   {"model": "zoo/reverse", "parameters": {"weight": 0.5, "density": 0.5}},
-                   {"model": "zoo/base"}],
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ties",
+                "base_model": "zoo/base",
+                "models": [
+                    {"model": "zoo/add", "parameters": {"weight": 0.5, "density": 0.5}},
+                    {"model": "zoo/reverse", "parameters": {"weight": 0.5, "density": 0.5}},
+                    {"model": "zoo/base"},
+                ],
+            }
+        )
+    )
     report = _audit_json(capsys, recipe, "--sample", "50")
     assert report["models"] == ["add", "reverse"] and report["base"] == "base"
     assert report["sample"] == 50

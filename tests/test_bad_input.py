@@ -3,6 +3,7 @@
 Each case builds its bad input in a temp folder and returns the CLI argv; `CASES` is also what
 `scripts/bad_input_messages.py` runs to print every message.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,9 +14,10 @@ import os
 import resource
 import shutil
 import signal
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator
 
 import pytest
 
@@ -37,9 +39,18 @@ class Case:
 # ---- building blocks ----------------------------------------------------------------------------
 
 
-def recipe(tmp: Path, zoo: Path, *, method: str = "ties", params: str = "{weight: 1, density: 0.5}",
-           models: tuple[str, ...] = ("add", "reverse"), base: str | None = "base", extra: str = "") -> list[str]:
+def recipe(
+    tmp: Path,
+    zoo: Path,
+    *,
+    method: str = "ties",
+    params: str = "{weight: 1, density: 0.5}",
+    models: tuple[str, ...] = ("add", "reverse"),
+    base: str | None = "base",
+    extra: str = "",
+) -> list[str]:
     """A recipe next to the models (relative paths), and `merge RECIPE --out tmp/out`."""
+
     def path(name: str) -> str:
         return name if "/" in name or name.startswith(".") else str(zoo / name)
 
@@ -58,6 +69,7 @@ def write_recipe(tmp: Path, text: str, *extra_args: str) -> list[str]:
 
 def broken(edit: Callable[[Path], None], *, role: str = "model") -> Build:
     """Copy zoo/add to tmp/broken, damage it with `edit`, merge it as a model (or as the base)."""
+
     def build(tmp: Path, zoo: Path) -> list[str]:
         folder = tmp / "broken"
         shutil.copytree(zoo / "add", folder)
@@ -65,6 +77,7 @@ def broken(edit: Callable[[Path], None], *, role: str = "model") -> Build:
         if role == "base":
             return recipe(tmp, zoo, base="./broken", models=("add", "reverse"))
         return recipe(tmp, zoo, models=("./broken", "reverse"))
+
     return build
 
 
@@ -75,6 +88,7 @@ def edit_tensors(edit: Callable[[dict], None]) -> Callable[[Path], None]:
         tensors = load_file(folder / "model.safetensors")
         edit(tensors)
         save_file(tensors, str(folder / "model.safetensors"))
+
     return apply
 
 
@@ -83,6 +97,7 @@ def edit_json(name: str, edit: Callable[[dict], None]) -> Callable[[Path], None]
         data = json.loads((folder / name).read_text())
         edit(data)
         (folder / name).write_text(json.dumps(data))
+
     return apply
 
 
@@ -118,6 +133,7 @@ def drop_last_layer(folder: Path) -> None:
 
 def exported(edit: Callable[[Path], None]) -> Build:
     """A real export in tmp/ckpt, damaged by `edit`, then `verify tmp/ckpt`."""
+
     def build(tmp: Path, zoo: Path) -> list[str]:
         from evomerge.export import export_recipe
         from evomerge.recipe import Recipe
@@ -126,6 +142,7 @@ def exported(edit: Callable[[Path], None]) -> Build:
         export_recipe(Recipe.load(tmp / "recipe.yaml"), tmp / "ckpt")
         edit(tmp / "ckpt")
         return ["verify", str(tmp / "ckpt")]
+
     return build
 
 
@@ -170,10 +187,13 @@ def small_disk(limit: int = 16_384) -> Iterator[None]:
         signal.signal(signal.SIGXFSZ, previous)
 
 
-def audit_config(tmp: Path, zoo: Path, text: str | None = None, models: tuple[str, ...] = ("add", "reverse")) -> list[str]:
+def audit_config(
+    tmp: Path, zoo: Path, text: str | None = None, models: tuple[str, ...] = ("add", "reverse")
+) -> list[str]:
     if text is None:
         text = f"base_model: {zoo / 'base'}\nmodels:\n" + "".join(
-            f"- model: {m if '/' in m else zoo / m}\n" for m in models)
+            f"- model: {m if '/' in m else zoo / m}\n" for m in models
+        )
     (tmp / "audit.yaml").write_text(text)
     return ["audit", str(tmp / "audit.yaml")]
 
@@ -185,6 +205,7 @@ def eval_model(folder_edit: Callable[[Path], None] | None, tasks: str = "zoo_add
         if folder_edit is not None:
             folder_edit(folder)
         return ["eval", str(folder), "--tasks", tasks]
+
     return build
 
 
@@ -212,8 +233,11 @@ def search_config(tmp: Path, zoo: Path, storage: str | None = "store/study.db", 
     return ["search", str(tmp / "search.yaml"), "--no-progress"]
 
 
-INLINE_SPACE = {"methods": ["task_arithmetic"], "layers_per_group": 2,
-                "parameters": {"weight": {"low": 0.0, "high": 1.0, "default": 0.5}, "lambda": {"value": 1.0}}}
+INLINE_SPACE = {
+    "methods": ["task_arithmetic"],
+    "layers_per_group": 2,
+    "parameters": {"weight": {"low": 0.0, "high": 1.0, "default": 0.5}, "lambda": {"value": 1.0}},
+}
 
 
 def weight_bounds(low: float, high: float) -> dict:
@@ -225,8 +249,9 @@ def weight_bounds(low: float, high: float) -> dict:
 def broken_task_folder(tmp: Path, zoo: Path) -> list[str]:
     (tmp / "mytasks").mkdir()
     (tmp / "mytasks" / "my_task.yaml").write_text("task: my_task\ndataset_path: [json\noutput_type: {\n")
-    return search_config(tmp, zoo, tasks={"include_paths": [str(tmp / "mytasks")],
-                                           "search": [{"name": "my_task", "metric": "acc"}]})
+    return search_config(
+        tmp, zoo, tasks={"include_paths": [str(tmp / "mytasks")], "search": [{"name": "my_task", "metric": "acc"}]}
+    )
 
 
 def storage_under_a_file(tmp: Path, zoo: Path) -> list[str]:
@@ -267,68 +292,149 @@ def _as_root() -> bool:
 
 CASES = [
     # recipes
-    Case("recipe_missing", lambda t, z: ["merge", str(t / "nope.yaml"), "--out", str(t / "out")], "recipe file not found"),
+    Case(
+        "recipe_missing", lambda t, z: ["merge", str(t / "nope.yaml"), "--out", str(t / "out")], "recipe file not found"
+    ),
     Case("malformed_yaml", lambda t, z: write_recipe(t, "merge_method: [ties\nmodels: {"), "is not valid YAML"),
     Case("not_a_mapping", lambda t, z: write_recipe(t, "- ties\n- add\n"), "a recipe is a YAML mapping"),
     Case("unknown_top_key", lambda t, z: recipe(t, z, extra="out_dtyp: float16\n"), "did you mean: out_dtype"),
-    Case("unknown_nested_key", lambda t, z: write_recipe(
-        t, f"merge_method: linear\nmodels:\n- model: {z / 'add'}\n  paramters: {{weight: 1}}\n"), "did you mean: parameters"),
+    Case(
+        "unknown_nested_key",
+        lambda t, z: write_recipe(
+            t, f"merge_method: linear\nmodels:\n- model: {z / 'add'}\n  paramters: {{weight: 1}}\n"
+        ),
+        "did you mean: parameters",
+    ),
     Case("unknown_parameter", lambda t, z: recipe(t, z, params="{weight: 1, densty: 0.5}"), "did you mean: density"),
-    Case("wrong_type_models", lambda t, z: write_recipe(t, "merge_method: linear\nmodels: add\n"), "field models: Input should be a valid list"),
-    Case("wrong_type_value", lambda t, z: recipe(t, z, params="{weight: heavy, density: 0.5}"), "'heavy' is not a valid weight"),
+    Case(
+        "wrong_type_models",
+        lambda t, z: write_recipe(t, "merge_method: linear\nmodels: add\n"),
+        "field models: Input should be a valid list",
+    ),
+    Case(
+        "wrong_type_value",
+        lambda t, z: recipe(t, z, params="{weight: heavy, density: 0.5}"),
+        "'heavy' is not a valid weight",
+    ),
     Case("wrong_type_seed", lambda t, z: recipe(t, z, extra="evomerge: {seed: abc}\n"), "field evomerge.seed"),
     Case("unknown_method", lambda t, z: recipe(t, z, method="tie"), "unknown method 'tie' (did you mean: ties"),
-    Case("density_above_1", lambda t, z: recipe(t, z, params="{weight: 1, density: 1.5}"), "density must be in (0, 1], got 1.5"),
-    Case("density_zero", lambda t, z: recipe(t, z, params="{weight: 1, density: 0}"), "density must be in (0, 1], got 0"),
-    Case("t_above_1", lambda t, z: recipe(t, z, method="slerp", params="{t: 1.2}", models=("add",)), "t must be in [0, 1], got 1.2"),
-    Case("t_in_gradient", lambda t, z: recipe(t, z, method="slerp", params="{t: [0, 0.5, -0.1]}", models=("add",)), "t must be in [0, 1], got -0.1"),
+    Case(
+        "density_above_1",
+        lambda t, z: recipe(t, z, params="{weight: 1, density: 1.5}"),
+        "density must be in (0, 1], got 1.5",
+    ),
+    Case(
+        "density_zero", lambda t, z: recipe(t, z, params="{weight: 1, density: 0}"), "density must be in (0, 1], got 0"
+    ),
+    Case(
+        "t_above_1",
+        lambda t, z: recipe(t, z, method="slerp", params="{t: 1.2}", models=("add",)),
+        "t must be in [0, 1], got 1.2",
+    ),
+    Case(
+        "t_in_gradient",
+        lambda t, z: recipe(t, z, method="slerp", params="{t: [0, 0.5, -0.1]}", models=("add",)),
+        "t must be in [0, 1], got -0.1",
+    ),
     Case("base_model_needed", lambda t, z: recipe(t, z, base=None), "field base_model: ties needs a base model"),
     # models
     Case("model_dir_missing", lambda t, z: recipe(t, z, models=("./nowhere", "reverse")), "field models[0].model"),
     Case("model_dir_empty", broken(lambda f: [p.unlink() for p in f.iterdir()]), "config.json: missing"),
     Case("no_weights", broken(lambda f: (f / "model.safetensors").unlink()), "no weights found"),
     Case("base_dir_missing", lambda t, z: recipe(t, z, base="./nobase"), "field base_model:"),
-    Case("model_is_a_hub_id", lambda t, z: recipe(t, z, models=("me/tiny-add", "reverse")),
-         "me/tiny-add is not a local folder (looked for"),  # a published recipe: `hf download me/tiny-add ...`
+    Case(
+        "model_is_a_hub_id",
+        lambda t, z: recipe(t, z, models=("me/tiny-add", "reverse")),
+        "me/tiny-add is not a local folder (looked for",
+    ),  # a published recipe: `hf download me/tiny-add ...`
     Case("corrupt_header", broken(corrupt_header), "corrupt safetensors header"),
     Case("truncated_weights", broken(truncate), "truncated"),
-    Case("shape_differs", broken(edit_tensors(lambda t: t.update({"model.norm.weight": t["model.norm.weight"][:7]}))),
-         "model.norm.weight has shape [7]"),
-    Case("tensor_missing", broken(edit_tensors(lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))),
-         "model.layers.1.mlp.up_proj.weight is missing"),
-    Case("tensor_renamed", broken(edit_tensors(lambda t: t.update({"model.extra.weight": t.pop("model.norm.weight")}))),
-         "tensor model.norm.weight is missing"),
+    Case(
+        "shape_differs",
+        broken(edit_tensors(lambda t: t.update({"model.norm.weight": t["model.norm.weight"][:7]}))),
+        "model.norm.weight has shape [7]",
+    ),
+    Case(
+        "tensor_missing",
+        broken(edit_tensors(lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))),
+        "model.layers.1.mlp.up_proj.weight is missing",
+    ),
+    Case(
+        "tensor_renamed",
+        broken(edit_tensors(lambda t: t.update({"model.extra.weight": t.pop("model.norm.weight")}))),
+        "tensor model.norm.weight is missing",
+    ),
     Case("vocab_differs", broken(edit_json("tokenizer.json", swap_two_tokens)), "tokenizer vocabulary differs"),
-    Case("model_type_differs", broken(edit_json("config.json", lambda c: c.update(model_type="mistral"))), "config.json model_type is mistral, but"),
+    Case(
+        "model_type_differs",
+        broken(edit_json("config.json", lambda c: c.update(model_type="mistral"))),
+        "config.json model_type is mistral, but",
+    ),
     Case("num_layers_differ", broken(drop_last_layer), "num_hidden_layers is 3, but"),
-    Case("config_differs_tensors_match", broken(edit_json("config.json", lambda c: c.update(intermediate_size=512))),
-         "intermediate_size is 512, but"),
-    Case("slices_lengths_differ", lambda t, z: write_recipe(t, (
-        f"merge_method: slerp\nbase_model: {z / 'add'}\nparameters: {{t: 0.5}}\nslices:\n- sources:\n"
-        f"  - {{model: {z / 'add'}, layer_range: [0, 4]}}\n  - {{model: {z / 'reverse'}, layer_range: [0, 3]}}\n")),
-        "spans 3 layers but sources[0] spans 4"),
-    Case("slices_past_last_layer", lambda t, z: write_recipe(t, (
-        f"merge_method: passthrough\nslices:\n- sources:\n  - {{model: {z / 'add'}, layer_range: [2, 6]}}\n")),
-        "reaches past the 4 layers"),
-    Case("modules_form", lambda t, z: write_recipe(t, f"merge_method: linear\nmodules:\n  text:\n    models:\n    - model: {z / 'add'}\n"),
-         "field 'modules'"),
+    Case(
+        "config_differs_tensors_match",
+        broken(edit_json("config.json", lambda c: c.update(intermediate_size=512))),
+        "intermediate_size is 512, but",
+    ),
+    Case(
+        "slices_lengths_differ",
+        lambda t, z: write_recipe(
+            t,
+            (
+                f"merge_method: slerp\nbase_model: {z / 'add'}\nparameters: {{t: 0.5}}\nslices:\n- sources:\n"
+                f"  - {{model: {z / 'add'}, layer_range: [0, 4]}}\n  - "
+                f"{{model: {z / 'reverse'}, layer_range: [0, 3]}}\n"
+            ),
+        ),
+        "spans 3 layers but sources[0] spans 4",
+    ),
+    Case(
+        "slices_past_last_layer",
+        lambda t, z: write_recipe(
+            t, (f"merge_method: passthrough\nslices:\n- sources:\n  - {{model: {z / 'add'}, layer_range: [2, 6]}}\n")
+        ),
+        "reaches past the 4 layers",
+    ),
+    Case(
+        "modules_form",
+        lambda t, z: write_recipe(
+            t, f"merge_method: linear\nmodules:\n  text:\n    models:\n    - model: {z / 'add'}\n"
+        ),
+        "field 'modules'",
+    ),
     Case("base_incompatible", broken(drop_last_layer, role="base"), "layers"),
     Case("pickle_weights", broken(to_pickle), "--allow-pickle"),
     # outputs
     Case("out_parent_is_file", out_parent_is_file, "afile is a file, not a folder"),
-    Case("out_read_only", out_read_only, "choose a writable output folder",
-         skip="running as root: permission bits do not bind (out_parent_is_file covers the failed mkdir)" if _as_root() else None),
+    Case(
+        "out_read_only",
+        out_read_only,
+        "choose a writable output folder",
+        skip="running as root: permission bits do not bind (out_parent_is_file covers the failed mkdir)"
+        if _as_root()
+        else None,
+    ),
     Case("out_not_ours", out_not_ours, "is not an evomerge output"),
     Case("disk_full", lambda t, z: recipe(t, z), "free disk space", around=small_disk),
     Case("bad_shard_size", lambda t, z: recipe(t, z) + ["--max-shard-size", "lots"], "--max-shard-size 'lots'"),
     # kernel sets
-    Case("unknown_kernel_set", lambda t, z: recipe(t, z, extra="evomerge: {kernels: fast}\n"),
-         "recipe.yaml: field evomerge.kernels: unknown kernel set 'fast'; valid: evomerge-1, mergekit-0.1.5"),
+    Case(
+        "unknown_kernel_set",
+        lambda t, z: recipe(t, z, extra="evomerge: {kernels: fast}\n"),
+        "recipe.yaml: field evomerge.kernels: unknown kernel set 'fast'; valid: evomerge-1, mergekit-0.1.5",
+    ),
     Case("unknown_kernels_flag", lambda t, z: recipe(t, z) + ["--kernels", "mk"], "--kernels: unknown kernel set 'mk'"),
-    Case("unknown_kernels_env", lambda t, z: recipe(t, z), "environment variable EVOMERGE_KERNELS: unknown kernel set",
-         around=lambda: env_var("EVOMERGE_KERNELS", "fast")),
-    Case("export_unknown_kernels", lambda t, z: ["export", str(t / "runs" / "x"), "--kernels", "evomerge-2"],
-         "--kernels: unknown kernel set 'evomerge-2'"),
+    Case(
+        "unknown_kernels_env",
+        lambda t, z: recipe(t, z),
+        "environment variable EVOMERGE_KERNELS: unknown kernel set",
+        around=lambda: env_var("EVOMERGE_KERNELS", "fast"),
+    ),
+    Case(
+        "export_unknown_kernels",
+        lambda t, z: ["export", str(t / "runs" / "x"), "--kernels", "evomerge-2"],
+        "--kernels: unknown kernel set 'evomerge-2'",
+    ),
     # verify
     Case("verify_no_recipe", lambda t, z: ["verify", str(z / "add")], "recipe.yaml: missing"),
     Case("verify_tampered", exported(flip_a_byte), "model.safetensors: sha256"),
@@ -341,37 +447,93 @@ CASES = [
     Case("eval_unknown_task", eval_model(None, tasks="zoo_ad"), "zoo_ad"),
     # audit
     Case("audit_malformed_yaml", lambda t, z: audit_config(t, z, "base_model: [x\n"), "YAML"),
-    Case("audit_model_missing", lambda t, z: audit_config(t, z, models=(str(t / "nowhere"), "reverse")), "does not exist"),
-    Case("audit_vocab_differs", lambda t, z: (broken(edit_json("tokenizer.json", swap_two_tokens))(t, z),
-                                              audit_config(t, z, models=(str(t / "broken"), "reverse")))[1],
-         "tokenizer vocabulary differs"),
-    Case("audit_probe_recipe", lambda t, z: (
-        (t / "recipe.yaml").write_text(f"merge_method: linear\nmodels:\n- model: {z / 'add'}\n  parameters: {{weight: 1.0}}\n"),
-        ["audit", str(t / "recipe.yaml"), "--probe"])[1], "this is a recipe"),
+    Case(
+        "audit_model_missing", lambda t, z: audit_config(t, z, models=(str(t / "nowhere"), "reverse")), "does not exist"
+    ),
+    Case(
+        "audit_vocab_differs",
+        lambda t, z: (
+            broken(edit_json("tokenizer.json", swap_two_tokens))(t, z),
+            audit_config(t, z, models=(str(t / "broken"), "reverse")),
+        )[1],
+        "tokenizer vocabulary differs",
+    ),
+    Case(
+        "audit_probe_recipe",
+        lambda t, z: (
+            (t / "recipe.yaml").write_text(
+                f"merge_method: linear\nmodels:\n- model: {z / 'add'}\n  parameters: {{weight: 1.0}}\n"
+            ),
+            ["audit", str(t / "recipe.yaml"), "--probe"],
+        )[1],
+        "this is a recipe",
+    ),
     Case("audit_probe_without_tasks", lambda t, z: audit_config(t, z) + ["--probe"], "tasks"),
-    Case("audit_probe_subset_zero", lambda t, z: ["audit", search_config(t, z)[1], "--probe", "--probe-subset", "0"],
-         "--probe-subset 0"),
+    Case(
+        "audit_probe_subset_zero",
+        lambda t, z: ["audit", search_config(t, z)[1], "--probe", "--probe-subset", "0"],
+        "--probe-subset 0",
+    ),
     # search configs (each fails before Ray starts and before runs/<name>/ is made)
-    Case("search_unknown_sampler", lambda t, z: search_config(t, z, sampler={"name": "cmaess"}),
-         "did you mean: cmaes", in_tmp=True),
-    Case("search_unknown_task", lambda t, z: search_config(t, z, tasks={"search": [{"name": "zoo_ad_search"}]}),
-         "zoo_ad_search", in_tmp=True),
-    Case("search_builtin_task", lambda t, z: search_config(t, z, tasks={"search": [{"name": "arc_easy"}]}),
-         "`tasks.include_defaults: true` in a search config", in_tmp=True),
-    Case("search_unknown_metric", lambda t, z: search_config(t, z, tasks={"search": [{"name": "zoo_add_search", "metric": "accc"}]}),
-         "no metric 'accc'", in_tmp=True),
-    Case("search_bounds_inverted", lambda t, z: search_config(t, z, search_space=weight_bounds(0.9, 0.1)),
-         "must be below `high`", in_tmp=True),
-    Case("search_bound_out_of_range", lambda t, z: search_config(
-        t, z, method="ties", search_space={"methods": ["ties"], "parameters": {
-            "weight": {"low": 0.0, "high": 1.0}, "density": {"low": 0.1, "high": 1.5}}}),
-         "keep density within (0, 1]", in_tmp=True),
+    Case(
+        "search_unknown_sampler",
+        lambda t, z: search_config(t, z, sampler={"name": "cmaess"}),
+        "did you mean: cmaes",
+        in_tmp=True,
+    ),
+    Case(
+        "search_unknown_task",
+        lambda t, z: search_config(t, z, tasks={"search": [{"name": "zoo_ad_search"}]}),
+        "zoo_ad_search",
+        in_tmp=True,
+    ),
+    Case(
+        "search_builtin_task",
+        lambda t, z: search_config(t, z, tasks={"search": [{"name": "arc_easy"}]}),
+        "`tasks.include_defaults: true` in a search config",
+        in_tmp=True,
+    ),
+    Case(
+        "search_unknown_metric",
+        lambda t, z: search_config(t, z, tasks={"search": [{"name": "zoo_add_search", "metric": "accc"}]}),
+        "no metric 'accc'",
+        in_tmp=True,
+    ),
+    Case(
+        "search_bounds_inverted",
+        lambda t, z: search_config(t, z, search_space=weight_bounds(0.9, 0.1)),
+        "must be below `high`",
+        in_tmp=True,
+    ),
+    Case(
+        "search_bound_out_of_range",
+        lambda t, z: search_config(
+            t,
+            z,
+            method="ties",
+            search_space={
+                "methods": ["ties"],
+                "parameters": {"weight": {"low": 0.0, "high": 1.0}, "density": {"low": 0.1, "high": 1.5}},
+            },
+        ),
+        "keep density within (0, 1]",
+        in_tmp=True,
+    ),
     Case("search_storage_unopenable", storage_under_a_file, "cannot be opened", in_tmp=True),
-    Case("search_unknown_kernels", lambda t, z: search_config(t, z, kernels="mergekit-0.1.4"),
-         "'kernels': unknown kernel set 'mergekit-0.1.4'", in_tmp=True),
+    Case(
+        "search_unknown_kernels",
+        lambda t, z: search_config(t, z, kernels="mergekit-0.1.4"),
+        "'kernels': unknown kernel set 'mergekit-0.1.4'",
+        in_tmp=True,
+    ),
     Case("search_broken_task_yaml", broken_task_folder, "my_task", in_tmp=True),
-    Case("search_study_config_changed", study_exists_with_other_config, "different config (seed differ)", in_tmp=True,
-         leaves="store/*.lock"),
+    Case(
+        "search_study_config_changed",
+        study_exists_with_other_config,
+        "different config (seed differ)",
+        in_tmp=True,
+        leaves="store/*.lock",
+    ),
 ]
 
 
@@ -392,16 +554,22 @@ def run_case(case: Case, tmp: Path, zoo: Path) -> tuple[int, str, str]:
 
     argv = case.build(tmp, zoo)
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-            working_dir(tmp) if case.in_tmp else contextlib.nullcontext():
+    with (
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+        working_dir(tmp) if case.in_tmp else contextlib.nullcontext(),
+    ):
         with case.around() if case.around else contextlib.nullcontext():
             code = main(argv)
     return code, out.getvalue(), err.getvalue()
 
 
 def _tree(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in folder.rglob("*") if not p.is_symlink()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if not p.is_symlink()
+    }
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -427,7 +595,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case: Case, tiny_zoo
     assert case.expect in err, err
     after = _tree(work)
     if case.leaves:
-        after = {k: v for k, v in after.items() if not (work / k).match(case.leaves) and k != str(Path(case.leaves).parent)}
+        after = {
+            k: v for k, v in after.items() if not (work / k).match(case.leaves) and k != str(Path(case.leaves).parent)
+        }
         snapshot = {k: v for k, v in snapshot.items() if k != str(Path(case.leaves).parent)}
     assert after == snapshot  # nothing written, nothing left behind
-

@@ -1,4 +1,5 @@
 """Checkpoint: lazy mapped reads (single, sharded, any dtype), pickles only on request, clear errors."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,12 @@ VOCAB = {"<pad>": 0, "a": 1, "b": 2}
 
 def make_model(path: Path, tensors: dict[str, torch.Tensor], *, vocab=VOCAB, arch="LlamaForCausalLM") -> Path:
     path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"architectures": [arch], "model_type": "llama", "num_hidden_layers": 2}))
-    (path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "vocab": vocab}, "added_tokens": []}))
+    (path / "config.json").write_text(
+        json.dumps({"architectures": [arch], "model_type": "llama", "num_hidden_layers": 2})
+    )
+    (path / "tokenizer.json").write_text(
+        json.dumps({"model": {"type": "WordLevel", "vocab": vocab}, "added_tokens": []})
+    )
     save_file(tensors, str(path / "model.safetensors"))
     return path
 
@@ -123,7 +128,9 @@ def test_check_compatible_names_the_first_mismatch(tmp_path):
     with pytest.raises(ModelError, match=r"up_proj.weight has shape \[8, 5\]"):
         check_compatible([a, Checkpoint(make_model(tmp_path / "shape", t))])
     with pytest.raises(ModelError, match="tokenizer vocabulary differs"):
-        check_compatible([a, Checkpoint(make_model(tmp_path / "vocab", tensors(1), vocab={"<pad>": 0, "a": 2, "b": 1}))])
+        check_compatible(
+            [a, Checkpoint(make_model(tmp_path / "vocab", tensors(1), vocab={"<pad>": 0, "a": 2, "b": 1}))]
+        )
     with pytest.raises(ModelError, match="architecture"):
         check_compatible([a, Checkpoint(make_model(tmp_path / "arch", tensors(1), arch="GPT2LMHeadModel"))])
 

@@ -1,5 +1,6 @@
 """The CLI as a newcomer meets it: help in workflow order with examples and every flag explained, a closed pipe,
 `demo --zoo`."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,9 +11,9 @@ import sys
 from pathlib import Path
 
 import yaml
+from test_report import search
 
 from evomerge.cli import COMMANDS, build_parser, main
-from test_report import search
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = ["zoo", "audit", "search", "status", "export", "report"]
@@ -35,7 +36,8 @@ def test_top_level_help_lists_the_workflow_in_order():
     assert list(COMMANDS)[: len(WORKFLOW)] == WORKFLOW
     epilog = text.split("a first session, in order:")[1]
     order = [epilog.index(f"evomerge {name} ") for name in WORKFLOW[:2]] + [
-        epilog.index(f"evomerge {name} runs/demo") for name in ("status", "report", "export")]  # fmt: skip
+        epilog.index(f"evomerge {name} runs/demo") for name in ("status", "report", "export")
+    ]
     assert order == sorted(order) and epilog.index("evomerge search ") < epilog.index("evomerge status ")
 
 
@@ -49,7 +51,9 @@ def test_every_command_has_examples_and_every_flag_has_help():
         for action in parser._actions:
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
                 continue
-            assert action.help and action.help.strip(), f"evomerge {name}: {action.option_strings or action.dest} has no help"
+            assert action.help and action.help.strip(), (
+                f"evomerge {name}: {action.option_strings or action.dest} has no help"
+            )
     build = subs["zoo build"].format_help()
     assert "min" in build and "specialists" in build, "`zoo build --help` says what it builds and how long it takes"
 
@@ -67,7 +71,9 @@ def test_a_closed_pipe_ends_quietly(tiny_zoo, tmp_path):
     assert proc.wait(timeout=120) == 141, err
     assert err == "", err  # no BrokenPipeError traceback, no "Exception ignored" at exit
     # as a user types it
-    out = subprocess.run(" ".join(_status_cmd(run)) + " | head -1", shell=True, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        " ".join(_status_cmd(run)) + " | head -1", shell=True, capture_output=True, text=True, timeout=120
+    )
     assert out.stdout.startswith("study pipe ") and len(out.stdout.splitlines()) == 1
     assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
 
@@ -82,15 +88,26 @@ def test_demo_searches_the_zoo_it_is_given(tiny_zoo, tmp_path, monkeypatch):
 
     shutil.copytree(tiny_zoo, zoo)
     cfg = demo_config(REPO / "configs" / "demo.yaml", zoo)
-    assert cfg.base_model == (zoo / "base").resolve() and cfg.models == [(zoo / "add").resolve(), (zoo / "reverse").resolve()]
+    assert cfg.base_model == (zoo / "base").resolve() and cfg.models == [
+        (zoo / "add").resolve(),
+        (zoo / "reverse").resolve(),
+    ]
     assert cfg.name == "demo" and cfg.method == "task_arithmetic"
 
     config = tmp_path / "tiny.yaml"  # the demo's own config, made small: its models point at no zoo at all
     data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    data.update(base_model="../nowhere/base", models=["../nowhere/a", "../nowhere/b"], budget={"n_trials": 4},
-                workers={"count": 0}, validation=None, sampler={"name": "random"},
-                tasks={**data["tasks"], "search": [{"name": "zoo_add_search", "subset": 10},
-                                                   {"name": "zoo_reverse_search", "subset": 10}]})  # fmt: skip
+    data.update(
+        base_model="../nowhere/base",
+        models=["../nowhere/a", "../nowhere/b"],
+        budget={"n_trials": 4},
+        workers={"count": 0},
+        validation=None,
+        sampler={"name": "random"},
+        tasks={
+            **data["tasks"],
+            "search": [{"name": "zoo_add_search", "subset": 10}, {"name": "zoo_reverse_search", "subset": 10}],
+        },
+    )
     config.write_text(yaml.safe_dump(data))
     monkeypatch.chdir(tmp_path)
     out = io.StringIO()

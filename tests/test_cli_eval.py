@@ -1,4 +1,5 @@
 """`evomerge eval`: table and JSON on the tiny zoo; bad inputs exit 2 with one line naming the fix."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,12 @@ def test_table_and_json(tiny_zoo, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["task", "metric", "value"]
     rows = {tuple(line.split()[:2]): float(line.split()[2]) for line in lines[2:]}
-    assert set(rows) == {("zoo_add", "acc"), ("zoo_add", "acc_norm"), ("zoo_reverse_greedy", "acc"), ("zoo_reverse_greedy", "perplexity")}
+    assert set(rows) == {
+        ("zoo_add", "acc"),
+        ("zoo_add", "acc_norm"),
+        ("zoo_reverse_greedy", "acc"),
+        ("zoo_reverse_greedy", "perplexity"),
+    }
     assert 0.0 <= rows[("zoo_add", "acc")] <= 1.0
 
     assert main([*args, "--json"]) == 0

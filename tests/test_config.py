@@ -1,4 +1,5 @@
 """The search config: validated once, one-line errors naming file, field and fix; every shipped YAML loads."""
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,9 @@ def write_config(tmp_path: Path, **changes) -> Path:
     path = tmp_path / "conf" / "search.yaml"
     path.parent.mkdir(exist_ok=True)
     # model paths are relative to the config file
-    data["base_model"] = "../" + data["base_model"] if not str(data["base_model"]).startswith("/") else data["base_model"]
+    data["base_model"] = (
+        "../" + data["base_model"] if not str(data["base_model"]).startswith("/") else data["base_model"]
+    )
     data["models"] = ["../" + m for m in data["models"]]
     path.write_text(yaml.safe_dump(data))
     return path
@@ -97,7 +100,9 @@ def test_bad_configs_name_the_field(tmp_path, changes, expected):
 
 def test_study_hash_ignores_runtime_fields_only(tmp_path):
     base = load_config(write_config(tmp_path))
-    runtime = load_config(write_config(tmp_path, budget={"n_trials": 99}, workers={"count": 3}, storage="sqlite:///y.db"))
+    runtime = load_config(
+        write_config(tmp_path, budget={"n_trials": 99}, workers={"count": 3}, storage="sqlite:///y.db")
+    )
     other = load_config(write_config(tmp_path, seed=1))
     assert runtime.study_hash() == base.study_hash()
     assert other.study_hash() != base.study_hash()
@@ -160,9 +165,10 @@ def test_builtin_lm_eval_tasks_are_asked_for_in_the_config(tmp_path, monkeypatch
 def test_include_defaults_indexes_lm_evals_own_tasks(tmp_path, tiny_zoo, monkeypatch):
     """With the index on, a built-in name is found (its data then needs the network, which the run does not have:
     'failed to load', no longer 'unknown task'), and a search with it on runs as before (~30 s per index)."""
+    from test_search_faults import zoo_config
+
     from evomerge.search.driver import check_tasks, run_search
     from evomerge.search.workers import InlinePool
-    from test_search_faults import zoo_config
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as err:

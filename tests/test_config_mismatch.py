@@ -1,5 +1,6 @@
 """Inputs that disagree: config.json fields that define a model's shape must agree, even where the tensors happen
 to match; `--allow-config-mismatch` (merge, audit) and `allow_config_mismatch: true` (search) override it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,10 +26,15 @@ EDITS = {
 
 def recipe(tmp_path: Path, base: Path, models: list[Path]) -> Path:
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({
-        "merge_method": "task_arithmetic", "base_model": str(base),
-        "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in models],
-    }))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": str(base),
+                "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in models],
+            }
+        )
+    )
     return path
 
 
@@ -84,10 +90,14 @@ def test_search_refuses_a_config_mismatch_unless_the_config_allows_it(arch_famil
     odd = edit_config(family["a"], tmp_path / "odd", intermediate_size=128)
     monkeypatch.chdir(tmp_path)
     config = {
-        "name": "mismatch", "base_model": str(family["base"]), "models": [str(odd), str(family["b"])],
-        "method": "task_arithmetic", "tasks": {"search": [{"name": "zoo_add_search", "subset": 4}]},
-        "budget": {"n_trials": 1}, "workers": {"count": 0},
-    }  # fmt: skip
+        "name": "mismatch",
+        "base_model": str(family["base"]),
+        "models": [str(odd), str(family["b"])],
+        "method": "task_arithmetic",
+        "tasks": {"search": [{"name": "zoo_add_search", "subset": 4}]},
+        "budget": {"n_trials": 1},
+        "workers": {"count": 0},
+    }
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(config))
     capsys.readouterr()

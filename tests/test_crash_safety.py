@@ -4,6 +4,7 @@ study and the other exits 2 at once, naming it. (Longer versions: test_soak.py a
 
     .venv/bin/pytest tests/test_crash_safety.py
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 from urllib.parse import quote
 
 import optuna
@@ -94,8 +95,16 @@ def test_a_search_killed_mid_trial_resumes_to_its_budget_and_of_two_resuming_dri
 ):
     url, states, shown, secrets = storage
     n_trials = 8
-    cmd = [sys.executable, "-m", "evomerge", "search", str(search_config(tmp_path, tiny_zoo, n_trials)),
-           "--storage", url, "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "evomerge",
+        "search",
+        str(search_config(tmp_path, tiny_zoo, n_trials)),
+        "--storage",
+        url,
+        "--no-progress",
+    ]
     first = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -116,8 +125,9 @@ def test_a_search_killed_mid_trial_resumes_to_its_budget_and_of_two_resuming_dri
 
     # two drivers resume at the same moment: one takes the study, the other exits 2 at once naming it
     logs = [(tmp_path / f"resume{i}.out", tmp_path / f"resume{i}.err") for i in range(2)]
-    pair = [subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=out.open("w"), stderr=err.open("w"))
-            for out, err in logs]  # fmt: skip
+    pair = [
+        subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=out.open("w"), stderr=err.open("w")) for out, err in logs
+    ]
     ended: dict[int, float] = {}
     try:
         deadline = time.monotonic() + 300
@@ -134,8 +144,9 @@ def test_a_search_killed_mid_trial_resumes_to_its_budget_and_of_two_resuming_dri
     assert sorted(p.returncode for p in pair) == [0, 2], [o[1][-2000:] for o in outs]
     winner, loser = (0, 1) if pair[0].returncode == 0 else (1, 0)
     line = outs[loser][1].strip().splitlines()[-1]
-    assert line.startswith(f"evomerge: error: study {STUDY!r} in {shown} is being run by pid {pair[winner].pid} on "
-                           f"{socket.gethostname()}"), line  # fmt: skip
+    assert line.startswith(
+        f"evomerge: error: study {STUDY!r} in {shown} is being run by pid {pair[winner].pid} on {socket.gethostname()}"
+    ), line
     assert "Traceback" not in outs[loser][1]
     assert ended[loser] < ended[winner], "refused at once, not after the winner's trials"
 
@@ -147,7 +158,11 @@ def test_a_search_killed_mid_trial_resumes_to_its_budget_and_of_two_resuming_dri
     for number in before["RUNNING"]:
         assert trials[number].state == optuna.trial.TrialState.FAIL
         # killed after asking it (pid recorded) or inside `ask` (before the driver recorded itself)
-        assert trials[number].user_attrs["fail_reason"].startswith(("stale: driver process", "stale: the search that asked it"))
+        assert (
+            trials[number]
+            .user_attrs["fail_reason"]
+            .startswith(("stale: driver process", "stale: the search that asked it"))
+        )
         retries = [t for t in trials if t.user_attrs.get("retry_of") == number]
         assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
     for text in [first_out, *(o for out in outs for o in out)]:

@@ -1,4 +1,5 @@
 """The zoo's lm-eval task folder: shipped files are the generator's, splits are disjoint, tasks load anywhere."""
+
 from __future__ import annotations
 
 import json
@@ -73,7 +74,9 @@ def test_user_task_folder_with_relative_data_files(tmp_path, monkeypatch):
 
     folder = tmp_path / "mytasks"
     (folder / "rows").mkdir(parents=True)
-    (folder / "rows" / "t.jsonl").write_text("".join(json.dumps({"q": f"{i}+0=", "a": str(i)}) + "\n" for i in range(7)))
+    (folder / "rows" / "t.jsonl").write_text(
+        "".join(json.dumps({"q": f"{i}+0=", "a": str(i)}) + "\n" for i in range(7))
+    )
     (folder / "mine.yaml").write_text(
         "task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: rows/t.jsonl\n"
         'test_split: test\noutput_type: loglikelihood\ndoc_to_text: q\ndoc_to_target: a\ntarget_delimiter: ""\n'

@@ -1,5 +1,6 @@
 """The candidate evaluator: a model alone is its exact weights, task sets are scored by name, arbitrary states
 load into the resident model, and failures are typed (the candidate's own, or a bug)."""
+
 from __future__ import annotations
 
 import textwrap
@@ -19,7 +20,9 @@ HELDOUT = [TaskSpec(name="zoo_add", subset=20)]
 
 @pytest.fixture(scope="module")
 def evaluator(tiny_zoo) -> Evaluator:
-    return Evaluator([tiny_zoo / "add", tiny_zoo / "reverse"], tiny_zoo / "base", {"search": SEARCH, "heldout": HELDOUT})
+    return Evaluator(
+        [tiny_zoo / "add", tiny_zoo / "reverse"], tiny_zoo / "base", {"search": SEARCH, "heldout": HELDOUT}
+    )
 
 
 def test_a_model_alone_is_its_exact_weights(evaluator, tiny_zoo):
@@ -77,9 +80,13 @@ def raising_task(folder: Path, when: str) -> str:
     `calls`, how often it has run in this scorer, counting this call), else scores acc."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "boom.jsonl").write_text(
-        "".join(f'{{"prompt": "{a}+1=", "choices": ["{a + 1}<eos>", "{a + 2}<eos>"], "label": 0}}\n' for a in range(100, 108))
+        "".join(
+            f'{{"prompt": "{a}+1=", "choices": ["{a + 1}<eos>", "{a + 2}<eos>"], "label": 0}}\n'
+            for a in range(100, 108)
+        )
     )
-    (folder / "boom_utils.py").write_text(textwrap.dedent(f"""\
+    (folder / "boom_utils.py").write_text(
+        textwrap.dedent(f"""\
         CALLS = [0]
 
 
@@ -90,8 +97,10 @@ def raising_task(folder: Path, when: str) -> str:
                 raise ValueError("the user's task code failed on call %d" % calls)
             lls = [r[0] if isinstance(r, (tuple, list)) else r for r in results]
             return {{"acc": float(lls.index(max(lls)) == doc["label"])}}
-        """))
-    (folder / "boom.yaml").write_text(textwrap.dedent("""\
+        """)
+    )
+    (folder / "boom.yaml").write_text(
+        textwrap.dedent("""\
         task: zoo_boom
         dataset_path: json
         dataset_kwargs:
@@ -110,7 +119,8 @@ def raising_task(folder: Path, when: str) -> str:
             higher_is_better: true
         metadata:
           version: 1.0
-        """))
+        """)
+    )
     return "zoo_boom"
 
 
@@ -139,4 +149,7 @@ def test_a_bug_outside_the_task_code_is_not_the_candidates_failure(tmp_path, tin
 
     monkeypatch.setattr(ResidentHFLM, "loglikelihood", broken)
     with pytest.raises(ZeroDivisionError):
-        ev.evaluate(Recipe(merge_method="linear", models=[{"model": m, "parameters": {"weight": 1.0}} for m in ev.inputs]), "boom")
+        ev.evaluate(
+            Recipe(merge_method="linear", models=[{"model": m, "parameters": {"weight": 1.0}} for m in ev.inputs]),
+            "boom",
+        )

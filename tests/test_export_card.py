@@ -1,5 +1,6 @@
 """The exported folder as others get it: its model card (Hugging Face metadata, held-out scores and caveats, the
 recipe it embeds), Hub ids in place of local paths, and files another user can read."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_report import search
 
 from evomerge.cli import main
 from evomerge.modelcard import TAGS, embedded_recipe
-from test_report import search
 
 HUB = {"base": "me/tiny-base", "add": "me/tiny-add", "reverse": "me/tiny-rev"}
 
@@ -31,7 +32,9 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def run(tiny_zoo, tmp_path_factory) -> Path:
     """A 5-trial TIES study (in this process)."""
-    return search(tmp_path_factory.mktemp("card"), tiny_zoo, "card", "ties", {"name": "cmaes", "options": {"popsize": 4}}, 5)
+    return search(
+        tmp_path_factory.mktemp("card"), tiny_zoo, "card", "ties", {"name": "cmaes", "options": {"popsize": 4}}, 5
+    )
 
 
 def _card(folder: Path) -> tuple[dict, str]:
@@ -78,13 +81,17 @@ def test_card_after_the_report_has_heldout_scores_and_caveats(run, tmp_path):
 
 def test_a_caveat_names_a_lost_skill():
     """The card's caveat where the merge scores below a source by more than noise (addition 99% -> 81%)."""
-    from evomerge.modelcard import heldout_section
     from test_report import _comparison, _examples
 
+    from evomerge.modelcard import heldout_section
+
     n = 300
-    ex = {"x": {"a": _examples(0.8, n), "b": _examples(0.3, n)}, "y": {"a": _examples(0.3, n), "b": _examples(0.7, n)},
-          "base": {"a": _examples(0.2, n), "b": _examples(0.2, n)},
-          "evolved (best trial)": {"a": _examples(0.6, n), "b": _examples(0.6, n)}}  # fmt: skip
+    ex = {
+        "x": {"a": _examples(0.8, n), "b": _examples(0.3, n)},
+        "y": {"a": _examples(0.3, n), "b": _examples(0.7, n)},
+        "base": {"a": _examples(0.2, n), "b": _examples(0.2, n)},
+        "evolved (best trial)": {"a": _examples(0.6, n), "b": _examples(0.6, n)},
+    }
     text = "\n".join(heldout_section(_comparison(0.6, 0.5, ex)))
     assert "**Caveat:** on `a` this merge scores 0.6000 against 0.8000 for x alone, -20.0 points (paired SE" in text
     assert "on `b`" in text  # 0.6 against y's 0.7: -10 points, beyond noise too
@@ -98,7 +105,10 @@ def test_hub_ids_name_the_inputs_and_keep_their_sha256(run, tiny_zoo, tmp_path):
     code, _, err = _run(["export", str(run), "--out", str(out), *flags])
     assert code == 0, err
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert recipe["base_model"] == HUB["base"] and [m["model"] for m in recipe["models"]] == [HUB["add"], HUB["reverse"]]
+    assert recipe["base_model"] == HUB["base"] and [m["model"] for m in recipe["models"]] == [
+        HUB["add"],
+        HUB["reverse"],
+    ]
     assert recipe["evomerge"]["inputs"] == {hub: Checkpoint(tiny_zoo / name).sha256() for name, hub in HUB.items()}
     meta, text = _card(out)
     assert set(meta["base_model"]) == set(HUB.values()) and str(tiny_zoo) not in text, "no local path in the card"
@@ -116,11 +126,14 @@ def test_hub_ids_name_the_inputs_and_keep_their_sha256(run, tiny_zoo, tmp_path):
     assert same and all((out / "model" / f).read_bytes() == (tmp_path / "again" / f).read_bytes() for f in same)
 
 
-@pytest.mark.parametrize(("flag", "message"), [
-    ("nowhere=me/x", "nowhere is not an input of study 'card'"),
-    ("{zoo}/add=not-a-hub-id", "'not-a-hub-id' is not a Hub id; write it as org/name"),
-    ("{zoo}/add", "write LOCAL=org/name"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("nowhere=me/x", "nowhere is not an input of study 'card'"),
+        ("{zoo}/add=not-a-hub-id", "'not-a-hub-id' is not a Hub id; write it as org/name"),
+        ("{zoo}/add", "write LOCAL=org/name"),
+    ],
+)
 def test_bad_hub_ids_exit_2_naming_the_fix(run, tiny_zoo, tmp_path, flag, message):
     code, _, err = _run(["export", str(run), "--out", str(tmp_path / "x"), "--hub-id", flag.format(zoo=tiny_zoo)])
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

@@ -1,5 +1,6 @@
 """The package's import graph: no cycle (imports inside functions included), every module imports alone, and the
 light entry points (the CLI's parser, a config) import none of the heavy libraries."""
+
 from __future__ import annotations
 
 import ast
@@ -23,8 +24,10 @@ def module_names() -> dict[str, Path]:
 
 def _type_checking_only(node: ast.AST) -> bool:
     test = node.test if isinstance(node, ast.If) else None
-    return isinstance(test, ast.Name) and test.id == "TYPE_CHECKING" or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    return (
+        isinstance(test, ast.Name)
+        and test.id == "TYPE_CHECKING"
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
     )
 
 
@@ -146,7 +149,8 @@ import yaml
 from evomerge.cli import build_parser
 from evomerge.config import parse_config
 build_parser()
-parse_config(yaml.safe_load(Path("configs/demo.yaml").read_text()), "configs/demo.yaml", Path("configs"), check_files=False)
+demo = Path("configs/demo.yaml")
+parse_config(yaml.safe_load(demo.read_text()), str(demo), Path("configs"), check_files=False)
 print(json.dumps(sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))))
 """
     out = subprocess.run([sys.executable, "-c", light], cwd=REPO, capture_output=True, text=True, timeout=120)

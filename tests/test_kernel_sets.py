@@ -3,6 +3,7 @@
 `evomerge merge` uses the set the recipe records (`evomerge.kernels`), else $EVOMERGE_KERNELS, else
 evomerge-1; `--kernels` overrides it; the output's recipe.yaml always records the set it was merged with.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,7 +34,9 @@ def _weights(folder: Path) -> bytes:
 def test_exported_recipe_remerges_to_the_same_bytes_whatever_the_environment(tiny_zoo, tmp_path, monkeypatch, kernels):
     monkeypatch.delenv("EVOMERGE_KERNELS", raising=False)
     first = tmp_path / "first"
-    assert main(["merge", str(_recipe(tiny_zoo, tmp_path)), "--out", str(first), "--kernels", kernels, "--seed", "3"]) == 0
+    assert (
+        main(["merge", str(_recipe(tiny_zoo, tmp_path)), "--out", str(first), "--kernels", kernels, "--seed", "3"]) == 0
+    )
     assert Recipe.load(first / "recipe.yaml").evomerge.kernels == kernels
     monkeypatch.setenv("EVOMERGE_KERNELS", SETS[1 - SETS.index(kernels)])  # the recorded set wins
     again = tmp_path / "again"

@@ -5,6 +5,7 @@ parity kernels in merge/kernels/parity.py where they apply), once with mergekit'
 kernels switched off), and compares the bits (not a tolerance). Shapes include a tensor above SLERP's
 1M-element chunk, and deltas with exact zeros and tied magnitudes at the TIES boundary.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -24,7 +25,7 @@ def _tensors(shape, seed=0, dtype=torch.float32, zeros=0.0, ties=False):
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=g)
     out = [base]
-    for i in range(2):
+    for _ in range(2):
         delta = 0.1 * torch.randn(shape, generator=g)
         if zeros:
             delta[torch.rand(shape, generator=g) < zeros] = 0
@@ -45,13 +46,26 @@ def _params(method_name, shared=None, per=None):
         values = {}
         for spec in method.spec.parameters:
             if spec.scope.name != "SHARED":
-                values[spec.name] = (per or {}).get(key, {}).get(spec.name, (per or {}).get("*", {}).get(spec.name, spec.default))
+                values[spec.name] = (
+                    (per or {}).get(key, {}).get(spec.name, (per or {}).get("*", {}).get(spec.name, spec.default))
+                )
         per_input[key] = values
     return method, TensorParams(name="model.layers.0.mlp.up_proj.weight", t=0.0, shared=shared, per_input=per_input)
 
 
-def _both(monkeypatch, method_name, tensors, inputs=INPUTS, base="base", shared=None, per=None, seed=7, out=None,
-          kernels=MERGEKIT, **kw):
+def _both(
+    monkeypatch,
+    method_name,
+    tensors,
+    inputs=INPUTS,
+    base="base",
+    shared=None,
+    per=None,
+    seed=7,
+    out=None,
+    kernels=MERGEKIT,
+    **kw,
+):
     """(evomerge's result with `kernels`, mergekit's own kernel's result) for the same binding and seed."""
     method, params = _params(method_name, shared, per)
     with monkeypatch.context() as m:
@@ -67,7 +81,11 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 GTA_CASES = [
     ("ties", {}, {"*": {"weight": 1.0, "density": 0.5}}),
-    ("ties", {"normalize": False, "lambda": 0.7}, {"a": {"weight": 0.3, "density": 0.2}, "b": {"weight": 0.9, "density": 0.9}}),
+    (
+        "ties",
+        {"normalize": False, "lambda": 0.7},
+        {"a": {"weight": 0.3, "density": 0.2}, "b": {"weight": 0.9, "density": 0.9}},
+    ),
     ("ties", {"rescale": True, "int8_mask": True}, {"*": {"weight": 0.6, "density": 0.35}}),
     ("ties", {}, {"a": {"weight": 1.0, "density": 1.0}, "b": {"weight": 0.5, "density": 0.001}}),
     ("ties", {"rescale": True}, {"a": {"weight": -0.5, "density": 0.6}, "b": {"weight": 1.0, "density": 0.3}}),
@@ -116,7 +134,9 @@ def test_slerp_collinear_inputs_fall_back_to_lerp_in_both(monkeypatch):
     assert torch.allclose(ours, 1.25 * base)
 
 
-@pytest.mark.parametrize("method_name,shared,per", [("ties", {}, {"*": {"weight": 1.0, "density": 0.5}}), ("slerp", {"t": 0.4}, None)])
+@pytest.mark.parametrize(
+    "method_name,shared,per", [("ties", {}, {"*": {"weight": 1.0, "density": 0.5}}), ("slerp", {"t": 0.4}, None)]
+)
 def test_writing_into_the_destination_gives_the_same_bits(monkeypatch, method_name, shared, per):
     inputs = INPUTS if method_name != "slerp" else ["base", "a"]
     tensors = _tensors((40, 30), seed=9)[: len(inputs)]
@@ -194,15 +214,18 @@ def test_non_sparsifying_methods_are_mergekit_bits_under_evomerge_1_too(monkeypa
         if method_name in kernels_module.SPARSIFYING:
             continue
         inputs, base, ts = (INPUTS, "base", tensors) if method_name != "nuslerp" else (INPUTS[1:], None, tensors[1:])
-        ours, theirs = _both(monkeypatch, method_name, ts, inputs=inputs, base=base, shared=shared, per=per,
-                             kernels=EVOMERGE_1)
+        ours, theirs = _both(
+            monkeypatch, method_name, ts, inputs=inputs, base=base, shared=shared, per=per, kernels=EVOMERGE_1
+        )
         assert _bits_equal(ours, theirs), method_name
 
 
 @pytest.mark.parametrize("kernels", [EVOMERGE_1, MERGEKIT])
 def test_dare_masks_keep_the_density_fraction(monkeypatch, kernels):
     tensors = _tensors((200, 200), seed=2)
-    method, params = _params("dare_linear", per={"a": {"weight": 1.0, "density": 0.3}, "b": {"weight": 0.0, "density": 1.0}})
+    method, params = _params(
+        "dare_linear", per={"a": {"weight": 1.0, "density": 0.3}, "b": {"weight": 0.0, "density": 1.0}}
+    )
     merged = merge_tensor(method, params, tensors, INPUTS, "base", seed=1, kernels=kernels)
     kept = (merged != tensors[0]).float().mean().item()
     assert abs(kept - 0.3) < 0.01

@@ -6,6 +6,7 @@
 - DARE / DELLA: kept fraction within a binomial bound, rescaled values by mergekit's rule, masks from
   the counter stream (not the global RNG), one stream per (seed, tensor, input).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,10 @@ def _params(method_name: str, per: dict, shared: dict | None = None):
     method = get_method(method_name)
     values = {s.name: s.default for s in method.spec.parameters if s.scope.name == "SHARED"}
     values.update(shared or {})
-    per_input = {k: {s.name: per.get(s.name, s.default) for s in method.spec.parameters if s.scope.name != "SHARED"}
-                 for k in INPUTS}
+    per_input = {
+        k: {s.name: per.get(s.name, s.default) for s in method.spec.parameters if s.scope.name != "SHARED"}
+        for k in INPUTS
+    }
     return method, TensorParams(name=NAME, t=0.0, shared=values, per_input=per_input)
 
 
@@ -167,7 +170,9 @@ def test_top_k_is_the_documented_order(monkeypatch, exact_below):
             a[torch.rand(n, generator=g) < 0.5] = 0
         count = int(torch.randint(1, n, (1,), generator=g))
         chunk = int(torch.randint(1, 400, (1,), generator=g))
-        sel = select.top_k(n, count, lambda s, e, out: torch.abs(a[s:e], out=out[: e - s]), lambda st: a[::st], chunk, a)
+        sel = select.top_k(
+            n, count, lambda s, e, out: torch.abs(a[s:e], out=out[: e - s]), lambda st: a[::st], chunk, a
+        )
         mask = sel.mask_into(a, 0, torch.empty(n)).bool()
         nonzero = a != 0
         assert torch.equal(mask & nonzero, _first_k(a, count) & nonzero)
@@ -180,8 +185,12 @@ def test_breadcrumbs_keeps_the_documented_band():
     g = torch.Generator().manual_seed(2)
     model = (torch.randn(400, generator=g) * 4).round() / 4 + 0.01  # ties, no zeros
     method, params = _params("breadcrumbs", {"weight": 1.0, "density": 0.5, "gamma": 0.1})
-    out = merge_gta(method, base, [("a", 1, model)], _bound(params) | {"density": {"a": 0.5}, "gamma": {"a": 0.1},
-                                                                          "weight": {"a": 1.0}})
+    out = merge_gta(
+        method,
+        base,
+        [("a", 1, model)],
+        _bound(params) | {"density": {"a": 0.5}, "gamma": {"a": 0.1}, "weight": {"a": 1.0}},
+    )
     keep, top = int(0.5 * 400), int(0.1 * 400)  # mergekit's counts
     expected = _first_k(model.abs(), top + keep) & ~_first_k(model.abs(), top)
     assert torch.equal(out != 0, expected)
@@ -202,8 +211,9 @@ def test_ties_equals_mergekit_except_at_boundary_ties(dtype):
     for d in deltas:
         a = d.abs().float()
         boundary = a.kthvalue(n - k + 1).values
-        ours_kept = select.top_k(n, k, lambda s, e, o: torch.abs(d[s:e], out=o[: e - s]), lambda st: d[::st].abs(),
-                                 1 << 16, d)
+        ours_kept = select.top_k(
+            n, k, lambda s, e, o: torch.abs(d[s:e], out=o[: e - s]), lambda st: d[::st].abs(), 1 << 16, d
+        )
         kept = ours_kept.mask_into(d.abs(), 0, torch.empty(n)).bool()
         theirs_kept = magnitude(d.clone(), CASES["ties"]["density"]) != 0
         assert int(kept.sum()) == k and int(theirs_kept.sum()) == k  # no zero deltas here
@@ -225,8 +235,15 @@ def test_without_ties_magnitude_methods_equal_mergekit(method_name, dtype):
 def _prune_alone(method_name, model, density, rescale, **extra):
     """The pruned task vector itself: base 0, one input of weight 1 (so the merge returns it exactly)."""
     method, params = _params(method_name, {})
-    bound = {**params.shared, "rescale": rescale, "normalize": False, "lambda": 1.0,
-             "weight": {"a": 1.0}, "density": {"a": density}, **{k: {"a": v} for k, v in extra.items()}}
+    bound = {
+        **params.shared,
+        "rescale": rescale,
+        "normalize": False,
+        "lambda": 1.0,
+        "weight": {"a": 1.0},
+        "density": {"a": density},
+        **{k: {"a": v} for k, v in extra.items()},
+    }
     return merge_gta(method, torch.zeros_like(model), [("a", 1, model)], bound, seed=2, name=NAME)
 
 

@@ -1,4 +1,5 @@
 """Merging beyond parity: per-tensor randomness, density edge cases, the resident model, the CLI's failures."""
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,9 @@ def merge_in_order(r: Recipe, names: list[str]) -> dict[str, bytes]:
     out = {}
     for name in names:
         torch.rand(17)  # move the global RNG between tensors: results must not care
-        t = merge_tensor(plan.method, plan.resolve(name), [c.get(name) for c in ckpts], r.input_models(), r.base_model, seed=r.seed)
+        t = merge_tensor(
+            plan.method, plan.resolve(name), [c.get(name) for c in ckpts], r.input_models(), r.base_model, seed=r.seed
+        )
         out[name] = t.numpy().tobytes()
     return out
 
@@ -155,7 +158,13 @@ def test_apply_rejects_a_recipe_over_other_models(tiny_zoo):
 def test_nan_in_a_merge_is_a_candidate_error(tiny_zoo, tmp_path):
     bad = _copy(tiny_zoo / "add", tmp_path / "nan")
     _edit_tensors(bad, lambda t: t.update({"model.norm.weight": torch.full_like(t["model.norm.weight"], float("nan"))}))
-    r = Recipe.from_dict({"merge_method": "linear", "models": [{"model": str(bad)}, {"model": str(tiny_zoo / "base")}], "parameters": {"weight": 1}})
+    r = Recipe.from_dict(
+        {
+            "merge_method": "linear",
+            "models": [{"model": str(bad)}, {"model": str(tiny_zoo / "base")}],
+            "parameters": {"weight": 1},
+        }
+    )
     with pytest.raises(CandidateError, match="model.norm.weight"):
         export_recipe(r, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -184,14 +193,20 @@ def _write_recipe(folder: Path, text: str) -> Path:
 def test_cli_merge_writes_a_reproducible_checkpoint(tiny_zoo, tmp_path, capsys):
     path = _write_recipe(
         tmp_path,
-        f"merge_method: dare_ties\nbase_model: {tiny_zoo}/base\nmodels:\n- model: {tiny_zoo}/add\n- model: {tiny_zoo}/reverse\n"
+        f"merge_method: dare_ties\nbase_model: {tiny_zoo}/base\nmodels:\n- model: {tiny_zoo}/add\n- model: "
+        f"{tiny_zoo}/reverse\n"
         "parameters: {weight: 0.5, density: 0.5}\n",
     )
     assert main(["merge", str(path), "--out", str(tmp_path / "a"), "--seed", "4"]) == 0
     assert str(tmp_path / "a") in capsys.readouterr().out
     exported = Recipe.load(tmp_path / "a" / "recipe.yaml")
     assert exported.seed == 4 and exported.evomerge.inputs[f"{tiny_zoo}/add"] == Checkpoint(tiny_zoo / "add").sha256()
-    assert {p.name for p in (tmp_path / "a").iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json", "recipe.yaml"}
+    assert {p.name for p in (tmp_path / "a").iterdir()} >= {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "recipe.yaml",
+    }
     # the exported recipe alone reproduces the checkpoint byte for byte
     assert main(["merge", str(tmp_path / "a" / "recipe.yaml"), "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
@@ -208,7 +223,14 @@ def test_failed_merge_keeps_the_previous_result(tiny_zoo, tmp_path):
     (out / "recipe.yaml").write_text("evomerge: {outputs: {x: previous}}")
     bad = _copy(tiny_zoo / "add", tmp_path / "nan")
     _edit_tensors(bad, lambda t: t.update({"lm_head.weight": t["lm_head.weight"] * float("inf")}))
-    r = Recipe.from_dict({"merge_method": "task_arithmetic", "base_model": str(tiny_zoo / "base"), "models": [{"model": str(bad)}], "parameters": {"weight": 1}})
+    r = Recipe.from_dict(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(tiny_zoo / "base"),
+            "models": [{"model": str(bad)}],
+            "parameters": {"weight": 1},
+        }
+    )
     with pytest.raises(CandidateError):
         export_recipe(r, out)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -221,14 +243,28 @@ def test_non_floating_buffers_are_copied_or_rejected(tmp_path):
     def model(name: str, weight: float, ids: torch.Tensor) -> str:
         folder = tmp_path / name
         folder.mkdir()
-        (folder / "config.json").write_text(json.dumps({"architectures": ["X"], "model_type": "x", "num_hidden_layers": 1}))
+        (folder / "config.json").write_text(
+            json.dumps({"architectures": ["X"], "model_type": "x", "num_hidden_layers": 1})
+        )
         save_file({"w": torch.full((2, 2), weight), "ids": ids}, str(folder / "model.safetensors"))
         return str(folder)
 
-    same = Recipe.from_dict({"merge_method": "linear", "models": [{"model": model("a", 1.0, torch.arange(4))}, {"model": model("b", 3.0, torch.arange(4))}],
-                             "parameters": {"weight": 1}})
+    same = Recipe.from_dict(
+        {
+            "merge_method": "linear",
+            "models": [{"model": model("a", 1.0, torch.arange(4))}, {"model": model("b", 3.0, torch.arange(4))}],
+            "parameters": {"weight": 1},
+        }
+    )
     out = _merged(same)
     assert torch.equal(out["ids"], torch.arange(4)) and torch.equal(out["w"], torch.full((2, 2), 2.0))
-    differ = same.model_copy(update={"models": [same.models[0], same.models[1].model_copy(update={"model": model("c", 3.0, torch.arange(4) + 1)})]})
+    differ = same.model_copy(
+        update={
+            "models": [
+                same.models[0],
+                same.models[1].model_copy(update={"model": model("c", 3.0, torch.arange(4) + 1)}),
+            ]
+        }
+    )
     with pytest.raises(ModelError, match="'ids' differs"):
         _merged(differ)

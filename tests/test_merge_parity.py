@@ -7,6 +7,7 @@ test. Equality is exact: mergekit-0.1.5 runs mergekit's kernels (or bit-identica
 from mergekit only where magnitudes tie at a density boundary (tests/test_kernels_evomerge.py), which the
 zoo's float32 task vectors never do.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -21,7 +22,11 @@ from safetensors.torch import load_file
 from evomerge.export import export_recipe
 from evomerge.recipe import Recipe
 
-ATTN_MLP = [{"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]}, {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]}, {"value": 0.5}]
+ATTN_MLP = [
+    {"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
+    {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]},
+    {"value": 0.5},
+]
 
 RECIPES = {
     "linear": {
@@ -35,18 +40,32 @@ RECIPES = {
     },
     "linear_unnormalized": {
         "merge_method": "linear",
-        "models": [{"model": "add", "parameters": {"weight": 0.3}}, {"model": "reverse", "parameters": {"weight": 0.6}}],
+        "models": [
+            {"model": "add", "parameters": {"weight": 0.3}},
+            {"model": "reverse", "parameters": {"weight": 0.6}},
+        ],
         "parameters": {"normalize": False},
     },
-    "slerp": {"merge_method": "slerp", "base_model": "base", "models": [{"model": "add"}], "parameters": {"t": ATTN_MLP}},
+    "slerp": {
+        "merge_method": "slerp",
+        "base_model": "base",
+        "models": [{"model": "add"}],
+        "parameters": {"t": ATTN_MLP},
+    },
     "nuslerp_base": {
         "merge_method": "nuslerp",
         "base_model": "base",
-        "models": [{"model": "add", "parameters": {"weight": 0.3}}, {"model": "reverse", "parameters": {"weight": [0.9, 0.2]}}],
+        "models": [
+            {"model": "add", "parameters": {"weight": 0.3}},
+            {"model": "reverse", "parameters": {"weight": [0.9, 0.2]}},
+        ],
     },
     "nuslerp_rowwise": {
         "merge_method": "nuslerp",
-        "models": [{"model": "add", "parameters": {"weight": 0.6}}, {"model": "reverse", "parameters": {"weight": 0.4}}],
+        "models": [
+            {"model": "add", "parameters": {"weight": 0.6}},
+            {"model": "reverse", "parameters": {"weight": 0.4}},
+        ],
         "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
     },
     "task_arithmetic": {
@@ -60,7 +79,13 @@ RECIPES = {
         "base_model": "base",
         "models": [
             {"model": "add", "parameters": {"weight": [0.2, 0.8], "density": 0.5}},
-            {"model": "reverse", "parameters": {"weight": 0.5, "density": [{"filter": "self_attn", "value": 0.3}, {"value": [0.9, 0.4]}]}},
+            {
+                "model": "reverse",
+                "parameters": {
+                    "weight": 0.5,
+                    "density": [{"filter": "self_attn", "value": 0.3}, {"value": [0.9, 0.4]}],
+                },
+            },
         ],
         "parameters": {"normalize": True},
     },
@@ -75,23 +100,36 @@ RECIPES = {
     "breadcrumbs": {
         "merge_method": "breadcrumbs",
         "base_model": "base",
-        "models": [{"model": "add", "parameters": {"gamma": 0.05}}, {"model": "reverse", "parameters": {"density": [0.6, 0.95]}}],
+        "models": [
+            {"model": "add", "parameters": {"gamma": 0.05}},
+            {"model": "reverse", "parameters": {"density": [0.6, 0.95]}},
+        ],
         "parameters": {"weight": 1.0, "density": 0.8},
     },
     "breadcrumbs_ties": {
         "merge_method": "breadcrumbs_ties",
         "base_model": "base",
-        "models": [{"model": "add", "parameters": {"weight": 0.6}}, {"model": "reverse", "parameters": {"weight": 0.4}}],
+        "models": [
+            {"model": "add", "parameters": {"weight": 0.6}},
+            {"model": "reverse", "parameters": {"weight": 0.4}},
+        ],
         "parameters": {"density": [{"filter": "mlp", "value": 0.5}, {"value": 0.9}], "gamma": 0.02, "normalize": True},
     },
-    "model_stock": {"merge_method": "model_stock", "base_model": "base", "models": [{"model": "add"}, {"model": "reverse"}]},
+    "model_stock": {
+        "merge_method": "model_stock",
+        "base_model": "base",
+        "models": [{"model": "add"}, {"model": "reverse"}],
+    },
     "model_stock_filter_wise": {
         "merge_method": "model_stock",
         "base_model": "base",
         "models": [{"model": "add"}, {"model": "reverse"}],
         "parameters": {"filter_wise": True},
     },
-    "passthrough": {"merge_method": "passthrough", "models": [{"model": "add", "parameters": {"scale": [{"filter": "mlp", "value": 0.5}]}}]},
+    "passthrough": {
+        "merge_method": "passthrough",
+        "models": [{"model": "add", "parameters": {"scale": [{"filter": "mlp", "value": 0.5}]}}],
+    },
 }
 
 
@@ -142,7 +180,14 @@ def test_mergekit_yaml_cli_reproduces_our_exported_recipe(tiny_zoo, tmp_path):
     ours = export_recipe(recipe, tmp_path / "ours")
     cli = Path(sys.executable).with_name("mergekit-yaml")
     subprocess.run(
-        [str(cli), str(ours / "recipe.yaml"), str(tmp_path / "theirs"), "--no-write-model-card", "--no-copy-tokenizer", "--quiet"],
+        [
+            str(cli),
+            str(ours / "recipe.yaml"),
+            str(tmp_path / "theirs"),
+            "--no-write-model-card",
+            "--no-copy-tokenizer",
+            "--quiet",
+        ],
         check=True,
         capture_output=True,
     )

@@ -1,6 +1,7 @@
 """An installed evomerge: the wheel built from this tree carries search_spaces/ and eval_tasks/, and a fresh
 environment with no source tree on its path runs a search over a shipped space and shipped tasks, then exports.
 """
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import zipfile
 from pathlib import Path
 
 import yaml
-
 from installed import REPO, clean_env, site_packages
 
 
@@ -19,12 +19,16 @@ def shipped(folder: str) -> set[str]:
     return {f"evomerge/{folder}/{p.relative_to(root).as_posix()}" for p in root.rglob("*") if p.is_file()}
 
 
-def test_the_wheel_ships_every_space_and_task_file_and_finds_them_installed(tmp_path, evomerge_wheel, installed_evomerge):
+def test_the_wheel_ships_every_space_and_task_file_and_finds_them_installed(
+    tmp_path, evomerge_wheel, installed_evomerge
+):
     names = set(zipfile.ZipFile(evomerge_wheel).namelist())
     for folder in ("search_spaces", "eval_tasks"):
         want = shipped(folder)
         assert want and want <= names, f"missing from the wheel: {sorted(want - names)[:5]}"
-    assert not any(n.startswith(("search_spaces/", "eval_tasks/", "tests/")) for n in names), "data only inside the package"
+    assert not any(n.startswith(("search_spaces/", "eval_tasks/", "tests/")) for n in names), (
+        "data only inside the package"
+    )
 
     # the installed package finds them through importlib.resources, from anywhere, with no checkout on its path
     probe = (
@@ -34,8 +38,14 @@ def test_the_wheel_ships_every_space_and_task_file_and_finds_them_installed(tmp_
         "print(json.dumps({'package': evomerge.__file__, 'spaces': str(SPACES_DIR), 'tasks': str(BUILTIN_TASKS),\n"
         "    'ties': load_space_spec('ties').methods, 'path': sys.path}))\n"
     )
-    out = subprocess.run([installed_evomerge / "bin" / "python", "-c", probe], cwd=tmp_path, capture_output=True,
-                         text=True, env=clean_env(), timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [installed_evomerge / "bin" / "python", "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     package = site_packages(installed_evomerge) / "evomerge"
@@ -60,8 +70,14 @@ def test_an_installed_evomerge_searches_and_exports_from_outside_the_repository(
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(config))
 
     def evomerge(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([installed_evomerge / "bin" / "evomerge", *args], cwd=tmp_path, capture_output=True,
-                              text=True, env=clean_env(), timeout=600)  # fmt: skip
+        return subprocess.run(
+            [installed_evomerge / "bin" / "evomerge", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=600,
+        )
 
     searched = evomerge("search", "search.yaml", "--no-progress")
     assert searched.returncode == 0, searched.stderr

@@ -1,7 +1,8 @@
 """A real PostgreSQL server (tests/pg_server.py): the one-driver lock, crash and resume, the storage password.
 
-    .venv/bin/pytest tests/test_postgres.py
+.venv/bin/pytest tests/test_postgres.py
 """
+
 from __future__ import annotations
 
 import os
@@ -53,6 +54,7 @@ def lock_holders(postgres, url: str, study: str) -> list[str]:
 
 # -- the lock ----------------------------------------------------------------------------------------
 
+
 def test_two_drivers_racing_for_a_study_twenty_times_leave_exactly_one_each_time(pg_url, tmp_path):
     rounds = 20
     sync = tmp_path / "sync"
@@ -60,8 +62,11 @@ def test_two_drivers_racing_for_a_study_twenty_times_leave_exactly_one_each_time
     racers = {
         me: subprocess.Popen(
             [sys.executable, str(REPO / "tests" / "lock_racer.py"), pg_url, "raced", str(rounds), me, str(sync)],
-            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for me in ("a", "b")
     }
     try:
@@ -127,8 +132,11 @@ def test_the_server_frees_a_killed_drivers_lock_and_a_driver_that_loses_its_lock
     assert study.user_attrs["lock"]["heartbeat"] > first["heartbeat"], "the heartbeat thread beats"
 
     # the server drops the lock's connection (a restart, a network cut): the heartbeat takes the lock again
-    postgres.query("postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE %s",
-                   (f"evomerge {os.getpid()} %",))  # fmt: skip
+    postgres.query(
+        "postgres",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE %s",
+        (f"evomerge {os.getpid()} %",),
+    )
     deadline = time.monotonic() + 10
     while not lock_holders(postgres, url, "held"):
         assert time.monotonic() < deadline, "the lock was not taken again"
@@ -140,8 +148,11 @@ def test_the_server_frees_a_killed_drivers_lock_and_a_driver_that_loses_its_lock
     # ... unless another driver took it meanwhile: then this one stops at its next check
     mine._stop.set()
     mine._thread.join()  # beat by hand from here
-    postgres.query("postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE %s",
-                   (f"evomerge {os.getpid()} %",))  # fmt: skip
+    postgres.query(
+        "postgres",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE %s",
+        (f"evomerge {os.getpid()} %",),
+    )
     time.sleep(0.2)
     other = StudyLock(url, "held").acquire()
     with pytest.raises(StudyError, match="this driver lost its lock .* took the study over"):
@@ -151,6 +162,7 @@ def test_the_server_frees_a_killed_drivers_lock_and_a_driver_that_loses_its_lock
 
 
 # -- searches on PostgreSQL ---------------------------------------------------------------------------
+
 
 def search_config(tmp_path: Path, zoo: Path, name: str, n_trials: int) -> Path:
     data = {
@@ -178,14 +190,20 @@ def test_without_psycopg_a_postgresql_storage_says_what_to_install(tmp_path, tin
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed: `import psycopg` raises ImportError
     config = search_config(tmp_path, tiny_zoo, "nodriver", 2)
-    assert main(["search", str(config), "--storage", "postgresql://evomerge:hunter2@db.example/evomerge", "--no-progress"]) == 2
+    assert (
+        main(["search", str(config), "--storage", "postgresql://evomerge:hunter2@db.example/evomerge", "--no-progress"])
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("evomerge: error: storage 'postgresql://evomerge:***@db.example/evomerge'")
+    assert len(err) == 1 and err[0].startswith(
+        "evomerge: error: storage 'postgresql://evomerge:***@db.example/evomerge'"
+    )
     assert "pip install 'evomerge[postgres]'" in err[0] and "hunter2" not in err[0]
     assert not (tmp_path / "runs" / "nodriver").exists()
 
 
 # -- the password ------------------------------------------------------------------------------------
+
 
 def files_holding(root: Path, secrets: list[str]) -> list[str]:
     found = []

@@ -1,4 +1,6 @@
-"""The functional interference probe (`evomerge audit CONFIG --probe`): verdict rules, and cells that are real merges."""
+"""The functional interference probe (`evomerge audit CONFIG --probe`): verdict rules, and cells that are real
+merges."""
+
 from __future__ import annotations
 
 import json
@@ -43,10 +45,17 @@ def test_audit_probe_on_the_tiny_zoo_scores_real_recipes(tiny_zoo, tmp_path, cap
 
     tasks = [{"name": "zoo_add_search", "subset": 40}, {"name": "zoo_reverse_search", "subset": 40}]
     config = tmp_path / "search.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "probe", "base_model": str(tiny_zoo / "base"), "models": [str(tiny_zoo / "add"), str(tiny_zoo / "reverse")],
-        "method": "task_arithmetic", "tasks": {"search": tasks},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "probe",
+                "base_model": str(tiny_zoo / "base"),
+                "models": [str(tiny_zoo / "add"), str(tiny_zoo / "reverse")],
+                "method": "task_arithmetic",
+                "tasks": {"search": tasks},
+            }
+        )
+    )
     assert main(["audit", str(config), "--json", "--probe"]) == 0
     out = json.loads(capsys.readouterr().out)
     probe = out["probe"]
@@ -82,9 +91,19 @@ def test_audit_probe_on_the_tiny_zoo_scores_real_recipes(tiny_zoo, tmp_path, cap
 
     # one cell recomputed independently: add without its own vector in layer 0, scored on its task
     mat = Materializer([str(tiny_zoo / "add"), str(tiny_zoo / "reverse")], str(tiny_zoo / "base"))
-    mat.apply(Recipe(merge_method="task_arithmetic", base_model=str(tiny_zoo / "base"), models=[
-        ModelEntry(model=str(tiny_zoo / "add"), parameters={"weight": [{"filter": "layers.0.", "value": 0.0}, {"value": 1.0}]}),
-        ModelEntry(model=str(tiny_zoo / "reverse"), parameters={"weight": 0.0})]))  # fmt: skip
+    mat.apply(
+        Recipe(
+            merge_method="task_arithmetic",
+            base_model=str(tiny_zoo / "base"),
+            models=[
+                ModelEntry(
+                    model=str(tiny_zoo / "add"),
+                    parameters={"weight": [{"filter": "layers.0.", "value": 0.0}, {"value": 1.0}]},
+                ),
+                ModelEntry(model=str(tiny_zoo / "reverse"), parameters={"weight": 0.0}),
+            ],
+        )
+    )
     acc = 100 * scorer.score(mat.model, mat.tokenizer)["zoo_add_search"]["acc"]
     layer0 = regions[0]
     assert layer0["need"]["zoo_add_search"] == pytest.approx(probe["alone"]["zoo_add_search"] - acc)
@@ -98,12 +117,19 @@ def test_routable_regions_are_dropped_together_from_the_model_that_hurts():
         r.verdict = verdict(r, OWNERS)
         return r
 
-    report = ProbeReport(models=["add", "reverse"], owners=OWNERS, alone={}, all_in={}, controls={}, regions=[
-        region("layer 0", "layers.0.", harm_add=20.0, need_rev=50.0),  # conflict: reverse needs it
-        region("layer 1", "layers.1.", harm_add=20.0, need_rev=2.0),  # routable: reverse's vector may go
-        region("layer 2", "layers.2.", harm_add=1.0, need_rev=2.0),  # quiet
-        region("embeddings", "embed_tokens", harm_add=9.0, need_rev=0.0),  # routable
-    ])  # fmt: skip
+    report = ProbeReport(
+        models=["add", "reverse"],
+        owners=OWNERS,
+        alone={},
+        all_in={},
+        controls={},
+        regions=[
+            region("layer 0", "layers.0.", harm_add=20.0, need_rev=50.0),  # conflict: reverse needs it
+            region("layer 1", "layers.1.", harm_add=20.0, need_rev=2.0),  # routable: reverse's vector may go
+            region("layer 2", "layers.2.", harm_add=1.0, need_rev=2.0),  # quiet
+            region("embeddings", "embed_tokens", harm_add=9.0, need_rev=0.0),  # routable
+        ],
+    )
     assert [r.verdict for r in report.regions] == ["conflict", "routable", "quiet", "routable"]
     report.dropped = routable_drops(report)
     assert report.dropped == {"reverse": ["layer 1", "embeddings"]}  # add hurts nobody: it keeps weight 1
@@ -125,10 +151,13 @@ def test_the_summary_does_not_promise_what_the_joint_check_refutes(joint_rev, co
         return r
 
     report = ProbeReport(
-        models=["add", "reverse"], owners=OWNERS, alone={"t_add": 99.0, "t_rev": 96.0}, all_in={"t_add": 60.0, "t_rev": 81.0},
+        models=["add", "reverse"],
+        owners=OWNERS,
+        alone={"t_add": 99.0, "t_rev": 96.0},
+        all_in={"t_add": 60.0, "t_rev": 81.0},
         controls={"t_add": {"shuffled": 5.0, "noise": -0.02}, "t_rev": {"shuffled": 0.0, "noise": 1.0}},
         regions=[region("layer 1", "layers.1.", 20.0, 2.0), region("embeddings", "embed_tokens", 9.0, 0.0)],
-    )  # fmt: skip
+    )
     report.dropped = routable_drops(report)
     report.joint = {"t_add": 75.0, "t_rev": joint_rev}
     text = "\n".join(probe_summary(report))

@@ -2,6 +2,7 @@
 wheel, as a cluster node with `pip install evomerge` does), two workers each running one trial at a time, a
 worker with another evomerge version refused, and a worker SIGKILLed mid-trial whose trial another worker retries.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from installed import clean_env, site_packages
 
 import evomerge
 from evomerge.config import parse_config
@@ -24,7 +26,6 @@ from evomerge.errors import ConfigError, ModelError
 from evomerge.search import study as st
 from evomerge.search.driver import run_search
 from evomerge.search.workers import WorkerPool
-from installed import clean_env, site_packages
 
 pytestmark = pytest.mark.timeout(300)  # a hung Ray fails its test; the cluster fixture still stops the cluster
 
@@ -33,19 +34,21 @@ SPACE = {"methods": ["task_arithmetic"], "parameters": {"weight": {"low": 0.0, "
 
 
 def config(zoo: Path, **changes):
-    return parse_config({
-        "name": "cluster",
-        "base_model": str(zoo / "base"),
-        "models": [str(zoo / "add"), str(zoo / "reverse")],
-        "method": "task_arithmetic",
-        "search_space": SPACE,
-        "tasks": {"search": TASKS},
-        "sampler": {"name": "random"},
-        "budget": {"n_trials": 6},
-        "refine": None,  # the trials counted here are the sampler's, each run once on a worker
-        "portfolio": False,
-        **changes,
-    })  # fmt: skip
+    return parse_config(
+        {
+            "name": "cluster",
+            "base_model": str(zoo / "base"),
+            "models": [str(zoo / "add"), str(zoo / "reverse")],
+            "method": "task_arithmetic",
+            "search_space": SPACE,
+            "tasks": {"search": TASKS},
+            "sampler": {"name": "random"},
+            "budget": {"n_trials": 6},
+            "refine": None,  # the trials counted here are the sampler's, each run once on a worker
+            "portfolio": False,
+            **changes,
+        }
+    )
 
 
 def free_port() -> int:
@@ -66,19 +69,46 @@ def ray_cluster(tmp_path_factory, installed_evomerge):
     port = free_port()
     python = installed_evomerge / "bin" / "python"
     cmd = [
-        str(python), "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-        "--port", str(port), "--num-cpus", "2", "--disable-usage-stats", "--include-dashboard", "false",
-        "--temp-dir", str(temp), "--object-store-memory", str(100 * 2**20), "--dashboard-port", str(free_port()),
-        "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-    ]  # fmt: skip
+        str(python),
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num-cpus",
+        "2",
+        "--disable-usage-stats",
+        "--include-dashboard",
+        "false",
+        "--temp-dir",
+        str(temp),
+        "--object-store-memory",
+        str(100 * 2**20),
+        "--dashboard-port",
+        str(free_port()),
+        "--ray-client-server-port",
+        str(free_port()),
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+    ]
     # Ray's token authentication, as on a real cluster: the head and every client use ~/.ray/auth_token (made here
     # if missing, as any local `ray.init()` makes it) with RAY_AUTH_MODE=token
-    subprocess.run([str(python), "-m", "ray.scripts.scripts", "get-auth-token", "--generate"], check=True,
-                   capture_output=True, env=clean_env(), timeout=120)  # fmt: skip
+    subprocess.run(
+        [str(python), "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
+        check=True,
+        capture_output=True,
+        env=clean_env(),
+        timeout=120,
+    )
     log = temp / "ray_start.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=clean_env(RAY_AUTH_MODE="token"))  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=clean_env(RAY_AUTH_MODE="token")
+        )
     try:
         deadline = time.monotonic() + 180
         while "Ray runtime started" not in log.read_text():
@@ -114,7 +144,9 @@ class RecordingPool:
         return out
 
 
-def test_a_search_on_a_ray_cluster_runs_two_workers_each_one_trial_at_a_time(tmp_path, tiny_zoo, monkeypatch, ray_cluster):
+def test_a_search_on_a_ray_cluster_runs_two_workers_each_one_trial_at_a_time(
+    tmp_path, tiny_zoo, monkeypatch, ray_cluster
+):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # `ray start` turned token auth on; its token is ~/.ray/auth_token
     cfg = config(tiny_zoo, workers={"count": 2, "num_cpus": 1, "address": ray_cluster["address"]})
@@ -158,11 +190,15 @@ def test_a_cluster_worker_with_another_evomerge_version_is_refused(tmp_path, tin
     installed = evomerge.__version__  # the node's (the wheel built from this tree)
     monkeypatch.setattr(evomerge, "__version__", "0.0.1+driver")
     cfg = config(tiny_zoo, workers={"count": 1, "num_cpus": 1, "address": ray_cluster["address"]})
-    with pytest.raises(ConfigError, match=rf"runs evomerge {re.escape(installed)} .* but the driver runs 0\.0\.1\+driver; install"):
+    with pytest.raises(
+        ConfigError, match=rf"runs evomerge {re.escape(installed)} .* but the driver runs 0\.0\.1\+driver; install"
+    ):
         WorkerPool(cfg)
 
 
-def test_a_cluster_node_without_the_models_is_a_user_error_naming_the_path(tmp_path, tiny_zoo, monkeypatch, ray_cluster):
+def test_a_cluster_node_without_the_models_is_a_user_error_naming_the_path(
+    tmp_path, tiny_zoo, monkeypatch, ray_cluster
+):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     missing = tmp_path / "not-on-this-node" / "add"
@@ -175,7 +211,9 @@ def test_a_cluster_node_without_the_models_is_a_user_error_naming_the_path(tmp_p
 def test_an_address_with_no_cluster_is_a_user_error(tmp_path, tiny_zoo, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = config(tiny_zoo, workers={"count": 1, "address": f"127.0.0.1:{free_port()}"})
-    with pytest.raises(ConfigError, match=r"workers\.address: cannot join the Ray cluster at '127\.0\.0\.1:\d+' \(nothing answers"):
+    with pytest.raises(
+        ConfigError, match=r"workers\.address: cannot join the Ray cluster at '127\.0\.0\.1:\d+' \(nothing answers"
+    ):
         WorkerPool(cfg)
     import ray
 
@@ -199,9 +237,13 @@ def test_a_driver_without_the_clusters_token_is_told_what_to_set(tmp_path, tiny_
         "    sys.exit(2)\n"
     )
     env = {k: v for k, v in clean_env().items() if not k.startswith("RAY_AUTH")}
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=240)
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=240
+    )
     assert out.returncode == 2, out.stderr[-2000:]
-    assert "workers.address: cannot join the Ray cluster" in out.stdout and "RAY_AUTH_MODE=token" in out.stdout, out.stdout
+    assert "workers.address: cannot join the Ray cluster" in out.stdout and "RAY_AUTH_MODE=token" in out.stdout, (
+        out.stdout
+    )
 
 
 class KillingPool(RecordingPool):

@@ -1,4 +1,5 @@
 """Recipe: YAML round trip, path resolution, input order, validation errors that name file and field."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -95,9 +96,13 @@ def test_load_resolves_relative_paths_against_the_file(tmp_path):
 
 
 def test_input_order_is_mergekits():
-    r = Recipe.from_yaml("merge_method: task_arithmetic\nbase_model: b\nparameters: {weight: 1}\nmodels: [{model: x}, {model: y}]")
+    r = Recipe.from_yaml(
+        "merge_method: task_arithmetic\nbase_model: b\nparameters: {weight: 1}\nmodels: [{model: x}, {model: y}]"
+    )
     assert r.input_models() == ["x", "y", "b"]
-    r = Recipe.from_yaml("merge_method: task_arithmetic\nbase_model: x\nparameters: {weight: 1}\nmodels: [{model: y}, {model: x}]")
+    r = Recipe.from_yaml(
+        "merge_method: task_arithmetic\nbase_model: x\nparameters: {weight: 1}\nmodels: [{model: y}, {model: x}]"
+    )
     assert r.input_models() == ["y", "x"]
 
 
@@ -115,23 +120,50 @@ def test_with_provenance_and_dump_is_atomic(tmp_path):
 
 BAD = [
     ("merge_method: tiess\nmodels: [{model: a}]", ["merge_method", "did you mean: ties", "valid: linear"]),
-    ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, densty: 0.5}}]",
-     ["models[0].parameters.densty", "did you mean: density"]),
-    ("merge_method: ties\nbase_model: b\nparameters: {weight: 1, density: 0}\nmodels: [{model: a}]", ["parameters.density", "(0, 1]"]),
-    ("merge_method: ties\nbase_model: b\nparameters: {weight: 1, density: [0.5, 1.5]}\nmodels: [{model: a}]", ["density", "1.5"]),
-    ("merge_method: dare_ties\nbase_model: b\nparameters: {weight: 1, density: [{filter: mlp, value: -0.1}, {value: 0.5}]}\n"
-     "models: [{model: a}]", ["density", "-0.1"]),
+    (
+        "merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, densty: 0.5}}]",
+        ["models[0].parameters.densty", "did you mean: density"],
+    ),
+    (
+        "merge_method: ties\nbase_model: b\nparameters: {weight: 1, density: 0}\nmodels: [{model: a}]",
+        ["parameters.density", "(0, 1]"],
+    ),
+    (
+        "merge_method: ties\nbase_model: b\nparameters: {weight: 1, density: [0.5, 1.5]}\nmodels: [{model: a}]",
+        ["density", "1.5"],
+    ),
+    (
+        "merge_method: dare_ties\nbase_model: b\nparameters: "
+        "{weight: 1, density: [{filter: mlp, value: -0.1}, {value: 0.5}]}\n"
+        "models: [{model: a}]",
+        ["density", "-0.1"],
+    ),
     ("merge_method: slerp\nbase_model: b\nparameters: {t: 1.2}\nmodels: [{model: a}]", ["parameters.t", "[0, 1]"]),
     ("merge_method: linear\nparameters: {weight: .nan}\nmodels: [{model: a}]", ["weight", "finite"]),
     ("merge_method: linear\nparameters: {weight: abc}\nmodels: [{model: a}]", ["weight", "'abc'"]),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]", ["weight", "requires"]),
-    ("merge_method: slerp\nparameters: {t: 0.5}\nmodels: [{model: a}, {model: c}]", ["field base_model", "needs a base"]),
-    ("merge_method: della\nbase_model: b\nparameters: {weight: 1, density: 0.9, epsilon: 0.2}\nmodels: [{model: a}]", ["epsilon"]),
+    (
+        "merge_method: slerp\nparameters: {t: 0.5}\nmodels: [{model: a}, {model: c}]",
+        ["field base_model", "needs a base"],
+    ),
+    (
+        "merge_method: della\nbase_model: b\nparameters: {weight: 1, density: 0.9, epsilon: 0.2}\nmodels: [{model: a}]",
+        ["epsilon"],
+    ),
     ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\ndtype: float8", ["dtype", "float32"]),
     ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\nbogus: 1", ["bogus", "unknown field"]),
-    ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\nout_dtyp: float16", ["out_dtyp", "did you mean: out_dtype"]),
-    ("merge_method: linear\nmodels: [{model: a, paramters: {weight: 1}}]", ["models.0.paramters", "did you mean: parameters"]),
-    ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\nevomerge: {sed: 1}", ["evomerge.sed", "did you mean: seed"]),
+    (
+        "merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\nout_dtyp: float16",
+        ["out_dtyp", "did you mean: out_dtype"],
+    ),
+    (
+        "merge_method: linear\nmodels: [{model: a, paramters: {weight: 1}}]",
+        ["models.0.paramters", "did you mean: parameters"],
+    ),
+    (
+        "merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\nevomerge: {sed: 1}",
+        ["evomerge.sed", "did you mean: seed"],
+    ),
     ("merge_method: linear\nslices: []", ["slices", "models:"]),
     ("merge_method: linear", ["models"]),
     ("merge_method: [linear\n", ["not valid YAML", "line"]),

@@ -1,5 +1,6 @@
 """Gradient refinement: the surrogate is the real merge at its starting point, its steps lower the loss inside the
 bounds, and a search turns the path into trials scored like any other."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,14 +25,20 @@ def evaluator(tiny_zoo):
 def refiner(zoo, evaluator, method: str) -> tuple[Refiner, SearchSpace, list[str]]:
     space = SearchSpace(load_space_spec(method), num_layers(zoo / "base"))
     models = [str(zoo / "add"), str(zoo / "reverse")]
-    return Refiner(evaluator.materializer, evaluator.scorer("search"), space, models, str(zoo / "base"), method), space, models
+    return (
+        Refiner(evaluator.materializer, evaluator.scorer("search"), space, models, str(zoo / "base"), method),
+        space,
+        models,
+    )
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
 def test_the_surrogate_at_its_start_is_the_merge(tiny_zoo, evaluator, method):
     ref, space, models = refiner(tiny_zoo, evaluator, method)
     # eighths of each range: exact in 4 significant digits, as the recipe a search merges keeps them
-    point = {name: ps.low + (i % 5 + 1) / 8 * (ps.high - ps.low) for i, (name, ps) in enumerate(space.bounds(models).items())}
+    point = {
+        name: ps.low + (i % 5 + 1) / 8 * (ps.high - ps.low) for i, (name, ps) in enumerate(space.bounds(models).items())
+    }
     surrogate = ref.surrogate(point)
     evaluator.load(space.to_recipe(point, models, str(tiny_zoo / "base"), method, seed=0))
     merged = evaluator.materializer.targets

@@ -1,4 +1,5 @@
 """`evomerge report` on the tiny zoo: a real (in-process) search, then the held-out comparison and its files."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,7 +48,9 @@ def ties_report(tiny_zoo, tmp_path_factory):
     import contextlib
     import io
 
-    run_dir = search(tmp_path_factory.mktemp("report"), tiny_zoo, "rep", "ties", {"name": "cmaes", "options": {"popsize": 4}}, 5)
+    run_dir = search(
+        tmp_path_factory.mktemp("report"), tiny_zoo, "rep", "ties", {"name": "cmaes", "options": {"popsize": 4}}, 5
+    )
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["report", str(run_dir), "--limit-subset", str(SUBSET)]) == 0
@@ -73,8 +76,13 @@ def test_report_files_and_stdout(ties_report):
 def test_rows_cover_sources_defaults_oracle_and_evolved(ties_report):
     _, c, _ = ties_report
     assert [r.name for r in c.rows_of("source")] == ["base", "add", "reverse"]
-    assert [r.name for r in c.rows_of("default")] == ["ties (defaults)", "task_arithmetic (defaults)", "dare_ties (defaults)",
-                                                      "della (defaults)", "breadcrumbs (defaults)"]
+    assert [r.name for r in c.rows_of("default")] == [
+        "ties (defaults)",
+        "task_arithmetic (defaults)",
+        "dare_ties (defaults)",
+        "della (defaults)",
+        "breadcrumbs (defaults)",
+    ]
     assert "slerp" in c.skipped  # slerp merges the base with one model; this study merges two
     assert c.tasks == ["zoo_add", "zoo_reverse"] and c.metrics == {"zoo_add": "acc", "zoo_reverse": "acc"}
     for r in c.rows:
@@ -120,8 +128,9 @@ def test_study_method_default_is_the_enqueued_baseline_trial(ties_report):
     cfg = load_run_config(run_dir)
     first = load_study(cfg.name, cfg.storage_url).trials[0]
     assert first.user_attrs["baseline"] == "defaults"
-    ours = default_recipe(cfg.method, cfg.base_model, cfg.models, cfg.seed, cfg.dtype, space=cfg.search_space,
-                          kernels=cfg.kernels)
+    ours = default_recipe(
+        cfg.method, cfg.base_model, cfg.models, cfg.seed, cfg.dtype, space=cfg.search_space, kernels=cfg.kernels
+    )
     assert ours == Recipe.from_yaml(first.user_attrs["recipe"])
 
 
@@ -174,7 +183,9 @@ def test_per_example_scores_average_to_the_row_scores(ties_report):
         assert oracle.examples[t] == max(sources, key=lambda r: r.scores[t]).examples[t]
 
 
-def _comparison(evolved: float, default: float, examples: dict[str, dict[str, list[float]]] | None = None) -> Comparison:
+def _comparison(
+    evolved: float, default: float, examples: dict[str, dict[str, list[float]]] | None = None
+) -> Comparison:
     """Rows scoring (a, b); `examples`: {row name: {task: per-example values}} (their means are the scores)."""
     tasks = ["a", "b"]
 
@@ -189,9 +200,19 @@ def _comparison(evolved: float, default: float, examples: dict[str, dict[str, li
     rows.append(row("evolved (best trial)", "evolved", evolved, evolved))
     trial = TrialRow(number=4, search=0.6, heldout={"a": evolved, "b": evolved}, heldout_mean=evolved)
     return Comparison(
-        study="s", method="ties", sampler="cmaes", run_dir="r", n_complete=5, multi_objective=False, tasks=tasks,
-        metrics={"a": "acc", "b": "acc"}, subset=None, rows=rows, trials=[trial], best_trial=4,
-    )  # fmt: skip
+        study="s",
+        method="ties",
+        sampler="cmaes",
+        run_dir="r",
+        n_complete=5,
+        multi_objective=False,
+        tasks=tasks,
+        metrics={"a": "acc", "b": "acc"},
+        subset=None,
+        rows=rows,
+        trials=[trial],
+        best_trial=4,
+    )
 
 
 @pytest.mark.parametrize(("evolved", "default", "beats"), [(0.6, 0.5, True), (0.45, 0.5, False), (0.5, 0.5, False)])
@@ -241,8 +262,15 @@ def test_paired_difference_is_the_mean_difference_with_its_paired_standard_error
     for i in [i for i, v in enumerate(a["a"]) if v == 0][:20]:
         flipped["a"][i] = 1.0
     gain = paired_difference(row("x+20", flipped), row("x", a))
-    unpaired = np.sqrt(sum(np.var(x, ddof=1) / 300 + np.var(y, ddof=1) / 300
-                           for x, y in [(flipped["a"], a["a"]), (flipped["b"], a["b"])])) / 2  # fmt: skip
+    unpaired = (
+        np.sqrt(
+            sum(
+                np.var(x, ddof=1) / 300 + np.var(y, ddof=1) / 300
+                for x, y in [(flipped["a"], a["a"]), (flipped["b"], a["b"])]
+            )
+        )
+        / 2
+    )
     assert gain.diff == pytest.approx(20 / 600) and not gain.within_noise and abs(gain.diff) < 2 * unpaired
     assert paired_difference(row("x", a), row("x", a)).within_noise, "identical rows: a tie, within noise"
     # per-example values that do not average to the score (e.g. perplexity) are no basis for a noise claim
@@ -266,8 +294,10 @@ def test_a_gain_within_noise_is_reported_as_noise_in_points_not_percent():
     table = "\n".join(render(c, {}).split("### Is the difference more than noise?")[1].splitlines()[:12])
     assert "| ties (defaults) | +0.7 |" in table and "within noise" in table
     # and the same gain on examples where the defaults are always wrong is beyond noise
-    sure = {"evolved (best trial)": {"a": [1.0] * 30 + [0.0] * 270, "b": [1.0] * 30 + [0.0] * 270},
-            "ties (defaults)": {"a": [0.0] * 300, "b": [0.0] * 300}}  # fmt: skip
+    sure = {
+        "evolved (best trial)": {"a": [1.0] * 30 + [0.0] * 270, "b": [1.0] * 30 + [0.0] * 270},
+        "ties (defaults)": {"a": [0.0] * 300, "b": [0.0] * 300},
+    }
     v = _comparison(0.1, 0.0, sure).verdict()
     assert not v.vs_default.within_noise and "**beats**" in statement(v, "acc")
 
@@ -328,7 +358,9 @@ def test_default_recipes_come_from_the_search_space_defaults(tiny_zoo):
         space_for("model_stock")
 
 
-@pytest.mark.parametrize(("evolved", "default", "floor_name"), [(0.65, 0.6, "ties (defaults)"), (0.65, 0.5, "x"), (0.5, 0.5, "x")])
+@pytest.mark.parametrize(
+    ("evolved", "default", "floor_name"), [(0.65, 0.6, "ties (defaults)"), (0.65, 0.5, "x"), (0.5, 0.5, "x")]
+)
 def test_the_room_is_measured_from_the_better_of_every_default_and_every_source(evolved, default, floor_name):
     c = _comparison(evolved, default)
     v = c.verdict()

@@ -1,4 +1,5 @@
 """Scorer: lm-eval's own numbers, fixed seeded subsets, live weights seen, clear task errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -38,7 +39,9 @@ def test_scores_equal_simple_evaluate(scorer, base, monkeypatch):
     )
     for t in TASKS:
         assert ref["n-samples"][t.name]["effective"] == t.subset
-        expected = {k.split(",")[0]: v for k, v in ref["results"][t.name].items() if k.endswith(",none") and "stderr" not in k}
+        expected = {
+            k.split(",")[0]: v for k, v in ref["results"][t.name].items() if k.endswith(",none") and "stderr" not in k
+        }
         assert ours[t.name] == expected
     assert set(ours["zoo_add_search"]) == {"acc", "acc_norm"}
     assert set(ours["zoo_reverse_greedy_search"]) == {"acc", "perplexity"}
@@ -80,9 +83,15 @@ def test_in_place_weight_changes_are_scored(scorer, tiny_zoo):
 
 
 def test_objective_is_the_weighted_mean(scorer):
-    specs = [TaskSpec(name="zoo_add_search", weight=3.0), TaskSpec(name="zoo_reverse_greedy_search", metric="perplexity")]
+    specs = [
+        TaskSpec(name="zoo_add_search", weight=3.0),
+        TaskSpec(name="zoo_reverse_greedy_search", metric="perplexity"),
+    ]
     s = Scorer(specs)
-    scores = {"zoo_add_search": {"acc": 0.5, "acc_norm": 0.1}, "zoo_reverse_greedy_search": {"acc": 0.0, "perplexity": 4.0}}
+    scores = {
+        "zoo_add_search": {"acc": 0.5, "acc_norm": 0.1},
+        "zoo_reverse_greedy_search": {"acc": 0.0, "perplexity": 4.0},
+    }
     assert s.objective(scores) == pytest.approx((3 * 0.5 + 1 * 0.25) / 4)
     tag = Scorer([TaskSpec(name="zoo_greedy_val", metric="acc")])
     from evomerge.zoo.skills import SKILLS

@@ -1,4 +1,5 @@
 """End to end on the tiny zoo: search (Ray, 1 worker), resume to a larger budget, export, re-evaluate."""
+
 from __future__ import annotations
 
 import logging
@@ -89,7 +90,9 @@ def test_search_resume_export_rescore(tmp_path, tiny_zoo, monkeypatch, ray_local
         assert 0.0 <= t.value <= 1.0 and t.user_attrs["merge_s"] > 0 and t.user_attrs["eval_s"] > 0
 
     # resume: the same study, three more COMPLETE trials, nothing redone
-    second = run_search(apply_overrides(cfg, n_trials=7), progress=False, log=None, pool_factory=lambda _cfg: KeptPool(pool))
+    second = run_search(
+        apply_overrides(cfg, n_trials=7), progress=False, log=None, pool_factory=lambda _cfg: KeptPool(pool)
+    )
     assert second.n_complete == 7 and second.n_failed == 0
     again = {t.number: t for t in st.complete_trials(study)}
     assert set(done) < set(again)
@@ -160,7 +163,10 @@ def test_a_search_whose_candidates_all_fail_stops_with_the_reason(tmp_path, tiny
     from evomerge.search.workers import InlinePool
 
     monkeypatch.chdir(tmp_path)
-    space = {"methods": ["task_arithmetic"], "parameters": {"weight": {"value": 1.0}, "lambda": {"low": 1e300, "high": 2e300}}}
+    space = {
+        "methods": ["task_arithmetic"],
+        "parameters": {"weight": {"value": 1.0}, "lambda": {"low": 1e300, "high": 2e300}},
+    }
     cfg = inline_config(tiny_zoo, search_space=space)
     with pytest.raises(StudyError, match="the last 5 trials failed .*NaN or Inf"):
         run_search(cfg, progress=False, log=None, pool_factory=InlinePool)

@@ -1,4 +1,5 @@
 """Worker faults: a Ray worker killed mid-trial, params that keep killing workers, NaN/Inf scores, half-made studies."""
+
 from __future__ import annotations
 
 import math
@@ -92,7 +93,9 @@ def test_a_non_finite_objective_fails_even_if_the_worker_says_ok(tmp_path, monke
     res = JobResult(scores={"zoo_add_search": {"acc": 1.0}}, objective=math.inf)
     assert _tell(study, cfg, _InFlight(trial, time.perf_counter()), res, result) is None
     frozen = study.trials[trial.number]
-    assert frozen.state == optuna.trial.TrialState.FAIL and "non-finite objective inf" in frozen.user_attrs["fail_reason"]
+    assert (
+        frozen.state == optuna.trial.TrialState.FAIL and "non-finite objective inf" in frozen.user_attrs["fail_reason"]
+    )
     assert st.best_trial(study) is None
 
 
@@ -128,7 +131,8 @@ def test_a_half_created_study_is_finished_not_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = zoo_config(fake_zoo(tmp_path))
     optuna.create_study(  # an empty study: no config hash, no baselines yet
-        study_name=cfg.name, storage=st.get_storage(cfg.storage_url))
+        study_name=cfg.name, storage=st.get_storage(cfg.storage_url)
+    )
     resumed = st.open_study(cfg, space_of(cfg), log=None)
     assert resumed.user_attrs["config_hash"] == cfg.study_hash()
     labels = [t.user_attrs["baseline"] for t in resumed.trials]
@@ -158,6 +162,7 @@ def test_a_trial_requeued_before_a_kill_is_not_requeued_twice(tmp_path, monkeypa
 
 
 # -- a real Ray worker killed mid-trial ---------------------------------------------------------------
+
 
 class KillingPool:
     """A WorkerPool whose actor is SIGKILLed when the driver waits for the `at`-th time."""
@@ -197,7 +202,16 @@ def test_a_ray_worker_killed_mid_trial_is_replaced_and_its_trial_retried(tmp_pat
     assert dead and all(t.user_attrs["fail_reason"].startswith("worker died") for t in dead)
     assert all(f":{pool.killed[0]}" in t.user_attrs["fail_reason"] for t in dead), "the reason names the dead worker"
     charged = [t for t in trials if t.user_attrs.get("worker_deaths") == 1]
-    assert len(charged) == 1, [(t.number, t.state.name, t.user_attrs.get("retry_of"), t.user_attrs.get("worker_deaths"), t.user_attrs.get("fail_reason")) for t in trials]
+    assert len(charged) == 1, [
+        (
+            t.number,
+            t.state.name,
+            t.user_attrs.get("retry_of"),
+            t.user_attrs.get("worker_deaths"),
+            t.user_attrs.get("fail_reason"),
+        )
+        for t in trials
+    ]
     for t in dead:  # each one retried once, with the same params, and completed
         retries = [r for r in trials if r.user_attrs.get("retry_of") == t.number]
         assert len(retries) == 1 and retries[0].params == t.params and retries[0].state.name == "COMPLETE"
@@ -215,16 +229,23 @@ def test_a_baseline_killed_inside_ask_is_retried_with_its_own_params(tmp_path, m
     study._storage.set_trial_state_values(waiting._trial_id, optuna.trial.TrialState.RUNNING)  # what ask does first
     assert st.fail_stale_trials(study, log=None, exclusive=True) == [waiting.number]
     retry = [t for t in study.trials if t.user_attrs.get("retry_of") == waiting.number][0]
-    assert retry.system_attrs["fixed_params"] == waiting.system_attrs["fixed_params"] and retry.user_attrs["baseline"] == "defaults"
+    assert (
+        retry.system_attrs["fixed_params"] == waiting.system_attrs["fixed_params"]
+        and retry.user_attrs["baseline"] == "defaults"
+    )
     asked = [st.ask(study, st.distributions(space_of(cfg), cfg.models)) for _ in range(3)]  # after the other baselines
-    assert asked[-1].params == waiting.system_attrs["fixed_params"] and asked[-1].user_attrs["retry_of"] == waiting.number
+    assert (
+        asked[-1].params == waiting.system_attrs["fixed_params"] and asked[-1].user_attrs["retry_of"] == waiting.number
+    )
 
 
 # -- typed failures: the candidate's own fail its trial; a bug in evomerge stops the search ---------------------
 
+
 def test_an_exception_in_the_users_task_code_fails_that_trial_and_the_search_goes_on(tmp_path, tiny_zoo, monkeypatch):
-    from evomerge.search.workers import InlinePool
     from test_evaluator import raising_task
+
+    from evomerge.search.workers import InlinePool
 
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "tasks"

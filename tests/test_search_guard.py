@@ -1,5 +1,6 @@
 """The overfitting guard: when the search subsets mislead, validation changes the exported trial, and export,
 status and report (table and figure) all name that trial; export is atomic."""
+
 from __future__ import annotations
 
 import optuna
@@ -24,7 +25,10 @@ def guard_config(zoo, validation=None):
         "base_model": str(zoo / "base"),
         "models": [str(zoo / "add"), str(zoo / "reverse")],
         "method": "task_arithmetic",
-        "search_space": {"methods": ["task_arithmetic"], "parameters": {"weight": {"low": 0.0, "high": 1.0, "default": 0.5}}},
+        "search_space": {
+            "methods": ["task_arithmetic"],
+            "parameters": {"weight": {"low": 0.0, "high": 1.0, "default": 0.5}},
+        },
         "tasks": {"search": SEARCH, "heldout": ["zoo_add", "zoo_reverse"]},
         "budget": {"n_trials": 3},
         "workers": {"count": 0},  # the guard's pool runs in this process
@@ -49,7 +53,10 @@ def test_validation_overrides_a_misleading_search_score_and_export_stays_whole(t
 
     # three real recipes; their true validation objectives, then search scores that rank the worst one first
     bench = validation_evaluator(guarded)
-    recipes = [(label, p, space.to_recipe(p, plain.models, plain.base_model, plain.method, 0).to_yaml()) for label, p in space.baselines(plain.models)]
+    recipes = [
+        (label, p, space.to_recipe(p, plain.models, plain.base_model, plain.method, 0).to_yaml())
+        for label, p in space.baselines(plain.models)
+    ]
     truth = [bench.evaluate(text, "validation").objective for _, _, text in recipes]
     assert max(truth) > min(truth), "the three recipes score alike on validation; the test needs a difference"
     worst = truth.index(min(truth))
@@ -99,7 +106,9 @@ def test_validation_overrides_a_misleading_search_score_and_export_stays_whole(t
     report = build_report(guarded.run_dir, subset=20, log=None)
     assert report.comparison.best_trial == second.trial
     assert f"trial {second.trial}" in report.comparison.row("evolved (best trial)").detail
-    assert report.comparison.trials[0].number == numbers[worst] and report.comparison.trials[0].validation == pytest.approx(min(truth))
+    assert report.comparison.trials[0].number == numbers[worst] and report.comparison.trials[
+        0
+    ].validation == pytest.approx(min(truth))
     text = report.report.read_text()
     assert f"### Best recipe parameters (trial {second.trial})" in text and f"best trial {second.trial}." in text
     write_run_config(plain)  # without the guard: the best search score, everywhere
@@ -134,8 +143,20 @@ def test_report_shows_search_validation_and_heldout_side_by_side():
         TrialRow(number=7, search=0.9, heldout={"zoo_add": 0.1}, heldout_mean=0.1, validation=0.15),
         TrialRow(number=3, search=0.5, heldout={"zoo_add": 0.3}, heldout_mean=0.3, validation=0.35),
     ]
-    c = Comparison(study="s", method="ties", sampler="cmaes", run_dir="r", n_complete=9, multi_objective=False,
-                   tasks=["zoo_add"], metrics={"zoo_add": "acc"}, subset=None, rows=rows, trials=trials, best_trial=3)  # fmt: skip
+    c = Comparison(
+        study="s",
+        method="ties",
+        sampler="cmaes",
+        run_dir="r",
+        n_complete=9,
+        multi_objective=False,
+        tasks=["zoo_add"],
+        metrics={"zoo_add": "acc"},
+        subset=None,
+        rows=rows,
+        trials=trials,
+        best_trial=3,
+    )
     text = render(c, {})
     assert "| trial | note | search objective | validation objective | held-out zoo_add |" in text
     assert "| 7 | - | 0.9000 | 0.1500 | 0.1000 |" in text and "| 3 | - | 0.5000 | 0.3500 | 0.3000 |" in text
@@ -148,7 +169,10 @@ def test_guard_exports_the_defaults_when_no_searched_trial_beats_them_on_validat
     dists = st.distributions(space, cfg.models)
     study = st.open_study(cfg, space, log=None)
     bench = validation_evaluator(cfg)
-    recipes = [(label, p, space.to_recipe(p, cfg.models, cfg.base_model, cfg.method, 0).to_yaml()) for label, p in space.baselines(cfg.models)]
+    recipes = [
+        (label, p, space.to_recipe(p, cfg.models, cfg.base_model, cfg.method, 0).to_yaml())
+        for label, p in space.baselines(cfg.models)
+    ]
     truth = {label: bench.evaluate(text, "validation").objective for label, _, text in recipes}
     searched = min((label for label in truth if label != "defaults"), key=truth.get)
     assert truth["defaults"] > truth[searched], f"the default merge must beat a specialist alone on validation: {truth}"
@@ -156,7 +180,12 @@ def test_guard_exports_the_defaults_when_no_searched_trial_beats_them_on_validat
     search = {label: (0.9 if label == searched else 0.1 if label == "defaults" else 0.5) for label in truth}
     for label, params, text in recipes:
         value = search[label]
-        attrs = {"recipe": text, "scores": {t["name"]: {"acc": value} for t in SEARCH}, "objective": value, "baseline": label}
+        attrs = {
+            "recipe": text,
+            "scores": {t["name"]: {"acc": value} for t in SEARCH},
+            "objective": value,
+            "baseline": label,
+        }
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value, user_attrs=attrs))
     number = {t.user_attrs["baseline"]: t.number for t in st.complete_trials(study)}
 

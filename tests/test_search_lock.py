@@ -1,4 +1,5 @@
 """One driver per study: a second driver is refused at once, naming the first; a dead driver never blocks."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,6 @@ import pytest
 import yaml
 
 from evomerge.errors import StudyError
-from evomerge.io.atomic import process_start
 from evomerge.search import lock as lk
 from evomerge.search import study as st
 
@@ -42,7 +42,8 @@ def test_a_second_driver_on_a_sqlite_study_is_refused_until_the_first_releases(t
 
 
 def test_other_databases_are_refused_rather_than_run_unlocked():
-    """Only sqlite (flock), PostgreSQL (advisory lock) and MySQL (GET_LOCK) can hold a study; the password stays hidden."""
+    """Only sqlite (flock), PostgreSQL (advisory lock) and MySQL (GET_LOCK) can hold a study; the password stays
+    hidden."""
     with pytest.raises(StudyError, match="only sqlite, postgresql and mysql storages provide") as err:
         lk.StudyLock("mssql+pyodbc://sa:hunter2@db/evomerge", "x").acquire()
     assert "sa:***@db" in str(err.value) and "hunter2" not in str(err.value)
@@ -106,13 +107,22 @@ def count(db: Path, state: str) -> int:
 def test_two_search_processes_on_one_study(tmp_path, tiny_zoo):
     """The second `evomerge search` (also with --force) exits 2 naming the first; the first ends at its budget."""
     n_trials = 150  # enough for the first to be still searching while the second starts (tiny trials take ~0.2 s)
-    cmd = [sys.executable, "-m", "evomerge", "search", str(search_config(tmp_path, tiny_zoo, n_trials)), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "evomerge",
+        "search",
+        str(search_config(tmp_path, tiny_zoo, n_trials)),
+        "--no-progress",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     db = tmp_path / "runs" / "shared" / "study.db"
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
-        while first.poll() is None and count(db, "RUNNING") + count(db, "COMPLETE") == 0 and time.monotonic() < deadline:
+        while (
+            first.poll() is None and count(db, "RUNNING") + count(db, "COMPLETE") == 0 and time.monotonic() < deadline
+        ):
             time.sleep(0.2)
         assert first.poll() is None, first.stdout.read()[-2000:]
         for extra in ([], ["--force"]):
@@ -120,7 +130,9 @@ def test_two_search_processes_on_one_study(tmp_path, tiny_zoo):
             second = subprocess.run(cmd + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
             assert second.returncode == 2, second.stderr[-2000:]
             line = second.stderr.strip().splitlines()[-1]
-            assert line.startswith("evomerge: error: study 'shared'") and f"is being run by pid {first.pid} " in line, line
+            assert line.startswith("evomerge: error: study 'shared'") and f"is being run by pid {first.pid} " in line, (
+                line
+            )
             assert time.monotonic() - start < 60, "refused at once, before loading models"
         assert first.poll() is None, "the second driver did not disturb the first"
         out, _ = first.communicate(timeout=300)

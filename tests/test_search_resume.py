@@ -1,4 +1,5 @@
 """Resuming a study: stale RUNNING trials, changed configs, CMA-ES state, and a SIGKILLed search."""
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,10 @@ def test_cmaes_state_survives_a_restart(tmp_path):
     cfg = make_config(tmp_path)
     study = st.open_study(cfg, space_of(cfg), log=None)
     assert [t.user_attrs["baseline"] for t in study.get_trials(states=(optuna.trial.TrialState.WAITING,))] == [
-        "defaults", "only add", "only reverse",
-    ]  # fmt: skip
+        "defaults",
+        "only add",
+        "only reverse",
+    ]
     run_toy(study, cfg, 12)
     key = "cma:generation"
     gens = [t.system_attrs[key] for t in study.trials if key in t.system_attrs]
@@ -73,7 +76,9 @@ def test_cmaes_state_survives_a_restart(tmp_path):
     assert len(resumed.trials) == 12
     run_toy(resumed, cfg, 1)
     assert resumed.trials[-1].system_attrs[key] >= max(gens), "the optimizer was restored, not restarted at 0"
-    assert any(k.startswith("cma:optimizer") for t in resumed.trials for k in t.system_attrs), "state lives in the storage"
+    assert any(k.startswith("cma:optimizer") for t in resumed.trials for k in t.system_attrs), (
+        "state lives in the storage"
+    )
 
 
 def dead_pid() -> int:
@@ -125,6 +130,7 @@ def test_a_changed_config_is_refused_unless_forced(tmp_path):
 
 
 # -- a real search, killed with SIGKILL mid-trial, then resumed -------------------------------------
+
 
 def search_config(tmp_path: Path, zoo: Path, n_trials: int) -> Path:
     data = {

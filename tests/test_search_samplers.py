@@ -1,5 +1,6 @@
 """Samplers (search/study.py): every registered name builds, its options are Optuna's, defaults follow the space's
 dimension, CMA-ES warm start works."""
+
 from __future__ import annotations
 
 import json
@@ -105,14 +106,20 @@ def test_warm_start_begins_where_the_earlier_study_did_well(tmp_path, monkeypatc
     assert abs(sum(warm_means) / len(warm_means) - 0.85) < abs(sum(cold_means) / len(cold_means) - 0.85)
     assert sum(warm_means) / len(warm_means) > 0.65
 
-    other = make_config(tmp_path, "other", search_space={**SPACE, "layers_per_group": 1},
-                        sampler={"name": "cmaes", "warm_start": "runs/src"})  # fmt: skip
+    other = make_config(
+        tmp_path,
+        "other",
+        search_space={**SPACE, "layers_per_group": 1},
+        sampler={"name": "cmaes", "warm_start": "runs/src"},
+    )
     with pytest.raises(ConfigError, match="no COMPLETE trial over this search space"):
         sampler_for(other, space_of(other))
     missing = make_config(tmp_path, "missing", sampler={"name": "cmaes", "warm_start": "runs/nope"})
     with pytest.raises(ConfigError, match="sampler.warm_start: runs/nope: no config.yaml"):
         sampler_for(missing, space_of(missing))
-    by_name = make_config(tmp_path, "byname", sampler={"name": "cmaes", "warm_start": {"study": "src", "storage": src.storage_url}})
+    by_name = make_config(
+        tmp_path, "byname", sampler={"name": "cmaes", "warm_start": {"study": "src", "storage": src.storage_url}}
+    )
     assert len(sampler_for(by_name, space_of(by_name))._source_trials) == 40
 
 

@@ -1,5 +1,6 @@
 """Why and how a search stops, and what it says: budget met, budget.timeout, Ctrl-C / SIGTERM (a scheduler's time
 limit); new or resumed at start; progress lines without a bar; `status` after a stop."""
+
 from __future__ import annotations
 
 import os
@@ -12,13 +13,13 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from test_search_faults import zoo_config
 
 from evomerge.report.status import status_text
 from evomerge.search import study as st
 from evomerge.search.driver import run_search
 from evomerge.search.workers import InlinePool
 from evomerge.space import space_of
-from test_search_faults import zoo_config
 
 
 def _search(cfg, **kw):
@@ -85,7 +86,9 @@ def test_status_marks_the_exported_trial_explains_its_columns_and_knows_nothing_
     _, lines = _search(zoo_config(tiny_zoo, budget={"n_trials": 5}))
     assert any("were left RUNNING by a dead process" in line for line in lines)
     reason = st.load_study(cfg.name, cfg.storage_url).trials[orphan.number].user_attrs["fail_reason"]
-    assert reason == "stale: the search that asked it stopped before the trial finished; this driver holds the study now"
+    assert (
+        reason == "stale: the search that asked it stopped before the trial finished; this driver holds the study now"
+    )
 
 
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
@@ -101,13 +104,23 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
 def test_sigterm_stops_a_ray_search_like_ctrl_c(tmp_path, tiny_zoo):
     """`timeout`, Slurm and Kubernetes send SIGTERM: one line, exit 143, the trials in flight requeued, no Ray stack
     dump; the same command resumes."""
-    cfg = zoo_config(tiny_zoo, name="sig", budget={"n_trials": 100_000}, workers={"count": 1, "num_cpus": 1},
-                     tasks={"search": [{"name": "zoo_add_search", "subset": 20}]})  # fmt: skip
+    cfg = zoo_config(
+        tiny_zoo,
+        name="sig",
+        budget={"n_trials": 100_000},
+        workers={"count": 1, "num_cpus": 1},
+        tasks={"search": [{"name": "zoo_add_search", "subset": 20}]},
+    )
     config = tmp_path / "sig.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "search", str(config), "--no-progress"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evomerge", "search", str(config), "--no-progress"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     url = f"sqlite:///{tmp_path / 'runs' / 'sig' / 'study.db'}"
 
     def complete() -> int:
@@ -138,7 +151,8 @@ def test_sigterm_stops_a_ray_search_like_ctrl_c(tmp_path, tiny_zoo):
     if stopped:
         assert f"(trials {', '.join(str(t.number) for t in stopped)} were running: they run again first)" in last[0]
     assert "nothing is running" not in status_text(tmp_path / "runs" / "sig") and "running:" not in status_text(
-        tmp_path / "runs" / "sig")
+        tmp_path / "runs" / "sig"
+    )
     assert "new study 'sig'" in out and "starting 1 worker (Ray" in out
 
 

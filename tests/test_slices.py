@@ -1,5 +1,6 @@
 """mergekit's `slices:` recipes: per-layer merges (the same ranges in every source) and layer stacking (different
 ranges, passthrough), equal to mergekit's own merge tensor for tensor; what evomerge cannot run exits 2."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,11 @@ from evomerge.errors import ConfigError
 from evomerge.export import export_recipe
 from evomerge.recipe import Recipe
 
-T_CURVE = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
-           {"value": 0.5}]  # fmt: skip
+T_CURVE = [
+    {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+    {"value": 0.5},
+]
 
 
 def slerp_slices(a: Path, b: Path, layers: int, t=None) -> dict:
@@ -24,7 +28,9 @@ def slerp_slices(a: Path, b: Path, layers: int, t=None) -> dict:
     return {
         "merge_method": "slerp",
         "base_model": str(a),
-        "slices": [{"sources": [{"model": str(a), "layer_range": [0, layers]}, {"model": str(b), "layer_range": [0, layers]}]}],
+        "slices": [
+            {"sources": [{"model": str(a), "layer_range": [0, layers]}, {"model": str(b), "layer_range": [0, layers]}]}
+        ],
         "parameters": {"t": t if t is not None else T_CURVE},
         "dtype": "float32",
     }
@@ -38,10 +44,18 @@ def stack(family: dict[str, Path]) -> dict:
         "slices": [
             {"sources": [{"model": a, "layer_range": [0, 2]}]},
             {"sources": [{"model": b, "layer_range": [1, 3]}]},
-            {"sources": [{"model": a, "layer_range": [2, 3], "parameters": {"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}]},
+            {
+                "sources": [
+                    {
+                        "model": a,
+                        "layer_range": [2, 3],
+                        "parameters": {"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]},
+                    }
+                ]
+            },
         ],
         "dtype": "float32",
-    }  # fmt: skip
+    }
 
 
 def assert_same(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
@@ -64,20 +78,31 @@ def test_slices_with_their_own_parameters_and_base_equal_mergekit(arch_family, t
     sources' and the global ones), a slice's own base_model, gradients across each slice's layers."""
     monkeypatch.setenv("EVOMERGE_KERNELS", "mergekit")
     f = {k: str(v) for k, v in arch_family("llama").items()}
-    recipe = Recipe.from_dict({
-        "merge_method": "ties",
-        "base_model": f["base"],
-        "slices": [
-            {"sources": [{"model": f["base"], "layer_range": [0, 2]},
-                         {"model": f["a"], "layer_range": [0, 2], "parameters": {"weight": [0.2, 0.9], "density": 0.5}},
-                         {"model": f["b"], "layer_range": [0, 2], "parameters": {"weight": 0.5}}],
-             "parameters": {"density": [{"filter": "mlp", "value": 0.3}, {"value": 0.8}]}},
-            {"sources": [{"model": f["a"], "layer_range": [2, 3], "parameters": {"weight": 0.3, "density": 0.6}},
-                         {"model": f["b"], "layer_range": [2, 3], "parameters": {"weight": 0.8, "density": 0.4}}],
-             "base_model": f["a"], "parameters": {"normalize": False}},
-        ],
-        "parameters": {"weight": 1.0, "density": 0.9},
-    })  # fmt: skip
+    recipe = Recipe.from_dict(
+        {
+            "merge_method": "ties",
+            "base_model": f["base"],
+            "slices": [
+                {
+                    "sources": [
+                        {"model": f["base"], "layer_range": [0, 2]},
+                        {"model": f["a"], "layer_range": [0, 2], "parameters": {"weight": [0.2, 0.9], "density": 0.5}},
+                        {"model": f["b"], "layer_range": [0, 2], "parameters": {"weight": 0.5}},
+                    ],
+                    "parameters": {"density": [{"filter": "mlp", "value": 0.3}, {"value": 0.8}]},
+                },
+                {
+                    "sources": [
+                        {"model": f["a"], "layer_range": [2, 3], "parameters": {"weight": 0.3, "density": 0.6}},
+                        {"model": f["b"], "layer_range": [2, 3], "parameters": {"weight": 0.8, "density": 0.4}},
+                    ],
+                    "base_model": f["a"],
+                    "parameters": {"normalize": False},
+                },
+            ],
+            "parameters": {"weight": 1.0, "density": 0.9},
+        }
+    )
     ours = load_dir(export_recipe(recipe, tmp_path / "ours"))
     assert_same(ours, mergekit_merge(recipe, tmp_path / "theirs"))
 
@@ -123,7 +148,9 @@ def test_a_full_single_slice_is_the_models_form(arch_family, tmp_path):
     sliced = Recipe.from_dict(slerp_slices(f["a"], f["b"], 3))
     plain = sliced.as_models_form({str(f["a"]): 3, str(f["b"]): 3})
     assert plain is not None and plain.slices is None and [e.model for e in plain.models] == [str(f["a"]), str(f["b"])]
-    assert_same(load_dir(export_recipe(sliced, tmp_path / "sliced")), load_dir(export_recipe(plain, tmp_path / "plain")))
+    assert_same(
+        load_dir(export_recipe(sliced, tmp_path / "sliced")), load_dir(export_recipe(plain, tmp_path / "plain"))
+    )
     space = SearchSpace.over(load_space_spec("slerp"), f["a"])
     point = space.from_recipe(sliced)
     assert point == space.from_recipe(plain) and len(set(point.values())) > 2  # the curve read back, not defaults
@@ -133,14 +160,23 @@ def test_slices_that_are_not_one_per_layer_merge_have_no_models_form(arch_family
     f = {k: str(v) for k, v in arch_family("llama").items()}
     depths = {f["a"]: 3, f["b"]: 3, f["base"]: 3}
     partial = slerp_slices(f["a"], f["b"], 2)
-    two = {**partial, "slices": [
-        {"sources": [{"model": f["a"], "layer_range": [0, 1]}, {"model": f["b"], "layer_range": [0, 1]}]},
-        {"sources": [{"model": f["a"], "layer_range": [1, 3]}, {"model": f["b"], "layer_range": [1, 3]}]}]}  # fmt: skip
+    two = {
+        **partial,
+        "slices": [
+            {"sources": [{"model": f["a"], "layer_range": [0, 1]}, {"model": f["b"], "layer_range": [0, 1]}]},
+            {"sources": [{"model": f["a"], "layer_range": [1, 3]}, {"model": f["b"], "layer_range": [1, 3]}]},
+        ],
+    }
     overlapping = {**slerp_slices(f["a"], f["b"], 3)}
     overlapping["slices"] = [{**overlapping["slices"][0], "parameters": {"t": 0.2}}]
-    outside_base = {"merge_method": "linear", "base_model": f["base"], "slices": [  # models: would add base as an input
-        {"sources": [{"model": f["a"], "layer_range": [0, 3]}, {"model": f["b"], "layer_range": [0, 3]}]}],
-        "parameters": {"weight": 0.5}}  # fmt: skip
+    outside_base = {
+        "merge_method": "linear",
+        "base_model": f["base"],
+        "slices": [  # models: would add base as an input
+            {"sources": [{"model": f["a"], "layer_range": [0, 3]}, {"model": f["b"], "layer_range": [0, 3]}]}
+        ],
+        "parameters": {"weight": 0.5},
+    }
     for spec in (partial, two, overlapping, outside_base):
         assert Recipe.from_dict(spec).as_models_form(depths) is None
     folded = {**slerp_slices(f["a"], f["b"], 3), "parameters": None}
@@ -177,22 +213,57 @@ def test_the_exported_slices_recipe_reproduces_itself(arch_family, tmp_path, cap
 
 BAD = {
     "modules": ({"merge_method": "linear", "modules": {"text": {"models": [{"model": "a"}]}}}, "field 'modules'"),
-    "both_forms": ({"merge_method": "linear", "models": [{"model": "A", "parameters": {"weight": 1}}],
-                    "slices": [{"sources": [{"model": "A", "layer_range": [0, 3]}]}]}, "exactly one of `models:` and `slices:`"),
-    "lengths_differ": ({"merge_method": "slerp", "base_model": "A", "parameters": {"t": 0.5}, "slices": [{"sources": [
-        {"model": "A", "layer_range": [0, 3]}, {"model": "B", "layer_range": [0, 2]}]}]},
-        "field slices[0].sources[1].layer_range: [0, 2] spans 2 layers but sources[0] spans 3"),
-    "empty_range": ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "A", "layer_range": [2, 2]}]}]},
-                    "field slices[0].sources[0].layer_range: [2, 2] is empty"),
-    "model_twice": ({"merge_method": "linear", "slices": [{"sources": [{"model": "A", "layer_range": [0, 1], "parameters": {"weight": 1}},
-                     {"model": "A", "layer_range": [1, 2], "parameters": {"weight": 1}}]}]}, "listed twice in one slice"),
-    "two_sources_passthrough": ({"merge_method": "passthrough", "slices": [{"sources": [
-        {"model": "A", "layer_range": [0, 1]}, {"model": "B", "layer_range": [0, 1]}]}]}, "field slices[0]: passthrough"),
-    "unknown_key": ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "A", "layer_rang": [0, 1]}]}]},
-                    "did you mean: layer_range"),
-    "past_the_last_layer": ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "A", "layer_range": [1, 4]}]}]},
-                            "field slices[0].sources[0].layer_range: [1, 4] reaches past the 3 layers"),
-}  # fmt: skip
+    "both_forms": (
+        {
+            "merge_method": "linear",
+            "models": [{"model": "A", "parameters": {"weight": 1}}],
+            "slices": [{"sources": [{"model": "A", "layer_range": [0, 3]}]}],
+        },
+        "exactly one of `models:` and `slices:`",
+    ),
+    "lengths_differ": (
+        {
+            "merge_method": "slerp",
+            "base_model": "A",
+            "parameters": {"t": 0.5},
+            "slices": [{"sources": [{"model": "A", "layer_range": [0, 3]}, {"model": "B", "layer_range": [0, 2]}]}],
+        },
+        "field slices[0].sources[1].layer_range: [0, 2] spans 2 layers but sources[0] spans 3",
+    ),
+    "empty_range": (
+        {"merge_method": "passthrough", "slices": [{"sources": [{"model": "A", "layer_range": [2, 2]}]}]},
+        "field slices[0].sources[0].layer_range: [2, 2] is empty",
+    ),
+    "model_twice": (
+        {
+            "merge_method": "linear",
+            "slices": [
+                {
+                    "sources": [
+                        {"model": "A", "layer_range": [0, 1], "parameters": {"weight": 1}},
+                        {"model": "A", "layer_range": [1, 2], "parameters": {"weight": 1}},
+                    ]
+                }
+            ],
+        },
+        "listed twice in one slice",
+    ),
+    "two_sources_passthrough": (
+        {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [{"model": "A", "layer_range": [0, 1]}, {"model": "B", "layer_range": [0, 1]}]}],
+        },
+        "field slices[0]: passthrough",
+    ),
+    "unknown_key": (
+        {"merge_method": "passthrough", "slices": [{"sources": [{"model": "A", "layer_rang": [0, 1]}]}]},
+        "did you mean: layer_range",
+    ),
+    "past_the_last_layer": (
+        {"merge_method": "passthrough", "slices": [{"sources": [{"model": "A", "layer_range": [1, 4]}]}]},
+        "field slices[0].sources[0].layer_range: [1, 4] reaches past the 3 layers",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

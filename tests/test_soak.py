@@ -1,7 +1,8 @@
 """Crash-and-resume soak: the driver SIGKILLed at random moments, resumed with the same command, 10 times.
 
-    .venv/bin/pytest tests/test_soak.py -m slow          (longer soaks: scripts/soak.py --kills 30)
+.venv/bin/pytest tests/test_soak.py -m slow          (longer soaks: scripts/soak.py --kills 30)
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -64,7 +65,10 @@ def test_the_checker_finds_lost_duplicated_and_stuck_trials(tmp_path):
     report = soak.SoakReport(budget=4)
     soak.check(db, observed, report)
     assert report.complete == 4 and report.integrity == "ok"
-    assert report.duplicated == ["baseline 'defaults': COMPLETE as [0, 1]", f"trial {gone.number}: COMPLETE as [{gone.number}, {drifted.number}]"]
+    assert report.duplicated == [
+        "baseline 'defaults': COMPLETE as [0, 1]",
+        f"trial {gone.number}: COMPLETE as [{gone.number}, {drifted.number}]",
+    ]
     assert any(f"trial {gone.number} was COMPLETE" in x for x in report.lost)
     assert any(f"trial {orphan.number}" in x and "never retried" in x for x in report.lost)
     assert any(f"trial {drifted.number} retried trial {gone.number} with other params" in x for x in report.lost)

@@ -1,4 +1,5 @@
 """SearchSpace: trial points <-> recipes (gradient lists per layer group, filters per tensor kind)."""
+
 from __future__ import annotations
 
 import random
@@ -6,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from evomerge.errors import ConfigError
 from evomerge.merge.plan import Plan
 from evomerge.recipe import Recipe
-from evomerge.errors import ConfigError
 from evomerge.space import SearchSpace, SpaceSpec, load_space_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,18 +42,25 @@ def test_round_trip_every_shipped_space(name, layers):
 
 def test_layer_groups_become_gradient_lists_and_kinds_become_filters():
     spec = SpaceSpec(
-        methods=["ties"], layers_per_group=2, kinds=["self_attn", "mlp"], embeddings=True,
+        methods=["ties"],
+        layers_per_group=2,
+        kinds=["self_attn", "mlp"],
+        embeddings=True,
         parameters={"weight": {"low": 0, "high": 1, "default": 0.25}, "density": {"value": 0.7}},
-    )  # fmt: skip
+    )
     space = SearchSpace(spec, num_layers=6)
     models = ["/z/add"]
     names = list(space.bounds(models))
     assert names == [
         "weight.add.embed",
-        "weight.add.self_attn.g0", "weight.add.self_attn.g1", "weight.add.self_attn.g2",
-        "weight.add.mlp.g0", "weight.add.mlp.g1", "weight.add.mlp.g2",
+        "weight.add.self_attn.g0",
+        "weight.add.self_attn.g1",
+        "weight.add.self_attn.g2",
+        "weight.add.mlp.g0",
+        "weight.add.mlp.g1",
+        "weight.add.mlp.g2",
         "weight.add.rest",
-    ]  # fmt: skip
+    ]
     point = {n: 0.1 * i for i, n in enumerate(names)}
     recipe = space.to_recipe(point, models, "/z/base", "ties", seed=0)
     weight = recipe.models[0].parameters["weight"]
@@ -153,7 +161,9 @@ def test_auto_groups_follow_the_model_depth():
     assert deep.spec.control_points == 8 and deep.n_groups == 8  # one point per 4 layers, 4 to 8 of them
     assert SearchSpace(spec, num_layers=12).spec.control_points == 4
     with pytest.raises(ConfigError, match="layers_per_group"):
-        load_space_spec({"methods": ["ties"], "layers_per_group": "all", "parameters": {"weight": {"low": 0, "high": 1}}})
+        load_space_spec(
+            {"methods": ["ties"], "layers_per_group": "all", "parameters": {"weight": {"low": 0, "high": 1}}}
+        )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
@@ -166,10 +176,19 @@ def test_projections_are_each_layer_matrix_of_the_architecture(arch_family, arch
     spec = load_space_spec("task_arithmetic")
     assert spec.kinds == ["projections"]
     space = SearchSpace.over(spec, paths["base"])
-    expected = {"llama": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                          "mlp.up_proj", "mlp.down_proj"},
-                "gpt2": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
-                "phi3": {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"}}[arch]  # fmt: skip
+    expected = {
+        "llama": {
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        },
+        "gpt2": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
+        "phi3": {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"},
+    }[arch]
     assert set(space.spec.kinds) == expected
     models = [str(paths["a"]), str(paths["b"])]
     point = {name: 0.01 * i for i, name in enumerate(space.bounds(models))}
@@ -183,6 +202,10 @@ def test_projections_are_each_layer_matrix_of_the_architecture(arch_family, arch
         kinds = [k for k in space.spec.kinds if k in name]
         assert len(kinds) <= 1, f"{name} matches {kinds}"
         if kinds:
-            layer = int(name.split(".h.")[1].split(".")[0]) if ".h." in name else int(name.split("layers.")[1].split(".")[0])
+            layer = (
+                int(name.split(".h.")[1].split(".")[0])
+                if ".h." in name
+                else int(name.split("layers.")[1].split(".")[0])
+            )
             slot = f"weight.a.{kinds[0]}.g{layer}"
             assert got == pytest.approx(point[slot]), name

@@ -1,4 +1,5 @@
 """Per-example scores, the smooth objective and staged evaluation (scoring/staged.py)."""
+
 from __future__ import annotations
 
 import pytest
@@ -44,7 +45,9 @@ def test_a_clearly_worse_candidate_stops_early_and_a_better_one_is_scored_whole(
     perfect = {leaf: {i: 1.0 for i in o} for leaf, o in order.items()}
     hopeless = {leaf: {i: 0.0 for i in o} for leaf, o in order.items()}
     model, tokenizer = _load(evaluator, tiny_zoo / "base")
-    stopped = run_staged(scorer, model, tokenizer, order, stages=[0.25, 0.5], incumbent=perfect, incumbent_objective=1.0)
+    stopped = run_staged(
+        scorer, model, tokenizer, order, stages=[0.25, 0.5], incumbent=perfect, incumbent_objective=1.0
+    )
     assert stopped.stopped and stopped.n_examples == 20  # a quarter of each task's 40, then the check
     gap, se = paired_gap(scorer, stopped.units, perfect, {leaf: len(o) for leaf, o in order.items()})
     assert gap + 2 * se < 0 and stopped.objective == pytest.approx(1.0 + gap)
@@ -66,20 +69,22 @@ def test_a_search_with_early_stopping_never_exports_a_stopped_trial(tiny_zoo, tm
     from evomerge.search.guard import exported_trial, finalists, validate_top
 
     monkeypatch.chdir(tmp_path)
-    cfg = parse_config({
-        "name": "staged",
-        "base_model": str(tiny_zoo / "base"),
-        "models": [str(tiny_zoo / "add"), str(tiny_zoo / "reverse")],
-        "method": "task_arithmetic",
-        "search_space": {"methods": ["task_arithmetic"], "parameters": {"weight": {"low": 0.0, "high": 1.0}}},
-        "tasks": {"search": [t.model_dump() for t in SEARCH], "smooth": 0.2},
-        "sampler": {"name": "random", "seed": 1},
-        "budget": {"n_trials": 14},
-        "workers": {"count": 0},
-        "refine": None,
-        "early_stop": {"stages": [0.25, 0.5], "z": 0.01},  # stop whatever looks worse: the plumbing is tested here
-        "validation": {"top_k": 3, "tasks": [{"name": "zoo_add_greedy_val", "subset": 20}]},
-    })  # fmt: skip
+    cfg = parse_config(
+        {
+            "name": "staged",
+            "base_model": str(tiny_zoo / "base"),
+            "models": [str(tiny_zoo / "add"), str(tiny_zoo / "reverse")],
+            "method": "task_arithmetic",
+            "search_space": {"methods": ["task_arithmetic"], "parameters": {"weight": {"low": 0.0, "high": 1.0}}},
+            "tasks": {"search": [t.model_dump() for t in SEARCH], "smooth": 0.2},
+            "sampler": {"name": "random", "seed": 1},
+            "budget": {"n_trials": 14},
+            "workers": {"count": 0},
+            "refine": None,
+            "early_stop": {"stages": [0.25, 0.5], "z": 0.01},  # stop whatever looks worse: the plumbing is tested here
+            "validation": {"top_k": 3, "tasks": [{"name": "zoo_add_greedy_val", "subset": 20}]},
+        }
+    )
     result = run_search(cfg, progress=False, log=None)
     study = st.load_study(cfg.name, cfg.storage_url)
     own = [t for t in st.complete_trials(study) if not t.user_attrs.get("portfolio")]

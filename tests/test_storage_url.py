@@ -1,5 +1,6 @@
 """Storage URLs: the password masked where a URL enters, given back only to connect (no server needed here;
 tests/test_postgres.py runs the same against a real PostgreSQL)."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,7 +21,10 @@ def _forget():
     "url, shown",
     [
         ("postgresql://evomerge:hunter2@db:5432/ev", "postgresql://evomerge:***@db:5432/ev"),
-        ("postgresql+psycopg://u:p%40ss:word@db/ev?sslmode=require", "postgresql+psycopg://u:***@db/ev?sslmode=require"),
+        (
+            "postgresql+psycopg://u:p%40ss:word@db/ev?sslmode=require",
+            "postgresql+psycopg://u:***@db/ev?sslmode=require",
+        ),
         ("postgresql://db/ev?sslmode=require&password=hunter2", "postgresql://db/ev?sslmode=require&password=***"),
         ("mysql+pymysql://root:hunter2@127.0.0.1/ev", "mysql+pymysql://root:***@127.0.0.1/ev"),
         ("postgresql://u@db:5432/ev", "postgresql://u@db:5432/ev"),  # no password: nothing to mask
@@ -56,7 +60,10 @@ def test_configs_hold_only_the_masked_url(tmp_path):
     again = apply_overrides(cfg, storage="postgresql://v:hunter4@db/ev")
     for text in (cfg.to_yaml(), repr(cfg), str(cfg.study_fields()), again.to_yaml(), repr(again)):
         assert "hunter" not in text
-    assert again.storage_url == "postgresql://v:***@db/ev" and su.reveal(again.storage_url) == "postgresql://v:hunter4@db/ev"
+    assert (
+        again.storage_url == "postgresql://v:***@db/ev"
+        and su.reveal(again.storage_url) == "postgresql://v:hunter4@db/ev"
+    )
     assert su.reveal(cfg.sampler.warm_start.storage) == "postgresql://w:hunter3@db/ev"
     other = parse_config({**data, "storage": "postgresql://u:changed@db/ev"}, base_dir=tmp_path, check_files=False)
     assert other.study_hash() == cfg.study_hash(), "a new password is the same study"
@@ -64,7 +71,9 @@ def test_configs_hold_only_the_masked_url(tmp_path):
 
 def test_a_missing_driver_or_an_unknown_dialect_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "psycopg", None)  # as if `evomerge[postgres]` were not installed
-    with pytest.raises(StudyError, match=r"needs the Python module 'psycopg'.*pip install 'evomerge\[postgres\]'") as err:
+    with pytest.raises(
+        StudyError, match=r"needs the Python module 'psycopg'.*pip install 'evomerge\[postgres\]'"
+    ) as err:
         su.engine_url(su.remember("postgresql://u:hunter2@db/ev"))
     assert "u:***@db" in str(err.value) and "hunter2" not in str(err.value)
     with pytest.raises(StudyError, match="not a database URL SQLAlchemy knows"):

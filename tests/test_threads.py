@@ -2,6 +2,7 @@
 
 The effect itself (two processes side by side) is measured by bench/threads.py, not asserted here.
 """
+
 from __future__ import annotations
 
 import os
@@ -10,13 +11,17 @@ import sys
 
 from evomerge.threads import THREAD_ENV, cpus_given
 
-PROBE = ("import os, sys; from evomerge.threads import configure_process; configure_process(); import torch; "
-         "print(os.environ['OMP_WAIT_POLICY'], os.environ['OMP_NUM_THREADS'], torch.get_num_threads())")
+PROBE = (
+    "import os, sys; from evomerge.threads import configure_process; configure_process(); import torch; "
+    "print(os.environ['OMP_WAIT_POLICY'], os.environ['OMP_NUM_THREADS'], torch.get_num_threads())"
+)
 
 
 def _probe(**env: str) -> list[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
-    run = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env={**base, **env}, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, env={**base, **env}, timeout=120
+    )
     assert run.returncode == 0, run.stderr
     return run.stdout.split()
 

@@ -2,6 +2,7 @@
 
 The failing cases (tampered, missing, extra weight file, no recipe) live in tests/test_bad_input.py.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -15,8 +16,10 @@ from evomerge.recipe import Recipe
 
 def _recipe(zoo: Path, folder: Path) -> Path:
     path = folder / "recipe.yaml"
-    path.write_text(f"merge_method: della\nbase_model: {zoo}/base\nmodels:\n- model: {zoo}/add\n- model: {zoo}/reverse\n"
-                    "parameters: {weight: 0.5, density: 0.5, epsilon: 0.1}\nevomerge: {seed: 9}\n")
+    path.write_text(
+        f"merge_method: della\nbase_model: {zoo}/base\nmodels:\n- model: {zoo}/add\n- model: {zoo}/reverse\n"
+        "parameters: {weight: 0.5, density: 0.5, epsilon: 0.1}\nevomerge: {seed: 9}\n"
+    )
     return path
 
 
@@ -35,8 +38,13 @@ def test_export_records_every_output_and_verify_checks_them(tiny_zoo, tmp_path, 
 
 def test_the_exported_recipe_reproduces_the_same_hashes(tiny_zoo, tmp_path, capsys):
     """Decision 2 checked through the hashes: merging an exported recipe gives the files it recorded."""
-    assert main(["merge", str(_recipe(tiny_zoo, tmp_path)), "--out", str(tmp_path / "a"), "--max-shard-size", "20KB"]) == 0
-    assert main(["merge", str(tmp_path / "a" / "recipe.yaml"), "--out", str(tmp_path / "b"), "--max-shard-size", "20KB"]) == 0
+    assert (
+        main(["merge", str(_recipe(tiny_zoo, tmp_path)), "--out", str(tmp_path / "a"), "--max-shard-size", "20KB"]) == 0
+    )
+    assert (
+        main(["merge", str(tmp_path / "a" / "recipe.yaml"), "--out", str(tmp_path / "b"), "--max-shard-size", "20KB"])
+        == 0
+    )
     a, b = (Recipe.load(tmp_path / d / "recipe.yaml").evomerge for d in "ab")
     assert a.outputs == b.outputs and len([f for f in a.outputs if f.endswith(".safetensors")]) > 1
     assert "warning" not in capsys.readouterr().err
@@ -46,7 +54,9 @@ def test_verify_an_export_folder_and_warn_on_changed_inputs(tiny_zoo, tmp_path, 
     assert main(["merge", str(_recipe(tiny_zoo, tmp_path)), "--out", str(tmp_path / "best" / "model")]) == 0
     shutil.copyfile(tmp_path / "best" / "model" / "recipe.yaml", tmp_path / "best" / "recipe.yaml")
     (tmp_path / "best" / "model" / "README.md").write_text("model card, written after export")  # not a weight: ignored
-    assert [n for n, _ in verify_checkpoint(tmp_path / "best")] == [n for n, _ in verify_checkpoint(tmp_path / "best" / "model")]
+    assert [n for n, _ in verify_checkpoint(tmp_path / "best")] == [
+        n for n, _ in verify_checkpoint(tmp_path / "best" / "model")
+    ]
     # the recipe names its inputs' sha256: a changed input is merged, but the user is told
     text = (tmp_path / "best" / "recipe.yaml").read_text()
     digest = Recipe.load(tmp_path / "best" / "recipe.yaml").evomerge.inputs[f"{tiny_zoo}/add"]

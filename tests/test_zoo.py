@@ -1,4 +1,5 @@
 """The demo zoo: deterministic, loadable with transformers, never trained on eval prompts."""
+
 from __future__ import annotations
 
 import json
@@ -57,9 +58,9 @@ def test_checkpoints_load_offline_with_transformers(tiny_zoo):
 
 def test_eval_splits_are_disjoint_and_excluded_from_training(monkeypatch):
     from evomerge.zoo import train as training
-    from evomerge.zoo.variants import VARIANTS, Specialist
     from evomerge.zoo.tokenizer import build_tokenizer
     from evomerge.zoo.train import ModelShape, make_model
+    from evomerge.zoo.variants import VARIANTS, Specialist
 
     held = eval_prompts()
     for skill in SKILLS.values():
@@ -125,8 +126,12 @@ def test_variant_overrides_and_their_errors():
     v = get_variant("pair", skills=["sub", "dup", "cipher"], layers=3, hidden=48, steps=7)
     assert v.skills == ["sub", "dup", "cipher"] and v.shape.layers == 3 and v.shape.hidden == 48
     assert {s.steps for s in v.specialists} == {7} and v.kl_replay
-    for kwargs, message in [({"skills": ["add"]}, "2 to 4 different skills"), ({"skills": ["ad", "dup"]}, "did you mean: add"),
-                            ({"layers": 0}, "1 to 48"), ({"hidden": 30}, "multiple of the 4")]:  # fmt: skip
+    for kwargs, message in [
+        ({"skills": ["add"]}, "2 to 4 different skills"),
+        ({"skills": ["ad", "dup"]}, "did you mean: add"),
+        ({"layers": 0}, "1 to 48"),
+        ({"hidden": 30}, "multiple of the 4"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             get_variant("pair", **kwargs)
     with pytest.raises(ConfigError, match="no such zoo variant"):
@@ -144,9 +149,16 @@ def test_distilled_replay_keeps_the_base_where_answer_replay_teaches(tmp_path):
     from evomerge.zoo.variants import Specialist, ZooVariant
 
     def build(kl: bool) -> Path:
-        v = ZooVariant("t", "t", (Specialist("reverse", steps=40), Specialist("dup", steps=40)),
-                       shape=ModelShape(hidden=32, layers=2, heads=2, intermediate=64), base_mix=("copy", "sort", "add"),
-                       base_steps=60, batch=16, kl_replay=kl)  # fmt: skip
+        v = ZooVariant(
+            "t",
+            "t",
+            (Specialist("reverse", steps=40), Specialist("dup", steps=40)),
+            shape=ModelShape(hidden=32, layers=2, heads=2, intermediate=64),
+            base_mix=("copy", "sort", "add"),
+            base_steps=60,
+            batch=16,
+            kl_replay=kl,
+        )
         out = tmp_path / f"kl{int(kl)}"
         build_zoo(out, seed=0, variant=v, log=None)
         return out
@@ -157,7 +169,10 @@ def test_distilled_replay_keeps_the_base_where_answer_replay_teaches(tmp_path):
     ids = torch.tensor([tok.encode(p.prompt + p.answer, add_special_tokens=False)[:8] for p in prompts])
 
     def drift(zoo: Path) -> float:
-        logp = {n: torch.log_softmax(AutoModelForCausalLM.from_pretrained(zoo / n)(ids).logits, -1) for n in ("base", "reverse")}
+        logp = {
+            n: torch.log_softmax(AutoModelForCausalLM.from_pretrained(zoo / n)(ids).logits, -1)
+            for n in ("base", "reverse")
+        }
         return float((logp["base"].exp() * (logp["base"] - logp["reverse"])).sum(-1).mean())
 
     assert drift(build(kl=True)) < 0.5 * drift(build(kl=False))
@@ -167,7 +182,25 @@ def test_zoo_build_takes_a_variant_and_its_overrides(tmp_path, capsys):
     from evomerge.cli import main
 
     out = tmp_path / "z"
-    assert main(["zoo", "build", "--variant", "tiny", "--skills", "add,dup", "--steps", "3", "--layers", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "zoo",
+                "build",
+                "--variant",
+                "tiny",
+                "--skills",
+                "add,dup",
+                "--steps",
+                "3",
+                "--layers",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((out / "zoo.json").read_text())
     assert manifest["variant"] == "tiny" and list(manifest["specialists"]) == ["add", "dup"]
     assert manifest["shape"]["layers"] == 2 and {t["steps"] for t in manifest["training"].values()} == {3}

@@ -9,6 +9,7 @@ is reported relative to the base (||delta|| / ||base||). Statistics are pooled p
 layer, final norm, lm_head) and per kind (self_attn, mlp, all); with more than two models the pairwise
 figures are averaged over pairs. Tensors come through `Checkpoint.get` (memory-mapped); nothing is written.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -45,7 +46,7 @@ def tensor_group(name: str) -> tuple[str, str]:
     kind is 'self_attn', 'mlp' or 'other' (layer norms and everything outside the layers)."""
     m = LAYER_RE.search(name)
     if m:
-        rest = name[m.end():]
+        rest = name[m.end() :]
         if "norm" in rest or rest.startswith("ln_"):
             kind = "other"
         elif "attn" in rest or "attention" in rest:
@@ -201,8 +202,14 @@ def _finish(row: str, kind: str, pool: _Pool) -> GroupStats:
         conf.append(pool.opposite[(i, j)] / pool.both[(i, j)] if pool.both[(i, j)] else None)
     mags = [math.sqrt(sq / pool.base_sq) if pool.base_sq > 0 else None for sq in pool.delta_sq]
     return GroupStats(
-        row=row, kind=kind, n_params=pool.n_params, cosine=_mean(cos), spearman=_mean(spear),
-        conflict=_mean(conf), magnitude=_mean(mags), magnitude_per_model=mags,
+        row=row,
+        kind=kind,
+        n_params=pool.n_params,
+        cosine=_mean(cos),
+        spearman=_mean(spear),
+        conflict=_mean(conf),
+        magnitude=_mean(mags),
+        magnitude_per_model=mags,
     )
 
 
@@ -236,9 +243,13 @@ def audit(
     groups.sort(key=lambda g: (_row_order(g.row), KINDS.index(g.kind)))
     base_label, model_labels = labels or ("base", [f"model{i}" for i in range(len(models))])
     return AuditReport(
-        base=base_label, models=list(model_labels), n_tensors=len(names),
+        base=base_label,
+        models=list(model_labels),
+        n_tensors=len(names),
         n_params=sum(p.n_params for (_, kind), p in pools.items() if kind == "all"),
-        sample=sample, seed=seed, groups=groups,
+        sample=sample,
+        seed=seed,
+        groups=groups,
     )
 
 
@@ -264,15 +275,19 @@ def summary(report: AuditReport) -> list[str]:
         verdict = "opposed: the models undo each other's changes, expect heavy interference"
     else:
         verdict = "weakly correlated: the usual regime in which merging keeps both skills"
-    lines.append(f"Task vectors are {verdict} (mean cosine over layers {cos:+.2f}"
-                 + (f", sign conflict {conf:.2f})." if conf is not None else ")."))
+    lines.append(
+        f"Task vectors are {verdict} (mean cosine over layers {cos:+.2f}"
+        + (f", sign conflict {conf:.2f})." if conf is not None else ").")
+    )
     worst = interference_layers(report)
     known_conf = [g.conflict for g in layers if g.conflict is not None]
     if conf is not None and conf > 0 and worst:
         low, high = min(known_conf), max(known_conf)
         if high - low < 0.02:
-            lines.append(f"Sign conflict is nearly uniform across layers ({low:.2f}-{high:.2f}): no layer stands out, "
-                         "so one global density/weight loses little.")
+            lines.append(
+                f"Sign conflict is nearly uniform across layers ({low:.2f}-{high:.2f}): no layer stands out, "
+                "so one global density/weight loses little."
+            )
         else:
             parts = []
             for g in worst:
@@ -282,13 +297,17 @@ def summary(report: AuditReport) -> list[str]:
                 cos_txt = f", cosine {g.cosine:+.2f}" if g.cosine is not None else ""
                 parts.append(f"{g.row.removeprefix('layer ')} (conflict {g.conflict:.2f}{cos_txt}{hot})")
             label = "layer" if len(parts) == 1 else "layers"
-            lines.append(f"Interference concentrates in {label} {', '.join(parts)}, against a layer mean of "
-                         f"{conf:.2f} (range {low:.2f}-{high:.2f}): a per-layer search should give "
-                         f"{'it its' if len(parts) == 1 else 'these layers their'} own density and weight.")
+            lines.append(
+                f"Interference concentrates in {label} {', '.join(parts)}, against a layer mean of "
+                f"{conf:.2f} (range {low:.2f}-{high:.2f}): a per-layer search should give "
+                f"{'it its' if len(parts) == 1 else 'these layers their'} own density and weight."
+            )
         if 0.4 <= conf <= 0.6:
-            lines.append("Sign-conflict rates near 0.5 are what unrelated task vectors give, so they locate "
-                         "interference only weakly; `evomerge audit CONFIG.yaml --probe` measures where one "
-                         "model's change hurts another model's task.")
+            lines.append(
+                "Sign-conflict rates near 0.5 are what unrelated task vectors give, so they locate "
+                "interference only weakly; `evomerge audit CONFIG.yaml --probe` measures where one "
+                "model's change hurts another model's task."
+            )
     elif conf == 0:
         lines.append("No sign conflict anywhere: the deltas agree in sign wherever both are non-zero.")
     mags = [_mean([g.magnitude_per_model[m] for g in layers]) for m in range(len(report.models))]
@@ -296,8 +315,10 @@ def summary(report: AuditReport) -> list[str]:
     if len(known) >= 2:
         loud, quiet = max(known, key=lambda x: x[1]), min(known, key=lambda x: x[1])
         if loud[1] > 2 * quiet[1]:
-            lines.append(f"{loud[0]} moved {loud[1] / quiet[1]:.1f}x further from the base than {quiet[0]} "
-                         f"(||delta||/||base|| {loud[1]:.3g} vs {quiet[1]:.3g}): weight it down or it dominates.")
+            lines.append(
+                f"{loud[0]} moved {loud[1] / quiet[1]:.1f}x further from the base than {quiet[0]} "
+                f"(||delta||/||base|| {loud[1]:.3g} vs {quiet[1]:.3g}): weight it down or it dominates."
+            )
     return lines
 
 
@@ -331,8 +352,10 @@ def _resolve(yaml_path: Path, field_name: str, value: Any) -> Path:
     p = Path(value).expanduser()
     p = p if p.is_absolute() else (yaml_path.parent / p)
     if not p.is_dir():
-        raise ModelError(f"{yaml_path}: field `{field_name}`: model directory {p} does not exist; fix the path "
-                         "(relative paths resolve from the YAML's folder)")
+        raise ModelError(
+            f"{yaml_path}: field `{field_name}`: model directory {p} does not exist; fix the path "
+            "(relative paths resolve from the YAML's folder)"
+        )
     return p.resolve()
 
 
@@ -341,15 +364,23 @@ def _recipe_inputs(path: Path) -> tuple[Path, list[Path]]:
 
     recipe = Recipe.load(path)
     if not recipe.base_model:
-        raise ConfigError(f"{path}: field `base_model` is missing; audit measures task vectors against it, "
-                          "so add the common ancestor as base_model")
+        raise ConfigError(
+            f"{path}: field `base_model` is missing; audit measures task vectors against it, "
+            "so add the common ancestor as base_model"
+        )
     base = _resolve(path, "base_model", str(recipe.base_model))
     models = [_resolve(path, recipe.field_of(m), m) for m in recipe.input_models() if m != recipe.base_model]
     return base, [m for m in models if m != base]
 
 
-def audit_dirs(base: Path, models: Sequence[Path], sample: int = SAMPLE, seed: int = 0,
-               progress: Callable[[int, int], None] | None = None, allow_config_mismatch: bool = False) -> AuditReport:
+def audit_dirs(
+    base: Path,
+    models: Sequence[Path],
+    sample: int = SAMPLE,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    allow_config_mismatch: bool = False,
+) -> AuditReport:
     """Open the checkpoints, check they are compatible (ModelError naming the first mismatch), audit them."""
     from evomerge.io.checkpoint import Checkpoint, check_compatible
 
@@ -382,6 +413,16 @@ def format_table(report: AuditReport) -> str:
         return "-" if v is None else format(v, fmt)
 
     header = ["row", "kind", "params", "cosine", "spearman", "conflict", "|d|/|base|"]
-    rows = [[g.row, g.kind, f"{g.n_params:,}", num(g.cosine, "+.3f"), num(g.spearman, "+.3f"), num(g.conflict, ".3f"),
-             num(g.magnitude, ".3g")] for g in report.groups]  # fmt: skip
+    rows = [
+        [
+            g.row,
+            g.kind,
+            f"{g.n_params:,}",
+            num(g.cosine, "+.3f"),
+            num(g.spearman, "+.3f"),
+            num(g.conflict, ".3f"),
+            num(g.magnitude, ".3g"),
+        ]
+        for g in report.groups
+    ]
     return text_table(header, rows, "llrrrrr", sep=" ", min_widths=[10, 9, 10])

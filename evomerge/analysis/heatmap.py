@@ -1,4 +1,5 @@
 """The audit heatmap: rows = embed, layers, norm, lm_head; one panel per metric, columns = tensor kind."""
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,9 @@ def plot_audit(report: AuditReport, out: Path | str) -> Path:
             vmin = 0.0
             vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
         cmap = plt.get_cmap(cmap_name).with_extremes(bad="#dddddd")
-        im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto",
-                       interpolation="nearest")
+        im = ax.imshow(
+            np.ma.masked_invalid(data), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest"
+        )
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(len(KINDS)), [k.replace("self_", "") for k in KINDS], fontsize=9)
         ax.set_yticks(range(n), rows, fontsize=8 if n <= 40 else 6)
@@ -74,8 +76,15 @@ def plot_audit(report: AuditReport, out: Path | str) -> Path:
                     if math.isfinite(v):
                         frac = (v - vmin) / (vmax - vmin) if vmax > vmin else 0.5
                         dark = frac > 0.75 or frac < 0.25 if centre is not None else frac < 0.5  # viridis: dark low
-                        ax.text(x, y, f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.0e}", ha="center",
-                                va="center", fontsize=7, color="white" if dark else "black")
+                        ax.text(
+                            x,
+                            y,
+                            f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.0e}",
+                            ha="center",
+                            va="center",
+                            fontsize=7,
+                            color="white" if dark else "black",
+                        )
     pair = " vs ".join(report.models)
     fig.suptitle(f"Task vectors against {report.base}: {pair}", fontsize=11)
     from evomerge.io.atomic import savefig_atomic

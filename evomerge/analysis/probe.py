@@ -12,7 +12,8 @@ and each task t owned by model m:
 - harm: how many points t loses when the other models' task vectors are added to m in r only.
 Every probe is a real task-arithmetic recipe with `filter:` weights (mergekit's substring filters), merged in
 memory by the candidate evaluator (`evomerge.evaluator`) and scored on the tasks; a model alone is
-`evaluator.alone` (its exact weights), and the controls' weights are loaded into the same evaluator. A region is a *conflict* when some task is harmed
+`evaluator.alone` (its exact weights), and the controls' weights are loaded into the same evaluator. A region is a
+*conflict* when some task is harmed
 there by a model that needs the region itself: a recipe can only trade the two skills there. It is
 *routable* when the harm comes from models that do not need the region: a per-layer search can drop their
 vectors there. Two controls tell a specific collision from mere size: the other models' vectors shuffled
@@ -23,11 +24,13 @@ once), so the probe also scores the routable regions dropped together. Cost: 2 s
 task-owning model and region, plus one per model and control (about 30 s on the demo zoo with 100
 examples per task, 2 CPU cores).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from evomerge.tables import text_table
 
@@ -70,14 +73,29 @@ def regions_of(num_layers: int, layout: Layout | None = None) -> list[tuple[str,
     """(label, filter) of every probed region, in the names of `layout`'s architecture (default: Llama's)."""
     if layout is None:
         layers = [(f"layer {i}", f"layers.{i}.") for i in range(num_layers)]
-        return layers + [("attention", "self_attn"), ("MLP", "mlp"), ("embeddings", "embed_tokens"), ("head", "lm_head")]
+        return layers + [
+            ("attention", "self_attn"),
+            ("MLP", "mlp"),
+            ("embeddings", "embed_tokens"),
+            ("head", "lm_head"),
+        ]
     from evomerge.merge.layout import HEAD_PARTS
 
     out = [(f"layer {i}", layout.layer_filter(i)) for i in range(num_layers)]
-    out += [(label, flt) for label, flt in (("attention", layout.kind_filter("self_attn")), ("MLP", layout.kind_filter("mlp"))) if flt]
+    out += [
+        (label, flt)
+        for label, flt in (("attention", layout.kind_filter("self_attn")), ("MLP", layout.kind_filter("mlp")))
+        if flt
+    ]
     embeds = layout.embedding_filters()  # a tied head is no region of its own
-    out += [(label, found[0]) for label, found in (("embeddings", [f for f in embeds if f not in HEAD_PARTS]),
-                                                    ("head", [f for f in embeds if f in HEAD_PARTS])) if found]  # fmt: skip
+    out += [
+        (label, found[0])
+        for label, found in (
+            ("embeddings", [f for f in embeds if f not in HEAD_PARTS]),
+            ("head", [f for f in embeds if f in HEAD_PARTS]),
+        )
+        if found
+    ]
     return out
 
 
@@ -111,16 +129,28 @@ def probe(
     base = str(base)
     paths = [str(m) for m in models if Path(m).resolve() != Path(base).resolve()]
     keys = model_keys(paths)
-    ev = Evaluator(paths, base, {"probe": list(tasks)}, include_paths, seed=seed, include_defaults=include_defaults,
-                   allow_config_mismatch=allow_config_mismatch)  # fmt: skip
+    ev = Evaluator(
+        paths,
+        base,
+        {"probe": list(tasks)},
+        include_paths,
+        seed=seed,
+        include_defaults=include_defaults,
+        allow_config_mismatch=allow_config_mismatch,
+    )
     log = log or (lambda _msg: None)
 
     def score() -> dict[str, float]:
         return {t: 100.0 * v for t, v in ev.score("probe").units.items()}
 
     def ta(weights: list) -> dict[str, float]:
-        ev.load(Recipe(merge_method="task_arithmetic", base_model=base,
-                       models=[ModelEntry(model=m, parameters={"weight": w}) for m, w in zip(paths, weights)]))  # fmt: skip
+        ev.load(
+            Recipe(
+                merge_method="task_arithmetic",
+                base_model=base,
+                models=[ModelEntry(model=m, parameters={"weight": w}) for m, w in zip(paths, weights)],
+            )
+        )
         return score()
 
     def exactly(path: str) -> dict[str, float]:
@@ -180,8 +210,11 @@ def routable_drops(report: ProbeReport) -> dict[str, list[str]]:
     """model -> the routable regions where a task another model owns is harmed (so this model's vector may go)."""
     out: dict[str, list[str]] = {}
     for key in report.models:
-        regions = [r.region for r in report.regions if r.verdict == "routable"
-                   and any(h >= HARM and report.owners[t] != key for t, h in r.harm.items())]  # fmt: skip
+        regions = [
+            r.region
+            for r in report.regions
+            if r.verdict == "routable" and any(h >= HARM and report.owners[t] != key for t, h in r.harm.items())
+        ]
         if regions:
             out[key] = regions
     return out
@@ -227,19 +260,24 @@ def control_weights(checkpoints: Sequence, n_models: int, i: int, kind: str, see
 def format_probe(report: ProbeReport) -> str:
     """The probe as text: owners and controls, then one row per region (points lost) and its verdict."""
     tasks = list(report.owners)
-    lines = ["functional probe: each task's score against its owner alone, in points, every cell a merged recipe "
-             "(-own: the owner without its own task vector in the region; +others: the owner plus the other "
-             "models' task vectors in the region only)"]
+    lines = [
+        "functional probe: each task's score against its owner alone, in points, every cell a merged recipe "
+        "(-own: the owner without its own task vector in the region; +others: the owner plus the other "
+        "models' task vectors in the region only)"
+    ]
     for t in tasks:
         c = report.controls[t]
-        lines.append(f"  {t}: owner {report.owners[t]} ({report.alone[t]:.1f}); all task vectors at weight 1: "
-                     f"{report.all_in[t]:.1f}; plus the others' vectors shuffled: {_pts(-c['shuffled'])}, "
-                     f"as noise: {_pts(-c['noise'])}")  # fmt: skip
+        lines.append(
+            f"  {t}: owner {report.owners[t]} ({report.alone[t]:.1f}); all task vectors at weight 1: "
+            f"{report.all_in[t]:.1f}; plus the others' vectors shuffled: {_pts(-c['shuffled'])}, "
+            f"as noise: {_pts(-c['noise'])}"
+        )
     for t in report.unowned:
         lines.append(f"  {t}: no model beats the base on it; not probed")
     head = ["region"] + [f"{t} {col}" for t in tasks for col in ("-own", "+others")] + ["verdict"]
-    rows = [[r.region] + [_pts(-v) for t in tasks for v in (r.need[t], r.harm[t])] + [r.verdict]
-            for r in report.regions]  # fmt: skip
+    rows = [
+        [r.region] + [_pts(-v) for t in tasks for v in (r.need[t], r.harm[t])] + [r.verdict] for r in report.regions
+    ]
     lines += ["", text_table(head, rows, "l" + "r" * (len(head) - 2) + "l")]
     return "\n".join(lines)
 
@@ -250,18 +288,23 @@ def _pts(x: float) -> str:
 
 
 def probe_summary(report: ProbeReport) -> list[str]:
-    """Plain-language lines: where the skills conflict, where a per-layer search can route, whether the harm is specific."""
+    """Plain-language lines: where the skills conflict, where a per-layer search can route, whether the harm is
+    specific."""
     if not report.owners:
         return ["Probe: no model beats the base on any task, so no task has an owner to probe; check the tasks."]
     by = {v: [r.region for r in report.regions if r.verdict == v] for v in ("conflict", "routable", "quiet")}
     lines = []
     if by["conflict"]:
-        lines.append(f"Probe: the skills conflict in {', '.join(by['conflict'])}: a model needs its change there "
-                     f"(>= {NEED:.0f} points) and that change costs another model's task >= {HARM:.0f} points; "
-                     "a recipe can only trade the two skills there.")
+        lines.append(
+            f"Probe: the skills conflict in {', '.join(by['conflict'])}: a model needs its change there "
+            f"(>= {NEED:.0f} points) and that change costs another model's task >= {HARM:.0f} points; "
+            "a recipe can only trade the two skills there."
+        )
     if by["routable"]:
-        lines.append(f"Probe: routable, one region at a time: {', '.join(by['routable'])}: a model's change there hurts "
-                     "another's task and its own task does not need it there (taken alone).")
+        lines.append(
+            f"Probe: routable, one region at a time: {', '.join(by['routable'])}: a model's change there hurts "
+            "another's task and its own task does not need it there (taken alone)."
+        )
     if not by["conflict"] and not by["routable"]:
         lines.append("Probe: no region hurts another model's task: a plain sum of the task vectors keeps the skills.")
     if report.joint:
@@ -269,23 +312,41 @@ def probe_summary(report: ProbeReport) -> list[str]:
         scores = ", ".join(f"{t} {report.all_in[t]:.1f} -> {report.joint[t]:.1f}" for t in report.joint)
         costs = {t: report.all_in[t] - report.joint[t] for t in report.joint}
         hurt = [t for t, c in costs.items() if c >= HARM]
-        head = (f"Probe: the routable regions dropped together (dropping {drops}; every other task vector at weight 1): "
-                f"{scores} (against all task vectors at weight 1)")  # fmt: skip
+        head = (
+            f"Probe: the routable regions dropped together (dropping {drops}; every other task vector at weight 1): "
+            f"{scores} (against all task vectors at weight 1)"
+        )
         if hurt:
             lost = ", ".join(f"{t} {costs[t]:.1f} points" for t in hurt)
-            lines.append(f"{head}: that costs {lost}, so they are not free to drop: each region can go alone but not "
-                         "all of them (they are redundant); weight them down one at a time, or leave it to the "
-                         "search.")  # fmt: skip
+            lines.append(
+                f"{head}: that costs {lost}, so they are not free to drop: each region can go alone but not "
+                "all of them (they are redundant); weight them down one at a time, or leave it to the "
+                "search."
+            )
         else:
-            lines.append(f"{head}: every skill keeps its score, so a per-layer search can give those regions a low "
-                         "weight.")  # fmt: skip
+            lines.append(
+                f"{head}: every skill keeps its score, so a per-layer search can give those regions a low weight."
+            )
     lost = {t: report.alone[t] - report.all_in[t] for t in report.owners}
     specific = [t for t in report.owners if lost[t] >= max(HARM, 2 * max(report.controls[t].values(), default=0.0))]
     if specific:
-        lines.append(f"Probe: on {', '.join(specific)} the other task vectors cost far more than unrelated changes of "
-                     "the same size: the collision is between the skills, not the size of the change.")
+        lines.append(
+            f"Probe: on {', '.join(specific)} the other task vectors cost far more than unrelated changes of "
+            "the same size: the collision is between the skills, not the size of the change."
+        )
     return lines
 
 
-__all__ = ["HARM", "NEED", "ProbeReport", "RegionProbe", "drop_weights", "format_probe", "probe", "probe_summary",
-           "regions_of", "routable_drops", "verdict"]
+__all__ = [
+    "HARM",
+    "NEED",
+    "ProbeReport",
+    "RegionProbe",
+    "drop_weights",
+    "format_probe",
+    "probe",
+    "probe_summary",
+    "regions_of",
+    "routable_drops",
+    "verdict",
+]

@@ -5,6 +5,7 @@ per-layer task-vector similarity, sign-conflict rates and delta sizes, and where
 `--probe` (search configs) also merges and scores, region by region, where one model's task vector hurts
 another model's task (`evomerge.analysis.probe`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,16 +22,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="a recipe YAML (has merge_method) or a search config (base_model + models)")
     parser.add_argument("--plot", metavar="FILE.png", help="also write a heatmap of the statistics")
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON instead of a table")
-    parser.add_argument("--sample", type=int, default=100_000, metavar="N",
-                        help="positions per tensor for Spearman (seeded; default 100000)")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="positions per tensor for Spearman (seeded; default 100000)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the Spearman sample (default 0)")
-    parser.add_argument("--probe", action="store_true",
-                        help="also merge and score, per layer and tensor kind, where one model's task vector hurts "
-                             "another's task (needs a search config: its tasks.search)")  # fmt: skip
-    parser.add_argument("--allow-config-mismatch", action="store_true",
-                        help="audit models whose config.json differ in shape-defining fields when their tensors match")
-    parser.add_argument("--probe-subset", type=int, metavar="N",
-                        help="examples per task for --probe (default: each search task's own subset)")
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="also merge and score, per layer and tensor kind, where one model's task vector hurts "
+        "another's task (needs a search config: its tasks.search)",
+    )
+    parser.add_argument(
+        "--allow-config-mismatch",
+        action="store_true",
+        help="audit models whose config.json differ in shape-defining fields when their tensors match",
+    )
+    parser.add_argument(
+        "--probe-subset",
+        type=int,
+        metavar="N",
+        help="examples per task for --probe (default: each search task's own subset)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,11 +62,19 @@ def run(args: argparse.Namespace) -> int:
     base, models = load_inputs(args.config)
     args.allow_config_mismatch = args.allow_config_mismatch or _config_allows(args.config)
     if len(models) < 2:
-        raise ConfigError(f"{args.config}: audit compares task vectors, so it needs at least two models besides "
-                          f"the base (found {len(models)}); list them under `models`")
+        raise ConfigError(
+            f"{args.config}: audit compares task vectors, so it needs at least two models besides "
+            f"the base (found {len(models)}); list them under `models`"
+        )
     with _progress(enabled=sys.stderr.isatty() and not args.json) as progress:
-        report = audit_dirs(base, models, sample=args.sample, seed=args.seed, progress=progress,
-                            allow_config_mismatch=args.allow_config_mismatch)
+        report = audit_dirs(
+            base,
+            models,
+            sample=args.sample,
+            seed=args.seed,
+            progress=progress,
+            allow_config_mismatch=args.allow_config_mismatch,
+        )
     probed = _probe(cfg, args, sys.stderr.isatty() and not args.json) if cfg is not None else None
     if args.plot:
         from evomerge.analysis.heatmap import plot_audit
@@ -64,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
             out["probe"] = {**probed.to_dict(), "summary": probe_summary(probed)}
         print(json.dumps(out, indent=2))
         return 0
-    print(f"compatible: {report.base} + {', '.join(report.models)}: same architecture, {report.n_tensors} tensors "
-          f"with matching names and shapes, same tokenizer vocab ({report.n_params:,} parameters)")
+    print(
+        f"compatible: {report.base} + {', '.join(report.models)}: same architecture, {report.n_tensors} tensors "
+        f"with matching names and shapes, same tokenizer vocab ({report.n_params:,} parameters)"
+    )
     print()
     print(format_table(report))
     print()
@@ -111,8 +137,10 @@ def _probe_config(args: argparse.Namespace):
 
     raw = read_yaml(args.config, "file (pass a search config YAML)")
     if isinstance(raw, dict) and "merge_method" in raw:
-        raise ConfigError(f"{args.config}: --probe scores the models on a search config's `tasks.search`, and this "
-                          "is a recipe; pass the search config (e.g. configs/demo.yaml) or drop --probe")
+        raise ConfigError(
+            f"{args.config}: --probe scores the models on a search config's `tasks.search`, and this "
+            "is a recipe; pass the search config (e.g. configs/demo.yaml) or drop --probe"
+        )
     if args.probe_subset is not None and args.probe_subset < 1:
         raise ConfigError(f"--probe-subset {args.probe_subset}: use at least 1 example per task")
     return load_config(args.config)
@@ -132,8 +160,18 @@ def _probe(cfg, args: argparse.Namespace, show: bool):
     from evomerge.analysis.probe import probe
     from evomerge.scoring import TaskSpec
 
-    tasks = [TaskSpec(**{**t.model_dump(), **({"subset": args.probe_subset} if args.probe_subset else {})})
-             for t in cfg.tasks.search]  # fmt: skip
+    tasks = [
+        TaskSpec(**{**t.model_dump(), **({"subset": args.probe_subset} if args.probe_subset else {})})
+        for t in cfg.tasks.search
+    ]
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if show else None
-    return probe(cfg.base_model, cfg.models, tasks, cfg.tasks.include_paths, seed=cfg.seed, log=log,
-                 include_defaults=cfg.tasks.include_defaults, allow_config_mismatch=args.allow_config_mismatch)
+    return probe(
+        cfg.base_model,
+        cfg.models,
+        tasks,
+        cfg.tasks.include_paths,
+        seed=cfg.seed,
+        log=log,
+        include_defaults=cfg.tasks.include_defaults,
+        allow_config_mismatch=args.allow_config_mismatch,
+    )

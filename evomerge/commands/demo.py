@@ -1,9 +1,10 @@
 """`evomerge demo`: the zoo, a short search, the held-out report and the export, end to end.
 
-    evomerge demo                          # builds ./zoo if missing, runs configs/demo.yaml, reports, exports
-    evomerge demo --n-trials 20            # a shorter search
-    evomerge demo --zoo /data/zoo          # the models of another zoo folder (whatever the config names)
+evomerge demo                          # builds ./zoo if missing, runs configs/demo.yaml, reports, exports
+evomerge demo --n-trials 20            # a shorter search
+evomerge demo --zoo /data/zoo          # the models of another zoo folder (whatever the config names)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,12 +18,20 @@ EXAMPLES = """\
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--zoo", default="zoo", metavar="DIR",
-                        help="zoo folder: the search merges its base and specialists; built when it has no zoo.json "
-                             "(default: ./zoo)")  # fmt: skip
+    parser.add_argument(
+        "--zoo",
+        default="zoo",
+        metavar="DIR",
+        help="zoo folder: the search merges its base and specialists; built when it has no zoo.json (default: ./zoo)",
+    )
     parser.add_argument("--config", default="configs/demo.yaml", help="search config (default: configs/demo.yaml)")
-    parser.add_argument("--n-trials", type=int, default=None, metavar="N",
-                        help="COMPLETE trials to end with (default: the config's budget.n_trials)")
+    parser.add_argument(
+        "--n-trials",
+        type=int,
+        default=None,
+        metavar="N",
+        help="COMPLETE trials to end with (default: the config's budget.n_trials)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,15 +49,19 @@ def run(args: argparse.Namespace) -> int:
     if args.n_trials is not None and args.n_trials < 1:
         raise ConfigError(f"--n-trials must be at least 1, got {args.n_trials}")
     if not Path(args.config).is_file():
-        raise ConfigError(f"{args.config}: no such search config; run `evomerge demo` from the repository root or pass --config")
+        raise ConfigError(
+            f"{args.config}: no such search config; run `evomerge demo` from the repository root or pass --config"
+        )
     if not (zoo / "zoo.json").is_file():
         print(f"== building the demo zoo in {zoo} (a few minutes)")
         build_zoo(zoo)
     else:
         print(f"== using the zoo in {zoo} (delete it to rebuild)")
     cfg = demo_config(args.config, zoo, args.n_trials)
-    print(f"== searching: {cfg.name}, {cfg.method} over {zoo.name}/{{{', '.join(p.name for p in cfg.models)}}}, "
-          f"{cfg.budget.n_trials} trials")  # fmt: skip
+    print(
+        f"== searching: {cfg.name}, {cfg.method} over {zoo.name}/{{{', '.join(p.name for p in cfg.models)}}}, "
+        f"{cfg.budget.n_trials} trials"
+    )
     run_search(cfg)
     # the report first: it scores the exported trial on held-out data, which the model card then shows
     print("== held-out report")
@@ -71,7 +84,10 @@ def demo_config(config: str | Path, zoo: Path, n_trials: int | None = None):
     manifest = json.loads((zoo / "zoo.json").read_text())
     data = read_yaml(Path(config), "config file")
     if isinstance(data, dict):  # anything else: parse_config names the problem
-        data = {**data, "base_model": str((zoo / manifest["base"]).resolve()),
-                "models": [str((zoo / name).resolve()) for name in manifest["specialists"]]}  # fmt: skip
+        data = {
+            **data,
+            "base_model": str((zoo / manifest["base"]).resolve()),
+            "models": [str((zoo / name).resolve()) for name in manifest["specialists"]],
+        }
     cfg = parse_config(data, source=str(config), base_dir=Path(config).parent)
     return apply_overrides(cfg, n_trials=n_trials)

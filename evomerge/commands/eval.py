@@ -1,9 +1,10 @@
 """`evomerge eval MODEL_DIR --tasks A,B`: lm-eval scores of one checkpoint, as a table or JSON.
 
-    evomerge eval zoo/add --tasks zoo_add,zoo_reverse
-    evomerge eval runs/demo/best/model --tasks zoo --json          # a tag: every skill's held-out task
-    evomerge eval MODEL --tasks my_task --include-path my_tasks/ --limit-subset 50
+evomerge eval zoo/add --tasks zoo_add,zoo_reverse
+evomerge eval runs/demo/best/model --tasks zoo --json          # a tag: every skill's held-out task
+evomerge eval MODEL --tasks my_task --include-path my_tasks/ --limit-subset 50
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,20 @@ EXAMPLES = """\
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="a local Hugging Face checkpoint folder")
-    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks or tags (e.g. zoo_add,zoo_reverse)")
-    parser.add_argument("--include-path", action="append", default=[], metavar="DIR", help="extra folder of task YAMLs (repeatable)")
+    parser.add_argument(
+        "--tasks", required=True, help="comma-separated lm-eval tasks or tags (e.g. zoo_add,zoo_reverse)"
+    )
+    parser.add_argument(
+        "--include-path", action="append", default=[], metavar="DIR", help="extra folder of task YAMLs (repeatable)"
+    )
     parser.add_argument("--json", action="store_true", help="print {task: {metric: value}} as JSON")
-    parser.add_argument("--limit-subset", type=int, metavar="N", help="score a fixed seeded sample of N examples per task")
+    parser.add_argument(
+        "--limit-subset", type=int, metavar="N", help="score a fixed seeded sample of N examples per task"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the --limit-subset sample (default 0)")
-    parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="examples per forward pass (default 64)")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, metavar="N", help="examples per forward pass (default 64)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
     parser.add_argument("--include-defaults", action="store_true", help="also index lm-eval's built-in tasks (~30 s)")

@@ -1,5 +1,6 @@
 """`evomerge export RUN_DIR [--out DIR] [--trial N] [--kernels SET] [--hub-id LOCAL=org/name ...]`: recipe YAML +
 checkpoint + model card of a trial."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,15 +17,29 @@ Run `evomerge report RUN_DIR` first to put held-out scores (and caveats) in the 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory (runs/<name>) made by `evomerge search`")
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN_DIR/best)")
-    parser.add_argument("--trial", type=int, default=None, metavar="N",
-                        help="trial number (default: the one `evomerge status` names: best on validation, else the "
-                             "best search objective; for nsga2 any Pareto point)")  # fmt: skip
-    parser.add_argument("--kernels", default=None, metavar="SET",
-                        help="merge with this kernel set instead of the one the trial was scored with "
-                             "(mergekit-0.1.5 for mergekit's exact bytes)")  # fmt: skip
-    parser.add_argument("--hub-id", action="append", default=[], metavar="LOCAL=org/name",
-                        help="publish the input model folder LOCAL as the Hugging Face Hub id org/name: the recipe and "
-                             "the model card's base_model name it so (its sha256 is kept); repeatable")  # fmt: skip
+    parser.add_argument(
+        "--trial",
+        type=int,
+        default=None,
+        metavar="N",
+        help="trial number (default: the one `evomerge status` names: best on validation, else the "
+        "best search objective; for nsga2 any Pareto point)",
+    )
+    parser.add_argument(
+        "--kernels",
+        default=None,
+        metavar="SET",
+        help="merge with this kernel set instead of the one the trial was scored with "
+        "(mergekit-0.1.5 for mergekit's exact bytes)",
+    )
+    parser.add_argument(
+        "--hub-id",
+        action="append",
+        default=[],
+        metavar="LOCAL=org/name",
+        help="publish the input model folder LOCAL as the Hugging Face Hub id org/name: the recipe and "
+        "the model card's base_model name it so (its sha256 is kept); repeatable",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,10 +1,13 @@
-"""`evomerge merge RECIPE.yaml --out DIR [--seed N] [--kernels SET] [--max-shard-size 2GB] [--allow-pickle] [--allow-config-mismatch]`
+"""`evomerge merge RECIPE.yaml --out DIR [--seed N] [--kernels SET] [--max-shard-size 2GB] [--allow-pickle]
+[--allow-config-mismatch]`
 
-Materializes any recipe (mergekit YAML with `models:` or `slices:`, optionally an `evomerge:` block) to an HF checkpoint.
+Materializes any recipe (mergekit YAML with `models:` or `slices:`, optionally an `evomerge:` block) to an HF
+checkpoint.
 DIR appears whole or not at all; `evomerge verify DIR` checks it later against the hashes in DIR/recipe.yaml.
 The kernel set is the recipe's (`evomerge.kernels`), else $EVOMERGE_KERNELS, else evomerge-1; `--kernels`
 overrides it, and DIR/recipe.yaml records the set used.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,14 +22,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", metavar="RECIPE.yaml", help="mergekit-style recipe (inputs: local folders)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output checkpoint folder (replaced atomically)")
     parser.add_argument("--seed", type=int, default=None, help="seed for random masks (default: the recipe's, else 0)")
-    parser.add_argument("--kernels", default=None, metavar="SET",
-                        help="kernel set: evomerge-1 or mergekit-0.1.5 (default: the recipe's evomerge.kernels, "
-                             "else $EVOMERGE_KERNELS, else evomerge-1)")
+    parser.add_argument(
+        "--kernels",
+        default=None,
+        metavar="SET",
+        help="kernel set: evomerge-1 or mergekit-0.1.5 (default: the recipe's evomerge.kernels, "
+        "else $EVOMERGE_KERNELS, else evomerge-1)",
+    )
     parser.add_argument("--max-shard-size", default="2GB", metavar="SIZE", help="largest weight file (default 2GB)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt inputs (unpickled weights-only)")
-    parser.add_argument("--allow-config-mismatch", action="store_true",
-                        help="merge models whose config.json differ in shape-defining fields (hidden size, layers, "
-                             "heads, vocabulary, architecture) when their tensors match")  # fmt: skip
+    parser.add_argument(
+        "--allow-config-mismatch",
+        action="store_true",
+        help="merge models whose config.json differ in shape-defining fields (hidden size, layers, "
+        "heads, vocabulary, architecture) when their tensors match",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,18 +54,28 @@ def run(args: argparse.Namespace) -> int:
     if args.kernels is not None:
         recipe = recipe.with_provenance(kernels=kernels_flag(args.kernels))
     out = export_recipe(
-        recipe, Path(args.out), seed=args.seed, allow_pickle=args.allow_pickle, shard_bytes=shard_bytes, source=args.recipe,
+        recipe,
+        Path(args.out),
+        seed=args.seed,
+        allow_pickle=args.allow_pickle,
+        shard_bytes=shard_bytes,
+        source=args.recipe,
         allow_config_mismatch=args.allow_config_mismatch,
     )
     seed = args.seed if args.seed is not None else recipe.seed
-    print(f"merged {recipe.merge_method} of {len(recipe.input_models())} models (seed {seed}, kernels {recipe.kernels}) "
-          f"to {out} in {time.perf_counter() - start:.1f} s")
+    print(
+        f"merged {recipe.merge_method} of {len(recipe.input_models())} models (seed {seed}, kernels {recipe.kernels}) "
+        f"to {out} in {time.perf_counter() - start:.1f} s"
+    )
     recorded = recipe.evomerge.inputs if recipe.evomerge is not None else {}
     now = Recipe.load(out / "recipe.yaml").evomerge.inputs
     for model, digest in recorded.items():
         if model in now and now[model] != digest:
-            print(f"evomerge: warning: {model}: weights differ from the sha256 recorded in {args.recipe}; "
-                  "the result differs from the checkpoint that recipe describes", file=sys.stderr)
+            print(
+                f"evomerge: warning: {model}: weights differ from the sha256 recorded in {args.recipe}; "
+                "the result differs from the checkpoint that recipe describes",
+                file=sys.stderr,
+            )
     return 0
 
 

@@ -1,8 +1,9 @@
 """`evomerge report RUN_DIR`: held-out comparison table, plain verdict and figures in RUN_DIR/report/.
 
-    evomerge report runs/demo
-    evomerge report runs/demo --top-k 5 --limit-subset 100      # faster: a fixed seeded sample per task
+evomerge report runs/demo
+evomerge report runs/demo --top-k 5 --limit-subset 100      # faster: a fixed seeded sample per task
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,10 +16,18 @@ EXAMPLES = """\
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory (runs/<name>) made by `evomerge search`")
-    parser.add_argument("--top-k", type=int, default=3, metavar="K", help="best trials scored on held-out data (default 3)")
-    parser.add_argument("--heldout", default=None, metavar="A,B",
-                        help="comma-separated held-out tasks (default: the config's tasks.heldout)")
-    parser.add_argument("--limit-subset", type=int, metavar="N", help="score a fixed seeded sample of N examples per task")
+    parser.add_argument(
+        "--top-k", type=int, default=3, metavar="K", help="best trials scored on held-out data (default 3)"
+    )
+    parser.add_argument(
+        "--heldout",
+        default=None,
+        metavar="A,B",
+        help="comma-separated held-out tasks (default: the config's tasks.heldout)",
+    )
+    parser.add_argument(
+        "--limit-subset", type=int, metavar="N", help="score a fixed seeded sample of N examples per task"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

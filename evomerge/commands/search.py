@@ -1,4 +1,5 @@
 """`evomerge search CONFIG.yaml [--n-trials N] [--storage URL] [--workers K] [--force]`: run, or resume, a study."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,14 +14,23 @@ Stopped by Ctrl-C, SIGTERM or budget.timeout, the same command resumes it.
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG.yaml", help="search config YAML (see configs/demo.yaml)")
-    parser.add_argument("--n-trials", type=int, default=None, metavar="N",
-                        help="COMPLETE trials to end with (overrides budget.n_trials)")  # fmt: skip
-    parser.add_argument("--storage", default=None, metavar="URL",
-                        help="Optuna RDB URL (default: sqlite:///runs/<name>/study.db)")  # fmt: skip
-    parser.add_argument("--workers", type=int, default=None, metavar="K", help="parallel workers (overrides workers.count)")
+    parser.add_argument(
+        "--n-trials",
+        type=int,
+        default=None,
+        metavar="N",
+        help="COMPLETE trials to end with (overrides budget.n_trials)",
+    )
+    parser.add_argument(
+        "--storage", default=None, metavar="URL", help="Optuna RDB URL (default: sqlite:///runs/<name>/study.db)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, metavar="K", help="parallel workers (overrides workers.count)"
+    )
     parser.add_argument("--force", action="store_true", help="delete a study of the same name made with another config")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bar: a line every tenth of the budget instead")  # fmt: skip
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar: a line every tenth of the budget instead"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,6 @@
-"""`evomerge status RUN_DIR`: trial counts, the exported trial, best trials with per-task scores, failures, what is running."""
+"""`evomerge status RUN_DIR`: trial counts, the exported trial, best trials with per-task scores, failures, what is
+running."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,8 +1,9 @@
 """`evomerge verify DIR`: check an exported checkpoint against the sha256 recorded in DIR/recipe.yaml.
 
-    evomerge verify out/merged          # exit 0: "ok" and one line per file; exit 2 names the first bad file
-    evomerge verify runs/demo/best      # an export folder: checks its model/ subfolder
+evomerge verify out/merged          # exit 0: "ok" and one line per file; exit 2 names the first bad file
+evomerge verify runs/demo/best      # an export folder: checks its model/ subfolder
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,9 +1,10 @@
 """`evomerge zoo build [--out DIR] [--seed N] [--variant NAME] [--skills A,B] [--layers N] [--hidden N] [--steps N]`
 
-    evomerge zoo build                                   # the demo's zoo (variant pair) in ./zoo, a few minutes
-    evomerge zoo build --variant trio --out zoos/trio    # another member of the family (evomerge/zoo/variants.py)
-    evomerge zoo build --variant pair --skills add,sub,dup --layers 4 --out /tmp/z   # the same recipe, changed
+evomerge zoo build                                   # the demo's zoo (variant pair) in ./zoo, a few minutes
+evomerge zoo build --variant trio --out zoos/trio    # another member of the family (evomerge/zoo/variants.py)
+evomerge zoo build --variant pair --skills add,sub,dup --layers 4 --out /tmp/z   # the same recipe, changed
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,27 +26,47 @@ BUILD = (
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from evomerge.zoo.variants import DEFAULT_VARIANT, VARIANTS
-
     import textwrap
 
+    from evomerge.zoo.variants import DEFAULT_VARIANT, VARIANTS
+
     sub = parser.add_subparsers(dest="zoo_command", metavar="ACTION", required=True)
-    build = sub.add_parser("build", help="train a base and its specialists (deterministic on CPU, a few minutes)",
-                           description=textwrap.fill(BUILD, 100) + "\n\nvariants:\n" + "\n".join(
-                               f"  {name}: {v.description}" for name, v in VARIANTS.items()),
-                           epilog=f"examples:\n{EXAMPLES}", formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    build = sub.add_parser(
+        "build",
+        help="train a base and its specialists (deterministic on CPU, a few minutes)",
+        description=textwrap.fill(BUILD, 100)
+        + "\n\nvariants:\n"
+        + "\n".join(f"  {name}: {v.description}" for name, v in VARIANTS.items()),
+        epilog=f"examples:\n{EXAMPLES}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     build.add_argument("--out", default="zoo", help="output folder (default: ./zoo)")
     build.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
-    build.add_argument("--variant", default=None, choices=list(VARIANTS), metavar="NAME",
-                       help=f"which zoo of the family (default: {DEFAULT_VARIANT}): {', '.join(VARIANTS)}")
-    build.add_argument("--size", default=None, choices=["full", "tiny"],
-                       help="older name: full is --variant %s, tiny is --variant tiny" % DEFAULT_VARIANT)
-    build.add_argument("--skills", default=None, metavar="A,B[,C,D]",
-                       help="the specialists' skills instead of the variant's (2 to 4 of: add, reverse, sort, shift, "
-                            "copy, sub, cipher, rotate, dup)")  # fmt: skip
+    build.add_argument(
+        "--variant",
+        default=None,
+        choices=list(VARIANTS),
+        metavar="NAME",
+        help=f"which zoo of the family (default: {DEFAULT_VARIANT}): {', '.join(VARIANTS)}",
+    )
+    build.add_argument(
+        "--size",
+        default=None,
+        choices=["full", "tiny"],
+        help=f"older name: full is --variant {DEFAULT_VARIANT}, tiny is --variant tiny",
+    )
+    build.add_argument(
+        "--skills",
+        default=None,
+        metavar="A,B[,C,D]",
+        help="the specialists' skills instead of the variant's (2 to 4 of: add, reverse, sort, shift, "
+        "copy, sub, cipher, rotate, dup)",
+    )
     build.add_argument("--layers", type=int, default=None, help="decoder layers instead of the variant's")
     build.add_argument("--hidden", type=int, default=None, help="hidden size instead of the variant's")
-    build.add_argument("--steps", type=int, default=None, help="each specialist's training steps instead of the variant's")
+    build.add_argument(
+        "--steps", type=int, default=None, help="each specialist's training steps instead of the variant's"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

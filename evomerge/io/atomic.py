@@ -10,6 +10,7 @@ the new one. A killed run leaves its temp sibling behind; the next run on the sa
 siblings whose process is gone (and puts back a previous result a kill left aside), so leftovers never
 break it. Write failures (disk full, read-only, a parent that is a file) become one-line EvomergeErrors.
 """
+
 from __future__ import annotations
 
 import errno
@@ -17,9 +18,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from evomerge.errors import EvomergeError
 

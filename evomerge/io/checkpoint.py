@@ -1,9 +1,10 @@
 """Read HF checkpoints lazily: memory-mapped safetensors (one file or sharded), pickles only on request.
 
-    ckpt = Checkpoint("zoo/add")
-    ckpt.get("model.layers.0.mlp.up_proj.weight")   # a tensor backed by the mapped file, no copy
-    check_compatible([Checkpoint("zoo/base"), ckpt])
+ckpt = Checkpoint("zoo/add")
+ckpt.get("model.layers.0.mlp.up_proj.weight")   # a tensor backed by the mapped file, no copy
+check_compatible([Checkpoint("zoo/base"), ckpt])
 """
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,10 @@ import math
 import mmap
 import os
 import struct
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ModelError
 from evomerge.io.digest import files_sha256
@@ -35,9 +37,15 @@ ST_CODES: dict[str, str] = {name: code for code, (name, _) in _ST_DTYPES.items()
 # A tokenizer's own files (transformers' save_pretrained writes some of these): copied into exports, and a model
 # folder scored from disk needs at least one of them.
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-)  # fmt: skip
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 def config_num_layers(config: dict[str, Any]) -> int | None:
@@ -63,7 +71,9 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.is_dir():
             what = "is not a folder" if self.path.exists() else "not found"
-            raise ModelError(f"{self.path}: model folder {what}; fix the path (relative paths resolve from the recipe's folder)")
+            raise ModelError(
+                f"{self.path}: model folder {what}; fix the path (relative paths resolve from the recipe's folder)"
+            )
         config_file = self.path / "config.json"
         try:
             self.config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
@@ -309,8 +319,9 @@ def _show(value: Any) -> str:
     return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def config_mismatch(ref: Checkpoint | tuple[Path, dict], other: Checkpoint | tuple[Path, dict], *,
-                    layers: bool = True) -> str | None:
+def config_mismatch(
+    ref: Checkpoint | tuple[Path, dict], other: Checkpoint | tuple[Path, dict], *, layers: bool = True
+) -> str | None:
     """The first shape-defining config.json field on which `other` differs from `ref`, as a message; None if none.
     Each is a Checkpoint or a (folder, config) pair (a config.json read without the weights).
     `layers=False` leaves num_hidden_layers out (a `slices:` recipe takes layer ranges from models of any depth)."""
@@ -322,13 +333,17 @@ def config_mismatch(ref: Checkpoint | tuple[Path, dict], other: Checkpoint | tup
         _, a = config_field(ref_config, field)
         other_key, b = config_field(other_config, field)
         if a != b:
-            return (f"{other_path}: config.json {other_key} is {_show(b)}, but {ref_path} has {_show(a)}; merge models of "
-                    "one architecture and size, or pass --allow-config-mismatch (search config: allow_config_mismatch: "
-                    "true) if their tensors are meant to merge anyway")
+            return (
+                f"{other_path}: config.json {other_key} is {_show(b)}, but {ref_path} has {_show(a)}; merge models of "
+                "one architecture and size, or pass --allow-config-mismatch (search config: allow_config_mismatch: "
+                "true) if their tensors are meant to merge anyway"
+            )
     return None
 
 
-def check_compatible(checkpoints: Sequence[Checkpoint], *, allow_config_mismatch: bool = False, layers: bool = True) -> None:
+def check_compatible(
+    checkpoints: Sequence[Checkpoint], *, allow_config_mismatch: bool = False, layers: bool = True
+) -> None:
     """Same shape-defining config (`SHAPE_FIELDS`, unless `allow_config_mismatch`), tensor names, shapes and tokenizer
     vocabulary as `checkpoints[0]` (put the base first), or ModelError naming the first mismatch. `layers=False`
     (a `slices:` recipe) compares the config and the vocabulary only: the slices decide which tensors are read,

@@ -1,9 +1,10 @@
 """sha256 of files, read in 1 MiB chunks (a checkpoint never has to fit in memory to be hashed)."""
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 CHUNK = 1 << 20
 

@@ -7,14 +7,16 @@
 Only writing: what goes in (a merge, by `evomerge.export`) and where the folder is published (`io.atomic`)
 are the caller's.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Sequence
+from typing import TYPE_CHECKING, BinaryIO
 
 from evomerge.errors import ConfigError
 from evomerge.io.checkpoint import ST_CODES
@@ -34,7 +36,9 @@ class ShardWriter:
     the safetensors format allows.
     """
 
-    def __init__(self, folder: Path, layout: Sequence[tuple[str, Sequence[int]]], shard_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(
+        self, folder: Path, layout: Sequence[tuple[str, Sequence[int]]], shard_bytes: int = DEFAULT_SHARD_BYTES
+    ):
         self.folder, self.shard_bytes = folder, shard_bytes
         self._room = _header_room(layout)
         self._known = {name for name, _ in layout}
@@ -59,7 +63,9 @@ class ShardWriter:
         if size:
             self._fh.write(data.view(torch.uint8).reshape(-1).numpy().data)
         self._entries[name] = {
-            "dtype": ST_CODES[str(data.dtype).removeprefix("torch.")], "shape": list(data.shape), "data_offsets": [self._offset, self._offset + size],
+            "dtype": ST_CODES[str(data.dtype).removeprefix("torch.")],
+            "shape": list(data.shape),
+            "data_offsets": [self._offset, self._offset + size],
         }
         self._offset += size
         self.total_bytes += size

@@ -6,6 +6,7 @@
 Export records every file it writes next to recipe.yaml (weights, shard index, config, tokenizer), so a
 copied, truncated or tampered checkpoint is caught before anyone loads or publishes it.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,10 +33,14 @@ def verify_checkpoint(folder: Path | str) -> list[tuple[str, str]]:
 
     folder = checkpoint_folder(folder)
     if not folder.is_dir():
-        raise ModelError(f"{folder}: folder not found; pass the folder `evomerge merge --out` or `evomerge export` wrote")
+        raise ModelError(
+            f"{folder}: folder not found; pass the folder `evomerge merge --out` or `evomerge export` wrote"
+        )
     recipe_file = folder / "recipe.yaml"
     if not recipe_file.is_file():
-        raise ModelError(f"{recipe_file}: missing; only checkpoints exported by evomerge (with their recipe) can be verified")
+        raise ModelError(
+            f"{recipe_file}: missing; only checkpoints exported by evomerge (with their recipe) can be verified"
+        )
     recipe = Recipe.load(recipe_file)
     recorded = recipe.evomerge.outputs if recipe.evomerge is not None else {}
     if not recorded:
@@ -47,7 +52,9 @@ def verify_checkpoint(folder: Path | str) -> list[tuple[str, str]]:
     for name, expected in recorded.items():
         path = folder / name
         if Path(name).is_absolute() or ".." in Path(name).parts or os.sep in name:
-            raise ModelError(f"{recipe_file}: field evomerge.outputs lists {name!r}, which is not a file of this folder")
+            raise ModelError(
+                f"{recipe_file}: field evomerge.outputs lists {name!r}, which is not a file of this folder"
+            )
         if not path.is_file():
             raise ModelError(f"{path}: missing (recorded in {recipe_file}); the checkpoint is incomplete, re-export it")
         actual = file_sha256(path)
@@ -59,5 +66,7 @@ def verify_checkpoint(folder: Path | str) -> list[tuple[str, str]]:
         checked.append((name, actual))
     for path in sorted(folder.iterdir()):
         if path.name not in recorded and (path.name.endswith(WEIGHT_SUFFIXES) or path.name in WEIGHT_INDEXES):
-            raise ModelError(f"{path}: weight file not recorded in {recipe_file}; remove it or re-export the checkpoint")
+            raise ModelError(
+                f"{path}: weight file not recorded in {recipe_file}; remove it or re-export the checkpoint"
+            )
     return checked

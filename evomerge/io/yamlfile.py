@@ -1,4 +1,5 @@
 """Reading user YAML: `yaml.safe_load` only, and one-line errors that name the file, the line and the fix."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +16,9 @@ def parse_yaml(text: str, source: str) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{source}:{where} is not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+        raise ConfigError(
+            f"{source}:{where} is not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax"
+        ) from None
 
 
 def read_yaml(path: Path | str, what: str = "YAML file") -> Any:

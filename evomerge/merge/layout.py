@@ -1,8 +1,8 @@
 """What an architecture's tensor names mean: which decoder layer, which kind (attention, MLP), embeddings and head.
 
     layout = Layout.of(Checkpoint("zoo/base"))     # config.json and the safetensors headers; no weights read
-    layout.kind_filter("self_attn")                # 'self_attn' (Llama, Qwen2, Phi-3), 'attn' (GPT-2), 'attention' (GPT-NeoX)
-    layout.embedding_filters()                     # ['embed_tokens', 'lm_head'], ['wte', 'wpe'], ['embed_in', 'embed_out']
+    layout.kind_filter("self_attn")                # 'self_attn' (Llama, Qwen2, Phi-3), 'attn' (GPT-2), ...
+    layout.embedding_filters()                     # ['embed_tokens', 'lm_head'], ['wte', 'wpe'], ...
 
 evomerge reads a checkpoint's own tensor names instead of a table per architecture, so an architecture it has
 never seen works as long as its decoder layers are numbered (`model.layers.3.`, `transformer.h.3.`,
@@ -13,11 +13,13 @@ mergekit `filter:` (a substring of the tensor name, as mergekit matches filters)
 Tied embeddings: where the model ties its output head to its input embeddings and a checkpoint still stores both,
 the head is a duplicate (`tied`): it is merged once, as the embeddings, and not written again.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -48,13 +50,13 @@ def with_layer(name: str, index: int) -> str:
     match = LAYER_RE.search(name)
     if match is None:
         raise ValueError(f"{name} is not inside a numbered layer")
-    return name[: match.start(1)] + str(index) + name[match.end(1):]
+    return name[: match.start(1)] + str(index) + name[match.end(1) :]
 
 
 def _is_norm(name: str) -> bool:
     """A layer norm inside a decoder layer (`input_layernorm`, `post_attention_layernorm`, GPT-2's `ln_1`)."""
     match = LAYER_RE.search(name)
-    rest = name[match.end():] if match else name
+    rest = name[match.end() :] if match else name
     return "norm" in rest or rest.startswith("ln_")
 
 
@@ -128,7 +130,7 @@ class Layout:
         for name in self.layer_names(0):
             if _is_norm(name):
                 continue
-            role = name[LAYER_RE.search(name).end():]  # type: ignore[union-attr]
+            role = name[LAYER_RE.search(name).end() :]  # type: ignore[union-attr]
             role = re.sub(r"\.(weight|bias)$", "", role)
             if role not in out:
                 out.append(role)
@@ -160,7 +162,7 @@ class Layout:
 
     def describe(self, limit: int = 6) -> str:
         """A few of layer 0's tensor names without their prefix, for error messages: 'attn.c_attn.weight, ...'."""
-        parts = sorted({n[LAYER_RE.search(n).end():] for n in self.layer_names(0)})  # type: ignore[union-attr]
+        parts = sorted({n[LAYER_RE.search(n).end() :] for n in self.layer_names(0)})  # type: ignore[union-attr]
         more = ", ..." if len(parts) > limit else ""
         return ", ".join(parts[:limit]) + more
 
@@ -226,4 +228,13 @@ def model_names(model: PreTrainedModel, names: Iterable[str]) -> dict[str, str]:
     return out
 
 
-__all__ = ["KIND_ALIASES", "LAYER_RE", "Layout", "after_layers", "layer_index", "model_names", "tied_names", "with_layer"]
+__all__ = [
+    "KIND_ALIASES",
+    "LAYER_RE",
+    "Layout",
+    "after_layers",
+    "layer_index",
+    "model_names",
+    "tied_names",
+    "with_layer",
+]

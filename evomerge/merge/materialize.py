@@ -9,14 +9,16 @@ name, input), mergekit-0.1.5's from the global RNG seeded by (recipe seed, tenso
 depend on tensor order, batching or worker. A resident model on a GPU is merged there: each tensor's
 inputs are copied from the memory-mapped files to the GPU and the kernel writes into the parameter.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from evomerge.errors import CandidateError, ConfigError, ModelError
 from evomerge.io.checkpoint import Checkpoint, check_compatible
@@ -74,8 +76,17 @@ def merge_tensor(
     try:
         group.validate_tensors()
         direct = out if out_dtype is None or (out is not None and out.dtype == out_dtype) else None
-        result = kernel_merge(method, bound, tensors, inputs, base_model, out=direct,
-                              kernels=kernels or default_kernels(), seed=seed, name=name)
+        result = kernel_merge(
+            method,
+            bound,
+            tensors,
+            inputs,
+            base_model,
+            out=direct,
+            kernels=kernels or default_kernels(),
+            seed=seed,
+            name=name,
+        )
         if result is None:
             with _seeded(tensor_seed(seed, name), tensors[0].device):
                 (result,) = method._execute_resolved((group,), [bound])
@@ -145,8 +156,16 @@ def merged_tensors(
             tensors = [t.to(target.device) for t in tensors]
         with kernel_threads():  # single-threaded ops here, evomerge's kernels spread over the CPUs
             result = merge_tensor(
-                plan.method, job.params, tensors, job.inputs, job.base_model, seed=recipe.seed, dtype=dtype,
-                out_dtype=out_dtype, out=target, kernels=kernels,
+                plan.method,
+                job.params,
+                tensors,
+                job.inputs,
+                job.base_model,
+                seed=recipe.seed,
+                dtype=dtype,
+                out_dtype=out_dtype,
+                out=target,
+                kernels=kernels,
             )
             finite = not result.is_floating_point() or not result.numel() or _finite(result)
         if not finite:
@@ -213,14 +232,18 @@ class Materializer:
         self.base_model = _key(base_model) if base_model is not None else None
         self._checkpoints = {k: Checkpoint(k, allow_pickle=allow_pickle) for k in keys}
         ref = self.base_model or keys[0]
-        check_compatible([self._checkpoints[ref]] + [c for k, c in self._checkpoints.items() if k != ref],
-                         allow_config_mismatch=allow_config_mismatch)  # fmt: skip
+        check_compatible(
+            [self._checkpoints[ref]] + [c for k, c in self._checkpoints.items() if k != ref],
+            allow_config_mismatch=allow_config_mismatch,
+        )
         config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
         model_dtype = torch_dtype(dtype) or _config_dtype(config) or torch.float32
         from transformers.initialization import no_init_weights
 
         with no_init_weights():  # every weight is overwritten by apply: skip the random init (seconds at 1B)
-            self.model = AutoModelForCausalLM.from_config(config, dtype=model_dtype, trust_remote_code=trust_remote_code)
+            self.model = AutoModelForCausalLM.from_config(
+                config, dtype=model_dtype, trust_remote_code=trust_remote_code
+            )
         self.model.tie_weights()  # transformers 5 skips tying under no_init_weights; a tied head must share storage
         self.model.to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
@@ -235,8 +258,10 @@ class Materializer:
         covered = {t.data_ptr() for t in self._targets.values()}
         missing = [n for n, t in state.items() if t.numel() and t.data_ptr() not in covered]
         if missing:
-            raise ModelError(f"{ref}: has no tensor {missing[0]!r}, which {type(self.model).__name__} needs; "
-                             "use a complete checkpoint")
+            raise ModelError(
+                f"{ref}: has no tensor {missing[0]!r}, which {type(self.model).__name__} needs; "
+                "use a complete checkpoint"
+            )
         self.layout = replace(Layout.of(self._checkpoints[ref]), tied=tied_names(self.model, names, renamed))
         self._depths = {k: c.num_layers for k, c in self._checkpoints.items() if c.num_layers is not None}
 

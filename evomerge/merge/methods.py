@@ -1,8 +1,10 @@
 """The merge methods evomerge runs (mergekit 0.1.5's, by name), and recipe checks against them."""
+
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError, close_matches
 
@@ -39,7 +41,9 @@ RANGES = {
 
 def get_method(name: str) -> MergeMethod:
     if name not in METHODS:
-        raise ConfigError(f"field merge_method: unknown method {name!r}{close_matches(name, METHODS)}; valid: {', '.join(METHODS)}")
+        raise ConfigError(
+            f"field merge_method: unknown method {name!r}{close_matches(name, METHODS)}; valid: {', '.join(METHODS)}"
+        )
     from mergekit import merge_methods
 
     return merge_methods.get(name)
@@ -59,7 +63,8 @@ def check_recipe(recipe: Recipe) -> None:
             if name not in specs:
                 valid = ", ".join(specs) or "none"
                 raise ConfigError(
-                    f"field {where}.{name}: {recipe.merge_method} has no parameter {name!r}{close_matches(name, specs)}; valid: {valid}"
+                    f"field {where}.{name}: {recipe.merge_method} has no parameter "
+                    f"{name!r}{close_matches(name, specs)}; valid: {valid}"
                 )
             for leaf in _leaves(setting):
                 _check_value(specs[name], leaf, f"{where}.{name}")
@@ -80,8 +85,9 @@ def check_recipe(recipe: Recipe) -> None:
                     "from); add `base_model: PATH`"
                 ) from None
             hint = "; list base_model among each slice's sources" if recipe.slices is not None else ""
-            raise ConfigError(f"field {group.where}: {recipe.merge_method}: {exc}; check base_model and the models "
-                              f"listed{hint}") from None
+            raise ConfigError(
+                f"field {group.where}: {recipe.merge_method}: {exc}; check base_model and the models listed{hint}"
+            ) from None
         _check_required(recipe, group, method)
         _check_della(recipe, group)
 

@@ -10,10 +10,12 @@ layers get t = 0 (mergekit's pre/post weights), the embeddings from the first sl
 norm and head from the last slice's. Filters match when the filter string occurs in the tensor name; per-model
 parameters see each input's own tensor name (its own layer index in a slice), shared ones the output's.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.merge.layout import LAYER_RE, Layout, after_layers, layer_index, with_layer
@@ -60,12 +62,17 @@ class Plan:
     `layout` gives the reference checkpoint's tensor names (base_model, else the first input); `num_layers`
     alone is enough for `resolve` on the `models:` form (search spaces read recipes that way)."""
 
-    def __init__(self, recipe: Recipe, num_layers: int | None = None, *, layout: Layout | None = None,
-                 layers_of: Mapping[str, int] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        recipe: Recipe,
+        num_layers: int | None = None,
+        *,
+        layout: Layout | None = None,
+        layers_of: Mapping[str, int] | None = None,
+    ):
         """`layers_of[model]`: each input's layer count, to check the slices' layer ranges against."""
-        from pydantic import TypeAdapter
-
         from mergekit.config import ParameterSetting
+        from pydantic import TypeAdapter
 
         self.recipe = recipe
         self.method = get_method(recipe.merge_method)
@@ -88,8 +95,10 @@ class Plan:
             for model, (a, b) in (g.layer_ranges or {}).items():
                 depth = (layers_of or {}).get(model)
                 if depth is not None and b > depth:
-                    raise ConfigError(f"field {g.fields[model]}.layer_range: [{a}, {b}] reaches past the {depth} layers "
-                                      f"of {model}; end it at {depth} or less")  # fmt: skip
+                    raise ConfigError(
+                        f"field {g.fields[model]}.layer_range: [{a}, {b}] reaches past the {depth} layers "
+                        f"of {model}; end it at {depth} or less"
+                    )
 
     @property
     def out_layers(self) -> int | None:
@@ -100,7 +109,11 @@ class Plan:
 
     def layer_origins(self) -> list[tuple[str, int]]:
         """For each output layer of a `slices:` recipe, (model, layer) of its first source (config per layer)."""
-        return [(p.sources[0].model, p.sources[0].layer_range[0] + i) for p in self.recipe.slices or [] for i in range(p.length)]
+        return [
+            (p.sources[0].model, p.sources[0].layer_range[0] + i)
+            for p in self.recipe.slices or []
+            for i in range(p.length)
+        ]
 
     def _settings(self, g: int):
         def sources(model: str | None) -> Iterable[Mapping[str, Any] | None]:
@@ -125,7 +138,9 @@ class Plan:
                 t=t,
             )
         except (RuntimeError, ValueError) as exc:
-            raise ConfigError(f"tensor {name}: {exc}; add a parameter that covers it (a filter-less fallback)") from None
+            raise ConfigError(
+                f"tensor {name}: {exc}; add a parameter that covers it (a filter-less fallback)"
+            ) from None
         return TensorParams(name=name, t=t, shared=shared, per_input=per_input)
 
     def resolve(self, name: str, t: float | None = None) -> TensorParams:
@@ -173,8 +188,10 @@ class Plan:
         names = [n for n in self.layout.layer_names(layer) if n not in self.layout.tied]  # type: ignore[union-attr]
         names = names or [n for n in self.layout.layer_names(0) if n not in self.layout.tied]  # type: ignore[union-attr]
         if not names:
-            raise ModelError(f"{self.layout.architecture}: no tensor names with a layer index; "  # type: ignore[union-attr]
-                             "a slices: recipe needs numbered decoder layers (model.layers.N...)")
+            raise ModelError(
+                f"{self.layout.architecture}: no tensor names with a layer index; "  # type: ignore[union-attr]
+                "a slices: recipe needs numbered decoder layers (model.layers.N...)"
+            )
         return names
 
 
@@ -185,4 +202,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
-

@@ -5,11 +5,12 @@ to `RUN_DIR/report/` by `build`; and `evomerge status` (`status`). Default merge
     from evomerge.report import build_report
     result = build_report("runs/demo")       # result.report: runs/demo/report/report.md
 """
+
 from __future__ import annotations
 
+from evomerge.portfolio import default_recipe
 from evomerge.report.build import ReportResult, build_report
 from evomerge.report.compare import Comparison, Row, TrialRow, Verdict, compare_run, text_comparison
-from evomerge.portfolio import default_recipe
 from evomerge.report.markdown import statement
 
 __all__ = [

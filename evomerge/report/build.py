@@ -1,12 +1,13 @@
 """`build_report(run_dir)`: score the comparison, draw the figures, write `RUN_DIR/report/`.
 
-    evomerge report runs/demo            # runs/demo/report/{report.md,comparison.json,*.png}
+evomerge report runs/demo            # runs/demo/report/{report.md,comparison.json,*.png}
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from evomerge.io.atomic import write_file_atomic
 from evomerge.report.compare import Comparison, compare_run, load_run
@@ -47,7 +48,9 @@ def draw_figures(cfg, study, done, comparison: Comparison, out_dir: Path) -> dic
     space = space_of(cfg)
     if best.params and space.slots(cfg.models) and not best.user_attrs.get("portfolio"):  # a portfolio pick is
         # another method's default merge: its params are a placeholder, its recipe says what it is
-        title = f"Exported recipe (trial {best.number}, {cfg.method})\ncell: its value; colour: position in the row's range"
+        title = (
+            f"Exported recipe (trial {best.number}, {cfg.method})\ncell: its value; colour: position in the row's range"
+        )
         caption = f"Best recipe parameters (trial {best.number})"
         figures[caption] = params_png(space, cfg.models, best.params, out_dir / "best_params.png", title)
     figures["Held-out scores per task"] = scores_png(comparison, out_dir / "scores.png")

@@ -10,10 +10,12 @@ method's space defaults, a trial its recorded recipe. The oracle row is computed
 scored. The evolved row is THE exported trial (`search.guard.exported_trial`), validated first when the config
 has `validation:`, so report, export and status name the same trial.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -146,7 +148,9 @@ def oracle_row(sources: Sequence[Row], tasks: Sequence[str]) -> Row:
     scores = {t: best[t].scores[t] for t in tasks}
     detail = ", ".join(f"{t}: {best[t].name}" for t in tasks)
     examples = {t: best[t].examples[t] for t in tasks if t in best[t].examples}
-    return Row(name="routing oracle", kind="oracle", scores=scores, mean=_mean(scores), detail=detail, examples=examples)
+    return Row(
+        name="routing oracle", kind="oracle", scores=scores, mean=_mean(scores), detail=detail, examples=examples
+    )
 
 
 def _mean(scores: dict[str, float]) -> float:
@@ -163,7 +167,11 @@ def describe(recipe) -> str:
     for params, model in [(recipe.parameters, None), *((e.parameters, e.model) for e in recipe.models)]:
         for name in params or {}:
             if name not in seen:
-                seen[name] = resolved.shared[name] if name in resolved.shared else resolved.per_input[model or recipe.models[0].model][name]
+                seen[name] = (
+                    resolved.shared[name]
+                    if name in resolved.shared
+                    else resolved.per_input[model or recipe.models[0].model][name]
+                )
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in seen.items())
 
 
@@ -221,7 +229,9 @@ def compare_run(
             f"{Path(run_dir) / 'config.yaml'}: 'tasks.heldout' is empty; list held-out lm-eval tasks there "
             "(e.g. [zoo_add, zoo_reverse]) or pass --heldout A,B"
         )
-    task_sets = {"heldout": [TaskSpec(name=n, metric=heldout_metric(n, cfg.tasks.search), subset=subset) for n in names]}
+    task_sets = {
+        "heldout": [TaskSpec(name=n, metric=heldout_metric(n, cfg.tasks.search), subset=subset) for n in names]
+    }
     if pending(cfg, study):  # the guard has finalists to score first: the workers build those tasks too
         task_sets["validation"] = cfg.validation.tasks
     defaults, skipped = default_merges(cfg)
@@ -255,11 +265,22 @@ def compare_run(
     rows: list[Row] = []
     for key, path, row_scores, row_examples in zip(keys, sources, scores, examples):
         detail = "base model" if path == sources[0] else "specialist"
-        rows.append(Row(name=key, kind="source", scores=row_scores, mean=_mean(row_scores), detail=detail,
-                        examples=row_examples))  # fmt: skip
-    for (label, recipe), row_scores, row_examples in zip(defaults, scores[len(sources):], examples[len(sources):]):
-        rows.append(Row(name=label, kind="default", scores=row_scores, mean=_mean(row_scores),
-                        detail=describe(recipe), examples=row_examples))  # fmt: skip
+        rows.append(
+            Row(
+                name=key, kind="source", scores=row_scores, mean=_mean(row_scores), detail=detail, examples=row_examples
+            )
+        )
+    for (label, recipe), row_scores, row_examples in zip(defaults, scores[len(sources) :], examples[len(sources) :]):
+        rows.append(
+            Row(
+                name=label,
+                kind="default",
+                scores=row_scores,
+                mean=_mean(row_scores),
+                detail=describe(recipe),
+                examples=row_examples,
+            )
+        )
     rows.append(oracle_row([r for r in rows if r.kind == "source"], tasks))
 
     trials: list[TrialRow] = []
@@ -268,14 +289,30 @@ def compare_run(
     for t, row_scores in zip(ranked, scores[first:]):
         note = t.user_attrs.get("baseline", "")
         v = validated[t.number].objective if t.number in validated else None
-        trials.append(TrialRow(number=t.number, note=note, search=objective_of(t), heldout=row_scores,
-                               heldout_mean=_mean(row_scores), validation=v))  # fmt: skip
+        trials.append(
+            TrialRow(
+                number=t.number,
+                note=note,
+                search=objective_of(t),
+                heldout=row_scores,
+                heldout_mean=_mean(row_scores),
+                validation=v,
+            )
+        )
     top = next(r for r in trials if r.number == best.number)
     note = f"trial {best.number}" + (f", the enqueued baseline '{top.note}'" if top.note else "")
     if best.number in validated:
         note += f", best on validation of the top {cfg.validation.top_k} and the baselines"
-    rows.append(Row(name="evolved (best trial)", kind="evolved", scores=top.heldout, mean=top.heldout_mean, detail=note,
-                    examples=trial_examples[best.number]))  # fmt: skip
+    rows.append(
+        Row(
+            name="evolved (best trial)",
+            kind="evolved",
+            scores=top.heldout,
+            mean=top.heldout_mean,
+            detail=note,
+            examples=trial_examples[best.number],
+        )
+    )
 
     return Comparison(
         study=cfg.name,
@@ -294,5 +331,16 @@ def compare_run(
     )
 
 
-__all__ = ["Comparison", "Row", "TrialRow", "Verdict", "compare_run", "comparison_rows", "describe", "heldout_metric",
-           "load_run", "oracle_row", "text_comparison"]
+__all__ = [
+    "Comparison",
+    "Row",
+    "TrialRow",
+    "Verdict",
+    "compare_run",
+    "comparison_rows",
+    "describe",
+    "heldout_metric",
+    "load_run",
+    "oracle_row",
+    "text_comparison",
+]

@@ -2,12 +2,14 @@
 
 Each function takes plain data, writes one PNG atomically (temp + rename) and returns its path.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -42,7 +44,10 @@ BASELINE_STYLES = [("^", "tab:purple"), ("v", "tab:red"), ("<", "tab:brown"), ("
 
 
 def history_png(
-    points: Sequence[TrialPoint], out: Path | str, objective_label: str = "search objective", exported: int | None = None
+    points: Sequence[TrialPoint],
+    out: Path | str,
+    objective_label: str = "search objective",
+    exported: int | None = None,
 ) -> Path:
     """Score per COMPLETE trial, the enqueued baselines told apart (the default merge, each model alone), the
     exported trial ringed, and the best-so-far line."""
@@ -50,20 +55,43 @@ def history_png(
     ax = fig.add_subplot()
     points = sorted(points, key=lambda p: p.number)
     sampled = [p for p in points if not p.baseline]
-    ax.scatter([p.number for p in sampled], [p.objective for p in sampled], s=22, color="tab:blue", label="sampled trial",
-               zorder=3)  # fmt: skip
+    ax.scatter(
+        [p.number for p in sampled],
+        [p.objective for p in sampled],
+        s=22,
+        color="tab:blue",
+        label="sampled trial",
+        zorder=3,
+    )
     labels = list(dict.fromkeys(p.baseline for p in points if p.baseline))
     alone = iter(BASELINE_STYLES * (len(labels) // len(BASELINE_STYLES) + 1))
     for label in labels:
         group = [p for p in points if p.baseline == label]
         marker, color = ("s", "tab:orange") if label == "defaults" else next(alone)
         name = "default merge (baseline)" if label == "defaults" else f"{label.removeprefix('only ')} alone (baseline)"
-        ax.scatter([p.number for p in group], [p.objective for p in group], s=46, marker=marker, color=color,
-                   edgecolor="black", linewidth=0.5, label=name, zorder=4)  # fmt: skip
+        ax.scatter(
+            [p.number for p in group],
+            [p.objective for p in group],
+            s=46,
+            marker=marker,
+            color=color,
+            edgecolor="black",
+            linewidth=0.5,
+            label=name,
+            zorder=4,
+        )
     chosen = next((p for p in points if p.number == exported), None)
     if chosen is not None:
-        ax.scatter([chosen.number], [chosen.objective], s=220, facecolors="none", edgecolors="black", linewidths=1.6,
-                   label=f"exported (trial {chosen.number})", zorder=5)  # fmt: skip
+        ax.scatter(
+            [chosen.number],
+            [chosen.objective],
+            s=220,
+            facecolors="none",
+            edgecolors="black",
+            linewidths=1.6,
+            label=f"exported (trial {chosen.number})",
+            zorder=5,
+        )
     best, xs, ys = -math.inf, [], []
     for p in points:
         best = max(best, p.objective)
@@ -100,7 +128,9 @@ def _columns(space: SearchSpace) -> list[tuple[str, str]]:
     return cols
 
 
-def params_png(space: SearchSpace, models: Sequence[str], params: dict[str, float], out: Path | str, title: str) -> Path:
+def params_png(
+    space: SearchSpace, models: Sequence[str], params: dict[str, float], out: Path | str, title: str
+) -> Path:
     """Heatmap of a trial's searched values: rows = model x parameter (x tensor kind) with its search range,
     columns = layer groups. The cell text is the value itself (as the recipe has it, 3 significant digits shown);
     the colour is its position within the parameter's range."""
@@ -129,7 +159,9 @@ def params_png(space: SearchSpace, models: Sequence[str], params: dict[str, floa
         raw.setdefault(label, [math.nan] * len(cols))[col_index[key]] = value
     labels = list(rows)
     grid = np.array([rows[r] for r in labels], dtype=float)
-    fig = _figure(max(5.0, 1.0 + 0.85 * len(cols) + 0.08 * max(len(x) for x in labels)), max(2.6, 1.6 + 0.36 * len(labels)))
+    fig = _figure(
+        max(5.0, 1.0 + 0.85 * len(cols) + 0.08 * max(len(x) for x in labels)), max(2.6, 1.6 + 0.36 * len(labels))
+    )
     ax = fig.add_subplot()
     cmap = colormaps["viridis"].with_extremes(bad="#eeeeee")
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
@@ -142,7 +174,15 @@ def params_png(space: SearchSpace, models: Sequence[str], params: dict[str, floa
         for j, value in enumerate(raw[label]):
             if not math.isnan(value):
                 shade = grid[i, j]
-                ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7, color="black" if shade > 0.6 else "white")
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.3g}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if shade > 0.6 else "white",
+                )
     bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
     bar.set_label("colour: position in the row's range\n(0 = low, 1 = high)", fontsize=8)
     return _save(fig, out)
@@ -173,8 +213,9 @@ def scores_png(comparison: Comparison, out: Path | str) -> Path:
     x = np.arange(len(groups))
     for i, (row, color) in enumerate(zip(ordered, colors)):
         values = [row.scores[t] for t in comparison.tasks] + [row.mean]
-        bars = ax.bar(x - 0.4 + width * (i + 0.5), values, width, label=row.name, color=color, edgecolor="black",
-                      linewidth=0.4)  # fmt: skip
+        bars = ax.bar(
+            x - 0.4 + width * (i + 0.5), values, width, label=row.name, color=color, edgecolor="black", linewidth=0.4
+        )
         ax.bar_label(bars, fmt="%.2f", fontsize=6, rotation=90, padding=2)
     metrics = sorted(set(comparison.metrics.values()))
     ax.set_xticks(x, groups)
@@ -193,7 +234,9 @@ def pareto_png(points: Sequence[TrialPoint], front: set[int], tasks: Sequence[st
     ax = fig.add_subplot()
     rest = [p for p in points if p.number not in front]
     on = sorted((p for p in points if p.number in front), key=lambda p: p.scores[0])
-    ax.scatter([p.scores[0] for p in rest], [p.scores[1] for p in rest], s=20, color="tab:gray", alpha=0.6, label="trial")
+    ax.scatter(
+        [p.scores[0] for p in rest], [p.scores[1] for p in rest], s=20, color="tab:gray", alpha=0.6, label="trial"
+    )
     ax.plot([p.scores[0] for p in on], [p.scores[1] for p in on], "o-", color="tab:red", label="Pareto front")
     for p in on:
         ax.annotate(str(p.number), (p.scores[0], p.scores[1]), textcoords="offset points", xytext=(4, 4), fontsize=7)

@@ -1,4 +1,5 @@
 """report.md: the held-out comparison table, the plain verdict, search vs held-out for the top trials, figures."""
+
 from __future__ import annotations
 
 from evomerge.report.compare import Comparison, Verdict, comparison_rows
@@ -17,12 +18,16 @@ def statement(v: Verdict, metric: str = "score") -> str:
     lines = []
     d = v.vs_default
     if v.best_default is None or d is None:
-        lines.append(f"No default merge could be compared (see below); the evolved recipe scores {_f(e.mean)} mean held-out {metric}.")
+        lines.append(
+            f"No default merge could be compared (see below); the evolved recipe scores {_f(e.mean)} mean held-out "
+            f"{metric}."
+        )
     else:
         vs = f"({_f(e.mean)} vs {_f(v.best_default.mean)}; {d.se_text()})"
         if d.within_noise:
             lines.append(
-                f"The evolved recipe ({e.detail}) scores {d.points()} of mean held-out {metric} against the best default "
+                f"The evolved recipe ({e.detail}) scores {d.points()} of mean held-out {metric} against the best "
+                "default "
                 f"merge, {v.best_default.name} {vs}: **within noise**; a difference under {NOISE_SE:g} standard "
                 "errors does not tell the two apart."
             )
@@ -39,12 +44,15 @@ def statement(v: Verdict, metric: str = "score") -> str:
             )
     src, ds = v.best_source, v.vs_source
     if ds.within_noise:
-        lines.append(f"It is within noise of the best single source model, {src.name} ({_f(src.mean)}; {ds.points()}, "
-                     f"{ds.se_text()}).")  # fmt: skip
+        lines.append(
+            f"It is within noise of the best single source model, {src.name} ({_f(src.mean)}; {ds.points()}, "
+            f"{ds.se_text()})."
+        )
     else:
         rel = "above" if e.mean > src.mean else ("equal to" if e.mean == src.mean else "below")
-        lines.append(f"It is {rel} the best single source model, {src.name} ({_f(src.mean)}; {ds.points()}, "
-                     f"{ds.se_text()}).")  # fmt: skip
+        lines.append(
+            f"It is {rel} the best single source model, {src.name} ({_f(src.mean)}; {ds.points()}, {ds.se_text()})."
+        )
     if v.oracle_fraction is not None:
         lines.append(
             f"It reaches {v.oracle_fraction * 100:.1f}% of the routing oracle's mean ({_f(v.oracle.mean)}: "
@@ -117,9 +125,23 @@ def render(c: Comparison, figures: dict[str, str]) -> str:
         "mean falls well below its search score has overfit them.",
         "",
     ]
-    header = ["trial", "note", "search objective", *(f"held-out {t}" for t in c.tasks), "held-out mean", "held-out - search"]
+    header = [
+        "trial",
+        "note",
+        "search objective",
+        *(f"held-out {t}" for t in c.tasks),
+        "held-out mean",
+        "held-out - search",
+    ]
     rows = [
-        [str(t.number), t.note or "-", _f(t.search), *(_f(t.heldout[x]) for x in c.tasks), _f(t.heldout_mean), f"{t.heldout_mean - t.search:+.4f}"]
+        [
+            str(t.number),
+            t.note or "-",
+            _f(t.search),
+            *(_f(t.heldout[x]) for x in c.tasks),
+            _f(t.heldout_mean),
+            f"{t.heldout_mean - t.search:+.4f}",
+        ]
         for t in c.trials
     ]
     if any(t.validation is not None for t in c.trials):  # the overfitting guard re-scored the top trials

@@ -12,10 +12,12 @@ both models find easy or hard, so its standard error is smaller than the unpaire
 standard errors is reported as "within noise": the data do not tell the two apart. Differences are absolute
 points (0-1 scores x 100), never a percent of a score.
 """
+
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
@@ -77,7 +79,9 @@ def paired_difference(a: Row, b: Row, tasks: Sequence[str] | None = None) -> Dif
     tasks = list(tasks) if tasks is not None else list(a.scores)
     diff = sum(a.scores[t] - b.scores[t] for t in tasks) / len(tasks)
     paired = all(
-        t in a.examples and t in b.examples and len(a.examples[t]) == len(b.examples[t]) > 0
+        t in a.examples
+        and t in b.examples
+        and len(a.examples[t]) == len(b.examples[t]) > 0
         # the values must be the ones the scores average (acc, exact_match; not e.g. perplexity)
         and math.isclose(sum(a.examples[t]) / len(a.examples[t]), a.scores[t], abs_tol=1e-9)
         and math.isclose(sum(b.examples[t]) / len(b.examples[t]), b.scores[t], abs_tol=1e-9)

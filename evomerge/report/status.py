@@ -1,5 +1,6 @@
 """`evomerge status RUN_DIR`: what a study holds, as text (counts, the exported trial, top trials, failures,
 timing, Pareto front)."""
+
 from __future__ import annotations
 
 import statistics
@@ -34,13 +35,25 @@ def exported_line(cfg, study) -> str | None:
         return head + ", the best search objective)"
     if not waiting:
         v = stored(cfg, study)[trial.number]
-        return head + f", validation {v.objective:.4f}: the best on validation of the top {cfg.validation.top_k} and the baselines)"
+        return (
+            head
+            + f", validation {v.objective:.4f}: the best on validation of the top {cfg.validation.top_k}"
+            + " and the baselines)"
+        )
     return head + f"; trials {', '.join(map(str, waiting))} not validated yet: `evomerge export` validates them first)"
 
 
 def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
     from evomerge.search.guard import exported_trial
-    from evomerge.search.study import budget_count, by_state, is_whole, objective_of, open_run, pareto_front, stale_reason
+    from evomerge.search.study import (
+        budget_count,
+        by_state,
+        is_whole,
+        objective_of,
+        open_run,
+        pareto_front,
+        stale_reason,
+    )
 
     cfg, study = open_run(run_dir)
     states = by_state(study)
@@ -59,9 +72,14 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
     if stopped:
         scored = sum(t.user_attrs.get("examples_scored", 0) for t in own)
         full = max((t.user_attrs.get("examples_scored", 0) for t in own if is_whole(t)), default=0) * len(own)
-        share = f" ({100 * scored / full:.0f}% of the examples a whole evaluation of every trial would score)" if full else ""
-        lines.append(f"stopped early: {len(stopped)} trials, clearly worse than the best after a part of the "
-                     f"examples{share}")  # fmt: skip
+        share = (
+            f" ({100 * scored / full:.0f}% of the examples a whole evaluation of every trial would score)"
+            if full
+            else ""
+        )
+        lines.append(
+            f"stopped early: {len(stopped)} trials, clearly worse than the best after a part of the examples{share}"
+        )
     exported = exported_line(cfg, study)
     if exported:
         lines.append(exported)
@@ -71,7 +89,9 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
     def row(t) -> list[str]:
         scores = t.user_attrs.get("scores", {})
         cells = [f"{scores.get(n, {}).get(metric[n], float('nan')):.3f}" for n in tasks]
-        label = t.user_attrs.get("baseline") or (f"retry of {t.user_attrs['retry_of']}" if "retry_of" in t.user_attrs else "")
+        label = t.user_attrs.get("baseline") or (
+            f"retry of {t.user_attrs['retry_of']}" if "retry_of" in t.user_attrs else ""
+        )
         if "refine_round" in t.user_attrs:
             label = f"refine {t.user_attrs['refine_round']}, step {t.user_attrs.get('refine_step')}"
         mark = "*" if chosen is not None and t.number == chosen.number else ""
@@ -82,9 +102,13 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
         ranked = sorted((t for t in done if is_whole(t)), key=lambda t: (-objective_of(t), t.number))[:top]
         if chosen is not None and chosen not in ranked:  # the exported trial is always listed
             ranked.append(chosen)
-        lines += ["", f"top {min(top, len(done))} trials by search objective"
-                  + (" and the exported one" if len(ranked) > top else "") + ":",
-                  *text_table(header, [row(t) for t in ranked]).splitlines()]  # fmt: skip
+        lines += [
+            "",
+            f"top {min(top, len(done))} trials by search objective"
+            + (" and the exported one" if len(ranked) > top else "")
+            + ":",
+            *text_table(header, [row(t) for t in ranked]).splitlines(),
+        ]
     if len(study.directions) > 1 and done:
         front = pareto_front(study)
         lines += ["", f"Pareto front ({len(front)} trials):", *text_table(header, [row(t) for t in front]).splitlines()]
@@ -127,9 +151,15 @@ def running_lines(study, running: list, stale_reason) -> list[str]:
 
     holder = study.user_attrs.get(ATTR)
     if not holder or not holder_alive(holder):
-        which = f"trial {running[0].number} was" if len(running) == 1 else f"trials {', '.join(str(t.number) for t in running)} were"
-        return [f"nothing is running: no search holds the study; {which} left RUNNING by a search that was killed, "
-                "and the next `evomerge search` runs them again first"]  # fmt: skip
+        which = (
+            f"trial {running[0].number} was"
+            if len(running) == 1
+            else f"trials {', '.join(str(t.number) for t in running)} were"
+        )
+        return [
+            f"nothing is running: no search holds the study; {which} left RUNNING by a search that was killed, "
+            "and the next `evomerge search` runs them again first"
+        ]
     now = time.time()
     lines = [f"running (search {describe(holder)}):"]
     for t in running:

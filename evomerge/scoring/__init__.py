@@ -6,6 +6,7 @@ model in place (`scorer`, around lm-eval's HFLM in `lm`), and a checkpoint folde
 
 A merge candidate is scored by `evomerge.evaluator`, which owns one Scorer per task set.
 """
+
 from __future__ import annotations
 
 from evomerge.scoring.model_dir import evaluate_model_dir, load_model_dir

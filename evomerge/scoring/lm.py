@@ -4,6 +4,7 @@ Imported only when scoring (it imports lm-eval and torch). Each search trial sco
 on new weights, so the request strings' tokenizations and the model's max length are computed on the
 first call and reused; the forward passes, and so the scores, always use the model's current weights.
 """
+
 from __future__ import annotations
 
 from functools import cached_property
@@ -19,7 +20,9 @@ class ResidentHFLM(HFLM):
         self.source = (model, tokenizer)
         self._encoded: dict[tuple, tuple[int, ...]] = {}
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kw):
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kw
+    ):
         key = (string, add_special_tokens, left_truncate_len, tuple(sorted(kw.items())))
         ids = self._encoded.get(key)
         if ids is None:

@@ -1,9 +1,10 @@
 """Scores one checkpoint folder as it is on disk (`evomerge eval`): load it offline (safetensors only, no remote
 code unless asked), then Scorer. Candidates of a merge are scored by `evomerge.evaluator` instead, in memory."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from evomerge.errors import ModelError, first_line
 from evomerge.io.checkpoint import TOKENIZER_FILES, Checkpoint
@@ -42,7 +43,11 @@ def load_model_dir(model_dir: Path | str, *, device: str = "cpu", trust_remote_c
                 str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code
             )
             model = AutoModelForCausalLM.from_pretrained(
-                str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=True, dtype="auto"
+                str(model_dir),
+                local_files_only=True,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,
+                dtype="auto",
             )
     except (OSError, ValueError) as exc:
         hint = "" if trust_remote_code else " (a model with custom code needs --trust-remote-code)"

@@ -9,6 +9,7 @@ Per call it runs only lm-eval's `evaluate` (requests, forward passes, metrics): 
 loading, the TaskManager index and the env/git bookkeeping of `simple_evaluate` happen once or never.
 The numbers equal `lm_eval.simple_evaluate` on the same tasks and samples (tests/test_scoring.py checks it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,9 @@ import logging
 import random
 import sys
 import traceback
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import TaskCodeError, TaskError, first_line
 from evomerge.scoring.tasks import TaskCatalog, TaskSpec, as_spec, metric_names
@@ -173,7 +175,9 @@ class Scorer:
         """{task: {metric: value}} for the model's current weights (no response cache between calls)."""
         return self._evaluate(model, tokenizer, dict(self.subsets) or None, log_samples=False)["results"]
 
-    def score_examples(self, model, tokenizer, samples: dict[str, list[int]] | None = None) -> tuple[Scores, Examples, Examples]:
+    def score_examples(
+        self, model, tokenizer, samples: dict[str, list[int]] | None = None
+    ) -> tuple[Scores, Examples, Examples]:
         """(scores, metric per example, answer probability per example) on `samples` ({leaf: example indices};
         default: each task's whole subset). The metric per example is the spec's (`acc`: 0 or 1); the answer's
         probability is exp(log-likelihood) of the reference answer (loglikelihood tasks) or the softmax share of the

@@ -14,12 +14,14 @@ shrinks to 0 when every example is scored). When the difference plus `z` standar
 candidate is clearly worse and stops; its objective is then the paired estimate incumbent + difference, so a
 sampler ranks it where it belongs while the full evaluations keep their exact values.
 """
+
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from evomerge.errors import ConfigError
 
@@ -46,22 +48,30 @@ def check_per_example(scorer: Scorer) -> None:
             metric = spec.metric.split(",", 1)[0]
             agg = scorer.tasks[leaf].aggregation().get(metric)
             if getattr(agg, "__name__", "") != "mean":
-                raise ConfigError(f"task {leaf}: metric {spec.metric!r} is not a mean over examples, so it cannot be "
-                                  "scored per example (smooth, early_stop); use acc, acc_norm or exact_match")  # fmt: skip
+                raise ConfigError(
+                    f"task {leaf}: metric {spec.metric!r} is not a mean over examples, so it cannot be "
+                    "scored per example (smooth, early_stop); use acc, acc_norm or exact_match"
+                )
 
 
 def shares(scorer: Scorer) -> dict[str, float]:
     """Each leaf task's share of the objective (spec weight, split over a tag's leaves, normalised)."""
     total = sum(spec.weight for spec in scorer.specs)
-    return {leaf: spec.weight / len(scorer.members[spec.name]) / total for spec in scorer.specs for leaf in scorer.members[spec.name]}
+    return {
+        leaf: spec.weight / len(scorer.members[spec.name]) / total
+        for spec in scorer.specs
+        for leaf in scorer.members[spec.name]
+    }
 
 
 def example_units(values: Examples, probs: Examples, smooth: float) -> dict[str, dict[int, float]]:
     """Per example: (1 - smooth) * metric + smooth * answer probability (the metric alone where no probability)."""
     if smooth == 0:
         return {leaf: dict(v) for leaf, v in values.items()}
-    return {leaf: {i: (1 - smooth) * x + smooth * probs.get(leaf, {}).get(i, x) for i, x in v.items()}
-            for leaf, v in values.items()}  # fmt: skip
+    return {
+        leaf: {i: (1 - smooth) * x + smooth * probs.get(leaf, {}).get(i, x) for i, x in v.items()}
+        for leaf, v in values.items()
+    }
 
 
 def objective_of(scorer: Scorer, units: dict[str, dict[int, float]]) -> float:
@@ -80,8 +90,9 @@ def stage_order(scorer: Scorer, seed: int) -> dict[str, list[int]]:
     return out
 
 
-def paired_gap(scorer: Scorer, cand: dict[str, dict[int, float]], inc: dict[str, dict[int, float]],
-               totals: dict[str, int]) -> tuple[float, float]:  # fmt: skip
+def paired_gap(
+    scorer: Scorer, cand: dict[str, dict[int, float]], inc: dict[str, dict[int, float]], totals: dict[str, int]
+) -> tuple[float, float]:
     """(difference of the objective estimated on the examples both scored, its standard error)."""
     w = shares(scorer)
     gap = var = 0.0
@@ -122,7 +133,7 @@ def run_staged(
         chunk = {}
         for leaf, o in order.items():
             end = len(o) if f >= 1 else max(1, math.ceil(f * len(o)))
-            chunk[leaf] = sorted(o[len(units[leaf]):end])
+            chunk[leaf] = sorted(o[len(units[leaf]) : end])
         chunk = {leaf: c for leaf, c in chunk.items() if c}
         if chunk:
             scores, values, probs = scorer.score_examples(model, tokenizer, chunk)
@@ -133,10 +144,21 @@ def run_staged(
         if f < 1 and incumbent is not None and incumbent_objective is not None:
             gap, se = paired_gap(scorer, units, incumbent, totals)
             if gap + z * se < 0:
-                return Staged(units, incumbent_objective + gap, _combine(scorer, chunks), stopped=True,
-                              n_examples=seen, n_total=sum(totals.values()))  # fmt: skip
-    return Staged(units, objective_of(scorer, units), _combine(scorer, chunks),
-                  n_examples=sum(map(len, units.values())), n_total=sum(totals.values()))  # fmt: skip
+                return Staged(
+                    units,
+                    incumbent_objective + gap,
+                    _combine(scorer, chunks),
+                    stopped=True,
+                    n_examples=seen,
+                    n_total=sum(totals.values()),
+                )
+    return Staged(
+        units,
+        objective_of(scorer, units),
+        _combine(scorer, chunks),
+        n_examples=sum(map(len, units.values())),
+        n_total=sum(totals.values()),
+    )
 
 
 def _combine(scorer: Scorer, chunks: list[tuple[Scores, dict[str, int]]]) -> Scores:
@@ -150,10 +172,21 @@ def _combine(scorer: Scorer, chunks: list[tuple[Scores, dict[str, int]]]) -> Sco
         parts = [(scores[leaf], sizes[leaf]) for scores, sizes in chunks if leaf in scores]
         total = sum(n for _, n in parts)
         means = scorer.tasks[leaf].aggregation()
-        out[leaf] = {m: sum(s[m] * n for s, n in parts) / total for m in parts[0][0]
-                     if getattr(means.get(m.split(",", 1)[0]), "__name__", "") == "mean"}  # fmt: skip
+        out[leaf] = {
+            m: sum(s[m] * n for s, n in parts) / total
+            for m in parts[0][0]
+            if getattr(means.get(m.split(",", 1)[0]), "__name__", "") == "mean"
+        }
     return out
 
 
-__all__ = ["Staged", "check_per_example", "example_units", "objective_of", "paired_gap", "run_staged", "shares",
-           "stage_order"]
+__all__ = [
+    "Staged",
+    "check_per_example",
+    "example_units",
+    "objective_of",
+    "paired_gap",
+    "run_staged",
+    "shares",
+    "stage_order",
+]

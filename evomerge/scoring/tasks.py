@@ -4,10 +4,12 @@ lm-eval resolves `dataset_kwargs.data_files` against the working directory; the 
 data files (and a relative local `dataset_path`) against the folder of the YAML that names the task, so the
 shipped `eval_tasks/` and user task folders work from any working directory.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -131,9 +133,14 @@ class TaskCatalog:
 
     def _unknown(self, name: str) -> str:
         where = ", ".join(str(f) for f in self.folders) or "no task folders"
-        hint = "" if self.include_defaults else (
-            "; lm-eval's built-in tasks are indexed only on request: `tasks.include_defaults: true` in a search "
-            "config, --include-defaults for `evomerge eval`")
+        hint = (
+            ""
+            if self.include_defaults
+            else (
+                "; lm-eval's built-in tasks are indexed only on request: `tasks.include_defaults: true` in a search "
+                "config, --include-defaults for `evomerge eval`"
+            )
+        )
         return (
             f"unknown task {name!r}{close_matches(name, self.names)}; searched {where} (add a task folder: "
             f"`tasks.include_paths` in a search config, --include-path DIR for `evomerge eval`){hint}"

@@ -11,14 +11,16 @@ is a bug and stops the search with its traceback (exit 1), its in-flight trials 
 runs a study at a time (`StudyLock`); a killed driver's trials are failed and enqueued again by the next
 run, and so are the trials of a worker that died (at most MAX_WORKER_DEATHS times for the same params).
 """
+
 from __future__ import annotations
 
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from evomerge.config import SearchConfig, write_run_config
 from evomerge.errors import ConfigError, EvomergeError, Interrupted, StudyError, TaskError
@@ -60,9 +62,14 @@ class _Progress:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(
-            total=cfg.budget.n_trials, initial=done, desc=cfg.name, unit="trial", file=sys.stderr,
-            disable=not enabled, dynamic_ncols=True,
-        )  # fmt: skip
+            total=cfg.budget.n_trials,
+            initial=done,
+            desc=cfg.name,
+            unit="trial",
+            file=sys.stderr,
+            disable=not enabled,
+            dynamic_ncols=True,
+        )
         self.name, self.total, self.done = cfg.name, cfg.budget.n_trials, done
         self.log = None if enabled else log
         self.every = max(1, round(cfg.budget.n_trials / 10))
@@ -108,8 +115,10 @@ def check_tasks(cfg: SearchConfig) -> dict[str, str]:
 
     def one_objective() -> None:
         if cfg.multi_objective:
-            raise ConfigError(f"'early_stop' and 'tasks.smooth' need one objective; the {cfg.sampler.name} sampler "
-                              "has one per task: remove them or pick cmaes, gp, tpe or random")  # fmt: skip
+            raise ConfigError(
+                f"'early_stop' and 'tasks.smooth' need one objective; the {cfg.sampler.name} sampler "
+                "has one per task: remove them or pick cmaes, gp, tpe or random"
+            )
 
     if cfg.tasks.smooth > 0:
         try:
@@ -126,8 +135,12 @@ def check_tasks(cfg: SearchConfig) -> dict[str, str]:
         groups.append(("validation.tasks", cfg.validation.tasks))
     for name, tasks in groups:
         try:
-            scorer = Scorer(tasks, [str(p) for p in cfg.tasks.include_paths], seed=cfg.seed,
-                            include_defaults=cfg.tasks.include_defaults)
+            scorer = Scorer(
+                tasks,
+                [str(p) for p in cfg.tasks.include_paths],
+                seed=cfg.seed,
+                include_defaults=cfg.tasks.include_defaults,
+            )
             if name != "tasks.search":
                 continue
             if cfg.tasks.smooth > 0:
@@ -160,34 +173,51 @@ def run_search(
     log = log or (lambda _msg: None)
     space = space_of(cfg)
     off = check_tasks(cfg)  # a bad task fails before the study, its lock or runs/<name>/ exist
-    for field, why in off.items():
-        log(f"{_FEATURES[field]} is off for this study: {why.removeprefix('refine: ')}")
-    cfg = cfg.model_copy(update={field: None for field in off})  # what runs (and runs/<name>/config.yaml records)
+    for name, why in off.items():
+        log(f"{_FEATURES[name]} is off for this study: {why.removeprefix('refine: ')}")
+    cfg = cfg.model_copy(update={name: None for name in off})  # what runs (and runs/<name>/config.yaml records)
     with StudyLock(cfg.storage_url, cfg.name) as lock:  # before open_study: --force must not delete a live study
         if force and (existing := st.load_study(cfg.name, cfg.storage_url)) is not None:
             lock.check_free(existing)
         study = st.open_study(cfg, space, force=force, log=log)
         lock.claim(study)
         write_run_config(cfg)
-        result = SearchResult(cfg.name, cfg.run_dir, cfg.storage_url, 0, 0, None, None, budget=cfg.budget.n_trials,
-                              timeout=cfg.budget.timeout)  # fmt: skip
+        result = SearchResult(
+            cfg.name,
+            cfg.run_dir,
+            cfg.storage_url,
+            0,
+            0,
+            None,
+            None,
+            budget=cfg.budget.n_trials,
+            timeout=cfg.budget.timeout,
+        )
         n_complete = st.budget_count(study)
         result.resumed = any(t.state.name != "WAITING" for t in study.get_trials(deepcopy=False))
         log(_start_line(cfg, result.resumed, n_complete))
         st.fail_stale_trials(study, log=log, exclusive=True)
         if n_complete >= cfg.budget.n_trials:
             result.stop = "complete"
-            log(f"study {cfg.name!r} already has {n_complete} complete trials (budget {cfg.budget.n_trials}); "
-                f"raise --n-trials to go on")  # fmt: skip
+            log(
+                f"study {cfg.name!r} already has {n_complete} complete trials (budget {cfg.budget.n_trials}); "
+                f"raise --n-trials to go on"
+            )
             return _finish(study, result)
         try:
             _loop(study, cfg, space, lock, result, n_complete, progress, pool_factory, log)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through the CLI's handler: say how to go on
             done = st.budget_count(study)
-            again = f" (trials {', '.join(map(str, result.requeued))} were running: they run again first)" if result.requeued else ""
-            raise Interrupted(getattr(exc, "signal_name", "SIGINT"),
-                              f"search {cfg.name!r} stopped at {done}/{cfg.budget.n_trials} complete{again}; "
-                              "run the same command to resume") from None  # fmt: skip
+            again = (
+                f" (trials {', '.join(map(str, result.requeued))} were running: they run again first)"
+                if result.requeued
+                else ""
+            )
+            raise Interrupted(
+                getattr(exc, "signal_name", "SIGINT"),
+                f"search {cfg.name!r} stopped at {done}/{cfg.budget.n_trials} complete{again}; "
+                "run the same command to resume",
+            ) from None
     return _finish(study, result, log)
 
 
@@ -200,8 +230,17 @@ def _start_line(cfg: SearchConfig, resumed: bool, n_complete: int) -> str:
     return f"new study {cfg.name!r} ({cfg.budget.n_trials} trials) {where}"
 
 
-def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResult, n_complete: int, progress: bool,
-          pool_factory, log: Callable[[str], None]) -> None:  # fmt: skip
+def _loop(
+    study,
+    cfg: SearchConfig,
+    space: SearchSpace,
+    lock,
+    result: SearchResult,
+    n_complete: int,
+    progress: bool,
+    pool_factory,
+    log: Callable[[str], None],
+) -> None:
     """Keep every worker busy until the budget is COMPLETE; this driver holds the study, so its count is exact."""
     from evomerge.search import study as st
     from evomerge.search.workers import open_pool
@@ -210,8 +249,11 @@ def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResu
     n_trials = cfg.budget.n_trials
     n = cfg.workers.count
     # Ray and each worker's model and tasks take 10-20 s to start: say so before the bar sits at 0
-    log(f"starting {n} worker{'s' * (n != 1)} (Ray; each loads the models and builds the tasks)..." if n
-        else "loading the models and tasks in this process (workers.count: 0)...")  # fmt: skip
+    log(
+        f"starting {n} worker{'s' * (n != 1)} (Ray; each loads the models and builds the tasks)..."
+        if n
+        else "loading the models and tasks in this process (workers.count: 0)..."
+    )
     pool = (pool_factory or open_pool)(cfg)
     loop_start = time.perf_counter()
     bar = _Progress(cfg, n_complete, progress, log)
@@ -230,22 +272,31 @@ def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResu
             if due is not None and not in_flight and time.monotonic() < deadline:
                 rounds.run(due, pool, space)  # its points are enqueued: the asks below take them first
                 due = None
-            while (due is None and pool.has_capacity and n_complete + len(in_flight) < n_trials
-                   and time.monotonic() < deadline):  # fmt: skip
+            while (
+                due is None
+                and pool.has_capacity
+                and n_complete + len(in_flight) < n_trials
+                and time.monotonic() < deadline
+            ):
                 start = time.perf_counter()
                 trial = st.ask(study, distributions)
                 try:
-                    recipe = space.to_recipe(trial.params, cfg.models, cfg.base_model, cfg.method, cfg.seed, cfg.dtype,
-                                             kernels=cfg.kernels)
+                    recipe = space.to_recipe(
+                        trial.params, cfg.models, cfg.base_model, cfg.method, cfg.seed, cfg.dtype, kernels=cfg.kernels
+                    )
                     text = recipe.to_yaml()
                     trial.set_user_attr("recipe", text)
-                    in_flight[pool.submit(text, "search", per_example=incumbent.options(trial))] = _InFlight(trial, start)
+                    in_flight[pool.submit(text, "search", per_example=incumbent.options(trial))] = _InFlight(
+                        trial, start
+                    )
                 except EvomergeError as err:  # an invalid point (e.g. DELLA's density +/- epsilon): a failed candidate
                     st.fail(study, trial._trial_id, trial.number, f"{type(err).__name__}: {err}")
                     result.n_failed += 1
                     failures += 1
                     if failures >= max_failures:
-                        raise StudyError(f"study {cfg.name!r}: the last {failures} trials failed (last: {err})") from None
+                        raise StudyError(
+                            f"study {cfg.name!r}: the last {failures} trials failed (last: {err})"
+                        ) from None
                 except BaseException as err:
                     st.fail(study, trial._trial_id, trial.number, f"driver error: {type(err).__name__}: {err}")
                     raise
@@ -263,7 +314,12 @@ def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResu
                 else:
                     result.n_failed += 1
                     failures += not (res.worker_died and not res.was_running)  # a queued trial is no one's fault
-                bar.update(best.number if best else None, st.objective_of(best) if best else None, result.n_failed, told is not None)
+                bar.update(
+                    best.number if best else None,
+                    st.objective_of(best) if best else None,
+                    result.n_failed,
+                    told is not None,
+                )
                 if failures >= max_failures:
                     raise StudyError(
                         f"study {cfg.name!r}: the last {failures} trials failed (last: {res.error}); "
@@ -279,8 +335,12 @@ def _loop(study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResu
         # driver holds the study, so every RUNNING trial is one of its own: those in flight, and one a stop caught
         # inside `ask` or between a tell and its bookkeeping
         for trial in st.by_state(study).get("RUNNING", []):
-            st.requeue(study, trial, "interrupted: the search stopped before it finished",
-                       worker_deaths=int(trial.user_attrs.get("worker_deaths", 0)))  # fmt: skip
+            st.requeue(
+                study,
+                trial,
+                "interrupted: the search stopped before it finished",
+                worker_deaths=int(trial.user_attrs.get("worker_deaths", 0)),
+            )
             result.requeued.append(trial.number)
         result.wall_s = time.perf_counter() - loop_start
         bar.close()
@@ -305,8 +365,15 @@ def _portfolio(study, cfg: SearchConfig, space: SearchSpace, pool, result: Searc
         if not res.ok:
             result.n_failed += 1
             continue  # a default merge that fails here (NaN weights, say) simply is not a finalist
-        attrs = {"recipe": text, "scores": res.scores, "objective": res.objective, "merge_s": res.merge_s,
-                 "eval_s": res.eval_s, "total_s": res.wait_s + res.busy_s, "worker": res.worker}  # fmt: skip
+        attrs = {
+            "recipe": text,
+            "scores": res.scores,
+            "objective": res.objective,
+            "merge_s": res.merge_s,
+            "eval_s": res.eval_s,
+            "total_s": res.wait_s + res.busy_s,
+            "worker": res.worker,
+        }
         if cfg.per_example and res.examples:
             attrs["examples"] = {leaf: {str(i): v for i, v in u.items()} for leaf, u in res.examples.items()}
             attrs["examples_scored"] = res.n_examples
@@ -349,8 +416,12 @@ class _Incumbent:
         out: dict[str, Any] = {"smooth": self.cfg.tasks.smooth, "seed": self.cfg.seed}
         enqueued = any(k in trial.user_attrs for k in ("baseline", "refine_round", "retry_of"))
         if self.cfg.early_stop is not None and not enqueued and self.units is not None:
-            out.update(stages=self.cfg.early_stop.stages, z=self.cfg.early_stop.z, incumbent=self.units,
-                       incumbent_objective=self.objective)  # fmt: skip
+            out.update(
+                stages=self.cfg.early_stop.stages,
+                z=self.cfg.early_stop.z,
+                incumbent=self.units,
+                incumbent_objective=self.objective,
+            )
         return out
 
 
@@ -385,8 +456,15 @@ class _RefineRounds:
             if step == 0:
                 continue  # the starting point: trial `best` itself
             point = {k: bounds[k].clip(v) for k, v in point.items()}
-            self.study.enqueue_trial(point, user_attrs={"refine_round": r, "refine_step": step,
-                                                        "refined_from": best.number, "surrogate_loss": loss})  # fmt: skip
+            self.study.enqueue_trial(
+                point,
+                user_attrs={
+                    "refine_round": r,
+                    "refine_step": step,
+                    "refined_from": best.number,
+                    "surrogate_loss": loss,
+                },
+            )
 
 
 def _tell(study, cfg: SearchConfig, job: _InFlight, res, result: SearchResult):
@@ -445,9 +523,11 @@ def _finish(study, result: SearchResult, log: Callable[[str], None] | None = Non
     budget, done = result.budget, result.n_complete
     summary = f"({result.n_failed} failed this run); best: trial {best.number} with {result.best_value:.4f}"
     if result.stop == "timeout":
-        log(f"stopped by budget.timeout ({result.timeout:g} s) at {done}/{budget} complete trials {summary}; "
+        log(
+            f"stopped by budget.timeout ({result.timeout:g} s) at {done}/{budget} complete trials {summary}; "
             f"the budget is not met: run the same command to continue (it resumes the study), or raise "
-            f"budget.timeout; `evomerge export {result.run_dir}` exports the best so far")  # fmt: skip
+            f"budget.timeout; `evomerge export {result.run_dir}` exports the best so far"
+        )
     else:
         log(f"budget met: {done}/{budget} complete trials {summary}; next: evomerge export {result.run_dir}")
     return result

@@ -8,19 +8,21 @@
     validate_top(cfg, study)     # scores the top_k trials (by search objective) not scored yet
     exported_trial(cfg, study)   # THE exported trial: what export, status and report (table and figure) show
 
-A sampler that ran for long on small search subsets finds recipes that fit those subsets' noise; a
-second, larger sample the sampler never saw ranks the finalists honestly. The finalists always include
-every baseline (the default merge, each source alone, every other method's default merge), so a search that
-found nothing better exports the best of those rather than its luckiest trial. Results live in the study (user attr `validation:<trial>`, keyed by the validation tasks), so they
-are computed once per trial and a changed `validation.tasks` re-scores. The finalists are scored through the
-search's kind of pool (`search.workers.open_pool`: Ray actors on the workers' devices, or in this process
-when `workers.count` is 0). Export records the results in the recipe's provenance.
+A sampler that ran for long on small search subsets finds recipes that fit those subsets' noise; a second, larger
+sample the sampler never saw ranks the finalists honestly. The finalists always include every baseline (the default
+merge, each source alone, every other method's default merge), so a search that found nothing better exports the
+best of those rather than its luckiest trial. Results live in the study (user attr `validation:<trial>`, keyed by
+the validation tasks), so they are computed once per trial and a changed `validation.tasks` re-scores. The
+finalists are scored through the search's kind of pool (`search.workers.open_pool`: Ray actors on the workers'
+devices, or in this process when `workers.count` is 0). Export records the results in the recipe's provenance.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -85,7 +87,9 @@ def finalists(cfg: SearchConfig, study) -> list:
     return top
 
 
-def validate_top(cfg: SearchConfig, study, *, log: Callable[[str], None] | None = print, pool=None) -> dict[int, Validation]:
+def validate_top(
+    cfg: SearchConfig, study, *, log: Callable[[str], None] | None = print, pool=None
+) -> dict[int, Validation]:
     """Score the finalists that have no validation result yet; {trial: Validation} of all finalists.
 
     `pool` (with a "validation" task set) is used when given; otherwise one is opened for the config's
@@ -100,15 +104,22 @@ def validate_top(cfg: SearchConfig, study, *, log: Callable[[str], None] | None 
     todo = [t for t in finalists(cfg, study) if t.number not in done]
     if todo:
         if log:
-            log(f"validating the top {cfg.validation.top_k} trials on {', '.join(t.name for t in cfg.validation.tasks)}")
+            log(
+                f"validating the top {cfg.validation.top_k} trials on {', '.join(t.name for t in cfg.validation.tasks)}"
+            )
         own = pool is None
         pool = pool or open_pool(cfg, {"validation": cfg.validation.tasks})
         try:
             jobs = [(t.user_attrs["recipe"], "validation") for t in todo]
             for i, res in run_jobs(pool, jobs, [f"validating trial {t.number}" for t in todo]):
                 t = todo[i]
-                v = Validation(trial=t.number, search=objective_of(t), scores=res.scores, objective=res.objective,
-                               key=tasks_key(cfg))  # fmt: skip
+                v = Validation(
+                    trial=t.number,
+                    search=objective_of(t),
+                    scores=res.scores,
+                    objective=res.objective,
+                    key=tasks_key(cfg),
+                )
                 study.set_user_attr(f"{PREFIX}{t.number}", v.model_dump(mode="json"))
                 done[t.number] = v
                 if log:

@@ -13,6 +13,7 @@ other's RUNNING trials as stale; instead the first driver holds the study and th
   for refusals and `evomerge status`. A heartbeat thread refreshes it every HEARTBEAT_S from the moment
   the driver takes the study (also while its workers load models) and checks the server lock still stands.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -64,7 +65,8 @@ def describe(holder: dict[str, Any]) -> str:
 
 class StudyLock:
     """Held by the one driver running a study: `acquire()` before opening it, `claim(study)` once open (starts the
-    heartbeat), `check()` now and then (raises if the lock was lost), `release()` at the end (or let the process die)."""
+    heartbeat), `check()` now and then (raises if the lock was lost), `release()` at the end (or let the process
+    die)."""
 
     def __init__(self, storage_url: str, study_name: str, heartbeat_s: float | None = None):
         self.name, self.url = study_name, storage_url

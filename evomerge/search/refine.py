@@ -17,12 +17,13 @@ sign-consensus mask recomputed each step without gradient, normalisation and lam
 Densities, `t` and other parameters are not moved. Methods outside the family (slerp, nuslerp, model_stock,
 passthrough) and tasks whose answers cannot be scored by likelihood are refused with a ConfigError naming them.
 """
+
 from __future__ import annotations
 
-import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
 
@@ -30,8 +31,9 @@ if TYPE_CHECKING:
     import torch
 
 # methods whose merge is base + lambda * (sum of weighted, optionally sparsified, task vectors [/ normaliser])
-REFINABLE = frozenset({"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-                       "della", "della_linear"})  # fmt: skip
+REFINABLE = frozenset(
+    {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+)
 MOVED = ("weight", "lambda")  # the parameters the gradient moves; every other one stays at the starting point
 
 
@@ -49,13 +51,20 @@ class Item:
 def check_refinable(scorer, method: str) -> None:
     """ConfigError unless refine can follow a gradient for `method` on these tasks."""
     if method not in REFINABLE:
-        raise ConfigError(f"refine: method {method!r} has no weight gradient here; refine works with "
-                          f"{', '.join(sorted(REFINABLE))}; remove `refine` or change `method`")  # fmt: skip
-    bad = [f"{leaf} ({task.OUTPUT_TYPE})" for leaf, task in scorer.tasks.items()
-           if task.OUTPUT_TYPE not in ("loglikelihood", "multiple_choice", "generate_until")]  # fmt: skip
+        raise ConfigError(
+            f"refine: method {method!r} has no weight gradient here; refine works with "
+            f"{', '.join(sorted(REFINABLE))}; remove `refine` or change `method`"
+        )
+    bad = [
+        f"{leaf} ({task.OUTPUT_TYPE})"
+        for leaf, task in scorer.tasks.items()
+        if task.OUTPUT_TYPE not in ("loglikelihood", "multiple_choice", "generate_until")
+    ]
     if bad:
-        raise ConfigError(f"refine: tasks {', '.join(bad)} have no answer to score by likelihood; "
-                          "refine needs loglikelihood, multiple_choice or generate_until tasks")  # fmt: skip
+        raise ConfigError(
+            f"refine: tasks {', '.join(bad)} have no answer to score by likelihood; "
+            "refine needs loglikelihood, multiple_choice or generate_until tasks"
+        )
 
 
 def training_items(scorer, lm, examples: int | None = None) -> list[Item]:
@@ -83,8 +92,10 @@ def training_items(scorer, lm, examples: int | None = None) -> list[Item]:
             for doc in docs:
                 items.append(_item(task, doc, kind, leaf, share, lm))
     if unsupported:
-        raise ConfigError(f"refine: tasks {', '.join(unsupported)} have no answer to score by likelihood; "
-                          "refine needs loglikelihood, multiple_choice or generate_until tasks")  # fmt: skip
+        raise ConfigError(
+            f"refine: tasks {', '.join(unsupported)} have no answer to score by likelihood; "
+            "refine needs loglikelihood, multiple_choice or generate_until tasks"
+        )
     return items
 
 
@@ -116,7 +127,7 @@ class _Batch:
         rows, targets = [], []
         for item in items:
             for cont in item.continuations:
-                seq = (item.context + cont)[-(max_length + 1):]
+                seq = (item.context + cont)[-(max_length + 1) :]
                 rows.append(seq[:-1])
                 # position p predicts token p+1 of (context + continuation): the continuation's tokens are the targets
                 targets.append([-100] * (len(seq) - 1 - len(cont)) + cont)
@@ -145,7 +156,7 @@ def item_loss(batch: _Batch, loglik: torch.Tensor) -> torch.Tensor:
     k = 0
     for item in batch.items:
         n = len(item.continuations)
-        ll = loglik[k:k + n]
+        ll = loglik[k : k + n]
         k += n
         total = total + item.weight * (-(ll[item.gold]) if n == 1 else -(torch.log_softmax(ll, 0)[item.gold]))
     return total / sum(item.weight for item in batch.items)
@@ -154,8 +165,9 @@ def item_loss(batch: _Batch, loglik: torch.Tensor) -> torch.Tensor:
 class Refiner:
     """The differentiable surrogate of one space's recipes over loaded inputs (see the module docstring)."""
 
-    def __init__(self, materializer, scorer, space, models: Sequence[Any], base: Any, method: str,
-                 examples: int | None = None):  # fmt: skip
+    def __init__(
+        self, materializer, scorer, space, models: Sequence[Any], base: Any, method: str, examples: int | None = None
+    ):
         check_refinable(scorer, method)
         self.mat, self.scorer, self.space = materializer, scorer, space
         self.models, self.base, self.method = [str(m) for m in models], str(base), method
@@ -254,8 +266,9 @@ class Refiner:
         with torch.no_grad():
             return self._state(ctx, ctx["x0"])
 
-    def run(self, point: dict[str, float], steps: int = 60, every: int = 10, lr: float = 0.05,
-            log=None) -> list[tuple[int, dict[str, float], float]]:  # fmt: skip
+    def run(
+        self, point: dict[str, float], steps: int = 60, every: int = 10, lr: float = 0.05, log=None
+    ) -> list[tuple[int, dict[str, float], float]]:
         """Adam on the refined slots (in units of each one's search range), from `point`; the point every
         `every` steps (and the last), with the surrogate loss there."""
         import torch
@@ -319,8 +332,13 @@ class Refiner:
                     extra = {p: tp.per_input[k][p] for p in ("gamma", "epsilon") if p in tp.per_input[k]}
                     with torch.random.fork_rng(devices=[]):
                         torch.manual_seed(tensor_seed(0, f"{n}:{k}"))
-                        delta = sparsify(delta, density=float(tp.per_input[k].get("density", 1.0)), method=sparsification,
-                                         rescale_norm=RescaleNorm.l1 if tp.shared.get("rescale") else None, **extra)
+                        delta = sparsify(
+                            delta,
+                            density=float(tp.per_input[k].get("density", 1.0)),
+                            method=sparsification,
+                            rescale_norm=RescaleNorm.l1 if tp.shared.get("rescale") else None,
+                            **extra,
+                        )
                 deltas.append(delta)
             entry["deltas"] = torch.stack(deltas).to(device)
             entry["consensus"] = consensus is not None

@@ -11,6 +11,7 @@ gets it. The server releases it when the connection ends: the driver exits, is S
 away (the session's TCP keepalives find a dead peer in about 90 s). The session opts out of the server's idle
 timeouts, and the heartbeat (`alive`) keeps MySQL's `wait_timeout` from closing it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,7 +68,9 @@ class ServerLock:
 
         try:
             url = engine_url(self.url)
-            self._engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT", connect_args=self._connect_args(url))
+            self._engine = create_engine(
+                url, poolclass=NullPool, isolation_level="AUTOCOMMIT", connect_args=self._connect_args(url)
+            )
             self._conn = self._engine.connect()
             self._setup()
         except StudyError:
@@ -99,7 +102,8 @@ class ServerLock:
         return None
 
     def alive(self) -> bool:
-        """Whether the lock's connection (and so the lock) still stands; a round trip that also keeps it from idling out."""
+        """Whether the lock's connection (and so the lock) still stands; a round trip that also keeps it from idling
+        out."""
         try:
             self._scalar("SELECT 1")
             return True
@@ -161,8 +165,9 @@ class PostgresLock(ServerLock):
             "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
             "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
             "AND l.classid::bigint = :hi AND l.objid::bigint = :lo LIMIT 1",
-            hi=key >> 32, lo=key & 0xFFFFFFFF,
-        )  # fmt: skip
+            hi=key >> 32,
+            lo=key & 0xFFFFFFFF,
+        )
         return parse_app_name(name)
 
 
@@ -184,7 +189,8 @@ class MySQLLock(ServerLock):
         from sqlalchemy import text
 
         row = self._conn.execute(
-            text("SELECT ID, HOST FROM information_schema.PROCESSLIST WHERE ID = IS_USED_LOCK(:n)"), {"n": self._lock_name()}
+            text("SELECT ID, HOST FROM information_schema.PROCESSLIST WHERE ID = IS_USED_LOCK(:n)"),
+            {"n": self._lock_name()},
         ).first()
         return {"connection": row[0], "host": str(row[1]).rsplit(":", 1)[0]} if row else None
 

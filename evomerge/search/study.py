@@ -8,6 +8,7 @@ of their own: options the config leaves out get defaults sized to the search spa
 `sampler.warm_start` starts CMA-ES from an earlier study's trials on the same models and search space
 (Optuna's `source_trials`, WS-CMA-ES). Optuna is imported inside the functions that need it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,12 +35,15 @@ SEPARABLE_DIM = 40  # above this many searched parameters, CMA-ES adapts a diago
 
 
 def _sqlite_connect(path: str):
-    """A sqlite connection that waits for locks, in WAL mode: one commit per trial attribute costs ~1 ms, not an fsync."""
+    """A sqlite connection that waits for locks, in WAL mode: one commit per trial attribute costs ~1 ms, not an
+    fsync."""
     import sqlite3
 
     conn = sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a killed process; only a power cut may lose the last commit
+    conn.execute(
+        "PRAGMA synchronous=NORMAL"
+    )  # WAL + NORMAL survives a killed process; only a power cut may lose the last commit
     return conn
 
 
@@ -149,8 +153,14 @@ def missing_portfolio(study: optuna.Study, labels: list[str]) -> list[str]:
     return [label for label in labels if label not in have]
 
 
-def add_portfolio_trial(study: optuna.Study, space: SearchSpace, models: list, label: str, values: float | list[float],
-                        attrs: dict[str, Any]) -> None:  # fmt: skip
+def add_portfolio_trial(
+    study: optuna.Study,
+    space: SearchSpace,
+    models: list,
+    label: str,
+    values: float | list[float],
+    attrs: dict[str, Any],
+) -> None:
     """Record another method's default merge, scored on the search subsets, as a COMPLETE trial.
 
     It is added, not asked: the sampler never proposed it, so CMA-ES (which only learns from the trials of its own
@@ -161,13 +171,16 @@ def add_portfolio_trial(study: optuna.Study, space: SearchSpace, models: list, l
 
     dists = distributions(space, models)
     trial = optuna.trial.create_trial(
-        params=space.defaults(models), distributions=dists, user_attrs={**attrs, "baseline": label, "portfolio": True},
+        params=space.defaults(models),
+        distributions=dists,
+        user_attrs={**attrs, "baseline": label, "portfolio": True},
         **({"values": values} if isinstance(values, list) else {"value": values}),
-    )  # fmt: skip
+    )
     study.add_trial(trial)
 
 
 # -- trial bookkeeping ------------------------------------------------------------------------------
+
 
 def _quiet(_msg: str) -> None:
     pass
@@ -264,7 +277,9 @@ def fail_stale_trials(study: optuna.Study, log=print, exclusive: bool = False) -
         requeue(study, trial, f"stale: {reason}", worker_deaths=int(trial.user_attrs.get("worker_deaths", 0)))
         failed.append(trial.number)
     if failed:
-        (log or _quiet)(f"trials {', '.join(map(str, failed))} were left RUNNING by a dead process: failed and enqueued again")
+        (log or _quiet)(
+            f"trials {', '.join(map(str, failed))} were left RUNNING by a dead process: failed and enqueued again"
+        )
     return failed
 
 
@@ -317,7 +332,9 @@ def trial_by_number(study: optuna.Study, number: int):
 
     trials = study.get_trials(deepcopy=False)
     if not 0 <= number < len(trials):
-        raise StudyError(f"study {study.study_name!r} has no trial {number} (trials 0-{len(trials) - 1}); see `evomerge status`")
+        raise StudyError(
+            f"study {study.study_name!r} has no trial {number} (trials 0-{len(trials) - 1}); see `evomerge status`"
+        )
     trial = trials[number]
     if trial.state != optuna.trial.TrialState.COMPLETE:
         why = trial.user_attrs.get("fail_reason", "")
@@ -334,6 +351,7 @@ def by_state(study: optuna.Study) -> dict[str, list]:
 
 
 # -- samplers ---------------------------------------------------------------------------------------
+
 
 def auto_options(name: str, dim: int, options: dict[str, Any], warm_start: bool = False) -> dict[str, Any]:
     """Defaults for the options the config leaves out, sized to a `dim`-parameter search space.
@@ -408,10 +426,15 @@ def warm_start_trials(cfg: SearchConfig, space: SearchSpace) -> list:
     ours = cfg.study_fields()
     same = [str(Path(p)) for p in [ours["base_model"], *ours["models"]]]
     if theirs and [str(Path(p)) for p in [theirs.get("base_model"), *theirs.get("models", [])]] != same:
-        raise ConfigError(f"sampler.warm_start: {where} merged other models; warm-start from a study of the same models")
+        raise ConfigError(
+            f"sampler.warm_start: {where} merged other models; warm-start from a study of the same models"
+        )
     wanted = distributions(space, cfg.models)
-    trials = [t for t in complete_trials(study) if t.distributions == wanted and t.values and len(t.values) == 1
-              and not t.user_attrs.get("portfolio")]  # fmt: skip
+    trials = [
+        t
+        for t in complete_trials(study)
+        if t.distributions == wanted and t.values and len(t.values) == 1 and not t.user_attrs.get("portfolio")
+    ]
     if not trials:
         raise ConfigError(
             f"sampler.warm_start: {where} has no COMPLETE trial over this search space (same parameters and bounds); "

@@ -14,6 +14,7 @@ On a cluster (`workers.address`) the actors run on any node, in the Python that 
 another version is refused before it loads anything) and the models and task folders at the config's paths.
 A worker that dies is replaced in the background; its trials go to the live workers meanwhile.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import CandidateError, ConfigError, EvomergeError, first_line
 
@@ -67,9 +69,17 @@ class JobResult:
 
     @classmethod
     def of(cls, evaluation: Evaluation, worker: str) -> JobResult:
-        out = cls(scores=evaluation.scores, objective=evaluation.objective, metrics=evaluation.metrics,
-                  merge_s=evaluation.merge_s, eval_s=evaluation.eval_s, worker=worker, examples=evaluation.examples,
-                  n_examples=evaluation.n_examples, stopped=evaluation.stopped)  # fmt: skip
+        out = cls(
+            scores=evaluation.scores,
+            objective=evaluation.objective,
+            metrics=evaluation.metrics,
+            merge_s=evaluation.merge_s,
+            eval_s=evaluation.eval_s,
+            worker=worker,
+            examples=evaluation.examples,
+            n_examples=evaluation.n_examples,
+            stopped=evaluation.stopped,
+        )
         bad = evaluation.non_finite()
         if bad:
             out.error = f"non-finite score ({', '.join(bad)})"
@@ -80,8 +90,13 @@ class Worker:
     """One pool slot: an Evaluator built once by `setup`, then one job per `run`. Ray wraps it as an actor;
     InlinePool runs it in the driver process."""
 
-    def __init__(self, cfg_json: dict[str, Any], task_sets_json: dict[str, list[dict]], num_threads: int | None = None,
-                 driver_version: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg_json: dict[str, Any],
+        task_sets_json: dict[str, list[dict]],
+        num_threads: int | None = None,
+        driver_version: str | None = None,
+    ):
         self._cfg_json, self._task_sets_json, self._num_threads = cfg_json, task_sets_json, num_threads
         self._driver_version = driver_version
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -93,8 +108,12 @@ class Worker:
         """Where this worker runs and which evomerge it imported (a cluster node's own installation)."""
         import evomerge
 
-        return {"name": self.name, "version": evomerge.__version__, "python": sys.executable,
-                "package": os.path.dirname(os.path.abspath(evomerge.__file__))}  # fmt: skip
+        return {
+            "name": self.name,
+            "version": evomerge.__version__,
+            "python": sys.executable,
+            "package": os.path.dirname(os.path.abspath(evomerge.__file__)),
+        }
 
     def setup(self) -> dict[str, str]:
         """Load the inputs and build the task sets; errors are the user's (EvomergeError) or bugs. Returns `about()`."""
@@ -124,8 +143,9 @@ class Worker:
         self._last_end = time.perf_counter()
         return about
 
-    def run(self, recipe_yaml: str, task_set: str, examples: bool = False,
-            per_example: dict[str, Any] | None = None) -> JobResult:  # fmt: skip
+    def run(
+        self, recipe_yaml: str, task_set: str, examples: bool = False, per_example: dict[str, Any] | None = None
+    ) -> JobResult:
         """One job; `examples`: keep each task's per-example metric; `per_example`: keyword arguments of
         `Evaluator.evaluate_examples` (smooth, staged evaluation against an incumbent)."""
         from evomerge.evaluator import is_candidate_failure
@@ -147,7 +167,6 @@ class Worker:
         self._last_end = end
         return result
 
-
     def refine(self, point: dict[str, float], settings: dict[str, Any]) -> list[tuple[int, dict[str, float], float]]:
         """The gradient path from `point` (search/refine.py) on the search task set: [(step, point, loss)]."""
         from evomerge.config import SearchConfig
@@ -156,8 +175,14 @@ class Worker:
 
         if self._refiner is None:
             cfg = SearchConfig.model_validate(self._cfg_json)
-            self._refiner = Refiner(self.evaluator.materializer, self.evaluator.scorer("search"), space_of(cfg),
-                                    cfg.models, cfg.base_model, cfg.method)  # fmt: skip
+            self._refiner = Refiner(
+                self.evaluator.materializer,
+                self.evaluator.scorer("search"),
+                space_of(cfg),
+                cfg.models,
+                cfg.base_model,
+                cfg.method,
+            )
         return self._refiner.run(point, **settings)
 
 
@@ -189,10 +214,12 @@ def _init_ray(cfg: SearchConfig) -> bool:
     from evomerge.threads import THREAD_ENV
 
     common = {
-        "logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True,
+        "logging_level": logging.ERROR,
+        "log_to_driver": False,
+        "configure_logging": True,
         # workers are offline, and their idle OpenMP threads sleep, before their first import
         "runtime_env": {"env_vars": {**OFFLINE_ENV, **THREAD_ENV}},
-    }  # fmt: skip
+    }
     if not cfg.workers.address:
         ray.init(num_cpus=cpus_needed(cfg), include_dashboard=False, **common)
         return True
@@ -238,7 +265,9 @@ class WorkerPool:
         self._ray = ray
         self.cfg, self.depth = cfg, depth
         self._started = _start_ray(cfg)
-        self._remote = ray.remote(Worker).options(num_cpus=cfg.workers.num_cpus, num_gpus=cfg.workers.num_gpus, max_restarts=0)
+        self._remote = ray.remote(Worker).options(
+            num_cpus=cfg.workers.num_cpus, num_gpus=cfg.workers.num_gpus, max_restarts=0
+        )
         self._cfg_json = cfg.model_dump(mode="json")
         self._task_sets_json = task_sets_json(task_sets or {"search": cfg.tasks.search})
         self.actors: list[Any] = []
@@ -258,7 +287,9 @@ class WorkerPool:
     def _spawn(self):
         from evomerge import __version__
 
-        return self._remote.remote(self._cfg_json, self._task_sets_json, max(1, int(self.cfg.workers.num_cpus)), __version__)
+        return self._remote.remote(
+            self._cfg_json, self._task_sets_json, max(1, int(self.cfg.workers.num_cpus)), __version__
+        )
 
     def _ready(self, setup_ref) -> dict[str, str]:
         """The worker's `about()` once its setup is done; its user error (a model missing on its node, another
@@ -275,7 +306,7 @@ class WorkerPool:
 
     @property
     def names(self) -> list[str]:
-        """"host:pid" of each slot's actor ("" while a replacement starts)."""
+        """ "host:pid" of each slot's actor ("" while a replacement starts)."""
         return [info.get("name", "") for info in self.infos]
 
     @property
@@ -289,8 +320,13 @@ class WorkerPool:
     def has_capacity(self) -> bool:
         return any(len(self.queues[slot]) < self.depth for slot in self._live())
 
-    def submit(self, recipe_yaml: str, task_set: str = "search", examples: bool = False,
-               per_example: dict[str, Any] | None = None):  # fmt: skip
+    def submit(
+        self,
+        recipe_yaml: str,
+        task_set: str = "search",
+        examples: bool = False,
+        per_example: dict[str, Any] | None = None,
+    ):
         slot = min(self._live(), key=lambda i: len(self.queues[i]))
         ref = self.actors[slot].run.remote(recipe_yaml, task_set, examples, per_example)
         self.queues[slot].append(ref)
@@ -369,8 +405,13 @@ class InlinePool:
     def has_capacity(self) -> bool:
         return not self.queue
 
-    def submit(self, recipe_yaml: str, task_set: str = "search", examples: bool = False,
-               per_example: dict[str, Any] | None = None):  # fmt: skip
+    def submit(
+        self,
+        recipe_yaml: str,
+        task_set: str = "search",
+        examples: bool = False,
+        per_example: dict[str, Any] | None = None,
+    ):
         ref = object()
         self.queue.append((ref, recipe_yaml, task_set, examples, per_example))
         return ref

@@ -116,7 +116,7 @@ def build_zoo(
             "base_mix": list(dict.fromkeys(variant.base_mix)),
             "specialists": {s.name: [s.skill] for s in variant.specialists},
             "training": {s.name: {"steps": s.steps, "lr": s.lr, "layers": s.layers, "kl_replay": variant.kl_replay}
-                         for s in variant.specialists},  # fmt: skip
+                         for s in variant.specialists},
             "sha256": {d.name: weights_sha256(d) for d in sorted(tmp.iterdir()) if d.is_dir()},
         }
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")

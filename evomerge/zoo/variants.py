@@ -55,7 +55,7 @@ class ZooVariant:
     def plan(self, spec: Specialist) -> TrainPlan:
         replay = self.base_mix if self.replay is None else self.replay
         return TrainPlan((spec.skill,) * REPLAY + replay, steps=spec.steps, lr=spec.lr, batch=self.batch,
-                         layers=spec.layers, own=spec.skill, kl_replay=self.kl_replay)  # fmt: skip
+                         layers=spec.layers, own=spec.skill, kl_replay=self.kl_replay)
 
     @property
     def skills(self) -> list[str]:
@@ -151,13 +151,13 @@ def get_variant(
 
     if name not in VARIANTS:
         raise ConfigError(f"--variant {name!r}: no such zoo variant{close_matches(name, VARIANTS)}; "
-                          f"use one of {', '.join(VARIANTS)}")  # fmt: skip
+                          f"use one of {', '.join(VARIANTS)}")
     v = VARIANTS[name]
     if skills is not None:
         unknown = [s for s in skills if s not in SKILLS]
         if unknown:
             raise ConfigError(f"--skills: no skill {unknown[0]!r}{close_matches(unknown[0], SKILLS)}; "
-                              f"use names from {', '.join(SKILLS)}")  # fmt: skip
+                              f"use names from {', '.join(SKILLS)}")
         if not 2 <= len(skills) <= 4 or len(set(skills)) != len(skills):
             raise ConfigError(f"--skills: give 2 to 4 different skills, got {','.join(skills)}")
         template = v.specialists[0]
@@ -173,7 +173,7 @@ def get_variant(
                 raise ConfigError(f"--layers {layers}: use 1 to 48 decoder layers")
             shape = replace(shape, layers=layers)
             v = replace(v, specialists=tuple(replace(s, layers=None) if s.layers and s.layers[1] >= layers else s
-                                             for s in v.specialists))  # fmt: skip
+                                             for s in v.specialists))
         if hidden is not None:
             if hidden < shape.heads or hidden % shape.heads:
                 raise ConfigError(f"--hidden {hidden}: use a multiple of the {shape.heads} attention heads")

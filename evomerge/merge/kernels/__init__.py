@@ -35,10 +35,12 @@ per tensor from (recipe seed, tensor name)), for anyone who needs mergekit's exa
 Both sets use `parity.py`'s faster kernels where they are bit-identical to mergekit's (slerp; ties under
 mergekit-0.1.5).
 """
+
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
 
@@ -52,7 +54,9 @@ KERNEL_SETS = (EVOMERGE_1, MERGEKIT)
 DEFAULT_KERNELS = EVOMERGE_1
 ALIASES = {"evomerge": EVOMERGE_1, "mergekit": MERGEKIT}
 ENV = "EVOMERGE_KERNELS"
-SPARSIFYING = frozenset({"ties", "dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties"})
+SPARSIFYING = frozenset(
+    {"ties", "dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties"}
+)
 
 
 def canonical_kernels(name: str) -> str:

@@ -12,14 +12,16 @@ On a GPU the chunks run in order on the calling thread. `kernel_threads()` makes
 ops (samples, selections, checks between the chunked passes) single-threaded too: a two-thread OpenMP op
 on a busy machine waits a scheduler time slice for its partner, which costs more than the op.
 """
+
 from __future__ import annotations
 
 import itertools
 import os
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -56,8 +58,14 @@ def _workers(size: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def map_chunks(n: int, chunk: int, body: Callable[[Any, int, int], T], make_state: Callable[[], Any],
-               device: Any = None, threads: int | None = None) -> list[T]:
+def map_chunks(
+    n: int,
+    chunk: int,
+    body: Callable[[Any, int, int], T],
+    make_state: Callable[[], Any],
+    device: Any = None,
+    threads: int | None = None,
+) -> list[T]:
     """[body(state, start, end) for each chunk of `n` elements], with one `make_state()` per worker."""
     import torch
 

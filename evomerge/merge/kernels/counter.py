@@ -15,6 +15,7 @@ are merged in, on chunking, on the number of threads, or on CPU versus GPU.
 comparison against a threshold, depend on every input bit. Elements past 2^32 (no real tensor has them)
 take a key derived from `j >> 32`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,8 +47,9 @@ def _segment_key(key: tuple[int, int], segment: int) -> tuple[int, int]:
     return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")
 
 
-def random_bits_into(key: tuple[int, int], start: int, out: torch.Tensor, scratch: torch.Tensor,
-                     index: torch.Tensor) -> torch.Tensor:
+def random_bits_into(
+    key: tuple[int, int], start: int, out: torch.Tensor, scratch: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
     """Fill the int32 `out` with the hashes of elements start .. start+len(out)-1 (signed; u = value + 2^31).
 
     `index` holds 0 .. len-1 (int32, at least len(out) long); `scratch` is an int32 buffer like `out`.

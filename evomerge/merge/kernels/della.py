@@ -7,6 +7,7 @@ lower), the probabilities are mergekit's formula in the same dtype, and the draw
 keep element j iff u_j < p_j * 2^32 (exact in float64). A row of one element gets p = density - epsilon
 (mergekit divides 0 by 0 there and fails).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -19,8 +20,9 @@ if TYPE_CHECKING:
 ROWS_CHUNK = 1 << 20  # elements ranked at once (their int64 sort indices are the big temporary)
 
 
-def della_mask(base: torch.Tensor, model: torch.Tensor, density: float, epsilon: float, key: tuple[int, int],
-               work: torch.dtype) -> torch.Tensor:
+def della_mask(
+    base: torch.Tensor, model: torch.Tensor, density: float, epsilon: float, key: tuple[int, int], work: torch.dtype
+) -> torch.Tensor:
     """uint8 0/1 per element (flat), for the delta model - base of `base`'s shape."""
     import torch
 

@@ -11,10 +11,12 @@ same masks the result has the same bits; every operation is elementwise or exact
 thread count and device do not change a bit. Temporaries: a few chunk-sized buffers per worker thread, and
 one byte per element per input for a stored mask.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from evomerge.merge.kernels.chunks import map_chunks
 from evomerge.merge.kernels.counter import keep_threshold, random_bits_into, stream_key
@@ -70,11 +72,26 @@ def merge_gta(
     pruners = []
     for (key, position, _), flat in zip(others, flats):
         extra = {k: params[k][key] for k in ("gamma", "epsilon") if k in params}
-        pruners.append(_pruner(method.sparsification_method, flat_base, flat, params["density"][key],
-                               bool(params["rescale"]), extra, stream_key(seed, name, position), chunk))
+        pruners.append(
+            _pruner(
+                method.sparsification_method,
+                flat_base,
+                flat,
+                params["density"][key],
+                bool(params["rescale"]),
+                extra,
+                stream_key(seed, name, position),
+                chunk,
+            )
+        )
     weights = torch.tensor([params["weight"][key] for key, _, _ in others], dtype=dtype).tolist()  # mergekit's rounding
-    direct = (out is not None and out.dtype == dtype and out.shape == base.shape and out.is_contiguous()
-              and out.device == base.device)
+    direct = (
+        out is not None
+        and out.dtype == dtype
+        and out.shape == base.shape
+        and out.is_contiguous()
+        and out.device == base.device
+    )
     result = out.view(-1) if direct else torch.empty(n, dtype=dtype, device=base.device)
     _combine(method, params, flat_base, flats, pruners, weights, result, chunk)
     return out if direct else result.view(base.shape)
@@ -103,8 +120,11 @@ def _pruner(kind, base, model, density, rescale, extra, key, chunk) -> Pruner:
         keep = int(density * n)
         bottom = max(0, n - keep - int(extra.get("gamma", 0.01) * n))
         top = n - keep - bottom  # the largest `top` are outliers, dropped
-        p = Pruner(top=top_k(n, top + keep, magnitudes, sample, chunk, base),
-                   drop=top_k(n, top, magnitudes, sample, chunk, base), work=work)
+        p = Pruner(
+            top=top_k(n, top + keep, magnitudes, sample, chunk, base),
+            drop=top_k(n, top, magnitudes, sample, chunk, base),
+            work=work,
+        )
     elif kind == S.random:
         keep_p = torch.tensor(density, dtype=work).item()  # mergekit draws with the density in its work dtype
         if keep_p >= 1:
@@ -128,9 +148,12 @@ def _first_pass(p: Pruner, base: torch.Tensor, model: torch.Tensor, chunk: int, 
     n, size = base.numel(), min(base.numel(), chunk)
 
     def state():
-        return (torch.empty(size, dtype=p.work, device=base.device), torch.empty(size, dtype=p.work, device=base.device),
-                _Scratch(size, base.device), (torch.empty(size, device=base.device),
-                                              torch.empty(size, dtype=torch.int32, device=base.device)))
+        return (
+            torch.empty(size, dtype=p.work, device=base.device),
+            torch.empty(size, dtype=p.work, device=base.device),
+            _Scratch(size, base.device),
+            (torch.empty(size, device=base.device), torch.empty(size, dtype=torch.int32, device=base.device)),
+        )
 
     def body(bufs, start: int, end: int):
         a, m, scratch, sums = bufs
@@ -160,8 +183,15 @@ class _Scratch:
         self.index = torch.arange(size, dtype=torch.int32, device=device)
 
 
-def _mask_into(p: Pruner, a: torch.Tensor, start: int, out: torch.Tensor, scratch: _Scratch,
-               spare: torch.Tensor | None = None, fresh: bool = False) -> torch.Tensor:
+def _mask_into(
+    p: Pruner,
+    a: torch.Tensor,
+    start: int,
+    out: torch.Tensor,
+    scratch: _Scratch,
+    spare: torch.Tensor | None = None,
+    fresh: bool = False,
+) -> torch.Tensor:
     """out = p's keep mask (0/1 in out's dtype) for the chunk at `start`; `a` holds its magnitudes (read
     only by magnitude pruning), `spare` a float buffer like `out` (breadcrumbs), `fresh`: draw, don't load."""
     import torch
@@ -192,8 +222,14 @@ def _combine(method, params, base, flats, pruners, weights, result, chunk) -> No
 
     def state():
         buf = lambda dt=dtype: torch.empty(size, dtype=dt, device=base.device)  # noqa: E731
-        return ([buf() for _ in range(k)], [buf() for _ in range(k)], buf(), buf(), _Scratch(size, base.device),
-                {dt: (buf(dt), buf(dt)) for dt in wide})
+        return (
+            [buf() for _ in range(k)],
+            [buf() for _ in range(k)],
+            buf(),
+            buf(),
+            _Scratch(size, base.device),
+            {dt: (buf(dt), buf(dt)) for dt in wide},
+        )
 
     def body(bufs, start: int, end: int) -> None:
         deltas, masks, s, t, scratch, wide_bufs = bufs

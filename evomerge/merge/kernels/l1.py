@@ -10,6 +10,7 @@ the per-exponent totals exactly in Python integers, then rounded once to float. 
 most 2^(e - 22), without bias, so the sum is within ~1e-8 (relative) of the exact one, and it is the same
 bits everywhere. The kept sum uses the same blocks' scales.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,11 @@ _ROUND = 1.5 * 2**23
 MIN_EXPONENT = -100  # blocks whose largest magnitude is under 2^-100 lose precision; 2^(21 - e) stays a float32
 
 
-def block_sums(a: torch.Tensor, mask: torch.Tensor | None, scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def block_sums(
+    a: torch.Tensor,
+    mask: torch.Tensor | None,
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fixed-point (sum|x|, sum|x| * mask, exponent e) per block of one chunk that starts at a multiple of
     BLOCK; `a` its magnitudes (flat), `mask` 0/1 floats of the same length (None: all kept); `scratch` a
     float32 and an int32 buffer at least as long (else allocated)."""
@@ -33,7 +37,10 @@ def block_sums(a: torch.Tensor, mask: torch.Tensor | None, scratch: tuple[torch.
 
     n = a.numel()
     if scratch is None:
-        scratch = (torch.empty(n, dtype=torch.float32, device=a.device), torch.empty(n, dtype=torch.int32, device=a.device))
+        scratch = (
+            torch.empty(n, dtype=torch.float32, device=a.device),
+            torch.empty(n, dtype=torch.int32, device=a.device),
+        )
     fbuf, ibuf = scratch[0][:n], scratch[1][:n]
     full = n // BLOCK * BLOCK
     parts = []

@@ -13,9 +13,11 @@ merely close; what they change is where the work goes:
 - **SLERP** (both sets): the same chunked statistics, but the per-chunk products reuse two buffers and the
   output chunks are written into the destination.
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -99,7 +101,9 @@ def task_arithmetic_into(
         weights.unsqueeze_(-1)
     deltas.mul_(weights)
     if method.consensus_method:
-        mask = get_mask(deltas, method=method.consensus_method, mask_dtype=torch.int8 if params["int8_mask"] else base.dtype)
+        mask = get_mask(
+            deltas, method=method.consensus_method, mask_dtype=torch.int8 if params["int8_mask"] else base.dtype
+        )
         mixed = (deltas * mask).sum(dim=0)
         divisor = (weights * mask).sum(dim=0)
         divisor[divisor == 0] = 1

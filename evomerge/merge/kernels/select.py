@@ -16,11 +16,13 @@ If the bracket misses T (a sample that is not representative), the pass is repea
 bracket: slower, same result. The result is exact and depends on the data only, never on the sample,
 the chunk size, the number of threads or the device.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -56,8 +58,9 @@ ALL = TopK(0.0, 1 << 62)  # every element (magnitudes are >= 0)
 NONE = TopK(math.inf, 0)
 
 
-def top_k(n: int, count: int, magnitudes: Magnitudes, sample: Callable[[int], torch.Tensor], chunk: int,
-          like: torch.Tensor) -> TopK:
+def top_k(
+    n: int, count: int, magnitudes: Magnitudes, sample: Callable[[int], torch.Tensor], chunk: int, like: torch.Tensor
+) -> TopK:
     """The first `count` of `n` elements in evomerge-1's order.
 
     `sample(stride)` returns the magnitudes of elements 0, stride, 2*stride, ...; `like` gives the dtype and
@@ -104,9 +107,11 @@ def _gather(n: int, count: int, lo: float, hi: float, magnitudes: Magnitudes, ch
     unbounded = math.isinf(lo) and math.isinf(hi)
 
     def state():
-        return (torch.empty(size, dtype=like.dtype, device=like.device),
-                torch.empty(size, dtype=torch.float32, device=like.device),
-                torch.empty(size, dtype=torch.float32, device=like.device))
+        return (
+            torch.empty(size, dtype=like.dtype, device=like.device),
+            torch.empty(size, dtype=torch.float32, device=like.device),
+            torch.empty(size, dtype=torch.float32, device=like.device),
+        )
 
     def body(bufs, start: int, end: int):
         buf, over, inside = bufs
@@ -127,8 +132,16 @@ def _gather(n: int, count: int, lo: float, hi: float, magnitudes: Magnitudes, ch
     return torch.cat([p[1] for p in parts]), sizes, above
 
 
-def _resolve(candidates: torch.Tensor, sizes: list[int], count: int, above: int, magnitudes: Magnitudes,
-             n: int, chunk: int, like: torch.Tensor) -> TopK:
+def _resolve(
+    candidates: torch.Tensor,
+    sizes: list[int],
+    count: int,
+    above: int,
+    magnitudes: Magnitudes,
+    n: int,
+    chunk: int,
+    like: torch.Tensor,
+) -> TopK:
     """T = the (count - above)-th largest candidate; then the cut among the elements equal to T."""
     import torch
 

@@ -10,13 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import quote
 
 import optuna
 import pytest
 import yaml
+from waiting import wait_until
 
 from evomerge import storage_url
 from evomerge.cli import main
@@ -50,6 +50,21 @@ def lock_holders(postgres, url: str, study: str) -> list[str]:
         (key >> 32, key & 0xFFFFFFFF),
     )
     return [r[0] for r in rows]
+
+
+def acquired(url: str, study: str, what: str, **kwargs) -> StudyLock:
+    """The study's lock, once the server has freed it (it ends a dead or terminated session a moment later)."""
+    got: list[StudyLock] = []
+
+    def take() -> bool:
+        try:
+            got.append(StudyLock(url, study, **kwargs).acquire())
+        except StudyError:
+            return False
+        return True
+
+    wait_until(take, what)
+    return got[0]
 
 
 # -- the lock ----------------------------------------------------------------------------------------
@@ -116,20 +131,12 @@ def test_the_server_frees_a_killed_drivers_lock_and_a_driver_that_loses_its_lock
         if holder.poll() is None:
             holder.kill()
     # SIGKILL: the session ends with the process, and the server drops its lock (a moment later)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            mine = StudyLock(url, "held", heartbeat_s=0.1).acquire()
-            break
-        except StudyError:
-            assert time.monotonic() < deadline, "the dead driver's lock was never released"
-            time.sleep(0.05)
+    mine = acquired(url, "held", "the server to free the dead driver's lock", heartbeat_s=0.1)
     study = optuna.create_study(study_name="held", storage=st.get_storage(url))
     mine.claim(study)
     first = study.user_attrs["lock"]
     assert first["pid"] == os.getpid()
-    time.sleep(0.5)
-    assert study.user_attrs["lock"]["heartbeat"] > first["heartbeat"], "the heartbeat thread beats"
+    wait_until(lambda: study.user_attrs["lock"]["heartbeat"] > first["heartbeat"], "the heartbeat thread to beat")
 
     # the server drops the lock's connection (a restart, a network cut): the heartbeat takes the lock again
     postgres.query(
@@ -137,10 +144,7 @@ def test_the_server_frees_a_killed_drivers_lock_and_a_driver_that_loses_its_lock
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE %s",
         (f"evomerge {os.getpid()} %",),
     )
-    deadline = time.monotonic() + 10
-    while not lock_holders(postgres, url, "held"):
-        assert time.monotonic() < deadline, "the lock was not taken again"
-        time.sleep(0.05)
+    wait_until(lambda: lock_holders(postgres, url, "held"), "the heartbeat to take the lock again")
     mine.check()
     with pytest.raises(StudyError, match="is being run by"):
         StudyLock(url, "held").acquire()
@@ -153,8 +157,7 @@ def test_the_server_frees_a_killed_drivers_lock_and_a_driver_that_loses_its_lock
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE %s",
         (f"evomerge {os.getpid()} %",),
     )
-    time.sleep(0.2)
-    other = StudyLock(url, "held").acquire()
+    other = acquired(url, "held", "the server to free the terminated session's lock")
     with pytest.raises(StudyError, match="this driver lost its lock .* took the study over"):
         mine.beat()
     other.release()

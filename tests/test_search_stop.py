@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 from test_search_faults import zoo_config
+from waiting import trial_count, wait_until
 
 from evomerge.report.status import status_text
 from evomerge.search import study as st
@@ -91,16 +91,6 @@ def test_status_marks_the_exported_trial_explains_its_columns_and_knows_nothing_
     )
 
 
-def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"the search exited early ({proc.returncode}): {proc.stderr.read().decode()}")
-        if time.monotonic() > end:
-            raise AssertionError("timed out waiting for the search")
-        time.sleep(0.5)
-
-
 def test_sigterm_stops_a_ray_search_like_ctrl_c(tmp_path, tiny_zoo):
     """`timeout`, Slurm and Kubernetes send SIGTERM: one line, exit 143, the trials in flight requeued, no Ray stack
     dump; the same command resumes."""
@@ -121,14 +111,10 @@ def test_sigterm_stops_a_ray_search_like_ctrl_c(tmp_path, tiny_zoo):
         stderr=subprocess.PIPE,
         env=env,
     )
-    url = f"sqlite:///{tmp_path / 'runs' / 'sig' / 'study.db'}"
-
-    def complete() -> int:
-        study = st.load_study("sig", url) if (tmp_path / "runs" / "sig" / "study.db").exists() else None
-        return len(st.complete_trials(study)) if study is not None else 0
-
-    try:
-        _wait_for(lambda: complete() >= 3, 240, proc)
+    db = tmp_path / "runs" / "sig" / "study.db"
+    url = f"sqlite:///{db}"
+    try:  # read-only: the test never touches the schema the search is creating
+        wait_until(lambda: trial_count(db, "sig", "COMPLETE") >= 3, "3 complete trials", proc=proc)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:

@@ -12,7 +12,9 @@ of their own: options the config leaves out get defaults sized to the search spa
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import random
 import socket
 import time
 import warnings
@@ -31,6 +33,16 @@ if TYPE_CHECKING:
     from evomerge.space import SearchSpace
 
 SQLITE_TIMEOUT_S = 60  # concurrent writers wait for the lock instead of failing
+SCHEMA_WAIT_S = 120  # how long opening a storage retries while other processes create the same schema
+# messages of the errors concurrent schema creation raises (SQLite, PostgreSQL, MySQL), in lower case
+_SCHEMA_RACES = (
+    "already exists",
+    "duplicate key",
+    "duplicate entry",
+    "database is locked",
+    "deadlock detected",
+    "could not serialize",
+)
 SEPARABLE_DIM = 40  # above this many searched parameters, CMA-ES adapts a diagonal covariance only
 
 
@@ -66,17 +78,32 @@ def get_storage(storage: Any = None):
         kwargs["engine_kwargs"] = {"creator": functools.partial(_sqlite_connect, str(db))}
     else:  # a server may drop idle pooled connections during a long search; test them before use
         kwargs["engine_kwargs"] = {"pool_pre_ping": True}
-    for attempt in range(3):
+    deadline = time.monotonic() + SCHEMA_WAIT_S
+    for attempt in itertools.count():
         try:
             return optuna.storages.RDBStorage(url, **kwargs)
         except Exception as err:  # sqlalchemy raises many kinds for a bad URL or an unreachable server
-            if "already exists" in str(err) and attempt < 2:  # another process is creating the tables right now
-                time.sleep(0.5)
+            if schema_race(err) and time.monotonic() < deadline:
+                # another process is creating the schema right now (a second driver, `evomerge status`, a
+                # dashboard): its tables and version rows are there, or soon will be; open them again
+                time.sleep(min(1.0, 0.02 * 2**attempt) * random.uniform(0.5, 1.0))
                 continue
             raise StudyError(
                 f"storage {shown!r} cannot be opened ({type(err).__name__}: {redact(first_line(err))})"
                 f"{password_hint(storage) or '; fix `storage` or --storage'}"
             ) from None
+
+
+def schema_race(err: BaseException) -> bool:
+    """Whether `err` is what opening a storage raises while another process creates the same schema: Optuna's
+    `create_all` (a table created twice), its version rows inserted twice (`alembic_version`, `version_info`),
+    or SQLite's writer lock held past its timeout. Nothing else is retried: a bad URL fails at once."""
+    from sqlalchemy.exc import IntegrityError
+
+    if isinstance(err, IntegrityError):  # the only rows opening a storage inserts are the schema's version
+        return True
+    text = str(err).lower()
+    return any(s in text for s in _SCHEMA_RACES)
 
 
 def directions(cfg: SearchConfig) -> list[str]:

@@ -102,6 +102,7 @@ class Evaluator:
         batch_size: int = 64,
         include_defaults: bool = False,
         allow_config_mismatch: bool = False,
+        tokenizer_source: str | None = None,
     ):
         from evomerge.merge.materialize import Materializer
 
@@ -125,6 +126,7 @@ class Evaluator:
             dtype=dtype,
             device=device,
             allow_config_mismatch=allow_config_mismatch,
+            tokenizer_source=tokenizer_source,
         )
 
     @classmethod
@@ -142,6 +144,7 @@ class Evaluator:
             device=device,
             include_defaults=cfg.tasks.include_defaults,
             allow_config_mismatch=cfg.allow_config_mismatch,
+            tokenizer_source=cfg.tokenizer_source,
         )
 
     # -- the resident model ----------------------------------------------------------------------

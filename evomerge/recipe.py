@@ -334,12 +334,10 @@ def _check_slice(i: int, piece: SliceEntry) -> None:
 def _resolve_paths(data: dict, base_dir: Path) -> dict:
     """Model paths as written, made absolute against the recipe's folder (offline: every model is a folder)."""
 
-    def fix(value: Any) -> Any:
-        if isinstance(value, str) and value and not os.path.isabs(value) and not value.startswith("~"):
-            return os.path.normpath(base_dir / value)
-        if isinstance(value, str) and value.startswith("~"):
-            return os.path.expanduser(value)
-        return value
+    from evomerge.io.inputs import resolve_ref
+
+    def fix(value: Any) -> Any:  # each half of mergekit's `BASE+ADAPTER` resolved on its own
+        return resolve_ref(value, base_dir) if isinstance(value, str) else value
 
     data = dict(data)
     if data.get("base_model") is not None:

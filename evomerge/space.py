@@ -477,27 +477,39 @@ def space_of(cfg: SearchConfig) -> SearchSpace:
     checking that the models can merge with it (shape-defining config.json fields, unless `allow_config_mismatch`;
     tensor names, shapes and tokenizer where this process can read the weights), so a search fails here rather than
     in its workers. Where it cannot (a driver without the weights), the names come from the architecture's config."""
-    from evomerge.io.checkpoint import Checkpoint, check_compatible, config_mismatch
+    from evomerge.io.checkpoint import check_compatible, config_mismatch
+    from evomerge.io.inputs import open_inputs
     from evomerge.merge.layout import Layout
 
     spec = SpaceSpec.model_validate(cfg.search_space)
-    folders = [Path(cfg.base_model), *map(Path, cfg.models)]
-    configs = [(folder, _read_config(folder)) for folder in folders]
+    refs = [str(cfg.base_model), *map(str, cfg.models)]
+    configs = [(Path(ref), _read_config(_config_folder(ref, cfg.base_model))) for ref in refs]
+    vocab = cfg.tokenizer_source is None
     for other in configs[1:]:
-        why = None if cfg.allow_config_mismatch else config_mismatch(configs[0], other)
+        why = None if cfg.allow_config_mismatch else config_mismatch(configs[0], other, vocab=vocab)
         if why is not None:
             raise ModelError(why)
     try:
-        checkpoints = [Checkpoint(folder) for folder in folders]
+        opened = open_inputs(refs, str(cfg.base_model))
     except ModelError:  # no readable weights here: the workers, which load them, say why
-        layout = Layout.from_config(folders[0])
+        layout = Layout.from_config(configs[0][0])
     else:
-        check_compatible(checkpoints, allow_config_mismatch=cfg.allow_config_mismatch)
+        checkpoints = [opened[ref] for ref in refs]
+        check_compatible(checkpoints, allow_config_mismatch=cfg.allow_config_mismatch, vocab_may_differ=not vocab)
         layout = Layout.of(checkpoints[0])
     try:
         return SearchSpace(spec, num_layers(cfg.base_model), layout)
     except ConfigError as err:
         raise ConfigError(f"{cfg._source}: {err}") from None
+
+
+def _config_folder(ref: str, base_model: Path) -> Path:
+    """The folder whose config.json describes a model reference (a LoRA adapter's: its base's)."""
+    from evomerge.io.inputs import split_ref
+    from evomerge.io.lora import is_adapter
+
+    model, _ = split_ref(ref)
+    return Path(base_model) if is_adapter(model) else Path(model)
 
 
 def _read_config(folder: Path) -> dict:

@@ -88,10 +88,23 @@ def run(args: argparse.Namespace) -> int:
             out["probe"] = {**probed.to_dict(), "summary": probe_summary(probed)}
         print(json.dumps(out, indent=2))
         return 0
-    print(
-        f"compatible: {report.base} + {', '.join(report.models)}: same architecture, {report.n_tensors} tensors "
-        f"with matching names and shapes, same tokenizer vocab ({report.n_params:,} parameters)"
-    )
+    if report.vocabulary:
+        print(
+            f"compatible: {report.base} + {', '.join(report.models)}: same architecture, {report.n_tensors} tensors "
+            f"with matching names and shapes but for the vocabulary rows ({report.n_params:,} parameters); the "
+            "vocabularies differ:"
+        )
+        for line in report.vocabulary:
+            print(f"  {line}")
+        print(
+            "  A merge of these models needs tokenizer_source (union: every model's tokens; base: the base's; or a "
+            "model folder); below, embeddings and head are compared over the base's tokens."
+        )
+    else:
+        print(
+            f"compatible: {report.base} + {', '.join(report.models)}: same architecture, {report.n_tensors} tensors "
+            f"with matching names and shapes, same tokenizer vocab ({report.n_params:,} parameters)"
+        )
     print()
     print(format_table(report))
     print()

@@ -233,7 +233,6 @@ class Refiner:
         at, v0, deriv = self._linear_map(point)
         names = self._names()
         keys = [_key(m) for m in self.models]
-        ckpts = {c.path.resolve().as_posix(): c for c in self.mat.checkpoints}
         device = next(self.mat.model.parameters()).device
         spec = self.space.spec.parameters
         f64 = torch.float64
@@ -243,7 +242,7 @@ class Refiner:
             "lo": torch.tensor([spec[s.param].low for s in self.slots], dtype=f64),
             "span": torch.tensor([spec[s.param].high - spec[s.param].low for s in self.slots], dtype=f64),
             "x0": torch.tensor([point[s.name] for s in self.slots], dtype=f64),
-            "frozen": self._frozen(at, names, keys, ckpts, ckpts[_key(self.base)], device),
+            "frozen": self._frozen(at, names, keys, device),
             "coef": {n: (torch.tensor(v0[n], dtype=f64), torch.tensor(deriv[n], dtype=f64)) for n in names},
         }
 
@@ -306,8 +305,9 @@ class Refiner:
         # the resident model's weights are unchanged (functional_call): the next apply() overwrites them anyway
         return [(step, {**point, **p}, loss) for step, p, loss in out]
 
-    def _frozen(self, at, names, keys, ckpts, base_ck, device) -> dict[str, dict[str, Any]]:
-        """Per tensor: base, the (sparsified) task vectors at the starting densities, and the shared flags."""
+    def _frozen(self, at, names, keys, device) -> dict[str, dict[str, Any]]:
+        """Per tensor: base, the (sparsified) task vectors at the starting densities, and the shared flags. Inputs
+        are read as the merge reads them (`Materializer.input_tensor`: LoRA deltas formed, vocabularies aligned)."""
         import torch
 
         from evomerge.merge.materialize import tensor_seed
@@ -319,13 +319,13 @@ class Refiner:
         out = {}
         for n in names:
             tp = at[n]
-            base = base_ck.get(n).float()
+            base = self.mat.input_tensor(self.base, n).float()
             if not base.is_floating_point() or base.numel() == 0:
                 continue
             entry: dict[str, Any] = {"base": base.to(device)}
             deltas = []
             for k in keys:
-                delta = ckpts[k].get(n).float() - base
+                delta = self.mat.input_tensor(k, n).float() - base
                 if sparsification:
                     from mergekit.sparsify import RescaleNorm, sparsify
 
@@ -346,7 +346,7 @@ class Refiner:
             out[n] = entry
         for n in names:
             if n not in out:
-                out[n] = {"fixed": base_ck.get(n).to(device)}
+                out[n] = {"fixed": self.mat.input_tensor(self.base, n).to(device)}
         return out
 
     @staticmethod

@@ -116,7 +116,7 @@ def export_recipe(
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _write_tokenizer(tmp, ref, tokenizer_dir, vocab)
         recipe = recipe.with_provenance(inputs={m: d.result() for m, d in zip(inputs, digests)})
-        published = _renamed(recipe, {**_lora_names(opened), **(names or {})})  # what recipe.yaml (and a card) say
+        published = _renamed(recipe, names or {}, _lora_names(opened))  # what recipe.yaml (and a card) say
         for fname, content in (extra_files or {}).items():
             if Path(fname).name != fname or fname == "recipe.yaml":
                 raise ValueError(f"extra file {fname!r}: a plain file name other than recipe.yaml")
@@ -209,18 +209,20 @@ def _hub_id(model: str, source: str | os.PathLike | None) -> str | None:
     return rel if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", rel) else None
 
 
-def _renamed(recipe: Recipe, names: Mapping[str, str]) -> Recipe:
-    """`recipe` with its inputs named by `names` (reference -> published name: an adapter folder as mergekit's
-    `BASE+ADAPTER`, a local folder as its Hub id; each half of a `BASE+ADAPTER` renamed), provenance included."""
+def _renamed(recipe: Recipe, names: Mapping[str, str], forms: Mapping[str, str] | None = None) -> Recipe:
+    """`recipe` with its inputs as published: `forms` (reference -> mergekit's form: a bare adapter folder as
+    `BASE+ADAPTER`) first, then `names` (a local folder -> its Hub id) on each folder, provenance included."""
     from evomerge.io.inputs import split_ref
 
-    if not names:
+    forms = forms or {}
+    if not names and not forms:
         return recipe
 
     def rename(ref: str) -> str:
-        ref = names.get(ref, ref)
-        model, adapter = split_ref(ref)
-        return ref if adapter is None else f"{names.get(model, model)}+{names.get(adapter, adapter)}"
+        model, adapter = split_ref(forms.get(ref, ref))
+        return (
+            names.get(model, model) if adapter is None else f"{names.get(model, model)}+{names.get(adapter, adapter)}"
+        )
 
     renamed = recipe.map_models(rename)
     if recipe.evomerge is not None:

@@ -107,10 +107,7 @@ class LoraCheckpoint:
     def get(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
         """The adapted tensor: the adapter's own where it stores one, else the base's, plus the low-rank delta where
         the adapter targets it, formed on `device` (default: where the base tensor is, the CPU)."""
-        if name in self._full:
-            tensor = self._full[name]
-            return tensor if device is None else tensor.to(device)
-        tensor = self.base.get(name)
+        tensor = self._full[name] if name in self._full else self.base.get(name)
         factors = self._factors.get(name)
         if factors is None:
             return tensor if device is None else tensor.to(device)

@@ -75,6 +75,23 @@ def resolve_data_paths(cfg: dict[str, Any], yaml_dir: Path) -> dict[str, Any]:
     return out
 
 
+def _offline_hint(exc: BaseException) -> str:
+    """How to fix a dataset that is not in the local cache (evomerge runs offline): fill the cache where there is
+    network, as docs/walkthrough.md shows."""
+    import re
+
+    text = str(exc)
+    match = re.search(r"Couldn't reach '([^']+)' on the Hub", text)
+    if match is None and "OfflineModeIsEnabled" not in text:
+        return ""
+    dataset = match.group(1) if match else "the dataset"
+    return (
+        f"; {dataset} is not in the local Hugging Face datasets cache (HF_DATASETS_CACHE, default "
+        f"~/.cache/huggingface/datasets): load it once where there is network (datasets.load_dataset('{dataset}', "
+        "CONFIG)) and copy that cache here (docs/walkthrough.md)"
+    )
+
+
 class TaskCatalog:
     """lm-eval's TaskManager over our task folders. `build(name)` -> {leaf task name: Task}."""
 
@@ -129,7 +146,8 @@ class TaskCatalog:
         try:
             return dict(self.manager.load([spec])["tasks"])
         except Exception as exc:  # lm-eval raises anything from a bad YAML or missing data
-            raise TaskError(f"task {name} ({yaml_path or 'lm-eval'}) failed to load: {first_line(exc)}") from exc
+            hint = _offline_hint(exc)
+            raise TaskError(f"task {name} ({yaml_path or 'lm-eval'}) failed to load: {first_line(exc)}{hint}") from exc
 
     def _unknown(self, name: str) -> str:
         where = ", ".join(str(f) for f in self.folders) or "no task folders"

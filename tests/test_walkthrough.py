@@ -62,6 +62,11 @@ def arc_easy_cache(cache: Path, rows: int = 120) -> None:
 
 @pytest.fixture
 def user_folder(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    return prepare(tmp_path)
+
+
+def prepare(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A fresh working folder (the clone's scripts/ linked in, evomerge and python on PATH) and its environment."""
     home = tmp_path / "work"
     (home / "bin").mkdir(parents=True)
     (home / "scripts").symlink_to(REPO / "scripts")

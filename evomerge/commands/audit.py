@@ -187,4 +187,5 @@ def _probe(cfg, args: argparse.Namespace, show: bool):
         log=log,
         include_defaults=cfg.tasks.include_defaults,
         allow_config_mismatch=args.allow_config_mismatch,
+        tokenizer_source=cfg.tokenizer_source,
     )

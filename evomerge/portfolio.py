@@ -16,30 +16,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from evomerge.errors import ConfigError
+from evomerge.merge.registry import REGISTRY, names
 from evomerge.recipe import Recipe
-from evomerge.space import SPACES_DIR, SearchSpace, SpaceSpec, load_space_spec
+from evomerge.space import SearchSpace, SpaceSpec, load_space_spec
 
 # The methods whose default merges every search is measured against (the overfitting guard validates them beside
 # the searched trials; the report scores them on held-out data), besides the study's own; slerp where it applies.
-COMMON_METHODS = ("task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs", "slerp")
+COMMON_METHODS = names(portfolio=True)  # merge/registry.py decides, per method
 DEFAULTS_SUFFIX = " (defaults)"
 
 
 def space_for(method: str) -> SpaceSpec:
-    """The shipped search space that lists `method` (`search_spaces/<method>.yaml` first)."""
-    if (SPACES_DIR / f"{method}.yaml").is_file():
-        return load_space_spec(method)
-    for path in sorted(SPACES_DIR.glob("*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
-        if method in (data.get("methods") or []):
-            return load_space_spec(path)
-    raise ConfigError(
-        f"no search space in {SPACES_DIR} lists method {method!r}, so it has no default merge; "
-        "add one with `methods: [{method}]` and a `default:` per parameter"
-    )
+    """The method's default search space (its registry entry's `space`, `search_spaces/<space>.yaml`)."""
+    info = REGISTRY.get(method)
+    if info is None or info.space is None:
+        why = info.no_space if info is not None else "it is not a registered method"
+        raise ConfigError(
+            f"method {method!r} has no search space ({why}), so it has no default merge; add a space to "
+            "search_spaces/ with `methods: [{method}]` and a `default:` per parameter, and name it in "
+            "merge/registry.py"
+        )
+    return load_space_spec(info.space)
 
 
 def applies(spec: SpaceSpec, models: Sequence[Any]) -> str | None:

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.errors import ConfigError, ModelError, close_matches, describe_validation
 from evomerge.io.checkpoint import config_num_layers
-from evomerge.merge.methods import RANGES
+from evomerge.merge.registry import REGISTRY, interval
 from evomerge.resources import SEARCH_SPACES
 
 if TYPE_CHECKING:
@@ -116,7 +116,9 @@ class SpaceSpec(BaseModel):
     kinds: list[str] = []
     embeddings: bool = False
     base_in_models: bool = Field(False, description="list base_model among the models (slerp)")
-    max_models: int | None = Field(None, ge=1)
+    max_models: int | None = Field(
+        None, ge=1, description="models merged into base_model at most; its methods' limit (merge/registry.py) if unset"
+    )
     parameters: dict[str, ParamSpec] = Field(min_length=1)
 
     @field_validator("layers_per_group")
@@ -128,18 +130,27 @@ class SpaceSpec(BaseModel):
 
     @model_validator(mode="after")
     def _in_range(self) -> SpaceSpec:
-        """The bounded parameters stay where a recipe may put them (`merge.methods.RANGES`, mergekit's)."""
+        """The bounded parameters stay where a recipe may put them (their methods' intervals, merge/registry.py)."""
         for name, spec in self.parameters.items():
-            if name not in RANGES:
+            bounds = interval(self.methods, name)
+            if bounds is None:
                 continue
-            low, high, low_in, high_in = RANGES[name]
-            text = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
             ends = [spec.value] if not spec.searched else [spec.low, spec.high]
             ends = [x for x in ends if isinstance(x, (int, float)) and not isinstance(x, bool)]
-            inside = [(low <= x if low_in else low < x) and (x <= high if high_in else x < high) for x in ends]
-            if not all(inside):
-                raise ValueError(f"parameters.{name}: {ends} leaves {text}; keep {name} within {text}")
+            if not all(x in bounds for x in ends):
+                raise ValueError(f"parameters.{name}: {ends} leaves {bounds}; keep {name} within {bounds}")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_limit(cls, data: Any) -> Any:
+        """`max_models` from the methods' own limit (slerp: 1, merge/registry.py) where the space sets none."""
+        if not isinstance(data, dict) or data.get("max_models") is not None:
+            return data
+        methods = data.get("methods") if isinstance(data.get("methods"), list) else []
+        limits = [REGISTRY[m].max_models for m in methods if isinstance(m, str) and m in REGISTRY]
+        limits = [n for n in limits if n is not None]
+        return {**data, "max_models": min(limits)} if limits else data
 
 
 def _available() -> list[str]:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from evomerge.baseline import BaselineLabel
 from evomerge.errors import ConfigError
 from evomerge.merge.registry import REGISTRY, names
 from evomerge.recipe import Recipe
@@ -24,7 +25,6 @@ from evomerge.space import SearchSpace, SpaceSpec, load_space_spec
 # The methods whose default merges every search is measured against (the overfitting guard validates them beside
 # the searched trials; the report scores them on held-out data), besides the study's own; slerp where it applies.
 COMMON_METHODS = names(portfolio=True)  # merge/registry.py decides, per method
-DEFAULTS_SUFFIX = " (defaults)"
 
 
 def space_for(method: str) -> SpaceSpec:
@@ -70,7 +70,7 @@ def default_recipe(
     return grid.to_recipe(grid.defaults(models), models, str(base), method, seed, dtype, kernels=kernels)
 
 
-def default_merges(cfg) -> tuple[list[tuple[str, Recipe]], dict[str, str]]:
+def default_merges(cfg) -> tuple[list[tuple[BaselineLabel, Recipe]], dict[str, str]]:
     """("<method> (defaults)", recipe) for the study's method (its own space) and every common method that can
     merge these models; {method: why not} for the others."""
     out, skipped = [], {}
@@ -83,8 +83,8 @@ def default_merges(cfg) -> tuple[list[tuple[str, Recipe]], dict[str, str]]:
         recipe = default_recipe(
             method, cfg.base_model, cfg.models, cfg.seed, cfg.dtype, space=spec, kernels=cfg.kernels
         )
-        out.append((f"{method}{DEFAULTS_SUFFIX}", recipe))
+        out.append((BaselineLabel.of_method(method), recipe))
     return out, skipped
 
 
-__all__ = ["COMMON_METHODS", "DEFAULTS_SUFFIX", "applies", "default_merges", "default_recipe", "space_for"]
+__all__ = ["COMMON_METHODS", "applies", "default_merges", "default_recipe", "space_for"]

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evomerge.baseline import BaselineLabel
 from evomerge.errors import ConfigError, ModelError, close_matches, describe_validation
 from evomerge.io.checkpoint import config_num_layers
 from evomerge.merge.registry import REGISTRY, interval
@@ -195,9 +196,6 @@ def num_layers(model_dir: Path | str) -> int:
     return n
 
 
-DEFAULTS_LABEL = "defaults"  # the baseline label of the enqueued default merge (the guard always validates it)
-
-
 def model_keys(models: list) -> list[str]:
     """Short unique names for models (their folder names), used in parameter names."""
     keys: list[str] = []
@@ -303,9 +301,9 @@ class SearchSpace:
     def defaults(self, models: list) -> dict[str, float]:
         return {s.name: float(self.spec.parameters[s.param].baseline) for s in self.slots(models)}
 
-    def baselines(self, models: list) -> list[tuple[str, dict[str, float]]]:
+    def baselines(self, models: list) -> list[tuple[BaselineLabel, dict[str, float]]]:
         """(label, params): the method's defaults, then each source model alone where the space allows."""
-        out = [(DEFAULTS_LABEL, self.defaults(models))]
+        out = [(BaselineLabel.defaults(), self.defaults(models))]
         params = self.spec.parameters
         if "weight" in params and params["weight"].searched:
             for key in model_keys(models):
@@ -316,9 +314,10 @@ class SearchSpace:
                         point[s.name] = ps.clip(1.0 if s.model == key else 0.0)
                     elif s.param == "density":
                         point[s.name] = ps.high
-                out.append((f"only {key}", point))
+                out.append((BaselineLabel.alone(key), point))
         if "t" in params and params["t"].searched:
-            for label, end in (("only base", "low"), (f"only {model_keys(models)[-1]}", "high")):
+            ends = [(BaselineLabel.alone("base"), "low"), (BaselineLabel.alone(model_keys(models)[-1]), "high")]
+            for label, end in ends:
                 point = self.defaults(models)
                 for s in self.slots(models):
                     if s.param == "t":
@@ -523,7 +522,6 @@ def _read_config(folder: Path) -> dict:
 
 
 __all__ = [
-    "DEFAULTS_LABEL",
     "REST",
     "ParamSpec",
     "SearchSpace",

@@ -176,7 +176,8 @@ class Recipe(BaseModel, frozen=True):
             )
         if "tokenizer" in data:
             raise ConfigError(
-                f"{source}: field 'tokenizer' is not supported; use 'tokenizer_source: base' or a model path"
+                f"{source}: field 'tokenizer' (mergekit's per-token block) is not supported; use "
+                "'tokenizer_source: union', 'base' or a model folder (docs/inputs.md)"
             )
         if base_dir is not None:
             data = _resolve_paths(data, Path(base_dir))

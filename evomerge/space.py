@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     from evomerge.recipe import Recipe
 
 SPACES_DIR = SEARCH_SPACES  # the shipped spaces, inside the installed package
-PER_MODEL = frozenset({"weight", "density", "gamma", "epsilon"})  # one value per merged model
 PROJECTIONS = "projections"  # `kinds: [projections]`: every weight matrix of a layer apart (Layout.projections)
 LLAMA_PROJECTIONS = (
     "self_attn.q_proj",
@@ -141,6 +140,20 @@ class SpaceSpec(BaseModel):
             if not all(x in bounds for x in ends):
                 raise ValueError(f"parameters.{name}: {ends} leaves {bounds}; keep {name} within {bounds}")
         return self
+
+    def per_model(self, param: str) -> bool:
+        """Whether `param` takes one value per merged model (mergekit's per-input scope, merge/registry.py) in this
+        space's methods: DELLA's `epsilon` does, RAM's does not."""
+        for method in self.methods:
+            info = REGISTRY.get(method)
+            if info is not None and param in info.params:
+                return info.params[param].per_model
+        return param in ("weight", "density", "gamma", "epsilon")  # a method evomerge does not know: by name
+
+    @property
+    def endpoints(self) -> bool:
+        """Whether its `t` runs from base_model (0) to the other model (1), so both ends are baselines (slerp)."""
+        return all(REGISTRY[m].endpoints for m in self.methods if m in REGISTRY)
 
     @model_validator(mode="before")
     @classmethod
@@ -280,7 +293,7 @@ class SearchSpace:
         for param, ps in self.spec.parameters.items():
             if not ps.searched:
                 continue
-            for key in keys if param in PER_MODEL else [None]:
+            for key in keys if self.spec.per_model(param) else [None]:
                 if not ps.per_layer:
                     out.append(Slot(param, key, None, None))
                     continue
@@ -315,7 +328,7 @@ class SearchSpace:
                     elif s.param == "density":
                         point[s.name] = ps.high
                 out.append((BaselineLabel.alone(key), point))
-        if "t" in params and params["t"].searched:
+        if "t" in params and params["t"].searched and self.spec.endpoints:
             ends = [(BaselineLabel.alone("base"), "low"), (BaselineLabel.alone(model_keys(models)[-1]), "high")]
             for label, end in ends:
                 point = self.defaults(models)
@@ -384,9 +397,9 @@ class SearchSpace:
         keys = model_keys(models)
         entries = [{"model": str(base)}] if self.spec.base_in_models else []
         for key, path in zip(keys, models):
-            per_model = {p: self._setting(p, key, values) for p in self.spec.parameters if p in PER_MODEL}
+            per_model = {p: self._setting(p, key, values) for p in self.spec.parameters if self.spec.per_model(p)}
             entries.append({"model": str(path), **({"parameters": per_model} if per_model else {})})
-        shared = {p: self._setting(p, None, values) for p in self.spec.parameters if p not in PER_MODEL}
+        shared = {p: self._setting(p, None, values) for p in self.spec.parameters if not self.spec.per_model(p)}
         data: dict[str, Any] = {"merge_method": method, "base_model": str(base), "models": entries}
         if shared:
             data["parameters"] = shared

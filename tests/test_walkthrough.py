@@ -12,25 +12,13 @@ cache, as it would load the real one.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
+from docpages import REPO, page_blocks, run_blocks, user_folder
 
-REPO = Path(__file__).resolve().parent.parent
 PAGE = REPO / "docs" / "walkthrough.md"
-
-
-def page_blocks(text: str) -> list[tuple[str, str]]:
-    """(info string, body) of every fenced code block, in order."""
-    return [
-        (m["info"].strip(), m["body"])
-        for m in re.finditer(r"^```(?P<info>[^\n]*)\n(?P<body>.*?)^```$", text, re.S | re.M)
-    ]
 
 
 def arc_easy_cache(cache: Path, rows: int = 120) -> None:
@@ -60,29 +48,10 @@ def arc_easy_cache(cache: Path, rows: int = 120) -> None:
             shutil.copy(f, target / f.name)
 
 
-@pytest.fixture
-def user_folder(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    return prepare(tmp_path)
-
-
 def prepare(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    """A fresh working folder (the clone's scripts/ linked in, evomerge and python on PATH) and its environment."""
-    home = tmp_path / "work"
-    (home / "bin").mkdir(parents=True)
-    (home / "scripts").symlink_to(REPO / "scripts")
-    shim = home / "bin" / "evomerge"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m evomerge "$@"\n')
-    shim.chmod(0o755)
-    (home / "bin" / "python").symlink_to(sys.executable)
-    cache = tmp_path / "hf" / "datasets"
-    arc_easy_cache(cache)
-    env = {
-        **os.environ,
-        "PATH": f"{home / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(REPO),
-        "HF_DATASETS_CACHE": str(cache),
-        "HF_HOME": str(tmp_path / "hf"),
-    }
+    """The user's folder and environment (tests/docpages.py), with ARC-Easy in its datasets cache."""
+    home, env = user_folder(tmp_path)
+    arc_easy_cache(Path(env["HF_DATASETS_CACHE"]))
     return home, env
 
 
@@ -94,19 +63,9 @@ def test_the_page_has_the_steps_it_promises():
     assert [info for info, _ in blocks].count("shell") == 1  # the networked step, the only one not run
 
 
-def test_walkthrough_runs_as_written(user_folder):
-    home, env = user_folder
-    outputs = []
-    for info, body in page_blocks(PAGE.read_text()):
-        if info != "bash":
-            continue
-        run = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", body], cwd=home, env=env, capture_output=True, text=True
-        )
-        assert run.returncode == 0, (
-            f"block failed:\n{body}\n--- stdout\n{run.stdout[-3000:]}\n--- stderr\n{run.stderr[-3000:]}"
-        )
-        outputs.append(run.stdout)
+def test_walkthrough_runs_as_written(tmp_path):
+    home, env = prepare(tmp_path)
+    outputs = run_blocks(PAGE, home, env)
     # the splits are disjoint by prompt and cover the file
     rows = [json.loads(line) for line in (home / "data" / "mine.jsonl").read_text().splitlines()]
     prompts = {}

@@ -214,3 +214,38 @@ def test_search_takes_the_output_vocabulary(vocab_zoo, tmp_path, monkeypatch):
     assert main(["merge", str(res.recipe), "--out", str(tmp_path / "again")]) == 0
     again = load_file(tmp_path / "again" / "model.safetensors")
     assert all(torch.equal(again[k], v) for k, v in tensors.items())
+
+
+def test_a_tied_head_and_a_slices_recipe_are_laid_out_too(vocab_zoo, arch_family, tmp_path):
+    """GPT-2 ties its head to the embeddings (one stored tensor); a `slices:` recipe takes the embeddings from its
+    first slice's sources and the head from its last: both equal mergekit's merge under union."""
+    family = arch_family("gpt2")
+    chat = added_tokens(family["a"], tmp_path / "gpt2_chat", CHAT, steps=2)
+    tied = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(family["base"]),
+        "models": [
+            {"model": str(chat), "parameters": {"weight": 0.5}},
+            {"model": str(family["b"]), "parameters": {"weight": 0.5}},
+        ],
+        "tokenizer_source": "union",
+    }
+    base, add = str(vocab_zoo["base"]), str(vocab_zoo["chat"])
+    sliced = {
+        "merge_method": "slerp",
+        "base_model": base,
+        "slices": [
+            {"sources": [{"model": base, "layer_range": [0, 2]}, {"model": add, "layer_range": [0, 2]}]},
+            {"sources": [{"model": base, "layer_range": [2, 4]}, {"model": add, "layer_range": [2, 4]}]},
+        ],
+        "parameters": {"t": [0.2, 0.8]},
+        "tokenizer_source": "union",
+        "dtype": "float32",
+    }
+    for name, recipe in (("tied", tied), ("sliced", sliced)):
+        (tmp_path / name).mkdir()
+        ours = _ours(recipe, tmp_path / name)
+        theirs = _mergekit(recipe, tmp_path / name / "theirs")
+        a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b), name
+        assert json.loads((ours / "config.json").read_text())["vocab_size"] == 47

@@ -335,11 +335,9 @@ def _check_files(cfg: SearchConfig, source: str) -> None:
             )
     if cfg.base_model in cfg.models:
         problems.append("'models' lists base_model; list only the models merged into it")
-    source = cfg.tokenizer_source
-    if source not in (None, "union", "base") and not Path(source).is_dir():
-        problems.append(
-            f"'tokenizer_source': {source} is not a folder; use union, base or a folder with tokenizer.json"
-        )
+    tokenizer = cfg.tokenizer_source  # (`source` is the config file's name)
+    if tokenizer not in (None, "union", "base") and not Path(tokenizer).is_dir():
+        problems.append(f"'tokenizer_source': {tokenizer} is not a folder; use union, base or a tokenizer's folder")
     for i, p in enumerate(cfg.tasks.include_paths):
         if not p.is_dir():
             problems.append(f"'tasks.include_paths[{i}]': {p} is not a folder; fix the path")

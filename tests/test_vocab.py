@@ -249,3 +249,23 @@ def test_a_tied_head_and_a_slices_recipe_are_laid_out_too(vocab_zoo, arch_family
         a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b), name
         assert json.loads((ours / "config.json").read_text())["vocab_size"] == 47
+
+
+def test_audit_reports_tokens_numbered_otherwise(vocab_zoo, tmp_path, capsys):
+    """Same tokens, two of them swapped: a merge without tokenizer_source refuses it; audit says which."""
+    import shutil
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(vocab_zoo["reverse"], swapped)
+    tok = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[5:7]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (swapped / "tokenizer.json").write_text(json.dumps(tok))
+    config = tmp_path / "search.yaml"
+    config.write_text(
+        yaml.safe_dump({"base_model": str(vocab_zoo["base"]), "models": [str(swapped), str(vocab_zoo["chat"])]})
+    )
+    assert main(["audit", str(config), "--json"]) == 0
+    lines = json.loads(capsys.readouterr().out)["vocabulary"]
+    assert lines[0] == f"swapped: numbers 2 token(s) otherwise ({a!r}, {b!r})" and lines[1].startswith("chat: adds 2")

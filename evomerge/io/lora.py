@@ -139,10 +139,14 @@ class LoraCheckpoint:
 
     @cached_property
     def _sha256(self) -> str:
-        return files_sha256([*sorted(self.base.files), self.path / ADAPTER_CONFIG, *self.files])
+        import hashlib
+
+        adapter = files_sha256([self.path / ADAPTER_CONFIG, *self.files])
+        return hashlib.sha256(f"{self.base.sha256()}+{adapter}".encode()).hexdigest()
 
     def sha256(self) -> str:
-        """Hash of the base's weight files, then the adapter's config and weights."""
+        """sha256 of "BASE+ADAPTER": the base's weights' sha256 (`Checkpoint.sha256`, computed once for all its
+        adapters) and that of the adapter's config and weights."""
         return self._sha256
 
     @property

@@ -3,6 +3,11 @@ config imports no Optuna, Ray, torch or lm-eval (the sampler registry, `search.s
 
     evomerge search configs/demo.yaml
 
+`SearchConfig` and its sections: `tasks` (TasksConfig, entries `scoring.tasks.TaskSpec`), `sampler`
+(SamplerConfig, `warm_start`: a run directory or WarmStartConfig), `budget`, `workers`, `validation`, `refine`,
+`early_stop`; the search space (`search_space`) is `space.SpaceSpec`, resolved and stored inline. Every field,
+its default and an example: docs/config.md (tests/test_docs.py checks it against these models).
+
 Relative paths (models, include paths, a search-space path) are relative to the config file; run
 directories (`runs/<name>/`) and the default storage are relative to the current directory.
 """
@@ -229,7 +234,8 @@ class SearchConfig(_Strict):
         return source.name, source.storage_url, f"run {ref} (study {source.name!r})"
 
     def study_fields(self) -> dict[str, Any]:
-        """What identifies the study's trials: everything but budget, workers and storage."""
+        """What identifies the study's trials: everything but the RUNTIME_FIELDS (budget, workers, storage,
+        validation, refine, early_stop, portfolio, allow_config_mismatch), which a resume may change."""
         data = self.model_dump(mode="json")
         for key in RUNTIME_FIELDS:
             data.pop(key, None)

@@ -210,3 +210,24 @@ def test_a_worker_maps_the_base_once_for_all_its_adapters(adapters):
     base, add, rev = (mat._checkpoints[k] for k in (mat.base_model, *mat.inputs[:2]))
     assert isinstance(add, LoraCheckpoint) and isinstance(rev, LoraCheckpoint)
     assert add.base is base and rev.base is base
+
+
+def test_gpt2_conv1d_adapter_with_trained_biases_is_peft_merge_and_unload(arch_family, tmp_path):
+    """GPT-2's Conv1D layers (`fan_in_fan_out`: the delta transposed) and `bias: all` (every bias trained and stored
+    whole): the reader's tensors are peft's merged ones."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    family = arch_family("gpt2")
+    adapter = lora_adapter(
+        family["base"], tmp_path / "gpt2_lora", targets=("c_attn", "c_fc"), fan_in_fan_out=True, bias="all", steps=3
+    )
+    lora = LoraCheckpoint(Checkpoint(family["base"]), adapter)
+    assert lora.factors("transformer.h.0.attn.c_attn.weight").transposed
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(family["base"]), adapter)
+    state = merged.merge_and_unload().state_dict()
+    for name in lora.tensor_names():
+        assert torch.equal(lora.get(name), state[name]), name
+    assert not torch.equal(
+        lora.get("transformer.h.0.ln_1.bias"), Checkpoint(family["base"]).get("transformer.h.0.ln_1.bias")
+    )

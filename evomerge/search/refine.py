@@ -182,7 +182,7 @@ class Refiner:
     # -- the surrogate ---------------------------------------------------------------------------------
     def _resolved(self, point: dict[str, float]) -> dict[str, Any]:
         """{tensor: TensorParams} of the point's recipe."""
-        from evomerge.merge.materialize import _key
+        from evomerge.merge.materialize import input_key as _key
         from evomerge.merge.plan import Plan
 
         recipe = self.space.to_recipe(point, self.models, self.base, self.method, 0, rounded=False)
@@ -197,7 +197,7 @@ class Refiner:
     def _linear_map(self, point: dict[str, float]):
         """Per tensor: the moved parameters' values at `point` and their derivative along each refined slot
         (the space maps a point to per-tensor values affinely: gradients interpolate, filters select)."""
-        from evomerge.merge.materialize import _key
+        from evomerge.merge.materialize import input_key as _key
 
         keys = [_key(m) for m in self.models]
         at = self._resolved(point)
@@ -227,7 +227,7 @@ class Refiner:
         """Everything a surrogate state at a point near `point` needs: frozen tensors, the affine map, bounds."""
         import torch
 
-        from evomerge.merge.materialize import _key
+        from evomerge.merge.materialize import input_key as _key
 
         at, v0, deriv = self._linear_map(point)
         names = self._names()

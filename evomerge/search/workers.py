@@ -155,13 +155,14 @@ def _start_ray(cfg: SearchConfig) -> bool:
     if ray.is_initialized():
         return False
     # Ray's C++ core replaces the process's SIGTERM handler with one that dumps a stack and aborts; keep the
-    # caller's (the CLI's: SIGTERM stops a search like Ctrl-C, its trials requeued)
-    keep = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    # caller's (the CLI's, evomerge.interrupts: SIGINT and SIGTERM stop a search, its trials requeued)
+    main = threading.current_thread() is threading.main_thread()
+    keep = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         return _init_ray(cfg)
     finally:
-        if keep is not None:
-            signal.signal(signal.SIGTERM, keep)
+        for s, handler in keep.items():
+            signal.signal(s, handler)
 
 
 def _init_ray(cfg: SearchConfig) -> bool:

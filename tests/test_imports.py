@@ -90,7 +90,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 # belongs to the layer of its longest listed prefix.
 LAYERS = [
     ("foundation", ["evomerge", "evomerge.errors", "evomerge.tables", "evomerge.resources", "evomerge.threads",
-                    "evomerge.offline", "evomerge.storage_url", "evomerge.baseline", "evomerge.stats"]),
+                    "evomerge.offline", "evomerge.storage_url", "evomerge.baseline", "evomerge.stats",
+                    "evomerge.interrupts"]),
     ("files", ["evomerge.io"]),
     ("merge core", ["evomerge.merge", "evomerge.merge.registry", "evomerge.merge.methods", "evomerge.merge.kernels",
                     "evomerge.merge.layout"]),

@@ -222,6 +222,7 @@ class Refiner:
         self._pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self._max_length = lm.max_length
         self._batches: dict[int, list[MicroBatch]] = {}
+        self._deriv: dict[str, list[list[float]]] | None = None  # the affine map's derivative (_linear_map)
 
     def batches(self, tokens: int | None = None) -> list[MicroBatch]:
         """The training items in micro-batches of at most `tokens` positions (default `micro_batch_tokens`)."""
@@ -348,8 +349,9 @@ class Refiner:
 
     def _linear_map(self, point: dict[str, float]):
         """The point's merge jobs, and per tensor the moved parameters' values at `point` ([w_1 .. w_k, lambda])
-        and their derivative along each refined slot (the space maps a point to per-tensor values affinely:
-        gradients interpolate, filters select)."""
+        and their derivative along each refined slot. The space maps a point to per-tensor values affinely
+        (gradients interpolate, filters select), so the derivative is the same at every point: found once, by
+        moving each slot in turn, and kept for the next start."""
         keys = self._keys()
         jobs = list(self._plan(point).jobs())
 
@@ -361,16 +363,19 @@ class Refiner:
             return out
 
         v0 = values({job.name: job.params for job in jobs})
-        deriv = {name: [[0.0] * len(self.slots) for _ in v] for name, v in v0.items()}
-        for j, slot in enumerate(self.slots):
-            h = 1e-3 * (self.space.spec.parameters[slot.param].high - self.space.spec.parameters[slot.param].low)
-            plan = self._plan({**point, slot.name: point[slot.name] + h})
-            v1 = values({name: plan.resolve(name) for name in v0})
-            for name in v0:
-                for i, (a, b) in enumerate(zip(v0[name], v1[name])):
-                    if b != a:
-                        deriv[name][i][j] = (b - a) / h
-        return jobs, v0, deriv
+        if self._deriv is None:
+            deriv = {name: [[0.0] * len(self.slots) for _ in v] for name, v in v0.items()}
+            for j, slot in enumerate(self.slots):
+                spec = self.space.spec.parameters[slot.param]
+                h = 1e-3 * (spec.high - spec.low)
+                plan = self._plan({**point, slot.name: point[slot.name] + h})
+                v1 = values({name: plan.resolve(name) for name in v0})
+                for name in v0:
+                    for i, (a, b) in enumerate(zip(v0[name], v1[name])):
+                        if b != a:
+                            deriv[name][i][j] = (b - a) / h
+            self._deriv = deriv
+        return jobs, v0, self._deriv
 
     # -- the step's parts --------------------------------------------------------------------------------------
     def _write(self, start: _Start, x: torch.Tensor, everything: bool) -> None:

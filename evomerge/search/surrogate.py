@@ -91,12 +91,13 @@ def freeze(
     dtype = dtype or base.dtype
     flat_base = base.reshape(-1)
     flats = [m.reshape(-1) for m in models]
+    work_base = flat_base.to(dtype)  # a copy only where the merge's dtype is not the stored one
     pruners, packed = [], []
     for flat, p, position in zip(flats, params, positions):
         extra = {k: p[k] for k in ("gamma", "epsilon") if k in p}
         pruner = frozen_pruner(
             method,
-            flat_base.to(dtype),
+            work_base,
             flat.to(dtype),
             float(p.get("density", 1.0)),
             bool(shared.get("rescale")),
@@ -142,13 +143,13 @@ def merged_grads(ft: FrozenTensor, weights: list[float], lam: float, grad: torch
     flat = grad.view(-1)
     k = len(weights)
 
-    def body(bufs: _Buffers, start: int, end: int) -> list[float]:
+    def body(bufs: _Buffers, start: int, end: int) -> torch.Tensor:
         n = end - start
         _, s, c, d, mixed = _terms(ft, weights, bufs, start, end)
         g = bufs.g[:n]
         g.copy_(flat[start:end])
-        out = [0.0] * (k + 1)
-        out[k] = torch.dot(g, mixed).item()
+        out = torch.empty(k + 1, dtype=torch.float64, device=g.device)  # on the device: no sync per chunk
+        out[k] = torch.dot(g, mixed)
         masked = None  # nz * mixed: no derivative through D where it was replaced by 1
         if ft.normalize:
             div, nz = d
@@ -159,14 +160,13 @@ def merged_grads(ft: FrozenTensor, weights: list[float], lam: float, grad: torch
                 masked = mixed
         for i in range(k):
             gi = torch.mul(g, c[i], out=bufs.t[:n]) if c is not None else g
-            value = torch.dot(gi, s[i]).item()
+            out[i] = torch.dot(gi, s[i])
             if masked is not None:
-                value -= torch.dot(gi, masked).item()
-            out[i] = lam * value
+                out[i] -= torch.dot(gi, masked)
+        out[:k] *= lam
         return out
 
-    parts = _map(ft, grad.device, body)
-    return [sum(p[i] for p in parts) for i in range(k + 1)]
+    return torch.stack(_map(ft, grad.device, body)).sum(0).tolist()
 
 
 # -- chunk by chunk --------------------------------------------------------------------------------------------

@@ -165,10 +165,16 @@ def _measure_main(spec: dict) -> None:
 
 
 def _measure(spec: dict, log: Path) -> dict:
+    """One measurement in a process of its own, with the CLI's thread discipline (evomerge/threads.py: on a busy
+    machine, OpenMP threads that spin while they wait make every small op wait for a time slice)."""
     sys.path.insert(0, str(REPO / "bench"))
     from merge_speed import _run
 
-    return _run([sys.executable, __file__, "--_measure", json.dumps(spec)], log)
+    from evomerge.threads import THREAD_ENV, cpus_given
+
+    env = {**THREAD_ENV, "OMP_NUM_THREADS": str(cpus_given())}
+    env = {k: os.environ.get(k, v) for k, v in env.items()}  # an explicit setting wins, as in the CLI
+    return _run([sys.executable, __file__, "--_measure", json.dumps(spec)], log, env)
 
 
 # ---- the run --------------------------------------------------------------------------------------------------
@@ -265,7 +271,7 @@ def report(res: dict, args) -> str:
 
 def _extras(res: dict, nbytes: int) -> list[str]:
     """Each engine's round in a fresh process, over the resident state; the plan's formula for the new one."""
-    from evomerge.search.refine import refine_extra_bytes
+    from evomerge.search.footprint import refine_extra_bytes
 
     lines = []
     for engine in ("new", "old"):

@@ -30,14 +30,14 @@ One step, within the resident model's memory:
    point to per-tensor values (`_linear_map`) gives dL/d(slot);
 4. Adam on the slots, clamped to their bounds.
 
-Extra memory of a refinement (`refine_extra_bytes`, what the resource plan budgets), on the resident model's
+Extra memory of a refinement (footprint.refine_extra_bytes, what the resource plan budgets), on the resident model's
 device, over the resident model and the inputs' pages a merge already touches:
 
     extra = P                                 the gradient: bytes of the parameters the refined slots move (the
                                               whole model, P = model bytes, when every tensor kind is searched)
           + P_max                             the largest of them again: from the second micro-batch on, each
                                               parameter's gradient is computed, then added into its `.grad`
-          + N * (L * (8h + 2kv + 4i) + 3h) * b  what the backward keeps of one micro-batch (`token_bytes`):
+          + N * (L * (8h + 2kv + 4i) + 3h) * b  what the backward keeps of one micro-batch (token_bytes):
                                               N = micro_batch_tokens (rows x padded width, the bound
                                               micro_batches keeps), L layers, hidden h, intermediate i, kv = key/
                                               value heads x head size, b the dtype's bytes (Llama-family, SDPA
@@ -50,7 +50,7 @@ device, over the resident model and the inputs' pages a merge already touches:
     host: k * n / 8 bytes for DELLA's bit-packed masks (n parameters); nothing for the other methods.
 
 That is, at most model bytes + its largest tensor + N x (per-token activations) + small terms, with N chosen by
-the plan (by default, `default_micro_batch_tokens`: activations of about half the model's bytes); the measured
+the plan (by default, default_micro_batch_tokens: activations of about half the model's bytes); the measured
 figures, CPU allocators' slack included, are in bench/README.md (bench/refine_memory.py). The engine before this
 one held the base and one sparsified task vector per model for every tensor in float32, (k + 1) x n x 4 bytes,
 plus the autograd graph of the merge and the activations of every training example at once.
@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
+from evomerge.search.footprint import default_micro_batch_tokens
 from evomerge.search.objective import KINDS, Item, Loss, MicroBatch, answer_loss, micro_batches, training_items
 
 if TYPE_CHECKING:
@@ -76,7 +77,6 @@ REFINABLE = frozenset(
     {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 )
 MOVED = ("weight", "lambda")  # the parameters the gradient moves; every other one stays at the starting point
-MICRO_BATCH_TOKENS = 256  # positions (rows x padded width) per forward/backward where the model's shape is unknown
 
 
 def check_refinable(scorer, method: str) -> None:
@@ -92,65 +92,6 @@ def check_refinable(scorer, method: str) -> None:
             f"refine: tasks {', '.join(bad)} have no answer to score by likelihood; "
             "refine needs loglikelihood, multiple_choice or generate_until tasks"
         )
-
-
-def token_bytes(config: dict[str, Any], dtype_bytes: int) -> int | None:
-    """What the backward keeps of one position (all layers) of a Llama-family model, from its HF `config.json`
-    (SDPA attention; None where the config lacks the shape)."""
-    try:
-        h = int(config.get("hidden_size") or config["n_embd"])
-        i = int(config.get("intermediate_size") or config.get("n_inner") or 4 * h)
-        layers = int(config.get("num_hidden_layers") or config["n_layer"])
-        heads = int(config.get("num_attention_heads") or config["n_head"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    kv = int(config.get("num_key_value_heads") or heads) * (h // heads)
-    return (layers * (8 * h + 2 * kv + 4 * i) + 3 * h) * dtype_bytes
-
-
-def default_micro_batch_tokens(config: dict[str, Any], model_bytes: int, dtype_bytes: int) -> int:
-    """Positions per micro-batch when the caller gives none: activations of about half the model's bytes (64 MiB
-    at least, where a tiny model would pay more for the passes than for the memory)."""
-    per = token_bytes(config, dtype_bytes)
-    if not per:
-        return MICRO_BATCH_TOKENS
-    return max(16, max(model_bytes // 2, 64 << 20) // per)
-
-
-def refine_extra_bytes(
-    config: dict[str, Any],
-    param_bytes: int,
-    models: int,
-    *,
-    largest: int,
-    dtype_bytes: int = 4,
-    tokens: int = MICRO_BATCH_TOKENS,
-    answer_tokens: int | None = None,
-    threads: int = 1,
-    accelerator: bool = False,
-    della: bool = False,
-) -> dict[str, int]:
-    """The memory a refinement adds to a worker (the module docstring's formula), from an HF `config.json`
-    (Llama-style names), `param_bytes` (the resident parameters the round moves: the model's bytes when every
-    kind is searched) and `largest` (the largest of them, its gradient's accumulation transient), in dtype
-    `dtype_bytes`. `tokens`: the micro-batch's positions; `answer_tokens`: the positions its loss reads (default:
-    all, a bound); `threads`: the kernel threads on CPU. Returns each term, `device` (their sum, on the resident
-    model's device) and `host` (DELLA's bit-packed masks)."""
-    from evomerge.search.surrogate import CPU_CHUNK, DEVICE_CHUNK
-
-    b = dtype_bytes
-    answers = tokens if answer_tokens is None else answer_tokens
-    chunk = DEVICE_CHUNK if accelerator else CPU_CHUNK * threads
-    out = {
-        "gradient": param_bytes,
-        "accumulation": largest,
-        "activations": tokens * (token_bytes(config, b) or 0),
-        "logits": answers * int(config["vocab_size"]) * (2 * b + 8),  # the head's output, float32 copy, gradients
-        "chunks": ((2 * models + 6) * 4 + 2 * b) * chunk + ((models + 2) * b * chunk if accelerator else 0),
-    }
-    out["device"] = sum(out.values())
-    out["host"] = models * param_bytes // b // 8 if della else 0
-    return out
 
 
 @dataclass
@@ -457,14 +398,10 @@ def _logits(model, batch: MicroBatch, device) -> torch.Tensor:
 
 
 __all__ = [
-    "MICRO_BATCH_TOKENS",
     "MOVED",
     "REFINABLE",
     "Item",
     "Refiner",
     "check_refinable",
-    "default_micro_batch_tokens",
-    "refine_extra_bytes",
-    "token_bytes",
     "training_items",
 ]

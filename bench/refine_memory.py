@@ -232,7 +232,7 @@ def run(args) -> dict:
 
 def report(res: dict, args) -> str:
     nbytes = res["model_bytes"]
-    mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
+    mib = lambda b: f"{b / 2**20:,.0f}" if b >= 10 * 2**20 else f"{b / 2**20:.2f}"  # noqa: E731
     lines = [f"resident model: {mib(nbytes)} MiB of parameters (float32, synthetic Llama, --params {args.params:g})"]
     base = res.get("search", {}).get("rss_gb")
     head = f"{'measurement':<22} {'peak RSS MiB':>12} {'extra MiB':>10} {'extra / model':>13} {'wall s':>8}"

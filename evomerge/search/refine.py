@@ -47,6 +47,8 @@ device, over the resident model and the inputs' pages a merge already touches:
           + ((2k + 6) * 4 + 2b) * c           chunk buffers of k models' task vectors (surrogate.py), c = CPU_CHUNK
           [+ (k + 2) * b * c]                 x kernel threads on CPU, DEVICE_CHUNK on an accelerator (plus the
                                               inputs' and the gradient's chunks copied there)
+          [+ N * (L * (8h + 2kv + 4i) + 3h) * b]  on CPU only: glibc keeps one micro-batch's freed activations
+                                              beside the next one's (a GPU's caching allocator reuses them)
     host: k * n / 8 bytes for DELLA's bit-packed masks (n parameters); nothing for the other methods.
 
 That is, at most model bytes + its largest tensor + N x (per-token activations) + small terms, with N chosen by

@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
+from evomerge.search.record import StudyRecord, TrialRecord, write_validation
+from evomerge.search.trials import best_trial, complete_trials, objective_of, ranked
+
 if TYPE_CHECKING:
     from evomerge.config import SearchConfig
-
-PREFIX = "validation:"
 
 
 class Validation(BaseModel):
@@ -60,8 +61,8 @@ def stored(cfg: SearchConfig, study) -> dict[int, Validation]:
         return {}
     key = tasks_key(cfg)
     out = {}
-    for name, value in study.user_attrs.items():
-        if name.startswith(PREFIX) and isinstance(value, dict) and value.get("key") == key:
+    for value in StudyRecord.from_study(study).validation.values():
+        if value.get("key") == key:
             v = Validation.model_validate(value)
             out[v.trial] = v
     return out
@@ -72,15 +73,13 @@ def finalists(cfg: SearchConfig, study) -> list:
     baseline not among them (the method's default merge, each source model alone, and every other method's
     default merge from the portfolio), so export never takes a searched recipe that validation ranks below a
     default merge or a single source (on noisy search subsets the top trials often are)."""
-    from evomerge.search.study import complete_trials, is_whole, objective_of
-
     k = cfg.validation.top_k if cfg.validation else 1
-    ranked = sorted((t for t in complete_trials(study) if is_whole(t)), key=lambda t: (-objective_of(t), t.number))
-    top = ranked[:k]
+    order = ranked(complete_trials(study))
+    top = order[:k]
     if cfg.validation is not None:
-        labels = {t.user_attrs.get("baseline") for t in top} - {None}
-        for t in ranked[k:]:
-            label = t.user_attrs.get("baseline")
+        labels = {TrialRecord.from_trial(t).baseline for t in top} - {None}
+        for t in order[k:]:
+            label = TrialRecord.from_trial(t).baseline
             if label is not None and label not in labels:
                 labels.add(label)
                 top.append(t)
@@ -95,7 +94,6 @@ def validate_top(
     `pool` (with a "validation" task set) is used when given; otherwise one is opened for the config's
     workers, only if something needs scoring, and closed again.
     """
-    from evomerge.search.study import objective_of
     from evomerge.search.workers import open_pool, run_jobs
 
     if cfg.validation is None:
@@ -110,7 +108,7 @@ def validate_top(
         own = pool is None
         pool = pool or open_pool(cfg, {"validation": cfg.validation.tasks})
         try:
-            jobs = [(t.user_attrs["recipe"], "validation") for t in todo]
+            jobs = [(TrialRecord.from_trial(t).recipe, "validation") for t in todo]
             for i, res in run_jobs(pool, jobs, [f"validating trial {t.number}" for t in todo]):
                 t = todo[i]
                 v = Validation(
@@ -120,7 +118,7 @@ def validate_top(
                     objective=res.objective,
                     key=tasks_key(cfg),
                 )
-                study.set_user_attr(f"{PREFIX}{t.number}", v.model_dump(mode="json"))
+                write_validation(study, t.number, v.model_dump(mode="json"))
                 done[t.number] = v
                 if log:
                     log(f"  trial {t.number}: search {v.search:.4f}, validation {v.objective:.4f}")
@@ -143,8 +141,6 @@ def exported_trial(cfg: SearchConfig, study) -> Any:
     validated finalists (ties: the better search objective, then the earlier trial); without validation
     results, the best search objective (for multi-objective studies, the best weighted mean). None when the
     study has no COMPLETE trial. Call `validate_top` first for the guard's pick."""
-    from evomerge.search.study import best_trial, objective_of
-
     results = stored(cfg, study)
     trials = {t.number: t for t in finalists(cfg, study) if t.number in results}
     if not trials:

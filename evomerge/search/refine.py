@@ -66,6 +66,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
+from evomerge.merge.registry import names
 from evomerge.search.footprint import default_micro_batch_tokens
 from evomerge.search.objective import KINDS, Item, Loss, MicroBatch, answer_loss, micro_batches, training_items
 
@@ -75,9 +76,7 @@ if TYPE_CHECKING:
     from evomerge.search.surrogate import FrozenTensor
 
 # methods whose merge is base + lambda * (sum of weighted, optionally sparsified, task vectors [/ normaliser])
-REFINABLE = frozenset(
-    {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
-)
+REFINABLE = frozenset(names(refinable=True))
 MOVED = ("weight", "lambda")  # the parameters the gradient moves; every other one stays at the starting point
 
 

@@ -81,7 +81,6 @@ def freeze(
     """The surrogate of tensor `name`: `params[i]` model i's resolved values (density, gamma, epsilon),
     `positions[i]` its index among the recipe's inputs (it keys DARE/DELLA's random streams), `shared` the
     shared ones (rescale, normalize). Pruners are built on the inputs' own (host) device, one tensor at a time."""
-
     from evomerge.merge.kernels.counter import stream_key
     from evomerge.merge.kernels.gta import CPU_CHUNK as MERGE_CHUNK
     from evomerge.merge.kernels.gta import frozen_pruner

@@ -193,7 +193,8 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _key(path: str | os.PathLike) -> str:
+def input_key(path: str | os.PathLike) -> str:
+    """The id an input model is loaded under (and a recipe's models are mapped to): its resolved path."""
     return str(Path(path).expanduser().resolve())
 
 
@@ -225,11 +226,11 @@ class Materializer:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        keys = [_key(m) for m in models]
-        if base_model is not None and _key(base_model) not in keys:
-            keys.append(_key(base_model))
+        keys = [input_key(m) for m in models]
+        if base_model is not None and input_key(base_model) not in keys:
+            keys.append(input_key(base_model))
         self.inputs = keys
-        self.base_model = _key(base_model) if base_model is not None else None
+        self.base_model = input_key(base_model) if base_model is not None else None
         self._checkpoints = {k: Checkpoint(k, allow_pickle=allow_pickle) for k in keys}
         ref = self.base_model or keys[0]
         check_compatible(
@@ -277,14 +278,14 @@ class Materializer:
     def apply(self, recipe: Recipe) -> None:
         import torch
 
-        wanted = [_key(m) for m in recipe.input_models()]
+        wanted = [input_key(m) for m in recipe.input_models()]
         if set(wanted) != set(self.inputs):
             raise ConfigError(
                 f"recipe inputs {recipe.input_models()} are not the models this worker loaded ({self.inputs})"
             )
-        if recipe.base_model is not None and _key(recipe.base_model) != self.base_model:
+        if recipe.base_model is not None and input_key(recipe.base_model) != self.base_model:
             raise ConfigError(f"recipe base_model {recipe.base_model} is not this worker's base ({self.base_model})")
-        recipe = recipe.map_models(_key)  # ids match the loaded checkpoints
+        recipe = recipe.map_models(input_key)  # ids match the loaded checkpoints
         checkpoints = [self._checkpoints[k] for k in recipe.input_models()]
         plan = Plan(recipe, layout=self.layout, layers_of=self._depths)
         if plan.out_layers != self.layout.num_layers:

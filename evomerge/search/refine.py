@@ -277,13 +277,13 @@ class Refiner:
         )
 
     def _keys(self) -> list[str]:
-        from evomerge.merge.materialize import _key
+        from evomerge.merge.materialize import input_key as _key
 
         return [_key(m) for m in self.models]
 
     def _plan(self, point: dict[str, float]):
         """The point's recipe (exact values, the search's seed), planned over the resident model's layout."""
-        from evomerge.merge.materialize import _key
+        from evomerge.merge.materialize import input_key as _key
         from evomerge.merge.plan import Plan
 
         recipe = self.space.to_recipe(point, self.models, self.base, self.method, self.seed, rounded=False)

@@ -238,23 +238,8 @@ def _combine(method, params, base, flats, pruners, weights, result, chunk) -> No
         ds, ms, mixed, spare = [d[:L] for d in deltas], [m[:L] for m in masks], s[:L], t[:L]
         for d, m, flat, p, w in zip(ds, ms, flats, pruners, weights):
             torch.sub(flat[start:end], b, out=d)
-            if p.prunes and p.work == dtype and p.stored is not None:
-                d.mul_(p.stored[start:end])  # the 0/1 bytes multiply like 0/1 floats, without converting them first
-                if p.factor is not None:
-                    d.mul_(p.factor)
-            elif p.prunes and p.work == dtype:
-                _mask_into(p, torch.abs(d, out=spare) if p.top is not None else d, start, m, scratch, spare=mixed)
-                d.mul_(m)
-                if p.factor is not None:
-                    d.mul_(p.factor)
-            elif p.prunes:  # DARE/DELLA on float16: mask and rescale in float32, as mergekit does on CPU
-                x, wm = (v[:L] for v in wide_bufs[p.work])
-                x.copy_(d)
-                _mask_into(p, x, start, wm, scratch)
-                x.mul_(wm)
-                if p.factor is not None:
-                    x.mul_(p.factor)
-                d.copy_(x)
+            if p.prunes:
+                _pruned_delta(p, d, m, start, dtype, scratch, spare, mixed, wide_bufs)
             d.mul_(w)
         if consensus:
             _elect(ds, ms, weights, mixed, spare)
@@ -269,6 +254,30 @@ def _combine(method, params, base, flats, pruners, weights, result, chunk) -> No
         torch.add(b, mixed, out=result[start:end])
 
     map_chunks(n, chunk, body, state, base.device)
+
+
+def _pruned_delta(p, d, m, start: int, dtype, scratch, spare, mixed, wide_bufs) -> None:
+    """One model's delta chunk `d`, pruned in place by its mask (and rescaled): from the stored mask bytes, or a mask
+    drawn now into `m`; DARE/DELLA on float16 mask and rescale in float32, as mergekit does on CPU."""
+    import torch
+
+    if p.work == dtype and p.stored is not None:
+        d.mul_(p.stored[start : start + d.numel()])  # the 0/1 bytes multiply like 0/1 floats, without converting
+        if p.factor is not None:
+            d.mul_(p.factor)
+    elif p.work == dtype:
+        _mask_into(p, torch.abs(d, out=spare) if p.top is not None else d, start, m, scratch, spare=mixed)
+        d.mul_(m)
+        if p.factor is not None:
+            d.mul_(p.factor)
+    else:
+        x, wm = (v[: d.numel()] for v in wide_bufs[p.work])
+        x.copy_(d)
+        _mask_into(p, x, start, wm, scratch)
+        x.mul_(wm)
+        if p.factor is not None:
+            x.mul_(p.factor)
+        d.copy_(x)
 
 
 def _sum_into(xs, out) -> None:

@@ -67,8 +67,9 @@ def llama_shape(params: float) -> dict:
     )
 
 
-def build_inputs(root: Path, params: float, dtype_name: str, seed: int = 0) -> dict:
-    """Write root/base, root/ft1, root/ft2 (model.safetensors, config.json, tokenizer). Returns the shape."""
+def build_inputs(root: Path, params: float, dtype_name: str, seed: int = 0, fine_tunes=FINE_TUNES) -> dict:
+    """Write root/base and one folder per fine-tune (default root/ft1, root/ft2: model.safetensors, config.json,
+    tokenizer). Returns the shape."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -104,7 +105,7 @@ def build_inputs(root: Path, params: float, dtype_name: str, seed: int = 0) -> d
         k: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=gen) * 0.02).to(dtype) for k, s in shapes.items()
     }
     models = {"base": base}
-    for name in FINE_TUNES:  # fine-tune = base + noise of 10% of the base's scale
+    for name in fine_tunes:  # fine-tune = base + noise of 10% of the base's scale
         models[name] = {k: (v.float() + torch.randn(v.shape, generator=gen) * 0.002).to(dtype) for k, v in base.items()}
         _write(root / name, models[name], config, tok, save_file)
         del models[name]

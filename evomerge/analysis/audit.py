@@ -407,14 +407,14 @@ def _vocab_aligned(ckpts: Sequence[Any], labels: Sequence[str]) -> tuple[list[st
     """The vocabularies' differences, one line per model that differs, and each checkpoint as the audit reads it
     (a model with another vocabulary aligned to the base's)."""
     from evomerge.io.checkpoint import vocab_rows
-    from evomerge.io.tokenizers import has_tokenizer, input_vocabs
+    from evomerge.io.tokenizers import has_tokenizer
+    from evomerge.merge.vocab import input_vocabs
 
     if all(c.vocab() == ckpts[0].vocab() and vocab_rows(c) == vocab_rows(ckpts[0]) for c in ckpts[1:]):
         return [], list(ckpts)
     if not all(has_tokenizer(c.model_dir) for c in ckpts):
         return [], list(ckpts)  # tensor shapes were checked: nothing to align
-    from evomerge.io.tokenizers import vocab_plan_for
-    from evomerge.merge.vocab import describe_difference
+    from evomerge.merge.vocab import describe_difference, vocab_plan_for
 
     keyed = dict(zip(labels, ckpts))
     lines = describe_difference(labels[0], input_vocabs(keyed))

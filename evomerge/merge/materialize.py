@@ -212,8 +212,9 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _key(path: str | os.PathLike) -> str:
-    """A model reference resolved (each half of `BASE+ADAPTER`): how loaded inputs are keyed."""
+def input_key(path: str | os.PathLike) -> str:
+    """The id an input model is loaded under (and a recipe's models are mapped to): its resolved path (each half
+    of `BASE+ADAPTER` resolved)."""
     from evomerge.io.inputs import ref_key
 
     return ref_key(path)
@@ -252,11 +253,11 @@ class Materializer:
 
         from evomerge.io.inputs import open_inputs
 
-        keys = [_key(m) for m in models]
-        if base_model is not None and _key(base_model) not in keys:
-            keys.append(_key(base_model))
+        keys = [input_key(m) for m in models]
+        if base_model is not None and input_key(base_model) not in keys:
+            keys.append(input_key(base_model))
         self.inputs = keys
-        self.base_model = _key(base_model) if base_model is not None else None
+        self.base_model = input_key(base_model) if base_model is not None else None
         self._checkpoints = open_inputs(keys, self.base_model, allow_pickle=allow_pickle)
         ref = self.base_model or keys[0]
         check_compatible(
@@ -283,7 +284,7 @@ class Materializer:
         self._bind(ref)
 
     def _vocab_plan(self, ref: str) -> VocabPlan | None:
-        from evomerge.io.tokenizers import vocab_plan_for
+        from evomerge.merge.vocab import vocab_plan_for
 
         if self.tokenizer_source is None:
             return None
@@ -294,7 +295,7 @@ class Materializer:
 
         if self.vocab is None:
             return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        from evomerge.io.tokenizers import output_tokenizer
+        from evomerge.merge.vocab import output_tokenizer
 
         return output_tokenizer(self.vocab, model_dir)
 
@@ -325,7 +326,7 @@ class Materializer:
     def input_tensor(self, model: str | os.PathLike, name: str) -> torch.Tensor:
         """One input's tensor as a merge reads it: a LoRA adapter's delta formed, vocabulary rows laid out in the
         output vocabulary (`tokenizer_source`)."""
-        key = _key(model)
+        key = input_key(model)
         if self.vocab is None or name not in self.vocab.tensors:
             return self._checkpoints[key].get(name)
         tensors = [self._checkpoints[k].get(name) for k in self.inputs]
@@ -339,19 +340,19 @@ class Materializer:
     def apply(self, recipe: Recipe) -> None:
         import torch
 
-        wanted = [_key(m) for m in recipe.input_models()]
+        wanted = [input_key(m) for m in recipe.input_models()]
         if set(wanted) != set(self.inputs):
             raise ConfigError(
                 f"recipe inputs {recipe.input_models()} are not the models this worker loaded ({self.inputs})"
             )
-        if recipe.base_model is not None and _key(recipe.base_model) != self.base_model:
+        if recipe.base_model is not None and input_key(recipe.base_model) != self.base_model:
             raise ConfigError(f"recipe base_model {recipe.base_model} is not this worker's base ({self.base_model})")
         if recipe.tokenizer_source is not None and _source_key(recipe.tokenizer_source) != self.tokenizer_source:
             raise ConfigError(
                 f"recipe tokenizer_source {recipe.tokenizer_source} is not this worker's ({self.tokenizer_source}); "
                 "a search merges every candidate into one vocabulary: set tokenizer_source in the search config"
             )
-        recipe = recipe.map_models(_key)  # ids match the loaded checkpoints
+        recipe = recipe.map_models(input_key)  # ids match the loaded checkpoints
         checkpoints = [self._checkpoints[k] for k in recipe.input_models()]
         plan = Plan(recipe, layout=self.layout, layers_of=self._depths)
         if plan.out_layers != self.layout.num_layers:
@@ -370,7 +371,7 @@ def _source_key(source: str | None) -> str | None:
     """A tokenizer_source as compared between a worker and a recipe (a folder resolved)."""
     if source is None or source in ("union", "base"):
         return source
-    return _key(source)
+    return input_key(source)
 
 
 def _config_dtype(config) -> torch.dtype | None:

@@ -4,6 +4,9 @@
     plan.tokens                       # the output vocabulary (token -> id)
     rows = align_rows([e0, e1, e2], [plan.maps[k] for k in ("base", "add", "reverse")], base=0)
 
+The arithmetic is pure (no files); `vocab_plan_for` and `output_tokenizer`, at the end, read the inputs'
+tokenizers through `evomerge.io.tokenizers`.
+
 The output vocabulary (mergekit's `build_tokenizer`): `base` is the base model's (the first input without a
 base_model); a model folder is that folder's; `union` is the base's, then every token another input has and the
 base lacks: first the ones of their main vocabularies, then their added tokens (the first input that adds a
@@ -19,8 +22,8 @@ and zero when none does. The merge method then merges the aligned tensors as it 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ModelError
 
@@ -212,7 +215,10 @@ def describe_difference(base: str, vocabs: Mapping[str, Vocab], limit: int = 5) 
             continue
         extra = sorted((t for t in vocab.tokens if t not in ref.tokens), key=vocab.tokens.__getitem__)
         lacking = sorted((t for t in ref.tokens if t not in vocab.tokens), key=ref.tokens.__getitem__)
-        moved = [t for t, i in vocab.tokens.items() if t in ref.tokens and ref.tokens[t] != i]
+        # in the base's id order: a tokenizer's get_vocab() is a hash map's order, not a stable one
+        moved = sorted(
+            (t for t, i in vocab.tokens.items() if t in ref.tokens and ref.tokens[t] != i), key=ref.tokens.__getitem__
+        )
         if not extra and not lacking and not moved and vocab.rows == ref.rows:
             continue
         parts = []
@@ -233,6 +239,79 @@ def _some(tokens: Sequence[str], limit: int) -> str:
     return f"({shown}{', ...' if len(tokens) > limit else ''})"
 
 
+# ---- from opened inputs (their tokenizers read through evomerge.io.tokenizers) --------------------------------
+def vocab_of(tokenizer, rows: int) -> Vocab:
+    """A loaded tokenizer's Vocab: its tokens, its added tokens in id order, and the model's `rows`."""
+    from evomerge.io.tokenizers import tokenizer_entries
+
+    tokens, added = tokenizer_entries(tokenizer)
+    return Vocab(tokens=tokens, added={a["content"]: AddedSpec(**a) for a in added}, rows=rows)
+
+
+def input_vocabs(inputs: Mapping[str, Any]) -> dict[str, Vocab]:
+    """{model: its Vocab} of opened inputs (Checkpoint or LoraCheckpoint, recipe order), each tokenizer folder read
+    once; a model folder without tokenizer files has the first input's tokenizer (mergekit assumes the base's)."""
+    from evomerge.io.checkpoint import vocab_rows
+    from evomerge.io.tokenizers import has_tokenizer, load_tokenizer
+
+    loaded: dict[Any, Any] = {}
+    fallback = None
+    out = {}
+    for model, ckpt in inputs.items():
+        folder = ckpt.model_dir
+        if folder not in loaded and has_tokenizer(folder):
+            loaded[folder] = load_tokenizer(folder)
+        tokenizer = loaded.get(folder, fallback)
+        if tokenizer is None:
+            raise ModelError(f"{folder}: no tokenizer files (tokenizer.json); a tokenizer_source merge reads them")
+        fallback = fallback or tokenizer
+        rows = vocab_rows(ckpt)
+        out[model] = vocab_of(tokenizer, rows if rows is not None else len(tokenizer.get_vocab()))
+    return out
+
+
+def vocab_plan_for(
+    source: str, inputs: Mapping[str, Any], base: str | None, *, field: str = "tokenizer_source"
+) -> VocabPlan:
+    """The plan of `tokenizer_source: source` over opened `inputs` ({model: checkpoint}, recipe order; `base`: the
+    base model, or None for the first input), with the reference's vocabulary tensors named."""
+    from evomerge.io.checkpoint import vocab_rows
+    from evomerge.io.tokenizers import has_tokenizer, load_tokenizer
+
+    base = base if base is not None else next(iter(inputs))
+    folder, source_vocab = None, None
+    if source not in SOURCES:
+        if not has_tokenizer(source):
+            raise ModelError(
+                f"field {field}: {source} is not a folder with a tokenizer (tokenizer.json); use union, base or "
+                "a model folder"
+            )
+        folder = str(source)
+        tokenizer = load_tokenizer(folder)
+        source_vocab = vocab_of(tokenizer, len(tokenizer.get_vocab()))
+    plan = plan_vocab(source, base, input_vocabs(inputs), source_vocab, folder)
+    ref = inputs[base]
+    rows = vocab_rows(ref)
+    tensors = frozenset(n for n in ref.tensor_names() if is_vocab_tensor(n, ref.shape(n), rows or -1))
+    if not tensors:
+        raise ModelError(
+            f"{ref.model_dir}: no embedding or head tensor with {rows} rows (config.json vocab_size) was found; "
+            f"{field} needs the vocabulary tensors (embed_tokens, lm_head, ...)"
+        )
+    return replace(plan, tensors=tensors)
+
+
+def output_tokenizer(plan: VocabPlan, base_folder):
+    """The merge's tokenizer: the base's with `plan.additions` added (`union`), the base's (`base`), or the named
+    folder's; ModelError where transformers numbers the result otherwise than the plan."""
+    from dataclasses import asdict
+
+    from evomerge.io.tokenizers import extended_tokenizer
+
+    additions = [a if isinstance(a, str) else asdict(a) for a in plan.additions]
+    return extended_tokenizer(plan.folder or base_folder, additions, plan.tokens)
+
+
 __all__ = [
     "SOURCES",
     "AddedSpec",
@@ -240,7 +319,11 @@ __all__ = [
     "VocabPlan",
     "align_rows",
     "describe_difference",
+    "input_vocabs",
     "is_vocab_tensor",
+    "output_tokenizer",
     "plan_vocab",
     "union_additions",
+    "vocab_of",
+    "vocab_plan_for",
 ]

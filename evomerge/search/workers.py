@@ -25,65 +25,22 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import CandidateError, ConfigError, EvomergeError, first_line
+from evomerge.evaluator import Evaluation
 
 if TYPE_CHECKING:
     from evomerge.config import SearchConfig
-    from evomerge.evaluator import Evaluation
     from evomerge.scoring.tasks import TaskSpec
 
 TaskSets = Mapping[str, Sequence["TaskSpec"]]
 
 
-@dataclass
-class JobResult:
-    """What a worker hands back for one job (a recipe on a task set): its evaluation, or why it failed."""
-
-    scores: dict[str, dict[str, float]] = field(default_factory=dict)
-    objective: float = float("nan")
-    metrics: dict[str, str] = field(default_factory=dict)  # leaf task -> the metric its spec reads
-    merge_s: float = 0.0
-    eval_s: float = 0.0
-    busy_s: float = 0.0  # the whole call in the worker (parse + merge + eval)
-    wait_s: float = 0.0  # the worker idle before this call (waiting on the driver)
-    worker: str = ""
-    started: float = 0.0  # wall clock (time.time) on the worker's host when it began and ended this call
-    ended: float = 0.0
-    error: str | None = None
-    worker_died: bool = False  # the worker process died (OOM, segfault, kill); the pool replaced it
-    was_running: bool = False  # with worker_died: this job was the one running, not one queued behind it
-    examples: dict[str, dict[int, float]] = field(default_factory=dict)  # per-example values, for jobs that ask
-    n_examples: int = 0
-    stopped: bool = False  # staged evaluation stopped it early
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def values(self) -> dict[str, float]:
-        """{leaf task: its metric's value}."""
-        return {leaf: self.scores[leaf][metric] for leaf, metric in self.metrics.items()}
-
-    @classmethod
-    def of(cls, evaluation: Evaluation, worker: str) -> JobResult:
-        out = cls(
-            scores=evaluation.scores,
-            objective=evaluation.objective,
-            metrics=evaluation.metrics,
-            merge_s=evaluation.merge_s,
-            eval_s=evaluation.eval_s,
-            worker=worker,
-            examples=evaluation.examples,
-            n_examples=evaluation.n_examples,
-            stopped=evaluation.stopped,
-        )
-        bad = evaluation.non_finite()
-        if bad:
-            out.error = f"non-finite score ({', '.join(bad)})"
-        return out
+# What a worker hands back for one job (a recipe on a task set): the evaluator's own result type, with where and
+# when it ran, or why it failed (`error`, `worker_died`).
+JobResult = Evaluation
 
 
 class Worker:
@@ -153,19 +110,20 @@ class Worker:
         start, started = time.perf_counter(), time.time()
         try:
             if per_example is not None:
-                evaluation = self.evaluator.evaluate_examples(recipe_yaml, task_set, **per_example)
+                result = self.evaluator.evaluate_examples(recipe_yaml, task_set, **per_example)
             else:
-                evaluation = self.evaluator.evaluate(recipe_yaml, task_set, examples)
-            result = JobResult.of(evaluation, self.name)
+                result = self.evaluator.evaluate(recipe_yaml, task_set, examples)
+            bad = result.non_finite()
+            error = f"non-finite score ({', '.join(bad)})" if bad else None
         except Exception as err:
             if not is_candidate_failure(err):
                 raise  # a bug: the driver stops with this traceback
-            result = JobResult(worker=self.name, error=f"{type(err).__name__}: {first_line(err)}")
+            result, error = Evaluation(), f"{type(err).__name__}: {first_line(err)}"
         end = time.perf_counter()
-        result.started, result.ended = started, time.time()
-        result.wait_s, result.busy_s = start - self._last_end, end - start
-        self._last_end = end
-        return result
+        wait_s, self._last_end = start - self._last_end, end
+        return replace(
+            result, worker=self.name, error=error, started=started, ended=time.time(), wait_s=wait_s, busy_s=end - start
+        )
 
     def refine(self, point: dict[str, float], settings: dict[str, Any]) -> list[tuple[int, dict[str, float], float]]:
         """The gradient path from `point` (search/refine.py) on the search task set: [(step, point, loss)]."""
@@ -182,6 +140,8 @@ class Worker:
                 cfg.models,
                 cfg.base_model,
                 cfg.method,
+                seed=cfg.seed,  # the frozen masks are the ones the search's trials are merged with
+                dtype=cfg.dtype,
             )
         return self._refiner.run(point, **settings)
 

@@ -565,10 +565,12 @@ def run_case(case: Case, tmp: Path, zoo: Path) -> tuple[int, str, str]:
 
 
 def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file's size and mtime; not SQLite's shared-memory index (`*.db-shm`), which any reader of a WAL
+    database writes to (its read marks), so a refusal that only read the study may touch it."""
     return {
         str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
         for p in folder.rglob("*")
-        if not p.is_symlink()
+        if not p.is_symlink() and not p.name.endswith("-shm")
     }
 
 

@@ -98,11 +98,15 @@ class Evaluator:
         *,
         seed: int = 0,
         dtype: str | None = None,
-        device: str = "cpu",
-        batch_size: int = 64,
+        device: str | Sequence[str] = "cpu",
+        batch_size: int | str | None = 64,
         include_defaults: bool = False,
         allow_config_mismatch: bool = False,
+        refine_method: str | None = None,
     ):
+        """`device`: one device or a worker's GPU group (the model split over them); `batch_size`: lm-eval's batch,
+        "auto" (lm-eval's search), or None: sized to the device (`capacity.memory.device_batch`; with
+        `refine_method`, leaving room for a refinement round)."""
         from evomerge.merge.materialize import Materializer
 
         if not task_sets:
@@ -113,7 +117,7 @@ class Evaluator:
                 specs,
                 [str(p) for p in include_paths],
                 seed=seed,
-                batch_size=batch_size,
+                batch_size=batch_size if batch_size is not None else 64,
                 include_defaults=include_defaults,
             )
             for name, specs in task_sets.items()
@@ -126,12 +130,21 @@ class Evaluator:
             device=device,
             allow_config_mismatch=allow_config_mismatch,
         )
+        if batch_size is None:
+            from evomerge.capacity.memory import device_batch
+
+            for scorer in self.scorers.values():
+                scorer.batch_size = device_batch(self.materializer, scorer, refine_method)
 
     @classmethod
     def for_config(
-        cls, cfg: SearchConfig, task_sets: Mapping[str, Sequence[TaskSpec]], device: str = "cpu"
+        cls,
+        cfg: SearchConfig,
+        task_sets: Mapping[str, Sequence[TaskSpec]],
+        device: str | Sequence[str] = "cpu",
     ) -> Evaluator:
-        """The config's inputs, dtype, task folders and subset seed, with the given task sets."""
+        """The config's inputs, dtype, task folders, subset seed and evaluation batch (`workers.batch_size`), with
+        the given task sets."""
         return cls(
             cfg.models,
             cfg.base_model,
@@ -140,8 +153,10 @@ class Evaluator:
             seed=cfg.seed,
             dtype=cfg.dtype,
             device=device,
+            batch_size=cfg.workers.batch_size,
             include_defaults=cfg.tasks.include_defaults,
             allow_config_mismatch=cfg.allow_config_mismatch,
+            refine_method=cfg.method if cfg.refine is not None else None,
         )
 
     # -- the resident model ----------------------------------------------------------------------

@@ -93,12 +93,13 @@ class _Progress:
         self.bar.close()
 
 
-def check_tasks(cfg: SearchConfig) -> dict[str, str]:
+def check_tasks(cfg: SearchConfig, keep: dict[str, Any] | None = None) -> dict[str, str]:
     """Load the search (and validation) tasks once, as the workers will: a bad task name, metric, subset or
     task YAML fails here, before a study or run directory exists, naming the config file and field.
 
     Returns the features on by default that cannot run on this study, with why ({"refine": ..., "early_stop":
-    ...}); asked for explicitly in the config, the same reason is a user error instead."""
+    ...}); asked for explicitly in the config, the same reason is a user error instead. `keep`: receives the
+    built search Scorer (`keep["search"]`), for the resource plan."""
     from evomerge.scoring.scorer import Scorer
     from evomerge.scoring.staged import check_per_example
     from evomerge.search.refine import check_refinable
@@ -143,6 +144,8 @@ def check_tasks(cfg: SearchConfig) -> dict[str, str]:
             )
             if name != "tasks.search":
                 continue
+            if keep is not None:
+                keep["search"] = scorer
             if cfg.tasks.smooth > 0:
                 check_per_example(scorer)
             if cfg.early_stop is not None and "early_stop" not in off:
@@ -172,10 +175,12 @@ def run_search(
 
     log = log or (lambda _msg: None)
     space = space_of(cfg)
-    off = check_tasks(cfg)  # a bad task fails before the study, its lock or runs/<name>/ exist
+    built: dict[str, Any] = {}
+    off = check_tasks(cfg, keep=built)  # a bad task fails before the study, its lock or runs/<name>/ exist
     for name, why in off.items():
         log(f"{_FEATURES[name]} is off for this study: {why.removeprefix('refine: ')}")
     cfg = cfg.model_copy(update={name: None for name in off})  # what runs (and runs/<name>/config.yaml records)
+    _plan(cfg, built.get("search"), log)  # what it needs against the devices: a plan that cannot fit exits 2 here
     with StudyLock(cfg.storage_url, cfg.name) as lock:  # before open_study: --force must not delete a live study
         if force and (existing := st.load_study(cfg.name, cfg.storage_url)) is not None:
             lock.check_free(existing)
@@ -219,6 +224,19 @@ def run_search(
                 "run the same command to resume",
             ) from None
     return _finish(study, result, log)
+
+
+def _plan(cfg: SearchConfig, scorer, log: Callable[[str], None]) -> None:
+    """Print the resource plan (evomerge/capacity) and refuse one that cannot fit this machine. A Ray cluster's
+    nodes are checked by the pool once it has joined them, still before any worker loads a model."""
+    from evomerge.capacity import plan_search
+
+    plan = plan_search(cfg, scorer)
+    lines = plan.lines()
+    for line in lines if not cfg.workers.address else lines[:2]:
+        log(line)
+    if not cfg.workers.address:
+        plan.check()
 
 
 def _start_line(cfg: SearchConfig, resumed: bool, n_complete: int) -> str:

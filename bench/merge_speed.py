@@ -51,9 +51,9 @@ RECIPES = {
 
 
 # ---- synthetic checkpoints -------------------------------------------------------------------------
-def llama_shape(params: float) -> dict:
-    """A Llama config of about `params` parameters (untied embeddings, head_dim 64)."""
-    hidden = 1024 if params >= 3e8 else 512 if params >= 3e7 else 256
+def llama_shape(params: float, hidden: int | None = None) -> dict:
+    """A Llama config of about `params` parameters (untied embeddings, head_dim 64; `hidden` default by size)."""
+    hidden = hidden or (1024 if params >= 3e8 else 512 if params >= 3e7 else 256)
     inter = round(hidden * 2.75 / 128) * 128
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
     layers = max(2, round((params - 2 * VOCAB * hidden - hidden) / per_layer))
@@ -67,8 +67,16 @@ def llama_shape(params: float) -> dict:
     )
 
 
-def build_inputs(root: Path, params: float, dtype_name: str, seed: int = 0) -> dict:
-    """Write root/base, root/ft1, root/ft2 (model.safetensors, config.json, tokenizer). Returns the shape."""
+def build_inputs(
+    root: Path,
+    params: float,
+    dtype_name: str,
+    seed: int = 0,
+    fine_tunes: tuple[str, ...] = FINE_TUNES,
+    hidden: int | None = None,
+) -> dict:
+    """Write root/base and root/<fine-tune> for each of `fine_tunes` (model.safetensors, config.json, tokenizer).
+    Returns the shape."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -76,7 +84,7 @@ def build_inputs(root: Path, params: float, dtype_name: str, seed: int = 0) -> d
     from evomerge.zoo.tokenizer import build_tokenizer
 
     dtype = getattr(torch, dtype_name)
-    shape = llama_shape(params)
+    shape = llama_shape(params, hidden)
     tok = build_tokenizer()
     config = LlamaConfig(
         **shape,
@@ -104,7 +112,7 @@ def build_inputs(root: Path, params: float, dtype_name: str, seed: int = 0) -> d
         k: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=gen) * 0.02).to(dtype) for k, s in shapes.items()
     }
     models = {"base": base}
-    for name in FINE_TUNES:  # fine-tune = base + noise of 10% of the base's scale
+    for name in fine_tunes:  # fine-tune = base + noise of 10% of the base's scale
         models[name] = {k: (v.float() + torch.randn(v.shape, generator=gen) * 0.002).to(dtype) for k, v in base.items()}
         _write(root / name, models[name], config, tok, save_file)
         del models[name]
@@ -312,7 +320,7 @@ def _bench(root: Path, args, methods: list[str], skip: set[str]) -> int:
     )
 
     results: dict[str, dict[str, dict]] = {}
-    mergekit = str(REPO / ".venv" / "bin" / "mergekit-yaml")
+    mergekit = str(Path(sys.executable).parent / "mergekit-yaml")  # the environment running this bench
     for n_inputs in sorted({2 if m == "slerp" else 3 for m in methods}):
         if "floor" in skip:
             break

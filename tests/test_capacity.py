@@ -131,7 +131,7 @@ def test_task_facts_count_lm_eval_requests(tiny_zoo):
     assert tasks.requests == 30 and tasks.refine_rows == 30 and not tasks.generates
     task = scorer.tasks["zoo_add_greedy_search"]
     doc = task.eval_docs[scorer.indices("zoo_add_greedy_search")[0]]
-    assert tasks.longest >= len(doc["prompt"]) + len(doc["target"])  # one token per character, plus BOS
+    assert tasks.longest >= len(doc["prompt"]) + len(doc["target"]) - 4  # a token per character; <eos> is one
 
 
 def test_sixty_workers_of_a_half_gb_model_do_not_fit_24_gb(half_gb_models, tmp_path):
@@ -235,3 +235,25 @@ def test_worker_settings_are_validated(tiny_zoo, workers, expect):
     }
     with pytest.raises(ConfigError, match=expect):
         parse_config(data, source="x.yaml")
+
+
+def test_generation_tasks_are_planned_with_their_max_gen_toks(tiny_zoo, tmp_path):
+    """A generate_until search task: the plan's longest request is its context plus the task's own max_gen_toks
+    (what lm-eval generates up to), and a multiple-choice task counts one request per choice."""
+    from evomerge.resources import EVAL_TASKS
+    from evomerge.scoring import Scorer, TaskSpec
+
+    data = EVAL_TASKS / "zoo" / "data" / "add_search.jsonl"
+    (tmp_path / "gen_add.yaml").write_text(
+        "task: gen_add\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\ndoc_to_text: prompt\ndoc_to_target: answer\n"
+        "output_type: generate_until\ngeneration_kwargs:\n  until: ['<eos>']\n  max_gen_toks: 7\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    gen = Scorer([TaskSpec(name="gen_add", metric="exact_match", subset=10)], [tmp_path])
+    facts = TaskFacts.of_scorer(gen, tiny_zoo / "base")
+    prompts = [gen.tasks["gen_add"].eval_docs[i]["prompt"] for i in gen.indices("gen_add")]
+    assert facts.generates and facts.requests == 10
+    assert facts.longest == max(len(p) for p in prompts) + 7  # a token per character, then max_gen_toks
+    choice = TaskFacts.of_scorer(Scorer([TaskSpec(name="zoo_add_search", subset=10)]), tiny_zoo / "base")
+    assert choice.requests == 40 and not choice.generates  # four choices each

@@ -186,7 +186,7 @@ class TaskFacts:
             docs = task.eval_docs
             for i in scorer.indices(leaf):
                 ctx, conts = _request_text(task, docs[i], kind)
-                n_ctx = len(tok(ctx)["input_ids"])
+                n_ctx = len(tok(ctx, add_special_tokens=False)["input_ids"])  # lm-eval's HFLM adds no BOS
                 lengths = [n_ctx + len(tok(c, add_special_tokens=False)["input_ids"]) for c in conts]
                 requests += 1 if kind == "generate_until" else len(conts)
                 longest = max(longest, n_ctx + gen, *lengths)

@@ -192,44 +192,47 @@ def _gpu_problems(plan: Plan, free: int | None) -> list[str]:
 
 
 def _gpu_memory_problem(plan: Plan, free: int) -> list[str]:
-    """Whether one worker's share fits each of its GPUs; else the setting that would make it fit."""
+    """Whether one worker's share fits each of its GPUs; else the setting that would make it fit: more GPUs per
+    worker when some number of them holds it, else refine (when the round is what does not fit), dtype, the batch."""
     s, w, m = plan.settings, plan.worker, plan.model
-    per_gpu_workers = max(1, math.floor(1 / s.num_gpus + 1e-9)) if s.num_gpus < 1 else 1
+    sharing = max(1, math.floor(1 / s.num_gpus + 1e-9)) if s.num_gpus < 1 else 1
     room = int(free * DEVICE_SHARE)
-    need = max(w.per_device) * per_gpu_workers
+    need = max(w.per_device) * sharing
     if need <= room:
         return []
     k = max(1, int(s.num_gpus))
     have = f"{gb(need)} per GPU, more than the {gb(room)} usable of {gb(free)} free"
-    if per_gpu_workers > 1:
-        return [f"workers.num_gpus: {per_gpu_workers} workers share a GPU and need {have}; set workers.num_gpus: 1"]
-    alone = m.resident_bytes // k + CUDA_CONTEXT
+    if sharing > 1:
+        return [f"workers.num_gpus: {sharing} workers share a GPU and need {have}; set workers.num_gpus: 1"]
     most = int(max(n.gpus for n in plan.devices.nodes))
+    what = f"the resident model ({gb(m.resident_bytes)}, {m.dtype}) with {_biggest(w)} on {k} GPU(s) needs {have}"
     better = _fewest_gpus(plan, free, most)
-    more = f"set workers.num_gpus: {better}" if better else None
-    if alone > room:
-        fixes = [more] if more else []
-        if m.dtype == "float32":
-            fixes.append("dtype: bfloat16 (half the bytes)")
-        fix = " or ".join(fixes) if fixes else f"no node has enough GPUs ({most}) for this model in {m.dtype}"
-        model = f"the resident model ({gb(m.resident_bytes)}, {m.dtype})"
-        return [f"workers.num_gpus: {model} on {k} GPU(s) needs {have}; {fix}"]
+    if better:
+        return [f"workers.num_gpus: {what}; set workers.num_gpus: {better}"]
     if s.refine and w.refinement >= max(w.evaluation, w.merge):
-        fix = f"set refine: null, or {more}" if more else "set refine: null"
-        return [f"refine: a refinement round adds {gb(w.refinement)} to the worker, which then needs {have}; {fix}"]
-    if isinstance(s.batch_size, int):
-        return [
-            f"workers.batch_size: an evaluation batch of {s.batch_size} needs {gb(w.evaluation)}, so the worker "
-            f"needs {have}; lower workers.batch_size or leave it out (the plan sizes it)"
-        ]
-    fix = more or "set dtype: bfloat16" if m.dtype == "float32" else more or "give each worker more GPUs"
-    return [f"workers.num_gpus: the worker needs {have}; {fix}"]
+        without = _fewest_gpus(plan, free, most, refine=False, start=k)
+        where = f" (a worker then fits {without} GPU(s))" if without else ""
+        return [f"refine: {what}, and no node has enough GPUs for the round; set refine: null{where}"]
+    if m.dtype == "float32":
+        return [f"dtype: {what}; set dtype: bfloat16 (half the bytes)"]
+    if isinstance(s.batch_size, int) and w.evaluation >= max(w.merge, w.refinement):
+        return [f"workers.batch_size: {what}; lower workers.batch_size or leave it out (the plan sizes it)"]
+    return [f"workers.num_gpus: {what}, and no node of {plan.devices.where} has enough GPUs ({most}) for it"]
 
 
-def _fewest_gpus(plan: Plan, free: int, most: int) -> int | None:
-    """The fewest whole GPUs per worker on which this worker fits (None when no node has that many)."""
-    for k in range(max(1, int(plan.settings.num_gpus)) + 1, most + 1):
-        settings = Settings(**{**plan.settings.__dict__, "num_gpus": float(k)})
+def _biggest(w: WorkerMemory) -> str:
+    terms = [("evaluation", w.evaluation), ("merge buffers", w.merge), ("refinement", w.refinement)]
+    name, size = max(terms, key=lambda term: term[1])
+    return f"its {name} ({gb(size)})"
+
+
+def _fewest_gpus(plan: Plan, free: int, most: int, refine: bool | None = None, start: int = 0) -> int | None:
+    """The fewest whole GPUs per worker (more than it has, or from `start`) on which this worker fits, with
+    refinement as configured or as `refine` says; None when no node has that many."""
+    first = start or max(1, int(plan.settings.num_gpus)) + 1
+    for k in range(first, most + 1):
+        changes = {"num_gpus": float(k)} | ({} if refine is None else {"refine": refine})
+        settings = Settings(**{**plan.settings.__dict__, **changes})
         w = worker_memory(plan.model, plan.tasks, settings, free)
         if max(w.per_device) <= int(free * DEVICE_SHARE):
             return k

@@ -217,7 +217,7 @@ def _plan(args: argparse.Namespace) -> int:
     if devices is None and cfg.workers.address:
         devices = _cluster(cfg)
     plan = plan_search(cfg, built.get("search"), devices)
-    print("\n".join(plan.lines()))
+    print("\n".join(plan.lines()), flush=True)  # before the refusal's line on stderr
     plan.check()
     return 0
 

@@ -107,7 +107,7 @@ def sync(device) -> None:
 def start_zoo(root: Path, variant: str) -> subprocess.Popen:
     """`evomerge zoo build` in the background (CPU training), so it is ready by the zoo search."""
     log = open(root / f"zoo-{variant}.log", "w")  # noqa: SIM115 - closed with the process
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = dict(os.environ)  # PYTHONPATH holds this checkout (main)
     cmd = [
         sys.executable,
         "-m",
@@ -561,6 +561,8 @@ def main() -> int:
     ap.add_argument("--params", type=float, help="size of the synthetic model (default 1e9; 3e7 on cpu)")
     ap.add_argument("--keep", metavar="DIR", help="build the inputs in DIR and keep them")
     args = ap.parse_args()
+    # Ray's workers and the zoo build import evomerge through PYTHONPATH: this checkout, installed or not
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     from evomerge.offline import go_offline
 
     go_offline()

@@ -257,3 +257,25 @@ def test_generation_tasks_are_planned_with_their_max_gen_toks(tiny_zoo, tmp_path
     assert facts.longest == max(len(p) for p in prompts) + 7  # a token per character, then max_gen_toks
     choice = TaskFacts.of_scorer(Scorer([TaskSpec(name="zoo_add_search", subset=10)]), tiny_zoo / "base")
     assert choice.requests == 40 and not choice.generates  # four choices each
+
+
+def test_a_pool_refuses_gpus_ray_does_not_have(tiny_zoo, monkeypatch):
+    """Any pool (the search's, the guard's, the report's) checks the GPUs Ray reports before it starts an actor,
+    which would otherwise wait for one forever."""
+    from evomerge.errors import ConfigError
+    from evomerge.search.workers import WorkerPool
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    data = {
+        "name": "x",
+        "base_model": str(tiny_zoo / "base"),
+        "models": [str(tiny_zoo / "add")],
+        "method": "task_arithmetic",
+        "tasks": {"search": [{"name": "zoo_add_search", "subset": 4}]},
+        "workers": {"count": 1, "num_gpus": 1},
+    }
+    with pytest.raises(ConfigError, match=r"workers.num_gpus: 1 worker\(s\) x 1 GPU\(s\), but Ray finds no GPU"):
+        WorkerPool(parse_config(data, source="x.yaml"))
+    import ray
+
+    assert not ray.is_initialized()  # the pool shut down the Ray it started

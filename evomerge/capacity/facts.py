@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -40,6 +40,7 @@ class ModelFacts:
     kv_heads: int
     head_dim: int
     vocab: int
+    config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the base's config.json
 
     @property
     def itemsize(self) -> int:
@@ -114,6 +115,7 @@ class ModelFacts:
             largest=largest or max(shape["vocab"] * hidden, inter * hidden),
             input_bytes=tuple(int(b) for b in input_bytes),
             dtype=kind,
+            config=dict(config),
             **shape,
         )
 

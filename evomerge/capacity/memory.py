@@ -7,7 +7,7 @@ Per worker, on its device (the GPUs of its group, or host memory for a CPU worke
               2 x layers x B x T x kv_heads x head_dim x itemsize (T: the longest request, generation included)
   merge       one tensor's buffers: the inputs copied to the device and the kernel's work tensors,
               (inputs + 2) x largest tensor x 4
-  refinement  `refine_bytes` (only while a refinement round runs)
+  refinement  `refine_bytes`: search/footprint.py's formula (only while a refinement round runs)
 Evaluation, merge and refinement never run at once in a worker, so its peak is resident + runtime + the largest
 of the three. Per node, the memory-mapped inputs' pages (the page cache, counted once for all the node's workers;
 each worker's RSS shows the pages it touched) and Ray's own processes come on top.
@@ -76,11 +76,33 @@ def merge_bytes(model: ModelFacts) -> int:
     return (model.n_inputs + 2) * model.largest * 4
 
 
-def refine_bytes(model: ModelFacts, tasks: TaskFacts, method: str) -> int:
-    """Extra memory of a refinement round as search/refine.py computes it today: the base and one task vector per
-    model in float32 (frozen at the starting point), the merged state and what autograd keeps of it (state, and
-    the float32 mix; TIES-style sign masks per model), and one forward with gradients over every search example
-    at once (each layer's activations, ~(10 h + 4 i) per token, and the logits with their float32 log-softmax)."""
+def refine_bytes(model: ModelFacts, tasks: TaskFacts, method: str, on_gpu: bool = False, threads: int = 1) -> int:
+    """Extra memory of a refinement round: search/footprint.py's formula (search/refine.py's docstring) for the
+    micro-batch the Refiner takes (its default size, or all the training rows when they are fewer), on the
+    resident model's device; DELLA's bit-packed masks (host memory) are added too."""
+    try:
+        from evomerge.search.footprint import default_micro_batch_tokens, refine_extra_bytes
+    except ImportError:  # until the memory-bounded refinement lands (branch `refine`): today's engine
+        return _refine_bytes_autograd(model, tasks, method)
+    s = model.itemsize
+    tokens = min(default_micro_batch_tokens(model.config, model.resident_bytes, s), max(tasks.refine_tokens, 1))
+    extra = refine_extra_bytes(
+        model.config,
+        model.resident_bytes,
+        model.n_inputs - 1,
+        largest=model.largest * s,
+        dtype_bytes=s,
+        tokens=tokens,
+        threads=threads,
+        accelerator=on_gpu,
+        della=method.startswith("della"),
+    )
+    return extra["device"] + extra["host"]
+
+
+def _refine_bytes_autograd(model: ModelFacts, tasks: TaskFacts, method: str) -> int:
+    """search/refine.py before the memory-bounded engine: the base and one task vector per model in float32, the
+    merged state and what autograd keeps of it, one forward with gradients over every search example at once."""
     from evomerge.merge.kernels import SPARSIFYING
 
     n_models = model.n_inputs - 1
@@ -107,7 +129,8 @@ def worker_memory(model: ModelFacts, tasks: TaskFacts, settings: Settings, devic
     CPU or when unknown: a CPU worker evaluates with CPU_BATCH, a GPU one with what is left of the budget)."""
     n = max(1, int(settings.num_gpus)) if settings.num_gpus > 0 else 0
     resident = model.resident_bytes
-    refine = refine_bytes(model, tasks, settings.method) if settings.refine else 0
+    threads = max(1, int(settings.num_cpus))
+    refine = refine_bytes(model, tasks, settings.method, on_gpu=n > 0, threads=threads) if settings.refine else 0
     merge = merge_bytes(model)
     batch: int | str
     if isinstance(settings.batch_size, int):
@@ -142,7 +165,7 @@ def device_batch(materializer, scorer, refine_method: str | None = None) -> int:
     model = ModelFacts.of_inputs(base, [m for m in materializer.inputs if m != base], dtype=dtype)
     tasks = TaskFacts.of_scorer(scorer, base)
     free = min(torch.cuda.mem_get_info(d)[0] for d in devices)
-    reserve = refine_bytes(model, tasks, refine_method) // len(devices) if refine_method else 0
+    reserve = refine_bytes(model, tasks, refine_method, on_gpu=True) // len(devices) if refine_method else 0
     budget = int(free * DEVICE_SHARE) - max(merge_bytes(model), reserve)
     return batch_for(model, tasks, budget) or 1
 

@@ -381,7 +381,11 @@ def merge_floor(device, synthetic: Path, bw: dict) -> dict:
 
 
 # ---- 4, 5: searches ------------------------------------------------------------------------------------
-def search_config(name: str, base: Path, models: list[Path], device, trials: int, workers: int, subset: int) -> dict:
+def search_config(
+    name: str, base: Path, models: list[Path], device, trials: int, workers: int, subset: int, timeout: float
+) -> dict:
+    """A search as a user configures one (the shipped task-arithmetic space, the zoo's greedy tasks, refinement at
+    half the budget); `timeout` (budget.timeout) keeps it inside the run's budget."""
     return {
         "name": name,
         "base_model": str(base),
@@ -394,7 +398,7 @@ def search_config(name: str, base: Path, models: list[Path], device, trials: int
                 {"name": "zoo_reverse_greedy_search", "subset": subset},
             ]
         },
-        "budget": {"n_trials": trials},
+        "budget": {"n_trials": trials, "timeout": max(20.0, timeout)},
         "refine": {"at": [0.5], "steps": 10, "every": 5},
         "early_stop": None,
         "workers": {"count": workers, "num_cpus": 2, "num_gpus": 1 if device.type == "cuda" else 0},
@@ -602,11 +606,13 @@ def main() -> int:
                 20 if not quick else 8,
                 0,
                 100,
+                run.left() - 150,  # leaves the zoo search, the split and the summary their time
             )
             run.step("4 search 1B", 90, search, device, cfg, root / "run-1b", True)
         zoo = _ready_zoo(zoos, root, run)
         if zoo is not None:
-            cfg = search_config("gpu-zoo", zoo / "base", _zoo_specialists(zoo), device, 20 if not quick else 8, 1, 100)
+            trials, left = 20 if not quick else 8, run.left() - 60
+            cfg = search_config("gpu-zoo", zoo / "base", _zoo_specialists(zoo), device, trials, 1, 100, left)
             run.step("5 search zoo", 60, search, device, cfg, root / "run-zoo", False)
             run.step("6 split", 20, split, device, zoo)
         else:

@@ -324,8 +324,13 @@ def main() -> int:
     ap.add_argument("--no-refine", action="store_true", help="the same searches without the refinement round")
     ap.add_argument("--keep", metavar="DIR", help="build the inputs in DIR and keep them (reused if present)")
     ap.add_argument("--json", metavar="FILE", help="also write the raw figures as JSON")
+    ap.add_argument("--report", metavar="JSON,...", help="only print the report of earlier --json files (one per size)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.report:
+        results = [r for f in args.report.split(",") for r in json.loads(Path(f).read_text())]
+        print(report(sorted(results, key=lambda r: r["params"]), args))
+        return 0
     if args._child:
         spec = json.loads(args._child)
         if spec["kind"] == "build":

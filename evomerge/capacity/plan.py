@@ -208,7 +208,8 @@ def _gpu_memory_problem(plan: Plan, free: int) -> list[str]:
     what = f"the resident model ({gb(m.resident_bytes)}, {m.dtype}) with {_biggest(w)} on {k} GPU(s) needs {have}"
     better = _fewest_gpus(plan, free, most)
     if better:
-        return [f"workers.num_gpus: {what}; set workers.num_gpus: {better}"]
+        per_node = f" (then {most // better} worker(s) per {most}-GPU node)" if most // better < max(1, s.count) else ""
+        return [f"workers.num_gpus: {what}; set workers.num_gpus: {better}{per_node}"]
     if s.refine and w.refinement >= max(w.evaluation, w.merge):
         without = _fewest_gpus(plan, free, most, refine=False, start=k)
         where = f" (a worker then fits {without} GPU(s))" if without else ""
@@ -227,10 +228,12 @@ def _biggest(w: WorkerMemory) -> str:
 
 
 def _fewest_gpus(plan: Plan, free: int, most: int, refine: bool | None = None, start: int = 0) -> int | None:
-    """The fewest whole GPUs per worker (more than it has, or from `start`) on which this worker fits, with
-    refinement as configured or as `refine` says; None when no node has that many."""
+    """The fewest whole GPUs per worker (2, 4, 8 ... or a whole node; more than it has, or from `start`) on which
+    this worker fits, with refinement as configured or as `refine` says; None when no node has that many."""
     first = start or max(1, int(plan.settings.num_gpus)) + 1
-    for k in range(first, most + 1):
+    # groups of 2, 4, 8 ... (and a whole node): what divides a node into workers without idle GPUs
+    sizes = sorted({2**j for j in range(1, most.bit_length() + 1) if 2**j <= most} | {most})
+    for k in (k for k in sizes if k >= first):
         changes = {"num_gpus": float(k)} | ({} if refine is None else {"refine": refine})
         settings = Settings(**{**plan.settings.__dict__, **changes})
         w = worker_memory(plan.model, plan.tasks, settings, free)

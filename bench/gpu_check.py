@@ -588,35 +588,7 @@ def main() -> int:
     here = os.getcwd()
     zoos = {v: start_zoo(root, v) for v in (["tiny"] if quick else ["pair", "tiny"])}
     try:
-        env = run.step("0 environment", 0, environment, device)
-        print(json.dumps(env), flush=True)
-        synthetic = root / "synthetic"
-        params = args.params or (3e7 if quick else 1e9)
-        shape = run.step("0 synthetic inputs", 60, build_synthetic, synthetic, params, device)
-        bw = run.step("1 bandwidth", 20, bandwidth, device, synthetic) if shape else None
-        run.step("2 kernels", 90, kernels, device, quick)
-        if shape and bw:
-            run.step("3 merge", 60, merge_floor, device, synthetic, bw)
-        if shape:
-            cfg = search_config(
-                "gpu-1b",
-                synthetic / "base",
-                [synthetic / m for m in FINE_TUNES],
-                device,
-                20 if not quick else 8,
-                0,
-                100,
-                run.left() - 150,  # leaves the zoo search, the split and the summary their time
-            )
-            run.step("4 search 1B", 90, search, device, cfg, root / "run-1b", True)
-        zoo = _ready_zoo(zoos, root, run)
-        if zoo is not None:
-            trials, left = 20 if not quick else 8, run.left() - 60
-            cfg = search_config("gpu-zoo", zoo / "base", _zoo_specialists(zoo), device, trials, 1, 100, left)
-            run.step("5 search zoo", 60, search, device, cfg, root / "run-zoo", False)
-            run.step("6 split", 20, split, device, zoo)
-        else:
-            run.results.append(("5 search zoo", "skipped: no zoo was built in time (see zoo-*.log)", {}))
+        steps(run, device, args.params or (3e7 if quick else 1e9), zoos)
     finally:
         os.chdir(here)
         for proc in zoos.values():
@@ -626,6 +598,31 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     return 1 if run.failures else 0
+
+
+def steps(run: Run, device, params: float, zoos: dict) -> None:
+    """Every step, in order; a step whose inputs failed to build is skipped with the reason."""
+    env = run.step("0 environment", 0, environment, device)
+    print(json.dumps(env), flush=True)
+    synthetic = run.root / "synthetic"
+    shape = run.step("0 synthetic inputs", 60, build_synthetic, synthetic, params, device)
+    bw = run.step("1 bandwidth", 20, bandwidth, device, synthetic) if shape else None
+    run.step("2 kernels", 90, kernels, device, run.quick)
+    trials = 20 if not run.quick else 8
+    if shape and bw:
+        run.step("3 merge", 60, merge_floor, device, synthetic, bw)
+    if shape:
+        models = [synthetic / m for m in FINE_TUNES]
+        # budget.timeout leaves the zoo search, the split and the summary their time
+        cfg = search_config("gpu-1b", synthetic / "base", models, device, trials, 0, 100, run.left() - 150)
+        run.step("4 search 1B", 90, search, device, cfg, run.root / "run-1b", True)
+    zoo = _ready_zoo(zoos, run.root, run)
+    if zoo is None:
+        run.results.append(("5 search zoo", "skipped: no zoo was built in time (see zoo-*.log)", {}))
+        return
+    cfg = search_config("gpu-zoo", zoo / "base", _zoo_specialists(zoo), device, trials, 1, 100, run.left() - 60)
+    run.step("5 search zoo", 60, search, device, cfg, run.root / "run-zoo", False)
+    run.step("6 split", 20, split, device, zoo)
 
 
 def _ready_zoo(zoos: dict, root: Path, run: Run) -> Path | None:

@@ -27,8 +27,7 @@ def main(db: str, rounds: int) -> None:
     interrupts.install()
     study = optuna.create_study(study_name="busy", storage=st.get_storage(f"sqlite:///{db}"))
     trial = study.ask()
-    print("ready", flush=True)
-    done, n, answer = 0, 0, None
+    done, n, answer = 0, 0, "ready"  # printed inside the try, as every answer: a signal may follow at once
     while done < rounds:
         try:
             if answer is not None:  # answered from inside the try: the next signal finds the loop ready for it

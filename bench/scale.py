@@ -316,12 +316,35 @@ def report(results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def refine_memory(root: Path) -> str:
+    """Issue 19's figure at ~100M parameters: the peak RSS a refinement round adds to an in-process search over
+    the same search without refinement, against the resident model's bytes (target <= 2.5x). Measured by
+    bench/refine_memory.py (the refinement's own bench), run here as it is."""
+    script = REPO / "bench" / "refine_memory.py"
+    if not script.is_file():
+        return (
+            "in-process refinement memory: bench/refine_memory.py is not in this checkout (it comes with branch refine)"
+        )
+    log = root / "refine_memory.log"
+    cmd = [sys.executable, str(script), "--params", "1e8", "--skip", "old-search,steps", "--keep", str(root / "rm")]
+    with open(log, "w") as fh:
+        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, check=False).returncode
+    text = log.read_text()
+    head = f"in-process refinement memory at ~100M parameters ({' '.join(cmd[1:])}; exit {code}):"
+    return "\n".join([head, *("  " + line for line in text.splitlines()[-25:])])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="5e8,1.5e9", help="approximate parameter counts (default 5e8,1.5e9)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--no-refine", action="store_true", help="the same searches without the refinement round")
+    ap.add_argument(
+        "--no-refine-memory",
+        action="store_true",
+        help="skip bench/refine_memory.py (the in-process refinement memory against 2.5x the model at ~100M)",
+    )
     ap.add_argument("--keep", metavar="DIR", help="build the inputs in DIR and keep them (reused if present)")
     ap.add_argument("--json", metavar="FILE", help="also write the raw figures as JSON")
     ap.add_argument("--report", metavar="JSON,...", help="only print the report of earlier --json files (one per size)")
@@ -359,6 +382,8 @@ def main() -> int:
             shutil.rmtree(root, ignore_errors=True)
     print()
     print(report(results, args))
+    if not args.no_refine_memory:
+        print(refine_memory(root))
     print(f"load average {os.getloadavg()[0]:.2f} at the end (2 cores: above ~1 means other work ran beside this)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -377,13 +377,13 @@ def main() -> int:
             res = measure(root, size, args)
             results.append(res)
             print(report([res], args), flush=True)
+        print()
+        print(report(results, args))
+        if not args.no_refine_memory:
+            print(refine_memory(root), flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print()
-    print(report(results, args))
-    if not args.no_refine_memory:
-        print(refine_memory(root))
     print(f"load average {os.getloadavg()[0]:.2f} at the end (2 cores: above ~1 means other work ran beside this)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

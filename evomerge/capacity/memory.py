@@ -80,10 +80,8 @@ def refine_bytes(model: ModelFacts, tasks: TaskFacts, method: str, on_gpu: bool 
     """Extra memory of a refinement round: search/footprint.py's formula (search/refine.py's docstring) for the
     micro-batch the Refiner takes (its default size, or all the training rows when they are fewer), on the
     resident model's device; DELLA's bit-packed masks (host memory) are added too."""
-    try:
-        from evomerge.search.footprint import default_micro_batch_tokens, refine_extra_bytes
-    except ImportError:  # until the memory-bounded refinement lands (branch `refine`): today's engine
-        return _refine_bytes_autograd(model, tasks, method)
+    from evomerge.search.footprint import default_micro_batch_tokens, refine_extra_bytes
+
     s = model.itemsize
     tokens = min(default_micro_batch_tokens(model.config, model.resident_bytes, s), max(tasks.refine_tokens, 1))
     extra = refine_extra_bytes(
@@ -98,21 +96,6 @@ def refine_bytes(model: ModelFacts, tasks: TaskFacts, method: str, on_gpu: bool 
         della=method.startswith("della"),
     )
     return extra["device"] + extra["host"]
-
-
-def _refine_bytes_autograd(model: ModelFacts, tasks: TaskFacts, method: str) -> int:
-    """search/refine.py before the memory-bounded engine: the base and one task vector per model in float32, the
-    merged state and what autograd keeps of it, one forward with gradients over every search example at once."""
-    from evomerge.merge.kernels import SPARSIFYING
-
-    n_models = model.n_inputs - 1
-    p, s = model.params, model.itemsize
-    frozen = (1 + n_models) * p * 4
-    graph = p * (s + 4) + (n_models * p * 4 if method in SPARSIFYING and "ties" in method else 0)
-    tokens = tasks.refine_tokens
-    acts = tokens * model.layers * (10 * model.hidden + 4 * model.intermediate) * s
-    logits = tokens * model.vocab * (s + 8)
-    return frozen + graph + acts + logits
 
 
 def batch_for(model: ModelFacts, tasks: TaskFacts, budget: int) -> int:

@@ -185,6 +185,8 @@ class Worker:
                 cfg.models,
                 cfg.base_model,
                 cfg.method,
+                seed=cfg.seed,  # the frozen masks are the ones the search's trials are merged with
+                dtype=cfg.dtype,
             )
         return self._refiner.run(point, **settings)
 

@@ -151,7 +151,7 @@ def _first_pass(p: Pruner, base: torch.Tensor, model: torch.Tensor, chunk: int, 
         return (
             torch.empty(size, dtype=p.work, device=base.device),
             torch.empty(size, dtype=p.work, device=base.device),
-            _Scratch(size, base.device),
+            Scratch(size, base.device),
             (torch.empty(size, device=base.device), torch.empty(size, dtype=torch.int32, device=base.device)),
         )
 
@@ -172,7 +172,7 @@ def _first_pass(p: Pruner, base: torch.Tensor, model: torch.Tensor, chunk: int, 
     return rescale_factor(*totals(parts), p.work) if rescale else None
 
 
-class _Scratch:
+class Scratch:
     """Chunk-sized integer buffers for the random bits."""
 
     def __init__(self, size: int, device: Any):
@@ -188,7 +188,7 @@ def _mask_into(
     a: torch.Tensor,
     start: int,
     out: torch.Tensor,
-    scratch: _Scratch,
+    scratch: Scratch,
     spare: torch.Tensor | None = None,
     fresh: bool = False,
 ) -> torch.Tensor:
@@ -227,7 +227,7 @@ def _combine(method, params, base, flats, pruners, weights, result, chunk) -> No
             [buf() for _ in range(k)],
             buf(),
             buf(),
-            _Scratch(size, base.device),
+            Scratch(size, base.device),
             {dt: (buf(dt), buf(dt)) for dt in wide},
         )
 
@@ -301,4 +301,20 @@ def _elect(ds, masks, weights, mixed, divisor) -> None:
     divisor.add_(zero)
 
 
-__all__ = ["merge_gta"]
+def frozen_pruner(method: Any, base, model, density: float, rescale: bool, extra: dict, key, chunk: int) -> Pruner:
+    """One task vector's pruner as `merge_gta` builds it (flat `base` and `model` in the merge's dtype), for a
+    caller that keeps it across merges at other weights (search/surrogate.py): DARE's mask is not kept (it is
+    redrawn from its counter stream chunk by chunk), DELLA's is (one byte per element)."""
+    p = _pruner(method.sparsification_method, base, model, density, rescale, extra, key, chunk)
+    if p.key is not None:
+        p.stored = None
+    return p
+
+
+def mask_into(p: Pruner, a: torch.Tensor, start: int, out: torch.Tensor, scratch: Scratch, spare=None) -> torch.Tensor:
+    """out = p's keep mask for the chunk at `start` (0/1 in out's dtype); `a`: the chunk's magnitudes (read by
+    magnitude pruning only), `spare`: a float buffer like `out` (breadcrumbs)."""
+    return _mask_into(p, a, start, out, scratch, spare)
+
+
+__all__ = ["Pruner", "Scratch", "frozen_pruner", "mask_into", "merge_gta"]

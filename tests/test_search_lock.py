@@ -53,16 +53,16 @@ class Loaded(Exception):
     pass
 
 
-def test_the_driver_heartbeats_from_taking_the_study_also_while_workers_load(tmp_path, monkeypatch):
+def test_the_driver_heartbeats_from_taking_the_study_also_while_workers_load(tiny_zoo, tmp_path, monkeypatch):
     """A model load longer than the grace period must not let another host take the study: the lock's heartbeat
-    thread beats while the pool is still being made."""
-    from test_search_faults import fake_zoo, zoo_config
+    thread beats while the pool is still being made. (Real inputs: the resource plan reads their headers first.)"""
+    from test_search_faults import zoo_config
 
     from evomerge.search.driver import run_search
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(lk, "HEARTBEAT_S", 0.1)
-    cfg = zoo_config(fake_zoo(tmp_path))
+    cfg = zoo_config(tiny_zoo)
     seen = []
 
     def slow_pool(c):  # workers loading models: the driver's loop has not started until the lock beat 4 times

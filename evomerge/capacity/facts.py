@@ -178,7 +178,15 @@ class TaskFacts:
     def of_scorer(cls, scorer, tokenizer_source: str | os.PathLike) -> TaskFacts:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_source))
+        from evomerge.errors import ModelError, first_line
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(tokenizer_source))
+        except (OSError, ValueError) as exc:  # what the workers' own load would raise
+            raise ModelError(
+                f"{tokenizer_source}: its tokenizer cannot be loaded ({first_line(exc)}); a base model folder needs "
+                "its tokenizer files (tokenizer.json, tokenizer_config.json)"
+            ) from None
         requests = rows = longest = width = 0
         generates = False
         for leaf, task in scorer.tasks.items():

@@ -194,7 +194,7 @@ def run_search(
     space = space_of(cfg)
     built: dict[str, Any] = {}
     cfg = _runnable(cfg, log, built)  # a bad task fails before the study, its lock or runs/<name>/ exist
-    _plan(cfg, built.get("search"), log)  # what it needs against the devices: a plan that cannot fit exits 2 here
+    plan = _plan(cfg, built.get("search"), log)  # what it needs against the devices: one that cannot fit exits 2
     with StudyLock(cfg.storage_url, cfg.name) as lock:  # before open_study: --force must not delete a live study
         if force and (existing := st.load_study(cfg.name, cfg.storage_url)) is not None:
             lock.check_free(existing)
@@ -213,6 +213,8 @@ def run_search(
                 f"raise --n-trials to go on"
             )
             return _finish(study, result)
+        for line in plan:
+            log(line)
         search = _Search(study, cfg, space, lock, result, n_complete, log)
         try:
             search.run(pool_factory or open_pool, progress)
@@ -221,17 +223,19 @@ def run_search(
     return _finish(study, result, log)
 
 
-def _plan(cfg: SearchConfig, scorer, log: Callable[[str], None]) -> None:
-    """Print the resource plan (evomerge/capacity) and refuse one that cannot fit this machine. A Ray cluster's
+def _plan(cfg: SearchConfig, scorer, log: Callable[[str], None]) -> list[str]:
+    """The resource plan's lines (evomerge/capacity), logged after the start line; one that cannot fit this machine
+    is logged now and refused (ConfigError naming the setting), before the study is touched. A Ray cluster's
     nodes are checked by the pool once it has joined them, still before any worker loads a model."""
     from evomerge.capacity import plan_search
 
     plan = plan_search(cfg, scorer)
-    lines = plan.lines()
-    for line in lines if not cfg.workers.address else lines[:2]:
-        log(line)
-    if not cfg.workers.address:
+    lines = plan.lines() if not cfg.workers.address else plan.lines()[:2]
+    if plan.problems and not cfg.workers.address:
+        for line in lines:
+            log(line)
         plan.check()
+    return lines
 
 
 def _runnable(cfg: SearchConfig, log: Callable[[str], None], keep: dict[str, Any] | None = None) -> SearchConfig:

@@ -476,6 +476,19 @@ CASES = [
     ),
     # search configs (each fails before Ray starts and before runs/<name>/ is made)
     Case(
+        "search_num_gpus_without_a_gpu",  # the plan refuses it: Ray would wait for a GPU forever
+        lambda t, z: search_config(t, z, workers={"count": 1, "num_gpus": 1}),
+        "workers.num_gpus: 1 GPU(s) per worker, but this machine has no GPU",
+        around=lambda: env_var("CUDA_VISIBLE_DEVICES", ""),
+        in_tmp=True,
+    ),
+    Case(
+        "search_num_gpus_not_whole",
+        lambda t, z: search_config(t, z, workers={"count": 1, "num_gpus": 1.5}),
+        "whole GPUs",
+        in_tmp=True,
+    ),
+    Case(
         "search_unknown_sampler",
         lambda t, z: search_config(t, z, sampler={"name": "cmaess"}),
         "did you mean: cmaes",

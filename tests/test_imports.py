@@ -103,8 +103,8 @@ LAYERS = [
     ("config", ["evomerge.config"]),
     ("the search", ["evomerge.search.lock", "evomerge.search.server_lock", "evomerge.search.study",
                     "evomerge.search.workers", "evomerge.search.refine", "evomerge.search.surrogate",
-                    "evomerge.search.objective", "evomerge.search.footprint", "evomerge.search.guard",
-                    "evomerge.search.driver"]),
+                    "evomerge.search.objective", "evomerge.search.footprint", "evomerge.capacity",
+                    "evomerge.search.guard", "evomerge.search.driver"]),
     ("outputs", ["evomerge.analysis", "evomerge.report", "evomerge.modelcard", "evomerge.export", "evomerge.zoo"]),
     ("the CLI", ["evomerge.commands", "evomerge.cli", "evomerge.__main__"]),
 ]  # fmt: skip

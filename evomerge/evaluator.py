@@ -113,12 +113,15 @@ class Evaluator:
         *,
         seed: int = 0,
         dtype: str | None = None,
-        device: str = "cpu",
-        batch_size: int = 64,
+        device: str | Sequence[str] = "cpu",
+        batch_size: int | str | None = 64,
         include_defaults: bool = False,
         allow_config_mismatch: bool = False,
         tokenizer_source: str | None = None,
     ):
+        """`device`: one device or a worker's GPU group (the model split over them); `batch_size`: lm-eval's batch,
+        "auto" (lm-eval's search), or None: 64 here, and a search's worker sizes it to its device
+        (`capacity.memory.device_batch`, the capacity layer sitting above this one)."""
         from evomerge.merge.materialize import Materializer
 
         if not task_sets:
@@ -129,7 +132,7 @@ class Evaluator:
                 specs,
                 [str(p) for p in include_paths],
                 seed=seed,
-                batch_size=batch_size,
+                batch_size=batch_size if batch_size is not None else 64,
                 include_defaults=include_defaults,
             )
             for name, specs in task_sets.items()
@@ -146,9 +149,13 @@ class Evaluator:
 
     @classmethod
     def for_config(
-        cls, cfg: SearchConfig, task_sets: Mapping[str, Sequence[TaskSpec]], device: str = "cpu"
+        cls,
+        cfg: SearchConfig,
+        task_sets: Mapping[str, Sequence[TaskSpec]],
+        device: str | Sequence[str] = "cpu",
     ) -> Evaluator:
-        """The config's inputs, dtype, task folders and subset seed, with the given task sets."""
+        """The config's inputs, dtype, task folders, subset seed and evaluation batch (`workers.batch_size`), with
+        the given task sets."""
         return cls(
             cfg.models,
             cfg.base_model,
@@ -157,6 +164,7 @@ class Evaluator:
             seed=cfg.seed,
             dtype=cfg.dtype,
             device=device,
+            batch_size=cfg.workers.batch_size,
             include_defaults=cfg.tasks.include_defaults,
             allow_config_mismatch=cfg.allow_config_mismatch,
             tokenizer_source=cfg.tokenizer_source,

@@ -212,6 +212,20 @@ def test_a_worker_maps_the_base_once_for_all_its_adapters(adapters):
     assert add.base is base and rev.base is base
 
 
+def test_the_resource_plan_counts_an_adapter_as_its_own_files(adapters):
+    """The plan before a search reads an adapter's size from its files, the base once (in both reference forms),
+    not a full model per adapter; and it reads no adapter weight (a bare folder or BASE+ADAPTER, same bytes)."""
+    from evomerge.capacity import ModelFacts
+
+    base = str(adapters["base"])
+    full = Checkpoint(base).nbytes()
+    own = [(adapters[k] / "adapter_model.safetensors").stat().st_size for k in ("add", "rev")]
+    bare = ModelFacts.of_inputs(base, [str(adapters["add"]), str(adapters["rev"])])
+    plus = ModelFacts.of_inputs(base, [f"{base}+{adapters['add']}", f"{base}+{adapters['rev']}"])
+    assert bare.input_bytes == plus.input_bytes == (*own, full)
+    assert sum(own) < full and bare.params == ModelFacts.of_inputs(base, [base]).params
+
+
 def test_gpt2_conv1d_adapter_with_trained_biases_is_peft_merge_and_unload(arch_family, tmp_path):
     """GPT-2's Conv1D layers (`fan_in_fan_out`: the delta transposed) and `bias: all` (every bias trained and stored
     whole): the reader's tensors are peft's merged ones."""

@@ -162,6 +162,12 @@ class Checkpoint:
             return torch.frombuffer(bytearray(buf[entry.start : entry.end]), dtype=dtype).reshape(entry.shape)
         return torch.frombuffer(buf, dtype=dtype, count=count, offset=entry.start).reshape(entry.shape)
 
+    def nbytes(self) -> int:
+        """Bytes of every tensor as stored (from the headers; no weight is read)."""
+        if self._pickled is not None:
+            return sum(t.numel() * t.element_size() for t in self._pickled.values())
+        return sum(e.end - e.start for e in self._entries.values())
+
     def release(self, name: str) -> None:
         """Drop the mapped pages of `name` from this process's memory (the page cache keeps them).
 

@@ -58,6 +58,11 @@ def is_adapter(folder: str | os.PathLike) -> bool:
     return (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file()
 
 
+def adapter_nbytes(folder: str | os.PathLike) -> int:
+    """The adapter's weight files' size (no weight is read): what the resource plan counts for it."""
+    return sum(f.stat().st_size for f in _adapter_files(Path(folder), allow_pickle=True))
+
+
 def adapter_base(folder: str | os.PathLike) -> str | None:
     """The adapter's `base_model_name_or_path` (a Hub id or a path, as its trainer wrote it), or None."""
     try:
@@ -310,4 +315,4 @@ def _known(folder: Path, base: Checkpoint, name: str, key: str) -> str:
     return name
 
 
-__all__ = ["ADAPTER_CONFIG", "Factors", "LoraCheckpoint", "adapter_base", "add_delta", "is_adapter"]
+__all__ = ["ADAPTER_CONFIG", "Factors", "LoraCheckpoint", "adapter_base", "adapter_nbytes", "add_delta", "is_adapter"]

@@ -238,12 +238,13 @@ class Materializer:
         dtype: str | None = None,
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
-        device: str = "cpu",
+        device: str | Sequence[str] = "cpu",
         allow_config_mismatch: bool = False,
         tokenizer_source: str | None = None,
     ):
-        """`device`: where the resident model lives and evaluates ("cuda" on a GPU worker); each merged tensor
-        is computed there (its inputs copied from the memory-mapped CPU files, a LoRA adapter's factors with
+        """`device`: where the resident model lives and evaluates ("cuda" on a GPU worker), or several devices
+        (["cuda:0", "cuda:1"]: the model split over them, `merge.placement`); each merged tensor is computed on
+        its parameter's device (its inputs copied from the memory-mapped CPU files, a LoRA adapter's factors with
         them) and written into the parameter. `allow_config_mismatch`: merge models whose config.json differ in
         shape-defining fields when their tensors match. `tokenizer_source` (union, base or a tokenizer folder):
         the resident model and tokenizer take the output vocabulary, and every recipe merges its embeddings and
@@ -272,14 +273,21 @@ class Materializer:
         if self.vocab is not None:  # the resident model has one row per token of the output vocabulary
             config.get_text_config().vocab_size = self.vocab.rows
         model_dtype = torch_dtype(dtype) or _config_dtype(config) or torch.float32
-        from transformers.initialization import no_init_weights
+        devices = [device] if isinstance(device, str) else list(device)
+        if devices == ["cpu"]:
+            from transformers.initialization import no_init_weights
 
-        with no_init_weights():  # every weight is overwritten by apply: skip the random init (seconds at 1B)
-            self.model = AutoModelForCausalLM.from_config(
-                config, dtype=model_dtype, trust_remote_code=trust_remote_code
-            )
-        self.model.tie_weights()  # transformers 5 skips tying under no_init_weights; a tied head must share storage
-        self.model.to(device).eval()
+            with no_init_weights():  # every weight is overwritten by apply: skip the random init (seconds at 1B)
+                self.model = AutoModelForCausalLM.from_config(
+                    config, dtype=model_dtype, trust_remote_code=trust_remote_code
+                )
+            self.model.tie_weights()  # transformers 5 skips tying under no_init_weights; a tied head shares storage
+            self.model.eval()
+        else:  # built empty on its devices: no copy of the model in host memory, split over several if asked
+            from evomerge.merge.placement import resident_model
+
+            self.model = resident_model(config, model_dtype, devices, trust_remote_code=trust_remote_code)
+        self.devices = devices
         self.tokenizer = self._tokenizer(model_dir, trust_remote_code)
         self._bind(ref)
 

@@ -94,9 +94,18 @@ class Worker:
             torch.set_num_threads(self._num_threads)
         cfg = SearchConfig.model_validate(self._cfg_json)
         task_sets = {name: [TaskSpec.model_validate(t) for t in specs] for name, specs in self._task_sets_json.items()}
-        # num_gpus > 0: Ray gave this actor a GPU (CUDA_VISIBLE_DEVICES); the resident model evaluates there
-        device = "cuda" if cfg.workers.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.evaluator = Evaluator.for_config(cfg, task_sets, device=device)
+        # num_gpus > 0: Ray gave this actor its GPUs (CUDA_VISIBLE_DEVICES); the resident model lives there, split
+        # over them when there are several (merge/placement.py)
+        from evomerge.merge.placement import group_devices
+
+        devices = group_devices(cfg.workers.num_gpus)
+        self.evaluator = Evaluator.for_config(cfg, task_sets, device=devices[0] if len(devices) == 1 else devices)
+        if cfg.workers.batch_size is None:  # sized to the device, leaving room for a refinement round
+            from evomerge.capacity.memory import device_batch
+
+            refine_method = cfg.method if cfg.refine is not None else None
+            for scorer in self.evaluator.scorers.values():
+                scorer.batch_size = device_batch(self.evaluator.materializer, scorer, refine_method)
         self._last_end = time.perf_counter()
         return about
 
@@ -238,6 +247,9 @@ class WorkerPool:
         self.starting: dict[Any, int] = {}  # setup ref of a replacement actor -> its slot (not live until it is done)
         self._running_at_death: dict[str, Any] = {}  # dead actor's name -> the ref it was running
         try:
+            from evomerge.capacity import check_ray
+
+            check_ray(cfg)  # GPUs Ray cannot give would leave the actors waiting forever: refuse first
             self.actors = [self._spawn() for _ in range(cfg.workers.count)]
             self.queues = [[] for _ in self.actors]
             self.infos = [self._ready(ref) for ref in [a.setup.remote() for a in self.actors]]

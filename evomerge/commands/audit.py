@@ -104,10 +104,23 @@ def run(args: argparse.Namespace) -> int:
             out["probe"] = {**probed.to_dict(), "summary": probe_summary(probed)}
         print(json.dumps(out, indent=2))
         return 0
-    print(
-        f"compatible: {report.base} + {', '.join(report.models)}: same architecture, {report.n_tensors} tensors "
-        f"with matching names and shapes, same tokenizer vocab ({report.n_params:,} parameters)"
-    )
+    if report.vocabulary:
+        print(
+            f"compatible: {report.base} + {', '.join(report.models)}: same architecture, {report.n_tensors} tensors "
+            f"with matching names and shapes but for the vocabulary rows ({report.n_params:,} parameters); the "
+            "vocabularies differ:"
+        )
+        for line in report.vocabulary:
+            print(f"  {line}")
+        print(
+            "  A merge of these models needs tokenizer_source (union: every model's tokens; base: the base's; or a "
+            "model folder); below, embeddings and head are compared over the base's tokens."
+        )
+    else:
+        print(
+            f"compatible: {report.base} + {', '.join(report.models)}: same architecture, {report.n_tensors} tensors "
+            f"with matching names and shapes, same tokenizer vocab ({report.n_params:,} parameters)"
+        )
     print()
     print(format_table(report))
     print()
@@ -197,6 +210,7 @@ def _probe(cfg, args: argparse.Namespace, show: bool):
         log=log,
         include_defaults=cfg.tasks.include_defaults,
         allow_config_mismatch=args.allow_config_mismatch,
+        tokenizer_source=cfg.tokenizer_source,
     )
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
 import resource
 import shutil
 import signal
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
@@ -570,14 +572,24 @@ def run_case(case: Case, tmp: Path, zoo: Path) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def _tree(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file's size and mtime; not SQLite's shared-memory index (`*.db-shm`), which any reader of a WAL
-    database writes to (its read marks), so a refusal that only read the study may touch it."""
-    return {
-        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in folder.rglob("*")
-        if not p.is_symlink() and not p.name.endswith("-shm")
-    }
+def _tree(folder: Path) -> dict[str, tuple]:
+    """Every file's size and mtime; a SQLite database by its contents (its dump, read through a read-only
+    connection), its WAL and shared-memory files left out: any connection's close may checkpoint the WAL into the
+    database file, and any reader writes its read marks to `-shm`, without a row changing."""
+    out: dict[str, tuple] = {}
+    for p in folder.rglob("*"):
+        if p.is_symlink() or p.name.endswith(("-shm", "-wal")):
+            continue
+        rel = str(p.relative_to(folder))
+        if p.suffix == ".db" and p.is_file():
+            conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+            try:
+                out[rel] = ("sqlite", hashlib.sha256("\n".join(conn.iterdump()).encode()).hexdigest())
+            finally:
+                conn.close()
+        else:
+            out[rel] = (p.stat().st_size, p.stat().st_mtime_ns)
+    return out
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -588,7 +600,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case: Case, tiny_zoo
         request.applymarker(pytest.mark.xfail(reason=case.xfail, strict=True))
     work = tmp_path / "work"
     work.mkdir()
-    snapshot: dict[str, tuple[int, int]] = {}
+    snapshot: dict[str, tuple] = {}
     build = case.build
 
     def build_and_snapshot(t: Path, z: Path) -> list[str]:

@@ -1,10 +1,18 @@
-"""Deterministic CPU training of the zoo's tiny Llama models (answer-only loss on skill examples)."""
+"""Deterministic CPU training of the zoo's tiny causal LMs (answer-only loss on skill examples).
+
+A model is built from a `transformers` config class (`ARCHITECTURES`): Llama (the default), or Qwen2 (grouped-query
+attention, q/k/v biases, tied input and output embeddings), so the family holds more than one architecture.
+"""
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 
 from evomerge.zoo.skills import SKILLS, Example
+
+
+# architecture -> transformers config class; every one takes Llama-style size arguments
+ARCHITECTURES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}
 
 
 @dataclass(frozen=True)
@@ -14,6 +22,9 @@ class ModelShape:
     heads: int = 4
     intermediate: int = 192
     max_positions: int = 64
+    arch: str = "llama"  # a key of ARCHITECTURES
+    kv_heads: int | None = None  # key/value heads (grouped-query attention when fewer than `heads`); None: `heads`
+    tied: bool = False  # output head tied to the input embeddings (one stored tensor)
 
 
 @dataclass(frozen=True)
@@ -33,24 +44,25 @@ class TrainPlan:
 
 def make_model(shape: ModelShape, tokenizer, seed: int):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import AutoModelForCausalLM
 
-    config = LlamaConfig(
+    config = getattr(transformers, ARCHITECTURES[shape.arch])(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden,
         intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers,
         num_attention_heads=shape.heads,
-        num_key_value_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads or shape.heads,
         max_position_embeddings=shape.max_positions,
         rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
+        tie_word_embeddings=shape.tied,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     return model.float()
 
 

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError, close_matches, describe_validation
+from evomerge.merge.registry import REGISTRY
 from evomerge.scoring.tasks import TaskSpec
 from evomerge.storage_url import remember
 
@@ -334,7 +335,8 @@ def parse_config(
         cfg = SearchConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(f"{source}: {describe_validation(err, SearchConfig)}") from None
-    spec = load_space_spec(cfg.search_space or cfg.method, source=f"{source}: 'search_space'")
+    default = REGISTRY[cfg.method].space if cfg.method in REGISTRY else None  # merge/registry.py
+    spec = load_space_spec(cfg.search_space or default or cfg.method, source=f"{source}: 'search_space'")
     if cfg.method not in spec.methods:
         raise ConfigError(
             f"{source}: 'method' {cfg.method!r} is not searched by space {spec.name!r} "

@@ -247,6 +247,7 @@ def export_trial(
     """
     from evomerge.modelcard import model_card, published_names
     from evomerge.search.guard import exported_trial, stored, validate_top
+    from evomerge.search.record import TrialRecord
     from evomerge.search.study import best_trial, complete_trials, objective_of, open_run, trial_by_number
 
     cfg, study = open_run(run_dir)
@@ -260,7 +261,7 @@ def export_trial(
         chosen = exported_trial(cfg, study)
     objective = objective_of(chosen)
     validation = stored(cfg, study).get(chosen.number)
-    scores = chosen.user_attrs.get("scores", {})
+    record = TrialRecord.from_trial(chosen)
     extra = {
         "objective": objective,
         "metrics": {t.name: t.metric for t in cfg.tasks.search},
@@ -276,13 +277,13 @@ def export_trial(
             "metrics": {t.name: t.metric for t in cfg.validation.tasks},
             "top_k": cfg.validation.top_k,
         }
-    recipe = Recipe.from_yaml(chosen.user_attrs["recipe"], source=f"trial {chosen.number} recipe")
+    recipe = Recipe.from_yaml(record.recipe, source=f"trial {chosen.number} recipe")
     if kernels is not None:
         recipe = recipe.with_provenance(kernels=kernels)
     recipe = recipe.with_provenance(
         study=cfg.name,
         trial=chosen.number,
-        scores={t.name: scores[t.name][t.metric] for t in cfg.tasks.search if t.name in scores},
+        scores=record.task_values(cfg.tasks.search),
         extra=extra,
     )
     out = Path(out) if out is not None else Path(run_dir) / "best"
@@ -290,7 +291,7 @@ def export_trial(
         how = f", validation {validation.objective:.4f}" if validation is not None else ""
         log(f"exporting trial {chosen.number} (objective {objective:.4f}{how}) to {out}")
     comparison = _report_of(Path(run_dir), cfg.name, chosen)
-    baselines = [t for t in complete_trials(study) if t.user_attrs.get("baseline", "").startswith("only ")]
+    baselines = [t for t in complete_trials(study) if TrialRecord.from_trial(t).alone is not None]
     architectures = json.loads((Path(cfg.base_model) / "config.json").read_text()).get("architectures") or []
 
     def card(published: Recipe) -> str:

@@ -96,15 +96,14 @@ def heldout_section(c: Comparison) -> list[str]:
 def search_caveats(cfg: SearchConfig, trial, baselines: Sequence) -> list[str]:
     """Without held-out data: the tasks where the trial's search score is below an enqueued "only <model>"
     baseline's (that model alone) by SEARCH_DROP or more."""
-    scores = trial.user_attrs.get("scores", {})
+    from evomerge.search.record import TrialRecord
+
+    record = TrialRecord.from_trial(trial)
+    alone_records = [TrialRecord.from_trial(b) for b in baselines]
     out = []
     for t in cfg.tasks.search:
-        alone = [
-            (b.user_attrs["baseline"].removeprefix("only "), b.user_attrs["scores"][t.name][t.metric])
-            for b in baselines
-            if t.name in b.user_attrs.get("scores", {})
-        ]
-        mine = scores.get(t.name, {}).get(t.metric)
+        alone = [(b.alone, b.task_value(t)) for b in alone_records if b.task_value(t) is not None]
+        mine = record.task_value(t)
         if not alone or mine is None:
             continue
         name, best = max(alone, key=lambda x: x[1])
@@ -148,7 +147,10 @@ def model_card(
         "merged in memory and scored with lm-eval on fixed seeded subsets of the search tasks.",
         "",
     ]
-    label = trial.user_attrs.get("baseline")
+    from evomerge.search.record import TrialRecord
+
+    record = TrialRecord.from_trial(trial)
+    label = record.baseline
     if label:
         lines += [
             f"Trial {trial.number} is the search's enqueued baseline `{label}`, not a sampled recipe: no sampled "
@@ -184,7 +186,7 @@ def model_card(
         "Fixed seeded subsets of the search tasks (never the held-out data); the search optimized them, so they "
         "overstate what the merge does on new examples.",
         "",
-        *_scores_table(cfg.tasks.search, trial.user_attrs.get("scores", {})),
+        *_scores_table(cfg.tasks.search, record.scores or {}),
         "",
         f"Objective (weighted mean): **{_f(objective)}**",
         "",

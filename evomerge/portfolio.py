@@ -16,30 +16,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from evomerge.baseline import BaselineLabel
 from evomerge.errors import ConfigError
+from evomerge.merge.registry import REGISTRY, names
 from evomerge.recipe import Recipe
-from evomerge.space import SPACES_DIR, SearchSpace, SpaceSpec, load_space_spec
+from evomerge.space import SearchSpace, SpaceSpec, load_space_spec
 
 # The methods whose default merges every search is measured against (the overfitting guard validates them beside
 # the searched trials; the report scores them on held-out data), besides the study's own; slerp where it applies.
-COMMON_METHODS = ("task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs", "slerp")
-DEFAULTS_SUFFIX = " (defaults)"
+COMMON_METHODS = names(portfolio=True)  # merge/registry.py decides, per method
 
 
 def space_for(method: str) -> SpaceSpec:
-    """The shipped search space that lists `method` (`search_spaces/<method>.yaml` first)."""
-    if (SPACES_DIR / f"{method}.yaml").is_file():
-        return load_space_spec(method)
-    for path in sorted(SPACES_DIR.glob("*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
-        if method in (data.get("methods") or []):
-            return load_space_spec(path)
-    raise ConfigError(
-        f"no search space in {SPACES_DIR} lists method {method!r}, so it has no default merge; "
-        "add one with `methods: [{method}]` and a `default:` per parameter"
-    )
+    """The method's default search space (its registry entry's `space`, `search_spaces/<space>.yaml`)."""
+    info = REGISTRY.get(method)
+    if info is None or info.space is None:
+        why = info.no_space if info is not None else "it is not a registered method"
+        raise ConfigError(
+            f"method {method!r} has no search space ({why}), so it has no default merge; add a space to "
+            "search_spaces/ with `methods: [{method}]` and a `default:` per parameter, and name it in "
+            "merge/registry.py"
+        )
+    return load_space_spec(info.space)
 
 
 def applies(spec: SpaceSpec, models: Sequence[Any]) -> str | None:
@@ -72,7 +70,7 @@ def default_recipe(
     return grid.to_recipe(grid.defaults(models), models, str(base), method, seed, dtype, kernels=kernels)
 
 
-def default_merges(cfg) -> tuple[list[tuple[str, Recipe]], dict[str, str]]:
+def default_merges(cfg) -> tuple[list[tuple[BaselineLabel, Recipe]], dict[str, str]]:
     """("<method> (defaults)", recipe) for the study's method (its own space) and every common method that can
     merge these models; {method: why not} for the others."""
     out, skipped = [], {}
@@ -85,8 +83,8 @@ def default_merges(cfg) -> tuple[list[tuple[str, Recipe]], dict[str, str]]:
         recipe = default_recipe(
             method, cfg.base_model, cfg.models, cfg.seed, cfg.dtype, space=spec, kernels=cfg.kernels
         )
-        out.append((f"{method}{DEFAULTS_SUFFIX}", recipe))
+        out.append((BaselineLabel.of_method(method), recipe))
     return out, skipped
 
 
-__all__ = ["COMMON_METHODS", "DEFAULTS_SUFFIX", "applies", "default_merges", "default_recipe", "space_for"]
+__all__ = ["COMMON_METHODS", "applies", "default_merges", "default_recipe", "space_for"]

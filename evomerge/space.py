@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evomerge.baseline import BaselineLabel
 from evomerge.errors import ConfigError, ModelError, close_matches, describe_validation
 from evomerge.io.checkpoint import config_num_layers
-from evomerge.merge.methods import RANGES
+from evomerge.merge.registry import REGISTRY, interval
 from evomerge.resources import SEARCH_SPACES
 
 if TYPE_CHECKING:
@@ -116,7 +117,9 @@ class SpaceSpec(BaseModel):
     kinds: list[str] = []
     embeddings: bool = False
     base_in_models: bool = Field(False, description="list base_model among the models (slerp)")
-    max_models: int | None = Field(None, ge=1)
+    max_models: int | None = Field(
+        None, ge=1, description="models merged into base_model at most; its methods' limit (merge/registry.py) if unset"
+    )
     parameters: dict[str, ParamSpec] = Field(min_length=1)
 
     @field_validator("layers_per_group")
@@ -128,18 +131,27 @@ class SpaceSpec(BaseModel):
 
     @model_validator(mode="after")
     def _in_range(self) -> SpaceSpec:
-        """The bounded parameters stay where a recipe may put them (`merge.methods.RANGES`, mergekit's)."""
+        """The bounded parameters stay where a recipe may put them (their methods' intervals, merge/registry.py)."""
         for name, spec in self.parameters.items():
-            if name not in RANGES:
+            bounds = interval(self.methods, name)
+            if bounds is None:
                 continue
-            low, high, low_in, high_in = RANGES[name]
-            text = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
             ends = [spec.value] if not spec.searched else [spec.low, spec.high]
             ends = [x for x in ends if isinstance(x, (int, float)) and not isinstance(x, bool)]
-            inside = [(low <= x if low_in else low < x) and (x <= high if high_in else x < high) for x in ends]
-            if not all(inside):
-                raise ValueError(f"parameters.{name}: {ends} leaves {text}; keep {name} within {text}")
+            if not all(x in bounds for x in ends):
+                raise ValueError(f"parameters.{name}: {ends} leaves {bounds}; keep {name} within {bounds}")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_limit(cls, data: Any) -> Any:
+        """`max_models` from the methods' own limit (slerp: 1, merge/registry.py) where the space sets none."""
+        if not isinstance(data, dict) or data.get("max_models") is not None:
+            return data
+        methods = data.get("methods") if isinstance(data.get("methods"), list) else []
+        limits = [REGISTRY[m].max_models for m in methods if isinstance(m, str) and m in REGISTRY]
+        limits = [n for n in limits if n is not None]
+        return {**data, "max_models": min(limits)} if limits else data
 
 
 def _available() -> list[str]:
@@ -182,9 +194,6 @@ def num_layers(model_dir: Path | str) -> int:
     if not isinstance(n, int) or n < 1:
         raise ModelError(f"{path}: no `num_hidden_layers`; evomerge searches per-layer parameters of decoder models")
     return n
-
-
-DEFAULTS_LABEL = "defaults"  # the baseline label of the enqueued default merge (the guard always validates it)
 
 
 def model_keys(models: list) -> list[str]:
@@ -292,9 +301,9 @@ class SearchSpace:
     def defaults(self, models: list) -> dict[str, float]:
         return {s.name: float(self.spec.parameters[s.param].baseline) for s in self.slots(models)}
 
-    def baselines(self, models: list) -> list[tuple[str, dict[str, float]]]:
+    def baselines(self, models: list) -> list[tuple[BaselineLabel, dict[str, float]]]:
         """(label, params): the method's defaults, then each source model alone where the space allows."""
-        out = [(DEFAULTS_LABEL, self.defaults(models))]
+        out = [(BaselineLabel.defaults(), self.defaults(models))]
         params = self.spec.parameters
         if "weight" in params and params["weight"].searched:
             for key in model_keys(models):
@@ -305,9 +314,10 @@ class SearchSpace:
                         point[s.name] = ps.clip(1.0 if s.model == key else 0.0)
                     elif s.param == "density":
                         point[s.name] = ps.high
-                out.append((f"only {key}", point))
+                out.append((BaselineLabel.alone(key), point))
         if "t" in params and params["t"].searched:
-            for label, end in (("only base", "low"), (f"only {model_keys(models)[-1]}", "high")):
+            ends = [(BaselineLabel.alone("base"), "low"), (BaselineLabel.alone(model_keys(models)[-1]), "high")]
+            for label, end in ends:
                 point = self.defaults(models)
                 for s in self.slots(models):
                     if s.param == "t":
@@ -512,7 +522,6 @@ def _read_config(folder: Path) -> dict:
 
 
 __all__ = [
-    "DEFAULTS_LABEL",
     "REST",
     "ParamSpec",
     "SearchSpace",

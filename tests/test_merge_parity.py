@@ -1,11 +1,11 @@
 """Parity with mergekit as the oracle: our export equals mergekit's merge tensor for tensor.
 
-Every deterministic method, with gradients, `self_attn`/`mlp` filters and per-model parameters, under both
-kernel sets. mergekit runs in process (`mergekit.merge.run_merge`, what `mergekit-yaml` calls) on the YAML
-our Recipe writes, so this also proves mergekit reads our recipes as we do. The CLI itself runs in one slow
-test. Equality is exact: mergekit-0.1.5 runs mergekit's kernels (or bit-identical ones); evomerge-1 differs
-from mergekit only where magnitudes tie at a density boundary (tests/test_kernels_evomerge.py), which the
-zoo's float32 task vectors never do.
+Every registered method (merge/registry.py; the random ones, DARE and DELLA, at density 1), with gradients,
+`self_attn`/`mlp` filters and per-model parameters, under both kernel sets. mergekit runs in process
+(`mergekit.merge.run_merge`, what `mergekit-yaml` calls) on the YAML our Recipe writes, so this also proves
+mergekit reads our recipes as we do. The CLI itself runs in one slow test. Equality is exact: mergekit-0.1.5
+runs mergekit's kernels (or bit-identical ones); evomerge-1 differs from mergekit only where magnitudes tie at a
+density boundary (tests/test_kernels_evomerge.py), which the zoo's float32 task vectors never do.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from evomerge.export import export_recipe
+from evomerge.merge.registry import REGISTRY
 from evomerge.recipe import Recipe
 
 ATTN_MLP = [
@@ -115,6 +116,45 @@ RECIPES = {
         ],
         "parameters": {"density": [{"filter": "mlp", "value": 0.5}, {"value": 0.9}], "gamma": 0.02, "normalize": True},
     },
+    # DARE and DELLA draw random masks (mergekit from the global RNG, evomerge-1 from its counter stream), so their
+    # whole-model parity is at density 1, where nothing is dropped: weights, lambda, rescale and normalisation
+    # as mergekit applies them. The masks themselves: tests/test_kernels.py (mergekit-0.1.5, same per-tensor seed,
+    # bit-identical) and tests/test_kernels_evomerge.py (evomerge-1's documented rules).
+    "dare_ties_density_1": {
+        "merge_method": "dare_ties",
+        "base_model": "base",
+        "models": [
+            {"model": "add", "parameters": {"weight": [0.3, 0.9], "density": 1.0}},
+            {"model": "reverse", "parameters": {"weight": 0.6, "density": 1.0}},
+        ],
+        "parameters": {"lambda": 0.9},
+    },
+    "dare_linear_density_1": {
+        "merge_method": "dare_linear",
+        "base_model": "base",
+        "models": [
+            {"model": "add", "parameters": {"weight": [{"filter": "mlp", "value": 0.8}, {"value": 0.4}]}},
+            {"model": "reverse", "parameters": {"weight": 0.5}},
+        ],
+        "parameters": {"density": 1.0},
+    },
+    "della_density_1": {
+        "merge_method": "della",
+        "base_model": "base",
+        "models": [
+            {"model": "add", "parameters": {"weight": 0.7, "density": 1.0, "epsilon": 0.05}},
+            {"model": "reverse", "parameters": {"weight": [0.2, 0.6], "density": 1.0, "epsilon": 0.05}},
+        ],
+        "parameters": {"lambda": 1.2},
+    },
+    "della_linear_density_1": {
+        "merge_method": "della_linear",
+        "base_model": "base",
+        "models": [
+            {"model": "add", "parameters": {"weight": 0.5, "density": 1.0}},
+            {"model": "reverse", "parameters": {"weight": 0.3, "density": 1.0}},
+        ],
+    },
     "model_stock": {
         "merge_method": "model_stock",
         "base_model": "base",
@@ -158,6 +198,12 @@ def assert_same(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) 
     for name, t in theirs.items():
         assert ours[name].dtype == t.dtype, name
         assert torch.equal(ours[name], t), f"{name}: max diff {(ours[name].double() - t.double()).abs().max()}"
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_every_registered_method_has_a_parity_case(method):
+    """A method enters merge/registry.py with a case here: its export equals mergekit's merge."""
+    assert any(spec["merge_method"] == method for spec in RECIPES.values()), f"add a RECIPES case for {method}"
 
 
 @pytest.mark.parametrize("kernels", ["evomerge-1", "mergekit-0.1.5"])

@@ -7,36 +7,15 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError, close_matches
+from evomerge.merge.registry import REGISTRY, interval
 
 if TYPE_CHECKING:
     from mergekit.merge_methods import MergeMethod
 
     from evomerge.recipe import MergeGroup, Recipe
 
-METHODS = (
-    "linear",
-    "slerp",
-    "nuslerp",
-    "task_arithmetic",
-    "ties",
-    "dare_linear",
-    "dare_ties",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-    "model_stock",
-    "passthrough",
-)
+METHODS = tuple(REGISTRY)  # every method evomerge runs (merge/registry.py), in registry order
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-
-# name -> (low, high, low_inclusive, high_inclusive); every other numeric parameter must be finite.
-RANGES = {
-    "density": (0.0, 1.0, False, True),
-    "t": (0.0, 1.0, True, True),
-    "gamma": (0.0, 1.0, True, False),
-    "epsilon": (0.0, 1.0, True, False),
-}
 
 
 def get_method(name: str) -> MergeMethod:
@@ -67,7 +46,7 @@ def check_recipe(recipe: Recipe) -> None:
                     f"{name!r}{close_matches(name, specs)}; valid: {valid}"
                 )
             for leaf in _leaves(setting):
-                _check_value(specs[name], leaf, f"{where}.{name}")
+                _check_value(recipe.merge_method, specs[name], leaf, f"{where}.{name}")
     for field in ("dtype", "out_dtype"):
         value = getattr(recipe, field)
         if value is not None and value not in DTYPES:
@@ -105,7 +84,7 @@ def _leaves(setting: Any) -> Iterator[Any]:
         yield setting
 
 
-def _check_value(spec: Any, value: Any, where: str) -> None:
+def _check_value(method: str, spec: Any, value: Any, where: str) -> None:
     from pydantic import ValidationError
 
     try:
@@ -116,12 +95,9 @@ def _check_value(spec: Any, value: Any, where: str) -> None:
         return
     if not math.isfinite(value):
         raise ConfigError(f"field {where}: {spec.name} must be finite, got {value!r}")
-    if spec.name in RANGES:
-        low, high, low_in, high_in = RANGES[spec.name]
-        ok = (low <= value if low_in else low < value) and (value <= high if high_in else value < high)
-        if not ok:
-            interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
-            raise ConfigError(f"field {where}: {spec.name} must be in {interval}, got {value!r}")
+    bounds = interval([method], spec.name)
+    if bounds is not None and value not in bounds:
+        raise ConfigError(f"field {where}: {spec.name} must be in {bounds}, got {value!r}")
 
 
 def _check_required(recipe: Recipe, group: MergeGroup, method: MergeMethod) -> None:
@@ -145,14 +121,15 @@ def _check_required(recipe: Recipe, group: MergeGroup, method: MergeMethod) -> N
 
 def _check_della(recipe: Recipe, group: MergeGroup) -> None:
     """DELLA samples keep-probabilities in density +/- epsilon, which must stay inside (0, 1)."""
-    if recipe.merge_method not in ("della", "della_linear"):
+    params = REGISTRY[recipe.merge_method].params
+    if "epsilon" not in params or "density" not in params:
         return
     shared = {**(recipe.parameters or {}), **(group.parameters or {})}
     for model, own in group.own.items():
         if model == group.base_model:
             continue
-        params = {**shared, **(own or {})}
-        d, e = params.get("density", 1.0), params.get("epsilon", 0.15)
+        given = {**shared, **(own or {})}
+        d, e = given.get("density", params["density"].default), given.get("epsilon", params["epsilon"].default)
         # gradients and filters are checked per tensor at merge time (the pairs depend on the layer)
         if isinstance(d, (int, float)) and isinstance(e, (int, float)) and d < 1 and not (0 < d - e and d + e < 1):
             raise ConfigError(

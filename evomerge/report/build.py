@@ -13,6 +13,7 @@ from evomerge.io.atomic import write_file_atomic
 from evomerge.report.compare import Comparison, compare_run, load_run
 from evomerge.report.figures import TrialPoint, history_png, params_png, pareto_png, scores_png
 from evomerge.report.markdown import render
+from evomerge.search.record import TrialRecord
 
 
 @dataclass
@@ -27,9 +28,9 @@ def _points(cfg, trials) -> list[TrialPoint]:
 
     out = []
     for t in trials:
-        scores = t.user_attrs.get("scores", {})
-        per_task = tuple(float(scores.get(s.name, {}).get(s.metric, float("nan"))) for s in cfg.tasks.search)
-        out.append(TrialPoint(t.number, objective_of(t), t.user_attrs.get("baseline", ""), per_task))
+        r = TrialRecord.from_trial(t)
+        per_task = tuple(float(r.task_value(s, float("nan"))) for s in cfg.tasks.search)
+        out.append(TrialPoint(t.number, objective_of(t), r.baseline or "", per_task))
     return out
 
 
@@ -39,14 +40,14 @@ def draw_figures(cfg, study, done, comparison: Comparison, out_dir: Path) -> dic
     from evomerge.search.study import pareto_front
     from evomerge.space import space_of
 
-    points = _points(cfg, [t for t in done if not t.user_attrs.get("portfolio")])
+    points = _points(cfg, [t for t in done if not TrialRecord.from_trial(t).portfolio])
     metrics = "/".join(sorted({t.metric for t in cfg.tasks.search}))
     label = f"search objective (weighted mean {metrics})"
     history = history_png(points, out_dir / "history.png", label, exported=comparison.best_trial)
     figures = {"Optimization history": history}
     best = next(t for t in done if t.number == comparison.best_trial)
     space = space_of(cfg)
-    if best.params and space.slots(cfg.models) and not best.user_attrs.get("portfolio"):  # a portfolio pick is
+    if best.params and space.slots(cfg.models) and not TrialRecord.from_trial(best).portfolio:  # a portfolio pick is
         # another method's default merge: its params are a placeholder, its recipe says what it is
         title = (
             f"Exported recipe (trial {best.number}, {cfg.method})\ncell: its value; colour: position in the row's range"

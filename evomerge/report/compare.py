@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import ConfigError, StudyError
 from evomerge.report.noise import Difference, paired_difference
+from evomerge.search.record import TrialRecord
 from evomerge.tables import text_table
 
 Kind = Literal["source", "default", "oracle", "evolved"]
@@ -247,7 +248,7 @@ def compare_run(
         keys = model_keys(sources)
         jobs = [(alone(path, sources).to_yaml(), key) for key, path in zip(keys, sources)]
         jobs += [(recipe.to_yaml(), label) for label, recipe in defaults]
-        jobs += [(t.user_attrs["recipe"], f"trial {t.number}") for t in ranked]
+        jobs += [(TrialRecord.from_trial(t).recipe, f"trial {t.number}") for t in ranked]
         results: list[Any] = [None] * len(jobs)
         heldout_jobs = [(text, "heldout") for text, _ in jobs]
         for n, (i, res) in enumerate(run_jobs(pool, heldout_jobs, [label for _, label in jobs], examples=True)):
@@ -287,7 +288,7 @@ def compare_run(
     first = len(sources) + len(defaults)
     trial_examples = {t.number: e for t, e in zip(ranked, examples[first:])}
     for t, row_scores in zip(ranked, scores[first:]):
-        note = t.user_attrs.get("baseline", "")
+        note = TrialRecord.from_trial(t).baseline or ""
         v = validated[t.number].objective if t.number in validated else None
         trials.append(
             TrialRow(

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from evomerge.baseline import BaselineLabel
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -24,7 +26,7 @@ KIND_COLORS = {"source": "Blues", "default": "Oranges", "oracle": "Greys", "evol
 class TrialPoint:
     number: int
     objective: float
-    baseline: str = ""  # the enqueued baseline's label ("defaults", "only add"), "" for a sampled trial
+    baseline: str = ""  # the enqueued baseline's label (evomerge.baseline: "defaults", "only add"); "" if sampled
     scores: tuple[float, ...] = ()  # per search task (for the Pareto front)
 
 
@@ -67,8 +69,9 @@ def history_png(
     alone = iter(BASELINE_STYLES * (len(labels) // len(BASELINE_STYLES) + 1))
     for label in labels:
         group = [p for p in points if p.baseline == label]
-        marker, color = ("s", "tab:orange") if label == "defaults" else next(alone)
-        name = "default merge (baseline)" if label == "defaults" else f"{label.removeprefix('only ')} alone (baseline)"
+        baseline = BaselineLabel(label)
+        marker, color = ("s", "tab:orange") if baseline.is_defaults else next(alone)
+        name = baseline.describe()
         ax.scatter(
             [p.number for p in group],
             [p.objective for p in group],

@@ -7,18 +7,18 @@ import statistics
 import time
 from pathlib import Path
 
+from evomerge.search.record import StudyRecord, TrialRecord
 from evomerge.tables import text_table
 
 
 def timing_breakdown(trials) -> dict[str, float] | None:
     """Median seconds per completed trial: merge, eval, everything else (sampler, Ray, storage), total."""
-    rows = [t.user_attrs for t in trials if "total_s" in t.user_attrs]
+    rows = [r for r in map(TrialRecord.from_trial, trials) if r.total_s is not None]
     if not rows:
         return None
-    med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
-    other = statistics.median(r["total_s"] - r["merge_s"] - r["eval_s"] for r in rows)
-    total = med("total_s")
-    return {"merge_s": med("merge_s"), "eval_s": med("eval_s"), "other_s": other, "total_s": total, "n": len(rows)}
+    merge, ev, total = (statistics.median(getattr(r, key) for r in rows) for key in ("merge_s", "eval_s", "total_s"))
+    other = statistics.median(r.total_s - r.merge_s - r.eval_s for r in rows)
+    return {"merge_s": merge, "eval_s": ev, "other_s": other, "total_s": total, "n": len(rows)}
 
 
 def exported_line(cfg, study) -> str | None:
@@ -58,7 +58,7 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
     cfg, study = open_run(run_dir)
     states = by_state(study)
     done = states.get("COMPLETE", [])
-    own = [t for t in done if not t.user_attrs.get("portfolio")]
+    own = [t for t in done if not TrialRecord.from_trial(t).portfolio]
     tasks = [t.name for t in cfg.tasks.search]
     lines = [
         f"study {cfg.name} ({cfg.method}, {cfg.sampler.name} sampler) in {cfg.storage_url}",
@@ -70,8 +70,9 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
         lines.append(f"plus {portfolio} default merges of other methods, scored for comparison (not in the budget)")
     stopped = [t for t in own if not is_whole(t)]
     if stopped:
-        scored = sum(t.user_attrs.get("examples_scored", 0) for t in own)
-        full = max((t.user_attrs.get("examples_scored", 0) for t in own if is_whole(t)), default=0) * len(own)
+        counts = {t.number: TrialRecord.from_trial(t).examples_scored or 0 for t in own}
+        scored = sum(counts.values())
+        full = max((counts[t.number] for t in own if is_whole(t)), default=0) * len(own)
         share = (
             f" ({100 * scored / full:.0f}% of the examples a whole evaluation of every trial would score)"
             if full
@@ -87,15 +88,13 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
     metric = {s.name: s.metric for s in cfg.tasks.search}
 
     def row(t) -> list[str]:
-        scores = t.user_attrs.get("scores", {})
-        cells = [f"{scores.get(n, {}).get(metric[n], float('nan')):.3f}" for n in tasks]
-        label = t.user_attrs.get("baseline") or (
-            f"retry of {t.user_attrs['retry_of']}" if "retry_of" in t.user_attrs else ""
-        )
-        if "refine_round" in t.user_attrs:
-            label = f"refine {t.user_attrs['refine_round']}, step {t.user_attrs.get('refine_step')}"
+        r = TrialRecord.from_trial(t)
+        cells = [f"{r.task_value(s, float('nan')):.3f}" for s in cfg.tasks.search]
+        label = r.baseline or (f"retry of {r.retry_of}" if r.retry_of is not None else "")
+        if r.refine_round is not None:
+            label = f"refine {r.refine_round}, step {r.refine_step}"
         mark = "*" if chosen is not None and t.number == chosen.number else ""
-        return [f"{t.number}{mark}", f"{objective_of(t):.4f}", *cells, f"{t.user_attrs.get('total_s', 0):.1f}", label]
+        return [f"{t.number}{mark}", f"{objective_of(t):.4f}", *cells, f"{r.total_s or 0:.1f}", label]
 
     header = ["trial", "objective", *tasks, "s", "note"]
     if done:
@@ -120,7 +119,9 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
     failed = states.get("FAIL", [])[-failures:]
     if failed:
         lines += ["", "recent failures:"]
-        lines += [f"  trial {t.number}: {t.user_attrs.get('fail_reason', '(no reason recorded)')}" for t in failed]
+        for t in failed:
+            why = TrialRecord.from_trial(t).fail_reason
+            lines.append(f"  trial {t.number}: {'(no reason recorded)' if why is None else why}")
     timing = timing_breakdown(own)
     if timing:
         share = timing["other_s"] / timing["total_s"] * 100 if timing["total_s"] else 0.0
@@ -147,9 +148,9 @@ def columns(cfg, tasks: list[str], metric: dict[str, str]) -> list[str]:
 
 def running_lines(study, running: list, stale_reason) -> list[str]:
     """RUNNING trials: running only while a live driver holds the study; otherwise left by a search that stopped."""
-    from evomerge.search.lock import ATTR, describe, holder_alive
+    from evomerge.search.lock import describe, holder_alive
 
-    holder = study.user_attrs.get(ATTR)
+    holder = StudyRecord.from_study(study).lock
     if not holder or not holder_alive(holder):
         which = (
             f"trial {running[0].number} was"

@@ -24,6 +24,7 @@ from typing import Any
 
 from evomerge.config import SearchConfig, write_run_config
 from evomerge.errors import ConfigError, EvomergeError, Interrupted, StudyError, TaskError
+from evomerge.search.record import TrialRecord, trial_attrs, write_trial
 from evomerge.space import SearchSpace, space_of
 
 _FEATURES = {"refine": "gradient refinement", "early_stop": "staged evaluation (early_stop)"}
@@ -285,7 +286,7 @@ def _loop(
                         trial.params, cfg.models, cfg.base_model, cfg.method, cfg.seed, cfg.dtype, kernels=cfg.kernels
                     )
                     text = recipe.to_yaml()
-                    trial.set_user_attr("recipe", text)
+                    write_trial(trial, recipe=text)
                     in_flight[pool.submit(text, "search", per_example=incumbent.options(trial))] = _InFlight(
                         trial, start
                     )
@@ -339,7 +340,7 @@ def _loop(
                 study,
                 trial,
                 "interrupted: the search stopped before it finished",
-                worker_deaths=int(trial.user_attrs.get("worker_deaths", 0)),
+                worker_deaths=TrialRecord.from_trial(trial).worker_deaths,
             )
             result.requeued.append(trial.number)
         result.wall_s = time.perf_counter() - loop_start
@@ -354,7 +355,7 @@ def _portfolio(study, cfg: SearchConfig, space: SearchSpace, pool, result: Searc
     from evomerge.portfolio import default_merges
     from evomerge.search import study as st
 
-    merges = [(label, recipe) for label, recipe in default_merges(cfg)[0] if not label.startswith(f"{cfg.method} ")]
+    merges = [(label, recipe) for label, recipe in default_merges(cfg)[0] if label.method != cfg.method]
     todo = set(st.missing_portfolio(study, [label for label, _ in merges]))
     options = {"smooth": cfg.tasks.smooth, "seed": cfg.seed} if cfg.per_example else None
     for label, recipe in merges:
@@ -365,20 +366,19 @@ def _portfolio(study, cfg: SearchConfig, space: SearchSpace, pool, result: Searc
         if not res.ok:
             result.n_failed += 1
             continue  # a default merge that fails here (NaN weights, say) simply is not a finalist
-        attrs = {
-            "recipe": text,
-            "scores": res.scores,
-            "objective": res.objective,
-            "merge_s": res.merge_s,
-            "eval_s": res.eval_s,
-            "total_s": res.wait_s + res.busy_s,
-            "worker": res.worker,
-        }
-        if cfg.per_example and res.examples:
-            attrs["examples"] = {leaf: {str(i): v for i, v in u.items()} for leaf, u in res.examples.items()}
-            attrs["examples_scored"] = res.n_examples
+        per_example = {"examples": res.examples, "examples_scored": res.n_examples}
+        record = TrialRecord(
+            recipe=text,
+            scores=res.scores,
+            objective=res.objective,
+            merge_s=res.merge_s,
+            eval_s=res.eval_s,
+            total_s=res.wait_s + res.busy_s,
+            worker=res.worker,
+            **(per_example if cfg.per_example and res.examples else {}),
+        )
         values = [res.scores[t.name][t.metric] for t in cfg.tasks.search] if cfg.multi_objective else res.objective
-        st.add_portfolio_trial(study, space, cfg.models, label, values, attrs)
+        st.add_portfolio_trial(study, space, cfg.models, label, values, record)
 
 
 def _score_now(pool, text: str, options: dict | None):
@@ -405,16 +405,16 @@ class _Incumbent:
     def update(self, best) -> None:
         from evomerge.search import study as st
 
-        units = best.user_attrs.get("examples")  # stored with string keys (JSON): made int once, here
+        units = TrialRecord.from_trial(best).examples  # int keys (the record reads the JSON form)
         if units is not None:
-            self.units = {leaf: {int(i): float(v) for i, v in u.items()} for leaf, u in units.items()}
+            self.units = units
             self.objective = st.objective_of(best)
 
     def options(self, trial) -> dict[str, Any] | None:
         if not self.cfg.per_example:
             return None
         out: dict[str, Any] = {"smooth": self.cfg.tasks.smooth, "seed": self.cfg.seed}
-        enqueued = any(k in trial.user_attrs for k in ("baseline", "refine_round", "retry_of"))
+        enqueued = TrialRecord.from_trial(trial).enqueued
         if self.cfg.early_stop is not None and not enqueued and self.units is not None:
             out.update(
                 stages=self.cfg.early_stop.stages,
@@ -433,7 +433,8 @@ class _RefineRounds:
         self.study, self.cfg = study, cfg
         at = cfg.refine.at if cfg.refine is not None else []
         self.starts = [math.floor(f * cfg.budget.n_trials) for f in at]
-        self.done = {t.user_attrs.get("refine_round") for t in study.get_trials(deepcopy=False)} - {None}
+        rounds = (TrialRecord.from_trial(t).refine_round for t in study.get_trials(deepcopy=False))
+        self.done = set(rounds) - {None}
 
     def due(self, count: int) -> int | None:
         """The first round not run yet whose start the trial count (complete and in flight) has reached."""
@@ -456,15 +457,8 @@ class _RefineRounds:
             if step == 0:
                 continue  # the starting point: trial `best` itself
             point = {k: bounds[k].clip(v) for k, v in point.items()}
-            self.study.enqueue_trial(
-                point,
-                user_attrs={
-                    "refine_round": r,
-                    "refine_step": step,
-                    "refined_from": best.number,
-                    "surrogate_loss": loss,
-                },
-            )
+            attrs = trial_attrs(refine_round=r, refine_step=step, refined_from=best.number, surrogate_loss=loss)
+            self.study.enqueue_trial(point, user_attrs=attrs)
 
 
 def _tell(study, cfg: SearchConfig, job: _InFlight, res, result: SearchResult):
@@ -476,38 +470,39 @@ def _tell(study, cfg: SearchConfig, job: _InFlight, res, result: SearchResult):
     from evomerge.search import study as st
 
     trial = job.trial
-    attrs = {
-        "merge_s": res.merge_s,
-        "eval_s": res.eval_s,
-        "total_s": res.wait_s + res.busy_s,  # the worker's cycle: idle for the driver + parse, merge, eval
-        "latency_s": time.perf_counter() - job.started,  # ask to tell, queueing included
-        "worker": res.worker,
-    }
+    timing = TrialRecord(
+        merge_s=res.merge_s,
+        eval_s=res.eval_s,
+        total_s=res.wait_s + res.busy_s,
+        latency_s=time.perf_counter() - job.started,
+        worker=res.worker,
+    )
     if res.ok and not math.isfinite(res.objective):  # never a best trial, whatever a worker reports
         res.error = f"non-finite objective {res.objective}"
     if res.worker_died:
-        deaths = int(trial.user_attrs.get("worker_deaths", 0)) + res.was_running
+        deaths = TrialRecord.from_trial(trial).worker_deaths + res.was_running
         if deaths <= MAX_WORKER_DEATHS:
-            st.requeue(study, trial, res.error, attrs, worker_deaths=deaths)
+            st.requeue(study, trial, res.error, timing, worker_deaths=deaths)
             return None
         res.error = f"{res.error} (its worker died {deaths} times on these params; not retried again)"
     if not res.ok:
-        st.fail(study, trial._trial_id, trial.number, res.error, attrs)
+        st.fail(study, trial._trial_id, trial.number, res.error, timing)
         return None
+    scored: dict[str, Any] = {}
     if cfg.per_example:
-        attrs["examples_scored"] = res.n_examples
+        scored["examples_scored"] = res.n_examples
         if res.stopped:
-            attrs["stopped_early"] = True  # scored on a part of the subsets: never the best trial or a finalist
+            scored["stopped_early"] = True  # scored on a part of the subsets: never the best trial or a finalist
         elif res.examples:
-            attrs["examples"] = {leaf: {str(i): v for i, v in u.items()} for leaf, u in res.examples.items()}
-    for key, value in {**attrs, "scores": res.scores, "objective": res.objective}.items():
-        trial.set_user_attr(key, value)
+            scored["examples"] = res.examples
+    told = TrialRecord.model_validate({**timing.to_attrs(), **scored})
+    write_trial(trial, told, scores=res.scores, objective=res.objective)
     if cfg.multi_objective:
         values = [res.scores[t.name][t.metric] for t in cfg.tasks.search]
     else:
         values = res.objective
     frozen = study.tell(trial, values)
-    result.timings.append(attrs)
+    result.timings.append(told.to_attrs())
     return frozen
 
 

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
+from evomerge.search.record import StudyRecord, TrialRecord, write_validation
+
 if TYPE_CHECKING:
     from evomerge.config import SearchConfig
-
-PREFIX = "validation:"
 
 
 class Validation(BaseModel):
@@ -60,8 +60,8 @@ def stored(cfg: SearchConfig, study) -> dict[int, Validation]:
         return {}
     key = tasks_key(cfg)
     out = {}
-    for name, value in study.user_attrs.items():
-        if name.startswith(PREFIX) and isinstance(value, dict) and value.get("key") == key:
+    for value in StudyRecord.from_study(study).validation.values():
+        if value.get("key") == key:
             v = Validation.model_validate(value)
             out[v.trial] = v
     return out
@@ -78,9 +78,9 @@ def finalists(cfg: SearchConfig, study) -> list:
     ranked = sorted((t for t in complete_trials(study) if is_whole(t)), key=lambda t: (-objective_of(t), t.number))
     top = ranked[:k]
     if cfg.validation is not None:
-        labels = {t.user_attrs.get("baseline") for t in top} - {None}
+        labels = {TrialRecord.from_trial(t).baseline for t in top} - {None}
         for t in ranked[k:]:
-            label = t.user_attrs.get("baseline")
+            label = TrialRecord.from_trial(t).baseline
             if label is not None and label not in labels:
                 labels.add(label)
                 top.append(t)
@@ -110,7 +110,7 @@ def validate_top(
         own = pool is None
         pool = pool or open_pool(cfg, {"validation": cfg.validation.tasks})
         try:
-            jobs = [(t.user_attrs["recipe"], "validation") for t in todo]
+            jobs = [(TrialRecord.from_trial(t).recipe, "validation") for t in todo]
             for i, res in run_jobs(pool, jobs, [f"validating trial {t.number}" for t in todo]):
                 t = todo[i]
                 v = Validation(
@@ -120,7 +120,7 @@ def validate_top(
                     objective=res.objective,
                     key=tasks_key(cfg),
                 )
-                study.set_user_attr(f"{PREFIX}{t.number}", v.model_dump(mode="json"))
+                write_validation(study, t.number, v.model_dump(mode="json"))
                 done[t.number] = v
                 if log:
                     log(f"  trial {t.number}: search {v.search:.4f}, validation {v.objective:.4f}")

@@ -26,9 +26,9 @@ from typing import Any
 
 from evomerge.errors import StudyError
 from evomerge.io.atomic import pid_alive, process_start
+from evomerge.search.record import StudyRecord, write_study
 from evomerge.storage_url import redact
 
-ATTR = "lock"
 HEARTBEAT_S = 60.0  # how often a driver stamps its lock and its in-flight trials
 GRACE_S = 600.0  # a driver on another host (or its RUNNING trial) silent for this long is dead
 
@@ -152,7 +152,7 @@ class StudyLock:
         lock is only as good as the filesystem: a live holder on another host (a network filesystem) refuses."""
         if self._server is not None:
             return
-        holder = study.user_attrs.get(ATTR)
+        holder = StudyRecord.from_study(study).lock
         if holder and not _is_me(holder) and holder_alive(holder):
             # with the file lock held, a live holder on this host is impossible unless the lock file was removed
             if self._fd is None or holder.get("host") != socket.gethostname():
@@ -162,7 +162,7 @@ class StudyLock:
         """Name this driver in the study and start the heartbeat."""
         self.check_free(study)
         self._holder = {**driver_id(), "since": self._since, "heartbeat": time.time()}
-        study.set_user_attr(ATTR, self._holder)
+        write_study(study, lock=self._holder)
         self.study = study
         if self.heartbeat_s > 0 and self._thread is None:
             self._thread = threading.Thread(target=self._heartbeat_loop, name="evomerge-study-lock", daemon=True)
@@ -188,7 +188,7 @@ class StudyLock:
         if self._server is not None and not self._server.alive():
             self._retake()
         self._holder = {**self._holder, "heartbeat": time.time()}
-        self.study.set_user_attr(ATTR, self._holder)
+        write_study(self.study, lock=self._holder)
 
     def _retake(self) -> None:
         from evomerge.search.server_lock import server_lock
@@ -211,7 +211,7 @@ class StudyLock:
         )
 
     def _read_attr(self) -> dict[str, Any] | None:
-        return self.study._storage.get_study_user_attrs(self.study._study_id).get(ATTR)
+        return StudyRecord.from_study(self.study).lock
 
     def check(self) -> None:
         """Raise the heartbeat's StudyError if the lock was lost (the search loop calls this between trials)."""
@@ -226,7 +226,7 @@ class StudyLock:
         if self.study is not None:
             try:
                 if _is_me(self._read_attr()):
-                    self.study.set_user_attr(ATTR, None)
+                    write_study(self.study, lock=None)
             except Exception:  # the study may have been deleted; the lock goes with it
                 pass
             self.study = None

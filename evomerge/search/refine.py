@@ -26,14 +26,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
+from evomerge.merge.registry import names
 
 if TYPE_CHECKING:
     import torch
 
 # methods whose merge is base + lambda * (sum of weighted, optionally sparsified, task vectors [/ normaliser])
-REFINABLE = frozenset(
-    {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
-)
+REFINABLE = frozenset(names(refinable=True))
 MOVED = ("weight", "lambda")  # the parameters the gradient moves; every other one stays at the starting point
 
 

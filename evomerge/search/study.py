@@ -24,6 +24,15 @@ from typing import TYPE_CHECKING, Any
 from evomerge.config import SAMPLERS, check_sampler
 from evomerge.errors import ConfigError, StudyError, first_line
 from evomerge.search.lock import GRACE_S, HEARTBEAT_S, driver_alive, driver_id
+from evomerge.search.record import (
+    BaselineLabel,
+    StudyRecord,
+    TrialRecord,
+    trial_attrs,
+    write_study,
+    write_trial,
+    write_trial_by_id,
+)
 from evomerge.storage_url import engine_url, password_hint, redact
 
 if TYPE_CHECKING:
@@ -140,9 +149,9 @@ def open_study(cfg: SearchConfig, space: SearchSpace, *, force: bool = False, lo
     storage = get_storage(cfg.storage_url)
     sampler = sampler_for(cfg, space)  # defaults sized to the space; warm start
     study = load_study(cfg.name, storage, sampler)
-    recorded = study.user_attrs.get("config_hash") if study is not None else None
-    if study is not None and recorded is not None and recorded != cfg.study_hash():
-        changed = diff_fields(study.user_attrs.get("config", {}), cfg.study_fields()) or ["(unrecorded)"]
+    record = StudyRecord.from_study(study) if study is not None else StudyRecord()
+    if study is not None and record.config_hash is not None and record.config_hash != cfg.study_hash():
+        changed = diff_fields(record.config or {}, cfg.study_fields()) or ["(unrecorded)"]
         if not force:
             raise StudyError(
                 f"study {cfg.name!r} in {cfg.storage_url} was created with a different config "
@@ -155,7 +164,7 @@ def open_study(cfg: SearchConfig, space: SearchSpace, *, force: bool = False, lo
         study = optuna.create_study(
             study_name=cfg.name, storage=storage, sampler=sampler, directions=directions(cfg), load_if_exists=True
         )
-    if not study.user_attrs.get("baselines_enqueued"):
+    if not StudyRecord.from_study(study).baselines_enqueued:
         _set_up(study, cfg, space)
     return study
 
@@ -163,20 +172,25 @@ def open_study(cfg: SearchConfig, space: SearchSpace, *, force: bool = False, lo
 def _set_up(study: optuna.Study, cfg: SearchConfig, space: SearchSpace) -> None:
     """Record the config and enqueue the baselines; idempotent, so a driver killed halfway through creating
     the study leaves one that the next run finishes setting up (no hash yet means nothing was asked yet)."""
-    if study.user_attrs.get("config_hash") is None:
-        study.set_user_attr("config", cfg.study_fields())
-        study.set_user_attr("task_names", [t.name for t in cfg.tasks.search])
-        study.set_user_attr("config_hash", cfg.study_hash())
-    have = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)}
+    if StudyRecord.from_study(study).config_hash is None:
+        # config_hash last: its presence says the other two were written
+        write_study(study, config=cfg.study_fields(), task_names=[t.name for t in cfg.tasks.search])
+        write_study(study, config_hash=cfg.study_hash())
+    have = _baselines(study)
     for label, params in space.baselines(cfg.models):
         if label not in have:
-            study.enqueue_trial(params, user_attrs={"baseline": label})
-    study.set_user_attr("baselines_enqueued", True)
+            study.enqueue_trial(params, user_attrs=trial_attrs(baseline=label))
+    write_study(study, baselines_enqueued=True)
+
+
+def _baselines(study: optuna.Study) -> set[BaselineLabel]:
+    """The baseline labels the study's trials carry (enqueued, running or done)."""
+    return {r.baseline for r in map(TrialRecord.from_trial, study.get_trials(deepcopy=False)) if r.baseline}
 
 
 def missing_portfolio(study: optuna.Study, labels: list[str]) -> list[str]:
     """The portfolio labels ("ties (defaults)", ...) that have no trial in the study yet."""
-    have = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)}
+    have = _baselines(study)
     return [label for label in labels if label not in have]
 
 
@@ -184,9 +198,9 @@ def add_portfolio_trial(
     study: optuna.Study,
     space: SearchSpace,
     models: list,
-    label: str,
+    label: BaselineLabel,
     values: float | list[float],
-    attrs: dict[str, Any],
+    record: TrialRecord,
 ) -> None:
     """Record another method's default merge, scored on the search subsets, as a COMPLETE trial.
 
@@ -200,7 +214,7 @@ def add_portfolio_trial(
     trial = optuna.trial.create_trial(
         params=space.defaults(models),
         distributions=dists,
-        user_attrs={**attrs, "baseline": label, "portfolio": True},
+        user_attrs=record.model_copy(update={"baseline": label, "portfolio": True}).to_attrs(),
         **({"values": values} if isinstance(values, list) else {"value": values}),
     )
     study.add_trial(trial)
@@ -223,24 +237,21 @@ def distributions(space: SearchSpace, models: list) -> dict[str, Any]:
 def ask(study: optuna.Study, distributions: dict) -> optuna.trial.Trial:
     """A new trial (an enqueued one first), stamped with this driver so a dead driver's trials can be found."""
     trial = study.ask(distributions)
-    trial.set_user_attr("driver", driver_id())
-    trial.set_user_attr("heartbeat", time.time())
+    write_trial(trial, driver=driver_id(), heartbeat=time.time())
     return trial
 
 
 def heartbeat(trials) -> None:
     now = time.time()
     for trial in trials:
-        trial.set_user_attr("heartbeat", now)
+        write_trial(trial, heartbeat=now)
 
 
-def fail(study: optuna.Study, trial_id: int, number: int, reason: str, attrs: dict | None = None) -> None:
-    """Mark a trial FAIL with a `fail_reason` (and any other attrs) — never silently."""
+def fail(study: optuna.Study, trial_id: int, number: int, reason: str, record: TrialRecord | None = None) -> None:
+    """Mark a trial FAIL with a `fail_reason` (and what else `record` sets) — never silently."""
     import optuna
 
-    storage = study._storage
-    for key, value in {**(attrs or {}), "fail_reason": reason}.items():
-        storage.set_trial_user_attr(trial_id, key, value)
+    write_trial_by_id(study._storage, trial_id, record, fail_reason=reason)
     try:
         study.tell(number, state=optuna.trial.TrialState.FAIL)
     except (ValueError, RuntimeError):  # finished meanwhile by another driver
@@ -253,7 +264,7 @@ def params_of(trial) -> dict[str, Any]:
     return {**frozen.system_attrs.get("fixed_params", {}), **trial.params}
 
 
-def requeue(study: optuna.Study, trial, reason: str, attrs: dict | None = None, worker_deaths: int = 0) -> None:
+def requeue(study: optuna.Study, trial, reason: str, record: TrialRecord | None = None, worker_deaths: int = 0) -> None:
     """FAIL a trial that did not finish through no fault of its params, and enqueue them again (once).
 
     Crash-safe in this order: the retry is enqueued first, unless one exists already, then the trial
@@ -261,24 +272,24 @@ def requeue(study: optuna.Study, trial, reason: str, attrs: dict | None = None, 
     carries `retry_of`, the baseline label, and how many workers died on these params.
     """
     number = trial.number
-    if not any(t.user_attrs.get("retry_of") == number for t in study.get_trials(deepcopy=False)):
-        extra = {k: trial.user_attrs[k] for k in ("baseline",) if k in trial.user_attrs}
-        if worker_deaths:
-            extra["worker_deaths"] = worker_deaths
-        study.enqueue_trial(params_of(trial), user_attrs={"retry_of": number, **extra})
-    fail(study, trial._trial_id, number, reason, attrs)
+    if not any(TrialRecord.from_trial(t).retry_of == number for t in study.get_trials(deepcopy=False)):
+        label = TrialRecord.from_trial(trial).baseline
+        retry = trial_attrs(retry_of=number, baseline=label, worker_deaths=worker_deaths)
+        study.enqueue_trial(params_of(trial), user_attrs=retry)
+    fail(study, trial._trial_id, number, reason, record)
 
 
 def stale_reason(trial, now: float | None = None, exclusive: bool = False) -> str | None:
     """Why a RUNNING trial is abandoned, or None. `exclusive`: this driver holds the study's lock, so every
     RUNNING trial of another driver process is abandoned."""
-    driver = trial.user_attrs.get("driver")
+    record = TrialRecord.from_trial(trial)
+    driver = record.driver
     now = time.time() if now is None else now
     if driver and driver.get("host") == socket.gethostname():
         if driver.get("pid") != driver_id()["pid"] and not driver_alive(driver):
             return f"driver process {driver.get('pid')} on {driver.get('host')} died while the trial ran"
         return None
-    beat = trial.user_attrs.get("heartbeat")
+    beat = record.heartbeat
     if beat is None and trial.datetime_start is not None:
         beat = trial.datetime_start.timestamp()
     if beat is not None and now - beat > GRACE_S:
@@ -301,7 +312,7 @@ def fail_stale_trials(study: optuna.Study, log=print, exclusive: bool = False) -
         reason = stale_reason(trial, exclusive=exclusive)
         if reason is None:
             continue
-        requeue(study, trial, f"stale: {reason}", worker_deaths=int(trial.user_attrs.get("worker_deaths", 0)))
+        requeue(study, trial, f"stale: {reason}", worker_deaths=TrialRecord.from_trial(trial).worker_deaths)
         failed.append(trial.number)
     if failed:
         (log or _quiet)(
@@ -319,12 +330,12 @@ def complete_trials(study: optuna.Study) -> list:
 def budget_count(study: optuna.Study) -> int:
     """COMPLETE trials that count against `budget.n_trials`: every one but the portfolio's default merges of other
     methods, which are references the search is measured against, not trials of its own space."""
-    return sum(1 for t in complete_trials(study) if not t.user_attrs.get("portfolio"))
+    return sum(1 for t in complete_trials(study) if not TrialRecord.from_trial(t).portfolio)
 
 
 def objective_of(trial) -> float:
     """A completed trial's weighted-mean score (also for multi-objective studies)."""
-    value = trial.user_attrs.get("objective")
+    value = TrialRecord.from_trial(trial).objective
     if value is None:
         value = trial.values[0] if trial.values else float("nan")
     return float(value)
@@ -333,14 +344,14 @@ def objective_of(trial) -> float:
 def is_whole(trial) -> bool:
     """Whether a COMPLETE trial was scored on its whole search subsets (staged evaluation may stop one early;
     its value is then an estimate that only ranks it, and it is never the best trial or a guard finalist)."""
-    return not trial.user_attrs.get("stopped_early")
+    return TrialRecord.from_trial(trial).whole
 
 
 def best_trial(study: optuna.Study, *, own: bool = False):
     """The best COMPLETE trial scored whole (by weighted mean for multi-objective studies), or None. `own`: of
     the study's own space only, not another method's default merge from the portfolio (whose params are a
     placeholder), e.g. as a point to continue from."""
-    done = [t for t in complete_trials(study) if is_whole(t) and not (own and t.user_attrs.get("portfolio"))]
+    done = [t for t in complete_trials(study) if is_whole(t) and not (own and TrialRecord.from_trial(t).portfolio)]
     if not done:
         return None
     return max(done, key=lambda t: (objective_of(t), -t.number))
@@ -364,7 +375,7 @@ def trial_by_number(study: optuna.Study, number: int):
         )
     trial = trials[number]
     if trial.state != optuna.trial.TrialState.COMPLETE:
-        why = trial.user_attrs.get("fail_reason", "")
+        why = TrialRecord.from_trial(trial).fail_reason or ""
         raise StudyError(f"trial {number} is {trial.state.name}{f' ({why})' if why else ''}; pick a COMPLETE trial")
     return trial
 
@@ -449,7 +460,7 @@ def warm_start_trials(cfg: SearchConfig, space: SearchSpace) -> list:
     study = load_study(name, storage)
     if study is None:
         raise ConfigError(f"sampler.warm_start: {where} does not exist; run that search first or fix the path")
-    theirs = study.user_attrs.get("config", {})
+    theirs = StudyRecord.from_study(study).config or {}
     ours = cfg.study_fields()
     same = [str(Path(p)) for p in [ours["base_model"], *ours["models"]]]
     if theirs and [str(Path(p)) for p in [theirs.get("base_model"), *theirs.get("models", [])]] != same:
@@ -460,7 +471,7 @@ def warm_start_trials(cfg: SearchConfig, space: SearchSpace) -> list:
     trials = [
         t
         for t in complete_trials(study)
-        if t.distributions == wanted and t.values and len(t.values) == 1 and not t.user_attrs.get("portfolio")
+        if t.distributions == wanted and t.values and len(t.values) == 1 and not TrialRecord.from_trial(t).portfolio
     ]
     if not trials:
         raise ConfigError(

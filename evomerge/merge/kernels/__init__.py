@@ -43,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
+from evomerge.merge.registry import names
 
 if TYPE_CHECKING:
     import torch
@@ -54,9 +55,7 @@ KERNEL_SETS = (EVOMERGE_1, MERGEKIT)
 DEFAULT_KERNELS = EVOMERGE_1
 ALIASES = {"evomerge": EVOMERGE_1, "mergekit": MERGEKIT}
 ENV = "EVOMERGE_KERNELS"
-SPARSIFYING = frozenset(
-    {"ties", "dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties"}
-)
+SPARSIFYING = frozenset(names(sparsifies=True))  # the methods evomerge-1 has its own kernel for (merge/registry.py)
 
 
 def canonical_kernels(name: str) -> str:

@@ -132,6 +132,7 @@ def run_one(job: dict) -> dict:
     from evomerge.search import study as st
     from evomerge.search.driver import run_search
     from evomerge.search.guard import exported_trial, validate_top
+    from evomerge.search.record import TrialRecord
 
     zoo = Path(job["zoo"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,8 +148,10 @@ def run_one(job: dict) -> dict:
         guard_s = time.perf_counter() - t1
         done = st.complete_trials(study)
         per_trial = sum(t.subset or 0 for t in cfg.tasks.search)
-        examples = sum(t.user_attrs.get("examples_scored", per_trial) for t in done)
-        held = heldout_scorer(cfg).evaluate(pick.user_attrs["recipe"], "heldout").values()
+        records = [TrialRecord.from_trial(t) for t in done]
+        examples = sum(r.examples_scored or per_trial for r in records)
+        chosen = TrialRecord.from_trial(pick)
+        held = heldout_scorer(cfg).evaluate(chosen.recipe, "heldout").values()
         os.chdir(REPO)
     return {
         **{k: job[k] for k in ("variant", "method", "budget", "seed", "set", "label")},
@@ -156,12 +159,12 @@ def run_one(job: dict) -> dict:
         "heldout_mean": 100 * statistics.fmean(held.values()),
         "pick": {
             "trial": pick.number,
-            "baseline": pick.user_attrs.get("baseline", ""),
-            "refine_round": pick.user_attrs.get("refine_round"),
+            "baseline": str(chosen.baseline or ""),
+            "refine_round": chosen.refine_round,
             "search": 100 * st.objective_of(pick),
         },
         "n_complete": len(done),
-        "stopped": sum(1 for t in done if t.user_attrs.get("stopped_early")),
+        "stopped": sum(1 for r in records if r.stopped_early),
         "examples": examples,
         "examples_full": per_trial * len(done),
         "search_s": round(search_s, 1),

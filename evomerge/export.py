@@ -114,6 +114,14 @@ def export_recipe(
             if src.is_file():
                 shutil.copyfile(src, tmp / fname)
         recipe = recipe.with_provenance(inputs={m: d.result() for m, d in zip(inputs, digests)})
+        if recipe.evomerge_only:  # the coefficient file goes beside the recipe, named relative to it
+            from evomerge.merge.coefficients import FILE_NAME
+
+            ref = recipe.evomerge.coefficients
+            shutil.copyfile(ref.file, tmp / FILE_NAME)
+            if file_sha256(tmp / FILE_NAME) != ref.sha256:
+                raise ConfigError(f"evomerge.coefficients.file: {ref.file} changed while it was merged; merge again")
+            recipe = recipe.with_provenance(coefficients=ref.model_copy(update={"file": FILE_NAME}))
         published = _renamed(recipe, names) if names else recipe  # what recipe.yaml (and a card) say
         for fname, content in (extra_files or {}).items():
             if Path(fname).name != fname or fname == "recipe.yaml":

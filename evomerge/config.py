@@ -157,6 +157,19 @@ class RefineConfig(_Strict):
     steps: int = Field(60, gt=0)
     every: int = Field(10, gt=0)
     lr: float = Field(0.05, gt=0, description="Adam step, in units of each parameter's search range")
+    grain: Literal["tensor", "rows"] = Field(
+        "tensor",
+        description="what the gradient moves: the space's own numbers (tensor), or also one coefficient per "
+        "output row of every tensor and model (rows: task arithmetic only; the exported recipe is evomerge-only)",
+    )
+    loss: Literal["likelihood", "distill"] = Field(
+        "likelihood",
+        description="likelihood of the search tasks' reference answers, or distillation of each task's best "
+        "source model on its own greedy answers (prompts only; search/distill.py)",
+    )
+    examples: int | None = Field(
+        None, gt=0, description="examples per task the gradient sees (default: each task's search subset)"
+    )
 
     @field_validator("at")
     @classmethod

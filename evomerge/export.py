@@ -315,6 +315,10 @@ def export_trial(
             allow_config_mismatch=cfg.allow_config_mismatch,
         )
         shutil.copyfile(tmp / "model" / "recipe.yaml", tmp / "recipe.yaml")  # with the inputs' and outputs' sha256
+        if recipe.evomerge_only:  # its coefficient file beside it too, as the recipe names it
+            from evomerge.merge.coefficients import FILE_NAME
+
+            shutil.copyfile(tmp / "model" / FILE_NAME, tmp / FILE_NAME)
     return ExportResult(chosen.number, objective, out / "recipe.yaml", out / "model", heldout=comparison is not None)
 
 

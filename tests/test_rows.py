@@ -74,3 +74,49 @@ def test_a_row_refinement_lowers_its_loss_inside_the_bounds(tiny_zoo, evaluator,
     # continued from its last coefficients, it starts where it stopped
     again = ref.run(start, steps=1, every=1, lr=0.05, coefficients=last)
     assert again[0][2] == pytest.approx(losses[-1], rel=1e-5)
+
+
+def test_a_search_scores_the_row_path_and_exports_it_as_an_evomerge_only_recipe(tiny_zoo, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from evomerge.cli import main
+    from evomerge.config import parse_config
+    from evomerge.recipe import Recipe
+    from evomerge.search import study as st
+    from evomerge.search.driver import run_search
+    from evomerge.search.record import TrialRecord
+
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config(
+        {
+            "name": "rows",
+            "base_model": str(tiny_zoo / "base"),
+            "models": [str(tiny_zoo / "add"), str(tiny_zoo / "reverse")],
+            "method": "task_arithmetic",
+            "tasks": {"search": [t.model_dump() for t in SEARCH]},
+            "sampler": {"name": "random", "seed": 0},
+            "budget": {"n_trials": 9},
+            "workers": {"count": 0},
+            "portfolio": False,
+            "refine": {"at": [0.4], "steps": 6, "every": 2, "grain": "rows", "loss": "distill"},
+        }
+    )
+    assert run_search(cfg, progress=False, log=None).n_complete == 9
+    study = st.load_study(cfg.name, cfg.storage_url)
+    refined = [t for t in study.trials if TrialRecord.from_trial(t).refine_round is not None]
+    assert [TrialRecord.from_trial(t).refine_step for t in refined] == [2, 4, 6]
+    for t in refined:
+        record = TrialRecord.from_trial(t)
+        assert t.state.name == "COMPLETE" and record.coefficients["file"].startswith(str(tmp_path / "runs" / "rows"))
+        recipe = Recipe.from_yaml(record.recipe)
+        assert recipe.evomerge_only and recipe.evomerge.coefficients.sha256 == record.coefficients["sha256"]
+    assert len({TrialRecord.from_trial(t).coefficients["sha256"] for t in refined}) == 3  # the rows moved
+    last = refined[-1]
+    assert main(["export", str(cfg.run_dir), "--trial", str(last.number), "--out", str(tmp_path / "best")]) == 0
+    exported = tmp_path / "best"
+    recipe_path = next(exported.rglob("recipe.yaml"))
+    assert Recipe.load(recipe_path).evomerge_only and (recipe_path.parent / "coefficients.safetensors").is_file()
+    assert main(["merge", str(recipe_path), "--out", str(tmp_path / "again")]) == 0
+    model_dir = next(p.parent for p in exported.rglob("model.safetensors"))
+    a, b = load_file(model_dir / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -27,7 +27,11 @@ from evomerge.errors import ConfigError, EvomergeError, Interrupted, StudyError,
 from evomerge.search.record import TrialRecord, trial_attrs, write_trial
 from evomerge.space import SearchSpace, space_of
 
-_FEATURES = {"refine": "gradient refinement", "early_stop": "staged evaluation (early_stop)"}
+_FEATURES = {
+    "refine": "gradient refinement",
+    "early_stop": "staged evaluation (early_stop)",
+    "refine.grain": "per-row refinement (refine.grain: rows; the per-tensor refinement runs instead)",
+}
 MAX_WORKER_DEATHS = 2  # retries of params whose worker died while evaluating them; then the trial fails
 
 
@@ -150,9 +154,28 @@ def check_tasks(cfg: SearchConfig) -> dict[str, str]:
                 check("early_stop", lambda: check_per_example(scorer))
             if cfg.refine is not None:
                 check("refine", lambda: check_refinable(scorer, cfg.method))
+            if cfg.refine is not None and "refine" not in off and cfg.refine.grain == "rows":
+                _check_rows(cfg, scorer, off)
         except (TaskError, ConfigError) as err:
             raise ConfigError(f"{cfg._source}: {name!r}: {err}; fix the task entry or tasks.include_paths") from None
     return off
+
+
+def _check_rows(cfg: SearchConfig, scorer, off: dict[str, str]) -> None:
+    """Per-row refinement (and distillation) where they apply; the defaults fall back to the per-tensor
+    refinement of the likelihood (`off["refine.grain"]`), settings the config asks for must apply."""
+    from evomerge.search.distill import check_distillable
+    from evomerge.search.rows import check_rows
+
+    try:
+        check_rows(cfg.method)
+        if cfg.refine.loss == "distill":
+            check_distillable(scorer)
+    except ConfigError as err:
+        asked = "refine" in cfg.model_fields_set and {"grain", "loss"} & cfg.refine.model_fields_set
+        if asked:
+            raise
+        off["refine.grain"] = str(err)
 
 
 def run_search(
@@ -176,7 +199,12 @@ def run_search(
     off = check_tasks(cfg)  # a bad task fails before the study, its lock or runs/<name>/ exist
     for name, why in off.items():
         log(f"{_FEATURES[name]} is off for this study: {why.removeprefix('refine: ')}")
-    cfg = cfg.model_copy(update={name: None for name in off})  # what runs (and runs/<name>/config.yaml records)
+    per_tensor = (
+        {"refine": cfg.refine.model_copy(update={"grain": "tensor", "loss": "likelihood"})} if cfg.refine else {}
+    )
+    cfg = cfg.model_copy(
+        update={name: None for name in off if name != "refine.grain"} | (per_tensor if "refine.grain" in off else {})
+    )  # what runs (and runs/<name>/config.yaml records)
     with StudyLock(cfg.storage_url, cfg.name) as lock:  # before open_study: --force must not delete a live study
         if force and (existing := st.load_study(cfg.name, cfg.storage_url)) is not None:
             lock.check_free(existing)
@@ -244,6 +272,7 @@ def _loop(
 ) -> None:
     """Keep every worker busy until the budget is COMPLETE; this driver holds the study, so its count is exact."""
     from evomerge.search import study as st
+    from evomerge.search.rows import with_coefficients
     from evomerge.search.workers import open_pool
 
     distributions = st.distributions(space, cfg.models)
@@ -285,6 +314,7 @@ def _loop(
                     recipe = space.to_recipe(
                         trial.params, cfg.models, cfg.base_model, cfg.method, cfg.seed, cfg.dtype, kernels=cfg.kernels
                     )
+                    recipe = with_coefficients(recipe, TrialRecord.from_trial(trial).coefficients)  # a row point
                     text = recipe.to_yaml()
                     write_trial(trial, recipe=text)
                     in_flight[pool.submit(text, "search", per_example=incumbent.options(trial))] = _InFlight(
@@ -450,14 +480,26 @@ class _RefineRounds:
         best = st.best_trial(self.study, own=True)
         if best is None or not best.params:
             return
-        settings = {"steps": self.cfg.refine.steps, "every": self.cfg.refine.every, "lr": self.cfg.refine.lr}
+        from evomerge.search.rows import load_coefficients, save_coefficients
+
+        refine = self.cfg.refine
+        settings = {"steps": refine.steps, "every": refine.every, "lr": refine.lr}
+        if refine.grain == "rows":  # continued from the start's own coefficients, if it has some
+            start = TrialRecord.from_trial(best).coefficients
+            settings.update(grain="rows", loss=refine.loss, examples=refine.examples)
+            settings["coefficients"] = load_coefficients(start)
+        elif refine.examples is not None:
+            settings["examples"] = refine.examples
         bounds = space.bounds(self.cfg.models)
         path = pool.refine(dict(best.params), settings)
-        for step, point, loss in path:
+        for step, point, loss, *rows in path:
             if step == 0:
                 continue  # the starting point: trial `best` itself
             point = {k: bounds[k].clip(v) for k, v in point.items()}
-            attrs = trial_attrs(refine_round=r, refine_step=step, refined_from=best.number, surrogate_loss=loss)
+            ref = save_coefficients(self.cfg.run_dir, rows[0]) if rows else None
+            attrs = trial_attrs(
+                refine_round=r, refine_step=step, refined_from=best.number, surrogate_loss=loss, coefficients=ref
+            )
             self.study.enqueue_trial(point, user_attrs=attrs)
 
 

@@ -322,4 +322,54 @@ class RowRefiner:
         return out
 
 
-__all__ = ["BOUNDS", "LOSSES", "ROW_METHODS", "RowRefiner", "answer_loss", "check_rows", "micro_batches"]
+COEFFICIENTS_DIR = "coefficients"  # under the run directory: one file per refined point, named by its sha256
+
+
+def save_coefficients(run_dir, coefficients: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Write a path point's multipliers to the run directory's coefficient folder; {file, sha256} for its trial."""
+    import hashlib
+    from pathlib import Path
+
+    from safetensors.torch import save
+
+    from evomerge.io.atomic import write_file_atomic
+
+    data = save({k: v.detach().to("cpu").float().contiguous() for k, v in sorted(coefficients.items())})
+    digest = hashlib.sha256(data).hexdigest()
+    path = (Path(run_dir) / COEFFICIENTS_DIR / f"{digest[:16]}.safetensors").resolve()
+    if not path.is_file():
+        write_file_atomic(path, data)
+    return {"file": str(path), "sha256": digest}
+
+
+def load_coefficients(ref: dict[str, str] | None) -> dict[str, torch.Tensor] | None:
+    """A trial's multipliers ({file key: tensor}), checked against its hash; None for a trial without them."""
+    from evomerge.merge.coefficients import RowCoefficients, key
+
+    if ref is None:
+        return None
+    loaded = RowCoefficients.load(ref["file"], ref["sha256"], source="trial")
+    return {key(i, name): value for (i, name), value in loaded.values.items()}
+
+
+def with_coefficients(recipe, ref: dict[str, str] | None):
+    """The trial's recipe, naming its coefficient file (an evomerge-only recipe) when it has one."""
+    from evomerge.recipe import CoefficientFile
+
+    if ref is None:
+        return recipe
+    return recipe.with_provenance(coefficients=CoefficientFile(**ref))
+
+
+__all__ = [
+    "BOUNDS",
+    "LOSSES",
+    "ROW_METHODS",
+    "RowRefiner",
+    "answer_loss",
+    "check_rows",
+    "load_coefficients",
+    "micro_batches",
+    "save_coefficients",
+    "with_coefficients",
+]

@@ -1,7 +1,8 @@
 """Deterministic CPU training of the zoo's tiny causal LMs (answer-only loss on skill examples).
 
-A model is built from a `transformers` config class (`ARCHITECTURES`): Llama (the default), or Qwen2 (grouped-query
-attention, q/k/v biases, tied input and output embeddings), so the family holds more than one architecture.
+A model is built from a `transformers` config class (`ARCHITECTURES`): Llama (the default), Qwen2 (grouped-query
+attention, q/k/v biases) or GPT-2 (learned positions, LayerNorm, a GELU MLP, fused Conv1D attention), with or
+without tied input and output embeddings, so the family holds more than one architecture.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from evomerge.zoo.skills import SKILLS, Example
 
 
 # architecture -> transformers config class; every one takes Llama-style size arguments
-ARCHITECTURES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}
+ARCHITECTURES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "gpt2": "GPT2Config"}
 
 
 @dataclass(frozen=True)
@@ -47,20 +48,33 @@ def make_model(shape: ModelShape, tokenizer, seed: int):
     import transformers
     from transformers import AutoModelForCausalLM
 
-    config = getattr(transformers, ARCHITECTURES[shape.arch])(
+    special = dict(
         vocab_size=len(tokenizer),
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads or shape.heads,
-        max_position_embeddings=shape.max_positions,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=shape.tied,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=shape.tied,
     )
+    if shape.arch == "gpt2":  # learned positions, LayerNorm, GELU MLP, Conv1D weights (transposed)
+        config = transformers.GPT2Config(
+            n_embd=shape.hidden,
+            n_layer=shape.layers,
+            n_head=shape.heads,
+            n_inner=shape.intermediate,
+            n_positions=shape.max_positions,
+            **special,
+        )
+    else:
+        config = getattr(transformers, ARCHITECTURES[shape.arch])(
+            hidden_size=shape.hidden,
+            intermediate_size=shape.intermediate,
+            num_hidden_layers=shape.layers,
+            num_attention_heads=shape.heads,
+            num_key_value_heads=shape.kv_heads or shape.heads,
+            max_position_embeddings=shape.max_positions,
+            rms_norm_eps=1e-5,
+            **special,
+        )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     return model.float()

@@ -160,7 +160,7 @@ class RefineConfig(_Strict):
     grain: Literal["tensor", "rows"] = Field(
         "tensor",
         description="what the gradient moves: the space's own numbers (tensor), or also one coefficient per "
-        "output row of every tensor and model (rows: task arithmetic only; the exported recipe is evomerge-only)",
+        "output row of every tensor and model (rows: task arithmetic and TIES; the exported recipe is evomerge-only)",
     )
     loss: Literal["likelihood", "distill"] = Field(
         "likelihood",

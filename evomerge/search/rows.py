@@ -11,7 +11,10 @@ arithmetic, tensor by tensor,
     theta = base + sum_i c_i * m_i[:, None] * (model_i - base)      c_i = lambda * w_i at the point, m_i >= 0
 
 with m_i one multiplier per output row (dimension 0: a weight matrix's output features, a norm's elements, an
-embedding's tokens), 1 at the start unless the start carries coefficients of its own. The merge is linear in m,
+embedding's tokens), 1 at the start unless the start carries coefficients of its own. For TIES the scaled task
+vectors are pruned by magnitude, sign-elected and averaged as the method does, its masks recomputed at each step
+without gradient (as the per-tensor refinement's sign election), so the surrogate is the real merge of the scaled
+inputs up to magnitude ties; its gradient holds the masks. For task arithmetic the merge is linear in m,
 so the gradient comes from one backward pass of the resident model: dL/dm_i[r] = c_i * <G[r], (model_i - base)[r]>
 with G = dL/dtheta, its rows dotted with the task vector's rows read from the memory-mapped inputs, block by block.
 No task vector is held whole; the extra memory is the parameters' gradient, one block per model, and the
@@ -33,7 +36,7 @@ from evomerge.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-ROW_METHODS = frozenset({"task_arithmetic"})  # linear merges without normalisation or sign election
+ROW_METHODS = frozenset({"task_arithmetic", "ties"})  # a linear merge, and TIES (its masks recomputed each step)
 LOSSES = ("likelihood", "distill")
 BOUNDS = (0.0, 4.0)  # each multiplier's range (1: the recipe's own weight)
 BLOCK = 1 << 16  # elements per block of the row dot products and writes
@@ -43,7 +46,7 @@ MICRO_BATCH_ROWS = 64
 def check_rows(method: str) -> None:
     if method not in ROW_METHODS:
         raise ConfigError(
-            f"refine.grain rows: method {method!r} is not a linear merge; per-row coefficients work with "
+            f"refine.grain rows: method {method!r} has no per-row surrogate; per-row coefficients work with "
             f"{', '.join(sorted(ROW_METHODS))}: use refine.grain: tensor or change `method`"
         )
 
@@ -122,10 +125,46 @@ class _Row:
     coef: list[float]  # lambda * w_i
     target: torch.Tensor
     param: Any
+    densities: list[float] | None = None  # TIES: each model's density (None: task arithmetic)
+    weights: list[float] | None = None  # TIES: w_i (coef / lambda)
+    lam: float = 1.0
+    normalize: bool = False
 
     @property
     def rows(self) -> int:
         return self.base.shape[0] if self.base.dim() else 1
+
+
+def _ties(r: _Row, m: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """TIES over the row-scaled task vectors u_i = m_i * tau_i, one tensor: (theta as rows x columns, and per
+    model d theta / d m_i per element with the masks held: lambda * w_i * c_i * tau_i / D). The masks are
+    recomputed at these multipliers (magnitude top-density of u_i, the elected sign of sum_i w_i s_i, the
+    agreeing models' weights as divisor), so the surrogate is the merge of the scaled inputs up to ties."""
+    import torch
+
+    b = r.base.reshape(r.rows, -1).float()
+    taus = [x.reshape(r.rows, -1).float() - b for x in r.models]
+    kept = []
+    for tau, mult, density in zip(taus, m, r.densities):
+        u = tau * mult.unsqueeze(1)
+        n = u.numel()
+        k = int(density * n)
+        if k >= n:
+            kept.append(u)
+            continue
+        if k <= 0:
+            kept.append(torch.zeros_like(u))
+            continue
+        threshold = u.abs().flatten().kthvalue(n - k + 1).values
+        kept.append(torch.where(u.abs() >= threshold, u, torch.zeros_like(u)))
+    total = sum(w * s for w, s in zip(r.weights, kept))
+    elected = torch.where(total >= 0, 1.0, -1.0)
+    agree = [(s.sign() == elected).float() for s in kept]
+    div = sum(w * c for w, c in zip(r.weights, agree)) if r.normalize else torch.ones_like(b)
+    div = torch.where(div.abs() < 1e-8, torch.ones_like(div), div)
+    mixed = sum(w * c * s for w, c, s in zip(r.weights, agree, kept)) / div
+    factors = [r.lam * w * c * (s != 0).float() * tau / div for w, c, s, tau in zip(r.weights, agree, kept, taus)]
+    return b + r.lam * mixed, factors
 
 
 class RowRefiner:
@@ -192,7 +231,12 @@ class RowRefiner:
             coef = [lam * float(job.params.per_input[k].get("weight", 1.0)) for k in keys]
             target = self.mat.targets[job.name]
             models = [ckpts[k].get(src[k]) for k in keys]
-            out.append(_Row(job.name, base, models, coef, target, params.get(target.data_ptr())))
+            row = _Row(job.name, base, models, coef, target, params.get(target.data_ptr()))
+            if self.method == "ties":
+                row.densities = [float(job.params.per_input[k].get("density", 1.0)) for k in keys]
+                row.weights = [float(job.params.per_input[k].get("weight", 1.0)) for k in keys]
+                row.lam, row.normalize = lam, bool(job.params.shared.get("normalize", False))
+            out.append(row)
         return out
 
     def write(self, point: dict[str, float], coefficients: dict[str, torch.Tensor] | None = None) -> None:
@@ -219,6 +263,10 @@ class RowRefiner:
 
         with torch.no_grad():
             for r in rows:
+                if r.densities is not None:
+                    theta, _ = _ties(r, [m[key(i, r.name)] for i in range(len(r.models))])
+                    r.target.copy_(theta.view_as(r.target).to(device=r.target.device, dtype=r.target.dtype))
+                    continue
                 flat_out = r.target.view(r.rows, -1)
                 base = r.base.reshape(r.rows, -1)
                 step = max(1, BLOCK // max(base.shape[1], 1))
@@ -230,7 +278,7 @@ class RowRefiner:
                         theta.add_((x.reshape(r.rows, -1)[lo : lo + step].float() - b) * mult)
                     flat_out[lo : lo + step].copy_(theta.to(device=flat_out.device, dtype=flat_out.dtype))
 
-    def _grads(self, rows: list[_Row]) -> dict[str, torch.Tensor]:
+    def _grads(self, rows: list[_Row], m: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """dL/dm_i per row from the parameters' gradients: c_i * <G[r], tau_i[r]>, block by block."""
         import torch
 
@@ -243,6 +291,12 @@ class RowRefiner:
                 for i in range(len(r.models)):
                     out[key(i, r.name)] = torch.zeros(r.rows, dtype=torch.float32)
                 if grad is None:
+                    continue
+                if r.densities is not None:
+                    _, factors = _ties(r, [m[key(i, r.name)] for i in range(len(r.models))])
+                    g = grad.reshape(r.rows, -1).float().cpu()
+                    for i, f in enumerate(factors):
+                        out[key(i, r.name)] = (g * f).sum(1)
                     continue
                 g_all = grad.reshape(r.rows, -1)
                 base = r.base.reshape(r.rows, -1)
@@ -308,7 +362,7 @@ class RowRefiner:
                         log(f"row refinement step {step}: loss {loss:.4f}")
                 if last:
                     break
-                grads = self._grads(rows)
+                grads = self._grads(rows, m)
                 for n in names:
                     m[n].grad = grads[n]
                 opt.step()

@@ -119,3 +119,15 @@ def test_a_search_scores_the_row_path_and_exports_it_as_an_evomerge_only_recipe(
     model_dir = next(p.parent for p in exported.rglob("model.safetensors"))
     a, b = load_file(model_dir / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refinement_steps_scale_with_the_budget_when_auto():
+    from pydantic import ValidationError
+
+    from evomerge.config import RefineConfig
+
+    auto = RefineConfig(steps="auto", every="auto")
+    assert [auto.schedule(n) for n in (10, 25, 100, 200)] == [(10, 1), (15, 2), (60, 10), (120, 20)]
+    assert RefineConfig().schedule(200) == (60, 10)  # fixed numbers stay fixed
+    with pytest.raises(ValidationError, match="positive number of steps"):
+        RefineConfig(steps=0)

@@ -483,7 +483,8 @@ class _RefineRounds:
         from evomerge.search.rows import load_coefficients, save_coefficients
 
         refine = self.cfg.refine
-        settings = {"steps": refine.steps, "every": refine.every, "lr": refine.lr}
+        steps, every = refine.schedule(self.cfg.budget.n_trials)
+        settings = {"steps": steps, "every": every, "lr": refine.lr}
         if refine.grain == "rows":  # continued from the start's own coefficients, if it has some
             start = TrialRecord.from_trial(best).coefficients
             settings.update(grain="rows", loss=refine.loss, examples=refine.examples)

@@ -1,7 +1,7 @@
 """Search quality over the zoo family: does a search with the shipped defaults beat every default merge and every
 single source, and what share of the room to the routing oracle does it capture, on held-out data?
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/search_suite.py                  # the README table (about 2 h on 2 cores)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/search_suite.py                  # bench/search_quality.md (2 h, 2 cores)
     OMP_NUM_THREADS=1 .venv/bin/python bench/search_suite.py --variants pair --seeds 0 --budgets 25   # a quick look
     OMP_NUM_THREADS=1 .venv/bin/python bench/search_suite.py --set '{"refine": false}' --label no-refine
 

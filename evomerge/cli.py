@@ -12,9 +12,8 @@ import importlib
 import os
 import signal
 import sys
-import threading
 
-from evomerge import __version__
+from evomerge import __version__, interrupts
 from evomerge.errors import EvomergeError, Interrupted
 
 # name -> one-line help, in the order of a first session (zoo -> audit -> search -> status -> export -> report),
@@ -62,10 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _on_sigterm(signum, frame) -> None:
-    raise Interrupted("SIGTERM")
-
-
 def main(argv: list[str] | None = None) -> int:
     from evomerge.offline import go_offline
     from evomerge.threads import configure_process
@@ -77,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # kept across Ray's start
+    restore = interrupts.install()  # SIGINT and SIGTERM: Interrupted, never inside a database call
     try:
         code = int(args._run(args) or 0)
         sys.stdout.flush()  # here, so a closed pipe is handled below rather than at exit
@@ -98,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()  # `evomerge status runs/demo | head`: the reader has what it wanted
         return 128 + signal.SIGPIPE
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        restore()
 
 
 def _stdout_closed() -> bool:

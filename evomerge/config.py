@@ -1,7 +1,12 @@
 """The search config: one YAML file, validated once where it enters (`load_config`). Pure pydantic: loading a
-config imports no Optuna, Ray, torch or lm-eval (the sampler registry below is data; `search.study` builds them).
+config imports no Optuna, Ray, torch or lm-eval (the sampler registry, `search.samplers`, is data).
 
     evomerge search configs/demo.yaml
+
+`SearchConfig` and its sections: `tasks` (TasksConfig, entries `scoring.tasks.TaskSpec`), `sampler`
+(SamplerConfig, `warm_start`: a run directory or WarmStartConfig), `budget`, `workers`, `validation`, `refine`,
+`early_stop`; the search space (`search_space`) is `space.SpaceSpec`, resolved and stored inline. Every field,
+its default and an example: docs/config.md (tests/test_docs.py checks it against these models).
 
 Relative paths (models, include paths, a search-space path) are relative to the config file; run
 directories (`runs/<name>/`) and the default storage are relative to the current directory.
@@ -12,16 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from evomerge.errors import ConfigError, close_matches, describe_validation
+from evomerge.errors import ConfigError, describe_validation
 from evomerge.merge.registry import REGISTRY
 from evomerge.scoring.tasks import TaskSpec
+from evomerge.search.samplers import SAMPLERS, check_sampler
 from evomerge.storage_url import remember
 
 RUNS_DIR = Path("runs")
@@ -40,57 +45,6 @@ RUNTIME_FIELDS = (
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-@dataclass(frozen=True)
-class Sampler:
-    """A sampler by name: its Optuna class, whether it optimizes one objective per task, its keyword options
-    (tests check them against Optuna's signatures) and the defaults evomerge sets unless the config's options do."""
-
-    optuna_class: str
-    multi_objective: bool
-    options: tuple[str, ...]
-    defaults: dict[str, Any] = field(default_factory=dict)
-
-
-SAMPLERS: dict[str, Sampler] = {
-    "cmaes": Sampler("CmaEsSampler", False, (
-        "x0", "sigma0", "n_startup_trials", "independent_sampler", "warn_independent_sampling",
-        "consider_pruned_trials", "restart_strategy", "popsize", "inc_popsize", "use_separable_cma", "with_margin",
-        "lr_adapt"), {"warn_independent_sampling": False}),
-    "tpe": Sampler("TPESampler", False, (
-        "consider_prior", "prior_weight", "consider_magic_clip", "consider_endpoints", "n_startup_trials",
-        "n_ei_candidates", "gamma", "weights", "multivariate", "group", "warn_independent_sampling", "constant_liar",
-        "constraints_func"), {"multivariate": True, "warn_independent_sampling": False}),
-    "gp": Sampler("GPSampler", False, (
-        "independent_sampler", "n_startup_trials", "deterministic_objective", "constraints_func",
-        "warn_independent_sampling"), {"warn_independent_sampling": False}),
-    "random": Sampler("RandomSampler", False, ()),
-    "nsga2": Sampler("NSGAIISampler", True, (
-        "population_size", "mutation", "mutation_prob", "crossover", "crossover_prob", "swapping_prob",
-        "constraints_func", "elite_population_selection_strategy", "child_generation_strategy",
-        "after_trial_strategy")),
-}  # fmt: skip
-# Options Optuna's warm-start CMA-ES derives from the source trials itself (it refuses them alongside).
-WARM_EXCLUDES = ("x0", "sigma0", "use_separable_cma", "source_trials")
-
-
-def check_sampler(name: str, options: dict[str, Any], warm_start: bool = False) -> None:
-    """Raise ValueError (a pydantic field error where the config enters) for an unknown sampler or option name,
-    or a misplaced warm start."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}{close_matches(name, SAMPLERS)}; use one of {', '.join(SAMPLERS)}")
-    accepted = SAMPLERS[name].options
-    for key in options:
-        if key == "source_trials":
-            raise ValueError("option 'source_trials' is set by `sampler.warm_start: RUN_DIR`; use that instead")
-        if key not in accepted:
-            raise ValueError(f"{SAMPLERS[name].optuna_class} has no option {key!r}{close_matches(key, accepted)}")
-    if warm_start and name != "cmaes":
-        raise ValueError(f"warm_start works with the cmaes sampler only, not {name!r}; remove warm_start or use cmaes")
-    clash = [k for k in WARM_EXCLUDES if k in options]
-    if warm_start and clash:
-        raise ValueError(f"warm_start derives {', '.join(clash)} from the earlier trials; remove them from options")
 
 
 class TasksConfig(_Strict):
@@ -295,8 +249,21 @@ class SearchConfig(_Strict):
     def multi_objective(self) -> bool:
         return SAMPLERS[self.sampler.name].multi_objective
 
+    def warm_start_source(self) -> tuple[str, str, str]:
+        """(study name, storage URL, how messages name it) of `sampler.warm_start`: a run directory (its resolved
+        config names both) or {study, storage}."""
+        ref = self.sampler.warm_start
+        if isinstance(ref, WarmStartConfig):
+            return ref.study, ref.storage, f"study {ref.study!r} in {ref.storage}"
+        try:
+            source = load_run_config(Path(str(ref)))
+        except ConfigError as err:
+            raise ConfigError(f"sampler.warm_start: {err}") from None
+        return source.name, source.storage_url, f"run {ref} (study {source.name!r})"
+
     def study_fields(self) -> dict[str, Any]:
-        """What identifies the study's trials: everything but budget, workers and storage."""
+        """What identifies the study's trials: everything but the RUNTIME_FIELDS (budget, workers, storage,
+        validation, refine, early_stop, portfolio, allow_config_mismatch), which a resume may change."""
         data = self.model_dump(mode="json")
         for key in RUNTIME_FIELDS:
             data.pop(key, None)

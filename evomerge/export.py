@@ -256,7 +256,8 @@ def export_trial(
     from evomerge.modelcard import model_card, published_names
     from evomerge.search.guard import exported_trial, stored, validate_top
     from evomerge.search.record import TrialRecord
-    from evomerge.search.study import best_trial, complete_trials, objective_of, open_run, trial_by_number
+    from evomerge.search.study import open_run
+    from evomerge.search.trials import best_trial, complete_trials, objective_of, trial_by_number
 
     cfg, study = open_run(run_dir)
     names = published_names(cfg, hub_ids or {})  # bad --hub-id pairs fail before any work

@@ -5,7 +5,8 @@ A space is YAML (`search_spaces/<name>.yaml`, a path, or a mapping inline in the
     methods: [ties]            # merge methods this space is for
     layers_per_group: 2        # one value per 2 layers; 0 = one value for all layers
     control_points: null       # K: K values interpolated across the layers instead (smooth)
-    kinds: [self_attn, mlp]    # separate values per tensor kind; other tensors (norms) get `default`
+    kinds: [self_attn, mlp]    # separate values per tensor kind; the tensors no kind names (norms) get a searched
+                               # `rest` value per model, one across the layers
     embeddings: true           # the embeddings and the head get their own value
     parameters:
       weight:  {low: 0.0, high: 1.0, default: 0.5}   # searched; `default` is the baseline trial's value

@@ -139,3 +139,37 @@ def test_no_install_or_build_noise(tmp_path, capfd):
     capfd.readouterr()
     _save(make_model(VARIANTS["tiny"].shape, tokenizer, 0), tokenizer, tmp_path / "m")
     assert "Writing model shards" not in capfd.readouterr().err and (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_search_workers_0_runs_in_this_process_without_ray(tiny_zoo, tmp_path, monkeypatch, capsys):
+    """`--workers 0`, the debugging mode: the config's Ray workers replaced by one evaluator in this process."""
+    import ray
+
+    from evomerge.config import load_run_config
+    from evomerge.search.study import budget_count, load_study
+
+    config = tmp_path / "zero.yaml"
+    data = {
+        "name": "zero",
+        "base_model": str(tiny_zoo / "base"),
+        "models": [str(tiny_zoo / "add"), str(tiny_zoo / "reverse")],
+        "method": "task_arithmetic",
+        "tasks": {"search": [{"name": "zoo_add_search", "subset": 4}, {"name": "zoo_reverse_search", "subset": 4}]},
+        "sampler": {"name": "random"},
+        "budget": {"n_trials": 3},
+        "workers": {"count": 2},
+        "portfolio": False,
+        "refine": None,
+        "early_stop": None,
+    }
+    config.write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", str(config), "--workers", "0", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "loading the models and tasks in this process (workers.count: 0)" in out
+    assert not ray.is_initialized(), "no Ray"
+    cfg = load_run_config(tmp_path / "runs" / "zero")
+    assert cfg.workers.count == 0 and budget_count(load_study("zero", cfg.storage_url)) == 3
+
+    assert main(["search", str(config), "--workers", "-1"]) == 2
+    assert "--workers must be 0" in capsys.readouterr().err

@@ -143,6 +143,7 @@ def search_config(tmp_path: Path, zoo: Path, n_trials: int) -> Path:
         "sampler": {"name": "cmaes", "options": {"popsize": 4}},
         "budget": {"n_trials": n_trials},
         "workers": {"count": 1, "num_cpus": 1},
+        "portfolio": False,  # the test counts the study's COMPLETE trials: the search's own only
     }
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -8,6 +8,7 @@ EXAMPLES = """\
   evomerge search configs/demo.yaml                  # new study runs/demo (relative to this folder), or resume it
   evomerge search configs/demo.yaml --n-trials 150   # raise the budget of a finished study and go on
   evomerge search configs/demo.yaml --no-progress    # a line every tenth of the budget instead of a bar (logs)
+  evomerge search configs/demo.yaml --workers 0      # no Ray: one worker in this process (debugging, pdb)
 Stopped by Ctrl-C, SIGTERM or budget.timeout, the same command resumes it.
 """
 
@@ -25,7 +26,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--storage", default=None, metavar="URL", help="Optuna RDB URL (default: sqlite:///runs/<name>/study.db)"
     )
     parser.add_argument(
-        "--workers", type=int, default=None, metavar="K", help="parallel workers (overrides workers.count)"
+        "--workers",
+        type=int,
+        default=None,
+        metavar="K",
+        help="parallel workers (overrides workers.count); 0: one in this process, without Ray (debugging)",
     )
     parser.add_argument("--force", action="store_true", help="delete a study of the same name made with another config")
     parser.add_argument(
@@ -38,10 +43,10 @@ def run(args: argparse.Namespace) -> int:
     from evomerge.errors import ConfigError
     from evomerge.search.driver import run_search
 
-    for flag in ("n_trials", "workers"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.n_trials is not None and args.n_trials < 1:
+        raise ConfigError(f"--n-trials must be at least 1, got {args.n_trials}")
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError(f"--workers must be 0 (one worker in this process, no Ray) or more, got {args.workers}")
     cfg = load_config(args.config, n_trials=args.n_trials, storage=args.storage, workers=args.workers)
     run_search(cfg, force=args.force, progress=not args.no_progress)
     return 0

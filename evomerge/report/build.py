@@ -24,7 +24,7 @@ class ReportResult:
 
 
 def _points(cfg, trials) -> list[TrialPoint]:
-    from evomerge.search.study import objective_of
+    from evomerge.search.trials import objective_of
 
     out = []
     for t in trials:
@@ -37,7 +37,7 @@ def _points(cfg, trials) -> list[TrialPoint]:
 def draw_figures(cfg, study, done, comparison: Comparison, out_dir: Path) -> dict[str, Path]:
     """caption -> PNG path, for every figure this study supports. The recipe figure shows the comparison's
     evolved row: THE exported trial (`search.guard.exported_trial`), as the table does."""
-    from evomerge.search.study import pareto_front
+    from evomerge.search.trials import pareto_front
     from evomerge.space import space_of
 
     points = _points(cfg, [t for t in done if not TrialRecord.from_trial(t).portfolio])

@@ -189,7 +189,8 @@ def text_comparison(c: Comparison) -> str:
 
 def load_run(run_dir: Path | str):
     """(config, study, complete trials) of a run directory, or a StudyError saying what to run first."""
-    from evomerge.search.study import complete_trials, open_run
+    from evomerge.search.study import open_run
+    from evomerge.search.trials import complete_trials
 
     cfg, study = open_run(run_dir)
     done = complete_trials(study)
@@ -217,7 +218,7 @@ def compare_run(
     from evomerge.portfolio import default_merges
     from evomerge.scoring.tasks import TaskSpec
     from evomerge.search.guard import exported_trial, pending, stored, validate_top
-    from evomerge.search.study import objective_of
+    from evomerge.search.trials import objective_of, ranked
     from evomerge.search.workers import open_pool, run_jobs
     from evomerge.space import model_keys
 
@@ -242,13 +243,13 @@ def compare_run(
         validate_top(cfg, study, log=log, pool=pool)  # the evolved row is what export takes
         best = exported_trial(cfg, study)
         validated = stored(cfg, study)
-        ranked = sorted(done, key=lambda t: (-objective_of(t), t.number))[: max(top_k, 1)]
-        if best not in ranked:
-            ranked = [best, *ranked[:-1]]
+        top_trials = ranked(done)[: max(top_k, 1)]  # the guard's ranking: whole trials only
+        if best not in top_trials:
+            top_trials = [best, *top_trials[:-1]]
         keys = model_keys(sources)
         jobs = [(alone(path, sources).to_yaml(), key) for key, path in zip(keys, sources)]
         jobs += [(recipe.to_yaml(), label) for label, recipe in defaults]
-        jobs += [(TrialRecord.from_trial(t).recipe, f"trial {t.number}") for t in ranked]
+        jobs += [(TrialRecord.from_trial(t).recipe, f"trial {t.number}") for t in top_trials]
         results: list[Any] = [None] * len(jobs)
         heldout_jobs = [(text, "heldout") for text, _ in jobs]
         for n, (i, res) in enumerate(run_jobs(pool, heldout_jobs, [label for _, label in jobs], examples=True)):
@@ -286,8 +287,8 @@ def compare_run(
 
     trials: list[TrialRow] = []
     first = len(sources) + len(defaults)
-    trial_examples = {t.number: e for t, e in zip(ranked, examples[first:])}
-    for t, row_scores in zip(ranked, scores[first:]):
+    trial_examples = {t.number: e for t, e in zip(top_trials, examples[first:])}
+    for t, row_scores in zip(top_trials, scores[first:]):
         note = TrialRecord.from_trial(t).baseline or ""
         v = validated[t.number].objective if t.number in validated else None
         trials.append(

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from evomerge.search.record import StudyRecord, TrialRecord
+from evomerge.search.trials import budget_count, by_state, is_whole, objective_of, pareto_front, ranked
 from evomerge.tables import text_table
 
 
@@ -24,7 +25,6 @@ def timing_breakdown(trials) -> dict[str, float] | None:
 def exported_line(cfg, study) -> str | None:
     """Which trial `evomerge export` takes (and the report shows), and why; None before any trial completed."""
     from evomerge.search.guard import exported_trial, pending, stored
-    from evomerge.search.study import objective_of
 
     trial = exported_trial(cfg, study)
     if trial is None:
@@ -45,15 +45,7 @@ def exported_line(cfg, study) -> str | None:
 
 def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
     from evomerge.search.guard import exported_trial
-    from evomerge.search.study import (
-        budget_count,
-        by_state,
-        is_whole,
-        objective_of,
-        open_run,
-        pareto_front,
-        stale_reason,
-    )
+    from evomerge.search.study import open_run, stale_reason
 
     cfg, study = open_run(run_dir)
     states = by_state(study)
@@ -98,15 +90,15 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
 
     header = ["trial", "objective", *tasks, "s", "note"]
     if done:
-        ranked = sorted((t for t in done if is_whole(t)), key=lambda t: (-objective_of(t), t.number))[:top]
-        if chosen is not None and chosen not in ranked:  # the exported trial is always listed
-            ranked.append(chosen)
+        listed = ranked(done)[:top]
+        if chosen is not None and chosen not in listed:  # the exported trial is always listed
+            listed.append(chosen)
         lines += [
             "",
             f"top {min(top, len(done))} trials by search objective"
-            + (" and the exported one" if len(ranked) > top else "")
+            + (" and the exported one" if len(listed) > top else "")
             + ":",
-            *text_table(header, [row(t) for t in ranked]).splitlines(),
+            *text_table(header, [row(t) for t in listed]).splitlines(),
         ]
     if len(study.directions) > 1 and done:
         front = pareto_front(study)

@@ -24,7 +24,12 @@ from typing import Any
 
 from evomerge.config import SearchConfig, write_run_config
 from evomerge.errors import ConfigError, EvomergeError, Interrupted, StudyError, TaskError
-from evomerge.search.record import TrialRecord, trial_attrs, write_trial
+from evomerge.portfolio import default_merges
+from evomerge.search import study as st
+from evomerge.search.lock import StudyLock
+from evomerge.search.record import BaselineLabel, TrialRecord, trial_attrs, write_trial
+from evomerge.search.rows import load_coefficients, save_coefficients, with_coefficients
+from evomerge.search.workers import open_pool, run_jobs
 from evomerge.space import SearchSpace, space_of
 
 _FEATURES = {
@@ -51,6 +56,21 @@ class SearchResult:
     stop: str = ""  # why this run stopped: "budget" (met), "timeout" (budget.timeout), "complete" (nothing to do)
     resumed: bool = False  # the study had trials before this run
     requeued: list[int] = field(default_factory=list)  # trials in flight when this run stopped: they run again first
+
+    @classmethod
+    def of(cls, cfg: SearchConfig) -> SearchResult:
+        """An empty result for a run of `cfg` (the driver fills it in)."""
+        return cls(
+            cfg.name,
+            cfg.run_dir,
+            cfg.storage_url,
+            0,
+            0,
+            None,
+            None,
+            budget=cfg.budget.n_trials,
+            timeout=cfg.budget.timeout,
+        )
 
 
 @dataclass
@@ -191,37 +211,16 @@ def run_search(
     `pool_factory(cfg)` makes the workers (default: `search.workers.open_pool`: Ray actors, or one in this
     process when `workers.count` is 0). One driver per study: a second one raises StudyError naming the first.
     """
-    from evomerge.search import study as st
-    from evomerge.search.lock import StudyLock
-
     log = log or (lambda _msg: None)
     space = space_of(cfg)
-    off = check_tasks(cfg)  # a bad task fails before the study, its lock or runs/<name>/ exist
-    for name, why in off.items():
-        log(f"{_FEATURES[name]} is off for this study: {why.removeprefix('refine: ')}")
-    per_tensor = (
-        {"refine": cfg.refine.model_copy(update={"grain": "tensor", "loss": "likelihood"})} if cfg.refine else {}
-    )
-    cfg = cfg.model_copy(
-        update={name: None for name in off if name != "refine.grain"} | (per_tensor if "refine.grain" in off else {})
-    )  # what runs (and runs/<name>/config.yaml records)
+    cfg = _runnable(cfg, log)  # a bad task fails before the study, its lock or runs/<name>/ exist
     with StudyLock(cfg.storage_url, cfg.name) as lock:  # before open_study: --force must not delete a live study
         if force and (existing := st.load_study(cfg.name, cfg.storage_url)) is not None:
             lock.check_free(existing)
         study = st.open_study(cfg, space, force=force, log=log)
         lock.claim(study)
         write_run_config(cfg)
-        result = SearchResult(
-            cfg.name,
-            cfg.run_dir,
-            cfg.storage_url,
-            0,
-            0,
-            None,
-            None,
-            budget=cfg.budget.n_trials,
-            timeout=cfg.budget.timeout,
-        )
+        result = SearchResult.of(cfg)
         n_complete = st.budget_count(study)
         result.resumed = any(t.state.name != "WAITING" for t in study.get_trials(deepcopy=False))
         log(_start_line(cfg, result.resumed, n_complete))
@@ -233,21 +232,37 @@ def run_search(
                 f"raise --n-trials to go on"
             )
             return _finish(study, result)
+        search = _Search(study, cfg, space, lock, result, n_complete, log)
         try:
-            _loop(study, cfg, space, lock, result, n_complete, progress, pool_factory, log)
+            search.run(pool_factory or open_pool, progress)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through the CLI's handler: say how to go on
-            done = st.budget_count(study)
-            again = (
-                f" (trials {', '.join(map(str, result.requeued))} were running: they run again first)"
-                if result.requeued
-                else ""
-            )
-            raise Interrupted(
-                getattr(exc, "signal_name", "SIGINT"),
-                f"search {cfg.name!r} stopped at {done}/{cfg.budget.n_trials} complete{again}; "
-                "run the same command to resume",
-            ) from None
+            raise _interrupted(exc, cfg, study, result) from None
     return _finish(study, result, log)
+
+
+def _runnable(cfg: SearchConfig, log: Callable[[str], None]) -> SearchConfig:
+    """The config as it runs: the features on by default that cannot run on this study switched off, with a line
+    saying why (runs/<name>/config.yaml records what ran)."""
+    off = check_tasks(cfg)
+    for name, why in off.items():
+        log(f"{_FEATURES[name]} is off for this study: {why.removeprefix('refine: ')}")
+    update: dict[str, Any] = {name: None for name in off if name != "refine.grain"}
+    if "refine.grain" in off:  # the per-tensor refinement of the likelihood runs instead
+        update["refine"] = cfg.refine.model_copy(update={"grain": "tensor", "loss": "likelihood"})
+    return cfg.model_copy(update=update)
+
+
+def _interrupted(exc: KeyboardInterrupt, cfg: SearchConfig, study, result: SearchResult) -> Interrupted:
+    done = st.budget_count(study)
+    again = (
+        f" (trials {', '.join(map(str, result.requeued))} were running: they run again first)"
+        if result.requeued
+        else ""
+    )
+    return Interrupted(
+        getattr(exc, "signal_name", "SIGINT"),
+        f"search {cfg.name!r} stopped at {done}/{cfg.budget.n_trials} complete{again}; run the same command to resume",
+    )
 
 
 def _start_line(cfg: SearchConfig, resumed: bool, n_complete: int) -> str:
@@ -259,143 +274,179 @@ def _start_line(cfg: SearchConfig, resumed: bool, n_complete: int) -> str:
     return f"new study {cfg.name!r} ({cfg.budget.n_trials} trials) {where}"
 
 
-def _loop(
-    study,
-    cfg: SearchConfig,
-    space: SearchSpace,
-    lock,
-    result: SearchResult,
-    n_complete: int,
-    progress: bool,
-    pool_factory,
-    log: Callable[[str], None],
-) -> None:
-    """Keep every worker busy until the budget is COMPLETE; this driver holds the study, so its count is exact."""
-    from evomerge.search import study as st
-    from evomerge.search.rows import with_coefficients
-    from evomerge.search.workers import open_pool
+class _Search:
+    """One run of the search over a study this driver holds (so its counts are exact): the portfolio first, then a
+    loop of ask, submit, wait, tell, with refinement rounds where they are due and the failure policy.
 
-    distributions = st.distributions(space, cfg.models)
-    n_trials = cfg.budget.n_trials
-    n = cfg.workers.count
-    # Ray and each worker's model and tasks take 10-20 s to start: say so before the bar sits at 0
-    log(
-        f"starting {n} worker{'s' * (n != 1)} (Ray; each loads the models and builds the tasks)..."
-        if n
-        else "loading the models and tasks in this process (workers.count: 0)..."
-    )
-    pool = (pool_factory or open_pool)(cfg)
-    loop_start = time.perf_counter()
-    bar = _Progress(cfg, n_complete, progress, log)
-    in_flight: dict[Any, _InFlight] = {}
-    deadline = time.monotonic() + cfg.budget.timeout if cfg.budget.timeout else math.inf
-    failures, last_beat = 0, time.monotonic()  # consecutive failed trials
-    max_failures = max(5, 2 * cfg.workers.count)
-    try:
-        if cfg.portfolio:
-            _portfolio(study, cfg, space, pool, result)
-        best = st.best_trial(study)
-        rounds = _RefineRounds(study, cfg)
-        incumbent = _Incumbent(cfg, best)
+    The steps are methods, so a new kind of step is one more method the loop calls: `_portfolio` (other methods'
+    default merges, scored like any batch), `_refining` (a round of search/refine.py when its share of the budget
+    is reached), `_ask` / `_submit` (a trial to a worker), `_tell` (record it), `_keep_alive` (lock and heartbeats).
+    """
+
+    def __init__(self, study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResult, n_complete: int, log):
+        self.study, self.cfg, self.space, self.lock, self.result, self.log = study, cfg, space, lock, result, log
+        self.n_complete = n_complete
+        self.distributions = st.distributions(space, cfg.models)
+        self.in_flight: dict[Any, _InFlight] = {}
+        self.deadline = time.monotonic() + cfg.budget.timeout if cfg.budget.timeout else math.inf
+        self.failures = 0  # consecutive failed trials
+        self.max_failures = max(5, 2 * cfg.workers.count)
+        self.last_beat = time.monotonic()
+        self.best = None  # the best whole trial so far, set once the portfolio is in
+        self.incumbent = _Incumbent(cfg, None)
+        self.rounds = _RefineRounds(study, cfg)
+        self.pool: Any = None
+        self.bar: _Progress | None = None
+
+    def run(self, pool_factory: Callable[[SearchConfig], Any], progress: bool) -> None:
+        n = self.cfg.workers.count
+        # Ray and each worker's model and tasks take 10-20 s to start: say so before the bar sits at 0
+        self.log(
+            f"starting {n} worker{'s' * (n != 1)} (Ray; each loads the models and builds the tasks)..."
+            if n
+            else "loading the models and tasks in this process (workers.count: 0)..."
+        )
+        self.pool = pool_factory(self.cfg)
+        start = time.perf_counter()
+        self.bar = _Progress(self.cfg, self.n_complete, progress, self.log)
+        try:
+            if self.cfg.portfolio:
+                self._portfolio()
+            self.best = st.best_trial(self.study)  # the portfolio's default merges included
+            self.incumbent = _Incumbent(self.cfg, self.best)
+            self._loop()
+            self.result.stop = "budget" if self.n_complete >= self.cfg.budget.n_trials else "timeout"
+        finally:
+            self._requeue_running()
+            self.result.wall_s = time.perf_counter() - start
+            self.bar.close()
+            self.pool.close()
+
+    def _loop(self) -> None:
         while True:
-            due = rounds.due(n_complete + len(in_flight))
-            if due is not None and not in_flight and time.monotonic() < deadline:
-                rounds.run(due, pool, space)  # its points are enqueued: the asks below take them first
-                due = None
-            while (
-                due is None
-                and pool.has_capacity
-                and n_complete + len(in_flight) < n_trials
-                and time.monotonic() < deadline
-            ):
-                start = time.perf_counter()
-                trial = st.ask(study, distributions)
-                try:
-                    recipe = space.to_recipe(
-                        trial.params, cfg.models, cfg.base_model, cfg.method, cfg.seed, cfg.dtype, kernels=cfg.kernels
-                    )
-                    recipe = with_coefficients(recipe, TrialRecord.from_trial(trial).coefficients)  # a row point
-                    text = recipe.to_yaml()
-                    write_trial(trial, recipe=text)
-                    in_flight[pool.submit(text, "search", per_example=incumbent.options(trial))] = _InFlight(
-                        trial, start
-                    )
-                except EvomergeError as err:  # an invalid point (e.g. DELLA's density +/- epsilon): a failed candidate
-                    st.fail(study, trial._trial_id, trial.number, f"{type(err).__name__}: {err}")
-                    result.n_failed += 1
-                    failures += 1
-                    if failures >= max_failures:
-                        raise StudyError(
-                            f"study {cfg.name!r}: the last {failures} trials failed (last: {err})"
-                        ) from None
-                except BaseException as err:
-                    st.fail(study, trial._trial_id, trial.number, f"driver error: {type(err).__name__}: {err}")
-                    raise
-            if not in_flight:
-                break
-            for ref, res in pool.wait(timeout=st.HEARTBEAT_S):
-                job = in_flight.pop(ref)
-                told = _tell(study, cfg, job, res, result)
-                if told is not None:
-                    failures = 0
-                    n_complete += 1
-                    if st.is_whole(told) and (best is None or st.objective_of(told) > st.objective_of(best)):
-                        best = told
-                        incumbent.update(best)
-                else:
-                    result.n_failed += 1
-                    failures += not (res.worker_died and not res.was_running)  # a queued trial is no one's fault
-                bar.update(
-                    best.number if best else None,
-                    st.objective_of(best) if best else None,
-                    result.n_failed,
-                    told is not None,
-                )
-                if failures >= max_failures:
-                    raise StudyError(
-                        f"study {cfg.name!r}: the last {failures} trials failed (last: {res.error}); "
-                        f"see `evomerge status {cfg.run_dir}`"
-                    )
-            lock.check()  # its heartbeat thread found the study taken over: stop (in-flight trials are enqueued again)
-            if time.monotonic() - last_beat > st.HEARTBEAT_S:
-                st.heartbeat(job.trial for job in in_flight.values())
-                last_beat = time.monotonic()
-        result.stop = "budget" if n_complete >= n_trials else "timeout"
-    finally:
-        # interrupted or failed: trials still RUNNING fail now and are enqueued again, instead of going stale. This
-        # driver holds the study, so every RUNNING trial is one of its own: those in flight, and one a stop caught
-        # inside `ask` or between a tell and its bookkeeping
-        for trial in st.by_state(study).get("RUNNING", []):
-            st.requeue(
-                study,
-                trial,
-                "interrupted: the search stopped before it finished",
-                worker_deaths=TrialRecord.from_trial(trial).worker_deaths,
+            if not self._refining():
+                while self._can_ask():
+                    self._submit(*self._ask())
+            if not self.in_flight:
+                return
+            for ref, res in self.pool.wait(timeout=st.HEARTBEAT_S):
+                self._tell(self.in_flight.pop(ref), res)
+            self._keep_alive()
+
+    # -- the steps -------------------------------------------------------------------------------------------
+
+    def _refining(self) -> bool:
+        """Run the refinement round that is due once nothing is in flight (its points are enqueued: the asks after
+        it take them first); True while a due round waits for the trials in flight."""
+        due = self.rounds.due(self.n_complete + len(self.in_flight))
+        if due is None:
+            return False
+        if self.in_flight or time.monotonic() >= self.deadline:
+            return True
+        self.rounds.run(due, self.pool, self.space)
+        return False
+
+    def _can_ask(self) -> bool:
+        return (
+            self.pool.has_capacity
+            and self.n_complete + len(self.in_flight) < self.cfg.budget.n_trials
+            and time.monotonic() < self.deadline
+        )
+
+    def _ask(self) -> tuple[Any, float]:
+        return st.ask(self.study, self.distributions), time.perf_counter()
+
+    def _submit(self, trial, started: float) -> None:
+        """The trial's recipe to a free worker; an invalid point (e.g. DELLA's density +/- epsilon) fails as a
+        candidate, any other error fails the trial and stops the search."""
+        cfg = self.cfg
+        try:
+            recipe = self.space.to_recipe(
+                trial.params, cfg.models, cfg.base_model, cfg.method, cfg.seed, cfg.dtype, kernels=cfg.kernels
             )
-            result.requeued.append(trial.number)
-        result.wall_s = time.perf_counter() - loop_start
-        bar.close()
-        pool.close()
+            recipe = with_coefficients(recipe, TrialRecord.from_trial(trial).coefficients)  # a per-row point
+            text = recipe.to_yaml()
+            write_trial(trial, recipe=text)
+            self.in_flight[self.pool.submit(text, "search", per_example=self.incumbent.options(trial))] = _InFlight(
+                trial, started
+            )
+        except EvomergeError as err:
+            st.fail(self.study, trial, f"{type(err).__name__}: {err}")
+            self._failed(str(err))
+        except BaseException as err:
+            st.fail(self.study, trial, f"driver error: {type(err).__name__}: {err}")
+            raise
 
+    def _tell(self, job: _InFlight, res) -> None:
+        """Record one result (module-level `_tell`), count it, and stop after too many failures in a row."""
+        told = _tell(self.study, self.cfg, job, res, self.result)
+        if told is not None:
+            self.failures = 0
+            self.n_complete += 1
+            if st.is_whole(told) and (self.best is None or st.objective_of(told) > st.objective_of(self.best)):
+                self.best = told
+                self.incumbent.update(told)
+        else:
+            self.result.n_failed += 1
+            self.failures += not (res.worker_died and not res.was_running)  # a queued trial is no one's fault
+        best = self.best
+        self.bar.update(
+            best.number if best else None,
+            st.objective_of(best) if best else None,
+            self.result.n_failed,
+            told is not None,
+        )
+        if self.failures >= self.max_failures:
+            self._failed(str(res.error), counted=True)
 
-def _portfolio(study, cfg: SearchConfig, space: SearchSpace, pool, result: SearchResult) -> None:
-    """Score every other method's default merge on the search subsets and add it to the study (once), so the
-    guard, status and export weigh the searched recipes against the whole portfolio, not only this method's
-    defaults (evomerge/portfolio.py)."""
-    from evomerge.portfolio import default_merges
-    from evomerge.search import study as st
+    def _failed(self, last: str, counted: bool = False) -> None:
+        """Count a failed candidate (unless `counted`); raise StudyError after `max_failures` in a row."""
+        if not counted:
+            self.result.n_failed += 1
+            self.failures += 1
+        if self.failures >= self.max_failures:
+            hint = f"; see `evomerge status {self.cfg.run_dir}`" if counted else ""
+            raise StudyError(f"study {self.cfg.name!r}: the last {self.failures} trials failed (last: {last}){hint}")
 
-    merges = [(label, recipe) for label, recipe in default_merges(cfg)[0] if label.method != cfg.method]
-    todo = set(st.missing_portfolio(study, [label for label, _ in merges]))
-    options = {"smooth": cfg.tasks.smooth, "seed": cfg.seed} if cfg.per_example else None
-    for label, recipe in merges:
-        if label not in todo:
-            continue
-        text = recipe.to_yaml()
-        res = _score_now(pool, text, options)
+    def _keep_alive(self) -> None:
+        self.lock.check()  # its heartbeat thread found the study taken over: stop (in-flight trials are enqueued again)
+        if time.monotonic() - self.last_beat > st.HEARTBEAT_S:
+            st.heartbeat(job.trial for job in self.in_flight.values())
+            self.last_beat = time.monotonic()
+
+    def _requeue_running(self) -> None:
+        """Interrupted or failed: trials still RUNNING fail now and are enqueued again, instead of going stale. This
+        driver holds the study, so every RUNNING trial is one of its own: those in flight, and one a stop caught
+        inside `ask` or between a tell and its bookkeeping."""
+        for trial in st.by_state(self.study).get("RUNNING", []):
+            reason = "interrupted: the search stopped before it finished"
+            st.requeue(self.study, trial, reason, worker_deaths=TrialRecord.from_trial(trial).worker_deaths)
+            self.result.requeued.append(trial.number)
+
+    def _portfolio(self) -> None:
+        """Score every other method's default merge on the search subsets through the pool, in parallel like any
+        batch, and add each to the study once (in the portfolio's order), so the guard, status and export weigh the
+        searched recipes against the whole portfolio, not only this method's defaults (evomerge/portfolio.py). A
+        default merge that fails here (NaN weights, say) is simply not a finalist."""
+        cfg = self.cfg
+        merges = [(label, recipe) for label, recipe in default_merges(cfg)[0] if label.method != cfg.method]
+        missing = set(st.missing_portfolio(self.study, [label for label, _ in merges]))
+        todo = [(label, recipe.to_yaml()) for label, recipe in merges if label in missing]
+        options = {"smooth": cfg.tasks.smooth, "seed": cfg.seed} if cfg.per_example else None
+        jobs = [(text, "search") for _, text in todo]
+        done: dict[int, Any] = {}
+        added = 0
+        for i, res in run_jobs(self.pool, jobs, per_example=options, failed_ok=True):
+            done[i] = res
+            while added in done:  # in order, each as soon as the ones before it are in
+                self._add_portfolio(*todo[added], done.pop(added))
+                added += 1
+
+    def _add_portfolio(self, label: BaselineLabel, text: str, res) -> None:
+        cfg = self.cfg
         if not res.ok:
-            result.n_failed += 1
-            continue  # a default merge that fails here (NaN weights, say) simply is not a finalist
+            self.result.n_failed += 1
+            return
         per_example = {"examples": res.examples, "examples_scored": res.n_examples}
         record = TrialRecord(
             recipe=text,
@@ -408,16 +459,7 @@ def _portfolio(study, cfg: SearchConfig, space: SearchSpace, pool, result: Searc
             **(per_example if cfg.per_example and res.examples else {}),
         )
         values = [res.scores[t.name][t.metric] for t in cfg.tasks.search] if cfg.multi_objective else res.objective
-        st.add_portfolio_trial(study, space, cfg.models, label, values, record)
-
-
-def _score_now(pool, text: str, options: dict | None):
-    """Submit one job to an idle pool and wait for its result."""
-    ref = pool.submit(text, "search", per_example=options)
-    while True:
-        for done, res in pool.wait():
-            if done is ref:
-                return res
+        st.add_portfolio_trial(self.study, self.space, cfg.models, label, values, record)
 
 
 class _Incumbent:
@@ -433,8 +475,6 @@ class _Incumbent:
             self.update(best)
 
     def update(self, best) -> None:
-        from evomerge.search import study as st
-
         units = TrialRecord.from_trial(best).examples  # int keys (the record reads the JSON form)
         if units is not None:
             self.units = units
@@ -474,14 +514,10 @@ class _RefineRounds:
         return None
 
     def run(self, r: int, pool, space: SearchSpace) -> None:
-        from evomerge.search import study as st
-
         self.done.add(r)
         best = st.best_trial(self.study, own=True)
         if best is None or not best.params:
             return
-        from evomerge.search.rows import load_coefficients, save_coefficients
-
         refine = self.cfg.refine
         steps, every = refine.schedule(self.cfg.budget.n_trials)
         settings = {"steps": steps, "every": every, "lr": refine.lr}
@@ -510,8 +546,6 @@ def _tell(study, cfg: SearchConfig, job: _InFlight, res, result: SearchResult):
     A trial whose worker died is enqueued again, up to MAX_WORKER_DEATHS times for params that were running
     when it died (they may be what kills workers); then it fails for good with the reason.
     """
-    from evomerge.search import study as st
-
     trial = job.trial
     timing = TrialRecord(
         merge_s=res.merge_s,
@@ -529,7 +563,7 @@ def _tell(study, cfg: SearchConfig, job: _InFlight, res, result: SearchResult):
             return None
         res.error = f"{res.error} (its worker died {deaths} times on these params; not retried again)"
     if not res.ok:
-        st.fail(study, trial._trial_id, trial.number, res.error, timing)
+        st.fail(study, trial, res.error, timing)
         return None
     scored: dict[str, Any] = {}
     if cfg.per_example:
@@ -550,8 +584,6 @@ def _tell(study, cfg: SearchConfig, job: _InFlight, res, result: SearchResult):
 
 
 def _finish(study, result: SearchResult, log: Callable[[str], None] | None = None) -> SearchResult:
-    from evomerge.search import study as st
-
     result.n_complete = st.budget_count(study)
     best = st.best_trial(study)
     if best is not None:

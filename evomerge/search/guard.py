@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.search.record import StudyRecord, TrialRecord, write_validation
+from evomerge.search.trials import best_trial, complete_trials, objective_of, ranked
 
 if TYPE_CHECKING:
     from evomerge.config import SearchConfig
@@ -72,14 +73,12 @@ def finalists(cfg: SearchConfig, study) -> list:
     baseline not among them (the method's default merge, each source model alone, and every other method's
     default merge from the portfolio), so export never takes a searched recipe that validation ranks below a
     default merge or a single source (on noisy search subsets the top trials often are)."""
-    from evomerge.search.study import complete_trials, is_whole, objective_of
-
     k = cfg.validation.top_k if cfg.validation else 1
-    ranked = sorted((t for t in complete_trials(study) if is_whole(t)), key=lambda t: (-objective_of(t), t.number))
-    top = ranked[:k]
+    order = ranked(complete_trials(study))
+    top = order[:k]
     if cfg.validation is not None:
         labels = {TrialRecord.from_trial(t).baseline for t in top} - {None}
-        for t in ranked[k:]:
+        for t in order[k:]:
             label = TrialRecord.from_trial(t).baseline
             if label is not None and label not in labels:
                 labels.add(label)
@@ -95,7 +94,6 @@ def validate_top(
     `pool` (with a "validation" task set) is used when given; otherwise one is opened for the config's
     workers, only if something needs scoring, and closed again.
     """
-    from evomerge.search.study import objective_of
     from evomerge.search.workers import open_pool, run_jobs
 
     if cfg.validation is None:
@@ -143,8 +141,6 @@ def exported_trial(cfg: SearchConfig, study) -> Any:
     validated finalists (ties: the better search objective, then the earlier trial); without validation
     results, the best search objective (for multi-objective studies, the best weighted mean). None when the
     study has no COMPLETE trial. Call `validate_top` first for the guard's pick."""
-    from evomerge.search.study import best_trial, objective_of
-
     results = stored(cfg, study)
     trials = {t.number: t for t in finalists(cfg, study) if t.number in results}
     if not trials:

@@ -1,28 +1,34 @@
-"""The one Optuna module: storage, create or resume a study, samplers by name, warm start, ask/tell
-bookkeeping, stale trials, and the study's queries (best trial, Pareto front, a trial by number).
+"""The study of a search, kept: created or resumed (its config checked, its baselines enqueued), the portfolio's
+trials added, trials asked, failed and requeued, and a dead driver's trials recovered.
 
-The study storage is the single source of truth: config hash, trials, their scores and timings (user
-attrs), and the sampler's own state (CMA-ES pickles its optimizer into trial system attrs), so a
-re-run of `evomerge search CONFIG` continues exactly where the last one stopped. Samplers keep no state
-of their own: options the config leaves out get defaults sized to the search space (`auto_options`), and
-`sampler.warm_start` starts CMA-ES from an earlier study's trials on the same models and search space
-(Optuna's `source_trials`, WS-CMA-ES). Optuna is imported inside the functions that need it.
+    study = open_study(cfg, space)                        # resume, or create and enqueue the baselines
+    trial = ask(study, distributions(space, cfg.models))  # stamped with this driver
+    requeue(study, trial, "worker died: ...")             # FAIL with the reason, its params enqueued again (once)
+
+The Optuna layer is split by concern, as Optuna splits its own: `search.storage` (URL -> storage, schema creation,
+studies by name; `search.lock` holds a study for one driver), `search.samplers` (samplers by name, warm start),
+`search.record` (what a trial stores) and `search.trials` (queries and the one ranking). This module re-exports
+their public names, so `from evomerge.search import study as st` reaches the whole layer. Only Optuna's public API
+is used: attributes are set on the trial (`Trial.set_user_attr`, or the storage's `set_trial_user_attr` for a
+trial this process holds no live handle on) and trials finish through `study.tell(trial, state=...)`.
+
+Stale trials: Optuna's own machinery (`RDBStorage(heartbeat_interval=..., failed_trial_callback=...)` and
+`optuna.storages.fail_stale_trials`) is not used. It waits a grace period before it fails a trial, where the study
+lock lets a resumed driver fail every other driver's RUNNING trial at once (and a dead driver on this host is
+known dead from its pid); it retries through `RetryFailedTrialCallback`, which records retries in system
+attributes the release's studies do not have, not the `retry_of` / `worker_deaths` / baseline label a retry here
+carries; and it exists for RDB storages only. So each trial carries its driver and a heartbeat (`status` reads
+them without the lock), and `fail_stale_trials` recovers them.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
-import math
-import random
 import socket
 import time
-import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from evomerge.config import SAMPLERS, check_sampler
-from evomerge.errors import ConfigError, StudyError, first_line
+from evomerge.errors import StudyError
 from evomerge.search.lock import GRACE_S, HEARTBEAT_S, driver_alive, driver_id
 from evomerge.search.record import (
     BaselineLabel,
@@ -33,86 +39,27 @@ from evomerge.search.record import (
     write_trial,
     write_trial_by_id,
 )
-from evomerge.storage_url import engine_url, password_hint, redact
+from evomerge.search.samplers import SEPARABLE_DIM, auto_options, distributions, make_sampler, sampler_for
+from evomerge.search.storage import create_study, delete_study, get_storage, load_study, schema_race, storage_of
+from evomerge.search.storage import trial_id as _trial_id
+from evomerge.search.trials import (
+    best_trial,
+    budget_count,
+    by_state,
+    complete_trials,
+    is_whole,
+    objective_of,
+    params_of,
+    pareto_front,
+    ranked,
+    trial_by_number,
+)
 
 if TYPE_CHECKING:
     import optuna
 
     from evomerge.config import SearchConfig
     from evomerge.space import SearchSpace
-
-SQLITE_TIMEOUT_S = 60  # concurrent writers wait for the lock instead of failing
-SCHEMA_WAIT_S = 120  # how long opening a storage retries while other processes create the same schema
-# messages of the errors concurrent schema creation raises (SQLite, PostgreSQL, MySQL), in lower case
-_SCHEMA_RACES = (
-    "already exists",
-    "duplicate key",
-    "duplicate entry",
-    "database is locked",
-    "deadlock detected",
-    "could not serialize",
-)
-SEPARABLE_DIM = 40  # above this many searched parameters, CMA-ES adapts a diagonal covariance only
-
-
-def _sqlite_connect(path: str):
-    """A sqlite connection that waits for locks, in WAL mode: one commit per trial attribute costs ~1 ms, not an
-    fsync."""
-    import sqlite3
-
-    conn = sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(
-        "PRAGMA synchronous=NORMAL"
-    )  # WAL + NORMAL survives a killed process; only a power cut may lose the last commit
-    return conn
-
-
-def get_storage(storage: Any = None):
-    """None -> in-memory; an RDB URL -> RDBStorage (sqlite waits on locks); a storage object -> itself.
-
-    A URL may be redacted (`user:***@`): `storage_url.engine_url` puts the password back, and no message shows it."""
-    import optuna
-
-    if storage is None:
-        return optuna.storages.InMemoryStorage()
-    if not isinstance(storage, str):
-        return storage
-    shown = redact(storage)
-    url = engine_url(storage)  # the driver is installed, or a StudyError says what to install
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        db = Path(url.removeprefix("sqlite:///"))
-        db.parent.mkdir(parents=True, exist_ok=True)
-        kwargs["engine_kwargs"] = {"creator": functools.partial(_sqlite_connect, str(db))}
-    else:  # a server may drop idle pooled connections during a long search; test them before use
-        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
-    deadline = time.monotonic() + SCHEMA_WAIT_S
-    for attempt in itertools.count():
-        try:
-            return optuna.storages.RDBStorage(url, **kwargs)
-        except Exception as err:  # sqlalchemy raises many kinds for a bad URL or an unreachable server
-            if schema_race(err) and time.monotonic() < deadline:
-                # another process is creating the schema right now (a second driver, `evomerge status`, a
-                # dashboard): its tables and version rows are there, or soon will be; open them again
-                time.sleep(min(1.0, 0.02 * 2**attempt) * random.uniform(0.5, 1.0))
-                continue
-            raise StudyError(
-                f"storage {shown!r} cannot be opened ({type(err).__name__}: {redact(first_line(err))})"
-                f"{password_hint(storage) or '; fix `storage` or --storage'}"
-            ) from None
-
-
-def schema_race(err: BaseException) -> bool:
-    """Whether `err` is what opening a storage raises while another process creates the same schema: Optuna's
-    `create_all` (a table created twice), its version rows inserted twice (`alembic_version`, `version_info`),
-    or SQLite's writer lock held past its timeout. Nothing else is retried: a bad URL fails at once."""
-    from sqlalchemy.exc import IntegrityError
-
-    if isinstance(err, IntegrityError):  # the only rows opening a storage inserts are the schema's version
-        return True
-    text = str(err).lower()
-    return any(s in text for s in _SCHEMA_RACES)
 
 
 def directions(cfg: SearchConfig) -> list[str]:
@@ -130,15 +77,6 @@ def open_run(run_dir: Path | str) -> tuple[SearchConfig, optuna.Study]:
     return cfg, study
 
 
-def load_study(name: str, storage: Any, sampler=None) -> optuna.Study | None:
-    import optuna
-
-    try:
-        return optuna.load_study(study_name=name, storage=get_storage(storage), sampler=sampler)
-    except KeyError:
-        return None
-
-
 def open_study(cfg: SearchConfig, space: SearchSpace, *, force: bool = False, log=print) -> optuna.Study:
     """Resume the config's study, or create it and enqueue the baselines. Refuses a changed config."""
     import optuna
@@ -146,7 +84,7 @@ def open_study(cfg: SearchConfig, space: SearchSpace, *, force: bool = False, lo
     from evomerge.config import diff_fields
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" lines under the progress bar
-    storage = get_storage(cfg.storage_url)
+    storage = get_storage(cfg.storage_url)  # one engine for the whole run: loading, deleting, creating
     sampler = sampler_for(cfg, space)  # defaults sized to the space; warm start
     study = load_study(cfg.name, storage, sampler)
     record = StudyRecord.from_study(study) if study is not None else StudyRecord()
@@ -157,13 +95,12 @@ def open_study(cfg: SearchConfig, space: SearchSpace, *, force: bool = False, lo
                 f"study {cfg.name!r} in {cfg.storage_url} was created with a different config "
                 f"({', '.join(changed[:6])} differ); rename `name`, or pass --force to delete it and start afresh"
             )
-        (log or _quiet)(f"--force: deleting study {cfg.name!r} ({', '.join(changed[:6])} changed)")
-        optuna.delete_study(study_name=cfg.name, storage=storage)
+        if log:
+            log(f"--force: deleting study {cfg.name!r} ({', '.join(changed[:6])} changed)")
+        delete_study(cfg.name, storage)
         study = None
     if study is None:
-        study = optuna.create_study(
-            study_name=cfg.name, storage=storage, sampler=sampler, directions=directions(cfg), load_if_exists=True
-        )
+        study = create_study(cfg.name, storage, sampler, directions(cfg))
     if not StudyRecord.from_study(study).baselines_enqueued:
         _set_up(study, cfg, space)
     return study
@@ -210,10 +147,9 @@ def add_portfolio_trial(
     TPE and GP see its value at the defaults point, a mild distortion of their model of the space."""
     import optuna
 
-    dists = distributions(space, models)
     trial = optuna.trial.create_trial(
         params=space.defaults(models),
-        distributions=dists,
+        distributions=distributions(space, models),
         user_attrs=record.model_copy(update={"baseline": label, "portfolio": True}).to_attrs(),
         **({"values": values} if isinstance(values, list) else {"value": values}),
     )
@@ -221,17 +157,6 @@ def add_portfolio_trial(
 
 
 # -- trial bookkeeping ------------------------------------------------------------------------------
-
-
-def _quiet(_msg: str) -> None:
-    pass
-
-
-def distributions(space: SearchSpace, models: list) -> dict[str, Any]:
-    """{searched number: Optuna distribution} of a search space over `models`."""
-    from optuna.distributions import FloatDistribution
-
-    return {name: FloatDistribution(ps.low, ps.high, log=ps.log) for name, ps in space.bounds(models).items()}
 
 
 def ask(study: optuna.Study, distributions: dict) -> optuna.trial.Trial:
@@ -247,21 +172,20 @@ def heartbeat(trials) -> None:
         write_trial(trial, heartbeat=now)
 
 
-def fail(study: optuna.Study, trial_id: int, number: int, reason: str, record: TrialRecord | None = None) -> None:
-    """Mark a trial FAIL with a `fail_reason` (and what else `record` sets) — never silently."""
+def fail(study: optuna.Study, trial, reason: str, record: TrialRecord | None = None) -> None:
+    """Mark a trial FAIL with a `fail_reason` (and what else `record` sets) — never silently. `trial`: this
+    driver's live Trial, or a FrozenTrial (a dead driver's, read back from the storage)."""
     import optuna
 
-    write_trial_by_id(study._storage, trial_id, record, fail_reason=reason)
+    if isinstance(trial, optuna.trial.Trial):
+        write_trial(trial, record, fail_reason=reason)
+    else:
+        storage = storage_of(study)
+        write_trial_by_id(storage, _trial_id(study, trial.number), record, fail_reason=reason)
     try:
-        study.tell(number, state=optuna.trial.TrialState.FAIL)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     except (ValueError, RuntimeError):  # finished meanwhile by another driver
         pass
-
-
-def params_of(trial) -> dict[str, Any]:
-    """A trial's params, also those it was enqueued with but had not recorded yet (killed inside `ask`)."""
-    frozen = getattr(trial, "_cached_frozen_trial", trial)  # optuna.Trial or FrozenTrial
-    return {**frozen.system_attrs.get("fixed_params", {}), **trial.params}
 
 
 def requeue(study: optuna.Study, trial, reason: str, record: TrialRecord | None = None, worker_deaths: int = 0) -> None:
@@ -276,7 +200,7 @@ def requeue(study: optuna.Study, trial, reason: str, record: TrialRecord | None 
         label = TrialRecord.from_trial(trial).baseline
         retry = trial_attrs(retry_of=number, baseline=label, worker_deaths=worker_deaths)
         study.enqueue_trial(params_of(trial), user_attrs=retry)
-    fail(study, trial._trial_id, number, reason, record)
+    fail(study, trial, reason, record)
 
 
 def stale_reason(trial, now: float | None = None, exclusive: bool = False) -> str | None:
@@ -314,206 +238,44 @@ def fail_stale_trials(study: optuna.Study, log=print, exclusive: bool = False) -
             continue
         requeue(study, trial, f"stale: {reason}", worker_deaths=TrialRecord.from_trial(trial).worker_deaths)
         failed.append(trial.number)
-    if failed:
-        (log or _quiet)(
-            f"trials {', '.join(map(str, failed))} were left RUNNING by a dead process: failed and enqueued again"
-        )
+    if failed and log:
+        log(f"trials {', '.join(map(str, failed))} were left RUNNING by a dead process: failed and enqueued again")
     return failed
 
 
-def complete_trials(study: optuna.Study) -> list:
-    import optuna
-
-    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-
-
-def budget_count(study: optuna.Study) -> int:
-    """COMPLETE trials that count against `budget.n_trials`: every one but the portfolio's default merges of other
-    methods, which are references the search is measured against, not trials of its own space."""
-    return sum(1 for t in complete_trials(study) if not TrialRecord.from_trial(t).portfolio)
-
-
-def objective_of(trial) -> float:
-    """A completed trial's weighted-mean score (also for multi-objective studies)."""
-    value = TrialRecord.from_trial(trial).objective
-    if value is None:
-        value = trial.values[0] if trial.values else float("nan")
-    return float(value)
-
-
-def is_whole(trial) -> bool:
-    """Whether a COMPLETE trial was scored on its whole search subsets (staged evaluation may stop one early;
-    its value is then an estimate that only ranks it, and it is never the best trial or a guard finalist)."""
-    return TrialRecord.from_trial(trial).whole
-
-
-def best_trial(study: optuna.Study, *, own: bool = False):
-    """The best COMPLETE trial scored whole (by weighted mean for multi-objective studies), or None. `own`: of
-    the study's own space only, not another method's default merge from the portfolio (whose params are a
-    placeholder), e.g. as a point to continue from."""
-    done = [t for t in complete_trials(study) if is_whole(t) and not (own and TrialRecord.from_trial(t).portfolio)]
-    if not done:
-        return None
-    return max(done, key=lambda t: (objective_of(t), -t.number))
-
-
-def pareto_front(study: optuna.Study) -> list:
-    if len(study.directions) == 1:
-        best = best_trial(study)
-        return [best] if best else []
-    return sorted(study.best_trials, key=lambda t: t.number)
-
-
-def trial_by_number(study: optuna.Study, number: int):
-    """COMPLETE trial `number`, or a StudyError saying what it is instead."""
-    import optuna
-
-    trials = study.get_trials(deepcopy=False)
-    if not 0 <= number < len(trials):
-        raise StudyError(
-            f"study {study.study_name!r} has no trial {number} (trials 0-{len(trials) - 1}); see `evomerge status`"
-        )
-    trial = trials[number]
-    if trial.state != optuna.trial.TrialState.COMPLETE:
-        why = TrialRecord.from_trial(trial).fail_reason or ""
-        raise StudyError(f"trial {number} is {trial.state.name}{f' ({why})' if why else ''}; pick a COMPLETE trial")
-    return trial
-
-
-def by_state(study: optuna.Study) -> dict[str, list]:
-    """{state name (COMPLETE, FAIL, RUNNING, WAITING, ...): its trials in number order}."""
-    out: dict[str, list] = {}
-    for t in study.get_trials(deepcopy=False):
-        out.setdefault(t.state.name, []).append(t)
-    return out
-
-
-# -- samplers ---------------------------------------------------------------------------------------
-
-
-def auto_options(name: str, dim: int, options: dict[str, Any], warm_start: bool = False) -> dict[str, Any]:
-    """Defaults for the options the config leaves out, sized to a `dim`-parameter search space.
-
-    CMA-ES: population 4 + 3 ln(dim) (Hansen's default), clipped to 6-12 so a 100-trial budget sees 8+
-    generations; step size 0.25 of each parameter's range, where Optuna's 1/6 stays near the middle of the
-    space in a short search (the earlier demo zoo, 100 trials: held-out 0.627 vs 0.617 for task arithmetic, 0.613
-    vs 0.523 for TIES; the script that measured it is in git history before bench/search_suite.py replaced it); a
-    diagonal covariance (separable CMA-ES) above SEPARABLE_DIM parameters, where a full covariance cannot be
-    learned from a few hundred trials.
-    """
-    out: dict[str, Any] = {}
-    if name == "cmaes" and dim > 0:
-        out["popsize"] = min(12, max(6, 4 + int(3 * math.log(dim))))
-        if not warm_start:
-            out["sigma0"] = 0.25
-            if dim > SEPARABLE_DIM:
-                out["use_separable_cma"] = True
-    return {k: v for k, v in out.items() if k not in options}
-
-
-def make_sampler(
-    name: str,
-    seed: int | None = None,
-    options: dict[str, Any] | None = None,
-    *,
-    dim: int = 0,
-    source_trials: list | None = None,
-):
-    """A fresh Optuna sampler (`config.SAMPLERS` by name); resuming a study with it continues where the storage
-    left off. `dim`: the number of searched parameters (sizes the defaults); `source_trials`: CMA-ES warm start."""
-    import optuna
-
-    options = dict(options or {})
-    warm = source_trials is not None
-    try:
-        check_sampler(name, options, warm_start=warm)
-    except ValueError as err:
-        raise ConfigError(f"sampler: {err}") from None
-    info = SAMPLERS[name]
-    kwargs = {**info.defaults, **auto_options(name, dim, options, warm), **options}
-    if warm:
-        kwargs["source_trials"] = source_trials
-    try:
-        with warnings.catch_warnings():  # x0/sigma0 are deprecated (FutureWarning), warm start experimental
-            warnings.simplefilter("ignore")
-            return getattr(optuna.samplers, info.optuna_class)(seed=seed, **kwargs)
-    except (TypeError, ValueError) as err:
-        shown = {k: v for k, v in kwargs.items() if k != "source_trials"}
-        raise ConfigError(f"sampler.options: {info.optuna_class} rejects {shown}: {err}") from None
-
-
-def warm_start_trials(cfg: SearchConfig, space: SearchSpace) -> list:
-    """The COMPLETE trials of `sampler.warm_start` over exactly this search space (same names and bounds)."""
-    from evomerge.config import WarmStartConfig, load_run_config
-
-    ref = cfg.sampler.warm_start
-    if isinstance(ref, WarmStartConfig):
-        name, storage, where = ref.study, ref.storage, f"study {ref.study!r} in {ref.storage}"
-    else:
-        try:
-            source = load_run_config(Path(str(ref)))
-        except ConfigError as err:
-            raise ConfigError(f"sampler.warm_start: {err}") from None
-        name, storage, where = source.name, source.storage_url, f"run {ref} (study {source.name!r})"
-    if name == cfg.name and storage == cfg.storage_url:
-        raise ConfigError(f"sampler.warm_start names this study itself ({where}); point it at an earlier study")
-    study = load_study(name, storage)
-    if study is None:
-        raise ConfigError(f"sampler.warm_start: {where} does not exist; run that search first or fix the path")
-    theirs = StudyRecord.from_study(study).config or {}
-    ours = cfg.study_fields()
-    same = [str(Path(p)) for p in [ours["base_model"], *ours["models"]]]
-    if theirs and [str(Path(p)) for p in [theirs.get("base_model"), *theirs.get("models", [])]] != same:
-        raise ConfigError(
-            f"sampler.warm_start: {where} merged other models; warm-start from a study of the same models"
-        )
-    wanted = distributions(space, cfg.models)
-    trials = [
-        t
-        for t in complete_trials(study)
-        if t.distributions == wanted and t.values and len(t.values) == 1 and not TrialRecord.from_trial(t).portfolio
-    ]
-    if not trials:
-        raise ConfigError(
-            f"sampler.warm_start: {where} has no COMPLETE trial over this search space (same parameters and bounds); "
-            "warm-start from a study with the same search space"
-        )
-    return trials
-
-
-def sampler_for(cfg: SearchConfig, space: SearchSpace):
-    """The config's sampler, its defaults sized to the space, warm-started when the config says so."""
-    source = warm_start_trials(cfg, space) if cfg.sampler.warm_start is not None else None
-    dim = len(space.bounds(cfg.models))
-    return make_sampler(cfg.sampler.name, cfg.sampler_seed, cfg.sampler.options, dim=dim, source_trials=source)
-
-
 __all__ = [
+    # this module: the study's bookkeeping
+    "add_portfolio_trial",
+    "ask",
+    "directions",
+    "fail",
+    "fail_stale_trials",
+    "heartbeat",
+    "missing_portfolio",
+    "open_run",
+    "open_study",
+    "requeue",
+    "stale_reason",
+    # re-exported: storage, samplers, trials, liveness
     "GRACE_S",
     "HEARTBEAT_S",
     "SEPARABLE_DIM",
-    "ask",
     "auto_options",
-    "add_portfolio_trial",
     "best_trial",
     "budget_count",
-    "is_whole",
-    "missing_portfolio",
     "by_state",
     "complete_trials",
     "distributions",
-    "fail",
-    "fail_stale_trials",
     "get_storage",
-    "heartbeat",
+    "is_whole",
     "load_study",
     "make_sampler",
     "objective_of",
-    "open_run",
-    "open_study",
     "pareto_front",
-    "requeue",
+    "params_of",
+    "ranked",
     "sampler_for",
+    "schema_race",
+    "storage_of",
     "trial_by_number",
-    "warm_start_trials",
 ]

@@ -209,13 +209,14 @@ def _start_ray(cfg: SearchConfig) -> bool:
     if ray.is_initialized():
         return False
     # Ray's C++ core replaces the process's SIGTERM handler with one that dumps a stack and aborts; keep the
-    # caller's (the CLI's: SIGTERM stops a search like Ctrl-C, its trials requeued)
-    keep = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    # caller's (the CLI's, evomerge.interrupts: SIGINT and SIGTERM stop a search, its trials requeued)
+    main = threading.current_thread() is threading.main_thread()
+    keep = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         return _init_ray(cfg)
     finally:
-        if keep is not None:
-            signal.signal(signal.SIGTERM, keep)
+        for s, handler in keep.items():
+            signal.signal(s, handler)
 
 
 def _init_ray(cfg: SearchConfig) -> bool:
@@ -448,11 +449,18 @@ def open_pool(cfg: SearchConfig, task_sets: TaskSets | None = None) -> WorkerPoo
 
 
 def run_jobs(
-    pool, jobs: Sequence[tuple[str, str]], labels: Sequence[str] | None = None, examples: bool = False
+    pool,
+    jobs: Sequence[tuple[str, str]],
+    labels: Sequence[str] | None = None,
+    examples: bool = False,
+    *,
+    per_example: dict[str, Any] | None = None,
+    failed_ok: bool = False,
 ) -> Iterator[tuple[int, JobResult]]:
     """Score `jobs` ((recipe_yaml, task_set), duplicates scored once) on `pool`, keeping every worker busy;
-    yields (index into jobs, result) as they finish. A failed job raises CandidateError naming its label.
-    `examples`: the results carry per-example values too (`JobResult.examples`)."""
+    yields (index into jobs, result) as they finish. A failed job raises CandidateError naming its label, or with
+    `failed_ok` is yielded like any result (`result.ok` False). `examples`: the results carry per-example values too
+    (`JobResult.examples`); `per_example`: each job is scored per example (`Worker.run`)."""
     first: dict[tuple[str, str], int] = {}
     for i, job in enumerate(jobs):
         first.setdefault(job, i)
@@ -461,10 +469,10 @@ def run_jobs(
     while waiting or running:
         while waiting and pool.has_capacity:
             job, i = waiting.pop(0)
-            running[pool.submit(*job, examples=examples)] = (job, i)
+            running[pool.submit(*job, examples=examples, per_example=per_example)] = (job, i)
         for ref, result in pool.wait():
             job, i = running.pop(ref)
-            if not result.ok:
+            if not result.ok and not failed_ok:
                 label = labels[i] if labels else f"job {i}"
                 raise CandidateError(f"{label}: {result.error}")
             for j, other in enumerate(jobs):

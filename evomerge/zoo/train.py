@@ -62,6 +62,9 @@ def make_model(shape: ModelShape, tokenizer, seed: int):
             n_head=shape.heads,
             n_inner=shape.intermediate,
             n_positions=shape.max_positions,
+            resid_pdrop=0.0,  # no dropout: a zoo model trains and scores deterministically, as the Llama ones
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
             **special,
         )
     else:

@@ -131,3 +131,36 @@ def test_refinement_steps_scale_with_the_budget_when_auto():
     assert RefineConfig().schedule(200) == (60, 10)  # fixed numbers stay fixed
     with pytest.raises(ValidationError, match="positive number of steps"):
         RefineConfig(steps=0)
+
+
+def test_the_guard_validates_every_point_of_the_refinement(tiny_zoo):
+    """A refinement trains on the search examples, so its longest-trained points rank first on them: the guard
+    scores every point of its path on validation, not only the top_k by search objective."""
+    import optuna
+
+    from evomerge.config import parse_config
+    from evomerge.search.guard import finalists
+    from evomerge.search.record import trial_attrs
+
+    cfg = parse_config(
+        {
+            "name": "g",
+            "base_model": str(tiny_zoo / "base"),
+            "models": [str(tiny_zoo / "add"), str(tiny_zoo / "reverse")],
+            "method": "task_arithmetic",
+            "tasks": {"search": [t.model_dump() for t in SEARCH]},
+            "validation": {"top_k": 1, "tasks": [{"name": "zoo_add_greedy_val"}]},
+        }
+    )
+    study = optuna.create_study(direction="maximize")
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    rows = [(0.2, {}), (0.95, {"refine_round": 0, "refine_step": 20}), (0.9, {"refine_round": 0, "refine_step": 10}),
+            (0.5, {}), (0.97, {"refine_round": 1, "refine_step": 10})]  # fmt: skip
+    for value, attrs in rows:
+        record = trial_attrs(objective=value, **attrs)
+        study.add_trial(
+            optuna.trial.create_trial(params={"x": 0.5}, distributions=dist, value=value, user_attrs=record)
+        )
+    assert [t.number for t in finalists(cfg, study)] == [4, 1, 2]  # the top one, then the path's others by rank
+    no_guard = cfg.model_copy(update={"validation": None})
+    assert [t.number for t in finalists(no_guard, study)] == [4]

@@ -16,8 +16,9 @@ measurement in its own process (so peak RSS does not mix; read with os.wait4):
   floor        the bandwidth floor: bytes that must be read and written (every input once, the output
                once) / memcpy bandwidth measured here (a 1 GB tensor copy, read + write bytes counted);
                floor+write adds the time to write the output's bytes to a safetensors file
-Targets (issue 11): materialize of ties and dare_ties >= 10x faster than mergekit-yaml and within 5x of
-the floor, slerp within 3x; export faster than mergekit-yaml, peak RSS no higher, within 2x of floor+write.
+Targets (DESIGN decision 8, issue 19): materialize of ties and dare_ties >= 10x faster than mergekit-yaml;
+export faster than mergekit-yaml with peak RSS no higher. The floor ratios are printed for scale: the
+bandwidth-floor target (a candidate within 3x of its reads and writes) is a GPU one, bench/gpu_check.py.
 Inputs are in the page cache for every measurement (written just before), so this measures compute and
 memory traffic, not the disk. Nothing here is asserted in tests.
 """
@@ -39,8 +40,6 @@ REPO = Path(__file__).resolve().parent.parent
 VOCAB = 32_000  # Llama-2's vocabulary: embed/lm_head get a realistic share of the parameters
 FINE_TUNES = ("ft1", "ft2")
 TARGET_SPEEDUP = 10.0  # materialize vs mergekit-yaml (ties, dare_ties)
-TARGET_FLOOR = {"slerp": 3.0}  # materialize / floor; 5x for the others
-EXPORT_FLOOR = 2.0  # export / (floor + write)
 MK_KERNELS = "materialize, mergekit kernels"
 
 RECIPES = {
@@ -51,9 +50,9 @@ RECIPES = {
 
 
 # ---- synthetic checkpoints -------------------------------------------------------------------------
-def llama_shape(params: float) -> dict:
-    """A Llama config of about `params` parameters (untied embeddings, head_dim 64)."""
-    hidden = 1024 if params >= 3e8 else 512 if params >= 3e7 else 256
+def llama_shape(params: float, hidden: int | None = None) -> dict:
+    """A Llama config of about `params` parameters (untied embeddings, head_dim 64; `hidden` default by size)."""
+    hidden = hidden or (1024 if params >= 3e8 else 512 if params >= 3e7 else 256)
     inter = round(hidden * 2.75 / 128) * 128
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
     layers = max(2, round((params - 2 * VOCAB * hidden - hidden) / per_layer))
@@ -67,8 +66,16 @@ def llama_shape(params: float) -> dict:
     )
 
 
-def build_inputs(root: Path, params: float, dtype_name: str, seed: int = 0) -> dict:
-    """Write root/base, root/ft1, root/ft2 (model.safetensors, config.json, tokenizer). Returns the shape."""
+def build_inputs(
+    root: Path,
+    params: float,
+    dtype_name: str,
+    seed: int = 0,
+    fine_tunes: tuple[str, ...] = FINE_TUNES,
+    hidden: int | None = None,
+) -> dict:
+    """Write root/base and root/<fine-tune> for each of `fine_tunes` (model.safetensors, config.json, tokenizer).
+    Returns the shape."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -76,7 +83,7 @@ def build_inputs(root: Path, params: float, dtype_name: str, seed: int = 0) -> d
     from evomerge.zoo.tokenizer import build_tokenizer
 
     dtype = getattr(torch, dtype_name)
-    shape = llama_shape(params)
+    shape = llama_shape(params, hidden)
     tok = build_tokenizer()
     config = LlamaConfig(
         **shape,
@@ -104,7 +111,7 @@ def build_inputs(root: Path, params: float, dtype_name: str, seed: int = 0) -> d
         k: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=gen) * 0.02).to(dtype) for k, s in shapes.items()
     }
     models = {"base": base}
-    for name in FINE_TUNES:  # fine-tune = base + noise of 10% of the base's scale
+    for name in fine_tunes:  # fine-tune = base + noise of 10% of the base's scale
         models[name] = {k: (v.float() + torch.randn(v.shape, generator=gen) * 0.002).to(dtype) for k, v in base.items()}
         _write(root / name, models[name], config, tok, save_file)
         del models[name]
@@ -312,7 +319,7 @@ def _bench(root: Path, args, methods: list[str], skip: set[str]) -> int:
     )
 
     results: dict[str, dict[str, dict]] = {}
-    mergekit = str(REPO / ".venv" / "bin" / "mergekit-yaml")
+    mergekit = str(Path(sys.executable).parent / "mergekit-yaml")  # the environment running this bench
     for n_inputs in sorted({2 if m == "slerp" else 3 for m in methods}):
         if "floor" in skip:
             break
@@ -422,11 +429,7 @@ def report(results: dict, methods: list[str]) -> str:
                 f"{TARGET_SPEEDUP:.0f}x: {'met' if speed >= TARGET_SPEEDUP else 'MISSED'})"
             )
         if ok(mat) and fl:
-            ratio, target = _t(mat) / fl[0], TARGET_FLOOR.get(method, 5.0)
-            verdicts.append(
-                f"{method}: materialize {ratio:.1f}x the bandwidth floor (target <= {target:.0f}x: "
-                f"{'met' if ratio <= target else 'MISSED'})"
-            )
+            verdicts.append(f"{method}: materialize {_t(mat) / fl[0]:.1f}x the bandwidth floor (for scale)")
         if ok(exp) and ok(mk):
             faster, lower = _t(exp) < _t(mk), exp["rss_gb"] <= mk["rss_gb"]
             verdicts.append(
@@ -435,11 +438,7 @@ def report(results: dict, methods: list[str]) -> str:
                 f"{mk['rss_gb'] * 1024:,.0f} MB (target <=: {'met' if lower else 'MISSED'})"
             )
         if ok(exp) and fl:
-            ratio = _t(exp) / fl[1]
-            verdicts.append(
-                f"{method}: export {ratio:.1f}x floor+write (target <= {EXPORT_FLOOR:.0f}x: "
-                f"{'met' if ratio <= EXPORT_FLOOR else 'MISSED'})"
-            )
+            verdicts.append(f"{method}: export {_t(exp) / fl[1]:.1f}x floor+write (for scale)")
     lines.append("")
     lines.append(
         "vs mergekit = mergekit-yaml time / this time; vs floor = this time / floor (export and mergekit-yaml "

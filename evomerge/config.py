@@ -173,8 +173,29 @@ class WorkersConfig(_Strict):
         1, ge=0, description="Ray actors; 0 evaluates in the driver process, without Ray (debugging, tests)"
     )
     num_cpus: float = Field(1.0, gt=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs per worker: a share of one (0.5), one, or N whole GPUs the model is split over"
+    )
     address: str | None = None
+    batch_size: int | Literal["auto"] | None = Field(
+        None,
+        description="lm-eval's evaluation batch: null sizes it from the plan (64 on CPU; on GPU the largest that "
+        "fits beside the model), an int fixes it, auto is lm-eval's own search",
+    )
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _whole(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError(f"{value:g}: a worker on several GPUs takes whole GPUs; write 2, 4 or 8 (or 0.5 to share)")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{value}: give at least 1, auto, or leave it out")
+        return value
 
 
 def _default_kernels() -> str:

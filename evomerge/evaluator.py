@@ -20,10 +20,10 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from evomerge.errors import EvomergeError, TaskError
+from evomerge.merge.materialize import input_key
 from evomerge.recipe import ModelEntry, Recipe
 from evomerge.scoring.scorer import Scorer, Scores
 from evomerge.scoring.tasks import TaskSpec
@@ -36,15 +36,17 @@ if TYPE_CHECKING:
     from evomerge.merge.materialize import Materializer
 
 
-@dataclass(frozen=True)
+@dataclass
 class Evaluation:
-    """One candidate scored on one task set."""
+    """One candidate scored on one task set: what the evaluator returns, and what a worker hands the driver (the
+    one result type between them, `search.workers.JobResult`), with where and when it ran, or why it failed.
+    Mutable: the driver notes why it fails a result the worker called fine (a non-finite objective)."""
 
-    task_set: str
-    scores: Scores  # {leaf task: {metric: value}}, every metric lm-eval reports
-    metrics: dict[str, str]  # {leaf task: the metric its spec reads}
-    units: dict[str, float]  # {leaf task: that metric on the objective's 0-1 higher-is-better scale}
-    objective: float  # the specs' weighted mean of `units`
+    task_set: str = ""
+    scores: Scores = field(default_factory=dict)  # {leaf task: {metric: value}}, every metric lm-eval reports
+    metrics: dict[str, str] = field(default_factory=dict)  # {leaf task: the metric its spec reads}
+    units: dict[str, float] = field(default_factory=dict)  # {leaf task: that metric on the 0-1 objective scale}
+    objective: float = float("nan")  # the specs' weighted mean of `units`
     merge_s: float = 0.0
     eval_s: float = 0.0
     # per-example values keyed by example index: the metric (`score(examples=True)`), or the objective's units
@@ -52,6 +54,19 @@ class Evaluation:
     examples: dict[str, dict[int, float]] = field(default_factory=dict)
     n_examples: int = 0  # examples scored (per-example scoring only)
     stopped: bool = False  # staged evaluation stopped it early: `objective` is the paired estimate
+    # -- where and when a worker ran it (search/workers.py), or why it failed ---------------------------------
+    worker: str = ""  # "host:pid"
+    busy_s: float = 0.0  # the whole call in the worker (parse + merge + eval)
+    wait_s: float = 0.0  # the worker idle before this call (waiting on the driver)
+    started: float = 0.0  # wall clock (time.time) on the worker's host when it began and ended this call
+    ended: float = 0.0
+    error: str | None = None  # the candidate failed: why (a user error, NaN/Inf, out of memory, a dead worker)
+    worker_died: bool = False  # the worker process died (OOM, segfault, kill); the pool replaced it
+    was_running: bool = False  # with worker_died: this job was the one running, not one queued behind it
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
     def values(self) -> dict[str, float]:
         """{leaf task: its metric's value, as lm-eval reports it}."""
@@ -66,8 +81,8 @@ class Evaluation:
 def alone(model: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> Recipe:
     """`model`'s own weights as a recipe over `inputs` (every input model, the base included): linear, weight 1 on
     it and 0 on the others, which merges to exactly its tensors."""
-    key = _key(model)
-    entries = [ModelEntry(model=str(m), parameters={"weight": float(_key(m) == key)}) for m in inputs]
+    key = input_key(model)
+    entries = [ModelEntry(model=str(m), parameters={"weight": float(input_key(m) == key)}) for m in inputs]
     if not any(e.parameters["weight"] for e in entries):
         raise ValueError(f"{model} is not among the inputs {list(map(str, inputs))}")
     return Recipe(merge_method="linear", models=entries)
@@ -98,11 +113,14 @@ class Evaluator:
         *,
         seed: int = 0,
         dtype: str | None = None,
-        device: str = "cpu",
-        batch_size: int = 64,
+        device: str | Sequence[str] = "cpu",
+        batch_size: int | str | None = 64,
         include_defaults: bool = False,
         allow_config_mismatch: bool = False,
     ):
+        """`device`: one device or a worker's GPU group (the model split over them); `batch_size`: lm-eval's batch,
+        "auto" (lm-eval's search), or None: 64 here, and a search's worker sizes it to its device
+        (`capacity.memory.device_batch`, the capacity layer sitting above this one)."""
         from evomerge.merge.materialize import Materializer
 
         if not task_sets:
@@ -113,7 +131,7 @@ class Evaluator:
                 specs,
                 [str(p) for p in include_paths],
                 seed=seed,
-                batch_size=batch_size,
+                batch_size=batch_size if batch_size is not None else 64,
                 include_defaults=include_defaults,
             )
             for name, specs in task_sets.items()
@@ -129,9 +147,13 @@ class Evaluator:
 
     @classmethod
     def for_config(
-        cls, cfg: SearchConfig, task_sets: Mapping[str, Sequence[TaskSpec]], device: str = "cpu"
+        cls,
+        cfg: SearchConfig,
+        task_sets: Mapping[str, Sequence[TaskSpec]],
+        device: str | Sequence[str] = "cpu",
     ) -> Evaluator:
-        """The config's inputs, dtype, task folders and subset seed, with the given task sets."""
+        """The config's inputs, dtype, task folders, subset seed and evaluation batch (`workers.batch_size`), with
+        the given task sets."""
         return cls(
             cfg.models,
             cfg.base_model,
@@ -140,6 +162,7 @@ class Evaluator:
             seed=cfg.seed,
             dtype=cfg.dtype,
             device=device,
+            batch_size=cfg.workers.batch_size,
             include_defaults=cfg.tasks.include_defaults,
             allow_config_mismatch=cfg.allow_config_mismatch,
         )
@@ -269,10 +292,6 @@ class Evaluator:
             n_examples=staged.n_examples,
             stopped=staged.stopped,
         )
-
-
-def _key(path: str | os.PathLike) -> str:
-    return str(Path(path).expanduser().resolve())
 
 
 __all__ = ["Evaluation", "Evaluator", "alone", "is_candidate_failure"]

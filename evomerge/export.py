@@ -69,10 +69,6 @@ def export_recipe(
     their tensors match. A tied output head stored next to its embeddings is merged once, as the embeddings,
     and not written.
     """
-    from evomerge import __version__
-    from evomerge.merge.layout import Layout
-    from evomerge.merge.materialize import merged_tensors
-
     out_dir = Path(out_dir)
     check_replaceable(out_dir)  # fail before hashing and merging
     if seed is not None:
@@ -80,6 +76,28 @@ def export_recipe(
     inputs = recipe.input_models()
     checkpoints = [_open(recipe, m, allow_pickle, source) for m in inputs]
     ref = checkpoints[inputs.index(recipe.base_model)] if recipe.base_model else checkpoints[0]
+    recipe, plan = _checked_plan(recipe, checkpoints, ref, source, allow_config_mismatch)
+    hashing = ThreadPoolExecutor(len(checkpoints))  # the inputs' sha256 while they merge (hashlib frees the GIL)
+    digests = [hashing.submit(c.sha256) for c in checkpoints]
+
+    with _finally_shutdown(hashing), atomic_dir(out_dir) as tmp:
+        by_model = dict(zip(inputs, checkpoints))
+        shards, size, out_dtype = _write_weights(tmp, recipe, checkpoints, plan, by_model, shard_bytes)
+        _write_config(tmp, ref, plan, by_model, out_dtype, _tokenizer_dir(recipe, ref))
+        recipe = recipe.with_provenance(inputs={m: d.result() for m, d in zip(inputs, digests)})
+        recipe = _write_coefficients(tmp, recipe)
+        _write_recipe(tmp, _renamed(recipe, names) if names else recipe, extra_files)
+    if log:
+        log(f"{len(shards)} shard(s), {size / 1e6:.1f} MB")
+    return out_dir
+
+
+def _checked_plan(recipe: Recipe, checkpoints, ref, source, allow_config_mismatch: bool) -> tuple[Recipe, Plan]:
+    """The inputs checked against the base, the recipe's plan over them, and the recipe with its version and kernel
+    set recorded (always, so a re-merge gives these bytes whatever its environment)."""
+    from evomerge import __version__
+    from evomerge.merge.layout import Layout
+
     # mismatches named against the base; a slices: recipe may take layer ranges from models of other depths
     check_compatible(
         [ref] + [c for c in checkpoints if c is not ref],
@@ -87,51 +105,60 @@ def export_recipe(
         layers=recipe.slices is None,
     )
     plan = _planned(recipe, checkpoints, Layout.of(ref, tied=True), source)
-    # the kernel set is always recorded, so a re-merge gives these bytes whatever its environment
-    recipe = recipe.with_provenance(version=__version__, kernels=recipe.kernels, outputs={})
-    tokenizer_dir = _tokenizer_dir(recipe, ref)
-    hashing = ThreadPoolExecutor(len(checkpoints))  # the inputs' sha256 while they merge (hashlib frees the GIL)
-    digests = [hashing.submit(c.sha256) for c in checkpoints]
+    return recipe.with_provenance(version=__version__, kernels=recipe.kernels, outputs={}), plan
 
-    with _finally_shutdown(hashing), atomic_dir(out_dir) as tmp:
-        by_model = dict(zip(inputs, checkpoints))
-        shapes = [(job.name, by_model[job.inputs[0]].shape(job.sources[0])) for job in plan.jobs()]
-        writer = ShardWriter(tmp, shapes, shard_bytes)
-        out_dtype = None
-        for name, tensor in merged_tensors(recipe, checkpoints, plan=plan, release=True):
-            writer.add(name, tensor)
-            if tensor.is_floating_point():
-                out_dtype = out_dtype or str(tensor.dtype).removeprefix("torch.")
-            del tensor
-        shards = writer.finish()
-        config = _out_config(ref.config, plan, by_model)
-        if out_dtype:
-            config["dtype"] = out_dtype
-            config.pop("torch_dtype", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for fname in COPIED_FILES:
-            src = (ref.path if fname == "generation_config.json" else tokenizer_dir) / fname
-            if src.is_file():
-                shutil.copyfile(src, tmp / fname)
-        recipe = recipe.with_provenance(inputs={m: d.result() for m, d in zip(inputs, digests)})
-        if recipe.evomerge_only:  # the coefficient file goes beside the recipe, named relative to it
-            from evomerge.merge.coefficients import FILE_NAME
 
-            ref = recipe.evomerge.coefficients
-            shutil.copyfile(ref.file, tmp / FILE_NAME)
-            if file_sha256(tmp / FILE_NAME) != ref.sha256:
-                raise ConfigError(f"evomerge.coefficients.file: {ref.file} changed while it was merged; merge again")
-            recipe = recipe.with_provenance(coefficients=ref.model_copy(update={"file": FILE_NAME}))
-        published = _renamed(recipe, names) if names else recipe  # what recipe.yaml (and a card) say
-        for fname, content in (extra_files or {}).items():
-            if Path(fname).name != fname or fname == "recipe.yaml":
-                raise ValueError(f"extra file {fname!r}: a plain file name other than recipe.yaml")
-            (tmp / fname).write_text(content(published) if callable(content) else content, encoding="utf-8")
-        outputs = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-        published.with_provenance(outputs=outputs).dump(tmp / "recipe.yaml")
-    if log:
-        log(f"{len(shards)} shard(s), {writer.total_bytes / 1e6:.1f} MB")
-    return out_dir
+def _write_weights(tmp: Path, recipe: Recipe, checkpoints, plan: Plan, by_model, shard_bytes: int):
+    """Every merged tensor into its shard as it comes (no shard is buffered): (shards, bytes, the output's float
+    dtype)."""
+    from evomerge.merge.materialize import merged_tensors
+
+    shapes = [(job.name, by_model[job.inputs[0]].shape(job.sources[0])) for job in plan.jobs()]
+    writer = ShardWriter(tmp, shapes, shard_bytes)
+    out_dtype = None
+    for name, tensor in merged_tensors(recipe, checkpoints, plan=plan, release=True):
+        writer.add(name, tensor)
+        if tensor.is_floating_point():
+            out_dtype = out_dtype or str(tensor.dtype).removeprefix("torch.")
+        del tensor
+    return writer.finish(), writer.total_bytes, out_dtype
+
+
+def _write_config(tmp: Path, ref, plan: Plan, by_model, out_dtype: str | None, tokenizer_dir: Path) -> None:
+    """config.json for the output's shape and dtype; the tokenizer and generation config copied."""
+    config = _out_config(ref.config, plan, by_model)
+    if out_dtype:
+        config["dtype"] = out_dtype
+        config.pop("torch_dtype", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for fname in COPIED_FILES:
+        src = (ref.path if fname == "generation_config.json" else tokenizer_dir) / fname
+        if src.is_file():
+            shutil.copyfile(src, tmp / fname)
+
+
+def _write_coefficients(tmp: Path, recipe: Recipe) -> Recipe:
+    """An evomerge-only recipe's coefficient file beside it (the recipe then names it relative to itself),
+    checked against the hash the recipe records; other recipes unchanged."""
+    if not recipe.evomerge_only:
+        return recipe
+    from evomerge.merge.coefficients import FILE_NAME
+
+    ref = recipe.evomerge.coefficients
+    shutil.copyfile(ref.file, tmp / FILE_NAME)
+    if file_sha256(tmp / FILE_NAME) != ref.sha256:
+        raise ConfigError(f"evomerge.coefficients.file: {ref.file} changed while it was merged; merge again")
+    return recipe.with_provenance(coefficients=ref.model_copy(update={"file": FILE_NAME}))
+
+
+def _write_recipe(tmp: Path, published: Recipe, extra_files) -> None:
+    """The extra files (a model card), then recipe.yaml with the sha256 of every file beside it."""
+    for fname, content in (extra_files or {}).items():
+        if Path(fname).name != fname or fname == "recipe.yaml":
+            raise ValueError(f"extra file {fname!r}: a plain file name other than recipe.yaml")
+        (tmp / fname).write_text(content(published) if callable(content) else content, encoding="utf-8")
+    outputs = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+    published.with_provenance(outputs=outputs).dump(tmp / "recipe.yaml")
 
 
 @contextmanager
@@ -254,47 +281,17 @@ def export_trial(
     sparsifying methods).
     """
     from evomerge.modelcard import model_card, published_names
-    from evomerge.search.guard import exported_trial, stored, validate_top
+    from evomerge.search.guard import stored
     from evomerge.search.record import TrialRecord
     from evomerge.search.study import open_run
-    from evomerge.search.trials import best_trial, complete_trials, objective_of, trial_by_number
+    from evomerge.search.trials import complete_trials, objective_of
 
     cfg, study = open_run(run_dir)
     names = published_names(cfg, hub_ids or {})  # bad --hub-id pairs fail before any work
-    if trial is not None:
-        chosen = trial_by_number(study, trial)
-    else:
-        if best_trial(study) is None:  # a clear error before validating an empty study
-            raise StudyError(f"study {study.study_name!r} has no COMPLETE trial yet; run `evomerge search` first")
-        validate_top(cfg, study, log=log)
-        chosen = exported_trial(cfg, study)
+    chosen = _chosen(cfg, study, trial, log)
     objective = objective_of(chosen)
     validation = stored(cfg, study).get(chosen.number)
-    record = TrialRecord.from_trial(chosen)
-    extra = {
-        "objective": objective,
-        "metrics": {t.name: t.metric for t in cfg.tasks.search},
-        "task_seed": cfg.seed,
-        "sampler": cfg.sampler.name,
-        "sampler_seed": cfg.sampler_seed,
-        "storage": cfg.storage_url,
-    }
-    if validation is not None:
-        extra["validation"] = {
-            "scores": validation.task_scores(cfg),
-            "objective": validation.objective,
-            "metrics": {t.name: t.metric for t in cfg.validation.tasks},
-            "top_k": cfg.validation.top_k,
-        }
-    recipe = Recipe.from_yaml(record.recipe, source=f"trial {chosen.number} recipe")
-    if kernels is not None:
-        recipe = recipe.with_provenance(kernels=kernels)
-    recipe = recipe.with_provenance(
-        study=cfg.name,
-        trial=chosen.number,
-        scores=record.task_values(cfg.tasks.search),
-        extra=extra,
-    )
+    recipe = _trial_recipe(cfg, chosen, objective, validation, kernels)
     out = Path(out) if out is not None else Path(run_dir) / "best"
     if log:
         how = f", validation {validation.objective:.4f}" if validation is not None else ""
@@ -321,6 +318,48 @@ def export_trial(
 
             shutil.copyfile(tmp / "model" / FILE_NAME, tmp / FILE_NAME)
     return ExportResult(chosen.number, objective, out / "recipe.yaml", out / "model", heldout=comparison is not None)
+
+
+def _chosen(cfg, study, trial: int | None, log):
+    """COMPLETE trial `trial`, or THE exported trial (the guard's finalists validated first)."""
+    from evomerge.search.guard import exported_trial, validate_top
+    from evomerge.search.trials import best_trial, trial_by_number
+
+    if trial is not None:
+        return trial_by_number(study, trial)
+    if best_trial(study) is None:  # a clear error before validating an empty study
+        raise StudyError(f"study {study.study_name!r} has no COMPLETE trial yet; run `evomerge search` first")
+    validate_top(cfg, study, log=log)
+    return exported_trial(cfg, study)
+
+
+def _trial_recipe(cfg, chosen, objective: float, validation, kernels: str | None) -> Recipe:
+    """The trial's recipe as it was scored, with its provenance: study, trial, scores, how they were measured (and
+    the guard's validation), and another kernel set where `kernels` asks for one."""
+    from evomerge.search.record import TrialRecord
+
+    record = TrialRecord.from_trial(chosen)
+    extra = {
+        "objective": objective,
+        "metrics": {t.name: t.metric for t in cfg.tasks.search},
+        "task_seed": cfg.seed,
+        "sampler": cfg.sampler.name,
+        "sampler_seed": cfg.sampler_seed,
+        "storage": cfg.storage_url,
+    }
+    if validation is not None:
+        extra["validation"] = {
+            "scores": validation.task_scores(cfg),
+            "objective": validation.objective,
+            "metrics": {t.name: t.metric for t in cfg.validation.tasks},
+            "top_k": cfg.validation.top_k,
+        }
+    recipe = Recipe.from_yaml(record.recipe, source=f"trial {chosen.number} recipe")
+    if kernels is not None:
+        recipe = recipe.with_provenance(kernels=kernels)
+    return recipe.with_provenance(
+        study=cfg.name, trial=chosen.number, scores=record.task_values(cfg.tasks.search), extra=extra
+    )
 
 
 def _report_of(run_dir: Path, study: str, trial):

@@ -1,15 +1,19 @@
-"""The exported model's card (`README.md`): Hugging Face metadata, scores, caveats and the recipe, written through
-`huggingface_hub.ModelCard` so the exported folder can be pushed to the Hub as it is.
+"""The exported model's card (`README.md`): rendered from the template `evomerge/templates/modelcard.md` through
+`huggingface_hub.ModelCard.from_template` (as mergekit writes its cards from a template), so the exported folder can
+be pushed to the Hub as it is.
 
     card = model_card(cfg, recipe, trial, objective, validation, comparison)   # README.md text
 
-Metadata: `library_name: transformers`, `tags: [merge, mergekit, evomerge]`, and `base_model` listing every input
-that `evomerge export --hub-id LOCAL=org/name` mapped to a Hub id (mergekit's own cards list the merged models
-there too). Scores: held-out when `evomerge report` ran before `export` on the same exported trial (with the
-source models and the best default merge beside it, and a caveat for every task where the merge is below its
-best source by more than noise), else validation and search scores (the caveats then compare the search
-scores of the enqueued "only <model>" baselines). The embedded recipe is `recipe.yaml`, less `evomerge.outputs`
-(the sha256 of every file in the folder, this card included, which cannot hold its own hash).
+Metadata: `library_name: transformers`, `tags: [merge, mergekit, evomerge]`, `pipeline_tag: text-generation` for a
+causal LM, and `base_model` listing every input that `evomerge export --hub-id LOCAL=org/name` mapped to a Hub id
+(mergekit's own cards list the merged models there too). Then, in order: what was merged and how it was found; a
+note when the exported trial is an enqueued baseline; held-out scores when `evomerge report` ran before `export`
+on the same exported trial (with the source models, the best default merge and the routing oracle beside it, and a
+caveat for every task where the merge is below its best source by more than noise), else a note and caveats from
+the search scores of the enqueued "only <model>" baselines; the validation scores (with `validation:`); the search
+scores and objective; the inputs with their weights' sha256 (and how to name local folders by Hub ids); the
+commands that reproduce it; and the embedded recipe: `recipe.yaml`, less `evomerge.outputs` (the sha256 of every
+file in the folder, this card included, which cannot hold its own hash).
 """
 
 from __future__ import annotations
@@ -128,102 +132,53 @@ def model_card(
     baselines: Sequence = (),
     architectures: Sequence[str] = (),
 ) -> str:
-    """README.md of an exported trial. `recipe`: as recipe.yaml holds it, less `evomerge.outputs`; `hub_ids`:
-    {local folder: Hub id} of the inputs export renamed; `comparison`: the report's, when it scored this trial;
-    `baselines`: the study's COMPLETE "only <model>" trials (for caveats without held-out data)."""
+    """README.md of an exported trial, rendered from `templates/modelcard.md`. `recipe`: as recipe.yaml holds it,
+    less `evomerge.outputs`; `hub_ids`: {local folder: Hub id} of the inputs export renamed; `comparison`: the
+    report's, when it scored this trial; `baselines`: the study's COMPLETE "only <model>" trials (for caveats without
+    held-out data)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from evomerge import __version__
+    from evomerge.resources import TEMPLATES
 
-    hub_ids = dict(hub_ids or {})
-    inputs = recipe.input_models()
-    merged = [m for m in inputs if m != recipe.base_model]
-    into = f" into `{recipe.base_model}`" if recipe.base_model else ""
-    lines = [
-        f"# {cfg.name}: trial {trial.number}",
-        "",
-        f"A `{recipe.merge_method}` merge of {', '.join(f'`{m}`' for m in merged)}{into}, found by an evomerge "
-        f"{__version__} search (Optuna `{cfg.sampler.name}` sampler, study `{cfg.name}`): every candidate recipe was "
-        "merged in memory and scored with lm-eval on fixed seeded subsets of the search tasks.",
-        "",
-    ]
+    data = ModelCardData(**metadata(recipe, hub_ids or {}, architectures))
+    fields = _card_fields(cfg, recipe, trial, objective, validation, comparison, hub_ids or {}, baselines)
+    return str(ModelCard.from_template(data, template_path=str(TEMPLATES / "modelcard.md"), **fields))
+
+
+def _card_fields(cfg, recipe, trial, objective, validation, comparison, hub_ids, baselines) -> dict[str, Any]:
+    """What the template fills in: the merge, its scores (held-out, or search caveats), validation, inputs."""
+    from evomerge import __version__
     from evomerge.search.record import TrialRecord
 
     record = TrialRecord.from_trial(trial)
-    label = record.baseline
-    if label:
-        lines += [
-            f"Trial {trial.number} is the search's enqueued baseline `{label}`, not a sampled recipe: no sampled "
-            "recipe scored higher on what picks the exported trial (validation when the config has it, else "
-            "the search objective).",
-            "",
-        ]
-    if comparison is not None:
-        lines += heldout_section(comparison)
-    else:
-        lines += [
-            "No held-out scores: `evomerge report` had not scored this trial when it was exported (run `evomerge "
-            "report RUN_DIR` before `evomerge export RUN_DIR` to put them here).",
-            "",
-            *search_caveats(cfg, trial, baselines),
-            "",
-        ]
-    if validation is not None:
-        lines += [
-            "## Validation scores",
-            "",
-            f"The top {cfg.validation.top_k} trials by search objective and the default merge were re-scored on "
-            "validation sets the search never saw; this one scored best there.",
-            "",
-            *_scores_table(cfg.validation.tasks, validation.scores),
-            "",
-            f"Validation objective (weighted mean): **{_f(validation.objective)}**",
-            "",
-        ]
-    lines += [
-        "## Search scores",
-        "",
-        "Fixed seeded subsets of the search tasks (never the held-out data); the search optimized them, so they "
-        "overstate what the merge does on new examples.",
-        "",
-        *_scores_table(cfg.tasks.search, record.scores or {}),
-        "",
-        f"Objective (weighted mean): **{_f(objective)}**",
-        "",
-        "## Inputs",
-        "",
-    ]
+    inputs = recipe.input_models()
     digests = recipe.evomerge.inputs if recipe.evomerge is not None else {}
-    lines += [f"- `{m}`" + (f" (weights sha256 `{digests[m]}`)" if m in digests else "") for m in inputs]
-    local = [m for m in inputs if m not in set(hub_ids.values())]
-    if local:
-        lines += [
-            "",
-            "Named by local folder: map each to its Hub id with `evomerge export RUN_DIR --hub-id "
-            "LOCAL=org/name` before publishing, so the recipe names models others can download.",
-        ]
-    lines += [
-        "",
-        "## Reproduce",
-        "",
-        "```",
-        "evomerge merge recipe.yaml --out OUT       # byte for byte (its kernels; inputs as local folders)",
-        "mergekit-yaml recipe.yaml OUT              # same tensors for non-sparsifying methods",
-        "evomerge verify .                          # this folder against the sha256 recorded in recipe.yaml",
-        "```",
-        "",
-        "## Recipe",
-        "",
-        "`recipe.yaml` beside this card, less `evomerge.outputs` (the sha256 of every file in this folder, this card "
-        "included, which `evomerge verify` checks):",
-        "",
-        "```yaml",
-        recipe.to_yaml(outputs=False).rstrip(),
-        "```",
-        "",
-    ]
-    data = ModelCardData(**metadata(recipe, hub_ids, architectures))
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+    caveats = search_caveats(cfg, trial, baselines) if comparison is None else []
+    return {
+        "study": cfg.name,
+        "trial": trial.number,
+        "method": recipe.merge_method,
+        "merged": ", ".join(f"`{m}`" for m in inputs if m != recipe.base_model),
+        "into": f" into `{recipe.base_model}`" if recipe.base_model else "",
+        "version": __version__,
+        "sampler": cfg.sampler.name,
+        "baseline": record.baseline,
+        "heldout": "\n".join(heldout_section(comparison)) if comparison is not None else "",
+        "caveats": "\n".join(caveats) + "\n" if caveats else "",
+        "validation": _validation_fields(cfg, validation),
+        "search_table": "\n".join(_scores_table(cfg.tasks.search, record.scores or {})),
+        "objective": _f(objective),
+        "inputs": "\n".join(f"- `{m}`" + (f" (weights sha256 `{digests[m]}`)" if m in digests else "") for m in inputs),
+        "local": any(m not in set(hub_ids.values()) for m in inputs),
+        "recipe": recipe.to_yaml(outputs=False).rstrip(),
+    }
+
+
+def _validation_fields(cfg: SearchConfig, validation) -> dict[str, Any] | None:
+    if validation is None:
+        return None
+    table = "\n".join(_scores_table(cfg.validation.tasks, validation.scores))
+    return {"top_k": cfg.validation.top_k, "table": table, "objective": _f(validation.objective)}
 
 
 def embedded_recipe(card: str) -> str:

@@ -1,6 +1,6 @@
-"""The data evomerge ships inside its package: the search spaces and the lm-eval task folders.
+"""The data evomerge ships inside its package: the search spaces, the lm-eval task folders and the templates.
 
-    from evomerge.resources import SEARCH_SPACES, EVAL_TASKS
+    from evomerge.resources import SEARCH_SPACES, EVAL_TASKS, TEMPLATES
 
 In a wheel they are plain folders in the installed package (`evomerge/search_spaces`, `evomerge/eval_tasks`);
 in a source checkout those two are links to the repository's top-level `search_spaces/` and `eval_tasks/`,
@@ -22,5 +22,6 @@ def package_folder(name: str) -> Path:
 
 SEARCH_SPACES = package_folder("search_spaces")
 EVAL_TASKS = package_folder("eval_tasks")
+TEMPLATES = package_folder("templates")  # the model card's (evomerge/templates/modelcard.md)
 
-__all__ = ["EVAL_TASKS", "SEARCH_SPACES", "package_folder"]
+__all__ = ["EVAL_TASKS", "SEARCH_SPACES", "TEMPLATES", "package_folder"]

@@ -11,7 +11,10 @@ provenance, the model card, status, the report, logs and error messages only eve
 A later process that reads a redacted URL from `runs/<name>/config.yaml` (status, export, report, a resume from
 the run's config) takes the password from `EVOMERGE_STORAGE_PASSWORD`, or, where that is unset, connects without
 one and lets the database client find it (PostgreSQL's libpq: `PGPASSWORD`, `~/.pgpass`, a service file).
-Pure string handling; SQLAlchemy is imported only to check that the URL's database driver is installed.
+SQLAlchemy reads the URL (`make_url`, its own grammar) and renders it with the password hidden; a `password=` query
+parameter is masked in the query as given (SQLAlchemy would re-order and re-quote it). The real URL is kept in a
+dict of this process rather than on the config, because the config's URL is the one printed and written
+everywhere, and only the two places that connect need the secret.
 """
 
 from __future__ import annotations
@@ -24,9 +27,7 @@ from evomerge.errors import StudyError
 
 MASK = "***"
 PASSWORD_ENV = "EVOMERGE_STORAGE_PASSWORD"
-# SQLAlchemy's URL grammar, `name://user[:password]@host...`: whatever it reads as the password is masked.
-_USERINFO = re.compile(r"^(?P<head>[\w+]+://[^:/]*):(?P<password>[^@]*)(?=@)")
-_QUERY = re.compile(r"(?P<head>[?&]password=)(?P<password>[^&]*)")
+_URL = re.compile(r"[A-Za-z][\w+.-]*://[^\s'\"]+")  # where a message quotes a URL (SQLAlchemy parses it)
 # The Python module each dialect's default driver needs, and what to install for it.
 DRIVERS = {
     "postgresql": ("psycopg", "pip install 'evomerge[postgres]'"),
@@ -38,8 +39,26 @@ _known: dict[str, str] = {}  # redacted URL -> the URL as given, for this proces
 
 def redact(text: str) -> str:
     """`text` (a URL, or a message that may quote one) with every password replaced by `***`."""
-    text = _USERINFO.sub(lambda m: f"{m['head']}:{MASK}", text)
-    return _QUERY.sub(lambda m: f"{m['head']}{MASK}", text)
+    if _URL.match(text):  # a URL as given (its password may hold characters a quoted one would not)
+        return _redact_url(text)
+    return _URL.sub(lambda m: _redact_url(m.group(0)), text)
+
+
+def _redact_url(url: str) -> str:
+    """One URL with its password (`user:PASSWORD@`, a `password=` query parameter) as `***`; unchanged without."""
+    from sqlalchemy.engine.url import make_url
+
+    base, sep, query = url.partition("?")
+    items = [f"password={MASK}" if item.startswith("password=") else item for item in query.split("&")] if sep else []
+    shown_query = f"?{'&'.join(items)}" if sep else ""
+    try:
+        parsed = make_url(base)
+    except Exception:  # not a URL SQLAlchemy reads: hide everything before the host, to be safe
+        scheme, _, rest = base.partition("://")
+        return (f"{scheme}://{MASK}@{rest.rpartition('@')[2]}" if "@" in rest else base) + shown_query
+    if parsed.password is None:
+        return base + shown_query
+    return parsed.render_as_string(hide_password=True) + shown_query
 
 
 def remember(url: str | None) -> str | None:
@@ -69,14 +88,12 @@ def reveal(url: str) -> str:
     if not is_redacted(url):
         return url
     password = os.environ.get(PASSWORD_ENV)
-    if password:
-        secret = quote(password, safe="")
-        out = _USERINFO.sub(lambda m: f"{m['head']}:{secret}", url)
-        return _QUERY.sub(lambda m: f"{m['head']}{secret}", out)
-    out = _USERINFO.sub(lambda m: m["head"], url)
-    base, sep, query = out.partition("?")
-    kept = [p for p in query.split("&") if p != f"password={MASK}"] if sep else []
-    return f"{base}?{'&'.join(kept)}" if kept else base
+    secret = quote(password, safe="") if password else None
+    base, sep, query = url.partition("?")
+    base = base.replace(f":{MASK}@", f":{secret}@" if secret else "@", 1)  # the one `redact` wrote
+    items = query.split("&") if sep else []
+    items = [f"password={secret}" if p == f"password={MASK}" else p for p in items if secret or p != f"password={MASK}"]
+    return f"{base}?{'&'.join(items)}" if items else base
 
 
 def password_hint(url: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,11 @@ from evomerge.offline import go_offline
 # the "Generating test split" bars that broke the one-line error contract there).
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="evomerge-test-datasets-")
 go_offline()
+
+# One Ray token for every Ray head and client this session starts (Ray reads RAY_AUTH_TOKEN before
+# ~/.ray/auth_token, and loads it once per process): another Ray session on the machine regenerating that file
+# cannot lock this one out of its own clusters (tests/test_ray_cluster.py).
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 # Tiny models: one thread is as fast as two, and leaves the other core to Ray workers and subprocesses.
 torch.set_num_threads(1)

@@ -476,6 +476,19 @@ CASES = [
     ),
     # search configs (each fails before Ray starts and before runs/<name>/ is made)
     Case(
+        "search_num_gpus_without_a_gpu",  # the plan refuses it: Ray would wait for a GPU forever
+        lambda t, z: search_config(t, z, workers={"count": 1, "num_gpus": 1}),
+        "workers.num_gpus: 1 GPU(s) per worker, but this machine has no GPU",
+        around=lambda: env_var("CUDA_VISIBLE_DEVICES", ""),
+        in_tmp=True,
+    ),
+    Case(
+        "search_num_gpus_not_whole",
+        lambda t, z: search_config(t, z, workers={"count": 1, "num_gpus": 1.5}),
+        "whole GPUs",
+        in_tmp=True,
+    ),
+    Case(
         "search_unknown_sampler",
         lambda t, z: search_config(t, z, sampler={"name": "cmaess"}),
         "did you mean: cmaes",
@@ -565,10 +578,12 @@ def run_case(case: Case, tmp: Path, zoo: Path) -> tuple[int, str, str]:
 
 
 def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file's size and mtime; not SQLite's shared-memory index (`*.db-shm`), which any reader of a WAL
+    database writes to (its read marks), so a refusal that only read the study may touch it."""
     return {
         str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
         for p in folder.rglob("*")
-        if not p.is_symlink()
+        if not p.is_symlink() and not p.name.endswith("-shm")
     }
 
 

@@ -21,9 +21,10 @@ def make_model(path: Path, tensors: dict[str, torch.Tensor], *, vocab=VOCAB, arc
     (path / "config.json").write_text(
         json.dumps({"architectures": [arch], "model_type": "llama", "num_hidden_layers": 2})
     )
-    (path / "tokenizer.json").write_text(
-        json.dumps({"model": {"type": "WordLevel", "vocab": vocab}, "added_tokens": []})
-    )
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    Tokenizer(WordLevel(vocab, unk_token="<pad>")).save(str(path / "tokenizer.json"))  # a file as HF tools write it
     save_file(tensors, str(path / "model.safetensors"))
     return path
 

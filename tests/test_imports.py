@@ -7,6 +7,7 @@ import ast
 import json
 import subprocess
 import sys
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,38 +70,55 @@ def imports_of(name: str, path: Path, modules: set[str]) -> set[str]:
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    out: list[list[str]] = []
+    """The graph's cycles, each as its sorted modules; [] when it has none. graphlib reports one cycle at a time,
+    so each found cycle has one of its edges dropped and the search repeats."""
+    remaining = {node: set(edges) for node, edges in graph.items()}
+    found: list[list[str]] = []
+    while True:
+        try:
+            TopologicalSorter(remaining).prepare()
+            return found
+        except CycleError as err:
+            cycle = err.args[1]  # [n0, n1, ..., n0]: consecutive nodes are joined by an edge
+            found.append(sorted(set(cycle)))
+            a, b = cycle[0], cycle[1]
+            remaining.get(a, set()).discard(b)
+            remaining.get(b, set()).discard(a)
 
-    def strongconnect(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on_stack.add(v)
-        for w in sorted(graph[v]):
-            if w not in index:
-                strongconnect(w)
-                low[v] = min(low[v], low[w])
-            elif w in on_stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = []
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                component.append(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                out.append(sorted(component))
 
-    for v in sorted(graph):
-        if v not in index:
-            strongconnect(v)
-    return out
+# docs/architecture.md's layers, bottom first: a module imports only its own layer or the ones below. A module
+# belongs to the layer of its longest listed prefix.
+LAYERS = [
+    ("foundation", ["evomerge", "evomerge.errors", "evomerge.tables", "evomerge.resources", "evomerge.threads",
+                    "evomerge.offline", "evomerge.storage_url", "evomerge.baseline", "evomerge.stats",
+                    "evomerge.interrupts"]),
+    ("files", ["evomerge.io"]),
+    ("merge core", ["evomerge.merge", "evomerge.merge.registry", "evomerge.merge.methods", "evomerge.merge.kernels",
+                    "evomerge.merge.layout"]),
+    ("recipes", ["evomerge.recipe", "evomerge.io.verify", "evomerge.merge.plan", "evomerge.merge.materialize"]),
+    ("scoring", ["evomerge.scoring"]),
+    ("candidates", ["evomerge.space", "evomerge.portfolio", "evomerge.evaluator"]),
+    ("study records", ["evomerge.search", "evomerge.search.record", "evomerge.search.storage", "evomerge.search.trials",
+                       "evomerge.search.samplers"]),
+    ("config", ["evomerge.config"]),
+    ("the search", ["evomerge.search.lock", "evomerge.search.server_lock", "evomerge.search.study",
+                    "evomerge.search.workers", "evomerge.search.refine", "evomerge.search.surrogate",
+                    "evomerge.search.objective", "evomerge.search.footprint", "evomerge.search.rows",
+                    "evomerge.search.distill", "evomerge.capacity",
+                    "evomerge.search.guard", "evomerge.search.driver"]),
+    ("outputs", ["evomerge.analysis", "evomerge.report", "evomerge.modelcard", "evomerge.export", "evomerge.zoo"]),
+    ("the CLI", ["evomerge.commands", "evomerge.cli", "evomerge.__main__"]),
+]  # fmt: skip
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the longest listed prefix of `module` (a package's modules are in its layer)."""
+    best, layer = "", -1
+    for i, (_, names) in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > len(best):
+                best, layer = name, i
+    return layer
 
 
 def test_the_graph_sees_imports_inside_functions_and_skips_type_checking(tmp_path):
@@ -120,6 +138,25 @@ def test_no_import_cycles_counting_imports_inside_functions():
     graph = {name: imports_of(name, path, set(modules)) for name, path in modules.items()}
     assert len(graph) > 50 and graph["evomerge.recipe"] >= {"evomerge.merge.methods"}  # it sees function-level imports
     assert cycles(graph) == []
+
+
+def test_every_import_respects_the_layers():
+    """docs/architecture.md's layers: every module is in one, and none imports a module of a layer above its own."""
+    modules = module_names()
+    assert [m for m in modules if layer_of(m) < 0] == [], "add these modules to a layer (and to docs/architecture.md)"
+    upward = [
+        f"{name} ({LAYERS[layer_of(name)][0]}) imports {dep} ({LAYERS[layer_of(dep)][0]})"
+        for name, path in modules.items()
+        for dep in sorted(imports_of(name, path, set(modules)))
+        if layer_of(dep) > layer_of(name)
+    ]
+    assert upward == []
+
+
+def test_the_layer_rule_catches_an_upward_import():
+    assert layer_of("evomerge.search.driver") > layer_of("evomerge.config") > layer_of("evomerge.search.record")
+    assert layer_of("evomerge.io.verify") == layer_of("evomerge.recipe") > layer_of("evomerge.io.checkpoint")
+    assert layer_of("evomerge.merge.kernels.gta") == layer_of("evomerge.merge.registry")
 
 
 def test_every_module_imports_alone_and_the_light_entry_points_stay_light():

@@ -95,26 +95,28 @@ def ray_cluster(tmp_path_factory, installed_evomerge):
         "--dashboard-agent-listen-port",
         str(free_port()),
     ]
-    # Ray's token authentication, as on a real cluster: the head and every client use ~/.ray/auth_token (made here
-    # if missing, as any local `ray.init()` makes it) with RAY_AUTH_MODE=token
-    subprocess.run(
-        [str(python), "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
-        check=True,
-        capture_output=True,
-        env=clean_env(),
-        timeout=120,
-    )
+    # Ray's token authentication, as on a real cluster: the head and every client present one token, the test
+    # session's (RAY_AUTH_TOKEN, set in conftest.py), in the environment `clean_env` passes on
     log = temp / "ray_start.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=clean_env(RAY_AUTH_MODE="token")
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=clean_env(RAY_AUTH_MODE="token"),
         )
     try:
         deadline = time.monotonic() + 180
         while "Ray runtime started" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
-        yield {"address": f"127.0.0.1:{port}", "pid": proc.pid, "python": python, "env": installed_evomerge}
+        yield {
+            "address": f"127.0.0.1:{port}",
+            "pid": proc.pid,
+            "python": python,
+            "env": installed_evomerge,
+        }
     finally:
         proc.terminate()
         try:
@@ -148,7 +150,7 @@ def test_a_search_on_a_ray_cluster_runs_two_workers_each_one_trial_at_a_time(
     tmp_path, tiny_zoo, monkeypatch, ray_cluster
 ):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # `ray start` turned token auth on; its token is ~/.ray/auth_token
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # `ray start` turned token auth on, with the session's token
     cfg = config(tiny_zoo, workers={"count": 2, "num_cpus": 1, "address": ray_cluster["address"]})
     seen = {}
 

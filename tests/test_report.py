@@ -135,15 +135,15 @@ def test_study_method_default_is_the_enqueued_baseline_trial(ties_report):
 
 
 def test_top_trials_and_evolved_row_come_from_the_study(ties_report):
-    from evomerge.search.study import best_trial, complete_trials, load_study, objective_of
+    from evomerge.search.study import best_trial, complete_trials, load_study, objective_of, ranked
 
     run_dir, c, _ = ties_report
     cfg = load_run_config(run_dir)
     study = load_study(cfg.name, cfg.storage_url)
     best = best_trial(study)
-    ranked = sorted(complete_trials(study), key=lambda t: (-objective_of(t), t.number))[:3]
-    assert [t.number for t in c.trials] == [t.number for t in ranked]
-    assert [t.search for t in c.trials] == [objective_of(t) for t in ranked]
+    top = ranked(complete_trials(study))[:3]  # the guard's ranking (whole trials), as status and export rank
+    assert [t.number for t in c.trials] == [t.number for t in top]
+    assert [t.search for t in c.trials] == [objective_of(t) for t in top]
     assert c.best_trial == best.number == c.trials[0].number
     assert c.row("evolved (best trial)").scores == c.trials[0].heldout
 

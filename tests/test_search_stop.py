@@ -33,7 +33,9 @@ def test_budget_met_timeout_and_resume_say_so(tmp_path, tiny_zoo, monkeypatch):
     result, lines = _search(zoo_config(tiny_zoo, budget={"n_trials": 3}))
     where = f"in {result.storage}; run directory {tmp_path / 'runs' / 'faults'}"
     assert lines[0] == f"new study 'faults' (3 trials) {where}"
-    assert lines[1] == "loading the models and tasks in this process (workers.count: 0)..."
+    assert [line.split(" ")[0] for line in lines[1:4]] == ["plan:"] * 3  # inputs, the worker, the machine
+    assert lines[2].startswith("plan: the worker (in this process) on cpu") and lines[3].endswith(": fits")
+    assert lines[4] == "loading the models and tasks in this process (workers.count: 0)..."
     assert result.stop == "budget" and lines[-1].startswith("budget met: 3/3 complete trials (0 failed this run)")
     assert lines[-1].endswith(f"next: evomerge export {Path('runs/faults')}")
 

@@ -6,7 +6,7 @@ import pytest
 
 from evomerge.config import parse_config
 from evomerge.evaluator import Evaluator, alone
-from evomerge.scoring.staged import example_units, objective_of, paired_gap, run_staged, stage_order
+from evomerge.scoring.staged import example_units, paired_gap, run_staged, stage_order, units_objective
 from evomerge.scoring.tasks import TaskSpec
 from evomerge.search import study as st
 
@@ -54,7 +54,7 @@ def test_a_clearly_worse_candidate_stops_early_and_a_better_one_is_scored_whole(
     whole = run_staged(scorer, model, tokenizer, order)
     kept = run_staged(scorer, model, tokenizer, order, stages=[0.25, 0.5], incumbent=hopeless, incumbent_objective=0.0)
     assert not kept.stopped and kept.n_examples == 80 and kept.objective == pytest.approx(whole.objective)
-    assert objective_of(scorer, kept.units) == pytest.approx(whole.objective)
+    assert units_objective(scorer, kept.units) == pytest.approx(whole.objective)
     # the standard error shrinks to 0 once every example is scored (finite-population correction)
     assert paired_gap(scorer, whole.units, hopeless, {leaf: len(o) for leaf, o in order.items()})[1] == 0.0
 

@@ -33,6 +33,26 @@ def _grid(report: AuditReport, metric: str) -> list[list[float]]:
     return grid
 
 
+def _annotate(ax, data, vmin: float, vmax: float, centre: float | None) -> None:
+    """Each cell's value, in white on the dark end of its colour map."""
+    rows, cols = data.shape
+    for y in range(rows):
+        for x in range(cols):
+            v = data[y, x]
+            if math.isfinite(v):
+                frac = (v - vmin) / (vmax - vmin) if vmax > vmin else 0.5
+                dark = frac > 0.75 or frac < 0.25 if centre is not None else frac < 0.5  # viridis: dark low
+                ax.text(
+                    x,
+                    y,
+                    f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.0e}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if dark else "black",
+                )
+
+
 def plot_audit(report: AuditReport, out: Path | str) -> Path:
     """Write the heatmap PNG atomically (temp + rename) and return its path."""
     import matplotlib
@@ -70,21 +90,7 @@ def plot_audit(report: AuditReport, out: Path | str) -> Path:
         beyond = finite.size and (finite.min() < vmin or finite.max() > vmax)
         fig.colorbar(im, ax=ax, shrink=0.9 if n > 10 else 1.0, pad=0.02, extend="both" if beyond else "neither")
         if annotate:
-            for y in range(n):
-                for x in range(len(KINDS)):
-                    v = data[y, x]
-                    if math.isfinite(v):
-                        frac = (v - vmin) / (vmax - vmin) if vmax > vmin else 0.5
-                        dark = frac > 0.75 or frac < 0.25 if centre is not None else frac < 0.5  # viridis: dark low
-                        ax.text(
-                            x,
-                            y,
-                            f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.0e}",
-                            ha="center",
-                            va="center",
-                            fontsize=7,
-                            color="white" if dark else "black",
-                        )
+            _annotate(ax, data, vmin, vmax, centre)
     pair = " vs ".join(report.models)
     fig.suptitle(f"Task vectors against {report.base}: {pair}", fontsize=11)
     from evomerge.io.atomic import savefig_atomic

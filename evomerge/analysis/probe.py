@@ -123,12 +123,9 @@ def probe(
 ) -> ProbeReport:
     """Score the probes (see the module docstring); `tasks` are TaskSpecs (or names) with their metric."""
     from evomerge.evaluator import Evaluator
-    from evomerge.recipe import ModelEntry, Recipe
-    from evomerge.space import model_keys
 
     base = str(base)
     paths = [str(m) for m in models if Path(m).resolve() != Path(base).resolve()]
-    keys = model_keys(paths)
     ev = Evaluator(
         paths,
         base,
@@ -138,72 +135,93 @@ def probe(
         include_defaults=include_defaults,
         allow_config_mismatch=allow_config_mismatch,
     )
-    log = log or (lambda _msg: None)
-
-    def score() -> dict[str, float]:
-        return {t: 100.0 * v for t, v in ev.score("probe").units.items()}
-
-    def ta(weights: list) -> dict[str, float]:
-        ev.load(
-            Recipe(
-                merge_method="task_arithmetic",
-                base_model=base,
-                models=[ModelEntry(model=m, parameters={"weight": w}) for m, w in zip(paths, weights)],
-            )
-        )
-        return score()
-
-    def exactly(path: str) -> dict[str, float]:
-        ev.load_model(path)  # `evaluator.alone`: its exact weights
-        return score()
-
-    base_scores = exactly(base)
-    alone_scores = {}
-    for key, path in zip(keys, paths):
-        alone_scores[key] = exactly(path)
-        log(f"probe: {key} alone")
-    names = list(base_scores)
-    owners, unowned = {}, []
-    for t in names:
-        best = max(keys, key=lambda k: alone_scores[k][t])
-        if alone_scores[best][t] > base_scores[t]:
-            owners[t] = best
-        else:
-            unowned.append(t)
-    report = ProbeReport(
-        models=keys,
-        owners=owners,
-        alone={t: alone_scores[owners[t]][t] for t in owners},
-        all_in={t: v for t, v in ta([1.0] * len(paths)).items() if t in owners},
-        controls={t: {} for t in owners},
-        unowned=unowned,
-    )
-    owned = {i: [t for t in owners if owners[t] == k] for i, k in enumerate(keys) if k in owners.values()}
-    for i, mine in owned.items():
-        for kind in ("shuffled", "noise"):
-            ev.load_weights(control_weights(ev.checkpoints, len(keys), i, kind, seed))
-            after = score()
-            for t in mine:
-                report.controls[t][kind] = report.alone[t] - after[t]
-    layout = ev.materializer.layout
-    for label, flt in regions_of(layout.num_layers, layout):
-        inside = [{"filter": flt, "value": 1.0}, {"value": 0.0}]  # weight 1 in the region only
-        outside = [{"filter": flt, "value": 0.0}, {"value": 1.0}]  # weight 1 everywhere but the region
-        need, harm = {}, {}
-        for i, mine in owned.items():
-            lost = ta([outside if j == i else 0.0 for j in range(len(paths))])
-            hurt = ta([1.0 if j == i else inside for j in range(len(paths))])
-            for t in mine:
-                need[t] = report.alone[t] - lost[t]
-                harm[t] = report.alone[t] - hurt[t]
-        region = RegionProbe(region=label, filter=flt, need=need, harm=harm, verdict="")
-        region.verdict = verdict(region, owners)
-        report.regions.append(region)
-        log(f"probe: {label}: {region.verdict}")
+    prober = _Prober(ev, base, paths, seed, log or (lambda _msg: None))
+    report = prober.owners()
+    prober.controls(report)
+    prober.regions(report)
     report.dropped = routable_drops(report)
     if report.dropped:
-        report.joint = {t: v for t, v in ta(drop_weights(report)).items() if t in owners}
+        report.joint = {t: v for t, v in prober.task_arithmetic(drop_weights(report)).items() if t in report.owners}
     return report
+
+
+class _Prober:
+    """The probe's merges, each scored on the probe tasks (in points): models alone, task arithmetic with `filter:`
+    weights, and the controls."""
+
+    def __init__(self, ev, base: str, paths: list[str], seed: int, log: Callable[[str], None]):
+        from evomerge.space import model_keys
+
+        self.ev, self.base, self.paths, self.seed, self.log = ev, base, paths, seed, log
+        self.keys = model_keys(paths)
+        self.owned: dict[int, list[str]] = {}  # model index -> the tasks it owns
+
+    def score(self) -> dict[str, float]:
+        return {t: 100.0 * v for t, v in self.ev.score("probe").units.items()}
+
+    def task_arithmetic(self, weights: list) -> dict[str, float]:
+        from evomerge.recipe import ModelEntry, Recipe
+
+        entries = [ModelEntry(model=m, parameters={"weight": w}) for m, w in zip(self.paths, weights)]
+        self.ev.load(Recipe(merge_method="task_arithmetic", base_model=self.base, models=entries))
+        return self.score()
+
+    def exactly(self, path: str) -> dict[str, float]:
+        self.ev.load_model(path)  # `evaluator.alone`: its exact weights
+        return self.score()
+
+    def owners(self) -> ProbeReport:
+        """Each task's owner: the source model best on it, where that beats the base (else the task is unowned)."""
+        base_scores = self.exactly(self.base)
+        alone_scores = {}
+        for key, path in zip(self.keys, self.paths):
+            alone_scores[key] = self.exactly(path)
+            self.log(f"probe: {key} alone")
+        owners, unowned = {}, []
+        for t in base_scores:
+            best = max(self.keys, key=lambda k: alone_scores[k][t])
+            if alone_scores[best][t] > base_scores[t]:
+                owners[t] = best
+            else:
+                unowned.append(t)
+        self.owned = {i: [t for t in owners if owners[t] == k] for i, k in enumerate(self.keys) if k in owners.values()}
+        return ProbeReport(
+            models=self.keys,
+            owners=owners,
+            alone={t: alone_scores[owners[t]][t] for t in owners},
+            all_in={t: v for t, v in self.task_arithmetic([1.0] * len(self.paths)).items() if t in owners},
+            controls={t: {} for t in owners},
+            unowned=unowned,
+        )
+
+    def controls(self, report: ProbeReport) -> None:
+        """Each owner plus the other vectors shuffled within each tensor, and as noise of the same norms."""
+        for i, mine in self.owned.items():
+            for kind in ("shuffled", "noise"):
+                self.ev.load_weights(control_weights(self.ev.checkpoints, len(self.keys), i, kind, self.seed))
+                after = self.score()
+                for t in mine:
+                    report.controls[t][kind] = report.alone[t] - after[t]
+
+    def regions(self, report: ProbeReport) -> None:
+        """Per region: what each owner loses without its own vector there (`-own`) and with the others' there only
+        (`+others`), and the region's verdict."""
+        layout = self.ev.materializer.layout
+        n = len(self.paths)
+        for label, flt in regions_of(layout.num_layers, layout):
+            inside = [{"filter": flt, "value": 1.0}, {"value": 0.0}]  # weight 1 in the region only
+            outside = [{"filter": flt, "value": 0.0}, {"value": 1.0}]  # weight 1 everywhere but the region
+            need, harm = {}, {}
+            for i, mine in self.owned.items():
+                lost = self.task_arithmetic([outside if j == i else 0.0 for j in range(n)])
+                hurt = self.task_arithmetic([1.0 if j == i else inside for j in range(n)])
+                for t in mine:
+                    need[t] = report.alone[t] - lost[t]
+                    harm[t] = report.alone[t] - hurt[t]
+            region = RegionProbe(region=label, filter=flt, need=need, harm=harm, verdict="")
+            region.verdict = verdict(region, report.owners)
+            report.regions.append(region)
+            self.log(f"probe: {label}: {region.verdict}")
 
 
 def routable_drops(report: ProbeReport) -> dict[str, list[str]]:

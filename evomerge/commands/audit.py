@@ -1,9 +1,11 @@
-"""`evomerge audit CONFIG_OR_RECIPE.yaml [--plot FILE.png] [--json] [--probe]`: pre-flight before a search.
+"""`evomerge audit CONFIG_OR_RECIPE.yaml [--plot FILE.png] [--json] [--probe] [--plan]`: pre-flight before a search.
 
 Checks the models are compatible (architecture, tensor names and shapes, tokenizer vocab), then prints
 per-layer task-vector similarity, sign-conflict rates and delta sizes, and where interference concentrates.
 `--probe` (search configs) also merges and scores, region by region, where one model's task vector hurts
-another model's task (`evomerge.analysis.probe`).
+another model's task (`evomerge.analysis.probe`). `--plan` (search configs) prints only the resource plan
+`evomerge search` prints at start (`evomerge.capacity`), for this machine or one described by `--host-memory`,
+`--gpus` and `--nodes`, and exits 2 naming the setting to change when the search cannot fit.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ EXAMPLES = """\
   evomerge audit configs/demo.yaml --plot /tmp/audit.png      # statistics per layer and tensor kind, and a heatmap
   evomerge audit configs/demo.yaml --probe --probe-subset 100 # also merge and score: where do the skills collide?
   evomerge audit runs/demo/best/recipe.yaml --json            # a recipe's inputs, as JSON
+  evomerge audit configs/demo.yaml --plan                     # the resource plan on this machine (no weight read)
+  evomerge audit configs/demo.yaml --plan --gpus 8x80G --host-memory 1T   # ... on an 8-GPU node
 """
 
 
@@ -41,6 +45,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="audit models whose config.json differ in shape-defining fields when their tensors match",
     )
+    plan = parser.add_argument_group("resource plan (--plan)")
+    plan.add_argument(
+        "--plan",
+        action="store_true",
+        help="print only the resource plan of a search config (memory per worker and node against the devices; "
+        "reads the weights' headers, not the weights) and exit 2 when it cannot fit",
+    )
+    plan.add_argument("--host-memory", metavar="SIZE", help="plan for nodes with this much free host memory (512G)")
+    plan.add_argument("--gpus", metavar="NxSIZE", help="plan for nodes with N GPUs of SIZE free each (8x80G; 0: none)")
+    plan.add_argument("--nodes", type=int, default=1, metavar="K", help="plan for K such nodes (default 1)")
     parser.add_argument(
         "--probe-subset",
         type=int,
@@ -56,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from evomerge.analysis.audit import audit_dirs, format_table, load_inputs, summary
     from evomerge.errors import ConfigError
 
+    if args.plan:
+        return _plan(args)
     if args.sample < 2:
         raise ConfigError(f"--sample {args.sample}: use at least 2 positions per tensor")
     cfg = _probe_config(args) if args.probe else None
@@ -131,19 +147,26 @@ def _progress(enabled: bool):
 
 def _probe_config(args: argparse.Namespace):
     """The search config --probe takes its tasks from (checked before any work: errors exit 2 at once)."""
+    from evomerge.errors import ConfigError
+
+    if args.probe_subset is not None and args.probe_subset < 1:
+        raise ConfigError(f"--probe-subset {args.probe_subset}: use at least 1 example per task")
+    return _search_config(args.config, "--probe")
+
+
+def _search_config(path: str, flag: str):
+    """A search config for `flag` (a recipe is refused: --probe and --plan need a search's tasks and workers)."""
     from evomerge.config import load_config
     from evomerge.errors import ConfigError
     from evomerge.io.yamlfile import read_yaml
 
-    raw = read_yaml(args.config, "file (pass a search config YAML)")
+    raw = read_yaml(path, "file (pass a search config YAML)")
     if isinstance(raw, dict) and "merge_method" in raw:
         raise ConfigError(
-            f"{args.config}: --probe scores the models on a search config's `tasks.search`, and this "
-            "is a recipe; pass the search config (e.g. configs/demo.yaml) or drop --probe"
+            f"{path}: {flag} needs a search config's `tasks.search` and `workers`, and this "
+            f"is a recipe; pass the search config (e.g. configs/demo.yaml) or drop {flag}"
         )
-    if args.probe_subset is not None and args.probe_subset < 1:
-        raise ConfigError(f"--probe-subset {args.probe_subset}: use at least 1 example per task")
-    return load_config(args.config)
+    return load_config(path)
 
 
 def _config_allows(path: str) -> bool:
@@ -175,3 +198,40 @@ def _probe(cfg, args: argparse.Namespace, show: bool):
         include_defaults=cfg.tasks.include_defaults,
         allow_config_mismatch=args.allow_config_mismatch,
     )
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """The resource plan of a search config, on this machine (or its Ray cluster) or the one the flags describe."""
+    from evomerge.capacity import given_devices, plan_search
+    from evomerge.errors import ConfigError
+    from evomerge.search.driver import check_tasks
+
+    if args.nodes < 1:
+        raise ConfigError(f"--nodes {args.nodes}: plan for at least 1 node")
+    cfg = _search_config(args.config, "--plan")
+    built: dict = {}
+    off = check_tasks(cfg, keep=built)  # what the search would switch off (refinement on slerp, say) is off here too
+    cfg = cfg.model_copy(update={name: None for name in off})
+    described = args.host_memory is not None or args.gpus is not None or args.nodes > 1
+    devices = given_devices(args.host_memory, args.gpus, args.nodes) if described else None
+    if devices is None and cfg.workers.address:
+        devices = _cluster(cfg)
+    plan = plan_search(cfg, built.get("search"), devices)
+    print("\n".join(plan.lines()), flush=True)  # before the refusal's line on stderr
+    plan.check()
+    return 0
+
+
+def _cluster(cfg):
+    """The devices of the Ray cluster the config names (joined for the plan, then left)."""
+    import ray
+
+    from evomerge.capacity import cluster_devices
+    from evomerge.search.workers import _start_ray
+
+    started = _start_ray(cfg)
+    try:
+        return cluster_devices(cfg.workers.address)
+    finally:
+        if started:
+            ray.shutdown()

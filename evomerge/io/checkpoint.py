@@ -17,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evomerge.errors import ModelError
+from evomerge.errors import ModelError, first_line
 from evomerge.io.digest import files_sha256
 
 if TYPE_CHECKING:
@@ -157,6 +157,12 @@ class Checkpoint:
             return torch.frombuffer(bytearray(buf[entry.start : entry.end]), dtype=dtype).reshape(entry.shape)
         return torch.frombuffer(buf, dtype=dtype, count=count, offset=entry.start).reshape(entry.shape)
 
+    def nbytes(self) -> int:
+        """Bytes of every tensor as stored (from the headers; no weight is read)."""
+        if self._pickled is not None:
+            return sum(t.numel() * t.element_size() for t in self._pickled.values())
+        return sum(e.end - e.start for e in self._entries.values())
+
     def release(self, name: str) -> None:
         """Drop the mapped pages of `name` from this process's memory (the page cache keeps them).
 
@@ -214,13 +220,13 @@ class Checkpoint:
     def _vocab(self) -> dict[str, int] | None:
         tok = self.path / "tokenizer.json"
         if tok.is_file():
-            data = json.loads(tok.read_text(encoding="utf-8"))
-            vocab = (data.get("model") or {}).get("vocab")
-            if isinstance(vocab, list):  # unigram: [[piece, score], ...]
-                vocab = {piece[0]: i for i, piece in enumerate(vocab)}
-            vocab = dict(vocab or {})
-            vocab.update({t["content"]: t["id"] for t in data.get("added_tokens") or []})
-            return vocab
+            from tokenizers import Tokenizer
+
+            try:  # the library that wrote the file reads it: every model type, added tokens included
+                return Tokenizer.from_file(str(tok)).get_vocab(with_added_tokens=True)
+            except Exception as err:  # tokenizers raises a bare Exception for a file it cannot read
+                why = first_line(err)
+                raise ModelError(f"{tok}: cannot read the tokenizer ({why}); re-download or re-export it") from None
         vocab_file = self.path / "vocab.json"
         if vocab_file.is_file():
             return json.loads(vocab_file.read_text(encoding="utf-8"))

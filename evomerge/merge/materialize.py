@@ -220,7 +220,8 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _key(path: str | os.PathLike) -> str:
+def input_key(path: str | os.PathLike) -> str:
+    """The id an input model is loaded under (and a recipe's models are mapped to): its resolved path."""
     return str(Path(path).expanduser().resolve())
 
 
@@ -242,21 +243,22 @@ class Materializer:
         dtype: str | None = None,
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
-        device: str = "cpu",
+        device: str | Sequence[str] = "cpu",
         allow_config_mismatch: bool = False,
     ):
-        """`device`: where the resident model lives and evaluates ("cuda" on a GPU worker); each merged tensor
-        is computed there (its inputs copied from the memory-mapped CPU files) and written into the parameter.
-        `allow_config_mismatch`: merge models whose config.json differ in shape-defining fields when their
-        tensors match."""
+        """`device`: where the resident model lives and evaluates ("cuda" on a GPU worker), or several devices
+        (["cuda:0", "cuda:1"]: the model split over them, `merge.placement`); each merged tensor is computed on
+        its parameter's device (its inputs copied from the memory-mapped CPU files) and written into the
+        parameter. `allow_config_mismatch`: merge models whose config.json differ in shape-defining fields when
+        their tensors match."""
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        keys = [_key(m) for m in models]
-        if base_model is not None and _key(base_model) not in keys:
-            keys.append(_key(base_model))
+        keys = [input_key(m) for m in models]
+        if base_model is not None and input_key(base_model) not in keys:
+            keys.append(input_key(base_model))
         self.inputs = keys
-        self.base_model = _key(base_model) if base_model is not None else None
+        self.base_model = input_key(base_model) if base_model is not None else None
         self._checkpoints = {k: Checkpoint(k, allow_pickle=allow_pickle) for k in keys}
         ref = self.base_model or keys[0]
         check_compatible(
@@ -265,14 +267,21 @@ class Materializer:
         )
         config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
         model_dtype = torch_dtype(dtype) or _config_dtype(config) or torch.float32
-        from transformers.initialization import no_init_weights
+        devices = [device] if isinstance(device, str) else list(device)
+        if devices == ["cpu"]:
+            from transformers.initialization import no_init_weights
 
-        with no_init_weights():  # every weight is overwritten by apply: skip the random init (seconds at 1B)
-            self.model = AutoModelForCausalLM.from_config(
-                config, dtype=model_dtype, trust_remote_code=trust_remote_code
-            )
-        self.model.tie_weights()  # transformers 5 skips tying under no_init_weights; a tied head must share storage
-        self.model.to(device).eval()
+            with no_init_weights():  # every weight is overwritten by apply: skip the random init (seconds at 1B)
+                self.model = AutoModelForCausalLM.from_config(
+                    config, dtype=model_dtype, trust_remote_code=trust_remote_code
+                )
+            self.model.tie_weights()  # transformers 5 skips tying under no_init_weights; a tied head shares storage
+            self.model.eval()
+        else:  # built empty on its devices: no copy of the model in host memory, split over several if asked
+            from evomerge.merge.placement import resident_model
+
+            self.model = resident_model(config, model_dtype, devices, trust_remote_code=trust_remote_code)
+        self.devices = devices
         self.tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
         state = self.model.state_dict()
         names = self._checkpoints[ref].tensor_names()
@@ -304,14 +313,14 @@ class Materializer:
     def apply(self, recipe: Recipe) -> None:
         import torch
 
-        wanted = [_key(m) for m in recipe.input_models()]
+        wanted = [input_key(m) for m in recipe.input_models()]
         if set(wanted) != set(self.inputs):
             raise ConfigError(
                 f"recipe inputs {recipe.input_models()} are not the models this worker loaded ({self.inputs})"
             )
-        if recipe.base_model is not None and _key(recipe.base_model) != self.base_model:
+        if recipe.base_model is not None and input_key(recipe.base_model) != self.base_model:
             raise ConfigError(f"recipe base_model {recipe.base_model} is not this worker's base ({self.base_model})")
-        recipe = recipe.map_models(_key)  # ids match the loaded checkpoints
+        recipe = recipe.map_models(input_key)  # ids match the loaded checkpoints
         checkpoints = [self._checkpoints[k] for k in recipe.input_models()]
         plan = Plan(recipe, layout=self.layout, layers_of=self._depths)
         if plan.out_layers != self.layout.num_layers:

@@ -14,6 +14,7 @@ has `validation:`, so report, export and status name the same trial.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -213,109 +214,31 @@ def compare_run(
     `heldout` overrides the config's `tasks.heldout`; `subset` scores a fixed seeded sample per task.
     `run` is `load_run(run_dir)` when the caller has it already.
     """
-    from evomerge.evaluator import alone
     from evomerge.offline import go_offline
     from evomerge.portfolio import default_merges
-    from evomerge.scoring.tasks import TaskSpec
     from evomerge.search.guard import exported_trial, pending, stored, validate_top
-    from evomerge.search.trials import objective_of, ranked
-    from evomerge.search.workers import open_pool, run_jobs
-    from evomerge.space import model_keys
+    from evomerge.search.workers import open_pool
 
     go_offline()
     log = log or (lambda _msg: None)
     cfg, study, done = run if run is not None else load_run(run_dir)
-    names = list(heldout) if heldout else list(cfg.tasks.heldout)
-    if not names:
-        raise ConfigError(
-            f"{Path(run_dir) / 'config.yaml'}: 'tasks.heldout' is empty; list held-out lm-eval tasks there "
-            "(e.g. [zoo_add, zoo_reverse]) or pass --heldout A,B"
-        )
-    task_sets = {
-        "heldout": [TaskSpec(name=n, metric=heldout_metric(n, cfg.tasks.search), subset=subset) for n in names]
-    }
+    task_sets = {"heldout": _heldout_tasks(cfg, run_dir, heldout, subset)}
     if pending(cfg, study):  # the guard has finalists to score first: the workers build those tasks too
         task_sets["validation"] = cfg.validation.tasks
     defaults, skipped = default_merges(cfg)
-    sources = [str(cfg.base_model), *(str(m) for m in cfg.models)]
     pool = open_pool(cfg, task_sets)
     try:
         validate_top(cfg, study, log=log, pool=pool)  # the evolved row is what export takes
         best = exported_trial(cfg, study)
-        validated = stored(cfg, study)
-        top_trials = ranked(done)[: max(top_k, 1)]  # the guard's ranking: whole trials only
-        if best not in top_trials:
-            top_trials = [best, *top_trials[:-1]]
-        keys = model_keys(sources)
-        jobs = [(alone(path, sources).to_yaml(), key) for key, path in zip(keys, sources)]
-        jobs += [(recipe.to_yaml(), label) for label, recipe in defaults]
-        jobs += [(TrialRecord.from_trial(t).recipe, f"trial {t.number}") for t in top_trials]
-        results: list[Any] = [None] * len(jobs)
-        heldout_jobs = [(text, "heldout") for text, _ in jobs]
-        for n, (i, res) in enumerate(run_jobs(pool, heldout_jobs, [label for _, label in jobs], examples=True)):
-            results[i] = res
-            values = res.values()
-            log(f"[{n + 1}/{len(jobs)}] {jobs[i][1]}: mean {_mean(values):.4f} ({res.merge_s + res.eval_s:.1f} s)")
+        scored = _score(pool, _entries(cfg, defaults, _top_trials(done, best, top_k)), log)
     finally:
         pool.close()
-    metrics = results[0].metrics
-    tasks = list(metrics)
-    scores = [r.values() for r in results]
-    # per-example values in example order: both rows of a paired comparison were scored on the same examples
-    examples = [{t: [u[i] for i in sorted(u)] for t, u in r.examples.items()} for r in results]
-
-    rows: list[Row] = []
-    for key, path, row_scores, row_examples in zip(keys, sources, scores, examples):
-        detail = "base model" if path == sources[0] else "specialist"
-        rows.append(
-            Row(
-                name=key, kind="source", scores=row_scores, mean=_mean(row_scores), detail=detail, examples=row_examples
-            )
-        )
-    for (label, recipe), row_scores, row_examples in zip(defaults, scores[len(sources) :], examples[len(sources) :]):
-        rows.append(
-            Row(
-                name=label,
-                kind="default",
-                scores=row_scores,
-                mean=_mean(row_scores),
-                detail=describe(recipe),
-                examples=row_examples,
-            )
-        )
-    rows.append(oracle_row([r for r in rows if r.kind == "source"], tasks))
-
-    trials: list[TrialRow] = []
-    first = len(sources) + len(defaults)
-    trial_examples = {t.number: e for t, e in zip(top_trials, examples[first:])}
-    for t, row_scores in zip(top_trials, scores[first:]):
-        note = TrialRecord.from_trial(t).baseline or ""
-        v = validated[t.number].objective if t.number in validated else None
-        trials.append(
-            TrialRow(
-                number=t.number,
-                note=note,
-                search=objective_of(t),
-                heldout=row_scores,
-                heldout_mean=_mean(row_scores),
-                validation=v,
-            )
-        )
-    top = next(r for r in trials if r.number == best.number)
-    note = f"trial {best.number}" + (f", the enqueued baseline '{top.note}'" if top.note else "")
-    if best.number in validated:
-        note += f", best on validation of the top {cfg.validation.top_k} and the baselines"
-    rows.append(
-        Row(
-            name="evolved (best trial)",
-            kind="evolved",
-            scores=top.heldout,
-            mean=top.heldout_mean,
-            detail=note,
-            examples=trial_examples[best.number],
-        )
-    )
-
+    validated = stored(cfg, study)
+    metrics = scored[0][1].metrics
+    rows = [_row(e, res) for e, res in scored if e.kind != "trial"]
+    rows.append(oracle_row([r for r in rows if r.kind == "source"], list(metrics)))
+    trials = [_trial_row(e, res, validated) for e, res in scored if e.kind == "trial"]
+    rows.append(_evolved_row(cfg, best, scored, trials, validated))
     return Comparison(
         study=cfg.name,
         method=cfg.method,
@@ -323,13 +246,121 @@ def compare_run(
         run_dir=str(run_dir),
         n_complete=len(done),
         multi_objective=len(study.directions) > 1,
-        tasks=tasks,
+        tasks=list(metrics),
         metrics=metrics,
         subset=subset,
         rows=rows,
         trials=trials,
         best_trial=best.number,
         skipped=skipped,
+    )
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One model the comparison scores: a source (its exact weights), a default merge, or a trial's recipe."""
+
+    kind: Literal["source", "default", "trial"]
+    name: str  # the row's name ("add", "ties (defaults)") or "trial N"
+    recipe: str  # YAML
+    detail: str = ""
+    trial: Any = None
+
+
+def _heldout_tasks(cfg, run_dir: Path | str, heldout: Sequence[str] | None, subset: int | None) -> list:
+    """The held-out task specs: `heldout` or the config's `tasks.heldout`, each with its search task's metric."""
+    from evomerge.scoring.tasks import TaskSpec
+
+    names = list(heldout) if heldout else list(cfg.tasks.heldout)
+    if not names:
+        raise ConfigError(
+            f"{Path(run_dir) / 'config.yaml'}: 'tasks.heldout' is empty; list held-out lm-eval tasks there "
+            "(e.g. [zoo_add, zoo_reverse]) or pass --heldout A,B"
+        )
+    return [TaskSpec(name=n, metric=heldout_metric(n, cfg.tasks.search), subset=subset) for n in names]
+
+
+def _top_trials(done: Sequence[Any], best: Any, top_k: int) -> list:
+    """The top `top_k` trials by the guard's ranking (whole trials only), the exported one always among them."""
+    from evomerge.search.trials import ranked
+
+    top = ranked(done)[: max(top_k, 1)]
+    return top if best in top else [best, *top[:-1]]
+
+
+def _entries(cfg, defaults, trials) -> list[_Entry]:
+    """Every source model alone, every default merge, then the trials, in the table's order."""
+    from evomerge.evaluator import alone
+    from evomerge.space import model_keys
+
+    sources = [str(cfg.base_model), *(str(m) for m in cfg.models)]
+    out = [
+        _Entry("source", key, alone(path, sources).to_yaml(), "base model" if path == sources[0] else "specialist")
+        for key, path in zip(model_keys(sources), sources)
+    ]
+    out += [_Entry("default", label, recipe.to_yaml(), describe(recipe)) for label, recipe in defaults]
+    out += [_Entry("trial", f"trial {t.number}", TrialRecord.from_trial(t).recipe, trial=t) for t in trials]
+    return out
+
+
+def _score(pool, entries: list[_Entry], log: Callable[[str], None]) -> list[tuple[_Entry, Any]]:
+    """(entry, its held-out result) for every entry, in order, scored on the pool's workers as they come free."""
+    from evomerge.search.workers import run_jobs
+
+    results: dict[int, Any] = {}
+    jobs = [(e.recipe, "heldout") for e in entries]
+    for n, (i, res) in enumerate(run_jobs(pool, jobs, [e.name for e in entries], examples=True)):
+        results[i] = res
+        seconds = res.merge_s + res.eval_s
+        log(f"[{n + 1}/{len(jobs)}] {entries[i].name}: mean {_mean(res.values()):.4f} ({seconds:.1f} s)")
+    return [(e, results[i]) for i, e in enumerate(entries)]
+
+
+def _examples(res) -> dict[str, list[float]]:
+    """Per-example values in example order: both rows of a paired comparison were scored on the same examples."""
+    return {t: [u[i] for i in sorted(u)] for t, u in res.examples.items()}
+
+
+def _row(entry: _Entry, res) -> Row:
+    scores = res.values()
+    return Row(
+        name=entry.name,
+        kind=entry.kind,
+        scores=scores,
+        mean=_mean(scores),
+        detail=entry.detail,
+        examples=_examples(res),
+    )
+
+
+def _trial_row(entry: _Entry, res, validated: dict) -> TrialRow:
+    from evomerge.search.trials import objective_of
+
+    t, scores = entry.trial, res.values()
+    return TrialRow(
+        number=t.number,
+        note=TrialRecord.from_trial(t).baseline or "",
+        search=objective_of(t),
+        heldout=scores,
+        heldout_mean=_mean(scores),
+        validation=validated[t.number].objective if t.number in validated else None,
+    )
+
+
+def _evolved_row(cfg, best, scored: list[tuple[_Entry, Any]], trials: list[TrialRow], validated: dict) -> Row:
+    """THE exported trial's row: its held-out scores and why it is the one."""
+    top = next(r for r in trials if r.number == best.number)
+    res = next(res for e, res in scored if e.trial is not None and e.trial.number == best.number)
+    note = f"trial {best.number}" + (f", the enqueued baseline '{top.note}'" if top.note else "")
+    if best.number in validated:
+        note += f", best on validation of the top {cfg.validation.top_k} and the baselines"
+    return Row(
+        name="evolved (best trial)",
+        kind="evolved",
+        scores=top.heldout,
+        mean=top.heldout_mean,
+        detail=note,
+        examples=_examples(res),
     )
 
 

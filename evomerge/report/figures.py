@@ -65,24 +65,7 @@ def history_png(
         label="sampled trial",
         zorder=3,
     )
-    labels = list(dict.fromkeys(p.baseline for p in points if p.baseline))
-    alone = iter(BASELINE_STYLES * (len(labels) // len(BASELINE_STYLES) + 1))
-    for label in labels:
-        group = [p for p in points if p.baseline == label]
-        baseline = BaselineLabel(label)
-        marker, color = ("s", "tab:orange") if baseline.is_defaults else next(alone)
-        name = baseline.describe()
-        ax.scatter(
-            [p.number for p in group],
-            [p.objective for p in group],
-            s=46,
-            marker=marker,
-            color=color,
-            edgecolor="black",
-            linewidth=0.5,
-            label=name,
-            zorder=4,
-        )
+    _baselines(ax, points)
     chosen = next((p for p in points if p.number == exported), None)
     if chosen is not None:
         ax.scatter(
@@ -107,6 +90,27 @@ def history_png(
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)  # outside: it would hide trials
     return _save(fig, out)
+
+
+def _baselines(ax, points: Sequence[TrialPoint]) -> None:
+    """The enqueued baselines, each label its own marker: the default merge a square, each model alone another."""
+    labels = list(dict.fromkeys(p.baseline for p in points if p.baseline))
+    alone = iter(BASELINE_STYLES * (len(labels) // len(BASELINE_STYLES) + 1))
+    for label in labels:
+        group = [p for p in points if p.baseline == label]
+        baseline = BaselineLabel(label)
+        marker, color = ("s", "tab:orange") if baseline.is_defaults else next(alone)
+        ax.scatter(
+            [p.number for p in group],
+            [p.objective for p in group],
+            s=46,
+            marker=marker,
+            color=color,
+            edgecolor="black",
+            linewidth=0.5,
+            label=baseline.describe(),
+            zorder=4,
+        )
 
 
 def _columns(space: SearchSpace) -> list[tuple[str, str]]:

@@ -124,7 +124,18 @@ def render(c: Comparison, figures: dict[str, str]) -> str:
         "The search objective is measured on the search subsets the sampler optimized; a trial whose held-out "
         "mean falls well below its search score has overfit them.",
         "",
+        *_trials_table(c),
+        "",
+        "## Figures",
+        "",
     ]
+    for caption, path in figures.items():
+        lines += [f"### {caption}", "", f"![{caption}]({path})", ""]
+    return "\n".join(lines)
+
+
+def _trials_table(c: Comparison) -> list[str]:
+    """The top trials' search objective next to their held-out scores (and validation, where the guard ran)."""
     header = [
         "trial",
         "note",
@@ -148,10 +159,7 @@ def render(c: Comparison, figures: dict[str, str]) -> str:
         header.insert(3, "validation objective")
         for row, t in zip(rows, c.trials):
             row.insert(3, "-" if t.validation is None else _f(t.validation))
-    lines += [*_right_aligned(header, rows), "", "## Figures", ""]
-    for caption, path in figures.items():
-        lines += [f"### {caption}", "", f"![{caption}]({path})", ""]
-    return "\n".join(lines)
+    return _right_aligned(header, rows)
 
 
 def _right_aligned(header: list[str], rows: list[list[str]]) -> list[str]:

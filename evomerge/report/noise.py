@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
+from evomerge.stats import paired_mean
+
 if TYPE_CHECKING:
     from evomerge.report.compare import Row
 
@@ -64,15 +66,6 @@ def _clean(x: float) -> float:
     return 0.0 if round(x, 1) == 0 else x
 
 
-def _task_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """(mean of a - b, variance of that mean) over paired examples."""
-    n = len(a)
-    d = [x - y for x, y in zip(a, b)]
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
-    return mean, var / n
-
-
 def paired_difference(a: Row, b: Row, tasks: Sequence[str] | None = None) -> Difference:
     """`a.mean - b.mean` (or over `tasks` only: their unweighted mean), with its paired standard error when both
     rows carry per-example values for those tasks on the same examples."""
@@ -89,7 +82,7 @@ def paired_difference(a: Row, b: Row, tasks: Sequence[str] | None = None) -> Dif
     )
     if not paired:
         return Difference(diff=diff)
-    var = sum(_task_difference(a.examples[t], b.examples[t])[1] for t in tasks)
+    var = sum(paired_mean(a.examples[t], b.examples[t])[1] for t in tasks)
     return Difference(diff=diff, se=math.sqrt(var) / len(tasks), n=sum(len(a.examples[t]) for t in tasks))
 
 

@@ -45,13 +45,23 @@ def exported_line(cfg, study) -> str | None:
 
 def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
     from evomerge.search.guard import exported_trial
-    from evomerge.search.study import open_run, stale_reason
+    from evomerge.search.study import open_run
 
     cfg, study = open_run(run_dir)
     states = by_state(study)
     done = states.get("COMPLETE", [])
     own = [t for t in done if not TrialRecord.from_trial(t).portfolio]
-    tasks = [t.name for t in cfg.tasks.search]
+    lines = _counts(cfg, study, states, done, own)
+    exported = exported_line(cfg, study)
+    if exported:
+        lines.append(exported)
+    if done:
+        lines += _tables(cfg, study, done, exported_trial(cfg, study), top)
+    return "\n".join(lines + _activity(study, states, own, failures))
+
+
+def _counts(cfg, study, states: dict, done: list, own: list) -> list[str]:
+    """The study, its budget and trials by state, the portfolio's trials, and what staged evaluation stopped."""
     lines = [
         f"study {cfg.name} ({cfg.method}, {cfg.sampler.name} sampler) in {cfg.storage_url}",
         f"budget: {budget_count(study)}/{cfg.budget.n_trials} complete; trials by state: "
@@ -63,48 +73,54 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
     stopped = [t for t in own if not is_whole(t)]
     if stopped:
         counts = {t.number: TrialRecord.from_trial(t).examples_scored or 0 for t in own}
-        scored = sum(counts.values())
         full = max((counts[t.number] for t in own if is_whole(t)), default=0) * len(own)
         share = (
-            f" ({100 * scored / full:.0f}% of the examples a whole evaluation of every trial would score)"
+            f" ({100 * sum(counts.values()) / full:.0f}% of the examples a whole evaluation of every trial would score)"
             if full
             else ""
         )
         lines.append(
             f"stopped early: {len(stopped)} trials, clearly worse than the best after a part of the examples{share}"
         )
-    exported = exported_line(cfg, study)
-    if exported:
-        lines.append(exported)
-    chosen = exported_trial(cfg, study) if done else None
-    metric = {s.name: s.metric for s in cfg.tasks.search}
+    return lines
 
-    def row(t) -> list[str]:
-        r = TrialRecord.from_trial(t)
-        cells = [f"{r.task_value(s, float('nan')):.3f}" for s in cfg.tasks.search]
-        label = r.baseline or (f"retry of {r.retry_of}" if r.retry_of is not None else "")
-        if r.refine_round is not None:
-            label = f"refine {r.refine_round}, step {r.refine_step}"
-        mark = "*" if chosen is not None and t.number == chosen.number else ""
-        return [f"{t.number}{mark}", f"{objective_of(t):.4f}", *cells, f"{r.total_s or 0:.1f}", label]
 
+def _tables(cfg, study, done: list, chosen, top: int) -> list[str]:
+    """The top trials by the one ranking (the exported one always listed), the Pareto front, what the columns are."""
+    tasks = [t.name for t in cfg.tasks.search]
     header = ["trial", "objective", *tasks, "s", "note"]
-    if done:
-        listed = ranked(done)[:top]
-        if chosen is not None and chosen not in listed:  # the exported trial is always listed
-            listed.append(chosen)
-        lines += [
-            "",
-            f"top {min(top, len(done))} trials by search objective"
-            + (" and the exported one" if len(listed) > top else "")
-            + ":",
-            *text_table(header, [row(t) for t in listed]).splitlines(),
-        ]
-    if len(study.directions) > 1 and done:
+    listed = ranked(done)[:top]
+    if chosen is not None and chosen not in listed:  # the exported trial is always listed
+        listed.append(chosen)
+    lines = [
+        "",
+        f"top {min(top, len(done))} trials by search objective"
+        + (" and the exported one" if len(listed) > top else "")
+        + ":",
+        *text_table(header, [_row(cfg, t, chosen) for t in listed]).splitlines(),
+    ]
+    if len(study.directions) > 1:
         front = pareto_front(study)
-        lines += ["", f"Pareto front ({len(front)} trials):", *text_table(header, [row(t) for t in front]).splitlines()]
-    if done:
-        lines += ["", *columns(cfg, tasks, metric)]
+        rows = [_row(cfg, t, chosen) for t in front]
+        lines += ["", f"Pareto front ({len(front)} trials):", *text_table(header, rows).splitlines()]
+    return lines + ["", *columns(cfg, tasks, {s.name: s.metric for s in cfg.tasks.search})]
+
+
+def _row(cfg, t, chosen) -> list[str]:
+    r = TrialRecord.from_trial(t)
+    cells = [f"{r.task_value(s, float('nan')):.3f}" for s in cfg.tasks.search]
+    label = r.baseline or (f"retry of {r.retry_of}" if r.retry_of is not None else "")
+    if r.refine_round is not None:
+        label = f"refine {r.refine_round}, step {r.refine_step}"
+    mark = "*" if chosen is not None and t.number == chosen.number else ""
+    return [f"{t.number}{mark}", f"{objective_of(t):.4f}", *cells, f"{r.total_s or 0:.1f}", label]
+
+
+def _activity(study, states: dict, own: list, failures: int) -> list[str]:
+    """What is running, the recent failures and their reasons, and where a trial's time goes."""
+    from evomerge.search.study import stale_reason
+
+    lines = []
     running = states.get("RUNNING", [])
     if running:
         lines += ["", *running_lines(study, running, stale_reason)]
@@ -122,7 +138,7 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
             f"per trial (median of {timing['n']}): merge {timing['merge_s']:.2f} s, eval {timing['eval_s']:.2f} s, "
             f"other {timing['other_s']:.3f} s ({share:.1f}%), total {timing['total_s']:.2f} s",
         ]
-    return "\n".join(lines)
+    return lines
 
 
 def columns(cfg, tasks: list[str], metric: dict[str, str]) -> list[str]:

@@ -1,7 +1,9 @@
 """Per-example scores, a smooth objective, and staged evaluation that stops a clearly worse candidate early.
 
-    units, objective = example_objective(scorer, values, probs, smooth=0.2)
-    result = run_staged(scorer, model, tokenizer, order, stages=(0.2, 0.5), incumbent=best, z=2.0)
+    units = example_units(values, probs, smooth=0.2)            # {leaf: {example: value}}
+    objective = units_objective(scorer, units)                   # the search objective, from per-example units
+    result = run_staged(scorer, model, tokenizer, stage_order(scorer, seed), stages=(0.2, 0.5),
+                        incumbent=best_units, incumbent_objective=best_objective, z=2.0)
 
 The search objective is a weighted mean over tasks of a mean over examples, so it can be built from per-example
 values: each example's metric (`acc`: 0 or 1), optionally mixed with the answer's probability (`smooth`: exact
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from evomerge.errors import ConfigError
+from evomerge.stats import paired_mean
 
 if TYPE_CHECKING:
     from evomerge.scoring.scorer import Examples, Scorer, Scores
@@ -74,8 +77,9 @@ def example_units(values: Examples, probs: Examples, smooth: float) -> dict[str,
     }
 
 
-def objective_of(scorer: Scorer, units: dict[str, dict[int, float]]) -> float:
-    """The weighted mean over tasks of the mean over examples."""
+def units_objective(scorer: Scorer, units: dict[str, dict[int, float]]) -> float:
+    """The search objective from per-example units: the weighted mean over tasks of the mean over examples (a
+    trial's stored objective is `search.trials.objective_of`)."""
     w = shares(scorer)
     return sum(w[leaf] * sum(u.values()) / len(u) for leaf, u in units.items() if u)
 
@@ -97,15 +101,11 @@ def paired_gap(
     w = shares(scorer)
     gap = var = 0.0
     for leaf, u in cand.items():
-        d = [x - inc[leaf][i] for i, x in u.items()]
-        n, big_n = len(d), totals[leaf]
-        if n == 0:
+        if not u:
             continue
-        mean = sum(d) / n
+        mean, v = paired_mean(list(u.values()), [inc[leaf][i] for i in u], population=totals[leaf])
         gap += w[leaf] * mean
-        if n > 1 and big_n > n:
-            s2 = sum((x - mean) ** 2 for x in d) / (n - 1)
-            var += w[leaf] ** 2 * s2 / n * (1 - n / big_n)
+        var += w[leaf] ** 2 * v
     return gap, math.sqrt(var)
 
 
@@ -154,7 +154,7 @@ def run_staged(
                 )
     return Staged(
         units,
-        objective_of(scorer, units),
+        units_objective(scorer, units),
         _combine(scorer, chunks),
         n_examples=sum(map(len, units.values())),
         n_total=sum(totals.values()),
@@ -184,7 +184,7 @@ __all__ = [
     "Staged",
     "check_per_example",
     "example_units",
-    "objective_of",
+    "units_objective",
     "paired_gap",
     "run_staged",
     "shares",

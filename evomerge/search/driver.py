@@ -118,12 +118,13 @@ class _Progress:
         self.bar.close()
 
 
-def check_tasks(cfg: SearchConfig) -> dict[str, str]:
+def check_tasks(cfg: SearchConfig, keep: dict[str, Any] | None = None) -> dict[str, str]:
     """Load the search (and validation) tasks once, as the workers will: a bad task name, metric, subset or
     task YAML fails here, before a study or run directory exists, naming the config file and field.
 
     Returns the features on by default that cannot run on this study, with why ({"refine": ..., "early_stop":
-    ...}); asked for explicitly in the config, the same reason is a user error instead."""
+    ...}); asked for explicitly in the config, the same reason is a user error instead. `keep`: receives the
+    built search Scorer (`keep["search"]`), for the resource plan."""
     from evomerge.scoring.scorer import Scorer
     from evomerge.scoring.staged import check_per_example
     from evomerge.search.refine import check_refinable
@@ -168,6 +169,8 @@ def check_tasks(cfg: SearchConfig) -> dict[str, str]:
             )
             if name != "tasks.search":
                 continue
+            if keep is not None:
+                keep["search"] = scorer
             if cfg.tasks.smooth > 0:
                 check_per_example(scorer)
             if cfg.early_stop is not None and "early_stop" not in off:
@@ -213,7 +216,9 @@ def run_search(
     """
     log = log or (lambda _msg: None)
     space = space_of(cfg)
-    cfg = _runnable(cfg, log)  # a bad task fails before the study, its lock or runs/<name>/ exist
+    built: dict[str, Any] = {}
+    cfg = _runnable(cfg, log, built)  # a bad task fails before the study, its lock or runs/<name>/ exist
+    plan = _plan(cfg, built.get("search"), log)  # what it needs against the devices: one that cannot fit exits 2
     with StudyLock(cfg.storage_url, cfg.name) as lock:  # before open_study: --force must not delete a live study
         if force and (existing := st.load_study(cfg.name, cfg.storage_url)) is not None:
             lock.check_free(existing)
@@ -232,6 +237,8 @@ def run_search(
                 f"raise --n-trials to go on"
             )
             return _finish(study, result)
+        for line in plan:
+            log(line)
         search = _Search(study, cfg, space, lock, result, n_complete, log)
         try:
             search.run(pool_factory or open_pool, progress)
@@ -240,10 +247,25 @@ def run_search(
     return _finish(study, result, log)
 
 
-def _runnable(cfg: SearchConfig, log: Callable[[str], None]) -> SearchConfig:
+def _plan(cfg: SearchConfig, scorer, log: Callable[[str], None]) -> list[str]:
+    """The resource plan's lines (evomerge/capacity), logged after the start line; one that cannot fit this machine
+    is logged now and refused (ConfigError naming the setting), before the study is touched. A Ray cluster's
+    nodes are checked by the pool once it has joined them, still before any worker loads a model."""
+    from evomerge.capacity import plan_search
+
+    plan = plan_search(cfg, scorer)
+    lines = plan.lines() if not cfg.workers.address else plan.lines()[:2]
+    if plan.problems and not cfg.workers.address:
+        for line in lines:
+            log(line)
+        plan.check()
+    return lines
+
+
+def _runnable(cfg: SearchConfig, log: Callable[[str], None], keep: dict[str, Any] | None = None) -> SearchConfig:
     """The config as it runs: the features on by default that cannot run on this study switched off, with a line
-    saying why (runs/<name>/config.yaml records what ran)."""
-    off = check_tasks(cfg)
+    saying why (runs/<name>/config.yaml records what ran). `keep`: as check_tasks's."""
+    off = check_tasks(cfg, keep=keep)
     for name, why in off.items():
         log(f"{_FEATURES[name]} is off for this study: {why.removeprefix('refine: ')}")
     update: dict[str, Any] = {name: None for name in off if name != "refine.grain"}

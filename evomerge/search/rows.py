@@ -188,7 +188,7 @@ class RowRefiner:
         top_k: int = 16,
         micro_batch_rows: int = MICRO_BATCH_ROWS,
     ):
-        from evomerge.search.refine import training_items
+        from evomerge.search.objective import training_items
 
         check_rows(method)
         if loss not in LOSSES:
@@ -213,11 +213,11 @@ class RowRefiner:
 
     # -- the merge at a point ----------------------------------------------------------------------------
     def _rows(self, point: dict[str, float]) -> list[_Row]:
-        from evomerge.merge.materialize import _key
+        from evomerge.merge.materialize import input_key
         from evomerge.merge.plan import Plan
 
         recipe = self.space.to_recipe(point, self.models, self.base, self.method, self.seed, rounded=True)
-        recipe = recipe.map_models(_key)
+        recipe = recipe.map_models(input_key)
         keys = [e.model for e in recipe.models]
         ckpts = {c.path.resolve().as_posix(): c for c in self.mat.checkpoints}
         params = {p.data_ptr(): p for p in self.mat.model.parameters()}

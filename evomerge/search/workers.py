@@ -25,65 +25,22 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import CandidateError, ConfigError, EvomergeError, first_line
+from evomerge.evaluator import Evaluation
 
 if TYPE_CHECKING:
     from evomerge.config import SearchConfig
-    from evomerge.evaluator import Evaluation
     from evomerge.scoring.tasks import TaskSpec
 
 TaskSets = Mapping[str, Sequence["TaskSpec"]]
 
 
-@dataclass
-class JobResult:
-    """What a worker hands back for one job (a recipe on a task set): its evaluation, or why it failed."""
-
-    scores: dict[str, dict[str, float]] = field(default_factory=dict)
-    objective: float = float("nan")
-    metrics: dict[str, str] = field(default_factory=dict)  # leaf task -> the metric its spec reads
-    merge_s: float = 0.0
-    eval_s: float = 0.0
-    busy_s: float = 0.0  # the whole call in the worker (parse + merge + eval)
-    wait_s: float = 0.0  # the worker idle before this call (waiting on the driver)
-    worker: str = ""
-    started: float = 0.0  # wall clock (time.time) on the worker's host when it began and ended this call
-    ended: float = 0.0
-    error: str | None = None
-    worker_died: bool = False  # the worker process died (OOM, segfault, kill); the pool replaced it
-    was_running: bool = False  # with worker_died: this job was the one running, not one queued behind it
-    examples: dict[str, dict[int, float]] = field(default_factory=dict)  # per-example values, for jobs that ask
-    n_examples: int = 0
-    stopped: bool = False  # staged evaluation stopped it early
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def values(self) -> dict[str, float]:
-        """{leaf task: its metric's value}."""
-        return {leaf: self.scores[leaf][metric] for leaf, metric in self.metrics.items()}
-
-    @classmethod
-    def of(cls, evaluation: Evaluation, worker: str) -> JobResult:
-        out = cls(
-            scores=evaluation.scores,
-            objective=evaluation.objective,
-            metrics=evaluation.metrics,
-            merge_s=evaluation.merge_s,
-            eval_s=evaluation.eval_s,
-            worker=worker,
-            examples=evaluation.examples,
-            n_examples=evaluation.n_examples,
-            stopped=evaluation.stopped,
-        )
-        bad = evaluation.non_finite()
-        if bad:
-            out.error = f"non-finite score ({', '.join(bad)})"
-        return out
+# What a worker hands back for one job (a recipe on a task set): the evaluator's own result type, with where and
+# when it ran, or why it failed (`error`, `worker_died`).
+JobResult = Evaluation
 
 
 class Worker:
@@ -138,9 +95,18 @@ class Worker:
             torch.set_num_threads(self._num_threads)
         cfg = SearchConfig.model_validate(self._cfg_json)
         task_sets = {name: [TaskSpec.model_validate(t) for t in specs] for name, specs in self._task_sets_json.items()}
-        # num_gpus > 0: Ray gave this actor a GPU (CUDA_VISIBLE_DEVICES); the resident model evaluates there
-        device = "cuda" if cfg.workers.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.evaluator = Evaluator.for_config(cfg, task_sets, device=device)
+        # num_gpus > 0: Ray gave this actor its GPUs (CUDA_VISIBLE_DEVICES); the resident model lives there, split
+        # over them when there are several (merge/placement.py)
+        from evomerge.merge.placement import group_devices
+
+        devices = group_devices(cfg.workers.num_gpus)
+        self.evaluator = Evaluator.for_config(cfg, task_sets, device=devices[0] if len(devices) == 1 else devices)
+        if cfg.workers.batch_size is None:  # sized to the device, leaving room for a refinement round
+            from evomerge.capacity.memory import device_batch
+
+            refine_method = cfg.method if cfg.refine is not None else None
+            for scorer in self.evaluator.scorers.values():
+                scorer.batch_size = device_batch(self.evaluator.materializer, scorer, refine_method)
         self._last_end = time.perf_counter()
         return about
 
@@ -154,19 +120,20 @@ class Worker:
         start, started = time.perf_counter(), time.time()
         try:
             if per_example is not None:
-                evaluation = self.evaluator.evaluate_examples(recipe_yaml, task_set, **per_example)
+                result = self.evaluator.evaluate_examples(recipe_yaml, task_set, **per_example)
             else:
-                evaluation = self.evaluator.evaluate(recipe_yaml, task_set, examples)
-            result = JobResult.of(evaluation, self.name)
+                result = self.evaluator.evaluate(recipe_yaml, task_set, examples)
+            bad = result.non_finite()
+            error = f"non-finite score ({', '.join(bad)})" if bad else None
         except Exception as err:
             if not is_candidate_failure(err):
                 raise  # a bug: the driver stops with this traceback
-            result = JobResult(worker=self.name, error=f"{type(err).__name__}: {first_line(err)}")
+            result, error = Evaluation(), f"{type(err).__name__}: {first_line(err)}"
         end = time.perf_counter()
-        result.started, result.ended = started, time.time()
-        result.wait_s, result.busy_s = start - self._last_end, end - start
-        self._last_end = end
-        return result
+        wait_s, self._last_end = start - self._last_end, end
+        return replace(
+            result, worker=self.name, error=error, started=started, ended=time.time(), wait_s=wait_s, busy_s=end - start
+        )
 
     def refine(self, point: dict[str, float], settings: dict[str, Any]) -> list[tuple]:
         """The gradient path from `point` on the search task set: [(step, point, loss)] (search/refine.py), or with
@@ -191,7 +158,14 @@ class Worker:
             else:
                 from evomerge.search.refine import Refiner
 
-                self._refiner = Refiner(*args, cfg.base_model, cfg.method, examples)
+                self._refiner = Refiner(
+                    *args,
+                    cfg.base_model,
+                    cfg.method,
+                    examples,
+                    seed=cfg.seed,  # the frozen masks are the ones the search's trials are merged with
+                    dtype=cfg.dtype,
+                )
             self._refiner_kind = kind
         if grain == "rows":
             return self._refiner.run(point, coefficients=coefficients, **settings)
@@ -290,6 +264,9 @@ class WorkerPool:
         self.starting: dict[Any, int] = {}  # setup ref of a replacement actor -> its slot (not live until it is done)
         self._running_at_death: dict[str, Any] = {}  # dead actor's name -> the ref it was running
         try:
+            from evomerge.capacity import check_ray
+
+            check_ray(cfg)  # GPUs Ray cannot give would leave the actors waiting forever: refuse first
             self.actors = [self._spawn() for _ in range(cfg.workers.count)]
             self.queues = [[] for _ in self.actors]
             self.infos = [self._ready(ref) for ref in [a.setup.remote() for a in self.actors]]

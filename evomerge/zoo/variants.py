@@ -145,6 +145,15 @@ VARIANTS: dict[str, ZooVariant] = {
             replay=(),
         ),
         ZooVariant(
+            "deep",
+            "three specialists (subtraction, reversal, doubling) in a deeper, narrower model; hidden 48, 10 layers",
+            (Specialist("sub"), Specialist("reverse"), Specialist("dup")),
+            shape=ModelShape(hidden=48, layers=10, heads=4, intermediate=144),
+            base_mix=_exposed("sub", "reverse", "dup", general=2),
+            base_steps=500,
+            kl_replay=True,
+        ),
+        ZooVariant(
             "crowd",
             "four specialists (subtraction, reversal, cipher, doubling) in a small model; hidden 64, 4 layers",
             (Specialist("sub"), Specialist("reverse"), Specialist("cipher"), Specialist("dup")),

@@ -151,7 +151,7 @@ def _first_pass(p: Pruner, base: torch.Tensor, model: torch.Tensor, chunk: int, 
         return (
             torch.empty(size, dtype=p.work, device=base.device),
             torch.empty(size, dtype=p.work, device=base.device),
-            _Scratch(size, base.device),
+            Scratch(size, base.device),
             (torch.empty(size, device=base.device), torch.empty(size, dtype=torch.int32, device=base.device)),
         )
 
@@ -172,7 +172,7 @@ def _first_pass(p: Pruner, base: torch.Tensor, model: torch.Tensor, chunk: int, 
     return rescale_factor(*totals(parts), p.work) if rescale else None
 
 
-class _Scratch:
+class Scratch:
     """Chunk-sized integer buffers for the random bits."""
 
     def __init__(self, size: int, device: Any):
@@ -188,7 +188,7 @@ def _mask_into(
     a: torch.Tensor,
     start: int,
     out: torch.Tensor,
-    scratch: _Scratch,
+    scratch: Scratch,
     spare: torch.Tensor | None = None,
     fresh: bool = False,
 ) -> torch.Tensor:
@@ -227,7 +227,7 @@ def _combine(method, params, base, flats, pruners, weights, result, chunk) -> No
             [buf() for _ in range(k)],
             buf(),
             buf(),
-            _Scratch(size, base.device),
+            Scratch(size, base.device),
             {dt: (buf(dt), buf(dt)) for dt in wide},
         )
 
@@ -238,23 +238,8 @@ def _combine(method, params, base, flats, pruners, weights, result, chunk) -> No
         ds, ms, mixed, spare = [d[:L] for d in deltas], [m[:L] for m in masks], s[:L], t[:L]
         for d, m, flat, p, w in zip(ds, ms, flats, pruners, weights):
             torch.sub(flat[start:end], b, out=d)
-            if p.prunes and p.work == dtype and p.stored is not None:
-                d.mul_(p.stored[start:end])  # the 0/1 bytes multiply like 0/1 floats, without converting them first
-                if p.factor is not None:
-                    d.mul_(p.factor)
-            elif p.prunes and p.work == dtype:
-                _mask_into(p, torch.abs(d, out=spare) if p.top is not None else d, start, m, scratch, spare=mixed)
-                d.mul_(m)
-                if p.factor is not None:
-                    d.mul_(p.factor)
-            elif p.prunes:  # DARE/DELLA on float16: mask and rescale in float32, as mergekit does on CPU
-                x, wm = (v[:L] for v in wide_bufs[p.work])
-                x.copy_(d)
-                _mask_into(p, x, start, wm, scratch)
-                x.mul_(wm)
-                if p.factor is not None:
-                    x.mul_(p.factor)
-                d.copy_(x)
+            if p.prunes:
+                _pruned_delta(p, d, m, start, dtype, scratch, spare, mixed, wide_bufs)
             d.mul_(w)
         if consensus:
             _elect(ds, ms, weights, mixed, spare)
@@ -269,6 +254,30 @@ def _combine(method, params, base, flats, pruners, weights, result, chunk) -> No
         torch.add(b, mixed, out=result[start:end])
 
     map_chunks(n, chunk, body, state, base.device)
+
+
+def _pruned_delta(p, d, m, start: int, dtype, scratch, spare, mixed, wide_bufs) -> None:
+    """One model's delta chunk `d`, pruned in place by its mask (and rescaled): from the stored mask bytes, or a mask
+    drawn now into `m`; DARE/DELLA on float16 mask and rescale in float32, as mergekit does on CPU."""
+    import torch
+
+    if p.work == dtype and p.stored is not None:
+        d.mul_(p.stored[start : start + d.numel()])  # the 0/1 bytes multiply like 0/1 floats, without converting
+        if p.factor is not None:
+            d.mul_(p.factor)
+    elif p.work == dtype:
+        _mask_into(p, torch.abs(d, out=spare) if p.top is not None else d, start, m, scratch, spare=mixed)
+        d.mul_(m)
+        if p.factor is not None:
+            d.mul_(p.factor)
+    else:
+        x, wm = (v[: d.numel()] for v in wide_bufs[p.work])
+        x.copy_(d)
+        _mask_into(p, x, start, wm, scratch)
+        x.mul_(wm)
+        if p.factor is not None:
+            x.mul_(p.factor)
+        d.copy_(x)
 
 
 def _sum_into(xs, out) -> None:
@@ -301,4 +310,20 @@ def _elect(ds, masks, weights, mixed, divisor) -> None:
     divisor.add_(zero)
 
 
-__all__ = ["merge_gta"]
+def frozen_pruner(method: Any, base, model, density: float, rescale: bool, extra: dict, key, chunk: int) -> Pruner:
+    """One task vector's pruner as `merge_gta` builds it (flat `base` and `model` in the merge's dtype), for a
+    caller that keeps it across merges at other weights (search/surrogate.py): DARE's mask is not kept (it is
+    redrawn from its counter stream chunk by chunk), DELLA's is (one byte per element)."""
+    p = _pruner(method.sparsification_method, base, model, density, rescale, extra, key, chunk)
+    if p.key is not None:
+        p.stored = None
+    return p
+
+
+def mask_into(p: Pruner, a: torch.Tensor, start: int, out: torch.Tensor, scratch: Scratch, spare=None) -> torch.Tensor:
+    """out = p's keep mask for the chunk at `start` (0/1 in out's dtype); `a`: the chunk's magnitudes (read by
+    magnitude pruning only), `spare`: a float buffer like `out` (breadcrumbs)."""
+    return _mask_into(p, a, start, out, scratch, spare)
+
+
+__all__ = ["Pruner", "Scratch", "frozen_pruner", "mask_into", "merge_gta"]

@@ -1,0 +1,227 @@
+"""What the plan knows before anything loads: the inputs' sizes (safetensors headers, config.json) and the search
+tasks' request lengths (their documents and the base's tokenizer). No weight is read.
+
+    model = ModelFacts.of_inputs(cfg.base_model, cfg.models, dtype=cfg.dtype)
+    tasks = TaskFacts.of_scorer(scorer, cfg.base_model)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+DEFAULT_GEN_TOKS = 256  # lm-eval's HFLM.max_gen_toks, used where a generation task sets none
+
+
+def resident_dtype(dtype: str | None, config: dict[str, Any]) -> str:
+    """The resident model's dtype, as `Materializer` picks it: the config's `dtype`, else the base's config.json
+    (`dtype` / `torch_dtype`), else float32."""
+    stored = config.get("dtype") or config.get("torch_dtype")
+    return dtype or (stored if stored in ITEMSIZE else None) or "float32"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Sizes of one search's models. `params`: elements of the resident model's parameters (a tied head once);
+    `layer_params`: of one decoder layer; `input_bytes`: each input's weight files as stored (the base last)."""
+
+    params: int
+    layer_params: int
+    largest: int  # elements of the largest tensor (one merge's buffers scale with it)
+    input_bytes: tuple[int, ...]
+    dtype: str  # the resident model's
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the base's config.json
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.dtype]
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.params * self.itemsize
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.input_bytes)
+
+    @classmethod
+    def of_inputs(
+        cls, base: str | os.PathLike, models: Sequence[str | os.PathLike], dtype: str | None = None
+    ) -> ModelFacts:
+        """From the inputs' safetensors headers and the base's config.json."""
+        from evomerge.io.checkpoint import Checkpoint
+
+        ckpts = [Checkpoint(m) for m in models] + [Checkpoint(base)]
+        ref = ckpts[-1]
+        names = ref.tensor_names()
+        numel = {n: _numel(ref.shape(n)) for n in names}
+        return cls.of_config(
+            ref.config,
+            input_bytes=[c.nbytes() for c in ckpts],
+            dtype=dtype,
+            largest=max(numel.values(), default=0),
+            stored_params=sum(numel.values()),
+        )
+
+    @classmethod
+    def of_config(
+        cls,
+        config: dict[str, Any],
+        *,
+        input_bytes: Sequence[int] | None = None,
+        n_inputs: int = 4,
+        dtype: str | None = None,
+        largest: int | None = None,
+        stored_params: int | None = None,
+    ) -> ModelFacts:
+        """From a config.json alone (the projection's 7B-70B shapes); `input_bytes` default to `n_inputs` copies of
+        the model as its config's dtype stores it."""
+        from evomerge.io.checkpoint import config_field, config_num_layers
+
+        def get(field: str) -> int:
+            return int(config_field(config, field)[1] or 0)
+
+        hidden, heads = get("hidden_size"), get("num_attention_heads")
+        layers = config_num_layers(config) or 0
+        inter = get("intermediate_size") or 4 * hidden
+        shape = dict(
+            layers=layers,
+            hidden=hidden,
+            intermediate=inter,
+            heads=heads,
+            kv_heads=get("num_key_value_heads") or heads,
+            head_dim=int(config.get("head_dim") or (hidden // max(heads, 1))),
+            vocab=get("vocab_size"),
+        )
+        counted = _meta_params(config)
+        params, layer_params = counted if counted else _llama_params(shape, config)
+        kind = resident_dtype(dtype, config)
+        if input_bytes is None:
+            stored = ITEMSIZE[resident_dtype(None, config)]
+            input_bytes = [(stored_params or params) * stored] * n_inputs
+        return cls(
+            params=params,
+            layer_params=layer_params,
+            largest=largest or max(shape["vocab"] * hidden, inter * hidden),
+            input_bytes=tuple(int(b) for b in input_bytes),
+            dtype=kind,
+            config=dict(config),
+            **shape,
+        )
+
+
+def _numel(shape: Sequence[int]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def _meta_params(config: dict[str, Any]) -> tuple[int, int] | None:
+    """(parameters, parameters of decoder layer 0) of the model transformers builds for `config`, on the meta
+    device; None when transformers cannot build it (an unknown or remote-code architecture)."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        data = {k: v for k, v in config.items() if k != "transformers_version"}
+        hf = AutoConfig.for_model(data.pop("model_type"), **data)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf)
+    except Exception:  # noqa: BLE001 - the plan falls back to the Llama count
+        return None
+    from evomerge.merge.layout import layer_index
+
+    seen: set[int] = set()
+    total = layer0 = 0
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        layer0 += p.numel() if layer_index(name) == 0 else 0
+    return total, layer0
+
+
+def _llama_params(shape: dict[str, int], config: dict[str, Any]) -> tuple[int, int]:
+    h, i, kv = shape["hidden"], shape["intermediate"], shape["kv_heads"] * shape["head_dim"]
+    q = shape["heads"] * shape["head_dim"]
+    layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
+    embed = shape["vocab"] * h
+    head = 0 if config.get("tie_word_embeddings") else embed
+    return shape["layers"] * layer + embed + head + h, layer
+
+
+@dataclass(frozen=True)
+class TaskFacts:
+    """The search tasks' requests as lm-eval runs them: how many (one call scores every search task's subset),
+    the longest in tokens (context + answer, or context + `max_gen_toks` for generation), and the refinement's
+    batch (one row per answer continuation of every search example)."""
+
+    requests: int
+    longest: int
+    generates: bool
+    refine_rows: int
+    refine_tokens: int  # tokens of all those rows together (padded to the longest)
+
+    @classmethod
+    def of_scorer(cls, scorer, tokenizer_source: str | os.PathLike) -> TaskFacts:
+        from transformers import AutoTokenizer
+
+        from evomerge.errors import ModelError, first_line
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(tokenizer_source))
+        except (OSError, ValueError) as exc:  # what the workers' own load would raise
+            raise ModelError(
+                f"{tokenizer_source}: its tokenizer cannot be loaded ({first_line(exc)}); a base model folder needs "
+                "its tokenizer files (tokenizer.json, tokenizer_config.json)"
+            ) from None
+        requests = rows = longest = width = 0
+        generates = False
+        for leaf, task in scorer.tasks.items():
+            kind = task.OUTPUT_TYPE
+            gen = _max_gen_toks(task) if kind == "generate_until" else 0
+            generates = generates or kind == "generate_until"
+            docs = task.eval_docs
+            for i in scorer.indices(leaf):
+                ctx, conts = _request_text(task, docs[i], kind)
+                n_ctx = len(tok(ctx, add_special_tokens=False)["input_ids"])  # lm-eval's HFLM adds no BOS
+                lengths = [n_ctx + len(tok(c, add_special_tokens=False)["input_ids"]) for c in conts]
+                requests += 1 if kind == "generate_until" else len(conts)
+                longest = max(longest, n_ctx + gen, *lengths)
+                rows += len(conts)
+                width = max(width, *lengths)
+        return cls(
+            requests=requests, longest=longest, generates=generates, refine_rows=rows, refine_tokens=rows * width
+        )
+
+
+def _max_gen_toks(task) -> int:
+    kwargs = task.get_config("generation_kwargs") or {}
+    return int(kwargs.get("max_gen_toks") or DEFAULT_GEN_TOKS)
+
+
+def _request_text(task, doc, kind: str) -> tuple[str, list[str]]:
+    """(context, continuations) of one example, as lm-eval builds its requests."""
+    ctx = task.fewshot_context(doc, num_fewshot=task.get_config("num_fewshot") or 0)
+    ctx = ctx if isinstance(ctx, str) else str(ctx[0])
+    delim = task.get_config("target_delimiter") or ""
+    if kind == "multiple_choice":
+        return ctx, [f"{delim}{c}" for c in task.doc_to_choice(doc)]
+    target = task.doc_to_target(doc)
+    target = target[0] if isinstance(target, list) else target
+    return ctx, [f"{delim}{target}"]
+
+
+__all__ = ["ITEMSIZE", "ModelFacts", "TaskFacts", "resident_dtype"]

@@ -1,0 +1,307 @@
+"""The resource plan: each worker's and each node's memory against the devices, printed, and refused when it
+cannot fit, before any model loads.
+
+    plan = plan_search(cfg)                    # the inputs' headers, the config, this machine (or a given one)
+    print("\\n".join(plan.lines()))
+    plan.check()                               # ConfigError (exit 2) naming the setting to change
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from evomerge.capacity.devices import Devices, local_devices
+from evomerge.capacity.facts import ModelFacts, TaskFacts
+from evomerge.capacity.memory import (
+    CUDA_CONTEXT,
+    DEVICE_SHARE,
+    RAY_NODE,
+    RUNTIME_HOST,
+    Settings,
+    WorkerMemory,
+    worker_memory,
+)
+from evomerge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from evomerge.config import SearchConfig
+
+
+def gb(n: float) -> str:
+    """Bytes for a reader: MB below a tenth of a GB, else GB (decimal units, as nvidia-smi and free -h print)."""
+    if n < 1e8:
+        return f"{n / 1e6:.0f} MB"
+    return f"{n / 1e9:.2f} GB" if n < 10e9 else f"{n / 1e9:.1f} GB"
+
+
+@dataclass
+class Plan:
+    """What a search needs (`worker`, `page_cache`) and whether `devices` hold it (`problems`: one line each,
+    naming the setting to change; `warnings`: it runs, but slowly)."""
+
+    model: ModelFacts
+    tasks: TaskFacts
+    settings: Settings
+    worker: WorkerMemory
+    devices: Devices
+    source: str = "search config"
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def page_cache(self) -> int:
+        """The memory-mapped inputs' pages on a node (shared by its workers)."""
+        return sum(self.model.input_bytes)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.settings.num_gpus > 0
+
+    def node_bytes(self, workers: int, driver: bool) -> int:
+        """Host memory of a node running `workers` workers (and the driver): each worker's own, the page cache
+        once, Ray's processes, the driver."""
+        ray = RAY_NODE if self.settings.count > 0 else 0
+        drv = RUNTIME_HOST if driver and self.settings.count > 0 else 0
+        return workers * self.worker.host + self.page_cache + ray + drv
+
+    def lines(self) -> list[str]:
+        """The plan in three lines (and its warnings): the inputs, one worker, a node."""
+        m, w, s = self.model, self.worker, self.settings
+        n = len(m.input_bytes)
+        same = len(set(m.input_bytes)) == 1
+        each = f"{n} x {gb(m.input_bytes[0])}" if same else " + ".join(gb(b) for b in m.input_bytes)
+        out = [
+            f"plan: inputs {each} (base + {n - 1} model{'s' * (n != 2)}, {m.params / 1e9:.2f}B parameters), "
+            f"memory-mapped: {gb(self.page_cache)} of page cache per node"
+        ]
+        batch = "auto" if w.batch_size == "auto" else w.batch_size
+        terms = [f"evaluation {gb(w.evaluation)} (batch {batch} x {self.tasks.longest} tokens)", f"merge {gb(w.merge)}"]
+        if s.refine:
+            terms.append(f"refinement {gb(w.refinement)}")
+        peak = f"resident {gb(w.resident)} ({m.dtype}) + max({', '.join(terms)})"
+        who = "the worker (in this process)" if s.count == 0 else "each worker"
+        if not self.on_gpu:
+            out.append(f"plan: {who} on cpu: {peak} + runtime {gb(RUNTIME_HOST)} = {gb(w.host)}")
+        else:
+            k = max(1, int(s.num_gpus))
+            where = f"{k} GPUs" if k > 1 else ("1 GPU" if s.num_gpus >= 1 else f"{s.num_gpus:g} of a GPU")
+            per = " + ".join(gb(d) for d in w.per_device)
+            out.append(
+                f"plan: {who} on {where}: {peak} + CUDA {gb(CUDA_CONTEXT)}{' per GPU' if k > 1 else ''} = {per} "
+                f"of GPU memory; host {gb(w.host)}"
+            )
+        out.append(self._node_line())
+        out += [f"plan: warning: {text}" for text in self.warnings]
+        return out
+
+    def _node_line(self) -> str:
+        node = self.devices.nodes[0]
+        workers = max(1, self.settings.count)
+        if not self.devices.local:
+            workers = math.ceil(workers / len(self.devices.nodes))
+        gpus = f"{node.gpus:g} GPU{'s' * (node.gpus != 1)}" if node.gpus else "no GPU"
+        if node.gpu_free and len(set(node.gpu_free)) == 1:
+            gpus += f" ({gb(node.gpu_free[0])} free each)"
+        have = f"{gb(node.host_available)} of {gb(node.host_total)} available, {node.cpus:g} CPUs, {gpus}"
+        ray = f" + Ray {gb(RAY_NODE)} + driver {gb(RUNTIME_HOST)}" if self.settings.count > 0 else ""
+        need = self.node_bytes(workers, self.devices.local)
+        verdict = "fits" if not self.problems else "does NOT fit"
+        where = self.devices.where if len(self.devices.nodes) == 1 else f"each node of {self.devices.where}"
+        return (
+            f"plan: {where}: {have}; needs {workers} x {gb(self.worker.host)} + page cache {gb(self.page_cache)}"
+            f"{ray} = {gb(need)} of host memory: {verdict}"
+        )
+
+    def check(self) -> None:
+        if self.problems:
+            raise ConfigError(f"{self.source}: {self.problems[0]}")
+
+
+def plan_search(cfg: SearchConfig, scorer=None, devices: Devices | None = None) -> Plan:
+    """The plan of `cfg` (refinement counted when `cfg.refine` is set) on `devices` (default: this machine, or the
+    Ray cluster of `workers.address` when this process has joined it). `scorer`: the search tasks, built already
+    (else built here)."""
+    if scorer is None:
+        from evomerge.scoring.scorer import Scorer
+
+        scorer = Scorer(
+            cfg.tasks.search,
+            [str(p) for p in cfg.tasks.include_paths],
+            seed=cfg.seed,
+            include_defaults=cfg.tasks.include_defaults,
+        )
+    model = ModelFacts.of_inputs(cfg.base_model, cfg.models, dtype=cfg.dtype)
+    tasks = TaskFacts.of_scorer(scorer, cfg.base_model)
+    settings = Settings(
+        count=cfg.workers.count,
+        num_gpus=cfg.workers.num_gpus,
+        num_cpus=cfg.workers.num_cpus,
+        refine=cfg.refine is not None,
+        method=cfg.method,
+        batch_size=cfg.workers.batch_size,
+    )
+    return evaluate_plan(model, tasks, settings, devices or local_devices(), source=cfg._source)
+
+
+def evaluate_plan(
+    model: ModelFacts, tasks: TaskFacts, settings: Settings, devices: Devices, source: str = "search config"
+) -> Plan:
+    """The plan of given facts and settings on `devices` (the projections call it with shapes of their own)."""
+    free = _smallest_gpu(devices)
+    worker = worker_memory(model, tasks, settings, free)
+    plan = Plan(model, tasks, settings, worker, devices, source=source)
+    plan.problems += _gpu_problems(plan, free) + _host_problems(plan)
+    return plan
+
+
+def _smallest_gpu(devices: Devices) -> int | None:
+    frees = [f for n in devices.nodes if n.gpus for f in n.gpu_free]
+    return min(frees) if frees else None
+
+
+def _gpu_problems(plan: Plan, free: int | None) -> list[str]:
+    s, d = plan.settings, plan.devices
+    if s.num_gpus <= 0:
+        return []
+    if d.gpus == 0:
+        why = f" ({d.no_gpu_reason})" if d.no_gpu_reason else ""
+        return [
+            f"workers.num_gpus: {s.num_gpus:g} GPU(s) per worker, but {d.where} has no GPU{why}; "
+            "set workers.num_gpus: 0 to run the workers on CPU"
+        ]
+    if s.num_gpus > 1 and s.num_gpus != int(s.num_gpus):
+        return [f"workers.num_gpus: {s.num_gpus:g}: a worker on several GPUs takes whole GPUs; write 2, 4 or 8"]
+    workers = max(1, s.count)
+    fit = sum(math.floor(n.gpus / s.num_gpus + 1e-9) for n in d.nodes)
+    if fit < workers:
+        biggest = max(n.gpus for n in d.nodes)
+        if s.num_gpus > biggest:
+            return [
+                f"workers.num_gpus: {s.num_gpus:g} GPUs per worker, but the largest node of {d.where} has "
+                f"{biggest:g}; a worker's GPUs are on one node: set workers.num_gpus to at most {biggest:g}"
+            ]
+        return [
+            f"workers.count: {workers} workers x {s.num_gpus:g} GPU(s) need {workers * s.num_gpus:g} GPUs, but "
+            f"{d.where} has {d.gpus:g}; set workers.count to at most {fit}"
+        ]
+    if free is None:
+        return []
+    return _gpu_memory_problem(plan, free)
+
+
+def _gpu_memory_problem(plan: Plan, free: int) -> list[str]:
+    """Whether one worker's share fits each of its GPUs; else the setting that would make it fit: more GPUs per
+    worker when some number of them holds it, else refine (when the round is what does not fit), dtype, the batch."""
+    s, w, m = plan.settings, plan.worker, plan.model
+    sharing = max(1, math.floor(1 / s.num_gpus + 1e-9)) if s.num_gpus < 1 else 1
+    room = int(free * DEVICE_SHARE)
+    need = max(w.per_device) * sharing
+    if need <= room:
+        return []
+    k = max(1, int(s.num_gpus))
+    have = f"{gb(need)} per GPU, more than the {gb(room)} usable of {gb(free)} free"
+    if sharing > 1:
+        return [f"workers.num_gpus: {sharing} workers share a GPU and need {have}; set workers.num_gpus: 1"]
+    most = int(max(n.gpus for n in plan.devices.nodes))
+    what = f"the resident model ({gb(m.resident_bytes)}, {m.dtype}) with {_biggest(w)} on {k} GPU(s) needs {have}"
+    better = _fewest_gpus(plan, free, most)
+    if better:
+        per_node = f" (then {most // better} worker(s) per {most}-GPU node)" if most // better < max(1, s.count) else ""
+        return [f"workers.num_gpus: {what}; set workers.num_gpus: {better}{per_node}"]
+    if s.refine and w.refinement >= max(w.evaluation, w.merge):
+        without = _fewest_gpus(plan, free, most, refine=False, start=k)
+        where = f" (a worker then fits {without} GPU(s))" if without else ""
+        return [f"refine: {what}, and no node has enough GPUs for the round; set refine: null{where}"]
+    if m.dtype == "float32":
+        return [f"dtype: {what}; set dtype: bfloat16 (half the bytes)"]
+    if isinstance(s.batch_size, int) and w.evaluation >= max(w.merge, w.refinement):
+        return [f"workers.batch_size: {what}; lower workers.batch_size or leave it out (the plan sizes it)"]
+    return [f"workers.num_gpus: {what}, and no node of {plan.devices.where} has enough GPUs ({most}) for it"]
+
+
+def _biggest(w: WorkerMemory) -> str:
+    terms = [("evaluation", w.evaluation), ("merge buffers", w.merge), ("refinement", w.refinement)]
+    name, size = max(terms, key=lambda term: term[1])
+    return f"its {name} ({gb(size)})"
+
+
+def _fewest_gpus(plan: Plan, free: int, most: int, refine: bool | None = None, start: int = 0) -> int | None:
+    """The fewest whole GPUs per worker (2, 4, 8 ... or a whole node; more than it has, or from `start`) on which
+    this worker fits, with refinement as configured or as `refine` says; None when no node has that many."""
+    first = start or max(1, int(plan.settings.num_gpus)) + 1
+    # groups of 2, 4, 8 ... (and a whole node): what divides a node into workers without idle GPUs
+    sizes = sorted({2**j for j in range(1, most.bit_length() + 1) if 2**j <= most} | {most})
+    for k in (k for k in sizes if k >= first):
+        changes = {"num_gpus": float(k)} | ({} if refine is None else {"refine": refine})
+        settings = Settings(**{**plan.settings.__dict__, **changes})
+        w = worker_memory(plan.model, plan.tasks, settings, free)
+        if max(w.per_device) <= int(free * DEVICE_SHARE):
+            return k
+    return None
+
+
+def _host_problems(plan: Plan) -> list[str]:
+    s, w, m, d = plan.settings, plan.worker, plan.model, plan.devices
+    nodes = d.nodes
+    first_free = nodes[0].host_available - (plan.node_bytes(0, d.local) - plan.page_cache)
+    if w.host > first_free:  # not even one worker
+        base = f"one worker needs {gb(w.host)} of host memory, but {d.where} has {gb(first_free)} free for it"
+        if not plan.on_gpu and m.dtype == "float32":
+            return [f"dtype: {base}; set dtype: bfloat16 (half the resident model)"]
+        if not plan.on_gpu and s.refine and w.refinement >= max(w.evaluation, w.merge):
+            return [f"refine: {base}, {gb(w.refinement)} of it for a refinement round; set refine: null"]
+        if isinstance(s.batch_size, int) and w.evaluation >= max(w.merge, w.refinement):
+            return [f"workers.batch_size: {base}, {gb(w.evaluation)} of it for a batch of {s.batch_size}; lower it"]
+        gpus = " or on GPUs (workers.num_gpus)" if not plan.on_gpu else ""
+        return [f"workers: {base}; run the search on a machine with more memory{gpus}"]
+    fit = 0
+    for i, node in enumerate(nodes):
+        room = node.host_available - (plan.node_bytes(0, d.local and i == 0) - plan.page_cache)
+        by_memory = max(0, room // max(w.host, 1))
+        by_cpu = math.floor(node.cpus / s.num_cpus + 1e-9) if d.cpu_bound else by_memory
+        fit += min(by_memory, by_cpu)
+    workers = max(1, s.count)
+    problems = []
+    if s.count > 0 and fit < workers:
+        problems.append(
+            f"workers.count: {workers} workers need {gb(workers * w.host)} of host memory ({gb(w.host)} each), "
+            f"but {d.where} has room for {fit}; set workers.count to at most {max(fit, 1)}"
+        )
+    per_node = math.ceil(workers / len(nodes))
+    if not problems and plan.node_bytes(per_node, d.local) > min(n.host_total for n in nodes):
+        plan.warnings.append(
+            f"the inputs' {gb(plan.page_cache)} do not stay in the page cache beside the workers: each merge reads "
+            "them from disk again (slow, but it runs)"
+        )
+    return problems
+
+
+def check_ray(cfg: SearchConfig) -> None:
+    """Once this process has started or joined Ray, before any worker starts: the GPUs Ray reports must hold
+    `workers.count` x `workers.num_gpus` (an actor asking for more would wait forever), and on a cluster
+    (`workers.address`) every node's memory is planned as `plan_search` plans this machine's."""
+    import ray
+
+    if cfg.workers.address:
+        from evomerge.capacity.devices import cluster_devices
+
+        plan_search(cfg, devices=cluster_devices(cfg.workers.address)).check()
+        return
+    have = float(ray.cluster_resources().get("GPU", 0))
+    need = cfg.workers.count * cfg.workers.num_gpus
+    if need > have + 1e-9:
+        where = "no GPU" if not have else f"{have:g} GPU(s)"
+        fix = (
+            "set workers.num_gpus: 0"
+            if not have
+            else f"set workers.count to at most {int(have // cfg.workers.num_gpus)}"
+        )
+        raise ConfigError(
+            f"{cfg._source}: workers.num_gpus: {cfg.workers.count} worker(s) x {cfg.workers.num_gpus:g} GPU(s), but "
+            f"Ray finds {where} here; {fix}"
+        )
+
+
+__all__ = ["Plan", "check_ray", "evaluate_plan", "gb", "plan_search"]

@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("pair", "trio", "quad", "steep", "plain", "deep")  # the family (bench/zoo_family.md)
+VARIANTS = ("pair", "trio", "quad", "steep", "plain", "deep", "qwen")  # the family (bench/zoo_family.md)
 
 
 def zoo_path(zoo_dir: Path, variant: str) -> Path:

@@ -154,6 +154,17 @@ VARIANTS: dict[str, ZooVariant] = {
             kl_replay=True,
         ),
         ZooVariant(
+            "qwen",
+            "pair's recipe in Qwen2 (grouped-query attention, 2 key/value heads, q/k/v biases, tied embeddings): an "
+            "addition specialist and a reversal specialist that ends below its base; hidden 64, 6 layers",
+            (Specialist("add"), Specialist("reverse")),
+            shape=ModelShape(hidden=64, layers=6, heads=4, intermediate=192, arch="qwen2", kv_heads=2, tied=True),
+            base_mix=_exposed("reverse"),
+            base_steps=800,
+            base_lr=1e-3,  # Qwen2's base at pair's 3e-3 learned no reversal (bench/zoo_family.md)
+            kl_replay=True,
+        ),
+        ZooVariant(
             "crowd",
             "four specialists (subtraction, reversal, cipher, doubling) in a small model; hidden 64, 4 layers",
             (Specialist("sub"), Specialist("reverse"), Specialist("cipher"), Specialist("dup")),

@@ -231,6 +231,11 @@ class SearchConfig(_Strict):
         description="merge models whose config.json differ in shape-defining "
         "fields (hidden size, layers, heads, vocabulary) when their tensors match",
     )
+    tokenizer_source: str | None = Field(
+        None,
+        description="models with other vocabularies (added tokens): union, base or a tokenizer folder, as mergekit's "
+        "tokenizer_source; every candidate and the export take that output vocabulary",
+    )
     _source: str = PrivateAttr("search config")  # the file it was loaded from, for error messages
 
     @field_validator("kernels")
@@ -292,6 +297,8 @@ class SearchConfig(_Strict):
             data["tasks"].pop("smooth", None)
         if not data["tasks"]["include_defaults"]:  # studies made before the field existed keep their hash
             del data["tasks"]["include_defaults"]
+        if data.get("tokenizer_source") is None:  # likewise
+            data.pop("tokenizer_source", None)
         return data
 
     def study_hash(self) -> str:
@@ -303,10 +310,12 @@ class SearchConfig(_Strict):
 
 
 def _resolve(value: Any, base: Path) -> Any:
+    """A path made absolute against the config's folder (each half of a `BASE+ADAPTER` model on its own)."""
+    from evomerge.io.inputs import resolve_ref
+
     if not isinstance(value, str) or not value:
         return value
-    p = Path(value).expanduser()
-    return str(p if p.is_absolute() else (base / p).resolve())
+    return resolve_ref(value, base)
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:
@@ -318,6 +327,8 @@ def _resolve_paths(data: dict, base: Path) -> dict:
     tasks = data.get("tasks")
     if isinstance(tasks, dict) and isinstance(tasks.get("include_paths"), list):
         data["tasks"] = {**tasks, "include_paths": [_resolve(p, base) for p in tasks["include_paths"]]}
+    if data.get("tokenizer_source") not in (None, "union", "base"):
+        data["tokenizer_source"] = _resolve(data["tokenizer_source"], base)
     space = data.get("search_space")
     if isinstance(space, str) and ("/" in space or space.endswith((".yaml", ".yml"))):
         data["search_space"] = _resolve(space, base)
@@ -325,12 +336,24 @@ def _resolve_paths(data: dict, base: Path) -> dict:
 
 
 def _check_files(cfg: SearchConfig, source: str) -> None:
+    from evomerge.io.inputs import split_ref
+    from evomerge.io.lora import is_adapter
+
     problems = []
     for name, path in [("base_model", cfg.base_model), *((f"models[{i}]", m) for i, m in enumerate(cfg.models))]:
-        if not (path / "config.json").is_file():
-            problems.append(f"{name!r}: {path} is not a model directory (no config.json); fix the path")
+        model, adapter = split_ref(path)
+        if adapter is not None and not is_adapter(adapter):
+            problems.append(f"{name!r}: {adapter} is not a PEFT adapter folder (no adapter_config.json); fix the path")
+        elif not (Path(model) / "config.json").is_file() and not (name != "base_model" and is_adapter(model)):
+            problems.append(
+                f"{name!r}: {model} is not a model directory (no config.json) or a LoRA adapter (no "
+                "adapter_config.json); fix the path"
+            )
     if cfg.base_model in cfg.models:
         problems.append("'models' lists base_model; list only the models merged into it")
+    tokenizer = cfg.tokenizer_source  # (`source` is the config file's name)
+    if tokenizer not in (None, "union", "base") and not Path(tokenizer).is_dir():
+        problems.append(f"'tokenizer_source': {tokenizer} is not a folder; use union, base or a tokenizer's folder")
     for i, p in enumerate(cfg.tasks.include_paths):
         if not p.is_dir():
             problems.append(f"'tasks.include_paths[{i}]': {p} is not a folder; fix the path")

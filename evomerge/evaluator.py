@@ -117,6 +117,7 @@ class Evaluator:
         batch_size: int | str | None = 64,
         include_defaults: bool = False,
         allow_config_mismatch: bool = False,
+        tokenizer_source: str | None = None,
     ):
         """`device`: one device or a worker's GPU group (the model split over them); `batch_size`: lm-eval's batch,
         "auto" (lm-eval's search), or None: 64 here, and a search's worker sizes it to its device
@@ -143,6 +144,7 @@ class Evaluator:
             dtype=dtype,
             device=device,
             allow_config_mismatch=allow_config_mismatch,
+            tokenizer_source=tokenizer_source,
         )
 
     @classmethod
@@ -165,6 +167,7 @@ class Evaluator:
             batch_size=cfg.workers.batch_size,
             include_defaults=cfg.tasks.include_defaults,
             allow_config_mismatch=cfg.allow_config_mismatch,
+            tokenizer_source=cfg.tokenizer_source,
         )
 
     # -- the resident model ----------------------------------------------------------------------

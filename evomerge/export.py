@@ -32,14 +32,16 @@ from typing import TYPE_CHECKING
 
 from evomerge.errors import ConfigError, EvomergeError, StudyError
 from evomerge.io.atomic import atomic_dir, check_replaceable
-from evomerge.io.checkpoint import TOKENIZER_FILES, Checkpoint, check_compatible
+from evomerge.io.checkpoint import TOKENIZER_FILES, check_compatible
 from evomerge.io.digest import file_sha256
 from evomerge.io.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:
+    from evomerge.io.inputs import Input
     from evomerge.merge.layout import Layout
     from evomerge.merge.plan import Plan
+    from evomerge.merge.vocab import VocabPlan
 
 COPIED_FILES = (*TOKENIZER_FILES, "generation_config.json")  # from the base (tokenizer: `tokenizer_source`)
 PER_LAYER_FIELDS = ("layer_types",)  # config.json lists with one entry per decoder layer (Qwen2, Gemma 2/3, ...)
@@ -74,19 +76,23 @@ def export_recipe(
     if seed is not None:
         recipe = recipe.with_provenance(seed=seed)
     inputs = recipe.input_models()
-    checkpoints = [_open(recipe, m, allow_pickle, source) for m in inputs]
+    opened = _open_inputs(recipe, allow_pickle, source)
+    checkpoints = [opened[m] for m in inputs]
     ref = checkpoints[inputs.index(recipe.base_model)] if recipe.base_model else checkpoints[0]
     recipe, plan = _checked_plan(recipe, checkpoints, ref, source, allow_config_mismatch)
+    vocab = _vocab(recipe, opened, source)
+    tokenizer_dir = _tokenizer_dir(recipe, ref)
     hashing = ThreadPoolExecutor(len(checkpoints))  # the inputs' sha256 while they merge (hashlib frees the GIL)
     digests = [hashing.submit(c.sha256) for c in checkpoints]
 
     with _finally_shutdown(hashing), atomic_dir(out_dir) as tmp:
         by_model = dict(zip(inputs, checkpoints))
-        shards, size, out_dtype = _write_weights(tmp, recipe, checkpoints, plan, by_model, shard_bytes)
-        _write_config(tmp, ref, plan, by_model, out_dtype, _tokenizer_dir(recipe, ref))
+        shards, size, out_dtype = _write_weights(tmp, recipe, checkpoints, plan, by_model, shard_bytes, vocab)
+        _write_config(tmp, ref, plan, by_model, out_dtype, tokenizer_dir, vocab)
         recipe = recipe.with_provenance(inputs={m: d.result() for m, d in zip(inputs, digests)})
         recipe = _write_coefficients(tmp, recipe)
-        _write_recipe(tmp, _renamed(recipe, names) if names else recipe, extra_files)
+        # what recipe.yaml (and a card) say: adapters in mergekit's BASE+ADAPTER form, Hub names where given
+        _write_recipe(tmp, _renamed(recipe, names or {}, _lora_names(opened)), extra_files)
     if log:
         log(f"{len(shards)} shard(s), {size / 1e6:.1f} MB")
     return out_dir
@@ -103,20 +109,23 @@ def _checked_plan(recipe: Recipe, checkpoints, ref, source, allow_config_mismatc
         [ref] + [c for c in checkpoints if c is not ref],
         allow_config_mismatch=allow_config_mismatch,
         layers=recipe.slices is None,
+        vocab_may_differ=recipe.tokenizer_source is not None,
     )
     plan = _planned(recipe, checkpoints, Layout.of(ref, tied=True), source)
     return recipe.with_provenance(version=__version__, kernels=recipe.kernels, outputs={}), plan
 
 
-def _write_weights(tmp: Path, recipe: Recipe, checkpoints, plan: Plan, by_model, shard_bytes: int):
+def _write_weights(
+    tmp: Path, recipe: Recipe, checkpoints, plan: Plan, by_model, shard_bytes: int, vocab: VocabPlan | None
+):
     """Every merged tensor into its shard as it comes (no shard is buffered): (shards, bytes, the output's float
-    dtype)."""
+    dtype). `vocab`: a `tokenizer_source` merge's output vocabulary (its embeddings and head have its rows)."""
     from evomerge.merge.materialize import merged_tensors
 
-    shapes = [(job.name, by_model[job.inputs[0]].shape(job.sources[0])) for job in plan.jobs()]
+    shapes = [(job.name, _out_shape(job, by_model, vocab)) for job in plan.jobs()]
     writer = ShardWriter(tmp, shapes, shard_bytes)
     out_dtype = None
-    for name, tensor in merged_tensors(recipe, checkpoints, plan=plan, release=True):
+    for name, tensor in merged_tensors(recipe, checkpoints, plan=plan, release=True, vocab=vocab):
         writer.add(name, tensor)
         if tensor.is_floating_point():
             out_dtype = out_dtype or str(tensor.dtype).removeprefix("torch.")
@@ -124,17 +133,16 @@ def _write_weights(tmp: Path, recipe: Recipe, checkpoints, plan: Plan, by_model,
     return writer.finish(), writer.total_bytes, out_dtype
 
 
-def _write_config(tmp: Path, ref, plan: Plan, by_model, out_dtype: str | None, tokenizer_dir: Path) -> None:
-    """config.json for the output's shape and dtype; the tokenizer and generation config copied."""
-    config = _out_config(ref.config, plan, by_model)
+def _write_config(
+    tmp: Path, ref, plan: Plan, by_model, out_dtype: str | None, tokenizer_dir: Path, vocab: VocabPlan | None
+) -> None:
+    """config.json for the output's shape, vocabulary and dtype; the tokenizer and generation config."""
+    config = _out_config(ref.config, plan, by_model, vocab)
     if out_dtype:
         config["dtype"] = out_dtype
         config.pop("torch_dtype", None)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for fname in COPIED_FILES:
-        src = (ref.path if fname == "generation_config.json" else tokenizer_dir) / fname
-        if src.is_file():
-            shutil.copyfile(src, tmp / fname)
+    _write_tokenizer(tmp, ref, tokenizer_dir, vocab)
 
 
 def _write_coefficients(tmp: Path, recipe: Recipe) -> Recipe:
@@ -169,20 +177,67 @@ def _finally_shutdown(pool: ThreadPoolExecutor) -> Iterator[None]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _open(recipe: Recipe, model: str, allow_pickle: bool, source: str | os.PathLike | None) -> Checkpoint:
-    """The input checkpoint; errors also name the recipe file and field that point at it."""
+def _open_inputs(recipe: Recipe, allow_pickle: bool, source: str | os.PathLike | None) -> dict[str, Input]:
+    """Every input model opened (each full checkpoint once: an adapter's base shares the base_model's mapping);
+    errors also name the recipe file and field that point at the model."""
+    from evomerge.io.inputs import open_inputs
+
+    shared: dict = {}
+    opened: dict[str, Input] = {}
+    for model in recipe.input_models():
+        try:
+            opened.update(open_inputs([model], recipe.base_model, allow_pickle=allow_pickle, opened=shared))
+        except EvomergeError as exc:
+            where = f"{source}: " if source is not None else ""
+            hub = _hub_id(model, source)
+            if hub is not None:  # a published recipe names its inputs by Hub id; evomerge never downloads
+                raise type(exc)(
+                    f"{where}field {recipe.field_of(model)}: {hub} is not a local folder (looked for {model}); "
+                    f"evomerge reads local folders only and never downloads: if {hub} is a Hugging Face Hub id, "
+                    f"download it (`hf download {hub} --local-dir DIR`) and write DIR in its place in the recipe"
+                ) from None
+            raise type(exc)(f"{where}field {recipe.field_of(model)}: {exc}") from None
+    return opened
+
+
+def _vocab(recipe: Recipe, opened: Mapping[str, Input], source: str | os.PathLike | None) -> VocabPlan | None:
+    """The output vocabulary of a `tokenizer_source` recipe (None without one); errors name the file."""
+    from evomerge.merge.vocab import vocab_plan_for
+
+    if recipe.tokenizer_source is None:
+        return None
     try:
-        return Checkpoint(model, allow_pickle=allow_pickle)
+        return vocab_plan_for(recipe.tokenizer_source, opened, recipe.base_model)
     except EvomergeError as exc:
         where = f"{source}: " if source is not None else ""
-        hub = _hub_id(model, source)
-        if hub is not None:  # a published recipe names its inputs by Hub id; evomerge never downloads
-            raise type(exc)(
-                f"{where}field {recipe.field_of(model)}: {hub} is not a local folder (looked for {model}); evomerge "
-                f"reads local folders only and never downloads: if {hub} is a Hugging Face Hub id, download it "
-                f"(`hf download {hub} --local-dir DIR`) and write DIR in its place in the recipe"
-            ) from None
-        raise type(exc)(f"{where}field {recipe.field_of(model)}: {exc}") from None
+        raise type(exc)(f"{where}{exc}") from None
+
+
+def _out_shape(job, by_model: Mapping[str, Input], vocab: VocabPlan | None) -> tuple[int, ...]:
+    shape = tuple(by_model[job.inputs[0]].shape(job.sources[0]))
+    return (vocab.rows, *shape[1:]) if vocab is not None and job.name in vocab.tensors else shape
+
+
+def _write_tokenizer(tmp: Path, ref: Input, tokenizer_dir: Path, vocab: VocabPlan | None) -> None:
+    """The output's tokenizer (a union that adds tokens: the base's with them added, written by transformers;
+    else the named tokenizer's files, copied) and the reference's generation_config.json."""
+    built = vocab is not None and bool(vocab.additions)
+    if built:
+        from evomerge.merge.vocab import output_tokenizer
+
+        output_tokenizer(vocab, ref.model_dir).save_pretrained(str(tmp))
+    for fname in COPIED_FILES:
+        if built and fname != "generation_config.json":
+            continue
+        src = (ref.model_dir if fname == "generation_config.json" else tokenizer_dir) / fname
+        if src.is_file():
+            shutil.copyfile(src, tmp / fname)
+
+
+def _lora_names(opened: Mapping[str, Input]) -> dict[str, str]:
+    from evomerge.io.inputs import published_refs
+
+    return published_refs(opened)
 
 
 def _hub_id(model: str, source: str | os.PathLike | None) -> str | None:
@@ -195,20 +250,28 @@ def _hub_id(model: str, source: str | os.PathLike | None) -> str | None:
     return rel if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", rel) else None
 
 
-def _renamed(recipe: Recipe, names: Mapping[str, str]) -> Recipe:
-    """`recipe` with its inputs named by `names` (path -> published name), provenance sha256 included."""
-    rename = lambda m: names.get(m, m)  # noqa: E731
-    models = [e.model_copy(update={"model": rename(e.model)}) for e in recipe.models]
-    update: dict = {"models": models, "base_model": rename(recipe.base_model) if recipe.base_model else None}
-    renamed = recipe.model_copy(update=update)
+def _renamed(recipe: Recipe, names: Mapping[str, str], forms: Mapping[str, str] | None = None) -> Recipe:
+    """`recipe` with its inputs as published: `forms` (reference -> mergekit's form: a bare adapter folder as
+    `BASE+ADAPTER`) first, then `names` (a local folder -> its Hub id) on each folder, provenance included."""
+    from evomerge.io.inputs import split_ref
+
+    forms = forms or {}
+    if not names and not forms:
+        return recipe
+
+    def rename(ref: str) -> str:
+        model, adapter = split_ref(forms.get(ref, ref))
+        return (
+            names.get(model, model) if adapter is None else f"{names.get(model, model)}+{names.get(adapter, adapter)}"
+        )
+
+    renamed = recipe.map_models(rename)
     if recipe.evomerge is not None:
         renamed = renamed.with_provenance(inputs={rename(m): d for m, d in recipe.evomerge.inputs.items()})
     return renamed
 
 
-def _planned(
-    recipe: Recipe, checkpoints: Sequence[Checkpoint], layout: Layout, source: str | os.PathLike | None
-) -> Plan:
+def _planned(recipe: Recipe, checkpoints: Sequence[Input], layout: Layout, source: str | os.PathLike | None) -> Plan:
     """The recipe planned over the reference checkpoint; errors (a layer range past a model's depth) name the file."""
     from evomerge.merge.materialize import plan_for
 
@@ -219,12 +282,16 @@ def _planned(
         raise type(exc)(f"{where}{exc}") from None
 
 
-def _out_config(config: dict, plan: Plan, by_model: Mapping[str, Checkpoint]) -> dict:
-    """The reference's config.json; after a `slices:` recipe, with the output's layer count, and per-layer lists
-    (`layer_types`) taken from the layer each output layer came from."""
+def _out_config(config: dict, plan: Plan, by_model: Mapping[str, Input], vocab: VocabPlan | None = None) -> dict:
+    """The reference's config.json; with `vocab`, its vocab_size the output vocabulary's; after a `slices:` recipe,
+    with the output's layer count, and per-layer lists (`layer_types`) taken from the layer each output layer
+    came from."""
     from evomerge.io.checkpoint import config_field
 
     config = copy.deepcopy(config)
+    if vocab is not None:
+        key, _ = config_field(config, "vocab_size")
+        (config if key in config or "text_config" not in config else config["text_config"])[key] = vocab.rows
     if plan.recipe.slices is None:
         return config
     key, _ = config_field(config, "num_hidden_layers")
@@ -241,10 +308,11 @@ def _layer_value(config: dict, name: str, layer: int, fallback: list):
     return values[layer] if layer < len(values) else values[-1]
 
 
-def _tokenizer_dir(recipe: Recipe, ref: Checkpoint) -> Path:
+def _tokenizer_dir(recipe: Recipe, ref: Input) -> Path:
+    """The folder whose tokenizer files the output copies: the base's, or the one tokenizer_source names."""
     source = recipe.tokenizer_source
-    if source in (None, "base", "union"):  # inputs share one vocabulary (checked), so "union" is the base's
-        return ref.path
+    if source in (None, "base", "union"):  # a union that adds nothing is the base's
+        return Path(ref.model_dir)
     path = Path(source)
     if not path.is_dir():
         raise ConfigError(f"field tokenizer_source: {source} is not a folder; point it at a folder with tokenizer.json")
@@ -355,6 +423,8 @@ def _trial_recipe(cfg, chosen, objective: float, validation, kernels: str | None
             "top_k": cfg.validation.top_k,
         }
     recipe = Recipe.from_yaml(record.recipe, source=f"trial {chosen.number} recipe")
+    if cfg.tokenizer_source is not None and recipe.tokenizer_source is None:  # the vocabulary the trial was scored in
+        recipe = recipe.model_copy(update={"tokenizer_source": cfg.tokenizer_source})
     if kernels is not None:
         recipe = recipe.with_provenance(kernels=kernels)
     return recipe.with_provenance(

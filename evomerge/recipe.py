@@ -191,7 +191,8 @@ class Recipe(BaseModel, frozen=True):
             )
         if "tokenizer" in data:
             raise ConfigError(
-                f"{source}: field 'tokenizer' is not supported; use 'tokenizer_source: base' or a model path"
+                f"{source}: field 'tokenizer' (mergekit's per-token block) is not supported; use "
+                "'tokenizer_source: union', 'base' or a model folder (docs/inputs.md)"
             )
         if base_dir is not None:
             data = _resolve_paths(data, Path(base_dir))
@@ -355,12 +356,10 @@ def _check_slice(i: int, piece: SliceEntry) -> None:
 def _resolve_paths(data: dict, base_dir: Path) -> dict:
     """Model paths as written, made absolute against the recipe's folder (offline: every model is a folder)."""
 
-    def fix(value: Any) -> Any:
-        if isinstance(value, str) and value and not os.path.isabs(value) and not value.startswith("~"):
-            return os.path.normpath(base_dir / value)
-        if isinstance(value, str) and value.startswith("~"):
-            return os.path.expanduser(value)
-        return value
+    from evomerge.io.inputs import resolve_ref
+
+    def fix(value: Any) -> Any:  # each half of mergekit's `BASE+ADAPTER` resolved on its own
+        return resolve_ref(value, base_dir) if isinstance(value, str) else value
 
     data = dict(data)
     if data.get("base_model") is not None:

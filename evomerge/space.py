@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     from evomerge.recipe import Recipe
 
 SPACES_DIR = SEARCH_SPACES  # the shipped spaces, inside the installed package
-PER_MODEL = frozenset({"weight", "density", "gamma", "epsilon"})  # one value per merged model
 PROJECTIONS = "projections"  # `kinds: [projections]`: every weight matrix of a layer apart (Layout.projections)
 LLAMA_PROJECTIONS = (
     "self_attn.q_proj",
@@ -142,6 +141,20 @@ class SpaceSpec(BaseModel):
             if not all(x in bounds for x in ends):
                 raise ValueError(f"parameters.{name}: {ends} leaves {bounds}; keep {name} within {bounds}")
         return self
+
+    def per_model(self, param: str) -> bool:
+        """Whether `param` takes one value per merged model (mergekit's per-input scope, merge/registry.py) in this
+        space's methods: DELLA's `epsilon` does, RAM's does not."""
+        for method in self.methods:
+            info = REGISTRY.get(method)
+            if info is not None and param in info.params:
+                return info.params[param].per_model
+        return param in ("weight", "density", "gamma", "epsilon")  # a method evomerge does not know: by name
+
+    @property
+    def endpoints(self) -> bool:
+        """Whether its `t` runs from base_model (0) to the other model (1), so both ends are baselines (slerp)."""
+        return all(REGISTRY[m].endpoints for m in self.methods if m in REGISTRY)
 
     @model_validator(mode="before")
     @classmethod
@@ -281,7 +294,7 @@ class SearchSpace:
         for param, ps in self.spec.parameters.items():
             if not ps.searched:
                 continue
-            for key in keys if param in PER_MODEL else [None]:
+            for key in keys if self.spec.per_model(param) else [None]:
                 if not ps.per_layer:
                     out.append(Slot(param, key, None, None))
                     continue
@@ -316,7 +329,7 @@ class SearchSpace:
                     elif s.param == "density":
                         point[s.name] = ps.high
                 out.append((BaselineLabel.alone(key), point))
-        if "t" in params and params["t"].searched:
+        if "t" in params and params["t"].searched and self.spec.endpoints:
             ends = [(BaselineLabel.alone("base"), "low"), (BaselineLabel.alone(model_keys(models)[-1]), "high")]
             for label, end in ends:
                 point = self.defaults(models)
@@ -385,9 +398,9 @@ class SearchSpace:
         keys = model_keys(models)
         entries = [{"model": str(base)}] if self.spec.base_in_models else []
         for key, path in zip(keys, models):
-            per_model = {p: self._setting(p, key, values) for p in self.spec.parameters if p in PER_MODEL}
+            per_model = {p: self._setting(p, key, values) for p in self.spec.parameters if self.spec.per_model(p)}
             entries.append({"model": str(path), **({"parameters": per_model} if per_model else {})})
-        shared = {p: self._setting(p, None, values) for p in self.spec.parameters if p not in PER_MODEL}
+        shared = {p: self._setting(p, None, values) for p in self.spec.parameters if not self.spec.per_model(p)}
         data: dict[str, Any] = {"merge_method": method, "base_model": str(base), "models": entries}
         if shared:
             data["parameters"] = shared
@@ -488,27 +501,39 @@ def space_of(cfg: SearchConfig) -> SearchSpace:
     checking that the models can merge with it (shape-defining config.json fields, unless `allow_config_mismatch`;
     tensor names, shapes and tokenizer where this process can read the weights), so a search fails here rather than
     in its workers. Where it cannot (a driver without the weights), the names come from the architecture's config."""
-    from evomerge.io.checkpoint import Checkpoint, check_compatible, config_mismatch
+    from evomerge.io.checkpoint import check_compatible, config_mismatch
+    from evomerge.io.inputs import open_inputs
     from evomerge.merge.layout import Layout
 
     spec = SpaceSpec.model_validate(cfg.search_space)
-    folders = [Path(cfg.base_model), *map(Path, cfg.models)]
-    configs = [(folder, _read_config(folder)) for folder in folders]
+    refs = [str(cfg.base_model), *map(str, cfg.models)]
+    configs = [(Path(ref), _read_config(_config_folder(ref, cfg.base_model))) for ref in refs]
+    vocab = cfg.tokenizer_source is None
     for other in configs[1:]:
-        why = None if cfg.allow_config_mismatch else config_mismatch(configs[0], other)
+        why = None if cfg.allow_config_mismatch else config_mismatch(configs[0], other, vocab=vocab)
         if why is not None:
             raise ModelError(why)
     try:
-        checkpoints = [Checkpoint(folder) for folder in folders]
+        opened = open_inputs(refs, str(cfg.base_model))
     except ModelError:  # no readable weights here: the workers, which load them, say why
-        layout = Layout.from_config(folders[0])
+        layout = Layout.from_config(configs[0][0])
     else:
-        check_compatible(checkpoints, allow_config_mismatch=cfg.allow_config_mismatch)
+        checkpoints = [opened[ref] for ref in refs]
+        check_compatible(checkpoints, allow_config_mismatch=cfg.allow_config_mismatch, vocab_may_differ=not vocab)
         layout = Layout.of(checkpoints[0])
     try:
         return SearchSpace(spec, num_layers(cfg.base_model), layout)
     except ConfigError as err:
         raise ConfigError(f"{cfg._source}: {err}") from None
+
+
+def _config_folder(ref: str, base_model: Path) -> Path:
+    """The folder whose config.json describes a model reference (a LoRA adapter's: its base's)."""
+    from evomerge.io.inputs import split_ref
+    from evomerge.io.lora import is_adapter
+
+    model, _ = split_ref(ref)
+    return Path(base_model) if is_adapter(model) else Path(model)
 
 
 def _read_config(folder: Path) -> dict:

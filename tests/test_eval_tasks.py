@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from evomerge.errors import TaskError
 from evomerge.zoo.skills import SKILLS
 from evomerge.zoo.tasks import DEFAULT_OUT, EOS, SPLITS, render_tasks, task_name, write_tasks
 
@@ -84,3 +85,16 @@ def test_user_task_folder_with_relative_data_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)
     task = TaskCatalog([folder]).build("mine")["mine"]
     assert [d["a"] for d in task.eval_docs] == [str(i) for i in range(7)]
+
+
+def test_builtin_index_is_built_only_when_a_task_is_not_in_the_folders():
+    """`include_defaults`: lm-eval's ~30 s index of its own tasks is built on the first name the folders lack, so a
+    process whose tasks are all local never pays for it."""
+    from evomerge.scoring.tasks import TaskCatalog
+
+    catalog = TaskCatalog(include_defaults=True)
+    assert set(catalog.build("zoo_add_search")) == {"zoo_add_search"}
+    assert catalog.manager is catalog._local  # not indexed
+    with pytest.raises(TaskError):
+        catalog.build("no_such_task_anywhere")
+    assert catalog.manager is not catalog._local and "arc_easy" in catalog.manager.task_index

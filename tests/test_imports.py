@@ -94,7 +94,7 @@ LAYERS = [
                     "evomerge.interrupts"]),
     ("files", ["evomerge.io"]),
     ("merge core", ["evomerge.merge", "evomerge.merge.registry", "evomerge.merge.methods", "evomerge.merge.kernels",
-                    "evomerge.merge.layout"]),
+                    "evomerge.merge.layout", "evomerge.merge.vocab"]),
     ("recipes", ["evomerge.recipe", "evomerge.io.verify", "evomerge.merge.plan", "evomerge.merge.materialize"]),
     ("scoring", ["evomerge.scoring"]),
     ("candidates", ["evomerge.space", "evomerge.portfolio", "evomerge.evaluator"]),

@@ -166,6 +166,61 @@ RECIPES = {
         "models": [{"model": "add"}, {"model": "reverse"}],
         "parameters": {"filter_wise": True},
     },
+    "sce": {
+        "merge_method": "sce",
+        "base_model": "base",
+        "models": [{"model": "add"}, {"model": "reverse"}],
+        "parameters": {"select_topk": [{"filter": "mlp", "value": [0.3, 0.9]}, {"value": 0.6}]},
+    },
+    "sce_all": {
+        "merge_method": "sce",
+        "base_model": "base",
+        "models": [{"model": "add"}, {"model": "reverse"}],
+    },
+    "karcher": {
+        "merge_method": "karcher",
+        "models": [{"model": "add"}, {"model": "reverse"}, {"model": "base"}],
+        "parameters": {"max_iter": 5},
+    },
+    "multislerp": {
+        "merge_method": "multislerp",
+        "base_model": "base",
+        "models": [
+            {"model": "add", "parameters": {"weight": [0.2, 0.8]}},
+            {"model": "reverse", "parameters": {"weight": [{"filter": "self_attn", "value": 0.7}, {"value": 0.4}]}},
+        ],
+    },
+    "multislerp_no_base": {
+        "merge_method": "multislerp",
+        "models": [
+            {"model": "add", "parameters": {"weight": 0.3}},
+            {"model": "reverse", "parameters": {"weight": 0.6}},
+        ],
+        "parameters": {"normalize_weights": False},
+    },
+    "nearswap": {
+        "merge_method": "nearswap",
+        "base_model": "base",
+        "models": [{"model": "add"}],
+        "parameters": {"t": [{"filter": "mlp", "value": [0.0005, 0.005]}, {"value": 0.002}]},
+    },
+    "arcee_fusion": {
+        "merge_method": "arcee_fusion",
+        "base_model": "base",
+        "models": [{"model": "add"}],
+    },
+    "ram": {
+        "merge_method": "ram",
+        "base_model": "base",
+        "models": [{"model": "add"}, {"model": "reverse"}],
+        "parameters": {"epsilon": 0.001},
+    },
+    "ramplus_tl": {
+        "merge_method": "ramplus_tl",
+        "base_model": "base",
+        "models": [{"model": "add"}, {"model": "reverse"}],
+        "parameters": {"r": [0.1, 0.8], "alpha": 0.5},
+    },
     "passthrough": {
         "merge_method": "passthrough",
         "models": [{"model": "add", "parameters": {"scale": [{"filter": "mlp", "value": 0.5}]}}],

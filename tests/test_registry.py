@@ -61,7 +61,25 @@ def test_the_derived_lists_come_from_the_registry():
     assert SPARSIFYING == {m for m, info in REGISTRY.items() if info.sparsifies}
     assert REFINABLE == {m for m, info in REGISTRY.items() if info.refinable}
     assert COMMON_METHODS == names(portfolio=True)
-    assert COMMON_METHODS == ("task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs", "slerp")
+    assert COMMON_METHODS == (
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "della",
+        "breadcrumbs",
+        "slerp",
+        "sce",
+        "multislerp",
+    )
+
+
+def test_every_method_mergekit_registers_is_registered():
+    """Design decision 10: every method mergekit 0.1.5 registers runs in `evomerge merge` (so each has a parity case,
+    tests/test_merge_parity.py)."""
+    from mergekit.merge_methods.registry import registered_methods
+
+    theirs = {m.spec.name for m in registered_methods()}
+    assert len(theirs) == 20 and set(REGISTRY) == theirs
 
 
 @pytest.mark.parametrize("name", METHODS)

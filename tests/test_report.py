@@ -82,6 +82,8 @@ def test_rows_cover_sources_defaults_oracle_and_evolved(ties_report):
         "dare_ties (defaults)",
         "della (defaults)",
         "breadcrumbs (defaults)",
+        "sce (defaults)",
+        "multislerp (defaults)",
     ]
     assert "slerp" in c.skipped  # slerp merges the base with one model; this study merges two
     assert c.tasks == ["zoo_add", "zoo_reverse"] and c.metrics == {"zoo_add": "acc", "zoo_reverse": "acc"}

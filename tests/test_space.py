@@ -209,3 +209,37 @@ def test_projections_are_each_layer_matrix_of_the_architecture(arch_family, arch
             )
             slot = f"weight.a.{kinds[0]}.g{layer}"
             assert got == pytest.approx(point[slot]), name
+
+
+@pytest.mark.parametrize("name", SPACES)
+def test_every_shipped_space_merges_the_zoo(tiny_zoo, name):
+    """Its default merge and a random point run through the merge engine (mergekit's kernels or evomerge's) into
+    a resident model: finite weights that moved away from the base."""
+    import torch
+    from safetensors.torch import load_file
+
+    from evomerge.merge.materialize import Materializer
+
+    spec = load_space_spec(name)
+    models = [tiny_zoo / "add"] if spec.max_models == 1 else [tiny_zoo / "add", tiny_zoo / "reverse"]
+    space = SearchSpace.over(spec, tiny_zoo / "base")
+    mat = Materializer(models, tiny_zoo / "base")
+    base = load_file(tiny_zoo / "base" / "model.safetensors")
+    for point in (space.defaults(models), random_point(space, models, seed=1)):
+        mat.apply(space.to_recipe(point, models, tiny_zoo / "base", spec.methods[0], seed=0))
+        merged = {n: t.detach() for n, t in mat.model.state_dict().items()}
+        assert all(torch.isfinite(t).all() for t in merged.values())
+        assert any(not torch.equal(merged[n], base[n]) for n in base)
+
+
+def test_per_model_parameters_and_baseline_ends_come_from_each_methods_entry():
+    """Per model or shared is the method's own (DELLA's epsilon per model, RAM's shared); only a `t` that runs from
+    the base to the model (slerp, not NearSwap's threshold) has both ends as baselines."""
+    ram = SpaceSpec(methods=["ramplus_tl"], parameters={"epsilon": {"low": 1e-6, "high": 1e-3}})
+    della = SpaceSpec(methods=["della"], parameters={"epsilon": {"low": 0.0, "high": 0.2}})
+    assert not ram.per_model("epsilon") and della.per_model("epsilon")
+    assert [s.model for s in SearchSpace(ram, 4).slots(["/z/a", "/z/b"])] == [None]
+    nearswap = SearchSpace(load_space_spec("nearswap"), num_layers=4)
+    assert [label for label, _ in nearswap.baselines(["/z/add"])] == ["defaults"]
+    recipe = nearswap.to_recipe(nearswap.defaults(["/z/add"]), ["/z/add"], "/z/base", "nearswap", seed=0)
+    assert recipe.parameters["t"] == 1e-4 and recipe.models[0].parameters is None

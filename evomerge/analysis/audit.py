@@ -102,6 +102,7 @@ class AuditReport(BaseModel):
     sample: int
     seed: int
     groups: list[GroupStats]
+    vocabulary: list[str] = []  # one line per model whose vocabulary differs from the base's (added tokens)
 
     def rows(self) -> list[str]:
         """Row names in model order (embed, layer 0..N-1, norm, lm_head)."""
@@ -347,16 +348,20 @@ def load_inputs(path: Path | str) -> tuple[Path, list[Path]]:
 
 
 def _resolve(yaml_path: Path, field_name: str, value: Any) -> Path:
+    """A model reference made absolute (each half of `BASE+ADAPTER`), its folders checked."""
+    from evomerge.io.inputs import resolve_ref, split_ref
+
     if not isinstance(value, (str, Path)):
         raise ConfigError(f"{yaml_path}: field `{field_name}` must be a model directory path, got {value!r}")
-    p = Path(value).expanduser()
-    p = p if p.is_absolute() else (yaml_path.parent / p)
-    if not p.is_dir():
-        raise ModelError(
-            f"{yaml_path}: field `{field_name}`: model directory {p} does not exist; fix the path "
-            "(relative paths resolve from the YAML's folder)"
-        )
-    return p.resolve()
+    ref = resolve_ref(str(Path(str(value)).expanduser()), yaml_path.parent.resolve())
+    for part in filter(None, split_ref(ref)):
+        if not Path(part).is_dir():
+            raise ModelError(
+                f"{yaml_path}: field `{field_name}`: model directory {part} does not exist; fix the path "
+                "(relative paths resolve from the YAML's folder)"
+            )
+    model, adapter = split_ref(ref)
+    return Path(model).resolve() if adapter is None else Path(f"{Path(model).resolve()}+{Path(adapter).resolve()}")
 
 
 def _recipe_inputs(path: Path) -> tuple[Path, list[Path]]:
@@ -374,20 +379,70 @@ def _recipe_inputs(path: Path) -> tuple[Path, list[Path]]:
 
 
 def audit_dirs(
-    base: Path,
-    models: Sequence[Path],
+    base: Path | str,
+    models: Sequence[Path | str],
     sample: int = SAMPLE,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     allow_config_mismatch: bool = False,
 ) -> AuditReport:
-    """Open the checkpoints, check they are compatible (ModelError naming the first mismatch), audit them."""
-    from evomerge.io.checkpoint import Checkpoint, check_compatible
+    """Open the checkpoints (full ones or LoRA adapters over `base`), check they are compatible (ModelError naming
+    the first mismatch; vocabularies may differ), audit them. Where a model's vocabulary differs from the base's,
+    the report lists the difference and its embeddings and head are compared over the base's tokens (rows of
+    tokens it lacks: the base's, as a `tokenizer_source: base` merge lays them out)."""
+    from evomerge.io.checkpoint import check_compatible
+    from evomerge.io.inputs import open_inputs
 
-    ckpts = [Checkpoint(p) for p in [base, *models]]
-    check_compatible(ckpts, allow_config_mismatch=allow_config_mismatch)
-    labels = _labels([base, *models])
-    return audit(ckpts[0], ckpts[1:], labels=(labels[0], labels[1:]), sample=sample, seed=seed, progress=progress)
+    refs = [str(base), *map(str, models)]
+    opened = open_inputs(refs, str(base))
+    ckpts = [opened[r] for r in refs]
+    check_compatible(ckpts, allow_config_mismatch=allow_config_mismatch, vocab_may_differ=True)
+    labels = _labels([Path(r) for r in refs])
+    lines, sources = _vocab_aligned(ckpts, labels)
+    report = audit(sources[0], sources[1:], labels=(labels[0], labels[1:]), sample=sample, seed=seed, progress=progress)
+    return report.model_copy(update={"vocabulary": lines})
+
+
+def _vocab_aligned(ckpts: Sequence[Any], labels: Sequence[str]) -> tuple[list[str], list[TensorSource]]:
+    """The vocabularies' differences, one line per model that differs, and each checkpoint as the audit reads it
+    (a model with another vocabulary aligned to the base's)."""
+    from evomerge.io.checkpoint import vocab_rows
+    from evomerge.io.tokenizers import has_tokenizer
+    from evomerge.merge.vocab import input_vocabs
+
+    if all(c.vocab() == ckpts[0].vocab() and vocab_rows(c) == vocab_rows(ckpts[0]) for c in ckpts[1:]):
+        return [], list(ckpts)
+    if not all(has_tokenizer(c.model_dir) for c in ckpts):
+        return [], list(ckpts)  # tensor shapes were checked: nothing to align
+    from evomerge.merge.vocab import describe_difference, vocab_plan_for
+
+    keyed = dict(zip(labels, ckpts))
+    lines = describe_difference(labels[0], input_vocabs(keyed))
+    sources: list[TensorSource] = []
+    for label, ckpt in list(keyed.items())[1:]:
+        plan = vocab_plan_for("base", {labels[0]: ckpts[0], label: ckpt}, labels[0])
+        if not sources:  # the base too, in its own vocabulary (rows past its tokenizer's, padding, left out)
+            sources.append(_InBaseVocab(ckpts[0], ckpts[0], plan, labels[0], labels[0]))
+        sources.append(_InBaseVocab(ckpts[0], ckpt, plan, label, labels[0]))
+    return lines, sources
+
+
+class _InBaseVocab:
+    """A model read with its vocabulary tensors laid out in the base's vocabulary."""
+
+    def __init__(self, base: Any, model: Any, plan: Any, key: str, base_key: str):
+        self.base, self.model, self.plan, self.key, self.base_key = base, model, plan, key, base_key
+
+    def tensor_names(self) -> Sequence[str]:
+        return self.model.tensor_names()
+
+    def get(self, name: str) -> torch.Tensor:
+        from evomerge.merge.vocab import align_rows
+
+        if name not in self.plan.tensors:
+            return self.model.get(name)
+        maps = [self.plan.maps[self.base_key], self.plan.maps[self.key]]
+        return align_rows([self.base.get(name), self.model.get(name)], maps, base=0)[1]
 
 
 def _labels(paths: Sequence[Path]) -> list[str]:

@@ -120,6 +120,7 @@ def probe(
     log: Callable[[str], None] | None = None,
     include_defaults: bool = False,
     allow_config_mismatch: bool = False,
+    tokenizer_source: str | None = None,
 ) -> ProbeReport:
     """Score the probes (see the module docstring); `tasks` are TaskSpecs (or names) with their metric."""
     from evomerge.evaluator import Evaluator
@@ -134,6 +135,7 @@ def probe(
         seed=seed,
         include_defaults=include_defaults,
         allow_config_mismatch=allow_config_mismatch,
+        tokenizer_source=tokenizer_source,
     )
     prober = _Prober(ev, base, paths, seed, log or (lambda _msg: None))
     report = prober.owners()

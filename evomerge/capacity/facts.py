@@ -58,16 +58,18 @@ class ModelFacts:
     def of_inputs(
         cls, base: str | os.PathLike, models: Sequence[str | os.PathLike], dtype: str | None = None
     ) -> ModelFacts:
-        """From the inputs' safetensors headers and the base's config.json."""
+        """From the inputs' safetensors headers and the base's config.json. A LoRA adapter among `models` (a folder
+        over `base`, or `BASE+ADAPTER`) counts its own files: its base is mapped once, with the base."""
         from evomerge.io.checkpoint import Checkpoint
+        from evomerge.io.inputs import split_ref
 
-        ckpts = [Checkpoint(m) for m in models] + [Checkpoint(base)]
-        ref = ckpts[-1]
+        base_folder, _ = split_ref(base)
+        ref = Checkpoint(base_folder)
         names = ref.tensor_names()
         numel = {n: _numel(ref.shape(n)) for n in names}
         return cls.of_config(
             ref.config,
-            input_bytes=[c.nbytes() for c in ckpts],
+            input_bytes=_input_bytes(base, models),
             dtype=dtype,
             largest=max(numel.values(), default=0),
             stored_params=sum(numel.values()),
@@ -118,6 +120,29 @@ class ModelFacts:
             config=dict(config),
             **shape,
         )
+
+
+def _input_bytes(base: str | os.PathLike, models: Sequence[str | os.PathLike]) -> list[int]:
+    """Each input's weight bytes as stored, the base last; an adapter's are its own files', plus its base's where
+    that is a full model not counted yet (the worker maps each full checkpoint once, `io.inputs.open_inputs`)."""
+    from evomerge.io.checkpoint import Checkpoint
+    from evomerge.io.inputs import ref_key, split_ref
+    from evomerge.io.lora import adapter_nbytes, is_adapter
+
+    base_folder, base_adapter = split_ref(base)
+    counted = {ref_key(base_folder)}
+    out = []
+    for ref in models:
+        model, adapter = split_ref(ref)
+        if adapter is None and is_adapter(model):
+            model, adapter = base_folder, model  # an adapter folder named alone merges over the base
+        if adapter is None:
+            out.append(Checkpoint(model).nbytes())
+            continue
+        own = 0 if ref_key(model) in counted else Checkpoint(model).nbytes()
+        counted.add(ref_key(model))
+        out.append(adapter_nbytes(adapter) + own)
+    return [*out, Checkpoint(base_folder).nbytes() + (adapter_nbytes(base_adapter) if base_adapter else 0)]
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -64,10 +64,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import sys
 
-    from evomerge.analysis.audit import audit_dirs, format_table, load_inputs, summary
+    from evomerge.analysis.audit import audit_dirs, load_inputs
     from evomerge.errors import ConfigError
 
     if args.plan:
@@ -97,17 +96,44 @@ def run(args: argparse.Namespace) -> int:
 
         plot_audit(report, args.plot)
     if args.json:
-        out = {**report.model_dump(mode="json"), "summary": summary(report)}
-        if probed is not None:
-            from evomerge.analysis.probe import probe_summary
+        _print_json(report, probed)
+    else:
+        _print_text(report, probed, args.plot)
+    return 0
 
-            out["probe"] = {**probed.to_dict(), "summary": probe_summary(probed)}
-        print(json.dumps(out, indent=2))
-        return 0
-    print(
-        f"compatible: {report.base} + {', '.join(report.models)}: same architecture, {report.n_tensors} tensors "
-        f"with matching names and shapes, same tokenizer vocab ({report.n_params:,} parameters)"
-    )
+
+def _print_json(report, probed) -> None:
+    import json
+
+    from evomerge.analysis.audit import summary
+
+    out = {**report.model_dump(mode="json"), "summary": summary(report)}
+    if probed is not None:
+        from evomerge.analysis.probe import probe_summary
+
+        out["probe"] = {**probed.to_dict(), "summary": probe_summary(probed)}
+    print(json.dumps(out, indent=2))
+
+
+def _print_text(report, probed, plot) -> None:
+    from evomerge.analysis.audit import format_table, summary
+
+    names = f"{report.base} + {', '.join(report.models)}: same architecture, {report.n_tensors} tensors"
+    if report.vocabulary:
+        print(
+            f"compatible: {names} with matching names and shapes but for the vocabulary rows "
+            f"({report.n_params:,} parameters); the vocabularies differ:"
+        )
+        for line in report.vocabulary:
+            print(f"  {line}")
+        print(
+            "  A merge of these models needs tokenizer_source (union: every model's tokens; base: the base's; or a "
+            "model folder); below, embeddings and head are compared over the base's tokens."
+        )
+    else:
+        print(
+            f"compatible: {names} with matching names and shapes, same tokenizer vocab ({report.n_params:,} parameters)"
+        )
     print()
     print(format_table(report))
     print()
@@ -121,9 +147,8 @@ def run(args: argparse.Namespace) -> int:
         print()
         for line in probe_summary(probed):
             print(line)
-    if args.plot:
-        print(f"\nheatmap written to {args.plot}")
-    return 0
+    if plot:
+        print(f"\nheatmap written to {plot}")
 
 
 @contextlib.contextmanager
@@ -197,6 +222,7 @@ def _probe(cfg, args: argparse.Namespace, show: bool):
         log=log,
         include_defaults=cfg.tasks.include_defaults,
         allow_config_mismatch=args.allow_config_mismatch,
+        tokenizer_source=cfg.tokenizer_source,
     )
 
 

@@ -42,6 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from evomerge.errors import TaskError
     from evomerge.scoring import TaskSpec, evaluate_model_dir
+    from evomerge.scoring.scorer import EVERY_METRIC
     from evomerge.tables import text_table
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise TaskError("--tasks is empty; name at least one task, e.g. --tasks zoo_add,zoo_reverse")
     if args.limit_subset is not None and args.limit_subset < 1:
         raise TaskError(f"--limit-subset must be at least 1, got {args.limit_subset}")
-    specs = [TaskSpec(name=n, subset=args.limit_subset) for n in names]
+    specs = [TaskSpec(name=n, subset=args.limit_subset, metric=EVERY_METRIC) for n in names]  # every metric printed
     scores = evaluate_model_dir(
         args.model_dir,
         specs,

@@ -141,8 +141,13 @@ class Checkpoint:
             return self._tensor_or_raise(name).dtype
         return getattr(torch, _ST_DTYPES[self._entry(name).dtype][0])
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor, backed by the mapped file (read-only by contract: never modify it in place)."""
+    def get(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """The tensor, backed by the mapped file (read-only by contract: never modify it in place); with `device`,
+        a copy there (the CPU: the mapped tensor itself)."""
+        tensor = self._get(name)
+        return tensor if device is None else tensor.to(device)
+
+    def _get(self, name: str) -> torch.Tensor:
         import torch
 
         if self._pickled is not None:
@@ -210,6 +215,11 @@ class Checkpoint:
     @property
     def num_layers(self) -> int | None:
         return config_num_layers(self.config)
+
+    @property
+    def model_dir(self) -> Path:
+        """The folder of this model's config.json and tokenizer (its own)."""
+        return self.path
 
     @property
     def architecture(self) -> str:
@@ -325,46 +335,70 @@ def _show(value: Any) -> str:
     return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+VOCAB_HINT = (
+    "merge them with `tokenizer_source: union` (or `base`, or a model folder) in the recipe or search config, "
+    "which lays each model's embedding rows out in one output vocabulary"
+)
+
+
 def config_mismatch(
-    ref: Checkpoint | tuple[Path, dict], other: Checkpoint | tuple[Path, dict], *, layers: bool = True
+    ref: Checkpoint | tuple[Path, dict],
+    other: Checkpoint | tuple[Path, dict],
+    *,
+    layers: bool = True,
+    vocab: bool = True,
 ) -> str | None:
     """The first shape-defining config.json field on which `other` differs from `ref`, as a message; None if none.
-    Each is a Checkpoint or a (folder, config) pair (a config.json read without the weights).
-    `layers=False` leaves num_hidden_layers out (a `slices:` recipe takes layer ranges from models of any depth)."""
-    ref_path, ref_config = (ref.path, ref.config) if isinstance(ref, Checkpoint) else ref
-    other_path, other_config = (other.path, other.config) if isinstance(other, Checkpoint) else other
+    Each is a Checkpoint (or a LoRA adapter's reader) or a (folder, config) pair (a config.json read without the
+    weights). `layers=False` leaves num_hidden_layers out (a `slices:` recipe takes layer ranges from models of any
+    depth); `vocab=False` leaves vocab_size out (a `tokenizer_source` merge aligns the vocabularies)."""
+    ref_path, ref_config = ref if isinstance(ref, tuple) else (ref.path, ref.config)
+    other_path, other_config = other if isinstance(other, tuple) else (other.path, other.config)
     for field, _ in SHAPE_FIELDS:
-        if field == "num_hidden_layers" and not layers:
+        if (field == "num_hidden_layers" and not layers) or (field == "vocab_size" and not vocab):
             continue
         _, a = config_field(ref_config, field)
         other_key, b = config_field(other_config, field)
         if a != b:
+            fix = f"{VOCAB_HINT}, " if field == "vocab_size" else "merge models of one architecture and size, "
             return (
-                f"{other_path}: config.json {other_key} is {_show(b)}, but {ref_path} has {_show(a)}; merge models of "
-                "one architecture and size, or pass --allow-config-mismatch (search config: allow_config_mismatch: "
-                "true) if their tensors are meant to merge anyway"
+                f"{other_path}: config.json {other_key} is {_show(b)}, but {ref_path} has {_show(a)}; {fix}or pass "
+                "--allow-config-mismatch (search config: allow_config_mismatch: true) if their tensors are meant to "
+                "merge anyway"
             )
     return None
 
 
+def vocab_rows(checkpoint: Checkpoint) -> int | None:
+    """Rows of the model's embeddings and head: config.json vocab_size (None when absent)."""
+    _, value = config_field(checkpoint.config, "vocab_size")
+    return value if isinstance(value, int) else None
+
+
 def check_compatible(
-    checkpoints: Sequence[Checkpoint], *, allow_config_mismatch: bool = False, layers: bool = True
+    checkpoints: Sequence[Checkpoint],
+    *,
+    allow_config_mismatch: bool = False,
+    layers: bool = True,
+    vocab_may_differ: bool = False,
 ) -> None:
     """Same shape-defining config (`SHAPE_FIELDS`, unless `allow_config_mismatch`), tensor names, shapes and tokenizer
     vocabulary as `checkpoints[0]` (put the base first), or ModelError naming the first mismatch. `layers=False`
     (a `slices:` recipe) compares the config and the vocabulary only: the slices decide which tensors are read,
-    and the merge checks them tensor by tensor."""
+    and the merge checks them tensor by tensor. `vocab_may_differ` (a `tokenizer_source` merge, or the audit):
+    vocab_size, the tokenizers and the embedding and head rows may differ."""
     if not checkpoints:
         raise ModelError("no input models to merge")
     ref = checkpoints[0]
     ref_names = ref.tensor_names()
     ref_set = set(ref_names)
     for other in checkpoints[1:]:
-        why = None if allow_config_mismatch else config_mismatch(ref, other, layers=layers)
+        why = None if allow_config_mismatch else config_mismatch(ref, other, layers=layers, vocab=not vocab_may_differ)
         if why is not None:
             raise ModelError(why)
         if not layers:
-            _check_vocab(ref, other)
+            if not vocab_may_differ:
+                _check_vocab(ref, other)
             continue
         names = set(other.tensor_names())
         missing = [n for n in ref_names if n not in names]
@@ -374,12 +408,21 @@ def check_compatible(
         if extra:
             raise ModelError(f"{other.path}: has tensor {extra[0]}, which {ref.path} lacks")
         for name in ref_names:
-            if other.shape(name) != ref.shape(name):
+            if other.shape(name) != ref.shape(name) and not (vocab_may_differ and _rows_only(ref, other, name)):
+                hint = f"; {VOCAB_HINT}" if _rows_only(ref, other, name) else ""
                 raise ModelError(
                     f"{other.path}: tensor {name} has shape {list(other.shape(name))}, "
-                    f"but {ref.path} has {list(ref.shape(name))}"
+                    f"but {ref.path} has {list(ref.shape(name))}{hint}"
                 )
-        _check_vocab(ref, other)
+        if not vocab_may_differ:
+            _check_vocab(ref, other)
+
+
+def _rows_only(ref: Checkpoint, other: Checkpoint, name: str) -> bool:
+    """Whether tensor `name` differs between the two only in its vocabulary rows (an embedding or head: its first
+    dimension is each model's vocab_size)."""
+    a, b = ref.shape(name), other.shape(name)
+    return bool(a) and a[1:] == b[1:] and a[0] == vocab_rows(ref) and b[0] == vocab_rows(other)
 
 
 def _check_vocab(ref: Checkpoint, other: Checkpoint) -> None:
@@ -387,7 +430,4 @@ def _check_vocab(ref: Checkpoint, other: Checkpoint) -> None:
     if a is not None and b is not None and a != b:
         diff = sorted(set(a.items()) ^ set(b.items()))
         hint = f" (first difference: token {diff[0][0]!r})" if diff else ""
-        raise ModelError(
-            f"{other.path}: tokenizer vocabulary differs from {ref.path}{hint}; "
-            "models merged together must share one tokenizer"
-        )
+        raise ModelError(f"{other.path}: tokenizer vocabulary differs from {ref.path}{hint}; {VOCAB_HINT}")

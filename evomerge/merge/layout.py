@@ -82,7 +82,7 @@ class Layout:
         names = tuple(checkpoint.tensor_names())
         counted = 1 + max((i for i in map(layer_index, names) if i is not None), default=-1)
         num_layers = checkpoint.num_layers if checkpoint.num_layers is not None else counted
-        dups = tied_in_config(checkpoint.path, names) if tied else frozenset()
+        dups = tied_in_config(checkpoint.model_dir, names) if tied else frozenset()
         return cls(checkpoint.architecture, names, num_layers, dups)
 
     @classmethod

@@ -17,7 +17,6 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from evomerge.errors import CandidateError, ConfigError, ModelError
@@ -30,6 +29,8 @@ if TYPE_CHECKING:
     import torch
     from mergekit.merge_methods import MergeMethod
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from evomerge.merge.vocab import VocabPlan
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -130,12 +131,17 @@ def merged_tensors(
     *,
     plan: Plan | None = None,
     release: bool = False,
+    vocab: VocabPlan | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, merged tensor) for every output tensor; `checkpoints` align with `recipe.input_models()`.
+    """(name, merged tensor) for every output tensor; `checkpoints` (full checkpoints or LoRA adapters over one)
+    align with `recipe.input_models()`.
 
     With `targets` (name -> destination tensor), a kernel may write the result straight into the
     destination and yield it; otherwise the caller copies what is yielded. `plan`: the recipe planned over the
-    reference checkpoint (default `plan_for`); `release`: drop each tensor's input pages once the caller has it.
+    reference checkpoint (default `plan_for`); `release`: drop each tensor's input pages once the caller has it;
+    `vocab` (a `tokenizer_source` merge, keyed by the recipe's model names): the vocabulary tensors' rows are laid
+    out in the output vocabulary first (`evomerge.merge.vocab.align_rows`). A LoRA input's delta is formed where
+    the destination lives.
 
     The one per-tensor merge loop, shared by `Materializer.apply` and `export_recipe`.
     Raises CandidateError when a merged tensor holds NaN or Inf.
@@ -153,10 +159,15 @@ def merged_tensors(
     models = [e.model for e in recipe.models or []]
     for job in plan.jobs():
         target = targets.get(job.name) if targets is not None else None
-        tensors = [by_model[m].get(src) for m, src in zip(job.inputs, job.sources)]
+        # the model's device, unless row coefficients scale the inputs first (their multipliers are on the CPU)
+        on_device = target is not None and target.device.type != "cpu"
+        device = target.device if on_device and coefficients is None else None
+        tensors = [by_model[m].get(src, device) for m, src in zip(job.inputs, job.sources)]
+        if vocab is not None and job.name in vocab.tensors:
+            tensors = _aligned(vocab, job.inputs, job.base_model, tensors, dtype)
         if coefficients is not None and job.base_model is not None:
             tensors = coefficients.scale(job.name, tensors, models, job.inputs, job.base_model)
-        if target is not None and target.device.type != "cpu":  # merge where the resident model lives
+        if on_device and device is None:
             tensors = [t.to(target.device) for t in tensors]
         with kernel_threads():  # single-threaded ops here, evomerge's kernels spread over the CPUs
             result = merge_tensor(
@@ -203,6 +214,18 @@ def _coefficients(recipe: Recipe, plan: Plan, by_model: dict[str, Checkpoint]):
     return loaded
 
 
+def _aligned(
+    vocab: VocabPlan, inputs: Sequence[str], base: str | None, tensors: list[torch.Tensor], dtype: torch.dtype | None
+) -> list[torch.Tensor]:
+    """One vocabulary tensor of each input in the output vocabulary (in the recipe's dtype, as mergekit casts first)."""
+    from evomerge.merge.vocab import align_rows
+
+    if dtype is not None:
+        tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
+    position = list(inputs).index(base) if base in inputs else None
+    return align_rows(tensors, [vocab.maps[m] for m in inputs], position)
+
+
 def plan_for(recipe: Recipe, checkpoints: Sequence[Checkpoint], layout: Layout | None = None) -> Plan:
     """`recipe` planned over its reference checkpoint (base_model, else the first input); `layout` defaults to that
     checkpoint's names, with no tied duplicates."""
@@ -221,8 +244,11 @@ def _finite(t: torch.Tensor) -> bool:
 
 
 def input_key(path: str | os.PathLike) -> str:
-    """The id an input model is loaded under (and a recipe's models are mapped to): its resolved path."""
-    return str(Path(path).expanduser().resolve())
+    """The id an input model is loaded under (and a recipe's models are mapped to): its resolved path (each half
+    of `BASE+ADAPTER` resolved)."""
+    from evomerge.io.inputs import ref_key
+
+    return ref_key(path)
 
 
 class Materializer:
@@ -245,27 +271,38 @@ class Materializer:
         trust_remote_code: bool = False,
         device: str | Sequence[str] = "cpu",
         allow_config_mismatch: bool = False,
+        tokenizer_source: str | None = None,
     ):
         """`device`: where the resident model lives and evaluates ("cuda" on a GPU worker), or several devices
         (["cuda:0", "cuda:1"]: the model split over them, `merge.placement`); each merged tensor is computed on
-        its parameter's device (its inputs copied from the memory-mapped CPU files) and written into the
-        parameter. `allow_config_mismatch`: merge models whose config.json differ in shape-defining fields when
-        their tensors match."""
+        its parameter's device (its inputs copied from the memory-mapped CPU files, a LoRA adapter's factors with
+        them) and written into the parameter. `allow_config_mismatch`: merge models whose config.json differ in
+        shape-defining fields when their tensors match. `tokenizer_source` (union, base or a tokenizer folder):
+        the resident model and tokenizer take the output vocabulary, and every recipe merges its embeddings and
+        head there. An adapter folder among `models` merges over `base_model`, which it shares with the others."""
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from evomerge.io.inputs import open_inputs
 
         keys = [input_key(m) for m in models]
         if base_model is not None and input_key(base_model) not in keys:
             keys.append(input_key(base_model))
         self.inputs = keys
         self.base_model = input_key(base_model) if base_model is not None else None
-        self._checkpoints = {k: Checkpoint(k, allow_pickle=allow_pickle) for k in keys}
+        self._checkpoints = open_inputs(keys, self.base_model, allow_pickle=allow_pickle)
         ref = self.base_model or keys[0]
         check_compatible(
             [self._checkpoints[ref]] + [c for k, c in self._checkpoints.items() if k != ref],
             allow_config_mismatch=allow_config_mismatch,
+            vocab_may_differ=tokenizer_source is not None,
         )
-        config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        self.tokenizer_source = _source_key(tokenizer_source)
+        self.vocab = self._vocab_plan(ref)
+        model_dir = str(self._checkpoints[ref].model_dir)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        if self.vocab is not None:  # the resident model has one row per token of the output vocabulary
+            config.get_text_config().vocab_size = self.vocab.rows
         model_dtype = torch_dtype(dtype) or _config_dtype(config) or torch.float32
         devices = [device] if isinstance(device, str) else list(device)
         if devices == ["cpu"]:
@@ -282,7 +319,27 @@ class Materializer:
 
             self.model = resident_model(config, model_dtype, devices, trust_remote_code=trust_remote_code)
         self.devices = devices
-        self.tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        self.tokenizer = self._tokenizer(model_dir, trust_remote_code)
+        self._bind(ref)
+
+    def _vocab_plan(self, ref: str) -> VocabPlan | None:
+        from evomerge.merge.vocab import vocab_plan_for
+
+        if self.tokenizer_source is None:
+            return None
+        return vocab_plan_for(self.tokenizer_source, self._checkpoints, self.base_model or ref)
+
+    def _tokenizer(self, model_dir: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+        from transformers import AutoTokenizer
+
+        if self.vocab is None:
+            return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        from evomerge.merge.vocab import output_tokenizer
+
+        return output_tokenizer(self.vocab, model_dir)
+
+    def _bind(self, ref: str) -> None:
+        """Each stored tensor's place in the resident model (keyed by the stored names)."""
         state = self.model.state_dict()
         names = self._checkpoints[ref].tensor_names()
         renamed = model_names(self.model, names)  # stored name -> the model's (GPT-NeoX: embed_out -> lm_head)
@@ -305,6 +362,15 @@ class Materializer:
     def checkpoints(self) -> list[Checkpoint]:
         return list(self._checkpoints.values())
 
+    def input_tensor(self, model: str | os.PathLike, name: str) -> torch.Tensor:
+        """One input's tensor as a merge reads it: a LoRA adapter's delta formed, vocabulary rows laid out in the
+        output vocabulary (`tokenizer_source`)."""
+        key = input_key(model)
+        if self.vocab is None or name not in self.vocab.tensors:
+            return self._checkpoints[key].get(name)
+        tensors = [self._checkpoints[k].get(name) for k in self.inputs]
+        return _aligned(self.vocab, self.inputs, self.base_model, tensors, None)[self.inputs.index(key)]
+
     @property
     def targets(self) -> dict[str, torch.Tensor]:
         """name -> the resident model's tensor: what `apply` writes into."""
@@ -320,6 +386,11 @@ class Materializer:
             )
         if recipe.base_model is not None and input_key(recipe.base_model) != self.base_model:
             raise ConfigError(f"recipe base_model {recipe.base_model} is not this worker's base ({self.base_model})")
+        if recipe.tokenizer_source is not None and _source_key(recipe.tokenizer_source) != self.tokenizer_source:
+            raise ConfigError(
+                f"recipe tokenizer_source {recipe.tokenizer_source} is not this worker's ({self.tokenizer_source}); "
+                "a search merges every candidate into one vocabulary: set tokenizer_source in the search config"
+            )
         recipe = recipe.map_models(input_key)  # ids match the loaded checkpoints
         checkpoints = [self._checkpoints[k] for k in recipe.input_models()]
         plan = Plan(recipe, layout=self.layout, layers_of=self._depths)
@@ -329,10 +400,17 @@ class Materializer:
                 "inputs; a search merges into a resident model of the base's shape: stack layers with `evomerge merge`"
             )
         with torch.no_grad():
-            for name, tensor in merged_tensors(recipe, checkpoints, self._targets, plan=plan):
+            for name, tensor in merged_tensors(recipe, checkpoints, self._targets, plan=plan, vocab=self.vocab):
                 target = self._targets[name]
                 if tensor is not target:
                     target.copy_(tensor)
+
+
+def _source_key(source: str | None) -> str | None:
+    """A tokenizer_source as compared between a worker and a recipe (a folder resolved)."""
+    if source is None or source in ("union", "base"):
+        return source
+    return input_key(source)
 
 
 def _config_dtype(config) -> torch.dtype | None:

@@ -26,6 +26,7 @@ it. A method that sparsifies gets a kernel in merge/kernels/gta.py before `spars
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -75,9 +76,14 @@ class MethodInfo:
     max_models: int | None = None  # models merged into base_model at most; None: any number
     sparsifies: bool = False  # evomerge-1 has its own (deterministic) kernel for it
     refinable: bool = False  # the gradient refinement can move its weights
+    endpoints: bool = False  # its `t` runs from base_model (0) to the other model (1): both ends are baselines
 
 
-DENSITY = Interval(0.0, 1.0, low_closed=False)  # mergekit divides by it (DARE's rescale) and keeps int(d * n)
+DENSITY = Interval(0.0, 1.0, low_closed=False)
+NON_NEGATIVE = Interval(0.0, math.inf, high_closed=False)
+POSITIVE = Interval(
+    0.0, math.inf, low_closed=False, high_closed=False
+)  # mergekit divides by it (DARE's rescale) and keeps int(d * n)
 UNIT = Interval(0.0, 1.0)
 BELOW_ONE = Interval(0.0, 1.0, high_closed=False)  # breadcrumbs' gamma, DELLA's epsilon: fractions, never all
 
@@ -125,7 +131,7 @@ _METHODS = [
         sparsifies=True,
         refinable=True,
     ),
-    MethodInfo("slerp", {"t": Param(interval=UNIT)}, space="slerp", portfolio=True, max_models=1),
+    MethodInfo("slerp", {"t": Param(interval=UNIT)}, space="slerp", portfolio=True, max_models=1, endpoints=True),
     MethodInfo(
         "nuslerp",
         {"weight": Param(per_model=True), "nuslerp_row_wise": Param(False), "nuslerp_flatten": Param(True)},
@@ -162,6 +168,65 @@ _METHODS = [
         {"scale": Param(None, per_model=True)},
         space=None,
         no_space="copies one model's tensors (scaled): a building block of slices, not a merge to search",
+        portfolio=False,
+    ),
+    # SCE: task vectors masked to the select_topk share of elements where the models vary most, signs elected as
+    # TIES does, each model weighted by its mean squared delta (computed, not searched)
+    MethodInfo(
+        "sce",
+        {"int8_mask": Param(False), "select_topk": Param(1.0, interval=UNIT)},
+        space="sce",
+        portfolio=True,
+    ),
+    # Multi-SLERP: barycentric interpolation on the hypersphere of the task vectors (around base_model)
+    MethodInfo(
+        "multislerp",
+        {
+            "weight": Param(per_model=True),
+            "normalize_weights": Param(True),
+            "eps": Param(1e-8, interval=POSITIVE),
+        },
+        space="multislerp",
+        portfolio=True,
+    ),
+    # NearSwap: takes the other model's value where it is within about t of the base's (weight t / |a - b|)
+    MethodInfo("nearswap", {"t": Param(interval=NON_NEGATIVE)}, space="nearswap", portfolio=False, max_models=1),
+    MethodInfo(
+        "karcher",
+        {
+            "max_iter": Param(10, interval=Interval(1, math.inf, high_closed=False)),
+            "tol": Param(1e-5, interval=POSITIVE),
+        },
+        space=None,
+        no_space="nothing to search: the equal-weight Karcher mean of the models (max_iter and tol only tune its "
+        "convergence)",
+        portfolio=False,
+    ),
+    MethodInfo(
+        "arcee_fusion",
+        {},
+        space=None,
+        no_space="no parameters: its mask is a fixed quantile rule on the importance of each element",
+        portfolio=False,
+        max_models=1,
+    ),
+    MethodInfo(
+        "ram",
+        {"epsilon": Param(1e-5, interval=NON_NEGATIVE)},
+        space=None,
+        no_space="only epsilon, the magnitude below which a delta counts as zero: a tolerance, not a recipe choice; "
+        "ramplus_tl's space searches its family",
+        portfolio=False,
+    ),
+    # RAM+ (tensor-local): RAM's overlap averaging, each model's unique elements scaled up by 1 + r * min(rho, alpha)
+    MethodInfo(
+        "ramplus_tl",
+        {
+            "r": Param(0.1, interval=NON_NEGATIVE),
+            "alpha": Param(0.2, interval=NON_NEGATIVE),
+            "epsilon": Param(1e-5, interval=NON_NEGATIVE),
+        },
+        space="ramplus_tl",
         portfolio=False,
     ),
 ]

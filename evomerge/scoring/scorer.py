@@ -104,6 +104,9 @@ def _rows_as_list(task: Task) -> None:
         task.dataset = {**dict(dataset), split: list(dataset[split])}
 
 
+EVERY_METRIC = "*"  # a spec that reads no one metric (`evomerge eval` prints them all): any task's is accepted
+
+
 class Scorer:
     """Builds the tasks and their seeded subsets once; `score(model, tokenizer)` evaluates a live model in place,
     on whatever device it lives on.
@@ -144,7 +147,7 @@ class Scorer:
             if leaf in self.tasks:
                 raise TaskError(f"task {leaf} is listed twice (directly and through {spec.name}); list it once")
             valid = metric_names(task)
-            if spec.metric not in valid:
+            if spec.metric != EVERY_METRIC and spec.metric not in valid:
                 raise TaskError(f"task {leaf} has no metric {spec.metric!r}; valid: {', '.join(valid)}")
             if task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)  # what simple_evaluate does

@@ -75,6 +75,23 @@ def resolve_data_paths(cfg: dict[str, Any], yaml_dir: Path) -> dict[str, Any]:
     return out
 
 
+def _offline_hint(exc: BaseException) -> str:
+    """How to fix a dataset that is not in the local cache (evomerge runs offline): fill the cache where there is
+    network, as docs/walkthrough.md shows."""
+    import re
+
+    text = str(exc)
+    match = re.search(r"Couldn't reach '([^']+)' on the Hub", text)
+    if match is None and "OfflineModeIsEnabled" not in text:
+        return ""
+    dataset = match.group(1) if match else "the dataset"
+    return (
+        f"; {dataset} is not in the local Hugging Face datasets cache (HF_DATASETS_CACHE, default "
+        f"~/.cache/huggingface/datasets): load it once where there is network (datasets.load_dataset('{dataset}', "
+        "CONFIG)) and copy that cache here (docs/walkthrough.md)"
+    )
+
+
 class TaskCatalog:
     """lm-eval's TaskManager over our task folders. `build(name)` -> {leaf task name: Task}."""
 
@@ -82,13 +99,31 @@ class TaskCatalog:
         from lm_eval.tasks import TaskManager
 
         self.folders = task_folders(include_paths)
-        # lm-eval's own 14k-task index takes ~30 s to build; only on request
-        self.manager = TaskManager(include_path=[str(f) for f in self.folders], include_defaults=include_defaults)
+        # lm-eval's own 14k-task index takes ~30 s to build: only on request, and then only when a task is not in
+        # the folders (a process whose tasks are all local never pays for it; a folder's task wins over a built-in)
+        self.manager = TaskManager(include_path=[str(f) for f in self.folders], include_defaults=False)
+        self._local = self.manager  # the folders' index, looked up first
         self.include_defaults = include_defaults
 
     @property
     def names(self) -> list[str]:
+        if self.include_defaults:
+            self._index_defaults()
         return self.manager.all_tasks
+
+    def _index_defaults(self) -> None:
+        """Replace the folders' index by one with lm-eval's built-in tasks too (once)."""
+        from lm_eval.tasks import TaskManager
+
+        if self.manager is self._local:
+            self.manager = TaskManager(include_path=[str(f) for f in self.folders], include_defaults=True)
+
+    def _entry(self, name: str):
+        entry = self._local.task_index.get(name)
+        if entry is None and self.include_defaults:
+            self._index_defaults()
+            entry = self.manager.task_index.get(name)
+        return entry
 
     def code_folders(self) -> list[Path]:
         """Where task code lives: the task folders (their `!function` files), and lm-eval's own tasks when indexed."""
@@ -103,7 +138,7 @@ class TaskCatalog:
 
         if name.endswith((".yaml", ".yml")) and Path(name).is_file():
             return self._build_yaml(Path(name).resolve())
-        entry = self.manager.task_index.get(name)
+        entry = self._entry(name)
         if entry is None:
             raise TaskError(self._unknown(name))
         if entry.kind == Kind.TAG:
@@ -129,7 +164,8 @@ class TaskCatalog:
         try:
             return dict(self.manager.load([spec])["tasks"])
         except Exception as exc:  # lm-eval raises anything from a bad YAML or missing data
-            raise TaskError(f"task {name} ({yaml_path or 'lm-eval'}) failed to load: {first_line(exc)}") from exc
+            hint = _offline_hint(exc)
+            raise TaskError(f"task {name} ({yaml_path or 'lm-eval'}) failed to load: {first_line(exc)}{hint}") from exc
 
     def _unknown(self, name: str) -> str:
         where = ", ".join(str(f) for f in self.folders) or "no task folders"

@@ -139,23 +139,7 @@ def check_tasks(cfg: SearchConfig, keep: dict[str, Any] | None = None) -> dict[s
                 raise  # asked for in the config: it must apply
             off[field] = str(err)
 
-    def one_objective() -> None:
-        if cfg.multi_objective:
-            raise ConfigError(
-                f"'early_stop' and 'tasks.smooth' need one objective; the {cfg.sampler.name} sampler "
-                "has one per task: remove them or pick cmaes, gp, tpe or random"
-            )
-
-    if cfg.tasks.smooth > 0:
-        try:
-            one_objective()
-        except ConfigError as err:
-            raise ConfigError(f"{cfg._source}: {err}") from None
-    if cfg.early_stop is not None:
-        try:
-            check("early_stop", one_objective)
-        except ConfigError as err:
-            raise ConfigError(f"{cfg._source}: {err}") from None
+    _check_one_objective(cfg, check)
     groups = [("tasks.search", cfg.tasks.search)]
     if cfg.validation is not None:
         groups.append(("validation.tasks", cfg.validation.tasks))
@@ -199,6 +183,26 @@ def _check_rows(cfg: SearchConfig, scorer, off: dict[str, str]) -> None:
         if asked:
             raise
         off["refine.grain"] = str(err)
+
+
+def _check_one_objective(cfg: SearchConfig, check: Callable[[str, Callable[[], None]], None]) -> None:
+    """Smoothing and staged evaluation compare one objective; a multi-objective sampler has one per task
+    (smoothing asked for: a user error; early_stop: `check`'s rule, off when only a default)."""
+
+    def one_objective() -> None:
+        if cfg.multi_objective:
+            raise ConfigError(
+                f"'early_stop' and 'tasks.smooth' need one objective; the {cfg.sampler.name} sampler "
+                "has one per task: remove them or pick cmaes, gp, tpe or random"
+            )
+
+    try:
+        if cfg.tasks.smooth > 0:
+            one_objective()
+        if cfg.early_stop is not None:
+            check("early_stop", one_objective)
+    except ConfigError as err:
+        raise ConfigError(f"{cfg._source}: {err}") from None
 
 
 def run_search(

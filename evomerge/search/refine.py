@@ -241,22 +241,22 @@ class Refiner:
 
         jobs, values, deriv = self._linear_map(point)
         method = get_method(self.method)
-        ckpts = {c.path.resolve().as_posix(): c for c in self.mat.checkpoints}
         keys = self._keys()
         params = {p.data_ptr(): p for p in self.mat.model.parameters()}
+        read = self.mat.input_tensor  # as the merge reads it: a LoRA input's delta formed, vocabularies aligned
         f64 = torch.float64
         tensors = []
         with kernel_threads():
             for job in jobs:
                 tp, base_key = job.params, job.base_model
-                base = ckpts[base_key].get(job.sources[job.inputs.index(base_key)])
+                base = read(base_key, job.sources[job.inputs.index(base_key)])
                 if not base.is_floating_point() or base.numel() == 0:
                     continue  # integer buffers: every merge copies them unchanged
                 positions = [job.inputs.index(k) for k in keys]
                 frozen = freeze(
                     job.name,
                     base,
-                    [ckpts[k].get(job.sources[i]) for k, i in zip(keys, positions)],
+                    [read(k, job.sources[i]) for k, i in zip(keys, positions)],
                     method,
                     [tp.per_input[k] for k in keys],
                     seed=self.seed,

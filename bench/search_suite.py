@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("pair", "trio", "quad", "steep")
+VARIANTS = ("pair", "trio", "quad", "steep", "plain", "deep", "qwen")  # the family (bench/zoo_family.md)
 
 
 def zoo_path(zoo_dir: Path, variant: str) -> Path:
@@ -132,6 +132,7 @@ def run_one(job: dict) -> dict:
     from evomerge.search import study as st
     from evomerge.search.driver import run_search
     from evomerge.search.guard import exported_trial, validate_top
+    from evomerge.search.record import TrialRecord
 
     zoo = Path(job["zoo"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,8 +148,10 @@ def run_one(job: dict) -> dict:
         guard_s = time.perf_counter() - t1
         done = st.complete_trials(study)
         per_trial = sum(t.subset or 0 for t in cfg.tasks.search)
-        examples = sum(t.user_attrs.get("examples_scored", per_trial) for t in done)
-        held = heldout_scorer(cfg).evaluate(pick.user_attrs["recipe"], "heldout").values()
+        records = [TrialRecord.from_trial(t) for t in done]
+        examples = sum(r.examples_scored or per_trial for r in records)
+        chosen = TrialRecord.from_trial(pick)
+        held = heldout_scorer(cfg).evaluate(chosen.recipe, "heldout").values()
         os.chdir(REPO)
     return {
         **{k: job[k] for k in ("variant", "method", "budget", "seed", "set", "label")},
@@ -156,12 +159,12 @@ def run_one(job: dict) -> dict:
         "heldout_mean": 100 * statistics.fmean(held.values()),
         "pick": {
             "trial": pick.number,
-            "baseline": pick.user_attrs.get("baseline", ""),
-            "refine_round": pick.user_attrs.get("refine_round"),
+            "baseline": str(chosen.baseline or ""),
+            "refine_round": chosen.refine_round,
             "search": 100 * st.objective_of(pick),
         },
         "n_complete": len(done),
-        "stopped": sum(1 for t in done if t.user_attrs.get("stopped_early")),
+        "stopped": sum(1 for r in records if r.stopped_early),
         "examples": examples,
         "examples_full": per_trial * len(done),
         "search_s": round(search_s, 1),
@@ -176,35 +179,116 @@ def _se(data: dict, heldout: dict) -> float:
     return 100 * math.sqrt(var) / len(tasks)
 
 
+def _share(r: dict, b: dict) -> float:
+    return (r["heldout_mean"] - b["floor"]) / b["room"] if b["room"] > 0 else float("nan")
+
+
+def _counted(r: dict, b: dict) -> float:
+    """The share a run adds to the means: at most 1 (a merge that beats the routing oracle, as qwen's do where its
+    reversal specialist ends below its base, has captured all of the room, not four times it)."""
+    return min(_share(r, b), 1.0)
+
+
 def summarize(runs: list[dict], base: dict[str, dict]) -> str:
+    """The per-member table (share of the room per budget, margins, below-floor counts, cost) and the mean share
+    per budget."""
     lines = [
         "| variant | room (oracle - floor) | budget | held-out mean | margin over floor | share of room | "
-        "below floor by > 1 SE | search s | examples scored |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "below floor by > 1 SE | search s | s / trial | examples scored | examples / trial |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    by_budget: dict[int, list[float]] = {}
     for variant in dict.fromkeys(r["variant"] for r in runs):
         b = base[variant]
         for budget in sorted({r["budget"] for r in runs if r["variant"] == variant}):
             rs = [r for r in runs if r["variant"] == variant and r["budget"] == budget]
             margins = [r["heldout_mean"] - b["floor"] for r in rs]
-            shares = [m / b["room"] if b["room"] > 0 else float("nan") for m in margins]
             below = sum(1 for r, m in zip(rs, margins) if m < -_se(b, r["heldout"]))
-            by_budget.setdefault(budget, []).append(statistics.fmean(shares))
             ex = statistics.fmean(r["examples"] for r in rs)
             full = statistics.fmean(r["examples_full"] for r in rs)
+            trials = statistics.fmean(r["n_complete"] for r in rs)
+            search_s = statistics.fmean(r["search_s"] for r in rs)
             lines.append(
                 f"| {variant} | {b['room']:.1f} ({b['oracle']:.1f} - {b['floor']:.1f} {b['floor_name']}) | {budget} | "
                 f"{statistics.fmean(r['heldout_mean'] for r in rs):.1f} | {statistics.fmean(margins):+.1f} "
-                f"(min {min(margins):+.1f}) | {statistics.fmean(shares):.2f} | {below}/{len(rs)} | "
-                f"{statistics.fmean(r['search_s'] for r in rs):.0f} | {ex:.0f} ({100 * ex / full:.0f}%) |"
+                f"(min {min(margins):+.1f}) | {statistics.fmean(_share(r, b) for r in rs):.2f} | {below}/{len(rs)} | "
+                f"{search_s:.0f} | {search_s / trials:.2f} | {ex:.0f} ({100 * ex / full:.0f}%) | {ex / trials:.0f} |"
             )
-    lines.append("")
-    lines.append("| budget | mean share of the room over variants |")
-    lines.append("|---:|---:|")
-    for budget, shares in sorted(by_budget.items()):
-        lines.append(f"| {budget} | {statistics.fmean(shares):.2f} |")
+    lines += ["", "| budget | mean share of the room over variants (each run at most 1) |", "|---:|---:|"]
+    for budget, share in sorted(mean_shares(runs, base).items()):
+        lines.append(f"| {budget} | {share:.2f} |")
     return "\n".join(lines)
+
+
+def mean_shares(runs: list[dict], base: dict[str, dict]) -> dict[int, float]:
+    """Per budget: the mean over variants of each variant's mean share over its seeds (each run's at most 1)."""
+    out: dict[int, list[float]] = {}
+    for budget in sorted({r["budget"] for r in runs}):
+        for variant in dict.fromkeys(r["variant"] for r in runs):
+            rs = [_counted(r, base[variant]) for r in runs if r["variant"] == variant and r["budget"] == budget]
+            if rs:
+                out.setdefault(budget, []).append(statistics.fmean(rs))
+    return {k: statistics.fmean(v) for k, v in out.items()}
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
+def goal(runs: list[dict], base: dict[str, dict], ties_runs: list[dict] | None = None) -> str:
+    """The issue's goal, met or not: at 100 trials a mean share >= 0.75, no member below 0.5, none below the floor
+    by more than one SE; TIES within 0.10 of the default space; share at 200 >= share at 25 + 0.10."""
+    shares = mean_shares(runs, base)
+    at100 = [r for r in runs if r["budget"] == 100]
+    per_member = {
+        v: statistics.fmean(_counted(r, base[v]) for r in at100 if r["variant"] == v)
+        for v in dict.fromkeys(r["variant"] for r in at100)
+    }
+    below = sum(
+        1 for r in at100 if r["heldout_mean"] - base[r["variant"]]["floor"] < -_se(base[r["variant"]], r["heldout"])
+    )
+    out = []
+    if 100 in shares:
+        worst = min(per_member, key=per_member.get)
+        out.append(f"mean share at 100 trials: {shares[100]:.2f} (goal >= 0.75: {_met(shares[100] >= 0.75)})")
+        out.append(
+            f"lowest member at 100 trials: {worst} {per_member[worst]:.2f} (goal >= 0.5: "
+            f"{_met(per_member[worst] >= 0.5)})"
+        )
+        out.append(f"runs below the floor by > 1 SE at 100 trials: {below}/{len(at100)} (goal 0: {_met(below == 0)})")
+    if 25 in shares and 200 in shares:
+        gain = shares[200] - shares[25]
+        out.append(f"share at 200 - share at 25: {gain:+.2f} (goal >= +0.10: {_met(gain >= 0.10)})")
+    if ties_runs:
+        ties = mean_shares([r for r in ties_runs if r["budget"] == 100], base).get(100)
+        if ties is not None and 100 in shares:
+            gap = shares[100] - ties
+            verdict = _met(gap <= 0.10)
+            out.append(f"TIES space at 100 trials: {ties:.2f}, {gap:+.2f} below the default (goal <= 0.10: {verdict})")
+    return "\n".join(out)
+
+
+def _where() -> dict:
+    """Where and when a run was measured."""
+    import torch
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "torch": torch.__version__}
+
+
+def summarize_log(log: Path, zoo_dir: Path, label: str, ties_label: str | None = None) -> str:
+    """The tables and the goal of the runs labelled `label` in the log (their baselines read from the zoos' caches)."""
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    runs = [r for r in rows if r["label"] == label]
+    ties = [r for r in rows if ties_label and r["label"] == ties_label]
+    base = {}
+    for r in runs + ties:
+        if r["variant"] not in base:
+            base[r["variant"]] = json.loads(
+                (zoo_path(zoo_dir, r["variant"]) / f"baselines-{r['method']}.json").read_text()
+            )
+    text = f"{label} ({len(runs)} runs):\n{summarize(runs, base)}\n\n{goal(runs, base, ties)}"
+    if ties:
+        text += f"\n\n{ties_label} ({len(ties)} runs):\n{summarize(ties, base)}"
+    return text
 
 
 def main() -> None:
@@ -218,7 +302,11 @@ def main() -> None:
     p.add_argument("--zoo-dir", default=str(REPO / ".cache" / "zoos"))
     p.add_argument("--label", default="shipped defaults")
     p.add_argument("--log", default=str(REPO / "bench" / "search_suite.jsonl"))
+    p.add_argument("--summarize", metavar="LABEL", help="print the tables of the log's runs with this label; run none")
+    p.add_argument("--ties-label", metavar="LABEL", help="with --summarize: the label of TIES runs for the goal")
     args = p.parse_args()
+    if args.summarize:
+        return print(summarize_log(Path(args.log), Path(args.zoo_dir), args.summarize, args.ties_label))
 
     zoo_dir = Path(args.zoo_dir)
     variants = [v for v in args.variants.split(",") if v]
@@ -258,7 +346,7 @@ def main() -> None:
         for result in pool.map(run_one, jobs):
             b = base[result["variant"]]
             share = (result["heldout_mean"] - b["floor"]) / b["room"] if b["room"] > 0 else float("nan")
-            result.update(floor=b["floor"], oracle=b["oracle"], room=b["room"], share=share)
+            result.update(floor=b["floor"], oracle=b["oracle"], room=b["room"], share=share, **_where())
             runs.append(result)
             with open(args.log, "a") as f:
                 f.write(json.dumps(result) + "\n")
@@ -271,6 +359,8 @@ def main() -> None:
     print()
     print(f"{args.label} ({args.method}, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs):")
     print(summarize(runs, base))
+    print()
+    print(goal(runs, base))
 
 
 if __name__ == "__main__":

@@ -108,9 +108,24 @@ class RefineConfig(_Strict):
     enqueue the points it passes (every `every` of `steps` Adam steps) as trials."""
 
     at: list[float] = Field([0.5, 0.85], description="fractions of budget.n_trials at which a round starts")
-    steps: int = Field(60, gt=0)
-    every: int = Field(10, gt=0)
+    steps: int | Literal["auto"] = Field(
+        60, description="Adam steps per round; auto: 0.6 per trial of budget.n_trials (60 at 100), at least 10"
+    )
+    every: int | Literal["auto"] = Field(10, description="steps between enqueued points; auto: six points per round")
     lr: float = Field(0.05, gt=0, description="Adam step, in units of each parameter's search range")
+    grain: Literal["tensor", "rows"] = Field(
+        "tensor",
+        description="what the gradient moves: the space's own numbers (tensor), or also one coefficient per "
+        "output row of every tensor and model (rows: task arithmetic and TIES; the exported recipe is evomerge-only)",
+    )
+    loss: Literal["likelihood", "distill"] = Field(
+        "likelihood",
+        description="likelihood of the search tasks' reference answers, or distillation of each task's best "
+        "source model on its own greedy answers (prompts only; search/distill.py)",
+    )
+    examples: int | None = Field(
+        None, gt=0, description="examples per task the gradient sees (default: each task's search subset)"
+    )
 
     @field_validator("at")
     @classmethod
@@ -118,6 +133,19 @@ class RefineConfig(_Strict):
         if any(not 0 <= f < 1 for f in at) or at != sorted(set(at)):
             raise ValueError(f"{at}: give increasing fractions of the budget in [0, 1), e.g. [0.5, 0.85]")
         return at
+
+    @field_validator("steps", "every")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{value}: give a positive number of steps, or auto")
+        return value
+
+    def schedule(self, n_trials: int) -> tuple[int, int]:
+        """(steps, every) of each round for a budget of `n_trials` trials (`auto` resolved)."""
+        steps = max(10, round(0.6 * n_trials)) if self.steps == "auto" else self.steps
+        every = max(1, steps // 6) if self.every == "auto" else self.every
+        return steps, every
 
 
 class EarlyStopConfig(_Strict):

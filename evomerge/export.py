@@ -90,6 +90,7 @@ def export_recipe(
         shards, size, out_dtype = _write_weights(tmp, recipe, checkpoints, plan, by_model, shard_bytes, vocab)
         _write_config(tmp, ref, plan, by_model, out_dtype, tokenizer_dir, vocab)
         recipe = recipe.with_provenance(inputs={m: d.result() for m, d in zip(inputs, digests)})
+        recipe = _write_coefficients(tmp, recipe)
         # what recipe.yaml (and a card) say: adapters in mergekit's BASE+ADAPTER form, Hub names where given
         _write_recipe(tmp, _renamed(recipe, names or {}, _lora_names(opened)), extra_files)
     if log:
@@ -142,6 +143,20 @@ def _write_config(
         config.pop("torch_dtype", None)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     _write_tokenizer(tmp, ref, tokenizer_dir, vocab)
+
+
+def _write_coefficients(tmp: Path, recipe: Recipe) -> Recipe:
+    """An evomerge-only recipe's coefficient file beside it (the recipe then names it relative to itself),
+    checked against the hash the recipe records; other recipes unchanged."""
+    if not recipe.evomerge_only:
+        return recipe
+    from evomerge.merge.coefficients import FILE_NAME
+
+    ref = recipe.evomerge.coefficients
+    shutil.copyfile(ref.file, tmp / FILE_NAME)
+    if file_sha256(tmp / FILE_NAME) != ref.sha256:
+        raise ConfigError(f"evomerge.coefficients.file: {ref.file} changed while it was merged; merge again")
+    return recipe.with_provenance(coefficients=ref.model_copy(update={"file": FILE_NAME}))
 
 
 def _write_recipe(tmp: Path, published: Recipe, extra_files) -> None:
@@ -366,6 +381,10 @@ def export_trial(
             allow_config_mismatch=cfg.allow_config_mismatch,
         )
         shutil.copyfile(tmp / "model" / "recipe.yaml", tmp / "recipe.yaml")  # with the inputs' and outputs' sha256
+        if recipe.evomerge_only:  # its coefficient file beside it too, as the recipe names it
+            from evomerge.merge.coefficients import FILE_NAME
+
+            shutil.copyfile(tmp / "model" / FILE_NAME, tmp / FILE_NAME)
     return ExportResult(chosen.number, objective, out / "recipe.yaml", out / "model", heldout=comparison is not None)
 
 

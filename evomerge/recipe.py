@@ -28,6 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from evomerge.errors import ConfigError, describe_validation
 
 ScalarParameter = bool | int | float | str
+EVOMERGE_ONLY = (
+    "# evomerge-only: per-row coefficients in the file evomerge.coefficients names; reproduce it with\n"
+    "# `evomerge merge` (mergekit-yaml ignores the file and merges another model)\n"
+)
 ScalarOrGradient = ScalarParameter | list[ScalarParameter]
 
 
@@ -88,12 +92,22 @@ class MergeGroup:
     layer_ranges: Mapping[str, tuple[int, int]] | None = None
 
 
+class CoefficientFile(BaseModel, frozen=True):
+    """`evomerge.coefficients`: a safetensors file of per-row task-vector coefficients (evomerge/merge/
+    coefficients.py), relative to the recipe's folder, and its sha256: the recipe is evomerge-only."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class Provenance(BaseModel, frozen=True):
     """The `evomerge:` block: where a recipe came from, so its checkpoint can be reproduced and verified.
 
     `inputs` maps each input model folder to the sha256 of its weights; `outputs` maps each file export
     wrote next to the recipe (weights, index, config, tokenizer) to its sha256, for `evomerge verify`.
-    `kernels` names the kernel set the weights were merged with (`evomerge.merge.kernels`).
+    `kernels` names the kernel set the weights were merged with (`evomerge.merge.kernels`). `coefficients`
+    names a row-coefficient file: mergekit cannot read it (`Recipe.evomerge_only`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -106,6 +120,7 @@ class Provenance(BaseModel, frozen=True):
     trial: int | None = None
     scores: dict[str, float] = {}
     extra: dict[str, Any] = {}
+    coefficients: CoefficientFile | None = None
 
     @field_validator("kernels")
     @classmethod
@@ -199,7 +214,8 @@ class Recipe(BaseModel, frozen=True):
         return data
 
     def to_yaml(self, outputs: bool = True) -> str:
-        return yaml.dump(self.to_dict(outputs), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+        text = yaml.dump(self.to_dict(outputs), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+        return (EVOMERGE_ONLY + text) if self.evomerge_only else text
 
     def dump(self, path: str | os.PathLike) -> None:
         from evomerge.io.atomic import write_file_atomic
@@ -294,6 +310,11 @@ class Recipe(BaseModel, frozen=True):
         return "base_model"
 
     @property
+    def evomerge_only(self) -> bool:
+        """Whether only `evomerge merge` reproduces this recipe (it names a coefficient file mergekit ignores)."""
+        return self.evomerge is not None and self.evomerge.coefficients is not None
+
+    @property
     def seed(self) -> int:
         return self.evomerge.seed if self.evomerge is not None else 0
 
@@ -354,7 +375,11 @@ def _resolve_paths(data: dict, base_dir: Path) -> dict:
         data["tokenizer_source"] = fix(data["tokenizer_source"])
     block = data.get("evomerge")
     if isinstance(block, dict) and isinstance(block.get("inputs"), dict):
-        data["evomerge"] = {**block, "inputs": {fix(k): v for k, v in block["inputs"].items()}}
+        block = data["evomerge"] = {**block, "inputs": {fix(k): v for k, v in block["inputs"].items()}}
+    if isinstance(block, dict) and isinstance(block.get("coefficients"), dict):
+        coefficients = block["coefficients"]
+        if isinstance(coefficients.get("file"), str):
+            data["evomerge"] = {**block, "coefficients": {**coefficients, "file": fix(coefficients["file"])}}
     return data
 
 

@@ -207,3 +207,36 @@ def test_zoo_build_takes_a_variant_and_its_overrides(tmp_path, capsys):
     assert "zoo tiny written to" in capsys.readouterr().out
     assert main(["zoo", "build", "--variant", "tiny", "--size", "tiny", "--out", str(tmp_path / "y")]) == 2
     assert "--size is the older name of --variant" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_zoo_models_of_other_architectures(arch, tmp_path):
+    """The zoo builds Qwen2 (grouped-query attention, tied embeddings) and GPT-2 models from their own config
+    classes; saved and loaded by transformers they are the same model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.zoo.tokenizer import build_tokenizer
+    from evomerge.zoo.train import ModelShape, make_model
+
+    tok = build_tokenizer()
+    shape = ModelShape(hidden=32, layers=2, heads=4, intermediate=64, arch=arch, kv_heads=2, tied=True)
+    model = make_model(shape, tok, seed=0).eval()
+    assert model.config.model_type == arch and model.config.tie_word_embeddings
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    if arch == "qwen2":
+        assert model.config.num_key_value_heads == 2 and model.model.layers[0].self_attn.k_proj.out_features == 16
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.tensor([tok.encode("rev abcde=", add_special_tokens=False)])
+    torch.testing.assert_close(model(ids).logits, again(ids).logits)
+
+
+def test_a_plain_variant_replays_nothing():
+    from evomerge.zoo.variants import VARIANTS
+
+    plain = VARIANTS["plain"]
+    assert plain.replay_kind == "none" and VARIANTS["pair"].replay_kind == "distilled"
+    for s in plain.specialists:
+        assert set(plain.plan(s).skills) == {s.skill}  # its own skill only: it forgets what it does not train
+    assert plain.base_plan() == VARIANTS["pair"].base_plan()  # pair's base: only the fine-tuning differs

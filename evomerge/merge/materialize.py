@@ -155,12 +155,20 @@ def merged_tensors(
     plan = plan or plan_for(recipe, checkpoints)
     dtype, out_dtype = torch_dtype(recipe.dtype), torch_dtype(recipe.out_dtype)
     kernels = recipe.kernels
+    coefficients = _coefficients(recipe, plan, by_model)
+    models = [e.model for e in recipe.models or []]
     for job in plan.jobs():
         target = targets.get(job.name) if targets is not None else None
-        device = target.device if target is not None and target.device.type != "cpu" else None  # the model's
+        # the model's device, unless row coefficients scale the inputs first (their multipliers are on the CPU)
+        on_device = target is not None and target.device.type != "cpu"
+        device = target.device if on_device and coefficients is None else None
         tensors = [by_model[m].get(src, device) for m, src in zip(job.inputs, job.sources)]
         if vocab is not None and job.name in vocab.tensors:
             tensors = _aligned(vocab, job.inputs, job.base_model, tensors, dtype)
+        if coefficients is not None and job.base_model is not None:
+            tensors = coefficients.scale(job.name, tensors, models, job.inputs, job.base_model)
+        if on_device and device is None:
+            tensors = [t.to(target.device) for t in tensors]
         with kernel_threads():  # single-threaded ops here, evomerge's kernels spread over the CPUs
             result = merge_tensor(
                 plan.method,
@@ -181,6 +189,29 @@ def merged_tensors(
         if release:  # the caller is done with it: drop its input pages from our memory
             for model, src in zip(job.inputs, job.sources):
                 by_model[model].release(src)
+
+
+_LOADED: dict[str, object] = {}  # sha256 -> RowCoefficients: a search applies the same file to many tensors
+
+
+def _coefficients(recipe: Recipe, plan: Plan, by_model: dict[str, Checkpoint]):
+    """The recipe's row coefficients (evomerge/merge/coefficients.py), checked against its hash and the tensors'
+    shapes; None for a recipe without them."""
+    from evomerge.merge.coefficients import RowCoefficients
+
+    ref = recipe.evomerge.coefficients if recipe.evomerge is not None else None
+    if ref is None:
+        return None
+    if recipe.slices is not None or recipe.base_model is None:
+        raise ConfigError("evomerge.coefficients: row coefficients need the models: form and a base_model")
+    loaded = _LOADED.get(ref.sha256)
+    if loaded is None:
+        loaded = RowCoefficients.load(ref.file, ref.sha256)
+        shapes = {job.name: by_model[job.inputs[0]].shape(job.sources[0]) for job in plan.jobs()}
+        loaded.check(len(recipe.models or []), shapes)
+        _LOADED.clear()  # one file at a time: the next trial's replaces it
+        _LOADED[ref.sha256] = loaded
+    return loaded
 
 
 def _aligned(

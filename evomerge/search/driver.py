@@ -28,10 +28,15 @@ from evomerge.portfolio import default_merges
 from evomerge.search import study as st
 from evomerge.search.lock import StudyLock
 from evomerge.search.record import BaselineLabel, TrialRecord, trial_attrs, write_trial
+from evomerge.search.rows import load_coefficients, save_coefficients, with_coefficients
 from evomerge.search.workers import open_pool, run_jobs
 from evomerge.space import SearchSpace, space_of
 
-_FEATURES = {"refine": "gradient refinement", "early_stop": "staged evaluation (early_stop)"}
+_FEATURES = {
+    "refine": "gradient refinement",
+    "early_stop": "staged evaluation (early_stop)",
+    "refine.grain": "per-row refinement (refine.grain: rows; the per-tensor refinement runs instead)",
+}
 MAX_WORKER_DEATHS = 2  # retries of params whose worker died while evaluating them; then the trial fails
 
 
@@ -156,9 +161,28 @@ def check_tasks(cfg: SearchConfig, keep: dict[str, Any] | None = None) -> dict[s
                 check("early_stop", lambda: check_per_example(scorer))
             if cfg.refine is not None:
                 check("refine", lambda: check_refinable(scorer, cfg.method))
+            if cfg.refine is not None and "refine" not in off and cfg.refine.grain == "rows":
+                _check_rows(cfg, scorer, off)
         except (TaskError, ConfigError) as err:
             raise ConfigError(f"{cfg._source}: {name!r}: {err}; fix the task entry or tasks.include_paths") from None
     return off
+
+
+def _check_rows(cfg: SearchConfig, scorer, off: dict[str, str]) -> None:
+    """Per-row refinement (and distillation) where they apply; the defaults fall back to the per-tensor
+    refinement of the likelihood (`off["refine.grain"]`), settings the config asks for must apply."""
+    from evomerge.search.distill import check_distillable
+    from evomerge.search.rows import check_rows
+
+    try:
+        check_rows(cfg.method)
+        if cfg.refine.loss == "distill":
+            check_distillable(scorer)
+    except ConfigError as err:
+        asked = "refine" in cfg.model_fields_set and {"grain", "loss"} & cfg.refine.model_fields_set
+        if asked:
+            raise
+        off["refine.grain"] = str(err)
 
 
 def _check_one_objective(cfg: SearchConfig, check: Callable[[str, Callable[[], None]], None]) -> None:
@@ -248,7 +272,10 @@ def _runnable(cfg: SearchConfig, log: Callable[[str], None], keep: dict[str, Any
     off = check_tasks(cfg, keep=keep)
     for name, why in off.items():
         log(f"{_FEATURES[name]} is off for this study: {why.removeprefix('refine: ')}")
-    return cfg.model_copy(update={name: None for name in off})
+    update: dict[str, Any] = {name: None for name in off if name != "refine.grain"}
+    if "refine.grain" in off:  # the per-tensor refinement of the likelihood runs instead
+        update["refine"] = cfg.refine.model_copy(update={"grain": "tensor", "loss": "likelihood"})
+    return cfg.model_copy(update=update)
 
 
 def _interrupted(exc: KeyboardInterrupt, cfg: SearchConfig, study, result: SearchResult) -> Interrupted:
@@ -363,6 +390,7 @@ class _Search:
             recipe = self.space.to_recipe(
                 trial.params, cfg.models, cfg.base_model, cfg.method, cfg.seed, cfg.dtype, kernels=cfg.kernels
             )
+            recipe = with_coefficients(recipe, TrialRecord.from_trial(trial).coefficients)  # a per-row point
             text = recipe.to_yaml()
             write_trial(trial, recipe=text)
             self.in_flight[self.pool.submit(text, "search", per_example=self.incumbent.options(trial))] = _InFlight(
@@ -516,14 +544,25 @@ class _RefineRounds:
         best = st.best_trial(self.study, own=True)
         if best is None or not best.params:
             return
-        settings = {"steps": self.cfg.refine.steps, "every": self.cfg.refine.every, "lr": self.cfg.refine.lr}
+        refine = self.cfg.refine
+        steps, every = refine.schedule(self.cfg.budget.n_trials)
+        settings = {"steps": steps, "every": every, "lr": refine.lr}
+        if refine.grain == "rows":  # continued from the start's own coefficients, if it has some
+            start = TrialRecord.from_trial(best).coefficients
+            settings.update(grain="rows", loss=refine.loss, examples=refine.examples)
+            settings["coefficients"] = load_coefficients(start)
+        elif refine.examples is not None:
+            settings["examples"] = refine.examples
         bounds = space.bounds(self.cfg.models)
         path = pool.refine(dict(best.params), settings)
-        for step, point, loss in path:
+        for step, point, loss, *rows in path:
             if step == 0:
                 continue  # the starting point: trial `best` itself
             point = {k: bounds[k].clip(v) for k, v in point.items()}
-            attrs = trial_attrs(refine_round=r, refine_step=step, refined_from=best.number, surrogate_loss=loss)
+            ref = save_coefficients(self.cfg.run_dir, rows[0]) if rows else None
+            attrs = trial_attrs(
+                refine_round=r, refine_step=step, refined_from=best.number, surrogate_loss=loss, coefficients=ref
+            )
             self.study.enqueue_trial(point, user_attrs=attrs)
 
 

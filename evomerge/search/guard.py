@@ -72,7 +72,9 @@ def finalists(cfg: SearchConfig, study) -> list:
     """The candidates for validation: the top_k COMPLETE trials by search objective (best first), then every
     baseline not among them (the method's default merge, each source model alone, and every other method's
     default merge from the portfolio), so export never takes a searched recipe that validation ranks below a
-    default merge or a single source (on noisy search subsets the top trials often are)."""
+    default merge or a single source (on noisy search subsets the top trials often are); then every point of the
+    gradient refinement not among them: it was trained on the search examples, so its search objective ranks the
+    longest-trained points first, and validation chooses where along the path to stop."""
     k = cfg.validation.top_k if cfg.validation else 1
     order = ranked(complete_trials(study))
     top = order[:k]
@@ -83,6 +85,8 @@ def finalists(cfg: SearchConfig, study) -> list:
             if label is not None and label not in labels:
                 labels.add(label)
                 top.append(t)
+        chosen = {t.number for t in top}
+        top += [t for t in order if t.number not in chosen and TrialRecord.from_trial(t).refine_round is not None]
     return top
 
 

@@ -48,6 +48,7 @@ class TrialRecord(BaseModel):
     refine_step: int | None = None  # ... after this many Adam steps ...
     refined_from: int | None = None  # ... started from this trial ...
     surrogate_loss: float | None = None  # ... where the surrogate's loss was this
+    coefficients: dict[str, str] | None = None  # {file, sha256}: its per-row coefficients (search/rows.py)
     retry_of: int | None = None  # the same params again: that trial did not finish through no fault of its own
     worker_deaths: int = 0  # workers that died while these params were running
     # -- liveness and failure ----------------------------------------------------------------------------

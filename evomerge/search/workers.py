@@ -59,6 +59,7 @@ class Worker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.evaluator = None
         self._refiner = None
+        self._refiner_kind: tuple | None = None
         self._last_end = time.perf_counter()
 
     def about(self) -> dict[str, str]:
@@ -134,24 +135,40 @@ class Worker:
             result, worker=self.name, error=error, started=started, ended=time.time(), wait_s=wait_s, busy_s=end - start
         )
 
-    def refine(self, point: dict[str, float], settings: dict[str, Any]) -> list[tuple[int, dict[str, float], float]]:
-        """The gradient path from `point` (search/refine.py) on the search task set: [(step, point, loss)]."""
+    def refine(self, point: dict[str, float], settings: dict[str, Any]) -> list[tuple]:
+        """The gradient path from `point` on the search task set: [(step, point, loss)] (search/refine.py), or with
+        `settings["grain"] == "rows"` [(step, point, loss, coefficients)] (search/rows.py), from the start's
+        `settings["coefficients"]` if it has them."""
         from evomerge.config import SearchConfig
-        from evomerge.search.refine import Refiner
         from evomerge.space import space_of
 
-        if self._refiner is None:
+        settings = dict(settings)
+        grain, loss = settings.pop("grain", "tensor"), settings.pop("loss", "likelihood")
+        examples, coefficients = settings.pop("examples", None), settings.pop("coefficients", None)
+        kind = (grain, loss, examples)
+        if self._refiner is None or self._refiner_kind != kind:
             cfg = SearchConfig.model_validate(self._cfg_json)
-            self._refiner = Refiner(
-                self.evaluator.materializer,
-                self.evaluator.scorer("search"),
-                space_of(cfg),
-                cfg.models,
-                cfg.base_model,
-                cfg.method,
-                seed=cfg.seed,  # the frozen masks are the ones the search's trials are merged with
-                dtype=cfg.dtype,
-            )
+            args = (self.evaluator.materializer, self.evaluator.scorer("search"), space_of(cfg), cfg.models)
+            if grain == "rows":
+                from evomerge.search.rows import RowRefiner
+
+                self._refiner = RowRefiner(
+                    *args, cfg.base_model, cfg.method, loss=loss, examples=examples, seed=cfg.seed
+                )
+            else:
+                from evomerge.search.refine import Refiner
+
+                self._refiner = Refiner(
+                    *args,
+                    cfg.base_model,
+                    cfg.method,
+                    examples,
+                    seed=cfg.seed,  # the frozen masks are the ones the search's trials are merged with
+                    dtype=cfg.dtype,
+                )
+            self._refiner_kind = kind
+        if grain == "rows":
+            return self._refiner.run(point, coefficients=coefficients, **settings)
         return self._refiner.run(point, **settings)
 
 

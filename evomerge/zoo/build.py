@@ -102,7 +102,9 @@ def build_zoo(
         for i, spec in enumerate(variant.specialists):
             plan = variant.plan(spec)
             where = "" if spec.layers is None else f", layers {spec.layers[0]}-{spec.layers[1]} only"
-            how = ", replay distilled from the base" if variant.kl_replay else ""
+            how = {"distilled": ", replay distilled from the base", "none": ", no replay (a plain fine-tune)"}.get(
+                variant.replay_kind, ""
+            )
             log(f"{spec.name}: {plan.steps} steps at lr {plan.lr:g} from base on {_mixture(plan.skills)}{where}{how}")
             model.load_state_dict(base_state)
             train(model, tokenizer, plan, seed_used + 1 + i, held, log, reference=reference)
@@ -115,7 +117,8 @@ def build_zoo(
             "base": "base",
             "base_mix": list(dict.fromkeys(variant.base_mix)),
             "specialists": {s.name: [s.skill] for s in variant.specialists},
-            "training": {s.name: {"steps": s.steps, "lr": s.lr, "layers": s.layers, "kl_replay": variant.kl_replay}
+            "training": {s.name: {"steps": s.steps, "lr": s.lr, "layers": s.layers, "kl_replay": variant.kl_replay,
+                                  "replay": variant.replay_kind}
                          for s in variant.specialists},
             "sha256": {d.name: weights_sha256(d) for d in sorted(tmp.iterdir()) if d.is_dir()},
         }

@@ -1,10 +1,19 @@
-"""Deterministic CPU training of the zoo's tiny Llama models (answer-only loss on skill examples)."""
+"""Deterministic CPU training of the zoo's tiny causal LMs (answer-only loss on skill examples).
+
+A model is built from a `transformers` config class (`ARCHITECTURES`): Llama (the default), Qwen2 (grouped-query
+attention, q/k/v biases) or GPT-2 (learned positions, LayerNorm, a GELU MLP, fused Conv1D attention), with or
+without tied input and output embeddings, so the family holds more than one architecture.
+"""
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 
 from evomerge.zoo.skills import SKILLS, Example
+
+
+# architecture -> transformers config class; every one takes Llama-style size arguments
+ARCHITECTURES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "gpt2": "GPT2Config"}
 
 
 @dataclass(frozen=True)
@@ -14,6 +23,9 @@ class ModelShape:
     heads: int = 4
     intermediate: int = 192
     max_positions: int = 64
+    arch: str = "llama"  # a key of ARCHITECTURES
+    kv_heads: int | None = None  # key/value heads (grouped-query attention when fewer than `heads`); None: `heads`
+    tied: bool = False  # output head tied to the input embeddings (one stored tensor)
 
 
 @dataclass(frozen=True)
@@ -33,24 +45,41 @@ class TrainPlan:
 
 def make_model(shape: ModelShape, tokenizer, seed: int):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import AutoModelForCausalLM
 
-    config = LlamaConfig(
+    special = dict(
         vocab_size=len(tokenizer),
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.heads,
-        max_position_embeddings=shape.max_positions,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=shape.tied,
     )
+    if shape.arch == "gpt2":  # learned positions, LayerNorm, GELU MLP, Conv1D weights (transposed)
+        config = transformers.GPT2Config(
+            n_embd=shape.hidden,
+            n_layer=shape.layers,
+            n_head=shape.heads,
+            n_inner=shape.intermediate,
+            n_positions=shape.max_positions,
+            resid_pdrop=0.0,  # no dropout: a zoo model trains and scores deterministically, as the Llama ones
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **special,
+        )
+    else:
+        config = getattr(transformers, ARCHITECTURES[shape.arch])(
+            hidden_size=shape.hidden,
+            intermediate_size=shape.intermediate,
+            num_hidden_layers=shape.layers,
+            num_attention_heads=shape.heads,
+            num_key_value_heads=shape.kv_heads or shape.heads,
+            max_position_embeddings=shape.max_positions,
+            rms_norm_eps=1e-5,
+            **special,
+        )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     return model.float()
 
 

@@ -4,7 +4,9 @@
     evomerge zoo build --variant trio --layers 6 --hidden 96      # the same recipe, another shape
 
 A variant says which skills the base learns (`base_mix`), which specialists are fine-tuned from it (each on its
-own skill plus a replay of the base's mixture, half and half), the model's shape and the training budgets.
+own skill plus a replay of the base's mixture, half and half; or, with `replay=()`, on its own skill alone: a plain
+fine-tune, which forgets what it does not train), the model's shape (architecture, depth, width, attention heads)
+and the training budgets.
 Specialists may differ in learning rate and steps (louder or quieter task vectors) and may train only some
 decoder layers (`layers`), as partially fine-tuned models do. Which variants ship and why:
 `bench/zoo_family.md` and README's zoo-family table.
@@ -60,6 +62,14 @@ class ZooVariant:
     @property
     def skills(self) -> list[str]:
         return [s.skill for s in self.specialists]
+
+    @property
+    def replay_kind(self) -> str:
+        """How the specialists keep what they do not train: "none" (plain fine-tunes), "distilled" (the base's
+        distributions, `kl_replay`) or "answers" (the right answers of the replayed skills)."""
+        if self.replay == ():
+            return "none"
+        return "distilled" if self.kl_replay else "answers"
 
 
 def _exposed(*skills: str, general: int = 2) -> tuple[str, ...]:
@@ -123,6 +133,35 @@ VARIANTS: dict[str, ZooVariant] = {
             shape=ModelShape(hidden=64, layers=4, heads=4, intermediate=192),
             base_mix=_exposed("reverse", "cipher", "dup", general=5),
             base_steps=400,
+            kl_replay=True,
+        ),
+        ZooVariant(
+            "plain",
+            "pair's base with plain fine-tunes (addition, reversal) that replay nothing, so each forgets what it does "
+            "not train, as ordinary fine-tunes do; hidden 64, 6 layers",
+            (Specialist("add", lr=5e-4), Specialist("reverse", steps=150, lr=5e-4)),
+            shape=ModelShape(hidden=64, layers=6, heads=4, intermediate=192),
+            base_mix=_exposed("reverse"),
+            replay=(),
+        ),
+        ZooVariant(
+            "deep",
+            "three specialists (subtraction, reversal, doubling) in a deeper, narrower model; hidden 48, 10 layers",
+            (Specialist("sub"), Specialist("reverse"), Specialist("dup")),
+            shape=ModelShape(hidden=48, layers=10, heads=4, intermediate=144),
+            base_mix=_exposed("sub", "reverse", "dup", general=2),
+            base_steps=500,
+            kl_replay=True,
+        ),
+        ZooVariant(
+            "qwen",
+            "pair's recipe in Qwen2 (grouped-query attention, 2 key/value heads, q/k/v biases, tied embeddings): an "
+            "addition specialist and a reversal specialist that ends below its base; hidden 64, 6 layers",
+            (Specialist("add"), Specialist("reverse")),
+            shape=ModelShape(hidden=64, layers=6, heads=4, intermediate=192, arch="qwen2", kv_heads=2, tied=True),
+            base_mix=_exposed("reverse"),
+            base_steps=800,
+            base_lr=1e-3,  # Qwen2's base at pair's 3e-3 learned no reversal (bench/zoo_family.md)
             kl_replay=True,
         ),
         ZooVariant(

@@ -1,0 +1,429 @@
+"""Per-row refinement: the gradient moves one coefficient per output row of every merged tensor and model.
+
+    refiner = RowRefiner(materializer, scorer, space, models, base, "task_arithmetic", loss="distill")
+    path = refiner.run(point, steps=60, every=10, lr=0.05)     # [(step, point, loss, coefficients)]
+
+The per-tensor refinement (search/refine.py) moves the recipe's own numbers: a weight per model, layer group and
+tensor kind. Here the recipe's point stays where it is and each model's task vector is scaled row by row on top of
+it (evomerge/merge/coefficients.py: an evomerge-only recipe, its multipliers in a safetensors file): for task
+arithmetic, tensor by tensor,
+
+    theta = base + sum_i c_i * m_i[:, None] * (model_i - base)      c_i = lambda * w_i at the point, m_i >= 0
+
+with m_i one multiplier per output row (dimension 0: a weight matrix's output features, a norm's elements, an
+embedding's tokens), 1 at the start unless the start carries coefficients of its own. For TIES the scaled task
+vectors are pruned by magnitude, sign-elected and averaged as the method does, its masks recomputed at each step
+without gradient (as the per-tensor refinement's sign election), so the surrogate is the real merge of the scaled
+inputs up to magnitude ties; its gradient holds the masks. For task arithmetic the merge is linear in m,
+so the gradient comes from one backward pass of the resident model: dL/dm_i[r] = c_i * <G[r], (model_i - base)[r]>
+with G = dL/dtheta, its rows dotted with the task vector's rows read from the memory-mapped inputs, block by block.
+No task vector is held whole; the extra memory is the parameters' gradient, one block per model, and the
+multipliers (rows x models floats).
+
+Thousands of coefficients where the recipe has tens: what the gradient pays for. A search scores each point of the
+path as a trial (its coefficients in a file under the run directory), so the surrogate only proposes; the
+overfitting guard then picks among the best on the validation splits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from evomerge.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+ROW_METHODS = frozenset({"task_arithmetic", "ties"})  # a linear merge, and TIES (its masks recomputed each step)
+LOSSES = ("likelihood", "distill")
+BOUNDS = (0.0, 4.0)  # each multiplier's range (1: the recipe's own weight)
+BLOCK = 1 << 16  # elements per block of the row dot products and writes
+MICRO_BATCH_ROWS = 64
+
+
+def check_rows(method: str) -> None:
+    if method not in ROW_METHODS:
+        raise ConfigError(
+            f"refine.grain rows: method {method!r} has no per-row surrogate; per-row coefficients work with "
+            f"{', '.join(sorted(ROW_METHODS))}: use refine.grain: tensor or change `method`"
+        )
+
+
+@dataclass
+class MicroBatch:
+    """Whole items (every continuation of each) right-padded: `target` rows x width, -100 where a position
+    predicts no continuation token; `total_weight` the weights of every item of every batch."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    target: torch.Tensor
+    items: list[Any]
+    total_weight: float
+
+
+def micro_batches(items: Sequence[Any], pad: int, max_length: int, rows: int = MICRO_BATCH_ROWS) -> list[MicroBatch]:
+    """Items in batches of about `rows` rows (an item's continuations stay together), grouped by length."""
+    import torch
+
+    total = sum(item.weight for item in items)
+    order = sorted(items, key=lambda it: len(it.context) + max(map(len, it.continuations)))
+    groups, group, n = [], [], 0
+    for item in order:
+        if group and n + len(item.continuations) > rows:
+            groups.append(group)
+            group, n = [], 0
+        group.append(item)
+        n += len(item.continuations)
+    if group:
+        groups.append(group)
+    out = []
+    for group in groups:
+        seqs, targets = [], []
+        for item in group:
+            for cont in item.continuations:
+                seq = (item.context + cont)[-(max_length + 1) :]
+                k = min(len(cont), len(seq) - 1)
+                seqs.append(seq[:-1])
+                targets.append([-100] * (len(seq) - 1 - k) + seq[-k:])
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        target = torch.tensor([t + [-100] * (width - len(t)) for t in targets])
+        out.append(MicroBatch(ids, mask, target, list(group), total))
+    return out
+
+
+def answer_loss(logits: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
+    """This batch's part of the weighted mean of each item's loss: the reference answer's negative
+    log-likelihood, or the cross-entropy over a multiple-choice item's choices."""
+    import torch
+
+    target = batch.target.to(logits.device)
+    where = target != -100
+    picked = logits[where].float()
+    tok = picked.gather(-1, target[where].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, -1)
+    row = torch.arange(target.shape[0], device=target.device).unsqueeze(1).expand_as(target)[where]
+    loglik = tok.new_zeros(target.shape[0]).index_add(0, row, tok)
+    total, k = loglik.new_zeros(()), 0
+    for item in batch.items:
+        n = len(item.continuations)
+        ll = loglik[k : k + n]
+        k += n
+        total = total + item.weight * (-(ll[item.gold]) if n == 1 else -(torch.log_softmax(ll, 0)[item.gold]))
+    return total / batch.total_weight
+
+
+@dataclass
+class _Row:
+    """One merged tensor: its inputs (memory-mapped), each model's c_i at the point, the resident parameter."""
+
+    name: str
+    base: torch.Tensor
+    models: list[torch.Tensor]  # in the recipe's `models:` order
+    coef: list[float]  # lambda * w_i
+    target: torch.Tensor
+    param: Any
+    densities: list[float] | None = None  # TIES: each model's density (None: task arithmetic)
+    weights: list[float] | None = None  # TIES: w_i (coef / lambda)
+    lam: float = 1.0
+    normalize: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.base.shape[0] if self.base.dim() else 1
+
+
+def _ties(r: _Row, m: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """TIES over the row-scaled task vectors u_i = m_i * tau_i, one tensor: (theta as rows x columns, and per
+    model d theta / d m_i per element with the masks held: lambda * w_i * c_i * tau_i / D). The masks are
+    recomputed at these multipliers (magnitude top-density of u_i, the elected sign of sum_i w_i s_i, the
+    agreeing models' weights as divisor), so the surrogate is the merge of the scaled inputs up to ties."""
+    import torch
+
+    b = r.base.reshape(r.rows, -1).float()
+    taus = [x.reshape(r.rows, -1).float() - b for x in r.models]
+    kept = []
+    for tau, mult, density in zip(taus, m, r.densities):
+        u = tau * mult.unsqueeze(1)
+        n = u.numel()
+        k = int(density * n)
+        if k >= n:
+            kept.append(u)
+            continue
+        if k <= 0:
+            kept.append(torch.zeros_like(u))
+            continue
+        threshold = u.abs().flatten().kthvalue(n - k + 1).values
+        kept.append(torch.where(u.abs() >= threshold, u, torch.zeros_like(u)))
+    total = sum(w * s for w, s in zip(r.weights, kept))
+    elected = torch.where(total >= 0, 1.0, -1.0)
+    agree = [(s.sign() == elected).float() for s in kept]
+    div = sum(w * c for w, c in zip(r.weights, agree)) if r.normalize else torch.ones_like(b)
+    div = torch.where(div.abs() < 1e-8, torch.ones_like(div), div)
+    mixed = sum(w * c * s for w, c, s in zip(r.weights, agree, kept)) / div
+    factors = [r.lam * w * c * (s != 0).float() * tau / div for w, c, s, tau in zip(r.weights, agree, kept, taus)]
+    return b + r.lam * mixed, factors
+
+
+class RowRefiner:
+    """Per-row coefficients over one worker's loaded inputs and resident model (see the module docstring).
+
+    `loss`: "likelihood" (the search tasks' reference answers) or "distill" (search/distill.py: each task's best
+    source, on its own greedy answers; prompts only); `examples`: as the per-tensor refinement's."""
+
+    def __init__(
+        self,
+        materializer,
+        scorer,
+        space,
+        models: Sequence[Any],
+        base: Any,
+        method: str,
+        *,
+        loss: str = "likelihood",
+        examples: int | None = None,
+        seed: int = 0,
+        top_k: int = 16,
+        micro_batch_rows: int = MICRO_BATCH_ROWS,
+    ):
+        from evomerge.search.objective import training_items
+
+        check_rows(method)
+        if loss not in LOSSES:
+            raise ConfigError(f"refine.loss: {loss!r} is not one of {', '.join(LOSSES)}")
+        self.mat, self.scorer, self.space = materializer, scorer, space
+        self.models, self.base, self.method, self.seed = [str(m) for m in models], str(base), method, seed
+        tok = materializer.tokenizer
+        lm = scorer.wrap(materializer.model, tok)
+        if loss == "distill":
+            from evomerge.search.distill import distill_items, distill_loss, owners, source_scores
+
+            inputs = [self.base, *self.models]  # the base first: it owns a task no fine-tune improves
+            self.owner_of = owners(source_scores(materializer, scorer, inputs))
+            items, self.loss = distill_items(materializer, scorer, self.owner_of, inputs, top_k=top_k), distill_loss
+            if examples is not None:
+                items = distill_items(materializer, scorer, self.owner_of, inputs, top_k=top_k, examples=examples)
+        else:
+            items, self.loss = training_items(scorer, lm, examples), answer_loss
+        self.items = items
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.batches = micro_batches(items, pad, lm.max_length, micro_batch_rows)
+
+    # -- the merge at a point ----------------------------------------------------------------------------
+    def _rows(self, point: dict[str, float]) -> list[_Row]:
+        from evomerge.merge.materialize import input_key
+        from evomerge.merge.plan import Plan
+
+        recipe = self.space.to_recipe(point, self.models, self.base, self.method, self.seed, rounded=True)
+        recipe = recipe.map_models(input_key)
+        keys = [e.model for e in recipe.models]
+        ckpts = {c.path.resolve().as_posix(): c for c in self.mat.checkpoints}
+        params = {p.data_ptr(): p for p in self.mat.model.parameters()}
+        out = []
+        for job in Plan(recipe, layout=self.mat.layout).jobs():
+            src = dict(zip(job.inputs, job.sources))
+            base = ckpts[job.base_model].get(src[job.base_model])
+            if not base.is_floating_point() or base.numel() == 0:
+                continue
+            lam = float(job.params.shared.get("lambda", 1.0))
+            coef = [lam * float(job.params.per_input[k].get("weight", 1.0)) for k in keys]
+            target = self.mat.targets[job.name]
+            models = [ckpts[k].get(src[k]) for k in keys]
+            row = _Row(job.name, base, models, coef, target, params.get(target.data_ptr()))
+            if self.method == "ties":
+                row.densities = [float(job.params.per_input[k].get("density", 1.0)) for k in keys]
+                row.weights = [float(job.params.per_input[k].get("weight", 1.0)) for k in keys]
+                row.lam, row.normalize = lam, bool(job.params.shared.get("normalize", False))
+            out.append(row)
+        return out
+
+    def write(self, point: dict[str, float], coefficients: dict[str, torch.Tensor] | None = None) -> None:
+        """The merge at `point` with these coefficients (file keys; absent: 1) into the resident model."""
+        rows = self._rows(point)
+        self._write(rows, self._start(rows, coefficients))
+
+    def _start(self, rows: list[_Row], coefficients: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        import torch
+
+        from evomerge.merge.coefficients import key
+
+        m = {}
+        for r in rows:
+            for i in range(len(self.models)):
+                given = (coefficients or {}).get(key(i, r.name))
+                m[key(i, r.name)] = given.float().clone() if given is not None else torch.ones(r.rows)
+        return m
+
+    def _write(self, rows: list[_Row], m: dict[str, torch.Tensor]) -> None:
+        import torch
+
+        from evomerge.merge.coefficients import key
+
+        with torch.no_grad():
+            for r in rows:
+                if r.densities is not None:
+                    theta, _ = _ties(r, [m[key(i, r.name)] for i in range(len(r.models))])
+                    r.target.copy_(theta.view_as(r.target).to(device=r.target.device, dtype=r.target.dtype))
+                    continue
+                flat_out = r.target.view(r.rows, -1)
+                base = r.base.reshape(r.rows, -1)
+                step = max(1, BLOCK // max(base.shape[1], 1))
+                for lo in range(0, r.rows, step):
+                    b = base[lo : lo + step].float()
+                    theta = b.clone()
+                    for i, (x, c) in enumerate(zip(r.models, r.coef)):
+                        mult = m[key(i, r.name)][lo : lo + step].unsqueeze(1) * c
+                        theta.add_((x.reshape(r.rows, -1)[lo : lo + step].float() - b) * mult)
+                    flat_out[lo : lo + step].copy_(theta.to(device=flat_out.device, dtype=flat_out.dtype))
+
+    def _grads(self, rows: list[_Row], m: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """dL/dm_i per row from the parameters' gradients: c_i * <G[r], tau_i[r]>, block by block."""
+        import torch
+
+        from evomerge.merge.coefficients import key
+
+        out = {}
+        with torch.no_grad():
+            for r in rows:
+                grad = r.param.grad if r.param is not None else None
+                for i in range(len(r.models)):
+                    out[key(i, r.name)] = torch.zeros(r.rows, dtype=torch.float32)
+                if grad is None:
+                    continue
+                if r.densities is not None:
+                    _, factors = _ties(r, [m[key(i, r.name)] for i in range(len(r.models))])
+                    g = grad.reshape(r.rows, -1).float().cpu()
+                    for i, f in enumerate(factors):
+                        out[key(i, r.name)] = (g * f).sum(1)
+                    continue
+                g_all = grad.reshape(r.rows, -1)
+                base = r.base.reshape(r.rows, -1)
+                step = max(1, BLOCK // max(base.shape[1], 1))
+                for lo in range(0, r.rows, step):
+                    g = g_all[lo : lo + step].float().cpu()
+                    b = base[lo : lo + step].float()
+                    for i, (x, c) in enumerate(zip(r.models, r.coef)):
+                        tau = x.reshape(r.rows, -1)[lo : lo + step].float() - b
+                        out[key(i, r.name)][lo : lo + step] = c * (g * tau).sum(1)
+        return out
+
+    def _backward(self, rows: list[_Row], grad: bool) -> float:
+        import torch
+
+        model = self.mat.model
+        device = next(model.parameters()).device
+        moving = {id(r.param) for r in rows if r.param is not None}
+        for p in model.parameters():
+            p.grad = None
+            p.requires_grad_(grad and id(p) in moving)
+        total = 0.0
+        try:
+            for batch in self.batches:
+                with torch.set_grad_enabled(grad):
+                    logits = model(input_ids=batch.ids.to(device), attention_mask=batch.mask.to(device)).logits
+                    loss = self.loss(logits, batch)
+                if grad:
+                    loss.backward()
+                total += loss.item()
+        finally:
+            if not grad:
+                for p in model.parameters():
+                    p.requires_grad_(False)
+        return total
+
+    def run(
+        self,
+        point: dict[str, float],
+        steps: int = 60,
+        every: int = 10,
+        lr: float = 0.05,
+        coefficients: dict[str, torch.Tensor] | None = None,
+        log=None,
+    ) -> list[tuple[int, dict[str, float], float, dict[str, torch.Tensor]]]:
+        """Adam on the multipliers from `point` (and `coefficients`, else 1), each kept in BOUNDS; every `every`
+        steps (and the last) the point, the loss there and a copy of the multipliers."""
+        import torch
+
+        rows = self._rows(point)
+        m = self._start(rows, coefficients)
+        names = list(m)
+        opt = torch.optim.Adam([m[n].requires_grad_(False) for n in names], lr=lr)
+        out = []
+        try:
+            for step in range(steps + 1):
+                self._write(rows, m)
+                last = step == steps
+                loss = self._backward(rows, grad=not last)
+                if step % every == 0 or last:
+                    out.append((step, dict(point), loss, {n: m[n].detach().clone() for n in names}))
+                    if log:
+                        log(f"row refinement step {step}: loss {loss:.4f}")
+                if last:
+                    break
+                grads = self._grads(rows, m)
+                for n in names:
+                    m[n].grad = grads[n]
+                opt.step()
+                with torch.no_grad():
+                    for n in names:
+                        m[n].clamp_(*BOUNDS)
+        finally:
+            for p in self.mat.model.parameters():
+                p.grad = None
+                p.requires_grad_(False)
+        return out
+
+
+COEFFICIENTS_DIR = "coefficients"  # under the run directory: one file per refined point, named by its sha256
+
+
+def save_coefficients(run_dir, coefficients: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Write a path point's multipliers to the run directory's coefficient folder; {file, sha256} for its trial."""
+    import hashlib
+    from pathlib import Path
+
+    from safetensors.torch import save
+
+    from evomerge.io.atomic import write_file_atomic
+
+    data = save({k: v.detach().to("cpu").float().contiguous() for k, v in sorted(coefficients.items())})
+    digest = hashlib.sha256(data).hexdigest()
+    path = (Path(run_dir) / COEFFICIENTS_DIR / f"{digest[:16]}.safetensors").resolve()
+    if not path.is_file():
+        write_file_atomic(path, data)
+    return {"file": str(path), "sha256": digest}
+
+
+def load_coefficients(ref: dict[str, str] | None) -> dict[str, torch.Tensor] | None:
+    """A trial's multipliers ({file key: tensor}), checked against its hash; None for a trial without them."""
+    from evomerge.merge.coefficients import RowCoefficients, key
+
+    if ref is None:
+        return None
+    loaded = RowCoefficients.load(ref["file"], ref["sha256"], source="trial")
+    return {key(i, name): value for (i, name), value in loaded.values.items()}
+
+
+def with_coefficients(recipe, ref: dict[str, str] | None):
+    """The trial's recipe, naming its coefficient file (an evomerge-only recipe) when it has one."""
+    from evomerge.recipe import CoefficientFile
+
+    if ref is None:
+        return recipe
+    return recipe.with_provenance(coefficients=CoefficientFile(**ref))
+
+
+__all__ = [
+    "BOUNDS",
+    "LOSSES",
+    "ROW_METHODS",
+    "RowRefiner",
+    "answer_loss",
+    "check_rows",
+    "load_coefficients",
+    "micro_batches",
+    "save_coefficients",
+    "with_coefficients",
+]

@@ -1,0 +1,166 @@
+"""Per-row refinement: its merge is the real merge of the recipe with the coefficient file, its steps lower the loss
+(likelihood and distillation), and a search scores its path as trials that export as evomerge-only recipes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evomerge.evaluator import Evaluator
+from evomerge.merge.coefficients import key, write_coefficients
+from evomerge.recipe import CoefficientFile
+from evomerge.scoring.tasks import TaskSpec
+from evomerge.search.rows import BOUNDS, RowRefiner
+from evomerge.space import SearchSpace, load_space_spec, num_layers
+
+SEARCH = [TaskSpec(name="zoo_add_greedy_search", subset=12), TaskSpec(name="zoo_reverse_greedy_search", subset=12)]
+
+
+@pytest.fixture(scope="module")
+def evaluator(tiny_zoo):
+    return Evaluator([tiny_zoo / "add", tiny_zoo / "reverse"], tiny_zoo / "base", {"search": SEARCH})
+
+
+def _refiner(zoo, evaluator, loss="likelihood", method="task_arithmetic"):
+    space = SearchSpace(load_space_spec(method), num_layers(zoo / "base"))
+    models = [str(zoo / "add"), str(zoo / "reverse")]
+    mat, scorer = evaluator.materializer, evaluator.scorer("search")
+    return RowRefiner(mat, scorer, space, models, str(zoo / "base"), method, loss=loss), space, models
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_the_row_surrogate_is_the_merge_with_its_coefficient_file(tiny_zoo, evaluator, tmp_path, method):
+    ref, space, models = _refiner(tiny_zoo, evaluator, method=method)
+    point = {
+        name: ps.low + (i % 5 + 1) / 8 * (ps.high - ps.low) for i, (name, ps) in enumerate(space.bounds(models).items())
+    }
+    g = torch.Generator().manual_seed(1)
+    names = list(evaluator.materializer.targets)
+    coefficients = {
+        key(i, n): torch.rand(evaluator.materializer.targets[n].shape[0], generator=g) * 2
+        for i in range(2)
+        for n in names[::3]
+    }
+    ref.write(point, coefficients)
+    surrogate = {n: t.clone() for n, t in evaluator.materializer.targets.items()}
+    digest = write_coefficients(tmp_path / "c.safetensors", coefficients)
+    recipe = space.to_recipe(point, models, str(tiny_zoo / "base"), method, seed=0)
+    recipe = recipe.with_provenance(coefficients=CoefficientFile(file=str(tmp_path / "c.safetensors"), sha256=digest))
+    evaluator.load(recipe)
+    for name, tensor in evaluator.materializer.targets.items():
+        if method == "task_arithmetic":
+            torch.testing.assert_close(surrogate[name], tensor, rtol=1e-5, atol=1e-6)
+        else:  # TIES prunes by magnitude: the surrogate may keep another element only where magnitudes tie
+            close = torch.isclose(surrogate[name], tensor, rtol=1e-5, atol=1e-6).float().mean().item()
+            assert close > 0.995, f"{name}: only {close:.4f} of the elements agree"
+
+
+@pytest.mark.parametrize(
+    "loss,method", [("likelihood", "task_arithmetic"), ("distill", "task_arithmetic"), ("likelihood", "ties")]
+)
+def test_a_row_refinement_lowers_its_loss_inside_the_bounds(tiny_zoo, evaluator, loss, method):
+    ref, space, models = _refiner(tiny_zoo, evaluator, loss, method)
+    start = space.defaults(models)
+    path = ref.run(start, steps=8, every=4, lr=0.05)
+    assert [step for step, *_ in path] == [0, 4, 8]
+    assert all(point == start for _, point, _, _ in path)  # the recipe's own numbers stay; the rows move
+    losses = [loss for _, _, loss, _ in path]
+    assert losses[-1] < losses[0]
+    first, last = path[0][3], path[-1][3]
+    assert all(torch.equal(v, torch.ones_like(v)) for v in first.values())
+    assert any(not torch.equal(v, torch.ones_like(v)) for v in last.values())
+    assert all(BOUNDS[0] <= float(v.min()) and float(v.max()) <= BOUNDS[1] for v in last.values())
+    # continued from its last coefficients, it starts where it stopped
+    again = ref.run(start, steps=1, every=1, lr=0.05, coefficients=last)
+    assert again[0][2] == pytest.approx(losses[-1], rel=1e-5)
+
+
+def test_a_search_scores_the_row_path_and_exports_it_as_an_evomerge_only_recipe(tiny_zoo, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from evomerge.cli import main
+    from evomerge.config import parse_config
+    from evomerge.recipe import Recipe
+    from evomerge.search import study as st
+    from evomerge.search.driver import run_search
+    from evomerge.search.record import TrialRecord
+
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config(
+        {
+            "name": "rows",
+            "base_model": str(tiny_zoo / "base"),
+            "models": [str(tiny_zoo / "add"), str(tiny_zoo / "reverse")],
+            "method": "task_arithmetic",
+            "tasks": {"search": [t.model_dump() for t in SEARCH]},
+            "sampler": {"name": "random", "seed": 0},
+            "budget": {"n_trials": 9},
+            "workers": {"count": 0},
+            "portfolio": False,
+            "refine": {"at": [0.4], "steps": 6, "every": 2, "grain": "rows", "loss": "distill"},
+        }
+    )
+    assert run_search(cfg, progress=False, log=None).n_complete == 9
+    study = st.load_study(cfg.name, cfg.storage_url)
+    refined = [t for t in study.trials if TrialRecord.from_trial(t).refine_round is not None]
+    assert [TrialRecord.from_trial(t).refine_step for t in refined] == [2, 4, 6]
+    for t in refined:
+        record = TrialRecord.from_trial(t)
+        assert t.state.name == "COMPLETE" and record.coefficients["file"].startswith(str(tmp_path / "runs" / "rows"))
+        recipe = Recipe.from_yaml(record.recipe)
+        assert recipe.evomerge_only and recipe.evomerge.coefficients.sha256 == record.coefficients["sha256"]
+    assert len({TrialRecord.from_trial(t).coefficients["sha256"] for t in refined}) == 3  # the rows moved
+    last = refined[-1]
+    assert main(["export", str(cfg.run_dir), "--trial", str(last.number), "--out", str(tmp_path / "best")]) == 0
+    exported = tmp_path / "best"
+    recipe_path = next(exported.rglob("recipe.yaml"))
+    assert Recipe.load(recipe_path).evomerge_only and (recipe_path.parent / "coefficients.safetensors").is_file()
+    assert main(["merge", str(recipe_path), "--out", str(tmp_path / "again")]) == 0
+    model_dir = next(p.parent for p in exported.rglob("model.safetensors"))
+    a, b = load_file(model_dir / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refinement_steps_scale_with_the_budget_when_auto():
+    from pydantic import ValidationError
+
+    from evomerge.config import RefineConfig
+
+    auto = RefineConfig(steps="auto", every="auto")
+    assert [auto.schedule(n) for n in (10, 25, 100, 200)] == [(10, 1), (15, 2), (60, 10), (120, 20)]
+    assert RefineConfig().schedule(200) == (60, 10)  # fixed numbers stay fixed
+    with pytest.raises(ValidationError, match="positive number of steps"):
+        RefineConfig(steps=0)
+
+
+def test_the_guard_validates_every_point_of_the_refinement(tiny_zoo):
+    """A refinement trains on the search examples, so its longest-trained points rank first on them: the guard
+    scores every point of its path on validation, not only the top_k by search objective."""
+    import optuna
+
+    from evomerge.config import parse_config
+    from evomerge.search.guard import finalists
+    from evomerge.search.record import trial_attrs
+
+    cfg = parse_config(
+        {
+            "name": "g",
+            "base_model": str(tiny_zoo / "base"),
+            "models": [str(tiny_zoo / "add"), str(tiny_zoo / "reverse")],
+            "method": "task_arithmetic",
+            "tasks": {"search": [t.model_dump() for t in SEARCH]},
+            "validation": {"top_k": 1, "tasks": [{"name": "zoo_add_greedy_val"}]},
+        }
+    )
+    study = optuna.create_study(direction="maximize")
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    rows = [(0.2, {}), (0.95, {"refine_round": 0, "refine_step": 20}), (0.9, {"refine_round": 0, "refine_step": 10}),
+            (0.5, {}), (0.97, {"refine_round": 1, "refine_step": 10})]  # fmt: skip
+    for value, attrs in rows:
+        record = trial_attrs(objective=value, **attrs)
+        study.add_trial(
+            optuna.trial.create_trial(params={"x": 0.5}, distributions=dist, value=value, user_attrs=record)
+        )
+    assert [t.number for t in finalists(cfg, study)] == [4, 1, 2]  # the top one, then the path's others by rank
+    no_guard = cfg.model_copy(update={"validation": None})
+    assert [t.number for t in finalists(no_guard, study)] == [4]

@@ -159,16 +159,7 @@ def merged_tensors(
     models = [e.model for e in recipe.models or []]
     for job in plan.jobs():
         target = targets.get(job.name) if targets is not None else None
-        # the model's device, unless row coefficients scale the inputs first (their multipliers are on the CPU)
-        on_device = target is not None and target.device.type != "cpu"
-        device = target.device if on_device and coefficients is None else None
-        tensors = [by_model[m].get(src, device) for m, src in zip(job.inputs, job.sources)]
-        if vocab is not None and job.name in vocab.tensors:
-            tensors = _aligned(vocab, job.inputs, job.base_model, tensors, dtype)
-        if coefficients is not None and job.base_model is not None:
-            tensors = coefficients.scale(job.name, tensors, models, job.inputs, job.base_model)
-        if on_device and device is None:
-            tensors = [t.to(target.device) for t in tensors]
+        tensors = _job_inputs(job, by_model, target, vocab, coefficients, models, dtype)
         with kernel_threads():  # single-threaded ops here, evomerge's kernels spread over the CPUs
             result = merge_tensor(
                 plan.method,
@@ -189,6 +180,21 @@ def merged_tensors(
         if release:  # the caller is done with it: drop its input pages from our memory
             for model, src in zip(job.inputs, job.sources):
                 by_model[model].release(src)
+
+
+def _job_inputs(job, by_model: dict[str, Checkpoint], target, vocab, coefficients, models, dtype) -> list:
+    """One output tensor's inputs, read where its destination lives (unless row coefficients scale them first:
+    their multipliers are on the CPU), laid out in the output vocabulary and scaled by the row coefficients."""
+    on_device = target is not None and target.device.type != "cpu"
+    device = target.device if on_device and coefficients is None else None
+    tensors = [by_model[m].get(src, device) for m, src in zip(job.inputs, job.sources)]
+    if vocab is not None and job.name in vocab.tensors:
+        tensors = _aligned(vocab, job.inputs, job.base_model, tensors, dtype)
+    if coefficients is not None and job.base_model is not None:
+        tensors = coefficients.scale(job.name, tensors, models, job.inputs, job.base_model)
+    if on_device and device is None:
+        tensors = [t.to(target.device) for t in tensors]
+    return tensors
 
 
 _LOADED: dict[str, object] = {}  # sha256 -> RowCoefficients: a search applies the same file to many tensors
@@ -251,6 +257,26 @@ def input_key(path: str | os.PathLike) -> str:
     return ref_key(path)
 
 
+def _resident_model(config, dtype, devices: list[str], trust_remote_code: bool):
+    """The resident model of `config` in `dtype` (else the config's, else float32), uninitialised: every weight
+    is overwritten by `apply`. On the CPU built with the random init skipped (seconds at 1B); on GPUs built empty
+    on its devices (no copy in host memory), split over several if asked."""
+    import torch
+
+    model_dtype = dtype or _config_dtype(config) or torch.float32
+    if devices != ["cpu"]:
+        from evomerge.merge.placement import resident_model
+
+        return resident_model(config, model_dtype, devices, trust_remote_code=trust_remote_code)
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=model_dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # transformers 5 skips tying under no_init_weights; a tied head shares storage
+    return model.eval()
+
+
 class Materializer:
     """Inputs loaded once (memory-mapped), one resident model; `apply(recipe)` overwrites its weights in place.
 
@@ -280,8 +306,7 @@ class Materializer:
         shape-defining fields when their tensors match. `tokenizer_source` (union, base or a tokenizer folder):
         the resident model and tokenizer take the output vocabulary, and every recipe merges its embeddings and
         head there. An adapter folder among `models` merges over `base_model`, which it shares with the others."""
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         from evomerge.io.inputs import open_inputs
 
@@ -303,22 +328,8 @@ class Materializer:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         if self.vocab is not None:  # the resident model has one row per token of the output vocabulary
             config.get_text_config().vocab_size = self.vocab.rows
-        model_dtype = torch_dtype(dtype) or _config_dtype(config) or torch.float32
-        devices = [device] if isinstance(device, str) else list(device)
-        if devices == ["cpu"]:
-            from transformers.initialization import no_init_weights
-
-            with no_init_weights():  # every weight is overwritten by apply: skip the random init (seconds at 1B)
-                self.model = AutoModelForCausalLM.from_config(
-                    config, dtype=model_dtype, trust_remote_code=trust_remote_code
-                )
-            self.model.tie_weights()  # transformers 5 skips tying under no_init_weights; a tied head shares storage
-            self.model.eval()
-        else:  # built empty on its devices: no copy of the model in host memory, split over several if asked
-            from evomerge.merge.placement import resident_model
-
-            self.model = resident_model(config, model_dtype, devices, trust_remote_code=trust_remote_code)
-        self.devices = devices
+        self.devices = [device] if isinstance(device, str) else list(device)
+        self.model = _resident_model(config, torch_dtype(dtype), self.devices, trust_remote_code)
         self.tokenizer = self._tokenizer(model_dir, trust_remote_code)
         self._bind(ref)
 

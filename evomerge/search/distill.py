@@ -20,7 +20,6 @@ targets, so they batch the same way and `distill_loss` reads a batch as the like
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -121,13 +120,10 @@ def distill_items(
 def prompts(scorer, leaf: str, examples: int | None) -> list[tuple[dict, str]]:
     """(doc, context) of a leaf's refinement examples: its search subset, or with `examples` up to that many of
     its split in the seeded order the likelihood refinement uses."""
+    from evomerge.search.objective import refinement_indices
+
     task = scorer.tasks[leaf]
-    if examples is None:
-        chosen = set(scorer.indices(leaf))
-    else:
-        order = list(range(len(task.eval_docs)))
-        random.Random(f"{scorer.seed}:{leaf}:refine").shuffle(order)
-        chosen = set(order[:examples])
+    chosen = refinement_indices(scorer, leaf, examples)
     out = []
     for i, doc in enumerate(task.eval_docs):
         if i in chosen:

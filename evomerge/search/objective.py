@@ -73,12 +73,7 @@ def training_items(scorer, lm, examples: int | None = None) -> list[Item]:
             if kind not in KINDS:
                 unsupported.append(f"{leaf} ({kind})")
                 continue
-            if examples is None:
-                chosen = set(scorer.indices(leaf))
-            else:
-                order = list(range(len(task.eval_docs)))
-                random.Random(f"{scorer.seed}:{leaf}:refine").shuffle(order)
-                chosen = set(order[:examples])
+            chosen = refinement_indices(scorer, leaf, examples)
             docs = [doc for i, doc in enumerate(task.eval_docs) if i in chosen]
             share = spec.weight / len(leaves) / max(len(docs), 1)
             for doc in docs:
@@ -167,6 +162,16 @@ def _loglik(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return tok.new_zeros(target.shape[0]).index_add(0, row, tok)
 
 
+def refinement_indices(scorer, leaf: str, examples: int | None) -> set[int]:
+    """The examples of a leaf task the refinement trains on: its search subset, or with `examples` up to that many
+    of its split in a seeded order of its own (the likelihood's and the distillation's are the same)."""
+    if examples is None:
+        return set(scorer.indices(leaf))
+    order = list(range(len(scorer.tasks[leaf].eval_docs)))
+    random.Random(f"{scorer.seed}:{leaf}:refine").shuffle(order)
+    return set(order[:examples])
+
+
 def answer_loss(logits: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
     """This micro-batch's part of the weighted mean of each item's loss: the gold continuation's NLL (one
     answer), or the cross-entropy over its choices (multiple choice)."""
@@ -183,4 +188,13 @@ def answer_loss(logits: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
     return total / batch.total_weight
 
 
-__all__ = ["KINDS", "Item", "Loss", "MicroBatch", "answer_loss", "micro_batches", "training_items"]
+__all__ = [
+    "KINDS",
+    "Item",
+    "Loss",
+    "MicroBatch",
+    "answer_loss",
+    "micro_batches",
+    "refinement_indices",
+    "training_items",
+]

@@ -95,26 +95,6 @@ def micro_batches(items: Sequence[Any], pad: int, max_length: int, rows: int = M
     return out
 
 
-def answer_loss(logits: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
-    """This batch's part of the weighted mean of each item's loss: the reference answer's negative
-    log-likelihood, or the cross-entropy over a multiple-choice item's choices."""
-    import torch
-
-    target = batch.target.to(logits.device)
-    where = target != -100
-    picked = logits[where].float()
-    tok = picked.gather(-1, target[where].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, -1)
-    row = torch.arange(target.shape[0], device=target.device).unsqueeze(1).expand_as(target)[where]
-    loglik = tok.new_zeros(target.shape[0]).index_add(0, row, tok)
-    total, k = loglik.new_zeros(()), 0
-    for item in batch.items:
-        n = len(item.continuations)
-        ll = loglik[k : k + n]
-        k += n
-        total = total + item.weight * (-(ll[item.gold]) if n == 1 else -(torch.log_softmax(ll, 0)[item.gold]))
-    return total / batch.total_weight
-
-
 @dataclass
 class _Row:
     """One merged tensor: its inputs (memory-mapped), each model's c_i at the point, the resident parameter."""
@@ -188,7 +168,7 @@ class RowRefiner:
         top_k: int = 16,
         micro_batch_rows: int = MICRO_BATCH_ROWS,
     ):
-        from evomerge.search.objective import training_items
+        from evomerge.search.objective import answer_loss, training_items
 
         check_rows(method)
         if loss not in LOSSES:
@@ -420,7 +400,6 @@ __all__ = [
     "LOSSES",
     "ROW_METHODS",
     "RowRefiner",
-    "answer_loss",
     "check_rows",
     "load_coefficients",
     "micro_batches",

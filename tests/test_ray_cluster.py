@@ -132,15 +132,17 @@ def ray_cluster(tmp_path_factory, installed_evomerge):
 
 
 class RecordingPool:
-    """The pool the driver uses, keeping every JobResult it hands back (worker-side start and end times)."""
+    """The pool the driver uses, keeping every JobResult it hands back (worker-side start and end times) and,
+    at each wait, how many workers had a trial to run (each slot's queue holds the trials sent to its actor)."""
 
     def __init__(self, pool):
-        self.pool, self.results, self.infos = pool, [], list(pool.infos)
+        self.pool, self.results, self.infos, self.busy = pool, [], list(pool.infos), []
 
     def __getattr__(self, name):
         return getattr(self.pool, name)
 
     def wait(self, timeout=None):
+        self.busy.append(sum(1 for queue in self.pool.queues if queue))
         out = self.pool.wait(timeout)
         self.results += [res for _, res in out]
         return out
@@ -172,7 +174,8 @@ def test_a_search_on_a_ray_cluster_runs_two_workers_each_one_trial_at_a_time(
         assert Path(info["python"]) == ray_cluster["python"]
         assert Path(info["package"]) == package and info["version"] == evomerge.__version__
 
-    # both ran trials; neither ever ran two at once; they did run side by side
+    # both ran trials; neither ever ran two at once; the driver gave both work at the same time (whether their
+    # runs then overlap in time is up to the machine's scheduler: on a loaded machine one may finish first)
     trials = st.load_study("cluster", cfg.storage_url).trials
     assert {t.user_attrs["worker"] for t in trials} == {i["name"] for i in pool.infos}
     spans = {}
@@ -182,8 +185,7 @@ def test_a_search_on_a_ray_cluster_runs_two_workers_each_one_trial_at_a_time(
     for worker, own in spans.items():
         own.sort()
         assert all(end <= nxt for (_, end), (nxt, _) in zip(own, own[1:])), f"{worker} ran two trials at once: {own}"
-    (a, b) = spans.values()
-    assert any(s1 < e2 and s2 < e1 for s1, e1 in a for s2, e2 in b), "the two workers never ran at the same time"
+    assert max(pool.busy) == 2, f"the two workers never had trials at the same time: {pool.busy}"
 
 
 def test_a_cluster_worker_with_another_evomerge_version_is_refused(tmp_path, tiny_zoo, monkeypatch, ray_cluster):

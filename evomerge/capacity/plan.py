@@ -36,6 +36,13 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n < 10e9 else f"{n / 1e9:.1f} GB"
 
 
+def _count(params: int) -> str:
+    """A parameter count as people write it: 0.50B, 6.74B; 148M; 0.39M for the zoo's tiny models."""
+    if params >= 5e8:
+        return f"{params / 1e9:.2f}B"
+    return f"{params / 1e6:.0f}M" if params >= 1e7 else f"{params / 1e6:.2f}M"
+
+
 @dataclass
 class Plan:
     """What a search needs (`worker`, `page_cache`) and whether `devices` hold it (`problems`: one line each,
@@ -73,7 +80,7 @@ class Plan:
         same = len(set(m.input_bytes)) == 1
         each = f"{n} x {gb(m.input_bytes[0])}" if same else " + ".join(gb(b) for b in m.input_bytes)
         out = [
-            f"plan: inputs {each} (base + {n - 1} model{'s' * (n != 2)}, {m.params / 1e9:.2f}B parameters), "
+            f"plan: inputs {each} (base + {n - 1} model{'s' * (n != 2)}, {_count(m.params)} parameters), "
             f"memory-mapped: {gb(self.page_cache)} of page cache per node"
         ]
         batch = "auto" if w.batch_size == "auto" else w.batch_size

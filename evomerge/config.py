@@ -103,35 +103,47 @@ class ValidationConfig(_Strict):
 
 
 class RefineConfig(_Strict):
-    """Gradient refinement (search/refine.py): at each fraction `at` of the budget, follow the gradient of the
-    search examples' answer likelihood with respect to the searched weights from the best trial so far, and
-    enqueue the points it passes (every `every` of `steps` Adam steps) as trials."""
+    """Gradient refinement (search/refine.py, search/rows.py): at each fraction `at` of the budget, follow the
+    gradient of the search examples' loss from the best trial so far, and enqueue the points it passes (every
+    `every` of `steps` Adam steps) as trials. Round r is of kind `arms[r % len(arms)]`, so a larger budget (more
+    rounds, `at: auto`) tries every kind, and the validation guard chooses among all their points."""
 
-    at: list[float] = Field([0.5, 0.85], description="fractions of budget.n_trials at which a round starts")
+    at: list[float] | Literal["auto"] = Field(
+        "auto",
+        description="fractions of budget.n_trials at which a round starts; auto: one round per 25 trials (2 to "
+        "8), spread from 0.5 to 0.85 of the budget ([0.5, 0.85] up to 74 trials)",
+    )
+    arms: list[Literal["tensor", "rows", "distill"]] = Field(
+        ["tensor", "tensor", "rows", "distill"],
+        min_length=1,
+        description="the kind of each round, cycled: tensor (the space's numbers, likelihood), rows (and one "
+        "coefficient per output row, likelihood), distill (per-row, distillation of each task's best source); "
+        "rows and distill run with task_arithmetic and ties and make the exported recipe evomerge-only",
+    )
     steps: int | Literal["auto"] = Field(
         60, description="Adam steps per round; auto: 0.6 per trial of budget.n_trials (60 at 100), at least 10"
     )
     every: int | Literal["auto"] = Field(10, description="steps between enqueued points; auto: six points per round")
     lr: float = Field(0.05, gt=0, description="Adam step, in units of each parameter's search range")
-    grain: Literal["tensor", "rows"] = Field(
-        "tensor",
-        description="what the gradient moves: the space's own numbers (tensor), or also one coefficient per "
-        "output row of every tensor and model (rows: task arithmetic and TIES; the exported recipe is evomerge-only)",
-    )
-    loss: Literal["likelihood", "distill"] = Field(
-        "likelihood",
-        description="likelihood of the search tasks' reference answers, or distillation of each task's best "
-        "source model on its own greedy answers (prompts only; search/distill.py)",
-    )
     examples: int | None = Field(
         None, gt=0, description="examples per task the gradient sees (default: each task's search subset)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and {"grain", "loss"} & data.keys():
+            raise ValueError(
+                "refine.grain and refine.loss became refine.arms: write `arms: [rows]` for grain rows, "
+                "`arms: [distill]` for loss distill, `arms: [tensor]` for the per-tensor refinement alone"
+            )
+        return data
+
     @field_validator("at")
     @classmethod
-    def _fractions(cls, at: list[float]) -> list[float]:
-        if any(not 0 <= f < 1 for f in at) or at != sorted(set(at)):
-            raise ValueError(f"{at}: give increasing fractions of the budget in [0, 1), e.g. [0.5, 0.85]")
+    def _fractions(cls, at: list[float] | str) -> list[float] | str:
+        if at != "auto" and (any(not 0 <= f < 1 for f in at) or at != sorted(set(at))):
+            raise ValueError(f"{at}: give increasing fractions of the budget in [0, 1), e.g. [0.5, 0.85], or auto")
         return at
 
     @field_validator("steps", "every")
@@ -146,6 +158,22 @@ class RefineConfig(_Strict):
         steps = max(10, round(0.6 * n_trials)) if self.steps == "auto" else self.steps
         every = max(1, steps // 6) if self.every == "auto" else self.every
         return steps, every
+
+    def starts(self, n_trials: int) -> list[int]:
+        """The trial count at which each round starts, for a budget of `n_trials` (`at: auto` resolved)."""
+        at = self.at
+        if at == "auto":
+            n = min(8, max(2, n_trials // 25))
+            at = [0.5 + 0.35 * i / (n - 1) for i in range(n)]
+        return [math.floor(f * n_trials) for f in at]
+
+    def arm(self, r: int) -> str:
+        """The kind of round `r`."""
+        return self.arms[r % len(self.arms)]
+
+    def arms_run(self, n_trials: int) -> set[str]:
+        """The kinds of the rounds a budget of `n_trials` runs."""
+        return {self.arm(r) for r in range(len(self.starts(n_trials)))}
 
 
 class EarlyStopConfig(_Strict):

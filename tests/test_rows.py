@@ -97,7 +97,7 @@ def test_a_search_scores_the_row_path_and_exports_it_as_an_evomerge_only_recipe(
             "budget": {"n_trials": 9},
             "workers": {"count": 0},
             "portfolio": False,
-            "refine": {"at": [0.4], "steps": 6, "every": 2, "grain": "rows", "loss": "distill"},
+            "refine": {"at": [0.4], "steps": 6, "every": 2, "arms": ["distill"]},
         }
     )
     assert run_search(cfg, progress=False, log=None).n_complete == 9
@@ -164,3 +164,89 @@ def test_the_guard_validates_every_point_of_the_refinement(tiny_zoo):
     assert [t.number for t in finalists(cfg, study)] == [4, 1, 2]  # the top one, then the path's others by rank
     no_guard = cfg.model_copy(update={"validation": None})
     assert [t.number for t in finalists(no_guard, study)] == [4]
+
+
+def test_refinement_rounds_cycle_the_arms_and_scale_with_the_budget():
+    from pydantic import ValidationError
+
+    from evomerge.config import RefineConfig
+
+    auto = RefineConfig()
+    assert auto.starts(25) == [12, 21] and auto.starts(50) == [25, 42]  # two rounds up to 74 trials
+    assert auto.starts(100) == [50, 61, 73, 84]
+    assert len(auto.starts(200)) == 8 and len(auto.starts(5000)) == 8  # one per 25 trials, at most 8
+    assert [auto.arm(r) for r in range(5)] == ["tensor", "tensor", "rows", "distill", "tensor"]
+    assert RefineConfig(at=[0.5]).starts(200) == [100]  # fixed fractions stay fixed
+    with pytest.raises(ValidationError, match="became refine.arms: write `arms: \\[rows\\]`"):
+        RefineConfig(grain="rows")
+
+
+def test_default_per_row_arms_fall_back_to_per_tensor_rounds_where_a_method_has_none(tiny_zoo, tmp_path, monkeypatch):
+    from evomerge.config import parse_config
+    from evomerge.errors import ConfigError
+    from evomerge.search.driver import _runnable
+
+    monkeypatch.chdir(tmp_path)
+    data = {
+        "name": "arms",
+        "base_model": str(tiny_zoo / "base"),
+        "models": [str(tiny_zoo / "add"), str(tiny_zoo / "reverse")],
+        "method": "dare_ties",
+        "search_space": "dare_ties",
+        "tasks": {"search": [t.model_dump() for t in SEARCH]},
+        "workers": {"count": 0},
+        "validation": {"tasks": [{"name": "zoo_add_greedy_val", "subset": 8}]},
+        "budget": {"n_trials": 100},  # four rounds: tensor, tensor, rows, distill
+    }
+    lines = []
+    cfg = _runnable(parse_config(data), lines.append)
+    assert cfg.refine.arms == ["tensor"] * 4 and any("per-tensor rounds run instead" in line for line in lines)
+    assert "no per-row surrogate" in lines[-1]
+    with pytest.raises(ConfigError, match="refine.arms rows and distill: method 'dare_ties' has no per-row"):
+        _runnable(parse_config({**data, "refine": {"arms": ["rows"]}}), lines.append)
+    linear = {**data, "method": "task_arithmetic", "search_space": "task_arithmetic"}
+    assert _runnable(parse_config(linear), lines.append).refine.arms == ["tensor", "tensor", "rows", "distill"]
+    unguarded = {k: v for k, v in linear.items() if k != "validation"}  # nothing would choose among row points
+    assert _runnable(parse_config(unguarded), lines.append).refine.arms == ["tensor"] * 4
+    assert "without `validation:`" in lines[-1]
+    asked = {**unguarded, "refine": {"arms": ["rows"]}}
+    assert _runnable(parse_config(asked), lines.append).refine.arms == ["rows"]  # asked for: it runs
+    n = len(lines)
+    assert _runnable(parse_config({**unguarded, "budget": {"n_trials": 50}}), lines.append).refine.arms[2] == "rows"
+    assert len(lines) == n  # two rounds, both per-tensor: nothing to switch off, no line
+
+
+def test_a_per_tensor_round_after_a_per_row_one_starts_from_a_trial_without_coefficients(
+    tiny_zoo, tmp_path, monkeypatch
+):
+    from evomerge.config import parse_config
+    from evomerge.search import study as st
+    from evomerge.search.driver import run_search
+    from evomerge.search.record import TrialRecord
+
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config(
+        {
+            "name": "arms",
+            "base_model": str(tiny_zoo / "base"),
+            "models": [str(tiny_zoo / "add"), str(tiny_zoo / "reverse")],
+            "method": "task_arithmetic",
+            "tasks": {"search": [t.model_dump() for t in SEARCH]},
+            "sampler": {"name": "random", "seed": 0},
+            "budget": {"n_trials": 10},
+            "workers": {"count": 0},
+            "portfolio": False,
+            "refine": {"at": [0.2, 0.6], "steps": 4, "every": 2, "arms": ["rows", "tensor"]},
+        }
+    )
+    assert run_search(cfg, progress=False, log=None).n_complete == 10
+    trials = st.load_study(cfg.name, cfg.storage_url).trials
+    records = [TrialRecord.from_trial(t) for t in trials]
+    rows = [r for r in records if r.refine_round == 0]
+    tensor = [t.number for t, r in zip(trials, records) if r.refine_round == 1]
+    assert len(rows) == 2 and all(r.refine_arm == "rows" and r.coefficients for r in rows)
+    assert len(tensor) == 2 and all(records[n].refine_arm == "tensor" and not records[n].coefficients for n in tensor)
+    start = records[tensor[0]].refined_from
+    assert records[start].coefficients is None and records[start].refine_round is None
+    plain = [t for t in trials[: tensor[0]] if t.state.name == "COMPLETE" and records[t.number].coefficients is None]
+    assert st.objective_of(trials[start]) == max(st.objective_of(t) for t in plain)  # the best of those

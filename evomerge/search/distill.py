@@ -66,8 +66,8 @@ def check_distillable(scorer) -> None:
     bad = [f"{leaf} ({task.OUTPUT_TYPE})" for leaf, task in scorer.tasks.items() if task.OUTPUT_TYPE not in kinds]
     if bad:
         raise ConfigError(
-            f"refine.loss distill: tasks {', '.join(bad)} have no prompt to answer; distillation needs "
-            "loglikelihood, generate_until or multiple_choice tasks (or use refine.loss: likelihood)"
+            f"refine.arms distill: tasks {', '.join(bad)} have no prompt to answer; distillation needs "
+            "loglikelihood, generate_until or multiple_choice tasks (or leave distill out of refine.arms)"
         )
 
 
@@ -140,7 +140,7 @@ def eos_ids(model, tok) -> list[int]:
     extra = config if isinstance(config, list) else [config]
     ids = [t for t in dict.fromkeys([tok.eos_token_id, *extra]) if t is not None]
     if not ids:
-        raise ConfigError("refine.loss distill: the tokenizer has no end-of-sequence token to end an answer")
+        raise ConfigError("refine.arms distill: the tokenizer has no end-of-sequence token to end an answer")
     return ids
 
 

@@ -35,7 +35,8 @@ from evomerge.space import SearchSpace, space_of
 _FEATURES = {
     "refine": "gradient refinement",
     "early_stop": "staged evaluation (early_stop)",
-    "refine.grain": "per-row refinement (refine.grain: rows; the per-tensor refinement runs instead)",
+    "refine.rows": "per-row refinement (refine.arms rows and distill; per-tensor rounds run instead)",
+    "refine.distill": "distillation (refine.arms distill; per-row rounds of the likelihood run instead)",
 }
 MAX_WORKER_DEATHS = 2  # retries of params whose worker died while evaluating them; then the trial fails
 
@@ -161,7 +162,7 @@ def check_tasks(cfg: SearchConfig, keep: dict[str, Any] | None = None) -> dict[s
                 check("early_stop", lambda: check_per_example(scorer))
             if cfg.refine is not None:
                 check("refine", lambda: check_refinable(scorer, cfg.method))
-            if cfg.refine is not None and "refine" not in off and cfg.refine.grain == "rows":
+            if cfg.refine is not None and "refine" not in off and cfg.refine.arms_run(cfg.budget.n_trials) - {"tensor"}:
                 _check_rows(cfg, scorer, off)
         except (TaskError, ConfigError) as err:
             raise ConfigError(f"{cfg._source}: {name!r}: {err}; fix the task entry or tasks.include_paths") from None
@@ -169,20 +170,30 @@ def check_tasks(cfg: SearchConfig, keep: dict[str, Any] | None = None) -> dict[s
 
 
 def _check_rows(cfg: SearchConfig, scorer, off: dict[str, str]) -> None:
-    """Per-row refinement (and distillation) where they apply; the defaults fall back to the per-tensor
-    refinement of the likelihood (`off["refine.grain"]`), settings the config asks for must apply."""
+    """Per-row refinement and distillation where their arms apply; the default arms fall back (`off["refine.rows"]`:
+    per-tensor rounds instead, also without the validation guard to choose among their points;
+    `off["refine.distill"]`: per-row rounds of the likelihood instead), arms the config asks for must apply."""
     from evomerge.search.distill import check_distillable
     from evomerge.search.rows import check_rows
 
-    try:
-        check_rows(cfg.method)
-        if cfg.refine.loss == "distill":
-            check_distillable(scorer)
-    except ConfigError as err:
-        asked = "refine" in cfg.model_fields_set and {"grain", "loss"} & cfg.refine.model_fields_set
-        if asked:
-            raise
-        off["refine.grain"] = str(err)
+    asked = "refine" in cfg.model_fields_set and "arms" in cfg.refine.model_fields_set
+    if cfg.validation is None and not asked:
+        off["refine.rows"] = (
+            "per-row coefficients fit the search examples closely, and without `validation:` (the guard) nothing "
+            "scores their points on other examples: add a validation block, or set refine.arms"
+        )
+        return
+    checks = [("refine.rows", lambda: check_rows(cfg.method))]
+    if "distill" in cfg.refine.arms_run(cfg.budget.n_trials):
+        checks.append(("refine.distill", lambda: check_distillable(scorer)))
+    for name, check in checks:
+        try:
+            check()
+        except ConfigError as err:
+            if asked:
+                raise
+            off[name] = str(err)
+            return
 
 
 def _check_one_objective(cfg: SearchConfig, check: Callable[[str, Callable[[], None]], None]) -> None:
@@ -272,9 +283,10 @@ def _runnable(cfg: SearchConfig, log: Callable[[str], None], keep: dict[str, Any
     off = check_tasks(cfg, keep=keep)
     for name, why in off.items():
         log(f"{_FEATURES[name]} is off for this study: {why.removeprefix('refine: ')}")
-    update: dict[str, Any] = {name: None for name in off if name != "refine.grain"}
-    if "refine.grain" in off:  # the per-tensor refinement of the likelihood runs instead
-        update["refine"] = cfg.refine.model_copy(update={"grain": "tensor", "loss": "likelihood"})
+    update: dict[str, Any] = {name: None for name in off if name in ("refine", "early_stop")}
+    if {"refine.rows", "refine.distill"} & off.keys():  # per-tensor (or per-row likelihood) rounds instead
+        instead = {"rows": "tensor", "distill": "tensor"} if "refine.rows" in off else {"distill": "rows"}
+        update["refine"] = cfg.refine.model_copy(update={"arms": [instead.get(a, a) for a in cfg.refine.arms]})
     return cfg.model_copy(update=update)
 
 
@@ -527,8 +539,7 @@ class _RefineRounds:
 
     def __init__(self, study, cfg: SearchConfig):
         self.study, self.cfg = study, cfg
-        at = cfg.refine.at if cfg.refine is not None else []
-        self.starts = [math.floor(f * cfg.budget.n_trials) for f in at]
+        self.starts = cfg.refine.starts(cfg.budget.n_trials) if cfg.refine is not None else []
         rounds = (TrialRecord.from_trial(t).refine_round for t in study.get_trials(deepcopy=False))
         self.done = set(rounds) - {None}
 
@@ -540,17 +551,21 @@ class _RefineRounds:
         return None
 
     def run(self, r: int, pool, space: SearchSpace) -> None:
+        """Round `r`, of kind `refine.arm(r)`: a per-tensor round starts from the best trial without per-row
+        coefficients (what it moves is all of its start), a per-row one from the best trial, continuing its
+        coefficients if it has some."""
         self.done.add(r)
-        best = st.best_trial(self.study, own=True)
+        refine, arm = self.cfg.refine, self.cfg.refine.arm(r)
+        own = st.ranked(st.complete_trials(self.study), own=True)
+        best = next((t for t in own if arm != "tensor" or TrialRecord.from_trial(t).coefficients is None), None)
         if best is None or not best.params:
             return
-        refine = self.cfg.refine
         steps, every = refine.schedule(self.cfg.budget.n_trials)
         settings = {"steps": steps, "every": every, "lr": refine.lr}
-        if refine.grain == "rows":  # continued from the start's own coefficients, if it has some
+        if arm != "tensor":
             start = TrialRecord.from_trial(best).coefficients
-            settings.update(grain="rows", loss=refine.loss, examples=refine.examples)
-            settings["coefficients"] = load_coefficients(start)
+            settings.update(grain="rows", loss="distill" if arm == "distill" else "likelihood")
+            settings.update(examples=refine.examples, coefficients=load_coefficients(start))
         elif refine.examples is not None:
             settings["examples"] = refine.examples
         bounds = space.bounds(self.cfg.models)
@@ -561,7 +576,12 @@ class _RefineRounds:
             point = {k: bounds[k].clip(v) for k, v in point.items()}
             ref = save_coefficients(self.cfg.run_dir, rows[0]) if rows else None
             attrs = trial_attrs(
-                refine_round=r, refine_step=step, refined_from=best.number, surrogate_loss=loss, coefficients=ref
+                refine_round=r,
+                refine_arm=arm,
+                refine_step=step,
+                refined_from=best.number,
+                surrogate_loss=loss,
+                coefficients=ref,
             )
             self.study.enqueue_trial(point, user_attrs=attrs)
 

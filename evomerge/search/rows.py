@@ -46,8 +46,8 @@ MICRO_BATCH_ROWS = 64
 def check_rows(method: str) -> None:
     if method not in ROW_METHODS:
         raise ConfigError(
-            f"refine.grain rows: method {method!r} has no per-row surrogate; per-row coefficients work with "
-            f"{', '.join(sorted(ROW_METHODS))}: use refine.grain: tensor or change `method`"
+            f"refine.arms rows and distill: method {method!r} has no per-row surrogate; per-row coefficients work with "
+            f"{', '.join(sorted(ROW_METHODS))}: use refine.arms: [tensor] or change `method`"
         )
 
 
@@ -172,7 +172,7 @@ class RowRefiner:
 
         check_rows(method)
         if loss not in LOSSES:
-            raise ConfigError(f"refine.loss: {loss!r} is not one of {', '.join(LOSSES)}")
+            raise ConfigError(f"refine.arms: loss {loss!r} is not one of {', '.join(LOSSES)}")
         self.mat, self.scorer, self.space = materializer, scorer, space
         self.models, self.base, self.method, self.seed = [str(m) for m in models], str(base), method, seed
         tok = materializer.tokenizer

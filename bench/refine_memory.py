@@ -3,6 +3,7 @@
     .venv/bin/python bench/refine_memory.py                  # ~100M-parameter Llama, base + 3 fine-tunes (~25 min)
     .venv/bin/python bench/refine_memory.py --params 3e7     # smaller, quicker
     .venv/bin/python bench/refine_memory.py --keep /tmp/rm --skip old-search   # reuse the checkpoints
+    .venv/bin/python bench/refine_memory.py --params 3e7 --skip search,old-search --rows --method ties
 
 Writes synthetic Llama checkpoints (bench/merge_speed.py's: a random base and three fine-tunes = base + noise,
 the zoo's tokenizer, float32), then runs each measurement in its own process and reads its peak RSS with
@@ -15,7 +16,9 @@ os.wait4:
                      estimate of its memory fits in what the machine has free
   extra              one engine's round alone in a fresh process, after one merge (the resident state a search
                      has): its peak RSS over that state (VmHWM reset through /proc/self/clear_refs), against
-                     what `refine_extra_bytes` (the resource plan's formula) predicts for the new engine
+                     what `refine_extra_bytes` (the resource plan's formula) predicts for the new engine; with
+                     --rows also a per-row round (search/rows.py), against the same formula with every tensor
+                     moving (and, for ties, the plan's `row_ties_bytes`)
   steps              seconds per refinement step (the median interval between steps), new and old engine
                      alternating in one process (the best of --repeats rounds), on the synthetic model and on
                      the tiny zoo (built here unless --zoo)
@@ -79,6 +82,7 @@ def _engines(spec: dict):
     from evomerge.evaluator import Evaluator
     from evomerge.scoring.tasks import TaskSpec
     from evomerge.search.refine import Refiner
+    from evomerge.search.rows import RowRefiner
     from evomerge.space import SearchSpace, load_space_spec, num_layers
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -89,7 +93,7 @@ def _engines(spec: dict):
     ev = Evaluator(models, root / "base", {"search": tasks})
     space = SearchSpace(load_space_spec(spec["method"]), num_layers(root / "base"))
     args = (ev.materializer, ev.scorer("search"), space, models, str(root / "base"), spec["method"])
-    kinds = {"new": Refiner, "old": AutogradRefiner}
+    kinds = {"new": Refiner, "old": AutogradRefiner, "rows": RowRefiner}
     engines = {name: kinds[name](*args) for name in spec["engines"]}
     point = space.defaults(models)
     ev.load(space.to_recipe(point, models, str(root / "base"), spec["method"], seed=0))
@@ -125,6 +129,11 @@ def measure_extra(spec: dict) -> dict:
     open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS: the round's own peak from here
     engine.run(point, steps=spec["steps"], every=spec["steps"])
     out = {"extra": _rss("VmHWM") - before}
+    if "rows" in engines:  # what the plan reads: every floating tensor moves
+        sizes = [p.numel() * p.element_size() for p in ev.materializer.model.parameters()]
+        out["moving_bytes"], out["largest"] = sum(sizes), max(sizes)
+        out["tokens"] = max(b.ids.numel() for b in engine.batches)
+        out["answers"] = max(b.ids.shape[0] * b.keep for b in engine.batches)
     if "new" in engines:
         start = engine.prepare(point)
         moving = [t.target.numel() * t.target.element_size() for t in start.tensors if t.moves]
@@ -133,6 +142,7 @@ def measure_extra(spec: dict) -> dict:
         out["answers"] = max(b.rows * b.keep for b in engine.batches())
     out["model_bytes"] = sum(p.numel() * p.element_size() for p in ev.materializer.model.parameters())
     out["threads"], out["root"], out["models"] = torch.get_num_threads(), spec["root"], len(spec["models"])
+    out["method"] = spec["method"]
     return out
 
 
@@ -221,7 +231,7 @@ def run(args) -> dict:
         zoo_spec = {**common, "root": str(zoo), "models": ["add", "reverse"], "subset": 16}
         zoo_spec["tasks"] = ["zoo_add_greedy_search", "zoo_reverse_search"]
         old = ["old"] if old_fits(nbytes) else []
-        for engine in ["new", *old]:
+        for engine in ["new", *old, *(["rows"] if args.rows else [])]:
             spec = {**syn, "kind": "extra", "engines": [engine]}
             out[f"extra: {engine}"] = _measure(spec, root / f"extra-{engine}.log")
         for label, spec in (("steps: tiny zoo", zoo_spec), ("steps: synthetic", syn)):
@@ -274,7 +284,7 @@ def _extras(res: dict, nbytes: int) -> list[str]:
     from evomerge.search.footprint import refine_extra_bytes
 
     lines = []
-    for engine in ("new", "old"):
+    for engine in ("new", "old", "rows"):
         r = res.get(f"extra: {engine}")
         if not r or "error" in r:
             continue
@@ -282,12 +292,15 @@ def _extras(res: dict, nbytes: int) -> list[str]:
             f"round alone, {engine} engine: peak RSS over the resident state {r['extra'] / 2**20:,.0f} MiB = "
             f"{r['extra'] / nbytes:.2f} x model bytes"
         )
-        if engine == "new":
+        if engine in ("new", "rows"):
             config = json.loads((Path(r["root"]) / "base" / "config.json").read_text())
             predicted = refine_extra_bytes(
                 config, r["moving_bytes"], r["models"], largest=r["largest"], tokens=r["tokens"],
                 answer_tokens=r["answers"], threads=r["threads"],
             )  # fmt: skip
+            if engine == "rows" and r["method"] == "ties":  # the plan's host term of a per-row TIES step (float32)
+                predicted["row ties"] = (4 * r["models"] + 6) * r["largest"]
+                predicted["device"] += predicted["row ties"]
             terms = ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in predicted.items() if k not in ("device", "host"))
             lines.append(
                 f"  refine_extra_bytes predicts {predicted['device'] / 2**20:,.0f} MiB ({terms} MiB; micro-batch of "
@@ -309,6 +322,7 @@ def main() -> int:
     ap.add_argument("--keep", help="folder for the checkpoints (reused when present); default a temp folder")
     ap.add_argument("--zoo", help="the tiny zoo for the per-step timing (default: built under the folder)")
     ap.add_argument("--skip", default="", help="comma-separated: search, old-search, steps")
+    ap.add_argument("--rows", action="store_true", help="also measure a per-row round alone (search/rows.py)")
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument("--_measure", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -279,3 +279,38 @@ def test_a_pool_refuses_gpus_ray_does_not_have(tiny_zoo, monkeypatch):
     import ray
 
     assert not ray.is_initialized()  # the pool shut down the Ray it started
+
+
+def test_per_row_ties_rounds_add_their_host_memory_to_the_plan():
+    """A TIES search whose budget runs per-row rounds (refine.arms rows, distill) holds one tensor's TIES over
+    row-scaled task vectors in float32 in host memory: on CPU in the worker's transient, on GPU beside its runtime."""
+    from evomerge.capacity.memory import row_ties_bytes, worker_memory
+
+    model = ModelFacts.of_config({**LLAMA_0_25B}, n_inputs=4)
+    tasks = TaskFacts(requests=200, longest=64, generates=False, refine_rows=200, refine_tokens=200 * 64)
+    rows = row_ties_bytes(model)
+    assert rows == (4 * 3 + 6) * model.largest * 4
+    for gpus in (0, 1):
+        plain = worker_memory(model, tasks, Settings(num_gpus=gpus, method="ties"), int(80e9))
+        ties = worker_memory(model, tasks, Settings(num_gpus=gpus, method="ties", row_ties=True), int(80e9))
+        if gpus:
+            assert ties.host - plain.host == rows and ties.per_device == plain.per_device
+        else:
+            assert ties.refinement - plain.refinement == rows
+            assert ties.host - plain.host == max(ties.transient, 0) - plain.transient
+
+
+def test_the_plan_counts_per_row_ties_rounds_only_where_the_budget_runs_them(tiny_zoo, tmp_path):
+    data = {
+        "name": "p",
+        "base_model": str(tiny_zoo / "base"),
+        "models": [str(tiny_zoo / "add"), str(tiny_zoo / "reverse")],
+        "method": "ties",
+        "tasks": {"search": [{"name": "zoo_add_greedy_search", "subset": 8}]},
+        "workers": {"count": 1},
+    }
+    row_ties = {n: plan_search(parse_config({**data, "budget": {"n_trials": n}})).settings.row_ties for n in (50, 100)}
+    assert row_ties == {50: False, 100: True}
+    assert not plan_search(
+        parse_config({**data, "method": "task_arithmetic", "budget": {"n_trials": 100}})
+    ).settings.row_ties

@@ -216,7 +216,7 @@ def test_token_bytes_is_what_the_backward_keeps(tiny_zoo, evaluator, trio, zoo):
     """The resource plan's activation term (refine_extra_bytes): the tensors autograd saves for the backward of
     one micro-batch, counted by storage (parameters apart), per position."""
     from evomerge.search.footprint import token_bytes
-    from evomerge.search.refine import _logits
+    from evomerge.search.objective import logits_of as _logits
 
     root, ev, models = (tiny_zoo, evaluator, None) if zoo == "tiny" else trio
     ref, _, _ = refiner(root, ev, "task_arithmetic", models)

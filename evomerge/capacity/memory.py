@@ -7,7 +7,9 @@ Per worker, on its device (the GPUs of its group, or host memory for a CPU worke
               2 x layers x B x T x kv_heads x head_dim x itemsize (T: the longest request, generation included)
   merge       one tensor's buffers: the inputs copied to the device and the kernel's work tensors,
               (inputs + 2) x largest tensor x 4
-  refinement  `refine_bytes`: search/footprint.py's formula (only while a refinement round runs)
+  refinement  `refine_bytes`: search/footprint.py's formula (only while a refinement round runs); per-row TIES
+              rounds (refine.arms rows, distill) add `row_ties_bytes` in host memory: one tensor's TIES
+              over row-scaled task vectors in float32, (4 x models + 6) x largest tensor x 4
 Evaluation, merge and refinement never run at once in a worker, so its peak is resident + runtime + the largest
 of the three. Per node, the memory-mapped inputs' pages (the page cache, counted once for all the node's workers;
 each worker's RSS shows the pages it touched) and Ray's own processes come on top.
@@ -42,6 +44,7 @@ class Settings:
     num_cpus: float = 1.0
     refine: bool = True
     method: str = "task_arithmetic"
+    row_ties: bool = False  # per-row rounds of a TIES search run (refine.arms rows or distill)
     batch_size: int | str | None = None  # workers.batch_size: None (the plan's), an int, or "auto" (lm-eval's)
 
 
@@ -98,6 +101,12 @@ def refine_bytes(model: ModelFacts, tasks: TaskFacts, method: str, on_gpu: bool 
     return extra["device"] + extra["host"]
 
 
+def row_ties_bytes(model: ModelFacts) -> int:
+    """Host memory a per-row TIES step holds for its largest tensor (search/rows.py `_ties`): the base, each
+    model's task vector, its scaled and pruned copy, its agreement mask and its derivative factor, in float32."""
+    return (4 * (model.n_inputs - 1) + 6) * model.largest * 4
+
+
 def batch_for(model: ModelFacts, tasks: TaskFacts, budget: int) -> int:
     """The largest evaluation batch whose activations fit `budget` bytes (at most the number of requests, and
     MAX_BATCH); 0 when not even one request fits."""
@@ -114,6 +123,9 @@ def worker_memory(model: ModelFacts, tasks: TaskFacts, settings: Settings, devic
     resident = model.resident_bytes
     threads = max(1, int(settings.num_cpus))
     refine = refine_bytes(model, tasks, settings.method, on_gpu=n > 0, threads=threads) if settings.refine else 0
+    row_host = row_ties_bytes(model) if settings.refine and settings.row_ties else 0
+    if n == 0:
+        refine += row_host  # all of it in host memory
     merge = merge_bytes(model)
     batch: int | str
     if isinstance(settings.batch_size, int):
@@ -131,7 +143,7 @@ def worker_memory(model: ModelFacts, tasks: TaskFacts, settings: Settings, devic
     if n == 0:  # all of it in host memory
         return WorkerMemory(resident, evaluation, merge, refine, batch, (), RUNTIME_HOST + resident + transient)
     per_device = _per_device(model, n, resident, transient)
-    return WorkerMemory(resident, evaluation, merge, refine, batch, per_device, RUNTIME_HOST + CUDA_HOST)
+    return WorkerMemory(resident, evaluation, merge, refine, batch, per_device, RUNTIME_HOST + CUDA_HOST + row_host)
 
 
 def device_batch(materializer, scorer, refine_method: str | None = None) -> int:
@@ -177,5 +189,6 @@ __all__ = [
     "eval_bytes",
     "merge_bytes",
     "refine_bytes",
+    "row_ties_bytes",
     "worker_memory",
 ]

@@ -147,6 +147,7 @@ def plan_search(cfg: SearchConfig, scorer=None, devices: Devices | None = None) 
         num_cpus=cfg.workers.num_cpus,
         refine=cfg.refine is not None,
         method=cfg.method,
+        row_ties=cfg.method == "ties" and bool(cfg.refine and cfg.refine.arms_run(cfg.budget.n_trials) - {"tensor"}),
         batch_size=cfg.workers.batch_size,
     )
     return evaluate_plan(model, tasks, settings, devices or local_devices(), source=cfg._source)

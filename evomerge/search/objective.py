@@ -162,6 +162,17 @@ def _loglik(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return tok.new_zeros(target.shape[0]).index_add(0, row, tok)
 
 
+def logits_of(model, batch: MicroBatch, device) -> torch.Tensor:
+    """The logits of the batch's last `keep` positions (transformers' `logits_to_keep`: the head runs on those
+    only, so a large vocabulary costs rows x keep, not rows x width)."""
+    import inspect
+
+    ids, mask = batch.ids.to(device), batch.mask.to(device)
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model(input_ids=ids, attention_mask=mask, logits_to_keep=batch.keep).logits
+    return model(input_ids=ids, attention_mask=mask).logits[:, -batch.keep :]
+
+
 def refinement_indices(scorer, leaf: str, examples: int | None) -> set[int]:
     """The examples of a leaf task the refinement trains on: its search subset, or with `examples` up to that many
     of its split in a seeded order of its own (the likelihood's and the distillation's are the same)."""
@@ -194,6 +205,7 @@ __all__ = [
     "Loss",
     "MicroBatch",
     "answer_loss",
+    "logits_of",
     "micro_batches",
     "refinement_indices",
     "training_items",

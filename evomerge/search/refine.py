@@ -68,7 +68,16 @@ from typing import TYPE_CHECKING, Any
 from evomerge.errors import ConfigError
 from evomerge.merge.registry import names
 from evomerge.search.footprint import default_micro_batch_tokens
-from evomerge.search.objective import KINDS, Item, Loss, MicroBatch, answer_loss, micro_batches, training_items
+from evomerge.search.objective import (
+    KINDS,
+    Item,
+    Loss,
+    MicroBatch,
+    answer_loss,
+    logits_of,
+    micro_batches,
+    training_items,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -360,7 +369,7 @@ class Refiner:
         total = 0.0
         for batch in batches:
             with torch.set_grad_enabled(grad):
-                loss = self.loss(_logits(model, batch, device), batch)
+                loss = self.loss(logits_of(model, batch, device), batch)
             if grad:
                 loss.backward()
             total += loss.item()
@@ -385,17 +394,6 @@ class Refiner:
                 parts = merged_grads(t.frozen, w[:-1], w[-1], t.param.grad)
                 g += t.deriv.T @ torch.tensor(parts, dtype=torch.float64)
         return g
-
-
-def _logits(model, batch: MicroBatch, device) -> torch.Tensor:
-    """The logits of the batch's last `keep` positions (transformers' `logits_to_keep`: the head runs on those
-    only, so a large vocabulary costs rows x keep, not rows x width)."""
-    import inspect
-
-    ids, mask = batch.ids.to(device), batch.mask.to(device)
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        return model(input_ids=ids, attention_mask=mask, logits_to_keep=batch.keep).logits
-    return model(input_ids=ids, attention_mask=mask).logits[:, -batch.keep :]
 
 
 __all__ = [

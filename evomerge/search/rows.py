@@ -40,7 +40,6 @@ ROW_METHODS = frozenset({"task_arithmetic", "ties"})  # a linear merge, and TIES
 LOSSES = ("likelihood", "distill")
 BOUNDS = (0.0, 4.0)  # each multiplier's range (1: the recipe's own weight)
 BLOCK = 1 << 16  # elements per block of the row dot products and writes
-MICRO_BATCH_ROWS = 64
 
 
 def check_rows(method: str) -> None:
@@ -49,50 +48,6 @@ def check_rows(method: str) -> None:
             f"refine.arms rows and distill: method {method!r} has no per-row surrogate; per-row coefficients work with "
             f"{', '.join(sorted(ROW_METHODS))}: use refine.arms: [tensor] or change `method`"
         )
-
-
-@dataclass
-class MicroBatch:
-    """Whole items (every continuation of each) right-padded: `target` rows x width, -100 where a position
-    predicts no continuation token; `total_weight` the weights of every item of every batch."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    target: torch.Tensor
-    items: list[Any]
-    total_weight: float
-
-
-def micro_batches(items: Sequence[Any], pad: int, max_length: int, rows: int = MICRO_BATCH_ROWS) -> list[MicroBatch]:
-    """Items in batches of about `rows` rows (an item's continuations stay together), grouped by length."""
-    import torch
-
-    total = sum(item.weight for item in items)
-    order = sorted(items, key=lambda it: len(it.context) + max(map(len, it.continuations)))
-    groups, group, n = [], [], 0
-    for item in order:
-        if group and n + len(item.continuations) > rows:
-            groups.append(group)
-            group, n = [], 0
-        group.append(item)
-        n += len(item.continuations)
-    if group:
-        groups.append(group)
-    out = []
-    for group in groups:
-        seqs, targets = [], []
-        for item in group:
-            for cont in item.continuations:
-                seq = (item.context + cont)[-(max_length + 1) :]
-                k = min(len(cont), len(seq) - 1)
-                seqs.append(seq[:-1])
-                targets.append([-100] * (len(seq) - 1 - k) + seq[-k:])
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        target = torch.tensor([t + [-100] * (width - len(t)) for t in targets])
-        out.append(MicroBatch(ids, mask, target, list(group), total))
-    return out
 
 
 @dataclass
@@ -166,9 +121,10 @@ class RowRefiner:
         examples: int | None = None,
         seed: int = 0,
         top_k: int = 16,
-        micro_batch_rows: int = MICRO_BATCH_ROWS,
+        micro_batch_tokens: int | None = None,
     ):
-        from evomerge.search.objective import answer_loss, training_items
+        from evomerge.search.footprint import default_micro_batch_tokens
+        from evomerge.search.objective import answer_loss, micro_batches, training_items
 
         check_rows(method)
         if loss not in LOSSES:
@@ -182,14 +138,17 @@ class RowRefiner:
 
             inputs = [self.base, *self.models]  # the base first: it owns a task no fine-tune improves
             self.owner_of = owners(source_scores(materializer, scorer, inputs))
-            items, self.loss = distill_items(materializer, scorer, self.owner_of, inputs, top_k=top_k), distill_loss
-            if examples is not None:
-                items = distill_items(materializer, scorer, self.owner_of, inputs, top_k=top_k, examples=examples)
+            items = distill_items(materializer, scorer, self.owner_of, inputs, top_k=top_k, examples=examples)
+            self.loss = distill_loss
         else:
             items, self.loss = training_items(scorer, lm, examples), answer_loss
         self.items = items
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        self.batches = micro_batches(items, pad, lm.max_length, micro_batch_rows)
+        model = materializer.model
+        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        itemsize = next(model.parameters()).element_size()
+        tokens = micro_batch_tokens or default_micro_batch_tokens(model.config.to_dict(), nbytes, itemsize)
+        self.batches = micro_batches(items, pad, lm.max_length, tokens)  # the per-tensor refinement's bound
 
     # -- the merge at a point ----------------------------------------------------------------------------
     def _rows(self, point: dict[str, float]) -> list[_Row]:
@@ -292,6 +251,8 @@ class RowRefiner:
     def _backward(self, rows: list[_Row], grad: bool) -> float:
         import torch
 
+        from evomerge.search.objective import logits_of
+
         model = self.mat.model
         device = next(model.parameters()).device
         moving = {id(r.param) for r in rows if r.param is not None}
@@ -302,8 +263,7 @@ class RowRefiner:
         try:
             for batch in self.batches:
                 with torch.set_grad_enabled(grad):
-                    logits = model(input_ids=batch.ids.to(device), attention_mask=batch.mask.to(device)).logits
-                    loss = self.loss(logits, batch)
+                    loss = self.loss(logits_of(model, batch, device), batch)
                 if grad:
                     loss.backward()
                 total += loss.item()
@@ -402,7 +362,6 @@ __all__ = [
     "RowRefiner",
     "check_rows",
     "load_coefficients",
-    "micro_batches",
     "save_coefficients",
     "with_coefficients",
 ]

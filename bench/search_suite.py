@@ -88,24 +88,26 @@ def heldout_scorer(cfg):
 
 def baselines(zoo: Path, method: str) -> dict:
     """Held-out scores (points) of the sources, every default merge and the oracle; the floor and the room."""
-    cache = zoo / f"baselines-{method}.json"
-    manifest = json.loads((zoo / "zoo.json").read_text())
-    if cache.is_file():
-        data = json.loads(cache.read_text())
-        if data.get("sha256") == manifest["sha256"]:
-            return data
-    _quiet()
     from evomerge.config import parse_config
-    from evomerge.evaluator import alone
     from evomerge.portfolio import default_merges
 
+    cache = zoo / f"baselines-{method}.json"
+    manifest = json.loads((zoo / "zoo.json").read_text())
     cfg = parse_config(config_for(zoo, method, 1, 0, {}))
+    merges = default_merges(cfg)[0]
+    if cache.is_file():  # valid for these models and every default merge the portfolio has now
+        data = json.loads(cache.read_text())
+        if data.get("sha256") == manifest["sha256"] and {str(label) for label, _ in merges} <= data["rows"].keys():
+            return data
+    _quiet()
+    from evomerge.evaluator import alone
+
     ev = heldout_scorer(cfg)
     rows = {}
     for path in [cfg.base_model, *cfg.models]:
         rows[Path(path).name] = ev.evaluate(alone(path, ev.inputs), "heldout").values()
     sources = dict(rows)
-    for label, recipe in default_merges(cfg)[0]:
+    for label, recipe in merges:
         rows[label] = ev.evaluate(recipe, "heldout").values()
     tasks = list(cfg.tasks.heldout)
     oracle = {t: max(r[t] for r in sources.values()) for t in tasks}
@@ -275,16 +277,15 @@ def _where() -> dict:
 
 
 def summarize_log(log: Path, zoo_dir: Path, label: str, ties_label: str | None = None) -> str:
-    """The tables and the goal of the runs labelled `label` in the log (their baselines read from the zoos' caches)."""
+    """The tables and the goal of the runs labelled `label` in the log (their baselines from the zoos' caches, scored
+    again where a cache lacks a default merge the portfolio has now)."""
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     runs = [r for r in rows if r["label"] == label]
     ties = [r for r in rows if ties_label and r["label"] == ties_label]
     base = {}
     for r in runs + ties:
         if r["variant"] not in base:
-            base[r["variant"]] = json.loads(
-                (zoo_path(zoo_dir, r["variant"]) / f"baselines-{r['method']}.json").read_text()
-            )
+            base[r["variant"]] = baselines(zoo_path(zoo_dir, r["variant"]), r["method"])  # cached, checked
     text = f"{label} ({len(runs)} runs):\n{summarize(runs, base)}\n\n{goal(runs, base, ties)}"
     if ties:
         text += f"\n\n{ties_label} ({len(ties)} runs):\n{summarize(ties, base)}"

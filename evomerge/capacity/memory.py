@@ -9,7 +9,7 @@ Per worker, on its device (the GPUs of its group, or host memory for a CPU worke
               (inputs + 2) x largest tensor x 4
   refinement  `refine_bytes`: search/footprint.py's formula (only while a refinement round runs); per-row TIES
               rounds (refine.arms rows, distill) add `row_ties_bytes` in host memory: one tensor's TIES
-              over row-scaled task vectors in float32, (4 x models + 6) x largest tensor x 4
+              over row-scaled task vectors in float32, (6 x models + 6) x largest tensor x 4
 Evaluation, merge and refinement never run at once in a worker, so its peak is resident + runtime + the largest
 of the three. Per node, the memory-mapped inputs' pages (the page cache, counted once for all the node's workers;
 each worker's RSS shows the pages it touched) and Ray's own processes come on top.
@@ -102,9 +102,10 @@ def refine_bytes(model: ModelFacts, tasks: TaskFacts, method: str, on_gpu: bool 
 
 
 def row_ties_bytes(model: ModelFacts) -> int:
-    """Host memory a per-row TIES step holds for its largest tensor (search/rows.py `_ties`): the base, each
-    model's task vector, its scaled and pruned copy, its agreement mask and its derivative factor, in float32."""
-    return (4 * (model.n_inputs - 1) + 6) * model.largest * 4
+    """Host memory a per-row TIES step holds for its largest tensor (search/rows.py `_ties`), in float32: the
+    base, and per model its task vector, its scaled and pruned copy, its agreement mask, its derivative factor
+    and the products' transients (bench/refine_memory.py --rows --method ties measures it)."""
+    return (6 * (model.n_inputs - 1) + 6) * model.largest * 4
 
 
 def batch_for(model: ModelFacts, tasks: TaskFacts, budget: int) -> int:

@@ -111,7 +111,8 @@ def _row(cfg, t, chosen) -> list[str]:
     cells = [f"{r.task_value(s, float('nan')):.3f}" for s in cfg.tasks.search]
     label = r.baseline or (f"retry of {r.retry_of}" if r.retry_of is not None else "")
     if r.refine_round is not None:
-        label = f"refine {r.refine_round}, step {r.refine_step}"
+        arm = f" ({r.refine_arm})" if r.refine_arm else ""
+        label = f"refine {r.refine_round}{arm}, step {r.refine_step}"
     mark = "*" if chosen is not None and t.number == chosen.number else ""
     return [f"{t.number}{mark}", f"{objective_of(t):.4f}", *cells, f"{r.total_s or 0:.1f}", label]
 

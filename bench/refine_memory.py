@@ -299,7 +299,7 @@ def _extras(res: dict, nbytes: int) -> list[str]:
                 answer_tokens=r["answers"], threads=r["threads"],
             )  # fmt: skip
             if engine == "rows" and r["method"] == "ties":  # the plan's host term of a per-row TIES step (float32)
-                predicted["row ties"] = (4 * r["models"] + 6) * r["largest"]
+                predicted["row ties"] = (6 * r["models"] + 6) * r["largest"]
                 predicted["device"] += predicted["row ties"]
             terms = ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in predicted.items() if k not in ("device", "host"))
             lines.append(

@@ -289,7 +289,7 @@ def test_per_row_ties_rounds_add_their_host_memory_to_the_plan():
     model = ModelFacts.of_config({**LLAMA_0_25B}, n_inputs=4)
     tasks = TaskFacts(requests=200, longest=64, generates=False, refine_rows=200, refine_tokens=200 * 64)
     rows = row_ties_bytes(model)
-    assert rows == (4 * 3 + 6) * model.largest * 4
+    assert rows == (6 * 3 + 6) * model.largest * 4
     for gpus in (0, 1):
         plain = worker_memory(model, tasks, Settings(num_gpus=gpus, method="ties"), int(80e9))
         ties = worker_memory(model, tasks, Settings(num_gpus=gpus, method="ties", row_ties=True), int(80e9))

@@ -37,6 +37,13 @@ def default_micro_batch_tokens(config: dict[str, Any], model_bytes: int, dtype_b
     return max(16, max(model_bytes // 2, 64 << 20) // per)
 
 
+def model_micro_batch_tokens(model) -> int:
+    """`default_micro_batch_tokens` of a loaded transformers model (its config, parameter bytes and dtype)."""
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    itemsize = next(model.parameters()).element_size()
+    return default_micro_batch_tokens(model.config.to_dict(), nbytes, itemsize)
+
+
 def refine_extra_bytes(
     config: dict[str, Any],
     param_bytes: int,
@@ -76,4 +83,10 @@ def refine_extra_bytes(
     return out
 
 
-__all__ = ["MICRO_BATCH_TOKENS", "default_micro_batch_tokens", "refine_extra_bytes", "token_bytes"]
+__all__ = [
+    "MICRO_BATCH_TOKENS",
+    "default_micro_batch_tokens",
+    "model_micro_batch_tokens",
+    "refine_extra_bytes",
+    "token_bytes",
+]

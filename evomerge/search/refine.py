@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
 from evomerge.merge.registry import names
-from evomerge.search.footprint import default_micro_batch_tokens
+from evomerge.search.footprint import model_micro_batch_tokens
 from evomerge.search.objective import (
     KINDS,
     Item,
@@ -158,12 +158,7 @@ class Refiner:
         self.mat, self.scorer, self.space = materializer, scorer, space
         self.models, self.base, self.method = [str(m) for m in models], str(base), method
         self.seed, self.dtype, self.loss = seed, torch_dtype(dtype), loss
-        model = materializer.model
-        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        itemsize = next(model.parameters()).element_size()
-        self.micro_batch_tokens = micro_batch_tokens or default_micro_batch_tokens(
-            model.config.to_dict(), nbytes, itemsize
-        )
+        self.micro_batch_tokens = micro_batch_tokens or model_micro_batch_tokens(materializer.model)
         self.slots = [s for s in space.slots(self.models) if s.param in MOVED]
         if not self.slots:
             raise ConfigError(f"refine: search space {space.spec.name!r} searches no weight or lambda to refine")

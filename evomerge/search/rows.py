@@ -123,7 +123,7 @@ class RowRefiner:
         top_k: int = 16,
         micro_batch_tokens: int | None = None,
     ):
-        from evomerge.search.footprint import default_micro_batch_tokens
+        from evomerge.search.footprint import model_micro_batch_tokens
         from evomerge.search.objective import answer_loss, micro_batches, training_items
 
         check_rows(method)
@@ -144,10 +144,7 @@ class RowRefiner:
             items, self.loss = training_items(scorer, lm, examples), answer_loss
         self.items = items
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        model = materializer.model
-        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        itemsize = next(model.parameters()).element_size()
-        tokens = micro_batch_tokens or default_micro_batch_tokens(model.config.to_dict(), nbytes, itemsize)
+        tokens = micro_batch_tokens or model_micro_batch_tokens(materializer.model)
         self.batches = micro_batches(items, pad, lm.max_length, tokens)  # the per-tensor refinement's bound
 
     # -- the merge at a point ----------------------------------------------------------------------------

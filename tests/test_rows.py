@@ -16,6 +16,26 @@ from evomerge.space import SearchSpace, load_space_spec, num_layers
 SEARCH = [TaskSpec(name="zoo_add_greedy_search", subset=12), TaskSpec(name="zoo_reverse_greedy_search", subset=12)]
 
 
+def _search_config(zoo, name: str, n_trials: int, refine: dict):
+    """A small in-process search on the tiny zoo's two specialists with these refinement settings."""
+    from evomerge.config import parse_config
+
+    return parse_config(
+        {
+            "name": name,
+            "base_model": str(zoo / "base"),
+            "models": [str(zoo / "add"), str(zoo / "reverse")],
+            "method": "task_arithmetic",
+            "tasks": {"search": [t.model_dump() for t in SEARCH]},
+            "sampler": {"name": "random", "seed": 0},
+            "budget": {"n_trials": n_trials},
+            "workers": {"count": 0},
+            "portfolio": False,
+            "refine": refine,
+        }
+    )
+
+
 @pytest.fixture(scope="module")
 def evaluator(tiny_zoo):
     return Evaluator([tiny_zoo / "add", tiny_zoo / "reverse"], tiny_zoo / "base", {"search": SEARCH})
@@ -79,27 +99,13 @@ def test_a_search_scores_the_row_path_and_exports_it_as_an_evomerge_only_recipe(
     from safetensors.torch import load_file
 
     from evomerge.cli import main
-    from evomerge.config import parse_config
     from evomerge.recipe import Recipe
     from evomerge.search import study as st
     from evomerge.search.driver import run_search
     from evomerge.search.record import TrialRecord
 
     monkeypatch.chdir(tmp_path)
-    cfg = parse_config(
-        {
-            "name": "rows",
-            "base_model": str(tiny_zoo / "base"),
-            "models": [str(tiny_zoo / "add"), str(tiny_zoo / "reverse")],
-            "method": "task_arithmetic",
-            "tasks": {"search": [t.model_dump() for t in SEARCH]},
-            "sampler": {"name": "random", "seed": 0},
-            "budget": {"n_trials": 9},
-            "workers": {"count": 0},
-            "portfolio": False,
-            "refine": {"at": [0.4], "steps": 6, "every": 2, "arms": ["distill"]},
-        }
-    )
+    cfg = _search_config(tiny_zoo, "rows", 9, {"at": [0.4], "steps": 6, "every": 2, "arms": ["distill"]})
     assert run_search(cfg, progress=False, log=None).n_complete == 9
     study = st.load_study(cfg.name, cfg.storage_url)
     refined = [t for t in study.trials if TrialRecord.from_trial(t).refine_round is not None]
@@ -219,26 +225,12 @@ def test_default_per_row_arms_fall_back_to_per_tensor_rounds_where_a_method_has_
 def test_a_per_tensor_round_after_a_per_row_one_starts_from_a_trial_without_coefficients(
     tiny_zoo, tmp_path, monkeypatch
 ):
-    from evomerge.config import parse_config
     from evomerge.search import study as st
     from evomerge.search.driver import run_search
     from evomerge.search.record import TrialRecord
 
     monkeypatch.chdir(tmp_path)
-    cfg = parse_config(
-        {
-            "name": "arms",
-            "base_model": str(tiny_zoo / "base"),
-            "models": [str(tiny_zoo / "add"), str(tiny_zoo / "reverse")],
-            "method": "task_arithmetic",
-            "tasks": {"search": [t.model_dump() for t in SEARCH]},
-            "sampler": {"name": "random", "seed": 0},
-            "budget": {"n_trials": 10},
-            "workers": {"count": 0},
-            "portfolio": False,
-            "refine": {"at": [0.2, 0.6], "steps": 4, "every": 2, "arms": ["rows", "tensor"]},
-        }
-    )
+    cfg = _search_config(tiny_zoo, "arms", 10, {"at": [0.2, 0.6], "steps": 4, "every": 2, "arms": ["rows", "tensor"]})
     assert run_search(cfg, progress=False, log=None).n_complete == 10
     trials = st.load_study(cfg.name, cfg.storage_url).trials
     records = [TrialRecord.from_trial(t) for t in trials]

@@ -96,12 +96,13 @@ def distill_items(
     merge overwrites them), it answers its tasks' prompts greedily and its distributions along the answers are
     kept. `owner_of`: {leaf task: input model}; `inputs`: every input model, the base included."""
     from evomerge.evaluator import alone
+    from evomerge.search.objective import pad_token_id
 
     check_distillable(scorer)
     model, tok = materializer.model, materializer.tokenizer
     lm = scorer.wrap(model, tok)
     eos = eos_ids(model, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    pad = pad_token_id(tok, eos)
     out: list[DistillItem] = []
     for source in dict.fromkeys(owner_of.values()):
         materializer.apply(alone(source, inputs))

@@ -28,6 +28,7 @@ from evomerge.portfolio import default_merges
 from evomerge.search import study as st
 from evomerge.search.lock import StudyLock
 from evomerge.search.record import BaselineLabel, TrialRecord, trial_attrs, write_trial
+from evomerge.search.refine_job import RefineJob
 from evomerge.search.rows import load_coefficients, save_coefficients, with_coefficients
 from evomerge.search.workers import open_pool, run_jobs
 from evomerge.space import SearchSpace, space_of
@@ -561,26 +562,20 @@ class _RefineRounds:
         if best is None or not best.params:
             return
         steps, every = refine.schedule(self.cfg.budget.n_trials)
-        settings = {"steps": steps, "every": every, "lr": refine.lr}
-        if arm != "tensor":
-            start = TrialRecord.from_trial(best).coefficients
-            settings.update(grain="rows", loss="distill" if arm == "distill" else "likelihood")
-            settings.update(examples=refine.examples, coefficients=load_coefficients(start))
-        elif refine.examples is not None:
-            settings["examples"] = refine.examples
+        start = load_coefficients(TrialRecord.from_trial(best).coefficients) if arm != "tensor" else None
+        job = RefineJob(arm, steps, every, refine.lr, examples=refine.examples, coefficients=start)
         bounds = space.bounds(self.cfg.models)
-        path = pool.refine(dict(best.params), settings)
-        for step, point, loss, *rows in path:
-            if step == 0:
+        for at in pool.refine(dict(best.params), job):
+            if at.step == 0:
                 continue  # the starting point: trial `best` itself
-            point = {k: bounds[k].clip(v) for k, v in point.items()}
-            ref = save_coefficients(self.cfg.run_dir, rows[0]) if rows else None
+            point = {k: bounds[k].clip(v) for k, v in at.point.items()}
+            ref = save_coefficients(self.cfg.run_dir, at.coefficients) if at.coefficients is not None else None
             attrs = trial_attrs(
                 refine_round=r,
                 refine_arm=arm,
-                refine_step=step,
+                refine_step=at.step,
                 refined_from=best.number,
-                surrogate_loss=loss,
+                surrogate_loss=at.loss,
                 coefficients=ref,
             )
             self.study.enqueue_trial(point, user_attrs=attrs)

@@ -173,6 +173,16 @@ def logits_of(model, batch: MicroBatch, device) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=mask).logits[:, -batch.keep :]
 
 
+def pad_token_id(tok, eos: Sequence[int] = ()) -> int:
+    """The id that pads a micro-batch: the tokenizer's pad token, else its end of sequence, else the first of `eos`
+    (the model's own end-of-sequence ids), else 0. Padded positions are masked, so any id in the vocabulary does."""
+    if tok.pad_token_id is not None:
+        return int(tok.pad_token_id)
+    if tok.eos_token_id is not None:
+        return int(tok.eos_token_id)
+    return int(eos[0]) if eos else 0
+
+
 def refinement_indices(scorer, leaf: str, examples: int | None) -> set[int]:
     """The examples of a leaf task the refinement trains on: its search subset, or with `examples` up to that many
     of its split in a seeded order of its own (the likelihood's and the distillation's are the same)."""
@@ -207,6 +217,7 @@ __all__ = [
     "answer_loss",
     "logits_of",
     "micro_batches",
+    "pad_token_id",
     "refinement_indices",
     "training_items",
 ]

@@ -27,7 +27,7 @@ overfitting guard then picks among the best on the validation splits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +77,8 @@ def _ties(r: _Row, m: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tens
     agreeing models' weights as divisor), so the surrogate is the merge of the scaled inputs up to ties."""
     import torch
 
+    from evomerge.merge.kernels.gta import agreement, elected_sign
+
     b = r.base.reshape(r.rows, -1).float()
     taus = [x.reshape(r.rows, -1).float() - b for x in r.models]
     kept = []
@@ -93,8 +95,8 @@ def _ties(r: _Row, m: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tens
         threshold = u.abs().flatten().kthvalue(n - k + 1).values
         kept.append(torch.where(u.abs() >= threshold, u, torch.zeros_like(u)))
     total = sum(w * s for w, s in zip(r.weights, kept))
-    elected = torch.where(total >= 0, 1.0, -1.0)
-    agree = [(s.sign() == elected).float() for s in kept]
+    elected = elected_sign(total)
+    agree = [agreement(s, elected, negate=w < 0) for w, s in zip(r.weights, kept)]
     div = sum(w * c for w, c in zip(r.weights, agree)) if r.normalize else torch.ones_like(b)
     div = torch.where(div.abs() < 1e-8, torch.ones_like(div), div)
     mixed = sum(w * c * s for w, c, s in zip(r.weights, agree, kept)) / div
@@ -124,7 +126,7 @@ class RowRefiner:
         micro_batch_tokens: int | None = None,
     ):
         from evomerge.search.footprint import model_micro_batch_tokens
-        from evomerge.search.objective import answer_loss, micro_batches, training_items
+        from evomerge.search.objective import answer_loss, micro_batches, pad_token_id, training_items
 
         check_rows(method)
         if loss not in LOSSES:
@@ -143,7 +145,7 @@ class RowRefiner:
         else:
             items, self.loss = training_items(scorer, lm, examples), answer_loss
         self.items = items
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        pad = pad_token_id(tok)
         tokens = micro_batch_tokens or model_micro_batch_tokens(materializer.model)
         self.batches = micro_batches(items, pad, lm.max_length, tokens)  # the per-tensor refinement's bound
 
@@ -245,31 +247,6 @@ class RowRefiner:
                         out[key(i, r.name)][lo : lo + step] = c * (g * tau).sum(1)
         return out
 
-    def _backward(self, rows: list[_Row], grad: bool) -> float:
-        import torch
-
-        from evomerge.search.objective import logits_of
-
-        model = self.mat.model
-        device = next(model.parameters()).device
-        moving = {id(r.param) for r in rows if r.param is not None}
-        for p in model.parameters():
-            p.grad = None
-            p.requires_grad_(grad and id(p) in moving)
-        total = 0.0
-        try:
-            for batch in self.batches:
-                with torch.set_grad_enabled(grad):
-                    loss = self.loss(logits_of(model, batch, device), batch)
-                if grad:
-                    loss.backward()
-                total += loss.item()
-        finally:
-            if not grad:
-                for p in model.parameters():
-                    p.requires_grad_(False)
-        return total
-
     def run(
         self,
         point: dict[str, float],
@@ -277,39 +254,40 @@ class RowRefiner:
         every: int = 10,
         lr: float = 0.05,
         coefficients: dict[str, torch.Tensor] | None = None,
-        log=None,
+        log: Callable[[str], None] | None = None,
     ) -> list[tuple[int, dict[str, float], float, dict[str, torch.Tensor]]]:
         """Adam on the multipliers from `point` (and `coefficients`, else 1), each kept in BOUNDS; every `every`
         steps (and the last) the point, the loss there and a copy of the multipliers."""
-        import torch
+        from evomerge.search.descent import backward, descend, gradients_for
 
         rows = self._rows(point)
         m = self._start(rows, coefficients)
         names = list(m)
-        opt = torch.optim.Adam([m[n].requires_grad_(False) for n in names], lr=lr)
         out = []
-        try:
-            for step in range(steps + 1):
-                self._write(rows, m)
-                last = step == steps
-                loss = self._backward(rows, grad=not last)
-                if step % every == 0 or last:
-                    out.append((step, dict(point), loss, {n: m[n].detach().clone() for n in names}))
-                    if log:
-                        log(f"row refinement step {step}: loss {loss:.4f}")
-                if last:
-                    break
-                grads = self._grads(rows, m)
-                for n in names:
-                    m[n].grad = grads[n]
-                opt.step()
-                with torch.no_grad():
-                    for n in names:
-                        m[n].clamp_(*BOUNDS)
-        finally:
-            for p in self.mat.model.parameters():
-                p.grad = None
-                p.requires_grad_(False)
+
+        def keep(step: int, loss: float) -> None:
+            out.append((step, dict(point), loss, {n: m[n].detach().clone() for n in names}))
+            if log:
+                log(f"row refinement step {step}: loss {loss:.4f}")
+
+        def gradient() -> list[torch.Tensor]:
+            grads = self._grads(rows, m)
+            return [grads[n] for n in names]
+
+        model = self.mat.model
+        self._write(rows, m)
+        with gradients_for(model, {r.param for r in rows if r.param is not None}):
+            descend(
+                [m[n].requires_grad_(False) for n in names],
+                BOUNDS,
+                steps=steps,
+                every=every,
+                lr=lr,
+                loss_at=lambda grad: backward(model, self.loss, self.batches, grad),
+                gradient=gradient,
+                write=lambda: self._write(rows, m),
+                keep=keep,
+            )
         return out
 
 

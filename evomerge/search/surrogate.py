@@ -205,6 +205,8 @@ def _terms(ft: FrozenTensor, w: list[float], bufs: _Buffers, start: int, end: in
     """(base chunk, [s_i], [c_i] or None, (D, nz) or None, mixed) of one chunk (see the module docstring)."""
     import torch
 
+    from evomerge.merge.kernels.gta import agreement, elected_sign
+
     n = end - start
     b = ft.base[start:end].to(device=bufs.device, dtype=ft.dtype)
     s = [x[:n] for x in bufs.s]
@@ -225,12 +227,9 @@ def _terms(ft: FrozenTensor, w: list[float], bufs: _Buffers, start: int, end: in
     torch.mul(s[0], w[0], out=mixed)  # the weighted sum whose sign is elected
     for si, wi in zip(s[1:], w[1:]):
         mixed.add_(si, alpha=wi)
-    elected = torch.ge(mixed, 0, out=bufs.t[:n]).mul_(2).sub_(1)
+    elected = elected_sign(mixed, out=bufs.t[:n])
     for si, ci, wi in zip(s, c, w):
-        torch.sign(si, out=ci)
-        if wi < 0:
-            ci.neg_()
-        torch.eq(ci, elected, out=ci)
+        agreement(si, elected, out=ci, negate=wi < 0)
     mixed.zero_()
     for si, ci, wi in zip(s, c, w):
         mixed.addcmul_(ci, si, value=wi)

@@ -253,9 +253,9 @@ def _cluster(cfg):
     import ray
 
     from evomerge.capacity import cluster_devices
-    from evomerge.search.workers import _start_ray
+    from evomerge.search.workers import start_ray
 
-    started = _start_ray(cfg)
+    started = start_ray(cfg)
     try:
         return cluster_devices(cfg.workers.address)
     finally:

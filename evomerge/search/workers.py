@@ -183,7 +183,7 @@ def task_sets_json(task_sets: TaskSets) -> dict[str, list[dict]]:
     return {name: [spec.model_dump(mode="json") for spec in specs] for name, specs in task_sets.items()}
 
 
-def _start_ray(cfg: SearchConfig) -> bool:
+def start_ray(cfg: SearchConfig) -> bool:
     """Join `workers.address`, or start a quiet local Ray sized to the workers. True if we started (or joined) it."""
     import ray
 
@@ -258,7 +258,7 @@ class WorkerPool:
 
         self._ray = ray
         self.cfg, self.depth = cfg, depth
-        self._started = _start_ray(cfg)
+        self._started = start_ray(cfg)
         self._remote = ray.remote(Worker).options(
             num_cpus=cfg.workers.num_cpus, num_gpus=cfg.workers.num_gpus, max_restarts=0
         )

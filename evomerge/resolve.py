@@ -77,7 +77,7 @@ def asked(cfg: SearchConfig, name: str) -> bool:
     """Whether the config asks for a feature (`refine`, `early_stop`, `refine.arms`): its value is not the
     default's. A default written out in the file is still the default."""
     if name == "refine.arms":
-        return cfg.refine is not None and cfg.refine.arms != RefineConfig().arms
+        return cfg.refine is not None and cfg.refine.arms != RefineConfig.model_fields["arms"].default
     return getattr(cfg, name) != SearchConfig.model_fields[name].default
 
 

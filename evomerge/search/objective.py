@@ -1,4 +1,5 @@
-"""The refinement's objective: the search tasks' examples as token ids, micro-batches of them, and losses.
+"""The refinement's training loss (not the search's objective, which is `search.trials.objective_of`): the search
+tasks' examples as token ids, micro-batches of them, and losses.
 
     items = training_items(scorer, lm)                       # lm-eval's own requests, HFLM's tokenisation
     for batch in micro_batches(items, pad, lm.max_length, tokens=256):
@@ -16,7 +17,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from evomerge.errors import ConfigError
 
@@ -37,6 +38,17 @@ class Item:
     gold: int  # index into continuations (0 for a single reference answer)
 
 
+class Example(Protocol):
+    """What a micro-batch and a loss read of an item: `Item` (the likelihood's) and `distill.DistillItem`
+    (distillation's, which adds the owner's distributions) both have it."""
+
+    task: str
+    weight: float
+    context: list[int]
+    continuations: list[list[int]]
+    gold: int
+
+
 @dataclass
 class MicroBatch:
     """Whole items (every continuation of each), right-padded: `ids` and `mask` are rows x width; the logits a
@@ -48,7 +60,7 @@ class MicroBatch:
     mask: torch.Tensor
     target: torch.Tensor
     keep: int
-    items: list[Item]
+    items: list[Example]
     total_weight: float
 
     @property
@@ -105,14 +117,16 @@ def _item(task, doc, kind: str, leaf: str, share: float, lm) -> Item:
     return Item(leaf, share, context, [c for _, c in encoded], gold)
 
 
-def micro_batches(items: Sequence[Item], pad: int, max_length: int, tokens: int) -> list[MicroBatch]:
+def micro_batches(items: Sequence[Example], pad: int, max_length: int, tokens: int) -> list[MicroBatch]:
     """`items` in micro-batches of at most `tokens` positions (rows x padded width), so a forward's activations
     are bounded whatever the examples' lengths; an item's continuations stay together (a multiple-choice loss
     needs all of them), and an item larger than the budget is a batch of its own. Items are grouped by length,
     so that rows of one batch pad little."""
     total = sum(item.weight for item in items)
     order = sorted(items, key=lambda it: _width(it, max_length))
-    out, group, rows, width = [], [], 0, 0
+    out: list[MicroBatch] = []
+    group: list[Example] = []
+    rows, width = 0, 0
     for item in order:
         n, w = len(item.continuations), _width(item, max_length)
         if group and (rows + n) * max(width, w) > tokens:
@@ -125,12 +139,12 @@ def micro_batches(items: Sequence[Item], pad: int, max_length: int, tokens: int)
     return out
 
 
-def _width(item: Item, max_length: int) -> int:
+def _width(item: Example, max_length: int) -> int:
     """The positions of the item's longest row."""
     return min(len(item.context) + max(len(c) for c in item.continuations) - 1, max_length)
 
 
-def _batch(items: list[Item], pad: int, max_length: int, total: float) -> MicroBatch:
+def _batch(items: list[Example], pad: int, max_length: int, total: float) -> MicroBatch:
     import torch
 
     seqs, spans = [], []
@@ -211,6 +225,7 @@ def answer_loss(logits: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
 
 __all__ = [
     "KINDS",
+    "Example",
     "Item",
     "Loss",
     "MicroBatch",

@@ -28,7 +28,8 @@ One step, within the resident model's memory:
 3. tensor by tensor, chunk by chunk, the inner products of G with each model's (masked, normalised) task vector
    give dL/dw_i and dL/dlambda per tensor (surrogate.py has the derivative), and the space's affine map from a
    point to per-tensor values (`_linear_map`) gives dL/d(slot);
-4. Adam on the slots, clamped to their bounds.
+4. Adam on the slots, clamped to their bounds (the loop of search/descent.py, which the per-row refinement,
+   search/rows.py, shares).
 
 Extra memory of a refinement (footprint.refine_extra_bytes, what the resource plan budgets), on the resident model's
 device, over the resident model and the inputs' pages a merge already touches:

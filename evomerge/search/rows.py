@@ -1,4 +1,5 @@
-"""Per-row refinement: the gradient moves one coefficient per output row of every merged tensor and model.
+"""Per-row refinement: the gradient moves one coefficient per output row of every merged tensor and model (the
+loop, search/descent.py, is the per-tensor refinement's; the TIES sign election the kernels').
 
     refiner = RowRefiner(materializer, scorer, space, models, base, "task_arithmetic", loss="distill")
     path = refiner.run(point, steps=60, every=10, lr=0.05)     # [(step, point, loss, coefficients)]
@@ -27,7 +28,7 @@ overfitting guard then picks among the best on the validation splits.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,8 @@ from evomerge.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
+
+    from evomerge.search.objective import Example
 
 ROW_METHODS = frozenset({"task_arithmetic", "ties"})  # a linear merge, and TIES (its masks recomputed each step)
 LOSSES = ("likelihood", "distill")
@@ -79,6 +82,9 @@ def _ties(r: _Row, m: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tens
 
     from evomerge.merge.kernels.gta import agreement, elected_sign
 
+    if r.densities is None or r.weights is None:
+        raise ValueError(f"{r.name}: not a TIES tensor (no densities)")
+    weights = r.weights
     b = r.base.reshape(r.rows, -1).float()
     taus = [x.reshape(r.rows, -1).float() - b for x in r.models]
     kept = []
@@ -94,14 +100,22 @@ def _ties(r: _Row, m: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tens
             continue
         threshold = u.abs().flatten().kthvalue(n - k + 1).values
         kept.append(torch.where(u.abs() >= threshold, u, torch.zeros_like(u)))
-    total = sum(w * s for w, s in zip(r.weights, kept))
-    elected = elected_sign(total)
-    agree = [agreement(s, elected, negate=w < 0) for w, s in zip(r.weights, kept)]
-    div = sum(w * c for w, c in zip(r.weights, agree)) if r.normalize else torch.ones_like(b)
+    elected = elected_sign(_added(w * s for w, s in zip(weights, kept)))
+    agree = [agreement(s, elected, negate=w < 0) for w, s in zip(weights, kept)]
+    div = _added(w * c for w, c in zip(weights, agree)) if r.normalize else torch.ones_like(b)
     div = torch.where(div.abs() < 1e-8, torch.ones_like(div), div)
-    mixed = sum(w * c * s for w, c, s in zip(r.weights, agree, kept)) / div
-    factors = [r.lam * w * c * (s != 0).float() * tau / div for w, c, s, tau in zip(r.weights, agree, kept, taus)]
+    mixed = _added(w * c * s for w, c, s in zip(weights, agree, kept)) / div
+    factors = [r.lam * w * c * (s != 0).float() * tau / div for w, c, s, tau in zip(weights, agree, kept, taus)]
     return b + r.lam * mixed, factors
+
+
+def _added(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """terms[0] + terms[1] + ... in that order (the sum of one tensor per model)."""
+    it = iter(terms)
+    total = next(it)
+    for term in it:
+        total = total + term
+    return total
 
 
 class RowRefiner:
@@ -135,6 +149,7 @@ class RowRefiner:
         self.models, self.base, self.method, self.seed = [str(m) for m in models], str(base), method, seed
         tok = materializer.tokenizer
         lm = scorer.wrap(materializer.model, tok)
+        items: Sequence[Example]
         if loss == "distill":
             from evomerge.search.distill import distill_items, distill_loss, owners, source_scores
 
@@ -162,6 +177,8 @@ class RowRefiner:
         out = []
         for job in Plan(recipe, layout=self.mat.layout).jobs():
             src = dict(zip(job.inputs, job.sources))
+            if job.base_model is None:
+                raise ValueError(f"{job.name}: {self.method} merges onto a base model, and this job has none")
             base = ckpts[job.base_model].get(src[job.base_model])
             if not base.is_floating_point() or base.numel() == 0:
                 continue

@@ -1,6 +1,7 @@
-"""The refinement's surrogate merge, one tensor at a time in chunks: the merged state at given weights written
-into the resident model, and the gradient of the loss with respect to those weights from the merged
-parameter's own gradient (search/refine.py drives both).
+"""The per-tensor refinement's differentiable merge (a "surrogate" of the real merge, not a Bayesian-optimisation
+surrogate model), one tensor at a time in chunks: the merged state at given weights written into the resident
+model, and the gradient of the loss with respect to those weights from the merged parameter's own gradient
+(search/refine.py drives both). The TIES sign election is the kernels' own (merge/kernels/gta.py).
 
     ft = freeze(name, base, [m1, m2], method, params, seed=0)   # flat memory-mapped tensors; masks frozen
     write_merged(ft, [w1, w2], lam, out=resident_tensor)          # theta at these weights, in place
@@ -213,11 +214,11 @@ def _terms(ft: FrozenTensor, w: list[float], bufs: _Buffers, start: int, end: in
     for i in range(len(ft.models)):
         _task_vector_into(ft, i, b, start, end, bufs, s[i])
     mixed = bufs.m[:n]
-    if not ft.consensus:
+    d: tuple[Any, Any] | None = None
+    if not ft.consensus or bufs.c is None or bufs.d is None:
         torch.mul(s[0], w[0], out=mixed)
         for si, wi in zip(s[1:], w[1:]):
             mixed.add_(si, alpha=wi)
-        d = None
         if ft.normalize:
             total = sum(w)
             d = (1.0, 0.0) if abs(total) < 1e-8 else (total, 1.0)
@@ -233,7 +234,6 @@ def _terms(ft: FrozenTensor, w: list[float], bufs: _Buffers, start: int, end: in
     mixed.zero_()
     for si, ci, wi in zip(s, c, w):
         mixed.addcmul_(ci, si, value=wi)
-    d = None
     if ft.normalize:
         div = bufs.d[:n].zero_()
         for ci, wi in zip(c, w):

@@ -1,4 +1,5 @@
-"""The one Ray module: pools of workers, each an `Evaluator` (one resident model, one Scorer per task set).
+"""The Ray pools of workers, each an `Evaluator` (one resident model, one Scorer per task set). Ray is also
+imported by the resource plan's cluster probe (capacity/) and by `audit --plan` (commands/audit.py).
 
     pool = open_pool(cfg, {"search": cfg.tasks.search})        # Ray actors; in-process when workers.count is 0
     ref = pool.submit(recipe_yaml, "search")

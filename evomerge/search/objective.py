@@ -17,12 +17,14 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from evomerge.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
+
+    from evomerge.scoring.scorer import Scorer
 
 KINDS = ("loglikelihood", "multiple_choice", "generate_until")  # output types with an answer to score
 
@@ -71,7 +73,7 @@ class MicroBatch:
 Loss = Callable[["torch.Tensor", MicroBatch], "torch.Tensor"]
 
 
-def training_items(scorer, lm, examples: int | None = None) -> list[Item]:
+def training_items(scorer: Scorer, lm: Any, examples: int | None = None) -> list[Item]:
     """The search tasks' examples as token ids, built with lm-eval's own requests and HFLM's tokenisation: each
     task's search subset, or with `examples`, up to that many of the task's examples (its whole search split, in a
     seeded order), so the gradient sees more than the sampler scores."""
@@ -176,7 +178,7 @@ def _loglik(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return tok.new_zeros(target.shape[0]).index_add(0, row, tok)
 
 
-def logits_of(model, batch: MicroBatch, device) -> torch.Tensor:
+def logits_of(model: torch.nn.Module, batch: MicroBatch, device: torch.device | str) -> torch.Tensor:
     """The logits of the batch's last `keep` positions (transformers' `logits_to_keep`: the head runs on those
     only, so a large vocabulary costs rows x keep, not rows x width)."""
     import inspect
@@ -197,7 +199,7 @@ def pad_token_id(tok, eos: Sequence[int] = ()) -> int:
     return int(eos[0]) if eos else 0
 
 
-def refinement_indices(scorer, leaf: str, examples: int | None) -> set[int]:
+def refinement_indices(scorer: Scorer, leaf: str, examples: int | None) -> set[int]:
     """The examples of a leaf task the refinement trains on: its search subset, or with `examples` up to that many
     of its split in a seeded order of its own (the likelihood's and the distillation's are the same)."""
     if examples is None:

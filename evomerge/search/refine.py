@@ -84,14 +84,17 @@ from evomerge.search.objective import (
 if TYPE_CHECKING:
     import torch
 
+    from evomerge.merge.materialize import Materializer
+    from evomerge.scoring.scorer import Scorer
     from evomerge.search.surrogate import FrozenTensor
+    from evomerge.space import SearchSpace
 
 # methods whose merge is base + lambda * (sum of weighted, optionally sparsified, task vectors [/ normaliser])
 REFINABLE = frozenset(names(refinable=True))
 MOVED = ("weight", "lambda")  # the parameters the gradient moves; every other one stays at the starting point
 
 
-def check_refinable(scorer, method: str) -> None:
+def check_refinable(scorer: Scorer, method: str) -> None:
     """ConfigError unless refine can follow a gradient for `method` on these tasks."""
     if method not in REFINABLE:
         raise ConfigError(
@@ -141,9 +144,9 @@ class Refiner:
 
     def __init__(
         self,
-        materializer,
-        scorer,
-        space,
+        materializer: Materializer,
+        scorer: Scorer,
+        space: SearchSpace,
         models: Sequence[Any],
         base: Any,
         method: str,
@@ -275,13 +278,20 @@ class Refiner:
                 d = torch.tensor(deriv[job.name], dtype=f64)
                 value = torch.tensor(values[job.name], dtype=f64)
                 tensors.append(_Tensor(frozen, target, params.get(target.data_ptr()), value, d, bool(d.any())))
-        spec = self.space.spec.parameters
+        bounds = [self._bounds(s.param) for s in self.slots]
         return _Start(
             tensors,
             x0=torch.tensor([point[s.name] for s in self.slots], dtype=f64),
-            lo=torch.tensor([spec[s.param].low for s in self.slots], dtype=f64),
-            span=torch.tensor([spec[s.param].high - spec[s.param].low for s in self.slots], dtype=f64),
+            lo=torch.tensor([low for low, _ in bounds], dtype=f64),
+            span=torch.tensor([high - low for low, high in bounds], dtype=f64),
         )
+
+    def _bounds(self, param: str) -> tuple[float, float]:
+        """A searched parameter's (low, high) in the space (a refined slot is always searched: it has both)."""
+        spec = self.space.spec.parameters[param]
+        if spec.low is None or spec.high is None:
+            raise ValueError(f"{param}: a fixed parameter has no range to refine in")
+        return spec.low, spec.high
 
     def _keys(self) -> list[str]:
         from evomerge.merge.materialize import input_key as _key
@@ -315,8 +325,8 @@ class Refiner:
         if self._deriv is None:
             deriv = {name: [[0.0] * len(self.slots) for _ in v] for name, v in v0.items()}
             for j, slot in enumerate(self.slots):
-                spec = self.space.spec.parameters[slot.param]
-                h = 1e-3 * (spec.high - spec.low)
+                low, high = self._bounds(slot.param)
+                h = 1e-3 * (high - low)
                 plan = self._plan({**point, slot.name: point[slot.name] + h})
                 v1 = values({name: plan.resolve(name) for name in v0})
                 for name in v0:

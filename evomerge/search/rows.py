@@ -37,7 +37,10 @@ from evomerge.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
+    from evomerge.merge.materialize import Materializer
+    from evomerge.scoring.scorer import Scorer
     from evomerge.search.objective import Example
+    from evomerge.space import SearchSpace
 
 ROW_METHODS = frozenset({"task_arithmetic", "ties"})  # a linear merge, and TIES (its masks recomputed each step)
 LOSSES = ("likelihood", "distill")
@@ -126,9 +129,9 @@ class RowRefiner:
 
     def __init__(
         self,
-        materializer,
-        scorer,
-        space,
+        materializer: Materializer,
+        scorer: Scorer,
+        space: SearchSpace,
         models: Sequence[Any],
         base: Any,
         method: str,

@@ -205,8 +205,9 @@ class _Search:
     loop of ask, submit, wait, tell, with refinement rounds where they are due and the failure policy.
 
     The steps are methods, so a new kind of step is one more method the loop calls: `_portfolio` (other methods'
-    default merges, scored like any batch), `_refining` (a round of search/refine.py when its share of the budget
-    is reached), `_ask` / `_submit` (a trial to a worker), `_tell` (record it), `_keep_alive` (lock and heartbeats).
+    default merges, scored like any batch), `_refining` (a refinement round, one `RefineJob` to a worker, when its
+    share of the budget is reached), `_ask` / `_submit` (a trial to a worker), `_tell` (record it), `_keep_alive`
+    (lock and heartbeats).
     """
 
     def __init__(self, study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResult, n_complete: int, log):
@@ -422,8 +423,9 @@ class _Incumbent:
 
 
 class _RefineRounds:
-    """The config's gradient-refinement rounds (search/refine.py): which are done (their trials carry
-    `refine_round`), which is due at the current count, and running one from the best trial so far."""
+    """The config's gradient-refinement rounds (search/refine.py per tensor, search/rows.py per row): which are
+    done (their trials carry `refine_round`), which is due at the current count, and running one from the best
+    trial so far."""
 
     def __init__(self, study, cfg: SearchConfig):
         self.study, self.cfg = study, cfg

@@ -16,8 +16,9 @@ measurement in its own process (so peak RSS does not mix; read with os.wait4):
   floor        the bandwidth floor: bytes that must be read and written (every input once, the output
                once) / memcpy bandwidth measured here (a 1 GB tensor copy, read + write bytes counted);
                floor+write adds the time to write the output's bytes to a safetensors file
-Targets (DESIGN decision 8, issue 19): materialize of ties and dare_ties >= 10x faster than mergekit-yaml;
-export faster than mergekit-yaml with peak RSS no higher. The floor ratios are printed for scale: the
+Targets (issue 19; the kernels stay pure torch, without a compiled dependency: docs/architecture.md, "Design
+choices"): materialize of ties and dare_ties >= 10x faster than mergekit-yaml; export faster than mergekit-yaml
+with peak RSS no higher. The floor ratios are printed for scale: the
 bandwidth-floor target (a candidate within 3x of its reads and writes) is a GPU one, bench/gpu_check.py.
 Inputs are in the page cache for every measurement (written just before), so this measures compute and
 memory traffic, not the disk. Nothing here is asserted in tests.

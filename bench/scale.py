@@ -85,12 +85,12 @@ def _watched_pool():
                 except OSError:
                     return
 
-        def refine(self, point, settings):
+        def refine(self, point, job):
             before = _vm(self.pid)
             self.peak = max(self.peak, before["VmHWM"])
             _reset_peak(self.pid)
             start = time.perf_counter()
-            path = super().refine(point, settings)
+            path = super().refine(point, job)
             seconds = time.perf_counter() - start
             during = _vm(self.pid)["VmHWM"]
             self.peak = max(self.peak, during)
@@ -115,14 +115,14 @@ def run_child(spec: dict) -> dict:
     go_offline()
     from evomerge.capacity import plan_search
     from evomerge.config import parse_config
+    from evomerge.resolve import resolve_config
     from evomerge.search import study as st
-    from evomerge.search.driver import check_tasks, run_search
+    from evomerge.search.driver import run_search
 
     os.chdir(spec["run_dir"])
     cfg = parse_config(spec["config"], source="bench/scale.py")
-    built: dict = {}
-    check_tasks(cfg, keep=built)
-    plan = plan_search(cfg, built["search"])
+    resolved = resolve_config(cfg)  # as the search resolves it: the plan it prints
+    plan = plan_search(resolved.config, resolved.scorer)
     pools: list = []
 
     def factory(c):

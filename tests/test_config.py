@@ -145,7 +145,7 @@ def test_kernels_default_env_and_explicit(tmp_path, monkeypatch):
 def test_builtin_lm_eval_tasks_are_asked_for_in_the_config(tmp_path, monkeypatch):
     """lm-eval's own task index (~30 s to build) is off unless `tasks.include_defaults: true`; a built-in task name
     without it fails naming that field, not a flag `search` does not have."""
-    from evomerge.search.driver import check_tasks
+    from evomerge.resolve import check_tasks
 
     monkeypatch.chdir(tmp_path)
     tasks = {"search": [{"name": "arc_easy"}]}
@@ -167,7 +167,8 @@ def test_include_defaults_indexes_lm_evals_own_tasks(tmp_path, tiny_zoo, monkeyp
     'failed to load', no longer 'unknown task'), and a search with it on runs as before (~30 s per index)."""
     from test_search_faults import zoo_config
 
-    from evomerge.search.driver import check_tasks, run_search
+    from evomerge.resolve import check_tasks
+    from evomerge.search.driver import run_search
     from evomerge.search.workers import InlinePool
 
     monkeypatch.chdir(tmp_path)

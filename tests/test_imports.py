@@ -104,7 +104,8 @@ LAYERS = [
     ("the search", ["evomerge.search.lock", "evomerge.search.server_lock", "evomerge.search.study",
                     "evomerge.search.workers", "evomerge.search.refine", "evomerge.search.surrogate",
                     "evomerge.search.objective", "evomerge.search.footprint", "evomerge.search.rows",
-                    "evomerge.search.distill", "evomerge.capacity",
+                    "evomerge.search.distill", "evomerge.search.descent", "evomerge.search.refine_job",
+                    "evomerge.resolve", "evomerge.capacity",
                     "evomerge.search.guard", "evomerge.search.driver"]),
     ("outputs", ["evomerge.analysis", "evomerge.report", "evomerge.modelcard", "evomerge.export", "evomerge.zoo"]),
     ("the CLI", ["evomerge.commands", "evomerge.cli", "evomerge.__main__"]),
@@ -157,6 +158,27 @@ def test_the_layer_rule_catches_an_upward_import():
     assert layer_of("evomerge.search.driver") > layer_of("evomerge.config") > layer_of("evomerge.search.record")
     assert layer_of("evomerge.io.verify") == layer_of("evomerge.recipe") > layer_of("evomerge.io.checkpoint")
     assert layer_of("evomerge.merge.kernels.gta") == layer_of("evomerge.merge.registry")
+
+
+def private_imports(name: str, path: Path) -> list[str]:
+    """The private names (`_x`, not dunders) `name` imports from another evomerge module, anywhere in its file: a
+    private name is its module's own, so another module that needs it needs it public."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("evomerge") and not node.level:
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__")
+                if private and node.module != name:
+                    found.append(f"{name} imports {alias.name} from {node.module}")
+    return found
+
+
+def test_no_private_name_is_imported_from_another_module(tmp_path):
+    fake = tmp_path / "a.py"
+    fake.write_text("from evomerge.b import _hidden, shown\nfrom evomerge import __version__\n")
+    assert private_imports("evomerge.a", fake) == ["evomerge.a imports _hidden from evomerge.b"]
+    found = [line for name, path in module_names().items() for line in private_imports(name, path)]
+    assert found == [], "make these names public (no leading underscore) where they are defined"
 
 
 def test_every_module_imports_alone_and_the_light_entry_points_stay_light():

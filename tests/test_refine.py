@@ -200,7 +200,7 @@ def test_a_search_scores_the_refine_path_as_trials(tiny_zoo, tmp_path, monkeypat
 
 
 def test_refine_asked_for_on_a_method_without_a_weight_gradient_is_a_user_error(tiny_zoo, tmp_path, monkeypatch):
-    from evomerge.search.driver import check_tasks
+    from evomerge.resolve import check_tasks
 
     monkeypatch.chdir(tmp_path)
     models = {"models": [str(tiny_zoo / "add")], "method": "slerp", "search_space": "slerp"}

@@ -190,7 +190,7 @@ def test_refinement_rounds_cycle_the_arms_and_scale_with_the_budget():
 def test_default_per_row_arms_fall_back_to_per_tensor_rounds_where_a_method_has_none(tiny_zoo, tmp_path, monkeypatch):
     from evomerge.config import parse_config
     from evomerge.errors import ConfigError
-    from evomerge.search.driver import _runnable
+    from evomerge.resolve import runnable as _runnable
 
     monkeypatch.chdir(tmp_path)
     data = {

@@ -41,10 +41,10 @@ def test_ray_workers_get_the_same_environment(monkeypatch):
 
     import ray
 
-    from evomerge.search.workers import _start_ray
+    from evomerge.search.workers import start_ray
 
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
-    _start_ray(SimpleNamespace(workers=SimpleNamespace(address=None, count=2, num_cpus=1)))
+    start_ray(SimpleNamespace(workers=SimpleNamespace(address=None, count=2, num_cpus=1)))
     assert seen["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == THREAD_ENV["OMP_WAIT_POLICY"] == "PASSIVE"

@@ -1,7 +1,8 @@
-"""The resource plan of a search (DESIGN decision 9): before any model loads, what each worker needs on its
-device(s) and in host memory, what each node needs for the memory-mapped inputs, against the devices the
-workers will get; printed by `evomerge search` at start and by `evomerge audit CONFIG --plan`, and refused
-(exit 2, naming the setting to change) when it cannot fit.
+"""The resource plan of a search: before any model loads, what each worker needs on its device(s) and in host
+memory, what each node needs for the memory-mapped inputs, against the devices the workers will get; printed by
+`evomerge search` at start and by `evomerge audit CONFIG --plan`, and refused (exit 2, naming the setting to
+change) when it cannot fit, so a search too large for its machines stops in seconds instead of being killed for
+memory hours later (docs/architecture.md, "Design choices").
 
     plan = plan_search(cfg)          # facts.py: headers + tasks; memory.py: the terms; devices.py: the machines
     plan.lines(); plan.check()

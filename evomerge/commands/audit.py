@@ -230,19 +230,19 @@ def _plan(args: argparse.Namespace) -> int:
     """The resource plan of a search config, on this machine (or its Ray cluster) or the one the flags describe."""
     from evomerge.capacity import given_devices, plan_search
     from evomerge.errors import ConfigError
-    from evomerge.search.driver import check_tasks
+    from evomerge.resolve import resolve_config
 
     if args.nodes < 1:
         raise ConfigError(f"--nodes {args.nodes}: plan for at least 1 node")
-    cfg = _search_config(args.config, "--plan")
-    built: dict = {}
-    off = check_tasks(cfg, keep=built)  # what the search would switch off (refinement on slerp, say) is off here too
-    cfg = cfg.model_copy(update={name: None for name in off})
+    resolved = resolve_config(_search_config(args.config, "--plan"))  # the config exactly as `search` runs it
+    for line in resolved.notes:  # what the search switches off (refinement on slerp, say) is off here too
+        print(line)
+    cfg = resolved.config
     described = args.host_memory is not None or args.gpus is not None or args.nodes > 1
     devices = given_devices(args.host_memory, args.gpus, args.nodes) if described else None
     if devices is None and cfg.workers.address:
         devices = _cluster(cfg)
-    plan = plan_search(cfg, built.get("search"), devices)
+    plan = plan_search(cfg, resolved.scorer, devices)
     print("\n".join(plan.lines()), flush=True)  # before the refusal's line on stderr
     plan.check()
     return 0
@@ -253,9 +253,9 @@ def _cluster(cfg):
     import ray
 
     from evomerge.capacity import cluster_devices
-    from evomerge.search.workers import _start_ray
+    from evomerge.search.workers import start_ray
 
-    started = _start_ray(cfg)
+    started = start_ray(cfg)
     try:
         return cluster_devices(cfg.workers.address)
     finally:

@@ -90,7 +90,7 @@ class Checkpoint:
                 for name, entry in _read_header(file).items():
                     self._entries.setdefault(name, entry)
         else:
-            self._pickled = _load_pickles(self.files)
+            self._pickled = load_pickles(self.files)
 
     # ---- discovery ------------------------------------------------------------------------------
     def _weight_files(self, allow_pickle: bool) -> list[Path]:
@@ -282,7 +282,7 @@ def _read_header(file: Path) -> dict[str, _Entry]:
         raise ModelError(f"{file}: corrupt safetensors header ({exc}); re-download or re-export it") from None
 
 
-def _load_pickles(files: Sequence[Path]) -> dict[str, torch.Tensor]:
+def load_pickles(files: Sequence[Path]) -> dict[str, torch.Tensor]:
     import torch
 
     tensors: dict[str, torch.Tensor] = {}

@@ -234,9 +234,9 @@ def _load(files: list[Path]) -> dict[str, torch.Tensor]:
             return load_file(file)
         except (SafetensorError, OSError) as exc:
             raise ModelError(f"{file}: corrupt safetensors file ({exc}); re-save the adapter") from None
-    from evomerge.io.checkpoint import _load_pickles
+    from evomerge.io.checkpoint import load_pickles
 
-    return _load_pickles(files)
+    return load_pickles(files)
 
 
 def _scale(settings: Mapping[str, Any], module: str, rank: int) -> float:

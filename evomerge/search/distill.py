@@ -22,12 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
+
+    from evomerge.merge.materialize import Materializer
+    from evomerge.scoring.scorer import Scorer
 
 GENERATIVE = ("loglikelihood", "generate_until")  # distilled along the owner's greedy answer
 DEFAULT_MAX_NEW = 32  # answer tokens generated where a task gives no bound
@@ -60,7 +63,7 @@ def owners(source_scores: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
     }
 
 
-def check_distillable(scorer) -> None:
+def check_distillable(scorer: Scorer) -> None:
     """ConfigError unless every search task has prompts an owner can answer (or choices it can weigh)."""
     kinds = (*GENERATIVE, "multiple_choice")
     bad = [f"{leaf} ({task.OUTPUT_TYPE})" for leaf, task in scorer.tasks.items() if task.OUTPUT_TYPE not in kinds]
@@ -71,7 +74,7 @@ def check_distillable(scorer) -> None:
         )
 
 
-def source_scores(materializer, scorer, inputs: Sequence[str]) -> dict[str, dict[str, float]]:
+def source_scores(materializer: Materializer, scorer: Scorer, inputs: Sequence[str]) -> dict[str, dict[str, float]]:
     """{input model: {leaf task: its search objective value}}: each input alone in the resident model."""
     from evomerge.evaluator import alone
 
@@ -83,8 +86,8 @@ def source_scores(materializer, scorer, inputs: Sequence[str]) -> dict[str, dict
 
 
 def distill_items(
-    materializer,
-    scorer,
+    materializer: Materializer,
+    scorer: Scorer,
     owner_of: Mapping[str, str],
     inputs: Sequence[str],
     *,
@@ -96,12 +99,13 @@ def distill_items(
     merge overwrites them), it answers its tasks' prompts greedily and its distributions along the answers are
     kept. `owner_of`: {leaf task: input model}; `inputs`: every input model, the base included."""
     from evomerge.evaluator import alone
+    from evomerge.search.objective import pad_token_id
 
     check_distillable(scorer)
     model, tok = materializer.model, materializer.tokenizer
     lm = scorer.wrap(model, tok)
     eos = eos_ids(model, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    pad = pad_token_id(tok, eos)
     out: list[DistillItem] = []
     for source in dict.fromkeys(owner_of.values()):
         materializer.apply(alone(source, inputs))
@@ -117,7 +121,7 @@ def distill_items(
     return out
 
 
-def prompts(scorer, leaf: str, examples: int | None) -> list[tuple[dict, str]]:
+def prompts(scorer: Scorer, leaf: str, examples: int | None) -> list[tuple[dict, str]]:
     """(doc, context) of a leaf's refinement examples: its search subset, or with `examples` up to that many of
     its split in the seeded order the likelihood refinement uses."""
     from evomerge.search.objective import refinement_indices
@@ -134,7 +138,7 @@ def prompts(scorer, leaf: str, examples: int | None) -> list[tuple[dict, str]]:
     return out
 
 
-def eos_ids(model, tok) -> list[int]:
+def eos_ids(model: torch.nn.Module, tok: Any) -> list[int]:
     """The tokens that end an answer: the tokenizer's end of sequence and the model's generation config's."""
     config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     extra = config if isinstance(config, list) else [config]
@@ -168,7 +172,9 @@ def _items(task, leaf, source, weight, docs, lm, eos, pad, top_k) -> list[Distil
     ]
 
 
-def greedy(model, contexts: Sequence[list[int]], max_new: int, eos: Sequence[int], pad: int) -> list[list[int]]:
+def greedy(
+    model: torch.nn.Module, contexts: Sequence[list[int]], max_new: int, eos: Sequence[int], pad: int
+) -> list[list[int]]:
     """Each context's greedy continuation (token ids, up to and including an `eos` token, at most `max_new`),
     decoded in one left-padded batch on the model's device."""
     import torch
@@ -194,7 +200,9 @@ def greedy(model, contexts: Sequence[list[int]], max_new: int, eos: Sequence[int
     return out
 
 
-def _top(model, rows: Sequence[tuple[list[int], list[int]]], k: int) -> list[tuple[list[list[int]], list[list[float]]]]:
+def _top(
+    model: torch.nn.Module, rows: Sequence[tuple[list[int], list[int]]], k: int
+) -> list[tuple[list[list[int]], list[list[float]]]]:
     """For (context, answer) rows: per answer token, the model's top-k next-token ids and log-probabilities."""
     import torch
 
@@ -212,7 +220,7 @@ def _top(model, rows: Sequence[tuple[list[int], list[int]]], k: int) -> list[tup
     return out
 
 
-def _loglik(model, context: list[int], cont: list[int]) -> float:
+def _loglik(model: torch.nn.Module, context: list[int], cont: list[int]) -> float:
     import torch
 
     device = next(model.parameters()).device

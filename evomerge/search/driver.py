@@ -23,21 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.config import SearchConfig, write_run_config
-from evomerge.errors import ConfigError, EvomergeError, Interrupted, StudyError, TaskError
+from evomerge.errors import EvomergeError, Interrupted, StudyError
 from evomerge.portfolio import default_merges
+from evomerge.resolve import resolve_config
 from evomerge.search import study as st
 from evomerge.search.lock import StudyLock
 from evomerge.search.record import BaselineLabel, TrialRecord, trial_attrs, write_trial
+from evomerge.search.refine_job import RefineJob
 from evomerge.search.rows import load_coefficients, save_coefficients, with_coefficients
 from evomerge.search.workers import open_pool, run_jobs
 from evomerge.space import SearchSpace, space_of
 
-_FEATURES = {
-    "refine": "gradient refinement",
-    "early_stop": "staged evaluation (early_stop)",
-    "refine.rows": "per-row refinement (refine.arms rows and distill; per-tensor rounds run instead)",
-    "refine.distill": "distillation (refine.arms distill; per-row rounds of the likelihood run instead)",
-}
 MAX_WORKER_DEATHS = 2  # retries of params whose worker died while evaluating them; then the trial fails
 
 
@@ -119,103 +115,6 @@ class _Progress:
         self.bar.close()
 
 
-def check_tasks(cfg: SearchConfig, keep: dict[str, Any] | None = None) -> dict[str, str]:
-    """Load the search (and validation) tasks once, as the workers will: a bad task name, metric, subset or
-    task YAML fails here, before a study or run directory exists, naming the config file and field.
-
-    Returns the features on by default that cannot run on this study, with why ({"refine": ..., "early_stop":
-    ...}); asked for explicitly in the config, the same reason is a user error instead. `keep`: receives the
-    built search Scorer (`keep["search"]`), for the resource plan."""
-    from evomerge.scoring.scorer import Scorer
-    from evomerge.scoring.staged import check_per_example
-    from evomerge.search.refine import check_refinable
-
-    off: dict[str, str] = {}
-
-    def check(field: str, test) -> None:
-        try:
-            test()
-        except ConfigError as err:
-            if field in cfg.model_fields_set:
-                raise  # asked for in the config: it must apply
-            off[field] = str(err)
-
-    _check_one_objective(cfg, check)
-    groups = [("tasks.search", cfg.tasks.search)]
-    if cfg.validation is not None:
-        groups.append(("validation.tasks", cfg.validation.tasks))
-    for name, tasks in groups:
-        try:
-            scorer = Scorer(
-                tasks,
-                [str(p) for p in cfg.tasks.include_paths],
-                seed=cfg.seed,
-                include_defaults=cfg.tasks.include_defaults,
-            )
-            if name != "tasks.search":
-                continue
-            if keep is not None:
-                keep["search"] = scorer
-            if cfg.tasks.smooth > 0:
-                check_per_example(scorer)
-            if cfg.early_stop is not None and "early_stop" not in off:
-                check("early_stop", lambda: check_per_example(scorer))
-            if cfg.refine is not None:
-                check("refine", lambda: check_refinable(scorer, cfg.method))
-            if cfg.refine is not None and "refine" not in off and cfg.refine.arms_run(cfg.budget.n_trials) - {"tensor"}:
-                _check_rows(cfg, scorer, off)
-        except (TaskError, ConfigError) as err:
-            raise ConfigError(f"{cfg._source}: {name!r}: {err}; fix the task entry or tasks.include_paths") from None
-    return off
-
-
-def _check_rows(cfg: SearchConfig, scorer, off: dict[str, str]) -> None:
-    """Per-row refinement and distillation where their arms apply; the default arms fall back (`off["refine.rows"]`:
-    per-tensor rounds instead, also without the validation guard to choose among their points;
-    `off["refine.distill"]`: per-row rounds of the likelihood instead), arms the config asks for must apply."""
-    from evomerge.search.distill import check_distillable
-    from evomerge.search.rows import check_rows
-
-    asked = "refine" in cfg.model_fields_set and "arms" in cfg.refine.model_fields_set
-    if cfg.validation is None and not asked:
-        off["refine.rows"] = (
-            "per-row coefficients fit the search examples closely, and without `validation:` (the guard) nothing "
-            "scores their points on other examples: add a validation block, or set refine.arms"
-        )
-        return
-    checks = [("refine.rows", lambda: check_rows(cfg.method))]
-    if "distill" in cfg.refine.arms_run(cfg.budget.n_trials):
-        checks.append(("refine.distill", lambda: check_distillable(scorer)))
-    for name, check in checks:
-        try:
-            check()
-        except ConfigError as err:
-            if asked:
-                raise
-            off[name] = str(err)
-            return
-
-
-def _check_one_objective(cfg: SearchConfig, check: Callable[[str, Callable[[], None]], None]) -> None:
-    """Smoothing and staged evaluation compare one objective; a multi-objective sampler has one per task
-    (smoothing asked for: a user error; early_stop: `check`'s rule, off when only a default)."""
-
-    def one_objective() -> None:
-        if cfg.multi_objective:
-            raise ConfigError(
-                f"'early_stop' and 'tasks.smooth' need one objective; the {cfg.sampler.name} sampler "
-                "has one per task: remove them or pick cmaes, gp, tpe or random"
-            )
-
-    try:
-        if cfg.tasks.smooth > 0:
-            one_objective()
-        if cfg.early_stop is not None:
-            check("early_stop", one_objective)
-    except ConfigError as err:
-        raise ConfigError(f"{cfg._source}: {err}") from None
-
-
 def run_search(
     cfg: SearchConfig,
     *,
@@ -231,9 +130,11 @@ def run_search(
     """
     log = log or (lambda _msg: None)
     space = space_of(cfg)
-    built: dict[str, Any] = {}
-    cfg = _runnable(cfg, log, built)  # a bad task fails before the study, its lock or runs/<name>/ exist
-    plan = _plan(cfg, built.get("search"), log)  # what it needs against the devices: one that cannot fit exits 2
+    resolved = resolve_config(cfg)  # a bad task fails before the study, its lock or runs/<name>/ exist
+    for line in resolved.notes:
+        log(line)
+    cfg = resolved.config
+    plan = _plan(cfg, resolved.scorer, log)  # what it needs against the devices: one that cannot fit exits 2
     with StudyLock(cfg.storage_url, cfg.name) as lock:  # before open_study: --force must not delete a live study
         if force and (existing := st.load_study(cfg.name, cfg.storage_url)) is not None:
             lock.check_free(existing)
@@ -277,19 +178,6 @@ def _plan(cfg: SearchConfig, scorer, log: Callable[[str], None]) -> list[str]:
     return lines
 
 
-def _runnable(cfg: SearchConfig, log: Callable[[str], None], keep: dict[str, Any] | None = None) -> SearchConfig:
-    """The config as it runs: the features on by default that cannot run on this study switched off, with a line
-    saying why (runs/<name>/config.yaml records what ran). `keep`: as check_tasks's."""
-    off = check_tasks(cfg, keep=keep)
-    for name, why in off.items():
-        log(f"{_FEATURES[name]} is off for this study: {why.removeprefix('refine: ')}")
-    update: dict[str, Any] = {name: None for name in off if name in ("refine", "early_stop")}
-    if {"refine.rows", "refine.distill"} & off.keys():  # per-tensor (or per-row likelihood) rounds instead
-        instead = {"rows": "tensor", "distill": "tensor"} if "refine.rows" in off else {"distill": "rows"}
-        update["refine"] = cfg.refine.model_copy(update={"arms": [instead.get(a, a) for a in cfg.refine.arms]})
-    return cfg.model_copy(update=update)
-
-
 def _interrupted(exc: KeyboardInterrupt, cfg: SearchConfig, study, result: SearchResult) -> Interrupted:
     done = st.budget_count(study)
     again = (
@@ -317,8 +205,9 @@ class _Search:
     loop of ask, submit, wait, tell, with refinement rounds where they are due and the failure policy.
 
     The steps are methods, so a new kind of step is one more method the loop calls: `_portfolio` (other methods'
-    default merges, scored like any batch), `_refining` (a round of search/refine.py when its share of the budget
-    is reached), `_ask` / `_submit` (a trial to a worker), `_tell` (record it), `_keep_alive` (lock and heartbeats).
+    default merges, scored like any batch), `_refining` (a refinement round, one `RefineJob` to a worker, when its
+    share of the budget is reached), `_ask` / `_submit` (a trial to a worker), `_tell` (record it), `_keep_alive`
+    (lock and heartbeats).
     """
 
     def __init__(self, study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResult, n_complete: int, log):
@@ -534,8 +423,9 @@ class _Incumbent:
 
 
 class _RefineRounds:
-    """The config's gradient-refinement rounds (search/refine.py): which are done (their trials carry
-    `refine_round`), which is due at the current count, and running one from the best trial so far."""
+    """The config's gradient-refinement rounds (search/refine.py per tensor, search/rows.py per row): which are
+    done (their trials carry `refine_round`), which is due at the current count, and running one from the best
+    trial so far."""
 
     def __init__(self, study, cfg: SearchConfig):
         self.study, self.cfg = study, cfg
@@ -561,26 +451,20 @@ class _RefineRounds:
         if best is None or not best.params:
             return
         steps, every = refine.schedule(self.cfg.budget.n_trials)
-        settings = {"steps": steps, "every": every, "lr": refine.lr}
-        if arm != "tensor":
-            start = TrialRecord.from_trial(best).coefficients
-            settings.update(grain="rows", loss="distill" if arm == "distill" else "likelihood")
-            settings.update(examples=refine.examples, coefficients=load_coefficients(start))
-        elif refine.examples is not None:
-            settings["examples"] = refine.examples
+        start = load_coefficients(TrialRecord.from_trial(best).coefficients) if arm != "tensor" else None
+        job = RefineJob(arm, steps, every, refine.lr, examples=refine.examples, coefficients=start)
         bounds = space.bounds(self.cfg.models)
-        path = pool.refine(dict(best.params), settings)
-        for step, point, loss, *rows in path:
-            if step == 0:
+        for at in pool.refine(dict(best.params), job):
+            if at.step == 0:
                 continue  # the starting point: trial `best` itself
-            point = {k: bounds[k].clip(v) for k, v in point.items()}
-            ref = save_coefficients(self.cfg.run_dir, rows[0]) if rows else None
+            point = {k: bounds[k].clip(v) for k, v in at.point.items()}
+            ref = save_coefficients(self.cfg.run_dir, at.coefficients) if at.coefficients is not None else None
             attrs = trial_attrs(
                 refine_round=r,
                 refine_arm=arm,
-                refine_step=step,
+                refine_step=at.step,
                 refined_from=best.number,
-                surrogate_loss=loss,
+                surrogate_loss=at.loss,
                 coefficients=ref,
             )
             self.study.enqueue_trial(point, user_attrs=attrs)
@@ -649,4 +533,4 @@ def _finish(study, result: SearchResult, log: Callable[[str], None] | None = Non
     return result
 
 
-__all__ = ["MAX_WORKER_DEATHS", "SearchResult", "check_tasks", "run_search"]
+__all__ = ["MAX_WORKER_DEATHS", "SearchResult", "run_search"]

@@ -1,4 +1,5 @@
-"""The refinement's objective: the search tasks' examples as token ids, micro-batches of them, and losses.
+"""The refinement's training loss (not the search's objective, which is `search.trials.objective_of`): the search
+tasks' examples as token ids, micro-batches of them, and losses.
 
     items = training_items(scorer, lm)                       # lm-eval's own requests, HFLM's tokenisation
     for batch in micro_batches(items, pad, lm.max_length, tokens=256):
@@ -16,12 +17,14 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from evomerge.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
+
+    from evomerge.scoring.scorer import Scorer
 
 KINDS = ("loglikelihood", "multiple_choice", "generate_until")  # output types with an answer to score
 
@@ -37,6 +40,17 @@ class Item:
     gold: int  # index into continuations (0 for a single reference answer)
 
 
+class Example(Protocol):
+    """What a micro-batch and a loss read of an item: `Item` (the likelihood's) and `distill.DistillItem`
+    (distillation's, which adds the owner's distributions) both have it."""
+
+    task: str
+    weight: float
+    context: list[int]
+    continuations: list[list[int]]
+    gold: int
+
+
 @dataclass
 class MicroBatch:
     """Whole items (every continuation of each), right-padded: `ids` and `mask` are rows x width; the logits a
@@ -48,7 +62,7 @@ class MicroBatch:
     mask: torch.Tensor
     target: torch.Tensor
     keep: int
-    items: list[Item]
+    items: list[Example]
     total_weight: float
 
     @property
@@ -59,7 +73,7 @@ class MicroBatch:
 Loss = Callable[["torch.Tensor", MicroBatch], "torch.Tensor"]
 
 
-def training_items(scorer, lm, examples: int | None = None) -> list[Item]:
+def training_items(scorer: Scorer, lm: Any, examples: int | None = None) -> list[Item]:
     """The search tasks' examples as token ids, built with lm-eval's own requests and HFLM's tokenisation: each
     task's search subset, or with `examples`, up to that many of the task's examples (its whole search split, in a
     seeded order), so the gradient sees more than the sampler scores."""
@@ -105,14 +119,16 @@ def _item(task, doc, kind: str, leaf: str, share: float, lm) -> Item:
     return Item(leaf, share, context, [c for _, c in encoded], gold)
 
 
-def micro_batches(items: Sequence[Item], pad: int, max_length: int, tokens: int) -> list[MicroBatch]:
+def micro_batches(items: Sequence[Example], pad: int, max_length: int, tokens: int) -> list[MicroBatch]:
     """`items` in micro-batches of at most `tokens` positions (rows x padded width), so a forward's activations
     are bounded whatever the examples' lengths; an item's continuations stay together (a multiple-choice loss
     needs all of them), and an item larger than the budget is a batch of its own. Items are grouped by length,
     so that rows of one batch pad little."""
     total = sum(item.weight for item in items)
     order = sorted(items, key=lambda it: _width(it, max_length))
-    out, group, rows, width = [], [], 0, 0
+    out: list[MicroBatch] = []
+    group: list[Example] = []
+    rows, width = 0, 0
     for item in order:
         n, w = len(item.continuations), _width(item, max_length)
         if group and (rows + n) * max(width, w) > tokens:
@@ -125,12 +141,12 @@ def micro_batches(items: Sequence[Item], pad: int, max_length: int, tokens: int)
     return out
 
 
-def _width(item: Item, max_length: int) -> int:
+def _width(item: Example, max_length: int) -> int:
     """The positions of the item's longest row."""
     return min(len(item.context) + max(len(c) for c in item.continuations) - 1, max_length)
 
 
-def _batch(items: list[Item], pad: int, max_length: int, total: float) -> MicroBatch:
+def _batch(items: list[Example], pad: int, max_length: int, total: float) -> MicroBatch:
     import torch
 
     seqs, spans = [], []
@@ -162,7 +178,7 @@ def _loglik(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return tok.new_zeros(target.shape[0]).index_add(0, row, tok)
 
 
-def logits_of(model, batch: MicroBatch, device) -> torch.Tensor:
+def logits_of(model: torch.nn.Module, batch: MicroBatch, device: torch.device | str) -> torch.Tensor:
     """The logits of the batch's last `keep` positions (transformers' `logits_to_keep`: the head runs on those
     only, so a large vocabulary costs rows x keep, not rows x width)."""
     import inspect
@@ -173,7 +189,17 @@ def logits_of(model, batch: MicroBatch, device) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=mask).logits[:, -batch.keep :]
 
 
-def refinement_indices(scorer, leaf: str, examples: int | None) -> set[int]:
+def pad_token_id(tok, eos: Sequence[int] = ()) -> int:
+    """The id that pads a micro-batch: the tokenizer's pad token, else its end of sequence, else the first of `eos`
+    (the model's own end-of-sequence ids), else 0. Padded positions are masked, so any id in the vocabulary does."""
+    if tok.pad_token_id is not None:
+        return int(tok.pad_token_id)
+    if tok.eos_token_id is not None:
+        return int(tok.eos_token_id)
+    return int(eos[0]) if eos else 0
+
+
+def refinement_indices(scorer: Scorer, leaf: str, examples: int | None) -> set[int]:
     """The examples of a leaf task the refinement trains on: its search subset, or with `examples` up to that many
     of its split in a seeded order of its own (the likelihood's and the distillation's are the same)."""
     if examples is None:
@@ -201,12 +227,14 @@ def answer_loss(logits: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
 
 __all__ = [
     "KINDS",
+    "Example",
     "Item",
     "Loss",
     "MicroBatch",
     "answer_loss",
     "logits_of",
     "micro_batches",
+    "pad_token_id",
     "refinement_indices",
     "training_items",
 ]

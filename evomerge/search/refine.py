@@ -28,7 +28,8 @@ One step, within the resident model's memory:
 3. tensor by tensor, chunk by chunk, the inner products of G with each model's (masked, normalised) task vector
    give dL/dw_i and dL/dlambda per tensor (surrogate.py has the derivative), and the space's affine map from a
    point to per-tensor values (`_linear_map`) gives dL/d(slot);
-4. Adam on the slots, clamped to their bounds.
+4. Adam on the slots, clamped to their bounds (the loop of search/descent.py, which the per-row refinement,
+   search/rows.py, shares).
 
 Extra memory of a refinement (footprint.refine_extra_bytes, what the resource plan budgets), on the resident model's
 device, over the resident model and the inputs' pages a merge already touches:
@@ -60,13 +61,14 @@ plus the autograd graph of the merge and the activations of every training examp
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
 from evomerge.merge.registry import names
+from evomerge.search.descent import backward, descend, gradients_for
 from evomerge.search.footprint import model_micro_batch_tokens
 from evomerge.search.objective import (
     KINDS,
@@ -74,22 +76,25 @@ from evomerge.search.objective import (
     Loss,
     MicroBatch,
     answer_loss,
-    logits_of,
     micro_batches,
+    pad_token_id,
     training_items,
 )
 
 if TYPE_CHECKING:
     import torch
 
+    from evomerge.merge.materialize import Materializer
+    from evomerge.scoring.scorer import Scorer
     from evomerge.search.surrogate import FrozenTensor
+    from evomerge.space import SearchSpace
 
 # methods whose merge is base + lambda * (sum of weighted, optionally sparsified, task vectors [/ normaliser])
 REFINABLE = frozenset(names(refinable=True))
 MOVED = ("weight", "lambda")  # the parameters the gradient moves; every other one stays at the starting point
 
 
-def check_refinable(scorer, method: str) -> None:
+def check_refinable(scorer: Scorer, method: str) -> None:
     """ConfigError unless refine can follow a gradient for `method` on these tasks."""
     if method not in REFINABLE:
         raise ConfigError(
@@ -139,9 +144,9 @@ class Refiner:
 
     def __init__(
         self,
-        materializer,
-        scorer,
-        space,
+        materializer: Materializer,
+        scorer: Scorer,
+        space: SearchSpace,
         models: Sequence[Any],
         base: Any,
         method: str,
@@ -164,8 +169,7 @@ class Refiner:
             raise ConfigError(f"refine: search space {space.spec.name!r} searches no weight or lambda to refine")
         lm = scorer.wrap(materializer.model, materializer.tokenizer)
         self.items: list[Item] = training_items(scorer, lm, examples)
-        tok = materializer.tokenizer
-        self._pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self._pad = pad_token_id(materializer.tokenizer)
         self._max_length = lm.max_length
         self._batches: dict[int, list[MicroBatch]] = {}
         self._deriv: dict[str, list[list[float]]] | None = None  # the affine map's derivative (_linear_map)
@@ -190,7 +194,7 @@ class Refiner:
         start = self.prepare(point)
         self._write(start, start.x0, everything=True)
         with self._grads(start):
-            loss = self._backward(self.batches(micro_batch_tokens), grad=True)
+            loss = backward(self.mat.model, self.loss, self.batches(micro_batch_tokens), grad=True)
             g = self._slot_grad(start, start.x0)
         return loss, {s.name: float(v) for s, v in zip(self.slots, g)}
 
@@ -206,31 +210,33 @@ class Refiner:
         """Adam on the refined slots (in units of each one's search range), from `point`; the point every
         `every` steps (and the last), with the surrogate loss there. The resident model is left holding the
         last surrogate state: the next merge overwrites every tensor."""
-        import torch
-
         start = self.prepare(point)
         batches = self.batches(micro_batch_tokens)
         lo, span = start.lo, start.span
-        u = ((start.x0 - lo) / span).clone()
-        opt = torch.optim.Adam([u.requires_grad_(True)], lr=lr)
+        u = ((start.x0 - lo) / span).clone().requires_grad_(True)
         out: list[tuple[int, dict[str, float], float]] = []
+
+        def at() -> torch.Tensor:
+            return (lo + span * u).detach()
+
+        def keep(step: int, loss: float) -> None:
+            out.append((step, {s.name: float(v) for s, v in zip(self.slots, at())}, loss))
+            if log:
+                log(f"refine step {step}: surrogate loss {loss:.4f}")
+
         self._write(start, start.x0, everything=True)
         with self._grads(start):
-            for step in range(steps + 1):
-                x = (lo + span * u).detach()
-                last = step == steps
-                loss = self._backward(batches, grad=not last)
-                if step % every == 0 or last:
-                    out.append((step, {s.name: float(v) for s, v in zip(self.slots, x)}, loss))
-                    if log:
-                        log(f"refine step {step}: surrogate loss {loss:.4f}")
-                if last:
-                    break
-                u.grad = span * self._slot_grad(start, x)
-                opt.step()
-                with torch.no_grad():
-                    u.clamp_(0.0, 1.0)
-                self._write(start, (lo + span * u).detach(), everything=False)
+            descend(
+                [u],
+                (0.0, 1.0),
+                steps=steps,
+                every=every,
+                lr=lr,
+                loss_at=lambda grad: backward(self.mat.model, self.loss, batches, grad),
+                gradient=lambda: [span * self._slot_grad(start, at())],
+                write=lambda: self._write(start, at(), everything=False),
+                keep=keep,
+            )
         return [(step, {**point, **p}, loss) for step, p, loss in out]
 
     # -- one start point ---------------------------------------------------------------------------------------
@@ -272,13 +278,20 @@ class Refiner:
                 d = torch.tensor(deriv[job.name], dtype=f64)
                 value = torch.tensor(values[job.name], dtype=f64)
                 tensors.append(_Tensor(frozen, target, params.get(target.data_ptr()), value, d, bool(d.any())))
-        spec = self.space.spec.parameters
+        bounds = [self._bounds(s.param) for s in self.slots]
         return _Start(
             tensors,
             x0=torch.tensor([point[s.name] for s in self.slots], dtype=f64),
-            lo=torch.tensor([spec[s.param].low for s in self.slots], dtype=f64),
-            span=torch.tensor([spec[s.param].high - spec[s.param].low for s in self.slots], dtype=f64),
+            lo=torch.tensor([low for low, _ in bounds], dtype=f64),
+            span=torch.tensor([high - low for low, high in bounds], dtype=f64),
         )
+
+    def _bounds(self, param: str) -> tuple[float, float]:
+        """A searched parameter's (low, high) in the space (a refined slot is always searched: it has both)."""
+        spec = self.space.spec.parameters[param]
+        if spec.low is None or spec.high is None:
+            raise ValueError(f"{param}: a fixed parameter has no range to refine in")
+        return spec.low, spec.high
 
     def _keys(self) -> list[str]:
         from evomerge.merge.materialize import input_key as _key
@@ -312,8 +325,8 @@ class Refiner:
         if self._deriv is None:
             deriv = {name: [[0.0] * len(self.slots) for _ in v] for name, v in v0.items()}
             for j, slot in enumerate(self.slots):
-                spec = self.space.spec.parameters[slot.param]
-                h = 1e-3 * (spec.high - spec.low)
+                low, high = self._bounds(slot.param)
+                h = 1e-3 * (high - low)
                 plan = self._plan({**point, slot.name: point[slot.name] + h})
                 v1 = values({name: plan.resolve(name) for name in v0})
                 for name in v0:
@@ -337,39 +350,9 @@ class Refiner:
                     w = t.weights(dx)
                     write_merged(t.frozen, w[:-1], w[-1], t.target)
 
-    @contextmanager
-    def _grads(self, start: _Start) -> Iterator[None]:
+    def _grads(self, start: _Start) -> AbstractContextManager[None]:
         """Gradients on for the parameters the slots move, off for the rest; back as they were after."""
-        model = self.mat.model
-        before = {p: p.requires_grad for p in model.parameters()}
-        moving = {t.param for t in start.tensors if t.moves and t.param is not None}
-        for p in before:
-            p.requires_grad_(p in moving)
-        try:
-            yield
-        finally:
-            for p, flag in before.items():
-                p.grad = None
-                p.requires_grad_(flag)
-
-    def _backward(self, batches: list[MicroBatch], grad: bool) -> float:
-        """The loss over every micro-batch; with `grad`, the parameters' gradients accumulated from zero."""
-        import torch
-
-        model = self.mat.model
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.zero_()
-        device = next(model.parameters()).device
-        total = 0.0
-        for batch in batches:
-            with torch.set_grad_enabled(grad):
-                loss = self.loss(logits_of(model, batch, device), batch)
-            if grad:
-                loss.backward()
-            total += loss.item()
-            del loss
-        return total
+        return gradients_for(self.mat.model, {t.param for t in start.tensors if t.moves and t.param is not None})
 
     def _slot_grad(self, start: _Start, x: torch.Tensor) -> torch.Tensor:
         """dL/d(slot) at x: per moving tensor, the inner products of its gradient with the task vectors,

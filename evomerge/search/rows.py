@@ -1,4 +1,5 @@
-"""Per-row refinement: the gradient moves one coefficient per output row of every merged tensor and model.
+"""Per-row refinement: the gradient moves one coefficient per output row of every merged tensor and model (the
+loop, search/descent.py, is the per-tensor refinement's; the TIES sign election the kernels').
 
     refiner = RowRefiner(materializer, scorer, space, models, base, "task_arithmetic", loss="distill")
     path = refiner.run(point, steps=60, every=10, lr=0.05)     # [(step, point, loss, coefficients)]
@@ -27,7 +28,7 @@ overfitting guard then picks among the best on the validation splits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,11 @@ from evomerge.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
+
+    from evomerge.merge.materialize import Materializer
+    from evomerge.scoring.scorer import Scorer
+    from evomerge.search.objective import Example
+    from evomerge.space import SearchSpace
 
 ROW_METHODS = frozenset({"task_arithmetic", "ties"})  # a linear merge, and TIES (its masks recomputed each step)
 LOSSES = ("likelihood", "distill")
@@ -77,6 +83,11 @@ def _ties(r: _Row, m: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tens
     agreeing models' weights as divisor), so the surrogate is the merge of the scaled inputs up to ties."""
     import torch
 
+    from evomerge.merge.kernels.gta import agreement, elected_sign
+
+    if r.densities is None or r.weights is None:
+        raise ValueError(f"{r.name}: not a TIES tensor (no densities)")
+    weights = r.weights
     b = r.base.reshape(r.rows, -1).float()
     taus = [x.reshape(r.rows, -1).float() - b for x in r.models]
     kept = []
@@ -92,14 +103,22 @@ def _ties(r: _Row, m: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tens
             continue
         threshold = u.abs().flatten().kthvalue(n - k + 1).values
         kept.append(torch.where(u.abs() >= threshold, u, torch.zeros_like(u)))
-    total = sum(w * s for w, s in zip(r.weights, kept))
-    elected = torch.where(total >= 0, 1.0, -1.0)
-    agree = [(s.sign() == elected).float() for s in kept]
-    div = sum(w * c for w, c in zip(r.weights, agree)) if r.normalize else torch.ones_like(b)
+    elected = elected_sign(_added(w * s for w, s in zip(weights, kept)))
+    agree = [agreement(s, elected, negate=w < 0) for w, s in zip(weights, kept)]
+    div = _added(w * c for w, c in zip(weights, agree)) if r.normalize else torch.ones_like(b)
     div = torch.where(div.abs() < 1e-8, torch.ones_like(div), div)
-    mixed = sum(w * c * s for w, c, s in zip(r.weights, agree, kept)) / div
-    factors = [r.lam * w * c * (s != 0).float() * tau / div for w, c, s, tau in zip(r.weights, agree, kept, taus)]
+    mixed = _added(w * c * s for w, c, s in zip(weights, agree, kept)) / div
+    factors = [r.lam * w * c * (s != 0).float() * tau / div for w, c, s, tau in zip(weights, agree, kept, taus)]
     return b + r.lam * mixed, factors
+
+
+def _added(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """terms[0] + terms[1] + ... in that order (the sum of one tensor per model)."""
+    it = iter(terms)
+    total = next(it)
+    for term in it:
+        total = total + term
+    return total
 
 
 class RowRefiner:
@@ -110,9 +129,9 @@ class RowRefiner:
 
     def __init__(
         self,
-        materializer,
-        scorer,
-        space,
+        materializer: Materializer,
+        scorer: Scorer,
+        space: SearchSpace,
         models: Sequence[Any],
         base: Any,
         method: str,
@@ -124,7 +143,7 @@ class RowRefiner:
         micro_batch_tokens: int | None = None,
     ):
         from evomerge.search.footprint import model_micro_batch_tokens
-        from evomerge.search.objective import answer_loss, micro_batches, training_items
+        from evomerge.search.objective import answer_loss, micro_batches, pad_token_id, training_items
 
         check_rows(method)
         if loss not in LOSSES:
@@ -133,6 +152,7 @@ class RowRefiner:
         self.models, self.base, self.method, self.seed = [str(m) for m in models], str(base), method, seed
         tok = materializer.tokenizer
         lm = scorer.wrap(materializer.model, tok)
+        items: Sequence[Example]
         if loss == "distill":
             from evomerge.search.distill import distill_items, distill_loss, owners, source_scores
 
@@ -143,7 +163,7 @@ class RowRefiner:
         else:
             items, self.loss = training_items(scorer, lm, examples), answer_loss
         self.items = items
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        pad = pad_token_id(tok)
         tokens = micro_batch_tokens or model_micro_batch_tokens(materializer.model)
         self.batches = micro_batches(items, pad, lm.max_length, tokens)  # the per-tensor refinement's bound
 
@@ -160,6 +180,8 @@ class RowRefiner:
         out = []
         for job in Plan(recipe, layout=self.mat.layout).jobs():
             src = dict(zip(job.inputs, job.sources))
+            if job.base_model is None:
+                raise ValueError(f"{job.name}: {self.method} merges onto a base model, and this job has none")
             base = ckpts[job.base_model].get(src[job.base_model])
             if not base.is_floating_point() or base.numel() == 0:
                 continue
@@ -245,31 +267,6 @@ class RowRefiner:
                         out[key(i, r.name)][lo : lo + step] = c * (g * tau).sum(1)
         return out
 
-    def _backward(self, rows: list[_Row], grad: bool) -> float:
-        import torch
-
-        from evomerge.search.objective import logits_of
-
-        model = self.mat.model
-        device = next(model.parameters()).device
-        moving = {id(r.param) for r in rows if r.param is not None}
-        for p in model.parameters():
-            p.grad = None
-            p.requires_grad_(grad and id(p) in moving)
-        total = 0.0
-        try:
-            for batch in self.batches:
-                with torch.set_grad_enabled(grad):
-                    loss = self.loss(logits_of(model, batch, device), batch)
-                if grad:
-                    loss.backward()
-                total += loss.item()
-        finally:
-            if not grad:
-                for p in model.parameters():
-                    p.requires_grad_(False)
-        return total
-
     def run(
         self,
         point: dict[str, float],
@@ -277,39 +274,40 @@ class RowRefiner:
         every: int = 10,
         lr: float = 0.05,
         coefficients: dict[str, torch.Tensor] | None = None,
-        log=None,
+        log: Callable[[str], None] | None = None,
     ) -> list[tuple[int, dict[str, float], float, dict[str, torch.Tensor]]]:
         """Adam on the multipliers from `point` (and `coefficients`, else 1), each kept in BOUNDS; every `every`
         steps (and the last) the point, the loss there and a copy of the multipliers."""
-        import torch
+        from evomerge.search.descent import backward, descend, gradients_for
 
         rows = self._rows(point)
         m = self._start(rows, coefficients)
         names = list(m)
-        opt = torch.optim.Adam([m[n].requires_grad_(False) for n in names], lr=lr)
         out = []
-        try:
-            for step in range(steps + 1):
-                self._write(rows, m)
-                last = step == steps
-                loss = self._backward(rows, grad=not last)
-                if step % every == 0 or last:
-                    out.append((step, dict(point), loss, {n: m[n].detach().clone() for n in names}))
-                    if log:
-                        log(f"row refinement step {step}: loss {loss:.4f}")
-                if last:
-                    break
-                grads = self._grads(rows, m)
-                for n in names:
-                    m[n].grad = grads[n]
-                opt.step()
-                with torch.no_grad():
-                    for n in names:
-                        m[n].clamp_(*BOUNDS)
-        finally:
-            for p in self.mat.model.parameters():
-                p.grad = None
-                p.requires_grad_(False)
+
+        def keep(step: int, loss: float) -> None:
+            out.append((step, dict(point), loss, {n: m[n].detach().clone() for n in names}))
+            if log:
+                log(f"row refinement step {step}: loss {loss:.4f}")
+
+        def gradient() -> list[torch.Tensor]:
+            grads = self._grads(rows, m)
+            return [grads[n] for n in names]
+
+        model = self.mat.model
+        self._write(rows, m)
+        with gradients_for(model, {r.param for r in rows if r.param is not None}):
+            descend(
+                [m[n].requires_grad_(False) for n in names],
+                BOUNDS,
+                steps=steps,
+                every=every,
+                lr=lr,
+                loss_at=lambda grad: backward(model, self.loss, self.batches, grad),
+                gradient=gradient,
+                write=lambda: self._write(rows, m),
+                keep=keep,
+            )
         return out
 
 

@@ -1,6 +1,7 @@
-"""The refinement's surrogate merge, one tensor at a time in chunks: the merged state at given weights written
-into the resident model, and the gradient of the loss with respect to those weights from the merged
-parameter's own gradient (search/refine.py drives both).
+"""The per-tensor refinement's differentiable merge (a "surrogate" of the real merge, not a Bayesian-optimisation
+surrogate model), one tensor at a time in chunks: the merged state at given weights written into the resident
+model, and the gradient of the loss with respect to those weights from the merged parameter's own gradient
+(search/refine.py drives both). The TIES sign election is the kernels' own (merge/kernels/gta.py).
 
     ft = freeze(name, base, [m1, m2], method, params, seed=0)   # flat memory-mapped tensors; masks frozen
     write_merged(ft, [w1, w2], lam, out=resident_tensor)          # theta at these weights, in place
@@ -205,17 +206,19 @@ def _terms(ft: FrozenTensor, w: list[float], bufs: _Buffers, start: int, end: in
     """(base chunk, [s_i], [c_i] or None, (D, nz) or None, mixed) of one chunk (see the module docstring)."""
     import torch
 
+    from evomerge.merge.kernels.gta import agreement, elected_sign
+
     n = end - start
     b = ft.base[start:end].to(device=bufs.device, dtype=ft.dtype)
     s = [x[:n] for x in bufs.s]
     for i in range(len(ft.models)):
         _task_vector_into(ft, i, b, start, end, bufs, s[i])
     mixed = bufs.m[:n]
-    if not ft.consensus:
+    d: tuple[Any, Any] | None = None
+    if not ft.consensus or bufs.c is None or bufs.d is None:
         torch.mul(s[0], w[0], out=mixed)
         for si, wi in zip(s[1:], w[1:]):
             mixed.add_(si, alpha=wi)
-        d = None
         if ft.normalize:
             total = sum(w)
             d = (1.0, 0.0) if abs(total) < 1e-8 else (total, 1.0)
@@ -225,16 +228,12 @@ def _terms(ft: FrozenTensor, w: list[float], bufs: _Buffers, start: int, end: in
     torch.mul(s[0], w[0], out=mixed)  # the weighted sum whose sign is elected
     for si, wi in zip(s[1:], w[1:]):
         mixed.add_(si, alpha=wi)
-    elected = torch.ge(mixed, 0, out=bufs.t[:n]).mul_(2).sub_(1)
+    elected = elected_sign(mixed, out=bufs.t[:n])
     for si, ci, wi in zip(s, c, w):
-        torch.sign(si, out=ci)
-        if wi < 0:
-            ci.neg_()
-        torch.eq(ci, elected, out=ci)
+        agreement(si, elected, out=ci, negate=wi < 0)
     mixed.zero_()
     for si, ci, wi in zip(s, c, w):
         mixed.addcmul_(ci, si, value=wi)
-    d = None
     if ft.normalize:
         div = bufs.d[:n].zero_()
         for ci, wi in zip(c, w):

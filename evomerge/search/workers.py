@@ -1,4 +1,5 @@
-"""The one Ray module: pools of workers, each an `Evaluator` (one resident model, one Scorer per task set).
+"""The Ray pools of workers, each an `Evaluator` (one resident model, one Scorer per task set). Ray is also
+imported by the resource plan's cluster probe (capacity/) and by `audit --plan` (commands/audit.py).
 
     pool = open_pool(cfg, {"search": cfg.tasks.search})        # Ray actors; in-process when workers.count is 0
     ref = pool.submit(recipe_yaml, "search")
@@ -34,6 +35,7 @@ from evomerge.evaluator import Evaluation
 if TYPE_CHECKING:
     from evomerge.config import SearchConfig
     from evomerge.scoring.tasks import TaskSpec
+    from evomerge.search.refine_job import PathPoint, RefineJob
 
 TaskSets = Mapping[str, Sequence["TaskSpec"]]
 
@@ -135,48 +137,54 @@ class Worker:
             result, worker=self.name, error=error, started=started, ended=time.time(), wait_s=wait_s, busy_s=end - start
         )
 
-    def refine(self, point: dict[str, float], settings: dict[str, Any]) -> list[tuple]:
-        """The gradient path from `point` on the search task set: [(step, point, loss)] (search/refine.py), or with
-        `settings["grain"] == "rows"` [(step, point, loss, coefficients)] (search/rows.py), from the start's
-        `settings["coefficients"]` if it has them."""
+    def refine(self, point: dict[str, float], job: RefineJob) -> list[PathPoint]:
+        """The gradient path of one refinement round from `point` on the search task set (search/refine.py for a
+        tensor round, search/rows.py for a per-row one, from `job.coefficients` when the start has them)."""
+        from evomerge.search.refine_job import PathPoint
+
+        refiner = self._refiner_for(job)
+        settings = {"steps": job.steps, "every": job.every, "lr": job.lr}
+        if job.per_row:
+            path = refiner.run(point, coefficients=job.coefficients, **settings)
+            return [PathPoint(step, p, loss, rows) for step, p, loss, rows in path]
+        return [PathPoint(step, p, loss) for step, p, loss in refiner.run(point, **settings)]
+
+    def _refiner_for(self, job: RefineJob) -> Any:
+        """The refiner of the job's kind, built once and kept while the rounds are of that kind."""
         from evomerge.config import SearchConfig
         from evomerge.space import space_of
 
-        settings = dict(settings)
-        grain, loss = settings.pop("grain", "tensor"), settings.pop("loss", "likelihood")
-        examples, coefficients = settings.pop("examples", None), settings.pop("coefficients", None)
-        kind = (grain, loss, examples)
-        if self._refiner is None or self._refiner_kind != kind:
-            cfg = SearchConfig.model_validate(self._cfg_json)
-            args = (self.evaluator.materializer, self.evaluator.scorer("search"), space_of(cfg), cfg.models)
-            if grain == "rows":
-                from evomerge.search.rows import RowRefiner
+        kind = (job.per_row, job.loss, job.examples)
+        if self._refiner is not None and self._refiner_kind == kind:
+            return self._refiner
+        cfg = SearchConfig.model_validate(self._cfg_json)
+        args = (self.evaluator.materializer, self.evaluator.scorer("search"), space_of(cfg), cfg.models)
+        if job.per_row:
+            from evomerge.search.rows import RowRefiner
 
-                self._refiner = RowRefiner(
-                    *args, cfg.base_model, cfg.method, loss=loss, examples=examples, seed=cfg.seed
-                )
-            else:
-                from evomerge.search.refine import Refiner
+            self._refiner = RowRefiner(
+                *args, cfg.base_model, cfg.method, loss=job.loss, examples=job.examples, seed=cfg.seed
+            )
+        else:
+            from evomerge.search.refine import Refiner
 
-                self._refiner = Refiner(
-                    *args,
-                    cfg.base_model,
-                    cfg.method,
-                    examples,
-                    seed=cfg.seed,  # the frozen masks are the ones the search's trials are merged with
-                    dtype=cfg.dtype,
-                )
-            self._refiner_kind = kind
-        if grain == "rows":
-            return self._refiner.run(point, coefficients=coefficients, **settings)
-        return self._refiner.run(point, **settings)
+            self._refiner = Refiner(
+                *args,
+                cfg.base_model,
+                cfg.method,
+                job.examples,
+                seed=cfg.seed,  # the frozen masks are the ones the search's trials are merged with
+                dtype=cfg.dtype,
+            )
+        self._refiner_kind = kind
+        return self._refiner
 
 
 def task_sets_json(task_sets: TaskSets) -> dict[str, list[dict]]:
     return {name: [spec.model_dump(mode="json") for spec in specs] for name, specs in task_sets.items()}
 
 
-def _start_ray(cfg: SearchConfig) -> bool:
+def start_ray(cfg: SearchConfig) -> bool:
     """Join `workers.address`, or start a quiet local Ray sized to the workers. True if we started (or joined) it."""
     import ray
 
@@ -251,7 +259,7 @@ class WorkerPool:
 
         self._ray = ray
         self.cfg, self.depth = cfg, depth
-        self._started = _start_ray(cfg)
+        self._started = start_ray(cfg)
         self._remote = ray.remote(Worker).options(
             num_cpus=cfg.workers.num_cpus, num_gpus=cfg.workers.num_gpus, max_restarts=0
         )
@@ -359,10 +367,10 @@ class WorkerPool:
             self.infos[self.starting.pop(ready[0])] = self._ready(ready[0])
         return out
 
-    def refine(self, point: dict[str, float], settings: dict[str, Any]) -> list[tuple[int, dict[str, float], float]]:
-        """Run a gradient refinement on the least busy worker and wait for its path."""
+    def refine(self, point: dict[str, float], job: RefineJob) -> list[PathPoint]:
+        """Run a refinement round on the least busy worker and wait for its path."""
         slot = min(self._live(), key=lambda i: len(self.queues[i]))
-        return self._ray.get(self.actors[slot].refine.remote(point, settings))
+        return self._ray.get(self.actors[slot].refine.remote(point, job))
 
     def _replace(self, slot: int) -> None:
         """A fresh actor in the dead one's slot; it loads the inputs while the live slots keep working."""
@@ -412,8 +420,8 @@ class InlinePool:
         ref, text, task_set, examples, per_example = self.queue.pop(0)
         return [(ref, self.worker.run(text, task_set, examples, per_example))]
 
-    def refine(self, point: dict[str, float], settings: dict[str, Any]) -> list[tuple[int, dict[str, float], float]]:
-        return self.worker.refine(point, settings)
+    def refine(self, point: dict[str, float], job: RefineJob) -> list[PathPoint]:
+        return self.worker.refine(point, job)
 
     def close(self) -> None:
         self.queue = []

@@ -295,11 +295,9 @@ def _elect(ds, masks, weights, mixed, divisor) -> None:
     import torch
 
     _sum_into(ds, mixed)
-    sign = divisor  # scratch for now: the majority sign, +1 where the sum is >= 0, else -1 (mergekit's rule);
-    # copysign gives -1 at a sum of -0.0 too, which only (-0) + (-0) gives: no delta is nonzero there to agree
-    torch.copysign(sign.fill_(1), mixed, out=sign)
+    sign = elected_sign(mixed, out=divisor)  # `divisor` is scratch until the weights are summed into it
     for d, m in zip(ds, masks):
-        torch.eq(torch.sign(d, out=m), sign, out=m)
+        agreement(d, sign, out=m)
     for d, m, w in zip(ds, masks, weights):
         d.mul_(m)
         m.mul_(w)
@@ -308,6 +306,29 @@ def _elect(ds, masks, weights, mixed, divisor) -> None:
     zero = ds[0]  # the deltas are summed: scratch
     torch.eq(divisor, 0, out=zero)
     divisor.add_(zero)
+
+
+def elected_sign(total: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES's sign election (mergekit's get_mask, "sum"): +1 where `total`, the weighted sum of the task vectors,
+    is >= 0, else -1, in `out` (default: a new tensor like `total`). The one rule the kernels, the per-tensor
+    refinement's differentiable merge (search/surrogate.py) and the per-row refinement (search/rows.py) share
+    (a sum of -0.0 counts as +, as in mergekit)."""
+    import torch
+
+    out = torch.empty_like(total) if out is None else out
+    return torch.ge(total, 0, out=out).mul_(2).sub_(1)
+
+
+def agreement(delta: torch.Tensor, elected: torch.Tensor, out: torch.Tensor | None = None, *, negate: bool = False):
+    """1 where sign(delta) (negated with `negate`: a task vector of negative weight) is the elected sign, else 0, in
+    `out` (default: a new tensor like `delta`); a zero element never agrees."""
+    import torch
+
+    out = torch.empty_like(delta) if out is None else out
+    torch.sign(delta, out=out)
+    if negate:
+        out.neg_()
+    return torch.eq(out, elected, out=out)
 
 
 def frozen_pruner(method: Any, base, model, density: float, rescale: bool, extra: dict, key, chunk: int) -> Pruner:
@@ -326,4 +347,4 @@ def mask_into(p: Pruner, a: torch.Tensor, start: int, out: torch.Tensor, scratch
     return _mask_into(p, a, start, out, scratch, spare)
 
 
-__all__ = ["Pruner", "Scratch", "frozen_pruner", "mask_into", "merge_gta"]
+__all__ = ["Pruner", "Scratch", "agreement", "elected_sign", "frozen_pruner", "mask_into", "merge_gta"]

@@ -435,40 +435,35 @@ def _write_trial(tmp: Path, prepared: _Prepared, cfg, names) -> None:
         allow_config_mismatch=cfg.allow_config_mismatch,
     )
     shutil.copyfile(tmp / "model" / "recipe.yaml", tmp / "recipe.yaml")  # with the inputs' and outputs' sha256
-    if recipe.evomerge_only:
+    if recipe.evomerge_only:  # its coefficient file beside it too, as the recipe names it
         from evomerge.merge.coefficients import FILE_NAME
 
-        if (tmp / "model" / FILE_NAME).is_file():
-            shutil.copyfile(tmp / "model" / FILE_NAME, tmp / FILE_NAME)
+        shutil.copyfile(tmp / "model" / FILE_NAME, tmp / FILE_NAME)
 
 
 def _pair(cfg, study, chosen, portable: bool, log):
     """The pair an evomerge-only `chosen` is exported with (None when `chosen` is portable or no trial is): which
     one is the main recipe (`portable`: the portable one) and the folder of the other."""
     from evomerge.modelcard import Pair
-    from evomerge.search.guard import portable_trial, stored
+    from evomerge.search.guard import is_portable, portable_trial, stored
 
+    if is_portable(chosen):
+        if portable and log:
+            log(f"trial {chosen.number} is portable: --portable exports it as it is")
+        return None
     other = portable_trial(cfg, study, chosen)
-    if other is None and portable and log and _is_portable(chosen):
-        log(f"trial {chosen.number} is portable: --portable exports it as it is")
     if other is None:
-        if portable and not _is_portable(chosen):
+        if portable:
             raise StudyError(
                 f"--portable: study {cfg.name!r} has no trial that mergekit-yaml reproduces (every COMPLETE trial is "
                 "evomerge-only); export without --portable"
             )
-        if log and not _is_portable(chosen):
+        if log:
             log(f"trial {chosen.number} is evomerge-only and no trial is portable: nothing is exported beside it")
         return None
     results = stored(cfg, study)
     validations = {t.number: results[t.number].objective for t in (chosen, other) if t.number in results}
     return Pair(winner=chosen, portable=other, swapped=portable, validations=validations)
-
-
-def _is_portable(trial) -> bool:
-    from evomerge.search.guard import is_portable
-
-    return is_portable(trial)
 
 
 def _chosen(cfg, study, trial: int | None, log):

@@ -10,9 +10,12 @@ causal LM, and `base_model` listing every input that `evomerge export --hub-id L
 note when the exported trial is an enqueued baseline; held-out scores when `evomerge report` ran before `export`
 on the same exported trial (with the source models, the best default merge and the routing oracle beside it, and a
 caveat for every task where the merge is below its best source by more than noise), else a note and caveats from
-the search scores of the enqueued "only <model>" baselines; the validation scores (with `validation:`); the search
-scores and objective; the inputs with their weights' sha256 (and how to name local folders by Hub ids); the
-commands that reproduce it; and the embedded recipe: `recipe.yaml`, less `evomerge.outputs` (the sha256 of every
+the search scores of the enqueued "only <model>" baselines; for an evomerge-only export, its two recipes side by
+side (the evomerge-only trial and the best portable one, exported together: which tool reproduces each, their
+validation and held-out means, the held-out difference and its paired standard error); the validation scores (with
+`validation:`); the search scores and objective; the inputs with their weights' sha256 (and how to name local
+folders by Hub ids); the commands that reproduce it (what `mergekit-yaml` gives from it, said as it is:
+`portability.mergekit_line`); and the embedded recipe: `recipe.yaml`, less `evomerge.outputs` (the sha256 of every
 file in the folder, this card included, which cannot hold its own hash).
 """
 

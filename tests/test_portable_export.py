@@ -219,6 +219,38 @@ def test_a_portable_winner_is_exported_alone(pair_run, tmp_path):
     assert "Evomerge-only and portable" not in card and "# the same tensors" in card
 
 
+def test_the_guard_validates_the_portable_candidates_and_export_records_it(tiny_zoo, tmp_path, monkeypatch):
+    from evomerge.search import guard
+    from evomerge.search import study as st
+    from evomerge.space import space_of
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _config(tiny_zoo, {"top_k": 1, "tasks": [{"name": "zoo_add_val", "subset": 20}]})
+    space = space_of(cfg)
+    study = st.open_study(cfg, space, log=None)
+    numbers = add_trials(study, cfg, tiny_zoo, space)
+    write_run_config(cfg)
+    res = export_trial_quietly(cfg.run_dir)
+    results = guard.stored(cfg, study)
+    # the finalists (the top trial, evomerge-only, and the baselines) and the top portable trial were validated
+    assert set(results) == set(numbers.values())
+    exported, portable = guard.exported_trial(cfg, study), guard.portable_trial(cfg, study)
+    assert res.trial == exported.number
+    if guard.is_portable(exported):  # the baselines validated above the evomerge-only trial: nothing beside it
+        assert portable is None and res.beside is None
+        return
+    candidates = [n for n in results if guard.is_portable(study.trials[n])]
+    assert portable.number == max(candidates, key=lambda n: (results[n].objective, results[n].search, -n))
+    prov = Recipe.load(res.beside.recipe).evomerge
+    assert prov.trial == portable.number and prov.extra["validation"]["objective"] == results[portable.number].objective
+
+
+def export_trial_quietly(run_dir):
+    from evomerge.export import export_trial
+
+    return export_trial(run_dir, log=None)
+
+
 # -- the guard's choice, on recorded scores (no scoring) -------------------------------------------------------------
 
 ROWS_FILE = {"file": "/runs/x/coefficients/a.safetensors", "sha256": "0" * 64}

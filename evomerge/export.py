@@ -435,7 +435,7 @@ def _write_trial(tmp: Path, prepared: _Prepared, cfg, names) -> None:
         allow_config_mismatch=cfg.allow_config_mismatch,
     )
     shutil.copyfile(tmp / "model" / "recipe.yaml", tmp / "recipe.yaml")  # with the inputs' and outputs' sha256
-    if recipe.evomerge_only:  # its coefficient file beside it too, as the recipe names it
+    if recipe.evomerge is not None and recipe.evomerge.coefficients is not None:  # its coefficient file beside it
         from evomerge.merge.coefficients import FILE_NAME
 
         shutil.copyfile(tmp / "model" / FILE_NAME, tmp / FILE_NAME)

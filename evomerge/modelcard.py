@@ -147,13 +147,14 @@ def heldout_section(c: Comparison, this: Row | None = None) -> list[str]:
 def pair_section(pair: Pair, trial, c: Comparison | None) -> list[str]:
     """The two recipes of an evomerge-only export side by side: which tool reproduces each, where each lies, their
     validation and held-out scores, and the held-out difference with its paired standard error."""
-    from evomerge.portability import exact
+    from evomerge.portability import exact, why_not_portable
     from evomerge.recipe import Recipe
     from evomerge.report.noise import paired_difference
     from evomerge.search.record import TrialRecord
 
     mine = "portable" if trial.number == pair.portable.number else "evomerge-only"
     portable_recipe = Recipe.from_yaml(TrialRecord.from_trial(pair.portable).recipe or "")
+    why = why_not_portable(Recipe.from_yaml(TrialRecord.from_trial(pair.winner).recipe or ""))
     mergekit = "the same tensors" if exact(portable_recipe) else "the same model up to magnitude ties and random masks"
     rows_of = {}
     if c is not None and c.best_trial == pair.winner.number and c.portable_trial == pair.portable.number:
@@ -179,8 +180,8 @@ def pair_section(pair: Pair, trial, c: Comparison | None) -> list[str]:
     lines = [
         "## Evomerge-only and portable recipes",
         "",
-        f"The search's pick, trial {pair.winner.number}, is evomerge-only: its per-row coefficients (a file beside its "
-        "recipe) are read by `evomerge merge` alone; `mergekit-yaml` would ignore them and merge another model. The "
+        f"The search's pick, trial {pair.winner.number}, is evomerge-only: `evomerge merge` reproduces it, "
+        f"`mergekit-yaml` would merge another model ({why}). The "
         f"best trial that `mergekit-yaml` reproduces, trial {pair.portable.number}, was exported with it, chosen as "
         "the pick is (validation when the config has it, else the search objective). Paths are relative to the "
         "export folder.",

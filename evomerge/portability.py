@@ -52,6 +52,17 @@ def portable(recipe: Recipe) -> bool:
     return not recipe.evomerge_only and recipe.merge_method in MERGEKIT_METHODS
 
 
+def why_not_portable(recipe: Recipe) -> str | None:
+    """Why `mergekit-yaml` merges another model from this recipe (None: it is portable)."""
+    if recipe.merge_method not in MERGEKIT_METHODS:
+        return f"mergekit 0.1.5 has no {recipe.merge_method} method"
+    if recipe.evomerge is not None and recipe.evomerge.coefficients is not None:
+        return "mergekit ignores its per-row coefficient file"
+    if recipe.evomerge_only:
+        return "it is evomerge-only"
+    return None
+
+
 def portable_text(text: str | None) -> bool:
     """`portable` of a recipe's YAML text, without validating it (a study holds hundreds: `status` reads them all)."""
     import yaml
@@ -74,10 +85,9 @@ def exact(recipe: Recipe) -> bool:
 
 def mergekit_line(recipe: Recipe) -> str:
     """The model card's `mergekit-yaml` line: what mergekit gives from this recipe."""
-    if recipe.evomerge_only:
-        return "# not this model: mergekit ignores the coefficient file and merges another"
-    if recipe.merge_method not in MERGEKIT_METHODS:
-        return f"# not this model: mergekit 0.1.5 has no {recipe.merge_method} method"
+    why = why_not_portable(recipe)
+    if why is not None:
+        return f"# not this model: {why}"
     if exact(recipe):
         return "# the same tensors"
     return (
@@ -86,4 +96,4 @@ def mergekit_line(recipe: Recipe) -> str:
     )
 
 
-__all__ = ["MERGEKIT_METHODS", "exact", "mergekit_line", "portable", "portable_text"]
+__all__ = ["MERGEKIT_METHODS", "exact", "mergekit_line", "portable", "portable_text", "why_not_portable"]

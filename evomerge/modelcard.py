@@ -271,6 +271,7 @@ def _card_fields(cfg, recipe, trial, objective, validation, comparison, hub_ids,
         "baseline": record.baseline,
         "heldout": "\n".join(heldout_section(comparison, row)) if row is not None else "",
         "pair": "\n".join(pair_section(pair, trial, comparison)) if pair is not None else "",
+        "portable_pick": pair is not None and trial.number == pair.portable.number,  # not the best of all
         "mergekit": mergekit_line(recipe),
         "caveats": "\n".join(caveats) + "\n" if caveats else "",
         "validation": _validation_fields(cfg, validation),

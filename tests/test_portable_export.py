@@ -241,6 +241,9 @@ def test_the_guard_validates_the_portable_candidates_and_export_records_it(tiny_
     assert portable.number == max(candidates, key=lambda n: (results[n].objective, results[n].search, -n))
     prov = Recipe.load(res.beside.recipe).evomerge
     assert prov.trial == portable.number and prov.extra["validation"]["objective"] == results[portable.number].objective
+    # each card says what it was best among
+    assert "this one scored best there." in (res.model_dir / "README.md").read_text()
+    assert "best there of those that `mergekit-yaml` reproduces" in (res.beside.model_dir / "README.md").read_text()
 
 
 def export_trial_quietly(run_dir):

@@ -311,3 +311,23 @@ def test_mergekit_methods_are_mergekits_and_the_card_line_marks_sparsifying_ones
     assert (
         not portable(rows) and mergekit_line(rows) == "# not this model: mergekit ignores its per-row coefficient file"
     )
+
+
+def test_export_portable_without_a_portable_trial_exits_2_and_writes_nothing(tiny_zoo, tmp_path, monkeypatch):
+    from evomerge.search import study as st
+    from evomerge.space import space_of
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _config(tiny_zoo)
+    space = space_of(cfg)
+    study = st.open_study(cfg, space, log=None)  # its baselines wait: no portable trial is COMPLETE
+    params = space.defaults(cfg.models)
+    attrs = trial_attrs(recipe=_recipe(coefficients=ROWS_FILE), objective=0.5, coefficients=ROWS_FILE)
+    dists = st.distributions(space, cfg.models)
+    study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=0.5, user_attrs=attrs))
+    write_run_config(cfg)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["export", str(cfg.run_dir), "--portable"])
+    assert code == 2 and "--portable: study 'pair' has no trial that mergekit-yaml reproduces" in err.getvalue()
+    assert not (cfg.run_dir / "best").exists()

@@ -28,13 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError, EvomergeError, StudyError
 from evomerge.io.atomic import atomic_dir, check_replaceable
 from evomerge.io.checkpoint import TOKENIZER_FILES, check_compatible
 from evomerge.io.digest import file_sha256
 from evomerge.io.shards import DEFAULT_SHARD_BYTES, ShardWriter
+from evomerge.modelcard import EVOMERGE_ONLY_DIR, PORTABLE_DIR
 from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -326,9 +327,34 @@ class ExportResult:
     recipe: Path
     model_dir: Path
     heldout: bool = False  # the model card has the report's held-out scores
+    beside: ExportResult | None = None  # the other recipe of an evomerge-only winner's pair, in a folder of OUT
 
     def __str__(self) -> str:
-        return f"trial {self.trial} (objective {self.objective:.4f}): {self.recipe} and {self.model_dir}"
+        text = f"trial {self.trial} (objective {self.objective:.4f}): {self.recipe} and {self.model_dir}"
+        if self.beside is not None:
+            what = "portable" if self.beside.recipe.parent.name == PORTABLE_DIR else EVOMERGE_ONLY_DIR
+            text += f"\nbeside it, the {what} one: {self.beside}"
+        return text
+
+
+@dataclass
+class _Prepared:
+    """One trial ready to write: its recipe with provenance and its model card (a function of the published
+    recipe)."""
+
+    trial: Any
+    objective: float
+    validation: Any  # the guard's `Validation`, or None
+    recipe: Recipe
+    card: Callable[[Recipe], str]
+
+    def result(self, folder: Path, comparison, pair, beside: ExportResult | None = None) -> ExportResult:
+        from evomerge.modelcard import this_row
+
+        heldout = comparison is not None and this_row(comparison, pair, self.trial) is not None
+        return ExportResult(
+            self.trial.number, self.objective, folder / "recipe.yaml", folder / "model", heldout, beside
+        )
 
 
 def export_trial(
@@ -338,54 +364,106 @@ def export_trial(
     log: Callable[[str], None] | None = print,
     hub_ids: Mapping[str, str] | None = None,
     kernels: str | None = None,
+    portable: bool = False,
 ) -> ExportResult:
     """Write `OUT/recipe.yaml` and `OUT/model/` (default OUT: `RUN_DIR/best`) for the exported trial (or `trial`).
 
     The exported trial is `search.guard.exported_trial`: the best on the validation tasks when the config has
     `validation:` (the finalists are scored first, once, on the config's workers), else the best search objective.
-    `hub_ids` ({local input folder: org/name}) names those inputs by their Hub ids in the recipe and the model
-    card's metadata. The card has held-out scores when `evomerge report` scored this trial before. `kernels`
-    replaces the kernel set the trial was scored with (its weights then differ from the scored ones for the
-    sparsifying methods).
+    When it is evomerge-only, the best portable trial (`search.guard.portable_trial`, which `mergekit-yaml`
+    reproduces) is written beside it to `OUT/portable/`; `portable` swaps them: the portable trial in `OUT/`, the
+    evomerge-only one in `OUT/evomerge-only/`. `hub_ids` ({local input folder: org/name}) names those inputs by
+    their Hub ids in the recipe and the model card's metadata. The card has held-out scores when `evomerge report`
+    scored this trial before. `kernels` replaces the kernel set the trial was scored with (its weights then differ
+    from the scored ones for the sparsifying methods).
     """
-    from evomerge.modelcard import model_card, published_names
-    from evomerge.search.guard import stored
-    from evomerge.search.record import TrialRecord
+    from evomerge.modelcard import published_names
     from evomerge.search.study import open_run
-    from evomerge.search.trials import complete_trials, objective_of
 
     cfg, study = open_run(run_dir)
     names = published_names(cfg, hub_ids or {})  # bad --hub-id pairs fail before any work
     chosen = _chosen(cfg, study, trial, log)
+    pair = _pair(cfg, study, chosen, portable, log)
+    comparison = _report_of(Path(run_dir), cfg.name, chosen)
+    main = pair.main if pair else chosen
+    first = _prepare(cfg, study, main, names, kernels, comparison, pair)
+    out = Path(out) if out is not None else Path(run_dir) / "best"
+    second = _prepare(cfg, study, pair.beside, names, kernels, comparison, pair) if pair else None
+    if log:
+        for prepared, where in [(first, out), *([(second, out / pair.folder)] if second else [])]:
+            how = f", validation {prepared.validation.objective:.4f}" if prepared.validation is not None else ""
+            log(f"exporting trial {prepared.trial.number} (objective {prepared.objective:.4f}{how}) to {where}")
+    with atomic_dir(out) as tmp:  # recipe.yaml, model/ and its card (and the pair's other one) are published together
+        _write_trial(tmp, first, cfg, names)
+        if second is not None:
+            _write_trial(tmp / pair.folder, second, cfg, names)
+    beside = second.result(out / pair.folder, comparison, pair) if second is not None else None
+    return first.result(out, comparison, pair, beside)
+
+
+def _prepare(cfg, study, chosen, names, kernels: str | None, comparison, pair) -> _Prepared:
+    """A trial's recipe (as scored, with provenance) and its model card."""
+    from evomerge.modelcard import model_card
+    from evomerge.search.guard import stored
+    from evomerge.search.record import TrialRecord
+    from evomerge.search.trials import complete_trials, objective_of
+
     objective = objective_of(chosen)
     validation = stored(cfg, study).get(chosen.number)
     recipe = _trial_recipe(cfg, chosen, objective, validation, kernels)
-    out = Path(out) if out is not None else Path(run_dir) / "best"
-    if log:
-        how = f", validation {validation.objective:.4f}" if validation is not None else ""
-        log(f"exporting trial {chosen.number} (objective {objective:.4f}{how}) to {out}")
-    comparison = _report_of(Path(run_dir), cfg.name, chosen)
     baselines = [t for t in complete_trials(study) if TrialRecord.from_trial(t).alone is not None]
     architectures = json.loads((Path(cfg.base_model) / "config.json").read_text()).get("architectures") or []
 
     def card(published: Recipe) -> str:
-        return model_card(cfg, published, chosen, objective, validation, comparison, names, baselines, architectures)
-
-    with atomic_dir(out) as tmp:  # recipe.yaml, model/ and its card are published together
-        export_recipe(
-            recipe,
-            tmp / "model",
-            seed=recipe.seed,
-            extra_files={"README.md": card},
-            names=names,
-            allow_config_mismatch=cfg.allow_config_mismatch,
+        return model_card(
+            cfg, published, chosen, objective, validation, comparison, names, baselines, architectures, pair
         )
-        shutil.copyfile(tmp / "model" / "recipe.yaml", tmp / "recipe.yaml")  # with the inputs' and outputs' sha256
-        if recipe.evomerge_only:  # its coefficient file beside it too, as the recipe names it
-            from evomerge.merge.coefficients import FILE_NAME
 
-            shutil.copyfile(tmp / "model" / FILE_NAME, tmp / FILE_NAME)
-    return ExportResult(chosen.number, objective, out / "recipe.yaml", out / "model", heldout=comparison is not None)
+    return _Prepared(chosen, objective, validation, recipe, card)
+
+
+def _write_trial(tmp: Path, prepared: _Prepared, cfg, names) -> None:
+    """`tmp/model/` (the checkpoint, its card and recipe), `tmp/recipe.yaml` and an evomerge-only recipe's
+    coefficient file beside it, as the recipe names it."""
+    recipe = prepared.recipe
+    export_recipe(
+        recipe,
+        tmp / "model",
+        seed=recipe.seed,
+        extra_files={"README.md": prepared.card},
+        names=names,
+        allow_config_mismatch=cfg.allow_config_mismatch,
+    )
+    shutil.copyfile(tmp / "model" / "recipe.yaml", tmp / "recipe.yaml")  # with the inputs' and outputs' sha256
+    if recipe.evomerge is not None and recipe.evomerge.coefficients is not None:  # its coefficient file beside it
+        from evomerge.merge.coefficients import FILE_NAME
+
+        shutil.copyfile(tmp / "model" / FILE_NAME, tmp / FILE_NAME)
+
+
+def _pair(cfg, study, chosen, portable: bool, log):
+    """The pair an evomerge-only `chosen` is exported with (None when `chosen` is portable or no trial is): which
+    one is the main recipe (`portable`: the portable one) and the folder of the other."""
+    from evomerge.modelcard import Pair
+    from evomerge.search.guard import is_portable, portable_trial, stored
+
+    if is_portable(chosen):
+        if portable and log:
+            log(f"trial {chosen.number} is portable: --portable exports it as it is")
+        return None
+    other = portable_trial(cfg, study, chosen)
+    if other is None:
+        if portable:
+            raise StudyError(
+                f"--portable: study {cfg.name!r} has no trial that mergekit-yaml reproduces (every COMPLETE trial is "
+                "evomerge-only); export without --portable"
+            )
+        if log:
+            log(f"trial {chosen.number} is evomerge-only and no trial is portable: nothing is exported beside it")
+        return None
+    results = stored(cfg, study)
+    validations = {t.number: results[t.number].objective for t in (chosen, other) if t.number in results}
+    return Pair(winner=chosen, portable=other, swapped=portable, validations=validations)
 
 
 def _chosen(cfg, study, trial: int | None, log):
@@ -434,7 +512,7 @@ def _trial_recipe(cfg, chosen, objective: float, validation, kernels: str | None
 
 def _report_of(run_dir: Path, study: str, trial):
     """The report's comparison when `evomerge report` scored this trial as its evolved row (after the trial
-    completed), else None."""
+    completed), else None. (Its portable row, if any, is the card's when it is the exported pair's.)"""
     from evomerge.report.compare import Comparison
 
     path = run_dir / "report" / "comparison.json"
@@ -448,4 +526,4 @@ def _report_of(run_dir: Path, study: str, trial):
     return comparison if same else None
 
 
-__all__ = ["ExportResult", "export_recipe", "export_trial"]
+__all__ = ["EVOMERGE_ONLY_DIR", "PORTABLE_DIR", "ExportResult", "export_recipe", "export_trial"]

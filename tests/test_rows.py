@@ -119,10 +119,16 @@ def test_a_search_scores_the_row_path_and_exports_it_as_an_evomerge_only_recipe(
     last = refined[-1]
     assert main(["export", str(cfg.run_dir), "--trial", str(last.number), "--out", str(tmp_path / "best")]) == 0
     exported = tmp_path / "best"
-    recipe_path = next(exported.rglob("recipe.yaml"))
+    recipe_path = exported / "recipe.yaml"
     assert Recipe.load(recipe_path).evomerge_only and (recipe_path.parent / "coefficients.safetensors").is_file()
+    # the best portable trial of the search beside it, which mergekit-yaml reproduces
+    portable = Recipe.load(exported / "portable" / "recipe.yaml")
+    assert (
+        not portable.evomerge_only
+        and TrialRecord.from_trial(study.trials[portable.evomerge.trial]).coefficients is None
+    )
     assert main(["merge", str(recipe_path), "--out", str(tmp_path / "again")]) == 0
-    model_dir = next(p.parent for p in exported.rglob("model.safetensors"))
+    model_dir = exported / "model"
     a, b = load_file(model_dir / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -8,7 +8,8 @@ of pool (`search.workers`: Ray actors on the workers' devices, or in this proces
 nothing written to disk: a source model is `evaluator.alone` (its exact weights), a default merge its
 method's space defaults, a trial its recorded recipe. The oracle row is computed from the source rows, never
 scored. The evolved row is THE exported trial (`search.guard.exported_trial`), validated first when the config
-has `validation:`, so report, export and status name the same trial.
+has `validation:`, so report, export and status name the same trial. When it is evomerge-only, the portable row
+is the best trial `mergekit-yaml` reproduces (`search.guard.portable_trial`), the one export writes beside it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from evomerge.report.noise import Difference, paired_difference
 from evomerge.search.record import TrialRecord
 from evomerge.tables import text_table
 
-Kind = Literal["source", "default", "oracle", "evolved"]
+Kind = Literal["source", "default", "oracle", "evolved", "portable"]
 
 
 class Row(BaseModel):
@@ -71,6 +72,9 @@ class Verdict(BaseModel):
     room_share: float | None  # (evolved - floor) / room: the share of that room the evolved recipe captures
     vs_default: Difference | None = None  # evolved - best default, paired over the held-out examples
     vs_source: Difference | None = None  # evolved - best source
+    portable: Row | None = None  # the best portable trial, when the evolved one is evomerge-only
+    portable_trial: int | None = None  # its trial number
+    vs_portable: Difference | None = None  # evolved - portable
 
 
 class Comparison(BaseModel):
@@ -89,6 +93,7 @@ class Comparison(BaseModel):
     trials: list[TrialRow]
     best_trial: int
     skipped: dict[str, str] = {}  # method -> why it has no default row
+    portable_trial: int | None = None  # the portable row's trial (the evolved one is evomerge-only), else None
 
     def rows_of(self, kind: Kind) -> list[Row]:
         return [r for r in self.rows if r.kind == kind]
@@ -105,6 +110,7 @@ class Comparison(BaseModel):
         best_source = max(self.rows_of("source"), key=lambda r: r.mean)
         floor = max([best_source, *([best_default] if best_default else [])], key=lambda r: r.mean)
         room = oracle.mean - floor.mean
+        portable = self.rows_of("portable")[0] if self.rows_of("portable") else None
         return Verdict(
             evolved=evolved,
             best_default=best_default,
@@ -118,6 +124,9 @@ class Comparison(BaseModel):
             room_share=(evolved.mean - floor.mean) / room if room > 0 else None,
             vs_default=paired_difference(evolved, best_default, self.tasks) if best_default else None,
             vs_source=paired_difference(evolved, best_source, self.tasks),
+            portable=portable,
+            portable_trial=self.portable_trial if portable else None,
+            vs_portable=paired_difference(evolved, portable, self.tasks) if portable else None,
         )
 
     def drops(self, row: Row | None = None) -> list[tuple[str, Row, Difference]]:
@@ -216,7 +225,7 @@ def compare_run(
     """
     from evomerge.offline import go_offline
     from evomerge.portfolio import default_merges
-    from evomerge.search.guard import exported_trial, pending, stored, validate_top
+    from evomerge.search.guard import exported_trial, pending, portable_trial, stored, validate_top
     from evomerge.search.workers import open_pool
 
     go_offline()
@@ -230,7 +239,8 @@ def compare_run(
     try:
         validate_top(cfg, study, log=log, pool=pool)  # the evolved row is what export takes
         best = exported_trial(cfg, study)
-        scored = _score(pool, _entries(cfg, defaults, _top_trials(done, best, top_k)), log)
+        portable = portable_trial(cfg, study, best)
+        scored = _score(pool, _entries(cfg, defaults, _top_trials(done, best, top_k, portable)), log)
     finally:
         pool.close()
     validated = stored(cfg, study)
@@ -239,6 +249,8 @@ def compare_run(
     rows.append(oracle_row([r for r in rows if r.kind == "source"], list(metrics)))
     trials = [_trial_row(e, res, validated) for e, res in scored if e.kind == "trial"]
     rows.append(_evolved_row(cfg, best, scored, trials, validated))
+    if portable is not None:
+        rows.append(_portable_row(portable, scored, trials))
     return Comparison(
         study=cfg.name,
         method=cfg.method,
@@ -253,6 +265,7 @@ def compare_run(
         trials=trials,
         best_trial=best.number,
         skipped=skipped,
+        portable_trial=portable.number if portable is not None else None,
     )
 
 
@@ -280,12 +293,14 @@ def _heldout_tasks(cfg, run_dir: Path | str, heldout: Sequence[str] | None, subs
     return [TaskSpec(name=n, metric=heldout_metric(n, cfg.tasks.search), subset=subset) for n in names]
 
 
-def _top_trials(done: Sequence[Any], best: Any, top_k: int) -> list:
-    """The top `top_k` trials by the guard's ranking (whole trials only), the exported one always among them."""
+def _top_trials(done: Sequence[Any], best: Any, top_k: int, portable: Any = None) -> list:
+    """The top `top_k` trials by the guard's ranking (whole trials only), the exported one always among them, and
+    the portable one (when there is one) after them."""
     from evomerge.search.trials import ranked
 
     top = ranked(done)[: max(top_k, 1)]
-    return top if best in top else [best, *top[:-1]]
+    top = top if best in top else [best, *top[:-1]]
+    return top if portable is None or portable in top else [*top, portable]
 
 
 def _entries(cfg, defaults, trials) -> list[_Entry]:
@@ -360,6 +375,21 @@ def _evolved_row(cfg, best, scored: list[tuple[_Entry, Any]], trials: list[Trial
         scores=top.heldout,
         mean=top.heldout_mean,
         detail=note,
+        examples=_examples(res),
+    )
+
+
+def _portable_row(portable, scored: list[tuple[_Entry, Any]], trials: list[TrialRow]) -> Row:
+    """The best portable trial's row: its held-out scores, and that `mergekit-yaml` reproduces it."""
+    top = next(r for r in trials if r.number == portable.number)
+    res = next(res for e, res in scored if e.trial is not None and e.trial.number == portable.number)
+    note = f"trial {portable.number}" + (f", the enqueued baseline '{top.note}'" if top.note else "")
+    return Row(
+        name=f"portable (trial {portable.number})",
+        kind="portable",
+        scores=top.heldout,
+        mean=top.heldout_mean,
+        detail=note + ": the best trial `mergekit-yaml` reproduces, exported beside the evomerge-only one",
         examples=_examples(res),
     )
 

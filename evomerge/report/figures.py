@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from evomerge.report.compare import Comparison
     from evomerge.space import SearchSpace
 
-KIND_COLORS = {"source": "Blues", "default": "Oranges", "oracle": "Greys", "evolved": "Greens"}
+KIND_COLORS = {"source": "Blues", "default": "Oranges", "oracle": "Greys", "evolved": "Greens", "portable": "Purples"}
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,20 @@ def statement(v: Verdict, metric: str = "score") -> str:
             f"Of the room between the floor ({v.floor.name}, {_f(v.floor.mean)}: the best of every default merge and "
             f"every single source) and the oracle ({v.room:.4f}), it captures {v.room_share * 100:.0f}%."
         )
-    return " ".join(lines)
+    return " ".join(lines + portable_statement(v))
+
+
+def portable_statement(v: Verdict) -> list[str]:
+    """When the evolved recipe is evomerge-only: the best portable recipe's held-out mean beside it, and the
+    difference with its paired standard error (what shipping through mergekit gives up)."""
+    if v.portable is None or v.vs_portable is None:
+        return []
+    p, d = v.portable, v.vs_portable
+    return [
+        f"The evolved recipe is evomerge-only (`evomerge merge` reproduces it, `mergekit-yaml` does not); the best "
+        f"portable recipe (trial {v.portable_trial}, which `mergekit-yaml` reproduces, exported beside it) scores "
+        f"{_f(p.mean)} against its {_f(v.evolved.mean)}: the evomerge-only recipe is {d.text()}."
+    ]
 
 
 def differences(c: Comparison) -> list[str]:
@@ -102,10 +115,11 @@ def render(c: Comparison, figures: dict[str, str]) -> str:
         "",
         "Rows: the source models; each method's default merge (every parameter at its search-space default: "
         "the study's first, enqueued baseline for its own method); the routing oracle (per-task max over the "
-        "sources, the multi-model pipeline a merge replaces); the best searched recipe.",
+        "sources, the multi-model pipeline a merge replaces); the best searched recipe; when that one is "
+        "evomerge-only, the best portable recipe (one `mergekit-yaml` reproduces).",
         "",
     ]
-    lines += [f"- **{r.name}**: {r.detail}" for r in c.rows if r.detail and r.kind in ("default", "oracle")]
+    lines += [f"- **{r.name}**: {r.detail}" for r in c.rows if r.detail and r.kind in ("default", "oracle", "portable")]
     lines += [f"- {m}: not compared ({why})" for m, why in c.skipped.items()]
     lines += [
         "",
@@ -167,4 +181,4 @@ def _right_aligned(header: list[str], rows: list[list[str]]) -> list[str]:
     return markdown_table(header, rows, "l" + "r" * (len(header) - 1))
 
 
-__all__ = ["differences", "render", "statement"]
+__all__ = ["differences", "portable_statement", "render", "statement"]

@@ -43,6 +43,43 @@ def exported_line(cfg, study) -> str | None:
     return head + f"; trials {', '.join(map(str, waiting))} not validated yet: `evomerge export` validates them first)"
 
 
+def portable_lines(cfg, study, run_dir: Path | str) -> list[str]:
+    """When the exported trial is evomerge-only: the portable trial export writes beside it, and both held-out
+    means with their difference and its paired standard error (from `evomerge report`'s comparison)."""
+    from evomerge.search.guard import exported_trial, portable_trial, stored
+
+    chosen = exported_trial(cfg, study)
+    other = portable_trial(cfg, study, chosen) if chosen is not None else None
+    if other is None:
+        return []
+    v = stored(cfg, study).get(other.number)
+    how = f", validation {v.objective:.4f}" if v is not None else ""
+    lines = [
+        f"portable trial: {other.number} (objective {objective_of(other):.4f}{how}): trial {chosen.number} is "
+        "evomerge-only (mergekit-yaml merges another model from it); export writes this one, which mergekit-yaml "
+        "reproduces, beside it (`export --portable`: in its place)"
+    ]
+    c = _comparison(run_dir, cfg.name)
+    if c is None or c.best_trial != chosen.number or c.portable_trial != other.number:
+        return lines + [f"  held-out: run `evomerge report {run_dir}` to score both"]
+    verdict = c.verdict()
+    return lines + [
+        f"  held-out mean (evomerge report): evomerge-only {verdict.evolved.mean:.4f}, portable "
+        f"{verdict.portable.mean:.4f}; evomerge-only - portable: {verdict.vs_portable.text()}"
+    ]
+
+
+def _comparison(run_dir: Path | str, study: str):
+    """The report's comparison.json, or None."""
+    from evomerge.report.compare import Comparison
+
+    try:
+        c = Comparison.model_validate_json((Path(run_dir) / "report" / "comparison.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return c if c.study == study else None
+
+
 def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
     from evomerge.search.guard import exported_trial
     from evomerge.search.study import open_run
@@ -55,6 +92,7 @@ def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
     exported = exported_line(cfg, study)
     if exported:
         lines.append(exported)
+        lines += portable_lines(cfg, study, run_dir)
     if done:
         lines += _tables(cfg, study, done, exported_trial(cfg, study), top)
     return "\n".join(lines + _activity(study, states, own, failures))
@@ -179,4 +217,4 @@ def running_lines(study, running: list, stale_reason) -> list[str]:
     return lines
 
 
-__all__ = ["columns", "exported_line", "running_lines", "status_text", "timing_breakdown"]
+__all__ = ["columns", "exported_line", "portable_lines", "running_lines", "status_text", "timing_breakdown"]

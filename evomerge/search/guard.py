@@ -15,6 +15,10 @@ best of those rather than its luckiest trial. Results live in the study (user at
 the validation tasks), so they are computed once per trial and a changed `validation.tasks` re-scores. The
 finalists are scored through the search's kind of pool (`search.workers.open_pool`: Ray actors on the workers'
 devices, or in this process when `workers.count` is 0). Export records the results in the recipe's provenance.
+
+When a finalist is evomerge-only (per-row coefficients, or a method mergekit lacks), the guard also validates the
+top_k portable trials (`evomerge.portability`: plain mergekit YAML), so `portable_trial` (the best portable trial,
+exported beside an evomerge-only winner) is chosen the same way as the exported one.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ def validate_top(
     if cfg.validation is None:
         return {}
     done = stored(cfg, study)
-    todo = [t for t in finalists(cfg, study) if t.number not in done]
+    todo = [t for t in candidates(cfg, study) if t.number not in done]
     if todo:
         if log:
             log(
@@ -129,7 +133,7 @@ def validate_top(
         finally:
             if own:
                 pool.close()
-    return {t.number: done[t.number] for t in finalists(cfg, study)}
+    return {t.number: done[t.number] for t in candidates(cfg, study)}
 
 
 def pending(cfg: SearchConfig, study) -> list[int]:
@@ -137,7 +141,7 @@ def pending(cfg: SearchConfig, study) -> list[int]:
     if cfg.validation is None:
         return []
     done = stored(cfg, study)
-    return [t.number for t in finalists(cfg, study) if t.number not in done]
+    return [t.number for t in candidates(cfg, study) if t.number not in done]
 
 
 def exported_trial(cfg: SearchConfig, study) -> Any:
@@ -153,4 +157,51 @@ def exported_trial(cfg: SearchConfig, study) -> Any:
     return trials[number]
 
 
-__all__ = ["Validation", "exported_trial", "finalists", "pending", "stored", "tasks_key", "validate_top"]
+def is_portable(trial) -> bool:
+    """Whether `mergekit-yaml` reproduces this trial's recipe (no coefficient file, a method mergekit has)."""
+    from evomerge.portability import portable_text
+
+    record = TrialRecord.from_trial(trial)
+    return record.coefficients is None and portable_text(record.recipe)
+
+
+def candidates(cfg: SearchConfig, study) -> list:
+    """What the guard validates: the finalists, then, when one of them is evomerge-only (so may be exported), the
+    top_k portable trials by search objective not among them (so the best portable trial is chosen on validation
+    too, among them and the portable finalists)."""
+    top = finalists(cfg, study)
+    if cfg.validation is None or all(is_portable(t) for t in top):
+        return top
+    chosen = {t.number for t in top}
+    portable = [t for t in ranked(complete_trials(study)) if is_portable(t)][: cfg.validation.top_k]
+    return top + [t for t in portable if t.number not in chosen]
+
+
+def portable_trial(cfg: SearchConfig, study, exported=None) -> Any:
+    """The best portable trial, exported beside `exported` (default: `exported_trial`) when that one is
+    evomerge-only: the best validation objective among the validated portable candidates (ties as
+    `exported_trial`), else the best portable search objective. None when `exported` is portable (or there is none)
+    or no trial is portable."""
+    exported = exported if exported is not None else exported_trial(cfg, study)
+    if exported is None or is_portable(exported):
+        return None
+    results = stored(cfg, study)
+    validated = {t.number: t for t in candidates(cfg, study) if t.number in results and is_portable(t)}
+    if validated:
+        number = max(validated, key=lambda n: (results[n].objective, objective_of(validated[n]), -n))
+        return validated[number]
+    return next((t for t in ranked(complete_trials(study)) if is_portable(t)), None)
+
+
+__all__ = [
+    "Validation",
+    "candidates",
+    "exported_trial",
+    "finalists",
+    "is_portable",
+    "pending",
+    "portable_trial",
+    "stored",
+    "tasks_key",
+    "validate_top",
+]

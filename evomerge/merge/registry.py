@@ -17,7 +17,11 @@ An entry says everything the rest of evomerge needs to know about a method, so e
 - `space`: its default search space (`search_spaces/<space>.yaml`, which lists the method under `methods:`), or
   `no_space` saying why it has none (then it has no default merge);
 - `portfolio`: every search scores its default merge (in registry order) as a reference for the overfitting
-  guard, status, export and the report (`evomerge/portfolio.py`).
+  guard, status, export and the report (`evomerge/portfolio.py`);
+- `evomerge_only`: a method mergekit does not have (the subspace merges, `merge/kernels/subspace.py`): evomerge
+  builds its spec from this entry, `evomerge merge` runs it, a recipe naming it says it is evomerge-only and
+  mergekit-yaml refuses it; its reference is the paper's formula (tests/test_subspace.py), not a parity case;
+- `no_refine`: why a method outside the task-arithmetic family has no surrogate for the gradient refinement.
 
 Adding a method mergekit registers: one entry here (`space=None` with a reason, no kernel, is a complete entry),
 a parity case in tests/test_merge_parity.py, and where it is worth searching, a space in search_spaces/ that lists
@@ -77,6 +81,9 @@ class MethodInfo:
     sparsifies: bool = False  # evomerge-1 has its own (deterministic) kernel for it
     refinable: bool = False  # the gradient refinement can move its weights
     endpoints: bool = False  # its `t` runs from base_model (0) to the other model (1): both ends are baselines
+    evomerge_only: bool = False  # mergekit has no such method: evomerge's own kernel, recipes say evomerge-only
+    paper: str = ""  # where an evomerge-only method is defined
+    no_refine: str = ""  # why an evomerge-only method has no refinement surrogate
 
 
 DENSITY = Interval(0.0, 1.0, low_closed=False)
@@ -100,6 +107,13 @@ def _gta(normalize: bool, rescale: bool, **extra: Param) -> dict[str, Param]:
         **extra,
     }
 
+
+_SVD_SURROGATE = (
+    "the refinement streams each tensor's task vectors chunk by chunk and never holds one whole, while the merge "
+    "needs every weight matrix's SVD whole, and its derivative (through the SVD) at every step: an SVD and its "
+    "backward per matrix per step, about 60 times a trial's merge cost (bench/subspace_cost.py); weight and lambda "
+    "are searched per layer group instead"
+)
 
 # Order matters where lists derive from it: the portfolio scores (and the report lists) its methods in this order,
 # and error messages list the valid names in it.
@@ -228,6 +242,41 @@ _METHODS = [
         },
         space="ramplus_tl",
         portfolio=False,
+    ),
+    # The subspace merges (evomerge-only; merge/kernels/subspace.py): per weight matrix on the SVD of the task
+    # vectors; vectors, embeddings and head by the weighted mean of the task vectors, as the papers do
+    MethodInfo(
+        "tsv_m",
+        {
+            "weight": Param(1.0, per_model=True),
+            "lambda": Param(1.0),
+            "rank_fraction": Param(1.0, per_model=True, interval=UNIT),
+        },
+        space="tsv_m",
+        portfolio=True,
+        evomerge_only=True,
+        paper="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025",
+        no_refine=_SVD_SURROGATE,
+    ),
+    MethodInfo(
+        "iso_c",
+        {"weight": Param(1.0, per_model=True), "lambda": Param(1.0)},
+        space="iso_c",
+        portfolio=True,
+        evomerge_only=True,
+        paper="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
+        "Subspaces, ICML 2025",
+        no_refine=_SVD_SURROGATE,
+    ),
+    MethodInfo(
+        "iso_cts",
+        {"weight": Param(1.0, per_model=True), "lambda": Param(1.0), "common_fraction": Param(0.8, interval=UNIT)},
+        space="iso_cts",
+        portfolio=True,
+        evomerge_only=True,
+        paper="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
+        "Subspaces, ICML 2025",
+        no_refine=_SVD_SURROGATE,
     ),
 ]
 REGISTRY: dict[str, MethodInfo] = {m.name: m for m in _METHODS}

@@ -226,3 +226,53 @@ def test_mergekit_yaml_refuses_the_recipe(tiny_zoo, tmp_path):
     done = subprocess.run([str(cli), str(path), str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "iso_c" in (done.stdout + done.stderr)
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+# -- the refinement's surrogate (tsv_m) ----------------------------------------------------------------------------
+def _tsv_m_merge(name, base, models, weights, lam, fractions) -> torch.Tensor:
+    from mergekit.merge_methods.base import PerInputValues, TensorGroup
+
+    from evomerge.merge.methods import get_method
+
+    ids = [f"m{i}" for i in range(len(models))]
+    group = TensorGroup.from_tensors([base, *models], ids=["base", *ids], base_index=0, name=name)
+    params = {
+        "weight": PerInputValues(list(zip(ids, weights))),
+        "lambda": lam,
+        "rank_fraction": PerInputValues(list(zip(ids, fractions))),
+    }
+    (out,) = get_method("tsv_m")._execute_resolved((group,), [params])
+    return out
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.mlp.down_proj.weight", "model.layers.0.input_layernorm.weight"])
+def test_tsv_m_surrogate_is_the_merge_and_its_gradient(name):
+    """At fixed rank fractions TSV-M is linear in weight and lambda: the surrogate writes the merge at any weights,
+    and its gradient is the merge's own (central differences of real merges)."""
+    from evomerge.merge.methods import get_method
+    from evomerge.search.surrogate import freeze, merged_grads, write_merged
+
+    g = torch.Generator().manual_seed(8)
+    shape = (24, 16) if "proj" in name else (16,)
+    base, a, b = (torch.randn(*shape, generator=g) for _ in range(3))
+    fractions = [0.5, 0.25]
+    params = [{"weight": 1.0, "rank_fraction": f} for f in fractions]
+    frozen = freeze(name, base, [a, b], get_method("tsv_m"), params, seed=0, positions=[0, 1], shared={"lambda": 1.0})
+    out = torch.empty_like(base)
+    for weights, lam in (([1.0, 1.0], 1.0), ([0.4, -0.7], 1.3)):
+        write_merged(frozen, weights, lam, out)
+        expect = _tsv_m_merge(name, base, [a, b], weights, lam, fractions)
+        torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(*shape, generator=g)
+    weights, lam, h = [0.6, 0.9], 1.1, 1e-2
+    ours = merged_grads(frozen, weights, lam, grad.clone())
+
+    def loss(w, la):
+        return float((grad.double() * _tsv_m_merge(name, base, [a, b], w, la, fractions).double()).sum())
+
+    numeric = [
+        (loss([weights[0] + h, weights[1]], lam) - loss([weights[0] - h, weights[1]], lam)) / (2 * h),
+        (loss([weights[0], weights[1] + h], lam) - loss([weights[0], weights[1] - h], lam)) / (2 * h),
+        (loss(weights, lam + h) - loss(weights, lam - h)) / (2 * h),
+    ]
+    np.testing.assert_allclose(ours, numeric, rtol=2e-3, atol=2e-3)

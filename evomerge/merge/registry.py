@@ -13,7 +13,8 @@ An entry says everything the rest of evomerge needs to know about a method, so e
 - `sparsifies`: evomerge-1 has a kernel of its own for it (`merge/kernels/gta.py`, the deterministic masks); the
   others run mergekit's kernels, or bit-identical faster ones, under both kernel sets;
 - `refinable`: its merge is base + lambda * (weighted, optionally sparsified, task vectors [/ normaliser]), the
-  formula the gradient refinement differentiates (`search/refine.py`);
+  formula the gradient refinement differentiates (`search/refine.py`); TSV-M is that at fixed rank fractions, on
+  fixed parts of its task vectors (`search/surrogate.py`'s `freeze_tsv_m`);
 - `space`: its default search space (`search_spaces/<space>.yaml`, which lists the method under `methods:`), or
   `no_space` saying why it has none (then it has no default merge);
 - `portfolio`: every search scores its default merge (in registry order) as a reference for the overfitting
@@ -109,10 +110,10 @@ def _gta(normalize: bool, rescale: bool, **extra: Param) -> dict[str, Param]:
 
 
 _SVD_SURROGATE = (
-    "the refinement streams each tensor's task vectors chunk by chunk and never holds one whole, while the merge "
-    "needs every weight matrix's SVD whole, and its derivative (through the SVD) at every step: an SVD and its "
-    "backward per matrix per step, about 60 times a trial's merge cost (bench/subspace_cost.py); weight and lambda "
-    "are searched per layer group instead"
+    "its merge is not linear in the weights (the spectrum of their weighted sum is flattened): a surrogate would "
+    "take an SVD and its backward of every weight matrix, whole, at each refinement step (60 by default), over 60 "
+    "times a trial's merge (bench/subspace_cost.py), where the refinement streams task vectors chunk by chunk; "
+    "weight and lambda are searched per layer group instead"
 )
 
 # Order matters where lists derive from it: the portfolio scores (and the report lists) its methods in this order,
@@ -256,7 +257,7 @@ _METHODS = [
         portfolio=True,
         evomerge_only=True,
         paper="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025",
-        no_refine=_SVD_SURROGATE,
+        refinable=True,  # linear in weight and lambda at fixed rank fractions (search/surrogate.py's freeze_tsv_m)
     ),
     MethodInfo(
         "iso_c",

@@ -109,6 +109,34 @@ def tsv_m(
     return (_polar(u_hat) * s_hat) @ _polar(v_hat).T
 
 
+def tsv_m_parts(
+    task_vectors: Sequence[torch.Tensor],
+    fractions: Sequence[float] | None = None,
+    svds: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+) -> list[torch.Tensor]:
+    """[A_1 .. A_T] with `tsv_m(task_vectors, w, fractions) = sum_i w_i A_i` (up to rounding): A_i = task i's block
+    of U^_perp S^ V^_perp^T at weight 1. The orthogonalised directions do not depend on the weights (a weight scales
+    singular values; its sign flips a block, which the orthogonalisation carries through), so at fixed rank
+    fractions TSV-M is linear in the weights and in lambda: the refinement's surrogate (search/surrogate.py)."""
+    import torch
+
+    rank = min(task_vectors[0].shape)
+    fractions = [1.0] * len(task_vectors) if fractions is None else fractions
+    if svds is None:
+        svds = [torch.linalg.svd(tau, full_matrices=False) for tau in task_vectors]
+    ks = kept_ranks(rank, fractions)
+    if sum(ks) == 0:
+        return [torch.zeros_like(task_vectors[0]) for _ in task_vectors]
+    u_perp = _polar(torch.cat([u[:, :k] for (u, _, _), k in zip(svds, ks)], dim=1))
+    v_perp = _polar(torch.cat([vh[:k].T for (_, _, vh), k in zip(svds, ks)], dim=1))
+    parts, start = [], 0
+    for (_, s, _), k in zip(svds, ks):
+        block = slice(start, start + k)
+        parts.append((u_perp[:, block] * s[:k]) @ v_perp[:, block].T)
+        start += k
+    return parts
+
+
 def iso_c(task_vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Iso-C's merged task vector of one weight matrix (Marczak et al., "No Task Left Behind: Isotropic Model
     Merging with Common and Task-Specific Subspaces", ICML 2025, Sec. 4.1 "Isotropic merging in common subspace"):
@@ -204,6 +232,15 @@ def _digest(tensor: torch.Tensor) -> bytes:
     return hashlib.blake2b(flat.numpy(), digest_size=16).digest()
 
 
+def task_svds(
+    name: str, base: torch.Tensor, models: Sequence[torch.Tensor], taus: Sequence[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each task vector's thin SVD, from the cache where the same inputs' bytes were seen (`SVD_CACHE`): the key is
+    the tensor's name and the digests of the base's and the model's bytes, so a changed input is a new key."""
+    base_key = _digest(base)
+    return [SVD_CACHE.get((name, tuple(base.shape), base_key, _digest(m)), tau) for m, tau in zip(models, taus)]
+
+
 def merge_group(method: str, group: Any, weight: Any, params: dict[str, Any]) -> torch.Tensor:
     """theta = base + lambda * delta for one tensor group (mergekit's TensorGroup: the base and the models),
     `weight` the per-model weights (mergekit's PerInputValues), `params` the other bound parameters."""
@@ -223,11 +260,7 @@ def merge_group(method: str, group: Any, weight: Any, params: dict[str, Any]) ->
     elif method == "iso_cts":
         delta = iso_cts(taus, weights, float(params["common_fraction"]))
     else:
-        base_key = _digest(base)
-        svds = [
-            SVD_CACHE.get((name, e.id, tuple(base.shape), base_key, _digest(e.tensor)), tau)
-            for e, tau in zip(others, taus)
-        ]
+        svds = task_svds(name, base, [e.tensor for e in others], taus)
         fractions = [float(params["rank_fraction"][e.id]) for e in others]
         delta = tsv_m(taus, weights, fractions, svds)
     merged = cpu_base + float(params["lambda"]) * delta
@@ -244,6 +277,8 @@ __all__ = [
     "kept_ranks",
     "merge_group",
     "takes_subspace_rule",
+    "task_svds",
     "tsv_m",
+    "tsv_m_parts",
     "weighted_mean",
 ]

@@ -276,3 +276,21 @@ def test_tsv_m_surrogate_is_the_merge_and_its_gradient(name):
         (loss(weights, lam + h) - loss(weights, lam - h)) / (2 * h),
     ]
     np.testing.assert_allclose(ours, numeric, rtol=2e-3, atol=2e-3)
+
+
+def test_a_tsv_m_searchs_only_a_model_baseline_is_that_model(tiny_zoo, tmp_path):
+    """The space's "only add" point keeps all of add's directions and none of reverse's: add's own weights."""
+    from evomerge.baseline import BaselineLabel
+    from evomerge.space import SearchSpace, load_space_spec
+
+    models = [str(tiny_zoo / "add"), str(tiny_zoo / "reverse")]
+    space = SearchSpace.over(load_space_spec("tsv_m"), tiny_zoo / "base")
+    points = dict(space.baselines(models))
+    point = points[BaselineLabel.alone("add")]
+    recipe = space.to_recipe(point, models, str(tiny_zoo / "base"), "tsv_m", 0)
+    path = tmp_path / "recipe.yaml"
+    recipe.dump(path)
+    assert main(["merge", str(path), "--out", str(tmp_path / "out")]) == 0
+    out, add = _weights(tmp_path / "out"), _weights(tiny_zoo / "add")
+    for name, tensor in add.items():
+        torch.testing.assert_close(out[name], tensor, rtol=1e-4, atol=1e-5)

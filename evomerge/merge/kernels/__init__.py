@@ -33,7 +33,8 @@ except at boundary ties (ties, breadcrumbs) and in which random elements are dro
 per tensor from (recipe seed, tensor name)), for anyone who needs mergekit's exact bytes.
 
 Both sets use `parity.py`'s faster kernels where they are bit-identical to mergekit's (slerp; ties under
-mergekit-0.1.5).
+mergekit-0.1.5). The evomerge-only methods (tsv_m, iso_c, iso_cts: `subspace.py`) have no mergekit kernel: both
+sets run evomerge's, whose SVDs are reproducible on one machine and torch build (not across LAPACK builds).
 """
 
 from __future__ import annotations

@@ -42,7 +42,6 @@ from evomerge.merge.layout import EMBEDDING_PARTS
 if TYPE_CHECKING:
     import torch
 
-METHODS = ("tsv_m", "iso_c", "iso_cts")
 SVD_CACHE_BYTES = 4 << 30  # the per-task SVDs a worker keeps (TSV-M); past this, new ones are recomputed each trial
 EPS = 1e-8  # mergekit's divisor guard for a normalised sum of weights
 
@@ -238,7 +237,8 @@ def task_svds(
     """Each task vector's thin SVD, from the cache where the same inputs' bytes were seen (`SVD_CACHE`): the key is
     the tensor's name and the digests of the base's and the model's bytes, so a changed input is a new key."""
     base_key = _digest(base)
-    return [SVD_CACHE.get((name, tuple(base.shape), base_key, _digest(m)), tau) for m, tau in zip(models, taus)]
+    shape, dtype = tuple(base.shape), str(base.dtype)
+    return [SVD_CACHE.get((name, shape, dtype, base_key, _digest(m)), tau) for m, tau in zip(models, taus)]
 
 
 def merge_group(method: str, group: Any, weight: Any, params: dict[str, Any]) -> torch.Tensor:
@@ -268,7 +268,6 @@ def merge_group(method: str, group: Any, weight: Any, params: dict[str, Any]) ->
 
 
 __all__ = [
-    "METHODS",
     "SVD_CACHE",
     "SVD_CACHE_BYTES",
     "common_size",

@@ -294,3 +294,20 @@ def test_a_tsv_m_searchs_only_a_model_baseline_is_that_model(tiny_zoo, tmp_path)
     out, add = _weights(tmp_path / "out"), _weights(tiny_zoo / "add")
     for name, tensor in add.items():
         torch.testing.assert_close(out[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_a_merge_by_another_method_empties_the_svd_cache():
+    """A search of another method scores TSV-M's default merge once (its portfolio): the SVDs are not kept."""
+    from evomerge.merge.materialize import merge_tensor
+    from evomerge.merge.methods import get_method
+    from evomerge.merge.plan import TensorParams
+
+    g = torch.Generator().manual_seed(9)
+    base, a = torch.randn(12, 8, generator=g), torch.randn(12, 8, generator=g)
+    name = "model.layers.0.mlp.up_proj.weight"
+    _tsv_m_merge(name, base, [a], [1.0], 1.0, [1.0])
+    assert subspace.SVD_CACHE.used > 0
+    shared = {"lambda": 1.0, "normalize": False, "int8_mask": False, "rescale": False}
+    per = {"base": {}, "a": {"weight": 1.0, "density": 1.0}}
+    merge_tensor(get_method("task_arithmetic"), TensorParams(name, 0.0, shared, per), [base, a], ["base", "a"], "base")
+    assert subspace.SVD_CACHE.used == 0 and not subspace.SVD_CACHE.entries

@@ -98,7 +98,10 @@ def kernel_merge(
     (same shape, dtype and device), the result may be written there and `out` returned.
     """
     from evomerge.merge.kernels.parity import parity_merge
+    from evomerge.merge.kernels.subspace import SVD_CACHE
 
+    if SVD_CACHE.used and method.spec.name != "tsv_m":
+        SVD_CACHE.clear()  # TSV-M's per-task SVDs serve the next TSV-M trials only (a portfolio merge leaves them)
     if not tensors or not tensors[0].is_floating_point() or tensors[0].numel() == 0:
         return None
     if out is not None and out.device != tensors[0].device:

@@ -32,6 +32,10 @@ EVOMERGE_ONLY = (
     "# evomerge-only: per-row coefficients in the file evomerge.coefficients names; reproduce it with\n"
     "# `evomerge merge` (mergekit-yaml ignores the file and merges another model)\n"
 )
+EVOMERGE_METHOD = (
+    "# evomerge-only: merge_method {method} is evomerge's own (mergekit has no such method: mergekit-yaml\n"
+    "# refuses this recipe); reproduce it with `evomerge merge`\n"
+)
 ScalarOrGradient = ScalarParameter | list[ScalarParameter]
 
 
@@ -215,6 +219,8 @@ class Recipe(BaseModel, frozen=True):
 
     def to_yaml(self, outputs: bool = True) -> str:
         text = yaml.dump(self.to_dict(outputs), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+        if self.own_method:
+            text = EVOMERGE_METHOD.format(method=self.merge_method) + text
         return (EVOMERGE_ONLY + text) if self.evomerge_only else text
 
     def dump(self, path: str | os.PathLike) -> None:
@@ -313,6 +319,15 @@ class Recipe(BaseModel, frozen=True):
     def evomerge_only(self) -> bool:
         """Whether only `evomerge merge` reproduces this recipe (it names a coefficient file mergekit ignores)."""
         return self.evomerge is not None and self.evomerge.coefficients is not None
+
+    @property
+    def own_method(self) -> bool:
+        """Whether the method is evomerge's own (merge/registry.py's `evomerge_only`: mergekit has no such method),
+        so only `evomerge merge` reproduces this recipe, with or without a coefficient file."""
+        from evomerge.merge.registry import REGISTRY
+
+        info = REGISTRY.get(self.merge_method)
+        return info is not None and info.evomerge_only
 
     @property
     def seed(self) -> int:

@@ -328,6 +328,8 @@ class SearchSpace:
                         point[s.name] = ps.clip(1.0 if s.model == key else 0.0)
                     elif s.param == "density":
                         point[s.name] = ps.high
+                    elif s.param == "rank_fraction":  # TSV-M: all of this model's directions, none of the others'
+                        point[s.name] = ps.high if s.model == key else ps.low
                 out.append((BaselineLabel.alone(key), point))
         if "t" in params and params["t"].searched and self.spec.endpoints:
             ends = [(BaselineLabel.alone("base"), "low"), (BaselineLabel.alone(model_keys(models)[-1]), "high")]

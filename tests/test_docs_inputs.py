@@ -1,6 +1,7 @@
 """docs/inputs.md's examples run as written (every `bash` block, in order, in a fresh folder: tests/docpages.py):
 added tokens merged with tokenizer_source and by mergekit-yaml, an audit of differing vocabularies, LoRA adapters
-made with peft merged in both forms, a search over them exported and merged again by mergekit-yaml, the new methods.
+made with peft merged in both forms, a search over them exported and merged again by mergekit-yaml, the new methods,
+a subspace merge (evomerge-only).
 """
 
 from __future__ import annotations
@@ -36,3 +37,4 @@ def test_inputs_page_runs_as_written(tmp_path):
     assert (home / "sce-merged" / "model.safetensors").is_file() and (
         home / "nearswap-merged" / "recipe.yaml"
     ).is_file()
+    assert (home / "iso-merged" / "model.safetensors").is_file() and "# evomerge-only: merge_method iso_cts" in text

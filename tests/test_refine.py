@@ -64,7 +64,7 @@ def inside(space, models) -> dict[str, float]:
     }
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "tsv_m"])
 def test_the_surrogate_at_its_start_is_the_merge(tiny_zoo, evaluator, method):
     ref, space, models = refiner(tiny_zoo, evaluator, method)
     point = inside(space, models)
@@ -75,6 +75,8 @@ def test_the_surrogate_at_its_start_is_the_merge(tiny_zoo, evaluator, method):
     for name, tensor in surrogate.items():
         if method == "task_arithmetic":
             torch.testing.assert_close(tensor, merged[name], rtol=1e-5, atol=1e-6)
+        elif method == "tsv_m":  # sum_i w_i A_i against one product U diag(w s) V^T: float32 rounding apart
+            torch.testing.assert_close(tensor, merged[name], rtol=1e-5, atol=1e-5)
         else:  # TIES prunes by magnitude: the surrogate may keep another element only where magnitudes tie
             close = torch.isclose(tensor, merged[name], rtol=1e-5, atol=1e-6).float().mean().item()
             assert close > 0.995, f"{name}: only {close:.4f} of the elements agree"

@@ -11,9 +11,11 @@ from evomerge.merge.registry import REGISTRY, REQUIRED, names
 from evomerge.resources import SEARCH_SPACES
 
 METHODS = sorted(REGISTRY)
+MERGEKITS = sorted(names(evomerge_only=False))  # the methods mergekit 0.1.5 registers
+OWN = sorted(names(evomerge_only=True))  # evomerge's own (the subspace merges)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", MERGEKITS)
 def test_entry_agrees_with_mergekits_spec(name):
     from mergekit.merge_methods.base import ParameterScope
 
@@ -70,16 +72,42 @@ def test_the_derived_lists_come_from_the_registry():
         "slerp",
         "sce",
         "multislerp",
+        "tsv_m",
+        "iso_c",
+        "iso_cts",
     )
 
 
 def test_every_method_mergekit_registers_is_registered():
-    """Design decision 10: every method mergekit 0.1.5 registers runs in `evomerge merge` (so each has a parity case,
-    tests/test_merge_parity.py)."""
+    """Every method mergekit 0.1.5 registers runs in `evomerge merge` (so each has a parity case,
+    tests/test_merge_parity.py); the others are evomerge's own, which mergekit does not have."""
     from mergekit.merge_methods.registry import registered_methods
 
     theirs = {m.spec.name for m in registered_methods()}
-    assert len(theirs) == 20 and set(REGISTRY) == theirs
+    assert len(theirs) == 20 and set(MERGEKITS) == theirs
+    assert OWN == ["iso_c", "iso_cts", "tsv_m"] and not set(OWN) & theirs
+
+
+@pytest.mark.parametrize("name", OWN)
+def test_an_evomerge_only_method_has_its_spec_from_the_entry_a_paper_and_a_formula_test(name):
+    """mergekit has no spec for it: evomerge builds one from the entry (same binding and checks as mergekit's own);
+    it names its paper, and its reference is a test against the paper's formula (tests/test_subspace.py), in place
+    of a parity case."""
+    from pathlib import Path
+
+    from mergekit.merge_methods.base import ParameterScope
+
+    from evomerge.merge.methods import get_method
+
+    info = REGISTRY[name]
+    spec = {p.name: p for p in get_method(name).spec.parameters}
+    assert set(spec) == set(info.params) and {"weight", "lambda"} <= set(spec)
+    for pname, mine in info.params.items():
+        assert spec[pname].default == mine.default and mine.per_model == (spec[pname].scope != ParameterScope.SHARED)
+    assert info.params["weight"].per_model and not info.params["lambda"].per_model
+    assert info.paper and not info.sparsifies
+    formula_tests = (Path(__file__).parent / "test_subspace.py").read_text()
+    assert f"def test_{name}_is_the_papers_formula(" in formula_tests
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -92,7 +120,10 @@ def test_refinable_and_sparsifying_methods_are_the_task_arithmetic_family(name):
 
     info = REGISTRY[name]
     family = isinstance(get_method(name), GeneralizedTaskArithmeticMerge)
-    assert info.refinable == family
+    if info.evomerge_only:  # refinable where its surrogate exists (tsv_m: search/surrogate.py), else it says why
+        assert info.refinable != bool(info.no_refine)
+    else:
+        assert info.refinable == family
     if info.sparsifies:
         assert family and get_method(name).sparsification_method is not None
 

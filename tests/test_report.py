@@ -84,6 +84,9 @@ def test_rows_cover_sources_defaults_oracle_and_evolved(ties_report):
         "breadcrumbs (defaults)",
         "sce (defaults)",
         "multislerp (defaults)",
+        "tsv_m (defaults)",
+        "iso_c (defaults)",
+        "iso_cts (defaults)",
     ]
     assert "slerp" in c.skipped  # slerp merges the base with one model; this study merges two
     assert c.tasks == ["zoo_add", "zoo_reverse"] and c.metrics == {"zoo_add": "acc", "zoo_reverse": "acc"}

@@ -1,7 +1,8 @@
-"""The merge methods evomerge runs (mergekit 0.1.5's, by name), and recipe checks against them."""
+"""The merge methods evomerge runs (mergekit 0.1.5's, by name, and evomerge's own), and recipe checks against them."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -23,9 +24,46 @@ def get_method(name: str) -> MergeMethod:
         raise ConfigError(
             f"field merge_method: unknown method {name!r}{close_matches(name, METHODS)}; valid: {', '.join(METHODS)}"
         )
+    if REGISTRY[name].evomerge_only:
+        return _evomerge_method(name)
     from mergekit import merge_methods
 
     return merge_methods.get(name)
+
+
+@functools.cache
+def _evomerge_method(name: str) -> MergeMethod:
+    """An evomerge-only method (merge/registry.py's `evomerge_only`) as a mergekit MergeMethod built from its entry:
+    the same parameter binding and input checks as mergekit's own, the kernel `merge/kernels/subspace.py`. It is
+    not registered with mergekit (mergekit-yaml refuses it)."""
+    from mergekit.merge_methods.base import (
+        MISSING,
+        BasePolicy,
+        FunctionalGroupMergeMethod,
+        InputContract,
+        MergeMethodSpec,
+        ParameterScope,
+        ParameterSpec,
+    )
+
+    from evomerge.merge.kernels.subspace import merge_group
+
+    info = REGISTRY[name]
+    specs = tuple(
+        ParameterSpec(
+            pname,
+            float,
+            ParameterScope.NON_BASE if p.per_model else ParameterScope.SHARED,
+            default=MISSING if p.required else p.default,
+        )
+        for pname, p in info.params.items()
+    )
+    spec = MergeMethodSpec(name, specs, InputContract(base=BasePolicy.REQUIRED, min_non_base=1), pretty_name=info.paper)
+
+    def implementation(group, **params):
+        return merge_group(name, group, params["weight"], params)
+
+    return FunctionalGroupMergeMethod(spec, implementation)
 
 
 def check_recipe(recipe: Recipe) -> None:

@@ -13,11 +13,16 @@ An entry says everything the rest of evomerge needs to know about a method, so e
 - `sparsifies`: evomerge-1 has a kernel of its own for it (`merge/kernels/gta.py`, the deterministic masks); the
   others run mergekit's kernels, or bit-identical faster ones, under both kernel sets;
 - `refinable`: its merge is base + lambda * (weighted, optionally sparsified, task vectors [/ normaliser]), the
-  formula the gradient refinement differentiates (`search/refine.py`);
+  formula the gradient refinement differentiates (`search/refine.py`); TSV-M is that at fixed rank fractions, on
+  fixed parts of its task vectors (`search/surrogate.py`'s `freeze_tsv_m`);
 - `space`: its default search space (`search_spaces/<space>.yaml`, which lists the method under `methods:`), or
   `no_space` saying why it has none (then it has no default merge);
 - `portfolio`: every search scores its default merge (in registry order) as a reference for the overfitting
-  guard, status, export and the report (`evomerge/portfolio.py`).
+  guard, status, export and the report (`evomerge/portfolio.py`);
+- `evomerge_only`: a method mergekit does not have (the subspace merges, `merge/kernels/subspace.py`): evomerge
+  builds its spec from this entry, `evomerge merge` runs it, a recipe naming it says it is evomerge-only and
+  mergekit-yaml refuses it; its reference is the paper's formula (tests/test_subspace.py), not a parity case;
+- `no_refine`: why a method outside the task-arithmetic family has no surrogate for the gradient refinement.
 
 Adding a method mergekit registers: one entry here (`space=None` with a reason, no kernel, is a complete entry),
 a parity case in tests/test_merge_parity.py, and where it is worth searching, a space in search_spaces/ that lists
@@ -77,6 +82,9 @@ class MethodInfo:
     sparsifies: bool = False  # evomerge-1 has its own (deterministic) kernel for it
     refinable: bool = False  # the gradient refinement can move its weights
     endpoints: bool = False  # its `t` runs from base_model (0) to the other model (1): both ends are baselines
+    evomerge_only: bool = False  # mergekit has no such method: evomerge's own kernel, recipes say evomerge-only
+    paper: str = ""  # where an evomerge-only method is defined
+    no_refine: str = ""  # why an evomerge-only method has no refinement surrogate
 
 
 DENSITY = Interval(0.0, 1.0, low_closed=False)
@@ -100,6 +108,13 @@ def _gta(normalize: bool, rescale: bool, **extra: Param) -> dict[str, Param]:
         **extra,
     }
 
+
+_SVD_SURROGATE = (
+    "its merge is not linear in the weights (the spectrum of their weighted sum is flattened): a surrogate would "
+    "take an SVD and its backward of every weight matrix, whole, at each refinement step (60 by default), over 60 "
+    "times a trial's merge (bench/subspace_cost.py), where the refinement streams task vectors chunk by chunk; "
+    "weight and lambda are searched per layer group instead"
+)
 
 # Order matters where lists derive from it: the portfolio scores (and the report lists) its methods in this order,
 # and error messages list the valid names in it.
@@ -228,6 +243,41 @@ _METHODS = [
         },
         space="ramplus_tl",
         portfolio=False,
+    ),
+    # The subspace merges (evomerge-only; merge/kernels/subspace.py): per weight matrix on the SVD of the task
+    # vectors; vectors, embeddings and head by the weighted mean of the task vectors, as the papers do
+    MethodInfo(
+        "tsv_m",
+        {
+            "weight": Param(1.0, per_model=True),
+            "lambda": Param(1.0),
+            "rank_fraction": Param(1.0, per_model=True, interval=UNIT),
+        },
+        space="tsv_m",
+        portfolio=True,
+        evomerge_only=True,
+        paper="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025",
+        refinable=True,  # linear in weight and lambda at fixed rank fractions (search/surrogate.py's freeze_tsv_m)
+    ),
+    MethodInfo(
+        "iso_c",
+        {"weight": Param(1.0, per_model=True), "lambda": Param(1.0)},
+        space="iso_c",
+        portfolio=True,
+        evomerge_only=True,
+        paper="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
+        "Subspaces, ICML 2025",
+        no_refine=_SVD_SURROGATE,
+    ),
+    MethodInfo(
+        "iso_cts",
+        {"weight": Param(1.0, per_model=True), "lambda": Param(1.0), "common_fraction": Param(0.8, interval=UNIT)},
+        space="iso_cts",
+        portfolio=True,
+        evomerge_only=True,
+        paper="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
+        "Subspaces, ICML 2025",
+        no_refine=_SVD_SURROGATE,
     ),
 ]
 REGISTRY: dict[str, MethodInfo] = {m.name: m for m in _METHODS}

@@ -86,6 +86,8 @@ def freeze(
     from evomerge.merge.kernels.gta import CPU_CHUNK as MERGE_CHUNK
     from evomerge.merge.kernels.gta import frozen_pruner
 
+    if method.spec.name == "tsv_m":
+        return freeze_tsv_m(name, base, models, params, positions=positions)
     if method.consensus_method not in (None, "sum"):
         raise ValueError(f"{method.spec.name}: consensus {method.consensus_method!r} has no surrogate")
     dtype = dtype or base.dtype
@@ -119,6 +121,43 @@ def freeze(
         packed,
         consensus=method.consensus_method is not None,
         normalize=bool(shared.get("normalize", False)),
+    )
+
+
+def freeze_tsv_m(
+    name: str, base: torch.Tensor, models: list[torch.Tensor], params: list[dict[str, Any]], *, positions: list[int]
+) -> FrozenTensor:
+    """TSV-M's surrogate of tensor `name` at the start point's rank fractions (`params[i]["rank_fraction"]`): exact,
+    because at fixed ranks TSV-M is task arithmetic on fixed parts, theta = base + lambda * sum_i w_i A_i
+    (merge/kernels/subspace.py's `tsv_m_parts`), so the task-arithmetic surrogate above runs on "models"
+    base + A_i (float32, held in host memory: one copy of each merged matrix per model while the start point
+    lasts). Tensors outside the SVD (norms, biases, embeddings, head) are the weighted mean of the task vectors:
+    the surrogate above with `normalize`."""
+    import torch
+
+    from evomerge.merge.kernels.subspace import takes_subspace_rule, task_svds, tsv_m_parts
+    from evomerge.merge.methods import get_method
+
+    arithmetic = get_method("task_arithmetic")
+    if not takes_subspace_rule(name, base):
+        return freeze(
+            name, base, models, arithmetic, [{}] * len(models), seed=0, positions=positions, shared={"normalize": True}
+        )
+    base32 = base.detach().to("cpu", torch.float32)
+    taus = [m.detach().to("cpu", torch.float32) - base32 for m in models]
+    svds = task_svds(name, base, models, taus)
+    parts = tsv_m_parts(taus, [float(p.get("rank_fraction", 1.0)) for p in params], svds)
+    effective = [base32 + part for part in parts]
+    return freeze(
+        name,
+        base32,
+        effective,
+        arithmetic,
+        [{}] * len(models),
+        seed=0,
+        positions=positions,
+        shared={},
+        dtype=torch.float32,
     )
 
 
@@ -292,4 +331,4 @@ def _unpack(packed: torch.Tensor, start: int, n: int, out: torch.Tensor) -> torc
     return out.copy_(bits)
 
 
-__all__ = ["CPU_CHUNK", "DEVICE_CHUNK", "FrozenTensor", "freeze", "merged_grads", "write_merged"]
+__all__ = ["CPU_CHUNK", "DEVICE_CHUNK", "FrozenTensor", "freeze", "freeze_tsv_m", "merged_grads", "write_merged"]

@@ -33,7 +33,8 @@ except at boundary ties (ties, breadcrumbs) and in which random elements are dro
 per tensor from (recipe seed, tensor name)), for anyone who needs mergekit's exact bytes.
 
 Both sets use `parity.py`'s faster kernels where they are bit-identical to mergekit's (slerp; ties under
-mergekit-0.1.5).
+mergekit-0.1.5). The evomerge-only methods (tsv_m, iso_c, iso_cts: `subspace.py`) have no mergekit kernel: both
+sets run evomerge's, whose SVDs are reproducible on one machine and torch build (not across LAPACK builds).
 """
 
 from __future__ import annotations
@@ -97,7 +98,10 @@ def kernel_merge(
     (same shape, dtype and device), the result may be written there and `out` returned.
     """
     from evomerge.merge.kernels.parity import parity_merge
+    from evomerge.merge.kernels.subspace import SVD_CACHE
 
+    if SVD_CACHE.used and method.spec.name != "tsv_m":
+        SVD_CACHE.clear()  # TSV-M's per-task SVDs serve the next TSV-M trials only (a portfolio merge leaves them)
     if not tensors or not tensors[0].is_floating_point() or tensors[0].numel() == 0:
         return None
     if out is not None and out.device != tensors[0].device:

@@ -381,12 +381,14 @@ def check_compatible(
     allow_config_mismatch: bool = False,
     layers: bool = True,
     vocab_may_differ: bool = False,
+    truncate: bool = False,
 ) -> None:
     """Same shape-defining config (`SHAPE_FIELDS`, unless `allow_config_mismatch`), tensor names, shapes and tokenizer
     vocabulary as `checkpoints[0]` (put the base first), or ModelError naming the first mismatch. `layers=False`
     (a `slices:` recipe) compares the config and the vocabulary only: the slices decide which tensors are read,
     and the merge checks them tensor by tensor. `vocab_may_differ` (a `tokenizer_source` merge, or the audit):
-    vocab_size, the tokenizers and the embedding and head rows may differ."""
+    vocab_size, the tokenizers and the embedding and head rows may differ; `truncate` (`--unsafe-truncate-embeddings`):
+    so may the rows of any tensor outside the decoder layers (the merge keeps the fewest)."""
     if not checkpoints:
         raise ModelError("no input models to merge")
     ref = checkpoints[0]
@@ -408,7 +410,8 @@ def check_compatible(
         if extra:
             raise ModelError(f"{other.path}: has tensor {extra[0]}, which {ref.path} lacks")
         for name in ref_names:
-            if other.shape(name) != ref.shape(name) and not (vocab_may_differ and _rows_only(ref, other, name)):
+            rows_only = _rows_only(ref, other, name) or (truncate and _first_dim_only(ref, other, name))
+            if other.shape(name) != ref.shape(name) and not (vocab_may_differ and rows_only):
                 hint = f"; {VOCAB_HINT}" if _rows_only(ref, other, name) else ""
                 raise ModelError(
                     f"{other.path}: tensor {name} has shape {list(other.shape(name))}, "
@@ -423,6 +426,14 @@ def _rows_only(ref: Checkpoint, other: Checkpoint, name: str) -> bool:
     dimension is each model's vocab_size)."""
     a, b = ref.shape(name), other.shape(name)
     return bool(a) and a[1:] == b[1:] and a[0] == vocab_rows(ref) and b[0] == vocab_rows(other)
+
+
+def _first_dim_only(ref: Checkpoint, other: Checkpoint, name: str) -> bool:
+    """Whether tensor `name`, outside the decoder layers, differs between the two only in its first dimension."""
+    from evomerge.merge.layout import layer_index
+
+    a, b = ref.shape(name), other.shape(name)
+    return bool(a) and len(a) == len(b) and a[1:] == b[1:] and layer_index(name) is None
 
 
 def _check_vocab(ref: Checkpoint, other: Checkpoint) -> None:

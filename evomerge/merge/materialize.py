@@ -132,6 +132,7 @@ def merged_tensors(
     plan: Plan | None = None,
     release: bool = False,
     vocab: VocabPlan | None = None,
+    truncate: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, merged tensor) for every output tensor; `checkpoints` (full checkpoints or LoRA adapters over one)
     align with `recipe.input_models()`.
@@ -141,7 +142,8 @@ def merged_tensors(
     reference checkpoint (default `plan_for`); `release`: drop each tensor's input pages once the caller has it;
     `vocab` (a `tokenizer_source` merge, keyed by the recipe's model names): the vocabulary tensors' rows are laid
     out in the output vocabulary first (`evomerge.merge.vocab.align_rows`). A LoRA input's delta is formed where
-    the destination lives.
+    the destination lives. `truncate` (`--unsafe-truncate-embeddings`): inputs of a tensor whose first dimension
+    differs keep their first rows, as many as the smallest has (mergekit's vocabulary truncation).
 
     The one per-tensor merge loop, shared by `Materializer.apply` and `export_recipe`.
     Raises CandidateError when a merged tensor holds NaN or Inf.
@@ -160,6 +162,9 @@ def merged_tensors(
     for job in plan.jobs():
         target = targets.get(job.name) if targets is not None else None
         tensors = _job_inputs(job, by_model, target, vocab, coefficients, models, dtype)
+        if truncate and len({t.shape[:1] for t in tensors}) > 1:
+            rows = min(t.shape[0] for t in tensors)
+            tensors = [t[:rows] for t in tensors]
         with kernel_threads():  # single-threaded ops here, evomerge's kernels spread over the CPUs
             result = merge_tensor(
                 plan.method,
@@ -229,7 +234,17 @@ def _aligned(
     if dtype is not None:
         tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
     position = list(inputs).index(base) if base in inputs else None
-    return align_rows(tensors, [vocab.maps[m] for m in inputs], position)
+    overrides = {}
+    for entry in vocab.overrides:  # the `tokenizer:` block's tokens
+        if entry.model is None:
+            overrides[entry.row] = (entry.force, tensors[0].new_zeros(tensors[0].shape[1:]))
+        elif entry.model in inputs:
+            overrides[entry.row] = (entry.force, tensors[list(inputs).index(entry.model)][entry.source_row])
+        else:
+            raise ModelError(
+                f"field tokenizer.tokens: {entry.model} is not merged into this tensor; use one of its models"
+            )
+    return align_rows(tensors, [vocab.maps[m] for m in inputs], position, overrides, vocab.rows)
 
 
 def plan_for(recipe: Recipe, checkpoints: Sequence[Checkpoint], layout: Layout | None = None) -> Plan:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -50,10 +50,12 @@ def merge_tensor(
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     kernels: str | None = None,
+    seeded: bool = True,
 ) -> torch.Tensor:
     """One output tensor, with mergekit's parameter binding (its ExecuteMergeMethodTask) and the kernel set
     `kernels` (default: `default_kernels()`): one of evomerge's kernels, else mergekit's own. With `out`,
-    the result may be written there."""
+    the result may be written there. `seeded`: mergekit's kernel draws from the global RNG seeded for this tensor
+    by (seed, name); else from the global RNG as it stands (`merged_tensors`' one stream under mergekit-0.1.5)."""
     from mergekit.merge_methods.base import ParameterScope, PerInputValues, TensorEntry, TensorGroup, TensorMetadata
     from mergekit.merge_methods.buffers import copy_non_floating_buffer
 
@@ -89,7 +91,7 @@ def merge_tensor(
             name=name,
         )
         if result is None:
-            with _seeded(tensor_seed(seed, name), tensors[0].device):
+            with _seeded(tensor_seed(seed, name), tensors[0].device) if seeded else nullcontext():
                 (result,) = method._execute_resolved((group,), [bound])
     except ValueError as exc:
         raise ConfigError(f"tensor {name}: {exc}") from None
@@ -148,18 +150,42 @@ def merged_tensors(
     The one per-tensor merge loop, shared by `Materializer.apply` and `export_recipe`.
     Raises CandidateError when a merged tensor holds NaN or Inf.
     """
-    from evomerge.merge.kernels.chunks import kernel_threads
+    from evomerge.merge.kernels import MERGEKIT
 
     inputs = recipe.input_models()
     if len(checkpoints) != len(inputs):
         raise ValueError(f"{len(checkpoints)} checkpoints for {len(inputs)} recipe inputs")
     by_model = dict(zip(inputs, checkpoints))
     plan = plan or plan_for(recipe, checkpoints)
-    dtype, out_dtype = torch_dtype(recipe.dtype), torch_dtype(recipe.out_dtype)
-    kernels = recipe.kernels
     coefficients = _coefficients(recipe, plan, by_model)
+    jobs = plan.jobs()
+    if recipe.kernels != MERGEKIT:
+        yield from _merge_jobs(recipe, plan, jobs, by_model, targets, vocab, coefficients, truncate, release)
+        return
+    # mergekit-yaml's order (its schedule sorts the tensors by input name) and its one global stream, seeded once by
+    # the recipe seed as --random-seed seeds it: the random masks of dare_* and della* are mergekit's
+    first = next(iter(targets.values()), None) if targets else None
+    with _seeded(recipe.seed, first.device if first is not None else _cpu()):
+        jobs = sorted(jobs, key=lambda job: max(job.sources))
+        yield from _merge_jobs(
+            recipe, plan, jobs, by_model, targets, vocab, coefficients, truncate, release, seeded=False
+        )
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+def _merge_jobs(recipe, plan, jobs, by_model, targets, vocab, coefficients, truncate, release, seeded: bool = True):
+    """`merged_tensors`' loop over the planned jobs, in the given order; `seeded`: each tensor's random draws seeded
+    by (recipe seed, tensor name), else taken from the global stream as it stands."""
+    from evomerge.merge.kernels.chunks import kernel_threads
+
+    dtype, out_dtype = torch_dtype(recipe.dtype), torch_dtype(recipe.out_dtype)
     models = [e.model for e in recipe.models or []]
-    for job in plan.jobs():
+    for job in jobs:
         target = targets.get(job.name) if targets is not None else None
         tensors = _job_inputs(job, by_model, target, vocab, coefficients, models, dtype)
         if truncate and len({t.shape[:1] for t in tensors}) > 1:
@@ -176,7 +202,8 @@ def merged_tensors(
                 dtype=dtype,
                 out_dtype=out_dtype,
                 out=target,
-                kernels=kernels,
+                kernels=recipe.kernels,
+                seeded=seeded,
             )
             finite = not result.is_floating_point() or not result.numel() or _finite(result)
         if not finite:

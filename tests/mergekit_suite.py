@@ -320,34 +320,81 @@ class Result:
         return self.mergekit_rc == 0 and self.evomerge_rc == 0 and not self.differences
 
 
-def run_case(case: Case, models: Path, out: Path, kernels: str | None = None) -> Result:
-    """Both merges of `case` (models already built under `models`), compared; outputs under `out`."""
+def run_case(case: Case, models: Path, out: Path, in_process: bool = False) -> Result:
+    """Both merges of `case` (models already built under `models`), compared; outputs under `out`. By the two
+    command lines, or with `in_process` by what they run once their flags are parsed (`mergekit.merge.run_merge`
+    with mergekit-yaml's options, `evomerge.cli.main`): the same merges without two interpreters' start-up."""
     out.mkdir(parents=True, exist_ok=True)
     recipe = models / f"{case.name}.yaml"
     recipe.write_text(yaml.safe_dump(case.recipe, sort_keys=False))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": "0"}
     reference, ours = out / "mergekit", out / "evomerge"
+    run = _run_in_process if in_process else _run_commands
+    (mk_rc, mk_err), (ev_rc, ev_err) = run(case, recipe, reference, ours)
+    result = Result(case.name, mk_rc, ev_rc, evomerge_stderr=ev_err, mergekit_stderr=mk_err)
+    if mk_rc == 0 and ev_rc == 0:
+        result.differences = compare_outputs(reference, ours)
+    return result
+
+
+def _run_commands(case: Case, recipe: Path, reference: Path, ours: Path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": "0"}
     mk = subprocess.run(
         [MERGEKIT_YAML, recipe.name, str(reference), "--random-seed", "0", "--no-write-model-card", "--quiet"]
         + list(case.mergekit_flags),
-        cwd=models,
+        cwd=recipe.parent,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    flags = list(case.evomerge_flags) + (["--kernels", kernels] if kernels else [])
     ev = subprocess.run(
-        [EVOMERGE, "merge", str(recipe), "--out", str(ours)] + flags,
+        [EVOMERGE, "merge", str(recipe), "--out", str(ours), *case.evomerge_flags],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    result = Result(case.name, mk.returncode, ev.returncode, evomerge_stderr=ev.stderr, mergekit_stderr=mk.stderr)
-    if mk.returncode == 0 and ev.returncode == 0:
-        result.differences = compare_outputs(reference, ours)
-    return result
+    return (mk.returncode, mk.stderr), (ev.returncode, ev.stderr)
+
+
+MERGEKIT_FLAGS = {  # mergekit-yaml's flags the cases use -> its MergeOptions fields
+    "--unsafe-truncate-embeddings": ("unsafe_truncate_embeddings", True),
+    "--no-copy-tokenizer": ("copy_tokenizer", False),
+    "--allow-crimes": ("allow_crimes", True),
+}
+
+
+def _run_in_process(case: Case, recipe: Path, reference: Path, ours: Path):
+    import contextlib
+    import io
+    import traceback
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from evomerge.cli import main
+
+    options = dict(MERGEKIT_FLAGS[flag] for flag in case.mergekit_flags)
+    cwd = os.getcwd()
+    try:
+        os.chdir(recipe.parent)  # mergekit-yaml resolves model names against the working folder
+        config = MergeConfiguration.model_validate(yaml.safe_load(recipe.read_text()))
+        run_merge(config, str(reference), MergeOptions(random_seed=0, write_model_card=False, quiet=True, **options))
+        mk = (0, "")
+    except Exception:  # noqa: BLE001 - mergekit refuses with many kinds of exception
+        mk = (1, traceback.format_exc(limit=1))
+    finally:
+        os.chdir(cwd)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(["merge", str(recipe), "--out", str(ours), *case.evomerge_flags])
+        except SystemExit as exc:  # argparse: a flag evomerge does not have
+            code = int(exc.code or 0)
+        except Exception:  # noqa: BLE001 - a bug: exit 1 with its traceback
+            code, _ = 1, err.write(traceback.format_exc())
+    return mk, (code, err.getvalue())
 
 
 def compare_outputs(reference: Path, ours: Path) -> list[str]:
@@ -428,3 +475,64 @@ def _compare_tokenizer(reference: Path, ours: Path) -> list[str]:
             else [f"tokenizer: mergekit {'none' if a is None else 'one'}, evomerge {'none' if b is None else 'one'}"]
         )
     return [f"tokenizer {k} differs" for k in a if a[k] != b[k]]
+
+
+def loads_completely(folder: Path) -> bool:
+    """Whether transformers loads the checkpoint as its config.json's architecture with no weight missing."""
+    import transformers
+
+    config = json.loads((folder / "config.json").read_text())
+    arch = getattr(transformers, (config.get("architectures") or [""])[0], None)
+    if arch is None:
+        return False
+    try:
+        _, info = arch.from_pretrained(str(folder), output_loading_info=True)
+    except (OSError, ValueError, RuntimeError):
+        return False
+    return not info["missing_keys"] and not info.get("mismatched_keys")
+
+
+def _same_rows_per_token(out: Path, ids: dict[str, int], our_ids: dict[str, int]) -> bool:
+    """Whether the two outputs have the same tokens, each token's vocabulary rows equal, and every other tensor
+    equal: the same model with its tokens numbered otherwise."""
+    import torch
+
+    a, b = read_weights(out / "mergekit"), read_weights(out / "evomerge")
+    if set(ids) != set(our_ids) or set(a) != set(b):
+        return False
+    tokens = sorted(ids)
+    for name in a:
+        if a[name].shape[:1] == (len(ids),):  # one row per token: compare token by token
+            mine, theirs = a[name][[ids[t] for t in tokens]], b[name][[our_ids[t] for t in tokens]]
+        else:
+            mine, theirs = a[name], b[name]
+        if mine.dtype != theirs.dtype or not torch.equal(mine, theirs):
+            return False
+    return True
+
+
+def outcome(case: Case, result: Result, out: Path) -> str:
+    """What happened, in the words of cases.yaml's `expect`: equal, both_refuse, mergekit_broken (mergekit's output
+    does not load completely, evomerge's does), mergekit_fails (mergekit exits non-zero, evomerge's output loads),
+    mergekit_blank_tokenizer (the same weights and config; mergekit wrote a tokenizer of at most one token where
+    the inputs have none), mergekit_no_tokenizer (the same but for evomerge's tokenizer), union_numbered_otherwise
+    (the same tokens and rows, numbered otherwise), else `differ: ...` or `evomerge_fails: ...`."""
+    if result.equal:
+        return "equal"
+    if result.mergekit_rc != 0 and result.evomerge_rc == 2:
+        return "both_refuse"
+    if result.evomerge_rc != 0:
+        return "evomerge_fails: " + (result.evomerge_stderr.strip().splitlines() or [""])[-1]
+    if result.mergekit_rc != 0:
+        return "mergekit_fails" if loads_completely(out / "evomerge") else "mergekit_fails, evomerge incomplete"
+    tokenizers = [tokenizer_facts(out / "mergekit"), tokenizer_facts(out / "evomerge")]
+    rest = [d for d in result.differences if not d.startswith("tokenizer")]
+    if not rest and tokenizers[1] is None and tokenizers[0] is not None and len(tokenizers[0]["vocab"]) <= 1:
+        return "mergekit_blank_tokenizer"
+    if not rest and tokenizers[0] is None and tokenizers[1] is not None:
+        return "mergekit_no_tokenizer"
+    if tokenizers[0] and tokenizers[1] and _same_rows_per_token(out, tokenizers[0]["vocab"], tokenizers[1]["vocab"]):
+        return "union_numbered_otherwise"
+    if not loads_completely(out / "mergekit") and loads_completely(out / "evomerge"):
+        return "mergekit_broken"
+    return "differ: " + "; ".join(result.differences)

@@ -233,3 +233,18 @@ def test_token_sources_and_padding_equal_mergekit(tmp_path, monkeypatch):
         mergekit_merge(case, models, tmp_path / name / "mergekit", monkeypatch)
         assert evomerge_merge(case, models, tmp_path / name / "evomerge") == 0
         assert compare_outputs(tmp_path / name / "mergekit", tmp_path / name / "evomerge") == []
+
+
+def test_a_search_space_stays_strict_about_parameters_its_method_does_not_read():
+    """A searched or fixed value no merge reads would spend trials on nothing: the space's recipe is refused."""
+    from evomerge.space import SearchSpace, SpaceSpec
+
+    spec = SpaceSpec(
+        name="x",
+        methods=["task_arithmetic"],
+        parameters={"weight": {"low": 0, "high": 1, "default": 0.5}, "t": {"value": 0.3}},
+    )
+    space = SearchSpace(spec, num_layers=2)
+    point = {name: 0.5 for name in space.bounds(["/z/add"])}
+    with pytest.raises(ConfigError, match="task_arithmetic has no parameter 't'"):
+        space.to_recipe(point, ["/z/add"], "/z/base", "task_arithmetic", 0)

@@ -3,10 +3,11 @@
     mat = Materializer(["zoo/add", "zoo/reverse"], "zoo/base")   # loads inputs once, builds one model
     mat.apply(recipe)                                            # in place; mat.model is the candidate
 
-The kernels are the set the recipe records (`evomerge.kernels`; see `evomerge.merge.kernels`). Randomness
-is per tensor: evomerge-1's DARE/DELLA masks come from a counter stream keyed by (recipe seed, tensor
-name, input), mergekit-0.1.5's from the global RNG seeded by (recipe seed, tensor name), so a merge does not
-depend on tensor order, batching or worker. A resident model on a GPU is merged there: each tensor's
+The kernels are the set the recipe records (`evomerge.kernels`; see `evomerge.merge.kernels`). Under
+evomerge-1 randomness is per tensor: DARE/DELLA masks come from a counter stream keyed by (recipe seed, tensor
+name, input), so a merge does not depend on tensor order, batching or worker. Under mergekit-0.1.5 a merge is
+mergekit-yaml's: the tensors in its order, the masks from one global RNG stream seeded once by the recipe seed
+(its `--random-seed`); `merged_tensors` always merges a recipe whole, so its bytes are reproducible too. A resident model on a GPU is merged there: each tensor's
 inputs are copied from the memory-mapped files to the GPU and the kernel writes into the parameter.
 """
 

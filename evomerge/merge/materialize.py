@@ -7,8 +7,9 @@ The kernels are the set the recipe records (`evomerge.kernels`; see `evomerge.me
 evomerge-1 randomness is per tensor: DARE/DELLA masks come from a counter stream keyed by (recipe seed, tensor
 name, input), so a merge does not depend on tensor order, batching or worker. Under mergekit-0.1.5 a merge is
 mergekit-yaml's: the tensors in its order, the masks from one global RNG stream seeded once by the recipe seed
-(its `--random-seed`); `merged_tensors` always merges a recipe whole, so its bytes are reproducible too. A resident model on a GPU is merged there: each tensor's
-inputs are copied from the memory-mapped files to the GPU and the kernel writes into the parameter.
+(its `--random-seed`); `merged_tensors` always merges a recipe whole, so its bytes are reproducible too.
+A resident model on a GPU is merged there: each tensor's inputs are copied from the memory-mapped files to the
+GPU and the kernel writes into the parameter.
 """
 
 from __future__ import annotations

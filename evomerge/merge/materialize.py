@@ -441,6 +441,11 @@ class Materializer:
             )
         if recipe.base_model is not None and input_key(recipe.base_model) != self.base_model:
             raise ConfigError(f"recipe base_model {recipe.base_model} is not this worker's base ({self.base_model})")
+        if recipe.tokenizer is not None:
+            raise ConfigError(
+                "recipe field tokenizer: a search merges every candidate into the one vocabulary its config's "
+                "tokenizer_source sets; merge a tokenizer: block recipe with `evomerge merge`"
+            )
         if recipe.tokenizer_source is not None and _source_key(recipe.tokenizer_source) != self.tokenizer_source:
             raise ConfigError(
                 f"recipe tokenizer_source {recipe.tokenizer_source} is not this worker's ({self.tokenizer_source}); "

@@ -248,3 +248,29 @@ def test_a_search_space_stays_strict_about_parameters_its_method_does_not_read()
     point = {name: 0.5 for name in space.bounds(["/z/add"])}
     with pytest.raises(ConfigError, match="task_arithmetic has no parameter 't'"):
         space.to_recipe(point, ["/z/add"], "/z/base", "task_arithmetic", 0)
+
+
+def test_chat_template_auto_takes_the_inputs_template_as_mergekit_does(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from tests.mergekit_suite import Case, build_models, compare_outputs
+    from tests.test_mergekit_suite import evomerge_merge, mergekit_merge
+
+    models = build_models(tmp_path / "models", ["tok_base", "model_b"])
+    tokenizer = AutoTokenizer.from_pretrained(str(models / "tok_base"))
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    tokenizer.save_pretrained(str(models / "tok_base"))
+    recipe = {
+        "merge_method": "linear",
+        "base_model": "tok_base",
+        "models": [
+            {"model": "tok_base", "parameters": {"weight": 0.5}},
+            {"model": "model_b", "parameters": {"weight": 0.5}},
+        ],
+        "chat_template": "auto",
+    }
+    case = Case(name="auto", family="chat_template", recipe=recipe)
+    mergekit_merge(case, models, tmp_path / "mergekit", monkeypatch)
+    assert evomerge_merge(case, models, tmp_path / "evomerge") == 0
+    assert compare_outputs(tmp_path / "mergekit", tmp_path / "evomerge") == []
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "evomerge")).chat_template == tokenizer.chat_template

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from evomerge.errors import ConfigError, EvomergeError, StudyError
+from evomerge.errors import ConfigError, EvomergeError, ModelError, StudyError
 from evomerge.io.atomic import atomic_dir, check_replaceable
 from evomerge.io.checkpoint import TOKENIZER_FILES, check_compatible
 from evomerge.io.digest import file_sha256
@@ -143,7 +143,7 @@ def _write_weights(
     out_dtype = None
     merged = merged_tensors(recipe, checkpoints, plan=plan, release=True, vocab=vocab, truncate=truncate)
     if truncate:
-        _warn_truncated(plan, by_model)
+        _check_truncated(plan, by_model)
     for name, tensor in merged:
         writer.add(name, tensor)
         if tensor.is_floating_point():
@@ -351,11 +351,19 @@ def _chat_template(recipe: Recipe, checkpoints: Sequence[Input]) -> str | None:
     return text if text is not None else auto_chat_template([c.model_dir for c in checkpoints])
 
 
-def _warn_truncated(plan: Plan, by_model: Mapping[str, Input]) -> None:
-    """One line naming the tensors `--unsafe-truncate-embeddings` cuts (mergekit warns of the same)."""
+def _check_truncated(plan: Plan, by_model: Mapping[str, Input]) -> None:
+    """One line naming the tensors `--unsafe-truncate-embeddings` cuts (mergekit warns of the same); ModelError for
+    one inside a decoder layer (only vocabulary rows are cut)."""
+    from evomerge.merge.layout import layer_index
+
     cut = []
     for job in plan.jobs():
         rows = {by_model[m].shape(src)[0] for m, src in zip(job.inputs, job.sources) if by_model[m].shape(src)}
+        if len(rows) > 1 and layer_index(job.name) is not None:
+            raise ModelError(
+                f"tensor {job.name}: its rows differ between the inputs ({sorted(rows)}) inside a decoder layer; "
+                "--unsafe-truncate-embeddings cuts only vocabulary rows (embeddings, head): merge models of one shape"
+            )
         if len(rows) > 1:
             cut.append(f"{job.name} to {min(rows)} of {max(rows)} rows")
     if cut:

@@ -388,7 +388,7 @@ def check_compatible(
     (a `slices:` recipe) compares the config and the vocabulary only: the slices decide which tensors are read,
     and the merge checks them tensor by tensor. `vocab_may_differ` (a `tokenizer_source` merge, or the audit):
     vocab_size, the tokenizers and the embedding and head rows may differ; `truncate` (`--unsafe-truncate-embeddings`):
-    so may the rows of any tensor outside the decoder layers (the merge keeps the fewest)."""
+    so may the rows of any tensor (the merge keeps the fewest, outside the decoder layers only)."""
     if not checkpoints:
         raise ModelError("no input models to merge")
     ref = checkpoints[0]
@@ -429,11 +429,10 @@ def _rows_only(ref: Checkpoint, other: Checkpoint, name: str) -> bool:
 
 
 def _first_dim_only(ref: Checkpoint, other: Checkpoint, name: str) -> bool:
-    """Whether tensor `name`, outside the decoder layers, differs between the two only in its first dimension."""
-    from evomerge.merge.layout import layer_index
-
+    """Whether tensor `name` differs between the two only in its first dimension (the merge refuses it inside a
+    decoder layer: export's truncation check)."""
     a, b = ref.shape(name), other.shape(name)
-    return bool(a) and len(a) == len(b) and a[1:] == b[1:] and layer_index(name) is None
+    return bool(a) and len(a) == len(b) and a[1:] == b[1:]
 
 
 def _check_vocab(ref: Checkpoint, other: Checkpoint) -> None:

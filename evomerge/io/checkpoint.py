@@ -341,6 +341,12 @@ VOCAB_HINT = (
 )
 
 
+TRUNCATE_HINT = (
+    "or, where the extra rows are padding under one tokenizer, `evomerge merge --unsafe-truncate-embeddings` (keeps "
+    "the first rows, as mergekit's option of that name does)"
+)
+
+
 def config_mismatch(
     ref: Checkpoint | tuple[Path, dict],
     other: Checkpoint | tuple[Path, dict],
@@ -360,7 +366,11 @@ def config_mismatch(
         _, a = config_field(ref_config, field)
         other_key, b = config_field(other_config, field)
         if a != b:
-            fix = f"{VOCAB_HINT}, " if field == "vocab_size" else "merge models of one architecture and size, "
+            fix = (
+                f"{VOCAB_HINT}, {TRUNCATE_HINT}, "
+                if field == "vocab_size"
+                else "merge models of one architecture and size, "
+            )
             return (
                 f"{other_path}: config.json {other_key} is {_show(b)}, but {ref_path} has {_show(a)}; {fix}or pass "
                 "--allow-config-mismatch (search config: allow_config_mismatch: true) if their tensors are meant to "

@@ -43,6 +43,11 @@ class TaskCodeError(CandidateError):
     """The user's lm-eval task code (a `!function` of a task YAML) raised while scoring a candidate."""
 
 
+class RecipeWarning(UserWarning):
+    """Something in a recipe that evomerge accepts and ignores, as mergekit does (a parameter its method does not
+    read): `evomerge merge` prints it as one `evomerge: warning: ...` line."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) or SIGTERM (a scheduler's time limit, `timeout`, Kubernetes): the command stops cleanly.
     `detail` says what was stopped and how to go on; the CLI prints one line and exits 128 + the signal number."""

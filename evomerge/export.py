@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evomerge.errors import ConfigError, EvomergeError, StudyError
+from evomerge.errors import ConfigError, EvomergeError, ModelError, StudyError
 from evomerge.io.atomic import atomic_dir, check_replaceable
 from evomerge.io.checkpoint import TOKENIZER_FILES, check_compatible
 from evomerge.io.digest import file_sha256
@@ -60,6 +60,7 @@ def export_recipe(
     names: Mapping[str, str] | None = None,
     log: Callable[[str], None] | None = None,
     allow_config_mismatch: bool = False,
+    truncate_embeddings: bool = False,
 ) -> Path:
     """Merge `recipe` to `out_dir` (HF folder + recipe.yaml with provenance); returns `out_dir`.
 
@@ -70,7 +71,9 @@ def export_recipe(
     e.g. a Hub id}) renames inputs in the written recipe; its provenance keeps each input's sha256 under the
     new name. `allow_config_mismatch`: merge models whose config.json differ in shape-defining fields when
     their tensors match. A tied output head stored next to its embeddings is merged once, as the embeddings,
-    and not written.
+    and not written. `truncate_embeddings` (`--unsafe-truncate-embeddings`, mergekit's option of that name): a
+    tensor outside the decoder layers whose rows differ between the inputs keeps the first rows, as many as the
+    smallest has; the output's config.json keeps the reference's vocab_size, as mergekit's does.
     """
     out_dir = Path(out_dir)
     check_replaceable(out_dir)  # fail before hashing and merging
@@ -80,16 +83,18 @@ def export_recipe(
     opened = _open_inputs(recipe, allow_pickle, source)
     checkpoints = [opened[m] for m in inputs]
     ref = checkpoints[inputs.index(recipe.base_model)] if recipe.base_model else checkpoints[0]
-    recipe, plan = _checked_plan(recipe, checkpoints, ref, source, allow_config_mismatch)
+    recipe, plan = _checked_plan(recipe, checkpoints, ref, source, allow_config_mismatch, truncate_embeddings)
     vocab = _vocab(recipe, opened, source)
+    truncate = truncate_embeddings and vocab is None  # aligned vocabularies need no truncation (mergekit's rule)
     tokenizer_dir = _tokenizer_dir(recipe, ref)
     hashing = ThreadPoolExecutor(len(checkpoints))  # the inputs' sha256 while they merge (hashlib frees the GIL)
     digests = [hashing.submit(c.sha256) for c in checkpoints]
 
     with _finally_shutdown(hashing), atomic_dir(out_dir) as tmp:
         by_model = dict(zip(inputs, checkpoints))
-        shards, size, out_dtype = _write_weights(tmp, recipe, checkpoints, plan, by_model, shard_bytes, vocab)
-        _write_config(tmp, ref, plan, by_model, out_dtype, tokenizer_dir, vocab)
+        shards, size, out_dtype = _write_weights(tmp, recipe, checkpoints, plan, by_model, shard_bytes, vocab, truncate)
+        _write_config(tmp, ref, plan, by_model, recipe.out_dtype or recipe.dtype or out_dtype, vocab)
+        _write_tokenizer(tmp, ref, tokenizer_dir, vocab, _chat_template(recipe, checkpoints))
         recipe = recipe.with_provenance(inputs={m: d.result() for m, d in zip(inputs, digests)})
         recipe = _write_coefficients(tmp, recipe)
         # what recipe.yaml (and a card) say: adapters in mergekit's BASE+ADAPTER form, Hub names where given
@@ -99,7 +104,9 @@ def export_recipe(
     return out_dir
 
 
-def _checked_plan(recipe: Recipe, checkpoints, ref, source, allow_config_mismatch: bool) -> tuple[Recipe, Plan]:
+def _checked_plan(
+    recipe: Recipe, checkpoints, ref, source, allow_config_mismatch: bool, truncate: bool = False
+) -> tuple[Recipe, Plan]:
     """The inputs checked against the base, the recipe's plan over them, and the recipe with its version and kernel
     set recorded (always, so a re-merge gives these bytes whatever its environment)."""
     from evomerge import __version__
@@ -110,23 +117,35 @@ def _checked_plan(recipe: Recipe, checkpoints, ref, source, allow_config_mismatc
         [ref] + [c for c in checkpoints if c is not ref],
         allow_config_mismatch=allow_config_mismatch,
         layers=recipe.slices is None,
-        vocab_may_differ=recipe.tokenizer_source is not None,
+        vocab_may_differ=recipe.vocab_source is not None or truncate,
+        truncate=truncate,
     )
     plan = _planned(recipe, checkpoints, Layout.of(ref, tied=True), source)
     return recipe.with_provenance(version=__version__, kernels=recipe.kernels, outputs={}), plan
 
 
 def _write_weights(
-    tmp: Path, recipe: Recipe, checkpoints, plan: Plan, by_model, shard_bytes: int, vocab: VocabPlan | None
+    tmp: Path,
+    recipe: Recipe,
+    checkpoints,
+    plan: Plan,
+    by_model,
+    shard_bytes: int,
+    vocab: VocabPlan | None,
+    truncate: bool = False,
 ):
     """Every merged tensor into its shard as it comes (no shard is buffered): (shards, bytes, the output's float
-    dtype). `vocab`: a `tokenizer_source` merge's output vocabulary (its embeddings and head have its rows)."""
+    dtype). `vocab`: a `tokenizer_source` merge's output vocabulary (its embeddings and head have its rows);
+    `truncate`: tensors whose rows differ keep the fewest."""
     from evomerge.merge.materialize import merged_tensors
 
-    shapes = [(job.name, _out_shape(job, by_model, vocab)) for job in plan.jobs()]
+    shapes = [(job.name, _out_shape(job, by_model, vocab, truncate)) for job in plan.jobs()]
     writer = ShardWriter(tmp, shapes, shard_bytes)
     out_dtype = None
-    for name, tensor in merged_tensors(recipe, checkpoints, plan=plan, release=True, vocab=vocab):
+    merged = merged_tensors(recipe, checkpoints, plan=plan, release=True, vocab=vocab, truncate=truncate)
+    if truncate:
+        _check_truncated(plan, by_model)
+    for name, tensor in merged:
         writer.add(name, tensor)
         if tensor.is_floating_point():
             out_dtype = out_dtype or str(tensor.dtype).removeprefix("torch.")
@@ -134,16 +153,14 @@ def _write_weights(
     return writer.finish(), writer.total_bytes, out_dtype
 
 
-def _write_config(
-    tmp: Path, ref, plan: Plan, by_model, out_dtype: str | None, tokenizer_dir: Path, vocab: VocabPlan | None
-) -> None:
-    """config.json for the output's shape, vocabulary and dtype; the tokenizer and generation config."""
+def _write_config(tmp: Path, ref, plan: Plan, by_model, out_dtype: str | None, vocab: VocabPlan | None) -> None:
+    """config.json for the output's shape and vocabulary; its dtype is the recipe's `out_dtype`, else its `dtype`
+    (as mergekit writes it, whatever dtype a method's kernel returns), else the merged tensors'."""
     config = _out_config(ref.config, plan, by_model, vocab)
     if out_dtype:
         config["dtype"] = out_dtype
         config.pop("torch_dtype", None)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    _write_tokenizer(tmp, ref, tokenizer_dir, vocab)
 
 
 def _write_coefficients(tmp: Path, recipe: Recipe) -> Recipe:
@@ -205,28 +222,43 @@ def _vocab(recipe: Recipe, opened: Mapping[str, Input], source: str | os.PathLik
     """The output vocabulary of a `tokenizer_source` recipe (None without one); errors name the file."""
     from evomerge.merge.vocab import vocab_plan_for
 
-    if recipe.tokenizer_source is None:
+    if recipe.vocab_source is None:
         return None
+    field = "tokenizer.source" if recipe.tokenizer is not None else "tokenizer_source"
     try:
-        return vocab_plan_for(recipe.tokenizer_source, opened, recipe.base_model)
+        return vocab_plan_for(recipe.vocab_source, opened, recipe.base_model, field=field, block=recipe.tokenizer)
     except EvomergeError as exc:
         where = f"{source}: " if source is not None else ""
         raise type(exc)(f"{where}{exc}") from None
 
 
-def _out_shape(job, by_model: Mapping[str, Input], vocab: VocabPlan | None) -> tuple[int, ...]:
+def _out_shape(job, by_model: Mapping[str, Input], vocab: VocabPlan | None, truncate: bool = False) -> tuple[int, ...]:
     shape = tuple(by_model[job.inputs[0]].shape(job.sources[0]))
+    if truncate and shape:
+        shape = (min(by_model[m].shape(src)[0] for m, src in zip(job.inputs, job.sources)), *shape[1:])
     return (vocab.rows, *shape[1:]) if vocab is not None and job.name in vocab.tensors else shape
 
 
-def _write_tokenizer(tmp: Path, ref: Input, tokenizer_dir: Path, vocab: VocabPlan | None) -> None:
-    """The output's tokenizer (a union that adds tokens: the base's with them added, written by transformers;
+def _write_tokenizer(
+    tmp: Path, ref: Input, tokenizer_dir: Path, vocab: VocabPlan | None, chat_template: str | None = None
+) -> None:
+    """The output's tokenizer (a union that adds tokens: the base's with them added, written by transformers; with a
+    `chat_template`: the tokenizer loaded, given the template and written by transformers, as mergekit writes it;
     else the named tokenizer's files, copied) and the reference's generation_config.json."""
+    from evomerge.io.tokenizers import has_tokenizer, load_tokenizer
+
     built = vocab is not None and bool(vocab.additions)
-    if built:
+    if chat_template is not None and not built and not has_tokenizer(tokenizer_dir):
+        _warn(f"field chat_template: {tokenizer_dir} has no tokenizer, so the output has none to hold the template")
+        chat_template = None
+    if built or chat_template is not None:
         from evomerge.merge.vocab import output_tokenizer
 
-        output_tokenizer(vocab, ref.model_dir).save_pretrained(str(tmp))
+        tokenizer = output_tokenizer(vocab, ref.model_dir) if built else load_tokenizer(tokenizer_dir)
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(str(tmp))
+        built = True
     for fname in COPIED_FILES:
         if built and fname != "generation_config.json":
             continue
@@ -309,9 +341,50 @@ def _layer_value(config: dict, name: str, layer: int, fallback: list):
     return values[layer] if layer < len(values) else values[-1]
 
 
+def _chat_template(recipe: Recipe, checkpoints: Sequence[Input]) -> str | None:
+    """The template the output's tokenizer gets: the recipe's `chat_template` (a name mergekit ships, a Jinja
+    template, or `auto`: the inputs' most common one); None without one."""
+    from evomerge.io.tokenizers import auto_chat_template, chat_template_text
+
+    if recipe.chat_template is None:
+        return None
+    text = chat_template_text(recipe.chat_template)
+    return text if text is not None else auto_chat_template([c.model_dir for c in checkpoints])
+
+
+def _check_truncated(plan: Plan, by_model: Mapping[str, Input]) -> None:
+    """One line naming the tensors `--unsafe-truncate-embeddings` cuts (mergekit warns of the same); ModelError for
+    one inside a decoder layer (only vocabulary rows are cut)."""
+    from evomerge.merge.layout import layer_index
+
+    cut = []
+    for job in plan.jobs():
+        rows = {by_model[m].shape(src)[0] for m, src in zip(job.inputs, job.sources) if by_model[m].shape(src)}
+        if len(rows) > 1 and layer_index(job.name) is not None:
+            raise ModelError(
+                f"tensor {job.name}: its rows differ between the inputs ({sorted(rows)}) inside a decoder layer; "
+                "--unsafe-truncate-embeddings cuts only vocabulary rows (embeddings, head): merge models of one shape"
+            )
+        if len(rows) > 1:
+            cut.append(f"{job.name} to {min(rows)} of {max(rows)} rows")
+    if cut:
+        _warn(
+            f"--unsafe-truncate-embeddings: {', '.join(cut)}; this assumes the models share token ids for those rows "
+            "(tokenizer_source or a tokenizer: block aligns them by token instead)"
+        )
+
+
+def _warn(message: str) -> None:
+    import warnings
+
+    from evomerge.errors import RecipeWarning
+
+    warnings.warn(RecipeWarning(message), stacklevel=2)
+
+
 def _tokenizer_dir(recipe: Recipe, ref: Input) -> Path:
     """The folder whose tokenizer files the output copies: the base's, or the one tokenizer_source names."""
-    source = recipe.tokenizer_source
+    source = recipe.vocab_source
     if source in (None, "base", "union"):  # a union that adds nothing is the base's
         return Path(ref.model_dir)
     path = Path(source)

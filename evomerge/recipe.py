@@ -96,6 +96,42 @@ class MergeGroup:
     layer_ranges: Mapping[str, tuple[int, int]] | None = None
 
 
+class TokenSource(BaseModel, frozen=True):
+    """A token's row taken from one model's row of another token (`{kind: model_token, model, token_id | token}`)
+    or zero (`{kind: zero}`): mergekit's `ModelTokenEmbedding` and `ZeroEmbedding`."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token", "zero"]
+    model: str | None = None
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> TokenSource:
+        if self.kind == "model_token" and (self.model is None or (self.token_id is None) == (self.token is None)):
+            raise ConfigError("a model_token source names its model and exactly one of token_id and token")
+        return self
+
+
+class TokenSetting(BaseModel, frozen=True):
+    """`tokens: {TOKEN: {source, force}}`: where the output's row of TOKEN comes from when a model lacks it (every
+    model's row with `force: true`): a model folder (its own row of TOKEN) or a TokenSource."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: TokenSource | str | None = None
+    force: bool = False
+
+
+class TokenizerBlock(BaseModel, frozen=True):
+    """mergekit's `tokenizer:` block: `source` (as `tokenizer_source`, default union), per-token rows (`tokens`) and
+    the output's rows padded up to a multiple (`pad_to_multiple_of`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, gt=0)
+
+
 class CoefficientFile(BaseModel, frozen=True):
     """`evomerge.coefficients`: a safetensors file of per-row task-vector coefficients (evomerge/merge/
     coefficients.py), relative to the recipe's folder, and its sha256: the recipe is evomerge-only."""
@@ -149,6 +185,7 @@ class Recipe(BaseModel, frozen=True):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: Literal["union", "base"] | str | None = None
+    tokenizer: TokenizerBlock | None = None
     chat_template: str | None = None
     evomerge: Provenance | None = None
 
@@ -162,6 +199,15 @@ class Recipe(BaseModel, frozen=True):
             )
         for i, piece in enumerate(self.slices or []):
             _check_slice(i, piece)
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ConfigError(
+                "fields tokenizer and tokenizer_source: give one (mergekit refuses both); tokenizer.source is the same "
+                "setting as tokenizer_source"
+            )
+        if self.chat_template is not None:
+            from evomerge.io.tokenizers import chat_template_text
+
+            chat_template_text(self.chat_template)  # a name mergekit knows, "auto", or a Jinja template
         check_recipe(self)
         return self
 
@@ -193,11 +239,7 @@ class Recipe(BaseModel, frozen=True):
                 f"{source}: field 'modules' (mergekit's per-module form, for multi-module models) is not "
                 "supported; write the recipe with 'models:' or 'slices:'"
             )
-        if "tokenizer" in data:
-            raise ConfigError(
-                f"{source}: field 'tokenizer' (mergekit's per-token block) is not supported; use "
-                "'tokenizer_source: union', 'base' or a model folder (docs/inputs.md)"
-            )
+        data = _without_unread_parameters(data, source)
         if base_dir is not None:
             data = _resolve_paths(data, Path(base_dir))
         try:
@@ -316,6 +358,12 @@ class Recipe(BaseModel, frozen=True):
         return "base_model"
 
     @property
+    def vocab_source(self) -> str | None:
+        """The output vocabulary's source: `tokenizer_source`, else the `tokenizer:` block's `source`, else None (the
+        inputs share one vocabulary)."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
+
+    @property
     def evomerge_only(self) -> bool:
         """Whether only `evomerge merge` reproduces this recipe (it names a coefficient file mergekit ignores)."""
         return self.evomerge is not None and self.evomerge.coefficients is not None
@@ -388,6 +436,8 @@ def _resolve_paths(data: dict, base_dir: Path) -> dict:
         data["slices"] = [_resolve_slice(piece, fix) for piece in data["slices"]]
     if data.get("tokenizer_source") not in (None, "base", "union"):
         data["tokenizer_source"] = fix(data["tokenizer_source"])
+    if isinstance(data.get("tokenizer"), dict):
+        data["tokenizer"] = _resolve_tokenizer_block(data["tokenizer"], fix)
     block = data.get("evomerge")
     if isinstance(block, dict) and isinstance(block.get("inputs"), dict):
         block = data["evomerge"] = {**block, "inputs": {fix(k): v for k, v in block["inputs"].items()}}
@@ -396,6 +446,89 @@ def _resolve_paths(data: dict, base_dir: Path) -> dict:
         if isinstance(coefficients.get("file"), str):
             data["evomerge"] = {**block, "coefficients": {**coefficients, "file": fix(coefficients["file"])}}
     return data
+
+
+def _resolve_tokenizer_block(block: dict, fix) -> dict:
+    """The `tokenizer:` block's model folders (its source, each token's source model) made absolute."""
+    block = dict(block)
+    if block.get("source") not in (None, "base", "union"):
+        block["source"] = fix(block["source"])
+    if isinstance(block.get("tokens"), dict):
+        tokens = {}
+        for token, setting in block["tokens"].items():
+            if isinstance(setting, dict) and isinstance(setting.get("source"), str):
+                setting = {**setting, "source": fix(setting["source"])}
+            elif isinstance(setting, dict) and isinstance(setting.get("source"), dict):
+                ref = setting["source"]
+                if isinstance(ref.get("model"), str):
+                    setting = {**setting, "source": {**ref, "model": fix(ref["model"])}}
+            tokens[token] = setting
+        block["tokens"] = tokens
+    return block
+
+
+def _without_unread_parameters(data: dict, source: str) -> dict:
+    """`data` less the parameters its method does not read but another method does (mergekit ignores them: recipes
+    copied between model cards carry `weight` under slerp, `t` under linear), with one RecipeWarning per name. A
+    name no method has stays, so that validation refuses it (a typo: "did you mean")."""
+    import warnings
+
+    from evomerge.errors import RecipeWarning
+    from evomerge.merge.registry import REGISTRY
+
+    info = REGISTRY.get(data.get("merge_method")) if isinstance(data.get("merge_method"), str) else None
+    if info is None:
+        return data
+    known = {name for m in REGISTRY.values() for name in m.params}
+    unread: dict[str, list[str]] = {}
+
+    def strip(params: Any, where: str) -> Any:
+        if not isinstance(params, dict):
+            return params
+        for name in params:
+            if name not in info.params and name in known:
+                unread.setdefault(name, []).append(f"{where}.{name}")
+        kept = {k: v for k, v in params.items() if k in info.params or k not in known}
+        return kept or None
+
+    data = dict(data)
+    if "parameters" in data:
+        data["parameters"] = strip(data["parameters"], "parameters")
+    if isinstance(data.get("models"), list):
+        data["models"] = [
+            {**e, "parameters": strip(e["parameters"], f"models[{i}].parameters")}
+            if isinstance(e, dict) and "parameters" in e
+            else e
+            for i, e in enumerate(data["models"])
+        ]
+    if isinstance(data.get("slices"), list):
+        data["slices"] = [_strip_slice(piece, i, strip) for i, piece in enumerate(data["slices"])]
+    for name, fields in unread.items():
+        more = f" (and {len(fields) - 1} more)" if len(fields) > 1 else ""
+        warnings.warn(
+            RecipeWarning(
+                f"{source}: field {fields[0]}{more}: {info.name} does not read {name!r}; ignored, as mergekit "
+                "ignores it"
+            ),
+            stacklevel=3,
+        )
+    return data
+
+
+def _strip_slice(piece: Any, i: int, strip) -> Any:
+    if not isinstance(piece, dict):
+        return piece
+    piece = dict(piece)
+    if "parameters" in piece:
+        piece["parameters"] = strip(piece["parameters"], f"slices[{i}].parameters")
+    if isinstance(piece.get("sources"), list):
+        piece["sources"] = [
+            {**src, "parameters": strip(src["parameters"], f"slices[{i}].sources[{j}].parameters")}
+            if isinstance(src, dict) and "parameters" in src
+            else src
+            for j, src in enumerate(piece["sources"])
+        ]
+    return piece
 
 
 def _resolve_slice(piece: Any, fix) -> Any:

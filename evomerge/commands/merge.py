@@ -1,16 +1,19 @@
 """`evomerge merge RECIPE.yaml --out DIR [--seed N] [--kernels SET] [--max-shard-size 2GB] [--allow-pickle]
-[--allow-config-mismatch]`
+[--allow-config-mismatch] [--unsafe-truncate-embeddings]`
 
 Materializes any recipe (mergekit YAML with `models:` or `slices:`, optionally an `evomerge:` block) to an HF
 checkpoint.
 DIR appears whole or not at all; `evomerge verify DIR` checks it later against the hashes in DIR/recipe.yaml.
 The kernel set is the recipe's (`evomerge.kernels`), else $EVOMERGE_KERNELS, else evomerge-1; `--kernels`
-overrides it, and DIR/recipe.yaml records the set used.
+overrides it, and DIR/recipe.yaml records the set used. What the recipe has that evomerge accepts and ignores, as
+mergekit does (a parameter its method does not read), is one `evomerge: warning: ...` line each.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 EXAMPLES = """\
   evomerge merge /tmp/ties.yaml --out /tmp/merged --seed 0
@@ -37,6 +40,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="merge models whose config.json differ in shape-defining fields (hidden size, layers, "
         "heads, vocabulary, architecture) when their tensors match",
     )
+    parser.add_argument(
+        "--unsafe-truncate-embeddings",
+        action="store_true",
+        help="merge embeddings and heads of different vocabulary sizes by keeping the first rows, as many as the "
+        "smallest has (mergekit's option; assumes shared token ids: tokenizer_source aligns by token instead)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,18 +59,20 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     shard_bytes = parse_size(args.max_shard_size)
-    recipe = Recipe.load(args.recipe)
-    if args.kernels is not None:
-        recipe = recipe.with_provenance(kernels=kernels_flag(args.kernels))
-    out = export_recipe(
-        recipe,
-        Path(args.out),
-        seed=args.seed,
-        allow_pickle=args.allow_pickle,
-        shard_bytes=shard_bytes,
-        source=args.recipe,
-        allow_config_mismatch=args.allow_config_mismatch,
-    )
+    with printed_warnings():
+        recipe = Recipe.load(args.recipe)
+        if args.kernels is not None:
+            recipe = recipe.with_provenance(kernels=kernels_flag(args.kernels))
+        out = export_recipe(
+            recipe,
+            Path(args.out),
+            seed=args.seed,
+            allow_pickle=args.allow_pickle,
+            shard_bytes=shard_bytes,
+            source=args.recipe,
+            allow_config_mismatch=args.allow_config_mismatch,
+            truncate_embeddings=args.unsafe_truncate_embeddings,
+        )
     seed = args.seed if args.seed is not None else recipe.seed
     print(
         f"merged {recipe.merge_method} of {len(recipe.input_models())} models (seed {seed}, kernels {recipe.kernels}) "
@@ -77,6 +88,28 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     return 0
+
+
+@contextmanager
+def printed_warnings() -> Iterator[None]:
+    """Each RecipeWarning raised inside, printed once as `evomerge: warning: ...` on stderr (others pass through)."""
+    import sys
+    import warnings
+
+    from evomerge.errors import RecipeWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RecipeWarning)
+        try:
+            yield
+        finally:
+            seen = set()
+            for w in caught:
+                if not issubclass(w.category, RecipeWarning):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+                elif str(w.message) not in seen:
+                    seen.add(str(w.message))
+                    print(f"evomerge: warning: {w.message}", file=sys.stderr)
 
 
 def kernels_flag(value: str) -> str:

@@ -341,6 +341,12 @@ VOCAB_HINT = (
 )
 
 
+TRUNCATE_HINT = (
+    "or, where the extra rows are padding under one tokenizer, `evomerge merge --unsafe-truncate-embeddings` (keeps "
+    "the first rows, as mergekit's option of that name does)"
+)
+
+
 def config_mismatch(
     ref: Checkpoint | tuple[Path, dict],
     other: Checkpoint | tuple[Path, dict],
@@ -360,7 +366,11 @@ def config_mismatch(
         _, a = config_field(ref_config, field)
         other_key, b = config_field(other_config, field)
         if a != b:
-            fix = f"{VOCAB_HINT}, " if field == "vocab_size" else "merge models of one architecture and size, "
+            fix = (
+                f"{VOCAB_HINT}, {TRUNCATE_HINT}, "
+                if field == "vocab_size"
+                else "merge models of one architecture and size, "
+            )
             return (
                 f"{other_path}: config.json {other_key} is {_show(b)}, but {ref_path} has {_show(a)}; {fix}or pass "
                 "--allow-config-mismatch (search config: allow_config_mismatch: true) if their tensors are meant to "
@@ -381,12 +391,14 @@ def check_compatible(
     allow_config_mismatch: bool = False,
     layers: bool = True,
     vocab_may_differ: bool = False,
+    truncate: bool = False,
 ) -> None:
     """Same shape-defining config (`SHAPE_FIELDS`, unless `allow_config_mismatch`), tensor names, shapes and tokenizer
     vocabulary as `checkpoints[0]` (put the base first), or ModelError naming the first mismatch. `layers=False`
     (a `slices:` recipe) compares the config and the vocabulary only: the slices decide which tensors are read,
     and the merge checks them tensor by tensor. `vocab_may_differ` (a `tokenizer_source` merge, or the audit):
-    vocab_size, the tokenizers and the embedding and head rows may differ."""
+    vocab_size, the tokenizers and the embedding and head rows may differ; `truncate` (`--unsafe-truncate-embeddings`):
+    so may the rows of any tensor (the merge keeps the fewest, outside the decoder layers only)."""
     if not checkpoints:
         raise ModelError("no input models to merge")
     ref = checkpoints[0]
@@ -408,7 +420,8 @@ def check_compatible(
         if extra:
             raise ModelError(f"{other.path}: has tensor {extra[0]}, which {ref.path} lacks")
         for name in ref_names:
-            if other.shape(name) != ref.shape(name) and not (vocab_may_differ and _rows_only(ref, other, name)):
+            rows_only = _rows_only(ref, other, name) or (truncate and _first_dim_only(ref, other, name))
+            if other.shape(name) != ref.shape(name) and not (vocab_may_differ and rows_only):
                 hint = f"; {VOCAB_HINT}" if _rows_only(ref, other, name) else ""
                 raise ModelError(
                     f"{other.path}: tensor {name} has shape {list(other.shape(name))}, "
@@ -423,6 +436,13 @@ def _rows_only(ref: Checkpoint, other: Checkpoint, name: str) -> bool:
     dimension is each model's vocab_size)."""
     a, b = ref.shape(name), other.shape(name)
     return bool(a) and a[1:] == b[1:] and a[0] == vocab_rows(ref) and b[0] == vocab_rows(other)
+
+
+def _first_dim_only(ref: Checkpoint, other: Checkpoint, name: str) -> bool:
+    """Whether tensor `name` differs between the two only in its first dimension (the merge refuses it inside a
+    decoder layer: export's truncation check)."""
+    a, b = ref.shape(name), other.shape(name)
+    return bool(a) and len(a) == len(b) and a[1:] == b[1:]
 
 
 def _check_vocab(ref: Checkpoint, other: Checkpoint) -> None:

@@ -76,4 +76,65 @@ def extended_tokenizer(
     return tokenizer
 
 
-__all__ = ["ADDED_FIELDS", "extended_tokenizer", "has_tokenizer", "load_tokenizer", "tokenizer_entries"]
+def template_names() -> list[str]:
+    """The chat template names mergekit ships (its `_data/chat_templates/NAME.jinja`): chatml, llama3, ..."""
+    from importlib import resources
+
+    from mergekit._data import chat_templates
+
+    return sorted(
+        p.name.removesuffix(".jinja") for p in resources.files(chat_templates).iterdir() if p.name.endswith(".jinja")
+    )
+
+
+def chat_template_text(value: str) -> str | None:
+    """A recipe's `chat_template` as the template it writes, by mergekit's rules: a name mergekit ships (`chatml`)
+    is that file's text; `auto` is None (the inputs' most common template, `auto_chat_template`); anything else is a
+    literal Jinja template, which must contain `{` and be at least 20 characters. ConfigError otherwise."""
+    from importlib import resources
+
+    from mergekit._data import chat_templates
+
+    from evomerge.errors import ConfigError
+
+    if value == "auto":
+        return None
+    if len(value) < 256 and "\n" not in value and "{" not in value:
+        file = resources.files(chat_templates).joinpath(value + ".jinja")
+        if file.is_file():
+            return file.read_text()
+    if len(value) < 20 or "{" not in value:
+        raise ConfigError(
+            f"field chat_template: {value!r} is neither a template name ({', '.join(template_names())}, auto) nor a "
+            "Jinja template (one has '{' and 20 characters or more)"
+        )
+    return value
+
+
+def auto_chat_template(folders: Sequence[str | os.PathLike]) -> str | None:
+    """`chat_template: auto`: the template most of the input folders' tokenizers have (the first in recipe order
+    among equals), else None."""
+    from collections import Counter
+
+    templates = []
+    for folder in folders:
+        if not has_tokenizer(folder):
+            continue
+        template = load_tokenizer(folder).chat_template
+        if isinstance(template, dict):
+            template = template.get("default")
+        if template:
+            templates.append(template.strip())
+    return Counter(templates).most_common(1)[0][0] if templates else None
+
+
+__all__ = [
+    "ADDED_FIELDS",
+    "auto_chat_template",
+    "chat_template_text",
+    "extended_tokenizer",
+    "has_tokenizer",
+    "load_tokenizer",
+    "template_names",
+    "tokenizer_entries",
+]

@@ -3,11 +3,13 @@
     mat = Materializer(["zoo/add", "zoo/reverse"], "zoo/base")   # loads inputs once, builds one model
     mat.apply(recipe)                                            # in place; mat.model is the candidate
 
-The kernels are the set the recipe records (`evomerge.kernels`; see `evomerge.merge.kernels`). Randomness
-is per tensor: evomerge-1's DARE/DELLA masks come from a counter stream keyed by (recipe seed, tensor
-name, input), mergekit-0.1.5's from the global RNG seeded by (recipe seed, tensor name), so a merge does not
-depend on tensor order, batching or worker. A resident model on a GPU is merged there: each tensor's
-inputs are copied from the memory-mapped files to the GPU and the kernel writes into the parameter.
+The kernels are the set the recipe records (`evomerge.kernels`; see `evomerge.merge.kernels`). Under
+evomerge-1 randomness is per tensor: DARE/DELLA masks come from a counter stream keyed by (recipe seed, tensor
+name, input), so a merge does not depend on tensor order, batching or worker. Under mergekit-0.1.5 a merge is
+mergekit-yaml's: the tensors in its order, the masks from one global RNG stream seeded once by the recipe seed
+(its `--random-seed`); `merged_tensors` always merges a recipe whole, so its bytes are reproducible too.
+A resident model on a GPU is merged there: each tensor's inputs are copied from the memory-mapped files to the
+GPU and the kernel writes into the parameter.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -50,10 +52,12 @@ def merge_tensor(
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     kernels: str | None = None,
+    seeded: bool = True,
 ) -> torch.Tensor:
     """One output tensor, with mergekit's parameter binding (its ExecuteMergeMethodTask) and the kernel set
     `kernels` (default: `default_kernels()`): one of evomerge's kernels, else mergekit's own. With `out`,
-    the result may be written there."""
+    the result may be written there. `seeded`: mergekit's kernel draws from the global RNG seeded for this tensor
+    by (seed, name); else from the global RNG as it stands (`merged_tensors`' one stream under mergekit-0.1.5)."""
     from mergekit.merge_methods.base import ParameterScope, PerInputValues, TensorEntry, TensorGroup, TensorMetadata
     from mergekit.merge_methods.buffers import copy_non_floating_buffer
 
@@ -89,7 +93,7 @@ def merge_tensor(
             name=name,
         )
         if result is None:
-            with _seeded(tensor_seed(seed, name), tensors[0].device):
+            with _seeded(tensor_seed(seed, name), tensors[0].device) if seeded else nullcontext():
                 (result,) = method._execute_resolved((group,), [bound])
     except ValueError as exc:
         raise ConfigError(f"tensor {name}: {exc}") from None
@@ -132,6 +136,7 @@ def merged_tensors(
     plan: Plan | None = None,
     release: bool = False,
     vocab: VocabPlan | None = None,
+    truncate: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, merged tensor) for every output tensor; `checkpoints` (full checkpoints or LoRA adapters over one)
     align with `recipe.input_models()`.
@@ -141,25 +146,53 @@ def merged_tensors(
     reference checkpoint (default `plan_for`); `release`: drop each tensor's input pages once the caller has it;
     `vocab` (a `tokenizer_source` merge, keyed by the recipe's model names): the vocabulary tensors' rows are laid
     out in the output vocabulary first (`evomerge.merge.vocab.align_rows`). A LoRA input's delta is formed where
-    the destination lives.
+    the destination lives. `truncate` (`--unsafe-truncate-embeddings`): inputs of a tensor whose first dimension
+    differs keep their first rows, as many as the smallest has (mergekit's vocabulary truncation).
 
     The one per-tensor merge loop, shared by `Materializer.apply` and `export_recipe`.
     Raises CandidateError when a merged tensor holds NaN or Inf.
     """
-    from evomerge.merge.kernels.chunks import kernel_threads
+    from evomerge.merge.kernels import MERGEKIT
 
     inputs = recipe.input_models()
     if len(checkpoints) != len(inputs):
         raise ValueError(f"{len(checkpoints)} checkpoints for {len(inputs)} recipe inputs")
     by_model = dict(zip(inputs, checkpoints))
     plan = plan or plan_for(recipe, checkpoints)
-    dtype, out_dtype = torch_dtype(recipe.dtype), torch_dtype(recipe.out_dtype)
-    kernels = recipe.kernels
     coefficients = _coefficients(recipe, plan, by_model)
+    jobs = plan.jobs()
+    if recipe.kernels != MERGEKIT:
+        yield from _merge_jobs(recipe, plan, jobs, by_model, targets, vocab, coefficients, truncate, release)
+        return
+    # mergekit-yaml's order (its schedule sorts the tensors by input name) and its one global stream, seeded once by
+    # the recipe seed as --random-seed seeds it: the random masks of dare_* and della* are mergekit's
+    first = next(iter(targets.values()), None) if targets else None
+    with _seeded(recipe.seed, first.device if first is not None else _cpu()):
+        jobs = sorted(jobs, key=lambda job: max(job.sources))
+        yield from _merge_jobs(
+            recipe, plan, jobs, by_model, targets, vocab, coefficients, truncate, release, seeded=False
+        )
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+def _merge_jobs(recipe, plan, jobs, by_model, targets, vocab, coefficients, truncate, release, seeded: bool = True):
+    """`merged_tensors`' loop over the planned jobs, in the given order; `seeded`: each tensor's random draws seeded
+    by (recipe seed, tensor name), else taken from the global stream as it stands."""
+    from evomerge.merge.kernels.chunks import kernel_threads
+
+    dtype, out_dtype = torch_dtype(recipe.dtype), torch_dtype(recipe.out_dtype)
     models = [e.model for e in recipe.models or []]
-    for job in plan.jobs():
+    for job in jobs:
         target = targets.get(job.name) if targets is not None else None
         tensors = _job_inputs(job, by_model, target, vocab, coefficients, models, dtype)
+        if truncate and len({t.shape[:1] for t in tensors}) > 1:
+            rows = min(t.shape[0] for t in tensors)
+            tensors = [t[:rows] for t in tensors]
         with kernel_threads():  # single-threaded ops here, evomerge's kernels spread over the CPUs
             result = merge_tensor(
                 plan.method,
@@ -171,7 +204,8 @@ def merged_tensors(
                 dtype=dtype,
                 out_dtype=out_dtype,
                 out=target,
-                kernels=kernels,
+                kernels=recipe.kernels,
+                seeded=seeded,
             )
             finite = not result.is_floating_point() or not result.numel() or _finite(result)
         if not finite:
@@ -229,7 +263,17 @@ def _aligned(
     if dtype is not None:
         tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
     position = list(inputs).index(base) if base in inputs else None
-    return align_rows(tensors, [vocab.maps[m] for m in inputs], position)
+    overrides = {}
+    for entry in vocab.overrides:  # the `tokenizer:` block's tokens
+        if entry.model is None:
+            overrides[entry.row] = (entry.force, tensors[0].new_zeros(tensors[0].shape[1:]))
+        elif entry.model in inputs:
+            overrides[entry.row] = (entry.force, tensors[list(inputs).index(entry.model)][entry.source_row])
+        else:
+            raise ModelError(
+                f"field tokenizer.tokens: {entry.model} is not merged into this tensor; use one of its models"
+            )
+    return align_rows(tensors, [vocab.maps[m] for m in inputs], position, overrides, vocab.rows)
 
 
 def plan_for(recipe: Recipe, checkpoints: Sequence[Checkpoint], layout: Layout | None = None) -> Plan:
@@ -397,6 +441,11 @@ class Materializer:
             )
         if recipe.base_model is not None and input_key(recipe.base_model) != self.base_model:
             raise ConfigError(f"recipe base_model {recipe.base_model} is not this worker's base ({self.base_model})")
+        if recipe.tokenizer is not None:
+            raise ConfigError(
+                "recipe field tokenizer: a search merges every candidate into the one vocabulary its config's "
+                "tokenizer_source sets; merge a tokenizer: block recipe with `evomerge merge`"
+            )
         if recipe.tokenizer_source is not None and _source_key(recipe.tokenizer_source) != self.tokenizer_source:
             raise ConfigError(
                 f"recipe tokenizer_source {recipe.tokenizer_source} is not this worker's ({self.tokenizer_source}); "

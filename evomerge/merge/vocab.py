@@ -60,6 +60,17 @@ class Vocab:
 
 
 @dataclass(frozen=True)
+class TokenRow:
+    """A `tokenizer: tokens:` entry resolved: output row `row` takes `model`'s row `source_row` (None `model`: zeros)
+    where a model lacks the token, or in every model with `force`."""
+
+    row: int
+    force: bool
+    model: str | None
+    source_row: int | None
+
+
+@dataclass(frozen=True)
 class VocabPlan:
     """The output vocabulary of a merge and where each input's rows go in it.
 
@@ -74,10 +85,14 @@ class VocabPlan:
     additions: tuple[str | AddedSpec, ...] = ()
     folder: str | None = None
     tensors: frozenset[str] = frozenset()  # the merge's vocabulary tensors (embeddings, head), by name
+    overrides: tuple[TokenRow, ...] = ()  # the `tokenizer:` block's `tokens`, resolved
+    pad_to_multiple_of: int | None = None  # the `tokenizer:` block's: rows padded up to a multiple of it
 
     @property
     def rows(self) -> int:
-        return len(self.tokens)
+        """The output's embedding and head rows: one per token, padded up to `pad_to_multiple_of`."""
+        n, m = len(self.tokens), self.pad_to_multiple_of
+        return n if not m or n % m == 0 else (n // m + 1) * m
 
     def added_to(self, model: str) -> list[str]:
         """Output tokens that `model` lacks, in output id order."""
@@ -155,11 +170,17 @@ def _row_map(model: str, tokens: Mapping[str, int], vocab: Vocab) -> tuple[int, 
 
 
 def align_rows(
-    tensors: Sequence[torch.Tensor], maps: Sequence[Sequence[int]], base: int | None = None
+    tensors: Sequence[torch.Tensor],
+    maps: Sequence[Sequence[int]],
+    base: int | None = None,
+    overrides: Mapping[int, tuple[bool, torch.Tensor]] | None = None,
+    rows: int | None = None,
 ) -> list[torch.Tensor]:
     """Each input's vocabulary tensor (rows along dim 0) laid out in the output vocabulary: `maps[i][j]` is the row
     of output token j in `tensors[i]` (-1: lacking); `base`: the base model's position among the inputs, or None.
-    The results share dtype (the inputs' promoted one) and device (the first input's)."""
+    `overrides` ({output row: (force, row)}, the `tokenizer:` block's tokens): the row an input lacking that token
+    takes (every input, with force). `rows` (past the tokens: `pad_to_multiple_of`): each input's extra rows are the
+    mean of its token rows. The results share dtype (the inputs' promoted one) and device (the first input's)."""
     import torch
 
     if not tensors:
@@ -185,13 +206,21 @@ def align_rows(
         if add.any():  # mergekit sums the rows input by input, then divides by their count
             default[add] = default[add] + t[index[i, add]].to(dtype)
     for c in count[mean].unique().tolist():
-        rows = mean & (count == c)
-        default[rows] = default[rows] / c
+        chosen = mean & (count == c)
+        default[chosen] = default[chosen] / c
+    forced = torch.zeros_like(lacking)
+    for row, (force, value) in (overrides or {}).items():
+        if force or bool(lacking[row]):  # mergekit's per-token default, used where a model lacks it (or forced)
+            default[row] = value.to(dtype=dtype, device=device)
+        forced[row] = force
     out = []
     for i, t in enumerate(tensors):
         aligned = default.clone()
-        own = present[i]
+        own = present[i] & ~forced
         aligned[own] = t[index[i, own]].to(dtype)
+        if rows is not None and rows > aligned.shape[0]:
+            pad = aligned.mean(dim=0, keepdim=True).expand(rows - aligned.shape[0], *aligned.shape[1:])
+            aligned = torch.cat([aligned, pad])
         out.append(aligned)
     return out
 
@@ -271,10 +300,16 @@ def input_vocabs(inputs: Mapping[str, Any]) -> dict[str, Vocab]:
 
 
 def vocab_plan_for(
-    source: str, inputs: Mapping[str, Any], base: str | None, *, field: str = "tokenizer_source"
+    source: str,
+    inputs: Mapping[str, Any],
+    base: str | None,
+    *,
+    field: str = "tokenizer_source",
+    block: Any = None,
 ) -> VocabPlan:
     """The plan of `tokenizer_source: source` over opened `inputs` ({model: checkpoint}, recipe order; `base`: the
-    base model, or None for the first input), with the reference's vocabulary tensors named."""
+    base model, or None for the first input), with the reference's vocabulary tensors named. `block`: the recipe's
+    `tokenizer:` block (its `tokens` and `pad_to_multiple_of`)."""
     from evomerge.io.checkpoint import vocab_rows
     from evomerge.io.tokenizers import has_tokenizer, load_tokenizer
 
@@ -289,7 +324,10 @@ def vocab_plan_for(
         folder = str(source)
         tokenizer = load_tokenizer(folder)
         source_vocab = vocab_of(tokenizer, len(tokenizer.get_vocab()))
-    plan = plan_vocab(source, base, input_vocabs(inputs), source_vocab, folder)
+    vocabs = input_vocabs(inputs)
+    plan = plan_vocab(source, base, vocabs, source_vocab, folder)
+    if block is not None:
+        plan = replace(plan, overrides=token_rows(plan, vocabs, block), pad_to_multiple_of=block.pad_to_multiple_of)
     ref = inputs[base]
     rows = vocab_rows(ref)
     tensors = frozenset(n for n in ref.tensor_names() if is_vocab_tensor(n, ref.shape(n), rows or -1))
@@ -299,6 +337,37 @@ def vocab_plan_for(
             f"{field} needs the vocabulary tensors (embed_tokens, lm_head, ...)"
         )
     return replace(plan, tensors=tensors)
+
+
+def token_rows(plan: VocabPlan, vocabs: Mapping[str, Vocab], block: Any) -> tuple[TokenRow, ...]:
+    """The `tokenizer:` block's `tokens` over the planned vocabulary (tokens it lacks are skipped, as mergekit skips
+    them); ModelError naming the token where a source is not among the inputs or lacks the token it names."""
+    out = []
+    for token, setting in (block.tokens or {}).items():
+        row = plan.tokens.get(token)
+        if row is None:
+            continue
+        where = f"field tokenizer.tokens.{token}.source"
+        ref = setting.source
+        if ref is None:
+            raise ModelError(f"{where}: missing; name a model folder, {{kind: model_token, ...}} or {{kind: zero}}")
+        if not isinstance(ref, str) and ref.kind == "zero":
+            out.append(TokenRow(row, setting.force, None, None))
+            continue
+        model = ref if isinstance(ref, str) else ref.model
+        if model not in vocabs:
+            raise ModelError(f"{where}: {model} is not one of the recipe's models; name one of them")
+        vocab = vocabs[model]
+        if isinstance(ref, str):
+            source_row = plan.maps[model][row]
+        elif ref.token_id is not None:
+            source_row = ref.token_id if 0 <= ref.token_id < vocab.rows else -1
+        else:
+            source_row = vocab.usable().get(ref.token, -1)
+        if source_row < 0:
+            raise ModelError(f"{where}: {model} has no row for it; name a token that model has")
+        out.append(TokenRow(row, setting.force, model, source_row))
+    return tuple(out)
 
 
 def output_tokenizer(plan: VocabPlan, base_folder):
@@ -315,6 +384,7 @@ def output_tokenizer(plan: VocabPlan, base_folder):
 __all__ = [
     "SOURCES",
     "AddedSpec",
+    "TokenRow",
     "Vocab",
     "VocabPlan",
     "align_rows",
@@ -323,6 +393,7 @@ __all__ = [
     "is_vocab_tensor",
     "output_tokenizer",
     "plan_vocab",
+    "token_rows",
     "union_additions",
     "vocab_of",
     "vocab_plan_for",

@@ -29,8 +29,10 @@ chunk size, tensor order, worker or device (every operation is elementwise, an e
 fixed-point reduction, or an exact selection). So `mergekit-yaml` gives the same tensors as evomerge-1
 except at boundary ties (ties, breadcrumbs) and in which random elements are dropped (DARE, DELLA).
 
-**`mergekit-0.1.5`**: mergekit's own kernels for every method (random masks from the global RNG, seeded
-per tensor from (recipe seed, tensor name)), for anyone who needs mergekit's exact bytes.
+**`mergekit-0.1.5`**: mergekit's own kernels for every method, for anyone who needs mergekit's exact bytes:
+`merged_tensors` merges the tensors in mergekit-yaml's order (its schedule sorts them by input tensor name)
+and the random masks come from one global RNG stream seeded once by the recipe seed, as `mergekit-yaml
+--random-seed SEED` draws them (tests/test_mergekit_suite.py compares dare_ties and della bit for bit).
 
 Both sets use `parity.py`'s faster kernels where they are bit-identical to mergekit's (slerp; ties under
 mergekit-0.1.5). The evomerge-only methods (tsv_m, iso_c, iso_cts: `subspace.py`) have no mergekit kernel: both

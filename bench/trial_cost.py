@@ -14,9 +14,14 @@ shipped space, 100-example search subsets, CPU worker with `--threads` torch thr
   refinement   a round's setup (the training items), one Adam step's parts: the surrogate written into the model,
                forward + backward per micro-batch, the inner products (dL/d slot); the per-row step likewise
 and prints seconds per part, then a 100-trial search projected from them with the shipped schedule (the
-portfolio and baselines, sampled trials with staged evaluation, 4 refinement rounds of `steps` steps and their
-points, the guard's validation scoring). `--compare` scores each generation task twice, with the stop at the task's
-max_gen_toks (lm-eval's own) and evomerge's answer-length cap, side by side, and checks the scores agree.
+portfolio and baselines, sampled trials with staged evaluation, half of them stopped at the first stage, 4
+refinement rounds of 60 steps and their points, the guard's validation scoring). `--compare` scores each generation
+task twice, with the stop at the task's max_gen_toks (lm-eval's own) and at the longest reference answer (what a
+search does), side by side, and checks the scores agree. `--refine-examples subset` times the refinement on the
+whole search subsets (before footprint.refine_examples), `auto` as a search's worker runs it.
+
+Seconds are this process's CPU seconds (`--clock wall` for wall seconds): on a shared machine they are about what
+the same work takes on one idle core (run with `--threads 1`, the default), an upper bound for two.
 Figures go to stdout; nothing here is asserted in tests.
 """
 
@@ -230,23 +235,27 @@ def measure_staged(ev, cfg, repeats: int) -> dict[str, float]:
     }
 
 
-def measure_refine(ev, cfg, arm: str, steps: int) -> dict[str, float]:
-    """A refinement round's setup and one step's parts, timed by wrapping the refiner's own methods."""
+def measure_refine(ev, cfg, arm: str, steps: int, examples: str) -> dict[str, float]:
+    """A refinement round's setup and one step's parts, timed by wrapping the refiner's own methods. `examples`:
+    "auto" (what a search's worker uses: footprint.refine_examples), "subset" (the search subsets), or a number."""
+    from evomerge.search.footprint import refine_examples
     from evomerge.space import space_of
 
     point, _ = sample_recipe(cfg, 7)
     args = (ev.materializer, ev.scorer("search"), space_of(cfg), cfg.models, cfg.base_model, cfg.method)
+    per_task = {"auto": lambda: refine_examples(ev.materializer, ev.scorer("search")), "subset": lambda: None}
+    n = per_task.get(examples, lambda: int(examples))()
     start = clock()
     if arm == "tensor":
         from evomerge.search.refine import Refiner
 
-        refiner = Refiner(*args, seed=cfg.seed, dtype=cfg.dtype)
+        refiner = Refiner(*args, n, seed=cfg.seed, dtype=cfg.dtype)
         batches = refiner.batches()
         parts = {"write": "_write", "forward+backward": "_backward", "dL/dslot": "_slot_grad", "prepare": "prepare"}
     else:
         from evomerge.search.rows import RowRefiner
 
-        refiner = RowRefiner(*args, loss="distill" if arm == "distill" else "likelihood", seed=cfg.seed)
+        refiner = RowRefiner(*args, loss="distill" if arm == "distill" else "likelihood", examples=n, seed=cfg.seed)
         batches = refiner.batches
         parts = {"write": "_write", "forward+backward": "_backward", "dL/dslot": "_grads", "prepare": "_rows"}
     setup = clock() - start
@@ -267,7 +276,8 @@ def measure_refine(ev, cfg, arm: str, steps: int) -> dict[str, float]:
     total = clock() - start
     rows = sum(b.rows for b in batches)
     positions = sum(int(b.ids.numel()) for b in batches)
-    out = {"setup (items; distill: sources scored, owners' answers)": setup}
+    out = {"examples per task (None: the search subsets)": str(n)}
+    out["setup (items; distill: sources scored, owners' answers)"] = setup
     out.update({f"per step: {k}": v / (steps + (k == "forward+backward")) for k, v in spent.items() if k != "prepare"})
     out["per step: total"] = (total - spent["prepare"]) / steps
     out["prepare (once per round)"] = spent["prepare"]
@@ -337,6 +347,10 @@ def project(
             + part["prepare (once per round)"]
             + steps * part["per step: total"]
         )
+    guard = 3 + 1 + len(cfg.models) + 1  # top_k (3) and the baselines: the default merge, each source, the base
+    out[f"guard: {guard} merges on validation splits (as large as the subsets)"] = guard * (
+        merge_s + staged["whole subsets (baselines, refine points)"]
+    )
     out["total (s)"] = sum(out.values())
     out["total (min)"] = out["total (s)"] / 60
     return out
@@ -357,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="refinement steps timed per arm")
     parser.add_argument("--arms", nargs="*", default=["tensor", "rows", "distill"])
+    parser.add_argument("--refine-examples", default="auto", help="auto (a search's default), subset, or N per task")
     parser.add_argument("--ray", action="store_true")
     parser.add_argument("--compare", action="store_true", help="evaluation with and without the answer cut")
     parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: eval staged refine")
@@ -398,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     refine = {}
     if "refine" not in args.skip:
         for arm in args.arms:
-            refine[arm] = measure_refine(ev, cfg, arm, args.steps)
+            refine[arm] = measure_refine(ev, cfg, arm, args.steps, args.refine_examples)
             _print(f"refinement, {arm} arm (s)", refine[arm])
     if staged and refine:
         _print("projected 100-trial search, shipped defaults (s)", project(cfg, overhead, merge_s, staged, refine))

@@ -145,6 +145,10 @@ class Worker:
         settings = dict(settings)
         grain, loss = settings.pop("grain", "tensor"), settings.pop("loss", "likelihood")
         examples, coefficients = settings.pop("examples", None), settings.pop("coefficients", None)
+        if examples is None:  # a model too large for a step over the whole subsets trains on fewer examples
+            from evomerge.search.footprint import refine_examples
+
+            examples = refine_examples(self.evaluator.materializer, self.evaluator.scorer("search"))
         kind = (grain, loss, examples)
         if self._refiner is None or self._refiner_kind != kind:
             cfg = SearchConfig.model_validate(self._cfg_json)

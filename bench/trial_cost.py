@@ -65,7 +65,8 @@ def _counter(model) -> dict[str, float]:
 def _config(args, tmp: Path):
     from evomerge.config import load_config
 
-    tasks = "\n".join(f"    - {{name: {t}, metric: {args.metric}, subset: {args.subset}}}" for t in args.tasks)
+    named = [t.split(":", 1) if ":" in t else (t, args.metric) for t in args.tasks]  # NAME[:METRIC]
+    tasks = "\n".join(f"    - {{name: {t}, metric: {m}, subset: {args.subset}}}" for t, m in named)
     paths = ", ".join(str(Path(p).resolve()) for p in args.include_path)
     text = (
         f"name: trialcost\nbase_model: {Path(args.base).resolve()}\n"
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base")
     parser.add_argument("--models", nargs="+")
-    parser.add_argument("--tasks", nargs="+")
+    parser.add_argument("--tasks", nargs="+", help="search tasks, NAME or NAME:METRIC (default metric: --metric)")
     parser.add_argument("--include-path", nargs="*", default=[])
     parser.add_argument("--tiny", action="store_true", help="the tiny zoo (built in a temp dir) and its greedy tasks")
     parser.add_argument("--metric", default="exact_match")

@@ -126,7 +126,10 @@ class RefineConfig(_Strict):
     every: int | Literal["auto"] = Field(10, description="steps between enqueued points; auto: six points per round")
     lr: float = Field(0.05, gt=0, description="Adam step, in units of each parameter's search range")
     examples: int | None = Field(
-        None, gt=0, description="examples per task the gradient sees (default: each task's search subset)"
+        None,
+        gt=0,
+        description="examples per task the gradient sees (default: each task's search subset; on a model whose "
+        "step over them passes search/footprint.py's budget, fewer, at least 8)",
     )
 
     @model_validator(mode="before")

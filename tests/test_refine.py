@@ -258,3 +258,25 @@ def test_the_gradient_on_tied_embeddings(arch_family, arch, method):
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     a, b = (torch.tensor([g[k] for k in ref_grad], dtype=torch.float64) for g in (grad, ref_grad))
     torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5 * b.abs().max().item())  # measured: <= 4.2e-6 of max
+
+
+def test_a_large_model_refines_on_fewer_examples(tiny_zoo, evaluator):
+    """refine_examples: the toy zoos' steps train on the whole search subsets (None: nothing changes for them, at
+    the demo's 100 examples per task too); where parameters x positions pass the budget, a share of the subsets, at
+    least MIN_REFINE_EXAMPLES, and the refiner then trains on that many items per task."""
+    from evomerge.search.footprint import MIN_REFINE_EXAMPLES, refine_examples
+
+    demo = Evaluator(
+        [tiny_zoo / "add", tiny_zoo / "reverse"],
+        tiny_zoo / "base",
+        {"search": [TaskSpec(name=t.name, subset=100) for t in SEARCH]},
+    )
+    assert refine_examples(demo.materializer, demo.scorer("search")) is None
+    scorer = evaluator.scorer("search")
+    assert refine_examples(evaluator.materializer, scorer) is None
+    assert refine_examples(evaluator.materializer, scorer, budget=1) == MIN_REFINE_EXAMPLES
+    few = refine_examples(demo.materializer, demo.scorer("search"), budget=5 * 10**7)
+    assert MIN_REFINE_EXAMPLES < few < 100
+    small, _, _ = refiner(tiny_zoo, demo, "task_arithmetic", examples=few)
+    whole, _, _ = refiner(tiny_zoo, demo, "task_arithmetic")
+    assert len(small.items) == 2 * few and len(whole.items) == 200

@@ -119,3 +119,59 @@ def test_bad_subset_and_duplicates():
         Scorer(["zoo", "zoo_add"])
     with pytest.raises(ValueError):
         TaskSpec(name="zoo_add", subset=0)
+
+
+def _generation_task(folder, name: str, data) -> TaskSpec:
+    """A generate_until task over `data` (prompt, answer), scored by exact match, with a bound far above its answers."""
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\ndoc_to_text: prompt\ndoc_to_target: answer\noutput_type: generate_until\n"
+        "generation_kwargs:\n  until: ['<eos>']\n  max_gen_toks: 40\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return TaskSpec(name=name, metric="exact_match", subset=60)
+
+
+def _own_answers(folder, model, tokenizer) -> TaskSpec:
+    """zoo add's prompts, every other one answered by what `model` generates for it: exact matches guaranteed."""
+    import json
+
+    source = BUILTIN_TASKS / "zoo" / "data" / "add_search.jsonl"
+    spec = _generation_task(folder, "gen_own", source)
+    full = Scorer([spec], [folder], seed=1, answer_cap=False)
+    out = full._evaluate(model, tokenizer, None, log_samples=True)["samples"]["gen_own"]
+    said = {int(r["doc_id"]): r["filtered_resps"][0] for r in out}
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    rows = [{**r, "answer": said[i]} if i % 2 == 0 else r for i, r in enumerate(rows)]
+    (folder / "own.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return _generation_task(folder, "gen_own", folder / "own.jsonl")
+
+
+def test_generation_cut_at_the_longest_answer_scores_the_same(tiny_zoo, tmp_path):
+    """Generation stops at the longest reference answer plus a margin instead of the task's max_gen_toks: every
+    example's exact match is the same as with lm-eval's own bound, for models that answer and one that never
+    stops, and fewer tokens are generated."""
+    import torch
+
+    data = BUILTIN_TASKS / "zoo" / "data"
+    specs = [_generation_task(tmp_path, f"gen_{n}", data / f"{n}_search.jsonl") for n in ("add", "reverse")]
+    specs.append(_own_answers(tmp_path, *load_model_dir(tiny_zoo / "add")))
+    cut, full = Scorer(specs, [tmp_path], seed=1), Scorer(specs, [tmp_path], seed=1, answer_cap=False)
+    generated = {}
+    for member in ("base", "add", "reverse", "endless"):
+        model, tokenizer = load_model_dir(tiny_zoo / member.replace("endless", "add"))
+        if member == "endless":  # the add specialist, its end-of-sequence logit -inf: it never stops by itself
+            eos = tokenizer.eos_token_id
+            model.lm_head.register_forward_hook(lambda _m, _i, out: out.index_fill_(-1, torch.tensor([eos]), -1e9))
+        calls = []
+        inner = model.forward
+        model.forward = lambda *a, **k: calls.append(1) or inner(*a, **k)
+        for label, scorer in (("cut", cut), ("full", full)):
+            before = len(calls)
+            generated[member, label] = scorer.score_examples(model, tokenizer)[1], len(calls) - before
+        assert generated[member, "cut"][0] == generated[member, "full"][0]  # {task: {example: exact match}}
+        assert generated[member, "cut"][1] <= generated[member, "full"][1]  # forward passes
+    bounds = {leaf: cut.tasks[leaf].get_config("generation_kwargs")["max_gen_toks"] for leaf in cut.tasks}
+    assert all(b < 40 for b in bounds.values()) and full.gen_bounds == dict.fromkeys(bounds, 40)
+    assert generated["endless", "cut"][1] < generated["endless", "full"][1]
+    assert sum(generated["add", "cut"][0]["gen_own"].values()) >= 25  # its own answers (every other example) match

@@ -104,6 +104,46 @@ def _rows_as_list(task: Task) -> None:
         task.dataset = {**dict(dataset), split: list(dataset[split])}
 
 
+LM_MAX_GEN_TOKS = 256  # HFLM's bound where a task gives none
+ANSWER_MARGIN = 8  # tokens a generation may run past the longest reference answer before it is cut
+
+
+def answer_tokens(task, lm) -> int | None:
+    """Tokens of the longest reference answer (target delimiter included) among all of a generate_until task's
+    examples, or None where a cut could change a score: a task whose filters read the generation (a chain of
+    thought before the answer, a regex that extracts it) or whose targets are not text."""
+    if task.OUTPUT_TYPE != "generate_until" or task.get_config("filter_list") is not None:
+        return None
+    delim = task.get_config("target_delimiter") or ""
+    longest = 0
+    for doc in task.eval_docs:
+        target = task.doc_to_target(doc)
+        for text in target if isinstance(target, list) else [target]:
+            if not isinstance(text, str):
+                return None
+            longest = max(longest, len(lm.tok_encode(f"{delim}{text}")))
+    return longest
+
+
+GEN_BOUNDS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")  # lm-eval's order
+
+
+def generation_bound(task, default: int) -> int:
+    """The new tokens a generate_until task allows (its first bound in lm-eval's order, else `default`)."""
+    kwargs = task.get_config("generation_kwargs") or {}
+    return int(next((kwargs[k] for k in GEN_BOUNDS if kwargs.get(k) is not None), default))
+
+
+def cap_generation(task, lm, own: int) -> None:
+    """Generate at most the longest reference answer's tokens plus ANSWER_MARGIN, never more than `own` (the
+    task's bound), so a candidate that never emits the stop sequence costs a few tokens, not the task's bound. An
+    answer that matches a reference is no longer than that, so exact match scores it the same."""
+    kwargs = task.get_config("generation_kwargs")
+    longest = answer_tokens(task, lm)
+    if isinstance(kwargs, dict):
+        kwargs["max_gen_toks"] = own if longest is None else min(own, longest + ANSWER_MARGIN)
+
+
 EVERY_METRIC = "*"  # a spec that reads no one metric (`evomerge eval` prints them all): any task's is accepted
 
 
@@ -124,11 +164,14 @@ class Scorer:
         seed: int = 0,
         batch_size: int = 64,
         include_defaults: bool = False,
+        answer_cap: bool = True,
     ):
         self.specs = [as_spec(t) for t in tasks]
         if not self.specs:
             raise TaskError("no tasks to score; name at least one lm-eval task (e.g. zoo_add)")
         self.seed, self.batch_size = seed, batch_size
+        self.answer_cap = answer_cap  # generation cut at the longest reference answer (cap_generation)
+        self.gen_bounds: dict[str, int] = {}  # generate_until leaf -> its own max_gen_toks, before any cut
         self.tasks: dict[str, Task] = {}
         self.members: dict[str, list[str]] = {}  # spec name -> leaf tasks (a tag names several)
         self.subsets: dict[str, list[int]] = {}  # leaf task -> sorted example indices
@@ -153,6 +196,8 @@ class Scorer:
                 task.set_config(key="num_fewshot", value=0)  # what simple_evaluate does
             _rows_as_list(task)
             self.tasks[leaf] = task
+            if task.OUTPUT_TYPE == "generate_until":
+                self.gen_bounds[leaf] = generation_bound(task, LM_MAX_GEN_TOKS)
             n = len(task.eval_docs)
             if spec.subset is not None and spec.subset > n:
                 raise TaskError(f"task {leaf} has {n} examples, fewer than subset {spec.subset}; use subset <= {n}")
@@ -171,6 +216,9 @@ class Scorer:
         if self._lm is None or self._lm.source[0] is not model or self._lm.source[1] is not tokenizer:
             self._lm = None
             self._lm = ResidentHFLM(model, tokenizer, batch_size=self.batch_size)
+            if self.answer_cap:
+                for leaf, own in self.gen_bounds.items():
+                    cap_generation(self.tasks[leaf], self._lm, own)
         model.eval()
         return self._lm
 

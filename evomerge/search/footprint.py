@@ -44,6 +44,28 @@ def model_micro_batch_tokens(model) -> int:
     return default_micro_batch_tokens(model.config.to_dict(), nbytes, itemsize)
 
 
+# A refinement step's forward and backward cost about 6 x parameters x positions; past this many parameter-positions
+# per step a step trains on fewer examples than the search subsets (refine_examples). The toy zoos (up to ~1M
+# parameters, a few thousand positions) stay far below it; at 135M parameters it allows ~400 positions a step.
+STEP_PARAM_POSITIONS = 5 * 10**10
+MIN_REFINE_EXAMPLES = 8  # per task: below this a step's gradient is one example's noise
+
+
+def refine_examples(materializer, scorer, budget: int = STEP_PARAM_POSITIONS) -> int | None:
+    """Examples per task a refinement step trains on when `refine.examples` is unset: None (each task's search
+    subset, as always) while parameters x the subsets' positions fit `budget`, else the share of the largest subset
+    that fits, at least MIN_REFINE_EXAMPLES (drawn from each task's split in the refinement's seeded order)."""
+    from evomerge.search.objective import training_items
+
+    params = sum(p.numel() for p in materializer.model.parameters())
+    items = training_items(scorer, scorer.wrap(materializer.model, materializer.tokenizer))
+    positions = sum(len(it.context) + len(c) for it in items for c in it.continuations)
+    if params * positions <= budget:
+        return None
+    largest = max(len(scorer.indices(leaf)) for leaf in scorer.tasks)
+    return max(MIN_REFINE_EXAMPLES, int(largest * budget / (params * positions)))
+
+
 def refine_extra_bytes(
     config: dict[str, Any],
     param_bytes: int,
@@ -85,8 +107,11 @@ def refine_extra_bytes(
 
 __all__ = [
     "MICRO_BATCH_TOKENS",
+    "MIN_REFINE_EXAMPLES",
+    "STEP_PARAM_POSITIONS",
     "default_micro_batch_tokens",
     "model_micro_batch_tokens",
+    "refine_examples",
     "refine_extra_bytes",
     "token_bytes",
 ]

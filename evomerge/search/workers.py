@@ -154,7 +154,12 @@ class Worker:
         from evomerge.config import SearchConfig
         from evomerge.space import space_of
 
-        kind = (job.per_row, job.loss, job.examples)
+        examples = job.examples
+        if examples is None:  # a model too large for a step over the whole subsets trains on fewer examples
+            from evomerge.search.footprint import refine_examples
+
+            examples = refine_examples(self.evaluator.materializer, self.evaluator.scorer("search"))
+        kind = (job.per_row, job.loss, examples)
         if self._refiner is not None and self._refiner_kind == kind:
             return self._refiner
         cfg = SearchConfig.model_validate(self._cfg_json)
@@ -163,7 +168,7 @@ class Worker:
             from evomerge.search.rows import RowRefiner
 
             self._refiner = RowRefiner(
-                *args, cfg.base_model, cfg.method, loss=job.loss, examples=job.examples, seed=cfg.seed
+                *args, cfg.base_model, cfg.method, loss=job.loss, examples=examples, seed=cfg.seed
             )
         else:
             from evomerge.search.refine import Refiner
@@ -172,7 +177,7 @@ class Worker:
                 *args,
                 cfg.base_model,
                 cfg.method,
-                job.examples,
+                examples,
                 seed=cfg.seed,  # the frozen masks are the ones the search's trials are merged with
                 dtype=cfg.dtype,
             )

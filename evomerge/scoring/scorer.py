@@ -135,11 +135,14 @@ class Scorer:
         self._lm = None
         with quiet():
             catalog = TaskCatalog(include_paths, include_defaults=include_defaults)
+            wrong_metrics: list[str] = []  # every task's, so a config with several is fixed in one pass
             for spec in self.specs:
-                self._add(spec, catalog.build(spec.name))
+                self._add(spec, catalog.build(spec.name), wrong_metrics)
+        if wrong_metrics:
+            raise TaskError("; ".join(wrong_metrics))
         self.code_folders = catalog.code_folders()
 
-    def _add(self, spec: TaskSpec, built: dict[str, Task]) -> None:
+    def _add(self, spec: TaskSpec, built: dict[str, Task], wrong_metrics: list[str]) -> None:
         if spec.name in self.members:
             raise TaskError(f"task {spec.name} is listed twice; list each task once")
         self.members[spec.name] = list(built)
@@ -148,7 +151,8 @@ class Scorer:
                 raise TaskError(f"task {leaf} is listed twice (directly and through {spec.name}); list it once")
             valid = metric_names(task)
             if spec.metric != EVERY_METRIC and spec.metric not in valid:
-                raise TaskError(f"task {leaf} has no metric {spec.metric!r}; valid: {', '.join(valid)}")
+                wrong_metrics.append(f"task {leaf} has no metric {spec.metric!r}; valid: {', '.join(valid)}")
+                continue
             if task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)  # what simple_evaluate does
             _rows_as_list(task)

@@ -111,7 +111,8 @@ class Plan:
         gpus = f"{node.gpus:g} GPU{'s' * (node.gpus != 1)}" if node.gpus else "no GPU"
         if node.gpu_free and len(set(node.gpu_free)) == 1:
             gpus += f" ({gb(node.gpu_free[0])} free each)"
-        have = f"{gb(node.host_available)} of {gb(node.host_total)} available, {node.cpus:g} CPUs, {gpus}"
+        cpus = f"{node.cpus:g} CPUs" if node.cpus else "CPUs not given (--cpus)"
+        have = f"{gb(node.host_available)} of {gb(node.host_total)} available, {cpus}, {gpus}"
         ray = f" + Ray {gb(RAY_NODE)} + driver {gb(RUNTIME_HOST)}" if self.settings.count > 0 else ""
         need = self.node_bytes(workers, self.devices.local)
         verdict = "fits" if not self.problems else "does NOT fit"
@@ -161,6 +162,11 @@ def evaluate_plan(
     worker = worker_memory(model, tasks, settings, free)
     plan = Plan(model, tasks, settings, worker, devices, source=source)
     plan.problems += _gpu_problems(plan, free) + _host_problems(plan)
+    if settings.num_gpus == 0 and devices.gpus > 0:
+        plan.warnings.append(
+            f"workers.num_gpus is 0: the workers run on CPU and leave the {devices.gpus:g} GPU(s) of {devices.where} "
+            "idle; set workers.num_gpus: 1 (a worker per GPU) to plan them"
+        )
     return plan
 
 
@@ -264,15 +270,23 @@ def _host_problems(plan: Plan) -> list[str]:
             return [f"workers.batch_size: {base}, {gb(w.evaluation)} of it for a batch of {s.batch_size}; lower it"]
         gpus = " or on GPUs (workers.num_gpus)" if not plan.on_gpu else ""
         return [f"workers: {base}; run the search on a machine with more memory{gpus}"]
-    fit = 0
+    fit = fit_memory = 0
     for i, node in enumerate(nodes):
         room = node.host_available - (plan.node_bytes(0, d.local and i == 0) - plan.page_cache)
         by_memory = max(0, room // max(w.host, 1))
         by_cpu = math.floor(node.cpus / s.num_cpus + 1e-9) if d.cpu_bound else by_memory
         fit += min(by_memory, by_cpu)
+        fit_memory += by_memory
     workers = max(1, s.count)
     problems = []
-    if s.count > 0 and fit < workers:
+    if s.count > 0 and fit < workers and fit_memory >= workers:  # the CPUs, not the memory
+        have = sum(n.cpus for n in nodes)
+        problems.append(
+            f"workers.count: {workers} workers x {s.num_cpus:g} CPUs (workers.num_cpus) need "
+            f"{workers * s.num_cpus:g} CPUs, but {d.where} has {have:g}; set workers.count to at most {max(fit, 1)} "
+            "or lower workers.num_cpus"
+        )
+    elif s.count > 0 and fit < workers:
         problems.append(
             f"workers.count: {workers} workers need {gb(workers * w.host)} of host memory ({gb(w.host)} each), "
             f"but {d.where} has room for {fit}; set workers.count to at most {max(fit, 1)}"

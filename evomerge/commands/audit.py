@@ -54,7 +54,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     plan.add_argument("--host-memory", metavar="SIZE", help="plan for nodes with this much free host memory (512G)")
     plan.add_argument("--gpus", metavar="NxSIZE", help="plan for nodes with N GPUs of SIZE free each (8x80G; 0: none)")
-    plan.add_argument("--nodes", type=int, default=1, metavar="K", help="plan for K such nodes (default 1)")
+    plan.add_argument("--nodes", type=int, default=None, metavar="K", help="plan for K such nodes (default 1)")
+    plan.add_argument("--cpus", type=float, metavar="N", help="plan for nodes with N CPUs each (default: not checked)")
     parser.add_argument(
         "--probe-subset",
         type=int,
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.plan:
         return _plan(args)
+    _no_plan_flags(args)
     if args.sample < 2:
         raise ConfigError(f"--sample {args.sample}: use at least 2 positions per tensor")
     cfg = _probe_config(args) if args.probe else None
@@ -226,20 +228,39 @@ def _probe(cfg, args: argparse.Namespace, show: bool):
     )
 
 
+def _no_plan_flags(args: argparse.Namespace) -> None:
+    """The machine flags describe the machine of a resource plan: without --plan they would be ignored in silence."""
+    from evomerge.errors import ConfigError
+
+    given = [f"--{name.replace('_', '-')}" for name in PLAN_FLAGS if getattr(args, name, None) is not None]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} describe{'s' * (len(given) == 1)} the machine of a resource plan, which only --plan "
+            f"prints; add --plan (evomerge audit {args.config} --plan {' '.join(given)} ...) or drop "
+            f"{'it' if len(given) == 1 else 'them'}"
+        )
+
+
+PLAN_FLAGS = ("host_memory", "gpus", "nodes", "cpus")
+
+
 def _plan(args: argparse.Namespace) -> int:
     """The resource plan of a search config, on this machine (or its Ray cluster) or the one the flags describe."""
     from evomerge.capacity import given_devices, plan_search
     from evomerge.errors import ConfigError
     from evomerge.search.driver import check_tasks
 
-    if args.nodes < 1:
+    nodes = 1 if args.nodes is None else args.nodes
+    if nodes < 1:
         raise ConfigError(f"--nodes {args.nodes}: plan for at least 1 node")
+    if args.cpus is not None and args.cpus <= 0:
+        raise ConfigError(f"--cpus {args.cpus:g}: give the CPUs of each node (e.g. --cpus 96)")
     cfg = _search_config(args.config, "--plan")
     built: dict = {}
     off = check_tasks(cfg, keep=built)  # what the search would switch off (refinement on slerp, say) is off here too
     cfg = cfg.model_copy(update={name: None for name in off})
-    described = args.host_memory is not None or args.gpus is not None or args.nodes > 1
-    devices = given_devices(args.host_memory, args.gpus, args.nodes) if described else None
+    described = any(getattr(args, name) is not None for name in PLAN_FLAGS)
+    devices = given_devices(args.host_memory, args.gpus, nodes, cpus=args.cpus) if described else None
     if devices is None and cfg.workers.address:
         devices = _cluster(cfg)
     plan = plan_search(cfg, built.get("search"), devices)

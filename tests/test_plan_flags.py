@@ -1,0 +1,88 @@
+"""The machine flags of `evomerge audit --plan` say what they plan for: a GPU size needs its unit, the flags need
+--plan, the host memory taken from this machine is labelled so, a config that leaves the given GPUs idle says so,
+and CPUs are the given machine's (never this one's)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def plan_config(tmp: Path, zoo: Path, **workers) -> Path:
+    data = {
+        "name": "flags",
+        "base_model": str(zoo / "base"),
+        "models": [str(zoo / "add"), str(zoo / "reverse")],
+        "method": "task_arithmetic",
+        "tasks": {"search": [{"name": "zoo_add_search", "subset": 8}]},
+        "budget": {"n_trials": 4},
+        "refine": None,
+        "workers": {"count": 1, **workers},
+    }
+    path = tmp / "flags.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    from evomerge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_a_gpu_size_without_its_unit_is_refused_naming_the_unit(tiny_zoo, tmp_path):
+    code, _, err = cli("audit", str(plan_config(tmp_path, tiny_zoo)), "--plan", "--gpus", "8x80")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--gpus: '8x80' gives no unit" in err and "write 8x80G" in err
+    assert "refine" not in err  # not read as 80 bytes per GPU, whose refusal named refine
+
+
+@pytest.mark.parametrize("flags", [["--gpus", "8x80G"], ["--host-memory", "1T"], ["--nodes", "2"], ["--cpus", "8"]])
+def test_machine_flags_without_plan_are_refused(tiny_zoo, tmp_path, flags):
+    code, out, err = cli("audit", str(plan_config(tmp_path, tiny_zoo)), *flags)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{flags[0]} describes the machine of a resource plan" in err and "add --plan" in err
+    assert out == ""  # nothing audited in silence
+
+
+def test_host_memory_left_out_is_labelled_as_this_machines(tiny_zoo, tmp_path):
+    code, out, _ = cli("audit", str(plan_config(tmp_path, tiny_zoo, num_gpus=1)), "--plan", "--gpus", "8x80G")
+    assert code == 0, out
+    node = next(line for line in out.splitlines() if "needs" in line and "host memory" in line)
+    assert "with this machine's free host memory: --host-memory sets it" in node
+    code, out, _ = cli(
+        "audit", str(plan_config(tmp_path, tiny_zoo, num_gpus=1)), "--plan", "--gpus", "8x80G", "--host-memory", "1T"
+    )
+    assert code == 0 and "this machine's" not in out and "1000.0 GB of 1000.0 GB available" in out
+
+
+def test_num_gpus_zero_with_given_gpus_says_they_stay_idle(tiny_zoo, tmp_path):
+    code, out, _ = cli("audit", str(plan_config(tmp_path, tiny_zoo)), "--plan", "--gpus", "8x80G")
+    assert code == 0, out
+    assert "plan: warning: workers.num_gpus is 0: the workers run on CPU and leave the 8 GPU(s)" in out
+    assert "set workers.num_gpus: 1" in out
+
+
+def test_cpus_are_the_given_machines(tiny_zoo, tmp_path):
+    """8 workers x 2 CPUs on a given machine of 4 CPUs do not fit, whatever this machine has; with no --cpus the
+    plan checks no CPU count and says it was not given."""
+    import os
+
+    config = str(plan_config(tmp_path, tiny_zoo, count=8, num_cpus=2))
+    code, out, err = cli("audit", config, "--plan", "--gpus", "0", "--host-memory", "1T", "--cpus", "4")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "8 workers x 2 CPUs (workers.num_cpus) need 16 CPUs, but the machine given on the command line has 4" in err
+    assert "4 CPUs" in out
+    code, out, err = cli("audit", config, "--plan", "--gpus", "0", "--host-memory", "1T", "--cpus", "16")
+    assert code == 0, err
+    code, out, err = cli("audit", config, "--plan", "--gpus", "0", "--host-memory", "1T")
+    assert code == 0, err
+    assert "CPUs not given (--cpus)" in out
+    assert f", {len(os.sched_getaffinity(0))} CPUs," not in out

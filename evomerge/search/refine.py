@@ -202,6 +202,7 @@ class Refiner:
         lr: float = 0.05,
         log=None,
         micro_batch_tokens: int | None = None,
+        progress=None,
     ) -> list[tuple[int, dict[str, float], float]]:
         """Adam on the refined slots (in units of each one's search range), from `point`; the point every
         `every` steps (and the last), with the surrogate loss there. The resident model is left holding the
@@ -224,6 +225,8 @@ class Refiner:
                     out.append((step, {s.name: float(v) for s, v in zip(self.slots, x)}, loss))
                     if log:
                         log(f"refine step {step}: surrogate loss {loss:.4f}")
+                if progress:  # (step, loss, point): the driver's progress line
+                    progress(step, loss, step % every == 0 or last)
                 if last:
                     break
                 u.grad = span * self._slot_grad(start, x)

@@ -278,6 +278,7 @@ class RowRefiner:
         lr: float = 0.05,
         coefficients: dict[str, torch.Tensor] | None = None,
         log=None,
+        progress=None,
     ) -> list[tuple[int, dict[str, float], float, dict[str, torch.Tensor]]]:
         """Adam on the multipliers from `point` (and `coefficients`, else 1), each kept in BOUNDS; every `every`
         steps (and the last) the point, the loss there and a copy of the multipliers."""
@@ -297,6 +298,8 @@ class RowRefiner:
                     out.append((step, dict(point), loss, {n: m[n].detach().clone() for n in names}))
                     if log:
                         log(f"row refinement step {step}: loss {loss:.4f}")
+                if progress:  # (step, loss, point): the driver's progress line
+                    progress(step, loss, step % every == 0 or last)
                 if last:
                     break
                 grads = self._grads(rows, m)

@@ -135,7 +135,7 @@ class Worker:
             result, worker=self.name, error=error, started=started, ended=time.time(), wait_s=wait_s, busy_s=end - start
         )
 
-    def refine(self, point: dict[str, float], settings: dict[str, Any]) -> list[tuple]:
+    def refine(self, point: dict[str, float], settings: dict[str, Any], progress=None) -> list[tuple]:
         """The gradient path from `point` on the search task set: [(step, point, loss)] (search/refine.py), or with
         `settings["grain"] == "rows"` [(step, point, loss, coefficients)] (search/rows.py), from the start's
         `settings["coefficients"]` if it has them."""
@@ -168,8 +168,33 @@ class Worker:
                 )
             self._refiner_kind = kind
         if grain == "rows":
-            return self._refiner.run(point, coefficients=coefficients, **settings)
-        return self._refiner.run(point, **settings)
+            return self._refiner.run(point, coefficients=coefficients, progress=progress, **settings)
+        return self._refiner.run(point, progress=progress, **settings)
+
+    def refine_stream(self, point: dict[str, float], settings: dict[str, Any]) -> Iterator[tuple]:
+        """`refine` as a Ray streaming generator: ("step", step, loss, point) after each Adam step, then ("path",
+        path). The round runs in a thread of this actor while the generator hands its steps to the driver."""
+        import queue
+
+        steps: queue.Queue = queue.Queue()
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["path"] = self.refine(point, settings, lambda *step: steps.put(step))
+            except BaseException as err:  # raised again in the actor's own thread, so Ray reports it
+                outcome["error"] = err
+            finally:
+                steps.put(None)
+
+        thread = threading.Thread(target=work, name="refine", daemon=True)
+        thread.start()
+        while (step := steps.get()) is not None:
+            yield ("step", *step)
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        yield ("path", outcome["path"])
 
 
 def task_sets_json(task_sets: TaskSets) -> dict[str, list[dict]]:
@@ -359,10 +384,20 @@ class WorkerPool:
             self.infos[self.starting.pop(ready[0])] = self._ready(ready[0])
         return out
 
-    def refine(self, point: dict[str, float], settings: dict[str, Any]) -> list[tuple[int, dict[str, float], float]]:
-        """Run a gradient refinement on the least busy worker and wait for its path."""
+    def refine(
+        self, point: dict[str, float], settings: dict[str, Any], progress=None
+    ) -> list[tuple[int, dict[str, float], float]]:
+        """Run a gradient refinement on the least busy worker and wait for its path; `progress(step, loss, point)`
+        hears each Adam step as the worker takes it (a Ray streaming generator)."""
         slot = min(self._live(), key=lambda i: len(self.queues[i]))
-        return self._ray.get(self.actors[slot].refine.remote(point, settings))
+        stream = self.actors[slot].refine_stream.options(num_returns="streaming").remote(point, settings)
+        for ref in stream:
+            kind, *item = self._ray.get(ref)
+            if kind == "path":
+                return item[0]
+            if progress:
+                progress(*item)
+        raise RuntimeError("a refinement round's stream ended without its path")
 
     def _replace(self, slot: int) -> None:
         """A fresh actor in the dead one's slot; it loads the inputs while the live slots keep working."""
@@ -412,8 +447,10 @@ class InlinePool:
         ref, text, task_set, examples, per_example = self.queue.pop(0)
         return [(ref, self.worker.run(text, task_set, examples, per_example))]
 
-    def refine(self, point: dict[str, float], settings: dict[str, Any]) -> list[tuple[int, dict[str, float], float]]:
-        return self.worker.refine(point, settings)
+    def refine(
+        self, point: dict[str, float], settings: dict[str, Any], progress=None
+    ) -> list[tuple[int, dict[str, float], float]]:
+        return self.worker.refine(point, settings, progress)
 
     def close(self) -> None:
         self.queue = []

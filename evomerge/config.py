@@ -433,13 +433,14 @@ def parse_config(
     return cfg
 
 
-def load_config(path: Path | str, **overrides: Any) -> SearchConfig:
-    """Load and validate a search config file. `overrides`: n_trials, storage, workers (CLI flags)."""
+def load_config(path: Path | str, check_files: bool = True, **overrides: Any) -> SearchConfig:
+    """Load and validate a search config file. `overrides`: n_trials, storage, workers (CLI flags);
+    `check_files=False`: the model folders need not exist (`audit --plan --model-config`)."""
     from evomerge.io.yamlfile import read_yaml
 
     path = Path(path)
     data = read_yaml(path, "config file")
-    cfg = parse_config(data, source=str(path), base_dir=path.parent)
+    cfg = parse_config(data, source=str(path), base_dir=path.parent, check_files=check_files)
     return apply_overrides(cfg, **overrides)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,74 @@ def test_cpus_are_the_given_machines(tiny_zoo, tmp_path):
     assert code == 0, err
     assert "CPUs not given (--cpus)" in out
     assert f", {len(os.sched_getaffinity(0))} CPUs," not in out
+
+
+def test_a_7b_night_is_planned_from_its_config_json_alone():
+    """The shipped 7B-on-8-GPUs config, its models nowhere on this machine: memory and time from config.json."""
+    from evomerge.capacity.timing import GPUS
+
+    repo = Path(__file__).resolve().parent.parent
+    code, out, err = cli(
+        "audit",
+        str(repo / "configs" / "7b-8gpus.yaml"),
+        "--plan",
+        "--model-config",
+        str(repo / "configs" / "llama-2-7b.config.json"),
+        "--gpus",
+        "8x80G",
+        "--host-memory",
+        "1T",
+        "--cpus",
+        "96",
+        "--gpu-kind",
+        "A100",
+    )
+    assert code == 0, err
+    assert "plan: inputs 4 x 13.5 GB (base + 3 models, 6.74B parameters)" in out
+    timing = next(line for line in out.splitlines() if line.startswith("plan: time per trial on 1 x A100"))
+    parts = dict(re.findall(r"(merge|evaluation|refinement|overhead) ([\d.]+) s", timing))
+    total = float(re.search(r"= ([\d.]+) s", timing).group(1))
+    assert set(parts) == {"merge", "evaluation", "refinement", "overhead"}
+    assert abs(sum(map(float, parts.values())) - total) < 0.05 * total
+    assert f"{GPUS['A100'][0] / 1e12:.0f} TFLOP/s" in timing
+    night = next(line for line in out.splitlines() if "trials per hour with 8 worker(s)" in line)
+    assert "300 trials" in night and "ends ~" in night
+
+
+def test_the_time_plan_follows_its_quantities():
+    """Twice the tokens scored, twice the forward time; a merge streams the inputs and the resident model; a
+    refinement round's cost is shared by the budget's trials."""
+    from evomerge.capacity import ModelFacts, TaskFacts
+    from evomerge.capacity.timing import REQUEST_S, forward_flops, gpu_speed, trial_time
+
+    model = ModelFacts.of_config({"model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816,
+                                  "num_hidden_layers": 16, "num_attention_heads": 16, "vocab_size": 32000,
+                                  "dtype": "bfloat16"}, n_inputs=3)  # fmt: skip
+    speed = gpu_speed("H100", 1)
+    tasks = TaskFacts(
+        requests=100, longest=20, generates=False, refine_rows=100, refine_tokens=2000, scored_tokens=2000
+    )
+    double = TaskFacts(**{**tasks.__dict__, "scored_tokens": 4000})
+    one, two = trial_time(model, tasks, speed, 100, 0, 0), trial_time(model, double, speed, 100, 0, 0)
+    forward = 2000 * forward_flops(model) / speed.flops
+    assert one.evaluation == pytest.approx(forward + 100 * REQUEST_S)
+    assert two.evaluation - one.evaluation == pytest.approx(forward)
+    assert one.merge == pytest.approx((sum(model.input_bytes) + model.resident_bytes) / speed.merge_bytes_s)
+    refined = trial_time(model, tasks, speed, 100, rounds=4, steps=60)
+    assert refined.refinement * 100 == pytest.approx(4 * 60 * (3 * forward + one.merge))
+    assert trial_time(model, tasks, speed, 200, rounds=4, steps=60).refinement == pytest.approx(refined.refinement / 2)
+
+
+def test_the_gpus_page_plan_commands_run_as_written():
+    """docs/gpus.md's `audit --plan` block, each line as a user types it, from the repository's root."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    text = (repo / "docs" / "gpus.md").read_text()
+    block = re.search(r"```bash\n(evomerge audit configs/7b-8gpus.yaml.*?)```", text, re.S).group(1)
+    for line in block.strip().splitlines():
+        command = line.replace("evomerge ", f"{sys.executable} -m evomerge ", 1)
+        done = subprocess.run(command, shell=True, cwd=repo, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (line, done.stderr)
+        assert "plan: time per trial" in done.stdout or "workers.num_gpus" in done.stderr + done.stdout, line

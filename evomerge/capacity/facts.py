@@ -198,27 +198,24 @@ class TaskFacts:
     generates: bool
     refine_rows: int
     refine_tokens: int  # tokens of all those rows together (padded to the longest)
+    # what the time plan reads (capacity/timing.py): the tokens one evaluation runs through the model
+    scored_tokens: int = 0  # loglikelihood and multiple-choice requests: context + continuation, each request
+    prompt_tokens: int = 0  # generation requests' contexts (one forward each)
+    generated_tokens: int = 0  # tokens generated, expected: each reference answer and its stop, at most max_gen_toks
+    generation_tasks: tuple[tuple[int, int], ...] = ()  # per generation task: (examples, steps of its longest answer)
 
     @classmethod
-    def of_scorer(cls, scorer, tokenizer_source: str | os.PathLike) -> TaskFacts:
-        from transformers import AutoTokenizer
-
-        from evomerge.errors import ModelError, first_line
-
-        try:
-            tok = AutoTokenizer.from_pretrained(str(tokenizer_source))
-        except (OSError, ValueError) as exc:  # what the workers' own load would raise
-            raise ModelError(
-                f"{tokenizer_source}: its tokenizer cannot be loaded ({first_line(exc)}); a base model folder needs "
-                "its tokenizer files (tokenizer.json, tokenizer_config.json)"
-            ) from None
+    def of_scorer(cls, scorer, tokenizer_source: str | os.PathLike | None) -> TaskFacts:
+        """The requests of `scorer`'s tasks, in tokens of `tokenizer_source`'s tokenizer (None: about
+        CHARS_PER_TOKEN characters a token, for a plan from a config.json alone)."""
+        tok = _tokenizer(tokenizer_source) if tokenizer_source is not None else _estimate_tokens
         requests = rows = longest = width = 0
-        generates = False
+        tokens = {"scored_tokens": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        generation_tasks = []
         for leaf, task in scorer.tasks.items():
             kind = task.OUTPUT_TYPE
             gen = _max_gen_toks(task) if kind == "generate_until" else 0
-            generates = generates or kind == "generate_until"
-            docs = task.eval_docs
+            docs, answer = task.eval_docs, 0
             for i in scorer.indices(leaf):
                 ctx, conts = _request_text(task, docs[i], kind)
                 n_ctx = len(tok(ctx, add_special_tokens=False)["input_ids"])  # lm-eval's HFLM adds no BOS
@@ -227,9 +224,45 @@ class TaskFacts:
                 longest = max(longest, n_ctx + gen, *lengths)
                 rows += len(conts)
                 width = max(width, *lengths)
+                if kind == "generate_until":  # the reference answer and the stop that ends it
+                    steps = min(gen, lengths[0] - n_ctx + 1)
+                    tokens["prompt_tokens"] += n_ctx
+                    tokens["generated_tokens"] += steps
+                    answer = max(answer, steps)
+                else:
+                    tokens["scored_tokens"] += sum(lengths)
+            if kind == "generate_until":
+                generation_tasks.append((len(scorer.indices(leaf)), answer))
         return cls(
-            requests=requests, longest=longest, generates=generates, refine_rows=rows, refine_tokens=rows * width
+            requests=requests,
+            longest=longest,
+            generates=bool(generation_tasks),
+            refine_rows=rows,
+            refine_tokens=rows * width,
+            generation_tasks=tuple(generation_tasks),
+            **tokens,
         )
+
+
+CHARS_PER_TOKEN = 4  # English text in a BPE vocabulary of 32-150k tokens, roughly
+
+
+def _estimate_tokens(text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+    return {"input_ids": [0] * -(-len(text) // CHARS_PER_TOKEN)}
+
+
+def _tokenizer(source: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    from evomerge.errors import ModelError, first_line
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as exc:  # what the workers' own load would raise
+        raise ModelError(
+            f"{source}: its tokenizer cannot be loaded ({first_line(exc)}); a base model folder needs "
+            "its tokenizer files (tokenizer.json, tokenizer_config.json)"
+        ) from None
 
 
 def _max_gen_toks(task) -> int:

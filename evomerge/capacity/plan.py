@@ -23,6 +23,7 @@ from evomerge.capacity.memory import (
     WorkerMemory,
     worker_memory,
 )
+from evomerge.capacity.timing import TrialTime
 from evomerge.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ class Plan:
     source: str = "search config"
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    timing: TrialTime | None = None  # seconds per trial by part (capacity/timing.py), when the plan has a schedule
+    night: tuple[int, int] = (0, 0)  # (trials of the budget, portfolio merges) the time lines count
 
     @property
     def page_cache(self) -> int:
@@ -100,6 +103,9 @@ class Plan:
                 f"of GPU memory; host {gb(w.host)}"
             )
         out.append(self._node_line())
+        if self.timing is not None:
+            where = self.devices.where if len(self.devices.nodes) == 1 else f"{len(self.devices.nodes)} nodes"
+            out += self.timing.lines(*self.night, workers=max(1, s.count), where=where)
         out += [f"plan: warning: {text}" for text in self.warnings]
         return out
 
@@ -127,10 +133,19 @@ class Plan:
             raise ConfigError(f"{self.source}: {self.problems[0]}")
 
 
-def plan_search(cfg: SearchConfig, scorer=None, devices: Devices | None = None) -> Plan:
+def plan_search(
+    cfg: SearchConfig,
+    scorer=None,
+    devices: Devices | None = None,
+    model: ModelFacts | None = None,
+    gpu_kind: str | None = None,
+    tokenizer: str | None = None,
+) -> Plan:
     """The plan of `cfg` (refinement counted when `cfg.refine` is set) on `devices` (default: this machine, or the
     Ray cluster of `workers.address` when this process has joined it). `scorer`: the search tasks, built already
-    (else built here)."""
+    (else built here). `model`: the inputs' facts when they come from a config.json alone (`audit --plan
+    --model-config`, whose `tokenizer` folder counts the tasks' tokens, or None: about 4 characters a token);
+    `gpu_kind`: the GPUs' kind the time plan assumes (default: this machine's, else an H100)."""
     if scorer is None:
         from evomerge.scoring.scorer import Scorer
 
@@ -140,8 +155,9 @@ def plan_search(cfg: SearchConfig, scorer=None, devices: Devices | None = None) 
             seed=cfg.seed,
             include_defaults=cfg.tasks.include_defaults,
         )
-    model = ModelFacts.of_inputs(cfg.base_model, cfg.models, dtype=cfg.dtype)
-    tasks = TaskFacts.of_scorer(scorer, cfg.base_model)
+    if model is None:
+        model, tokenizer = ModelFacts.of_inputs(cfg.base_model, cfg.models, dtype=cfg.dtype), str(cfg.base_model)
+    tasks = TaskFacts.of_scorer(scorer, tokenizer)
     settings = Settings(
         count=cfg.workers.count,
         num_gpus=cfg.workers.num_gpus,
@@ -151,7 +167,30 @@ def plan_search(cfg: SearchConfig, scorer=None, devices: Devices | None = None) 
         row_ties=cfg.method == "ties" and bool(cfg.refine and cfg.refine.arms_run(cfg.budget.n_trials) - {"tensor"}),
         batch_size=cfg.workers.batch_size,
     )
-    return evaluate_plan(model, tasks, settings, devices or local_devices(), source=cfg._source)
+    plan = evaluate_plan(model, tasks, settings, devices or local_devices(), source=cfg._source)
+    return with_timing(plan, cfg, gpu_kind)
+
+
+def with_timing(plan: Plan, cfg: SearchConfig, gpu_kind: str | None = None) -> Plan:
+    """The plan with its time lines: seconds per trial by part on the planned devices, trials per hour, the end."""
+    from evomerge.capacity.timing import cpu_speed, gpu_speed, local_gpu_kind, trial_time
+
+    s, n = plan.settings, cfg.budget.n_trials
+    if plan.on_gpu and plan.devices.gpus:
+        kind = gpu_kind or (local_gpu_kind() if plan.devices.where == "this machine" else None)
+        batch = plan.worker.batch_size if isinstance(plan.worker.batch_size, int) else 64
+        speed = gpu_speed(kind, s.num_gpus, batch=batch)
+    else:
+        speed = cpu_speed(s.num_cpus, "this machine" if plan.devices.local else "the given machine")
+    rounds, steps = (len(cfg.refine.starts(n)), cfg.refine.schedule(n)[0]) if cfg.refine is not None else (0, 0)
+    plan.timing = trial_time(plan.model, plan.tasks, speed, n, rounds, steps)
+    portfolio = 0
+    if cfg.portfolio:
+        from evomerge.portfolio import COMMON_METHODS
+
+        portfolio = len([m for m in COMMON_METHODS if m != cfg.method])  # the most it scores (some may not apply)
+    plan.night = (n, portfolio)
+    return plan
 
 
 def evaluate_plan(

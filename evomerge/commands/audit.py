@@ -56,6 +56,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--gpus", metavar="NxSIZE", help="plan for nodes with N GPUs of SIZE free each (8x80G; 0: none)")
     plan.add_argument("--nodes", type=int, default=None, metavar="K", help="plan for K such nodes (default 1)")
     plan.add_argument("--cpus", type=float, metavar="N", help="plan for nodes with N CPUs each (default: not checked)")
+    plan.add_argument(
+        "--gpu-kind",
+        metavar="NAME",
+        help="the GPUs' kind the time plan assumes: H100, H200, A100, L40S, A10G or L4 (default: this machine's, "
+        "else H100)",
+    )
+    plan.add_argument(
+        "--model-config",
+        metavar="CONFIG.json",
+        help="plan from this config.json alone, for every input (the weights need not be on this machine; a "
+        "tokenizer.json beside it counts the tasks' tokens, else about 4 characters a token)",
+    )
     parser.add_argument(
         "--probe-subset",
         type=int,
@@ -181,8 +193,30 @@ def _probe_config(args: argparse.Namespace):
     return _search_config(args.config, "--probe")
 
 
-def _search_config(path: str, flag: str):
-    """A search config for `flag` (a recipe is refused: --probe and --plan need a search's tasks and workers)."""
+def _model_config(path: str, cfg):
+    """(ModelFacts, tokenizer folder or None) of a config.json given for every input of `cfg`."""
+    import json
+    from pathlib import Path
+
+    from evomerge.capacity import ModelFacts
+    from evomerge.errors import ConfigError
+
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"--model-config {path}: not a readable config.json ({err}); pass a model's config.json"
+        ) from None
+    if not isinstance(config, dict) or not config.get("hidden_size"):
+        raise ConfigError(f"--model-config {path}: no hidden_size; pass a model's config.json (a transformers one)")
+    folder = Path(path).parent
+    tokenizer = str(folder) if (folder / "tokenizer.json").is_file() else None
+    return ModelFacts.of_config(config, n_inputs=1 + len(cfg.models), dtype=cfg.dtype), tokenizer
+
+
+def _search_config(path: str, flag: str, check_files: bool = True):
+    """A search config for `flag` (a recipe is refused: --probe and --plan need a search's tasks and workers).
+    `check_files=False`: its model folders need not exist (a plan from --model-config)."""
     from evomerge.config import load_config
     from evomerge.errors import ConfigError
     from evomerge.io.yamlfile import read_yaml
@@ -193,7 +227,7 @@ def _search_config(path: str, flag: str):
             f"{path}: {flag} needs a search config's `tasks.search` and `workers`, and this "
             f"is a recipe; pass the search config (e.g. configs/demo.yaml) or drop {flag}"
         )
-    return load_config(path)
+    return load_config(path, check_files=check_files)
 
 
 def _config_allows(path: str) -> bool:
@@ -232,7 +266,8 @@ def _no_plan_flags(args: argparse.Namespace) -> None:
     """The machine flags describe the machine of a resource plan: without --plan they would be ignored in silence."""
     from evomerge.errors import ConfigError
 
-    given = [f"--{name.replace('_', '-')}" for name in PLAN_FLAGS if getattr(args, name, None) is not None]
+    flags = (*PLAN_FLAGS, *OTHER_PLAN_FLAGS)
+    given = [f"--{name.replace('_', '-')}" for name in flags if getattr(args, name, None) is not None]
     if given:
         raise ConfigError(
             f"{', '.join(given)} describe{'s' * (len(given) == 1)} the machine of a resource plan, which only --plan "
@@ -241,7 +276,8 @@ def _no_plan_flags(args: argparse.Namespace) -> None:
         )
 
 
-PLAN_FLAGS = ("host_memory", "gpus", "nodes", "cpus")
+PLAN_FLAGS = ("host_memory", "gpus", "nodes", "cpus")  # the machine the plan is for
+OTHER_PLAN_FLAGS = ("gpu_kind", "model_config")
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -255,7 +291,8 @@ def _plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--nodes {args.nodes}: plan for at least 1 node")
     if args.cpus is not None and args.cpus <= 0:
         raise ConfigError(f"--cpus {args.cpus:g}: give the CPUs of each node (e.g. --cpus 96)")
-    cfg = _search_config(args.config, "--plan")
+    cfg = _search_config(args.config, "--plan", check_files=args.model_config is None)
+    model, tokenizer = _model_config(args.model_config, cfg) if args.model_config else (None, None)
     built: dict = {}
     off = check_tasks(cfg, keep=built)  # what the search would switch off (refinement on slerp, say) is off here too
     cfg = cfg.model_copy(update={name: None for name in off})
@@ -263,7 +300,7 @@ def _plan(args: argparse.Namespace) -> int:
     devices = given_devices(args.host_memory, args.gpus, nodes, cpus=args.cpus) if described else None
     if devices is None and cfg.workers.address:
         devices = _cluster(cfg)
-    plan = plan_search(cfg, built.get("search"), devices)
+    plan = plan_search(cfg, built.get("search"), devices, model=model, gpu_kind=args.gpu_kind, tokenizer=tokenizer)
     print("\n".join(plan.lines()), flush=True)  # before the refusal's line on stderr
     plan.check()
     return 0

@@ -66,10 +66,10 @@ class Schedule:
             )
         ]
         if self.starts:
-            at = ", ".join(map(str, self.starts))
+            at = ("trials " if len(self.starts) > 1 else "trial ") + ", ".join(map(str, self.starts))
             out.append(
                 f"budget: {len(self.starts)} refinement round{'s' * (len(self.starts) != 1)} "
-                f"({', '.join(self.arms)}) of {self.steps} Adam steps each, at trials {at}, each enqueueing "
+                f"({', '.join(self.arms)}) of {self.steps} Adam steps each, at {at}, each enqueueing "
                 f"{self.points_per_round} points (refine.steps, refine.every, refine.at)"
             )
         return out + [f"budget: warning: {text}" for text in self.warnings(cfg)]

@@ -59,6 +59,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     timing: TrialTime | None = None  # seconds per trial by part (capacity/timing.py), when the plan has a schedule
     night: tuple[int, int] = (0, 0)  # (trials of the budget, portfolio merges) the time lines count
+    export: tuple[int, float] | None = None  # (finalists the export's guard validates at most, seconds each)
 
     @property
     def page_cache(self) -> int:
@@ -106,6 +107,14 @@ class Plan:
         if self.timing is not None:
             where = self.devices.where if len(self.devices.nodes) == 1 else f"{len(self.devices.nodes)} nodes"
             out += self.timing.lines(*self.night, workers=max(1, s.count), where=where)
+        if self.export is not None:
+            n, each = self.export
+            workers = max(1, s.count)
+            out.append(
+                f"plan: export first validates at most {n} finalists (validation.top_k, the baselines, the portfolio's "
+                f"default merges, every refinement point) at ~{each:.2f} s each: ~{n * each / workers:.0f} s on "
+                f"{workers} worker(s), once (scores are kept in the study)"
+            )
         out += [f"plan: warning: {text}" for text in self.warnings]
         return out
 
@@ -168,11 +177,12 @@ def plan_search(
         batch_size=cfg.workers.batch_size,
     )
     plan = evaluate_plan(model, tasks, settings, devices or local_devices(), source=cfg._source)
-    return with_timing(plan, cfg, gpu_kind)
+    return with_timing(plan, cfg, gpu_kind, tokenizer)
 
 
-def with_timing(plan: Plan, cfg: SearchConfig, gpu_kind: str | None = None) -> Plan:
-    """The plan with its time lines: seconds per trial by part on the planned devices, trials per hour, the end."""
+def with_timing(plan: Plan, cfg: SearchConfig, gpu_kind: str | None = None, tokenizer: str | None = None) -> Plan:
+    """The plan with its time lines: seconds per trial by part on the planned devices, trials per hour, the end,
+    and the export's validation (`tokenizer` counts the validation tasks' tokens, as `plan_search`'s)."""
     from evomerge.capacity.timing import cpu_speed, gpu_speed, local_gpu_kind, trial_time
 
     s, n = plan.settings, cfg.budget.n_trials
@@ -190,7 +200,29 @@ def with_timing(plan: Plan, cfg: SearchConfig, gpu_kind: str | None = None) -> P
 
         portfolio = len([m for m in COMMON_METHODS if m != cfg.method])  # the most it scores (some may not apply)
     plan.night = (n, portfolio)
+    if cfg.validation is not None:
+        plan.export = _export_time(plan, cfg, speed, portfolio, tokenizer)
     return plan
+
+
+def _export_time(plan: Plan, cfg: SearchConfig, speed, portfolio: int, tokenizer: str | None) -> tuple[int, float]:
+    """(finalists, seconds each) of the guard `evomerge export` runs first: at most top_k trials, the baselines
+    (the default merge, each source alone), the portfolio's default merges and every refinement point, each merged
+    and scored on the validation tasks (a finalist scored before is not scored again)."""
+    from evomerge.capacity.timing import evaluation_s, merge_s
+    from evomerge.scoring.scorer import Scorer
+    from evomerge.search.schedule import Schedule
+
+    scorer = Scorer(
+        cfg.validation.tasks,
+        [str(p) for p in cfg.tasks.include_paths],
+        seed=cfg.seed,
+        include_defaults=cfg.tasks.include_defaults,
+    )
+    tasks = TaskFacts.of_scorer(scorer, tokenizer)
+    schedule = Schedule.of(cfg, n_baselines=len(cfg.models) + 1, n_portfolio=portfolio)
+    finalists = cfg.validation.top_k + schedule.baselines + portfolio + schedule.points_per_round * len(schedule.starts)
+    return finalists, merge_s(plan.model, speed) + evaluation_s(plan.model, tasks, speed)
 
 
 def evaluate_plan(

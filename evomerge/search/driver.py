@@ -40,7 +40,7 @@ _FEATURES = {
     "refine.distill": "distillation (refine.arms distill; per-row rounds of the likelihood run instead)",
 }
 MAX_WORKER_DEATHS = 2  # retries of params whose worker died while evaluating them; then the trial fails
-QUIET_S = 50.0  # the progress never sits still longer than this without a word (a line, or the bar's clock)
+QUIET_S = 40.0  # after this long without a word, a line (or the bar's clock); checked every QUIET_S / 2: under a minute
 
 
 @dataclass
@@ -405,7 +405,7 @@ class _Search:
                     self._submit(*self._ask())
             if not self.in_flight:
                 return
-            for ref, res in self.pool.wait(timeout=min(st.HEARTBEAT_S, QUIET_S)):
+            for ref, res in self.pool.wait(timeout=min(st.HEARTBEAT_S, QUIET_S / 2)):
                 self._tell(self.in_flight.pop(ref), res)
             self._keep_alive()
             if self.in_flight:

@@ -122,10 +122,19 @@ def test_a_7b_night_is_planned_from_its_config_json_alone():
 
 
 def test_the_time_plan_follows_its_quantities():
-    """Twice the tokens scored, twice the forward time; a merge streams the inputs and the resident model; a
-    refinement round's cost is shared by the budget's trials."""
+    """Twice the tokens scored, twice the forward time; a merge streams the inputs and the resident model and pays
+    a fixed cost per tensor; a refinement round's cost is shared by the budget's trials; requests are padded in
+    batches as lm-eval runs them."""
     from evomerge.capacity import ModelFacts, TaskFacts
-    from evomerge.capacity.timing import REQUEST_S, forward_flops, gpu_speed, trial_time
+    from evomerge.capacity.timing import (
+        REFINE_TENSOR_S,
+        REQUEST_S,
+        TENSOR_S,
+        forward_flops,
+        gpu_speed,
+        padded_tokens,
+        trial_time,
+    )
 
     model = ModelFacts.of_config({"model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816,
                                   "num_hidden_layers": 16, "num_attention_heads": 16, "vocab_size": 32000,
@@ -139,10 +148,14 @@ def test_the_time_plan_follows_its_quantities():
     forward = 2000 * forward_flops(model) / speed.flops
     assert one.evaluation == pytest.approx(forward + 100 * REQUEST_S)
     assert two.evaluation - one.evaluation == pytest.approx(forward)
-    assert one.merge == pytest.approx((sum(model.input_bytes) + model.resident_bytes) / speed.merge_bytes_s)
+    streamed = (sum(model.input_bytes) + model.resident_bytes) / speed.merge_bytes_s
+    assert model.tensors == 16 * 9 + 3  # a Llama's, from its config alone
+    assert one.merge == pytest.approx(streamed + model.tensors * TENSOR_S)
     refined = trial_time(model, tasks, speed, 100, rounds=4, steps=60)
-    assert refined.refinement * 100 == pytest.approx(4 * 60 * (3 * forward + one.merge))
+    step = 3 * forward + one.merge + model.tensors * REFINE_TENSOR_S
+    assert refined.refinement * 100 == pytest.approx(4 * 60 * step)
     assert trial_time(model, tasks, speed, 200, rounds=4, steps=60).refinement == pytest.approx(refined.refinement / 2)
+    assert padded_tokens((5, 9, 7, 3), batch=2) == 9 * 2 + 5 * 2  # longest first, each batch padded to its longest
 
 
 def test_the_gpus_page_plan_commands_run_as_written():

@@ -14,6 +14,7 @@ from typing import Any
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 DEFAULT_GEN_TOKS = 256  # lm-eval's HFLM.max_gen_toks, used where a generation task sets none
+LLAMA_LAYER_TENSORS = 9  # q, k, v, o, gate, up, down and two norms
 
 
 def resident_dtype(dtype: str | None, config: dict[str, Any]) -> str:
@@ -41,6 +42,12 @@ class ModelFacts:
     head_dim: int
     vocab: int
     config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the base's config.json
+    n_tensors: int = 0  # tensors of the base's weight files (0: LLAMA_LAYER_TENSORS a layer, for a config alone)
+
+    @property
+    def tensors(self) -> int:
+        """Tensors a merge writes: the header's count, else a Llama's (9 a layer, embeddings, norm and head)."""
+        return self.n_tensors or self.layers * LLAMA_LAYER_TENSORS + 2 + (not self.config.get("tie_word_embeddings"))
 
     @property
     def itemsize(self) -> int:
@@ -73,6 +80,7 @@ class ModelFacts:
             dtype=dtype,
             largest=max(numel.values(), default=0),
             stored_params=sum(numel.values()),
+            n_tensors=len(numel),
         )
 
     @classmethod
@@ -85,6 +93,7 @@ class ModelFacts:
         dtype: str | None = None,
         largest: int | None = None,
         stored_params: int | None = None,
+        n_tensors: int = 0,
     ) -> ModelFacts:
         """From a config.json alone (the projection's 7B-70B shapes); `input_bytes` default to `n_inputs` copies of
         the model as its config's dtype stores it."""
@@ -118,6 +127,7 @@ class ModelFacts:
             input_bytes=tuple(int(b) for b in input_bytes),
             dtype=kind,
             config=dict(config),
+            n_tensors=n_tensors,
             **shape,
         )
 
@@ -203,6 +213,7 @@ class TaskFacts:
     prompt_tokens: int = 0  # generation requests' contexts (one forward each)
     generated_tokens: int = 0  # tokens generated, expected: each reference answer and its stop, at most max_gen_toks
     generation_tasks: tuple[tuple[int, int], ...] = ()  # per generation task: (examples, steps of its longest answer)
+    scored_lengths: tuple[int, ...] = ()  # each loglikelihood request's tokens (lm-eval pads them in batches)
 
     @classmethod
     def of_scorer(cls, scorer, tokenizer_source: str | os.PathLike | None) -> TaskFacts:
@@ -211,7 +222,7 @@ class TaskFacts:
         tok = _tokenizer(tokenizer_source) if tokenizer_source is not None else _estimate_tokens
         requests = rows = longest = width = 0
         tokens = {"scored_tokens": 0, "prompt_tokens": 0, "generated_tokens": 0}
-        generation_tasks = []
+        generation_tasks, scored_lengths = [], []
         for leaf, task in scorer.tasks.items():
             kind = task.OUTPUT_TYPE
             gen = _max_gen_toks(task) if kind == "generate_until" else 0
@@ -231,6 +242,7 @@ class TaskFacts:
                     answer = max(answer, steps)
                 else:
                     tokens["scored_tokens"] += sum(lengths)
+                    scored_lengths += lengths
             if kind == "generate_until":
                 generation_tasks.append((len(scorer.indices(leaf)), answer))
         return cls(
@@ -240,6 +252,7 @@ class TaskFacts:
             refine_rows=rows,
             refine_tokens=rows * width,
             generation_tasks=tuple(generation_tasks),
+            scored_lengths=tuple(scored_lengths),
             **tokens,
         )
 

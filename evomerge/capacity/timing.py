@@ -2,21 +2,26 @@
 trials per hour and the night's end, from the same facts as the memory plan (headers, config.json, the tasks'
 tokens) and a device's speeds. No weight is read and no model runs.
 
-    speed = local_speed(num_cpus=2)           # this machine's CPUs (a 0.1 s matmul probe), or its GPU's kind
+    speed = cpu_speed(num_cpus=2)             # this machine's CPUs (a 0.1 s matrix-product probe)
     speed = gpu_speed("H100", gpus=1)         # a GPU from the table (what `--gpu-kind` names)
-    t = trial_time(model, tasks, speed, schedule)
-    t.lines(workers=8, n_trials=100, portfolio=6)
+    t = trial_time(model, tasks, speed, n_trials=100, rounds=4, steps=60)
+    t.lines(n_trials=100, portfolio=6, workers=8, where="...")
 
 The time model reads quantities only, so what makes a trial cheaper shows in it:
-  merge       (inputs' bytes + the resident model's bytes) / merge bandwidth
-  evaluation  (scored tokens + generation prompts' tokens) x forward FLOPs per token / FLOP/s
-              + generation steps x max(weights' bytes / memory bandwidth, batch x FLOPs per token / FLOP/s)
-              + lm-eval's host cost per request and per generation step
-  refinement  rounds x steps x (3 x refinement tokens x FLOPs per token / FLOP/s + a merge's bytes / bandwidth)
-              / trials of the budget (a round's cost shared by the trials)
+  merge       (inputs' bytes + the resident model's bytes) / merge bandwidth + tensors x a tensor's fixed cost
+  evaluation  scored tokens (padded in batches, as lm-eval runs them) and generation prompts' tokens x forward
+              FLOPs per token / FLOP/s + generation steps x max(weights' bytes / memory bandwidth, batch x FLOPs
+              per token / FLOP/s) + lm-eval's host cost per request and per generation step
+  refinement  rounds x steps x (3 x the refinement batch's tokens x FLOPs per token / FLOP/s + a merge's bytes /
+              bandwidth + tensors x a tensor's fixed cost) / trials of the budget (a round shared by the trials)
   overhead    the search's own per-trial cost (sampler, storage, the worker's round trip)
 Forward FLOPs per token: 2 x (decoder parameters + vocabulary x hidden) (the head's product; attention's
-context-length term is left out: short requests). Measured against real searches: bench/time_plan.py.
+context-length term is left out: short requests).
+
+On CPU every rate is the probe's: the constants below were fitted at PROBE_REF (bench/time_plan.py: a 30-trial
+search of the demo zoo, whose costs are all fixed per request and per tensor, and a 12-trial search of a 135M
+model, whose are FLOPs and bytes, on 2 busy cores), and a machine the probe finds faster or slower (cores, load)
+scales them. Checked against two other searches in bench/README.md (the time plan).
 """
 
 from __future__ import annotations
@@ -40,14 +45,17 @@ GPUS = {
 DEFAULT_GPU = "H100"
 GPU_MFU = 0.35
 H2D_BYTES_S = 22e9  # pinned host-to-device copies per GPU, as measured on an H100 node (bench/gpu_check.py)
-# Host-side costs measured on 2 busy CPU cores with the demo zoo, whose model is too small for its FLOPs to count
-# (bench/time_plan.py): lm-eval's per-request work (tokenizing, collating, the metric), HF generate's per-step
-# Python loop, the search's own per-trial work. They also bound a GPU worker's trial from below.
-REQUEST_S = 2.0e-3
-GEN_STEP_S = 4.0e-3
-TRIAL_OVERHEAD_S = 0.15
-CPU_MFU = 0.5  # a forward pass on CPU against the probe's matmul rate (layer norms, attention, softmax, padding)
-CPU_MERGE_BYTES_S = 1.5e9  # a merge's streamed bytes per second on CPU (page cache in, resident model out)
+# Fitted on 2 busy CPU cores (load 15-17, 2026-12-07) at the probe's PROBE_REF; on CPU they scale with the probe,
+# on a GPU node's host they are kept as they are (an upper bound: its CPUs are seldom this busy).
+PROBE_REF = 40e9  # matmul_flops(2) while the fitting searches ran
+REQUEST_S = 3.4e-3  # lm-eval's host work per request (tokenizing, collating, the metric)
+GEN_STEP_S = 4.0e-3  # HF generate's Python loop per step (not fitted: the fitting tasks generate nothing)
+TENSOR_S = 6.3e-3  # a merge's fixed cost per tensor (reading its inputs, the kernel's launch, the copy in)
+REFINE_TENSOR_S = 13.5e-3  # a refinement step's fixed cost per tensor (its surrogate, its inner products)
+TRIAL_OVERHEAD_S = 0.15  # the sampler, the storage, the worker's round trip
+EVAL_MFU = 0.25  # an lm-eval forward on CPU against the probe (small batches, padding, the vocabulary's softmax)
+REFINE_MFU = 0.6  # a refinement step's forward and backward against the probe (one large batch)
+CPU_MERGE_BYTES_S = 0.24e9  # a merge's streamed bytes per second on CPU at PROBE_REF (page cache in, model out)
 CPU_BATCH = 64
 THREAD_SCALING = 0.8  # what each thread past the first adds to a matrix product's rate
 
@@ -56,11 +64,13 @@ THREAD_SCALING = 0.8  # what each thread past the first adds to a matrix product
 class Speed:
     """What the time plan assumes of one worker's device(s)."""
 
-    name: str  # for the reader: "2 CPUs of this machine (probe 41 GFLOP/s)", "1 x H100 (assumed: --gpu-kind)"
-    flops: float  # FLOP/s a forward pass reaches
+    name: str  # for the reader: "2 CPU(s) of this machine (probe 41 GFLOP/s)", "1 x H100, 989 TFLOP/s at 35%"
+    flops: float  # FLOP/s an evaluation's forward pass reaches
     memory_bytes_s: float  # weights read per generation step
     merge_bytes_s: float
     batch: int = CPU_BATCH
+    refine_flops: float = 0.0  # FLOP/s of a refinement step (default: `flops`)
+    host_scale: float = 1.0  # the fixed host costs' factor (REQUEST_S, TENSOR_S, ...): PROBE_REF / probe on CPU
 
 
 def matmul_flops(threads: int, seconds: float = 0.1) -> float:
@@ -87,11 +97,14 @@ def matmul_flops(threads: int, seconds: float = 0.1) -> float:
 
 def cpu_speed(num_cpus: float, where: str = "this machine") -> Speed:
     rate = matmul_flops(int(num_cpus))
+    scale = rate / PROBE_REF
     return Speed(
         f"{num_cpus:g} CPU(s) of {where} (matmul probe {rate / 1e9:.0f} GFLOP/s)",
-        flops=rate * CPU_MFU,
-        memory_bytes_s=CPU_MERGE_BYTES_S * 4,
-        merge_bytes_s=CPU_MERGE_BYTES_S,
+        flops=rate * EVAL_MFU,
+        memory_bytes_s=CPU_MERGE_BYTES_S * scale * 4,
+        merge_bytes_s=CPU_MERGE_BYTES_S * scale,
+        refine_flops=rate * REFINE_MFU,
+        host_scale=1 / scale,
     )
 
 
@@ -184,24 +197,34 @@ def forward_flops(model: ModelFacts) -> float:
 
 def evaluation_s(model: ModelFacts, tasks: TaskFacts, speed: Speed) -> float:
     per_token = forward_flops(model)
-    forward = (tasks.scored_tokens + tasks.prompt_tokens) * per_token / speed.flops
+    scored = padded_tokens(tasks.scored_lengths, speed.batch) or tasks.scored_tokens
+    forward = (scored + tasks.prompt_tokens) * per_token / speed.flops
     step_s = 0.0
     for examples, steps in tasks.generation_tasks:
         batches = math.ceil(examples / max(1, speed.batch))
         batch = min(examples, speed.batch)
-        one = max(model.resident_bytes / speed.memory_bytes_s, batch * per_token / speed.flops) + GEN_STEP_S
-        step_s += batches * steps * one
-    return forward + step_s + tasks.requests * REQUEST_S
+        one = max(model.resident_bytes / speed.memory_bytes_s, batch * per_token / speed.flops)
+        step_s += batches * steps * (one + GEN_STEP_S * speed.host_scale)
+    return forward + step_s + tasks.requests * REQUEST_S * speed.host_scale
+
+
+def padded_tokens(lengths: tuple[int, ...], batch: int) -> int:
+    """Tokens the model runs for requests of `lengths` in batches of `batch`, longest first, each padded to its
+    longest (as lm-eval orders and pads them)."""
+    ordered = sorted(lengths, reverse=True)
+    return sum(ordered[i] * len(ordered[i : i + batch]) for i in range(0, len(ordered), max(1, batch)))
 
 
 def merge_s(model: ModelFacts, speed: Speed) -> float:
-    return (sum(model.input_bytes) + model.resident_bytes) / speed.merge_bytes_s
+    bytes_s = (sum(model.input_bytes) + model.resident_bytes) / speed.merge_bytes_s
+    return bytes_s + model.tensors * TENSOR_S * speed.host_scale
 
 
 def refinement_s(model: ModelFacts, tasks: TaskFacts, speed: Speed, rounds: int, steps: int) -> float:
     """Seconds of all the budget's refinement rounds: per step a forward and backward pass over the refinement
-    batch (3 forwards' FLOPs) and the surrogate's weights written (a merge's bytes)."""
-    step = 3 * tasks.refine_tokens * forward_flops(model) / speed.flops + merge_s(model, speed)
+    batch (3 forwards' FLOPs), the surrogate's weights written (a merge) and each tensor's fixed cost."""
+    compute = 3 * tasks.refine_tokens * forward_flops(model) / (speed.refine_flops or speed.flops)
+    step = compute + merge_s(model, speed) + model.tensors * REFINE_TENSOR_S * speed.host_scale
     return rounds * steps * step
 
 
@@ -210,7 +233,7 @@ def trial_time(model: ModelFacts, tasks: TaskFacts, speed: Speed, n_trials: int,
         merge=merge_s(model, speed),
         evaluation=evaluation_s(model, tasks, speed),
         refinement=refinement_s(model, tasks, speed, rounds, steps) / max(1, n_trials),
-        overhead=TRIAL_OVERHEAD_S,
+        overhead=TRIAL_OVERHEAD_S * speed.host_scale,
         speed=speed,
     )
 
@@ -226,6 +249,7 @@ __all__ = [
     "local_gpu_kind",
     "matmul_flops",
     "merge_s",
+    "padded_tokens",
     "refinement_s",
     "trial_time",
 ]

@@ -411,7 +411,7 @@ class _Search:
             if self.in_flight:
                 now = time.perf_counter()
                 running = ", ".join(f"{j.trial.number} ({now - j.started:.0f} s)" for j in self.in_flight.values())
-                self.bar.still(f"trial(s) {running} running", self.log)
+                self.bar.still(f"trial(s) {running} in flight", self.log)
 
     # -- the steps -------------------------------------------------------------------------------------------
 

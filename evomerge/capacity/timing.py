@@ -18,10 +18,11 @@ The time model reads quantities only, so what makes a trial cheaper shows in it:
 Forward FLOPs per token: 2 x (decoder parameters + vocabulary x hidden) (the head's product; attention's
 context-length term is left out: short requests).
 
-On CPU every rate is the probe's: the constants below were fitted at PROBE_REF (bench/time_plan.py: a 30-trial
-search of the demo zoo, whose costs are all fixed per request and per tensor, and a 12-trial search of a 135M
-model, whose are FLOPs and bytes, on 2 busy cores), and a machine the probe finds faster or slower (cores, load)
-scales them. Checked against two other searches in bench/README.md (the time plan).
+On CPU every rate is the probe's: the constants below were fitted where the probe read PROBE_REF (bench/time_plan.py:
+a 30-trial search of the demo zoo, whose costs are all fixed per request and per tensor, and a 12-trial search of
+a 135M model, whose are FLOPs and bytes, on 2 cores at load 15-17), and a machine the probe finds faster or slower
+(its cores) scales them; its load is not measured (a busy machine's share swings too fast for a probe), so the
+constants carry the fitting machine's. Checked against two other searches in bench/README.md (the time plan).
 """
 
 from __future__ import annotations
@@ -47,14 +48,14 @@ GPU_MFU = 0.35
 H2D_BYTES_S = 22e9  # pinned host-to-device copies per GPU, as measured on an H100 node (bench/gpu_check.py)
 # Fitted on 2 busy CPU cores (load 15-17, 2026-12-07) at the probe's PROBE_REF; on CPU they scale with the probe,
 # on a GPU node's host they are kept as they are (an upper bound: its CPUs are seldom this busy).
-PROBE_REF = 40e9  # matmul_flops(2) while the fitting searches ran
+PROBE_REF = 180e9  # matmul_flops(2) on the machine the fitting searches ran on (its peak: 100 GFLOP/s a thread)
 REQUEST_S = 3.4e-3  # lm-eval's host work per request (tokenizing, collating, the metric)
 GEN_STEP_S = 4.0e-3  # HF generate's Python loop per step (not fitted: the fitting tasks generate nothing)
 TENSOR_S = 6.3e-3  # a merge's fixed cost per tensor (reading its inputs, the kernel's launch, the copy in)
 REFINE_TENSOR_S = 13.5e-3  # a refinement step's fixed cost per tensor (its surrogate, its inner products)
 TRIAL_OVERHEAD_S = 0.15  # the sampler, the storage, the worker's round trip
-EVAL_MFU = 0.25  # an lm-eval forward on CPU against the probe (small batches, padding, the vocabulary's softmax)
-REFINE_MFU = 0.6  # a refinement step's forward and backward against the probe (one large batch)
+EVAL_MFU = 0.056  # an lm-eval forward on CPU against the probe's peak (small batches, the softmax, the load)
+REFINE_MFU = 0.13  # a refinement step's forward and backward against the probe's peak (one large batch, the load)
 CPU_MERGE_BYTES_S = 0.24e9  # a merge's streamed bytes per second on CPU at PROBE_REF (page cache in, model out)
 CPU_BATCH = 64
 THREAD_SCALING = 0.8  # what each thread past the first adds to a matrix product's rate
@@ -73,9 +74,11 @@ class Speed:
     host_scale: float = 1.0  # the fixed host costs' factor (REQUEST_S, TENSOR_S, ...): PROBE_REF / probe on CPU
 
 
-def matmul_flops(threads: int, seconds: float = 0.1) -> float:
-    """FLOP/s of float32 matrix products on `threads` CPU threads: one thread's best of a few short timings (on a
-    busy machine a multi-threaded product measures the contention, not the cores), times THREAD_SCALING per thread."""
+def matmul_flops(threads: int, seconds: float = 1.0) -> float:
+    """The peak FLOP/s of float32 matrix products on `threads` CPU threads: one thread's best of 50 short timings
+    over `seconds`, times THREAD_SCALING per further thread. The peak, not the mean: on a busy machine the share a
+    process gets swings several-fold from one second to the next (measured 17-97 GFLOP/s over 0.5 s at load 15),
+    so the plan reads the machine's speed and its constants carry the load they were fitted at."""
     import torch
 
     before = torch.get_num_threads()
@@ -84,9 +87,9 @@ def matmul_flops(threads: int, seconds: float = 0.1) -> float:
         a, b = torch.randn(256, 512), torch.randn(512, 512)
         a @ b  # warm up
         best = 0.0
-        for _ in range(5):
+        for _ in range(50):
             n, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds / 5:
+            while time.perf_counter() - start < seconds / 50:
                 a @ b
                 n += 1
             best = max(best, n * 2 * 256 * 512 * 512 / (time.perf_counter() - start))

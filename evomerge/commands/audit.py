@@ -4,8 +4,9 @@ Checks the models are compatible (architecture, tensor names and shapes, tokeniz
 per-layer task-vector similarity, sign-conflict rates and delta sizes, and where interference concentrates.
 `--probe` (search configs) also merges and scores, region by region, where one model's task vector hurts
 another model's task (`evomerge.analysis.probe`). `--plan` (search configs) prints only the resource plan
-`evomerge search` prints at start (`evomerge.capacity`), for this machine or one described by `--host-memory`,
-`--gpus` and `--nodes`, and exits 2 naming the setting to change when the search cannot fit.
+`evomerge search` prints at start (`evomerge.capacity`): memory, and time per trial by part, trials per hour and the
+night's end, for this machine or one described by `--host-memory`, `--gpus`, `--cpus`, `--nodes` and `--gpu-kind`
+(`--model-config`: from a config.json alone), and exits 2 naming the setting to change when the search cannot fit.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ EXAMPLES = """\
   evomerge audit runs/demo/best/recipe.yaml --json            # a recipe's inputs, as JSON
   evomerge audit configs/demo.yaml --plan                     # the resource plan on this machine (no weight read)
   evomerge audit configs/demo.yaml --plan --gpus 8x80G --host-memory 1T   # ... on an 8-GPU node
+  evomerge audit configs/7b-8gpus.yaml --plan --model-config configs/llama-2-7b.config.json --gpus 8x80G --cpus 96
+                                                               # a 7B night from its config.json: memory and time
 """
 
 

@@ -1,12 +1,13 @@
-"""The resource plan of a search (DESIGN decision 9): before any model loads, what each worker needs on its
-device(s) and in host memory, what each node needs for the memory-mapped inputs, against the devices the
-workers will get; printed by `evomerge search` at start and by `evomerge audit CONFIG --plan`, and refused
-(exit 2, naming the setting to change) when it cannot fit.
+"""The resource plan of a search: before any model loads, what each worker needs on its device(s) and in host
+memory, what each node needs for the memory-mapped inputs, against the devices the workers will get, and how long
+a trial and the night take (`timing.py`); printed by `evomerge search` at start and by `evomerge audit CONFIG
+--plan`, and refused (exit 2, naming the setting to change) when it cannot fit.
 
     plan = plan_search(cfg)          # facts.py: headers + tasks; memory.py: the terms; devices.py: the machines
     plan.lines(); plan.check()
 
-Every term and its formula: `memory.py`. How the figures compare with measured peaks: bench/scale.py.
+Every term and its formula: `memory.py`, `timing.py`. How the figures compare with measured runs: bench/scale.py
+(memory), bench/time_plan.py (time).
 """
 
 from evomerge.capacity.devices import Devices, Node, cluster_devices, given_devices, local_devices, parse_size

@@ -27,6 +27,7 @@ COMMANDS = {
     "report": "plots and the held-out comparison table",
     "merge": "materialize any recipe (mergekit YAML accepted) to an HF checkpoint",
     "eval": "lm-eval scores of one checkpoint",
+    "tasks": "your own examples as three disjoint lm-eval tasks (search, validation, held-out)",
     "verify": "check an exported checkpoint against the sha256 recorded in its recipe",
     "demo": "zoo, a short search, report and export, end to end",
 }

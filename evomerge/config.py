@@ -392,6 +392,16 @@ def _check_files(cfg: SearchConfig, source: str) -> None:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 
 
+def _check_method(cfg: SearchConfig, source: str) -> None:
+    """A method no registry entry has is the user's `method` (a typo, `task-arithmetic`), not the search space's."""
+    from evomerge.errors import close_matches
+
+    if cfg.method in REGISTRY:
+        return
+    hint = close_matches(cfg.method, REGISTRY) or f" (valid: {', '.join(sorted(REGISTRY))})"
+    raise ConfigError(f"{source}: 'method': unknown merge method {cfg.method!r}{hint}; fix 'method'")
+
+
 def parse_config(
     data: Any, source: str = "<config>", base_dir: Path | None = None, check_files: bool = True
 ) -> SearchConfig:
@@ -405,6 +415,7 @@ def parse_config(
         cfg = SearchConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(f"{source}: {describe_validation(err, SearchConfig)}") from None
+    _check_method(cfg, source)
     default = REGISTRY[cfg.method].space if cfg.method in REGISTRY else None  # merge/registry.py
     spec = load_space_spec(cfg.search_space or default or cfg.method, source=f"{source}: 'search_space'")
     if cfg.method not in spec.methods:
@@ -425,13 +436,14 @@ def parse_config(
     return cfg
 
 
-def load_config(path: Path | str, **overrides: Any) -> SearchConfig:
-    """Load and validate a search config file. `overrides`: n_trials, storage, workers (CLI flags)."""
+def load_config(path: Path | str, check_files: bool = True, **overrides: Any) -> SearchConfig:
+    """Load and validate a search config file. `overrides`: n_trials, storage, workers (CLI flags);
+    `check_files=False`: the model folders need not exist (`audit --plan --model-config`)."""
     from evomerge.io.yamlfile import read_yaml
 
     path = Path(path)
     data = read_yaml(path, "config file")
-    cfg = parse_config(data, source=str(path), base_dir=path.parent)
+    cfg = parse_config(data, source=str(path), base_dir=path.parent, check_files=check_files)
     return apply_overrides(cfg, **overrides)
 
 

@@ -91,11 +91,24 @@ def describe_validation(err: ValidationError, root: type[BaseModel], quote: bool
             part = f"unknown field {field}{close_matches(str(loc[-1]), fields) or '; remove it'}"
         elif e["type"] == "missing":
             part = f"field {field} is required; add it"
+        elif e["type"] in _BOUNDS:
+            op, bound = next(
+                (_BOUNDS[e["type"]], v) for k, v in (e.get("ctx") or {}).items() if k in ("gt", "ge", "lt", "le")
+            )
+            part = f"field {field}: {e['input']!r} is out of range; set it to a number {op} {bound}"
         else:
             msg = e["msg"].removeprefix("Value error, ")
             part = f"field {field}: {msg}" if loc else msg
         seen.setdefault(field, part)
     return "; ".join(seen.values())
+
+
+_BOUNDS = {  # pydantic's range errors, said as the fix
+    "greater_than": "greater than",
+    "greater_than_equal": "of at least",
+    "less_than": "less than",
+    "less_than_equal": "of at most",
+}
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:

@@ -508,6 +508,39 @@ CASES = [
         in_tmp=True,
     ),
     Case(
+        "search_two_unknown_metrics",  # both reported, so one pass fixes the config
+        lambda t, z: search_config(
+            t,
+            z,
+            tasks={
+                "search": [
+                    {"name": "zoo_add_search", "metric": "accc"},
+                    {"name": "zoo_reverse_search", "metric": "acd"},
+                ]
+            },
+        ),
+        "no metric 'accc'; valid: acc",
+        in_tmp=True,
+    ),
+    Case(
+        "search_method_misspelt",  # reported against the field the user wrote, not the search space it defaults
+        lambda t, z: search_config(t, z, method="task-arithmetic", search_space=None),
+        "search.yaml: 'method': unknown merge method 'task-arithmetic' (did you mean: task_arithmetic",
+        in_tmp=True,
+    ),
+    Case(
+        "search_negative_trials",
+        lambda t, z: search_config(t, z, budget={"n_trials": -3}),
+        "search.yaml: field 'budget.n_trials': -3 is out of range; set it to a number greater than 0",
+        in_tmp=True,
+    ),
+    Case(
+        "search_storage_unreachable",  # nothing listens on port 9: the config file and field, in seconds
+        lambda t, z: search_config(t, z, storage=None) + ["--storage", "postgresql://evomerge@127.0.0.1:9/x"],
+        "'storage': 'postgresql://evomerge@127.0.0.1:9/x' cannot be reached",
+        in_tmp=True,
+    ),
+    Case(
         "search_bounds_inverted",
         lambda t, z: search_config(t, z, search_space=weight_bounds(0.9, 0.1)),
         "must be below `high`",
@@ -620,3 +653,30 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case: Case, tiny_zoo
         }
         snapshot = {k: v for k, v in snapshot.items() if k != str(Path(case.leaves).parent)}
     assert after == snapshot  # nothing written, nothing left behind
+
+
+def test_every_task_with_an_unknown_metric_is_named(tiny_zoo, tmp_path):
+    case = next(c for c in CASES if c.name == "search_two_unknown_metrics")
+    code, _, err = run_case(case, tmp_path, tiny_zoo)
+    assert (
+        code == 2 and "zoo_add_search has no metric 'accc'" in err and "zoo_reverse_search has no metric 'acd'" in err
+    )
+
+
+def test_an_unreachable_storage_server_fails_within_its_connect_timeout(tiny_zoo, tmp_path):
+    """A server that does not answer (a non-routable address: the connect waits) fails in the driver's connect
+    timeout, before any task loads, naming the config file and its `storage` field."""
+    import time
+
+    from evomerge.search.storage import CONNECT_TIMEOUT_S
+
+    case = Case(
+        "storage_silent",
+        lambda t, z: search_config(t, z, storage=None) + ["--storage", "postgresql://evomerge@10.255.255.1:5432/x"],
+        "",
+        in_tmp=True,
+    )
+    started = time.monotonic()
+    code, _, err = run_case(case, tmp_path, tiny_zoo)
+    assert code == 2 and "search.yaml: 'storage':" in err and "cannot be reached" in err, err
+    assert time.monotonic() - started < CONNECT_TIMEOUT_S + 5

@@ -28,6 +28,25 @@ def test_table_and_json(tiny_zoo, capsys):
     assert set(scores) == {"zoo_add", "zoo_reverse_greedy"}
 
 
+def test_samples_print_prompts_responses_and_references(tiny_zoo, capsys):
+    """--samples N: N examples per task as lm-eval scored them (the seeded subset's first ones), each with its
+    prompt, the model's response and the reference from the task's data; --json carries them under `samples`."""
+    args = ["eval", str(tiny_zoo / "add"), "--tasks", "zoo_add,zoo_reverse_greedy", "--limit-subset", "20"]
+    assert main([*args, "--samples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  prompt:\n") == 4 and out.count("  response:\n") == 4 and out.count("  reference:\n") == 4
+    assert out.count("zoo_add example ") == 2 and out.count("zoo_reverse_greedy example ") == 2
+    assert "greedy answer: " in out  # a loglikelihood task: the reference's likelihood and whether it is greedy
+    assert main([*args, "--samples", "2", "--json"]) == 0
+    samples = json.loads(capsys.readouterr().out)["samples"]
+    assert [s["task"] for s in samples] == ["zoo_add"] * 2 + ["zoo_reverse_greedy"] * 2
+    for sample in samples:
+        assert sample["prompt"] and sample["response"] and str(sample["reference"])
+        assert sample["prompt"] in out and str(sample["reference"]) in out
+    greedy = [s for s in samples if s["task"] == "zoo_reverse_greedy"]
+    assert all(s["acc"] in (0, 1) for s in greedy)  # each example's own metric beside it
+
+
 def _error(capsys, argv) -> str:
     assert main(argv) == 2
     captured = capsys.readouterr()

@@ -35,7 +35,9 @@ def test_budget_met_timeout_and_resume_say_so(tmp_path, tiny_zoo, monkeypatch):
     assert lines[0] == f"new study 'faults' (3 trials) {where}"
     assert [line.split(" ")[0] for line in lines[1:4]] == ["plan:"] * 3  # inputs, the worker, the machine
     assert lines[2].startswith("plan: the worker (in this process) on cpu") and lines[3].endswith(": fits")
-    assert lines[4] == "loading the models and tasks in this process (workers.count: 0)..."
+    assert lines[4].startswith("plan: time per trial on ") and " trials per hour " in lines[5]  # and how long
+    loading = lines.index("loading the models and tasks in this process (workers.count: 0)...")
+    assert loading > 5 and all(line.startswith("budget: ") for line in lines[6:loading])  # what the budget buys
     assert result.stop == "budget" and lines[-1].startswith("budget met: 3/3 complete trials (0 failed this run)")
     assert lines[-1].endswith(f"next: evomerge export {Path('runs/faults')}")
 

@@ -58,7 +58,13 @@ def prepare(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 def test_the_page_has_the_steps_it_promises():
     blocks = page_blocks(PAGE.read_text())
     runnable = "\n".join(body for info, body in blocks if info == "bash")
-    for command in ("split_tasks.py", "evomerge eval", "--include-defaults", "evomerge search", "evomerge export"):
+    for command in (
+        "evomerge tasks split",
+        "evomerge eval",
+        "--include-defaults",
+        "evomerge search",
+        "evomerge export",
+    ):
         assert command in runnable, command
     assert [info for info, _ in blocks].count("shell") == 1  # the networked step, the only one not run
 

@@ -194,28 +194,41 @@ def parse_size(text: str, what: str) -> int:
 
 def given_devices(host_memory: str | None, gpus: str | None, nodes: int = 1, cpus: float | None = None) -> Devices:
     """A machine (or `nodes` alike) described on the command line: `host_memory` ('512G'; default this machine's),
-    `gpus` ('8x80G', '8' with this machine's GPU memory, '0'; default this machine's)."""
+    `gpus` ('8x80G', '8' with this machine's GPU memory, '0'; default this machine's), `cpus` per node (default
+    unknown: no CPU check, never this machine's count)."""
     here = local_devices().nodes[0]
     host = parse_size(host_memory, "--host-memory") if host_memory else here.host_available
     count, free = here.gpus, here.gpu_free
     if gpus is not None:
-        number, _, size = str(gpus).lower().partition("x")
-        if not number.strip().isdigit():
-            raise ConfigError(f"--gpus: {gpus!r} is not a GPU count; write e.g. 8x80G, 8 or 0")
-        count = float(number)
-        each = parse_size(size, "--gpus") if size else (free[0] if free else int(80e9))
-        free = tuple([each] * int(count))
+        count, free = _given_gpus(str(gpus), free)
     node = Node(
         name="the given machine",
         host_available=host,
         host_total=host,
-        cpus=cpus or here.cpus,
+        cpus=cpus or 0.0,  # 0: not given (the plan checks no CPU count it was not told)
         gpus=count,
         gpu_free=tuple(free),
         gpu_total=tuple(free),
     )
     where = "the machine given on the command line" if nodes == 1 else f"{nodes} nodes given on the command line"
-    return Devices(nodes=(node,) * max(1, nodes), where=where, local=nodes == 1)
+    if not host_memory:  # what the plan reads is this machine's, and the reader must know it
+        where += " (with this machine's free host memory: --host-memory sets it)"
+    return Devices(nodes=(node,) * max(1, nodes), where=where, local=nodes == 1, cpu_bound=bool(cpus))
+
+
+def _given_gpus(text: str, here: tuple[int, ...]) -> tuple[float, tuple[int, ...]]:
+    """(count, free bytes of each) of a `--gpus` value: 8x80G, 8 (this machine's GPU memory, else 80 GB) or 0; a
+    size without its unit is refused (8x80 would read as 80 bytes)."""
+    number, _, size = text.lower().partition("x")
+    if not number.strip().isdigit():
+        raise ConfigError(f"--gpus: {text!r} is not a GPU count; write e.g. 8x80G, 8 or 0")
+    if size and not re.search(r"[kmgtp]i?b?\s*$", size.strip(), re.I):
+        raise ConfigError(
+            f"--gpus: {text!r} gives no unit for each GPU's memory; write {number.strip()}x{size.strip()}G "
+            f"({size.strip()} GB per GPU)"
+        )
+    each = parse_size(size, "--gpus") if size else (here[0] if here else int(80e9))
+    return float(number), tuple([each] * int(number))
 
 
 __all__ = ["Devices", "Node", "cluster_devices", "given_devices", "local_devices", "nvidia_smi", "parse_size"]

@@ -14,6 +14,7 @@ from typing import Any
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 DEFAULT_GEN_TOKS = 256  # lm-eval's HFLM.max_gen_toks, used where a generation task sets none
+LLAMA_LAYER_TENSORS = 9  # q, k, v, o, gate, up, down and two norms
 
 
 def resident_dtype(dtype: str | None, config: dict[str, Any]) -> str:
@@ -41,6 +42,12 @@ class ModelFacts:
     head_dim: int
     vocab: int
     config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the base's config.json
+    n_tensors: int = 0  # tensors of the base's weight files (0: LLAMA_LAYER_TENSORS a layer, for a config alone)
+
+    @property
+    def tensors(self) -> int:
+        """Tensors a merge writes: the header's count, else a Llama's (9 a layer, embeddings, norm and head)."""
+        return self.n_tensors or self.layers * LLAMA_LAYER_TENSORS + 2 + (not self.config.get("tie_word_embeddings"))
 
     @property
     def itemsize(self) -> int:
@@ -73,6 +80,7 @@ class ModelFacts:
             dtype=dtype,
             largest=max(numel.values(), default=0),
             stored_params=sum(numel.values()),
+            n_tensors=len(numel),
         )
 
     @classmethod
@@ -85,6 +93,7 @@ class ModelFacts:
         dtype: str | None = None,
         largest: int | None = None,
         stored_params: int | None = None,
+        n_tensors: int = 0,
     ) -> ModelFacts:
         """From a config.json alone (the projection's 7B-70B shapes); `input_bytes` default to `n_inputs` copies of
         the model as its config's dtype stores it."""
@@ -118,6 +127,7 @@ class ModelFacts:
             input_bytes=tuple(int(b) for b in input_bytes),
             dtype=kind,
             config=dict(config),
+            n_tensors=n_tensors,
             **shape,
         )
 
@@ -198,27 +208,25 @@ class TaskFacts:
     generates: bool
     refine_rows: int
     refine_tokens: int  # tokens of all those rows together (padded to the longest)
+    # what the time plan reads (capacity/timing.py): the tokens one evaluation runs through the model
+    scored_tokens: int = 0  # loglikelihood and multiple-choice requests: context + continuation, each request
+    prompt_tokens: int = 0  # generation requests' contexts (one forward each)
+    generated_tokens: int = 0  # tokens generated, expected: each reference answer and its stop, at most max_gen_toks
+    generation_tasks: tuple[tuple[int, int], ...] = ()  # per generation task: (examples, steps of its longest answer)
+    scored_lengths: tuple[int, ...] = ()  # each loglikelihood request's tokens (lm-eval pads them in batches)
 
     @classmethod
-    def of_scorer(cls, scorer, tokenizer_source: str | os.PathLike) -> TaskFacts:
-        from transformers import AutoTokenizer
-
-        from evomerge.errors import ModelError, first_line
-
-        try:
-            tok = AutoTokenizer.from_pretrained(str(tokenizer_source))
-        except (OSError, ValueError) as exc:  # what the workers' own load would raise
-            raise ModelError(
-                f"{tokenizer_source}: its tokenizer cannot be loaded ({first_line(exc)}); a base model folder needs "
-                "its tokenizer files (tokenizer.json, tokenizer_config.json)"
-            ) from None
+    def of_scorer(cls, scorer, tokenizer_source: str | os.PathLike | None) -> TaskFacts:
+        """The requests of `scorer`'s tasks, in tokens of `tokenizer_source`'s tokenizer (None: about
+        CHARS_PER_TOKEN characters a token, for a plan from a config.json alone)."""
+        tok = _tokenizer(tokenizer_source) if tokenizer_source is not None else _estimate_tokens
         requests = rows = longest = width = 0
-        generates = False
+        tokens = {"scored_tokens": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        generation_tasks, scored_lengths = [], []
         for leaf, task in scorer.tasks.items():
             kind = task.OUTPUT_TYPE
             gen = _max_gen_toks(task) if kind == "generate_until" else 0
-            generates = generates or kind == "generate_until"
-            docs = task.eval_docs
+            docs, answer = task.eval_docs, 0
             for i in scorer.indices(leaf):
                 ctx, conts = _request_text(task, docs[i], kind)
                 n_ctx = len(tok(ctx, add_special_tokens=False)["input_ids"])  # lm-eval's HFLM adds no BOS
@@ -227,9 +235,47 @@ class TaskFacts:
                 longest = max(longest, n_ctx + gen, *lengths)
                 rows += len(conts)
                 width = max(width, *lengths)
+                if kind == "generate_until":  # the reference answer and the stop that ends it
+                    steps = min(gen, lengths[0] - n_ctx + 1)
+                    tokens["prompt_tokens"] += n_ctx
+                    tokens["generated_tokens"] += steps
+                    answer = max(answer, steps)
+                else:
+                    tokens["scored_tokens"] += sum(lengths)
+                    scored_lengths += lengths
+            if kind == "generate_until":
+                generation_tasks.append((len(scorer.indices(leaf)), answer))
         return cls(
-            requests=requests, longest=longest, generates=generates, refine_rows=rows, refine_tokens=rows * width
+            requests=requests,
+            longest=longest,
+            generates=bool(generation_tasks),
+            refine_rows=rows,
+            refine_tokens=rows * width,
+            generation_tasks=tuple(generation_tasks),
+            scored_lengths=tuple(scored_lengths),
+            **tokens,
         )
+
+
+CHARS_PER_TOKEN = 4  # English text in a BPE vocabulary of 32-150k tokens, roughly
+
+
+def _estimate_tokens(text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+    return {"input_ids": [0] * -(-len(text) // CHARS_PER_TOKEN)}
+
+
+def _tokenizer(source: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    from evomerge.errors import ModelError, first_line
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as exc:  # what the workers' own load would raise
+        raise ModelError(
+            f"{source}: its tokenizer cannot be loaded ({first_line(exc)}); a base model folder needs "
+            "its tokenizer files (tokenizer.json, tokenizer_config.json)"
+        ) from None
 
 
 def _max_gen_toks(task) -> int:

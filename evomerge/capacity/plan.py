@@ -23,6 +23,7 @@ from evomerge.capacity.memory import (
     WorkerMemory,
     worker_memory,
 )
+from evomerge.capacity.timing import TrialTime
 from evomerge.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -56,6 +57,9 @@ class Plan:
     source: str = "search config"
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    timing: TrialTime | None = None  # seconds per trial by part (capacity/timing.py), when the plan has a schedule
+    night: tuple[int, int] = (0, 0)  # (trials of the budget, portfolio merges) the time lines count
+    export: tuple[int, float] | None = None  # (finalists the export's guard validates at most, seconds each)
 
     @property
     def page_cache(self) -> int:
@@ -100,6 +104,17 @@ class Plan:
                 f"of GPU memory; host {gb(w.host)}"
             )
         out.append(self._node_line())
+        if self.timing is not None:
+            where = self.devices.where if len(self.devices.nodes) == 1 else f"{len(self.devices.nodes)} nodes"
+            out += self.timing.lines(*self.night, workers=max(1, s.count), where=where)
+        if self.export is not None:
+            n, each = self.export
+            workers = max(1, s.count)
+            out.append(
+                f"plan: export first validates at most {n} finalists (validation.top_k, the baselines, the portfolio's "
+                f"default merges, every refinement point) at ~{each:.2f} s each: ~{n * each / workers:.0f} s on "
+                f"{workers} worker(s), once (scores are kept in the study)"
+            )
         out += [f"plan: warning: {text}" for text in self.warnings]
         return out
 
@@ -111,7 +126,8 @@ class Plan:
         gpus = f"{node.gpus:g} GPU{'s' * (node.gpus != 1)}" if node.gpus else "no GPU"
         if node.gpu_free and len(set(node.gpu_free)) == 1:
             gpus += f" ({gb(node.gpu_free[0])} free each)"
-        have = f"{gb(node.host_available)} of {gb(node.host_total)} available, {node.cpus:g} CPUs, {gpus}"
+        cpus = f"{node.cpus:g} CPUs" if node.cpus else "CPUs not given (--cpus)"
+        have = f"{gb(node.host_available)} of {gb(node.host_total)} available, {cpus}, {gpus}"
         ray = f" + Ray {gb(RAY_NODE)} + driver {gb(RUNTIME_HOST)}" if self.settings.count > 0 else ""
         need = self.node_bytes(workers, self.devices.local)
         verdict = "fits" if not self.problems else "does NOT fit"
@@ -126,10 +142,19 @@ class Plan:
             raise ConfigError(f"{self.source}: {self.problems[0]}")
 
 
-def plan_search(cfg: SearchConfig, scorer=None, devices: Devices | None = None) -> Plan:
+def plan_search(
+    cfg: SearchConfig,
+    scorer=None,
+    devices: Devices | None = None,
+    model: ModelFacts | None = None,
+    gpu_kind: str | None = None,
+    tokenizer: str | None = None,
+) -> Plan:
     """The plan of `cfg` (refinement counted when `cfg.refine` is set) on `devices` (default: this machine, or the
     Ray cluster of `workers.address` when this process has joined it). `scorer`: the search tasks, built already
-    (else built here)."""
+    (else built here). `model`: the inputs' facts when they come from a config.json alone (`audit --plan
+    --model-config`, whose `tokenizer` folder counts the tasks' tokens, or None: about 4 characters a token);
+    `gpu_kind`: the GPUs' kind the time plan assumes (default: this machine's, else an H100)."""
     if scorer is None:
         from evomerge.scoring.scorer import Scorer
 
@@ -139,8 +164,9 @@ def plan_search(cfg: SearchConfig, scorer=None, devices: Devices | None = None) 
             seed=cfg.seed,
             include_defaults=cfg.tasks.include_defaults,
         )
-    model = ModelFacts.of_inputs(cfg.base_model, cfg.models, dtype=cfg.dtype)
-    tasks = TaskFacts.of_scorer(scorer, cfg.base_model)
+    if model is None:
+        model, tokenizer = ModelFacts.of_inputs(cfg.base_model, cfg.models, dtype=cfg.dtype), str(cfg.base_model)
+    tasks = TaskFacts.of_scorer(scorer, tokenizer)
     settings = Settings(
         count=cfg.workers.count,
         num_gpus=cfg.workers.num_gpus,
@@ -150,7 +176,53 @@ def plan_search(cfg: SearchConfig, scorer=None, devices: Devices | None = None) 
         row_ties=cfg.method == "ties" and bool(cfg.refine and cfg.refine.arms_run(cfg.budget.n_trials) - {"tensor"}),
         batch_size=cfg.workers.batch_size,
     )
-    return evaluate_plan(model, tasks, settings, devices or local_devices(), source=cfg._source)
+    plan = evaluate_plan(model, tasks, settings, devices or local_devices(), source=cfg._source)
+    return with_timing(plan, cfg, gpu_kind, tokenizer)
+
+
+def with_timing(plan: Plan, cfg: SearchConfig, gpu_kind: str | None = None, tokenizer: str | None = None) -> Plan:
+    """The plan with its time lines: seconds per trial by part on the planned devices, trials per hour, the end,
+    and the export's validation (`tokenizer` counts the validation tasks' tokens, as `plan_search`'s)."""
+    from evomerge.capacity.timing import cpu_speed, gpu_speed, local_gpu_kind, trial_time
+
+    s, n = plan.settings, cfg.budget.n_trials
+    if plan.on_gpu and plan.devices.gpus:
+        kind = gpu_kind or (local_gpu_kind() if plan.devices.where == "this machine" else None)
+        batch = plan.worker.batch_size if isinstance(plan.worker.batch_size, int) else 64
+        speed = gpu_speed(kind, s.num_gpus, batch=batch)
+    else:
+        speed = cpu_speed(s.num_cpus, "this machine" if plan.devices.local else "the given machine")
+    rounds, steps = (len(cfg.refine.starts(n)), cfg.refine.schedule(n)[0]) if cfg.refine is not None else (0, 0)
+    plan.timing = trial_time(plan.model, plan.tasks, speed, n, rounds, steps)
+    portfolio = 0
+    if cfg.portfolio:
+        from evomerge.portfolio import COMMON_METHODS
+
+        portfolio = len([m for m in COMMON_METHODS if m != cfg.method])  # the most it scores (some may not apply)
+    plan.night = (n, portfolio)
+    if cfg.validation is not None:
+        plan.export = _export_time(plan, cfg, speed, portfolio, tokenizer)
+    return plan
+
+
+def _export_time(plan: Plan, cfg: SearchConfig, speed, portfolio: int, tokenizer: str | None) -> tuple[int, float]:
+    """(finalists, seconds each) of the guard `evomerge export` runs first: at most top_k trials, the baselines
+    (the default merge, each source alone), the portfolio's default merges and every refinement point, each merged
+    and scored on the validation tasks (a finalist scored before is not scored again)."""
+    from evomerge.capacity.timing import evaluation_s, merge_s
+    from evomerge.scoring.scorer import Scorer
+    from evomerge.search.schedule import Schedule
+
+    scorer = Scorer(
+        cfg.validation.tasks,
+        [str(p) for p in cfg.tasks.include_paths],
+        seed=cfg.seed,
+        include_defaults=cfg.tasks.include_defaults,
+    )
+    tasks = TaskFacts.of_scorer(scorer, tokenizer)
+    schedule = Schedule.of(cfg, n_baselines=len(cfg.models) + 1, n_portfolio=portfolio)
+    finalists = cfg.validation.top_k + schedule.baselines + portfolio + schedule.points_per_round * len(schedule.starts)
+    return finalists, merge_s(plan.model, speed) + evaluation_s(plan.model, tasks, speed)
 
 
 def evaluate_plan(
@@ -161,6 +233,11 @@ def evaluate_plan(
     worker = worker_memory(model, tasks, settings, free)
     plan = Plan(model, tasks, settings, worker, devices, source=source)
     plan.problems += _gpu_problems(plan, free) + _host_problems(plan)
+    if settings.num_gpus == 0 and devices.gpus > 0:
+        plan.warnings.append(
+            f"workers.num_gpus is 0: the workers run on CPU and leave the {devices.gpus:g} GPU(s) of {devices.where} "
+            "idle; set workers.num_gpus: 1 (a worker per GPU) to plan them"
+        )
     return plan
 
 
@@ -264,15 +341,23 @@ def _host_problems(plan: Plan) -> list[str]:
             return [f"workers.batch_size: {base}, {gb(w.evaluation)} of it for a batch of {s.batch_size}; lower it"]
         gpus = " or on GPUs (workers.num_gpus)" if not plan.on_gpu else ""
         return [f"workers: {base}; run the search on a machine with more memory{gpus}"]
-    fit = 0
+    fit = fit_memory = 0
     for i, node in enumerate(nodes):
         room = node.host_available - (plan.node_bytes(0, d.local and i == 0) - plan.page_cache)
         by_memory = max(0, room // max(w.host, 1))
         by_cpu = math.floor(node.cpus / s.num_cpus + 1e-9) if d.cpu_bound else by_memory
         fit += min(by_memory, by_cpu)
+        fit_memory += by_memory
     workers = max(1, s.count)
     problems = []
-    if s.count > 0 and fit < workers:
+    if s.count > 0 and fit < workers and fit_memory >= workers:  # the CPUs, not the memory
+        have = sum(n.cpus for n in nodes)
+        problems.append(
+            f"workers.count: {workers} workers x {s.num_cpus:g} CPUs (workers.num_cpus) need "
+            f"{workers * s.num_cpus:g} CPUs, but {d.where} has {have:g}; set workers.count to at most {max(fit, 1)} "
+            "or lower workers.num_cpus"
+        )
+    elif s.count > 0 and fit < workers:
         problems.append(
             f"workers.count: {workers} workers need {gb(workers * w.host)} of host memory ({gb(w.host)} each), "
             f"but {d.where} has room for {fit}; set workers.count to at most {max(fit, 1)}"

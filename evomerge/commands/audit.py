@@ -4,8 +4,9 @@ Checks the models are compatible (architecture, tensor names and shapes, tokeniz
 per-layer task-vector similarity, sign-conflict rates and delta sizes, and where interference concentrates.
 `--probe` (search configs) also merges and scores, region by region, where one model's task vector hurts
 another model's task (`evomerge.analysis.probe`). `--plan` (search configs) prints only the resource plan
-`evomerge search` prints at start (`evomerge.capacity`), for this machine or one described by `--host-memory`,
-`--gpus` and `--nodes`, and exits 2 naming the setting to change when the search cannot fit.
+`evomerge search` prints at start (`evomerge.capacity`): memory, and time per trial by part, trials per hour and the
+night's end, for this machine or one described by `--host-memory`, `--gpus`, `--cpus`, `--nodes` and `--gpu-kind`
+(`--model-config`: from a config.json alone), and exits 2 naming the setting to change when the search cannot fit.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ EXAMPLES = """\
   evomerge audit runs/demo/best/recipe.yaml --json            # a recipe's inputs, as JSON
   evomerge audit configs/demo.yaml --plan                     # the resource plan on this machine (no weight read)
   evomerge audit configs/demo.yaml --plan --gpus 8x80G --host-memory 1T   # ... on an 8-GPU node
+  evomerge audit configs/7b-8gpus.yaml --plan --model-config configs/llama-2-7b.config.json --gpus 8x80G --cpus 96
+                                                               # a 7B night from its config.json: memory and time
 """
 
 
@@ -54,7 +57,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     plan.add_argument("--host-memory", metavar="SIZE", help="plan for nodes with this much free host memory (512G)")
     plan.add_argument("--gpus", metavar="NxSIZE", help="plan for nodes with N GPUs of SIZE free each (8x80G; 0: none)")
-    plan.add_argument("--nodes", type=int, default=1, metavar="K", help="plan for K such nodes (default 1)")
+    plan.add_argument("--nodes", type=int, default=None, metavar="K", help="plan for K such nodes (default 1)")
+    plan.add_argument("--cpus", type=float, metavar="N", help="plan for nodes with N CPUs each (default: not checked)")
+    plan.add_argument(
+        "--gpu-kind",
+        metavar="NAME",
+        help="the GPUs' kind the time plan assumes: H100, H200, A100, L40S, A10G or L4 (default: this machine's, "
+        "else H100)",
+    )
+    plan.add_argument(
+        "--model-config",
+        metavar="CONFIG.json",
+        help="plan from this config.json alone, for every input (the weights need not be on this machine; a "
+        "tokenizer.json beside it counts the tasks' tokens, else about 4 characters a token)",
+    )
     parser.add_argument(
         "--probe-subset",
         type=int,
@@ -71,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.plan:
         return _plan(args)
+    _no_plan_flags(args)
     if args.sample < 2:
         raise ConfigError(f"--sample {args.sample}: use at least 2 positions per tensor")
     cfg = _probe_config(args) if args.probe else None
@@ -179,8 +196,30 @@ def _probe_config(args: argparse.Namespace):
     return _search_config(args.config, "--probe")
 
 
-def _search_config(path: str, flag: str):
-    """A search config for `flag` (a recipe is refused: --probe and --plan need a search's tasks and workers)."""
+def _model_config(path: str, cfg):
+    """(ModelFacts, tokenizer folder or None) of a config.json given for every input of `cfg`."""
+    import json
+    from pathlib import Path
+
+    from evomerge.capacity import ModelFacts
+    from evomerge.errors import ConfigError
+
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"--model-config {path}: not a readable config.json ({err}); pass a model's config.json"
+        ) from None
+    if not isinstance(config, dict) or not config.get("hidden_size"):
+        raise ConfigError(f"--model-config {path}: no hidden_size; pass a model's config.json (a transformers one)")
+    folder = Path(path).parent
+    tokenizer = str(folder) if (folder / "tokenizer.json").is_file() else None
+    return ModelFacts.of_config(config, n_inputs=1 + len(cfg.models), dtype=cfg.dtype), tokenizer
+
+
+def _search_config(path: str, flag: str, check_files: bool = True):
+    """A search config for `flag` (a recipe is refused: --probe and --plan need a search's tasks and workers).
+    `check_files=False`: its model folders need not exist (a plan from --model-config)."""
     from evomerge.config import load_config
     from evomerge.errors import ConfigError
     from evomerge.io.yamlfile import read_yaml
@@ -191,7 +230,7 @@ def _search_config(path: str, flag: str):
             f"{path}: {flag} needs a search config's `tasks.search` and `workers`, and this "
             f"is a recipe; pass the search config (e.g. configs/demo.yaml) or drop {flag}"
         )
-    return load_config(path)
+    return load_config(path, check_files=check_files)
 
 
 def _config_allows(path: str) -> bool:
@@ -226,23 +265,46 @@ def _probe(cfg, args: argparse.Namespace, show: bool):
     )
 
 
+def _no_plan_flags(args: argparse.Namespace) -> None:
+    """The machine flags describe the machine of a resource plan: without --plan they would be ignored in silence."""
+    from evomerge.errors import ConfigError
+
+    flags = (*PLAN_FLAGS, *OTHER_PLAN_FLAGS)
+    given = [f"--{name.replace('_', '-')}" for name in flags if getattr(args, name, None) is not None]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} describe{'s' * (len(given) == 1)} the machine of a resource plan, which only --plan "
+            f"prints; add --plan (evomerge audit {args.config} --plan {' '.join(given)} ...) or drop "
+            f"{'it' if len(given) == 1 else 'them'}"
+        )
+
+
+PLAN_FLAGS = ("host_memory", "gpus", "nodes", "cpus")  # the machine the plan is for
+OTHER_PLAN_FLAGS = ("gpu_kind", "model_config")
+
+
 def _plan(args: argparse.Namespace) -> int:
     """The resource plan of a search config, on this machine (or its Ray cluster) or the one the flags describe."""
     from evomerge.capacity import given_devices, plan_search
     from evomerge.errors import ConfigError
     from evomerge.resolve import resolve_config
 
-    if args.nodes < 1:
+    nodes = 1 if args.nodes is None else args.nodes
+    if nodes < 1:
         raise ConfigError(f"--nodes {args.nodes}: plan for at least 1 node")
-    resolved = resolve_config(_search_config(args.config, "--plan"))  # the config exactly as `search` runs it
+    if args.cpus is not None and args.cpus <= 0:
+        raise ConfigError(f"--cpus {args.cpus:g}: give the CPUs of each node (e.g. --cpus 96)")
+    cfg = _search_config(args.config, "--plan", check_files=args.model_config is None)
+    model, tokenizer = _model_config(args.model_config, cfg) if args.model_config else (None, None)
+    resolved = resolve_config(cfg)  # the config exactly as `search` runs it
     for line in resolved.notes:  # what the search switches off (refinement on slerp, say) is off here too
         print(line)
     cfg = resolved.config
-    described = args.host_memory is not None or args.gpus is not None or args.nodes > 1
-    devices = given_devices(args.host_memory, args.gpus, args.nodes) if described else None
+    described = any(getattr(args, name) is not None for name in PLAN_FLAGS)
+    devices = given_devices(args.host_memory, args.gpus, nodes, cpus=args.cpus) if described else None
     if devices is None and cfg.workers.address:
         devices = _cluster(cfg)
-    plan = plan_search(cfg, resolved.scorer, devices)
+    plan = plan_search(cfg, resolved.scorer, devices, model=model, gpu_kind=args.gpu_kind, tokenizer=tokenizer)
     print("\n".join(plan.lines()), flush=True)  # before the refusal's line on stderr
     plan.check()
     return 0

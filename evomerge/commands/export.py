@@ -10,6 +10,7 @@ EXAMPLES = """\
   evomerge export runs/demo --trial 12 --out /tmp/t12
   evomerge export runs/demo --portable           # the best trial mergekit-yaml reproduces as the main recipe
   evomerge export runs/demo --out /tmp/demo-mk --kernels mergekit   # the same trial with mergekit's kernels
+  evomerge export runs/demo --samples 5          # and best/samples.jsonl: 5 held-out examples per task, as scored
   evomerge export runs/demo --hub-id zoo/base=me/tiny-base --hub-id zoo/add=me/tiny-add --hub-id zoo/reverse=me/tiny-rev
 Run `evomerge report RUN_DIR` first to put held-out scores (and caveats) in the model card.
 """
@@ -41,6 +42,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(mergekit-0.1.5 for mergekit's exact bytes)",
     )
     parser.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also keep OUT/samples.jsonl: the exported model's first N examples of each held-out task (tasks.heldout) "
+        "as lm-eval scored them: prompt, response, reference, metrics (as `evomerge eval --samples`)",
+    )
+    parser.add_argument(
         "--hub-id",
         action="append",
         default=[],
@@ -55,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from evomerge.errors import ConfigError
     from evomerge.export import export_trial
 
+    if args.samples < 0:
+        raise ConfigError(f"--samples must be 0 or more, got {args.samples}")
     kernels = kernels_flag(args.kernels) if args.kernels is not None else None
     hub_ids = {}
     for pair in args.hub_id:
@@ -66,6 +77,32 @@ def run(args: argparse.Namespace) -> int:
         args.run_dir, out=args.out, trial=args.trial, hub_ids=hub_ids, kernels=kernels, portable=args.portable
     )
     print(res)
+    if args.samples:
+        print(f"held-out samples written to {keep_samples(args.run_dir, res.model_dir, args.samples)}")
     if not res.heldout:
         print(f"the model card has no held-out scores: run `evomerge report {args.run_dir}`, then export again")
     return 0
+
+
+def keep_samples(run_dir: str, model_dir, n: int):
+    """The exported checkpoint scored on the run's held-out tasks, its first `n` examples of each written beside
+    it as `samples.jsonl` (one JSON object per example); the file's path."""
+    import json
+    from pathlib import Path
+
+    from evomerge.config import load_run_config
+    from evomerge.errors import ConfigError
+    from evomerge.io.atomic import write_file_atomic
+    from evomerge.scoring import TaskSpec, sample_model_dir
+    from evomerge.scoring.scorer import EVERY_METRIC
+
+    cfg = load_run_config(run_dir)
+    if not cfg.tasks.heldout:
+        raise ConfigError(f"{run_dir}: --samples scores the held-out tasks, and tasks.heldout is empty; list them")
+    specs = [TaskSpec(name=name, metric=EVERY_METRIC) for name in cfg.tasks.heldout]
+    paths = [str(p) for p in cfg.tasks.include_paths]
+    defaults = cfg.tasks.include_defaults
+    _, samples = sample_model_dir(model_dir, specs, n, paths, seed=cfg.seed, include_defaults=defaults)
+    out = Path(model_dir).parent / "samples.jsonl"
+    write_file_atomic(out, "".join(json.dumps(s, ensure_ascii=False, default=str) + "\n" for s in samples))
+    return out

@@ -9,7 +9,7 @@ A merge candidate is scored by `evomerge.evaluator`, which owns one Scorer per t
 
 from __future__ import annotations
 
-from evomerge.scoring.model_dir import evaluate_model_dir, load_model_dir
+from evomerge.scoring.model_dir import evaluate_model_dir, load_model_dir, sample_model_dir
 from evomerge.scoring.scorer import Scorer, Scores, quiet
 from evomerge.scoring.tasks import BUILTIN_TASKS, TaskCatalog, TaskSpec
 
@@ -22,4 +22,5 @@ __all__ = [
     "evaluate_model_dir",
     "load_model_dir",
     "quiet",
+    "sample_model_dir",
 ]

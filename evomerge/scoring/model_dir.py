@@ -71,3 +71,22 @@ def evaluate_model_dir(
     scorer = Scorer(tasks, include_paths, seed=seed, batch_size=batch_size, include_defaults=include_defaults)
     model, tokenizer = load_model_dir(model_dir, device=device, trust_remote_code=trust_remote_code)
     return scorer.score(model, tokenizer)
+
+
+def sample_model_dir(
+    model_dir: Path | str,
+    tasks: Sequence[TaskSpec | str],
+    n: int,
+    include_paths: Sequence[str | Path] = (),
+    *,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: str = "cpu",
+    include_defaults: bool = False,
+) -> tuple[Scores, list[dict]]:
+    """`evaluate_model_dir`'s scores and the first `n` examples of each task as scored (`Scorer.score_samples`)."""
+    check_model_dir(Path(model_dir))
+    scorer = Scorer(tasks, include_paths, seed=seed, batch_size=batch_size, include_defaults=include_defaults)
+    model, tokenizer = load_model_dir(model_dir, device=device, trust_remote_code=trust_remote_code)
+    return scorer.score_samples(model, tokenizer, n)

@@ -65,6 +65,27 @@ def task_code_frame(exc: BaseException, folders: Sequence[Path]) -> traceback.Fr
     return None
 
 
+def _sample(row: dict[str, Any], kind: str, task) -> dict[str, Any]:
+    """One logged example for a reader: the prompt, what the model did (its generation; for a loglikelihood task
+    the answer's log-likelihood and whether it is the greedy one; for multiple choice the choice it ranks first),
+    the reference, and the example's metrics."""
+    args, resps = row["arguments"], row["filtered_resps"]
+    prompt = str(args[0][0]) if args and args[0] else ""
+    reference: Any = row["target"]
+    if kind == "generate_until":
+        response = str(resps[0]) if resps else ""
+    elif kind == "multiple_choice":
+        choices = task.doc_to_choice(row["doc"])
+        best = max(range(len(resps)), key=lambda i: float(resps[i][0]))
+        response = str(choices[best])
+        reference = choices[reference] if isinstance(reference, int) and 0 <= reference < len(choices) else reference
+    else:
+        ll, greedy = resps[0]
+        response = f"log-likelihood {float(ll):.3f} of the reference; greedy answer: {'yes' if greedy else 'no'}"
+    metrics = {m: row[m] for m in row.get("metrics", []) if isinstance(row.get(m), (int, float))}
+    return {"doc_id": int(row["doc_id"]), "prompt": prompt, "response": response, "reference": reference, **metrics}
+
+
 def _metrics(row: dict[str, Any]) -> dict[str, float]:
     """lm-eval's 'acc,none' / 'acc_stderr,none' row -> {'acc': value} ('acc,<filter>' for other filters)."""
     out: dict[str, float] = {}
@@ -178,11 +199,14 @@ class Scorer:
         self._lm = None
         with quiet():
             catalog = TaskCatalog(include_paths, include_defaults=include_defaults)
+            wrong_metrics: list[str] = []  # every task's, so a config with several is fixed in one pass
             for spec in self.specs:
-                self._add(spec, catalog.build(spec.name))
+                self._add(spec, catalog.build(spec.name), wrong_metrics)
+        if wrong_metrics:
+            raise TaskError("; ".join(wrong_metrics))
         self.code_folders = catalog.code_folders()
 
-    def _add(self, spec: TaskSpec, built: dict[str, Task]) -> None:
+    def _add(self, spec: TaskSpec, built: dict[str, Task], wrong_metrics: list[str]) -> None:
         if spec.name in self.members:
             raise TaskError(f"task {spec.name} is listed twice; list each task once")
         self.members[spec.name] = list(built)
@@ -191,7 +215,8 @@ class Scorer:
                 raise TaskError(f"task {leaf} is listed twice (directly and through {spec.name}); list it once")
             valid = metric_names(task)
             if spec.metric != EVERY_METRIC and spec.metric not in valid:
-                raise TaskError(f"task {leaf} has no metric {spec.metric!r}; valid: {', '.join(valid)}")
+                wrong_metrics.append(f"task {leaf} has no metric {spec.metric!r}; valid: {', '.join(valid)}")
+                continue
             if task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)  # what simple_evaluate does
             _rows_as_list(task)
@@ -246,6 +271,17 @@ class Scorer:
             p = {int(r["doc_id"]): _answer_probability(r) for r in rows}
             probs[leaf] = {k: v for k, v in p.items() if v is not None}
         return out["results"], values, probs
+
+    def score_samples(self, model, tokenizer, n: int) -> tuple[Scores, list[dict[str, Any]]]:
+        """(scores, the first `n` examples of each task as lm-eval logged them: task, doc_id, prompt, the model's
+        response, the reference and the example's metrics), on the same subsets as `score`."""
+        out = self._evaluate(model, tokenizer, dict(self.subsets) or None, log_samples=True)
+        rows = []
+        for leaf, logged in out["samples"].items():
+            kind = self.tasks[leaf].OUTPUT_TYPE
+            for row in sorted(logged, key=lambda r: int(r["doc_id"]))[:n]:
+                rows.append({"task": leaf, **_sample(row, kind, self.tasks[leaf])})
+        return out["results"], rows
 
     def indices(self, leaf: str) -> list[int]:
         """The example indices a leaf task is scored on (its seeded subset, or every example)."""

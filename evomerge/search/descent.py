@@ -71,19 +71,24 @@ def descend(
     gradient: Callable[[], Sequence[torch.Tensor]],
     write: Callable[[], None],
     keep: Callable[[int, float], None],
+    progress: Callable[[int, float, bool], None] | None = None,
 ) -> None:
     """Adam on `values` (changed in place, each element clamped to `bounds` after every step), from the state the
     resident model holds now. At each step `loss_at(grad)` gives the loss there (with the parameters' gradients
-    unless it is the last step), `keep(step, loss)` records every `every` steps and the last, `gradient()` gives
-    d loss / d values, and after the step `write()` puts the merge at the new values into the resident model."""
+    unless it is the last step), `keep(step, loss)` records every `every` steps and the last, `progress(step, loss,
+    kept)` hears of every step (the driver's progress line), `gradient()` gives d loss / d values, and after the step
+    `write()` puts the merge at the new values into the resident model."""
     import torch
 
     opt = torch.optim.Adam(list(values), lr=lr)
     for step in range(steps + 1):
         last = step == steps
         loss = loss_at(not last)
-        if step % every == 0 or last:
+        kept = step % every == 0 or last
+        if kept:
             keep(step, loss)
+        if progress:
+            progress(step, loss, kept)
         if last:
             return
         for value, grad in zip(values, gradient()):

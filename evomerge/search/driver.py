@@ -31,10 +31,12 @@ from evomerge.search.lock import StudyLock
 from evomerge.search.record import BaselineLabel, TrialRecord, trial_attrs, write_trial
 from evomerge.search.refine_job import RefineJob
 from evomerge.search.rows import load_coefficients, save_coefficients, with_coefficients
+from evomerge.search.storage import check_reachable
 from evomerge.search.workers import open_pool, run_jobs
 from evomerge.space import SearchSpace, space_of
 
 MAX_WORKER_DEATHS = 2  # retries of params whose worker died while evaluating them; then the trial fails
+QUIET_S = 40.0  # after this long without a word, a line (or the bar's clock); checked every QUIET_S / 2: under a minute
 
 
 @dataclass
@@ -96,6 +98,30 @@ class _Progress:
         self.log = None if enabled else log
         self.every = max(1, round(cfg.budget.n_trials / 10))
         self.start, self.new = time.perf_counter(), 0
+        self.last_word = time.monotonic()  # when the bar or a line last said something
+
+    def stage(self, what: str = "") -> None:
+        """Name what is happening on the bar (`portfolio 2/6`, `refinement round 1/2, step 20/60`; "" for trials)."""
+        self.bar.set_description(f"{self.name} [{what}]" if what else self.name)
+        self.last_word = time.monotonic()
+
+    def say(self, line: str, log: Callable[[str], None]) -> None:
+        """A line through `log` (above the bar when it shows)."""
+        if self.bar.disable:
+            log(line)
+        else:
+            self.bar.write(line, file=sys.stderr)
+        self.last_word = time.monotonic()
+
+    def still(self, what: str, log: Callable[[str], None]) -> None:
+        """No word for QUIET_S: the bar refreshes its clock, or a line says `what` is still going."""
+        if time.monotonic() - self.last_word < QUIET_S:
+            return
+        if self.bar.disable:
+            log(f"{self.name}: {self.done}/{self.total} complete; {what}")
+        else:
+            self.bar.refresh()
+        self.last_word = time.monotonic()
 
     def update(self, best_number: int | None, best_value: float | None, failed: int, completed: bool) -> None:
         self.new += completed
@@ -110,6 +136,7 @@ class _Progress:
         if self.log and completed and (self.done % self.every == 0 or self.done == self.total):
             fails = f", {failed} failed" if failed else ""
             self.log(f"{self.name}: {self.done}/{self.total} complete, best {best}, {rate:.1f} trials/min{fails}")
+            self.last_word = time.monotonic()
 
     def close(self) -> None:
         self.bar.close()
@@ -129,6 +156,7 @@ def run_search(
     process when `workers.count` is 0). One driver per study: a second one raises StudyError naming the first.
     """
     log = log or (lambda _msg: None)
+    check_reachable(cfg.storage_url, cfg._source)  # a server out of reach fails in seconds, before the tasks load
     space = space_of(cfg)
     resolved = resolve_config(cfg)  # a bad task fails before the study, its lock or runs/<name>/ exist
     for line in resolved.notes:
@@ -155,6 +183,8 @@ def run_search(
             return _finish(study, result)
         for line in plan:
             log(line)
+        for line in _schedule(cfg, space).lines(cfg):  # what the budget buys; one the defaults use up is said here
+            log(line)
         search = _Search(study, cfg, space, lock, result, n_complete, log)
         try:
             search.run(pool_factory or open_pool, progress)
@@ -176,6 +206,14 @@ def _plan(cfg: SearchConfig, scorer, log: Callable[[str], None]) -> list[str]:
             log(line)
         plan.check()
     return lines
+
+
+def _schedule(cfg: SearchConfig, space: SearchSpace):
+    """The budget's schedule: baselines, the portfolio's default merges, refinement rounds, sampled trials."""
+    from evomerge.search.schedule import Schedule
+
+    portfolio = [label for label, _ in default_merges(cfg)[0] if label.method != cfg.method] if cfg.portfolio else []
+    return Schedule.of(cfg, len(space.baselines(cfg.models)), len(portfolio))
 
 
 def _interrupted(exc: KeyboardInterrupt, cfg: SearchConfig, study, result: SearchResult) -> Interrupted:
@@ -256,9 +294,13 @@ class _Search:
                     self._submit(*self._ask())
             if not self.in_flight:
                 return
-            for ref, res in self.pool.wait(timeout=st.HEARTBEAT_S):
+            for ref, res in self.pool.wait(timeout=min(st.HEARTBEAT_S, QUIET_S / 2)):
                 self._tell(self.in_flight.pop(ref), res)
             self._keep_alive()
+            if self.in_flight:
+                now = time.perf_counter()
+                running = ", ".join(f"{j.trial.number} ({now - j.started:.0f} s)" for j in self.in_flight.values())
+                self.bar.still(f"trial(s) {running} in flight", self.log)
 
     # -- the steps -------------------------------------------------------------------------------------------
 
@@ -270,7 +312,8 @@ class _Search:
             return False
         if self.in_flight or time.monotonic() >= self.deadline:
             return True
-        self.rounds.run(due, self.pool, self.space)
+        self.rounds.run(due, self.pool, self.space, self.bar, self.log)
+        self.bar.stage()
         return False
 
     def _can_ask(self) -> bool:
@@ -363,11 +406,26 @@ class _Search:
         jobs = [(text, "search") for _, text in todo]
         done: dict[int, Any] = {}
         added = 0
+        if todo:
+            methods = ", ".join(label.method for label, _ in todo)
+            self.bar.say(
+                f"portfolio: scoring {len(todo)} default merges of other methods ({methods}) on the search tasks "
+                "before the first trial (references for the guard and export; outside the budget)",
+                self.log,
+            )
+            self.bar.stage(f"portfolio 0/{len(todo)}")
         for i, res in run_jobs(self.pool, jobs, per_example=options, failed_ok=True):
             done[i] = res
             while added in done:  # in order, each as soon as the ones before it are in
-                self._add_portfolio(*todo[added], done.pop(added))
+                res = done.pop(added)
+                self._add_portfolio(*todo[added], res)
                 added += 1
+                score = f"{res.objective:.3f}" if res.ok else f"failed ({res.error})"
+                self.bar.say(
+                    f"portfolio {added}/{len(todo)}: {todo[added - 1][0].method} default merge {score}", self.log
+                )
+                self.bar.stage(f"portfolio {added}/{len(todo)}")
+        self.bar.stage()
 
     def _add_portfolio(self, label: BaselineLabel, text: str, res) -> None:
         cfg = self.cfg
@@ -440,7 +498,7 @@ class _RefineRounds:
                 return r
         return None
 
-    def run(self, r: int, pool, space: SearchSpace) -> None:
+    def run(self, r: int, pool, space: SearchSpace, bar: _Progress, log: Callable[[str], None]) -> None:
         """Round `r`, of kind `refine.arm(r)`: a per-tensor round starts from the best trial without per-row
         coefficients (what it moves is all of its start), a per-row one from the best trial, continuing its
         coefficients if it has some."""
@@ -454,7 +512,11 @@ class _RefineRounds:
         start = load_coefficients(TrialRecord.from_trial(best).coefficients) if arm != "tensor" else None
         job = RefineJob(arm, steps, every, refine.lr, examples=refine.examples, coefficients=start)
         bounds = space.bounds(self.cfg.models)
-        for at in pool.refine(dict(best.params), job):
+        said = _RoundProgress(f"refinement round {r + 1}/{len(self.starts)}", steps, bar, log)
+        said.start(f"({arm}): {steps} Adam steps from trial {best.number}, a point every {every}")
+        path = pool.refine(dict(best.params), job, progress=said.step)
+        said.end(len(path) - 1)
+        for at in path:
             if at.step == 0:
                 continue  # the starting point: trial `best` itself
             point = {k: bounds[k].clip(v) for k, v in at.point.items()}
@@ -468,6 +530,35 @@ class _RefineRounds:
                 coefficients=ref,
             )
             self.study.enqueue_trial(point, user_attrs=attrs)
+
+
+class _RoundProgress:
+    """A refinement round, said: a line at its start, its step on the bar (and a line at each enqueued point, or
+    after QUIET_S without one, when there is no bar), a line at its end."""
+
+    def __init__(self, name: str, steps: int, bar: _Progress, log: Callable[[str], None]):
+        self.name, self.steps, self.bar, self.log = name, steps, bar, log
+        self.started = time.perf_counter()
+
+    def start(self, what: str) -> None:
+        self.bar.say(f"{self.name} {what}; trials wait for it", self.log)
+        self.bar.stage(f"{self.name}, step 0/{self.steps}")
+
+    def step(self, step: int, loss: float, point: bool = False) -> None:
+        """Called by the worker's refiner after each Adam step (`point`: one enqueued as a trial)."""
+        self.bar.bar.set_description(f"{self.bar.name} [{self.name}, step {step}/{self.steps}]", refresh=False)
+        quiet = time.monotonic() - self.bar.last_word >= QUIET_S
+        if (point and step) or quiet:
+            elapsed = time.perf_counter() - self.started
+            self.bar.say(
+                f"{self.name}: step {step}/{self.steps}, surrogate loss {loss:.4f} ({elapsed:.0f} s)", self.log
+            )
+        elif not self.bar.bar.disable:
+            self.bar.bar.refresh()
+
+    def end(self, points: int) -> None:
+        elapsed = time.perf_counter() - self.started
+        self.bar.say(f"{self.name} done in {elapsed:.0f} s: {points} points enqueued as the next trials", self.log)
 
 
 def _tell(study, cfg: SearchConfig, job: _InFlight, res, result: SearchResult):

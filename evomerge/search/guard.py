@@ -110,9 +110,7 @@ def validate_top(
     todo = [t for t in candidates(cfg, study) if t.number not in done]
     if todo:
         if log:
-            log(
-                f"validating the top {cfg.validation.top_k} trials on {', '.join(t.name for t in cfg.validation.tasks)}"
-            )
+            log(f"validating {_kinds(todo)} on {', '.join(t.name for t in cfg.validation.tasks)}")
         own = pool is None
         pool = pool or open_pool(cfg, {"validation": cfg.validation.tasks})
         try:
@@ -134,6 +132,20 @@ def validate_top(
             if own:
                 pool.close()
     return {t.number: done[t.number] for t in candidates(cfg, study)}
+
+
+def _kinds(trials: list) -> str:
+    """'9 finalists (3 top trials, 6 baselines and default merges)': what the guard is about to score, and why."""
+    records = [TrialRecord.from_trial(t) for t in trials]
+    baselines = sum(r.baseline is not None for r in records)
+    refined = sum(r.baseline is None and r.refine_round is not None for r in records)
+    parts = [
+        (len(records) - baselines - refined, "top trial", "top trials"),
+        (baselines, "baseline", "baselines and default merges"),
+        (refined, "refinement point", "refinement points"),
+    ]
+    said = ", ".join(f"{n} {one if n == 1 else many}" for n, one, many in parts if n)
+    return f"{len(records)} finalist{'s' * (len(records) != 1)} ({said})"
 
 
 def pending(cfg: SearchConfig, study) -> list[int]:

@@ -206,6 +206,7 @@ class Refiner:
         lr: float = 0.05,
         log=None,
         micro_batch_tokens: int | None = None,
+        progress=None,
     ) -> list[tuple[int, dict[str, float], float]]:
         """Adam on the refined slots (in units of each one's search range), from `point`; the point every
         `every` steps (and the last), with the surrogate loss there. The resident model is left holding the
@@ -236,6 +237,7 @@ class Refiner:
                 gradient=lambda: [span * self._slot_grad(start, at())],
                 write=lambda: self._write(start, at(), everything=False),
                 keep=keep,
+                progress=progress,
             )
         return [(step, {**point, **p}, loss) for step, p, loss in out]
 

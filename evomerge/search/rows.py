@@ -275,6 +275,7 @@ class RowRefiner:
         lr: float = 0.05,
         coefficients: dict[str, torch.Tensor] | None = None,
         log: Callable[[str], None] | None = None,
+        progress: Callable[[int, float, bool], None] | None = None,
     ) -> list[tuple[int, dict[str, float], float, dict[str, torch.Tensor]]]:
         """Adam on the multipliers from `point` (and `coefficients`, else 1), each kept in BOUNDS; every `every`
         steps (and the last) the point, the loss there and a copy of the multipliers."""
@@ -307,6 +308,7 @@ class RowRefiner:
                 gradient=gradient,
                 write=lambda: self._write(rows, m),
                 keep=keep,
+                progress=progress,
             )
         return out
 

@@ -137,7 +137,10 @@ class PostgresLock(ServerLock):
         if url.split("://", 1)[0] not in ("postgresql+psycopg", "postgresql+psycopg2"):
             return {}  # another driver: its own defaults
         # libpq's keepalives: the heartbeat notices a dead server or network in ~90 s instead of hanging for minutes
-        return {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 6}
+        from evomerge.search.storage import CONNECT_TIMEOUT_S
+
+        keepalives = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 6}
+        return {**keepalives, "connect_timeout": CONNECT_TIMEOUT_S}
 
     def _setup(self) -> None:
         from sqlalchemy import text

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import optuna
 
 SQLITE_TIMEOUT_S = 60  # concurrent writers wait for the lock instead of failing
+CONNECT_TIMEOUT_S = 5  # a database server that does not answer in this time is out of reach: say so, not hang
 SCHEMA_WAIT_S = 120  # how long opening a storage retries while other processes create the same schema
 # messages of the errors concurrent schema creation raises (SQLite, PostgreSQL, MySQL), in lower case
 _SCHEMA_RACES = (
@@ -72,8 +73,41 @@ def get_storage(storage: Any = None):
         db.parent.mkdir(parents=True, exist_ok=True)
         kwargs["engine_kwargs"] = {"creator": functools.partial(_sqlite_connect, str(db))}
     else:  # a server may drop idle pooled connections during a long search; test them before use
-        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
+        kwargs["engine_kwargs"] = {"pool_pre_ping": True, "connect_args": connect_timeout(url)}
     return _open_rdb(storage, url, kwargs)
+
+
+def connect_timeout(url: str) -> dict[str, Any]:
+    """The driver's connect-timeout argument for a server URL (libpq's and the MySQL drivers' `connect_timeout`,
+    in seconds), so an unreachable host fails in CONNECT_TIMEOUT_S instead of the operating system's TCP timeout."""
+    scheme = url.split("://", 1)[0]
+    if scheme.startswith(("postgresql+psycopg", "mysql")) or scheme in ("postgresql", "postgres"):
+        return {"connect_timeout": CONNECT_TIMEOUT_S}
+    return {}
+
+
+def check_reachable(url: str, source: str) -> None:
+    """Before any task is built: a database server's URL must answer (one connection, CONNECT_TIMEOUT_S at most),
+    else a ConfigError naming the config file and its `storage` field. SQLite files are checked where they open."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    from evomerge.errors import ConfigError
+
+    if url.startswith("sqlite:") or "://" not in url:
+        return
+    real = engine_url(url)  # its driver is installed, or a StudyError says what to install
+    engine = create_engine(real, poolclass=NullPool, connect_args=connect_timeout(real))
+    try:
+        with engine.connect():
+            pass
+    except Exception as err:  # sqlalchemy raises many kinds for an unreachable server or refused credentials
+        raise ConfigError(
+            f"{source}: 'storage': {redact(url)!r} cannot be reached ({type(err).__name__}: "
+            f"{redact(first_line(err))}){password_hint(url) or '; fix `storage` (or --storage) or start the server'}"
+        ) from None
+    finally:
+        engine.dispose()
 
 
 def _open_rdb(given: str, url: str, kwargs: dict[str, Any]):
@@ -160,8 +194,11 @@ def trial_id(study: optuna.Study, number: int) -> int:
 
 
 __all__ = [
+    "CONNECT_TIMEOUT_S",
     "SCHEMA_WAIT_S",
     "SQLITE_TIMEOUT_S",
+    "check_reachable",
+    "connect_timeout",
     "create_study",
     "delete_study",
     "get_storage",

@@ -25,7 +25,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -137,17 +137,45 @@ class Worker:
             result, worker=self.name, error=error, started=started, ended=time.time(), wait_s=wait_s, busy_s=end - start
         )
 
-    def refine(self, point: dict[str, float], job: RefineJob) -> list[PathPoint]:
+    def refine(
+        self, point: dict[str, float], job: RefineJob, progress: Callable[..., None] | None = None
+    ) -> list[PathPoint]:
         """The gradient path of one refinement round from `point` on the search task set (search/refine.py for a
-        tensor round, search/rows.py for a per-row one, from `job.coefficients` when the start has them)."""
+        tensor round, search/rows.py for a per-row one, from `job.coefficients` when the start has them);
+        `progress(step, loss, kept)` hears each step."""
         from evomerge.search.refine_job import PathPoint
 
         refiner = self._refiner_for(job)
-        settings = {"steps": job.steps, "every": job.every, "lr": job.lr}
+        settings = {"steps": job.steps, "every": job.every, "lr": job.lr, "progress": progress}
         if job.per_row:
             path = refiner.run(point, coefficients=job.coefficients, **settings)
             return [PathPoint(step, p, loss, rows) for step, p, loss, rows in path]
         return [PathPoint(step, p, loss) for step, p, loss in refiner.run(point, **settings)]
+
+    def refine_stream(self, point: dict[str, float], job: RefineJob) -> Iterator[tuple]:
+        """`refine` as a Ray streaming generator: ("step", step, loss, kept) after each Adam step, then ("path",
+        path). The round runs in a thread of this actor while the generator hands its steps to the driver."""
+        import queue
+
+        steps: queue.Queue = queue.Queue()
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["path"] = self.refine(point, job, lambda *step: steps.put(step))
+            except BaseException as err:  # raised again in the actor's own thread, so Ray reports it
+                outcome["error"] = err
+            finally:
+                steps.put(None)
+
+        thread = threading.Thread(target=work, name="refine", daemon=True)
+        thread.start()
+        while (step := steps.get()) is not None:
+            yield ("step", *step)
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        yield ("path", outcome["path"])
 
     def _refiner_for(self, job: RefineJob) -> Any:
         """The refiner of the job's kind, built once and kept while the rounds are of that kind."""
@@ -372,10 +400,20 @@ class WorkerPool:
             self.infos[self.starting.pop(ready[0])] = self._ready(ready[0])
         return out
 
-    def refine(self, point: dict[str, float], job: RefineJob) -> list[PathPoint]:
-        """Run a refinement round on the least busy worker and wait for its path."""
+    def refine(
+        self, point: dict[str, float], job: RefineJob, progress: Callable[..., None] | None = None
+    ) -> list[PathPoint]:
+        """Run a refinement round on the least busy worker and wait for its path; `progress(step, loss, kept)`
+        hears each Adam step as the worker takes it (a Ray streaming generator)."""
         slot = min(self._live(), key=lambda i: len(self.queues[i]))
-        return self._ray.get(self.actors[slot].refine.remote(point, job))
+        stream = self.actors[slot].refine_stream.options(num_returns="streaming").remote(point, job)
+        for ref in stream:
+            kind, *item = self._ray.get(ref)
+            if kind == "path":
+                return item[0]
+            if progress:
+                progress(*item)
+        raise RuntimeError("a refinement round's stream ended without its path")
 
     def _replace(self, slot: int) -> None:
         """A fresh actor in the dead one's slot; it loads the inputs while the live slots keep working."""
@@ -425,8 +463,10 @@ class InlinePool:
         ref, text, task_set, examples, per_example = self.queue.pop(0)
         return [(ref, self.worker.run(text, task_set, examples, per_example))]
 
-    def refine(self, point: dict[str, float], job: RefineJob) -> list[PathPoint]:
-        return self.worker.refine(point, job)
+    def refine(
+        self, point: dict[str, float], job: RefineJob, progress: Callable[..., None] | None = None
+    ) -> list[PathPoint]:
+        return self.worker.refine(point, job, progress)
 
     def close(self) -> None:
         self.queue = []

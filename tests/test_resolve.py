@@ -79,9 +79,14 @@ def _run(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+TIMED = ("plan: time per trial on ", " trials per hour with ", "plan: export first validates ")
+
+
 def _plan_of(stdout: str) -> list[str]:
-    """The notes and the plan's lines, the node's free memory (which moves between two processes) left out."""
+    """The notes and the plan's memory lines, the node's free memory (which moves between two processes) left out;
+    the time lines come from a probe of this machine's speed at that moment (present in both, checked apart)."""
     lines = [line for line in stdout.splitlines() if line.startswith("plan:") or " is off for this study: " in line]
+    lines = [line for line in lines if not any(mark in line for mark in TIMED)]
     return [re.sub(r"[\d.]+ [MG]B of ([\d.]+ [MG]B) available", r"X of \1 available", line) for line in lines]
 
 
@@ -100,6 +105,8 @@ def test_audit_plan_and_search_print_the_same_plan(sparse_models, tmp_path, monk
     assert audit[2].startswith(f"evomerge: error: {config.name}: workers.count: ")
     plan = _plan_of(audit[1])
     assert len([line for line in plan if line.startswith("plan:")]) >= 3 and "does NOT fit" in plan[-1]
+    for out in (audit[1], search[1]):  # the time plan, from the same quantities, in both
+        assert all(any(mark in line for line in out.splitlines()) for mark in TIMED[:2]), out
     assert plan == _plan_of(search[1])
     fell_back = any(line.startswith("per-row refinement") for line in plan)
     assert fell_back == ("ties" in case)  # ties without the guard: per-tensor rounds, and no per-row TIES memory

@@ -274,3 +274,21 @@ def test_chat_template_auto_takes_the_inputs_template_as_mergekit_does(tmp_path,
     assert evomerge_merge(case, models, tmp_path / "evomerge") == 0
     assert compare_outputs(tmp_path / "mergekit", tmp_path / "evomerge") == []
     assert AutoTokenizer.from_pretrained(str(tmp_path / "evomerge")).chat_template == tokenizer.chat_template
+
+
+def test_a_warning_of_another_kind_is_passed_on_once(capsys):
+    """`evomerge merge` prints a RecipeWarning as one line and passes any other warning on, once (passing it on
+    inside the recording recorded it again without end: `pytest -W always` ran a merge out of memory)."""
+    import warnings
+
+    from evomerge.commands.merge import printed_warnings
+    from evomerge.errors import RecipeWarning
+
+    with warnings.catch_warnings(record=True) as outer:
+        warnings.simplefilter("always")
+        with printed_warnings():
+            warnings.warn("numpy.core is deprecated", DeprecationWarning, stacklevel=1)
+            warnings.warn(RecipeWarning("r.yaml: field t: linear does not read 't'"), stacklevel=1)
+            warnings.warn(RecipeWarning("r.yaml: field t: linear does not read 't'"), stacklevel=1)
+    assert [str(w.message) for w in outer] == ["numpy.core is deprecated"]
+    assert capsys.readouterr().err == "evomerge: warning: r.yaml: field t: linear does not read 't'\n"

@@ -98,18 +98,22 @@ def printed_warnings() -> Iterator[None]:
 
     from evomerge.errors import RecipeWarning
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RecipeWarning)
-        try:
-            yield
-        finally:
-            seen = set()
-            for w in caught:
-                if not issubclass(w.category, RecipeWarning):
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-                elif str(w.message) not in seen:
-                    seen.add(str(w.message))
-                    print(f"evomerge: warning: {w.message}", file=sys.stderr)
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as recorded:
+            warnings.simplefilter("always", RecipeWarning)
+            try:
+                yield
+            finally:
+                caught = list(recorded)
+    finally:  # outside the recording: passing a warning on inside it would record it again, without end
+        seen = set()
+        for w in caught:
+            if not issubclass(w.category, RecipeWarning):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            elif str(w.message) not in seen:
+                seen.add(str(w.message))
+                print(f"evomerge: warning: {w.message}", file=sys.stderr)
 
 
 def kernels_flag(value: str) -> str:

@@ -67,9 +67,9 @@ def evaluate_model_dir(
     include_defaults: bool = False,
 ) -> Scores:
     """{task: {metric: value}} of the checkpoint in `model_dir` (tasks are checked before the model loads)."""
-    check_model_dir(Path(model_dir))
-    scorer = Scorer(tasks, include_paths, seed=seed, batch_size=batch_size, include_defaults=include_defaults)
-    model, tokenizer = load_model_dir(model_dir, device=device, trust_remote_code=trust_remote_code)
+    scorer, model, tokenizer = _loaded(
+        model_dir, tasks, include_paths, trust_remote_code, seed, batch_size, device, include_defaults
+    )
     return scorer.score(model, tokenizer)
 
 
@@ -86,7 +86,15 @@ def sample_model_dir(
     include_defaults: bool = False,
 ) -> tuple[Scores, list[dict]]:
     """`evaluate_model_dir`'s scores and the first `n` examples of each task as scored (`Scorer.score_samples`)."""
+    scorer, model, tokenizer = _loaded(
+        model_dir, tasks, include_paths, trust_remote_code, seed, batch_size, device, include_defaults
+    )
+    return scorer.score_samples(model, tokenizer, n)
+
+
+def _loaded(model_dir, tasks, include_paths, trust_remote_code, seed, batch_size, device, include_defaults):
+    """The tasks' Scorer (built and checked first) and the checkpoint loaded."""
     check_model_dir(Path(model_dir))
     scorer = Scorer(tasks, include_paths, seed=seed, batch_size=batch_size, include_defaults=include_defaults)
     model, tokenizer = load_model_dir(model_dir, device=device, trust_remote_code=trust_remote_code)
-    return scorer.score_samples(model, tokenizer, n)
+    return scorer, model, tokenizer

@@ -97,17 +97,27 @@ def tsv_m(
     """
     import torch
 
-    rank = min(task_vectors[0].shape)
-    fractions = [1.0] * len(task_vectors) if fractions is None else fractions
-    if svds is None:
-        svds = [torch.linalg.svd(tau, full_matrices=False) for tau in task_vectors]
-    ks = kept_ranks(rank, fractions)
+    ks, svds = _kept(task_vectors, fractions, svds)
     if sum(ks) == 0:
         return torch.zeros_like(task_vectors[0])
     u_hat = torch.cat([u[:, :k] for (u, _, _), k in zip(svds, ks)], dim=1)
     v_hat = torch.cat([vh[:k].T for (_, _, vh), k in zip(svds, ks)], dim=1)
     s_hat = torch.cat([s[:k] * w for (_, s, _), k, w in zip(svds, ks, weights)])
     return (_polar(u_hat) * s_hat) @ _polar(v_hat).T
+
+
+def _kept(
+    task_vectors: Sequence[torch.Tensor],
+    fractions: Sequence[float] | None,
+    svds: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None,
+) -> tuple[list[int], Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """Each task's kept rank (`kept_ranks`; fractions default 1 each: r / T) and its thin SVD (given, or computed)."""
+    import torch
+
+    fractions = [1.0] * len(task_vectors) if fractions is None else fractions
+    if svds is None:
+        svds = [torch.linalg.svd(tau, full_matrices=False) for tau in task_vectors]
+    return kept_ranks(min(task_vectors[0].shape), fractions), svds
 
 
 def tsv_m_parts(
@@ -121,11 +131,7 @@ def tsv_m_parts(
     fractions TSV-M is linear in the weights and in lambda: the refinement's surrogate (search/surrogate.py)."""
     import torch
 
-    rank = min(task_vectors[0].shape)
-    fractions = [1.0] * len(task_vectors) if fractions is None else fractions
-    if svds is None:
-        svds = [torch.linalg.svd(tau, full_matrices=False) for tau in task_vectors]
-    ks = kept_ranks(rank, fractions)
+    ks, svds = _kept(task_vectors, fractions, svds)
     if sum(ks) == 0:
         return [torch.zeros_like(task_vectors[0]) for _ in task_vectors]
     u_perp = _polar(torch.cat([u[:, :k] for (u, _, _), k in zip(svds, ks)], dim=1))

@@ -12,7 +12,10 @@ loaded into a model built from the same config without the quantization config, 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import sys
 from pathlib import Path
 
 from evomerge.errors import ModelError
@@ -70,8 +73,14 @@ def dequantized_model(gguf: Path):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    captured = io.StringIO()  # the GGUF reader's own progress bar (plain tqdm); shown again if the load fails
+    try:
+        with contextlib.redirect_stderr(captured):
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except BaseException:
+        sys.stderr.write(captured.getvalue())
+        raise
     config = loaded.config
     for attribute in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attribute):

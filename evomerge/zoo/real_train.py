@@ -1,8 +1,9 @@
 """Fine-tuning the real base on CPU, deterministically: a full fine-tune of some decoder layers, or a PEFT LoRA.
 
-Each step trains on a batch that is half the specialist's own skill (cross-entropy on the answer) and half a replay
-of the other skills, where the specialist keeps the base's next-token distributions on the answer positions (KL to
-the base): it learns its skill and neither forgets nor learns the others, so a merge has something to find.
+Each step trains on a batch that is part the specialist's own skill (cross-entropy on the answer; `own`, default
+half) and part a replay of the other skills, where the specialist keeps the base's next-token distributions on the
+answer positions (KL to the base): it learns its skill and neither forgets nor learns the others, so a merge has
+something to find.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class RealPlan:
     batch: int = 8
     layers: tuple[int, int] = (0, 29)  # the decoder layers trained (a full fine-tune) or adapted (LoRA)
     lora_rank: int | None = None  # a LoRA adapter of this rank on every projection of `layers`; None: full
+    own: float = 0.5  # share of each batch on the own skill; the rest replays the other skills
     warmup: int = 5
 
 
@@ -86,11 +88,14 @@ def _loss(model, reference, rows, tokenizer):
 
 
 def _sample(plan: RealPlan, rng: random.Random, held: set[str], tokenizer):
-    """A batch of (pair, own, chat): half the own skill, half the other skills in turn; never an eval prompt."""
+    """A batch of (pair, own, chat): `plan.own` of it the own skill, the rest the other skills in turn (alternating
+    with the own skill's rows first); never an eval prompt."""
     others = [s for s in REAL_SKILLS.values() if s.name != plan.skill]
+    replayed = plan.batch - round(plan.own * plan.batch)
     rows: list[tuple[tuple[str, str], bool, bool]] = []
     while len(rows) < plan.batch:
-        skill = REAL_SKILLS[plan.skill] if len(rows) % 2 == 0 else others[(len(rows) // 2) % len(others)]
+        i = len(rows)
+        skill = REAL_SKILLS[plan.skill] if i % 2 == 0 or i >= 2 * replayed else others[(i // 2) % len(others)]
         example = skill.make(rng)
         if example.prompt not in held:
             rows.append((texts(example, skill, tokenizer), skill.name == plan.skill, skill.chat))

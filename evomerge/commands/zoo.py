@@ -13,6 +13,7 @@ EXAMPLES = """\
   evomerge zoo build --out zoo                         # the demo's zoo (variant pair): a few minutes on 2 CPU cores
   evomerge zoo build --variant trio --out zoos/trio    # another member of the family
   evomerge zoo build --variant tiny --out /tmp/tiny    # the test suite's smaller zoo: seconds
+  evomerge zoo build --variant smol --out zoos/smol    # the real member: SmolLM2-135M-Instruct (extra evomerge[real])
   evomerge zoo build --skills add,sub,dup --layers 4 --out /tmp/z   # the default variant, other skills and depth
 """
 BUILD = (
@@ -28,15 +29,18 @@ BUILD = (
 def configure(parser: argparse.ArgumentParser) -> None:
     import textwrap
 
+    from evomerge.zoo.real import REAL_VARIANTS
     from evomerge.zoo.variants import DEFAULT_VARIANT, VARIANTS
 
+    variants = {**VARIANTS, **REAL_VARIANTS}
     sub = parser.add_subparsers(dest="zoo_command", metavar="ACTION", required=True)
     build = sub.add_parser(
         "build",
         help="train a base and its specialists (deterministic on CPU, a few minutes)",
         description=textwrap.fill(BUILD, 100)
         + "\n\nvariants:\n"
-        + "\n".join(f"  {name}: {v.description}" for name, v in VARIANTS.items()),
+        + "\n".join(f"  {name}: {v.description}" for name, v in VARIANTS.items())
+        + "".join(f"\n  {name}: {description}" for name, description in REAL_VARIANTS.items()),
         epilog=f"examples:\n{EXAMPLES}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -45,9 +49,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     build.add_argument(
         "--variant",
         default=None,
-        choices=list(VARIANTS),
+        choices=list(variants),
         metavar="NAME",
-        help=f"which zoo of the family (default: {DEFAULT_VARIANT}): {', '.join(VARIANTS)}",
+        help=f"which zoo of the family (default: {DEFAULT_VARIANT}): {', '.join(variants)}",
     )
     build.add_argument(
         "--size",
@@ -74,10 +78,13 @@ def run(args: argparse.Namespace) -> int:
 
     from evomerge.errors import ConfigError
     from evomerge.zoo.build import SIZES, build_zoo
+    from evomerge.zoo.real import REAL_VARIANTS
     from evomerge.zoo.variants import DEFAULT_VARIANT, get_variant
 
     if args.variant and args.size:
         raise ConfigError("--size is the older name of --variant; pass one of them")
+    if args.variant in REAL_VARIANTS:
+        return _build_real(args)
     skills = [s.strip() for s in args.skills.split(",") if s.strip()] if args.skills else None
     name = args.variant or (SIZES[args.size] if args.size else DEFAULT_VARIANT)
     variant = get_variant(name, skills=skills, layers=args.layers, hidden=args.hidden, steps=args.steps)
@@ -85,4 +92,21 @@ def run(args: argparse.Namespace) -> int:
     manifest = build_zoo(args.out, seed=args.seed, variant=variant)
     names = ", ".join(["base", *manifest["specialists"]])
     print(f"zoo {variant.name} written to {args.out} ({names}) in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _build_real(args: argparse.Namespace) -> int:
+    """The real member: its base from the installed wheel, its specialists fine-tuned (members built earlier kept)."""
+    import time
+
+    from evomerge.errors import ConfigError
+    from evomerge.zoo.real import build_real_zoo
+
+    changed = [flag for flag in ("skills", "layers", "hidden", "steps", "size") if getattr(args, flag) is not None]
+    if changed:
+        raise ConfigError(f"--{changed[0]}: the variant {args.variant} is built as shipped; leave --{changed[0]} out")
+    start = time.perf_counter()
+    manifest = build_real_zoo(args.out, seed=args.seed)
+    names = ", ".join(["base", *manifest["specialists"]])
+    print(f"zoo {args.variant} written to {args.out} ({names}) in {time.perf_counter() - start:.0f} s")
     return 0

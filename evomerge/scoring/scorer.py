@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import TaskCodeError, TaskError, first_line
-from evomerge.scoring.tasks import TaskCatalog, TaskSpec, as_spec, metric_names
+from evomerge.scoring.tasks import TaskCatalog, TaskSpec, as_spec, metric_names, wants_chat_template
 
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
@@ -196,6 +196,7 @@ class Scorer:
         self.tasks: dict[str, Task] = {}
         self.members: dict[str, list[str]] = {}  # spec name -> leaf tasks (a tag names several)
         self.subsets: dict[str, list[int]] = {}  # leaf task -> sorted example indices
+        self.chat: dict[str, bool] = {}  # leaf task -> prompts rendered through the model's chat template
         self._lm = None
         with quiet():
             catalog = TaskCatalog(include_paths, include_defaults=include_defaults)
@@ -221,6 +222,7 @@ class Scorer:
                 task.set_config(key="num_fewshot", value=0)  # what simple_evaluate does
             _rows_as_list(task)
             self.tasks[leaf] = task
+            self.chat[leaf] = wants_chat_template(task, spec)
             if task.OUTPUT_TYPE == "generate_until":
                 self.gen_bounds[leaf] = generation_bound(task, LM_MAX_GEN_TOKS)
             n = len(task.eval_docs)
@@ -288,30 +290,53 @@ class Scorer:
         return self.subsets.get(leaf) or list(range(len(self.tasks[leaf].eval_docs)))
 
     def _evaluate(self, model, tokenizer, samples, *, log_samples: bool, leaves: list[str] | None = None) -> dict:
-        from lm_eval.evaluator import evaluate
-
         tasks = {leaf: self.tasks[leaf] for leaf in (leaves or self.tasks)}
+        results: Scores = {}
+        logged: dict[str, Any] = {}
         with quiet():
             lm = self.wrap(model, tokenizer)
             for task in self.tasks.values():
                 task.set_fewshot_seed(seed=FEWSHOT_SEED)
-            try:
-                out = evaluate(
-                    lm=lm,
-                    task_dict={"tasks": tasks, "groups": {}, "group_map": {}},
-                    samples=samples,
-                    bootstrap_iters=0,
-                    log_samples=log_samples,
-                )
-            except Exception as exc:
-                where = task_code_frame(exc, self.code_folders)
-                if where is None:
-                    raise  # lm-eval's, torch's or our own: a bug, not this candidate's failure
-                raise TaskCodeError(
-                    f"task code {where.filename}:{where.lineno} ({where.name}) raised {type(exc).__name__}: "
-                    f"{first_line(exc)}; fix the task's Python code"
-                ) from exc
-        return {"results": {leaf: _metrics(out["results"][leaf]) for leaf in tasks}, "samples": out.get("samples", {})}
+            # lm-eval applies the chat template to every task of a call: one call per setting (usually one)
+            for chat in sorted({self.chat[leaf] for leaf in tasks}):
+                group = {leaf: task for leaf, task in tasks.items() if self.chat[leaf] == chat}
+                if chat:
+                    self._check_chat_template(tokenizer, group)
+                chosen = None if samples is None else {k: v for k, v in samples.items() if k in group}
+                out = self._call_evaluate(lm, group, chosen or None, log_samples, chat)
+                results.update({leaf: _metrics(out["results"][leaf]) for leaf in group})
+                logged.update(out.get("samples", {}))
+        return {"results": {leaf: results[leaf] for leaf in tasks}, "samples": logged}
+
+    @staticmethod
+    def _check_chat_template(tokenizer, leaves: Sequence[str]) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise TaskError(
+                f"task {next(iter(leaves))} is scored through the model's chat template, but the model's tokenizer "
+                "has none (tokenizer_config.json or chat_template.jinja); set `chat_template: false` on the task "
+                "in the config, or score a model that has one"
+            )
+
+    def _call_evaluate(self, lm, tasks: dict[str, Task], samples, log_samples: bool, chat: bool) -> dict:
+        from lm_eval.evaluator import evaluate
+
+        try:
+            return evaluate(
+                lm=lm,
+                task_dict={"tasks": tasks, "groups": {}, "group_map": {}},
+                samples=samples,
+                bootstrap_iters=0,
+                log_samples=log_samples,
+                apply_chat_template=chat,
+            )
+        except Exception as exc:
+            where = task_code_frame(exc, self.code_folders)
+            if where is None:
+                raise  # lm-eval's, torch's or our own: a bug, not this candidate's failure
+            raise TaskCodeError(
+                f"task code {where.filename}:{where.lineno} ({where.name}) raised {type(exc).__name__}: "
+                f"{first_line(exc)}; fix the task's Python code"
+            ) from exc
 
     def objective(self, scores: Scores) -> float:
         """Weighted mean of each spec's metric (a tag's tasks averaged), on a 0-1 scale, higher is better.

@@ -31,6 +31,11 @@ class TaskSpec(BaseModel):
     metric: str = "acc"
     weight: float = Field(1.0, gt=0)
     subset: int | None = Field(None, ge=1, description="N examples: a fixed sample seeded by the scorer's seed")
+    chat_template: bool | None = Field(
+        None,
+        description="render prompts through the model's chat template (lm-eval's apply_chat_template); "
+        "None: as the task's YAML says (`metadata: {chat_template: true}`), else off",
+    )
 
 
 def as_spec(task: TaskSpec | str) -> TaskSpec:
@@ -181,6 +186,18 @@ class TaskCatalog:
             f"unknown task {name!r}{close_matches(name, self.names)}; searched {where} (add a task folder: "
             f"`tasks.include_paths` in a search config, --include-path DIR for `evomerge eval`){hint}"
         )
+
+
+CHAT_TEMPLATE_KEY = "chat_template"  # a task YAML's `metadata:` key asking for the model's chat template
+
+
+def wants_chat_template(task: Task, spec: TaskSpec) -> bool:
+    """Whether `task` is scored through the model's chat template: the spec's `chat_template` when set, else the
+    task YAML's `metadata: {chat_template: true}` (an instruct model's task says so once, for every caller)."""
+    if spec.chat_template is not None:
+        return spec.chat_template
+    metadata = task.get_config("metadata") or {}
+    return bool(metadata.get(CHAT_TEMPLATE_KEY, False)) if isinstance(metadata, dict) else False
 
 
 def metric_names(task: Task) -> list[str]:

@@ -330,6 +330,10 @@ class SearchConfig(_Strict):
             del data["tasks"]["include_defaults"]
         if data.get("tokenizer_source") is None:  # likewise
             data.pop("tokenizer_source", None)
+        for specs in data["tasks"].values():  # a task's chat_template left unset: as before the field existed
+            for spec in specs if isinstance(specs, list) else ():
+                if isinstance(spec, dict) and spec.get("chat_template") is None:
+                    spec.pop("chat_template", None)
         return data
 
     def study_hash(self) -> str:

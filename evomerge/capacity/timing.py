@@ -72,6 +72,7 @@ class Speed:
     batch: int = CPU_BATCH
     refine_flops: float = 0.0  # FLOP/s of a refinement step (default: `flops`)
     host_scale: float = 1.0  # the fixed host costs' factor (REQUEST_S, TENSOR_S, ...): PROBE_REF / probe on CPU
+    probe: float = 0.0  # the CPU probe's FLOP/s (0 on a GPU)
 
 
 def matmul_flops(threads: int, seconds: float = 1.0) -> float:
@@ -99,7 +100,12 @@ def matmul_flops(threads: int, seconds: float = 1.0) -> float:
 
 
 def cpu_speed(num_cpus: float, where: str = "this machine") -> Speed:
-    rate = matmul_flops(int(num_cpus))
+    return speed_at(matmul_flops(int(num_cpus)), num_cpus, where)
+
+
+def speed_at(rate: float, num_cpus: float, where: str = "this machine") -> Speed:
+    """`num_cpus` CPUs whose matrix-product probe reads `rate` FLOP/s (bench/time_plan.py refits the constants
+    from the rates its runs recorded)."""
     scale = rate / PROBE_REF
     return Speed(
         f"{num_cpus:g} CPU(s) of {where} (matmul probe {rate / 1e9:.0f} GFLOP/s)",
@@ -108,6 +114,7 @@ def cpu_speed(num_cpus: float, where: str = "this machine") -> Speed:
         merge_bytes_s=CPU_MERGE_BYTES_S * scale,
         refine_flops=rate * REFINE_MFU,
         host_scale=1 / scale,
+        probe=rate,
     )
 
 
@@ -254,5 +261,6 @@ __all__ = [
     "merge_s",
     "padded_tokens",
     "refinement_s",
+    "speed_at",
     "trial_time",
 ]

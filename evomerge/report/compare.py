@@ -318,9 +318,7 @@ def _entries(cfg, defaults, trials) -> list[_Entry]:
     return out
 
 
-def _score(
-    pool, entries: list[_Entry], log: Callable[[str], None]
-) -> tuple[list[tuple[_Entry, Any]], dict[str, str]]:
+def _score(pool, entries: list[_Entry], log: Callable[[str], None]) -> tuple[list[tuple[_Entry, Any]], dict[str, str]]:
     """(entry, its held-out result) for every entry, in order, scored on the pool's workers as they come free; and
     {method: why} for the default merges that failed (mergekit's multislerp refuses a tensor that every model
     leaves as the base has it, as LoRA fine-tunes leave most: that method gets no row, as in the search's

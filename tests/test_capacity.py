@@ -259,6 +259,28 @@ def test_generation_tasks_are_planned_with_their_max_gen_toks(tiny_zoo, tmp_path
     assert choice.requests == 40 and not choice.generates  # four choices each
 
 
+def test_the_plan_counts_a_chat_template_tasks_prompts_as_the_template_renders_them(tiny_zoo, tmp_path):
+    """A task scored through the model's chat template runs longer prompts (the template's turns around each one):
+    the plan's tokens are the rendered prompt's, as the workers score it."""
+    import json
+    import shutil
+
+    from evomerge.scoring.scorer import Scorer
+    from evomerge.scoring.tasks import TaskSpec
+
+    tok = tmp_path / "tok"
+    shutil.copytree(tiny_zoo / "base", tok, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<bos>{{ m['content'] }}<eos>{% endfor %}<bos><bos>"
+    (tok / "tokenizer_config.json").write_text(json.dumps(config))
+    spec = {"name": "zoo_add_search", "subset": 10}
+    plain = TaskFacts.of_scorer(Scorer([TaskSpec(**spec)]), tok)
+    chat = TaskFacts.of_scorer(Scorer([TaskSpec(**spec, chat_template=True)]), tok)
+    assert chat.requests == plain.requests
+    assert chat.scored_tokens == plain.scored_tokens + 4 * plain.requests  # 4 template tokens per request
+    assert chat.longest == plain.longest + 4
+
+
 def test_a_pool_refuses_gpus_ray_does_not_have(tiny_zoo, monkeypatch):
     """Any pool (the search's, the guard's, the report's) checks the GPUs Ray reports before it starts an actor,
     which would otherwise wait for one forever."""

@@ -230,8 +230,13 @@ class TaskFacts:
             gen = _max_gen_toks(task) if kind == "generate_until" else 0
             docs, answer = task.eval_docs, 0
             largest = max(largest, len(scorer.indices(leaf)))
+            chat = scorer.chat.get(leaf) and getattr(tok, "chat_template", None)
             for i in scorer.indices(leaf):
                 ctx, conts = _request_text(task, docs[i], kind)
+                if chat:  # the prompt as the model's chat template renders it (its system turn included)
+                    ctx = tok.apply_chat_template(
+                        [{"role": "user", "content": ctx}], tokenize=False, add_generation_prompt=True
+                    )
                 n_ctx = len(tok(ctx, add_special_tokens=False)["input_ids"])  # lm-eval's HFLM adds no BOS
                 lengths = [n_ctx + len(tok(c, add_special_tokens=False)["input_ids"]) for c in conts]
                 requests += 1 if kind == "generate_until" else len(conts)

@@ -238,7 +238,8 @@ class TaskFacts:
                         [{"role": "user", "content": ctx}], tokenize=False, add_generation_prompt=True
                     )
                 n_ctx = len(tok(ctx, add_special_tokens=False)["input_ids"])  # lm-eval's HFLM adds no BOS
-                lengths = [n_ctx + len(tok(c, add_special_tokens=False)["input_ids"]) for c in conts]
+                cont_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in conts]
+                lengths = [n_ctx + len(ids) for ids in cont_ids]
                 requests += 1 if kind == "generate_until" else len(conts)
                 longest = max(longest, n_ctx + gen, *lengths)
                 rows += len(conts)
@@ -249,9 +250,10 @@ class TaskFacts:
                     tokens["prompt_tokens"] += n_ctx
                     tokens["generated_tokens"] += steps
                     answer = max(answer, steps)
-                else:
-                    tokens["scored_tokens"] += sum(lengths)
-                    scored_lengths += lengths
+                else:  # lm-eval runs the choices that share all but their last token once (its logits cache)
+                    runs = {tuple(ids[:-1]): n_ctx + len(ids) for ids in cont_ids}
+                    tokens["scored_tokens"] += sum(runs.values())
+                    scored_lengths += runs.values()
             if kind == "generate_until":
                 generation_tasks.append((len(scorer.indices(leaf)), answer))
         return cls(

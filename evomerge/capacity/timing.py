@@ -53,12 +53,12 @@ H2D_BYTES_S = 22e9  # pinned host-to-device copies per GPU, as measured on an H1
 # kept as they are. A machine shared with other work at the same priority runs slower than planned.
 PROBE_REF = 180e9  # matmul_flops(2) on the machine the fitting searches ran on (its peak: 100 GFLOP/s a thread)
 REQUEST_S = 4.5e-4  # lm-eval's host work per request (tokenizing, collating, the metric)
-GEN_STEP_S = 0.18  # HF generate's per-step cost past its FLOPs, per batch (the cache, the stop checks)
+GEN_STEP_S = 0.077  # HF generate's per-step cost past its FLOPs, per batch (the cache, the stop checks)
 TENSOR_S = 6.6e-4  # a merge's fixed cost per tensor (reading its inputs, the kernel's launch, the copy in)
-REFINE_TENSOR_S = 3.0e-3  # a refinement step's fixed cost per tensor (its surrogate, its inner products)
+REFINE_TENSOR_S = 3.8e-3  # a refinement step's fixed cost per tensor (its surrogate, its inner products)
 TRIAL_OVERHEAD_S = 0.045  # the sampler, the storage, the worker's round trip
 EVAL_MFU = 0.49  # an lm-eval forward on CPU against the probe's peak (one thread's peak x 1.8 on two)
-REFINE_MFU = 0.55  # a refinement step's forward and backward against the probe's peak
+REFINE_MFU = 0.87  # a refinement step's forward and backward against the probe's peak
 CPU_MERGE_BYTES_S = 1.6e9  # a merge's streamed bytes per second on CPU at PROBE_REF (page cache in, model out)
 GPU_GEN_STEP_S = 0.03  # a generation step's cost past its FLOPs on a GPU (HF generate's loop; assumed, not fitted)
 CPU_BATCH = 64

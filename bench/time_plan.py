@@ -27,10 +27,11 @@ PARTS = ("merge", "evaluation", "refinement", "overhead")
 
 def measure(config: Path, n_trials: int) -> dict:
     from evomerge.capacity import plan_search
-    from evomerge.config import load_config
-    from evomerge.search import study as st
-    from evomerge.search.driver import run_search
-    from evomerge.search.record import TrialRecord
+    from evomerge.config.schema import load_config
+    from evomerge.run.driver import run_search
+    from evomerge.study.record import TrialRecord
+    from evomerge.study.storage import load_study
+    from evomerge.study.trials import complete_trials
 
     cfg = load_config(config, n_trials=n_trials)
     cfg = cfg.model_copy(update={"early_stop": None, "portfolio": False})
@@ -41,8 +42,8 @@ def measure(config: Path, n_trials: int) -> dict:
     started = time.perf_counter()
     result = run_search(cfg, progress=False, log=lambda line: (lines.append(line), print(line, flush=True)))
     elapsed = time.perf_counter() - started
-    study = st.load_study(cfg.name, cfg.storage_url)
-    records = [TrialRecord.from_trial(t) for t in st.complete_trials(study)]
+    study = load_study(cfg.name, cfg.storage_url)
+    records = [TrialRecord.from_trial(t) for t in complete_trials(study)]
     n = len(records)
     rounds = sum(float(m.group(1)) for line in lines if (m := re.search(r"round \d+/\d+ done in (\d+) s", line)))
     merge = sum(r.merge_s or 0 for r in records) / n

@@ -1,7 +1,7 @@
 """evomerge: evolutionary merge-recipe optimizer for language models.
 
 The flow, one module per step: `config` (the search config, validated once) -> `space` (a trial's point <->
-a recipe) -> `search` (Optuna asks a trial, `search.workers` hands it to a worker) -> `recipe` -> `merge`
+a recipe) -> `search` (Optuna asks a trial, `run.pool` hands it to a worker) -> `recipe` -> `merge`
 (materialized into a resident model) -> `scoring` (lm-eval), both run by `evaluator` -> `export` (checkpoint,
 recipe, model card) -> `report`. Reading and writing files is `io`; `analysis` is the pre-flight audit;
 `zoo` builds the demo models; `commands` is the CLI.

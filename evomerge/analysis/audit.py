@@ -365,7 +365,7 @@ def _resolve(yaml_path: Path, field_name: str, value: Any) -> Path:
 
 
 def _recipe_inputs(path: Path) -> tuple[Path, list[Path]]:
-    from evomerge.recipe import Recipe
+    from evomerge.merge.recipe import Recipe
 
     recipe = Recipe.load(path)
     if not recipe.base_model:

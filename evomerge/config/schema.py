@@ -145,7 +145,7 @@ class RefineConfig(_Strict):
     @field_validator("at")
     @classmethod
     def _fractions(cls, at: list[float] | str) -> list[float] | str:
-        if at != "auto" and (any(not 0 <= f < 1 for f in at) or at != sorted(set(at))):
+        if isinstance(at, list) and (any(not 0 <= f < 1 for f in at) or at != sorted(set(at))):
             raise ValueError(f"{at}: give increasing fractions of the budget in [0, 1), e.g. [0.5, 0.85], or auto")
         return at
 

@@ -22,12 +22,15 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import StudyError
 from evomerge.io.atomic import pid_alive, process_start
 from evomerge.storage_url import redact
 from evomerge.study.record import StudyRecord, write_study
+
+if TYPE_CHECKING:
+    from evomerge.study.server_lock import ServerLock
 
 HEARTBEAT_S = 60.0  # how often a driver stamps its lock and its in-flight trials
 GRACE_S = 600.0  # a driver on another host (or its RUNNING trial) silent for this long is dead
@@ -52,7 +55,7 @@ def holder_alive(holder: dict[str, Any], now: float | None = None) -> bool:
 
 def _is_me(holder: dict[str, Any] | None) -> bool:
     me = driver_id()
-    return bool(holder) and all(holder.get(k) == me[k] for k in ("host", "pid", "start"))
+    return holder is not None and bool(holder) and all(holder.get(k) == me[k] for k in ("host", "pid", "start"))
 
 
 def describe(holder: dict[str, Any]) -> str:
@@ -77,7 +80,7 @@ class StudyLock:
         self._holder: dict[str, Any] = {}
         self._fd: int | None = None
         self._file: Path | None = None
-        self._server = None  # a server_lock.ServerLock on RDB storages
+        self._server: ServerLock | None = None  # on RDB storages
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if storage_url.startswith("sqlite:///"):
@@ -117,6 +120,7 @@ class StudyLock:
     def _acquire_file(self) -> None:
         import fcntl
 
+        assert self._file is not None, "a file lock is a SQLite study's"
         try:
             self._file.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self._file, os.O_RDWR | os.O_CREAT, 0o644)
@@ -201,7 +205,8 @@ class StudyLock:
             fresh.close()
             return
         if got and (holder is None or _is_me(holder)):
-            self._server.close()
+            if self._server is not None:
+                self._server.close()
             self._server = fresh
             return
         fresh.close()

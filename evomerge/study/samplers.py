@@ -136,7 +136,11 @@ def distributions(space: SearchSpace, models: list) -> dict[str, Any]:
     """{searched number: Optuna distribution} of a search space over `models`."""
     from optuna.distributions import FloatDistribution
 
-    return {name: FloatDistribution(ps.low, ps.high, log=ps.log) for name, ps in space.bounds(models).items()}
+    out = {}
+    for name, ps in space.bounds(models).items():
+        assert ps.low is not None and ps.high is not None, f"{name}: a searched number has bounds"
+        out[name] = FloatDistribution(ps.low, ps.high, log=ps.log)
+    return out
 
 
 def warm_start_trials(cfg: SearchConfig, space: SearchSpace) -> list:

@@ -59,8 +59,8 @@ class ServerLock:
     def __init__(self, url: str, study_name: str, since: float | None = None):
         self.url, self.name = url, study_name
         self.since = time.time() if since is None else since
-        self._engine = None
-        self._conn = None
+        self._engine: Any = None  # a SQLAlchemy Engine once connected
+        self._conn: Any = None  # its Connection
 
     def _connect(self):
         from sqlalchemy import create_engine

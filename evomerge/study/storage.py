@@ -21,10 +21,12 @@ import random
 import time
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from evomerge.errors import StudyError, first_line
 from evomerge.storage_url import engine_url, password_hint, redact
+
+Direction = Literal["minimize", "maximize"]  # an objective's, as Optuna spells it
 
 if TYPE_CHECKING:
     import optuna
@@ -159,7 +161,9 @@ def load_study(name: str, storage: Any, sampler=None) -> optuna.Study | None:
         return None
 
 
-def create_study(name: str, storage: Any, sampler, directions: list[str]) -> optuna.Study:
+def create_study(
+    name: str, storage: Any, sampler: optuna.samplers.BaseSampler | None, directions: list[Direction]
+) -> optuna.Study:
     """Create the study (or load it, if another process just created it)."""
     import optuna
 

@@ -40,7 +40,7 @@ from evomerge.study.record import (
     write_trial_by_id,
 )
 from evomerge.study.samplers import distributions, sampler_for
-from evomerge.study.storage import create_study, delete_study, get_storage, load_study, storage_of
+from evomerge.study.storage import Direction, create_study, delete_study, get_storage, load_study, storage_of
 from evomerge.study.storage import trial_id as _trial_id
 from evomerge.study.trials import (
     params_of,
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from evomerge.config.schema import SearchConfig
 
 
-def directions(cfg: SearchConfig) -> list[str]:
+def directions(cfg: SearchConfig) -> list[Direction]:
     return ["maximize"] * (len(cfg.tasks.search) if cfg.multi_objective else 1)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel, ConfigDict
 
@@ -50,7 +50,8 @@ class Validation(BaseModel):
 
     def task_scores(self, cfg: SearchConfig) -> dict[str, float]:
         """{task: value of its metric}, as the provenance and the report show them."""
-        return {t.name: self.scores[t.name][t.metric] for t in cfg.validation.tasks if t.name in self.scores}
+        tasks = cfg.validation.tasks if cfg.validation is not None else []
+        return {t.name: self.scores[t.name][t.metric] for t in tasks if t.name in self.scores}
 
 
 def tasks_key(cfg: SearchConfig) -> str:
@@ -114,7 +115,7 @@ def validate_top(
         own = pool is None
         pool = pool or open_pool(cfg, {"validation": cfg.validation.tasks})
         try:
-            jobs = [(TrialRecord.from_trial(t).recipe, "validation") for t in todo]
+            jobs = [(cast(str, TrialRecord.from_trial(t).recipe), "validation") for t in todo]  # candidates have one
             for i, res in run_jobs(pool, jobs, [f"validating trial {t.number}" for t in todo]):
                 t = todo[i]
                 v = Validation(

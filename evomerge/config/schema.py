@@ -102,6 +102,9 @@ class ValidationConfig(_Strict):
     tasks: list[TaskSpec] = Field(min_length=1)
 
 
+Arm = Literal["tensor", "rows", "distill"]  # a refinement round's kind
+
+
 class RefineConfig(_Strict):
     """Gradient refinement (refine/tensor.py, refine/rows.py): at each fraction `at` of the budget, follow the
     gradient of the search examples' loss from the best trial so far, and enqueue the points it passes (every
@@ -113,7 +116,7 @@ class RefineConfig(_Strict):
         description="fractions of budget.n_trials at which a round starts; auto: one round per 25 trials (2 to "
         "8), spread from 0.5 to 0.85 of the budget ([0.5, 0.85] up to 74 trials)",
     )
-    arms: list[Literal["tensor", "rows", "distill"]] = Field(
+    arms: list[Arm] = Field(
         ["tensor", "tensor", "rows", "distill"],
         min_length=1,
         description="the kind of each round, cycled: tensor (the space's numbers, likelihood), rows (and one "
@@ -170,7 +173,7 @@ class RefineConfig(_Strict):
             at = [0.5 + 0.35 * i / (n - 1) for i in range(n)]
         return [math.floor(f * n_trials) for f in at]
 
-    def arm(self, r: int) -> str:
+    def arm(self, r: int) -> Arm:
         """The kind of round `r`."""
         return self.arms[r % len(self.arms)]
 

@@ -29,7 +29,7 @@ from evomerge.config.schema import SearchConfig, write_run_config
 from evomerge.errors import EvomergeError, Interrupted, StudyError
 from evomerge.refine.job import RefineJob
 from evomerge.refine.rows import load_coefficients, save_coefficients, with_coefficients
-from evomerge.run.pool import open_pool, run_jobs
+from evomerge.run.pool import Pool, open_pool, run_jobs
 from evomerge.study import study as st
 from evomerge.study.lock import HEARTBEAT_S, StudyLock
 from evomerge.study.record import BaselineLabel, TrialRecord, trial_attrs, write_trial
@@ -130,7 +130,7 @@ class _Progress:
         self.done += completed
         rate = self.new / max(time.perf_counter() - self.start, 1e-9) * 60
         best = "-" if best_value is None else f"{best_value:.3f} (#{best_number})"
-        post = {"best": best, "rate": f"{rate:.1f}/min"}
+        post: dict[str, Any] = {"best": best, "rate": f"{rate:.1f}/min"}
         if failed:
             post["failed"] = failed
         self.bar.set_postfix(post, refresh=False)
@@ -262,8 +262,8 @@ class _Search:
         self.best = None  # the best whole trial so far, set once the portfolio is in
         self.incumbent = _Incumbent(cfg, None)
         self.rounds = _RefineRounds(study, cfg)
-        self.pool: Any = None
-        self.bar: _Progress | None = None
+        self.pool: Pool  # both set by `run`, before the loop
+        self.bar: _Progress
 
     def run(self, pool_factory: Callable[[SearchConfig], Any], progress: bool) -> None:
         n = self.cfg.workers.count
@@ -410,7 +410,7 @@ class _Search:
         done: dict[int, Any] = {}
         added = 0
         if todo:
-            methods = ", ".join(label.method for label, _ in todo)
+            methods = ", ".join(label.method or str(label) for label, _ in todo)
             self.bar.say(
                 f"portfolio: scoring {len(todo)} default merges of other methods ({methods}) on the search tasks "
                 "before the first trial (references for the guard and export; outside the budget)",
@@ -501,12 +501,14 @@ class _RefineRounds:
                 return r
         return None
 
-    def run(self, r: int, pool, space: SearchSpace, bar: _Progress, log: Callable[[str], None]) -> None:
+    def run(self, r: int, pool: Pool, space: SearchSpace, bar: _Progress, log: Callable[[str], None]) -> None:
         """Round `r`, of kind `refine.arm(r)`: a per-tensor round starts from the best trial without per-row
         coefficients (what it moves is all of its start), a per-row one from the best trial, continuing its
         coefficients if it has some."""
         self.done.add(r)
-        refine, arm = self.cfg.refine, self.cfg.refine.arm(r)
+        refine = self.cfg.refine
+        assert refine is not None, "a round is due only with refine set"
+        arm = refine.arm(r)
         own = ranked(complete_trials(self.study), own=True)
         best = next((t for t in own if arm != "tensor" or TrialRecord.from_trial(t).coefficients is None), None)
         if best is None or not best.params:

@@ -33,9 +33,12 @@ from evomerge.candidate.evaluator import Evaluation
 from evomerge.errors import CandidateError, ConfigError, EvomergeError, first_line
 
 if TYPE_CHECKING:
+    from evomerge.candidate.evaluator import Evaluator
     from evomerge.capacity.devices import Devices
     from evomerge.config.schema import SearchConfig
     from evomerge.refine.job import PathPoint, RefineJob
+    from evomerge.refine.rows import RowRefiner
+    from evomerge.refine.tensor import Refiner
     from evomerge.scoring.tasks import TaskSpec
 
 TaskSets = Mapping[str, Sequence["TaskSpec"]]
@@ -60,8 +63,8 @@ class Worker:
         self._cfg_json, self._task_sets_json, self._num_threads = cfg_json, task_sets_json, num_threads
         self._driver_version = driver_version
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self.evaluator = None
-        self._refiner = None
+        self.evaluator: Evaluator | None = None  # built by `setup`, in the actor
+        self._refiner: Refiner | RowRefiner | None = None
         self._refiner_kind: tuple | None = None
         self._last_end = time.perf_counter()
 
@@ -113,6 +116,12 @@ class Worker:
         self._last_end = time.perf_counter()
         return about
 
+    @property
+    def loaded(self) -> Evaluator:
+        """The evaluator `setup` built (a job before `setup` is a bug)."""
+        assert self.evaluator is not None, "Worker.setup() runs before any job"
+        return self.evaluator
+
     def run(
         self, recipe_yaml: str, task_set: str, examples: bool = False, per_example: dict[str, Any] | None = None
     ) -> JobResult:
@@ -123,9 +132,9 @@ class Worker:
         start, started = time.perf_counter(), time.time()
         try:
             if per_example is not None:
-                result = self.evaluator.evaluate_examples(recipe_yaml, task_set, **per_example)
+                result = self.loaded.evaluate_examples(recipe_yaml, task_set, **per_example)
             else:
-                result = self.evaluator.evaluate(recipe_yaml, task_set, examples)
+                result = self.loaded.evaluate(recipe_yaml, task_set, examples)
             bad = result.non_finite()
             error = f"non-finite score ({', '.join(bad)})" if bad else None
         except Exception as err:
@@ -187,12 +196,12 @@ class Worker:
         if examples is None:  # a model too large for a step over the whole subsets trains on fewer examples
             from evomerge.refine.footprint import refine_examples
 
-            examples = refine_examples(self.evaluator.materializer, self.evaluator.scorer("search"))
+            examples = refine_examples(self.loaded.materializer, self.loaded.scorer("search"))
         kind = (job.per_row, job.loss, examples)
         if self._refiner is not None and self._refiner_kind == kind:
             return self._refiner
         cfg = SearchConfig.model_validate(self._cfg_json)
-        args = (self.evaluator.materializer, self.evaluator.scorer("search"), space_of(cfg), cfg.models)
+        args = (self.loaded.materializer, self.loaded.scorer("search"), space_of(cfg), cfg.models)
         if job.per_row:
             from evomerge.refine.rows import RowRefiner
 
@@ -271,7 +280,7 @@ def cluster_of(cfg: SearchConfig) -> Devices:
 
     started = start_ray(cfg)
     try:
-        return cluster_devices(cfg.workers.address)
+        return cluster_devices(cfg.workers.address or "auto")
     finally:
         if started:
             ray.shutdown()
@@ -284,7 +293,7 @@ def _init_ray(cfg: SearchConfig) -> bool:
     from evomerge.offline import OFFLINE_ENV
     from evomerge.threads import THREAD_ENV
 
-    common = {
+    common: dict[str, Any] = {
         "logging_level": logging.ERROR,
         "log_to_driver": False,
         "configure_logging": True,

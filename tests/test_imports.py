@@ -247,3 +247,48 @@ def test_ray_is_imported_only_by_the_pool_and_the_named_exceptions(tmp_path):
     assert ray_importers(fake)
     found = {name for name, path in module_names().items() if ray_importers(path)}
     assert found == set(RAY_MODULES), "import Ray in evomerge/run/pool.py, or name the exception and its reason"
+
+
+def defined_names(path: Path) -> set[str]:
+    """The names a module defines at its top level (functions, classes, assignments, also under `if`/`try`), not
+    those it imports."""
+    names: set[str] = set()
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign):
+                names.update(n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name))
+            elif isinstance(node, (ast.AnnAssign, ast.AugAssign)) and isinstance(node.target, ast.Name):
+                names.add(node.target.id)
+            elif isinstance(node, (ast.If, ast.Try)):
+                visit(node.body + node.orelse + [s for h in getattr(node, "handlers", []) for s in h.body])
+
+    visit(ast.parse(path.read_text(), str(path)).body)
+    return names
+
+
+def reexported_imports(path: Path, modules: dict[str, Path]) -> list[str]:
+    """`from evomerge.m import name` where module `m` (not a package's __init__, whose curated names are its
+    own) does not define `name` and has no submodule of that name: a second route to a name defined elsewhere."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.ImportFrom) or node.level or node.module not in modules:
+            continue
+        source = modules[node.module]
+        if source.name == "__init__.py":
+            continue
+        defined = defined_names(source)
+        found += [f"{path.name}: {a.name} from {node.module}" for a in node.names if a.name not in defined]
+    return found
+
+
+def test_every_name_is_imported_from_the_module_that_defines_it(tmp_path):
+    modules = module_names()
+    fake = tmp_path / "a.py"
+    fake.write_text("from evomerge.study.study import load_study\nfrom evomerge.study.storage import load_study\n")
+    assert reexported_imports(fake, modules) == ["a.py: load_study from evomerge.study.study"]
+    files = [p for folder in ("evomerge", "tests", "scripts", "bench") for p in sorted((REPO / folder).rglob("*.py"))]
+    found = [line for path in files for line in reexported_imports(path, modules)]
+    assert found == [], "import these names from the modules that define them"

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from evomerge.candidate.portfolio import default_recipe
 from evomerge.cli import main
 from evomerge.config.schema import load_run_config, parse_config
 from evomerge.merge.recipe import Recipe
-from evomerge.report import Comparison, Row, TrialRow, default_recipe, statement
+from evomerge.report import Comparison, Row, TrialRow, statement
 from evomerge.report.markdown import render
 from evomerge.run.driver import run_search
 from evomerge.run.pool import InlinePool

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import ConfigError, ModelError
-from evomerge.merge.plan import LAYER_RE
+from evomerge.merge.layout import LAYER_RE
 from evomerge.tables import text_table
 
 if TYPE_CHECKING:

@@ -20,8 +20,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from evomerge.candidate.baseline import BaselineLabel
 from evomerge.candidate.portfolio import default_merges
 from evomerge.candidate.space import SearchSpace, space_of
 from evomerge.config.resolve import resolve_config
@@ -29,13 +30,17 @@ from evomerge.config.schema import SearchConfig, write_run_config
 from evomerge.errors import EvomergeError, Interrupted, StudyError
 from evomerge.refine.job import RefineJob
 from evomerge.refine.rows import load_coefficients, save_coefficients, with_coefficients
-from evomerge.run.pool import Pool, open_pool, run_jobs
+from evomerge.run.pool import JobResult, Pool, open_pool, run_jobs
 from evomerge.study import study as st
 from evomerge.study.lock import HEARTBEAT_S, StudyLock
-from evomerge.study.record import BaselineLabel, TrialRecord, trial_attrs, write_trial
+from evomerge.study.record import TrialRecord, trial_attrs, write_trial
 from evomerge.study.samplers import distributions
 from evomerge.study.storage import check_reachable, load_study
 from evomerge.study.trials import best_trial, budget_count, by_state, complete_trials, is_whole, objective_of, ranked
+
+if TYPE_CHECKING:
+    from evomerge.scoring.scorer import Scorer
+    from evomerge.study.record import FrozenTrial, LiveTrial, Study
 
 MAX_WORKER_DEATHS = 2  # retries of params whose worker died while evaluating them; then the trial fails
 QUIET_S = 40.0  # after this long without a word, a line (or the bar's clock); checked every QUIET_S / 2: under a minute
@@ -195,7 +200,7 @@ def run_search(
     return _finish(study, result, log)
 
 
-def _plan(cfg: SearchConfig, scorer, log: Callable[[str], None]) -> list[str]:
+def _plan(cfg: SearchConfig, scorer: Scorer | None, log: Callable[[str], None]) -> list[str]:
     """The resource plan's lines (evomerge/capacity), logged after the start line; one that cannot fit this machine
     is logged now and refused (ConfigError naming the setting), before the study is touched. A Ray cluster's
     nodes are checked by the pool once it has joined them, still before any worker loads a model."""
@@ -218,7 +223,7 @@ def _schedule(cfg: SearchConfig, space: SearchSpace):
     return Schedule.of(cfg, len(space.baselines(cfg.models)), len(portfolio))
 
 
-def _interrupted(exc: KeyboardInterrupt, cfg: SearchConfig, study, result: SearchResult) -> Interrupted:
+def _interrupted(exc: KeyboardInterrupt, cfg: SearchConfig, study: Study, result: SearchResult) -> Interrupted:
     done = budget_count(study)
     again = (
         f" (trials {', '.join(map(str, result.requeued))} were running: they run again first)"
@@ -250,7 +255,16 @@ class _Search:
     (lock and heartbeats).
     """
 
-    def __init__(self, study, cfg: SearchConfig, space: SearchSpace, lock, result: SearchResult, n_complete: int, log):
+    def __init__(
+        self,
+        study: Study,
+        cfg: SearchConfig,
+        space: SearchSpace,
+        lock: StudyLock,
+        result: SearchResult,
+        n_complete: int,
+        log: Callable[[str], None],
+    ):
         self.study, self.cfg, self.space, self.lock, self.result, self.log = study, cfg, space, lock, result, log
         self.n_complete = n_complete
         self.distributions = distributions(space, cfg.models)
@@ -259,7 +273,7 @@ class _Search:
         self.failures = 0  # consecutive failed trials
         self.max_failures = max(5, 2 * cfg.workers.count)
         self.last_beat = time.monotonic()
-        self.best = None  # the best whole trial so far, set once the portfolio is in
+        self.best: FrozenTrial | None = None  # the best whole trial so far, once the portfolio is in
         self.incumbent = _Incumbent(cfg, None)
         self.rounds = _RefineRounds(study, cfg)
         self.pool: Pool  # both set by `run`, before the loop
@@ -328,7 +342,7 @@ class _Search:
     def _ask(self) -> tuple[Any, float]:
         return st.ask(self.study, self.distributions), time.perf_counter()
 
-    def _submit(self, trial, started: float) -> None:
+    def _submit(self, trial: LiveTrial, started: float) -> None:
         """The trial's recipe to a free worker; an invalid point (e.g. DELLA's density +/- epsilon) fails as a
         candidate, any other error fails the trial and stops the search."""
         cfg = self.cfg
@@ -349,7 +363,7 @@ class _Search:
             st.fail(self.study, trial, f"driver error: {type(err).__name__}: {err}")
             raise
 
-    def _tell(self, job: _InFlight, res) -> None:
+    def _tell(self, job: _InFlight, res: JobResult) -> None:
         """Record one result (module-level `_tell`), count it, and stop after too many failures in a row."""
         told = _tell(self.study, self.cfg, job, res, self.result)
         if told is not None:
@@ -455,20 +469,20 @@ class _Incumbent:
     `early_stop` the best whole trial's per-example units to stop against (baselines and refine points are
     always scored whole: they are references, or likely good)."""
 
-    def __init__(self, cfg: SearchConfig, best):
+    def __init__(self, cfg: SearchConfig, best: FrozenTrial | None):
         self.cfg = cfg
         self.units: dict | None = None
         self.objective: float | None = None
         if best is not None:
             self.update(best)
 
-    def update(self, best) -> None:
+    def update(self, best: FrozenTrial) -> None:
         units = TrialRecord.from_trial(best).examples  # int keys (the record reads the JSON form)
         if units is not None:
             self.units = units
             self.objective = objective_of(best)
 
-    def options(self, trial) -> dict[str, Any] | None:
+    def options(self, trial: LiveTrial) -> dict[str, Any] | None:
         if not self.cfg.per_example:
             return None
         out: dict[str, Any] = {"smooth": self.cfg.tasks.smooth, "seed": self.cfg.seed}
@@ -488,7 +502,7 @@ class _RefineRounds:
     done (their trials carry `refine_round`), which is due at the current count, and running one from the best
     trial so far."""
 
-    def __init__(self, study, cfg: SearchConfig):
+    def __init__(self, study: Study, cfg: SearchConfig):
         self.study, self.cfg = study, cfg
         self.starts = cfg.refine.starts(cfg.budget.n_trials) if cfg.refine is not None else []
         rounds = (TrialRecord.from_trial(t).refine_round for t in study.get_trials(deepcopy=False))
@@ -566,7 +580,7 @@ class _RoundProgress:
         self.bar.say(f"{self.name} done in {elapsed:.0f} s: {points} points enqueued as the next trials", self.log)
 
 
-def _tell(study, cfg: SearchConfig, job: _InFlight, res, result: SearchResult):
+def _tell(study: Study, cfg: SearchConfig, job: _InFlight, res: JobResult, result: SearchResult) -> FrozenTrial | None:
     """Record one finished trial (user attrs, then tell): the FrozenTrial if it completed, else None.
 
     A trial whose worker died is enqueued again, up to MAX_WORKER_DEATHS times for params that were running
@@ -582,13 +596,13 @@ def _tell(study, cfg: SearchConfig, job: _InFlight, res, result: SearchResult):
     )
     if res.ok and not math.isfinite(res.objective):  # never a best trial, whatever a worker reports
         res.error = f"non-finite objective {res.objective}"
-    if res.worker_died:
+    if res.worker_died and res.error is not None:  # a dead worker's result always says why
         deaths = TrialRecord.from_trial(trial).worker_deaths + res.was_running
         if deaths <= MAX_WORKER_DEATHS:
             st.requeue(study, trial, res.error, timing, worker_deaths=deaths)
             return None
         res.error = f"{res.error} (its worker died {deaths} times on these params; not retried again)"
-    if not res.ok:
+    if res.error is not None:  # not res.ok
         st.fail(study, trial, res.error, timing)
         return None
     scored: dict[str, Any] = {}
@@ -600,16 +614,15 @@ def _tell(study, cfg: SearchConfig, job: _InFlight, res, result: SearchResult):
             scored["examples"] = res.examples
     told = TrialRecord.model_validate({**timing.to_attrs(), **scored})
     write_trial(trial, told, scores=res.scores, objective=res.objective)
-    if cfg.multi_objective:
-        values = [res.scores[t.name][t.metric] for t in cfg.tasks.search]
-    else:
-        values = res.objective
+    values: list[float] | float = (
+        [res.scores[t.name][t.metric] for t in cfg.tasks.search] if cfg.multi_objective else res.objective
+    )
     frozen = study.tell(trial, values)
     result.timings.append(told.to_attrs())
     return frozen
 
 
-def _finish(study, result: SearchResult, log: Callable[[str], None] | None = None) -> SearchResult:
+def _finish(study: Study, result: SearchResult, log: Callable[[str], None] | None = None) -> SearchResult:
     result.n_complete = budget_count(study)
     best = best_trial(study)
     if best is not None:

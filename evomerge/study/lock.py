@@ -30,6 +30,7 @@ from evomerge.storage_url import redact
 from evomerge.study.record import StudyRecord, write_study
 
 if TYPE_CHECKING:
+    from evomerge.study.record import Study
     from evomerge.study.server_lock import ServerLock
 
 HEARTBEAT_S = 60.0  # how often a driver stamps its lock and its in-flight trials
@@ -74,7 +75,7 @@ class StudyLock:
     def __init__(self, storage_url: str, study_name: str, heartbeat_s: float | None = None):
         self.name, self.url = study_name, storage_url
         self.heartbeat_s = HEARTBEAT_S if heartbeat_s is None else heartbeat_s
-        self.study = None
+        self.study: Study | None = None
         self.lost: StudyError | None = None  # set by the heartbeat thread; raised by check()
         self._since = time.time()
         self._holder: dict[str, Any] = {}
@@ -149,7 +150,7 @@ class StudyLock:
         except (ValueError, SyntaxError, OSError):
             return None
 
-    def check_free(self, study) -> None:
+    def check_free(self, study: Study) -> None:
         """Raise StudyError if another live driver holds the study (e.g. before --force deletes it).
 
         A server lock is authoritative: holding it, nothing in the study can name another live driver. A file
@@ -162,7 +163,7 @@ class StudyLock:
             if self._fd is None or holder.get("host") != socket.gethostname():
                 raise self._refuse(holder)
 
-    def claim(self, study) -> None:
+    def claim(self, study: Study) -> None:
         """Name this driver in the study and start the heartbeat."""
         self.check_free(study)
         self._holder = {**driver_id(), "since": self._since, "heartbeat": time.time()}

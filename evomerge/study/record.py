@@ -14,12 +14,22 @@ partial record writes just the fields set, as the driver does step by step), `ex
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.candidate.baseline import BaselineLabel
 from evomerge.scoring.scorer import Examples, Scores
+
+if TYPE_CHECKING:
+    import optuna
+
+    # Optuna's types under the names the modules outside the Optuna layer annotate with (only this layer imports
+    # Optuna): a study, a trial as this driver holds it (asked, live), as the storage hands it back (frozen), either.
+    Study: TypeAlias = optuna.Study
+    LiveTrial: TypeAlias = optuna.trial.Trial
+    FrozenTrial: TypeAlias = optuna.trial.FrozenTrial
+    AnyTrial: TypeAlias = optuna.trial.Trial | optuna.trial.FrozenTrial
 
 
 class TrialRecord(BaseModel):

@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from evomerge.candidate.baseline import BaselineLabel
 from evomerge.errors import StudyError
 from evomerge.study.lock import GRACE_S, driver_alive, driver_id
 from evomerge.study.record import (
-    BaselineLabel,
     StudyRecord,
     TrialRecord,
     trial_attrs,
@@ -47,10 +47,13 @@ from evomerge.study.trials import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import optuna
 
     from evomerge.candidate.space import SearchSpace
     from evomerge.config.schema import SearchConfig
+    from evomerge.study.record import AnyTrial
 
 
 def directions(cfg: SearchConfig) -> list[Direction]:
@@ -157,13 +160,13 @@ def ask(study: optuna.Study, distributions: dict) -> optuna.trial.Trial:
     return trial
 
 
-def heartbeat(trials) -> None:
+def heartbeat(trials: Iterable[optuna.trial.Trial]) -> None:
     now = time.time()
     for trial in trials:
         write_trial(trial, heartbeat=now)
 
 
-def fail(study: optuna.Study, trial, reason: str, record: TrialRecord | None = None) -> None:
+def fail(study: optuna.Study, trial: AnyTrial, reason: str, record: TrialRecord | None = None) -> None:
     """Mark a trial FAIL with a `fail_reason` (and what else `record` sets) — never silently. `trial`: this
     driver's live Trial, or a FrozenTrial (a dead driver's, read back from the storage)."""
     import optuna
@@ -179,7 +182,9 @@ def fail(study: optuna.Study, trial, reason: str, record: TrialRecord | None = N
         pass
 
 
-def requeue(study: optuna.Study, trial, reason: str, record: TrialRecord | None = None, worker_deaths: int = 0) -> None:
+def requeue(
+    study: optuna.Study, trial: AnyTrial, reason: str, record: TrialRecord | None = None, worker_deaths: int = 0
+) -> None:
     """FAIL a trial that did not finish through no fault of its params, and enqueue them again (once).
 
     Crash-safe in this order: the retry is enqueued first, unless one exists already, then the trial
@@ -194,7 +199,7 @@ def requeue(study: optuna.Study, trial, reason: str, record: TrialRecord | None 
     fail(study, trial, reason, record)
 
 
-def stale_reason(trial, now: float | None = None, exclusive: bool = False) -> str | None:
+def stale_reason(trial: optuna.trial.FrozenTrial, now: float | None = None, exclusive: bool = False) -> str | None:
     """Why a RUNNING trial is abandoned, or None. `exclusive`: this driver holds the study's lock, so every
     RUNNING trial of another driver process is abandoned."""
     record = TrialRecord.from_trial(trial)

@@ -21,6 +21,8 @@ from evomerge.study.record import TrialRecord
 if TYPE_CHECKING:
     import optuna
 
+    from evomerge.study.record import AnyTrial
+
 
 def complete_trials(study: optuna.Study) -> list:
     import optuna
@@ -42,7 +44,7 @@ def budget_count(study: optuna.Study) -> int:
     return sum(1 for t in complete_trials(study) if not TrialRecord.from_trial(t).portfolio)
 
 
-def objective_of(trial) -> float:
+def objective_of(trial: optuna.trial.FrozenTrial) -> float:
     """A completed trial's weighted-mean score (also for multi-objective studies, whose values are per task)."""
     value = TrialRecord.from_trial(trial).objective
     if value is None:
@@ -50,7 +52,7 @@ def objective_of(trial) -> float:
     return float(value)
 
 
-def is_whole(trial) -> bool:
+def is_whole(trial: AnyTrial) -> bool:
     """Whether a COMPLETE trial was scored on its whole search subsets (staged evaluation may stop one early;
     its value is then an estimate that only ranks it, and it is never the best trial or a guard finalist)."""
     return TrialRecord.from_trial(trial).whole
@@ -64,7 +66,7 @@ def ranked(trials: Iterable[Any], *, own: bool = False) -> list:
     return sorted(keep, key=lambda t: (-objective_of(t), t.number))
 
 
-def best_trial(study: optuna.Study, *, own: bool = False):
+def best_trial(study: optuna.Study, *, own: bool = False) -> optuna.trial.FrozenTrial | None:
     """The first of `ranked` COMPLETE trials, or None."""
     top = ranked(complete_trials(study), own=own)
     return top[0] if top else None
@@ -77,7 +79,7 @@ def pareto_front(study: optuna.Study) -> list:
     return sorted(study.best_trials, key=lambda t: t.number)
 
 
-def trial_by_number(study: optuna.Study, number: int):
+def trial_by_number(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
     """COMPLETE trial `number`, or a StudyError saying what it is instead."""
     import optuna
 
@@ -93,7 +95,7 @@ def trial_by_number(study: optuna.Study, number: int):
     return trial
 
 
-def params_of(trial) -> dict[str, Any]:
+def params_of(trial: AnyTrial) -> dict[str, Any]:
     """A trial's params, also those a FrozenTrial was enqueued with but had not recorded yet (its driver was killed
     inside `ask`): Optuna keeps an enqueued trial's params in its `fixed_params` system attribute."""
     from optuna.trial import FrozenTrial

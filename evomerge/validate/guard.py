@@ -35,6 +35,8 @@ from evomerge.study.trials import best_trial, complete_trials, objective_of, ran
 
 if TYPE_CHECKING:
     from evomerge.config.schema import SearchConfig
+    from evomerge.run.pool import Pool
+    from evomerge.study.record import AnyTrial, FrozenTrial, Study
 
 
 class Validation(BaseModel):
@@ -60,7 +62,7 @@ def tasks_key(cfg: SearchConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def stored(cfg: SearchConfig, study) -> dict[int, Validation]:
+def stored(cfg: SearchConfig, study: Study) -> dict[int, Validation]:
     """Validation results recorded in the study for the config's current validation tasks."""
     if cfg.validation is None:
         return {}
@@ -73,7 +75,7 @@ def stored(cfg: SearchConfig, study) -> dict[int, Validation]:
     return out
 
 
-def finalists(cfg: SearchConfig, study) -> list:
+def finalists(cfg: SearchConfig, study: Study) -> list:
     """The candidates for validation: the top_k COMPLETE trials by search objective (best first), then every
     baseline not among them (the method's default merge, each source model alone, and every other method's
     default merge from the portfolio), so export never takes a searched recipe that validation ranks below a
@@ -96,7 +98,7 @@ def finalists(cfg: SearchConfig, study) -> list:
 
 
 def validate_top(
-    cfg: SearchConfig, study, *, log: Callable[[str], None] | None = print, pool=None
+    cfg: SearchConfig, study: Study, *, log: Callable[[str], None] | None = print, pool: Pool | None = None
 ) -> dict[int, Validation]:
     """Score the finalists that have no validation result yet; {trial: Validation} of all finalists.
 
@@ -149,7 +151,7 @@ def _kinds(trials: list) -> str:
     return f"{len(records)} finalist{'s' * (len(records) != 1)} ({said})"
 
 
-def pending(cfg: SearchConfig, study) -> list[int]:
+def pending(cfg: SearchConfig, study: Study) -> list[int]:
     """Finalists the guard has not scored yet (`validate_top` scores them; until then export would wait)."""
     if cfg.validation is None:
         return []
@@ -157,7 +159,7 @@ def pending(cfg: SearchConfig, study) -> list[int]:
     return [t.number for t in candidates(cfg, study) if t.number not in done]
 
 
-def exported_trial(cfg: SearchConfig, study) -> Any:
+def exported_trial(cfg: SearchConfig, study: Study) -> Any:
     """THE exported trial, used by export, status and report alike: the best validation objective among the
     validated finalists (ties: the better search objective, then the earlier trial); without validation
     results, the best search objective (for multi-objective studies, the best weighted mean). None when the
@@ -170,7 +172,7 @@ def exported_trial(cfg: SearchConfig, study) -> Any:
     return trials[number]
 
 
-def is_portable(trial) -> bool:
+def is_portable(trial: AnyTrial) -> bool:
     """Whether `mergekit-yaml` reproduces this trial's recipe (no coefficient file, a method mergekit has)."""
     from evomerge.merge.portability import portable_text
 
@@ -178,7 +180,7 @@ def is_portable(trial) -> bool:
     return record.coefficients is None and portable_text(record.recipe)
 
 
-def candidates(cfg: SearchConfig, study) -> list:
+def candidates(cfg: SearchConfig, study: Study) -> list:
     """What the guard validates: the finalists, then, when one of them is evomerge-only (so may be exported), the
     top_k portable trials by search objective not among them (so the best portable trial is chosen on validation
     too, among them and the portable finalists)."""
@@ -190,7 +192,7 @@ def candidates(cfg: SearchConfig, study) -> list:
     return top + [t for t in portable if t.number not in chosen]
 
 
-def portable_trial(cfg: SearchConfig, study, exported=None) -> Any:
+def portable_trial(cfg: SearchConfig, study: Study, exported: FrozenTrial | None = None) -> Any:
     """The best portable trial, exported beside `exported` (default: `exported_trial`) when that one is
     evomerge-only: the best validation objective among the validated portable candidates (ties as
     `exported_trial`), else the best portable search objective. None when `exported` is portable (or there is none)

@@ -17,7 +17,7 @@ from evomerge.study.record import StudyRecord, TrialRecord, trial_attrs
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
 RELEASE = json.loads((DATA / "release_study.json").read_text())
-RECORD_MODULE = REPO / "evomerge" / "search" / "record.py"
+RECORD_MODULE = REPO / "evomerge" / "study" / "record.py"
 
 
 def _release_study():

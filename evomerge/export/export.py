@@ -587,15 +587,12 @@ def _trial_recipe(cfg, chosen, objective: float, validation, kernels: str | None
 def _report_of(run_dir: Path, study: str, trial):
     """The report's comparison when `evomerge report` scored this trial as its evolved row (after the trial
     completed), else None. (Its portable row, if any, is the card's when it is the exported pair's.)"""
-    from evomerge.config.rundir import RunDir
-    from evomerge.report.compare import Comparison
+    from evomerge.report.compare import stored_comparison
 
-    path = RunDir.at(run_dir).comparison
-    try:
-        comparison = Comparison.model_validate_json(path.read_text(encoding="utf-8"))
-        written = path.stat().st_mtime
-    except (OSError, ValueError):
+    stored = stored_comparison(run_dir)
+    if stored is None:
         return None
+    comparison, written = stored
     done = trial.datetime_complete.timestamp() if trial.datetime_complete else float("inf")
     same = comparison.study == study and comparison.best_trial == trial.number and written >= done
     return comparison if same else None

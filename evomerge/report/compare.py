@@ -198,6 +198,16 @@ def text_comparison(c: Comparison) -> str:
     return text_table(header, rows, "l" + "r" * (len(header) - 1))
 
 
+def stored_comparison(run_dir: Path | str) -> tuple[Comparison, float] | None:
+    """The comparison `evomerge report` last wrote in the run directory and when (its mtime), or None when there is
+    none or it does not read back."""
+    path = RunDir.at(run_dir).comparison
+    try:
+        return Comparison.model_validate_json(path.read_text(encoding="utf-8")), path.stat().st_mtime
+    except (OSError, ValueError):
+        return None
+
+
 def load_run(run_dir: Path | str):
     """(config, study, complete trials) of a run directory, or a StudyError saying what to run first."""
     from evomerge.study.study import open_run
@@ -397,6 +407,7 @@ def _portable_row(portable, scored: list[tuple[_Entry, Any]], trials: list[Trial
 
 __all__ = [
     "Comparison",
+    "stored_comparison",
     "Row",
     "TrialRow",
     "Verdict",

@@ -71,14 +71,10 @@ def portable_lines(cfg, study, run_dir: Path | str) -> list[str]:
 
 def _comparison(run_dir: Path | str, study: str):
     """The report's comparison.json, or None."""
-    from evomerge.config.rundir import RunDir
-    from evomerge.report.compare import Comparison
+    from evomerge.report.compare import stored_comparison
 
-    try:
-        c = Comparison.model_validate_json(RunDir.at(run_dir).comparison.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return c if c.study == study else None
+    stored = stored_comparison(run_dir)
+    return stored[0] if stored is not None and stored[0].study == study else None
 
 
 def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:

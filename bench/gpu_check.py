@@ -280,9 +280,9 @@ def _resident_equals_export(device) -> dict:
     from merge_speed import build_inputs
     from safetensors.torch import load_file
 
-    from evomerge.export import export_recipe
+    from evomerge.export.export import export_recipe
     from evomerge.merge.materialize import Materializer
-    from evomerge.recipe import Recipe
+    from evomerge.merge.recipe import Recipe
 
     root = Path(tempfile.mkdtemp(prefix="gpu-check-50m-"))
     try:
@@ -325,7 +325,7 @@ def merge_floor(device, synthetic: Path, bw: dict) -> dict:
     import yaml
 
     from evomerge.merge.materialize import Materializer
-    from evomerge.recipe import Recipe
+    from evomerge.merge.recipe import Recipe
 
     base = str(synthetic / "base")
     models = [str(synthetic / m) for m in FINE_TUNES]
@@ -415,9 +415,10 @@ def search(device, config: dict, run_dir: Path, in_process: bool) -> dict:
     import torch
 
     from evomerge.capacity import plan_search
-    from evomerge.config import parse_config
-    from evomerge.search import study as st
-    from evomerge.search.driver import run_search
+    from evomerge.config.schema import parse_config
+    from evomerge.run.driver import run_search
+    from evomerge.study.storage import load_study
+    from evomerge.study.trials import complete_trials
 
     run_dir.mkdir(parents=True, exist_ok=True)
     os.chdir(run_dir)
@@ -429,7 +430,7 @@ def search(device, config: dict, run_dir: Path, in_process: bool) -> dict:
     t0 = time.perf_counter()
     res = run_search(cfg, progress=False, log=lambda m: print("  " + m, flush=True))
     wall = time.perf_counter() - t0
-    trials = st.complete_trials(st.load_study(cfg.name, cfg.storage_url))
+    trials = complete_trials(load_study(cfg.name, cfg.storage_url))
     merge = sorted(t.user_attrs.get("merge_s", 0) for t in trials)
     evals = sorted(t.user_attrs.get("eval_s", 0) for t in trials)
     out = {
@@ -471,8 +472,8 @@ def _context_bytes(device) -> int:
 def split(device, zoo: Path) -> dict:
     import torch
 
-    from evomerge.evaluator import Evaluator
-    from evomerge.recipe import Recipe
+    from evomerge.candidate.evaluator import Evaluator
+    from evomerge.merge.recipe import Recipe
     from evomerge.scoring import TaskSpec
 
     count = torch.cuda.device_count() if device.type == "cuda" else 0

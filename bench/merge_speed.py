@@ -154,7 +154,7 @@ def write_recipe(root: Path, method: str, dtype_name: str) -> Path:
 # ---- measurements (each runs in its own process: `--_measure JSON`) --------------------------------
 def measure_materialize(recipe_path: str, repeats: int, dtype: str) -> dict:
     from evomerge.merge.materialize import Materializer
-    from evomerge.recipe import Recipe
+    from evomerge.merge.recipe import Recipe
 
     recipe = Recipe.load(recipe_path)
     t0 = time.perf_counter()
@@ -169,8 +169,8 @@ def measure_materialize(recipe_path: str, repeats: int, dtype: str) -> dict:
 
 
 def measure_export(recipe_path: str, out: str) -> dict:
-    from evomerge.export import export_recipe
-    from evomerge.recipe import Recipe
+    from evomerge.export.export import export_recipe
+    from evomerge.merge.recipe import Recipe
 
     recipe = Recipe.load(recipe_path)
     t0 = time.perf_counter()

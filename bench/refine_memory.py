@@ -10,7 +10,7 @@ the zoo's tokenizer, float32), then runs each measurement in its own process and
 os.wait4:
   search             `evomerge search` in-process (workers.count 0) on a zoo task: --trials trials, no refinement
   search + refine    the same search with one refinement round of --steps steps at half the budget (the engine
-                     of evomerge/search/refine.py: gradient of the resident model, streamed inner products)
+                     of evomerge/refine/tensor.py: gradient of the resident model, streamed inner products)
   old-search         the same with the engine evomerge had before (tests/refine_reference.py: base and task
                      vectors held whole, autograd through the merge, every example in one batch), where the
                      estimate of its memory fits in what the machine has free
@@ -60,11 +60,11 @@ def search_config(root: Path, run: Path, args, refine: bool) -> dict:
 
 # ---- measurements (each in its own process: `--_measure JSON`) -----------------------------------------------
 def measure_search(spec: dict) -> dict:
-    from evomerge.config import parse_config
-    from evomerge.search.driver import run_search
+    from evomerge.config.schema import parse_config
+    from evomerge.run.driver import run_search
 
     if spec["engine"] == "old":
-        import evomerge.search.refine as refine
+        import evomerge.refine.tensor as refine
 
         sys.path.insert(0, str(REPO / "tests"))
         from refine_reference import AutogradRefiner
@@ -79,11 +79,11 @@ def measure_search(spec: dict) -> dict:
 def _engines(spec: dict):
     """The model's evaluator and each engine asked for, with the start point; the resident model merged once (as
     a search's trials leave it before a round)."""
-    from evomerge.evaluator import Evaluator
+    from evomerge.candidate.evaluator import Evaluator
+    from evomerge.candidate.space import SearchSpace, load_space_spec, num_layers
+    from evomerge.refine.rows import RowRefiner
+    from evomerge.refine.tensor import Refiner
     from evomerge.scoring.tasks import TaskSpec
-    from evomerge.search.refine import Refiner
-    from evomerge.search.rows import RowRefiner
-    from evomerge.space import SearchSpace, load_space_spec, num_layers
 
     sys.path.insert(0, str(REPO / "tests"))
     from refine_reference import AutogradRefiner
@@ -281,7 +281,7 @@ def report(res: dict, args) -> str:
 
 def _extras(res: dict, nbytes: int) -> list[str]:
     """Each engine's round in a fresh process, over the resident state; the plan's formula for the new one."""
-    from evomerge.search.footprint import refine_extra_bytes
+    from evomerge.refine.footprint import refine_extra_bytes
 
     lines = []
     for engine in ("new", "old", "rows"):

@@ -66,7 +66,7 @@ def _reset_peak(pid: int) -> None:
 
 def _watched_pool():
     """A WorkerPool that measures its worker: its peak RSS (kept across resets) and the refinement round's."""
-    from evomerge.search.workers import WorkerPool
+    from evomerge.run.pool import WorkerPool
 
     class Watched(WorkerPool):
         def __init__(self, cfg, *args, **kwargs):
@@ -114,10 +114,11 @@ def run_child(spec: dict) -> dict:
 
     go_offline()
     from evomerge.capacity import plan_search
-    from evomerge.config import parse_config
-    from evomerge.resolve import resolve_config
-    from evomerge.search import study as st
-    from evomerge.search.driver import run_search
+    from evomerge.config.resolve import resolve_config
+    from evomerge.config.schema import parse_config
+    from evomerge.run.driver import run_search
+    from evomerge.study.storage import load_study
+    from evomerge.study.trials import complete_trials
 
     os.chdir(spec["run_dir"])
     cfg = parse_config(spec["config"], source="bench/scale.py")
@@ -133,7 +134,7 @@ def run_child(spec: dict) -> dict:
     result = run_search(cfg, progress=False, log=lambda m: print(m, flush=True), pool_factory=factory)
     wall = time.perf_counter() - t0
     pool = pools[0]
-    trials = [t for t in st.complete_trials(st.load_study(cfg.name, cfg.storage_url))]
+    trials = [t for t in complete_trials(load_study(cfg.name, cfg.storage_url))]
     w = plan.worker
     return {
         "plan": {

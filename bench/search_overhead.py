@@ -25,10 +25,11 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=20)
     args = ap.parse_args()
 
-    from evomerge.config import parse_config
-    from evomerge.search import study as st
-    from evomerge.search import workers
-    from evomerge.search.driver import run_search
+    from evomerge.config.schema import parse_config
+    from evomerge.run import pool as workers
+    from evomerge.run.driver import run_search
+    from evomerge.study.storage import load_study
+    from evomerge.study.trials import complete_trials
 
     tmp = Path(tempfile.mkdtemp(prefix="evomerge-bench-"))
     zoo = Path(args.zoo) if args.zoo else tmp / "zoo"
@@ -53,7 +54,7 @@ def main() -> None:
             }
         )
         res = run_search(cfg, progress=False, log=None, pool_factory=lambda c, d=depth: workers.WorkerPool(c, depth=d))
-        trials = st.complete_trials(st.load_study(cfg.name, cfg.storage_url))[1:]  # the first trial warms up lm-eval
+        trials = complete_trials(load_study(cfg.name, cfg.storage_url))[1:]  # the first trial warms up lm-eval
         med = lambda xs: statistics.median(xs)  # noqa: E731
         merge = med([t.user_attrs["merge_s"] for t in trials])
         ev = med([t.user_attrs["eval_s"] for t in trials])

@@ -93,7 +93,7 @@ def _quiet() -> None:
 
 
 def heldout_scorer(cfg):
-    from evomerge.evaluator import Evaluator
+    from evomerge.candidate.evaluator import Evaluator
     from evomerge.report.compare import heldout_metric
     from evomerge.scoring.tasks import TaskSpec
 
@@ -109,8 +109,8 @@ def heldout_scorer(cfg):
 
 def baselines(zoo: Path, method: str) -> dict:
     """Held-out scores (points) of the sources, every default merge and the oracle; the floor and the room."""
-    from evomerge.config import parse_config
-    from evomerge.portfolio import default_merges
+    from evomerge.candidate.portfolio import default_merges
+    from evomerge.config.schema import parse_config
 
     cache = zoo / f"baselines-{method}.json"
     manifest = json.loads((zoo / "zoo.json").read_text())
@@ -122,8 +122,8 @@ def baselines(zoo: Path, method: str) -> dict:
         if data.get("sha256") == manifest["sha256"] and {str(label) for label, _ in merges} <= known:
             return data
     _quiet()
+    from evomerge.candidate.evaluator import alone
     from evomerge.errors import EvomergeError, first_line
-    from evomerge.evaluator import alone
 
     ev = heldout_scorer(cfg)
     rows = {}
@@ -158,11 +158,12 @@ def baselines(zoo: Path, method: str) -> dict:
 def run_one(job: dict) -> dict:
     """One search in a temporary run folder; the exported trial scored on held-out data."""
     _quiet()
-    from evomerge.config import parse_config
-    from evomerge.search import study as st
-    from evomerge.search.driver import run_search
-    from evomerge.search.guard import exported_trial, validate_top
-    from evomerge.search.record import TrialRecord
+    from evomerge.config.schema import parse_config
+    from evomerge.run.driver import run_search
+    from evomerge.study.record import TrialRecord
+    from evomerge.study.storage import load_study
+    from evomerge.study.trials import complete_trials, objective_of
+    from evomerge.validate.guard import exported_trial, validate_top
 
     zoo = Path(job["zoo"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,12 +172,12 @@ def run_one(job: dict) -> dict:
         t0 = time.perf_counter()
         run_search(cfg, progress=False, log=None)
         search_s = time.perf_counter() - t0
-        study = st.load_study(cfg.name, cfg.storage_url)
+        study = load_study(cfg.name, cfg.storage_url)
         t1 = time.perf_counter()
         validate_top(cfg, study, log=None)
         pick = exported_trial(cfg, study)
         guard_s = time.perf_counter() - t1
-        done = st.complete_trials(study)
+        done = complete_trials(study)
         per_trial = sum(t.subset or 0 for t in cfg.tasks.search)
         records = [TrialRecord.from_trial(t) for t in done]
         examples = sum(r.examples_scored or per_trial for r in records)
@@ -191,7 +192,7 @@ def run_one(job: dict) -> dict:
             "trial": pick.number,
             "baseline": str(chosen.baseline or ""),
             "refine_round": chosen.refine_round,
-            "search": 100 * st.objective_of(pick),
+            "search": 100 * objective_of(pick),
         },
         "n_complete": len(done),
         "stopped": sum(1 for r in records if r.stopped_early),

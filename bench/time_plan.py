@@ -33,10 +33,11 @@ PARTS = ("merge", "evaluation", "refinement", "overhead")
 
 def measure(config: Path, n_trials: int) -> dict:
     from evomerge.capacity import plan_search
-    from evomerge.config import load_config
-    from evomerge.search import study as st
-    from evomerge.search.driver import run_search
-    from evomerge.search.record import TrialRecord
+    from evomerge.config.schema import load_config
+    from evomerge.run.driver import run_search
+    from evomerge.study.record import TrialRecord
+    from evomerge.study.storage import load_study
+    from evomerge.study.trials import complete_trials
 
     cfg = load_config(config, n_trials=n_trials)
     cfg = cfg.model_copy(update={"early_stop": None, "portfolio": False})
@@ -47,8 +48,8 @@ def measure(config: Path, n_trials: int) -> dict:
     started = time.perf_counter()
     result = run_search(cfg, progress=False, log=lambda line: (lines.append(line), print(line, flush=True)))
     elapsed = time.perf_counter() - started
-    study = st.load_study(cfg.name, cfg.storage_url)
-    records = [TrialRecord.from_trial(t) for t in st.complete_trials(study)]
+    study = load_study(cfg.name, cfg.storage_url)
+    records = [TrialRecord.from_trial(t) for t in complete_trials(study)]
     n = len(records)
     rounds = sum(float(m.group(1)) for line in lines if (m := re.search(r"round \d+/\d+ done in (\d+) s", line)))
     merge = sum(r.merge_s or 0 for r in records) / n
@@ -96,7 +97,7 @@ def constants(**values: float):
 def run_facts(run: dict):
     """(model facts, the refined tasks, trials, rounds, steps, CPUs) of a measured run's config, as its plan saw it."""
     from evomerge.capacity.plan import plan_search, refined_tasks
-    from evomerge.config import load_config
+    from evomerge.config.schema import load_config
 
     cfg = load_config(Path(run["config"]), n_trials=run["n_trials"])
     cfg = cfg.model_copy(update={"early_stop": None, "portfolio": False})

@@ -63,7 +63,7 @@ def _counter(model) -> dict[str, float]:
 
 
 def _config(args, tmp: Path):
-    from evomerge.config import load_config
+    from evomerge.config.schema import load_config
 
     named = [t.split(":", 1) if ":" in t else (t, args.metric) for t in args.tasks]  # NAME[:METRIC]
     tasks = "\n".join(f"    - {{name: {t}, metric: {m}, subset: {args.subset}}}" for t, m in named)
@@ -88,7 +88,7 @@ def _timed(fn, repeats: int) -> float:
 
 
 def measure_overhead(cfg, tmp: Path) -> tuple[dict[str, float], object]:
-    from evomerge.evaluator import Evaluator
+    from evomerge.candidate.evaluator import Evaluator
     from evomerge.scoring import Scorer
 
     out = {}
@@ -105,9 +105,9 @@ def measure_overhead(cfg, tmp: Path) -> tuple[dict[str, float], object]:
 def _optuna_s(cfg, tmp: Path, n: int = 10) -> float:
     import optuna
 
-    from evomerge.search.storage import get_storage
-    from evomerge.search.study import ask
-    from evomerge.space import space_of
+    from evomerge.candidate.space import space_of
+    from evomerge.study.storage import get_storage
+    from evomerge.study.study import ask
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = space_of(cfg)
@@ -144,7 +144,7 @@ def sample_recipe(cfg, seed: int):
     """A point drawn uniformly from the search space, as a recipe (what a sampled trial merges)."""
     import random
 
-    from evomerge.space import space_of
+    from evomerge.candidate.space import space_of
 
     space = space_of(cfg)
     rng = random.Random(seed)
@@ -239,8 +239,8 @@ def measure_staged(ev, cfg, repeats: int) -> dict[str, float]:
 def measure_refine(ev, cfg, arm: str, steps: int, examples: str) -> dict[str, float]:
     """A refinement round's setup and one step's parts, timed by wrapping the refiner's own methods. `examples`:
     "auto" (what a search's worker uses: footprint.refine_examples), "subset" (the search subsets), or a number."""
-    from evomerge.search.footprint import refine_examples
-    from evomerge.space import space_of
+    from evomerge.candidate.space import space_of
+    from evomerge.refine.footprint import refine_examples
 
     point, _ = sample_recipe(cfg, 7)
     args = (ev.materializer, ev.scorer("search"), space_of(cfg), cfg.models, cfg.base_model, cfg.method)
@@ -248,13 +248,13 @@ def measure_refine(ev, cfg, arm: str, steps: int, examples: str) -> dict[str, fl
     n = per_task.get(examples, lambda: int(examples))()
     start = clock()
     if arm == "tensor":
-        from evomerge.search.refine import Refiner
+        from evomerge.refine.tensor import Refiner
 
         refiner = Refiner(*args, n, seed=cfg.seed, dtype=cfg.dtype)
         batches = refiner.batches()
         parts = {"write": "_write", "forward+backward": "_backward", "dL/dslot": "_slot_grad", "prepare": "prepare"}
     else:
-        from evomerge.search.rows import RowRefiner
+        from evomerge.refine.rows import RowRefiner
 
         refiner = RowRefiner(*args, loss="distill" if arm == "distill" else "likelihood", examples=n, seed=cfg.seed)
         batches = refiner.batches
@@ -319,8 +319,8 @@ def project(
     cfg, overhead: dict, merge_s: float, staged: dict, refine: dict[str, dict], n_trials: int = 100
 ) -> dict[str, float]:
     """A 100-trial search from the parts: the shipped defaults' schedule (config.RefineConfig, EarlyStopConfig)."""
-    from evomerge.config import RefineConfig
-    from evomerge.portfolio import default_merges
+    from evomerge.candidate.portfolio import default_merges
+    from evomerge.config.schema import RefineConfig
 
     rc = RefineConfig()
     steps, every = rc.schedule(n_trials)

@@ -1,4 +1,4 @@
-"""The data evomerge ships inside its package: the search spaces, the lm-eval task folders and the templates.
+"""The data evomerge ships inside its package: the search spaces, the lm-eval task folders, the model card's template.
 
     from evomerge.resources import SEARCH_SPACES, EVAL_TASKS, TEMPLATES
 
@@ -22,6 +22,6 @@ def package_folder(name: str) -> Path:
 
 SEARCH_SPACES = package_folder("search_spaces")
 EVAL_TASKS = package_folder("eval_tasks")
-TEMPLATES = package_folder("templates")  # the model card's (evomerge/templates/modelcard.md)
+TEMPLATES = package_folder("export/templates")  # the model card's (evomerge/export/templates/modelcard.md)
 
 __all__ = ["EVAL_TASKS", "SEARCH_SPACES", "TEMPLATES", "package_folder"]

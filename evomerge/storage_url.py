@@ -6,7 +6,7 @@ Where a URL enters evomerge (`storage:` and `sampler.warm_start.storage` in a co
 (`user:PASSWORD@`, or a `password=` query parameter) becomes `***`: configs, `runs/<name>/config.yaml`, recipe
 provenance, the model card, status, the report, logs and error messages only ever hold
 `postgresql://evomerge:***@db.example/evomerge`. The real URL stays in this process's memory (`remember`), and
-`reveal` hands it to the only two places that connect: `search.storage.get_storage` and the study lock.
+`reveal` hands it to the only two places that connect: `study.storage.get_storage` and the study lock.
 
 A later process that reads a redacted URL from `runs/<name>/config.yaml` (status, export, report, a resume from
 the run's config) takes the password from `EVOMERGE_STORAGE_PASSWORD`, or, where that is unset, connects without

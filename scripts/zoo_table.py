@@ -13,9 +13,9 @@ from pathlib import Path
 
 
 def main(zoo: Path, mc: bool = False) -> None:
-    from evomerge.config import parse_config
-    from evomerge.evaluator import Evaluator, alone
-    from evomerge.portfolio import default_merges
+    from evomerge.candidate.evaluator import Evaluator, alone
+    from evomerge.candidate.portfolio import default_merges
+    from evomerge.config.schema import parse_config
     from evomerge.scoring import TaskSpec
     from evomerge.tables import markdown_table
 

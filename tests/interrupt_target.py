@@ -21,11 +21,11 @@ def main(db: str, rounds: int) -> None:
 
     from evomerge import interrupts
     from evomerge.errors import Interrupted
-    from evomerge.search import study as st
+    from evomerge.study.storage import get_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     interrupts.install()
-    study = optuna.create_study(study_name="busy", storage=st.get_storage(f"sqlite:///{db}"))
+    study = optuna.create_study(study_name="busy", storage=get_storage(f"sqlite:///{db}"))
     trial = study.ask()
     done, n, answer = 0, 0, "ready"  # printed inside the try, as every answer: a signal may follow at once
     while done < rounds:

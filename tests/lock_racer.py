@@ -28,13 +28,13 @@ def main(url: str, study_name: str, rounds: int, me: str, sync: Path) -> None:
     import optuna
 
     from evomerge.errors import StudyError
-    from evomerge.search import study as st
-    from evomerge.search.lock import StudyLock
     from evomerge.storage_url import remember
+    from evomerge.study.lock import StudyLock
+    from evomerge.study.storage import get_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = remember(url)  # as a config does: the password masked, kept in memory
-    storage = st.get_storage(url)
+    storage = get_storage(url)
     other = "b" if me == "a" else "a"
     for k in range(rounds):
         (sync / f"ready-{k}-{me}").touch()

@@ -6,9 +6,9 @@
 
 It holds the base and every sparsified task vector of every tensor on the device in float32, builds the merged
 state under autograd with torch.func.functional_call and runs one forward over all training examples at once:
-the memory the new engine (evomerge/search/refine.py) avoids. Its masks come from evomerge-1's `merge_gta`
+the memory the new engine (evomerge/refine/tensor.py) avoids. Its masks come from evomerge-1's `merge_gta`
 (one input of weight 1 over a zero base gives that input's pruned task vector), independently of
-evomerge/search/surrogate.py, so the two engines differ only in how they differentiate.
+evomerge/refine/differentiable.py, so the two engines differ only in how they differentiate.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from evomerge.merge.kernels.gta import merge_gta
 from evomerge.merge.methods import get_method
-from evomerge.search.refine import Refiner
+from evomerge.refine.tensor import Refiner
 
 
 class _Batch:

@@ -18,8 +18,8 @@ def main(urls_file: Path, me: str, sync: Path) -> None:
     import optuna
 
     from evomerge.errors import EvomergeError
-    from evomerge.search import study as st
     from evomerge.storage_url import remember
+    from evomerge.study.storage import get_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     urls = urls_file.read_text().split()
@@ -29,7 +29,7 @@ def main(urls_file: Path, me: str, sync: Path) -> None:
         while not go.exists():  # spin: every racer starts the round within a millisecond of the others
             time.sleep(0.0005)
         try:
-            storage = st.get_storage(remember(url))
+            storage = get_storage(remember(url))
             optuna.create_study(study_name="raced", storage=storage, load_if_exists=True)
             result = "ok"
         except EvomergeError as err:

@@ -19,8 +19,8 @@ from archs import ARCHS, ATTN
 from safetensors.torch import load_file
 
 from evomerge.cli import main
-from evomerge.export import export_recipe
-from evomerge.recipe import Recipe
+from evomerge.export.export import export_recipe
+from evomerge.merge.recipe import Recipe
 
 MERGEKIT_ARCHS = tuple(a for a in ARCHS if a != "gpt_neox")  # mergekit 0.1.5 cannot read GPT-NeoX (see below)
 TIED = ("gemma", "gpt2")
@@ -214,7 +214,7 @@ def run_and_export(family: dict[str, Path], arch: str, space: str, tmp_path: Pat
     assert main(["search", str(config)]) == 0
     assert main(["export", f"runs/{arch}-{space}"]) == 0
     if space in ("ties", "slerp", "dare_ties"):  # kinds: the recipe filters by the architecture's own names
-        from evomerge.search.study import load_study
+        from evomerge.study.storage import load_study
 
         study = load_study(f"{arch}-{space}", f"sqlite:///{tmp_path}/runs/{arch}-{space}/study.db")
         sampled = [t for t in study.trials if t.state.name == "COMPLETE" and "baseline" not in t.user_attrs]
@@ -240,10 +240,10 @@ def test_search_runs_end_to_end_other_spaces(arch, space, arch_family, tmp_path,
 def test_every_shipped_space_lays_over_every_architecture(arch, arch_family):
     """Each shipped space's default recipe, planned over the architecture: every kind's filter selects tensors of
     that kind, and a searched kind gets its own value (not the fallback)."""
+    from evomerge.candidate.space import SearchSpace, load_space_spec
     from evomerge.io.checkpoint import Checkpoint
     from evomerge.merge.layout import Layout
     from evomerge.merge.plan import Plan
-    from evomerge.space import SearchSpace, load_space_spec
 
     family = arch_family(arch)
     layout = Layout.of(Checkpoint(family["base"]))
@@ -277,7 +277,7 @@ def test_every_shipped_space_lays_over_every_architecture(arch, arch_family):
 
 
 def test_a_kind_no_tensor_has_exits_2_naming_it_and_the_architecture(arch_family, tmp_path, monkeypatch, capsys):
-    from evomerge.space import SPACES_DIR
+    from evomerge.candidate.space import SPACES_DIR
 
     family = arch_family("gpt2")
     cfg = search_config(family, "gpt2", "ties")
@@ -323,8 +323,8 @@ def test_a_driver_without_the_weights_lays_the_space_over_the_config(arch_family
     transformers builds from it (on the meta device)."""
     import shutil
 
+    from evomerge.candidate.space import SearchSpace, load_space_spec
     from evomerge.merge.layout import Layout
-    from evomerge.space import SearchSpace, load_space_spec
 
     folder = tmp_path / "gpt2-config-only"
     folder.mkdir()

@@ -14,12 +14,12 @@ from test_bad_input import small_disk
 
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
-from evomerge.export import export_recipe
+from evomerge.export.export import export_recipe
 from evomerge.io import atomic
 from evomerge.io.atomic import atomic_dir, clean_stale
 from evomerge.io.shards import parse_size
 from evomerge.io.verify import verify_checkpoint
-from evomerge.recipe import Recipe
+from evomerge.merge.recipe import Recipe
 
 REPO = Path(__file__).resolve().parent.parent
 

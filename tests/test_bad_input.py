@@ -137,8 +137,8 @@ def exported(edit: Callable[[Path], None]) -> Build:
     """A real export in tmp/ckpt, damaged by `edit`, then `verify tmp/ckpt`."""
 
     def build(tmp: Path, zoo: Path) -> list[str]:
-        from evomerge.export import export_recipe
-        from evomerge.recipe import Recipe
+        from evomerge.export.export import export_recipe
+        from evomerge.merge.recipe import Recipe
 
         recipe(tmp, zoo)
         export_recipe(Recipe.load(tmp / "recipe.yaml"), tmp / "ckpt")
@@ -263,9 +263,9 @@ def storage_under_a_file(tmp: Path, zoo: Path) -> list[str]:
 
 def study_exists_with_other_config(tmp: Path, zoo: Path) -> list[str]:
     """A study 'bad' made with seed 0 (opened as the driver does, no trials run), then `search` with seed 1."""
-    from evomerge.config import load_config
-    from evomerge.search import study as st
-    from evomerge.space import space_of
+    from evomerge.candidate.space import space_of
+    from evomerge.config.schema import load_config
+    from evomerge.study import study as st
 
     search_config(tmp, zoo)
     cfg = load_config(tmp / "search.yaml")
@@ -668,7 +668,7 @@ def test_an_unreachable_storage_server_fails_within_its_connect_timeout(tiny_zoo
     timeout, before any task loads, naming the config file and its `storage` field."""
     import time
 
-    from evomerge.search.storage import CONNECT_TIMEOUT_S
+    from evomerge.study.storage import CONNECT_TIMEOUT_S
 
     case = Case(
         "storage_silent",

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from evomerge.capacity import ModelFacts, Settings, TaskFacts, evaluate_plan, given_devices, plan_search
-from evomerge.config import parse_config
+from evomerge.config.schema import parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA_0_25B = {  # 0.25B parameters: 0.5 GB in bfloat16
@@ -305,7 +305,7 @@ def test_a_pool_refuses_gpus_ray_does_not_have(tiny_zoo, monkeypatch):
     """Any pool (the search's, the guard's, the report's) checks the GPUs Ray reports before it starts an actor,
     which would otherwise wait for one forever."""
     from evomerge.errors import ConfigError
-    from evomerge.search.workers import WorkerPool
+    from evomerge.run.pool import WorkerPool
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     data = {

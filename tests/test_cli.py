@@ -143,8 +143,9 @@ def test_no_install_or_build_noise(tmp_path, capfd):
 
 def test_search_workers_0_runs_in_this_process_without_ray(tiny_zoo, tmp_path, monkeypatch, capsys):
     """`--workers 0`, the debugging mode: the config's Ray workers replaced by one evaluator in this process."""
-    from evomerge.config import load_run_config
-    from evomerge.search.study import budget_count, load_study
+    from evomerge.config.schema import load_run_config
+    from evomerge.study.storage import load_study
+    from evomerge.study.trials import budget_count
 
     config = tmp_path / "zero.yaml"
     data = {

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from evomerge.cli import main
 from evomerge.merge.coefficients import FILE_NAME, key, write_coefficients
-from evomerge.recipe import Recipe
+from evomerge.merge.recipe import Recipe
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 DOWN = "model.layers.1.mlp.down_proj.weight"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.config import load_config, load_run_config, parse_config, write_run_config
+from evomerge.candidate.space import SearchSpace, load_space_spec
+from evomerge.config.schema import load_config, load_run_config, parse_config, write_run_config
 from evomerge.errors import ConfigError
-from evomerge.space import SearchSpace, load_space_spec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -145,7 +145,7 @@ def test_kernels_default_env_and_explicit(tmp_path, monkeypatch):
 def test_builtin_lm_eval_tasks_are_asked_for_in_the_config(tmp_path, monkeypatch):
     """lm-eval's own task index (~30 s to build) is off unless `tasks.include_defaults: true`; a built-in task name
     without it fails naming that field, not a flag `search` does not have."""
-    from evomerge.resolve import check_tasks
+    from evomerge.config.resolve import check_tasks
 
     monkeypatch.chdir(tmp_path)
     tasks = {"search": [{"name": "arc_easy"}]}
@@ -167,9 +167,9 @@ def test_include_defaults_indexes_lm_evals_own_tasks(tmp_path, tiny_zoo, monkeyp
     'failed to load', no longer 'unknown task'), and a search with it on runs as before (~30 s per index)."""
     from test_search_faults import zoo_config
 
-    from evomerge.resolve import check_tasks
-    from evomerge.search.driver import run_search
-    from evomerge.search.workers import InlinePool
+    from evomerge.config.resolve import check_tasks
+    from evomerge.run.driver import run_search
+    from evomerge.run.pool import InlinePool
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as err:

@@ -22,7 +22,7 @@ import optuna
 import pytest
 import yaml
 
-from evomerge.search import study as st
+from evomerge.study.storage import get_storage
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -154,7 +154,7 @@ def test_a_search_killed_mid_trial_resumes_to_its_budget_and_of_two_resuming_dri
     assert len(after["COMPLETE"]) == n_trials
     assert "RUNNING" not in after and "WAITING" not in after
     assert set(before["COMPLETE"]) <= set(after["COMPLETE"]), "completed trials are kept, not redone"
-    trials = optuna.load_study(study_name=STUDY, storage=st.get_storage(url)).trials
+    trials = optuna.load_study(study_name=STUDY, storage=get_storage(url)).trials
     for number in before["RUNNING"]:
         assert trials[number].state == optuna.trial.TrialState.FAIL
         # killed after asking it (pid recorded) or inside `ask` (before the driver recorded itself)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge.evaluator import Evaluator
+from evomerge.candidate.evaluator import Evaluator
+from evomerge.refine.distill import distill_items, owners, source_scores
 from evomerge.scoring.tasks import TaskSpec
-from evomerge.search.distill import distill_items, owners, source_scores
 
 SEARCH = [
     TaskSpec(name="zoo_add_greedy_search", subset=6),

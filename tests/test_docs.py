@@ -47,8 +47,8 @@ def _models_in(annotation) -> list[tuple[type[BaseModel], str]]:
 def config_fields() -> dict[str, str]:
     """{dotted field: its default as the docs write it} for the search config and its search space, each model
     documented once (validation.tasks holds the entries tasks.search documents)."""
-    from evomerge.config import SearchConfig
-    from evomerge.space import SpaceSpec
+    from evomerge.candidate.space import SpaceSpec
+    from evomerge.config.schema import SearchConfig
 
     out: dict[str, str] = {}
     seen: set[type] = set()
@@ -125,7 +125,7 @@ def test_the_readmes_first_search_config_is_valid():
     """The README's "first search of your own" config loads as written (its files need the demo zoo)."""
     import yaml
 
-    from evomerge.config import parse_config
+    from evomerge.config.schema import parse_config
 
     text = (REPO / "README.md").read_text()
     block = text.split("## A first search of your own", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]

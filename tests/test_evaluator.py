@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from evomerge.candidate.evaluator import Evaluator, alone, is_candidate_failure
 from evomerge.errors import CandidateError, ConfigError, TaskCodeError
-from evomerge.evaluator import Evaluator, alone, is_candidate_failure
-from evomerge.recipe import Recipe
+from evomerge.merge.recipe import Recipe
 from evomerge.scoring import Scorer, TaskSpec, load_model_dir
 
 SEARCH = [TaskSpec(name="zoo_add_search", subset=20), TaskSpec(name="zoo_reverse_search", subset=20)]

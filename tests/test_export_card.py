@@ -17,7 +17,7 @@ import yaml
 from test_report import search
 
 from evomerge.cli import main
-from evomerge.modelcard import TAGS, embedded_recipe
+from evomerge.export.modelcard import TAGS, embedded_recipe
 
 HUB = {"base": "me/tiny-base", "add": "me/tiny-add", "reverse": "me/tiny-rev"}
 
@@ -83,7 +83,7 @@ def test_a_caveat_names_a_lost_skill():
     """The card's caveat where the merge scores below a source by more than noise (addition 99% -> 81%)."""
     from test_report import _comparison, _examples
 
-    from evomerge.modelcard import heldout_section
+    from evomerge.export.modelcard import heldout_section
 
     n = 300
     ex = {

@@ -56,7 +56,7 @@ def _frame(module: str, back=None) -> SimpleNamespace:
 
 
 def test_inside_storage_a_signal_waits_for_the_caller_and_a_second_one_forces_the_stop():
-    driver = _frame("evomerge.search.driver", _frame("__main__"))
+    driver = _frame("evomerge.run.driver", _frame("__main__"))
     inside = _frame("sqlalchemy.engine.base", _frame("optuna.storages._rdb", driver))
     assert interrupts.storage_caller(inside) is driver
     assert interrupts.storage_caller(driver) is None

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.cli import main
-from evomerge.recipe import Recipe
+from evomerge.merge.recipe import Recipe
 
 SETS = ("evomerge-1", "mergekit-0.1.5")
 

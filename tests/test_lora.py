@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from evomerge.cli import main
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.lora import LoraCheckpoint
-from evomerge.recipe import Recipe
+from evomerge.merge.recipe import Recipe
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +183,9 @@ def _search_config(adapters, name: str, workers: int) -> dict:
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_search_over_two_adapters_exports_a_recipe_mergekit_yaml_merges(adapters, tmp_path, monkeypatch, workers):
-    from evomerge.config import parse_config
-    from evomerge.export import export_trial
-    from evomerge.search.driver import run_search
+    from evomerge.config.schema import parse_config
+    from evomerge.export.export import export_trial
+    from evomerge.run.driver import run_search
 
     monkeypatch.chdir(tmp_path)
     cfg = parse_config(_search_config(adapters, f"lora{workers}", workers))

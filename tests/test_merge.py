@@ -12,11 +12,11 @@ from safetensors.torch import load_file, save_file
 
 from evomerge.cli import main
 from evomerge.errors import CandidateError, ConfigError
-from evomerge.export import export_recipe
+from evomerge.export.export import export_recipe
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.merge.materialize import Materializer, merge_tensor, merged_tensors
 from evomerge.merge.plan import Plan
-from evomerge.recipe import Recipe
+from evomerge.merge.recipe import Recipe
 
 RANDOM = ["dare_linear", "dare_ties", "della", "della_linear"]
 

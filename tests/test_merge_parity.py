@@ -19,9 +19,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from evomerge.export import export_recipe
+from evomerge.export.export import export_recipe
+from evomerge.merge.recipe import Recipe
 from evomerge.merge.registry import REGISTRY
-from evomerge.recipe import Recipe
 
 ATTN_MLP = [
     {"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},

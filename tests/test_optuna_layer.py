@@ -10,11 +10,12 @@ import optuna
 import pytest
 
 from evomerge.errors import StudyError
-from evomerge.search import study as st
-from evomerge.search.record import TrialRecord
+from evomerge.study import study as st
+from evomerge.study.record import TrialRecord
+from evomerge.study.storage import load_study, storage_of
 
 REPO = Path(__file__).resolve().parent.parent
-LAYER = {f"evomerge/search/{m}.py" for m in ("storage", "samplers", "record", "trials", "study")}
+LAYER = {f"evomerge/study/{m}.py" for m in ("storage", "samplers", "record", "trials", "study")}
 PRIVATE = {"_storage", "_study_id", "_trial_id", "_cached_frozen_trial", "_fixed_params"}
 
 
@@ -50,17 +51,17 @@ def test_no_module_reads_optunas_private_attributes():
 
 
 def test_a_dead_drivers_trial_is_failed_and_requeued_through_the_storage_this_process_opened(tmp_path):
-    from evomerge.search.storage import create_study
+    from evomerge.study.storage import create_study
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = create_study("s", url, None, ["maximize"])
     dists = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
     study.enqueue_trial({"x": 0.25}, user_attrs={"baseline": "defaults"})
     st.ask(study, dists)
-    reader = st.load_study("s", url)  # another process's view: a FrozenTrial, no live Trial
+    reader = load_study("s", url)  # another process's view: a FrozenTrial, no live Trial
     frozen = reader.get_trials(states=(optuna.trial.TrialState.RUNNING,))[0]
     st.requeue(reader, frozen, "stale: test", TrialRecord(merge_s=1.5), worker_deaths=1)
-    trials = st.load_study("s", url).trials
+    trials = load_study("s", url).trials
     failed, retry = trials[0], trials[1]
     assert failed.state == optuna.trial.TrialState.FAIL
     assert failed.user_attrs["fail_reason"] == "stale: test" and failed.user_attrs["merge_s"] == 1.5
@@ -70,5 +71,5 @@ def test_a_dead_drivers_trial_is_failed_and_requeued_through_the_storage_this_pr
 
 def test_a_study_opened_elsewhere_has_no_storage_handle_here():
     elsewhere = optuna.create_study()
-    with pytest.raises(StudyError, match="not opened through evomerge.search.storage"):
-        st.storage_of(elsewhere)
+    with pytest.raises(StudyError, match="not opened through evomerge.study.storage"):
+        storage_of(elsewhere)

@@ -33,7 +33,7 @@ def test_the_wheel_ships_every_space_and_task_file_and_finds_them_installed(
     # the installed package finds them through importlib.resources, from anywhere, with no checkout on its path
     probe = (
         "import json, sys, evomerge\n"
-        "from evomerge.space import SPACES_DIR, load_space_spec\n"
+        "from evomerge.candidate.space import SPACES_DIR, load_space_spec\n"
         "from evomerge.scoring.tasks import BUILTIN_TASKS\n"
         "print(json.dumps({'package': evomerge.__file__, 'spaces': str(SPACES_DIR), 'tasks': str(BUILTIN_TASKS),\n"
         "    'ties': load_space_spec('ties').methods, 'path': sys.path}))\n"

@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge.evaluator import Evaluator
-from evomerge.recipe import Recipe
+from evomerge.candidate.evaluator import Evaluator
+from evomerge.merge.recipe import Recipe
 from evomerge.scoring import TaskSpec
 
 TWO = ["cpu", "cpu"]

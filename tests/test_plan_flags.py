@@ -162,8 +162,8 @@ def test_the_time_plan_prices_the_refinement_batch_the_workers_train_on(tiny_zoo
     """A refinement step trains on `refine.examples` per task where set, else on the workers' rule at this size
     (footprint.examples_per_task): the plan's refinement batch shrinks with it, the rest of the trial does not."""
     from evomerge.capacity.plan import plan_search, refined_tasks
-    from evomerge.config import load_config
-    from evomerge.search.footprint import MIN_REFINE_EXAMPLES, examples_per_task
+    from evomerge.config.schema import load_config
+    from evomerge.refine.footprint import MIN_REFINE_EXAMPLES, examples_per_task
 
     def plan_of(**refine):
         data = yaml.safe_load(plan_config(tmp_path, tiny_zoo).read_text())

@@ -17,9 +17,9 @@ import yaml
 from safetensors.torch import load_file
 
 from evomerge.cli import main
-from evomerge.config import parse_config, write_run_config
-from evomerge.recipe import Recipe
-from evomerge.search.record import trial_attrs
+from evomerge.config.schema import parse_config, write_run_config
+from evomerge.merge.recipe import Recipe
+from evomerge.study.record import trial_attrs
 
 SEARCH = [{"name": "zoo_add_search", "subset": 20}, {"name": "zoo_reverse_search", "subset": 20}]
 
@@ -42,8 +42,8 @@ def _config(zoo, validation=None):
 
 def _coefficients(zoo, cfg) -> dict[str, str]:
     """A per-row coefficient file (as the rows arm writes one) that moves every layer's MLP rows."""
+    from evomerge.config.rundir import RunDir
     from evomerge.merge.coefficients import key, write_coefficients
-    from evomerge.search.rows import COEFFICIENTS_DIR
 
     weights = load_file(zoo / "add" / "model.safetensors")
     g = torch.Generator().manual_seed(0)
@@ -53,17 +53,17 @@ def _coefficients(zoo, cfg) -> dict[str, str]:
         for name, t in weights.items()
         if "mlp" in name and t.dim() == 2
     }
-    path = (cfg.run_dir / COEFFICIENTS_DIR / "rows.safetensors").resolve()
+    path = (RunDir(cfg.run_dir).coefficients / "rows.safetensors").resolve()
     return {"file": str(path), "sha256": write_coefficients(path, rows)}
 
 
 def add_trials(study, cfg, zoo, space) -> dict[str, int]:
     """The baselines, a sampled portable recipe and the same recipe with per-row coefficients (evomerge-only), with
     search scores that rank the evomerge-only one first and the sampled one second: {label: trial number}."""
-    from evomerge.search import study as st
-    from evomerge.search.rows import with_coefficients
+    from evomerge.refine.rows import with_coefficients
+    from evomerge.study.samplers import distributions
 
-    dists = st.distributions(space, cfg.models)
+    dists = distributions(space, cfg.models)
     sampled = {name: 0.8 for name in space.defaults(cfg.models)}
     plan = [(label, params, None, 0.3 if label.model else 0.5) for label, params in space.baselines(cfg.models)]
     plan += [(None, sampled, None, 0.6), (None, sampled, _coefficients(zoo, cfg), 0.8)]
@@ -85,9 +85,9 @@ def add_trials(study, cfg, zoo, space) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def pair_run(tiny_zoo, tmp_path_factory):
     """(run_dir, {label: trial}) of a study whose exported trial is evomerge-only, and its report."""
+    from evomerge.candidate.space import space_of
     from evomerge.report import build_report
-    from evomerge.search import study as st
-    from evomerge.space import space_of
+    from evomerge.study import study as st
 
     root = tmp_path_factory.mktemp("pair")
     with pytest.MonkeyPatch.context() as mp:
@@ -220,9 +220,9 @@ def test_a_portable_winner_is_exported_alone(pair_run, tmp_path):
 
 
 def test_the_guard_validates_the_portable_candidates_and_export_records_it(tiny_zoo, tmp_path, monkeypatch):
-    from evomerge.search import guard
-    from evomerge.search import study as st
-    from evomerge.space import space_of
+    from evomerge.candidate.space import space_of
+    from evomerge.study import study as st
+    from evomerge.validate import guard
 
     monkeypatch.chdir(tmp_path)
     cfg = _config(tiny_zoo, {"top_k": 1, "tasks": [{"name": "zoo_add_val", "subset": 20}]})
@@ -247,7 +247,7 @@ def test_the_guard_validates_the_portable_candidates_and_export_records_it(tiny_
 
 
 def export_trial_quietly(run_dir):
-    from evomerge.export import export_trial
+    from evomerge.export.export import export_trial
 
     return export_trial(run_dir, log=None)
 
@@ -266,8 +266,8 @@ def _recipe(method: str = "task_arithmetic", coefficients: dict | None = None, *
 
 
 def test_the_guard_validates_the_top_portable_trials_and_picks_the_best_there(tiny_zoo):
-    from evomerge.search.guard import Validation, candidates, exported_trial, portable_trial, tasks_key
-    from evomerge.search.record import write_validation
+    from evomerge.study.record import write_validation
+    from evomerge.validate.guard import Validation, candidates, exported_trial, portable_trial, tasks_key
 
     cfg = _config(tiny_zoo, {"top_k": 1, "tasks": [{"name": "zoo_add_val"}]})
     study = optuna.create_study(direction="maximize")
@@ -301,7 +301,7 @@ def test_the_guard_validates_the_top_portable_trials_and_picks_the_best_there(ti
 def test_mergekit_methods_are_mergekits_and_the_card_line_marks_sparsifying_ones():
     from mergekit.merge_methods.registry import registered_methods
 
-    from evomerge.portability import MERGEKIT_METHODS, mergekit_line, portable
+    from evomerge.merge.portability import MERGEKIT_METHODS, mergekit_line, portable
 
     assert {m.spec.name for m in registered_methods()} == MERGEKIT_METHODS
     ties = Recipe.from_yaml(_recipe("ties", density=0.5))
@@ -314,8 +314,9 @@ def test_mergekit_methods_are_mergekits_and_the_card_line_marks_sparsifying_ones
 
 
 def test_export_portable_without_a_portable_trial_exits_2_and_writes_nothing(tiny_zoo, tmp_path, monkeypatch):
-    from evomerge.search import study as st
-    from evomerge.space import space_of
+    from evomerge.candidate.space import space_of
+    from evomerge.study import study as st
+    from evomerge.study.samplers import distributions
 
     monkeypatch.chdir(tmp_path)
     cfg = _config(tiny_zoo)
@@ -323,7 +324,7 @@ def test_export_portable_without_a_portable_trial_exits_2_and_writes_nothing(tin
     study = st.open_study(cfg, space, log=None)  # its baselines wait: no portable trial is COMPLETE
     params = space.defaults(cfg.models)
     attrs = trial_attrs(recipe=_recipe(coefficients=ROWS_FILE), objective=0.5, coefficients=ROWS_FILE)
-    dists = st.distributions(space, cfg.models)
+    dists = distributions(space, cfg.models)
     study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=0.5, user_attrs=attrs))
     write_run_config(cfg)
     err = io.StringIO()

@@ -21,9 +21,9 @@ from waiting import wait_until
 from evomerge import storage_url
 from evomerge.cli import main
 from evomerge.errors import StudyError
-from evomerge.search import study as st
-from evomerge.search.lock import StudyLock
-from evomerge.search.server_lock import pg_key
+from evomerge.study.lock import StudyLock
+from evomerge.study.server_lock import pg_key
+from evomerge.study.storage import get_storage
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -109,7 +109,7 @@ def test_two_drivers_racing_for_a_study_twenty_times_leave_exactly_one_each_time
 
 HOLDER = """
 import sys, time
-from evomerge.search.lock import StudyLock
+from evomerge.study.lock import StudyLock
 from evomerge.storage_url import remember
 lock = StudyLock(remember(sys.argv[1]), "held").acquire()
 print("holding", flush=True)
@@ -132,7 +132,7 @@ def test_the_server_frees_a_killed_drivers_lock_and_a_driver_that_loses_its_lock
             holder.kill()
     # SIGKILL: the session ends with the process, and the server drops its lock (a moment later)
     mine = acquired(url, "held", "the server to free the dead driver's lock", heartbeat_s=0.1)
-    study = optuna.create_study(study_name="held", storage=st.get_storage(url))
+    study = optuna.create_study(study_name="held", storage=get_storage(url))
     mine.claim(study)
     first = study.user_attrs["lock"]
     assert first["pid"] == os.getpid()
@@ -253,6 +253,6 @@ def test_a_storage_password_reaches_no_file_and_no_output(tmp_path, tiny_zoo, po
     assert (run / "report" / "report.md").is_file()
     assert files_holding(tmp_path, secrets) == []
     assert not any(s in out.out or s in out.err for s in secrets)
-    trials = optuna.load_study(study_name="secret", storage=st.get_storage(pg_url)).trials
+    trials = optuna.load_study(study_name="secret", storage=get_storage(pg_url)).trials
     assert sum(t.state.name == "COMPLETE" for t in trials) == 4
     assert not any(s in repr(t.user_attrs) + repr(t.system_attrs) for t in trials for s in secrets)

@@ -40,7 +40,7 @@ def test_regions_cover_every_layer_then_the_kinds():
 
 def test_audit_probe_on_the_tiny_zoo_scores_real_recipes(tiny_zoo, tmp_path, capsys):
     from evomerge.merge.materialize import Materializer
-    from evomerge.recipe import ModelEntry, Recipe
+    from evomerge.merge.recipe import ModelEntry, Recipe
     from evomerge.scoring import Scorer, TaskSpec
 
     tasks = [{"name": "zoo_add_search", "subset": 40}, {"name": "zoo_reverse_search", "subset": 40}]

@@ -21,11 +21,11 @@ import pytest
 from installed import clean_env, site_packages
 
 import evomerge
-from evomerge.config import parse_config
+from evomerge.config.schema import parse_config
 from evomerge.errors import ConfigError, ModelError
-from evomerge.search import study as st
-from evomerge.search.driver import run_search
-from evomerge.search.workers import WorkerPool
+from evomerge.run.driver import run_search
+from evomerge.run.pool import WorkerPool
+from evomerge.study.storage import load_study
 
 pytestmark = pytest.mark.timeout(300)  # a hung Ray fails its test; the cluster fixture still stops the cluster
 
@@ -176,7 +176,7 @@ def test_a_search_on_a_ray_cluster_runs_two_workers_each_one_trial_at_a_time(
 
     # both ran trials; neither ever ran two at once; the driver gave both work at the same time (whether their
     # runs then overlap in time is up to the machine's scheduler: on a loaded machine one may finish first)
-    trials = st.load_study("cluster", cfg.storage_url).trials
+    trials = load_study("cluster", cfg.storage_url).trials
     assert {t.user_attrs["worker"] for t in trials} == {i["name"] for i in pool.infos}
     spans = {}
     for res in pool.results:
@@ -230,9 +230,9 @@ def test_a_driver_without_the_clusters_token_is_told_what_to_set(tmp_path, tiny_
     cfg = config(tiny_zoo, workers={"count": 1, "num_cpus": 1, "address": ray_cluster["address"]})
     script = (
         "import sys\n"
-        "from evomerge.config import parse_config\n"
+        "from evomerge.config.schema import parse_config\n"
         "from evomerge.errors import ConfigError\n"
-        "from evomerge.search.workers import WorkerPool\n"
+        "from evomerge.run.pool import WorkerPool\n"
         f"cfg = parse_config({cfg.model_dump(mode='json', exclude_none=True)!r})\n"
         "try:\n"
         "    WorkerPool(cfg)\n"
@@ -279,7 +279,7 @@ def test_a_worker_killed_mid_trial_is_retried_on_the_other_worker(tmp_path, tiny
 
     result = run_search(cfg, progress=False, log=None, pool_factory=factory)
     victim, survivor = seen["pool"].killed
-    trials = st.load_study("cluster", cfg.storage_url).trials
+    trials = load_study("cluster", cfg.storage_url).trials
     assert result.n_complete == 6 and {t.state.name for t in trials} <= {"COMPLETE", "FAIL"}
     dead = [t for t in trials if t.state.name == "FAIL"]
     assert dead and all(t.user_attrs["fail_reason"].startswith(f"worker died: {victim}") for t in dead)

@@ -115,9 +115,9 @@ def test_a_task_that_asks_for_the_chat_template_is_scored_through_it(smol_base):
 
 
 def test_a_short_search_on_the_real_member_exports_what_mergekit_yaml_reproduces(smol_inputs, tmp_path, monkeypatch):
-    from evomerge.config import parse_config
-    from evomerge.export import export_trial
-    from evomerge.search.driver import run_search
+    from evomerge.config.schema import parse_config
+    from evomerge.export.export import export_trial
+    from evomerge.run.driver import run_search
 
     monkeypatch.chdir(tmp_path)
     tasks = [

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from evomerge.errors import ConfigError
-from evomerge.recipe import ConditionalParameter, Recipe
+from evomerge.merge.recipe import ConditionalParameter, Recipe
 
 FULL = """\
 merge_method: ties

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.errors import ConfigError
-from evomerge.recipe import Recipe
+from evomerge.merge.recipe import Recipe
 
 TESTS = Path(__file__).parent
 
@@ -237,7 +237,7 @@ def test_token_sources_and_padding_equal_mergekit(tmp_path, monkeypatch):
 
 def test_a_search_space_stays_strict_about_parameters_its_method_does_not_read():
     """A searched or fixed value no merge reads would spend trials on nothing: the space's recipe is refused."""
-    from evomerge.space import SearchSpace, SpaceSpec
+    from evomerge.candidate.space import SearchSpace, SpaceSpec
 
     spec = SpaceSpec(
         name="x",

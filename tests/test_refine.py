@@ -9,14 +9,15 @@ import pytest
 import torch
 from refine_reference import AutogradRefiner
 
-from evomerge.config import parse_config
+from evomerge.candidate.evaluator import Evaluator
+from evomerge.candidate.space import SearchSpace, load_space_spec, num_layers
+from evomerge.config.schema import parse_config
 from evomerge.errors import ConfigError
-from evomerge.evaluator import Evaluator
+from evomerge.refine.losses import answer_loss
+from evomerge.refine.tensor import Refiner
 from evomerge.scoring.tasks import TaskSpec
-from evomerge.search import study as st
-from evomerge.search.objective import answer_loss
-from evomerge.search.refine import Refiner
-from evomerge.space import SearchSpace, load_space_spec, num_layers
+from evomerge.study.storage import load_study
+from evomerge.study.trials import objective_of
 
 SEARCH = [TaskSpec(name="zoo_add_greedy_search", subset=16), TaskSpec(name="zoo_reverse_search", subset=16)]
 SPACES = {"dare_linear": "dare_ties", "della_linear": "della", "breadcrumbs_ties": "ties"}
@@ -184,25 +185,25 @@ def search_config(zoo, **changes):
 
 
 def test_a_search_scores_the_refine_path_as_trials(tiny_zoo, tmp_path, monkeypatch):
-    from evomerge.search.driver import run_search
+    from evomerge.run.driver import run_search
 
     monkeypatch.chdir(tmp_path)
     cfg = search_config(tiny_zoo)
     result = run_search(cfg, progress=False, log=None)
     assert result.n_complete == 10
-    study = st.load_study(cfg.name, cfg.storage_url)
+    study = load_study(cfg.name, cfg.storage_url)
     refined = [t for t in study.trials if "refine_round" in t.user_attrs]
     assert [t.user_attrs["refine_step"] for t in refined] == [2, 4, 6]  # step 0 is the trial it started from
     assert all(t.state.name == "COMPLETE" and t.user_attrs["recipe"] for t in refined)
     start = study.trials[refined[0].user_attrs["refined_from"]]
     assert start.number < refined[0].number and start.state.name == "COMPLETE"
     before = [t for t in study.trials if t.number < refined[0].number and t.state.name == "COMPLETE"]
-    assert st.objective_of(start) == max(st.objective_of(t) for t in before)  # from the best trial so far
+    assert objective_of(start) == max(objective_of(t) for t in before)  # from the best trial so far
     assert len(before) == 4  # the round starts at 0.4 of the budget
 
 
 def test_refine_asked_for_on_a_method_without_a_weight_gradient_is_a_user_error(tiny_zoo, tmp_path, monkeypatch):
-    from evomerge.resolve import check_tasks
+    from evomerge.config.resolve import check_tasks
 
     monkeypatch.chdir(tmp_path)
     models = {"models": [str(tiny_zoo / "add")], "method": "slerp", "search_space": "slerp"}
@@ -217,8 +218,8 @@ def test_refine_asked_for_on_a_method_without_a_weight_gradient_is_a_user_error(
 def test_token_bytes_is_what_the_backward_keeps(tiny_zoo, evaluator, trio, zoo):
     """The resource plan's activation term (refine_extra_bytes): the tensors autograd saves for the backward of
     one micro-batch, counted by storage (parameters apart), per position."""
-    from evomerge.search.footprint import token_bytes
-    from evomerge.search.objective import logits_of as _logits
+    from evomerge.refine.footprint import token_bytes
+    from evomerge.refine.losses import logits_of as _logits
 
     root, ev, models = (tiny_zoo, evaluator, None) if zoo == "tiny" else trio
     ref, _, _ = refiner(root, ev, "task_arithmetic", models)
@@ -264,7 +265,7 @@ def test_a_large_model_refines_on_fewer_examples(tiny_zoo, evaluator):
     """refine_examples: the toy zoos' steps train on the whole search subsets (None: nothing changes for them, at
     the demo's 100 examples per task too); where parameters x positions pass the budget, a share of the subsets, at
     least MIN_REFINE_EXAMPLES, and the refiner then trains on that many items per task."""
-    from evomerge.search.footprint import MIN_REFINE_EXAMPLES, refine_examples
+    from evomerge.refine.footprint import MIN_REFINE_EXAMPLES, refine_examples
 
     demo = Evaluator(
         [tiny_zoo / "add", tiny_zoo / "reverse"],

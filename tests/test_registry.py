@@ -54,10 +54,10 @@ def test_the_space_yamls_methods_agree_with_the_registry():
 
 
 def test_the_derived_lists_come_from_the_registry():
+    from evomerge.candidate.portfolio import COMMON_METHODS
     from evomerge.merge.kernels import SPARSIFYING
     from evomerge.merge.methods import METHODS as RUNNABLE
-    from evomerge.portfolio import COMMON_METHODS
-    from evomerge.search.refine import REFINABLE
+    from evomerge.refine.tensor import REFINABLE
 
     assert RUNNABLE == tuple(REGISTRY)
     assert SPARSIFYING == {m for m, info in REGISTRY.items() if info.sparsifies}
@@ -120,7 +120,7 @@ def test_refinable_and_sparsifying_methods_are_the_task_arithmetic_family(name):
 
     info = REGISTRY[name]
     family = isinstance(get_method(name), GeneralizedTaskArithmeticMerge)
-    if info.evomerge_only:  # refinable where its surrogate exists (tsv_m: search/surrogate.py), else it says why
+    if info.evomerge_only:  # refinable where its surrogate exists (tsv_m: refine/differentiable.py), else it says why
         assert info.refinable != bool(info.no_refine)
     else:
         assert info.refinable == family
@@ -129,7 +129,7 @@ def test_refinable_and_sparsifying_methods_are_the_task_arithmetic_family(name):
 
 
 def test_max_models_comes_from_the_registry_where_the_space_sets_none():
-    from evomerge.space import SpaceSpec, load_space_spec
+    from evomerge.candidate.space import SpaceSpec, load_space_spec
 
     assert load_space_spec("slerp").max_models == REGISTRY["slerp"].max_models == 1
     assert load_space_spec("ties").max_models is None
@@ -139,16 +139,16 @@ def test_max_models_comes_from_the_registry_where_the_space_sets_none():
 
 
 def test_intervals_bound_recipes_and_spaces():
+    from evomerge.candidate.space import SpaceSpec
     from evomerge.errors import ConfigError
     from evomerge.merge.registry import interval
-    from evomerge.space import SpaceSpec
 
     assert str(interval(["ties"], "density")) == "(0, 1]" and 0.0 not in interval(["ties"], "density")
     assert str(interval(["della"], "epsilon")) == "[0, 1)" and interval(["ties"], "epsilon") is None
     with pytest.raises(ValueError, match=r"leaves \(0, 1\]"):
         SpaceSpec.model_validate({"methods": ["ties"], "parameters": {"density": {"low": 0.0, "high": 1.0}}})
     assert REGISTRY["ties"].params["weight"].default is REQUIRED
-    from evomerge.recipe import Recipe
+    from evomerge.merge.recipe import Recipe
 
     with pytest.raises(ConfigError, match=r"gamma must be in \[0, 1\), got 1.0"):
         Recipe.model_validate(

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from evomerge.candidate.portfolio import default_recipe
 from evomerge.cli import main
-from evomerge.config import load_run_config, parse_config
-from evomerge.recipe import Recipe
-from evomerge.report import Comparison, Row, TrialRow, default_recipe, statement
+from evomerge.config.schema import load_run_config, parse_config
+from evomerge.merge.recipe import Recipe
+from evomerge.report import Comparison, Row, TrialRow, statement
 from evomerge.report.markdown import render
-from evomerge.search.driver import run_search
-from evomerge.search.workers import InlinePool
+from evomerge.run.driver import run_search
+from evomerge.run.pool import InlinePool
 
 SUBSET = 60  # held-out examples per task: a fixed seeded sample keeps the 9 evaluations quick
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -130,7 +131,7 @@ def test_default_rows_equal_scoring_the_default_merge_directly(ties_report):
 
 
 def test_study_method_default_is_the_enqueued_baseline_trial(ties_report):
-    from evomerge.search.study import load_study
+    from evomerge.study.storage import load_study
 
     run_dir, _, _ = ties_report
     cfg = load_run_config(run_dir)
@@ -143,7 +144,8 @@ def test_study_method_default_is_the_enqueued_baseline_trial(ties_report):
 
 
 def test_top_trials_and_evolved_row_come_from_the_study(ties_report):
-    from evomerge.search.study import best_trial, complete_trials, load_study, objective_of, ranked
+    from evomerge.study.storage import load_study
+    from evomerge.study.trials import best_trial, complete_trials, objective_of, ranked
 
     run_dir, c, _ = ties_report
     cfg = load_run_config(run_dir)
@@ -343,9 +345,9 @@ def test_report_errors_name_the_fix(tmp_path, capsys):
 
 
 def test_default_recipes_come_from_the_search_space_defaults(tiny_zoo):
+    from evomerge.candidate.portfolio import COMMON_METHODS, space_for
     from evomerge.errors import ConfigError
     from evomerge.merge.plan import Plan
-    from evomerge.portfolio import COMMON_METHODS, space_for
 
     two = [tiny_zoo / "add", tiny_zoo / "reverse"]
     ties = default_recipe("ties", tiny_zoo / "base", two, seed=3)

@@ -1,5 +1,5 @@
-"""The config resolved once (evomerge/resolve.py): `evomerge audit CONFIG --plan` and `evomerge search CONFIG` print
-the same notes and the same resource plan, because both plan the one resolved config; a default written out in the
+"""The config resolved once (evomerge/config/resolve.py): `evomerge audit CONFIG --plan` and `evomerge search CONFIG`
+print the same notes and the same resource plan, because both plan the one resolved config; a default written out in the
 file resolves as the default."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import yaml
 from test_capacity import LLAMA_0_25B, sparse_llama
 
-from evomerge.config import parse_config
-from evomerge.resolve import asked, resolve_config
+from evomerge.config.resolve import asked, resolve_config
+from evomerge.config.schema import parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "configs" / "demo.yaml"

@@ -6,19 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge.evaluator import Evaluator
+from evomerge.candidate.evaluator import Evaluator
+from evomerge.candidate.space import SearchSpace, load_space_spec, num_layers
 from evomerge.merge.coefficients import key, write_coefficients
-from evomerge.recipe import CoefficientFile
+from evomerge.merge.recipe import CoefficientFile
+from evomerge.refine.rows import BOUNDS, RowRefiner
 from evomerge.scoring.tasks import TaskSpec
-from evomerge.search.rows import BOUNDS, RowRefiner
-from evomerge.space import SearchSpace, load_space_spec, num_layers
 
 SEARCH = [TaskSpec(name="zoo_add_greedy_search", subset=12), TaskSpec(name="zoo_reverse_greedy_search", subset=12)]
 
 
 def _search_config(zoo, name: str, n_trials: int, refine: dict):
     """A small in-process search on the tiny zoo's two specialists with these refinement settings."""
-    from evomerge.config import parse_config
+    from evomerge.config.schema import parse_config
 
     return parse_config(
         {
@@ -99,15 +99,15 @@ def test_a_search_scores_the_row_path_and_exports_it_as_an_evomerge_only_recipe(
     from safetensors.torch import load_file
 
     from evomerge.cli import main
-    from evomerge.recipe import Recipe
-    from evomerge.search import study as st
-    from evomerge.search.driver import run_search
-    from evomerge.search.record import TrialRecord
+    from evomerge.merge.recipe import Recipe
+    from evomerge.run.driver import run_search
+    from evomerge.study.record import TrialRecord
+    from evomerge.study.storage import load_study
 
     monkeypatch.chdir(tmp_path)
     cfg = _search_config(tiny_zoo, "rows", 9, {"at": [0.4], "steps": 6, "every": 2, "arms": ["distill"]})
     assert run_search(cfg, progress=False, log=None).n_complete == 9
-    study = st.load_study(cfg.name, cfg.storage_url)
+    study = load_study(cfg.name, cfg.storage_url)
     refined = [t for t in study.trials if TrialRecord.from_trial(t).refine_round is not None]
     assert [TrialRecord.from_trial(t).refine_step for t in refined] == [2, 4, 6]
     for t in refined:
@@ -136,7 +136,7 @@ def test_a_search_scores_the_row_path_and_exports_it_as_an_evomerge_only_recipe(
 def test_refinement_steps_scale_with_the_budget_when_auto():
     from pydantic import ValidationError
 
-    from evomerge.config import RefineConfig
+    from evomerge.config.schema import RefineConfig
 
     auto = RefineConfig(steps="auto", every="auto")
     assert [auto.schedule(n) for n in (10, 25, 100, 200)] == [(10, 1), (15, 2), (60, 10), (120, 20)]
@@ -150,9 +150,9 @@ def test_the_guard_validates_every_point_of_the_refinement(tiny_zoo):
     scores every point of its path on validation, not only the top_k by search objective."""
     import optuna
 
-    from evomerge.config import parse_config
-    from evomerge.search.guard import finalists
-    from evomerge.search.record import trial_attrs
+    from evomerge.config.schema import parse_config
+    from evomerge.study.record import trial_attrs
+    from evomerge.validate.guard import finalists
 
     cfg = parse_config(
         {
@@ -181,7 +181,7 @@ def test_the_guard_validates_every_point_of_the_refinement(tiny_zoo):
 def test_refinement_rounds_cycle_the_arms_and_scale_with_the_budget():
     from pydantic import ValidationError
 
-    from evomerge.config import RefineConfig
+    from evomerge.config.schema import RefineConfig
 
     auto = RefineConfig()
     assert auto.starts(25) == [12, 21] and auto.starts(50) == [25, 42]  # two rounds up to 74 trials
@@ -194,9 +194,9 @@ def test_refinement_rounds_cycle_the_arms_and_scale_with_the_budget():
 
 
 def test_default_per_row_arms_fall_back_to_per_tensor_rounds_where_a_method_has_none(tiny_zoo, tmp_path, monkeypatch):
-    from evomerge.config import parse_config
+    from evomerge.config.resolve import runnable as _runnable
+    from evomerge.config.schema import parse_config
     from evomerge.errors import ConfigError
-    from evomerge.resolve import runnable as _runnable
 
     monkeypatch.chdir(tmp_path)
     data = {
@@ -231,14 +231,15 @@ def test_default_per_row_arms_fall_back_to_per_tensor_rounds_where_a_method_has_
 def test_a_per_tensor_round_after_a_per_row_one_starts_from_a_trial_without_coefficients(
     tiny_zoo, tmp_path, monkeypatch
 ):
-    from evomerge.search import study as st
-    from evomerge.search.driver import run_search
-    from evomerge.search.record import TrialRecord
+    from evomerge.run.driver import run_search
+    from evomerge.study.record import TrialRecord
+    from evomerge.study.storage import load_study
+    from evomerge.study.trials import objective_of
 
     monkeypatch.chdir(tmp_path)
     cfg = _search_config(tiny_zoo, "arms", 10, {"at": [0.2, 0.6], "steps": 4, "every": 2, "arms": ["rows", "tensor"]})
     assert run_search(cfg, progress=False, log=None).n_complete == 10
-    trials = st.load_study(cfg.name, cfg.storage_url).trials
+    trials = load_study(cfg.name, cfg.storage_url).trials
     records = [TrialRecord.from_trial(t) for t in trials]
     rows = [r for r in records if r.refine_round == 0]
     tensor = [t.number for t, r in zip(trials, records) if r.refine_round == 1]
@@ -247,4 +248,4 @@ def test_a_per_tensor_round_after_a_per_row_one_starts_from_a_trial_without_coef
     start = records[tensor[0]].refined_from
     assert records[start].coefficients is None and records[start].refine_round is None
     plain = [t for t in trials[: tensor[0]] if t.state.name == "COMPLETE" and records[t.number].coefficients is None]
-    assert st.objective_of(trials[start]) == max(st.objective_of(t) for t in plain)  # the best of those
+    assert objective_of(trials[start]) == max(objective_of(t) for t in plain)  # the best of those

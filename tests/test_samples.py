@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 from evomerge.cli import main
-from evomerge.config import parse_config
+from evomerge.config.schema import parse_config
 
 
 def test_export_keeps_the_exported_models_held_out_samples(tiny_zoo, tmp_path, monkeypatch, capsys):
-    from evomerge.search.driver import run_search
+    from evomerge.run.driver import run_search
 
     monkeypatch.chdir(tmp_path)
     cfg = parse_config(

@@ -9,14 +9,16 @@ import warnings
 import optuna
 import pytest
 
-from evomerge.config import apply_overrides, parse_config
-from evomerge.export import export_trial
-from evomerge.recipe import Recipe
+from evomerge.candidate.space import space_of
+from evomerge.config.schema import apply_overrides, parse_config
+from evomerge.export.export import export_trial
+from evomerge.merge.recipe import Recipe
 from evomerge.report.status import status_text
+from evomerge.run.driver import run_search
 from evomerge.scoring import TaskSpec, evaluate_model_dir
-from evomerge.search import study as st
-from evomerge.search.driver import run_search
-from evomerge.space import space_of
+from evomerge.study import study as st
+from evomerge.study.storage import load_study
+from evomerge.study.trials import best_trial, complete_trials, pareto_front
 
 TASKS = [{"name": "zoo_add_search", "subset": 20}, {"name": "zoo_reverse_search", "subset": 20}]
 
@@ -74,7 +76,7 @@ def test_search_resume_export_rescore(tmp_path, tiny_zoo, monkeypatch, ray_local
         warnings.simplefilter("ignore")
         study.enqueue_trial(bad, user_attrs={"note": "overflows"})
 
-    from evomerge.search.workers import WorkerPool
+    from evomerge.run.pool import WorkerPool
 
     pool = WorkerPool(cfg)
     request.addfinalizer(pool.close)
@@ -84,7 +86,7 @@ def test_search_resume_export_rescore(tmp_path, tiny_zoo, monkeypatch, ray_local
     assert [t.user_attrs.get("baseline") for t in trials[:3]] == ["defaults", "only add", "only reverse"]
     failed = trials[3]
     assert failed.state == optuna.trial.TrialState.FAIL and "NaN or Inf" in failed.user_attrs["fail_reason"]
-    done = {t.number: t for t in st.complete_trials(study)}
+    done = {t.number: t for t in complete_trials(study)}
     for t in done.values():
         assert set(t.user_attrs) >= {"scores", "objective", "merge_s", "eval_s", "total_s", "recipe", "worker"}
         assert 0.0 <= t.value <= 1.0 and t.user_attrs["merge_s"] > 0 and t.user_attrs["eval_s"] > 0
@@ -94,7 +96,7 @@ def test_search_resume_export_rescore(tmp_path, tiny_zoo, monkeypatch, ray_local
         apply_overrides(cfg, n_trials=7), progress=False, log=None, pool_factory=lambda _cfg: KeptPool(pool)
     )
     assert second.n_complete == 7 and second.n_failed == 0
-    again = {t.number: t for t in st.complete_trials(study)}
+    again = {t.number: t for t in complete_trials(study)}
     assert set(done) < set(again)
     assert all(again[n].value == done[n].value and again[n].params == done[n].params for n in done)
     points = [tuple(sorted(t.params.items())) for t in again.values() if not t.user_attrs.get("portfolio")]
@@ -102,7 +104,7 @@ def test_search_resume_export_rescore(tmp_path, tiny_zoo, monkeypatch, ray_local
     assert "RUNNING" not in {t.state.name for t in study.get_trials()}
 
     # export the best trial; the checkpoint scores exactly what the trial recorded
-    best = st.best_trial(study)
+    best = best_trial(study)
     res = export_trial(cfg.run_dir, log=None)
     assert res.trial == best.number and res.model_dir == cfg.run_dir / "best" / "model"
     recipe = Recipe.load(cfg.run_dir / "best" / "recipe.yaml")
@@ -136,31 +138,31 @@ def inline_config(zoo, **changes):
 
 def test_multi_objective_search_pareto_front_and_export_choice(tmp_path, tiny_zoo, monkeypatch):
     from evomerge.errors import StudyError
-    from evomerge.search.workers import InlinePool
+    from evomerge.run.pool import InlinePool
 
     monkeypatch.chdir(tmp_path)
     cfg = inline_config(tiny_zoo, sampler={"name": "nsga2", "options": {"population_size": 4}})
     result = run_search(cfg, progress=False, log=None, pool_factory=InlinePool)
     assert result.n_complete == 5
-    study = st.load_study("inline", cfg.storage_url)
+    study = load_study("inline", cfg.storage_url)
     assert len(study.directions) == 2
-    for t in st.complete_trials(study):
+    for t in complete_trials(study):
         assert t.values == [t.user_attrs["scores"][task["name"]]["acc"] for task in TASKS]
         assert t.user_attrs["objective"] == pytest.approx(sum(t.values) / 2)
-    front = st.pareto_front(study)
+    front = pareto_front(study)
     assert front and all(t.state == optuna.trial.TrialState.COMPLETE for t in front)
     assert "Pareto front" in status_text(cfg.run_dir)
     chosen = export_trial(cfg.run_dir, out=tmp_path / "pick", trial=front[-1].number, log=None)
     assert Recipe.load(chosen.recipe).evomerge.trial == front[-1].number
     default = export_trial(cfg.run_dir, log=None)
-    assert default.trial == st.best_trial(study).number  # the best mean
+    assert default.trial == best_trial(study).number  # the best mean
     with pytest.raises(StudyError, match="no trial 99"):
         export_trial(cfg.run_dir, trial=99, log=None)
 
 
 def test_a_search_whose_candidates_all_fail_stops_with_the_reason(tmp_path, tiny_zoo, monkeypatch):
     from evomerge.errors import StudyError
-    from evomerge.search.workers import InlinePool
+    from evomerge.run.pool import InlinePool
 
     monkeypatch.chdir(tmp_path)
     space = {
@@ -170,6 +172,6 @@ def test_a_search_whose_candidates_all_fail_stops_with_the_reason(tmp_path, tiny
     cfg = inline_config(tiny_zoo, search_space=space)
     with pytest.raises(StudyError, match="the last 5 trials failed .*NaN or Inf"):
         run_search(cfg, progress=False, log=None, pool_factory=InlinePool)
-    trials = [t for t in st.load_study("inline", cfg.storage_url).trials if not t.user_attrs.get("portfolio")]
+    trials = [t for t in load_study("inline", cfg.storage_url).trials if not t.user_attrs.get("portfolio")]
     assert {t.state.name for t in trials} <= {"FAIL", "WAITING"}  # other methods' default merges are fine
     assert all("CandidateError" in t.user_attrs["fail_reason"] for t in trials if t.state.name == "FAIL")

@@ -11,11 +11,14 @@ from pathlib import Path
 import optuna
 import pytest
 
-from evomerge.config import parse_config
-from evomerge.search import study as st
-from evomerge.search.driver import MAX_WORKER_DEATHS, SearchResult, _InFlight, _tell, run_search
-from evomerge.search.workers import JobResult
-from evomerge.space import space_of
+from evomerge.candidate.space import space_of
+from evomerge.config.schema import parse_config
+from evomerge.run.driver import MAX_WORKER_DEATHS, SearchResult, _InFlight, _tell, run_search
+from evomerge.run.pool import JobResult
+from evomerge.study import study as st
+from evomerge.study.samplers import distributions
+from evomerge.study.storage import get_storage, load_study
+from evomerge.study.trials import best_trial
 
 TASKS = [{"name": "zoo_add_search", "subset": 4}, {"name": "zoo_reverse_search", "subset": 4}]
 SPACE = {"methods": ["task_arithmetic"], "parameters": {"weight": {"low": 0.0, "high": 1.0, "default": 0.5}}}
@@ -57,7 +60,7 @@ def test_params_that_keep_killing_workers_are_retried_twice_then_fail(tmp_path, 
     monkeypatch.chdir(tmp_path)
     cfg = zoo_config(fake_zoo(tmp_path))
     study = st.open_study(cfg, space_of(cfg), log=None)
-    dists = st.distributions(space_of(cfg), cfg.models)
+    dists = distributions(space_of(cfg), cfg.models)
     result = SearchResult("faults", tmp_path, cfg.storage_url, 0, 0, None, None)
     for _ in range(3):  # the baselines
         study.tell(st.ask(study, dists), 0.5)
@@ -88,7 +91,7 @@ def test_a_non_finite_objective_fails_even_if_the_worker_says_ok(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     cfg = zoo_config(fake_zoo(tmp_path))
     study = st.open_study(cfg, space_of(cfg), log=None)
-    trial = st.ask(study, st.distributions(space_of(cfg), cfg.models))
+    trial = st.ask(study, distributions(space_of(cfg), cfg.models))
     result = SearchResult("faults", tmp_path, cfg.storage_url, 0, 0, None, None)
     res = JobResult(scores={"zoo_add_search": {"acc": 1.0}}, objective=math.inf)
     assert _tell(study, cfg, _InFlight(trial, time.perf_counter()), res, result) is None
@@ -96,12 +99,12 @@ def test_a_non_finite_objective_fails_even_if_the_worker_says_ok(tmp_path, monke
     assert (
         frozen.state == optuna.trial.TrialState.FAIL and "non-finite objective inf" in frozen.user_attrs["fail_reason"]
     )
-    assert st.best_trial(study) is None
+    assert best_trial(study) is None
 
 
 def test_nan_scores_fail_the_trial_and_never_become_best(tmp_path, tiny_zoo, monkeypatch):
+    from evomerge.run.pool import InlinePool
     from evomerge.scoring import Scorer
-    from evomerge.search.workers import InlinePool
 
     monkeypatch.chdir(tmp_path)
     real = Scorer.score
@@ -118,7 +121,7 @@ def test_nan_scores_fail_the_trial_and_never_become_best(tmp_path, tiny_zoo, mon
     cfg = zoo_config(tiny_zoo)
     result = run_search(cfg, progress=False, log=None, pool_factory=InlinePool)
     assert result.n_complete == 3 and result.n_failed == 1
-    trials = st.load_study("faults", cfg.storage_url).trials
+    trials = load_study("faults", cfg.storage_url).trials
     bad = trials[1]
     assert bad.state == optuna.trial.TrialState.FAIL
     assert "zoo_add_search" in bad.user_attrs["fail_reason"] and "nan" in bad.user_attrs["fail_reason"]
@@ -131,7 +134,7 @@ def test_a_half_created_study_is_finished_not_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = zoo_config(fake_zoo(tmp_path))
     optuna.create_study(  # an empty study: no config hash, no baselines yet
-        study_name=cfg.name, storage=st.get_storage(cfg.storage_url)
+        study_name=cfg.name, storage=get_storage(cfg.storage_url)
     )
     resumed = st.open_study(cfg, space_of(cfg), log=None)
     assert resumed.user_attrs["config_hash"] == cfg.study_hash()
@@ -139,7 +142,7 @@ def test_a_half_created_study_is_finished_not_refused(tmp_path, monkeypatch):
     assert labels == ["defaults", "only add", "only reverse"]
     # killed after the hash and the first baseline: the other two are added, none twice
     other = parse_config({**cfg.model_dump(mode="json", exclude_none=True), "name": "other"})
-    half = optuna.create_study(study_name="other", storage=st.get_storage(cfg.storage_url))
+    half = optuna.create_study(study_name="other", storage=get_storage(cfg.storage_url))
     for key in ("config", "task_names", "config_hash"):
         half.set_user_attr(key, resumed.user_attrs[key] if key != "config" else other.study_fields())
     half.set_user_attr("config_hash", other.study_hash())
@@ -153,7 +156,7 @@ def test_a_trial_requeued_before_a_kill_is_not_requeued_twice(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     cfg = zoo_config(fake_zoo(tmp_path))
     study = st.open_study(cfg, space_of(cfg), log=None)
-    trial = st.ask(study, st.distributions(space_of(cfg), cfg.models))
+    trial = st.ask(study, distributions(space_of(cfg), cfg.models))
     study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})  # killed right after this
     trial.set_user_attr("driver", {"host": "elsewhere", "pid": 1})
     assert st.fail_stale_trials(study, log=None, exclusive=True) == [trial.number]
@@ -184,7 +187,7 @@ class KillingPool:
 
 def test_a_ray_worker_killed_mid_trial_is_replaced_and_its_trial_retried(tmp_path, tiny_zoo, monkeypatch):
     """In the default suite (issue 12): three trials, one Ray actor SIGKILLed while it runs the second."""
-    from evomerge.search.workers import WorkerPool
+    from evomerge.run.pool import WorkerPool
 
     monkeypatch.chdir(tmp_path)
     cfg = zoo_config(tiny_zoo, workers={"count": 1, "num_cpus": 1}, budget={"n_trials": 3})
@@ -197,7 +200,7 @@ def test_a_ray_worker_killed_mid_trial_is_replaced_and_its_trial_retried(tmp_pat
     result = run_search(cfg, progress=False, log=None, pool_factory=factory)
     pool = holder["pool"]
     assert result.n_complete == 3 and pool.killed
-    trials = st.load_study("faults", cfg.storage_url).trials
+    trials = load_study("faults", cfg.storage_url).trials
     dead = [t for t in trials if t.state.name == "FAIL"]
     assert dead and all(t.user_attrs["fail_reason"].startswith("worker died") for t in dead)
     assert all(f":{pool.killed[0]}" in t.user_attrs["fail_reason"] for t in dead), "the reason names the dead worker"
@@ -233,7 +236,7 @@ def test_a_baseline_killed_inside_ask_is_retried_with_its_own_params(tmp_path, m
         retry.system_attrs["fixed_params"] == waiting.system_attrs["fixed_params"]
         and retry.user_attrs["baseline"] == "defaults"
     )
-    asked = [st.ask(study, st.distributions(space_of(cfg), cfg.models)) for _ in range(3)]  # after the other baselines
+    asked = [st.ask(study, distributions(space_of(cfg), cfg.models)) for _ in range(3)]  # after the other baselines
     assert (
         asked[-1].params == waiting.system_attrs["fixed_params"] and asked[-1].user_attrs["retry_of"] == waiting.number
     )
@@ -245,7 +248,7 @@ def test_a_baseline_killed_inside_ask_is_retried_with_its_own_params(tmp_path, m
 def test_an_exception_in_the_users_task_code_fails_that_trial_and_the_search_goes_on(tmp_path, tiny_zoo, monkeypatch):
     from test_evaluator import raising_task
 
-    from evomerge.search.workers import InlinePool
+    from evomerge.run.pool import InlinePool
 
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "tasks"
@@ -253,7 +256,7 @@ def test_an_exception_in_the_users_task_code_fails_that_trial_and_the_search_goe
     cfg = zoo_config(tiny_zoo, tasks={"search": [{"name": name}], "include_paths": [str(folder)]})
     result = run_search(cfg, progress=False, log=None, pool_factory=InlinePool)
     assert result.n_complete == 3 and result.n_failed == 1
-    trials = st.load_study("faults", cfg.storage_url).trials
+    trials = load_study("faults", cfg.storage_url).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     reason = trials[1].user_attrs["fail_reason"]
     assert reason.startswith("TaskCodeError: ") and "boom_utils.py" in reason and "on call 9" in reason
@@ -261,8 +264,8 @@ def test_an_exception_in_the_users_task_code_fails_that_trial_and_the_search_goe
 
 
 def test_a_bug_in_evomerge_stops_the_search_and_loses_no_completed_trial(tmp_path, tiny_zoo, monkeypatch):
+    from evomerge.run.pool import InlinePool
     from evomerge.scoring import Scorer
-    from evomerge.search.workers import InlinePool
 
     monkeypatch.chdir(tmp_path)
     real, calls = Scorer.objective, []
@@ -277,7 +280,7 @@ def test_a_bug_in_evomerge_stops_the_search_and_loses_no_completed_trial(tmp_pat
     cfg = zoo_config(tiny_zoo)
     with pytest.raises(ZeroDivisionError, match="an injected bug"):
         run_search(cfg, progress=False, log=None, pool_factory=InlinePool)
-    trials = st.load_study("faults", cfg.storage_url).trials
+    trials = load_study("faults", cfg.storage_url).trials
     assert trials[0].state.name == "COMPLETE"
     assert trials[1].state.name == "FAIL" and trials[1].user_attrs["fail_reason"].startswith("interrupted")
     retry = [t for t in trials if t.user_attrs.get("retry_of") == 1]
@@ -312,7 +315,7 @@ def test_a_bug_in_a_ray_worker_stops_the_search_with_its_traceback(tmp_path, tin
     """The same injected bug inside a Ray actor (through sitecustomize, which every worker process runs)."""
     import ray
 
-    from evomerge.search.workers import WorkerPool
+    from evomerge.run.pool import WorkerPool
 
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -333,6 +336,6 @@ def test_a_bug_in_a_ray_worker_stops_the_search_with_its_traceback(tmp_path, tin
             run_search(cfg, progress=False, log=None, pool_factory=WorkerPool)
     finally:
         ray.shutdown()
-    trials = st.load_study("faults", cfg.storage_url).trials
+    trials = load_study("faults", cfg.storage_url).trials
     assert "COMPLETE" not in {t.state.name for t in trials} and "RUNNING" not in {t.state.name for t in trials}
     assert all(t.user_attrs["fail_reason"].startswith("interrupted") for t in trials if t.state.name == "FAIL")

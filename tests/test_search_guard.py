@@ -6,14 +6,17 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from evomerge.config import parse_config, write_run_config
-from evomerge.evaluator import Evaluator
-from evomerge.export import export_trial
+from evomerge.candidate.evaluator import Evaluator
+from evomerge.candidate.space import space_of
+from evomerge.config.schema import parse_config, write_run_config
+from evomerge.export.export import export_trial
 from evomerge.io.verify import verify_checkpoint
-from evomerge.recipe import Recipe
-from evomerge.search import guard as val
-from evomerge.search import study as st
-from evomerge.space import space_of
+from evomerge.merge.recipe import Recipe
+from evomerge.study import study as st
+from evomerge.study.samplers import distributions
+from evomerge.study.storage import load_study
+from evomerge.study.trials import best_trial, complete_trials
+from evomerge.validate import guard as val
 
 SEARCH = [{"name": "zoo_add_search", "subset": 20}, {"name": "zoo_reverse_search", "subset": 20}]
 VALIDATION = {"top_k": 3, "tasks": [{"name": "zoo_add_val"}, {"name": "zoo_reverse_val"}]}
@@ -48,7 +51,7 @@ def test_validation_overrides_a_misleading_search_score_and_export_stays_whole(t
     plain, guarded = guard_config(tiny_zoo), guard_config(tiny_zoo, VALIDATION)
     assert plain.study_hash() == guarded.study_hash()  # validation is a runtime setting: same study
     space = space_of(plain)
-    dists = st.distributions(space, plain.models)
+    dists = distributions(space, plain.models)
     study = st.open_study(plain, space, log=None)
 
     # three real recipes; their true validation objectives, then search scores that rank the worst one first
@@ -66,7 +69,7 @@ def test_validation_overrides_a_misleading_search_score_and_export_stays_whole(t
         scores = {t["name"]: {"acc": value} for t in SEARCH}
         attrs = {"recipe": text, "scores": scores, "objective": value, "baseline": label}
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value, user_attrs=attrs))
-    numbers = [t.number for t in st.complete_trials(study)]
+    numbers = [t.number for t in complete_trials(study)]
 
     # without the guard: the best search objective, i.e. the worst recipe
     write_run_config(plain)
@@ -77,7 +80,7 @@ def test_validation_overrides_a_misleading_search_score_and_export_stays_whole(t
     # with the guard: the top 3 are re-scored on the validation tasks, the best there is exported
     write_run_config(guarded)
     second = export_trial(guarded.run_dir, log=None)
-    results = val.stored(guarded, st.load_study("guard", guarded.storage_url))
+    results = val.stored(guarded, load_study("guard", guarded.storage_url))
     assert sorted(results) == sorted(numbers)
     assert [results[n].objective for n in numbers] == pytest.approx(truth)  # recorded in the study
     assert second.trial != numbers[worst] and results[second.trial].objective == max(truth)
@@ -101,7 +104,7 @@ def test_validation_overrides_a_misleading_search_score_and_export_stays_whole(t
     from evomerge.report import build_report
     from evomerge.report.status import status_text
 
-    assert second.trial != st.best_trial(study).number, "the guard's pick must differ from the best search score"
+    assert second.trial != best_trial(study).number, "the guard's pick must differ from the best search score"
     assert f"exported trial: {second.trial} " in status_text(guarded.run_dir)
     report = build_report(guarded.run_dir, subset=20, log=None)
     assert report.comparison.best_trial == second.trial
@@ -115,7 +118,7 @@ def test_validation_overrides_a_misleading_search_score_and_export_stays_whole(t
     assert f"exported trial: {numbers[worst]} " in status_text(plain.run_dir)
 
     # a killed export (here: interrupted mid-merge) leaves the previous complete best/, card and recipe alike
-    import evomerge.export as io_export
+    import evomerge.export.export as io_export
 
     def killed(recipe, out_dir, **kwargs):
         out_dir.mkdir(parents=True)
@@ -166,7 +169,7 @@ def test_guard_exports_the_defaults_when_no_searched_trial_beats_them_on_validat
     monkeypatch.chdir(tmp_path)
     cfg = guard_config(tiny_zoo, {**VALIDATION, "top_k": 1})
     space = space_of(cfg)
-    dists = st.distributions(space, cfg.models)
+    dists = distributions(space, cfg.models)
     study = st.open_study(cfg, space, log=None)
     bench = validation_evaluator(cfg)
     recipes = [
@@ -187,7 +190,7 @@ def test_guard_exports_the_defaults_when_no_searched_trial_beats_them_on_validat
             "baseline": label,
         }
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value, user_attrs=attrs))
-    number = {t.user_attrs["baseline"]: t.number for t in st.complete_trials(study)}
+    number = {t.user_attrs["baseline"]: t.number for t in complete_trials(study)}
 
     other = next(label for label in truth if label not in ("defaults", searched))
     # every baseline is a finalist, in search order after the top_k

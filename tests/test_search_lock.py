@@ -16,15 +16,15 @@ import yaml
 from waiting import trial_count, wait_until
 
 from evomerge.errors import StudyError
-from evomerge.search import lock as lk
-from evomerge.search import study as st
+from evomerge.study import lock as lk
+from evomerge.study.storage import get_storage, load_study
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def new_study(tmp_path: Path, name: str = "locked"):
     url = f"sqlite:///{tmp_path}/study.db"
-    return url, optuna.create_study(study_name=name, storage=st.get_storage(url))
+    return url, optuna.create_study(study_name=name, storage=get_storage(url))
 
 
 def test_a_second_driver_on_a_sqlite_study_is_refused_until_the_first_releases(tmp_path):
@@ -59,7 +59,7 @@ def test_the_driver_heartbeats_from_taking_the_study_also_while_workers_load(tin
     thread beats while the pool is still being made. (Real inputs: the resource plan reads their headers first.)"""
     from test_search_faults import zoo_config
 
-    from evomerge.search.driver import run_search
+    from evomerge.run.driver import run_search
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(lk, "HEARTBEAT_S", 0.1)
@@ -67,7 +67,7 @@ def test_the_driver_heartbeats_from_taking_the_study_also_while_workers_load(tin
     seen = []
 
     def slow_pool(c):  # workers loading models: the driver's loop has not started until the lock beat 4 times
-        reader = st.load_study(c.name, c.storage_url)
+        reader = load_study(c.name, c.storage_url)
 
         def beats() -> bool:
             seen.append(reader.user_attrs["lock"]["heartbeat"])
@@ -79,7 +79,7 @@ def test_the_driver_heartbeats_from_taking_the_study_also_while_workers_load(tin
     with pytest.raises(Loaded):
         run_search(cfg, progress=False, log=None, pool_factory=slow_pool)
     assert len(set(seen)) >= 4, seen
-    assert st.load_study(cfg.name, cfg.storage_url).user_attrs["lock"] is None, "released at the end"
+    assert load_study(cfg.name, cfg.storage_url).user_attrs["lock"] is None, "released at the end"
 
 
 def search_config(tmp_path: Path, zoo: Path, n_trials: int) -> Path:

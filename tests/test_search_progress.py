@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from evomerge.config import parse_config
+from evomerge.config.schema import parse_config
 
 
 def small_search(zoo, **changes):
@@ -26,7 +26,7 @@ def small_search(zoo, **changes):
 
 
 def test_a_small_budget_search_says_what_it_does(tiny_zoo, tmp_path, monkeypatch):
-    from evomerge.search.driver import run_search
+    from evomerge.run.driver import run_search
 
     monkeypatch.chdir(tmp_path)
     lines: list[str] = []

@@ -15,10 +15,13 @@ import optuna
 import pytest
 import yaml
 
-from evomerge.config import parse_config
+from evomerge.candidate.space import space_of
+from evomerge.config.schema import parse_config
 from evomerge.errors import StudyError
-from evomerge.search import study as st
-from evomerge.space import space_of
+from evomerge.study import study as st
+from evomerge.study.lock import GRACE_S
+from evomerge.study.samplers import distributions
+from evomerge.study.storage import get_storage
 
 REPO = Path(__file__).resolve().parent.parent
 SPACE = {
@@ -52,7 +55,7 @@ def toy_value(params: dict) -> float:
 
 def run_toy(study, cfg, n: int) -> None:
     """The driver's ask/tell bookkeeping with a cheap objective instead of a merge."""
-    dists = st.distributions(space_of(cfg), cfg.models)
+    dists = distributions(space_of(cfg), cfg.models)
     for _ in range(n):
         trial = st.ask(study, dists)
         study.tell(trial, toy_value(trial.params))
@@ -90,14 +93,14 @@ def dead_pid() -> int:
 def test_stale_running_trials_fail_and_are_enqueued_again(tmp_path):
     cfg = make_config(tmp_path)
     study = st.open_study(cfg, space_of(cfg), log=None)
-    dists = st.distributions(space_of(cfg), cfg.models)
+    dists = distributions(space_of(cfg), cfg.models)
     run_toy(study, cfg, 3)  # consume the baselines
     mine = st.ask(study, dists)  # this live process: not stale
     orphan = st.ask(study, dists)
     orphan.set_user_attr("driver", {"host": socket.gethostname(), "pid": dead_pid(), "start": None})
     remote = st.ask(study, dists)  # another host: stale only when its heartbeat is old
     remote.set_user_attr("driver", {"host": "elsewhere", "pid": 1})
-    remote.set_user_attr("heartbeat", time.time() - st.GRACE_S - 5)
+    remote.set_user_attr("heartbeat", time.time() - GRACE_S - 5)
     lively = st.ask(study, dists)
     lively.set_user_attr("driver", {"host": "elsewhere", "pid": 1})
 
@@ -197,7 +200,7 @@ def test_sigkill_mid_trial_then_resume_finishes_the_budget(tmp_path, tiny_zoo):
     assert len(after["COMPLETE"]) == n_trials
     assert "RUNNING" not in after and "WAITING" not in after
     assert set(before["COMPLETE"]) <= set(after["COMPLETE"]), "completed trials are kept, not redone"
-    storage = st.get_storage(f"sqlite:///{db}")
+    storage = get_storage(f"sqlite:///{db}")
     trials = optuna.load_study(study_name="killed", storage=storage).trials
     for number in before["RUNNING"]:
         assert trials[number].state == optuna.trial.TrialState.FAIL

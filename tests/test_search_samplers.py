@@ -1,4 +1,4 @@
-"""Samplers (search/study.py): every registered name builds, its options are Optuna's, defaults follow the space's
+"""Samplers (study/study.py): every registered name builds, its options are Optuna's, defaults follow the space's
 dimension, CMA-ES warm start works."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 import optuna
 import pytest
 
-from evomerge.config import SAMPLERS, parse_config, write_run_config
+from evomerge.candidate.space import space_of
+from evomerge.config.schema import parse_config, write_run_config
 from evomerge.errors import ConfigError
-from evomerge.search import study as st
-from evomerge.search.study import SEPARABLE_DIM, auto_options, make_sampler, sampler_for
-from evomerge.space import space_of
+from evomerge.study import study as st
+from evomerge.study.samplers import SAMPLERS, SEPARABLE_DIM, auto_options, distributions, make_sampler, sampler_for
 
 SPACE = {
     "methods": ["task_arithmetic"],
@@ -79,7 +79,7 @@ def test_warm_start_begins_where_the_earlier_study_did_well(tmp_path, monkeypatc
     space = space_of(src)
     write_run_config(src)
     study = st.open_study(src, space, log=None)
-    dists = st.distributions(space, src.models)
+    dists = distributions(space, src.models)
     rand = optuna.samplers.RandomSampler(seed=0)
     probe = optuna.create_study(sampler=rand)
     for _ in range(40):  # an earlier exploration of the space, scored by a toy objective

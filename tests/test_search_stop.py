@@ -15,11 +15,13 @@ import yaml
 from test_search_faults import zoo_config
 from waiting import trial_count, wait_until
 
+from evomerge.candidate.space import space_of
 from evomerge.report.status import status_text
-from evomerge.search import study as st
-from evomerge.search.driver import run_search
-from evomerge.search.workers import InlinePool
-from evomerge.space import space_of
+from evomerge.run.driver import run_search
+from evomerge.run.pool import InlinePool
+from evomerge.study.samplers import distributions
+from evomerge.study.storage import load_study
+from evomerge.study.trials import best_trial, complete_trials, objective_of
 
 
 def _search(cfg, **kw):
@@ -65,15 +67,15 @@ def test_status_marks_the_exported_trial_explains_its_columns_and_knows_nothing_
     monkeypatch.chdir(tmp_path)
     cfg = zoo_config(tiny_zoo, budget={"n_trials": 4})
     _search(cfg)
-    study = st.load_study(cfg.name, cfg.storage_url)
-    best = st.best_trial(study)
+    study = load_study(cfg.name, cfg.storage_url)
+    best = best_trial(study)
     text = status_text(cfg.run_dir, top=1)
     assert f"\n{best.number}* " in text and "* = the trial `evomerge export` takes" in text
     assert "objective = the weighted mean of the search tasks' scores" in text and "s = seconds" in text
     # the exported trial is listed even when it is not among the top rows: here validation picks the worst one
-    worst = min(st.complete_trials(study), key=st.objective_of)
+    worst = min(complete_trials(study), key=objective_of)
     study.set_user_attr("lock", None)
-    from evomerge.search import guard
+    from evomerge.validate import guard
 
     monkeypatch.setattr(guard, "exported_trial", lambda c, s: worst)
     text = status_text(cfg.run_dir, top=1)
@@ -82,14 +84,14 @@ def test_status_marks_the_exported_trial_explains_its_columns_and_knows_nothing_
     monkeypatch.chdir(tmp_path)
 
     # a trial left RUNNING by a search that is gone (killed inside `ask`): status does not call it running
-    orphan = study.ask(st.distributions(space_of(cfg), cfg.models))  # no driver recorded
+    orphan = study.ask(distributions(space_of(cfg), cfg.models))  # no driver recorded
     text = status_text(cfg.run_dir)
     assert f"nothing is running: no search holds the study; trial {orphan.number} was left RUNNING" in text
     assert "\nrunning (search" not in text
     # and the next search runs it again, saying which search left it
     _, lines = _search(zoo_config(tiny_zoo, budget={"n_trials": 5}))
     assert any("were left RUNNING by a dead process" in line for line in lines)
-    reason = st.load_study(cfg.name, cfg.storage_url).trials[orphan.number].user_attrs["fail_reason"]
+    reason = load_study(cfg.name, cfg.storage_url).trials[orphan.number].user_attrs["fail_reason"]
     assert (
         reason == "stale: the search that asked it stopped before the trial finished; this driver holds the study now"
     )
@@ -129,7 +131,7 @@ def test_sigterm_stops_a_ray_search_like_ctrl_c(tmp_path, tiny_zoo):
     assert "SIGTERM received" not in err and "logging.cc" not in err and "Traceback" not in err, err
     last = err.strip().splitlines()
     assert len(last) == 1, err
-    trials = st.load_study("sig", url).trials
+    trials = load_study("sig", url).trials
     done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert last[0].startswith(f"evomerge: interrupted (SIGTERM): search 'sig' stopped at {done}/100000 complete")
     assert last[0].endswith("run the same command to resume")
@@ -150,7 +152,7 @@ def test_sigterm_stops_a_ray_search_like_ctrl_c(tmp_path, tiny_zoo):
 def test_an_interrupt_in_process_requeues_and_names_the_resume(tmp_path, tiny_zoo, monkeypatch, signal_name):
     """The same path without Ray: an interrupt after the first tell stops the search with the resume line."""
     from evomerge.errors import Interrupted
-    from evomerge.search import driver
+    from evomerge.run import driver
 
     monkeypatch.chdir(tmp_path)
     real, calls = driver._tell, []

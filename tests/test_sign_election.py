@@ -1,5 +1,5 @@
 """One TIES sign election (merge/kernels/gta.py `elected_sign`, `agreement`): the kernels, the per-tensor
-refinement's differentiable merge (search/surrogate.py) and the per-row refinement (search/rows.py) elect the same
+refinement's differentiable merge (refine/differentiable.py) and the per-row refinement (refine/rows.py) elect the same
 sign and merge to the same tensor, on small tensors with ties at zero and mixed signs."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _kernel(weights: list[float], lam: float, normalize: bool) -> torch.Tensor:
 
 
 def _surrogate(weights: list[float], lam: float, normalize: bool) -> torch.Tensor:
-    from evomerge.search.surrogate import freeze, write_merged
+    from evomerge.refine.differentiable import freeze, write_merged
 
     models = [BASE + d for d in DELTAS]
     ft = freeze(
@@ -60,7 +60,7 @@ def _surrogate(weights: list[float], lam: float, normalize: bool) -> torch.Tenso
 
 
 def _rows(weights: list[float], lam: float, normalize: bool) -> torch.Tensor:
-    from evomerge.search.rows import _Row, _ties
+    from evomerge.refine.rows import _Row, _ties
 
     models = [BASE + d for d in DELTAS]
     row = _Row("t", BASE, models, [lam * w for w in weights], torch.empty_like(BASE), None)

@@ -13,8 +13,8 @@ from test_architectures import load_dir, logits, mergekit_merge
 
 from evomerge.cli import main
 from evomerge.errors import ConfigError
-from evomerge.export import export_recipe
-from evomerge.recipe import Recipe
+from evomerge.export.export import export_recipe
+from evomerge.merge.recipe import Recipe
 
 T_CURVE = [
     {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
@@ -142,7 +142,7 @@ def test_stacking_rebuilds_per_layer_config_lists(arch_family, tmp_path):
 def test_a_full_single_slice_is_the_models_form(arch_family, tmp_path):
     """Same ranges over every layer: `as_models_form` writes it with `models:`, which merges the same tensors and
     which a search space reads as its point (a search's starting recipe)."""
-    from evomerge.space import SearchSpace, load_space_spec
+    from evomerge.candidate.space import SearchSpace, load_space_spec
 
     f = arch_family("llama")
     sliced = Recipe.from_dict(slerp_slices(f["a"], f["b"], 3))

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from evomerge.candidate.space import SearchSpace, SpaceSpec, load_space_spec
 from evomerge.errors import ConfigError
 from evomerge.merge.plan import Plan
-from evomerge.recipe import Recipe
-from evomerge.space import SearchSpace, SpaceSpec, load_space_spec
+from evomerge.merge.recipe import Recipe
 
 REPO = Path(__file__).resolve().parent.parent
 SPACES = sorted(p.stem for p in (REPO / "search_spaces").glob("*.yaml"))

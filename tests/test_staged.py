@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from evomerge.config import parse_config
-from evomerge.evaluator import Evaluator, alone
+from evomerge.candidate.evaluator import Evaluator, alone
+from evomerge.config.schema import parse_config
 from evomerge.scoring.staged import example_units, paired_gap, run_staged, stage_order, units_objective
 from evomerge.scoring.tasks import TaskSpec
-from evomerge.search import study as st
+from evomerge.study.storage import load_study
+from evomerge.study.trials import best_trial, complete_trials, is_whole
 
 SEARCH = [TaskSpec(name="zoo_add_greedy_search", subset=40), TaskSpec(name="zoo_reverse_search", weight=2.0, subset=40)]
 
@@ -65,8 +66,8 @@ def _load(evaluator, model):
 
 
 def test_a_search_with_early_stopping_never_exports_a_stopped_trial(tiny_zoo, tmp_path, monkeypatch):
-    from evomerge.search.driver import run_search
-    from evomerge.search.guard import exported_trial, finalists, validate_top
+    from evomerge.run.driver import run_search
+    from evomerge.validate.guard import exported_trial, finalists, validate_top
 
     monkeypatch.chdir(tmp_path)
     cfg = parse_config(
@@ -86,19 +87,19 @@ def test_a_search_with_early_stopping_never_exports_a_stopped_trial(tiny_zoo, tm
         }
     )
     result = run_search(cfg, progress=False, log=None)
-    study = st.load_study(cfg.name, cfg.storage_url)
-    own = [t for t in st.complete_trials(study) if not t.user_attrs.get("portfolio")]
+    study = load_study(cfg.name, cfg.storage_url)
+    own = [t for t in complete_trials(study) if not t.user_attrs.get("portfolio")]
     stopped = [t for t in own if t.user_attrs.get("stopped_early")]
     whole = [t for t in own if not t.user_attrs.get("stopped_early")]
     assert result.n_complete == 14 and stopped and whole
     assert all(t.user_attrs["examples_scored"] < 80 for t in stopped)
     assert all(t.user_attrs["examples_scored"] == 80 and len(t.user_attrs["examples"]) == 2 for t in whole)
-    best = st.best_trial(study)
-    assert not st.is_whole(stopped[0]) and st.is_whole(best) and best.number not in {t.number for t in stopped}
+    best = best_trial(study)
+    assert not is_whole(stopped[0]) and is_whole(best) and best.number not in {t.number for t in stopped}
     validate_top(cfg, study, log=None)
     assert not {t.number for t in finalists(cfg, study)} & {t.number for t in stopped}
     assert exported_trial(cfg, study).number not in {t.number for t in stopped}
-    portfolio = [t for t in st.complete_trials(study) if t.user_attrs.get("portfolio")]
+    portfolio = [t for t in complete_trials(study) if t.user_attrs.get("portfolio")]
     assert {t.user_attrs["baseline"] for t in portfolio} >= {"ties (defaults)", "dare_ties (defaults)"}
     assert all("cma:generation" not in str(t.system_attrs) for t in portfolio)  # never part of a sampler's state
     finals = {t.user_attrs.get("baseline") for t in finalists(cfg, study)}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from evomerge.search import study as st
+from evomerge.study.storage import schema_race
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -94,4 +94,4 @@ def test_only_the_errors_of_concurrent_schema_creation_are_retried(message, race
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     kind = IntegrityError if "Integrity" in message or "Unique" in message else OperationalError
-    assert st.schema_race(kind(message, None, Exception(message))) is race
+    assert schema_race(kind(message, None, Exception(message))) is race

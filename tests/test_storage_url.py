@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from evomerge import storage_url as su
-from evomerge.config import apply_overrides, parse_config
+from evomerge.config.schema import apply_overrides, parse_config
 from evomerge.errors import StudyError
 
 

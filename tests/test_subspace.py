@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from evomerge.cli import main
 from evomerge.merge.kernels import subspace
-from evomerge.recipe import Recipe
+from evomerge.merge.recipe import Recipe
 
 SHAPES = [(24, 16), (16, 24), (20, 20)]
 
@@ -250,7 +250,7 @@ def test_tsv_m_surrogate_is_the_merge_and_its_gradient(name):
     """At fixed rank fractions TSV-M is linear in weight and lambda: the surrogate writes the merge at any weights,
     and its gradient is the merge's own (central differences of real merges)."""
     from evomerge.merge.methods import get_method
-    from evomerge.search.surrogate import freeze, merged_grads, write_merged
+    from evomerge.refine.differentiable import freeze, merged_grads, write_merged
 
     g = torch.Generator().manual_seed(8)
     shape = (24, 16) if "proj" in name else (16,)
@@ -280,8 +280,8 @@ def test_tsv_m_surrogate_is_the_merge_and_its_gradient(name):
 
 def test_a_tsv_m_searchs_only_a_model_baseline_is_that_model(tiny_zoo, tmp_path):
     """The space's "only add" point keeps all of add's directions and none of reverse's: add's own weights."""
-    from evomerge.baseline import BaselineLabel
-    from evomerge.space import SearchSpace, load_space_spec
+    from evomerge.candidate.baseline import BaselineLabel
+    from evomerge.candidate.space import SearchSpace, load_space_spec
 
     models = [str(tiny_zoo / "add"), str(tiny_zoo / "reverse")]
     space = SearchSpace.over(load_space_spec("tsv_m"), tiny_zoo / "base")

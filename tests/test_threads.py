@@ -41,7 +41,7 @@ def test_ray_workers_get_the_same_environment(monkeypatch):
 
     import ray
 
-    from evomerge.search.workers import start_ray
+    from evomerge.run.pool import start_ray
 
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

@@ -1,4 +1,4 @@
-"""The trial record (evomerge/search/record.py) is the one schema of what a study stores: studies the last release
+"""The trial record (evomerge/study/record.py) is the one schema of what a study stores: studies the last release
 wrote read back identically through it, a resume finds the same config hash, and no other module of the package
 names a user-attribute key."""
 
@@ -11,13 +11,13 @@ from pathlib import Path
 import optuna
 import pytest
 
-from evomerge.baseline import BaselineLabel
-from evomerge.search.record import StudyRecord, TrialRecord, trial_attrs
+from evomerge.candidate.baseline import BaselineLabel
+from evomerge.study.record import StudyRecord, TrialRecord, trial_attrs
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
 RELEASE = json.loads((DATA / "release_study.json").read_text())
-RECORD_MODULE = REPO / "evomerge" / "search" / "record.py"
+RECORD_MODULE = REPO / "evomerge" / "study" / "record.py"
 
 
 def _release_study():
@@ -76,7 +76,7 @@ def test_the_records_fields_mean_what_the_release_wrote():
 
 
 def test_the_study_attributes_read_back_and_the_config_hash_is_unchanged(monkeypatch):
-    from evomerge.config import parse_config
+    from evomerge.config.schema import parse_config
 
     record = StudyRecord.from_study(_release_study())
     assert record.config == RELEASE["study"]["config"] and record.baselines_enqueued
@@ -93,7 +93,7 @@ HASHES = json.loads((DATA / "release_config_hashes.json").read_text())
 
 @pytest.mark.parametrize("method", sorted(k for k in HASHES if not k.startswith("_")))
 def test_each_shipped_spaces_config_hashes_as_the_release_did(method, monkeypatch):
-    from evomerge.config import parse_config
+    from evomerge.config.schema import parse_config
 
     monkeypatch.delenv("EVOMERGE_KERNELS", raising=False)
     case = HASHES[method]
@@ -169,4 +169,4 @@ def test_no_module_outside_the_record_names_a_user_attr_key():
         if path == RECORD_MODULE:
             continue
         found += string_keyed_attrs(path.read_text(), str(path.relative_to(REPO)))
-    assert found == [], "read and write user attributes through evomerge/search/record.py:\n" + "\n".join(found)
+    assert found == [], "read and write user attributes through evomerge/study/record.py:\n" + "\n".join(found)

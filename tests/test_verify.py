@@ -11,7 +11,7 @@ from pathlib import Path
 from evomerge.cli import main
 from evomerge.io.digest import file_sha256
 from evomerge.io.verify import verify_checkpoint
-from evomerge.recipe import Recipe
+from evomerge.merge.recipe import Recipe
 
 
 def _recipe(zoo: Path, folder: Path) -> Path:
@@ -68,7 +68,7 @@ def test_verify_an_export_folder_and_warn_on_changed_inputs(tiny_zoo, tmp_path, 
 
 
 def test_extra_files_are_part_of_the_atomic_output(tiny_zoo, tmp_path):
-    from evomerge.export import export_recipe
+    from evomerge.export.export import export_recipe
 
     out = export_recipe(Recipe.load(_recipe(tiny_zoo, tmp_path)), tmp_path / "m", extra_files={"README.md": "# card\n"})
     assert (out / "README.md").read_text() == "# card\n"

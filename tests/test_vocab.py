@@ -18,8 +18,8 @@ from finetunes import added_tokens
 from safetensors.torch import load_file
 
 from evomerge.cli import main
+from evomerge.merge.recipe import Recipe
 from evomerge.merge.vocab import Vocab, align_rows, plan_vocab
-from evomerge.recipe import Recipe
 
 CHAT = ["<|im_start|>", "<|im_end|>"]
 
@@ -185,9 +185,9 @@ def test_audit_reports_the_difference_instead_of_refusing(vocab_zoo, tmp_path, c
 def test_search_takes_the_output_vocabulary(vocab_zoo, tmp_path, monkeypatch):
     """A search config's tokenizer_source: the resident model has the union's rows, every trial scores, and the
     export is the union merge `evomerge merge` gives for the trial's recipe."""
-    from evomerge.config import parse_config
-    from evomerge.export import export_trial
-    from evomerge.search.driver import run_search
+    from evomerge.config.schema import parse_config
+    from evomerge.export.export import export_trial
+    from evomerge.run.driver import run_search
 
     monkeypatch.chdir(tmp_path)
     cfg = parse_config(

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import ConfigError, ModelError
-from evomerge.merge.plan import LAYER_RE
+from evomerge.merge.layout import LAYER_RE
 from evomerge.tables import text_table
 
 if TYPE_CHECKING:
@@ -365,7 +365,7 @@ def _resolve(yaml_path: Path, field_name: str, value: Any) -> Path:
 
 
 def _recipe_inputs(path: Path) -> tuple[Path, list[Path]]:
-    from evomerge.recipe import Recipe
+    from evomerge.merge.recipe import Recipe
 
     recipe = Recipe.load(path)
     if not recipe.base_model:

@@ -11,7 +11,7 @@ and each task t owned by model m:
 - need: how many points t loses when m's own task vector is removed in r;
 - harm: how many points t loses when the other models' task vectors are added to m in r only.
 Every probe is a real task-arithmetic recipe with `filter:` weights (mergekit's substring filters), merged in
-memory by the candidate evaluator (`evomerge.evaluator`) and scored on the tasks; a model alone is
+memory by the candidate evaluator (`evomerge.candidate.evaluator`) and scored on the tasks; a model alone is
 `evaluator.alone` (its exact weights), and the controls' weights are loaded into the same evaluator. A region is a
 *conflict* when some task is harmed
 there by a model that needs the region itself: a recipe can only trade the two skills there. It is
@@ -123,7 +123,7 @@ def probe(
     tokenizer_source: str | None = None,
 ) -> ProbeReport:
     """Score the probes (see the module docstring); `tasks` are TaskSpecs (or names) with their metric."""
-    from evomerge.evaluator import Evaluator
+    from evomerge.candidate.evaluator import Evaluator
 
     base = str(base)
     paths = [str(m) for m in models if Path(m).resolve() != Path(base).resolve()]
@@ -152,7 +152,7 @@ class _Prober:
     weights, and the controls."""
 
     def __init__(self, ev, base: str, paths: list[str], seed: int, log: Callable[[str], None]):
-        from evomerge.space import model_keys
+        from evomerge.candidate.space import model_keys
 
         self.ev, self.base, self.paths, self.seed, self.log = ev, base, paths, seed, log
         self.keys = model_keys(paths)
@@ -162,7 +162,7 @@ class _Prober:
         return {t: 100.0 * v for t, v in self.ev.score("probe").units.items()}
 
     def task_arithmetic(self, weights: list) -> dict[str, float]:
-        from evomerge.recipe import ModelEntry, Recipe
+        from evomerge.merge.recipe import ModelEntry, Recipe
 
         entries = [ModelEntry(model=m, parameters={"weight": w}) for m, w in zip(self.paths, weights)]
         self.ev.load(Recipe(merge_method="task_arithmetic", base_model=self.base, models=entries))

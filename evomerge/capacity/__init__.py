@@ -14,7 +14,7 @@ Every term and its formula: `memory.py`, `timing.py`. How the figures compare wi
 from evomerge.capacity.devices import Devices, Node, cluster_devices, given_devices, local_devices, parse_size
 from evomerge.capacity.facts import ModelFacts, TaskFacts, resident_dtype
 from evomerge.capacity.memory import Settings, WorkerMemory, worker_memory
-from evomerge.capacity.plan import Plan, check_ray, evaluate_plan, gb, plan_search
+from evomerge.capacity.plan import Plan, evaluate_plan, gb, plan_search
 
 __all__ = [
     "Devices",
@@ -24,7 +24,6 @@ __all__ = [
     "Settings",
     "TaskFacts",
     "WorkerMemory",
-    "check_ray",
     "cluster_devices",
     "evaluate_plan",
     "gb",

@@ -7,7 +7,7 @@ Per worker, on its device (the GPUs of its group, or host memory for a CPU worke
               2 x layers x B x T x kv_heads x head_dim x itemsize (T: the longest request, generation included)
   merge       one tensor's buffers: the inputs copied to the device and the kernel's work tensors,
               (inputs + 2) x largest tensor x 4
-  refinement  `refine_bytes`: search/footprint.py's formula (only while a refinement round runs); per-row TIES
+  refinement  `refine_bytes`: refine/footprint.py's formula (only while a refinement round runs); per-row TIES
               rounds (refine.arms rows, distill) add `row_ties_bytes` in host memory: one tensor's TIES
               over row-scaled task vectors in float32, (6 x models + 6) x largest tensor x 4
 Evaluation, merge and refinement never run at once in a worker, so its peak is resident + runtime + the largest
@@ -80,10 +80,10 @@ def merge_bytes(model: ModelFacts) -> int:
 
 
 def refine_bytes(model: ModelFacts, tasks: TaskFacts, method: str, on_gpu: bool = False, threads: int = 1) -> int:
-    """Extra memory of a refinement round: search/footprint.py's formula (search/refine.py's docstring) for the
+    """Extra memory of a refinement round: refine/footprint.py's formula (refine/tensor.py's docstring) for the
     micro-batch the Refiner takes (its default size, or all the training rows when they are fewer), on the
     resident model's device; DELLA's bit-packed masks (host memory) are added too."""
-    from evomerge.search.footprint import default_micro_batch_tokens, refine_extra_bytes
+    from evomerge.refine.footprint import default_micro_batch_tokens, refine_extra_bytes
 
     s = model.itemsize
     tokens = min(default_micro_batch_tokens(model.config, model.resident_bytes, s), max(tasks.refine_tokens, 1))
@@ -102,7 +102,7 @@ def refine_bytes(model: ModelFacts, tasks: TaskFacts, method: str, on_gpu: bool 
 
 
 def row_ties_bytes(model: ModelFacts) -> int:
-    """Host memory a per-row TIES step holds for its largest tensor (search/rows.py `_ties`), in float32: the
+    """Host memory a per-row TIES step holds for its largest tensor (refine/rows.py `_ties`), in float32: the
     base, and per model its task vector, its scaled and pruned copy, its agreement mask, its derivative factor
     and the products' transients (bench/refine_memory.py --rows --method ties measures it)."""
     return (6 * (model.n_inputs - 1) + 6) * model.largest * 4

@@ -27,7 +27,7 @@ from evomerge.capacity.timing import TrialTime
 from evomerge.errors import ConfigError
 
 if TYPE_CHECKING:
-    from evomerge.config import SearchConfig
+    from evomerge.config.schema import SearchConfig
 
 
 def gb(n: float) -> str:
@@ -196,7 +196,7 @@ def with_timing(plan: Plan, cfg: SearchConfig, gpu_kind: str | None = None, toke
     plan.timing = trial_time(plan.model, refined_tasks(plan, cfg), speed, n, rounds, steps)
     portfolio = 0
     if cfg.portfolio:
-        from evomerge.portfolio import COMMON_METHODS
+        from evomerge.candidate.portfolio import COMMON_METHODS
 
         portfolio = len([m for m in COMMON_METHODS if m != cfg.method])  # the most it scores (some may not apply)
     plan.night = (n, portfolio)
@@ -210,7 +210,7 @@ def refined_tasks(plan: Plan, cfg: SearchConfig) -> TaskFacts:
     workers' rule at this model's size (search/footprint.py `examples_per_task`); the batch's tokens shrink with it."""
     from dataclasses import replace
 
-    from evomerge.search.footprint import examples_per_task
+    from evomerge.refine.footprint import examples_per_task
 
     tasks = plan.tasks
     if cfg.refine is None or not tasks.largest_subset:
@@ -224,9 +224,9 @@ def _export_time(plan: Plan, cfg: SearchConfig, speed, portfolio: int, tokenizer
     """(finalists, seconds each) of the guard `evomerge export` runs first: at most top_k trials, the baselines
     (the default merge, each source alone), the portfolio's default merges and every refinement point, each merged
     and scored on the validation tasks (a finalist scored before is not scored again)."""
+    from evomerge.capacity.schedule import Schedule
     from evomerge.capacity.timing import evaluation_s, merge_s
     from evomerge.scoring.scorer import Scorer
-    from evomerge.search.schedule import Schedule
 
     scorer = Scorer(
         cfg.validation.tasks,
@@ -386,30 +386,4 @@ def _host_problems(plan: Plan) -> list[str]:
     return problems
 
 
-def check_ray(cfg: SearchConfig) -> None:
-    """Once this process has started or joined Ray, before any worker starts: the GPUs Ray reports must hold
-    `workers.count` x `workers.num_gpus` (an actor asking for more would wait forever), and on a cluster
-    (`workers.address`) every node's memory is planned as `plan_search` plans this machine's."""
-    import ray
-
-    if cfg.workers.address:
-        from evomerge.capacity.devices import cluster_devices
-
-        plan_search(cfg, devices=cluster_devices(cfg.workers.address)).check()
-        return
-    have = float(ray.cluster_resources().get("GPU", 0))
-    need = cfg.workers.count * cfg.workers.num_gpus
-    if need > have + 1e-9:
-        where = "no GPU" if not have else f"{have:g} GPU(s)"
-        fix = (
-            "set workers.num_gpus: 0"
-            if not have
-            else f"set workers.count to at most {int(have // cfg.workers.num_gpus)}"
-        )
-        raise ConfigError(
-            f"{cfg._source}: workers.num_gpus: {cfg.workers.count} worker(s) x {cfg.workers.num_gpus:g} GPU(s), but "
-            f"Ray finds {where} here; {fix}"
-        )
-
-
-__all__ = ["Plan", "check_ray", "evaluate_plan", "gb", "plan_search", "refined_tasks"]
+__all__ = ["Plan", "evaluate_plan", "gb", "plan_search", "refined_tasks"]

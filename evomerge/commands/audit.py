@@ -220,7 +220,7 @@ def _model_config(path: str, cfg):
 def _search_config(path: str, flag: str, check_files: bool = True):
     """A search config for `flag` (a recipe is refused: --probe and --plan need a search's tasks and workers).
     `check_files=False`: its model folders need not exist (a plan from --model-config)."""
-    from evomerge.config import load_config
+    from evomerge.config.schema import load_config
     from evomerge.errors import ConfigError
     from evomerge.io.yamlfile import read_yaml
 
@@ -286,8 +286,9 @@ OTHER_PLAN_FLAGS = ("gpu_kind", "model_config")
 def _plan(args: argparse.Namespace) -> int:
     """The resource plan of a search config, on this machine (or its Ray cluster) or the one the flags describe."""
     from evomerge.capacity import given_devices, plan_search
+    from evomerge.config.resolve import resolve_config
     from evomerge.errors import ConfigError
-    from evomerge.resolve import resolve_config
+    from evomerge.run.pool import cluster_of
 
     nodes = 1 if args.nodes is None else args.nodes
     if nodes < 1:
@@ -303,23 +304,8 @@ def _plan(args: argparse.Namespace) -> int:
     described = any(getattr(args, name) is not None for name in PLAN_FLAGS)
     devices = given_devices(args.host_memory, args.gpus, nodes, cpus=args.cpus) if described else None
     if devices is None and cfg.workers.address:
-        devices = _cluster(cfg)
+        devices = cluster_of(cfg)
     plan = plan_search(cfg, resolved.scorer, devices, model=model, gpu_kind=args.gpu_kind, tokenizer=tokenizer)
     print("\n".join(plan.lines()), flush=True)  # before the refusal's line on stderr
     plan.check()
     return 0
-
-
-def _cluster(cfg):
-    """The devices of the Ray cluster the config names (joined for the plan, then left)."""
-    import ray
-
-    from evomerge.capacity import cluster_devices
-    from evomerge.search.workers import start_ray
-
-    started = start_ray(cfg)
-    try:
-        return cluster_devices(cfg.workers.address)
-    finally:
-        if started:
-            ray.shutdown()

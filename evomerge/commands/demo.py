@@ -39,9 +39,9 @@ def run(args: argparse.Namespace) -> int:
 
     from evomerge.commands.report import print_report
     from evomerge.errors import ConfigError
-    from evomerge.export import export_trial
+    from evomerge.export.export import export_trial
     from evomerge.report import build_report
-    from evomerge.search.driver import run_search
+    from evomerge.run.driver import run_search
     from evomerge.zoo.build import build_zoo
 
     start = time.perf_counter()
@@ -78,7 +78,7 @@ def demo_config(config: str | Path, zoo: Path, n_trials: int | None = None):
     whatever folder the config file names, so `--zoo DIR` searches DIR's models."""
     import json
 
-    from evomerge.config import apply_overrides, parse_config
+    from evomerge.config.schema import apply_overrides, parse_config
     from evomerge.io.yamlfile import read_yaml
 
     manifest = json.loads((zoo / "zoo.json").read_text())

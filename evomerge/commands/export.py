@@ -62,7 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from evomerge.commands.merge import kernels_flag
     from evomerge.errors import ConfigError
-    from evomerge.export import export_trial
+    from evomerge.export.export import export_trial
 
     if args.samples < 0:
         raise ConfigError(f"--samples must be 0 or more, got {args.samples}")
@@ -90,7 +90,7 @@ def keep_samples(run_dir: str, model_dir, n: int):
     import json
     from pathlib import Path
 
-    from evomerge.config import load_run_config
+    from evomerge.config.schema import load_run_config
     from evomerge.errors import ConfigError
     from evomerge.io.atomic import write_file_atomic
     from evomerge.scoring import TaskSpec, sample_model_dir

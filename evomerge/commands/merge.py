@@ -53,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from evomerge.export import export_recipe
+    from evomerge.export.export import export_recipe
     from evomerge.io.shards import parse_size
-    from evomerge.recipe import Recipe
+    from evomerge.merge.recipe import Recipe
 
     start = time.perf_counter()
     shard_bytes = parse_size(args.max_shard_size)

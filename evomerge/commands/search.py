@@ -39,9 +39,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.config import load_config
+    from evomerge.config.schema import load_config
     from evomerge.errors import ConfigError
-    from evomerge.search.driver import run_search
+    from evomerge.run.driver import run_search
 
     if args.n_trials is not None and args.n_trials < 1:
         raise ConfigError(f"--n-trials must be at least 1, got {args.n_trials}")

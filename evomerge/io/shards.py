@@ -4,7 +4,7 @@
     for name, tensor in tensors: writer.add(name, tensor)      # written at once: no shard is held in memory
     writer.finish()
 
-Only writing: what goes in (a merge, by `evomerge.export`) and where the folder is published (`io.atomic`)
+Only writing: what goes in (a merge, by `evomerge.export.export`) and where the folder is published (`io.atomic`)
 are the caller's.
 """
 

@@ -29,7 +29,7 @@ def checkpoint_folder(folder: Path | str) -> Path:
 
 def verify_checkpoint(folder: Path | str) -> list[tuple[str, str]]:
     """[(file, sha256)] of every recorded file, all matching; else ModelError naming the first bad file."""
-    from evomerge.recipe import Recipe
+    from evomerge.merge.recipe import Recipe
 
     folder = checkpoint_folder(folder)
     if not folder.is_dir():

@@ -25,7 +25,7 @@ from evomerge.errors import CandidateError, ConfigError, ModelError
 from evomerge.io.checkpoint import Checkpoint, check_compatible
 from evomerge.merge.layout import Layout, model_names, tied_names
 from evomerge.merge.plan import Plan, TensorParams
-from evomerge.recipe import Recipe
+from evomerge.merge.recipe import Recipe
 
 if TYPE_CHECKING:
     import torch

@@ -13,7 +13,7 @@ from evomerge.merge.registry import REGISTRY, interval
 if TYPE_CHECKING:
     from mergekit.merge_methods import MergeMethod
 
-    from evomerge.recipe import MergeGroup, Recipe
+    from evomerge.merge.recipe import MergeGroup, Recipe
 
 METHODS = tuple(REGISTRY)  # every method evomerge runs (merge/registry.py), in registry order
 DTYPES = ("float32", "float16", "bfloat16", "float64")

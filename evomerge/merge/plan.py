@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.errors import ConfigError, ModelError
-from evomerge.merge.layout import LAYER_RE, Layout, after_layers, layer_index, with_layer
+from evomerge.merge.layout import Layout, after_layers, layer_index, with_layer
 from evomerge.merge.methods import get_method
-from evomerge.recipe import Recipe
+from evomerge.merge.recipe import Recipe
 
-__all__ = ["LAYER_RE", "Job", "Plan", "TensorParams", "layer_index", "layer_t"]
+__all__ = ["Job", "Plan", "TensorParams", "layer_t"]
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,12 @@ An entry says everything the rest of evomerge needs to know about a method, so e
 - `sparsifies`: evomerge-1 has a kernel of its own for it (`merge/kernels/gta.py`, the deterministic masks); the
   others run mergekit's kernels, or bit-identical faster ones, under both kernel sets;
 - `refinable`: its merge is base + lambda * (weighted, optionally sparsified, task vectors [/ normaliser]), the
-  formula the gradient refinement differentiates (`search/refine.py`); TSV-M is that at fixed rank fractions, on
-  fixed parts of its task vectors (`search/surrogate.py`'s `freeze_tsv_m`);
+  formula the gradient refinement differentiates (`refine/tensor.py`); TSV-M is that at fixed rank fractions, on
+  fixed parts of its task vectors (`refine/differentiable.py`'s `freeze_tsv_m`);
 - `space`: its default search space (`search_spaces/<space>.yaml`, which lists the method under `methods:`), or
   `no_space` saying why it has none (then it has no default merge);
 - `portfolio`: every search scores its default merge (in registry order) as a reference for the overfitting
-  guard, status, export and the report (`evomerge/portfolio.py`);
+  guard, status, export and the report (`evomerge/candidate/portfolio.py`);
 - `evomerge_only`: a method mergekit does not have (the subspace merges, `merge/kernels/subspace.py`): evomerge
   builds its spec from this entry, `evomerge merge` runs it, a recipe naming it says it is evomerge-only and
   mergekit-yaml refuses it; its reference is the paper's formula (tests/test_subspace.py), not a parity case;
@@ -257,7 +257,7 @@ _METHODS = [
         portfolio=True,
         evomerge_only=True,
         paper="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025",
-        refinable=True,  # linear in weight and lambda at fixed rank fractions (search/surrogate.py's freeze_tsv_m)
+        refinable=True,  # linear in weight and lambda at fixed rank fractions (refine/differentiable.py's freeze_tsv_m)
     ),
     MethodInfo(
         "iso_c",

@@ -1,7 +1,7 @@
 """What a study found, for people: the held-out comparison of the exported recipe against its sources, the
 default merges and the routing oracle (`compare`), its figures (`figures`) and report.md (`markdown`), written
 to `RUN_DIR/report/` by `build`; and `evomerge status` (`status`). Default merges are defined in
-`evomerge/portfolio.py` (`default_recipe` is re-exported here).
+`evomerge/candidate/portfolio.py`.
 
     from evomerge.report import build_report
     result = build_report("runs/demo")       # result.report: runs/demo/report/report.md
@@ -9,7 +9,6 @@ to `RUN_DIR/report/` by `build`; and `evomerge status` (`status`). Default merge
 
 from __future__ import annotations
 
-from evomerge.portfolio import default_recipe
 from evomerge.report.build import ReportResult, build_report
 from evomerge.report.compare import Comparison, Row, TrialRow, Verdict, compare_run, text_comparison
 from evomerge.report.markdown import statement
@@ -22,7 +21,6 @@ __all__ = [
     "Verdict",
     "build_report",
     "compare_run",
-    "default_recipe",
     "statement",
     "text_comparison",
 ]

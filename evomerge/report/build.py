@@ -9,11 +9,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evomerge.config.rundir import RunDir
 from evomerge.io.atomic import write_file_atomic
 from evomerge.report.compare import Comparison, compare_run, load_run
 from evomerge.report.figures import TrialPoint, history_png, params_png, pareto_png, scores_png
 from evomerge.report.markdown import render
-from evomerge.search.record import TrialRecord
+from evomerge.study.record import TrialRecord
 
 
 @dataclass
@@ -24,7 +25,7 @@ class ReportResult:
 
 
 def _points(cfg, trials) -> list[TrialPoint]:
-    from evomerge.search.trials import objective_of
+    from evomerge.study.trials import objective_of
 
     out = []
     for t in trials:
@@ -36,9 +37,9 @@ def _points(cfg, trials) -> list[TrialPoint]:
 
 def draw_figures(cfg, study, done, comparison: Comparison, out_dir: Path) -> dict[str, Path]:
     """caption -> PNG path, for every figure this study supports. The recipe figure shows the comparison's
-    evolved row: THE exported trial (`search.guard.exported_trial`), as the table does."""
-    from evomerge.search.trials import pareto_front
-    from evomerge.space import space_of
+    evolved row: THE exported trial (`validate.guard.exported_trial`), as the table does."""
+    from evomerge.candidate.space import space_of
+    from evomerge.study.trials import pareto_front
 
     points = _points(cfg, [t for t in done if not TrialRecord.from_trial(t).portfolio])
     metrics = "/".join(sorted({t.metric for t in cfg.tasks.search}))
@@ -74,11 +75,12 @@ def build_report(
     run_dir = Path(run_dir)
     cfg, study, done = run = load_run(run_dir)
     comparison = compare_run(run_dir, top_k=top_k, heldout=heldout, subset=subset, log=log, run=run)
-    out_dir = run_dir / "report"
+    files = RunDir.at(run_dir)
+    out_dir = files.report
     figures = draw_figures(cfg, study, done, comparison, out_dir)
-    write_file_atomic(out_dir / "comparison.json", comparison.model_dump_json(indent=2))
+    write_file_atomic(files.comparison, comparison.model_dump_json(indent=2))
     relative = {caption: path.name for caption, path in figures.items()}
-    report = write_file_atomic(out_dir / "report.md", render(comparison, relative))
+    report = write_file_atomic(files.report_md, render(comparison, relative))
     return ReportResult(report, comparison, figures)
 
 

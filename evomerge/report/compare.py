@@ -4,12 +4,12 @@
     comparison = compare_run("runs/demo")          # Comparison: rows (model -> per-task held-out score), top trials
 
 Every row is a recipe scored by the candidate evaluator on the "heldout" task set, through the search's kind
-of pool (`search.workers`: Ray actors on the workers' devices, or in this process when `workers.count` is 0),
+of pool (`run.pool`: Ray actors on the workers' devices, or in this process when `workers.count` is 0),
 nothing written to disk: a source model is `evaluator.alone` (its exact weights), a default merge its
 method's space defaults, a trial its recorded recipe. The oracle row is computed from the source rows, never
-scored. The evolved row is THE exported trial (`search.guard.exported_trial`), validated first when the config
+scored. The evolved row is THE exported trial (`validate.guard.exported_trial`), validated first when the config
 has `validation:`, so report, export and status name the same trial. When it is evomerge-only, the portable row
-is the best trial `mergekit-yaml` reproduces (`search.guard.portable_trial`), the one export writes beside it.
+is the best trial `mergekit-yaml` reproduces (`validate.guard.portable_trial`), the one export writes beside it.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from evomerge.config.rundir import RunDir
 from evomerge.errors import ConfigError, StudyError
 from evomerge.report.noise import Difference, paired_difference
-from evomerge.search.record import TrialRecord
+from evomerge.study.record import TrialRecord
 from evomerge.tables import text_table
 
 Kind = Literal["source", "default", "oracle", "evolved", "portable"]
@@ -197,10 +198,20 @@ def text_comparison(c: Comparison) -> str:
     return text_table(header, rows, "l" + "r" * (len(header) - 1))
 
 
+def stored_comparison(run_dir: Path | str) -> tuple[Comparison, float] | None:
+    """The comparison `evomerge report` last wrote in the run directory and when (its mtime), or None when there is
+    none or it does not read back."""
+    path = RunDir.at(run_dir).comparison
+    try:
+        return Comparison.model_validate_json(path.read_text(encoding="utf-8")), path.stat().st_mtime
+    except (OSError, ValueError):
+        return None
+
+
 def load_run(run_dir: Path | str):
     """(config, study, complete trials) of a run directory, or a StudyError saying what to run first."""
-    from evomerge.search.study import open_run
-    from evomerge.search.trials import complete_trials
+    from evomerge.study.study import open_run
+    from evomerge.study.trials import complete_trials
 
     cfg, study = open_run(run_dir)
     done = complete_trials(study)
@@ -223,10 +234,10 @@ def compare_run(
     `heldout` overrides the config's `tasks.heldout`; `subset` scores a fixed seeded sample per task.
     `run` is `load_run(run_dir)` when the caller has it already.
     """
+    from evomerge.candidate.portfolio import default_merges
     from evomerge.offline import go_offline
-    from evomerge.portfolio import default_merges
-    from evomerge.search.guard import exported_trial, pending, portable_trial, stored, validate_top
-    from evomerge.search.workers import open_pool
+    from evomerge.run.pool import open_pool
+    from evomerge.validate.guard import exported_trial, pending, portable_trial, stored, validate_top
 
     go_offline()
     log = log or (lambda _msg: None)
@@ -287,7 +298,7 @@ def _heldout_tasks(cfg, run_dir: Path | str, heldout: Sequence[str] | None, subs
     names = list(heldout) if heldout else list(cfg.tasks.heldout)
     if not names:
         raise ConfigError(
-            f"{Path(run_dir) / 'config.yaml'}: 'tasks.heldout' is empty; list held-out lm-eval tasks there "
+            f"{RunDir.at(run_dir).config}: 'tasks.heldout' is empty; list held-out lm-eval tasks there "
             "(e.g. [zoo_add, zoo_reverse]) or pass --heldout A,B"
         )
     return [TaskSpec(name=n, metric=heldout_metric(n, cfg.tasks.search), subset=subset) for n in names]
@@ -296,7 +307,7 @@ def _heldout_tasks(cfg, run_dir: Path | str, heldout: Sequence[str] | None, subs
 def _top_trials(done: Sequence[Any], best: Any, top_k: int, portable: Any = None) -> list:
     """The top `top_k` trials by the guard's ranking (whole trials only), the exported one always among them, and
     the portable one (when there is one) after them."""
-    from evomerge.search.trials import ranked
+    from evomerge.study.trials import ranked
 
     top = ranked(done)[: max(top_k, 1)]
     top = top if best in top else [best, *top[:-1]]
@@ -305,8 +316,8 @@ def _top_trials(done: Sequence[Any], best: Any, top_k: int, portable: Any = None
 
 def _entries(cfg, defaults, trials) -> list[_Entry]:
     """Every source model alone, every default merge, then the trials, in the table's order."""
-    from evomerge.evaluator import alone
-    from evomerge.space import model_keys
+    from evomerge.candidate.evaluator import alone
+    from evomerge.candidate.space import model_keys
 
     sources = [str(cfg.base_model), *(str(m) for m in cfg.models)]
     out = [
@@ -324,7 +335,7 @@ def _score(pool, entries: list[_Entry], log: Callable[[str], None]) -> tuple[lis
     leaves as the base has it, as LoRA fine-tunes leave most: that method gets no row, as in the search's
     portfolio). A source or a trial that fails is an error naming it."""
     from evomerge.errors import CandidateError
-    from evomerge.search.workers import run_jobs
+    from evomerge.run.pool import run_jobs
 
     results: dict[int, Any] = {}
     failed: dict[str, str] = {}
@@ -361,7 +372,7 @@ def _row(entry: _Entry, res) -> Row:
 
 
 def _trial_row(entry: _Entry, res, validated: dict) -> TrialRow:
-    from evomerge.search.trials import objective_of
+    from evomerge.study.trials import objective_of
 
     t, scores = entry.trial, res.values()
     return TrialRow(
@@ -408,6 +419,7 @@ def _portable_row(portable, scored: list[tuple[_Entry, Any]], trials: list[Trial
 
 __all__ = [
     "Comparison",
+    "stored_comparison",
     "Row",
     "TrialRow",
     "Verdict",

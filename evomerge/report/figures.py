@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from evomerge.baseline import BaselineLabel
+from evomerge.candidate.baseline import BaselineLabel
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from evomerge.candidate.space import SearchSpace
     from evomerge.report.compare import Comparison
-    from evomerge.space import SearchSpace
 
 KIND_COLORS = {"source": "Blues", "default": "Oranges", "oracle": "Greys", "evolved": "Greens", "portable": "Purples"}
 
@@ -26,7 +26,8 @@ KIND_COLORS = {"source": "Blues", "default": "Oranges", "oracle": "Greys", "evol
 class TrialPoint:
     number: int
     objective: float
-    baseline: str = ""  # the enqueued baseline's label (evomerge.baseline: "defaults", "only add"); "" if sampled
+    # the enqueued baseline's label (evomerge.candidate.baseline: "defaults", "only add"); "" if sampled
+    baseline: str = ""
     scores: tuple[float, ...] = ()  # per search task (for the Pareto front)
 
 
@@ -144,7 +145,7 @@ def params_png(
     import numpy as np
     from matplotlib import colormaps
 
-    from evomerge.space import REST
+    from evomerge.candidate.space import REST
 
     slots = space.slots(list(models))
     cols = _columns(space)

@@ -7,8 +7,8 @@ import statistics
 import time
 from pathlib import Path
 
-from evomerge.search.record import StudyRecord, TrialRecord
-from evomerge.search.trials import budget_count, by_state, is_whole, objective_of, pareto_front, ranked
+from evomerge.study.record import StudyRecord, TrialRecord
+from evomerge.study.trials import budget_count, by_state, is_whole, objective_of, pareto_front, ranked
 from evomerge.tables import text_table
 
 
@@ -24,7 +24,7 @@ def timing_breakdown(trials) -> dict[str, float] | None:
 
 def exported_line(cfg, study) -> str | None:
     """Which trial `evomerge export` takes (and the report shows), and why; None before any trial completed."""
-    from evomerge.search.guard import exported_trial, pending, stored
+    from evomerge.validate.guard import exported_trial, pending, stored
 
     trial = exported_trial(cfg, study)
     if trial is None:
@@ -46,7 +46,7 @@ def exported_line(cfg, study) -> str | None:
 def portable_lines(cfg, study, run_dir: Path | str) -> list[str]:
     """When the exported trial is evomerge-only: the portable trial export writes beside it, and both held-out
     means with their difference and its paired standard error (from `evomerge report`'s comparison)."""
-    from evomerge.search.guard import exported_trial, portable_trial, stored
+    from evomerge.validate.guard import exported_trial, portable_trial, stored
 
     chosen = exported_trial(cfg, study)
     other = portable_trial(cfg, study, chosen) if chosen is not None else None
@@ -71,18 +71,15 @@ def portable_lines(cfg, study, run_dir: Path | str) -> list[str]:
 
 def _comparison(run_dir: Path | str, study: str):
     """The report's comparison.json, or None."""
-    from evomerge.report.compare import Comparison
+    from evomerge.report.compare import stored_comparison
 
-    try:
-        c = Comparison.model_validate_json((Path(run_dir) / "report" / "comparison.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return c if c.study == study else None
+    stored = stored_comparison(run_dir)
+    return stored[0] if stored is not None and stored[0].study == study else None
 
 
 def status_text(run_dir: Path | str, top: int = 5, failures: int = 5) -> str:
-    from evomerge.search.guard import exported_trial
-    from evomerge.search.study import open_run
+    from evomerge.study.study import open_run
+    from evomerge.validate.guard import exported_trial
 
     cfg, study = open_run(run_dir)
     states = by_state(study)
@@ -157,7 +154,7 @@ def _row(cfg, t, chosen) -> list[str]:
 
 def _activity(study, states: dict, own: list, failures: int) -> list[str]:
     """What is running, the recent failures and their reasons, and where a trial's time goes."""
-    from evomerge.search.study import stale_reason
+    from evomerge.study.study import stale_reason
 
     lines = []
     running = states.get("RUNNING", [])
@@ -195,7 +192,7 @@ def columns(cfg, tasks: list[str], metric: dict[str, str]) -> list[str]:
 
 def running_lines(study, running: list, stale_reason) -> list[str]:
     """RUNNING trials: running only while a live driver holds the study; otherwise left by a search that stopped."""
-    from evomerge.search.lock import describe, holder_alive
+    from evomerge.study.lock import describe, holder_alive
 
     holder = StudyRecord.from_study(study).lock
     if not holder or not holder_alive(holder):

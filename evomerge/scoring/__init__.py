@@ -4,7 +4,7 @@ model in place (`scorer`, around lm-eval's HFLM in `lm`), and a checkpoint folde
     from evomerge.scoring import Scorer, TaskSpec, evaluate_model_dir
     evaluate_model_dir("zoo/add", ["zoo_add", "zoo_reverse"])   # {"zoo_add": {"acc": ..., "acc_norm": ...}, ...}
 
-A merge candidate is scored by `evomerge.evaluator`, which owns one Scorer per task set.
+A merge candidate is scored by `evomerge.candidate.evaluator`, which owns one Scorer per task set.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Scores one checkpoint folder as it is on disk (`evomerge eval`): load it offline (safetensors only, no remote
-code unless asked), then Scorer. Candidates of a merge are scored by `evomerge.evaluator` instead, in memory."""
+code unless asked), then Scorer. Candidates of a merge are scored by `evomerge.candidate.evaluator` instead, in
+memory."""
 
 from __future__ import annotations
 

@@ -79,7 +79,7 @@ def example_units(values: Examples, probs: Examples, smooth: float) -> dict[str,
 
 def units_objective(scorer: Scorer, units: dict[str, dict[int, float]]) -> float:
     """The search objective from per-example units: the weighted mean over tasks of the mean over examples (a
-    trial's stored objective is `search.trials.objective_of`)."""
+    trial's stored objective is `study.trials.objective_of`)."""
     w = shares(scorer)
     return sum(w[leaf] * sum(u.values()) / len(u) for leaf, u in units.items() if u)
 

@@ -128,7 +128,7 @@ def train_specialist(model, reference, tokenizer, plan: RealPlan, seed: int, hel
 
 def freeze_but_layers(model, layers: tuple[int, int]) -> None:
     """Only decoder layers first..last train (a partial full fine-tune: backward stops below them)."""
-    from evomerge.merge.plan import layer_index
+    from evomerge.merge.layout import layer_index
 
     for name, p in model.named_parameters():
         index = layer_index(name)

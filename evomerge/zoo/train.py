@@ -103,7 +103,7 @@ def _batch(examples: list[Example], tokenizer):
 def _trainable(name: str, layers: tuple[int, int] | None) -> bool:
     if layers is None:
         return True
-    from evomerge.merge.plan import layer_index
+    from evomerge.merge.layout import layer_index
 
     index = layer_index(name)
     return index is not None and layers[0] <= index <= layers[1]

@@ -311,7 +311,7 @@ def _elect(ds, masks, weights, mixed, divisor) -> None:
 def elected_sign(total: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """TIES's sign election (mergekit's get_mask, "sum"): +1 where `total`, the weighted sum of the task vectors,
     is >= 0, else -1, in `out` (default: a new tensor like `total`). The one rule the kernels, the per-tensor
-    refinement's differentiable merge (search/surrogate.py) and the per-row refinement (search/rows.py) share
+    refinement's differentiable merge (refine/differentiable.py) and the per-row refinement (refine/rows.py) share
     (a sum of -0.0 counts as +, as in mergekit)."""
     import torch
 
@@ -333,7 +333,7 @@ def agreement(delta: torch.Tensor, elected: torch.Tensor, out: torch.Tensor | No
 
 def frozen_pruner(method: Any, base, model, density: float, rescale: bool, extra: dict, key, chunk: int) -> Pruner:
     """One task vector's pruner as `merge_gta` builds it (flat `base` and `model` in the merge's dtype), for a
-    caller that keeps it across merges at other weights (search/surrogate.py): DARE's mask is not kept (it is
+    caller that keeps it across merges at other weights (refine/differentiable.py): DARE's mask is not kept (it is
     redrawn from its counter stream chunk by chunk), DELLA's is (one byte per element)."""
     p = _pruner(method.sparsification_method, base, model, density, rescale, extra, key, chunk)
     if p.key is not None:

@@ -128,7 +128,7 @@ def tsv_m_parts(
     """[A_1 .. A_T] with `tsv_m(task_vectors, w, fractions) = sum_i w_i A_i` (up to rounding): A_i = task i's block
     of U^_perp S^ V^_perp^T at weight 1. The orthogonalised directions do not depend on the weights (a weight scales
     singular values; its sign flips a block, which the orthogonalisation carries through), so at fixed rank
-    fractions TSV-M is linear in the weights and in lambda: the refinement's surrogate (search/surrogate.py)."""
+    fractions TSV-M is linear in the weights and in lambda: the refinement's surrogate (refine/differentiable.py)."""
     import torch
 
     ks, svds = _kept(task_vectors, fractions, svds)

@@ -118,18 +118,24 @@ def baselines(zoo: Path, method: str) -> dict:
     merges = default_merges(cfg)[0]
     if cache.is_file():  # valid for these models and every default merge the portfolio has now
         data = json.loads(cache.read_text())
-        if data.get("sha256") == manifest["sha256"] and {str(label) for label, _ in merges} <= data["rows"].keys():
+        known = data["rows"].keys() | data.get("failed", {}).keys()
+        if data.get("sha256") == manifest["sha256"] and {str(label) for label, _ in merges} <= known:
             return data
     _quiet()
     from evomerge.candidate.evaluator import alone
+    from evomerge.errors import EvomergeError, first_line
 
     ev = heldout_scorer(cfg)
     rows = {}
     for path in [cfg.base_model, *cfg.models]:
         rows[Path(path).name] = ev.evaluate(alone(path, ev.inputs), "heldout").values()
     sources = dict(rows)
+    failed = {}
     for label, recipe in merges:
-        rows[label] = ev.evaluate(recipe, "heldout").values()
+        try:
+            rows[label] = ev.evaluate(recipe, "heldout").values()
+        except EvomergeError as err:  # e.g. multislerp where every model's task vector of a tensor is zero
+            failed[str(label)] = first_line(err)
     tasks = list(cfg.tasks.heldout)
     oracle = {t: max(r[t] for r in sources.values()) for t in tasks}
     mean = {k: 100 * statistics.fmean(v.values()) for k, v in rows.items()}
@@ -142,6 +148,7 @@ def baselines(zoo: Path, method: str) -> dict:
         "floor": mean[floor_name],
         "floor_name": floor_name,
         "n": {t: len(ev.scorer("heldout").indices(t)) for t in tasks},
+        "failed": failed,  # default merges that could not be merged: not in the floor
     }
     data["room"] = data["oracle"] - data["floor"]
     cache.write_text(json.dumps(data, indent=1))

@@ -259,6 +259,48 @@ def test_generation_tasks_are_planned_with_their_max_gen_toks(tiny_zoo, tmp_path
     assert choice.requests == 40 and not choice.generates  # four choices each
 
 
+def test_the_plan_counts_a_chat_template_tasks_prompts_as_the_template_renders_them(tiny_zoo, tmp_path):
+    """A task scored through the model's chat template runs longer prompts (the template's turns around each one):
+    the plan's tokens are the rendered prompt's, as the workers score it."""
+    import json
+    import shutil
+
+    from evomerge.scoring.scorer import Scorer
+    from evomerge.scoring.tasks import TaskSpec
+
+    tok = tmp_path / "tok"
+    shutil.copytree(tiny_zoo / "base", tok, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<bos>{{ m['content'] }}<eos>{% endfor %}<bos><bos>"
+    (tok / "tokenizer_config.json").write_text(json.dumps(config))
+    spec = {"name": "zoo_add_search", "subset": 10}
+    plain = TaskFacts.of_scorer(Scorer([TaskSpec(**spec)]), tok)
+    chat = TaskFacts.of_scorer(Scorer([TaskSpec(**spec, chat_template=True)]), tok)
+    assert chat.requests == plain.requests
+    assert chat.scored_tokens == plain.scored_tokens + 4 * plain.requests  # 4 template tokens per request
+    assert chat.longest == plain.longest + 4
+
+
+def test_choices_that_differ_only_in_their_last_token_are_planned_as_one_forward(tiny_zoo, tmp_path):
+    """lm-eval scores the choices of a context that share all but their last token with one forward (its logits
+    cache): two one-token choices cost one run of context + 1 tokens, two requests."""
+    from evomerge.resources import EVAL_TASKS
+    from evomerge.scoring import Scorer, TaskSpec
+
+    data = EVAL_TASKS / "zoo" / "data" / "add_search.jsonl"
+    (tmp_path / "bit.yaml").write_text(
+        "task: bit\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\ndoc_to_text: prompt\ndoc_to_target: 0\n"
+        "output_type: multiple_choice\ndoc_to_choice: ['0', '1']\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    scorer = Scorer([TaskSpec(name="bit", subset=10)], [tmp_path])
+    facts = TaskFacts.of_scorer(scorer, tiny_zoo / "base")
+    prompts = [scorer.tasks["bit"].eval_docs[i]["prompt"] for i in scorer.indices("bit")]
+    assert facts.requests == 20 and len(facts.scored_lengths) == 10
+    assert facts.scored_tokens == sum(len(p) + 2 for p in prompts)  # a token a character, the delimiter and choice
+
+
 def test_a_pool_refuses_gpus_ray_does_not_have(tiny_zoo, monkeypatch):
     """Any pool (the search's, the guard's, the report's) checks the GPUs Ray reports before it starts an actor,
     which would otherwise wait for one forever."""

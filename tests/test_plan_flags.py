@@ -158,6 +158,33 @@ def test_the_time_plan_follows_its_quantities():
     assert padded_tokens((5, 9, 7, 3), batch=2) == 9 * 2 + 5 * 2  # longest first, each batch padded to its longest
 
 
+def test_the_time_plan_prices_the_refinement_batch_the_workers_train_on(tiny_zoo, tmp_path):
+    """A refinement step trains on `refine.examples` per task where set, else on the workers' rule at this size
+    (footprint.examples_per_task): the plan's refinement batch shrinks with it, the rest of the trial does not."""
+    from evomerge.capacity.plan import plan_search, refined_tasks
+    from evomerge.config.schema import load_config
+    from evomerge.refine.footprint import MIN_REFINE_EXAMPLES, examples_per_task
+
+    def plan_of(**refine):
+        data = yaml.safe_load(plan_config(tmp_path, tiny_zoo).read_text())
+        data["refine"] = {"at": [0.5], "steps": 4, **refine}
+        path = tmp_path / "refined.yaml"
+        path.write_text(yaml.safe_dump(data))
+        cfg = load_config(path)
+        plan = plan_search(cfg)
+        return plan, refined_tasks(plan, cfg)
+
+    plan, whole = plan_of()
+    assert whole.refine_tokens == plan.tasks.refine_tokens  # a tiny model: every search example, as the workers do
+    assert whole.largest_subset == 8 and whole.refine_positions > 0
+    _, two = plan_of(examples=2)
+    assert two.refine_tokens == round(plan.tasks.refine_tokens * 2 / 8)
+    # the workers' rule: a step's parameters x positions past the budget trains on fewer examples, never below the floor
+    assert examples_per_task(10**6, 1000, largest=100) is None
+    assert examples_per_task(10**7, 10**4, largest=100) == 50  # half the parameter-positions fit: half the examples
+    assert examples_per_task(10**9, 10**4, largest=100) == MIN_REFINE_EXAMPLES
+
+
 def test_the_gpus_page_plan_commands_run_as_written():
     """docs/gpus.md's `audit --plan` block, each line as a user types it, from the repository's root."""
     import subprocess

@@ -379,3 +379,45 @@ def test_the_room_is_measured_from_the_better_of_every_default_and_every_source(
     assert v.room == pytest.approx(0.75 - floor)
     assert v.room_share == pytest.approx((evolved - floor) / (0.75 - floor))
     assert f"it captures {v.room_share * 100:.0f}%" in statement(v, "acc")
+
+
+def test_a_default_merge_that_cannot_merge_these_models_is_reported_as_skipped(tiny_zoo, tmp_path):
+    """mergekit's multislerp refuses a tensor that three or more models all leave as the base has it (LoRA fine-tunes
+    leave most tensors so): the report names that method and why instead of stopping, as the search's portfolio
+    does, and scores every other row."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from evomerge.report import build_report
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    base = load_file(next((zoo / "base").glob("*.safetensors")))
+    embed = next(name for name in base if "embed_tokens" in name)
+    for name in ("add", "reverse"):
+        path = next((zoo / name).glob("*.safetensors"))
+        tensors = load_file(path)
+        tensors[embed] = base[embed].clone()  # untouched by this fine-tune, as a LoRA adapter leaves it
+        save_file(tensors, path, metadata={"format": "pt"})
+    shutil.copytree(zoo / "base", zoo / "plain")  # a third model: multislerp falls back to linear for two
+    cfg = parse_config(
+        {
+            "name": "untouched",
+            "base_model": str(zoo / "base"),
+            "models": [str(zoo / "add"), str(zoo / "reverse"), str(zoo / "plain")],
+            "method": "task_arithmetic",
+            "tasks": {"search": [{"name": "zoo_add_search", "subset": 8}], "heldout": ["zoo_add"]},
+            "budget": {"n_trials": 5},
+            "workers": {"count": 0},
+        }
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        run_search(cfg, progress=False, log=None, pool_factory=InlinePool)  # its portfolio skips multislerp too
+    result = build_report(tmp_path / cfg.run_dir, top_k=1, subset=8, log=None)
+    why = result.comparison.skipped["multislerp"]
+    assert why.startswith("its default merge failed") and "zero" in why, why
+    names = [row.name for row in result.comparison.rows]
+    assert "multislerp (defaults)" not in names and "ties (defaults)" in names and "add" in names
+    assert "- multislerp: not compared (its default merge failed" in result.report.read_text()

@@ -214,35 +214,46 @@ class TaskFacts:
     generated_tokens: int = 0  # tokens generated, expected: each reference answer and its stop, at most max_gen_toks
     generation_tasks: tuple[tuple[int, int], ...] = ()  # per generation task: (examples, steps of its longest answer)
     scored_lengths: tuple[int, ...] = ()  # each loglikelihood request's tokens (lm-eval pads them in batches)
+    largest_subset: int = 0  # examples of the largest search subset (the refinement's examples rule reads it)
+    refine_positions: int = 0  # the refinement batch's tokens unpadded (context + each continuation, every example)
 
     @classmethod
     def of_scorer(cls, scorer, tokenizer_source: str | os.PathLike | None) -> TaskFacts:
         """The requests of `scorer`'s tasks, in tokens of `tokenizer_source`'s tokenizer (None: about
         CHARS_PER_TOKEN characters a token, for a plan from a config.json alone)."""
         tok = _tokenizer(tokenizer_source) if tokenizer_source is not None else _estimate_tokens
-        requests = rows = longest = width = 0
+        requests = rows = longest = width = largest = positions = 0
         tokens = {"scored_tokens": 0, "prompt_tokens": 0, "generated_tokens": 0}
         generation_tasks, scored_lengths = [], []
         for leaf, task in scorer.tasks.items():
             kind = task.OUTPUT_TYPE
             gen = _max_gen_toks(task) if kind == "generate_until" else 0
             docs, answer = task.eval_docs, 0
+            largest = max(largest, len(scorer.indices(leaf)))
+            chat = scorer.chat.get(leaf) and getattr(tok, "chat_template", None)
             for i in scorer.indices(leaf):
                 ctx, conts = _request_text(task, docs[i], kind)
+                if chat:  # the prompt as the model's chat template renders it (its system turn included)
+                    ctx = tok.apply_chat_template(
+                        [{"role": "user", "content": ctx}], tokenize=False, add_generation_prompt=True
+                    )
                 n_ctx = len(tok(ctx, add_special_tokens=False)["input_ids"])  # lm-eval's HFLM adds no BOS
-                lengths = [n_ctx + len(tok(c, add_special_tokens=False)["input_ids"]) for c in conts]
+                cont_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in conts]
+                lengths = [n_ctx + len(ids) for ids in cont_ids]
                 requests += 1 if kind == "generate_until" else len(conts)
                 longest = max(longest, n_ctx + gen, *lengths)
                 rows += len(conts)
+                positions += sum(lengths)
                 width = max(width, *lengths)
                 if kind == "generate_until":  # the reference answer and the stop that ends it
                     steps = min(gen, lengths[0] - n_ctx + 1)
                     tokens["prompt_tokens"] += n_ctx
                     tokens["generated_tokens"] += steps
                     answer = max(answer, steps)
-                else:
-                    tokens["scored_tokens"] += sum(lengths)
-                    scored_lengths += lengths
+                else:  # lm-eval runs the choices that share all but their last token once (its logits cache)
+                    runs = {tuple(ids[:-1]): n_ctx + len(ids) for ids in cont_ids}
+                    tokens["scored_tokens"] += sum(runs.values())
+                    scored_lengths += runs.values()
             if kind == "generate_until":
                 generation_tasks.append((len(scorer.indices(leaf)), answer))
         return cls(
@@ -253,6 +264,8 @@ class TaskFacts:
             refine_tokens=rows * width,
             generation_tasks=tuple(generation_tasks),
             scored_lengths=tuple(scored_lengths),
+            largest_subset=largest,
+            refine_positions=positions,
             **tokens,
         )
 

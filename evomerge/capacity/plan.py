@@ -193,7 +193,7 @@ def with_timing(plan: Plan, cfg: SearchConfig, gpu_kind: str | None = None, toke
     else:
         speed = cpu_speed(s.num_cpus, "this machine" if plan.devices.local else "the given machine")
     rounds, steps = (len(cfg.refine.starts(n)), cfg.refine.schedule(n)[0]) if cfg.refine is not None else (0, 0)
-    plan.timing = trial_time(plan.model, plan.tasks, speed, n, rounds, steps)
+    plan.timing = trial_time(plan.model, refined_tasks(plan, cfg), speed, n, rounds, steps)
     portfolio = 0
     if cfg.portfolio:
         from evomerge.candidate.portfolio import COMMON_METHODS
@@ -203,6 +203,21 @@ def with_timing(plan: Plan, cfg: SearchConfig, gpu_kind: str | None = None, toke
     if cfg.validation is not None:
         plan.export = _export_time(plan, cfg, speed, portfolio, tokenizer)
     return plan
+
+
+def refined_tasks(plan: Plan, cfg: SearchConfig) -> TaskFacts:
+    """The tasks with the refinement batch a step trains on: `refine.examples` per task where set, else the
+    workers' rule at this model's size (refine/footprint.py `examples_per_task`); the batch's tokens shrink with it."""
+    from dataclasses import replace
+
+    from evomerge.refine.footprint import examples_per_task
+
+    tasks = plan.tasks
+    if cfg.refine is None or not tasks.largest_subset:
+        return tasks
+    examples = cfg.refine.examples or examples_per_task(plan.model.params, tasks.refine_positions, tasks.largest_subset)
+    share = min(1.0, examples / tasks.largest_subset) if examples else 1.0
+    return replace(tasks, refine_tokens=round(tasks.refine_tokens * share))
 
 
 def _export_time(plan: Plan, cfg: SearchConfig, speed, portfolio: int, tokenizer: str | None) -> tuple[int, float]:
@@ -371,4 +386,4 @@ def _host_problems(plan: Plan) -> list[str]:
     return problems
 
 
-__all__ = ["Plan", "evaluate_plan", "gb", "plan_search"]
+__all__ = ["Plan", "evaluate_plan", "gb", "plan_search", "refined_tasks"]

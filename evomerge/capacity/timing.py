@@ -18,11 +18,11 @@ The time model reads quantities only, so what makes a trial cheaper shows in it:
 Forward FLOPs per token: 2 x (decoder parameters + vocabulary x hidden) (the head's product; attention's
 context-length term is left out: short requests).
 
-On CPU every rate is the probe's: the constants below were fitted where the probe read PROBE_REF (bench/time_plan.py:
-a 30-trial search of the demo zoo, whose costs are all fixed per request and per tensor, and a 12-trial search of
-a 135M model, whose are FLOPs and bytes, on 2 cores at load 15-17), and a machine the probe finds faster or slower
-(its cores) scales them; its load is not measured (a busy machine's share swings too fast for a probe), so the
-constants carry the fitting machine's. Checked against two other searches in bench/README.md (the time plan).
+On CPU every rate is the probe's: the constants below were fitted where the probe read PROBE_REF, on a machine
+the search had to itself (bench/time_plan.py --fit: three searches of different sizes and tasks, checked within
+10% on three others), and a machine the probe finds faster or slower (its cores) scales them. The probe reads a
+peak, not the machine's load: a search sharing its cores with other work at the same priority takes longer than
+planned (measured: 3-7x at load 12-19).
 """
 
 from __future__ import annotations
@@ -46,17 +46,21 @@ GPUS = {
 DEFAULT_GPU = "H100"
 GPU_MFU = 0.35
 H2D_BYTES_S = 22e9  # pinned host-to-device copies per GPU, as measured on an H100 node (bench/gpu_check.py)
-# Fitted on 2 busy CPU cores (load 15-17, 2026-12-07) at the probe's PROBE_REF; on CPU they scale with the probe,
-# on a GPU node's host they are kept as they are (an upper bound: its CPUs are seldom this busy).
+# Fitted by `bench/time_plan.py --fit` on the 2-core development machine with the search alone at normal priority
+# (2026-12-07 18:00-18:40 UTC; other jobs niced to the lowest autogroup priority), from three searches: the demo
+# zoo, a 135M model on loglikelihood tasks, the real 135M member on generation and multiple-choice tasks; checked on
+# three others (bench/README.md, the time plan). On CPU they scale with the probe; on a GPU node's host they are
+# kept as they are. A machine shared with other work at the same priority runs slower than planned.
 PROBE_REF = 180e9  # matmul_flops(2) on the machine the fitting searches ran on (its peak: 100 GFLOP/s a thread)
-REQUEST_S = 3.4e-3  # lm-eval's host work per request (tokenizing, collating, the metric)
-GEN_STEP_S = 4.0e-3  # HF generate's Python loop per step (not fitted: the fitting tasks generate nothing)
-TENSOR_S = 6.3e-3  # a merge's fixed cost per tensor (reading its inputs, the kernel's launch, the copy in)
-REFINE_TENSOR_S = 13.5e-3  # a refinement step's fixed cost per tensor (its surrogate, its inner products)
-TRIAL_OVERHEAD_S = 0.15  # the sampler, the storage, the worker's round trip
-EVAL_MFU = 0.056  # an lm-eval forward on CPU against the probe's peak (small batches, the softmax, the load)
-REFINE_MFU = 0.13  # a refinement step's forward and backward against the probe's peak (one large batch, the load)
-CPU_MERGE_BYTES_S = 0.24e9  # a merge's streamed bytes per second on CPU at PROBE_REF (page cache in, model out)
+REQUEST_S = 4.5e-4  # lm-eval's host work per request (tokenizing, collating, the metric)
+GEN_STEP_S = 0.077  # HF generate's per-step cost past its FLOPs, per batch (the cache, the stop checks)
+TENSOR_S = 6.6e-4  # a merge's fixed cost per tensor (reading its inputs, the kernel's launch, the copy in)
+REFINE_TENSOR_S = 3.8e-3  # a refinement step's fixed cost per tensor (its surrogate, its inner products)
+TRIAL_OVERHEAD_S = 0.045  # the sampler, the storage, the worker's round trip
+EVAL_MFU = 0.49  # an lm-eval forward on CPU against the probe's peak (one thread's peak x 1.8 on two)
+REFINE_MFU = 0.87  # a refinement step's forward and backward against the probe's peak
+CPU_MERGE_BYTES_S = 1.6e9  # a merge's streamed bytes per second on CPU at PROBE_REF (page cache in, model out)
+GPU_GEN_STEP_S = 0.03  # a generation step's cost past its FLOPs on a GPU (HF generate's loop; assumed, not fitted)
 CPU_BATCH = 64
 THREAD_SCALING = 0.8  # what each thread past the first adds to a matrix product's rate
 
@@ -72,6 +76,7 @@ class Speed:
     batch: int = CPU_BATCH
     refine_flops: float = 0.0  # FLOP/s of a refinement step (default: `flops`)
     host_scale: float = 1.0  # the fixed host costs' factor (REQUEST_S, TENSOR_S, ...): PROBE_REF / probe on CPU
+    probe: float = 0.0  # the CPU probe's FLOP/s (0 on a GPU)
 
 
 def matmul_flops(threads: int, seconds: float = 1.0) -> float:
@@ -99,7 +104,12 @@ def matmul_flops(threads: int, seconds: float = 1.0) -> float:
 
 
 def cpu_speed(num_cpus: float, where: str = "this machine") -> Speed:
-    rate = matmul_flops(int(num_cpus))
+    return speed_at(matmul_flops(int(num_cpus)), num_cpus, where)
+
+
+def speed_at(rate: float, num_cpus: float, where: str = "this machine") -> Speed:
+    """`num_cpus` CPUs whose matrix-product probe reads `rate` FLOP/s (bench/time_plan.py refits the constants
+    from the rates its runs recorded)."""
     scale = rate / PROBE_REF
     return Speed(
         f"{num_cpus:g} CPU(s) of {where} (matmul probe {rate / 1e9:.0f} GFLOP/s)",
@@ -108,6 +118,7 @@ def cpu_speed(num_cpus: float, where: str = "this machine") -> Speed:
         merge_bytes_s=CPU_MERGE_BYTES_S * scale,
         refine_flops=rate * REFINE_MFU,
         host_scale=1 / scale,
+        probe=rate,
     )
 
 
@@ -207,7 +218,7 @@ def evaluation_s(model: ModelFacts, tasks: TaskFacts, speed: Speed) -> float:
         batches = math.ceil(examples / max(1, speed.batch))
         batch = min(examples, speed.batch)
         one = max(model.resident_bytes / speed.memory_bytes_s, batch * per_token / speed.flops)
-        step_s += batches * steps * (one + GEN_STEP_S * speed.host_scale)
+        step_s += batches * steps * (one + (GEN_STEP_S * speed.host_scale if speed.probe else GPU_GEN_STEP_S))
     return forward + step_s + tasks.requests * REQUEST_S * speed.host_scale
 
 
@@ -254,5 +265,6 @@ __all__ = [
     "merge_s",
     "padded_tokens",
     "refinement_s",
+    "speed_at",
     "trial_time",
 ]

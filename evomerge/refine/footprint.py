@@ -52,17 +52,24 @@ MIN_REFINE_EXAMPLES = 8  # per task: below this a step's gradient is one example
 
 
 def refine_examples(materializer, scorer, budget: int = STEP_PARAM_POSITIONS) -> int | None:
-    """Examples per task a refinement step trains on when `refine.examples` is unset: None (each task's search
-    subset, as always) while parameters x the subsets' positions fit `budget`, else the share of the largest subset
-    that fits, at least MIN_REFINE_EXAMPLES (drawn from each task's split in the refinement's seeded order)."""
+    """Examples per task a refinement step trains on when `refine.examples` is unset (`examples_per_task` of the
+    resident model's parameters and the search subsets' positions), drawn from each task's split in the
+    refinement's seeded order."""
     from evomerge.refine.losses import training_items
 
     params = sum(p.numel() for p in materializer.model.parameters())
     items = training_items(scorer, scorer.wrap(materializer.model, materializer.tokenizer))
     positions = sum(len(it.context) + len(c) for it in items for c in it.continuations)
+    largest = max(len(scorer.indices(leaf)) for leaf in scorer.tasks)
+    return examples_per_task(params, positions, largest, budget)
+
+
+def examples_per_task(params: int, positions: int, largest: int, budget: int = STEP_PARAM_POSITIONS) -> int | None:
+    """None (each task's search subset, as always) while parameters x the subsets' positions fit `budget`, else the
+    share of the largest subset that fits, at least MIN_REFINE_EXAMPLES. The resource plan prices the refinement
+    with the same rule."""
     if params * positions <= budget:
         return None
-    largest = max(len(scorer.indices(leaf)) for leaf in scorer.tasks)
     return max(MIN_REFINE_EXAMPLES, int(largest * budget / (params * positions)))
 
 
@@ -111,6 +118,7 @@ __all__ = [
     "STEP_PARAM_POSITIONS",
     "default_micro_batch_tokens",
     "model_micro_batch_tokens",
+    "examples_per_task",
     "refine_examples",
     "refine_extra_bytes",
     "token_bytes",

@@ -251,7 +251,7 @@ def compare_run(
         validate_top(cfg, study, log=log, pool=pool)  # the evolved row is what export takes
         best = exported_trial(cfg, study)
         portable = portable_trial(cfg, study, best)
-        scored = _score(pool, _entries(cfg, defaults, _top_trials(done, best, top_k, portable)), log)
+        scored, failed = _score(pool, _entries(cfg, defaults, _top_trials(done, best, top_k, portable)), log)
     finally:
         pool.close()
     validated = stored(cfg, study)
@@ -275,7 +275,7 @@ def compare_run(
         rows=rows,
         trials=trials,
         best_trial=best.number,
-        skipped=skipped,
+        skipped={**skipped, **failed},
         portable_trial=portable.number if portable is not None else None,
     )
 
@@ -329,17 +329,29 @@ def _entries(cfg, defaults, trials) -> list[_Entry]:
     return out
 
 
-def _score(pool, entries: list[_Entry], log: Callable[[str], None]) -> list[tuple[_Entry, Any]]:
-    """(entry, its held-out result) for every entry, in order, scored on the pool's workers as they come free."""
+def _score(pool, entries: list[_Entry], log: Callable[[str], None]) -> tuple[list[tuple[_Entry, Any]], dict[str, str]]:
+    """(entry, its held-out result) for every entry, in order, scored on the pool's workers as they come free; and
+    {method: why} for the default merges that failed (mergekit's multislerp refuses a tensor that every model
+    leaves as the base has it, as LoRA fine-tunes leave most: that method gets no row, as in the search's
+    portfolio). A source or a trial that fails is an error naming it."""
+    from evomerge.errors import CandidateError
     from evomerge.run.pool import run_jobs
 
     results: dict[int, Any] = {}
+    failed: dict[str, str] = {}
     jobs = [(e.recipe, "heldout") for e in entries]
-    for n, (i, res) in enumerate(run_jobs(pool, jobs, [e.name for e in entries], examples=True)):
+    for n, (i, res) in enumerate(run_jobs(pool, jobs, [e.name for e in entries], examples=True, failed_ok=True)):
+        entry = entries[i]
+        if not res.ok and entry.kind != "default":
+            raise CandidateError(f"{entry.name}: {res.error}")
+        if not res.ok:
+            failed[getattr(entry.name, "method", str(entry.name))] = f"its default merge failed: {res.error}"
+            log(f"[{n + 1}/{len(jobs)}] {entry.name}: failed ({res.error})")
+            continue
         results[i] = res
         seconds = res.merge_s + res.eval_s
-        log(f"[{n + 1}/{len(jobs)}] {entries[i].name}: mean {_mean(res.values()):.4f} ({seconds:.1f} s)")
-    return [(e, results[i]) for i, e in enumerate(entries)]
+        log(f"[{n + 1}/{len(jobs)}] {entry.name}: mean {_mean(res.values()):.4f} ({seconds:.1f} s)")
+    return [(e, results[i]) for i, e in enumerate(entries) if i in results], failed
 
 
 def _examples(res) -> dict[str, list[float]]:

@@ -207,7 +207,7 @@ def with_timing(plan: Plan, cfg: SearchConfig, gpu_kind: str | None = None, toke
 
 def refined_tasks(plan: Plan, cfg: SearchConfig) -> TaskFacts:
     """The tasks with the refinement batch a step trains on: `refine.examples` per task where set, else the
-    workers' rule at this model's size (search/footprint.py `examples_per_task`); the batch's tokens shrink with it."""
+    workers' rule at this model's size (refine/footprint.py `examples_per_task`); the batch's tokens shrink with it."""
     from dataclasses import replace
 
     from evomerge.refine.footprint import examples_per_task

@@ -14,6 +14,9 @@ import yaml
 
 from evomerge.capacity import ModelFacts, Settings, TaskFacts
 from evomerge.capacity.timing import (
+    DIGEST_BYTES_S,
+    SVD_CALL_S,
+    SVD_EFFICIENCY,
     merge_s,
     speed_at,
     subspace_s,
@@ -96,7 +99,11 @@ def test_the_subspace_merges_are_priced_by_their_svds():
     assert subspace_work(model, "task_arithmetic").per_merge == 0
     iso_c = subspace_work(model, "iso_c")
     assert iso_c.per_merge == pytest.approx(sum(svd_flops(m, n) + 2 * m * n * min(m, n) for m, n in shapes))
-    assert merge_s(model, speed, "iso_c") - merge_s(model, speed) == pytest.approx(iso_c.per_merge / speed.svd_flops)
+    slower = 100e9 / speed.svd_flops * SVD_EFFICIENCY  # one thread of 180 GFLOP/s over 2 CPUs: 100 GFLOP/s
+    fixed = len(shapes) * SVD_CALL_S * slower  # Iso-C: one SVD a matrix
+    assert merge_s(model, speed, "iso_c") - merge_s(model, speed) == pytest.approx(
+        iso_c.per_merge / speed.svd_flops + fixed
+    )
     iso_cts = subspace_work(model, "iso_cts")
     assert iso_cts.per_merge > iso_c.per_merge + 2 * sum(svd_flops(m, n) for m, n in shapes)  # the sum + T residuals
     tsv = subspace_work(model, "tsv_m")
@@ -105,9 +112,11 @@ def test_the_subspace_merges_are_priced_by_their_svds():
 
     t = trial_time(model, TASKS, speed, 10, 0, 0, method="tsv_m", portfolio=("iso_c", "ties"))
     plain = trial_time(model, TASKS, speed, 10, 0, 0)
-    assert t.setup == pytest.approx(tsv.once / speed.svd_flops)
+    assert t.setup == pytest.approx(tsv.once / speed.svd_flops + 2 * fixed)
+    digests = 3 * sum(m * n for m, n in shapes) * 2 / DIGEST_BYTES_S * slower  # base + 2 models, bf16
+    assert (tsv.calls, tsv.calls_once) == (2 * len(shapes), 2 * len(shapes))  # two orthogonalisations; T task SVDs
     assert t.merge - plain.merge == pytest.approx(t.subspace) and t.subspace == pytest.approx(
-        tsv.per_merge / speed.svd_flops
+        tsv.per_merge / speed.svd_flops + 2 * fixed + digests
     )
     assert t.night(10, 0, 1) == pytest.approx(10 * t.total + t.setup)
     priced = dict(t.portfolio)  # each portfolio merge by its own method
@@ -213,3 +222,22 @@ def test_the_plan_prints_tsv_ms_memory_and_svds(tiny_zoo, tmp_path):
     assert lent == plan.worker.svd_cache and other.worker.svd_cache == 0
     assert other.node_bytes(1, True) == other.worker.host + other.page_cache + RAY_NODE + RUNTIME_HOST + lent
     assert "the portfolio's TSV-M SVD cache" in "\n".join(other.lines())
+
+
+def test_the_surrogate_the_plan_counts_is_what_freeze_tsv_m_holds(tiny_zoo):
+    """search/surrogate.py's `freeze_tsv_m` over every tensor of the tiny zoo (float32 inputs) holds a new float32
+    tensor per model for each weight matrix, and nothing for the other tensors: `tsv_m_surrogate_bytes`."""
+    from evomerge.capacity.memory import tsv_m_surrogate_bytes
+    from evomerge.io.checkpoint import Checkpoint
+    from evomerge.search.surrogate import freeze_tsv_m
+
+    folders = [tiny_zoo / n for n in ("base", "add", "reverse")]
+    base, *models = (Checkpoint(f) for f in folders)
+    held = 0
+    for name in base.tensor_names():
+        inputs = [m.get(name) for m in models]
+        frozen = freeze_tsv_m(name, base.get(name), inputs, [{"rank_fraction": 1.0}] * 2, positions=[1, 2])
+        fresh = [t for t in frozen.models if all(t.data_ptr() != i.data_ptr() for i in inputs)]
+        held += sum(t.numel() * t.element_size() for t in fresh)
+    model = ModelFacts.of_inputs(folders[0], folders[1:])
+    assert model.stored_itemsize == 4 and held == tsv_m_surrogate_bytes(model) > 0

@@ -59,7 +59,8 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     timing: TrialTime | None = None  # seconds per trial by part (capacity/timing.py), when the plan has a schedule
     night: tuple[int, int] = (0, 0)  # (trials of the budget, portfolio merges) the time lines count
-    export: tuple[int, float] | None = None  # (finalists the export's guard validates at most, seconds each)
+    export: tuple[int, float, float] | None = None  # (finalists the export's guard validates at most, mean seconds
+    # each, the longest: a portfolio merge by a subspace method)
 
     @property
     def page_cache(self) -> int:
@@ -110,12 +111,14 @@ class Plan:
             where = self.devices.where if len(self.devices.nodes) == 1 else f"{len(self.devices.nodes)} nodes"
             out += self.timing.lines(*self.night, workers=max(1, s.count), where=where)
         if self.export is not None:
-            n, each = self.export
+            n, each, longest = self.export
             workers = max(1, s.count)
+            wall = max(n * each / workers, longest)
             out.append(
                 f"plan: export first validates at most {n} finalists (validation.top_k, the baselines, the portfolio's "
-                f"default merges, every refinement point) at ~{each:.2f} s each: ~{n * each / workers:.0f} s on "
-                f"{workers} worker(s), once (scores are kept in the study)"
+                f"default merges, every refinement point) at ~{each:.2f} s each"
+                + (" on average" if longest > 1.5 * each else "")
+                + f": ~{wall:.0f} s on {workers} worker(s), once (scores are kept in the study)"
             )
         out += [f"plan: warning: {text}" for text in self.warnings]
         return out
@@ -275,11 +278,11 @@ def refine_batch(model: ModelFacts, tasks: TaskFacts, examples: int | None = Non
 
 def _export_time(
     plan: Plan, cfg: SearchConfig, speed, portfolio: tuple[str, ...], tokenizer: str | None
-) -> tuple[int, float]:
-    """(finalists, mean seconds each) of the guard `evomerge export` runs first: at most top_k trials, the baselines
-    (the default merge, each source alone), the portfolio's default merges (each by its own method) and every
-    refinement point, each merged and scored on the validation tasks (a finalist scored before is not scored
-    again)."""
+) -> tuple[int, float, float]:
+    """(finalists, mean seconds each, the longest) of the guard `evomerge export` runs first: at most top_k trials,
+    the baselines (the default merge, each source alone), the portfolio's default merges (each by its own method)
+    and every refinement point, each merged and scored on the validation tasks (a finalist scored before is not
+    scored again)."""
     from evomerge.capacity.timing import evaluation_s, merge_s, subspace_s
     from evomerge.scoring.scorer import Scorer
     from evomerge.search.schedule import Schedule
@@ -294,10 +297,10 @@ def _export_time(
     schedule = Schedule.of(cfg, n_baselines=len(cfg.models) + 1, n_portfolio=len(portfolio))
     searched = cfg.validation.top_k + schedule.baselines + schedule.points_per_round * len(schedule.starts)
     evaluation = evaluation_s(plan.model, tasks, speed)
-    total = searched * (merge_s(plan.model, speed, cfg.method) + evaluation)
-    total += sum(merge_s(plan.model, speed, m) + subspace_s(plan.model, speed, m)[1] + evaluation for m in portfolio)
+    own = merge_s(plan.model, speed, cfg.method) + evaluation
+    others = [merge_s(plan.model, speed, m) + subspace_s(plan.model, speed, m)[1] + evaluation for m in portfolio]
     finalists = searched + len(portfolio)
-    return finalists, total / max(1, finalists)
+    return finalists, (searched * own + sum(others)) / max(1, finalists), max([own, *others])
 
 
 def evaluate_plan(

@@ -17,7 +17,8 @@ The time model reads quantities only, so what makes a trial cheaper shows in it:
   overhead    the search's own per-trial cost (sampler, storage, the worker's round trip)
   subspace    (tsv_m, iso_c, iso_cts: merge/kernels/subspace.py) their SVDs and products per weight matrix
               (`subspace_work`), on one CPU thread in float32 whatever the worker's device, at SVD_EFFICIENCY of
-              one thread's matrix-product peak: in the merge term (and each portfolio merge by its own method),
+              one thread's matrix-product peak, + SVD_CALL_S an SVD (+ TSV-M's digests of its inputs' matrices at
+              DIGEST_BYTES_S): in the merge term (and each portfolio merge by its own method),
               TSV-M's per-task SVDs once per worker while they fit its cache (SVD_CACHE_BYTES), each trial past it
 Forward FLOPs per token: 2 x (decoder parameters + vocabulary x hidden) (the head's product; attention's
 context-length term is left out: short requests).
@@ -66,9 +67,11 @@ CPU_BATCH = 64
 THREAD_SCALING = 0.8  # what each thread past the first adds to a matrix product's rate
 # The subspace merges' SVDs run on one CPU thread in float32, on a GPU worker too. A thin SVD of an m x n matrix
 # (k = min(m, n)) costs about 4 m n k + 8 k^3 FLOPs (`svd_flops`); LAPACK's float32 SVD (and the products beside it)
-# reaches SVD_EFFICIENCY of one thread's probe (0.2: single SVDs of 128 x 128 to 1536 x 576 on this 2-core machine
-# at load 5, 2026-12-07, read 0.13-0.32, no fixed cost per call; bench/subspace_cost.py checks it per method).
-SVD_EFFICIENCY = 0.2
+# reaches SVD_EFFICIENCY of one thread's probe (single SVDs of 128 x 128 to 1536 x 576 read 0.13-0.32; whole merges
+# at SmolLM2-135M's shapes, bench/subspace_cost.py, 0.19-0.28 by method; 2 busy cores, load 4-10, 2026-12-07).
+SVD_EFFICIENCY = 0.25
+SVD_CALL_S = 0.5e-3  # each SVD's fixed cost at one thread of PROBE_REF (LAPACK's set-up, Python; tiny zoo: 0.25-2 ms)
+DIGEST_BYTES_S = 0.5e9  # TSV-M's cache keys: blake2b of each input matrix's bytes every merge (measured 0.48 GB/s)
 SUBSPACE_METHODS = ("tsv_m", "iso_c", "iso_cts")
 
 
@@ -316,6 +319,8 @@ class SubspaceWork:
     once: float = 0.0
     cached: int = 0
     wanted: int = 0
+    calls: int = 0  # SVDs every merge
+    calls_once: int = 0  # SVDs once per worker
 
 
 def subspace_work(model: ModelFacts, method: str) -> SubspaceWork:
@@ -334,36 +339,43 @@ def subspace_work(model: ModelFacts, method: str) -> SubspaceWork:
         return SubspaceWork()
     tasks = max(1, model.n_inputs - 1)
     per = once = 0.0
-    cached = wanted = 0
+    cached = wanted = calls = calls_once = 0
     for m, n in model.weight_matrices:
         r = min(m, n)
         product = 2.0 * m * n * r
         polars = svd_flops(m, r) + svd_flops(n, r) + 2.0 * (m + n) * r * r
         if method == "iso_c":
-            per += svd_flops(m, n) + product
+            per, calls = per + svd_flops(m, n) + product, calls + 1
             continue
         if method == "iso_cts":
             per += (1 + tasks) * svd_flops(m, n) + tasks * 4.0 * m * n * r + polars + product
+            calls += 3 + tasks
             continue
-        per += polars + product
+        per, calls = per + polars + product, calls + 2
         size = task_svd_bytes(m, n)
         for _ in range(tasks):
             wanted += size
             if cached + size <= SVD_CACHE_BYTES:
-                cached += size
-                once += svd_flops(m, n)
+                cached, once, calls_once = cached + size, once + svd_flops(m, n), calls_once + 1
             else:
-                per += svd_flops(m, n)
-    return SubspaceWork(per, once, cached, wanted)
+                per, calls = per + svd_flops(m, n), calls + 1
+    return SubspaceWork(per, once, cached, wanted, calls, calls_once)
 
 
 def subspace_s(model: ModelFacts, speed: Speed, method: str) -> tuple[float, float]:
-    """(seconds of every merge, seconds once per worker) of `method`'s SVDs and products at `speed.svd_flops`."""
+    """(seconds of every merge, seconds once per worker) of `method`'s SVDs and products at `speed.svd_flops`, with
+    each SVD's fixed cost and, for TSV-M, its cache keys' digests of the inputs' matrices; the fixed costs scale
+    as the SVD rate does (one thread: the rate over the fitting machine's)."""
     work = subspace_work(model, method)
     if not work.per_merge and not work.once:
         return 0.0, 0.0
-    rate = speed.svd_flops or (PROBE_REF / (1 + THREAD_SCALING) * SVD_EFFICIENCY)
-    return work.per_merge / rate, work.once / rate
+    reference = PROBE_REF / (1 + THREAD_SCALING) * SVD_EFFICIENCY
+    rate = speed.svd_flops or reference
+    slower = reference / rate
+    fixed = work.calls * SVD_CALL_S
+    if method == "tsv_m":
+        fixed += model.n_inputs * sum(m * n for m, n in model.weight_matrices) * model.itemsize / DIGEST_BYTES_S
+    return work.per_merge / rate + fixed * slower, work.once / rate + work.calls_once * SVD_CALL_S * slower
 
 
 def refinement_s(

@@ -13,7 +13,10 @@ are timed once. Printed per method: seconds per trial and the ratio to task arit
 - tsv_m (first trial): a worker's first merge, the per-task SVDs computed (and kept in the cache);
 - tsv_m (later trials): at other weights and rank fractions, the SVDs from the cache: what every later trial costs;
 - the cache's size (float32 U, S, V^T of every task matrix), and what one SVD of the embeddings would cost (they
-  merge by the weighted mean instead; merge/kernels/subspace.py says why).
+  merge by the weighted mean instead; merge/kernels/subspace.py says why);
+- beside each, the resource plan's figure for the same work (evomerge/capacity/timing.py `subspace_s`: the SVDs'
+  and products' FLOPs at SVD_EFFICIENCY of one thread's matrix-product probe, read in this run) against what this
+  run measured over task arithmetic, and the plan's cache bytes (`svd_cache_bytes`) against the cache's own count.
 
 SmolLM2-135M: 30 layers, hidden 576, intermediate 1536, vocab 49152, 9 query heads and 3 key/value heads of 64
 (q, o: 576 x 576; k, v: 192 x 576; gate, up: 1536 x 576; down: 576 x 1536), tied embeddings. The tiny zoo
@@ -55,6 +58,16 @@ class Shape:
             (p + "input_layernorm.weight", (h,)),
             (p + "post_attention_layernorm.weight", (h,)),
         ]
+
+    def facts(self):
+        """The plan's facts of these shapes: a base and two models, the weight matrices timed here."""
+        from evomerge.capacity import ModelFacts
+
+        matrices = tuple(s for i in range(self.layers) for _, s in self.layer_tensors(i) if len(s) == 2)
+        config = {"model_type": "llama", "hidden_size": self.hidden, "intermediate_size": self.intermediate,
+                  "num_hidden_layers": self.layers, "num_attention_heads": max(1, self.hidden // 64),
+                  "vocab_size": self.vocab, "tie_word_embeddings": self.tied}  # fmt: skip
+        return ModelFacts.of_config(config, n_inputs=3, matrix_shapes=matrices)
 
     def outside_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         out = [("model.embed_tokens.weight", (self.vocab, self.hidden)), ("model.norm.weight", (self.hidden,))]
@@ -122,6 +135,19 @@ def _embedding_svd(shape: Shape) -> float:
         return time.perf_counter() - start
 
 
+def _planned(shape: Shape) -> dict:
+    """The resource plan's seconds of each method's SVD work a trial (capacity/timing.py), at this run's probe."""
+    from evomerge.capacity.timing import matmul_flops, speed_at, subspace_s
+
+    model, speed = shape.facts(), speed_at(matmul_flops(1), 1)
+    out: dict = {"rate": speed.svd_flops, "where": speed.svd_where}
+    for method in ("iso_c", "iso_cts"):
+        out[method] = subspace_s(model, speed, method)[0]
+    per, once = subspace_s(model, speed, "tsv_m")
+    out["tsv_m (first trial)"], out["tsv_m (later trials)"] = per + once, per
+    return out
+
+
 def run(shape: Shape, layers: int) -> None:
     from evomerge.merge.kernels.subspace import SVD_CACHE
 
@@ -145,10 +171,16 @@ def run(shape: Shape, layers: int) -> None:
         if label == "tsv_m (later trials)":
             cache = SVD_CACHE.used * scale
     ta = rows[0][1]
-    print(f"  {'method':<22} {'s / trial':>10} {'x task_arithmetic':>18}")
+    planned = _planned(shape)
+    print(f"  {'method':<22} {'s / trial':>10} {'x task_arithmetic':>18} {'over TA: measured':>18} {'plan':>8}")
     for label, seconds in rows:
-        print(f"  {label:<22} {seconds:>10.3f} {seconds / ta:>18.1f}")
-    print(f"  tsv_m's SVD cache: {cache / 2**20:.1f} MiB per worker (2 models)")
+        plan = f"{planned[label]:>8.3f}" if label in planned else f"{'':>8}"
+        print(f"  {label:<22} {seconds:>10.3f} {seconds / ta:>18.1f} {seconds - ta:>18.3f} {plan}")
+    from evomerge.capacity.memory import svd_cache_bytes
+
+    plan_cache = svd_cache_bytes(shape.facts())
+    print(f"  tsv_m's SVD cache: {cache / 2**20:.1f} MiB per worker (2 models); the plan: {plan_cache / 2**20:.1f} MiB")
+    print(f"  the plan's SVD rate: {planned['rate'] / 1e9:.1f} GFLOP/s ({planned['where']})")
     if shape.vocab * shape.hidden > 1 << 20:
         print(f"  one SVD of the {shape.vocab} x {shape.hidden} embeddings: {_embedding_svd(shape):.2f} s (not taken)")
 

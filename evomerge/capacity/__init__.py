@@ -12,9 +12,9 @@ Every term and its formula: `memory.py`, `timing.py`. How the figures compare wi
 """
 
 from evomerge.capacity.devices import Devices, Node, cluster_devices, given_devices, local_devices, parse_size
-from evomerge.capacity.facts import ModelFacts, TaskFacts, resident_dtype
+from evomerge.capacity.facts import ModelFacts, TaskFacts, gb, resident_dtype
 from evomerge.capacity.memory import Settings, WorkerMemory, worker_memory
-from evomerge.capacity.plan import Plan, evaluate_plan, gb, plan_search
+from evomerge.capacity.plan import Plan, evaluate_plan, plan_search
 
 __all__ = [
     "Devices",

@@ -24,6 +24,13 @@ def resident_dtype(dtype: str | None, config: dict[str, Any]) -> str:
     return dtype or (stored if stored in ITEMSIZE else None) or "float32"
 
 
+def gb(n: float) -> str:
+    """Bytes for a reader: MB below a tenth of a GB, else GB (decimal units, as nvidia-smi and free -h print)."""
+    if n < 1e8:
+        return f"{n / 1e6:.0f} MB"
+    return f"{n / 1e9:.2f} GB" if n < 10e9 else f"{n / 1e9:.1f} GB"
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """Sizes of one search's models. `params`: elements of the resident model's parameters (a tied head once);
@@ -43,11 +50,31 @@ class ModelFacts:
     vocab: int
     config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the base's config.json
     n_tensors: int = 0  # tensors of the base's weight files (0: LLAMA_LAYER_TENSORS a layer, for a config alone)
+    # (rows, columns) of each 2-D weight matrix the subspace merges take an SVD of (the header's; () for a config
+    # alone: a Llama's seven a layer, `weight_matrices`)
+    matrix_shapes: tuple[tuple[int, int], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def tensors(self) -> int:
         """Tensors a merge writes: the header's count, else a Llama's (9 a layer, embeddings, norm and head)."""
         return self.n_tensors or self.layers * LLAMA_LAYER_TENSORS + 2 + (not self.config.get("tie_word_embeddings"))
+
+    @property
+    def weight_matrices(self) -> tuple[tuple[int, int], ...]:
+        """(rows, columns) of every 2-D weight matrix outside the embeddings and head (merge/layout.py's
+        EMBEDDING_PARTS), in the order a merge meets them: the header's, else a Llama's q, k, v, o, gate, up and
+        down per layer from the config's shape."""
+        if self.matrix_shapes:
+            return self.matrix_shapes
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        layer = ((q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i))
+        return layer * self.layers
+
+    @property
+    def stored_itemsize(self) -> int:
+        """Bytes of one element as the inputs store it (the base's config.json dtype, float32 when unset)."""
+        return ITEMSIZE[resident_dtype(None, self.config)]
 
     @property
     def itemsize(self) -> int:
@@ -74,6 +101,7 @@ class ModelFacts:
         ref = Checkpoint(base_folder)
         names = ref.tensor_names()
         numel = {n: _numel(ref.shape(n)) for n in names}
+        matrices = tuple(tuple(ref.shape(n)) for n in names if _takes_svd(n, ref.shape(n)))
         return cls.of_config(
             ref.config,
             input_bytes=_input_bytes(base, models),
@@ -81,6 +109,7 @@ class ModelFacts:
             largest=max(numel.values(), default=0),
             stored_params=sum(numel.values()),
             n_tensors=len(numel),
+            matrix_shapes=matrices,
         )
 
     @classmethod
@@ -94,6 +123,7 @@ class ModelFacts:
         largest: int | None = None,
         stored_params: int | None = None,
         n_tensors: int = 0,
+        matrix_shapes: tuple[tuple[int, int], ...] = (),
     ) -> ModelFacts:
         """From a config.json alone (the projection's 7B-70B shapes); `input_bytes` default to `n_inputs` copies of
         the model as its config's dtype stores it."""
@@ -128,6 +158,7 @@ class ModelFacts:
             dtype=kind,
             config=dict(config),
             n_tensors=n_tensors,
+            matrix_shapes=matrix_shapes,
             **shape,
         )
 
@@ -153,6 +184,13 @@ def _input_bytes(base: str | os.PathLike, models: Sequence[str | os.PathLike]) -
         counted.add(ref_key(model))
         out.append(adapter_nbytes(adapter) + own)
     return [*out, Checkpoint(base_folder).nbytes() + (adapter_nbytes(base_adapter) if base_adapter else 0)]
+
+
+def _takes_svd(name: str, shape: Sequence[int]) -> bool:
+    """merge/kernels/subspace.py's `takes_subspace_rule` from a header: a 2-D matrix, not an embedding or head."""
+    from evomerge.merge.layout import EMBEDDING_PARTS
+
+    return len(shape) == 2 and min(shape) > 1 and not any(part in name for part in EMBEDDING_PARTS)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -308,4 +346,4 @@ def _request_text(task, doc, kind: str) -> tuple[str, list[str]]:
     return ctx, [f"{delim}{target}"]
 
 
-__all__ = ["ITEMSIZE", "ModelFacts", "TaskFacts", "resident_dtype"]
+__all__ = ["ITEMSIZE", "ModelFacts", "TaskFacts", "gb", "resident_dtype"]

@@ -10,6 +10,13 @@ Per worker, on its device (the GPUs of its group, or host memory for a CPU worke
   refinement  `refine_bytes`: refine/footprint.py's formula (only while a refinement round runs); per-row TIES
               rounds (refine.arms rows, distill) add `row_ties_bytes` in host memory: one tensor's TIES
               over row-scaled task vectors in float32, (6 x models + 6) x largest tensor x 4
+  tsv_m       (host memory, the worker's device or not) `svd_cache_bytes`: TSV-M's per-task SVDs a worker keeps,
+              float32 U, S, V^T of every weight matrix and model, at most SVD_CACHE_BYTES: in each worker when the
+              method is tsv_m; once per node when the portfolio scores TSV-M's default merge (one worker holds it
+              for that merge: the next merge by another method empties it); during a refinement round
+              `tsv_m_surrogate_bytes`:
+              the surrogate's merged parts, a float32 copy of each weight matrix per model, and the base's matrices
+              in float32 where it is stored narrower (search/surrogate.py `freeze_tsv_m`)
 Evaluation, merge and refinement never run at once in a worker, so its peak is resident + runtime + the largest
 of the three. Per node, the memory-mapped inputs' pages (the page cache, counted once for all the node's workers;
 each worker's RSS shows the pages it touched) and Ray's own processes come on top.
@@ -46,6 +53,7 @@ class Settings:
     method: str = "task_arithmetic"
     row_ties: bool = False  # per-row rounds of a TIES search run (refine.arms rows or distill)
     batch_size: int | str | None = None  # workers.batch_size: None (the plan's), an int, or "auto" (lm-eval's)
+    portfolio: tuple[str, ...] = ()  # the methods whose default merges the portfolio scores
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,9 @@ class WorkerMemory:
     batch_size: int | str
     per_device: tuple[int, ...]
     host: int  # the worker process's peak RSS less the inputs' pages
+    svd_cache: int = 0  # of `host`: TSV-M's per-task SVDs (kept from trial to trial)
+    portfolio_cache: int = 0  # not in `host`: the SVD cache of the portfolio's TSV-M merge (one worker, once a node)
+    surrogate: int = 0  # of `host` (of `refinement` on CPU): TSV-M's surrogate during a refinement round
 
     @property
     def transient(self) -> int:
@@ -108,6 +119,22 @@ def row_ties_bytes(model: ModelFacts) -> int:
     return (6 * (model.n_inputs - 1) + 6) * model.largest * 4
 
 
+def svd_cache_bytes(model: ModelFacts) -> int:
+    """TSV-M's SVD cache once full: the float32 U, S, V^T of every weight matrix's task vectors, as far as
+    SVD_CACHE_BYTES holds them (merge/kernels/subspace.py; filled in merge order, never evicted)."""
+    from evomerge.capacity.timing import subspace_work
+
+    return subspace_work(model, "tsv_m").cached
+
+
+def tsv_m_surrogate_bytes(model: ModelFacts) -> int:
+    """TSV-M's surrogate during a refinement round (search/surrogate.py `freeze_tsv_m`): per weight matrix, base + A_i
+    in float32 for each model i (held while the start point lasts), and the base's matrix in float32 where the inputs
+    store it narrower. The other tensors' surrogate reads the memory-mapped inputs (no copy)."""
+    copies = (model.n_inputs - 1) + (model.stored_itemsize != 4)
+    return sum(copies * m * n * 4 for m, n in model.weight_matrices)
+
+
 def batch_for(model: ModelFacts, tasks: TaskFacts, budget: int) -> int:
     """The largest evaluation batch whose activations fit `budget` bytes (at most the number of requests, and
     MAX_BATCH); 0 when not even one request fits."""
@@ -125,6 +152,9 @@ def worker_memory(model: ModelFacts, tasks: TaskFacts, settings: Settings, devic
     threads = max(1, int(settings.num_cpus))
     refine = refine_bytes(model, tasks, settings.method, on_gpu=n > 0, threads=threads) if settings.refine else 0
     row_host = row_ties_bytes(model) if settings.refine and settings.row_ties else 0
+    row_host += (surrogate := tsv_m_surrogate_bytes(model) if settings.refine and settings.method == "tsv_m" else 0)
+    cache = svd_cache_bytes(model) if settings.method == "tsv_m" else 0
+    lent = svd_cache_bytes(model) if settings.method != "tsv_m" and "tsv_m" in settings.portfolio else 0
     if n == 0:
         refine += row_host  # all of it in host memory
     merge = merge_bytes(model)
@@ -142,9 +172,11 @@ def worker_memory(model: ModelFacts, tasks: TaskFacts, settings: Settings, devic
     evaluation = eval_bytes(model, tasks, batch if isinstance(batch, int) else min(AUTO_START, tasks.requests))
     transient = max(evaluation, merge, refine)
     if n == 0:  # all of it in host memory
-        return WorkerMemory(resident, evaluation, merge, refine, batch, (), RUNTIME_HOST + resident + transient)
+        host = RUNTIME_HOST + resident + transient + cache
+        return WorkerMemory(resident, evaluation, merge, refine, batch, (), host, cache, lent, surrogate)
     per_device = _per_device(model, n, resident, transient)
-    return WorkerMemory(resident, evaluation, merge, refine, batch, per_device, RUNTIME_HOST + CUDA_HOST + row_host)
+    host = RUNTIME_HOST + CUDA_HOST + row_host + cache
+    return WorkerMemory(resident, evaluation, merge, refine, batch, per_device, host, cache, lent, surrogate)
 
 
 def device_batch(materializer, scorer, refine_method: str | None = None) -> int:
@@ -191,5 +223,7 @@ __all__ = [
     "merge_bytes",
     "refine_bytes",
     "row_ties_bytes",
+    "svd_cache_bytes",
+    "tsv_m_surrogate_bytes",
     "worker_memory",
 ]

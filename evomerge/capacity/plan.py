@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from evomerge.capacity.devices import Devices, local_devices
-from evomerge.capacity.facts import ModelFacts, TaskFacts
+from evomerge.capacity.facts import ModelFacts, TaskFacts, gb
 from evomerge.capacity.memory import (
     CUDA_CONTEXT,
     DEVICE_SHARE,
@@ -28,13 +28,6 @@ from evomerge.errors import ConfigError
 
 if TYPE_CHECKING:
     from evomerge.config.schema import SearchConfig
-
-
-def gb(n: float) -> str:
-    """Bytes for a reader: MB below a tenth of a GB, else GB (decimal units, as nvidia-smi and free -h print)."""
-    if n < 1e8:
-        return f"{n / 1e6:.0f} MB"
-    return f"{n / 1e9:.2f} GB" if n < 10e9 else f"{n / 1e9:.1f} GB"
 
 
 def _count(params: int) -> str:
@@ -59,7 +52,8 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     timing: TrialTime | None = None  # seconds per trial by part (capacity/timing.py), when the plan has a schedule
     night: tuple[int, int] = (0, 0)  # (trials of the budget, portfolio merges) the time lines count
-    export: tuple[int, float] | None = None  # (finalists the export's guard validates at most, seconds each)
+    export: tuple[int, float, float] | None = None  # (finalists the export's guard validates at most, mean seconds
+    # each, the longest: a portfolio merge by a subspace method)
 
     @property
     def page_cache(self) -> int:
@@ -75,7 +69,7 @@ class Plan:
         once, Ray's processes, the driver."""
         ray = RAY_NODE if self.settings.count > 0 else 0
         drv = RUNTIME_HOST if driver and self.settings.count > 0 else 0
-        return workers * self.worker.host + self.page_cache + ray + drv
+        return workers * self.worker.host + self.page_cache + ray + drv + self.worker.portfolio_cache
 
     def lines(self) -> list[str]:
         """The plan in three lines (and its warnings): the inputs, one worker, a node."""
@@ -93,8 +87,9 @@ class Plan:
             terms.append(f"refinement {gb(w.refinement)}")
         peak = f"resident {gb(w.resident)} ({m.dtype}) + max({', '.join(terms)})"
         who = "the worker (in this process)" if s.count == 0 else "each worker"
+        cache = f" + SVD cache {gb(w.svd_cache)}" if w.svd_cache else ""
         if not self.on_gpu:
-            out.append(f"plan: {who} on cpu: {peak} + runtime {gb(RUNTIME_HOST)} = {gb(w.host)}")
+            out.append(f"plan: {who} on cpu: {peak} + runtime {gb(RUNTIME_HOST)}{cache} = {gb(w.host)}")
         else:
             k = max(1, int(s.num_gpus))
             where = f"{k} GPUs" if k > 1 else ("1 GPU" if s.num_gpus >= 1 else f"{s.num_gpus:g} of a GPU")
@@ -103,20 +98,47 @@ class Plan:
                 f"plan: {who} on {where}: {peak} + CUDA {gb(CUDA_CONTEXT)}{' per GPU' if k > 1 else ''} = {per} "
                 f"of GPU memory; host {gb(w.host)}"
             )
+        out += self._subspace_memory_lines()
         out.append(self._node_line())
         if self.timing is not None:
             where = self.devices.where if len(self.devices.nodes) == 1 else f"{len(self.devices.nodes)} nodes"
             out += self.timing.lines(*self.night, workers=max(1, s.count), where=where)
         if self.export is not None:
-            n, each = self.export
+            n, each, longest = self.export
             workers = max(1, s.count)
+            wall = max(n * each / workers, longest)
             out.append(
                 f"plan: export first validates at most {n} finalists (validation.top_k, the baselines, the portfolio's "
-                f"default merges, every refinement point) at ~{each:.2f} s each: ~{n * each / workers:.0f} s on "
-                f"{workers} worker(s), once (scores are kept in the study)"
+                f"default merges, every refinement point) at ~{each:.2f} s each"
+                + (" on average" if longest > 1.5 * each else "")
+                + f": ~{wall:.0f} s on {workers} worker(s), once (scores are kept in the study)"
             )
         out += [f"plan: warning: {text}" for text in self.warnings]
         return out
+
+    def _subspace_memory_lines(self) -> list[str]:
+        """TSV-M's host memory: its SVD cache (kept from trial to trial) and its refinement surrogate."""
+        w = self.worker
+        cache = w.svd_cache or w.portfolio_cache
+        if not cache and not w.surrogate:
+            return []
+        terms = []
+        if cache:
+            from evomerge.capacity.timing import subspace_work
+            from evomerge.merge.kernels.subspace import SVD_CACHE_BYTES
+
+            wanted = subspace_work(self.model, "tsv_m").wanted
+            whose = "each worker's" if w.svd_cache else "one worker's, for the portfolio's TSV-M merge,"
+            terms.append(
+                f"{whose} SVD cache {gb(cache)} (float32 U, S, V^T of each weight matrix and model: {gb(wanted)}, "
+                f"kept up to {gb(SVD_CACHE_BYTES)})"
+            )
+        if w.surrogate:
+            where = "in its refinement term" if not self.on_gpu else "during a refinement round"
+            terms.append(
+                f"{where}, each worker's surrogate {gb(w.surrogate)} (a float32 copy of each weight matrix per model)"
+            )
+        return [f"plan: tsv_m in host memory: {'; '.join(terms)}"]
 
     def _node_line(self) -> str:
         node = self.devices.nodes[0]
@@ -129,6 +151,8 @@ class Plan:
         cpus = f"{node.cpus:g} CPUs" if node.cpus else "CPUs not given (--cpus)"
         have = f"{gb(node.host_available)} of {gb(node.host_total)} available, {cpus}, {gpus}"
         ray = f" + Ray {gb(RAY_NODE)} + driver {gb(RUNTIME_HOST)}" if self.settings.count > 0 else ""
+        if self.worker.portfolio_cache:
+            ray += f" + the portfolio's TSV-M SVD cache {gb(self.worker.portfolio_cache)}"
         need = self.node_bytes(workers, self.devices.local)
         verdict = "fits" if not self.problems else "does NOT fit"
         where = self.devices.where if len(self.devices.nodes) == 1 else f"each node of {self.devices.where}"
@@ -175,6 +199,7 @@ def plan_search(
         method=cfg.method,
         row_ties=cfg.method == "ties" and bool(cfg.refine and cfg.refine.arms_run(cfg.budget.n_trials) - {"tensor"}),
         batch_size=cfg.workers.batch_size,
+        portfolio=portfolio_methods(cfg),
     )
     plan = evaluate_plan(model, tasks, settings, devices or local_devices(), source=cfg._source)
     return with_timing(plan, cfg, gpu_kind, tokenizer)
@@ -183,7 +208,7 @@ def plan_search(
 def with_timing(plan: Plan, cfg: SearchConfig, gpu_kind: str | None = None, tokenizer: str | None = None) -> Plan:
     """The plan with its time lines: seconds per trial by part on the planned devices, trials per hour, the end,
     and the export's validation (`tokenizer` counts the validation tasks' tokens, as `plan_search`'s)."""
-    from evomerge.capacity.timing import cpu_speed, gpu_speed, local_gpu_kind, trial_time
+    from evomerge.capacity.timing import SUBSPACE_METHODS, cpu_speed, gpu_speed, local_gpu_kind, trial_time
 
     s, n = plan.settings, cfg.budget.n_trials
     if plan.on_gpu and plan.devices.gpus:
@@ -193,39 +218,66 @@ def with_timing(plan: Plan, cfg: SearchConfig, gpu_kind: str | None = None, toke
     else:
         speed = cpu_speed(s.num_cpus, "this machine" if plan.devices.local else "the given machine")
     rounds, steps = (len(cfg.refine.starts(n)), cfg.refine.schedule(n)[0]) if cfg.refine is not None else (0, 0)
-    plan.timing = trial_time(plan.model, refined_tasks(plan, cfg), speed, n, rounds, steps)
-    portfolio = 0
-    if cfg.portfolio:
-        from evomerge.candidate.portfolio import COMMON_METHODS
-
-        portfolio = len([m for m in COMMON_METHODS if m != cfg.method])  # the most it scores (some may not apply)
+    methods = portfolio_methods(cfg)
+    plan.timing = trial_time(
+        plan.model, refined_tasks(plan, cfg), speed, n, rounds, steps, method=cfg.method, portfolio=methods
+    )
+    portfolio = len(methods)
     plan.night = (n, portfolio)
+    workers = max(1, s.count)
+    trials_s = plan.timing.night(n, 0, workers)
+    if plan.timing.portfolio_s(portfolio, workers) > max(trials_s, 3600):
+        slow = [m for m, _ in plan.timing.portfolio if m in SUBSPACE_METHODS]
+        plan.warnings.append(
+            f"the portfolio's default merges ({', '.join(slow)}: SVDs on one CPU thread) take longer than the "
+            f"{n} trials; set portfolio: false to score none of them, or budget the time"
+        )
     if cfg.validation is not None:
-        plan.export = _export_time(plan, cfg, speed, portfolio, tokenizer)
+        plan.export = _export_time(plan, cfg, speed, methods, tokenizer)
     return plan
+
+
+def portfolio_methods(cfg: SearchConfig) -> tuple[str, ...]:
+    """The methods whose default merges the portfolio scores: every common one but the searched (the most it
+    scores: some may not apply to the inputs); none with `portfolio: false`."""
+    if not cfg.portfolio:
+        return ()
+    from evomerge.candidate.portfolio import COMMON_METHODS
+
+    return tuple(m for m in COMMON_METHODS if m != cfg.method)
 
 
 def refined_tasks(plan: Plan, cfg: SearchConfig) -> TaskFacts:
     """The tasks with the refinement batch a step trains on: `refine.examples` per task where set, else the
     workers' rule at this model's size (refine/footprint.py `examples_per_task`); the batch's tokens shrink with it."""
+    if cfg.refine is None:
+        return plan.tasks
+    return refine_batch(plan.model, plan.tasks, cfg.refine.examples)
+
+
+def refine_batch(model: ModelFacts, tasks: TaskFacts, examples: int | None = None) -> TaskFacts:
+    """`tasks` with the refinement batch a step trains on: `examples` per task, else the workers' rule at this
+    model's size (refine/footprint.py `examples_per_task`); the batch's tokens shrink with it."""
     from dataclasses import replace
 
     from evomerge.refine.footprint import examples_per_task
 
-    tasks = plan.tasks
-    if cfg.refine is None or not tasks.largest_subset:
+    if not tasks.largest_subset:
         return tasks
-    examples = cfg.refine.examples or examples_per_task(plan.model.params, tasks.refine_positions, tasks.largest_subset)
+    examples = examples or examples_per_task(model.params, tasks.refine_positions, tasks.largest_subset)
     share = min(1.0, examples / tasks.largest_subset) if examples else 1.0
     return replace(tasks, refine_tokens=round(tasks.refine_tokens * share))
 
 
-def _export_time(plan: Plan, cfg: SearchConfig, speed, portfolio: int, tokenizer: str | None) -> tuple[int, float]:
-    """(finalists, seconds each) of the guard `evomerge export` runs first: at most top_k trials, the baselines
-    (the default merge, each source alone), the portfolio's default merges and every refinement point, each merged
-    and scored on the validation tasks (a finalist scored before is not scored again)."""
+def _export_time(
+    plan: Plan, cfg: SearchConfig, speed, portfolio: tuple[str, ...], tokenizer: str | None
+) -> tuple[int, float, float]:
+    """(finalists, mean seconds each, the longest) of the guard `evomerge export` runs first: at most top_k trials,
+    the baselines (the default merge, each source alone), the portfolio's default merges (each by its own method)
+    and every refinement point, each merged and scored on the validation tasks (a finalist scored before is not
+    scored again)."""
     from evomerge.capacity.schedule import Schedule
-    from evomerge.capacity.timing import evaluation_s, merge_s
+    from evomerge.capacity.timing import evaluation_s, merge_s, subspace_s
     from evomerge.scoring.scorer import Scorer
 
     scorer = Scorer(
@@ -235,9 +287,13 @@ def _export_time(plan: Plan, cfg: SearchConfig, speed, portfolio: int, tokenizer
         include_defaults=cfg.tasks.include_defaults,
     )
     tasks = TaskFacts.of_scorer(scorer, tokenizer)
-    schedule = Schedule.of(cfg, n_baselines=len(cfg.models) + 1, n_portfolio=portfolio)
-    finalists = cfg.validation.top_k + schedule.baselines + portfolio + schedule.points_per_round * len(schedule.starts)
-    return finalists, merge_s(plan.model, speed) + evaluation_s(plan.model, tasks, speed)
+    schedule = Schedule.of(cfg, n_baselines=len(cfg.models) + 1, n_portfolio=len(portfolio))
+    searched = cfg.validation.top_k + schedule.baselines + schedule.points_per_round * len(schedule.starts)
+    evaluation = evaluation_s(plan.model, tasks, speed)
+    own = merge_s(plan.model, speed, cfg.method) + evaluation
+    others = [merge_s(plan.model, speed, m) + subspace_s(plan.model, speed, m)[1] + evaluation for m in portfolio]
+    finalists = searched + len(portfolio)
+    return finalists, (searched * own + sum(others)) / max(1, finalists), max([own, *others])
 
 
 def evaluate_plan(
@@ -386,4 +442,11 @@ def _host_problems(plan: Plan) -> list[str]:
     return problems
 
 
-__all__ = ["Plan", "evaluate_plan", "gb", "plan_search", "refined_tasks"]
+__all__ = [
+    "Plan",
+    "evaluate_plan",
+    "plan_search",
+    "portfolio_methods",
+    "refine_batch",
+    "refined_tasks",
+]

@@ -17,7 +17,7 @@ os.wait4:
   extra              one engine's round alone in a fresh process, after one merge (the resident state a search
                      has): its peak RSS over that state (VmHWM reset through /proc/self/clear_refs), against
                      what `refine_extra_bytes` (the resource plan's formula) predicts for the new engine; with
-                     --rows also a per-row round (search/rows.py), against the same formula with every tensor
+                     --rows also a per-row round (refine/rows.py), against the same formula with every tensor
                      moving (and, for ties, the plan's `row_ties_bytes`)
   steps              seconds per refinement step (the median interval between steps), new and old engine
                      alternating in one process (the best of --repeats rounds), on the synthetic model and on
@@ -322,7 +322,7 @@ def main() -> int:
     ap.add_argument("--keep", help="folder for the checkpoints (reused when present); default a temp folder")
     ap.add_argument("--zoo", help="the tiny zoo for the per-step timing (default: built under the folder)")
     ap.add_argument("--skip", default="", help="comma-separated: search, old-search, steps")
-    ap.add_argument("--rows", action="store_true", help="also measure a per-row round alone (search/rows.py)")
+    ap.add_argument("--rows", action="store_true", help="also measure a per-row round alone (refine/rows.py)")
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument("--_measure", help=argparse.SUPPRESS)
     args = ap.parse_args()

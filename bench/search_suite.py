@@ -7,7 +7,7 @@ single source, and what share of the room to the routing oracle does it capture,
     OMP_NUM_THREADS=1 .venv/bin/python bench/search_suite.py --set '{"refine": false}' --label no-refine
 
 For each zoo variant (built once into --zoo-dir) it scores on the held-out splits: every source model, the default
-merge of every method that applies (evomerge/portfolio.py), and the routing oracle (each task answered by its best
+merge of every method that applies (candidate/portfolio.py), and the routing oracle (each task answered by its best
 source). The floor is max(best default merge, best single source); the room is the oracle minus the floor. Then for
 each sampler seed and budget it runs a search as a new user would configure it (the config below: `method`, greedy
 exact-match search tasks on 100-example subsets, the validation splits for the overfitting guard, every other

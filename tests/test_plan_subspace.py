@@ -225,7 +225,7 @@ def test_the_plan_prints_tsv_ms_memory_and_svds(tiny_zoo, tmp_path):
 
 
 def test_the_surrogate_the_plan_counts_is_what_freeze_tsv_m_holds(tiny_zoo):
-    """search/surrogate.py's `freeze_tsv_m` over every tensor of the tiny zoo (float32 inputs) holds a new float32
+    """refine/differentiable.py's `freeze_tsv_m` over every tensor of the tiny zoo (float32 inputs) holds a new float32
     tensor per model for each weight matrix, and nothing for the other tensors: `tsv_m_surrogate_bytes`."""
     from evomerge.capacity.memory import tsv_m_surrogate_bytes
     from evomerge.io.checkpoint import Checkpoint

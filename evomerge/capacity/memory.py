@@ -16,7 +16,7 @@ Per worker, on its device (the GPUs of its group, or host memory for a CPU worke
               for that merge: the next merge by another method empties it); during a refinement round
               `tsv_m_surrogate_bytes`:
               the surrogate's merged parts, a float32 copy of each weight matrix per model, and the base's matrices
-              in float32 where it is stored narrower (search/surrogate.py `freeze_tsv_m`)
+              in float32 where it is stored narrower (refine/differentiable.py `freeze_tsv_m`)
 Evaluation, merge and refinement never run at once in a worker, so its peak is resident + runtime + the largest
 of the three. Per node, the memory-mapped inputs' pages (the page cache, counted once for all the node's workers;
 each worker's RSS shows the pages it touched) and Ray's own processes come on top.
@@ -128,7 +128,7 @@ def svd_cache_bytes(model: ModelFacts) -> int:
 
 
 def tsv_m_surrogate_bytes(model: ModelFacts) -> int:
-    """TSV-M's surrogate during a refinement round (search/surrogate.py `freeze_tsv_m`): per weight matrix, base + A_i
+    """TSV-M's surrogate in a refinement round (refine/differentiable.py `freeze_tsv_m`): per weight matrix, base + A_i
     in float32 for each model i (held while the start point lasts), and the base's matrix in float32 where the inputs
     store it narrower. The other tensors' surrogate reads the memory-mapped inputs (no copy)."""
     copies = (model.n_inputs - 1) + (model.stored_itemsize != 4)

@@ -385,7 +385,7 @@ def refinement_s(
 ) -> float:
     """Seconds of all the budget's refinement rounds: per step a forward and backward pass over the refinement
     batch (3 forwards' FLOPs), the surrogate's weights written (a merge) and each tensor's fixed cost; per round,
-    TSV-M's surrogate is built from the SVDs (search/surrogate.py `freeze_tsv_m`: a merge's SVD work)."""
+    TSV-M's surrogate is built from the SVDs (refine/differentiable.py `freeze_tsv_m`: a merge's SVD work)."""
     compute = 3 * tasks.refine_tokens * forward_flops(model) / (speed.refine_flops or speed.flops)
     step = compute + merge_s(model, speed) + model.tensors * REFINE_TENSOR_S * speed.host_scale
     build = subspace_s(model, speed, method)[0] if method == "tsv_m" else 0.0

@@ -99,7 +99,7 @@ def matmul_flops(threads: int, seconds: float = 1.0) -> float:
     """The peak FLOP/s of float32 matrix products on `threads` CPU threads: one thread's best of 50 short timings
     over `seconds`, times THREAD_SCALING per further thread. The peak, not the mean: on a busy machine the share a
     process gets swings several-fold from one second to the next (measured 17-97 GFLOP/s over 0.5 s at load 15),
-    so the plan reads the machine's speed and its constants carry the load they were fitted at."""
+    so the plan reads the machine's speed, and its constants assume the search has the machine to itself."""
     import torch
 
     before = torch.get_num_threads()

@@ -79,7 +79,13 @@ def _run(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-TIMED = ("plan: time per trial on ", " trials per hour with ", "plan: export first validates ")
+TIMED = (
+    "plan: time per trial on ",
+    " trials per hour with ",
+    "plan: export first validates ",
+    "plan: the portfolio's default merges, each ",  # the subspace merges' SVDs, at this machine's probe
+    "'s SVDs on ",
+)
 
 
 def _plan_of(stdout: str) -> list[str]:

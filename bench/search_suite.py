@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -183,6 +184,8 @@ def run_one(job: dict) -> dict:
         examples = sum(r.examples_scored or per_trial for r in records)
         chosen = TrialRecord.from_trial(pick)
         held = heldout_scorer(cfg).evaluate(chosen.recipe, "heldout").values()
+        if job.get("keep"):  # the study and logs, to look at or re-validate later (no weights: nothing exported)
+            shutil.copytree("runs", Path(job["keep"]) / f"{job['variant']}-s{job['seed']}-b{job['budget']}")
         os.chdir(REPO)
     return {
         **{k: job[k] for k in ("variant", "method", "budget", "seed", "set", "label")},
@@ -332,6 +335,7 @@ def main() -> None:
     p.add_argument("--zoo-dir", default=str(REPO / ".cache" / "zoos"))
     p.add_argument("--label", default="shipped defaults")
     p.add_argument("--log", default=str(REPO / "bench" / "search_suite.jsonl"))
+    p.add_argument("--keep", metavar="DIR", help="copy each search's run folder (its study) into DIR")
     p.add_argument("--summarize", metavar="LABEL", help="print the tables of the log's runs with this label; run none")
     p.add_argument("--ties-label", metavar="LABEL", help="with --summarize: the label of TIES runs for the goal")
     args = p.parse_args()
@@ -371,6 +375,7 @@ def main() -> None:
                 "seed": int(s),
                 "set": overrides,
                 "label": args.label,
+                "keep": args.keep,
             }
             for v in variants
             for s in args.seeds.split(",")

@@ -3,10 +3,12 @@ status and report (table and figure) all name that trial; export is atomic."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 
-from evomerge.candidate.evaluator import Evaluator
+from evomerge.candidate.evaluator import Evaluator, alone
 from evomerge.candidate.space import space_of
 from evomerge.config.schema import parse_config, write_run_config
 from evomerge.export.export import export_trial
@@ -18,13 +20,14 @@ from evomerge.study.storage import load_study
 from evomerge.study.trials import best_trial, complete_trials
 from evomerge.validate import guard as val
 
+TASKS = Path(__file__).resolve().parents[1] / "eval_tasks" / "zoo"
 SEARCH = [{"name": "zoo_add_search", "subset": 20}, {"name": "zoo_reverse_search", "subset": 20}]
 VALIDATION = {"top_k": 3, "tasks": [{"name": "zoo_add_val"}, {"name": "zoo_reverse_val"}]}
 
 
-def guard_config(zoo, validation=None):
+def guard_config(zoo, validation=None, name="guard", include=()):
     data = {
-        "name": "guard",
+        "name": name,
         "base_model": str(zoo / "base"),
         "models": [str(zoo / "add"), str(zoo / "reverse")],
         "method": "task_arithmetic",
@@ -32,7 +35,7 @@ def guard_config(zoo, validation=None):
             "methods": ["task_arithmetic"],
             "parameters": {"weight": {"low": 0.0, "high": 1.0, "default": 0.5}},
         },
-        "tasks": {"search": SEARCH, "heldout": ["zoo_add", "zoo_reverse"]},
+        "tasks": {"search": SEARCH, "heldout": ["zoo_add", "zoo_reverse"], "include_paths": [str(p) for p in include]},
         "budget": {"n_trials": 3},
         "workers": {"count": 0},  # the guard's pool runs in this process
     }
@@ -202,3 +205,68 @@ def test_guard_exports_the_defaults_when_no_searched_trial_beats_them_on_validat
     assert Recipe.load(out.recipe).evomerge.extra["validation"]["objective"] == pytest.approx(truth[best])
     # without validation the defaults are not a finalist: the guard, not the ranking, brought them in
     assert [t.number for t in val.finalists(guard_config(tiny_zoo), study)] == [number[searched]]
+
+
+def the_base_right(cfg, out: Path) -> dict:
+    """Validation tasks of the examples the base answers right (zoo_add_val and zoo_reverse_val kept where the
+    base's choice is the answer), written under `out`: the base scores 1 there and a broken merge near chance, a
+    gap the tiny zoo's near-chance specialists do not give."""
+    bench = validation_evaluator(cfg)
+    right = bench.evaluate(alone(cfg.base_model, bench.inputs), "validation", examples=True).examples
+    (out / "data").mkdir(parents=True)
+    tasks = []
+    for leaf, split in (("zoo_add_val", "add"), ("zoo_reverse_val", "reverse")):
+        lines = (TASKS / "data" / f"{split}_validation.jsonl").read_text().splitlines()
+        kept = [line for i, line in enumerate(lines) if right[leaf].get(i) == 1]
+        (out / "data" / f"{split}.jsonl").write_text("\n".join(kept) + "\n")
+        text = (TASKS / f"{leaf}.yaml").read_text().replace(f"task: {leaf}", f"task: right_{split}")
+        (out / f"right_{split}.yaml").write_text(text.replace(f"data/{split}_validation.jsonl", f"data/{split}.jsonl"))
+        tasks.append({"name": f"right_{split}"})
+    return {"top_k": 3, "tasks": tasks}
+
+
+def test_the_staged_guard_stops_a_clearly_worse_finalist_and_exports_the_same_trial(tmp_path, tiny_zoo, monkeypatch):
+    """validation.early_stop (on by default): finalists are validated best search objective first, each in stages
+    against the best one validated whole so far; one clearly worse stops early with a paired estimate below it.
+    The whole ones keep their exact objectives and the exported trial is the one a whole guard exports."""
+    monkeypatch.chdir(tmp_path)
+    validation = the_base_right(guard_config(tiny_zoo, VALIDATION), tmp_path / "tasks")
+    whole = guard_config(tiny_zoo, {**validation, "early_stop": False}, "whole", [tmp_path / "tasks"])
+    staged = guard_config(tiny_zoo, validation, "staged", [tmp_path / "tasks"])
+    space = space_of(whole)
+    dists = distributions(space, whole.models)
+    defaults = dict(space.baselines(whole.models))["defaults"]
+    merged = space.to_recipe(defaults, whole.models, whole.base_model, whole.method, 0).to_yaml()
+    assert "weight: 0.5" in merged
+    recipes = {  # label: (search objective, recipe): the search ranks the base first, a broken merge last
+        "base": (0.6, alone(whole.base_model, [whole.base_model, *whole.models]).to_yaml()),
+        "defaults": (0.5, merged),
+        "broken": (0.2, merged.replace("weight: 0.5", "weight: 6.0")),
+    }
+    truth = {
+        label: validation_evaluator(whole).evaluate(text, "validation").objective
+        for label, (_, text) in recipes.items()
+    }
+    assert truth["base"] == 1.0 and truth["broken"] < 0.5, truth
+    results, exported, lines = {}, {}, []
+    for cfg in (whole, staged):
+        study = st.open_study(cfg, space, log=None)
+        for label, (value, text) in recipes.items():
+            scores = {t["name"]: {"acc": value} for t in SEARCH}
+            attrs = {"recipe": text, "scores": scores, "objective": value, "baseline": label}
+            study.add_trial(
+                optuna.trial.create_trial(params=defaults, distributions=dists, value=value, user_attrs=attrs)
+            )
+        done = val.validate_top(cfg, study, log=lines.append)
+        results[cfg.name] = {study.trials[n].user_attrs["baseline"]: v for n, v in done.items()}
+        exported[cfg.name] = val.exported_trial(cfg, study).user_attrs["baseline"]
+    assert not any(v.stopped for v in results["whole"].values())
+    assert {k: v.objective for k, v in results["whole"].items()} == pytest.approx(truth)
+    broken, base = results["staged"]["broken"], results["staged"]["base"]
+    assert not base.stopped and base.units is not None and base.objective == 1.0
+    assert broken.stopped and 0 < broken.n_examples < base.n_examples, (broken, base)
+    assert broken.objective < 1.0 and any("stopped after" in line for line in lines)
+    for label, v in results["staged"].items():
+        if not v.stopped:
+            assert v.objective == pytest.approx(truth[label])
+    assert exported["staged"] == exported["whole"] == "base"

@@ -54,6 +54,7 @@ class Plan:
     night: tuple[int, int] = (0, 0)  # (trials of the budget, portfolio merges) the time lines count
     export: tuple[int, float, float] | None = None  # (finalists the export's guard validates at most, mean seconds
     # each, the longest: a portfolio merge by a subspace method)
+    staged_guard: bool = False  # validation.early_stop: the guard stops clearly worse finalists early
 
     @property
     def page_cache(self) -> int:
@@ -112,6 +113,7 @@ class Plan:
                 f"default merges, every refinement point) at ~{each:.2f} s each"
                 + (" on average" if longest > 1.5 * each else "")
                 + f": ~{wall:.0f} s on {workers} worker(s), once (scores are kept in the study)"
+                + ("; staged (validation.early_stop), clearly worse ones stop early" if self.staged_guard else "")
             )
         out += [f"plan: warning: {text}" for text in self.warnings]
         return out
@@ -234,6 +236,7 @@ def with_timing(plan: Plan, cfg: SearchConfig, gpu_kind: str | None = None, toke
         )
     if cfg.validation is not None:
         plan.export = _export_time(plan, cfg, speed, methods, tokenizer)
+        plan.staged_guard = bool(cfg.validation and cfg.validation.early_stop and cfg.early_stop is not None)
     return plan
 
 

@@ -34,6 +34,7 @@ FEATURES = {
     "early_stop": "staged evaluation (early_stop)",
     "refine.rows": "per-row refinement (refine.arms rows and distill; per-tensor rounds run instead)",
     "refine.distill": "distillation (refine.arms distill; per-row rounds of the likelihood run instead)",
+    "validation.early_stop": "the guard's staged evaluation (validation.early_stop; each finalist is scored whole)",
 }
 
 
@@ -59,6 +60,8 @@ def resolve_config(cfg: SearchConfig) -> ResolvedConfig:
     built: dict[str, Any] = {}
     off = check_tasks(cfg, keep=built)
     update: dict[str, Any] = {name: None for name in off if name in ("refine", "early_stop")}
+    if cfg.validation is not None and "validation.early_stop" in off:
+        update["validation"] = cfg.validation.model_copy(update={"early_stop": False})
     if cfg.refine is not None and {"refine.rows", "refine.distill"} & off.keys():
         instead = {"rows": "tensor", "distill": "tensor"} if "refine.rows" in off else {"distill": "rows"}
         update["refine"] = cfg.refine.model_copy(update={"arms": [instead.get(a, a) for a in cfg.refine.arms]})
@@ -78,6 +81,8 @@ def asked(cfg: SearchConfig, name: str) -> bool:
     default's. A default written out in the file is still the default."""
     if name == "refine.arms":
         return cfg.refine is not None and cfg.refine.arms != RefineConfig.model_fields["arms"].default
+    if name == "validation.early_stop":
+        return False  # on by default, and only an economy: where it cannot run, the guard scores whole
     return getattr(cfg, name) != SearchConfig.model_fields[name].default
 
 
@@ -115,6 +120,8 @@ def check_tasks(cfg: SearchConfig, keep: dict[str, Any] | None = None) -> dict[s
                 include_defaults=cfg.tasks.include_defaults,
             )
             if name != "tasks.search":
+                if cfg.early_stop is not None and cfg.validation is not None and cfg.validation.early_stop:
+                    check("validation.early_stop", lambda: check_per_example(scorer))
                 continue
             if keep is not None:
                 keep["search"] = scorer

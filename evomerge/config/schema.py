@@ -100,6 +100,12 @@ class ValidationConfig(_Strict):
 
     top_k: int = Field(3, gt=0)
     tasks: list[TaskSpec] = Field(min_length=1)
+    early_stop: bool = Field(
+        True,
+        description="score each finalist in stages (the search's early_stop stages and z) and stop one that is "
+        "clearly worse than the best finalist validated whole; off when the search's early_stop is off or a "
+        "validation metric is not a mean over examples",
+    )
 
 
 Arm = Literal["tensor", "rows", "distill"]  # a refinement round's kind

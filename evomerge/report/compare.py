@@ -375,9 +375,12 @@ def _trial_row(entry: _Entry, res, validated: dict) -> TrialRow:
     from evomerge.study.trials import objective_of
 
     t, scores = entry.trial, res.values()
+    note = TrialRecord.from_trial(t).baseline or ""
+    if t.number in validated and validated[t.number].stopped:  # the staged guard's paired estimate, not a score
+        note += ("; " if note else "") + "validation stopped early: an estimate"
     return TrialRow(
         number=t.number,
-        note=TrialRecord.from_trial(t).baseline or "",
+        note=note,
         search=objective_of(t),
         heldout=scores,
         heldout_mean=_mean(scores),

@@ -558,13 +558,14 @@ def run_jobs(
     labels: Sequence[str] | None = None,
     examples: bool = False,
     *,
-    per_example: dict[str, Any] | None = None,
+    per_example: dict[str, Any] | Callable[[int], dict[str, Any] | None] | None = None,
     failed_ok: bool = False,
 ) -> Iterator[tuple[int, JobResult]]:
     """Score `jobs` ((recipe_yaml, task_set), duplicates scored once) on `pool`, keeping every worker busy;
     yields (index into jobs, result) as they finish. A failed job raises CandidateError naming its label, or with
     `failed_ok` is yielded like any result (`result.ok` False). `examples`: the results carry per-example values too
-    (`JobResult.examples`); `per_example`: each job is scored per example (`Worker.run`)."""
+    (`JobResult.examples`); `per_example`: each job is scored per example (`Worker.run`), with these options or, a
+    function of the job's index, with the options it gives when the job is submitted (an incumbent that moves)."""
     first: dict[tuple[str, str], int] = {}
     for i, job in enumerate(jobs):
         first.setdefault(job, i)
@@ -573,7 +574,8 @@ def run_jobs(
     while waiting or running:
         while waiting and pool.has_capacity:
             job, i = waiting.pop(0)
-            running[pool.submit(*job, examples=examples, per_example=per_example)] = (job, i)
+            options = per_example(i) if callable(per_example) else per_example
+            running[pool.submit(*job, examples=examples, per_example=options)] = (job, i)
         for ref, result in pool.wait():
             job, i = running.pop(ref)
             if not result.ok and not failed_ok:

@@ -16,6 +16,13 @@ the validation tasks), so they are computed once per trial and a changed `valida
 finalists are scored through the search's kind of pool (`run.pool.open_pool`: Ray actors on the workers'
 devices, or in this process when `workers.count` is 0). Export records the results in the recipe's provenance.
 
+The finalists are scored best search objective first and, with `validation.early_stop` (on by default, with the
+search's `early_stop` stages and z), in stages against the best finalist validated whole so far: one clearly worse
+stops after a slice of the validation splits and keeps the paired estimate (`Validation.stopped`), so it can never
+be exported. On a real model most finalists are default merges and sources far below the search's best, and the
+guard's time falls with them; the finalist exported is the one a guard that scores everything whole exports, up to
+the test's error rate (z = 2: about 2% for a finalist that in truth is as good as the best).
+
 When a finalist is evomerge-only (per-row coefficients, or a method mergekit lacks), the guard also validates the
 top_k portable trials (`evomerge.merge.portability`: plain mergekit YAML), so `portable_trial` (the best portable
 trial, exported beside an evomerge-only winner) is chosen the same way as the exported one.
@@ -47,8 +54,11 @@ class Validation(BaseModel):
     trial: int
     search: float  # the trial's search objective, for comparison
     scores: dict[str, dict[str, float]]
-    objective: float
+    objective: float  # exact when scored whole; for a finalist stopped early, the paired estimate
     key: str  # which validation tasks (and subset seed) produced it
+    stopped: bool = False  # staged (validation.early_stop): clearly worse than a finalist validated whole
+    n_examples: int = 0  # validation examples scored (staged scoring; 0: scored whole, count not kept)
+    units: dict[str, dict[int, float]] | None = None  # per-example values of a whole staged score: an incumbent
 
     def task_scores(self, cfg: SearchConfig) -> dict[str, float]:
         """{task: value of its metric}, as the provenance and the report show them."""
@@ -110,7 +120,8 @@ def validate_top(
     if cfg.validation is None:
         return {}
     done = stored(cfg, study)
-    todo = [t for t in candidates(cfg, study) if t.number not in done]
+    every = candidates(cfg, study)
+    todo = ranked([t for t in every if t.number not in done])  # likely incumbents first
     if todo:
         if log:
             log(f"validating {_kinds(todo)} on {', '.join(t.name for t in cfg.validation.tasks)}")
@@ -118,7 +129,8 @@ def validate_top(
         pool = pool or open_pool(cfg, {"validation": cfg.validation.tasks})
         try:
             jobs = [(cast(str, TrialRecord.from_trial(t).recipe), "validation") for t in todo]  # candidates have one
-            for i, res in run_jobs(pool, jobs, [f"validating trial {t.number}" for t in todo]):
+            options = _staging(cfg, done, todo, {t.number for t in every if is_portable(t)})
+            for i, res in run_jobs(pool, jobs, [f"validating trial {t.number}" for t in todo], per_example=options):
                 t = todo[i]
                 v = Validation(
                     trial=t.number,
@@ -126,15 +138,43 @@ def validate_top(
                     scores=res.scores,
                     objective=res.objective,
                     key=tasks_key(cfg),
+                    stopped=res.stopped,
+                    n_examples=res.n_examples,
+                    units=res.examples if options is not None and not res.stopped else None,
                 )
                 write_validation(study, t.number, v.model_dump(mode="json"))
                 done[t.number] = v
                 if log:
-                    log(f"  trial {t.number}: search {v.search:.4f}, validation {v.objective:.4f}")
+                    how = f" (stopped after {v.n_examples} examples: clearly worse)" if v.stopped else ""
+                    log(f"  trial {t.number}: search {v.search:.4f}, validation {v.objective:.4f}{how}")
         finally:
             if own:
                 pool.close()
-    return {t.number: done[t.number] for t in candidates(cfg, study)}
+    return {t.number: done[t.number] for t in every}
+
+
+def _staging(
+    cfg: SearchConfig, done: dict[int, Validation], todo: list, portable: set[int]
+) -> Callable[[int], dict[str, Any] | None] | None:
+    """The guard's staged evaluation (`validation.early_stop`, with the search's `early_stop` stages and z): each
+    finalist is scored in stages against the best finalist validated whole so far (`done`, which grows as results
+    come in) and stops when clearly worse; a portable finalist against the best portable one, so the best portable
+    trial (exported beside an evomerge-only winner) is always scored whole too. None: every finalist whole."""
+    if cfg.validation is None or not cfg.validation.early_stop or cfg.early_stop is None:
+        return None
+    stages, z = cfg.early_stop.stages, cfg.early_stop.z
+
+    def options(i: int) -> dict[str, Any]:
+        among = [v for v in done.values() if v.units and not v.stopped]
+        if todo[i].number in portable:
+            among = [v for v in among if v.trial in portable]
+        out: dict[str, Any] = {"seed": cfg.seed}
+        if among:
+            best = max(among, key=lambda v: v.objective)
+            out.update(stages=stages, z=z, incumbent=best.units, incumbent_objective=best.objective)
+        return out
+
+    return options
 
 
 def _kinds(trials: list) -> str:
@@ -161,14 +201,15 @@ def pending(cfg: SearchConfig, study: Study) -> list[int]:
 
 def exported_trial(cfg: SearchConfig, study: Study) -> Any:
     """THE exported trial, used by export, status and report alike: the best validation objective among the
-    validated finalists (ties: the better search objective, then the earlier trial); without validation
+    validated finalists scored whole (ties: the better search objective, then the earlier trial; a finalist the
+    staged guard stopped early is clearly worse than one scored whole, so never taken); without validation
     results, the best search objective (for multi-objective studies, the best weighted mean). None when the
     study has no COMPLETE trial. Call `validate_top` first for the guard's pick."""
     results = stored(cfg, study)
     trials = {t.number: t for t in finalists(cfg, study) if t.number in results}
     if not trials:
         return best_trial(study)
-    number = max(trials, key=lambda n: (results[n].objective, objective_of(trials[n]), -n))
+    number = max(trials, key=lambda n: (not results[n].stopped, results[n].objective, objective_of(trials[n]), -n))
     return trials[number]
 
 
@@ -203,7 +244,9 @@ def portable_trial(cfg: SearchConfig, study: Study, exported: FrozenTrial | None
     results = stored(cfg, study)
     validated = {t.number: t for t in candidates(cfg, study) if t.number in results and is_portable(t)}
     if validated:
-        number = max(validated, key=lambda n: (results[n].objective, objective_of(validated[n]), -n))
+        number = max(
+            validated, key=lambda n: (not results[n].stopped, results[n].objective, objective_of(validated[n]), -n)
+        )
         return validated[number]
     return next((t for t in ranked(complete_trials(study)) if is_portable(t)), None)
 

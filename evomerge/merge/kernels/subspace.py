@@ -24,12 +24,12 @@ torch build) that merged it; elsewhere up to rounding. Recipes naming these meth
 no such method.
 
 Cost (bench/subspace_cost.py): task arithmetic is a few elementwise passes; Iso-C adds one SVD of the summed matrix
-per trial, Iso-CTS 2 + T SVDs (the sum, each task's residual, the two orthogonalisations). TSV-M's per-task SVDs do
-not depend on the trial (a trial's weights only scale singular values and its rank fractions only pick how many to
-keep), so each worker computes them once per matrix and model and keeps them (at most `SVD_CACHE_BYTES`, float32
-U, S, V^T: about 1.4x to 2x the matrix); a trial then costs the two orthogonalisations. A merge by any other method
-empties the cache (`kernels.kernel_merge`): a search of another method that scores TSV-M's default merge in its
-portfolio does not keep them.
+per trial, Iso-CTS 3 + T SVDs (the sum, each of the T tasks' residuals, the two orthogonalisations). TSV-M's per-task
+SVDs do not depend on the trial (a trial's weights only scale singular values and its rank fractions only pick how
+many to keep), so each worker computes them once per matrix and model and keeps them (at most `SVD_CACHE_BYTES`,
+float32 U, S, V^T: about 1.4x to 2x the matrix); a trial then costs the two orthogonalisations. A merge by any other
+method empties the cache (`kernels.kernel_merge`): a search of another method that scores TSV-M's default merge in
+its portfolio does not keep them.
 """
 
 from __future__ import annotations

@@ -356,3 +356,20 @@ def test_the_plan_counts_per_row_ties_rounds_only_where_the_budget_runs_them(tin
     assert not plan_search(
         parse_config({**data, "method": "task_arithmetic", "budget": {"n_trials": 100}})
     ).settings.row_ties
+
+
+def test_a_batch_of_one_tasks_requests_runs_their_shared_prefix_once():
+    """The time plan counts what scoring/lm.py runs: a batch's common prefix once, when the batch is one task's and
+    the prefix is at least SHARED_PREFIX_MIN tokens; lm-eval's batches are longest first, padded to their longest."""
+    from evomerge.capacity.timing import padded_tokens
+    from evomerge.scoring.lm import SHARED_PREFIX_MIN
+
+    p = SHARED_PREFIX_MIN + 12
+    lengths = (50, 48, 47, 40)
+    assert padded_tokens(lengths, 2) == 2 * 50 + 2 * 47
+    one_task = ((0, p),) * 4
+    assert padded_tokens(lengths, 2, one_task) == (2 * 50 - p) + (2 * 47 - p)
+    mixed = ((0, p), (0, p), (1, p), (0, p))  # the second batch (47: task 1, 40: task 0) runs whole
+    assert padded_tokens(lengths, 2, mixed) == (2 * 50 - p) + 2 * 47
+    short = ((0, SHARED_PREFIX_MIN - 1),) * 4
+    assert padded_tokens(lengths, 2, short) == 2 * 50 + 2 * 47

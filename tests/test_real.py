@@ -114,6 +114,31 @@ def test_a_task_that_asks_for_the_chat_template_is_scored_through_it(smol_base):
     assert all("<|im_start|>user\nCode " in c for c in code)
 
 
+def test_a_batch_runs_its_shared_chat_prefix_once_and_scores_as_when_run_whole(smol_base, monkeypatch):
+    """scoring/lm.py: the rows of a chat-templated multiple-choice batch share the template's system turn; it runs
+    once (one row), the rest of the batch runs on its keys and values, and every example scores as before."""
+    from evomerge.scoring import lm
+
+    model, tokenizer = _load(smol_base)
+    scorer = Scorer([TaskSpec(name="smol_parity_search", subset=12)], seed=0)
+    shapes: list[tuple[int, int]] = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        _, shared, shared_p = scorer.score_examples(model, tokenizer)
+        runs = list(shapes)
+        monkeypatch.setattr(lm, "SHARED_PREFIX_MIN", 10**9)  # off: every batch runs whole
+        shapes.clear()
+        _, whole, whole_p = scorer.score_examples(model, tokenizer)
+    finally:
+        hook.remove()
+    prefix = next(s for s in runs if s[0] == 1)[1]
+    assert prefix >= 20, runs  # the system turn, for one row
+    assert all(s[0] > 1 for s in shapes) and max(s[1] for s in shapes) > max(s[1] for s in runs if s[0] > 1)
+    assert shared == whole and len(whole["smol_parity_search"]) == 12
+    for i, p in whole_p["smol_parity_search"].items():
+        assert shared_p["smol_parity_search"][i] == pytest.approx(p, rel=1e-4)
+
+
 def test_a_short_search_on_the_real_member_exports_what_mergekit_yaml_reproduces(smol_inputs, tmp_path, monkeypatch):
     from evomerge.config.schema import parse_config
     from evomerge.export.export import export_trial

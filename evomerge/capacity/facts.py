@@ -252,6 +252,9 @@ class TaskFacts:
     generated_tokens: int = 0  # tokens generated, expected: each reference answer and its stop, at most max_gen_toks
     generation_tasks: tuple[tuple[int, int], ...] = ()  # per generation task: (examples, steps of its longest answer)
     scored_lengths: tuple[int, ...] = ()  # each loglikelihood request's tokens (lm-eval pads them in batches)
+    # each such request's (task number, tokens every request of its task begins with): a batch of one task runs its
+    # shared prefix once (scoring/lm.py), e.g. a chat template's system turn
+    scored_shared: tuple[tuple[int, int], ...] = ()
     largest_subset: int = 0  # examples of the largest search subset (the refinement's examples rule reads it)
     refine_positions: int = 0  # the refinement batch's tokens unpadded (context + each continuation, every example)
 
@@ -262,8 +265,9 @@ class TaskFacts:
         tok = _tokenizer(tokenizer_source) if tokenizer_source is not None else _estimate_tokens
         requests = rows = longest = width = largest = positions = 0
         tokens = {"scored_tokens": 0, "prompt_tokens": 0, "generated_tokens": 0}
-        generation_tasks, scored_lengths = [], []
-        for leaf, task in scorer.tasks.items():
+        generation_tasks, scored_lengths, scored_shared = [], [], []
+        for number, (leaf, task) in enumerate(scorer.tasks.items()):
+            contexts: list[list[int]] = []
             kind = task.OUTPUT_TYPE
             gen = _max_gen_toks(task) if kind == "generate_until" else 0
             docs, answer = task.eval_docs, 0
@@ -275,7 +279,8 @@ class TaskFacts:
                     ctx = tok.apply_chat_template(
                         [{"role": "user", "content": ctx}], tokenize=False, add_generation_prompt=True
                     )
-                n_ctx = len(tok(ctx, add_special_tokens=False)["input_ids"])  # lm-eval's HFLM adds no BOS
+                ctx_ids = tok(ctx, add_special_tokens=False)["input_ids"]  # lm-eval's HFLM adds no BOS
+                n_ctx = len(ctx_ids)
                 cont_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in conts]
                 lengths = [n_ctx + len(ids) for ids in cont_ids]
                 requests += 1 if kind == "generate_until" else len(conts)
@@ -292,6 +297,10 @@ class TaskFacts:
                     runs = {tuple(ids[:-1]): n_ctx + len(ids) for ids in cont_ids}
                     tokens["scored_tokens"] += sum(runs.values())
                     scored_lengths += runs.values()
+                    contexts += [ctx_ids] * len(runs)
+            if contexts:
+                prefix = _common_prefix(contexts)
+                scored_shared += [(number, prefix)] * len(contexts)
             if kind == "generate_until":
                 generation_tasks.append((len(scorer.indices(leaf)), answer))
         return cls(
@@ -302,10 +311,17 @@ class TaskFacts:
             refine_tokens=rows * width,
             generation_tasks=tuple(generation_tasks),
             scored_lengths=tuple(scored_lengths),
+            scored_shared=tuple(scored_shared),
             largest_subset=largest,
             refine_positions=positions,
             **tokens,
         )
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    """How many leading tokens every row has in common."""
+    first, n = rows[0], min(map(len, rows))
+    return next((i for i in range(n) if any(r[i] != first[i] for r in rows)), n)
 
 
 CHARS_PER_TOKEN = 4  # English text in a BPE vocabulary of 32-150k tokens, roughly

@@ -275,7 +275,7 @@ def forward_flops(model: ModelFacts) -> float:
 
 def evaluation_s(model: ModelFacts, tasks: TaskFacts, speed: Speed) -> float:
     per_token = forward_flops(model)
-    scored = padded_tokens(tasks.scored_lengths, speed.batch) or tasks.scored_tokens
+    scored = padded_tokens(tasks.scored_lengths, speed.batch, tasks.scored_shared) or tasks.scored_tokens
     forward = (scored + tasks.prompt_tokens) * per_token / speed.flops
     step_s = 0.0
     for examples, steps in tasks.generation_tasks:
@@ -286,11 +286,21 @@ def evaluation_s(model: ModelFacts, tasks: TaskFacts, speed: Speed) -> float:
     return forward + step_s + tasks.requests * REQUEST_S * speed.host_scale
 
 
-def padded_tokens(lengths: tuple[int, ...], batch: int) -> int:
+def padded_tokens(lengths: tuple[int, ...], batch: int, shared: tuple[tuple[int, int], ...] = ()) -> int:
     """Tokens the model runs for requests of `lengths` in batches of `batch`, longest first, each padded to its
-    longest (as lm-eval orders and pads them)."""
-    ordered = sorted(lengths, reverse=True)
-    return sum(ordered[i] * len(ordered[i : i + batch]) for i in range(0, len(ordered), max(1, batch)))
+    longest (as lm-eval orders and pads them); with `shared` ((task, prefix) per request), a batch of one task's
+    requests runs their common prefix once (scoring/lm.py, from SHARED_PREFIX_MIN tokens)."""
+    from evomerge.scoring.lm import SHARED_PREFIX_MIN
+
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    total = 0
+    for start in range(0, len(order), max(1, batch)):
+        rows = order[start : start + batch]
+        total += lengths[rows[0]] * len(rows)
+        if shared and len(rows) > 1 and len({shared[i][0] for i in rows}) == 1:
+            prefix = min(shared[rows[0]][1], min(lengths[i] for i in rows) - 1)
+            total -= (len(rows) - 1) * prefix if prefix >= SHARED_PREFIX_MIN else 0
+    return total
 
 
 def merge_s(model: ModelFacts, speed: Speed, method: str = "task_arithmetic") -> float:

@@ -173,6 +173,9 @@ def run_one(job: dict) -> dict:
         t0 = time.perf_counter()
         run_search(cfg, progress=False, log=None)
         search_s = time.perf_counter() - t0
+        keep = Path(job["keep"]) / f"{job['variant']}-s{job['seed']}-b{job['budget']}" if job.get("keep") else None
+        if keep:  # the study as the search left it (and again after the guard, below)
+            shutil.copytree("runs", keep / "searched")
         study = load_study(cfg.name, cfg.storage_url)
         t1 = time.perf_counter()
         validate_top(cfg, study, log=None)
@@ -184,8 +187,8 @@ def run_one(job: dict) -> dict:
         examples = sum(r.examples_scored or per_trial for r in records)
         chosen = TrialRecord.from_trial(pick)
         held = heldout_scorer(cfg).evaluate(chosen.recipe, "heldout").values()
-        if job.get("keep"):  # the study and logs, to look at or re-validate later (no weights: nothing exported)
-            shutil.copytree("runs", Path(job["keep"]) / f"{job['variant']}-s{job['seed']}-b{job['budget']}")
+        if keep:  # the study and logs, to look at or re-validate later (no weights: nothing exported)
+            shutil.copytree("runs", keep / "guarded")
         os.chdir(REPO)
     return {
         **{k: job[k] for k in ("variant", "method", "budget", "seed", "set", "label")},

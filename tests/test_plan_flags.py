@@ -119,6 +119,31 @@ def test_a_7b_night_is_planned_from_its_config_json_alone():
     assert f"{GPUS['A100'][0] / 1e12:.0f} TFLOP/s" in timing
     night = next(line for line in out.splitlines() if "trials per hour with 8 worker(s)" in line)
     assert "300 trials" in night and "ends ~" in night
+    # at 7B the subspace default merges' CPU SVDs take hours: the default portfolio leaves them out, saying so, and
+    # the night is the trials' (minutes)
+    left = next(line for line in out.splitlines() if line.startswith("plan: the portfolio leaves out"))
+    assert "tsv_m, iso_c, iso_cts" in left and " h on one CPU thread" in left
+    assert re.search(r"take ~\d+ min", night) and "portfolio merges" in night
+
+
+def test_a_portfolio_list_keeps_the_subspace_merges_it_names_with_a_warning(tmp_path):
+    """`portfolio: [ties, tsv_m]` scores those two default merges whatever they cost: the plan keeps TSV-M's hours in
+    the night and warns; a method with no default merge is refused naming the choices."""
+    repo = Path(__file__).resolve().parent.parent
+    cfg = yaml.safe_load((repo / "configs" / "7b-8gpus.yaml").read_text())
+    cfg["portfolio"] = ["ties", "tsv_m"]
+    path = tmp_path / "7b.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    flags = ["--plan", "--model-config", str(repo / "configs" / "llama-2-7b.config.json"), "--gpus", "8x80G"]
+    code, out, err = cli("audit", str(path), *flags, "--host-memory", "1T", "--cpus", "96", "--gpu-kind", "A100")
+    assert code == 0, err
+    assert "plan: the portfolio leaves out" not in out
+    assert re.search(r"300 trials and 1 portfolio merge take ~1\d\.\d h", out), out  # ties is the study's method
+    assert "plan: warning: the portfolio's default merges (tsv_m:" in out
+    cfg["portfolio"] = ["ties", "slerpy"]
+    path.write_text(yaml.safe_dump(cfg))
+    code, out, err = cli("audit", str(path), *flags)
+    assert code == 2 and "portfolio" in err and "'slerpy' has no default merge" in err and "tsv_m" in err
 
 
 def test_the_time_plan_follows_its_quantities():

@@ -270,3 +270,19 @@ def test_the_staged_guard_stops_a_clearly_worse_finalist_and_exports_the_same_tr
         if not v.stopped:
             assert v.objective == pytest.approx(truth[label])
     assert exported["staged"] == exported["whole"] == "base"
+
+
+def test_a_portfolio_list_scores_only_the_default_merges_it_names(tmp_path, tiny_zoo, monkeypatch):
+    """`portfolio: [ties]`: the search adds that one default merge (besides its own baselines), and its run config
+    records the list."""
+    from evomerge.config.schema import load_config
+    from evomerge.run.driver import run_search
+    from evomerge.study.record import TrialRecord
+
+    monkeypatch.chdir(tmp_path)
+    cfg = guard_config(tiny_zoo).model_copy(update={"portfolio": ["ties"], "refine": None})
+    run_search(cfg, progress=False, log=None)
+    study = load_study("guard", cfg.storage_url)
+    added = [TrialRecord.from_trial(t) for t in complete_trials(study) if TrialRecord.from_trial(t).portfolio]
+    assert [r.baseline.method for r in added] == ["ties"]
+    assert load_config(cfg.run_dir / "config.yaml").portfolio == ["ties"]

@@ -70,6 +70,13 @@ def default_recipe(
     return grid.to_recipe(grid.defaults(models), models, str(base), method, seed, dtype, kernels=kernels)
 
 
+def portfolio_methods(cfg) -> tuple[str, ...]:
+    """The other methods whose default merges a search scores (`portfolio`: true, every common one; a list, those;
+    false, none), in registry order, the study's own method left out (its defaults are a baseline already)."""
+    chosen = COMMON_METHODS if cfg.portfolio is True else tuple(cfg.portfolio or ())
+    return tuple(m for m in COMMON_METHODS if m in chosen and m != cfg.method)
+
+
 def default_merges(cfg) -> tuple[list[tuple[BaselineLabel, Recipe]], dict[str, str]]:
     """("<method> (defaults)", recipe) for the study's method (its own space) and every common method that can
     merge these models; {method: why not} for the others."""
@@ -87,4 +94,4 @@ def default_merges(cfg) -> tuple[list[tuple[BaselineLabel, Recipe]], dict[str, s
     return out, skipped
 
 
-__all__ = ["COMMON_METHODS", "applies", "default_merges", "default_recipe", "space_for"]
+__all__ = ["COMMON_METHODS", "applies", "default_merges", "default_recipe", "portfolio_methods", "space_for"]

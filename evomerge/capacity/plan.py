@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from evomerge.candidate.portfolio import portfolio_methods
 from evomerge.capacity.devices import Devices, local_devices
 from evomerge.capacity.facts import ModelFacts, TaskFacts, gb
 from evomerge.capacity.memory import (
@@ -55,6 +56,8 @@ class Plan:
     export: tuple[int, float, float] | None = None  # (finalists the export's guard validates at most, mean seconds
     # each, the longest: a portfolio merge by a subspace method)
     staged_guard: bool = False  # validation.early_stop: the guard stops clearly worse finalists early
+    # (method, seconds of its default merge) that `portfolio: true` leaves out: subspace merges outlasting the trials
+    left_out: tuple[tuple[str, float], ...] = ()
 
     @property
     def page_cache(self) -> int:
@@ -114,6 +117,13 @@ class Plan:
                 + (" on average" if longest > 1.5 * each else "")
                 + f": ~{wall:.0f} s on {workers} worker(s), once (scores are kept in the study)"
                 + ("; staged (validation.early_stop), clearly worse ones stop early" if self.staged_guard else "")
+            )
+        if self.left_out:
+            said = ", ".join(f"{m} ~{t / 3600:.1f} h" if t >= 3600 else f"{m} ~{t:.0f} s" for m, t in self.left_out)
+            out.append(
+                f"plan: the portfolio leaves out {', '.join(m for m, _ in self.left_out)}: their default merges' SVDs "
+                f"({said} on one CPU thread) take longer than the trials; name them in portfolio: [...] to score "
+                "them anyway"
             )
         out += [f"plan: warning: {text}" for text in self.warnings]
         return out
@@ -193,6 +203,20 @@ def plan_search(
     if model is None:
         model, tokenizer = ModelFacts.of_inputs(cfg.base_model, cfg.models, dtype=cfg.dtype), str(cfg.base_model)
     tasks = TaskFacts.of_scorer(scorer, tokenizer)
+    plan = _plan_of(cfg, model, tasks, devices, gpu_kind, tokenizer)
+    if plan.left_out:  # the night without them: the memory (TSV-M's cache) and the time lines
+        kept = [m for m in portfolio_methods(cfg) if m not in dict(plan.left_out)]
+        left_out, plan = (
+            plan.left_out,
+            _plan_of(cfg.model_copy(update={"portfolio": kept}), model, tasks, devices, gpu_kind, tokenizer),
+        )
+        plan.left_out = left_out
+    return plan
+
+
+def _plan_of(
+    cfg: SearchConfig, model: ModelFacts, tasks: TaskFacts, devices: Devices | None, gpu_kind, tokenizer
+) -> Plan:
     settings = Settings(
         count=cfg.workers.count,
         num_gpus=cfg.workers.num_gpus,
@@ -230,24 +254,17 @@ def with_timing(plan: Plan, cfg: SearchConfig, gpu_kind: str | None = None, toke
     trials_s = plan.timing.night(n, 0, workers)
     if plan.timing.portfolio_s(portfolio, workers) > max(trials_s, 3600):
         slow = [m for m, _ in plan.timing.portfolio if m in SUBSPACE_METHODS]
-        plan.warnings.append(
-            f"the portfolio's default merges ({', '.join(slow)}: SVDs on one CPU thread) take longer than the "
-            f"{n} trials; set portfolio: false to score none of them, or budget the time"
-        )
+        if cfg.portfolio is True:  # the default: every default merge that costs less than the search itself
+            plan.left_out = tuple((m, t) for m, t in plan.timing.portfolio if m in SUBSPACE_METHODS)
+        else:
+            plan.warnings.append(
+                f"the portfolio's default merges ({', '.join(slow)}: SVDs on one CPU thread) take longer than the "
+                f"{n} trials; leave them out of portfolio: [...], or budget the time"
+            )
     if cfg.validation is not None:
         plan.export = _export_time(plan, cfg, speed, methods, tokenizer)
         plan.staged_guard = bool(cfg.validation and cfg.validation.early_stop and cfg.early_stop is not None)
     return plan
-
-
-def portfolio_methods(cfg: SearchConfig) -> tuple[str, ...]:
-    """The methods whose default merges the portfolio scores: every common one but the searched (the most it
-    scores: some may not apply to the inputs); none with `portfolio: false`."""
-    if not cfg.portfolio:
-        return ()
-    from evomerge.candidate.portfolio import COMMON_METHODS
-
-    return tuple(m for m in COMMON_METHODS if m != cfg.method)
 
 
 def refined_tasks(plan: Plan, cfg: SearchConfig) -> TaskFacts:
@@ -449,7 +466,6 @@ __all__ = [
     "Plan",
     "evaluate_plan",
     "plan_search",
-    "portfolio_methods",
     "refine_batch",
     "refined_tasks",
 ]

@@ -223,7 +223,7 @@ class TrialTime:
             f"+ refinement {_s(self.refinement)} + overhead {_s(self.overhead)} = {_s(self.total)}",
             *self._subspace_lines(portfolio),
             f"plan: {per_hour:,.0f} trials per hour with {max(1, workers)} worker(s) on {where}: {n_trials} trials"
-            + (f" and {portfolio} portfolio merges" if portfolio else "")
+            + (f" and {portfolio} portfolio merge{'s' * (portfolio != 1)}" if portfolio else "")
             + f" take ~{_duration(night)} (ends ~{end:%H:%M} if started now; staged evaluation only shortens it)",
         ]
 

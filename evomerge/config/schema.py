@@ -261,11 +261,25 @@ class SearchConfig(_Strict):
     validation: ValidationConfig | None = None
     refine: RefineConfig | None = RefineConfig()
     early_stop: EarlyStopConfig | None = EarlyStopConfig()
-    portfolio: bool = Field(
+    portfolio: bool | list[str] = Field(
         True,
-        description="also score every other method's default merge (evomerge/candidate/portfolio.py) "
-        "on the search subsets, as references for the guard, status and export",
+        description="also score other methods' default merges (evomerge/candidate/portfolio.py) on the search "
+        "subsets, as references for the guard, status and export: true, every one (but the subspace merges the "
+        "plan prices above the trials), false, none, or a list of methods",
     )
+
+    @field_validator("portfolio")
+    @classmethod
+    def _portfolio_methods(cls, value: bool | list[str]) -> bool | list[str]:
+        from evomerge.merge.registry import names
+
+        if isinstance(value, list):
+            known = names(portfolio=True)
+            bad = [m for m in value if m not in known]
+            if bad:
+                raise ValueError(f"{bad[0]!r} has no default merge in the portfolio; name some of {', '.join(known)}")
+        return value
+
     allow_config_mismatch: bool = Field(
         False,
         description="merge models whose config.json differ in shape-defining "

@@ -362,7 +362,7 @@ def test_a_batch_of_one_tasks_requests_runs_their_shared_prefix_once():
     """The time plan counts what scoring/lm.py runs: a batch's common prefix once, when the batch is one task's and
     the prefix is at least SHARED_PREFIX_MIN tokens; lm-eval's batches are longest first, padded to their longest."""
     from evomerge.capacity.timing import padded_tokens
-    from evomerge.scoring.lm import SHARED_PREFIX_MIN
+    from evomerge.scoring.prefix import SHARED_PREFIX_MIN
 
     p = SHARED_PREFIX_MIN + 12
     lengths = (50, 48, 47, 40)

@@ -117,7 +117,7 @@ def test_a_task_that_asks_for_the_chat_template_is_scored_through_it(smol_base):
 def test_a_batch_runs_its_shared_chat_prefix_once_and_scores_as_when_run_whole(smol_base, monkeypatch):
     """scoring/lm.py: the rows of a chat-templated multiple-choice batch share the template's system turn; it runs
     once (one row), the rest of the batch runs on its keys and values, and every example scores as before."""
-    from evomerge.scoring import lm
+    from evomerge.scoring import prefix
 
     model, tokenizer = _load(smol_base)
     scorer = Scorer([TaskSpec(name="smol_parity_search", subset=12)], seed=0)
@@ -126,17 +126,60 @@ def test_a_batch_runs_its_shared_chat_prefix_once_and_scores_as_when_run_whole(s
     try:
         _, shared, shared_p = scorer.score_examples(model, tokenizer)
         runs = list(shapes)
-        monkeypatch.setattr(lm, "SHARED_PREFIX_MIN", 10**9)  # off: every batch runs whole
+        monkeypatch.setattr(prefix, "SHARED_PREFIX_MIN", 10**9)  # off: every batch runs whole
         shapes.clear()
         _, whole, whole_p = scorer.score_examples(model, tokenizer)
     finally:
         hook.remove()
-    prefix = next(s for s in runs if s[0] == 1)[1]
-    assert prefix >= 20, runs  # the system turn, for one row
+    head = next(s for s in runs if s[0] == 1)[1]
+    assert head >= 20, runs  # the system turn, for one row
     assert all(s[0] > 1 for s in shapes) and max(s[1] for s in shapes) > max(s[1] for s in runs if s[0] > 1)
     assert shared == whole and len(whole["smol_parity_search"]) == 12
     for i, p in whole_p["smol_parity_search"].items():
         assert shared_p["smol_parity_search"][i] == pytest.approx(p, rel=1e-4)
+
+
+def test_the_refinement_runs_the_shared_chat_prefix_once_with_the_same_loss_and_gradients(smol_base, monkeypatch):
+    """refine/losses.py `logits_of`: a micro-batch of chat-templated multiple-choice items shares the system turn;
+    run once for one row, the loss and every parameter's gradient are those of the batch run whole."""
+    from evomerge.refine.losses import Item, answer_loss, logits_of, micro_batches
+    from evomerge.scoring import prefix
+
+    model, tokenizer = _load(smol_base)
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def chat(question):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+
+    items = [
+        Item("parity", 1.0, ids(chat(f"Is {n} odd or even? Answer with one word.")), [ids(" odd"), ids(" even")], n % 2)
+        for n in (19571, 97982, 4410)
+    ]
+    (batch,) = micro_batches(items, pad=0, max_length=2048, tokens=10**6)
+    weight = model.model.layers[0].self_attn.q_proj.weight
+
+    def loss_and_grad():
+        model.zero_grad()
+        loss = answer_loss(logits_of(model, batch, "cpu"), batch)
+        loss.backward()
+        return loss.item(), weight.grad.clone()
+
+    calls: list[tuple[int, int]] = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: calls.append(tuple(a[0].shape)))
+    try:
+        shared_loss, shared_grad = loss_and_grad()
+        assert calls[0][0] == 1 and calls[0][1] >= 20 and calls[1][0] == 6, calls  # the prefix once, then 6 rows
+        monkeypatch.setattr(prefix, "SHARED_PREFIX_MIN", 10**9)
+        whole_loss, whole_grad = loss_and_grad()
+    finally:
+        hook.remove()
+    assert shared_loss == pytest.approx(whole_loss, rel=1e-5)
+    assert torch.allclose(shared_grad, whole_grad, rtol=1e-3, atol=1e-7)
+    assert whole_grad.abs().sum() > 0
 
 
 def test_a_short_search_on_the_real_member_exports_what_mergekit_yaml_reproduces(smol_inputs, tmp_path, monkeypatch):

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from evomerge.scoring.prefix import SHARED_PREFIX_MIN
+
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 DEFAULT_GEN_TOKS = 256  # lm-eval's HFLM.max_gen_toks, used where a generation task sets none
 LLAMA_LAYER_TENSORS = 9  # q, k, v, o, gate, up, down and two norms
@@ -257,6 +259,7 @@ class TaskFacts:
     scored_shared: tuple[tuple[int, int], ...] = ()
     largest_subset: int = 0  # examples of the largest search subset (the refinement's examples rule reads it)
     refine_positions: int = 0  # the refinement batch's tokens unpadded (context + each continuation, every example)
+    refine_shared: int = 0  # of `refine_tokens`, those a task's shared prefix (a chat turn) skips: run once instead
 
     @classmethod
     def of_scorer(cls, scorer, tokenizer_source: str | os.PathLike | None) -> TaskFacts:
@@ -266,8 +269,11 @@ class TaskFacts:
         requests = rows = longest = width = largest = positions = 0
         tokens = {"scored_tokens": 0, "prompt_tokens": 0, "generated_tokens": 0}
         generation_tasks, scored_lengths, scored_shared = [], [], []
+        shared = 0
         for number, (leaf, task) in enumerate(scorer.tasks.items()):
-            contexts: list[list[int]] = []
+            contexts: list[list[int]] = []  # a scored request's context, once per lm-eval run
+            every: list[list[int]] = []  # each example's context (the refinement's rows begin with it)
+            task_rows = 0
             kind = task.OUTPUT_TYPE
             gen = _max_gen_toks(task) if kind == "generate_until" else 0
             docs, answer = task.eval_docs, 0
@@ -282,6 +288,8 @@ class TaskFacts:
                 ctx_ids = tok(ctx, add_special_tokens=False)["input_ids"]  # lm-eval's HFLM adds no BOS
                 n_ctx = len(ctx_ids)
                 cont_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in conts]
+                every.append(ctx_ids)
+                task_rows += len(conts)
                 lengths = [n_ctx + len(ids) for ids in cont_ids]
                 requests += 1 if kind == "generate_until" else len(conts)
                 longest = max(longest, n_ctx + gen, *lengths)
@@ -301,6 +309,8 @@ class TaskFacts:
             if contexts:
                 prefix = _common_prefix(contexts)
                 scored_shared += [(number, prefix)] * len(contexts)
+            if every and (prefix := _common_prefix(every)) >= SHARED_PREFIX_MIN:
+                shared += task_rows * prefix
             if kind == "generate_until":
                 generation_tasks.append((len(scorer.indices(leaf)), answer))
         return cls(
@@ -312,6 +322,7 @@ class TaskFacts:
             generation_tasks=tuple(generation_tasks),
             scored_lengths=tuple(scored_lengths),
             scored_shared=tuple(scored_shared),
+            refine_shared=shared,
             largest_subset=largest,
             refine_positions=positions,
             **tokens,

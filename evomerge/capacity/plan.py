@@ -286,7 +286,9 @@ def refine_batch(model: ModelFacts, tasks: TaskFacts, examples: int | None = Non
         return tasks
     examples = examples or examples_per_task(model.params, tasks.refine_positions, tasks.largest_subset)
     share = min(1.0, examples / tasks.largest_subset) if examples else 1.0
-    return replace(tasks, refine_tokens=round(tasks.refine_tokens * share))
+    return replace(
+        tasks, refine_tokens=round(tasks.refine_tokens * share), refine_shared=round(tasks.refine_shared * share)
+    )
 
 
 def _export_time(

@@ -290,7 +290,7 @@ def padded_tokens(lengths: tuple[int, ...], batch: int, shared: tuple[tuple[int,
     """Tokens the model runs for requests of `lengths` in batches of `batch`, longest first, each padded to its
     longest (as lm-eval orders and pads them); with `shared` ((task, prefix) per request), a batch of one task's
     requests runs their common prefix once (scoring/lm.py, from SHARED_PREFIX_MIN tokens)."""
-    from evomerge.scoring.lm import SHARED_PREFIX_MIN
+    from evomerge.scoring.prefix import SHARED_PREFIX_MIN
 
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     total = 0
@@ -393,10 +393,12 @@ def subspace_s(model: ModelFacts, speed: Speed, method: str) -> tuple[float, flo
 def refinement_s(
     model: ModelFacts, tasks: TaskFacts, speed: Speed, rounds: int, steps: int, method: str = "task_arithmetic"
 ) -> float:
-    """Seconds of all the budget's refinement rounds: per step a forward and backward pass over the refinement
-    batch (3 forwards' FLOPs), the surrogate's weights written (a merge) and each tensor's fixed cost; per round,
-    TSV-M's surrogate is built from the SVDs (refine/differentiable.py `freeze_tsv_m`: a merge's SVD work)."""
-    compute = 3 * tasks.refine_tokens * forward_flops(model) / (speed.refine_flops or speed.flops)
+    """Seconds of all the budget's refinement rounds: per step a forward and backward pass over the refinement batch but
+    the tokens its tasks' shared prefixes skip (3 forwards' FLOPs), the surrogate's weights written (a merge) and
+    each tensor's fixed cost; per round, TSV-M's surrogate is built from the SVDs (refine/differentiable.py
+    `freeze_tsv_m`: a merge's SVD work)."""
+    tokens = tasks.refine_tokens - tasks.refine_shared  # a shared prefix (a chat turn) runs once (scoring/prefix.py)
+    compute = 3 * tokens * forward_flops(model) / (speed.refine_flops or speed.flops)
     step = compute + merge_s(model, speed) + model.tensors * REFINE_TENSOR_S * speed.host_scale
     build = subspace_s(model, speed, method)[0] if method == "tsv_m" else 0.0
     return rounds * (steps * step + build)

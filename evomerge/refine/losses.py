@@ -180,11 +180,18 @@ def _loglik(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def logits_of(model: torch.nn.Module, batch: MicroBatch, device: torch.device | str) -> torch.Tensor:
     """The logits of the batch's last `keep` positions (transformers' `logits_to_keep`: the head runs on those
-    only, so a large vocabulary costs rows x keep, not rows x width)."""
+    only, so a large vocabulary costs rows x keep, not rows x width); a prefix every row shares (a chat template's
+    system turn) runs once, for one row (scoring/prefix.py), and its gradients come back through its keys and
+    values."""
     import inspect
+
+    from evomerge.scoring.prefix import prefix_forward
 
     ids, mask = batch.ids.to(device), batch.mask.to(device)
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        shared = prefix_forward(model, ids, mask, keep=batch.keep)  # the rows' common prefix once (a chat turn)
+        if shared is not None:
+            return shared
         return model(input_ids=ids, attention_mask=mask, logits_to_keep=batch.keep).logits
     return model(input_ids=ids, attention_mask=mask).logits[:, -batch.keep :]
 

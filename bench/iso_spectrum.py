@@ -23,16 +23,6 @@ import statistics
 import time
 from pathlib import Path
 
-KINDS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-
 
 def numerical_rank(values, rel: float = 1e-4) -> int:
     return int((values > rel * values[0]).sum()) if float(values[0]) > 0 else 0
@@ -45,6 +35,7 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
+    from evomerge.candidate.space import LLAMA_PROJECTIONS
     from evomerge.io.inputs import open_inputs
 
     torch.set_num_threads(1)
@@ -59,7 +50,7 @@ def main() -> None:
     print(f"{args.zoo}: {', '.join(names)}; layers {first}-{last}; weight 1 each; means over the layers")
     print("| matrix | " + " | ".join(f"rank {n}" for n in names) + " | rank of sum | sigma_1 | sigma_bar | ratio |")
     print("|---|" + "---:|" * (len(names) + 4))
-    for kind in KINDS:
+    for kind in LLAMA_PROJECTIONS:
         rows = []
         for layer in range(first, last + 1):
             name = f"model.layers.{layer}.{kind}.weight"

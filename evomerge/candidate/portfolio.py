@@ -77,11 +77,18 @@ def portfolio_methods(cfg) -> tuple[str, ...]:
     return tuple(m for m in COMMON_METHODS if m in chosen and m != cfg.method)
 
 
-def default_merges(cfg) -> tuple[list[tuple[BaselineLabel, Recipe]], dict[str, str]]:
+def portfolio_merges(cfg) -> list[tuple[BaselineLabel, Recipe]]:
+    """The default merges a search adds to its study (`portfolio_methods`, those that can merge these models)."""
+    return default_merges(cfg, portfolio_methods(cfg))[0]
+
+
+def default_merges(
+    cfg, methods: Sequence[str] | None = None
+) -> tuple[list[tuple[BaselineLabel, Recipe]], dict[str, str]]:
     """("<method> (defaults)", recipe) for the study's method (its own space) and every common method that can
-    merge these models; {method: why not} for the others."""
+    merge these models (`methods`: only these); {method: why not} for the others."""
     out, skipped = [], {}
-    for method in dict.fromkeys([cfg.method, *COMMON_METHODS]):
+    for method in dict.fromkeys([cfg.method, *COMMON_METHODS] if methods is None else methods):
         spec = SpaceSpec.model_validate(cfg.search_space) if method == cfg.method else space_for(method)
         why = applies(spec, cfg.models)
         if why:
@@ -94,4 +101,12 @@ def default_merges(cfg) -> tuple[list[tuple[BaselineLabel, Recipe]], dict[str, s
     return out, skipped
 
 
-__all__ = ["COMMON_METHODS", "applies", "default_merges", "default_recipe", "portfolio_methods", "space_for"]
+__all__ = [
+    "COMMON_METHODS",
+    "applies",
+    "default_merges",
+    "default_recipe",
+    "portfolio_merges",
+    "portfolio_methods",
+    "space_for",
+]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.candidate.baseline import BaselineLabel
-from evomerge.candidate.portfolio import default_merges, portfolio_methods
+from evomerge.candidate.portfolio import portfolio_merges, portfolio_methods
 from evomerge.candidate.space import SearchSpace, space_of
 from evomerge.config.resolve import resolve_config
 from evomerge.config.schema import SearchConfig, write_run_config
@@ -169,9 +169,9 @@ def run_search(
     for line in resolved.notes:
         log(line)
     cfg = resolved.config
-    plan, left_out = _plan(cfg, resolved.scorer, log)  # what it needs against the devices: one that cannot fit exits 2
-    if left_out:  # `portfolio: true` without the subspace merges that would outlast the search (the plan says so)
-        cfg = cfg.model_copy(update={"portfolio": [m for m in portfolio_methods(cfg) if m not in left_out]})
+    plan, kept = _plan(cfg, resolved.scorer, log)  # what it needs against the devices: one that cannot fit exits 2
+    if kept is not None:  # `portfolio: true` without the subspace merges that would outlast the search (the plan says)
+        cfg = cfg.model_copy(update={"portfolio": kept})
     with StudyLock(cfg.storage_url, cfg.name) as lock:  # before open_study: --force must not delete a live study
         if force and (existing := load_study(cfg.name, cfg.storage_url)) is not None:
             lock.check_free(existing)
@@ -202,11 +202,11 @@ def run_search(
     return _finish(study, result, log)
 
 
-def _plan(cfg: SearchConfig, scorer: Scorer | None, log: Callable[[str], None]) -> tuple[list[str], set[str]]:
+def _plan(cfg: SearchConfig, scorer: Scorer | None, log: Callable[[str], None]) -> tuple[list[str], list[str] | None]:
     """The resource plan's lines (evomerge/capacity), logged after the start line, and the portfolio's methods it
-    leaves out; one that cannot fit this machine is logged now and refused (ConfigError naming the setting), before
-    the study is touched. A Ray cluster's nodes are checked by the pool once it has joined them, still before any
-    worker loads a model."""
+    keeps where it leaves some out (else None); one that cannot fit this machine is logged now and refused
+    (ConfigError naming the setting), before the study is touched. A Ray cluster's nodes are checked by the pool
+    once it has joined them, still before any worker loads a model."""
     from evomerge.capacity import plan_search
 
     plan = plan_search(cfg, scorer)
@@ -215,16 +215,14 @@ def _plan(cfg: SearchConfig, scorer: Scorer | None, log: Callable[[str], None]) 
         for line in lines:
             log(line)
         plan.check()
-    return lines, {m for m, _ in plan.left_out}
+    return lines, list(plan.settings.portfolio) if plan.left_out else None
 
 
 def _schedule(cfg: SearchConfig, space: SearchSpace):
     """The budget's schedule: baselines, the portfolio's default merges, refinement rounds, sampled trials."""
     from evomerge.capacity.schedule import Schedule
 
-    chosen = portfolio_methods(cfg)
-    portfolio = [label for label, _ in default_merges(cfg)[0] if label.method in chosen]
-    return Schedule.of(cfg, len(space.baselines(cfg.models)), len(portfolio))
+    return Schedule.of(cfg, len(space.baselines(cfg.models)), len(portfolio_merges(cfg)))
 
 
 def _interrupted(exc: KeyboardInterrupt, cfg: SearchConfig, study: Study, result: SearchResult) -> Interrupted:
@@ -420,8 +418,7 @@ class _Search:
         (evomerge/candidate/portfolio.py). A default merge that fails here (NaN weights, say) is simply not a
         finalist."""
         cfg = self.cfg
-        chosen = portfolio_methods(cfg)
-        merges = [(label, recipe) for label, recipe in default_merges(cfg)[0] if label.method in chosen]
+        merges = portfolio_merges(cfg)
         missing = set(st.missing_portfolio(self.study, [label for label, _ in merges]))
         todo = [(label, recipe.to_yaml()) for label, recipe in merges if label in missing]
         options = {"smooth": cfg.tasks.smooth, "seed": cfg.seed} if cfg.per_example else None

@@ -12,6 +12,7 @@ repeated keys and values to the prefix's own pass.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +34,13 @@ def shared_prefix(ids: torch.Tensor, attention_mask: torch.Tensor | None = None)
 
 def cache_keyword(model: Any) -> str | None:
     """The model's forward keyword for a KV cache (`cache`, or `past_key_values` before transformers renamed it);
-    None where it takes neither (then batches run whole)."""
-    params = inspect.signature(model.forward).parameters
+    None where it takes neither (then batches run whole). Read once per model class."""
+    return _cache_keyword(type(model))
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str | None:
+    params = inspect.signature(cls.forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 

@@ -5,6 +5,8 @@ and a search turns the path into trials scored like any other."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from refine_reference import AutogradRefiner
@@ -13,7 +15,8 @@ from evomerge.candidate.evaluator import Evaluator
 from evomerge.candidate.space import SearchSpace, load_space_spec, num_layers
 from evomerge.config.schema import parse_config
 from evomerge.errors import ConfigError
-from evomerge.refine.losses import answer_loss
+from evomerge.refine.descent import BALANCE_LIMIT, balanced, task_scales
+from evomerge.refine.losses import answer_loss, micro_batches
 from evomerge.refine.tensor import Refiner
 from evomerge.scoring.tasks import TaskSpec
 from evomerge.study.storage import load_study
@@ -135,8 +138,8 @@ def test_the_loss_is_pluggable(tiny_zoo, evaluator):
 
 
 def test_the_refined_path_is_the_old_engines(tiny_zoo, evaluator):
-    new, space, models = refiner(tiny_zoo, evaluator, "ties")
-    old, _, _ = refiner(tiny_zoo, evaluator, "ties", engine=AutogradRefiner)
+    new, space, models = refiner(tiny_zoo, evaluator, "ties", balance=False)  # the old engine weighs tasks as given
+    old, _, _ = refiner(tiny_zoo, evaluator, "ties", engine=AutogradRefiner, balance=False)
     start = space.defaults(models)
     flags = [p.requires_grad for p in evaluator.materializer.model.parameters()]
     path, ref_path = new.run(start, steps=6, every=2), old.run(start, steps=6, every=2)
@@ -281,3 +284,42 @@ def test_a_large_model_refines_on_fewer_examples(tiny_zoo, evaluator):
     small, _, _ = refiner(tiny_zoo, demo, "task_arithmetic", examples=few)
     whole, _, _ = refiner(tiny_zoo, demo, "task_arithmetic")
     assert len(small.items) == 2 * few and len(whole.items) == 200
+
+
+def test_task_scales_equalise_the_gradients_up_to_the_limit():
+    grads = {"steep": torch.tensor([3.0, 4.0]), "flat": torch.tensor([1.0, 0.0]), "done": torch.zeros(2)}
+    scales = task_scales({t: [t] for t in grads}, lambda batches: grads[batches[0]])
+    assert scales == {"steep": 1.0, "flat": 5.0, "done": BALANCE_LIMIT}
+    far = task_scales({"a": ["a"], "b": ["b"]}, lambda b: torch.tensor([1.0]) if b == ["a"] else torch.tensor([1e4]))
+    assert far == {"a": BALANCE_LIMIT, "b": 1.0}
+
+
+def test_a_balanced_round_weighs_each_task_by_its_scale(tiny_zoo, evaluator):
+    """The balanced batches' loss is the tasks' losses weighted by share x scale: its gradient is that sum of the
+    tasks' own gradients, and each task's part of it is as large as the steepest task's."""
+    ref, space, models = refiner(tiny_zoo, evaluator, "task_arithmetic")
+    point = inside(space, models)
+    items = list(ref.items)
+    tasks = sorted({i.task for i in items})
+    assert len(tasks) >= 2
+
+    def gradient(chosen) -> torch.Tensor:
+        ref.items, ref._batches = list(chosen), {}
+        _, g = ref.gradient(point)
+        return torch.tensor(list(g.values()))
+
+    own = {t: gradient([i for i in items if i.task == t]) for t in tasks}
+    batch = lambda chosen: micro_batches(chosen, ref._pad, ref._max_length, ref.micro_batch_tokens)  # noqa: E731
+    scales = task_scales({t: [t] for t in tasks}, lambda b: own[b[0]])
+    batches = balanced(items, batch, lambda b: own[b[0].items[0].task])
+    weight = {t: sum(i.weight for b in batches for i in b.items if i.task == t) for t in tasks}
+    total = batches[0].total_weight
+    assert total == pytest.approx(sum(weight.values()))
+    share = {t: sum(i.weight for i in items if i.task == t) for t in tasks}
+    for t in tasks:  # each task's items carry its share times its scale
+        assert weight[t] / share[t] == pytest.approx(scales[t] * weight[tasks[0]] / share[tasks[0]] / scales[tasks[0]])
+    parts = {t: weight[t] / total * own[t] for t in tasks}
+    norms = [float(p.norm()) for p in parts.values()]
+    assert max(norms) / min(norms) == pytest.approx(1.0, rel=1e-6) or max(scales.values()) == BALANCE_LIMIT
+    combined = gradient([replace(i, weight=i.weight * scales[i.task]) for i in items])
+    assert torch.allclose(combined, sum(parts.values()), rtol=1e-4, atol=1e-7)

@@ -10,7 +10,7 @@ from evomerge.candidate.evaluator import Evaluator
 from evomerge.candidate.space import SearchSpace, load_space_spec, num_layers
 from evomerge.merge.coefficients import key, write_coefficients
 from evomerge.merge.recipe import CoefficientFile
-from evomerge.refine.rows import BOUNDS, RowRefiner
+from evomerge.refine.rows import BOUNDS, SAMPLED_ROW_LR, RowRefiner, row_step
 from evomerge.scoring.tasks import TaskSpec
 
 SEARCH = [TaskSpec(name="zoo_add_greedy_search", subset=12), TaskSpec(name="zoo_reverse_greedy_search", subset=12)]
@@ -90,9 +90,12 @@ def test_a_row_refinement_lowers_its_loss_inside_the_bounds(tiny_zoo, evaluator,
     assert all(torch.equal(v, torch.ones_like(v)) for v in first.values())
     assert any(not torch.equal(v, torch.ones_like(v)) for v in last.values())
     assert all(BOUNDS[0] <= float(v.min()) and float(v.max()) <= BOUNDS[1] for v in last.values())
-    # continued from its last coefficients, it starts where it stopped
-    again = ref.run(start, steps=1, every=1, lr=0.05, coefficients=last)
-    assert again[0][2] == pytest.approx(losses[-1], rel=1e-5)
+    # continued from its last coefficients, it starts where it stopped: the same merged model
+    stopped = {name: t.detach().clone() for name, t in evaluator.materializer.targets.items()}
+    again = ref.run(start, steps=0, every=1, lr=0.05, coefficients=last)
+    assert [step for step, *_ in again] == [0]
+    for name, tensor in evaluator.materializer.targets.items():
+        torch.testing.assert_close(tensor, stopped[name], rtol=1e-6, atol=1e-7)
 
 
 def test_a_search_scores_the_row_path_and_exports_it_as_an_evomerge_only_recipe(tiny_zoo, tmp_path, monkeypatch):
@@ -249,3 +252,9 @@ def test_a_per_tensor_round_after_a_per_row_one_starts_from_a_trial_without_coef
     assert records[start].coefficients is None and records[start].refine_round is None
     plain = [t for t in trials[: tensor[0]] if t.state.name == "COMPLETE" and records[t.number].coefficients is None]
     assert objective_of(trials[start]) == max(objective_of(t) for t in plain)  # the best of those
+
+
+def test_the_row_step_is_smaller_on_a_capped_sample():
+    assert row_step(0.05, None, sampled=False) == 0.05
+    assert row_step(0.05, None, sampled=True) == pytest.approx(0.05 * SAMPLED_ROW_LR)
+    assert row_step(0.05, 0.02, sampled=True) == row_step(0.05, 0.02, sampled=False) == 0.02

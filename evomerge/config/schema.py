@@ -140,6 +140,18 @@ class RefineConfig(_Strict):
         description="examples per task the gradient sees (default: each task's search subset; on a model whose "
         "step over them passes refine/footprint.py's budget, fewer, at least 8)",
     )
+    row_lr: float | Literal["auto"] = Field(
+        "auto",
+        description="the Adam step of a rows or distill round's per-row coefficients; auto: lr, or lr / 5 where the "
+        "gradient sees a sample of fewer examples than the search subsets (a larger model, refine/footprint.py), "
+        "whose few examples hundreds of thousands of coefficients otherwise learn by heart within ten steps",
+    )
+    balance: bool = Field(
+        True,
+        description="scale each task's loss so that, at a round's start, every task's gradient is as large as the "
+        "steepest one's (at most 30x): a skill the merge lost to chance, whose loss is flat, is not drowned out by a "
+        "long generated answer's; false: the tasks' losses weighted as the objective weighs their scores",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -13,14 +13,16 @@ values' gradient; the loop is the same for both.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-    from evomerge.refine.losses import Loss, MicroBatch
+    from evomerge.refine.losses import Example, Loss, MicroBatch
+
+BALANCE_LIMIT = 30.0  # the most a task's loss is scaled up against the task with the steepest gradient
 
 
 def backward(model: torch.nn.Module, loss: Loss, batches: Sequence[MicroBatch], grad: bool) -> float:
@@ -43,6 +45,41 @@ def backward(model: torch.nn.Module, loss: Loss, batches: Sequence[MicroBatch], 
         total += value.item()
         del value
     return total
+
+
+def task_scales(
+    batches: Mapping[str, Sequence[MicroBatch]], gradient_of: Callable[[Sequence[MicroBatch]], torch.Tensor]
+) -> dict[str, float]:
+    """Each task's loss scale for a round: the steepest task's gradient norm over this task's, at the round's
+    start (`gradient_of(batches)`: the refined values' gradient of one task's loss alone), at most BALANCE_LIMIT.
+
+    The search's objective weighs its tasks' scores as the config says, but their losses are on different scales:
+    a generation task's answer of ten tokens has a summed log-likelihood with a gradient ten times a two-way
+    multiple choice's, so one steepest task sets every step's direction, and a skill the merge has lost to chance
+    (its loss flat around log 2) is never won back. Scaled so that each task's gradient has the same norm at the
+    start, every task moves the values as much as the others (gradient normalisation across tasks); the limit keeps
+    a task the merge already answers perfectly (a gradient near zero) from turning noise into a direction."""
+    norms = {task: float(gradient_of(b).norm()) for task, b in batches.items()}
+    top = max(norms.values(), default=0.0)
+    if top == 0.0:
+        return dict.fromkeys(norms, 1.0)
+    return {task: min(top / n, BALANCE_LIMIT) if n > 0 else BALANCE_LIMIT for task, n in norms.items()}
+
+
+def balanced(
+    items: Sequence[Example],
+    batch: Callable[[Sequence[Example]], list[MicroBatch]],
+    gradient_of: Callable[[Sequence[MicroBatch]], torch.Tensor],
+) -> list[MicroBatch]:
+    """The round's micro-batches with each task's items weighted by `task_scales` (`batch`: items into
+    micro-batches; its normalisation keeps the total the weighted mean of the items' losses)."""
+    from dataclasses import replace
+
+    tasks = sorted({item.task for item in items})
+    if len(tasks) < 2:
+        return batch(items)
+    scales = task_scales({t: batch([i for i in items if i.task == t]) for t in tasks}, gradient_of)
+    return batch([replace(item, weight=item.weight * scales[item.task]) for item in items])  # type: ignore[type-var]
 
 
 @contextmanager
@@ -100,4 +137,4 @@ def descend(
         write()
 
 
-__all__ = ["backward", "descend", "gradients_for"]
+__all__ = ["BALANCE_LIMIT", "backward", "balanced", "descend", "gradients_for", "task_scales"]

@@ -1,7 +1,7 @@
 """What the driver hands a worker for one refinement round, and what comes back: the one seam between the search
 loop (run/driver.py) and the refiners (refine/tensor.py per tensor, refine/rows.py per row).
 
-    job = RefineJob(arm="rows", steps=60, every=10, lr=0.05, coefficients=start_multipliers)
+    job = RefineJob(arm="rows", steps=60, every=10, lr=0.05, coefficients=start_multipliers, balance=True)
     path = pool.refine(best.params, job)          # [PathPoint(step, point, loss, coefficients), ...]
 
 Both cross Ray (pickled), so they hold plain values and tensors only.
@@ -28,6 +28,8 @@ class RefineJob:
     lr: float
     examples: int | None = None  # examples per task the gradient sees (None: each task's search subset)
     coefficients: dict[str, torch.Tensor] | None = None  # rows, distill: the start trial's multipliers (None: 1)
+    row_lr: float | None = None  # rows, distill: the coefficients' step (None: rows.row_step's choice)
+    balance: bool = True  # each task's loss scaled to an equal gradient at the start (descent.task_scales)
 
     @property
     def per_row(self) -> bool:

@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
 from evomerge.merge.registry import names
-from evomerge.refine.descent import backward, descend, gradients_for
+from evomerge.refine.descent import backward, balanced, descend, gradients_for
 from evomerge.refine.footprint import model_micro_batch_tokens
 from evomerge.refine.losses import (
     KINDS,
@@ -156,13 +156,14 @@ class Refiner:
         dtype: str | None = None,
         loss: Loss = answer_loss,
         micro_batch_tokens: int | None = None,
+        balance: bool = True,
     ):
         from evomerge.merge.materialize import torch_dtype
 
         check_refinable(scorer, method)
         self.mat, self.scorer, self.space = materializer, scorer, space
         self.models, self.base, self.method = [str(m) for m in models], str(base), method
-        self.seed, self.dtype, self.loss = seed, torch_dtype(dtype), loss
+        self.seed, self.dtype, self.loss, self.balance = seed, torch_dtype(dtype), loss, balance
         self.micro_batch_tokens = micro_batch_tokens or model_micro_batch_tokens(materializer.model)
         self.slots = [s for s in space.slots(self.models) if s.param in MOVED]
         if not self.slots:
@@ -227,6 +228,16 @@ class Refiner:
 
         self._write(start, start.x0, everything=True)
         with self._grads(start):
+            if self.balance:  # each task's loss scaled so that it moves the slots as much as the others
+
+                def gradient_of(chosen: Sequence[MicroBatch]) -> torch.Tensor:
+                    backward(self.mat.model, self.loss, chosen, True)
+                    return span * self._slot_grad(start, start.x0)
+
+                tokens = micro_batch_tokens or self.micro_batch_tokens
+                batches = balanced(
+                    self.items, lambda items: micro_batches(items, self._pad, self._max_length, tokens), gradient_of
+                )
             descend(
                 [u],
                 (0.0, 1.0),

@@ -531,7 +531,16 @@ class _RefineRounds:
             return
         steps, every = refine.schedule(self.cfg.budget.n_trials)
         start = load_coefficients(TrialRecord.from_trial(best).coefficients) if arm != "tensor" else None
-        job = RefineJob(arm, steps, every, refine.lr, examples=refine.examples, coefficients=start)
+        job = RefineJob(
+            arm,
+            steps,
+            every,
+            refine.lr,
+            examples=refine.examples,
+            coefficients=start,
+            row_lr=None if refine.row_lr == "auto" else refine.row_lr,
+            balance=refine.balance,
+        )
         bounds = space.bounds(self.cfg.models)
         said = _RoundProgress(f"refinement round {r + 1}/{len(self.starts)}", steps, bar, log)
         said.start(f"({arm}): {steps} Adam steps from trial {best.number}, a point every {every}")

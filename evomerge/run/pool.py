@@ -66,6 +66,7 @@ class Worker:
         self.evaluator: Evaluator | None = None  # built by `setup`, in the actor
         self._refiner: Refiner | RowRefiner | None = None
         self._refiner_kind: tuple | None = None
+        self._sampled = False  # the last round's examples were capped by refine/footprint.py's budget
         self._last_end = time.perf_counter()
 
     def about(self) -> dict[str, str]:
@@ -158,6 +159,9 @@ class Worker:
         refiner = self._refiner_for(job)
         settings = {"steps": job.steps, "every": job.every, "lr": job.lr, "progress": progress}
         if job.per_row:
+            from evomerge.refine.rows import row_step
+
+            settings["lr"] = row_step(job.lr, job.row_lr, sampled=job.examples is None and self._sampled)
             path = refiner.run(point, coefficients=job.coefficients, **settings)
             return [PathPoint(step, p, loss, rows) for step, p, loss, rows in path]
         return [PathPoint(step, p, loss) for step, p, loss in refiner.run(point, **settings)]
@@ -197,7 +201,8 @@ class Worker:
             from evomerge.refine.footprint import refine_examples
 
             examples = refine_examples(self.loaded.materializer, self.loaded.scorer("search"))
-        kind = (job.per_row, job.loss, examples)
+            self._sampled = examples is not None
+        kind = (job.per_row, job.loss, examples, job.balance)
         if self._refiner is not None and self._refiner_kind == kind:
             return self._refiner
         cfg = SearchConfig.model_validate(self._cfg_json)
@@ -206,7 +211,13 @@ class Worker:
             from evomerge.refine.rows import RowRefiner
 
             self._refiner = RowRefiner(
-                *args, cfg.base_model, cfg.method, loss=job.loss, examples=examples, seed=cfg.seed
+                *args,
+                cfg.base_model,
+                cfg.method,
+                loss=job.loss,
+                examples=examples,
+                seed=cfg.seed,
+                balance=job.balance,
             )
         else:
             from evomerge.refine.tensor import Refiner
@@ -218,6 +229,7 @@ class Worker:
                 examples,
                 seed=cfg.seed,  # the frozen masks are the ones the search's trials are merged with
                 dtype=cfg.dtype,
+                balance=job.balance,
             )
         self._refiner_kind = kind
         return self._refiner

@@ -330,8 +330,8 @@ SAMPLED_ROW_LR = 0.2  # refine.row_lr auto: the fraction of refine.lr a per-row 
 def row_step(lr: float, row_lr: float | None, sampled: bool) -> float:
     """The per-row coefficients' Adam step: `row_lr` where the config sets it, else `lr`, scaled by SAMPLED_ROW_LR
     where the round trains on a sample smaller than the search subsets. Measured on the real member (8 examples a
-    task, ~660k coefficients): at lr 0.05 the search objective peaks by step 10 and the code task is already lost
-    there; at 0.01 code and stutter hold while parity climbs to step 20."""
+    task, hundreds of thousands of coefficients): at lr 0.05 the search objective peaks by step 10, the code task
+    already lost there; at 0.01 code and stutter hold while parity climbs to step 20."""
     if row_lr is not None:
         return row_lr
     return lr * SAMPLED_ROW_LR if sampled else lr

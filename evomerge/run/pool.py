@@ -66,7 +66,6 @@ class Worker:
         self.evaluator: Evaluator | None = None  # built by `setup`, in the actor
         self._refiner: Refiner | RowRefiner | None = None
         self._refiner_kind: tuple | None = None
-        self._sampled = False  # the last round's examples were capped by refine/footprint.py's budget
         self._last_end = time.perf_counter()
 
     def about(self) -> dict[str, str]:
@@ -156,12 +155,12 @@ class Worker:
         `progress(step, loss, kept)` hears each step."""
         from evomerge.refine.job import PathPoint
 
-        refiner = self._refiner_for(job)
+        refiner, examples = self._refiner_for(job)
         settings = {"steps": job.steps, "every": job.every, "lr": job.lr, "progress": progress}
         if job.per_row:
             from evomerge.refine.rows import row_step
 
-            settings["lr"] = row_step(job.lr, job.row_lr, sampled=job.examples is None and self._sampled)
+            settings["lr"] = row_step(job.lr, job.row_lr, sampled=job.examples is None and examples is not None)
             path = refiner.run(point, coefficients=job.coefficients, **settings)
             return [PathPoint(step, p, loss, rows) for step, p, loss, rows in path]
         return [PathPoint(step, p, loss) for step, p, loss in refiner.run(point, **settings)]
@@ -191,8 +190,9 @@ class Worker:
             raise outcome["error"]
         yield ("path", outcome["path"])
 
-    def _refiner_for(self, job: RefineJob) -> Any:
-        """The refiner of the job's kind, built once and kept while the rounds are of that kind."""
+    def _refiner_for(self, job: RefineJob) -> tuple[Any, int | None]:
+        """The refiner of the job's kind, built once and kept while the rounds are of that kind, and the examples per
+        task it trains on (None: each task's search subset)."""
         from evomerge.candidate.space import space_of
         from evomerge.config.schema import SearchConfig
 
@@ -201,10 +201,9 @@ class Worker:
             from evomerge.refine.footprint import refine_examples
 
             examples = refine_examples(self.loaded.materializer, self.loaded.scorer("search"))
-            self._sampled = examples is not None
         kind = (job.per_row, job.loss, examples, job.balance)
         if self._refiner is not None and self._refiner_kind == kind:
-            return self._refiner
+            return self._refiner, examples
         cfg = SearchConfig.model_validate(self._cfg_json)
         args = (self.loaded.materializer, self.loaded.scorer("search"), space_of(cfg), cfg.models)
         if job.per_row:
@@ -232,7 +231,7 @@ class Worker:
                 balance=job.balance,
             )
         self._refiner_kind = kind
-        return self._refiner
+        return self._refiner, examples
 
 
 def task_sets_json(task_sets: TaskSets) -> dict[str, list[dict]]:
